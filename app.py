@@ -1,0 +1,68 @@
+"""LoRA Playground: ``python app.py`` builds the engines and the service, then serves the UI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# transformers prints import-time notices (e.g. about torchvision) that are not for our users;
+# the variable must be set before anything imports transformers.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from lorapg.cli import add_settings_arguments, settings_from_args  # noqa: E402
+from lorapg.errors import UserError  # noqa: E402
+
+log = logging.getLogger("lorapg.app")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LoRA Playground web app")
+    add_settings_arguments(parser)
+    parser.add_argument("--listen", action="store_true", default=None, help="serve on 0.0.0.0 (all interfaces)")
+    parser.add_argument("--port", type=int, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", default=None, help="create a public Gradio share link")
+    parser.add_argument("--auth", help="user:password required to open the app")
+    parser.add_argument("--no-preload", dest="load_model_at_start", action="store_false", default=None,
+                        help="load the base model on first use instead of right after start")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from lorapg.bootstrap import build_runtime, configure_logging
+
+    configure_logging(args.verbose)
+    try:
+        settings = settings_from_args(args, extra=("listen", "port", "share", "auth", "load_model_at_start"))
+        generated_password = settings.ensure_share_auth()
+        auth = settings.auth_pair()
+        runtime = build_runtime(settings)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from lorapg.ui.app_ui import build_ui
+
+    demo = build_ui(runtime.service)
+    if generated_password:
+        # Printed, not logged: the user needs to read it once, log files should not keep it.
+        print(f"\n  Share link protection: user 'lorapg', password '{generated_password}'\n", flush=True)
+    if settings.load_model_at_start:
+        try:
+            runtime.service.submit_load_model()  # in the background: the UI is served meanwhile
+        except UserError as exc:
+            log.warning("not loading the base model at start: %s", exc)
+    demo.queue(default_concurrency_limit=None).launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        auth=[auth] if auth else None,
+        show_error=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Composition: build the engines and the service from settings (used by app.py and the CLI)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+from lorapg.config import Settings
+from lorapg.devices import pick_device, pick_dtype, set_cpu_threads
+from lorapg.diffusion.engine import DiffusionEngine
+from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.gallery.store import GalleryStore
+from lorapg.jobs import JobQueue
+from lorapg.outputs import record_in_gallery
+from lorapg.services import PlaygroundService
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # transformers prints a per-key "load report" table for every LoRA it injects; it is noise to users.
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    # Per-component "Loading weights" bars are noise; hub download bars (huggingface_hub) stay on.
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    # Loading a second LoRA into the same model is exactly what multi-LoRA means, not a mistake.
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    for noisy in ("httpx", "urllib3", "diffusers.loaders", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    library: LoraLibrary
+    engine: DiffusionEngine
+    jobs: JobQueue
+    service: PlaygroundService
+    gallery: GalleryStore
+
+
+def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime:
+    """``record_results``: save every finished generation into the gallery (the UI does; the CLI
+    writes ``--out`` first and records afterwards unless told not to)."""
+    set_cpu_threads(settings.threads)
+    device = pick_device(settings.device)
+    library = LoraLibrary(settings.lora_dir)
+    engine = DiffusionEngine(
+        library,
+        device,
+        pick_dtype(device, settings.dtype),
+        allow_pickle=settings.allow_pickle,
+        single_file_config=settings.single_file_config,
+        preview_every=settings.preview_every,
+    )
+    jobs = JobQueue()
+    gallery = GalleryStore(
+        settings.outputs / "gallery.sqlite3", settings.outputs / "images", keep=settings.gallery_keep
+    )
+    for line in gallery.reconcile():
+        logging.getLogger(__name__).info("gallery repair: %s", line)
+    sink = (lambda result, job: record_in_gallery(gallery, result, job.id)) if record_results else None
+    service = PlaygroundService(settings, engine, library, jobs, result_sink=sink)
+    return Runtime(settings, library, engine, jobs, service, gallery)

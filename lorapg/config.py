@@ -1,0 +1,121 @@
+"""Settings: defaults, then a TOML file, then ``LORAPG_*`` environment variables, then CLI flags.
+
+Strict on purpose: an unknown key in the TOML file or a value of the wrong type is an error that
+names the key, instead of a typo silently falling back to a default (a lesson from configs that
+read everything through ``kwargs.get``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lorapg.errors import UserError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+ENV_PREFIX = "LORAPG_"
+
+
+@dataclass
+class Settings:
+    model: str = DEFAULT_MODEL  # hub id, diffusers folder or .safetensors file
+    lora_dir: Path = Path("models/loras")
+    models_dir: Path = Path("models")
+    outputs: Path = Path("outputs")
+    listen: bool = False  # serve on 0.0.0.0 instead of 127.0.0.1
+    port: int = 7860
+    share: bool = False
+    auth: str | None = None  # "user:pass"
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    allow_pickle: bool = False
+    single_file_config: str | None = None  # diffusers folder with configs for single-file checkpoints
+    preview_every: int = 5
+    gallery_keep: int = 20  # newest images kept in the gallery; 0 keeps all; starred never pruned
+    load_model_at_start: bool = True  # load the base model in the background once the UI is up
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def host(self) -> str:
+        return "0.0.0.0" if self.listen else "127.0.0.1"
+
+    def auth_pair(self) -> tuple[str, str] | None:
+        if not self.auth:
+            return None
+        user, sep, password = self.auth.partition(":")
+        if not sep or not user or not password:
+            raise UserError("--auth must look like user:password.")
+        return user, password
+
+    def ensure_share_auth(self) -> str | None:
+        """A share link puts this machine's GPU on the internet: never share without a password.
+
+        Returns the generated password when one had to be made (the caller shows it once).
+        """
+        if not self.share or self.auth:
+            return None
+        password = secrets.token_urlsafe(12)
+        self.auth = f"lorapg:{password}"
+        return password
+
+
+_FIELD_TYPES = {f.name: f for f in fields(Settings) if f.name != "extra"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELD_TYPES[name].type
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                return value.lower() in {"1", "true", "yes", "on"}
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind == "Path":
+            return Path(str(value)).expanduser()
+        if kind == "str | None":
+            return None if value in (None, "") else str(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"Setting {name!r}: {value!r} is not a valid {kind}.") from None
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
+                  environ: dict[str, str] | None = None) -> Settings:
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(read_toml(config_file))
+    env = os.environ if environ is None else environ
+    for name in _FIELD_TYPES:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise UserError(f"Unknown setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(_FIELD_TYPES))}.")
+    return dataclasses.replace(Settings(), **{name: _coerce(name, value) for name, value in values.items()})
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"Config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"Config file {path} is not valid TOML: {exc}.") from None
+    # Accept both a flat file and one with the settings under [lorapg].
+    return dict(data.get("lorapg", data))

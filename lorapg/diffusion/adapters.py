@@ -1,0 +1,106 @@
+"""LoRA adapters attached to one loaded pipeline.
+
+Each LoRA file is read once and kept as a named peft adapter inside the pipeline; changing the
+selection or the scales afterwards is ``set_adapters`` (milliseconds), with no file I/O and no
+base-model reload. A file that changes on disk (same name, new mtime/size) is read again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from diffusers import DiffusionPipeline
+
+from lorapg.diffusion.families import family_label
+from lorapg.diffusion.lora_library import LoraInfo
+from lorapg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MIN_SCALE, MAX_SCALE = 0.0, 1.5
+
+
+@dataclass(frozen=True)
+class LoraSelection:
+    info: LoraInfo
+    scale: float
+
+
+def check_scale(name: str, scale: float) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise UserError(f"LoRA {name}: scale {scale!r} is not a number.") from None
+    if not MIN_SCALE <= value <= MAX_SCALE:
+        raise UserError(f"LoRA {name}: scale {value:g} is outside {MIN_SCALE:g}–{MAX_SCALE:g}.")
+    return value
+
+
+class AdapterSet:
+    """The adapters loaded into ``pipe``, keyed by file identity."""
+
+    def __init__(self, pipe: DiffusionPipeline, family: str):
+        self.pipe = pipe
+        self.family = family
+        self._loaded: dict[str, tuple[float, int]] = {}  # adapter name -> (mtime, size) when read
+        self.files_read = 0  # how many LoRA files were read into this pipeline (tests check this)
+
+    def activate(self, selections: list[LoraSelection]) -> None:
+        """Load what is new, then make exactly ``selections`` active at their scales."""
+        for selection in selections:
+            self._ensure_loaded(selection.info)
+        if not selections:
+            if self._loaded:
+                self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(
+            [adapter_name(s.info) for s in selections], adapter_weights=[s.scale for s in selections]
+        )
+
+    def _ensure_loaded(self, info: LoraInfo) -> None:
+        name = adapter_name(info)
+        stamp = (info.mtime, info.size_bytes)
+        if self._loaded.get(name) == stamp:
+            return
+        if name in self._loaded:
+            self.pipe.delete_adapters(name)
+            del self._loaded[name]
+        if info.family and info.family != self.family:
+            raise UserError(
+                f"LoRA {info.name} was made for {family_label(info.family)}, but the loaded base model is "
+                f"{family_label(self.family)}. Pick a {family_label(self.family)} LoRA or switch the base model."
+            )
+        try:
+            self.pipe.load_lora_weights(str(info.path), adapter_name=name)
+        except Exception as exc:  # shape mismatches and unknown key layouts surface as many types
+            self._discard(name)
+            raise UserError(
+                f"LoRA {info.name} does not fit the loaded {family_label(self.family)} model "
+                f"({_first_line(exc)}). It was probably made for another base model."
+            ) from None
+        if not any(name in names for names in self.pipe.get_list_adapters().values()):
+            raise UserError(
+                f"LoRA {info.name}: none of its layers match the loaded {family_label(self.family)} model."
+            )
+        self._loaded[name] = stamp
+        self.files_read += 1
+        log.info("loaded LoRA %s as adapter %s", info.name, name)
+
+    def _discard(self, name: str) -> None:
+        try:
+            self.pipe.delete_adapters(name)
+        except Exception:  # a half-injected adapter may not be registered everywhere; nothing to undo
+            log.debug("no adapter %s to discard", name)
+
+
+def adapter_name(info: LoraInfo) -> str:
+    """peft adapter names become module attribute keys: letters, digits and underscores only."""
+    return "lora_" + re.sub(r"\W", "_", info.name)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,201 @@
+"""The diffusion engine: one loaded base model, its LoRA adapters, and ``generate()``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
+from lorapg.diffusion.families import NATIVE_SIZE, SDXL
+from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
+from lorapg.diffusion.model_source import ModelSource, resolve_model_source
+from lorapg.diffusion.pipeline_loader import load_pipeline
+from lorapg.diffusion.preview import latents_to_preview
+from lorapg.diffusion.request import GenerationRequest, validate
+from lorapg.diffusion.samplers import make_scheduler
+from lorapg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# on_step(step, total, preview_or_None); should_cancel() -> True to stop after the current step.
+StepCallback = Callable[[int, int, Image.Image | None], None]
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    request: GenerationRequest  # validated: concrete seed, size, steps
+    loras: list[LoraSelection]
+    model: ModelSource
+    family: str
+    cancelled: bool = False
+    warnings: list[str] = field(default_factory=list)
+    saved: list = field(default_factory=list)  # files written for this result (gallery, CLI)
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    pipe: DiffusionPipeline
+    family: str
+    adapters: AdapterSet
+    base_scheduler_config: dict
+    native_size: int
+
+
+class DiffusionEngine:
+    """Holds one base model at a time; every public call is serialised by a lock."""
+
+    def __init__(
+        self,
+        lora_library: LoraLibrary,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        allow_pickle: bool = False,
+        single_file_config: str | None = None,
+        preview_every: int = 5,
+    ):
+        self.library = lora_library
+        self.device = device
+        self.dtype = dtype
+        self.allow_pickle = allow_pickle
+        self.single_file_config = single_file_config
+        self.preview_every = preview_every
+        self._model: LoadedModel | None = None
+        self._lock = threading.RLock()
+
+    # --- model -----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    def load_model(self, ref: str, on_status: Callable[[str], None] | None = None) -> LoadedModel:
+        """Load ``ref`` (hub id, folder or .safetensors), replacing the current model on success."""
+        source = resolve_model_source(ref, allow_pickle=self.allow_pickle)
+        with self._lock:
+            if self._model and self._model.source.ref == source.ref:
+                return self._model
+            pipe, family = load_pipeline(
+                source, self.device, self.dtype, single_file_config=self.single_file_config, on_status=on_status
+            )
+            vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+            native = int(pipe.unet.config.sample_size * vae_scale) or NATIVE_SIZE[family]
+            previous, self._model = self._model, LoadedModel(
+                source, pipe, family, AdapterSet(pipe, family), dict(pipe.scheduler.config), native
+            )
+            del previous  # the old pipeline's memory is released once nothing refers to it
+            log.info("loaded %s (%s, native %dpx) on %s", source.ref, family, native, self.device)
+            return self._model
+
+    def require_model(self) -> LoadedModel:
+        if self._model is None:
+            raise UserError("No base model is loaded yet. Choose a model and press Load.")
+        return self._model
+
+    # --- generation ------------------------------------------------------------------------
+
+    def resolve_loras(self, request: GenerationRequest) -> list[LoraSelection]:
+        seen: set[str] = set()
+        selections = []
+        for lora in request.loras:
+            info: LoraInfo = self.library.resolve(lora.name)
+            if info.name in seen:
+                raise UserError(f"LoRA {info.name} is selected twice; give it one scale.")
+            seen.add(info.name)
+            selections.append(LoraSelection(info, check_scale(info.name, lora.scale)))
+        return selections
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        with self._lock:
+            model = self.require_model()
+            request = validate(request, model.native_size)
+            selections = self.resolve_loras(request)
+            model.adapters.activate(selections)
+            pipe = model.pipe
+            pipe.scheduler = make_scheduler(request.sampler, model.base_scheduler_config)
+            self._configure_vae_tiling(model, request)
+            seeds = [request.seed + i for i in range(request.batch_size)]
+            warnings = self.prompt_warnings(model, request.prompt, "Prompt") + self.prompt_warnings(
+                model, request.negative_prompt, "Negative prompt"
+            )
+            cancelled = False
+
+            def step_end(pipeline, step: int, timestep, kwargs):
+                nonlocal cancelled
+                done = step + 1
+                if on_step is not None:
+                    preview = None
+                    if done % self.preview_every == 0 and done < request.steps:
+                        preview = latents_to_preview(kwargs["latents"], model.family)
+                    on_step(done, request.steps, preview)
+                if should_cancel is not None and should_cancel():
+                    cancelled = True
+                    pipeline._interrupt = True  # diffusers skips the remaining steps
+                return kwargs
+
+            output = pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt or None,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                width=request.width,
+                height=request.height,
+                num_images_per_prompt=request.batch_size,
+                # One CPU generator per image: image i is reproducible alone with seed + i, and the
+                # same seed gives the same noise whatever the device.
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                callback_on_step_end=step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+                output_type="pil",
+            )
+            return GenerationResult(
+                images=[] if cancelled else list(output.images),
+                seeds=seeds,
+                request=request,
+                loras=selections,
+                model=model.source,
+                family=model.family,
+                cancelled=cancelled,
+                warnings=warnings,
+            )
+
+    def prompt_warnings(self, model: LoadedModel, text: str, label: str) -> list[str]:
+        """Say how much of a prompt the 77-token text encoder never reads (generation goes on)."""
+        if not text:
+            return []
+        tokenizer = model.pipe.tokenizer
+        ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
+        limit = tokenizer.model_max_length - 2  # BOS and EOS take two of the slots
+        if len(ids) <= limit:
+            return []
+        cut = tokenizer.decode(ids[limit:]).strip()
+        return [
+            f"{label} is {len(ids)} tokens; the text encoder reads {limit}, so the last {len(ids) - limit} "
+            f"were ignored: “{cut[:80]}{'…' if len(cut) > 80 else ''}”. Put the important words first."
+        ]
+
+    def _configure_vae_tiling(self, model: LoadedModel, request: GenerationRequest) -> None:
+        # Decoding large images in one piece needs several GB for the VAE alone; tiles bound it.
+        large = max(request.width, request.height) > int(model.native_size * 1.5)
+        if large:
+            model.pipe.vae.enable_tiling()
+        else:
+            model.pipe.vae.disable_tiling()
+
+    @property
+    def is_sdxl(self) -> bool:
+        return bool(self._model and self._model.family == SDXL)

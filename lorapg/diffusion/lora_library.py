@@ -1,0 +1,176 @@
+"""The LoRA library: every ``.safetensors`` under the LoRA folder, described from its header.
+
+Scanning reads only safetensors headers (names, shapes, metadata), never tensor data, so listing a
+folder of hundreds of LoRAs stays fast and can be repeated on every refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from lorapg.diffusion.families import SD1, SD2, SDXL
+from lorapg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KOHYA, DIFFUSERS = "kohya", "diffusers"
+# The text encoder hidden size that cross-attention keys/values read, per family.
+_CROSS_ATTENTION_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    name: str  # path relative to the LoRA folder, without ".safetensors", "/"-separated
+    path: Path
+    family: str | None  # SD1 / SD2 / SDXL, or None when the file does not say
+    layout: str  # KOHYA or DIFFUSERS
+    trigger_words: tuple[str, ...] = ()
+    description: str = ""
+    size_bytes: int = 0
+    mtime: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+class LoraLibrary:
+    """Lists and resolves LoRA files inside one folder; names never escape that folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def scan(self) -> tuple[list[LoraInfo], list[str]]:
+        """All readable LoRAs, sorted by name, and one message per file that could not be read."""
+        infos: list[LoraInfo] = []
+        problems: list[str] = []
+        if not self.folder.is_dir():
+            return infos, problems
+        for path in sorted(self.folder.rglob("*.safetensors")):
+            try:
+                infos.append(self.describe(path))
+            except UserError as exc:
+                problems.append(str(exc))
+                log.warning("skipping LoRA: %s", exc)
+        return infos, problems
+
+    def resolve(self, name_or_path: str) -> LoraInfo:
+        """Find a LoRA by library name or by a path to a file inside the LoRA folder."""
+        return self.describe(self.resolve_path(name_or_path))
+
+    def resolve_path(self, name_or_path: str) -> Path:
+        text = (name_or_path or "").strip()
+        if not text:
+            raise UserError("Empty LoRA name.")
+        root = self.folder.resolve()
+        candidate = Path(text).expanduser()
+        if not candidate.is_absolute():
+            as_path = Path(text) if text.endswith(".safetensors") else Path(text + ".safetensors")
+            # A path typed relative to the working directory (models/loras/x.safetensors) is
+            # accepted when it lands inside the folder; otherwise it is a name in the folder.
+            candidate = as_path.resolve() if as_path.resolve().is_relative_to(root) else root / as_path
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(root):
+            raise UserError(
+                f"LoRA {text!r} is outside the LoRA folder {self.folder}. "
+                "Copy the file into that folder (or point --lora-dir at its folder)."
+            )
+        if not resolved.is_file():
+            raise UserError(
+                f"Unknown LoRA {text!r}: no such file in {self.folder}. Refresh the list or check the name."
+            )
+        return resolved
+
+    def describe(self, path: Path) -> LoraInfo:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises several error types for corrupt files
+            raise UserError(f"LoRA file {path.name} is corrupt or not a safetensors file ({exc}).") from None
+        if not shapes or not all("lora" in key or key.endswith(".alpha") for key in shapes):
+            raise UserError(f"{path.name} is not a LoRA (its tensors have no LoRA weights).")
+        stat = path.stat()
+        sidecar = _read_sidecar(path)
+        triggers = sidecar.get("trigger_words") or _trigger_words_from_metadata(metadata)
+        return LoraInfo(
+            name=path.resolve().relative_to(self.folder.resolve()).with_suffix("").as_posix(),
+            path=path.resolve(),
+            family=detect_lora_family(metadata, shapes),
+            layout=KOHYA if any(k.startswith("lora_") for k in shapes) else DIFFUSERS,
+            trigger_words=tuple(triggers),
+            description=sidecar.get("description") or metadata.get("modelspec.description", ""),
+            size_bytes=stat.st_size,
+            mtime=stat.st_mtime,
+            metadata=metadata,
+        )
+
+
+def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """SD1 / SD2 / SDXL from kohya or modelspec metadata, then from tensor names and shapes."""
+    base = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
+    base = base.lower()
+    if "xl" in base:
+        return SDXL
+    if "v2" in base or "sd_v2" in base:
+        return SD2
+    if "v1" in base:
+        return SD1
+    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in shapes):
+        return SDXL
+    for key, shape in shapes.items():
+        # The down projection of a cross-attention key reads the text encoder's hidden states.
+        if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key) and len(shape) == 2:
+            return _CROSS_ATTENTION_DIM.get(shape[1])
+    return None
+
+
+def _trigger_words_from_metadata(metadata: dict[str, str]) -> list[str]:
+    phrase = metadata.get("modelspec.trigger_phrase", "").strip()
+    if phrase:
+        return [w.strip() for w in phrase.split(",") if w.strip()]
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    try:
+        per_folder = json.loads(raw)
+        counts: Counter[str] = Counter()
+        for tags in per_folder.values():
+            counts.update({tag.strip(): int(n) for tag, n in tags.items()})
+    except (ValueError, AttributeError, TypeError):
+        return []
+    if not counts:
+        return []
+    # Trigger words appear in (nearly) every caption: keep the tags that tie the top count.
+    top = counts.most_common(1)[0][1]
+    return [tag for tag, n in counts.most_common(3) if n == top and tag]
+
+
+def _read_sidecar(path: Path) -> dict:
+    """Trigger words and a description from files other tools write next to a LoRA.
+
+    ``NAME.json`` (AUTOMATIC1111: "activation text", "description"; ours: "trigger_words"),
+    ``NAME.civitai.info`` (civitai helper: "trainedWords") or ``NAME.txt`` (one line of words).
+    """
+    result: dict = {}
+    for candidate in (path.with_suffix(".json"), path.with_suffix(".civitai.info")):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable sidecar %s", candidate)
+                continue
+            words = data.get("trigger_words") or data.get("trainedWords") or data.get("activation text") or []
+            if isinstance(words, str):
+                words = words.split(",")
+            result.setdefault("trigger_words", [w.strip() for w in words if str(w).strip()])
+            if isinstance(data.get("description"), str):
+                result.setdefault("description", data["description"])
+    text_file = path.with_suffix(".txt")
+    if "trigger_words" not in result and text_file.is_file():
+        words = text_file.read_text(encoding="utf-8", errors="replace").split(",")
+        result["trigger_words"] = [w.strip() for w in words if w.strip()]
+    return result

@@ -1,0 +1,66 @@
+"""Samplers by the names users know from AUTOMATIC1111, mapped to diffusers schedulers.
+
+Each scheduler is built from the model's own scheduler config (kept from load time), so switching
+samplers never compounds settings from an earlier switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from lorapg.errors import UserError
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    scheduler_class: type
+    options: dict[str, Any] = field(default_factory=dict)
+    # A1111 >= 1.8 writes the sampler and the noise schedule as two fields ("DPM++ 2M" + "Karras").
+    a1111_sampler: str = ""
+    a1111_schedule: str = "Automatic"
+
+
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+_KARRAS = {"use_karras_sigmas": True}
+
+SAMPLERS: dict[str, Sampler] = {
+    s.name: s
+    for s in [
+        Sampler("Euler a", EulerAncestralDiscreteScheduler, a1111_sampler="Euler a"),
+        Sampler("Euler", EulerDiscreteScheduler, a1111_sampler="Euler"),
+        Sampler("DPM++ 2M", DPMSolverMultistepScheduler, a1111_sampler="DPM++ 2M"),
+        Sampler("DPM++ 2M Karras", DPMSolverMultistepScheduler, _KARRAS, "DPM++ 2M", "Karras"),
+        Sampler("DPM++ 2M SDE", DPMSolverMultistepScheduler, _SDE, "DPM++ 2M SDE"),
+        Sampler("DPM++ 2M SDE Karras", DPMSolverMultistepScheduler, {**_SDE, **_KARRAS}, "DPM++ 2M SDE", "Karras"),
+        Sampler("DDIM", DDIMScheduler, a1111_sampler="DDIM"),
+        Sampler("UniPC", UniPCMultistepScheduler, a1111_sampler="UniPC"),
+        Sampler("Heun", HeunDiscreteScheduler, a1111_sampler="Heun"),
+        Sampler("LMS", LMSDiscreteScheduler, a1111_sampler="LMS"),
+    ]
+}
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+
+
+def get_sampler(name: str) -> Sampler:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise UserError(f"Unknown sampler {name!r}. Choose one of: {', '.join(SAMPLERS)}.") from None
+
+
+def make_scheduler(name: str, base_config: Any):
+    """A fresh scheduler for ``name`` built from the model's original scheduler config."""
+    sampler = get_sampler(name)
+    return sampler.scheduler_class.from_config(base_config, **sampler.options)

@@ -1,0 +1,476 @@
+"""AUTOMATIC1111's ``parameters`` text: the PNG metadata every SD tool can read.
+
+Layout::
+
+    <prompt, may span lines> <lora:name:0.7>
+    Negative prompt: <negative prompt, may span lines>
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768, ...
+
+The writer follows A1111 exactly so civitai and PNG-info readers show our images correctly. The
+reader is deliberately forgiving: texts come from many tools and versions, so a broken field is
+reported in ``problems`` and left empty instead of failing the whole import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorapg.gallery.records import ImageRecord
+
+logger = logging.getLogger(__name__)
+
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# Schedulers that older A1111 versions folded into the sampler name ("DPM++ 2M Karras"); A1111
+# >= 1.8 writes them as a separate "Schedule type". We store the folded name users know.
+_FOLDED_SCHEDULES = ("Karras", "Exponential")
+
+# Keys the parser understands, compared case-insensitively (Fooocus writes "Lora hashes", other
+# tools "LoRA hashes"). Everything else is kept verbatim in ``extra``.
+_KNOWN_KEYS = {
+    "steps",
+    "sampler",
+    "schedule type",
+    "cfg scale",
+    "seed",
+    "size",
+    "model hash",
+    "model",
+    "lora hashes",
+    "lora weights",
+    "version",
+}
+
+# Tokenizer pieces for the "Key: value, Key: value" line. A key starts with a word character
+# and may contain spaces, dashes and slashes ("Schedule type", "Hires upscale", "TI hashes").
+_KEY_RE = re.compile(r"\s*(\w[\w \-/]*):\s*")
+_QUOTED_VALUE_RE = re.compile(r'"(?:\\.|[^\\"])*"(?=\s*(?:,|$))')
+_PLAIN_VALUE_RE = re.compile(r"[^,]*")
+_SEPARATOR_RE = re.compile(r"\s*(?:,|$)")
+
+_LORA_TAG_RE = re.compile(r"<lora:([^:<>]+)((?::[^:<>]*)*)>")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×*]\s*(\d+)\s*$")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]{8,64}$")
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+MAX_SEED = 2**63 - 1  # what SQLite's INTEGER holds; A1111 seeds stay below 2**32 anyway
+
+
+@dataclass
+class ParsedParameters:
+    """What could be read from a parameters text; a field that was missing or broken is None."""
+
+    # Verbatim, <lora:...> tags included, so it pastes back into A1111 as is.
+    prompt: str = ""
+    negative_prompt: str = ""
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    lora_hashes: dict[str, str] = field(default_factory=dict)
+    steps: int | None = None
+    # "DPM++ 2M" + "Schedule type: Karras" is stored as "DPM++ 2M Karras".
+    sampler: str | None = None
+    schedule_type: str | None = None  # as written, for display
+    guidance_scale: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    model_name: str | None = None
+    model_hash: str | None = None
+    version: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def format_number(value: float) -> str:
+    """Compact number text as A1111 writes it: 0.7, 1, 1.25, 7.5 (never 1.0 or 0.7000001)."""
+    text = f"{round(float(value), 4):.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def quote(value: str) -> str:
+    """JSON-quote a value that would otherwise break the ``Key: value, ...`` line."""
+    if any(ch in value for ch in ",:\n") or value.startswith('"'):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _tag_name(name: str) -> str:
+    # ':' '<' '>' would end the tag early; ',' would split the "Lora hashes" list. A1111 strips
+    # the same characters from the names it writes.
+    return re.sub(r"[:,<>]", "", name).strip()
+
+
+def _split_sampler(sampler: str) -> tuple[str, str | None]:
+    """Split "DPM++ 2M Karras" into ("DPM++ 2M", "Karras"), as A1111 >= 1.8 writes it."""
+    for schedule in _FOLDED_SCHEDULES:
+        suffix = " " + schedule
+        if sampler.endswith(suffix) and len(sampler) > len(suffix):
+            return sampler[: -len(suffix)], schedule
+    return sampler, None
+
+
+def format_parameters(record: ImageRecord) -> str:
+    """The A1111 ``parameters`` text for a record, as A1111 1.10 would write it.
+
+    LoRAs at scale 0 are left out: they do not change the image, and A1111 would load them for
+    nothing.
+    """
+    used = [lora for lora in record.loras if lora.scale != 0]
+    prompt = record.prompt.strip()
+    already_tagged = {m.group(1) for m in _LORA_TAG_RE.finditer(prompt)}
+    tags = [
+        f"<lora:{_tag_name(lora.name)}:{format_number(lora.scale)}>"
+        for lora in used
+        if _tag_name(lora.name) not in already_tagged
+    ]
+    if tags:
+        prompt = f"{prompt} {' '.join(tags)}" if prompt else " ".join(tags)
+
+    pairs: list[tuple[str, str]] = []
+    if record.steps is not None:
+        pairs.append(("Steps", str(record.steps)))
+    if record.sampler:
+        sampler, schedule = _split_sampler(record.sampler)
+        pairs.append(("Sampler", sampler))
+        if schedule:
+            pairs.append(("Schedule type", schedule))
+    if record.guidance_scale is not None:
+        pairs.append(("CFG scale", format_number(record.guidance_scale)))
+    if record.seed is not None:
+        pairs.append(("Seed", str(record.seed)))
+    if record.width and record.height:
+        pairs.append(("Size", f"{record.width}x{record.height}"))
+    if record.model_hash:
+        pairs.append(("Model hash", record.model_hash))
+    if record.model_name:
+        pairs.append(("Model", record.model_name))
+    hashes = [
+        f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash
+    ]
+    if hashes:
+        pairs.append(("Lora hashes", ", ".join(hashes)))
+    if record.version:
+        pairs.append(("Version", record.version))
+
+    lines = [prompt] if prompt else []
+    negative = record.negative_prompt.strip()
+    if negative:
+        lines.append(f"{NEGATIVE_PREFIX} {negative}")
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in pairs))
+    return "\n".join(lines).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _unquote(raw: str) -> str:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw[1:-1]
+    return value if isinstance(value, str) else raw
+
+
+def _read_value(line: str, pos: int) -> tuple[str, int]:
+    """Read one value starting at ``pos``; return it and the position after its comma."""
+    end: int | None = None
+    value = ""
+    if line.startswith('"', pos):
+        match = _QUOTED_VALUE_RE.match(line, pos)
+        if match:
+            value, end = _unquote(match.group(0)), match.end()
+    elif line.startswith(("{", "["), pos):
+        # Unquoted JSON (civitai's "Hashes: {...}") contains commas; take the whole object.
+        try:
+            _, end = json.JSONDecoder().raw_decode(line, pos)
+            value = line[pos:end]
+            if not _SEPARATOR_RE.match(line, end):
+                end = None
+        except ValueError:
+            end = None
+    if end is None:
+        match = _PLAIN_VALUE_RE.match(line, pos)
+        assert match is not None  # [^,]* always matches
+        value, end = match.group(0), match.end()
+    sep = _SEPARATOR_RE.match(line, end)
+    return value.strip(), sep.end() if sep else end
+
+
+def tokenize_parameters_line(line: str) -> tuple[list[tuple[str, str]], bool]:
+    """Split ``Key: value, Key: "quoted, value"`` into pairs.
+
+    Returns the pairs and whether the whole line was made of pairs; text that is not a pair is
+    skipped up to the next comma, so one odd field does not hide the others.
+    """
+    pairs: list[tuple[str, str]] = []
+    complete = True
+    pos = 0
+    while pos < len(line):
+        if not line[pos:].strip():
+            break
+        key_match = _KEY_RE.match(line, pos)
+        if key_match is None:
+            complete = False
+            comma = line.find(",", pos)
+            pos = len(line) if comma < 0 else comma + 1
+            continue
+        value, pos = _read_value(line, key_match.end())
+        pairs.append((key_match.group(1).strip(), value))
+    return pairs, complete
+
+
+def _is_parameters_line(line: str) -> bool:
+    # A negative prompt full of "word: word," is still a negative prompt.
+    if line.strip().startswith(NEGATIVE_PREFIX):
+        return False
+    pairs, complete = tokenize_parameters_line(line)
+    # A1111's own rule is "three or more pairs"; a short line of ours (only "Version: ...")
+    # still counts when it is nothing but pairs with at least one key we know.
+    if len(pairs) >= 3:
+        return True
+    return complete and any(key.casefold() in _KNOWN_KEYS for key, _ in pairs)
+
+
+def _split_sections(text: str) -> tuple[str, str, str]:
+    """(prompt, negative prompt, parameters line) of an A1111 text."""
+    lines = text.split("\n")
+    params_line = ""
+    if lines and _is_parameters_line(lines[-1]):
+        params_line = lines.pop()
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        stripped = line.strip()
+        if not in_negative and stripped.startswith(NEGATIVE_PREFIX):
+            in_negative = True
+            line = stripped[len(NEGATIVE_PREFIX) :].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    return (
+        "\n".join(prompt_lines).strip(),
+        "\n".join(negative_lines).strip(),
+        params_line,
+    )
+
+
+def _parse_int(
+    key: str, raw: str, problems: list[str], minimum: int, maximum: int
+) -> int | None:
+    if not _INT_RE.match(raw.strip()):
+        problems.append(f"{key} '{raw}' is not a whole number; it was left empty.")
+        return None
+    value = int(raw)
+    if value < minimum:
+        problems.append(f"{key} {value} is below {minimum}; it was left empty.")
+        return None
+    if value > maximum:
+        problems.append(f"{key} {value} is larger than {maximum}; it was left empty.")
+        return None
+    return value
+
+
+def _parse_float(key: str, raw: str, problems: list[str]) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        problems.append(f"{key} '{raw}' is not a number; it was left empty.")
+        return None
+    if not math.isfinite(value):
+        problems.append(f"{key} '{raw}' is not a usable number; it was left empty.")
+        return None
+    return value
+
+
+def _parse_size(raw: str, result: ParsedParameters) -> None:
+    match = _SIZE_RE.match(raw)
+    if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
+        result.problems.append(
+            f"Size '{raw}' is not WIDTHxHEIGHT (for example 512x768); width and height were "
+            "left empty."
+        )
+        return
+    result.width, result.height = int(match.group(1)), int(match.group(2))
+
+
+def _parse_hash(key: str, raw: str, problems: list[str]) -> str | None:
+    if not _HEX_RE.match(raw):
+        problems.append(f"{key} '{raw}' is not a hexadecimal hash; it was left empty.")
+        return None
+    return raw.lower()
+
+
+def _parse_lora_list(key: str, raw: str, problems: list[str]) -> list[tuple[str, str]]:
+    """``"name: value, other: value"`` -> [(name, value), ...]; old Fooocus adds ``: weight``."""
+    items: list[tuple[str, str]] = []
+    for entry in raw.split(","):
+        if not entry.strip():
+            continue
+        name, sep, rest = entry.partition(":")
+        if not sep or not name.strip() or not rest.strip():
+            problems.append(
+                f"{key} entry '{entry.strip()}' is not 'name: value'; it was skipped."
+            )
+            continue
+        items.append((name.strip(), rest.strip()))
+    return items
+
+
+def _parse_lora_tags(prompt: str, problems: list[str]) -> list[tuple[str, float]]:
+    loras: list[tuple[str, float]] = []
+    for match in _LORA_TAG_RE.finditer(prompt):
+        name = match.group(1).strip()
+        # <lora:name> means scale 1; <lora:name:te:unet> carries a second multiplier we ignore.
+        args = [arg for arg in match.group(2).split(":")[1:] if "=" not in arg]
+        raw = args[0].strip() if args and args[0].strip() else "1"
+        try:
+            scale = float(raw)
+        except ValueError:
+            problems.append(
+                f"LoRA tag {match.group(0)} has scale '{raw}', not a number; skipped."
+            )
+            continue
+        loras.append((name, scale))
+    return loras
+
+
+def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None:
+    problems = result.problems
+    schedule: str | None = None
+    lora_weights: list[tuple[str, str]] = []
+    for key, value in pairs:
+        folded = key.casefold()
+        if folded == "steps":
+            result.steps = _parse_int("Steps", value, problems, 1, 10_000)
+        elif folded == "sampler":
+            result.sampler = value or None
+        elif folded == "schedule type":
+            schedule = value or None
+        elif folded == "cfg scale":
+            result.guidance_scale = _parse_float("CFG scale", value, problems)
+        elif folded == "seed":
+            result.seed = _parse_int("Seed", value, problems, 0, MAX_SEED)
+        elif folded == "size":
+            _parse_size(value, result)
+        elif folded == "model hash":
+            result.model_hash = _parse_hash("Model hash", value, problems)
+        elif folded == "model":
+            result.model_name = value or None
+        elif folded == "lora hashes":
+            for name, rest in _parse_lora_list(key, value, problems):
+                file_hash = rest.split(":")[0].strip()
+                if _HEX_RE.match(file_hash):
+                    result.lora_hashes[name] = file_hash.lower()
+                else:
+                    problems.append(
+                        f"{key} for '{name}' is not a hexadecimal hash; skipped."
+                    )
+                # Fooocus before 2.3 wrote "name: hash: weight" and no tags in the prompt.
+                if rest.count(":") == 1:
+                    lora_weights.append((name, rest.split(":")[1].strip()))
+        elif folded == "lora weights":
+            # Fooocus writes the weights here instead of tags in the prompt.
+            lora_weights.extend(_parse_lora_list(key, value, problems))
+        elif folded == "version":
+            result.version = value or None
+        else:
+            result.extra[key] = value
+    result.schedule_type = schedule
+    if (
+        result.sampler
+        and schedule in _FOLDED_SCHEDULES
+        and not result.sampler.endswith(schedule)
+    ):
+        result.sampler = f"{result.sampler} {schedule}"
+    _add_lora_weights(lora_weights, result)
+
+
+def _add_lora_weights(weights: list[tuple[str, str]], result: ParsedParameters) -> None:
+    tagged = {name for name, _ in result.loras}
+    for name, raw in weights:
+        if name in tagged:
+            continue
+        scale = _parse_float(f"LoRA weight for '{name}'", raw, result.problems)
+        if scale is not None:
+            result.loras.append((name, scale))
+            tagged.add(name)
+
+
+def _parse_fooocus_json(data: dict[str, object], result: ParsedParameters) -> None:
+    """Fooocus' own scheme: a JSON object in the ``parameters`` chunk."""
+    text = {key: "" if value is None else str(value) for key, value in data.items()}
+    result.prompt = text.pop("prompt", "")
+    result.negative_prompt = text.pop("negative_prompt", "")
+    pairs: list[tuple[str, str]] = []
+    for ours, theirs in (
+        ("Steps", "steps"),
+        ("Sampler", "sampler"),
+        ("CFG scale", "guidance_scale"),
+        ("Seed", "seed"),
+        ("Model", "base_model"),
+        ("Model hash", "base_model_hash"),
+        ("Version", "version"),
+    ):
+        if text.get(theirs):
+            pairs.append((ours, text.pop(theirs)))
+    resolution = text.pop("resolution", "")
+    if resolution:
+        pairs.append(
+            (
+                "Size",
+                "x".join(part.strip() for part in resolution.strip("()").split(",")),
+            )
+        )
+    loras = data.get("loras")
+    text.pop("loras", None)
+    weights: list[tuple[str, str]] = []
+    if isinstance(loras, list):
+        for item in loras:
+            if isinstance(item, list | tuple) and len(item) >= 2:
+                weights.append((str(item[0]), str(item[1])))
+                if len(item) >= 3 and _HEX_RE.match(str(item[2])):
+                    result.lora_hashes[str(item[0])] = str(item[2]).lower()
+    _apply_pairs(pairs, result)
+    _add_lora_weights(weights, result)
+    result.extra.update({key: value for key, value in text.items() if value})
+
+
+def parse_parameters(text: str) -> ParsedParameters:
+    """Read an A1111 parameters text (A1111, Forge, Fooocus, civitai). Never raises on content.
+
+    Fields that are missing stay None; fields that are present but broken are listed in
+    ``problems`` with a message a user can act on, and also stay None.
+    """
+    result = ParsedParameters()
+    text = (text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        result.problems.append("The image has no generation parameters.")
+        return result
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            _parse_fooocus_json(data, result)
+            return result
+    result.prompt, result.negative_prompt, params_line = _split_sections(text)
+    result.loras = _parse_lora_tags(result.prompt, result.problems)
+    if not params_line:
+        result.problems.append(
+            "No 'Steps: ..., Seed: ...' line was found; only the prompt could be read."
+        )
+    pairs, _ = tokenize_parameters_line(params_line)
+    _apply_pairs(pairs, result)
+    if result.problems:
+        logger.debug("parameters read with problems: %s", result.problems)
+    return result

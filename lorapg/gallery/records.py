@@ -1,0 +1,104 @@
+"""The gallery's record of one image: everything needed to make it again.
+
+Kept free of SQLite and PIL so services, the UI and the generator can build and read records
+without touching storage.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lorapg
+
+if TYPE_CHECKING:  # a1111 imports this module; the type is only needed for annotations
+    from lorapg.gallery.a1111 import ParsedParameters
+
+
+def default_version() -> str:
+    """The ``Version`` written into PNGs we make, e.g. ``lorapg-0.1.0``."""
+    return f"lorapg-{lorapg.__version__}"
+
+
+@dataclass
+class LoraUse:
+    """One LoRA applied to an image, with the hash other tools use to find the same file."""
+
+    name: str
+    scale: float
+    file_hash: str | None = None
+
+
+@dataclass
+class ImageRecord:
+    """One gallery image. ``id``, ``path`` and ``created_at`` are filled in by the store."""
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[LoraUse] = field(default_factory=list)
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    width: int | None = None
+    height: int | None = None
+    model_name: str | None = None
+    model_hash: str | None = None
+    job_id: str | None = None
+    created_at: datetime | None = None
+    id: int | None = None
+    path: Path | None = None
+    starred: bool = False
+    version: str = field(default_factory=default_version)
+
+
+# A tag with the comma that joined it to the prompt, when it ends a line or precedes a comma.
+_LORA_TAG_WITH_SEP_RE = re.compile(
+    r"(?:[ \t]*,)?[ \t]*<lora:[^<>]*>(?=[ \t]*(?:,|$))", re.MULTILINE
+)
+_LORA_TAG_RE = re.compile(r"[ \t]*<lora:[^<>]*>")
+
+
+def strip_lora_tags(prompt: str) -> str:
+    """The prompt without ``<lora:...>`` tags, so re-exporting does not write them twice.
+
+    Only the tags and the separators that joined them go; the rest of the prompt is left
+    byte-for-byte, because any other change would change the image.
+    """
+    if "<lora:" not in prompt:
+        return prompt
+    text = _LORA_TAG_WITH_SEP_RE.sub("", prompt)
+    text = _LORA_TAG_RE.sub("", text)
+    text = "\n".join(line.rstrip() for line in text.split("\n")).strip()
+    if prompt.lstrip().startswith("<lora:"):
+        text = re.sub(r"^,[ \t]*", "", text)
+    return text
+
+
+def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
+    """Turn parsed A1111 text into a record (used to import PNGs made elsewhere or orphaned)."""
+    loras = [
+        LoraUse(name=name, scale=scale, file_hash=parsed.lora_hashes.get(name))
+        for name, scale in parsed.loras
+    ]
+    model_hash = parsed.model_hash
+    if model_hash is not None and len(model_hash) > 10:
+        # A full SHA-256 (Fooocus writes those) starts with the 10 characters A1111 uses.
+        model_hash = model_hash[:10]
+    return ImageRecord(
+        prompt=strip_lora_tags(parsed.prompt),
+        negative_prompt=parsed.negative_prompt,
+        loras=loras,
+        seed=parsed.seed,
+        steps=parsed.steps,
+        guidance_scale=parsed.guidance_scale,
+        sampler=parsed.sampler,
+        width=parsed.width,
+        height=parsed.height,
+        model_name=parsed.model_name,
+        model_hash=model_hash,
+        version=parsed.version or default_version(),
+    )

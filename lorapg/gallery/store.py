@@ -1,0 +1,541 @@
+"""The gallery: PNG files on disk plus an SQLite index of how each one was made.
+
+Invariants, and how they survive crashes and threads:
+
+- A PNG is written (atomically) *before* its row is inserted. A crash in between leaves an
+  orphan PNG that still carries its A1111 text; ``reconcile`` imports it back at start-up.
+- A file is deleted *before* its row, inside the same write transaction. A crash in between
+  leaves a row without a file; ``reconcile`` drops it. The reverse order would leave an orphan
+  PNG that reconcile would resurrect.
+- Every write runs in a short ``BEGIN IMMEDIATE`` transaction under one in-process lock; SQLite
+  is in WAL mode with a busy timeout, so readers never block and other processes wait instead
+  of failing with "database is locked". Each call opens its own connection, so the store can be
+  shared freely between Gradio's worker threads.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PIL import Image
+
+from lorapg.errors import UserError
+from lorapg.gallery.a1111 import format_parameters, parse_parameters
+from lorapg.gallery.png import is_temp_file, read_png_parameters, save_png_atomically
+from lorapg.gallery.records import ImageRecord, LoraUse, record_from_parsed
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 30_000
+_IN_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's variable limit
+
+# Version 1. Later versions append statements to _MIGRATIONS; never edit a released one.
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,          -- ISO 8601, UTC, fixed width: sorts as text
+        path TEXT NOT NULL UNIQUE,         -- relative to images_dir, '/' separated
+        prompt TEXT NOT NULL DEFAULT '',
+        negative_prompt TEXT NOT NULL DEFAULT '',
+        seed INTEGER,
+        steps INTEGER,
+        guidance REAL,
+        sampler TEXT,
+        width INTEGER,
+        height INTEGER,
+        model_name TEXT,
+        model_hash TEXT,
+        job_id TEXT,
+        starred INTEGER NOT NULL DEFAULT 0,
+        parameters TEXT NOT NULL DEFAULT '',  -- the A1111 text written into the PNG
+        version TEXT
+    )
+    """,
+    """
+    CREATE TABLE image_loras (
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        scale REAL NOT NULL,
+        file_hash TEXT
+    )
+    """,
+    "CREATE INDEX images_by_created ON images(created_at, id)",
+    "CREATE INDEX image_loras_by_image ON image_loras(image_id)",
+    "CREATE INDEX image_loras_by_name ON image_loras(name COLLATE NOCASE)",
+)
+_MIGRATIONS: dict[int, Sequence[str]] = {1: _SCHEMA_V1}
+
+_NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # Naive datetimes in this app are local time.
+    return (moment if moment.tzinfo else moment.astimezone()).astimezone(UTC)
+
+
+def _utc_iso(moment: datetime) -> str:
+    return _as_utc(moment).isoformat(timespec="microseconds")
+
+
+def _contains_casefolded(text: str | None, word: str) -> int:
+    # SQLite's LIKE and lower() only fold ASCII; prompts are often not ASCII.
+    return int(word in (text or "").casefold())
+
+
+class GalleryStore:
+    """Images on disk under ``images_dir`` plus their SQLite rows in ``db_path``.
+
+    ``keep`` is how many unstarred images to keep (0 keeps all); starred images are never
+    pruned and do not count toward it.
+    """
+
+    def __init__(
+        self, db_path: str | Path, images_dir: str | Path, keep: int = 20
+    ) -> None:
+        if keep < 0:
+            raise UserError(
+                f"The gallery size must be 0 (keep all) or more, not {keep}."
+            )
+        self.keep = keep
+        self.db_path = Path(db_path)
+        self.images_dir = Path(images_dir).resolve()
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._initialise()
+
+    # ----------------------------------------------------------------------------------------
+    # Connections and transactions
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN ourselves, so no hidden transactions linger.
+        conn = sqlite3.connect(
+            self.db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # NORMAL in WAL mode can lose the last commit on power loss, never corrupt the file;
+        # reconcile re-imports the PNG such a commit described.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.create_function(
+            "lorapg_contains", 2, _contains_casefolded, deterministic=True
+        )
+        return conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for several SELECTs (WAL readers never wait for writers)."""
+        with closing(self._open()) as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction. IMMEDIATE takes the write lock up front: a deferred
+        transaction that upgrades later can fail with SQLITE_BUSY without waiting."""
+        with self._write_lock, closing(self._open()) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _initialise(self) -> None:
+        try:
+            with closing(self._open()) as conn:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning(
+                    "gallery database %s is in %s mode, not WAL", self.db_path, mode
+                )
+            with self._write() as conn:
+                self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            raise UserError(
+                f"The gallery database '{self.db_path}' cannot be opened ({exc}). Move it aside "
+                "and restart: the gallery is rebuilt from the PNG files."
+            ) from exc
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"The gallery database '{self.db_path}' was made by a newer LoRA Playground "
+                f"(schema {version}, this one knows {SCHEMA_VERSION}); update the app."
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            logger.info(
+                "gallery database %s migrated to schema %d", self.db_path, target
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Paths
+
+    def _new_relative_path(self, created_at: datetime, seed: int | None) -> str:
+        # Folder and file names are for people: local time.
+        local = created_at.astimezone()
+        short_id = uuid.uuid4().hex[:8]
+        seed_text = "noseed" if seed is None else str(seed)
+        return f"{local:%Y-%m-%d}/{local:%H%M%S}-{seed_text}-{short_id}.png"
+
+    def _resolve(self, relative: str) -> Path | None:
+        """Absolute path of a stored relative path, or None if it would escape images_dir."""
+        candidate = (self.images_dir / relative).resolve()
+        if not candidate.is_relative_to(self.images_dir):
+            logger.warning(
+                "gallery path %r points outside %s; ignored", relative, self.images_dir
+            )
+            return None
+        return candidate
+
+    @staticmethod
+    def _check_id(image_id: object) -> int:
+        if isinstance(image_id, bool):
+            raise UserError(f"'{image_id}' is not a gallery image number.")
+        if isinstance(image_id, int):
+            return image_id
+        if isinstance(image_id, str) and image_id.strip().isdigit():
+            return int(image_id.strip())
+        raise UserError(f"'{image_id}' is not a gallery image number.")
+
+    @staticmethod
+    def _missing(image_id: int) -> UserError:
+        return UserError(
+            f"Image #{image_id} is not in the gallery (it was deleted or pruned)."
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Rows <-> records
+
+    def _insert(
+        self, conn: sqlite3.Connection, record: ImageRecord, rel: str, text: str
+    ) -> int:
+        assert record.created_at is not None
+        cursor = conn.execute(
+            """
+            INSERT INTO images (created_at, path, prompt, negative_prompt, seed, steps,
+                guidance, sampler, width, height, model_name, model_hash, job_id, starred,
+                parameters, version)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """,
+            (
+                _utc_iso(record.created_at),
+                rel,
+                record.prompt,
+                record.negative_prompt,
+                record.seed,
+                record.steps,
+                record.guidance_scale,
+                record.sampler,
+                record.width,
+                record.height,
+                record.model_name,
+                record.model_hash,
+                record.job_id,
+                int(record.starred),
+                text,
+                record.version,
+            ),
+        )
+        image_id = cursor.lastrowid
+        assert image_id is not None
+        conn.executemany(
+            "INSERT INTO image_loras (image_id, name, scale, file_hash) VALUES (?, ?, ?, ?)",
+            [
+                (image_id, lora.name, lora.scale, lora.file_hash)
+                for lora in record.loras
+            ],
+        )
+        return image_id
+
+    def _records(
+        self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]
+    ) -> list[ImageRecord]:
+        ids = [row["id"] for row in rows]
+        loras: dict[int, list[LoraUse]] = {image_id: [] for image_id in ids}
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for lora in conn.execute(
+                "SELECT image_id, name, scale, file_hash FROM image_loras "
+                f"WHERE image_id IN ({marks}) ORDER BY rowid",
+                chunk,
+            ):
+                loras[lora["image_id"]].append(
+                    LoraUse(
+                        name=lora["name"],
+                        scale=lora["scale"],
+                        file_hash=lora["file_hash"],
+                    )
+                )
+        return [self._record(row, loras[row["id"]]) for row in rows]
+
+    def _record(self, row: sqlite3.Row, loras: list[LoraUse]) -> ImageRecord:
+        return ImageRecord(
+            prompt=row["prompt"],
+            negative_prompt=row["negative_prompt"],
+            loras=loras,
+            seed=row["seed"],
+            steps=row["steps"],
+            guidance_scale=row["guidance"],
+            sampler=row["sampler"],
+            width=row["width"],
+            height=row["height"],
+            model_name=row["model_name"],
+            model_hash=row["model_hash"],
+            job_id=row["job_id"],
+            created_at=datetime.fromisoformat(row["created_at"]),
+            id=row["id"],
+            path=self.images_dir / row["path"],
+            starred=bool(row["starred"]),
+            version=row["version"] or "",
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Public API
+
+    def add(self, record: ImageRecord, image: Image.Image) -> ImageRecord:
+        """Save ``image`` as a PNG with A1111 metadata, index it, then prune; return the stored
+        record (with ``id``, absolute ``path`` and ``created_at``)."""
+        created_at = (
+            _as_utc(record.created_at) if record.created_at else datetime.now(UTC)
+        )
+        stored = replace(
+            record,
+            loras=[replace(lora) for lora in record.loras],
+            created_at=created_at,
+            width=record.width or image.width,
+            height=record.height or image.height,
+        )
+        rel = self._new_relative_path(created_at, record.seed)
+        text = format_parameters(stored)
+        final = save_png_atomically(image, self.images_dir / rel, text)
+        try:
+            with self._write() as conn:
+                image_id = self._insert(conn, stored, rel, text)
+        except BaseException:
+            # No row, no file: otherwise reconcile would import an image the user never saw.
+            final.unlink(missing_ok=True)
+            raise
+        try:
+            self.prune()
+        except (sqlite3.Error, OSError):
+            # The image is saved and indexed; failing the generation over retention would be
+            # wrong. The next add prunes again.
+            logger.exception("gallery prune after adding image #%d failed", image_id)
+        return replace(stored, id=image_id, path=final)
+
+    def list(
+        self, query: str | None = None, lora: str | None = None, limit: int | None = 200
+    ) -> builtins.list[ImageRecord]:
+        """Newest first. ``query``: every word must appear in the prompt (any case);
+        ``lora``: only images that used a LoRA of that name (any case)."""
+        where: list[str] = []
+        args: list[object] = []
+        for word in (query or "").split():
+            where.append("lorapg_contains(prompt, ?)")
+            args.append(word.casefold())
+        if lora and lora.strip():
+            where.append(
+                "EXISTS (SELECT 1 FROM image_loras AS l WHERE l.image_id = images.id "
+                "AND l.name = ? COLLATE NOCASE)"
+            )
+            args.append(lora.strip())
+        sql = "SELECT * FROM images"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" {_NEWEST_FIRST}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(max(0, int(limit)))
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+            return self._records(conn, rows)
+
+    def get(self, image_id: int) -> ImageRecord:
+        """The record for ``image_id``; UserError if it is not in the gallery."""
+        image_id = self._check_id(image_id)
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT * FROM images WHERE id = ?", (image_id,)
+            ).fetchone()
+            if row is None:
+                raise self._missing(image_id)
+            return self._records(conn, [row])[0]
+
+    def delete(self, image_id: int) -> None:
+        """Delete the image's file and row; UserError if it is not in the gallery."""
+        image_id = self._check_id(image_id)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT path FROM images WHERE id = ?", (image_id,)
+            ).fetchone()
+            if row is None:
+                raise self._missing(image_id)
+            self._delete_rows(conn, [(image_id, row["path"])])
+
+    def set_starred(self, image_id: int, starred: bool) -> ImageRecord:
+        """Star or unstar. Unstarring does not prune at once (a misclick must not delete an
+        image); the next ``add`` applies the retention."""
+        image_id = self._check_id(image_id)
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE images SET starred = ? WHERE id = ?",
+                (int(bool(starred)), image_id),
+            )
+            if cursor.rowcount == 0:
+                raise self._missing(image_id)
+        return self.get(image_id)
+
+    def prune(self) -> int:
+        """Delete unstarred images beyond the newest ``keep``; return how many went."""
+        if self.keep == 0:
+            return 0
+        with self._write() as conn:
+            victims = conn.execute(
+                f"SELECT id, path FROM images WHERE starred = 0 {_NEWEST_FIRST} LIMIT -1 OFFSET ?",
+                (self.keep,),
+            ).fetchall()
+            deleted = self._delete_rows(
+                conn, [(row["id"], row["path"]) for row in victims]
+            )
+        if deleted:
+            logger.info(
+                "gallery pruned %d image(s) beyond the newest %d", deleted, self.keep
+            )
+        return deleted
+
+    def _delete_rows(
+        self, conn: sqlite3.Connection, items: Iterable[tuple[int, str]]
+    ) -> int:
+        """Delete files, then the rows of the files that are gone (see the module docstring)."""
+        gone: list[int] = []
+        for image_id, rel in items:
+            path = self._resolve(rel)
+            if path is not None:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    logger.warning(
+                        "could not delete %s (%s); its gallery entry stays", path, exc
+                    )
+                    continue
+            gone.append(image_id)
+        for start in range(0, len(gone), _IN_CHUNK):
+            chunk = gone[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            conn.execute(f"DELETE FROM image_loras WHERE image_id IN ({marks})", chunk)
+            conn.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+        return len(gone)
+
+    # ----------------------------------------------------------------------------------------
+    # Start-up repair
+
+    def reconcile(self) -> builtins.list[str]:
+        """Repair what a crash can leave behind; return one readable line per repair.
+
+        Run it at start-up, before the gallery is served: it assumes no save is in progress.
+        """
+        lines = self._remove_temp_files()
+        lines += self._drop_rows_without_files()
+        lines += self._import_orphans()
+        pruned = self.prune()
+        if pruned:
+            lines.append(
+                f"Pruned {pruned} older image(s) to keep the newest {self.keep}."
+            )
+        for line in lines:
+            logger.warning("gallery repair: %s", line)
+        return lines
+
+    def _remove_temp_files(self) -> builtins.list[str]:
+        lines: list[str] = []
+        for path in sorted(self.images_dir.rglob(".*")):
+            if path.is_file() and is_temp_file(path):
+                path.unlink(missing_ok=True)
+                rel = path.relative_to(self.images_dir).as_posix()
+                lines.append(
+                    f"Removed {rel}, left over from a save that was interrupted."
+                )
+        return lines
+
+    def _drop_rows_without_files(self) -> builtins.list[str]:
+        with self._write() as conn:
+            rows = conn.execute("SELECT id, path FROM images ORDER BY id").fetchall()
+            missing = []
+            for row in rows:
+                path = self._resolve(row["path"])
+                if path is None or not path.is_file():
+                    missing.append(row)
+            self._delete_rows(conn, [(row["id"], row["path"]) for row in missing])
+        return [
+            f"Removed gallery entry #{row['id']}: its file {row['path']} is missing."
+            for row in missing
+        ]
+
+    def _import_orphans(self) -> builtins.list[str]:
+        with self._read() as conn:
+            known = {row["path"] for row in conn.execute("SELECT path FROM images")}
+        found: list[tuple[str, ImageRecord, str]] = []
+        for path in sorted(self.images_dir.rglob("*.png")):
+            rel = path.relative_to(self.images_dir).as_posix()
+            if rel in known or path.name.startswith(".") or self._resolve(rel) is None:
+                continue
+            orphan = self._read_orphan(path)
+            if orphan is not None:
+                found.append((rel, *orphan))
+        lines: list[str] = []
+        if not found:
+            return lines
+        with self._write() as conn:
+            for rel, record, text in found:
+                if conn.execute(
+                    "SELECT 1 FROM images WHERE path = ?", (rel,)
+                ).fetchone():
+                    continue
+                self._insert(conn, record, rel, text)
+                lines.append(
+                    f"Imported {rel}: the image was on disk but not in the gallery."
+                )
+        return lines
+
+    def _read_orphan(self, path: Path) -> tuple[ImageRecord, str] | None:
+        """An orphan PNG's record and A1111 text; None (logged) if it cannot be imported."""
+        try:
+            text = read_png_parameters(path)
+            with Image.open(path) as img:
+                size = img.size
+        except (UserError, OSError) as exc:
+            logger.warning("gallery: left %s alone: %s", path, exc)
+            return None
+        if text is None:
+            logger.info("gallery: left %s alone: it has no generation parameters", path)
+            return None
+        parsed = parse_parameters(text)
+        for problem in parsed.problems:
+            logger.info("gallery: %s: %s", path.name, problem)
+        record = record_from_parsed(parsed)
+        record.created_at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        record.width = record.width or size[0]
+        record.height = record.height or size[1]
+        return record, text

@@ -1,0 +1,144 @@
+"""Background jobs on one GPU queue: id, status, progress, preview, cancel.
+
+One worker thread runs jobs in submission order, so several browser tabs, API clients and the
+CLI share the GPU without racing; everything else (gallery, presets) never waits on it.
+Cancellation is a flag the work checks between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorapg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, ERROR, CANCELLED = "queued", "running", "done", "error", "cancelled"
+FINISHED = {DONE, ERROR, CANCELLED}
+
+
+@dataclass
+class Job:
+    kind: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    status: str = QUEUED
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    preview: Any = None
+    result: Any = None
+    error: str | None = None
+    created_at: float = field(default_factory=time.time)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    # --- called by the work --------------------------------------------------------------
+    def report(self, step: int, total: int, preview: Any = None, message: str = "") -> None:
+        self.step, self.total = step, total
+        if preview is not None:
+            self.preview = preview
+        if message:
+            self.message = message
+
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    # --- called by observers -------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+    def describe(self) -> str:
+        if self.status == RUNNING and self.total:
+            return f"{self.kind} {self.id}: step {self.step} of {self.total}"
+        if self.status == ERROR:
+            return f"{self.kind} {self.id}: error: {self.error}"
+        return f"{self.kind} {self.id}: {self.message or self.status}"
+
+
+class JobQueue:
+    """A FIFO of jobs executed by a single worker thread."""
+
+    def __init__(self, keep_finished: int = 100):
+        self._queue: queue.Queue[tuple[Job, Callable[[Job], Any]] | None] = queue.Queue()
+        self._jobs: dict[str, Job] = {}
+        self._order: list[str] = []
+        self._lock = threading.Lock()
+        self._keep_finished = keep_finished
+        self._worker = threading.Thread(target=self._run, name="gpu-queue", daemon=True)
+        self._worker.start()
+
+    def submit(self, kind: str, work: Callable[[Job], Any]) -> Job:
+        job = Job(kind=kind)
+        with self._lock:
+            self._jobs[job.id] = job
+            self._order.append(job.id)
+            self._forget_old()
+        self._queue.put((job, work))
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise UserError(f"Unknown job id {job_id!r}.")
+        return job
+
+    def position(self, job: Job) -> int:
+        """How many jobs run before this one (0 when it is running or finished)."""
+        if job.status != QUEUED:
+            return 0
+        with self._lock:
+            ahead = [self._jobs[i] for i in self._order[: self._order.index(job.id)] if i in self._jobs]
+        return sum(1 for other in ahead if not other.finished)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        job._cancel.set()
+        return job
+
+    def shutdown(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job, work = item
+            if job.cancel_requested():
+                self._finish(job, CANCELLED, message="cancelled before it started")
+                continue
+            job.status = RUNNING
+            try:
+                job.result = work(job)
+            except UserError as exc:
+                self._finish(job, ERROR, error=str(exc))
+                continue
+            except Exception as exc:  # the worker must survive any job; the error is shown, the app serves on
+                log.exception("job %s (%s) failed", job.id, job.kind)
+                self._finish(job, ERROR, error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._finish(job, CANCELLED if job.cancel_requested() else DONE)
+
+    def _finish(self, job: Job, status: str, *, error: str | None = None, message: str = "") -> None:
+        job.error = error
+        job.message = message or status
+        job.status = status
+        job._finished.set()
+
+    def _forget_old(self) -> None:
+        finished = [i for i in self._order if self._jobs[i].finished]
+        for job_id in finished[: max(0, len(finished) - self._keep_finished)]:
+            self._order.remove(job_id)
+            del self._jobs[job_id]

@@ -1,0 +1,55 @@
+"""Turning a finished generation into PNG files with AUTOMATIC1111 metadata (CLI and gallery)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lorapg.diffusion.engine import GenerationResult
+from lorapg.diffusion.model_source import SINGLE_FILE
+from lorapg.gallery.a1111 import format_parameters
+from lorapg.gallery.png import save_png_atomically
+from lorapg.gallery.records import ImageRecord, LoraUse
+from lorapg.hashing import lora_hash, model_hash
+
+log = logging.getLogger(__name__)
+
+
+def image_record(result: GenerationResult, index: int, job_id: str | None = None) -> ImageRecord:
+    """Everything needed to make image ``index`` of ``result`` again, as a gallery record."""
+    request = result.request
+    source = result.model
+    return ImageRecord(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        loras=[LoraUse(s.info.name, s.scale, lora_hash(s.info.path)) for s in result.loras],
+        seed=result.seeds[index],
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        sampler=request.sampler,
+        width=request.width,
+        height=request.height,
+        model_name=source.display_name,
+        # A1111's model hash is of the checkpoint file; a diffusers folder has no single file.
+        model_hash=model_hash(source.path) if source.kind == SINGLE_FILE and source.path else None,
+        job_id=job_id,
+    )
+
+
+def write_result_pngs(result: GenerationResult, out: Path) -> list[Path]:
+    """Write each image to ``out`` (a .png file; a batch adds -1, -2, …) or into folder ``out``."""
+    out = Path(out)
+    paths = []
+    for index, image in enumerate(result.images):
+        if out.suffix.lower() == ".png":
+            path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{index + 1}.png")
+        else:
+            path = out / f"{result.seeds[index]}.png"
+        text = format_parameters(image_record(result, index))
+        paths.append(save_png_atomically(image, path, text))
+    return paths
+
+
+def record_in_gallery(store, result: GenerationResult, job_id: str | None = None) -> list[ImageRecord]:
+    """Save every image of ``result`` into the gallery ``store`` (PNG + row); returns the records."""
+    return [store.add(image_record(result, index, job_id), image) for index, image in enumerate(result.images)]

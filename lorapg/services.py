@@ -1,0 +1,150 @@
+"""The one API that the UI, the CLI and the REST endpoints call. Never imports gradio.
+
+Every method either returns plain data or raises ``UserError`` with a message a user can act on.
+GPU work (loading a model, generating) goes through the job queue, so callers get a job id to
+watch, and concurrent callers run in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from lorapg.config import Settings
+from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
+from lorapg.diffusion.families import NATIVE_SIZE, SD1, family_label
+from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
+from lorapg.diffusion.request import GenerationRequest, extract_lora_tags, validate
+from lorapg.diffusion.samplers import SAMPLERS
+from lorapg.errors import UserError
+from lorapg.jobs import DONE, Job, JobQueue
+
+log = logging.getLogger(__name__)
+
+# Called with each finished generation; returns the saved files (the gallery plugs in here).
+ResultSink = Callable[[GenerationResult, Job], list]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    ref: str | None
+    family: str | None
+    native_size: int | None
+    loaded: bool
+
+    def describe(self) -> str:
+        if not self.loaded:
+            return "No base model loaded yet."
+        return f"{self.ref} — {family_label(self.family)}, native {self.native_size}px"
+
+
+@dataclass(frozen=True)
+class LoraListing:
+    loras: list[LoraInfo]
+    problems: list[str]
+
+
+class PlaygroundService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: DiffusionEngine,
+        library: LoraLibrary,
+        jobs: JobQueue,
+        result_sink: ResultSink | None = None,
+    ):
+        self.settings = settings
+        self.engine = engine
+        self.library = library
+        self.jobs = jobs
+        self.result_sink = result_sink
+
+    # --- models and LoRAs --------------------------------------------------------------------
+
+    def model_status(self) -> ModelStatus:
+        model = self.engine.model
+        if model is None:
+            return ModelStatus(None, None, None, False)
+        return ModelStatus(model.source.ref, model.family, model.native_size, True)
+
+    def submit_load_model(self, ref: str | None = None) -> Job:
+        """Queue loading ``ref`` (default: the configured model); bad paths fail before queueing."""
+        from lorapg.diffusion.model_source import resolve_model_source
+
+        ref = (ref or self.settings.model or "").strip()
+        resolve_model_source(ref, allow_pickle=self.settings.allow_pickle)
+
+        def work(job: Job) -> ModelStatus:
+            self.engine.load_model(ref, on_status=lambda message: job.report(0, 0, message=message))
+            job.report(1, 1, message=f"Loaded {ref}")
+            return self.model_status()
+
+        return self.jobs.submit("load-model", work)
+
+    def load_model(self, ref: str | None = None) -> ModelStatus:
+        return self._wait(self.submit_load_model(ref))
+
+    def list_loras(self) -> LoraListing:
+        """Re-scan the LoRA folder (headers only), so files added while the app runs appear."""
+        infos, problems = self.library.scan()
+        return LoraListing(infos, problems)
+
+    @staticmethod
+    def sampler_names() -> list[str]:
+        return list(SAMPLERS)
+
+    # --- generation --------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Move ``<lora:…>`` prompt tags into the LoRA list and check LoRAs before queueing."""
+        prompt, tagged = extract_lora_tags(request.prompt or "")
+        request = replace(request, prompt=prompt, loras=tuple(request.loras) + tagged)
+        model = self.engine.model
+        validate(request, model.native_size if model else NATIVE_SIZE[SD1])  # the real check runs on the model
+        self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
+        return request
+
+    def submit_generation(self, request: GenerationRequest) -> Job:
+        request = self.prepare(request)
+        if self.engine.model is None and not self.settings.model:
+            raise UserError("No base model is loaded yet. Choose a model and press Load.")
+
+        def work(job: Job) -> GenerationResult:
+            if self.engine.model is None:
+                job.report(0, 0, message=f"Loading {self.settings.model}…")
+                self.engine.load_model(self.settings.model, on_status=lambda m: job.report(0, 0, message=m))
+            result = self.engine.generate(
+                request,
+                on_step=lambda step, total, preview: job.report(step, total, preview),
+                should_cancel=job.cancel_requested,
+            )
+            if self.result_sink is not None and not result.cancelled:
+                result.saved = self.result_sink(result, job)
+            return result
+
+        return self.jobs.submit("generate", work)
+
+    def generate(
+        self, request: GenerationRequest, on_progress: Callable[[Job], None] | None = None
+    ) -> GenerationResult:
+        """Submit and wait: the CLI's and the REST API's synchronous call."""
+        return self._wait(self.submit_generation(request), on_progress)
+
+    def cancel(self, job_id: str) -> Job:
+        return self.jobs.cancel(job_id)
+
+    def job(self, job_id: str) -> Job:
+        return self.jobs.get(job_id)
+
+    def _wait(self, job: Job, on_progress: Callable[[Job], None] | None = None):
+        while not job.wait(0.1):
+            if on_progress is not None:
+                on_progress(job)
+        if on_progress is not None:
+            on_progress(job)
+        if job.status == DONE or (job.status == "cancelled" and job.result is not None):
+            return job.result
+        if job.error:
+            raise UserError(job.error)
+        raise UserError(f"Job {job.id} was {job.status}.")

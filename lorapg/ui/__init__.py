@@ -1,0 +1,1 @@
+"""Gradio UI: one module per tab. Handlers turn widget values into a service call, nothing more."""

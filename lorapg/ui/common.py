@@ -1,0 +1,59 @@
+"""Helpers shared by the tabs: turning service errors and jobs into what Gradio shows."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+
+import gradio as gr
+
+from lorapg.errors import UserError
+from lorapg.jobs import ERROR, QUEUED, RUNNING, Job, JobQueue
+
+POLL_SECONDS = 0.25
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show a service's UserError as a Gradio error toast (and an API error), not a traceback."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+
+        return streaming
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    return wrapper
+
+
+def job_status_text(job: Job, queue: JobQueue) -> str:
+    if job.status == QUEUED:
+        ahead = queue.position(job)
+        return f"⏳ Queued (job `{job.id}`): {ahead} job(s) ahead."
+    if job.status == RUNNING and job.total:
+        return f"▶️ Step {job.step} of {job.total} (job `{job.id}`)."
+    if job.status == RUNNING:
+        return f"▶️ {job.message or 'Running'} (job `{job.id}`)."
+    return f"{job.status.capitalize()} (job `{job.id}`)."
+
+
+def follow(job: Job, queue: JobQueue, progress: gr.Progress | None = None) -> Iterator[Job]:
+    """Yield the job every poll until it finishes; drive ``gr.Progress`` on the way."""
+    while not job.wait(POLL_SECONDS):
+        if progress is not None and job.total:
+            progress((job.step, job.total), desc=f"Step {job.step}/{job.total}")
+        yield job
+    if job.status == ERROR:
+        raise gr.Error(job.error or "The job failed.")
+    yield job

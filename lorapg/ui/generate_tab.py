@@ -1,0 +1,159 @@
+"""The Generate tab: base model, LoRA stack with a scale each, parameters, images."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lorapg.diffusion.adapters import MAX_SCALE, MIN_SCALE
+from lorapg.diffusion.families import family_label
+from lorapg.diffusion.request import DEFAULT_STEPS, MAX_BATCH, MAX_STEPS, GenerationRequest, parse_lora_list
+from lorapg.diffusion.samplers import DEFAULT_SAMPLER
+from lorapg.jobs import CANCELLED
+from lorapg.services import PlaygroundService
+from lorapg.ui.common import follow, job_status_text, user_errors
+
+DEFAULT_LORA_SCALE = 1.0
+
+
+def lora_choices(service: PlaygroundService) -> list[tuple[str, str]]:
+    listing = service.list_loras()
+    choices = []
+    for info in listing.loras:
+        label = f"{info.name} ({family_label(info.family)})"
+        if info.trigger_words:
+            label += f" — {', '.join(info.trigger_words)}"
+        choices.append((label, info.name))
+    return choices
+
+
+def lora_spec(selected: list[str] | None, scales: dict | None) -> str:
+    """The selection as ``name:scale, …`` — the same text the API and the CLI take."""
+    scales = scales or {}
+    return ", ".join(f"{name}:{scales.get(name, DEFAULT_LORA_SCALE):g}" for name in selected or [])
+
+
+def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Component]:
+    """Build the tab's widgets and events; returns the widgets other tabs fill (Reuse, prompts)."""
+    status = service.model_status()
+    with gr.Row():
+        model_box = gr.Dropdown(
+            label="Base model (Hugging Face id, diffusers folder or .safetensors file)",
+            choices=[service.settings.model],
+            value=status.ref or service.settings.model,
+            allow_custom_value=True,
+            scale=4,
+        )
+        load_button = gr.Button("Load model", scale=1)
+    model_status = gr.Markdown(status.describe(), elem_id="model-status")
+
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(
+                label="Prompt", lines=3, elem_id="prompt",
+                placeholder="a watercolor fox in a misty forest  (A1111 tags like <lora:name:0.7> work too)",
+            )
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt")
+            with gr.Row():
+                lora_select = gr.Dropdown(label="LoRAs", choices=lora_choices(service), multiselect=True,
+                                          elem_id="lora-select", scale=5)
+                refresh_button = gr.Button("🔄 Refresh LoRAs", scale=1, size="sm")
+            scales = gr.State({})
+            loras_text = gr.Textbox(label="LoRAs (name:scale, …)", visible=False, elem_id="lora-spec")
+
+            @gr.render(inputs=[lora_select, scales], triggers=[lora_select.change])
+            def render_scale_sliders(selected, current):
+                for name in selected or []:
+                    slider = gr.Slider(MIN_SCALE, MAX_SCALE, value=(current or {}).get(name, DEFAULT_LORA_SCALE),
+                                       step=0.05, label=f"{name} — scale", key=f"scale-{name}")
+                    slider.change(lambda value, state, n=name: {**(state or {}), n: value}, [slider, scales], scales)
+
+            with gr.Accordion("Parameters", open=True):
+                with gr.Row():
+                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
+                    cfg = gr.Slider(0, 20, value=7.0, step=0.5, label="CFG scale")
+                    sampler = gr.Dropdown(service.sampler_names(), value=DEFAULT_SAMPLER, label="Sampler")
+                with gr.Row():
+                    native = status.native_size or 512
+                    width = gr.Number(value=native, precision=0, step=8, label="Width")
+                    height = gr.Number(value=native, precision=0, step=8, label="Height")
+                    batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+            with gr.Row():
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+        with gr.Column(scale=2):
+            images = gr.Gallery(label="Images", format="png", columns=2, height=520, elem_id="images")
+            job_status = gr.Markdown("", elem_id="job-status")
+            with gr.Row():
+                seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
+                reuse_seed = gr.Button("♻️ Use this seed", size="sm")
+            job_id = gr.Textbox(visible=False)
+
+    # --- events ----------------------------------------------------------------------------
+    for source in (lora_select, scales):
+        source.change(lora_spec, [lora_select, scales], loras_text, api_visibility="private")
+
+    @user_errors
+    def refresh_loras(selected):
+        choices = lora_choices(service)
+        names = {value for _, value in choices}
+        return gr.update(choices=choices, value=[n for n in selected or [] if n in names])
+
+    refresh_button.click(refresh_loras, lora_select, lora_select, api_name="refresh_loras")
+
+    @user_errors
+    def load_model(ref, progress=gr.Progress()):
+        job = service.submit_load_model(ref)
+        for current in follow(job, service.jobs):
+            yield current.message or job_status_text(current, service.jobs), gr.update(), gr.update()
+        loaded = service.model_status()
+        yield loaded.describe(), loaded.native_size, loaded.native_size
+
+    load_button.click(load_model, model_box, [model_status, width, height], api_name="load_model",
+                      concurrency_id="gpu", concurrency_limit=1)
+
+    @user_errors
+    def generate(prompt_text, negative_text, loras, steps_value, cfg_value, sampler_name, width_value,
+                 height_value, seed_value, batch_value, progress=gr.Progress()):
+        request = GenerationRequest(
+            prompt=prompt_text, negative_prompt=negative_text, loras=parse_lora_list(loras),
+            steps=steps_value, guidance_scale=cfg_value, sampler=sampler_name, width=width_value,
+            height=height_value, seed=seed_value, batch_size=batch_value,
+        )
+        job = service.submit_generation(request)
+        for current in follow(job, service.jobs, progress):
+            if not current.finished:
+                preview = [current.preview] if current.preview is not None else gr.update()
+                yield preview, job_status_text(current, service.jobs), gr.update(), current.id
+        if job.status == CANCELLED:
+            yield gr.update(), f"Cancelled (job `{job.id}`).", gr.update(), job.id
+            return
+        result = job.result
+        pictures = [str(record.path) for record in result.saved] or result.images
+        notes = "".join(f"\n\n⚠️ {w}" for w in result.warnings)
+        yield pictures, f"Done: seed {result.seeds[0]} (job `{job.id}`).{notes}", result.seeds[0], job.id
+
+    generate_button.click(
+        generate,
+        [prompt, negative, loras_text, steps, cfg, sampler, width, height, seed, batch],
+        [images, job_status, seed_used, job_id],
+        api_name="generate",
+        concurrency_id="gpu",
+        concurrency_limit=1,
+    )
+
+    @user_errors
+    def cancel(current_job_id):
+        if not current_job_id:
+            return "Nothing to cancel."
+        job = service.cancel(current_job_id)
+        return f"Cancelling job `{job.id}`…"
+
+    cancel_button.click(cancel, job_id, job_status, api_name="cancel")
+    reuse_seed.click(lambda used: used, seed_used, seed, api_visibility="private")
+
+    return {
+        "prompt": prompt, "negative": negative, "lora_select": lora_select, "scales": scales, "steps": steps,
+        "cfg": cfg, "sampler": sampler, "width": width, "height": height, "seed": seed, "batch": batch,
+        "model": model_box, "model_status": model_status,
+    }
