@@ -43,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from lorapg.gallery_service import GalleryService
     from lorapg.ui.app_ui import build_ui
+    from lorapg.working_state import WorkingState
 
-    demo = build_ui(runtime.service)
+    gallery_service = GalleryService(runtime.gallery, runtime.library)
+    working_state = WorkingState(settings.outputs / "working_state.json")
+    demo = build_ui(runtime.service, gallery_service, working_state)
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.
         print(f"\n  Share link protection: user 'lorapg', password '{generated_password}'\n", flush=True)
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         share=settings.share,
         auth=[auth] if auth else None,
         show_error=True,
+        # Gallery images are served from their files (so downloads keep the PNG metadata), and
+        # --outputs may point outside the working directory.
+        allowed_paths=[str(settings.outputs)],
     )
     return 0
 

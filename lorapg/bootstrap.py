@@ -31,8 +31,11 @@ def configure_logging(verbose: bool = False) -> None:
     diffusers.utils.logging.disable_progress_bar()
     # Loading a second LoRA into the same model is exactly what multi-LoRA means, not a mistake.
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-    for noisy in ("httpx", "urllib3", "diffusers.loaders", "peft"):
+    for noisy in ("httpx", "urllib3", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Adding an adapter to a model that already holds others makes diffusers list the others' keys
+    # as "missing": expected with multi-LoRA, alarming to users.
+    logging.getLogger("diffusers.loaders").setLevel(logging.ERROR)
 
 
 @dataclass

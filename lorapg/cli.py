@@ -57,18 +57,46 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", default="1")
     gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
+    add_gallery_parser(commands)
     return parser
+
+
+def add_gallery_parser(commands: argparse._SubParsersAction) -> None:
+    gallery = commands.add_parser("gallery", help="list, show, delete or export gallery images")
+    actions = gallery.add_subparsers(dest="gallery_command", required=True)
+    listing = actions.add_parser("list", help="images, newest first")
+    listing.add_argument("--query", help="only images whose prompt has every one of these words")
+    listing.add_argument("--lora", help="only images that used this LoRA")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (0 = all; default 50)")
+    show = actions.add_parser("show", help="one image's file and generation parameters")
+    delete = actions.add_parser("delete", help="delete one image (file and gallery entry)")
+    export = actions.add_parser("export", help="copy the images' PNGs (metadata intact) into a folder")
+    export.add_argument("dir", type=Path, help="folder to copy into (created if missing)")
+    export.add_argument("--query", help="only images whose prompt has every one of these words")
+    export.add_argument("--lora", help="only images that used this LoRA")
+    for action in (show, delete):
+        # A string, not type=int: the service checks it and explains in one line what is wrong.
+        action.add_argument("id", help="gallery image id (see `gallery list`)")
+    for action in (listing, show, delete, export):
+        add_settings_arguments(action)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lorapg.bootstrap import configure_logging
+    if args.command == "gallery":
+        # The gallery needs no models: skip bootstrap, whose imports (torch, diffusers) take seconds.
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+    else:
+        from lorapg.bootstrap import configure_logging
 
-    configure_logging(args.verbose)
+        configure_logging(args.verbose)
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "gallery":
+            return run_gallery(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -127,4 +155,52 @@ def run_generate(args: argparse.Namespace) -> int:
     for path, seed in zip(paths, result.seeds, strict=True):
         print(f"{path}\tseed={seed}")
     print(f"seed: {result.seeds[0]}")
+    return 0
+
+
+def open_gallery_service(settings):
+    """The gallery without the engines. Unlike app start-up it does not reconcile: a running app
+    may be saving an image right now, and reconcile would take its temp file for debris."""
+    from lorapg.diffusion.lora_library import LoraLibrary
+    from lorapg.gallery.store import GalleryStore
+    from lorapg.gallery_service import GalleryService
+
+    # The same files build_runtime opens.
+    store = GalleryStore(settings.outputs / "gallery.sqlite3", settings.outputs / "images", keep=settings.gallery_keep)
+    return GalleryService(store, LoraLibrary(settings.lora_dir))
+
+
+def _one_line(text: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def run_gallery(args: argparse.Namespace) -> int:
+    service = open_gallery_service(settings_from_args(args))
+    command = args.gallery_command
+    if command == "list":
+        records = service.list(query=args.query, lora=args.lora, limit=args.limit or None)
+        for r in records:
+            created = r.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if r.created_at else "-"
+            loras = ",".join(f"{lora.name}:{lora.scale:g}" for lora in r.loras) or "-"
+            print(f"{r.id}\t{created}\t{'*' if r.starred else '-'}\tseed={r.seed}\t{loras}\t{_one_line(r.prompt)}")
+        if not records:
+            print("no images", file=sys.stderr)
+    elif command == "show":
+        details = service.show(args.id)
+        r = details.record
+        print(f"image #{r.id}{' (starred)' if r.starred else ''}")
+        print(f"file: {r.path}")
+        if r.created_at:
+            print(f"created: {r.created_at.astimezone():%Y-%m-%d %H:%M:%S}")
+        print()
+        print(details.parameters)
+    elif command == "delete":
+        service.delete(args.id)
+        print(f"deleted image #{int(args.id.strip().lstrip('#'))}")
+    elif command == "export":
+        paths = service.export(args.dir, query=args.query, lora=args.lora)
+        for path in paths:
+            print(path)
+        print(f"exported {len(paths)} image(s) to {args.dir}", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.request import GenerationRequest, extract_lora_tags, validate
 from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError
-from lorapg.jobs import DONE, Job, JobQueue
+from lorapg.jobs import DONE, ERROR, Job, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class PlaygroundService:
         self.library = library
         self.jobs = jobs
         self.result_sink = result_sink
+        self._loading_job: Job | None = None
 
     # --- models and LoRAs --------------------------------------------------------------------
 
@@ -80,7 +81,17 @@ class PlaygroundService:
             job.report(1, 1, message=f"Loaded {ref}")
             return self.model_status()
 
-        return self.jobs.submit("load-model", work)
+        self._loading_job = self.jobs.submit("load-model", work)
+        return self._loading_job
+
+    def loading_message(self) -> str | None:
+        """What the latest model load is doing, or why it failed; None once it succeeded."""
+        job = self._loading_job
+        if job is None or job.status == DONE:
+            return None
+        if job.status == ERROR:
+            return f"Loading the model failed: {job.error}"
+        return job.message or f"Loading model (job {job.id}, queued)…"
 
     def load_model(self, ref: str | None = None) -> ModelStatus:
         return self._wait(self.submit_load_model(ref))

@@ -67,7 +67,9 @@ def write_tiny_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
 
 
-def _text_encoder_config(tokenizer: CLIPTokenizer, projection_dim: int | None = None) -> CLIPTextConfig:
+def _text_encoder_config(
+    tokenizer: CLIPTokenizer, projection_dim: int | None = None, hidden_size: int = 32
+) -> CLIPTextConfig:
     kwargs = {}
     if projection_dim is not None:
         kwargs["projection_dim"] = projection_dim
@@ -75,7 +77,7 @@ def _text_encoder_config(tokenizer: CLIPTokenizer, projection_dim: int | None = 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         layer_norm_eps=1e-05,
         num_attention_heads=4,
@@ -101,7 +103,7 @@ def _tiny_vae() -> AutoencoderKL:
 
 def _scheduler() -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
     )
 
 
@@ -159,10 +161,12 @@ def build_sdxl_pipeline(folder: Path) -> StableDiffusionXLPipeline:
         norm_num_groups=2,
     )
     vae = _tiny_vae()
+    # Two different widths (24 + 40 = the UNet's 64): diffusers' single-file loader tells the
+    # encoders apart by width, as it does for real SDXL (768 / 1280).
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(_text_encoder_config(tokenizer))
-    torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(tokenizer, projection_dim=32))
+    text_encoder = CLIPTextModel(_text_encoder_config(tokenizer, hidden_size=24))
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(tokenizer, projection_dim=32, hidden_size=40))
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,

@@ -1,22 +1,97 @@
-"""The whole Gradio app: tabs composed around one service object."""
+"""The whole Gradio app: tabs composed around the service objects."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from lorapg.gallery_service import GalleryService
 from lorapg.services import PlaygroundService
-from lorapg.ui.generate_tab import build_generate_tab
+from lorapg.ui.gallery_tab import build_gallery_tab
+from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
+from lorapg.working_state import WorkingState, WorkingValues
 
 TITLE = "LoRA Playground"
 
+# Generate-tab widgets kept in the working-state file, in the order the handlers take them.
+PERSISTED = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height", "seed",
+             "batch")
+# WorkingValues field -> Generate-tab widget, for the plain parameters.
+_PARAMETERS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", "width": "width",
+               "height": "height", "seed": "seed", "batch_size": "batch"}
 
-def build_ui(service: PlaygroundService) -> gr.Blocks:
+
+def build_ui(
+    service: PlaygroundService,
+    gallery_service: GalleryService | None = None,
+    working_state: WorkingState | None = None,
+) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nStable Diffusion with any number of LoRAs, each at its own scale.")
-        with gr.Tabs(), gr.Tab("Generate", id="generate"):
-            build_generate_tab(service)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                generate = build_generate_tab(service)
+            if gallery_service is not None:
+                build_gallery_tab(gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service))
 
-        def model_status_on_load():
-            return service.model_status().describe()
-
+        if working_state is not None:
+            wire_working_state(demo, service, working_state, generate)
     return demo
+
+
+def _whole_or_none(value: object) -> int | None:
+    try:
+        return None if value is None or value == "" else int(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _number_or_none(value: object) -> float | None:
+    try:
+        return None if value is None or value == "" else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def wire_working_state(demo: gr.Blocks, service: PlaygroundService, state: WorkingState, generate: dict) -> None:
+    """Restore the working prompt when a page opens; write it to disk whenever it changes."""
+    widgets = [generate[key] for key in PERSISTED]
+
+    def save(prompt, negative, selected, scales, steps, cfg, sampler, width, height, seed, batch):
+        scales = scales or {}
+        state.update(
+            prompt=prompt or "",
+            negative_prompt=negative or "",
+            loras=[(name, scales.get(name, DEFAULT_LORA_SCALE)) for name in selected or []],
+            steps=_whole_or_none(steps),
+            guidance_scale=_number_or_none(cfg),
+            sampler=sampler or None,
+            width=_whole_or_none(width),
+            height=_whole_or_none(height),
+            seed=_whole_or_none(seed),
+            batch_size=_whole_or_none(batch),
+        )
+
+    def restore():
+        values = state.load()
+        updates: dict = {}
+        if values == WorkingValues():
+            # Nothing saved yet: touching no widget fires no change events (and no slider re-render)
+            # that could race the user's first clicks.
+            return updates
+        updates[generate["prompt"]] = values.prompt
+        updates[generate["negative"]] = values.negative_prompt
+        # A LoRA deleted or a sampler renamed since the last session cannot be selected again.
+        available = {name for _, name in lora_choices(service)}
+        names = [name for name in values.lora_names if name in available]
+        if names:
+            updates[generate["scales"]] = {name: values.lora_scales[name] for name in names}
+            updates[generate["lora_select"]] = names
+        for field_name, key in _PARAMETERS.items():
+            value = getattr(values, field_name)
+            if value is not None and (key != "sampler" or value in service.sampler_names()):
+                updates[generate[key]] = value
+        return updates
+
+    demo.load(restore, None, widgets, api_visibility="private")
+    gr.on([widget.change for widget in widgets], save, widgets, None, api_visibility="private",
+          trigger_mode="always_last", show_progress="hidden")

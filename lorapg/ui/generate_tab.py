@@ -19,7 +19,7 @@ def lora_choices(service: PlaygroundService) -> list[tuple[str, str]]:
     listing = service.list_loras()
     choices = []
     for info in listing.loras:
-        label = f"{info.name} ({family_label(info.family)})"
+        label = f"{info.name} ({family_label(info.family)})" if info.family else info.name
         if info.trigger_words:
             label += f" — {', '.join(info.trigger_words)}"
         choices.append((label, info.name))
@@ -45,6 +45,8 @@ def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Co
         )
         load_button = gr.Button("Load model", scale=1)
     model_status = gr.Markdown(status.describe(), elem_id="model-status")
+    shown_model = gr.State(status.ref)  # the model whose native size the width/height fields show
+    status_timer = gr.Timer(2.0)
 
     with gr.Row():
         with gr.Column(scale=3):
@@ -56,7 +58,7 @@ def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Co
             with gr.Row():
                 lora_select = gr.Dropdown(label="LoRAs", choices=lora_choices(service), multiselect=True,
                                           elem_id="lora-select", scale=5)
-                refresh_button = gr.Button("🔄 Refresh LoRAs", scale=1, size="sm")
+                refresh_button = gr.Button("Refresh LoRAs", scale=1, size="sm")
             scales = gr.State({})
             loras_text = gr.Textbox(label="LoRAs (name:scale, …)", visible=False, elem_id="lora-spec")
 
@@ -64,7 +66,7 @@ def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Co
             def render_scale_sliders(selected, current):
                 for name in selected or []:
                     slider = gr.Slider(MIN_SCALE, MAX_SCALE, value=(current or {}).get(name, DEFAULT_LORA_SCALE),
-                                       step=0.05, label=f"{name} — scale", key=f"scale-{name}")
+                                       step=0.05, label=f"{name} — scale", key=f"scale-{name}", interactive=True)
                     slider.change(lambda value, state, n=name: {**(state or {}), n: value}, [slider, scales], scales)
 
             with gr.Accordion("Parameters", open=True):
@@ -86,7 +88,7 @@ def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Co
             job_status = gr.Markdown("", elem_id="job-status")
             with gr.Row():
                 seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
-                reuse_seed = gr.Button("♻️ Use this seed", size="sm")
+                reuse_seed = gr.Button("Use this seed", size="sm")
             job_id = gr.Textbox(visible=False)
 
     # --- events ----------------------------------------------------------------------------
@@ -151,6 +153,20 @@ def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Co
 
     cancel_button.click(cancel, job_id, job_status, api_name="cancel")
     reuse_seed.click(lambda used: used, seed_used, seed, api_visibility="private")
+
+    def poll_model_status(shown_ref):
+        """Background loads finish while the page is open: show them, and adopt the native size once."""
+        current = service.model_status()
+        text = current.describe()
+        note = service.loading_message()
+        if note:
+            text = note if not current.loaded else f"{text}\n\n{note}"
+        if current.loaded and current.ref != shown_ref:
+            return text, current.native_size, current.native_size, current.ref
+        return text, gr.update(), gr.update(), shown_ref
+
+    status_timer.tick(poll_model_status, shown_model, [model_status, width, height, shown_model],
+                      api_visibility="private", show_progress="hidden")
 
     return {
         "prompt": prompt, "negative": negative, "lora_select": lora_select, "scales": scales, "steps": steps,

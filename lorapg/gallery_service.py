@@ -1,0 +1,509 @@
+"""The gallery as the UI and the CLI see it: list, show, star, delete, read any PNG, reuse.
+
+Never imports gradio. Every method returns plain data or raises ``UserError``.
+
+LoRAs named in a PNG are matched to local files so an image made elsewhere (or before a file was
+renamed) can be made again: an exact file hash wins over a name, because the same name can hold a
+different version of a LoRA, while the same hash is the same weights. A LoRA that matches nothing
+is reported by name, never silently dropped.
+
+Importing diffusers takes seconds, so the sampler and scale limits are imported only when
+parameters are reused; ``python -m lorapg gallery list`` stays quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
+from lorapg.errors import UserError
+from lorapg.gallery.a1111 import ParsedParameters, parse_parameters
+from lorapg.gallery.png import read_png_parameters
+from lorapg.gallery.records import ImageRecord, strip_lora_tags
+from lorapg.gallery.store import GalleryStore
+from lorapg.hashing import lora_hash
+
+if TYPE_CHECKING:
+    from lorapg.diffusion.request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+NO_PARAMETERS = "This PNG has no generation parameters."
+BY_NAME, BY_HASH = "name", "hash"
+
+# Sampler names other tools write (Fooocus and ComfyUI use k-diffusion ids) -> ours.
+_SAMPLER_ALIASES = {
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "euler ancestral": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
+    "ddim": "DDIM",
+    "uni_pc": "UniPC",
+    "uni_pc_bh2": "UniPC",
+    "heun": "Heun",
+    "lms": "LMS",
+}
+
+
+@dataclass(frozen=True)
+class LoraMatch:
+    """One LoRA named in a PNG or a gallery record, and the local file it maps to (if any)."""
+
+    name: str  # as written in the PNG / record
+    scale: float
+    file_hash: str | None = None  # as written ("Lora hashes"), lower-case hex
+    local_name: str | None = None  # library name of the matching file; None: missing here
+    matched_by: str | None = None  # BY_NAME or BY_HASH
+    note: str = ""  # e.g. "same name, different file"
+
+    @property
+    def missing(self) -> bool:
+        return self.local_name is None
+
+    def describe(self) -> str:
+        if self.missing:
+            hash_text = f" (hash {self.file_hash})" if self.file_hash else ""
+            return f"{self.name} at {self.scale:g}: missing — no local LoRA has this name or hash{hash_text}."
+        via = "by hash" if self.matched_by == BY_HASH else "by name"
+        renamed = f" → local file {self.local_name}" if self.local_name != self.name else ""
+        note = f" {self.note}" if self.note else ""
+        return f"{self.name} at {self.scale:g}: found {via}{renamed}.{note}"
+
+
+@dataclass(frozen=True)
+class PngInfo:
+    """What a PNG says about how it was made, with its LoRAs matched to local files."""
+
+    text: str | None  # the raw ``parameters`` text; None when the PNG has none
+    parsed: ParsedParameters
+    loras: list[LoraMatch] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def has_parameters(self) -> bool:
+        return self.text is not None
+
+    @property
+    def missing_loras(self) -> list[str]:
+        return [lora.name for lora in self.loras if lora.missing]
+
+    def summary(self) -> str:
+        """Markdown for people: the parameters, each LoRA's match, and any problems."""
+        if not self.has_parameters:
+            return NO_PARAMETERS
+        p = self.parsed
+        rows = [
+            ("Prompt", strip_lora_tags(p.prompt)),
+            ("Negative prompt", p.negative_prompt),
+            ("Steps", p.steps),
+            ("Sampler", p.sampler),
+            ("CFG scale", p.guidance_scale),
+            ("Seed", p.seed),
+            ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
+            ("Model", p.model_name),
+            ("Model hash", p.model_hash),
+            ("Version", p.version),
+            *sorted(p.extra.items()),
+        ]
+        lines = [f"**{key}:** {value}" for key, value in rows if value not in (None, "")]
+        if self.loras:
+            lines.append("**LoRAs:**")
+            lines += [f"- {'⚠️ ' if lora.missing else ''}{lora.describe()}" for lora in self.loras]
+        lines += [f"⚠️ {problem}" for problem in self.problems]
+        return "\n\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ReuseParameters:
+    """Everything the Generate tab needs to make an image again; None leaves a widget as it is."""
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (local library name, scale)
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    model_name: str | None = None
+    model_hash: str | None = None
+    missing_loras: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be carried over, and why
+
+    def to_request(self, batch_size: int = 1) -> GenerationRequest:
+        """The request that makes the image again (fields that were unknown take the defaults)."""
+        from lorapg.diffusion.request import GenerationRequest, LoraRequest
+
+        given = {
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "sampler": self.sampler,
+            "width": self.width,
+            "height": self.height,
+            "seed": self.seed,
+        }
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            loras=tuple(LoraRequest(name, scale) for name, scale in self.loras),
+            batch_size=batch_size,
+            **{key: value for key, value in given.items() if value is not None},
+        )
+
+
+@dataclass(frozen=True)
+class ImageDetails:
+    """One gallery image with the A1111 text inside its PNG (what other tools will read)."""
+
+    record: ImageRecord
+    parameters: str
+
+    def summary(self) -> str:
+        """Markdown for the Gallery tab: every parameter, LoRAs with their hashes."""
+        r = self.record
+        created = r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if r.created_at else None
+        rows = [
+            ("Image", f"#{r.id}" + (" ★ starred" if r.starred else "")),
+            ("Created", created),
+            ("Prompt", r.prompt),
+            ("Negative prompt", r.negative_prompt),
+            ("LoRAs", ", ".join(_lora_text(lora.name, lora.scale, lora.file_hash) for lora in r.loras)),
+            ("Steps", r.steps),
+            ("Sampler", r.sampler),
+            ("CFG scale", r.guidance_scale),
+            ("Seed", r.seed),
+            ("Size", f"{r.width}x{r.height}" if r.width and r.height else None),
+            ("Model", r.model_name + (f" (hash {r.model_hash})" if r.model_hash else "") if r.model_name else None),
+            ("Job", r.job_id),
+            ("File", r.path),
+        ]
+        return "\n\n".join(f"**{key}:** {value}" for key, value in rows if value not in (None, ""))
+
+
+def _lora_text(name: str, scale: float, file_hash: str | None) -> str:
+    return f"{name} at {scale:g}" + (f" (hash {file_hash})" if file_hash else "")
+
+
+class GalleryService:
+    def __init__(self, store: GalleryStore, library: LoraLibrary):
+        self.store = store
+        self.library = library
+        # path -> (size, mtime_ns, hash): hashing reads whole files, so each is read once per
+        # version; the hashing module's own cache is bounded and may be smaller than a library.
+        self._hashes: dict[Path, tuple[int, int, str]] = {}
+        self._hash_lock = threading.Lock()
+
+    # --- the gallery -------------------------------------------------------------------------
+
+    def list(self, query: str | None = None, lora: str | None = None, limit: int | None = 200) -> list[ImageRecord]:
+        """Newest first; ``query`` words must all appear in the prompt, ``lora`` must be used."""
+        return self.store.list(query=query, lora=lora, limit=limit)
+
+    def get(self, image_id: int | str) -> ImageRecord:
+        image_id = self._check_id(image_id)
+        try:
+            return self.store.get(image_id)
+        except UserError:
+            raise _missing(image_id) from None
+
+    def delete(self, image_id: int | str) -> None:
+        image_id = self._check_id(image_id)
+        try:
+            self.store.delete(image_id)
+        except UserError:
+            raise _missing(image_id) from None
+        log.info("gallery: deleted image #%d", image_id)
+
+    def star(self, image_id: int | str, starred: bool = True) -> ImageRecord:
+        image_id = self._check_id(image_id)
+        try:
+            return self.store.set_starred(image_id, starred)
+        except UserError:
+            raise _missing(image_id) from None
+
+    def toggle_star(self, image_id: int | str) -> ImageRecord:
+        """Star an unstarred image, unstar a starred one (the Gallery tab's one button)."""
+        return self.star(image_id, not self.get(image_id).starred)
+
+    def show(self, image_id: int | str) -> ImageDetails:
+        """The record and the A1111 text read back from its PNG file."""
+        record = self.get(image_id)
+        if record.path is None or not record.path.is_file():
+            raise UserError(f"The file of image #{record.id} is missing; press Refresh.")
+        return ImageDetails(record, read_png_parameters(record.path) or NO_PARAMETERS)
+
+    def export(self, folder: str | os.PathLike[str], query: str | None = None, lora: str | None = None) -> list[Path]:
+        """Copy the (filtered) gallery's PNGs into ``folder``, byte for byte so other tools still
+        read their parameters; return the new files, newest first."""
+        target = Path(folder)
+        if target.exists() and not target.is_dir():
+            raise UserError(f"{target} is a file; give a folder to export into.")
+        target.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        for record in self.store.list(query=query, lora=lora, limit=None):
+            if record.path is None or not record.path.is_file():
+                log.warning("gallery export: the file of image #%s is missing; skipped", record.id)
+                continue
+            destination = target / f"{record.id:05d}-{record.seed if record.seed is not None else 'noseed'}.png"
+            shutil.copyfile(record.path, destination)
+            written.append(destination)
+        return written
+
+    def lora_names(self) -> list[str]:
+        """Names of the LoRAs used by images in the gallery (for the LoRA filter)."""
+        names = {lora.name for record in self.store.list(limit=None) for lora in record.loras}
+        return sorted(names, key=str.casefold)
+
+    @staticmethod
+    def _check_id(image_id: object) -> int:
+        """Ids come from widgets and the command line as floats and strings."""
+        if isinstance(image_id, float) and image_id.is_integer():
+            image_id = int(image_id)
+        if isinstance(image_id, str) and image_id.strip().lstrip("#").isdigit():
+            image_id = int(image_id.strip().lstrip("#"))
+        if isinstance(image_id, int) and not isinstance(image_id, bool) and image_id > 0:
+            return image_id
+        if image_id in (None, ""):
+            raise UserError("No image selected; pick one in the gallery first.")
+        raise UserError(f"{image_id!r} is not an image id; ids are whole numbers such as 12.")
+
+    # --- PNG info ----------------------------------------------------------------------------
+
+    def png_info(self, source: str | os.PathLike[str] | bytes) -> PngInfo:
+        """Read any PNG (ours, A1111, Forge, Fooocus). UserError for non-PNG or damaged files."""
+        if source is None or source == b"" or source == "":
+            raise UserError("No file given; drop a PNG here.")
+        text = read_png_parameters(source)
+        if text is None:
+            return PngInfo(None, ParsedParameters(), problems=[NO_PARAMETERS])
+        parsed = parse_parameters(text)
+        loras = self.match_loras([(name, scale, parsed.lora_hashes.get(name)) for name, scale in parsed.loras])
+        return PngInfo(text, parsed, loras, list(parsed.problems))
+
+    def match_loras(self, wanted: list[tuple[str, float, str | None]]) -> list[LoraMatch]:
+        """Match (name, scale, hash) triples to local files: exact hash first, then name."""
+        infos, _ = self.library.scan()
+        hash_index = self._hash_index(infos) if any(h for _, _, h in wanted) else {}
+        return [self._match_one(name, scale, file_hash, infos, hash_index) for name, scale, file_hash in wanted]
+
+    def _match_one(
+        self, name: str, scale: float, file_hash: str | None, infos: list[LoraInfo], hash_index: dict[str, str]
+    ) -> LoraMatch:
+        file_hash = file_hash.lower() if file_hash else None
+        by_name = _find_by_name(name, infos)
+        # A1111's 12-hex hash; Fooocus writes a full SHA-256 of the file, which we cannot compare.
+        by_hash = hash_index.get(file_hash[:12]) if file_hash and len(file_hash) == 12 else None
+        if by_hash is not None and (by_name is None or by_name.name != by_hash):
+            return LoraMatch(name, scale, file_hash, by_hash, BY_HASH)
+        if by_name is not None:
+            note = ""
+            if file_hash and len(file_hash) == 12 and self._hash_of(by_name.path) != file_hash:
+                note = "Its file hash differs from the one in the PNG: a different version, so the image may differ."
+            return LoraMatch(name, scale, file_hash, by_name.name, BY_NAME, note)
+        return LoraMatch(name, scale, file_hash)
+
+    def _hash_of(self, path: Path) -> str | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (stat.st_size, stat.st_mtime_ns)
+        with self._hash_lock:
+            cached = self._hashes.get(path)
+        if cached is not None and cached[:2] == key:
+            return cached[2]
+        try:
+            value = lora_hash(path)
+        except UserError as exc:
+            log.warning("cannot hash LoRA %s: %s", path, exc)
+            return None
+        with self._hash_lock:
+            self._hashes[path] = (*key, value)
+        return value
+
+    def _hash_index(self, infos: list[LoraInfo]) -> dict[str, str]:
+        """hash -> library name for every local LoRA (cached per file version)."""
+        index: dict[str, str] = {}
+        for info in infos:
+            value = self._hash_of(info.path)
+            if value is not None:
+                index.setdefault(value, info.name)
+        return index
+
+    # --- reuse -------------------------------------------------------------------------------
+
+    def reuse_parameters(self, source: int | str | PngInfo, current_model: str | None = None) -> ReuseParameters:
+        """The Generate tab's values for a gallery image (by id) or a PNG read by ``png_info``.
+
+        ``current_model``: the model the Generate tab will use; a different one is noted, since
+        the same seed on another model gives another image.
+        """
+        if isinstance(source, PngInfo):
+            if not source.has_parameters:
+                raise UserError(NO_PARAMETERS)
+            values = _values_from_parsed(source.parsed)
+            matches = source.loras
+            notes = list(source.problems)
+        else:
+            record = self.get(source)
+            values = _values_from_record(record)
+            matches = self.match_loras([(lora.name, lora.scale, lora.file_hash) for lora in record.loras])
+            notes = []
+        loras, lora_notes = _local_loras(matches)
+        loras, scale_notes = _scales_within_limits(loras)
+        lora_notes += scale_notes
+        sampler, sampler_note = map_sampler(values.pop("sampler"))
+        values, limit_notes = _within_limits(values)
+        notes += lora_notes + sampler_note + limit_notes
+        notes += _model_note(values.get("model_name"), current_model)
+        return ReuseParameters(
+            loras=loras,
+            sampler=sampler,
+            missing_loras=[m.name for m in matches if m.missing],
+            notes=notes,
+            **values,
+        )
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _missing(image_id: int) -> UserError:
+    return UserError(f"No image with id {image_id} in the gallery (it was deleted or pruned).")
+
+
+def _find_by_name(name: str, infos: list[LoraInfo]) -> LoraInfo | None:
+    """Exact library name, then any case, then the file name alone (A1111 tags omit folders)."""
+    wanted = name.strip()
+    for test in (
+        lambda info: info.name == wanted,
+        lambda info: info.name.casefold() == wanted.casefold(),
+        lambda info: info.path.stem.casefold() == wanted.casefold(),
+    ):
+        found = [info for info in infos if test(info)]
+        if found:
+            return found[0]
+    return None
+
+
+def _values_from_record(record: ImageRecord) -> dict:
+    return {
+        "prompt": record.prompt,
+        "negative_prompt": record.negative_prompt,
+        "steps": record.steps,
+        "guidance_scale": record.guidance_scale,
+        "sampler": record.sampler,
+        "width": record.width,
+        "height": record.height,
+        "seed": record.seed,
+        "model_name": record.model_name,
+        "model_hash": record.model_hash,
+    }
+
+
+def _values_from_parsed(parsed: ParsedParameters) -> dict:
+    return {
+        # The LoRAs go into the LoRA list; left in the prompt they would be applied twice.
+        "prompt": strip_lora_tags(parsed.prompt),
+        "negative_prompt": parsed.negative_prompt,
+        "steps": parsed.steps,
+        "guidance_scale": parsed.guidance_scale,
+        "sampler": parsed.sampler,
+        "width": parsed.width,
+        "height": parsed.height,
+        "seed": parsed.seed,
+        "model_name": parsed.model_name,
+        "model_hash": parsed.model_hash,
+    }
+
+
+def _local_loras(matches: list[LoraMatch]) -> tuple[list[tuple[str, float]], list[str]]:
+    loras: list[tuple[str, float]] = []
+    notes: list[str] = []
+    for match in matches:
+        if match.missing:
+            notes.append(f"LoRA {match.name} is not in your LoRA folder; it was left out.")
+        elif any(name == match.local_name for name, _ in loras):
+            notes.append(f"LoRA {match.name} is listed twice; the first scale was kept.")
+        else:
+            loras.append((match.local_name, match.scale))
+            if match.note:
+                notes.append(f"LoRA {match.name}: {match.note}")
+    return loras, notes
+
+
+def map_sampler(name: str | None) -> tuple[str | None, list[str]]:
+    """Our sampler for a name another tool wrote; an unknown one keeps our default, with a note."""
+    from lorapg.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+
+    if not name:
+        return None, []
+    if name in SAMPLERS:
+        return name, []
+    by_fold = {known.casefold(): known for known in SAMPLERS}
+    folded = name.strip().casefold()
+    karras = folded.endswith(" karras")
+    base = folded.removesuffix(" karras")
+    alias = _SAMPLER_ALIASES.get(base)
+    candidate = (alias + (" Karras" if karras else "")) if alias else None
+    for found in (by_fold.get(folded), candidate if candidate in SAMPLERS else None):
+        if found:
+            return found, []
+    return DEFAULT_SAMPLER, [f"Sampler {name!r} is not available here; {DEFAULT_SAMPLER} is used instead."]
+
+
+def _within_limits(values: dict) -> tuple[dict, list[str]]:
+    """Clamp what the Generate tab cannot take (e.g. 150 steps from another tool), with a note."""
+    from lorapg.diffusion.request import MAX_GUIDANCE, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, MIN_STEPS
+
+    notes: list[str] = []
+    steps = values.get("steps")
+    if steps is not None and not MIN_STEPS <= steps <= MAX_STEPS:
+        values["steps"] = min(max(steps, MIN_STEPS), MAX_STEPS)
+        notes.append(f"Steps {steps} is outside {MIN_STEPS}–{MAX_STEPS}; {values['steps']} is used.")
+    cfg = values.get("guidance_scale")
+    if cfg is not None and not 0 <= cfg <= MAX_GUIDANCE:
+        values["guidance_scale"] = min(max(cfg, 0.0), MAX_GUIDANCE)
+        notes.append(f"CFG scale {cfg:g} is outside 0–{MAX_GUIDANCE:g}; {values['guidance_scale']:g} is used.")
+    seed = values.get("seed")
+    if seed is not None and seed > MAX_SEED:
+        values["seed"] = None
+        notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
+    for key, label in (("width", "Width"), ("height", "Height")):
+        size = values.get(key)
+        if size is not None and (not MIN_SIZE <= size <= MAX_SIZE or size % 8):
+            values[key] = min(max(round(size / 8) * 8, MIN_SIZE), MAX_SIZE)
+            notes.append(f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); "
+                         f"{values[key]} is used.")
+    return values, notes
+
+
+def _scales_within_limits(loras: list[tuple[str, float]]) -> tuple[list[tuple[str, float]], list[str]]:
+    from lorapg.diffusion.adapters import MAX_SCALE, MIN_SCALE
+
+    kept: list[tuple[str, float]] = []
+    notes: list[str] = []
+    for name, scale in loras:
+        clamped = min(max(scale, MIN_SCALE), MAX_SCALE)
+        if clamped != scale:
+            notes.append(f"LoRA {name}: scale {scale:g} is outside {MIN_SCALE:g}–{MAX_SCALE:g}; {clamped:g} is used.")
+        kept.append((name, clamped))
+    return kept, notes
+
+
+def _model_note(model_name: str | None, current_model: str | None) -> list[str]:
+    if not model_name or not current_model:
+        return []
+    current = Path(current_model.strip().rstrip("/\\")).name
+    if model_name in (current, Path(current).stem):
+        return []
+    return [f"This image was made with model {model_name!r}; with {current!r} the same seed gives a different image."]

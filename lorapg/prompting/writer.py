@@ -1,0 +1,320 @@
+"""Keyword enhancement and style rewrites: the prompt logic on top of any ``LLMBackend``.
+
+The writer owns everything a model cannot be trusted with: LoRA trigger words are always in the
+result, the result is one clean line, it fits the 75 tokens CLIP reads (when a tokenizer is
+given), HD never asks a model, and when the model fails in any way the rules answer instead and
+the result says so (``fell_back`` + ``reason``), so the UI never shows an error for a prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorapg.errors import UserError
+from lorapg.prompting.backends import LLMBackend, RulesBackend
+from lorapg.prompting.cleaning import clean_llm_output
+from lorapg.prompting.presets import PresetCatalog, RewritePreset
+from lorapg.prompting.tokens import (
+    CLIP_CONTENT_LIMIT,
+    count_clip_tokens,
+    fit_phrases,
+    join_phrases,
+    split_phrases,
+)
+
+logger = logging.getLogger(__name__)
+
+# Words the rules backend adds to bare keywords: safe with any subject and any base model.
+DETAIL_WORDS = ("highly detailed", "intricate details", "sharp focus", "professional lighting")
+MAX_WORDS = 70  # a little under what 75 CLIP tokens hold, before the exact trim
+MAX_NEW_TOKENS = 120  # enough for ~70 words; a model that rambles longer is cut here
+
+
+@dataclass
+class LoraHint:
+    """What the writer knows about a selected LoRA."""
+
+    name: str
+    trigger_words: list[str] = field(default_factory=list)
+    style: str = ""  # a short description, e.g. "flat cel-shaded anime, bold outlines"
+
+
+@dataclass
+class PromptResult:
+    text: str
+    backend_label: str
+    fell_back: bool = False
+    reason: str | None = None  # why the rules answered instead of the model
+    token_count: int | None = None  # CLIP content tokens, when a tokenizer was given
+    truncated_words: list[str] = field(default_factory=list)  # phrases trimmed to fit 75 tokens
+    seed: int | None = None  # the seed the model sampled with (reuse it to get the same text)
+
+
+class _Failed(Exception):
+    """The model gave no usable prompt; the message is the user-facing reason."""
+
+
+class PromptWriter:
+    """``enhance`` keywords into a prompt and ``rewrite`` a prompt with a preset."""
+
+    def __init__(self, backend: LLMBackend, presets: PresetCatalog, tokenizer: Any = None, *,
+                 timeout_s: float = 60.0, grace_s: float = 5.0,
+                 token_limit: int = CLIP_CONTENT_LIMIT) -> None:
+        self.backend = backend
+        self.presets = presets
+        self.tokenizer = tokenizer
+        self.timeout_s = timeout_s
+        # The backend is asked to stop itself after timeout_s; the writer stops waiting grace_s
+        # later in case it does not (a hung socket, a model that ignores max_time).
+        self.grace_s = grace_s
+        self.token_limit = token_limit
+        self.rules = RulesBackend()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def enhance(self, keywords: str, loras: Sequence[LoraHint] = (),
+                seed: int | None = None) -> PromptResult:
+        """Expand a few keywords (subject, mood, setting) into one detailed SD prompt."""
+        keywords = " ".join(keywords.split())
+        if not keywords:
+            raise UserError("Type a few keywords first (a subject, a mood, a setting).")
+        system = _enhance_system(loras)
+        user = f"Keywords: {keywords}"
+        return self._write(system, user, loras, seed, source=keywords,
+                           rules=lambda: rules_enhance(keywords, loras))
+
+    def rewrite(self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (),
+                seed: int | None = None) -> PromptResult:
+        """Apply a rewrite preset to ``prompt``; presets with ``llm = false`` never call a model."""
+        prompt = " ".join(prompt.split())
+        if not prompt:
+            raise UserError("There is no prompt to rewrite yet; write or enhance one first.")
+        preset = self.presets.get(preset_name)
+
+        def rules() -> str:
+            return append_style_words(prompt, preset.style_words)
+
+        if not preset.llm:
+            return self._finish(rules(), loras, f"{preset.label} preset (no LLM)")
+        system = _rewrite_system(preset, loras)
+        user = f"Prompt: {prompt}"
+        return self._write(system, user, loras, seed, source=prompt, rules=rules)
+
+    # -- the model path, with fallback -----------------------------------------------------------
+
+    def _write(self, system: str, user: str, loras: Sequence[LoraHint], seed: int | None, *,
+               source: str, rules: Callable[[], str]) -> PromptResult:
+        if isinstance(self.backend, RulesBackend):
+            return self._finish(rules(), loras, self.rules.label)
+        seed = random.randrange(2**31) if seed is None else seed
+        try:
+            text = self._ask_model(system, user, seed, source)
+        except _Failed as exc:
+            logger.warning("prompt LLM %s failed, using rules: %s", self.backend.label, exc)
+            result = self._finish(rules(), loras, self.rules.label)
+            result.fell_back, result.reason = True, str(exc)
+            return result
+        result = self._finish(text, loras, self.backend.label)
+        result.seed = seed
+        return result
+
+    def _ask_model(self, system: str, user: str, seed: int, source: str) -> str:
+        """The cleaned model answer, or ``_Failed`` with a reason a user can read."""
+        # Loading a model is not generating: give it its own (untimed) step, so the first request
+        # after start-up does not time out while a 7B model is still being read from disk.
+        prepare = getattr(self.backend, "ensure_loaded", None)
+        try:
+            if callable(prepare):
+                prepare()
+            raw = self._call_with_deadline(system, user, seed)
+        except _Failed:
+            raise
+        except UserError as exc:
+            raise _Failed(str(exc)) from exc
+        except Exception as exc:
+            logger.exception("prompt LLM %s raised", self.backend.label)
+            raise _Failed(f"{self.backend.label} failed: {type(exc).__name__}: {exc}") from exc
+        # Small models loop ("snowy forest, snowy forest, ..."); a repeated phrase adds nothing.
+        text = join_phrases(_dedupe(split_phrases(clean_llm_output(raw, max_words=MAX_WORDS))))
+        if not text:
+            raise _Failed(f"{self.backend.label} returned no usable prompt")
+        if not _shares_a_word(source, text):
+            # A reply about something else entirely (small models drift into stories or chat)
+            # is worse than the rules' plain but on-topic prompt.
+            raise _Failed(f"{self.backend.label} answered off-topic: {text[:80]!r}")
+        return text
+
+    def _call_with_deadline(self, system: str, user: str, seed: int) -> str:
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["text"] = self.backend.complete(
+                    system, user, seed=seed, max_new_tokens=MAX_NEW_TOKENS,
+                    timeout_s=self.timeout_s)
+            except BaseException as exc:  # handed to the waiting thread, re-raised there
+                outcome["error"] = exc
+
+        # A daemon thread: a backend that never returns must not keep the app from exiting.
+        worker = threading.Thread(target=work, name="prompt-llm", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s + self.grace_s)
+        if worker.is_alive():
+            raise _Failed(f"{self.backend.label} did not answer within {self.timeout_s:g} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        text = outcome.get("text")
+        return text if isinstance(text, str) else ""
+
+    # -- shared finishing: triggers, token budget ---------------------------------------------------
+
+    def _finish(self, text: str, loras: Sequence[LoraHint], label: str) -> PromptResult:
+        triggers = _triggers(loras)
+        phrases = split_phrases(ensure_trigger_words(text, triggers))
+        dropped: list[str] = []
+        count: int | None = None
+        if self.tokenizer is not None:
+            phrases, dropped = fit_phrases(
+                phrases, self.tokenizer, self.token_limit,
+                protected=lambda phrase: _mentions_any(phrase, triggers))
+        final = join_phrases(phrases)
+        if self.tokenizer is not None:
+            count = count_clip_tokens(final, self.tokenizer)
+        return PromptResult(text=final, backend_label=label, token_count=count,
+                            truncated_words=dropped)
+
+
+# -- prompt text for the model ---------------------------------------------------------------------
+
+_FORMAT_RULES = (
+    "Answer with the prompt only: one line of comma-separated phrases, most important first, "
+    f"at most {MAX_WORDS - 10} words. No quotes, no lists, no explanations, no preamble."
+)
+
+
+def _lora_lines(loras: Sequence[LoraHint]) -> str:
+    if not loras:
+        return ""
+    lines = []
+    for lora in loras:
+        parts = [f"- {lora.name}"]
+        if lora.style:
+            parts.append(f"style: {lora.style}")
+        if lora.trigger_words:
+            parts.append(f"trigger words: {', '.join(lora.trigger_words)}")
+        lines.append("; ".join(parts))
+    return (
+        "\nThe image uses these LoRA styles; choose wording that plays to their strengths, and "
+        "start the prompt with their trigger words exactly as written:\n" + "\n".join(lines)
+    )
+
+
+def _enhance_system(loras: Sequence[LoraHint]) -> str:
+    return (
+        "You write prompts for Stable Diffusion image generation. Turn the user's keywords into "
+        "one detailed prompt. Keep every keyword's meaning. Order: subject and what it does, "
+        "then setting, mood, lighting, composition, art style, quality words. "
+        + _FORMAT_RULES
+        + "\nExample: keywords 'fox, snowy forest, calm' -> a red fox sitting in a snowy pine "
+        "forest, calm winter morning, soft falling snow, golden backlight, shallow depth of "
+        "field, wildlife photography, highly detailed"
+        + _lora_lines(loras)
+    )
+
+
+def _rewrite_system(preset: RewritePreset, loras: Sequence[LoraHint]) -> str:
+    return (
+        "You rewrite prompts for Stable Diffusion image generation. "
+        f"Style '{preset.label}': {preset.instruction} "
+        f"Useful terms: {', '.join(preset.style_words)}. "
+        + _FORMAT_RULES
+        + _lora_lines(loras)
+    )
+
+
+# -- helpers shared with the rules path ------------------------------------------------------------
+
+
+def _triggers(loras: Iterable[LoraHint]) -> list[str]:
+    words: list[str] = []
+    for lora in loras:
+        words.extend(" ".join(w.split()) for w in lora.trigger_words if w.strip())
+    return _dedupe(words)
+
+
+def _norm(phrase: str) -> str:
+    """Compare phrases ignoring case, attention weights "(word:1.2)" and brackets."""
+    phrase = re.sub(r":\s*-?\d+(?:\.\d+)?", "", phrase.lower())
+    phrase = re.sub(r"[()\[\]{}]", " ", phrase)
+    return " ".join(phrase.split())
+
+
+def _contains(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``text`` as whole words (case/weight-insensitive)."""
+    needle = _norm(phrase)
+    if not needle:
+        return True
+    return re.search(rf"(?<![\w-]){re.escape(needle)}(?![\w-])", _norm(text)) is not None
+
+
+def _mentions_any(phrase: str, triggers: Sequence[str]) -> bool:
+    return any(_contains(phrase, t) for t in triggers)
+
+
+_STOPWORDS = frozenset({
+    "the", "and", "with", "for", "from", "into", "onto", "over", "under", "its", "his", "her",
+    "their", "this", "that", "very", "style",
+})
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[^\W\d_]{3,}", text.lower()) if w not in _STOPWORDS}
+
+
+def _shares_a_word(source: str, text: str) -> bool:
+    """Whether ``text`` keeps at least one content word of ``source`` ("fox" ~ "foxes")."""
+    wanted = _content_words(source)
+    if not wanted:
+        return True
+    found = _content_words(text)
+    return any(a.startswith(b) or b.startswith(a) for a in wanted for b in found)
+
+
+def _dedupe(phrases: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out: list[str] = []
+    for phrase in phrases:
+        key = _norm(phrase)
+        if key and key not in seen:
+            seen.add(key)
+            out.append(phrase.strip())
+    return out
+
+
+def rules_enhance(keywords: str, loras: Sequence[LoraHint]) -> str:
+    """The no-model enhancement: trigger words, the keywords, then generic detail words."""
+    return join_phrases(_dedupe([*_triggers(loras), *split_phrases(keywords), *DETAIL_WORDS]))
+
+
+def ensure_trigger_words(text: str, triggers: Sequence[str]) -> str:
+    """Put every trigger word the text lacks at its front (in LoRA order)."""
+    missing = [t for t in triggers if not _contains(text, t)]
+    return join_phrases([*missing, *split_phrases(text)])
+
+
+def append_style_words(prompt: str, words: Sequence[str]) -> str:
+    """``prompt`` plus each of ``words`` it does not already contain, in order.
+
+    Applying it twice changes nothing the second time, which is what makes HD safe to click again.
+    """
+    phrases = split_phrases(prompt)
+    for word in words:
+        if not _contains(join_phrases(phrases), word):
+            phrases.append(word)
+    return join_phrases(phrases)

@@ -1,0 +1,205 @@
+"""The Gallery and PNG Info tabs: browse, filter, reuse, star, delete, download, read any PNG.
+
+Images are handed to Gradio as file paths from the gallery store, never as PIL images: Gradio
+re-encodes PIL images (WEBP by default) and drops the PNG text chunk that carries the parameters,
+so a download would no longer open in A1111 or civitai with its settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gradio as gr
+
+from lorapg.gallery.records import ImageRecord
+from lorapg.gallery_service import GalleryService, ReuseParameters
+from lorapg.ui.common import user_errors
+
+# Generate-tab widgets that Reuse fills, by the keys of build_generate_tab's dict.
+REUSE_TARGETS = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height",
+                 "seed", "batch")
+_PARAMETER_WIDGETS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", "width": "width",
+                      "height": "height", "seed": "seed"}
+
+
+def gallery_items(records: list[ImageRecord]) -> list[tuple[str, str]]:
+    """(file path, caption) pairs for gr.Gallery, newest first as the store lists them."""
+    return [(str(r.path), f"#{r.id} · seed {r.seed}" + (" ★" if r.starred else "")) for r in records]
+
+
+def star_label(starred: bool) -> str:
+    return "★ Unstar" if starred else "☆ Star"
+
+
+def build_gallery_tab(
+    gallery_service: GalleryService,
+    generate_widgets: dict[str, gr.components.Component],
+    tabs: gr.Tabs,
+    *,
+    lora_choices: Callable[[], list[tuple[str, str]]] | None = None,
+) -> dict[str, gr.components.Component]:
+    """Add the Gallery and PNG Info tabs to ``tabs`` (call inside its ``with`` block).
+
+    ``lora_choices``: the Generate tab's LoRA dropdown choices, re-read on Reuse so a LoRA added
+    since start-up can be selected.
+    """
+    with gr.Tab("Gallery", id="gallery") as gallery_tab:
+        widgets = _gallery_widgets(gallery_service)
+    with gr.Tab("PNG Info", id="png-info"):
+        widgets |= _png_info_widgets()
+    _wire_gallery(gallery_service, widgets, gallery_tab)
+    _wire_reuse(gallery_service, widgets, generate_widgets, tabs, lora_choices)
+    return widgets
+
+
+def _gallery_widgets(gallery_service: GalleryService) -> dict[str, gr.components.Component]:
+    with gr.Row():
+        query = gr.Textbox(label="Prompt words", placeholder="every word must be in the prompt", scale=3,
+                           elem_id="gallery-query")
+        lora_filter = gr.Dropdown(label="LoRA", choices=[""], value="", allow_custom_value=True, scale=2,
+                                  elem_id="gallery-lora-filter")
+        refresh = gr.Button("🔄 Refresh", scale=1, elem_id="gallery-refresh")
+    with gr.Row():
+        with gr.Column(scale=3):
+            thumbs = gr.Gallery(label="Gallery (newest first)", format="png", columns=4, height=560,
+                                allow_preview=False, fit_columns=False, elem_id="gallery")
+            count = gr.Markdown("", elem_id="gallery-count")
+        with gr.Column(scale=2):
+            selected_id = gr.Number(None, label="Image # (type an id and press Enter)", precision=0,
+                                    elem_id="gallery-selected-id")
+            full = gr.Image(label="Selected image", type="filepath", format="png", interactive=False,
+                            elem_id="gallery-image")
+            with gr.Row():
+                reuse = gr.Button("♻️ Reuse", variant="primary", elem_id="gallery-reuse")
+                star = gr.Button(star_label(False), elem_id="gallery-star")
+                delete = gr.Button("🗑️ Delete", variant="stop", elem_id="gallery-delete")
+                download = gr.DownloadButton("⬇️ Download PNG", value=None, elem_id="gallery-download")
+            details = gr.Markdown("Select an image to see how it was made.", elem_id="gallery-details")
+            raw = gr.Textbox(label="Parameters in the PNG (AUTOMATIC1111 format)", lines=4, interactive=False,
+                             elem_id="gallery-raw")
+            notes = gr.Markdown("", elem_id="gallery-notes")
+    ids = gr.State([])
+    return {"query": query, "lora_filter": lora_filter, "refresh": refresh, "gallery": thumbs, "count": count,
+            "selected_id": selected_id, "image": full, "reuse": reuse, "star": star, "delete": delete,
+            "download": download, "details": details, "raw": raw, "notes": notes, "ids": ids}
+
+
+def _png_info_widgets() -> dict[str, gr.components.Component]:
+    gr.Markdown("Drop a PNG made here or by AUTOMATIC1111, Forge or Fooocus to read how it was made.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            # gr.File, not gr.Image: an image widget would re-encode the upload and lose its text.
+            upload = gr.File(label="PNG file", file_types=[".png"], type="filepath", elem_id="png-info-file")
+            send = gr.Button("➡️ Send to Generate", variant="primary", elem_id="png-info-send")
+        with gr.Column(scale=3):
+            summary = gr.Markdown("", elem_id="png-info-summary")
+            text = gr.Textbox(label="Raw parameters", lines=6, interactive=False, elem_id="png-info-raw")
+    return {"png_file": upload, "png_send": send, "png_summary": summary, "png_raw": text}
+
+
+def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab) -> None:
+    listing = [w["gallery"], w["ids"], w["count"]]
+    shown = [w["selected_id"], w["image"], w["details"], w["raw"], w["star"], w["download"]]
+
+    @user_errors
+    def list_images(query, lora):
+        records = service.list(query=query, lora=lora or None)
+        return gallery_items(records), [r.id for r in records], f"{len(records)} image(s)."
+
+    @user_errors
+    def lora_filter_choices(current):
+        return gr.update(choices=["", *service.lora_names()], value=current or "")
+
+    @user_errors
+    def show(image_id):
+        found = service.show(image_id)
+        r = found.record
+        return r.id, str(r.path), found.summary(), found.parameters, star_label(r.starred), str(r.path)
+
+    def pick(ids, evt: gr.SelectData):
+        # The gallery reports a position; the ids list from the same listing turns it into an id.
+        return show(ids[evt.index]) if 0 <= evt.index < len(ids) else [gr.update()] * len(shown)
+
+    @user_errors
+    def toggle_star(image_id):
+        record = service.toggle_star(image_id)
+        message = "is starred: it is never pruned." if record.starred else "is no longer starred."
+        return star_label(record.starred), f"Image #{record.id} {message}"
+
+    @user_errors
+    def delete(image_id, query, lora):
+        service.delete(image_id)
+        cleared = (None, None, f"Deleted image #{int(image_id)}.", "", star_label(False), None)
+        return *list_images(query, lora), *cleared
+
+    filters = [w["query"], w["lora_filter"]]
+    w["refresh"].click(list_images, filters, listing, api_name="gallery_list")
+    gr.on([w["query"].submit, w["lora_filter"].change, gallery_tab.select], list_images, filters, listing,
+          api_visibility="private")
+    for trigger in (w["refresh"].click, gallery_tab.select):
+        trigger(lora_filter_choices, w["lora_filter"], w["lora_filter"], api_visibility="private")
+    w["gallery"].select(pick, w["ids"], shown, api_visibility="private")
+    w["selected_id"].submit(show, w["selected_id"], shown, api_name="gallery_get")
+    w["star"].click(toggle_star, w["selected_id"], [w["star"], w["notes"]], api_name="gallery_star").then(
+        list_images, filters, listing, api_visibility="private")
+    w["delete"].click(delete, [w["selected_id"], *filters], listing + shown, api_name="gallery_delete")
+
+
+def _wire_reuse(
+    service: GalleryService,
+    w: dict,
+    generate: dict[str, gr.components.Component],
+    tabs: gr.Tabs,
+    lora_choices: Callable[[], list[tuple[str, str]]] | None,
+) -> None:
+    targets = [generate[key] for key in REUSE_TARGETS]
+    pending_loras = gr.State([])
+    outputs = [*targets, tabs, pending_loras, w["notes"]]
+    model = generate.get("model")
+    model_input = [model] if model is not None else []
+
+    def fill_generate(params: ReuseParameters) -> dict:
+        """Widget updates for the Generate tab; unknown parameters leave their widget alone."""
+        for note in params.notes:
+            gr.Warning(note)
+        names = [name for name, _ in params.loras]
+        choices = lora_choices() if lora_choices is not None else None
+        updates = {
+            generate["prompt"]: params.prompt,
+            generate["negative"]: params.negative_prompt,
+            # Cleared here and set by the follow-up event, so the scale sliders are re-drawn with the
+            # new scales even when the same LoRAs were already selected.
+            generate["lora_select"]: gr.update(value=[], choices=choices) if choices else [],
+            generate["scales"]: dict(params.loras),
+            generate["batch"]: 1,  # the seed names one image: a batch would make others as well
+            tabs: gr.Tabs(selected="generate"),
+            pending_loras: names,
+            w["notes"]: "\n\n".join(f"⚠️ {note}" for note in params.notes),
+        }
+        for field_name, key in _PARAMETER_WIDGETS.items():
+            value = getattr(params, field_name)
+            if value is not None:
+                updates[generate[key]] = value
+        return updates
+
+    @user_errors
+    def reuse_image(image_id, current_model=None):
+        return fill_generate(service.reuse_parameters(image_id, current_model=current_model))
+
+    @user_errors
+    def read_png(path):
+        info = service.png_info(path)
+        return info.summary(), info.text or ""
+
+    @user_errors
+    def send_png(path, current_model=None):
+        return fill_generate(service.reuse_parameters(service.png_info(path), current_model=current_model))
+
+    def select_loras(names):
+        return names
+
+    w["reuse"].click(reuse_image, [w["selected_id"], *model_input], outputs, api_name="gallery_reuse").then(
+        select_loras, pending_loras, generate["lora_select"], api_visibility="private")
+    w["png_file"].upload(read_png, w["png_file"], [w["png_summary"], w["png_raw"]], api_name="png_info")
+    w["png_send"].click(send_png, [w["png_file"], *model_input], outputs, api_name="png_info_send").then(
+        select_loras, pending_loras, generate["lora_select"], api_visibility="private")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (first run) and run the whole test suite, offline, on one CPU thread.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh dev
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q "$@"

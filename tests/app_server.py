@@ -1,0 +1,52 @@
+"""Start the real app (``python app.py``) on a free loopback port for tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0):
+    """Yield the base URL of an app process started with ``args``; stop it afterwards."""
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lorapg-app-{port}.log"
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+                    GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
+                                   cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app exited early:\n{log_path.read_text()}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"app did not start in {timeout}s:\n{log_path.read_text()}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()

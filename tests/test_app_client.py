@@ -1,0 +1,121 @@
+"""The real Gradio app on 127.0.0.1, driven through gradio_client's named endpoints."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+from tests.app_server import running_app
+
+GENERATE_DEFAULTS = {"negative_text": "", "steps_value": 3, "cfg_value": 7, "sampler_name": "Euler a",
+                     "width_value": 64, "height_value": 64, "batch_value": 1}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    loras = root / "loras"
+    shutil.copytree(tiny_models["loras"], loras)
+    with running_app("--model", str(tiny_models["sd15"]), "--lora-dir", str(loras),
+                     "--outputs", str(root / "outputs"), "--threads", "1") as url:
+        yield {"url": url, "loras": loras, "outputs": root / "outputs", "tiny": tiny_models}
+
+
+def generate(client: Client, prompt: str, loras: str = "", seed: int = 11, **overrides):
+    args = {**GENERATE_DEFAULTS, **overrides}
+    return client.predict(prompt_text=prompt, loras=loras, seed_value=seed, api_name="/generate", **args)
+
+
+def test_generate_with_loras_returns_pngs_with_metadata_and_the_seed(app):
+    client = Client(app["url"], verbose=False)
+    images, status, seed_used, job_id = generate(client, "a lighthouse", "style:0.8, other:0.3", seed=99,
+                                                 batch_value=2)
+    assert seed_used == 99 and job_id and "seed 99" in status
+    assert len(images) == 2
+    text = Image.open(images[0]["image"]).text["parameters"]
+    assert "<lora:style:0.8> <lora:other:0.3>" in text and "Seed: 99" in text
+    # The same settings give the same pixels; the saved gallery copy is the same image.
+    again = generate(client, "a lighthouse", "style:0.8, other:0.3", seed=99, batch_value=2)[0]
+    assert np.array_equal(np.asarray(Image.open(images[1]["image"])), np.asarray(Image.open(again[1]["image"])))
+    assert len(list(app["outputs"].rglob("*.png"))) == 4
+
+
+def test_random_seed_is_returned(app):
+    client = Client(app["url"], verbose=False)
+    _, status, seed_used, _ = generate(client, "a hill", seed=-1)
+    assert 0 <= seed_used < 2**32 and f"seed {seed_used}" in status
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"width_value": 37}, "Width must be 64–2048"),
+        ({"width_value": 99999}, "Width must be 64–2048"),
+        ({"seed": 2**32}, "outside 0–4294967295"),
+        ({"loras": "style:1.7"}, "outside 0–1.5"),
+        ({"loras": "nope:0.5"}, "Unknown LoRA 'nope'"),
+        ({"loras": "../../etc/passwd:0.5"}, "outside the LoRA folder"),
+        ({"loras": "broken:0.5"}, "corrupt"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_app_keeps_serving(app, overrides, message):
+    client = Client(app["url"], verbose=False)
+    with pytest.raises(Exception, match=message):
+        generate(client, "a cat", **overrides)
+    assert generate(client, "a cat")[2] == 11
+
+
+def test_new_lora_files_appear_on_refresh(app):
+    client = Client(app["url"], verbose=False)
+    shutil.copy(app["loras"] / "other.safetensors", app["loras"] / "fresh.safetensors")
+    update = client.predict([], api_name="/refresh_loras")
+    names = [choice[1] if isinstance(choice, list | tuple) else choice for choice in update["choices"]]
+    assert "fresh" in names and "xl/xl_style" in names
+
+
+def test_several_clients_share_one_queue_in_order(app):
+    results = {}
+
+    def run(name: str, seed: int) -> None:
+        results[name] = generate(Client(app["url"], verbose=False), f"a {name}", seed=seed)
+
+    threads = [threading.Thread(target=run, args=(f"tab{i}", 200 + i)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(results) == ["tab0", "tab1", "tab2"]
+    assert [results[f"tab{i}"][2] for i in range(3)] == [200, 201, 202]
+
+
+def test_progress_streams_and_cancel_stops_the_job(app):
+    client = Client(app["url"], verbose=False)
+    job = client.submit(prompt_text="a long one", loras="", seed_value=5, api_name="/generate",
+                        **{**GENERATE_DEFAULTS, "steps_value": 50, "width_value": 128, "height_value": 128})
+    statuses = []
+    cancelled = False
+    for output in job:
+        statuses.append(output[1])
+        if not cancelled and "Step" in output[1]:
+            client.predict(output[3], api_name="/cancel")
+            cancelled = True
+    assert any("Step" in s for s in statuses)
+    assert "Cancelled" in statuses[-1]
+    last_step = max(int(s.split("Step ")[1].split(" ")[0]) for s in statuses if "Step " in s)
+    assert last_step < 50
+
+
+def test_load_model_errors_then_switches_models(app):
+    client = Client(app["url"], verbose=False)
+    with pytest.raises(Exception, match="does not exist"):
+        client.predict("/no/such/model", api_name="/load_model")
+    status, width, height = client.predict(str(app["tiny"]["sdxl"]), api_name="/load_model")
+    assert "SDXL" in status and width == 64
+    _, _, seed_used, _ = generate(client, "xl now", "xl/xl_style:0.5", seed=3)
+    assert seed_used == 3
+    client.predict(str(app["tiny"]["sd15"]), api_name="/load_model")

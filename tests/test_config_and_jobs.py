@@ -1,0 +1,99 @@
+"""Settings precedence and strictness; the GPU job queue's order, progress and cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lorapg.config import Settings, load_settings
+from lorapg.errors import UserError
+from lorapg.jobs import CANCELLED, DONE, ERROR, JobQueue
+
+
+def test_toml_then_env_then_flags(tmp_path):
+    config = tmp_path / "lorapg.toml"
+    config.write_text('model = "from/toml"\nport = 7000\nthreads = 2\nlora_dir = "my/loras"\n')
+    settings = load_settings(config, {"port": 9000}, environ={"LORAPG_THREADS": "1"})
+    assert settings.model == "from/toml"
+    assert settings.port == 9000 and settings.threads == 1
+    assert settings.lora_dir == Path("my/loras")
+
+
+def test_unknown_keys_and_bad_values_are_named(tmp_path):
+    config = tmp_path / "lorapg.toml"
+    config.write_text('modle = "typo"\n')
+    with pytest.raises(UserError, match="Unknown setting.*modle"):
+        load_settings(config, environ={})
+    config.write_text('port = "high"\n')
+    with pytest.raises(UserError, match="'port'"):
+        load_settings(config, environ={})
+    config.write_text("port = [\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_settings(config, environ={})
+    with pytest.raises(UserError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", environ={})
+
+
+def test_share_without_auth_gets_a_random_password():
+    settings = Settings(share=True)
+    password = settings.ensure_share_auth()
+    assert password and len(password) >= 12
+    assert settings.auth_pair() == ("lorapg", password)
+    assert Settings(share=True, auth="me:secret").ensure_share_auth() is None
+    with pytest.raises(UserError, match="user:password"):
+        Settings(auth="nopassword").auth_pair()
+
+
+def test_jobs_run_in_order_and_report_progress():
+    queue = JobQueue()
+    order = []
+
+    def work(name):
+        def run(job):
+            for step in range(1, 4):
+                job.report(step, 3)
+            order.append(name)
+            return name
+
+        return run
+
+    jobs = [queue.submit("test", work(n)) for n in "abc"]
+    for job in jobs:
+        assert job.wait(5)
+    assert order == ["a", "b", "c"]
+    assert [j.status for j in jobs] == [DONE] * 3 and jobs[0].step == 3 and jobs[2].result == "c"
+
+
+def test_cancel_queued_and_running_jobs_and_errors_do_not_stop_the_worker():
+    queue = JobQueue()
+    release = threading.Event()
+
+    def blocking(job):
+        while not job.cancel_requested():
+            release.wait(0.01)
+        return "stopped"
+
+    running = queue.submit("test", blocking)
+    waiting = queue.submit("test", lambda job: "never")
+    assert queue.position(waiting) == 1
+    queue.cancel(waiting.id)
+    time.sleep(0.05)
+    queue.cancel(running.id)
+    assert running.wait(5) and waiting.wait(5)
+    assert running.status == CANCELLED and waiting.status == CANCELLED and waiting.result is None
+
+    def broken(job):
+        raise UserError("bad input")
+
+    failed = queue.submit("test", broken)
+    crashed = queue.submit("test", lambda job: 1 / 0)
+    after = queue.submit("test", lambda job: "still serving")
+    assert after.wait(5)
+    assert failed.status == ERROR and failed.error == "bad input"
+    assert crashed.status == ERROR and "ZeroDivisionError" in crashed.error
+    assert after.status == DONE
+    with pytest.raises(UserError, match="Unknown job id"):
+        queue.get("nope")

@@ -1,0 +1,216 @@
+"""The diffusion engine on tiny SD 1.x and SDXL models loaded through the user's code path."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lorapg.diffusion.engine import DiffusionEngine
+from lorapg.diffusion.families import SD1, SDXL
+from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.errors import UserError
+
+
+def make_engine(loras_dir) -> DiffusionEngine:
+    return DiffusionEngine(LoraLibrary(loras_dir), torch.device("cpu"), torch.float32)
+
+
+def pixels(engine: DiffusionEngine, loras=(), **overrides) -> np.ndarray:
+    request = GenerationRequest(
+        prompt=overrides.pop("prompt", "a red fox in the snow"),
+        loras=tuple(LoraRequest(name, scale) for name, scale in loras),
+        steps=overrides.pop("steps", 3),
+        seed=overrides.pop("seed", 1234),
+        **overrides,
+    )
+    result = engine.generate(request)
+    return np.stack([np.asarray(image, dtype=np.int16) for image in result.images])
+
+
+@pytest.fixture(scope="module")
+def sd15_engine(tiny_models):
+    engine = make_engine(tiny_models["loras"])
+    engine.load_model(str(tiny_models["sd15"]))
+    return engine
+
+
+def test_family_and_native_size_are_detected(tiny_models, sd15_engine):
+    assert sd15_engine.model.family == SD1
+    assert sd15_engine.model.native_size == 64  # UNet sample size 32 × VAE factor 2
+    xl = make_engine(tiny_models["loras"])
+    xl.load_model(str(tiny_models["sdxl"]))
+    assert xl.model.family == SDXL
+    result = xl.generate(GenerationRequest(prompt="a cat", steps=2, seed=7))
+    assert result.images[0].size == (64, 64)  # width/height default to the native size
+
+
+def test_same_seed_same_pixels_and_different_seed_differs(sd15_engine):
+    first = pixels(sd15_engine)
+    again = pixels(sd15_engine)
+    other = pixels(sd15_engine, seed=1235)
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).max() > 10
+
+
+def test_lora_scale_zero_equals_no_lora_and_scales_differ(sd15_engine):
+    base = pixels(sd15_engine)
+    zero = pixels(sd15_engine, loras=[("style", 0.0)])
+    half = pixels(sd15_engine, loras=[("style", 0.5)])
+    full = pixels(sd15_engine, loras=[("style", 1.2)])
+    assert np.array_equal(base, zero)
+    assert np.abs(half - base).max() > 10
+    assert np.abs(full - half).max() > 10
+    # Deselecting every LoRA gives the base image back.
+    assert np.array_equal(pixels(sd15_engine), base)
+
+
+def test_kohya_and_diffusers_layouts_give_the_same_pixels(sd15_engine):
+    diffusers_layout = pixels(sd15_engine, loras=[("style", 0.8)])
+    kohya_layout = pixels(sd15_engine, loras=[("style_kohya", 0.8)])
+    assert np.abs(diffusers_layout - kohya_layout).max() <= 1
+
+
+def test_two_loras_combine(sd15_engine):
+    one = pixels(sd15_engine, loras=[("style", 0.7)])
+    both = pixels(sd15_engine, loras=[("style", 0.7), ("other", 0.9)])
+    assert np.abs(one - both).max() > 10
+
+
+def test_selection_changes_do_not_touch_the_disk(tiny_models, tmp_path, monkeypatch):
+    """LoRA files are read once: after the first use the files (and the base model) can vanish."""
+    loras = tmp_path / "loras"
+    shutil.copytree(tiny_models["loras"], loras)
+    model = tmp_path / "sd15"
+    shutil.copytree(tiny_models["sd15"], model)
+    engine = make_engine(loras)
+    engine.load_model(str(model))
+    first = pixels(engine, loras=[("style", 0.5), ("other", 1.0)])
+    read_before = engine.model.adapters.files_read
+    assert read_before == 2
+
+    import safetensors.torch
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a LoRA file was read again")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_reads)
+    shutil.rmtree(model)  # a base-model reload would fail now
+    pixels(engine, loras=[("other", 0.3)])
+    pixels(engine, loras=[("style", 1.5), ("other", 0.1)])
+    again = pixels(engine, loras=[("style", 0.5), ("other", 1.0)])
+    assert np.array_equal(first, again)
+    assert engine.model.adapters.files_read == read_before
+
+
+def test_batch_uses_consecutive_seeds_each_reproducible(sd15_engine):
+    batch = sd15_engine.generate(GenerationRequest(prompt="a boat", steps=2, seed=40, batch_size=3))
+    assert batch.seeds == [40, 41, 42]
+    second = sd15_engine.generate(GenerationRequest(prompt="a boat", steps=2, seed=41))
+    assert np.array_equal(np.asarray(batch.images[1]), np.asarray(second.images[0]))
+
+
+def test_random_seed_is_reported_and_reproduces(sd15_engine):
+    result = sd15_engine.generate(GenerationRequest(prompt="a hill", steps=2, seed=-1))
+    assert 0 <= result.seeds[0] < 2**32
+    again = sd15_engine.generate(GenerationRequest(prompt="a hill", steps=2, seed=result.seeds[0]))
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(again.images[0]))
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "DPM++ 2M SDE"])
+def test_every_sampler_runs(sd15_engine, sampler):
+    result = sd15_engine.generate(GenerationRequest(prompt="a tree", steps=3, seed=3, sampler=sampler))
+    assert result.images[0].size == (64, 64)
+    assert type(sd15_engine.model.pipe.scheduler).__name__ != ""
+
+
+def test_samplers_give_different_images(sd15_engine):
+    euler = pixels(sd15_engine, sampler="Euler")
+    ddim = pixels(sd15_engine, sampler="DDIM")
+    assert np.abs(euler - ddim).max() > 0
+
+
+def test_cancel_stops_within_a_step(sd15_engine):
+    steps_seen = []
+
+    def on_step(step, total, preview):
+        steps_seen.append(step)
+
+    result = sd15_engine.generate(
+        GenerationRequest(prompt="a cat", steps=20, seed=1),
+        on_step=on_step,
+        should_cancel=lambda: len(steps_seen) >= 3,
+    )
+    assert result.cancelled
+    assert result.images == []
+    assert max(steps_seen) <= 4  # asked after step 3: at most the step in flight finishes
+
+
+def test_previews_come_every_few_steps(sd15_engine):
+    previews = []
+    sd15_engine.generate(
+        GenerationRequest(prompt="a cat", steps=11, seed=1),
+        on_step=lambda step, total, preview: previews.append((step, preview)),
+    )
+    with_image = [step for step, preview in previews if preview is not None]
+    assert with_image == [5, 10]
+    assert [step for step, _ in previews] == list(range(1, 12))
+
+
+def test_long_prompt_generates_and_warns_how_much_was_cut(sd15_engine):
+    prompt = "a very long prompt about a castle " * 5
+    # The tiny tokenizer has one token per non-space character.
+    tokens = len(prompt.replace(" ", ""))
+    result = sd15_engine.generate(GenerationRequest(prompt=prompt, steps=2, seed=1))
+    assert len(result.images) == 1
+    assert len(result.warnings) == 1
+    assert f"is {tokens} tokens" in result.warnings[0]
+    assert "reads 75" in result.warnings[0] and f"last {tokens - 75} were ignored" in result.warnings[0]
+    short = sd15_engine.generate(GenerationRequest(prompt="a castle", steps=1, seed=1))
+    assert short.warnings == []
+
+
+def test_vae_tiling_turns_on_only_for_large_sizes(sd15_engine):
+    sd15_engine.generate(GenerationRequest(prompt="x", steps=1, seed=1, width=64, height=64))
+    assert not sd15_engine.model.pipe.vae.use_tiling
+    sd15_engine.generate(GenerationRequest(prompt="x", steps=1, seed=1, width=128, height=64))
+    assert sd15_engine.model.pipe.vae.use_tiling
+
+
+def test_sdxl_lora_on_sd15_is_a_clear_error(sd15_engine):
+    with pytest.raises(UserError, match="made for SDXL.*SD 1.x"):
+        pixels(sd15_engine, loras=[("xl/xl_style", 1.0)])
+    # The engine still works afterwards.
+    assert pixels(sd15_engine).shape == (1, 64, 64, 3)
+
+
+def test_lora_without_family_metadata_that_does_not_fit_is_a_clear_error(tiny_models):
+    """An SD 1.x LoRA on SDXL says nothing about its family; the shape mismatch is reported."""
+    engine = make_engine(tiny_models["loras"])
+    engine.load_model(str(tiny_models["sdxl"]))
+    with pytest.raises(UserError, match="does not fit the loaded SDXL model"):
+        engine.generate(GenerationRequest(prompt="x", loras=(LoraRequest("style", 1.0),), steps=1, seed=1))
+    assert engine.generate(GenerationRequest(prompt="x", steps=1, seed=1)).images
+
+
+def test_sdxl_lora_changes_sdxl_images(tiny_models):
+    engine = make_engine(tiny_models["loras"])
+    engine.load_model(str(tiny_models["sdxl"]))
+    base = pixels(engine, steps=2)
+    styled = pixels(engine, loras=[("xl/xl_style", 1.0)], steps=2)
+    zero = pixels(engine, loras=[("xl/xl_style", 0.0)], steps=2)
+    assert np.abs(styled - base).max() > 10
+    assert np.array_equal(zero, base)
+
+
+def test_switching_models_keeps_serving(tiny_models):
+    engine = make_engine(tiny_models["loras"])
+    engine.load_model(str(tiny_models["sd15"]))
+    engine.load_model(str(tiny_models["sdxl"]))
+    assert engine.model.family == SDXL
+    with pytest.raises(UserError, match="does not exist"):
+        engine.load_model(str(tiny_models["root"] / "missing-model"))
+    assert engine.model.family == SDXL  # a failed load leaves the current model in place

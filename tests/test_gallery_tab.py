@@ -1,0 +1,133 @@
+"""The Gallery and PNG Info tabs served for real and called through gradio_client."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorapg.bootstrap import build_runtime
+from lorapg.config import load_settings
+from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.gallery import read_png_parameters
+from lorapg.gallery_service import GalleryService
+from lorapg.working_state import WorkingState, WorkingValues
+from tests.tiny_models import build_sd15_pipeline, random_lora_state_dict, save_diffusers_lora
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory):
+    from gradio_client import Client
+
+    from lorapg.ui.app_ui import build_ui
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ui")
+    pipe = build_sd15_pipeline(root / "tiny-sd15")
+    state, config = random_lora_state_dict(pipe, seed=1)
+    save_diffusers_lora(root / "loras" / "style.safetensors", pipe, state, config)
+    settings = load_settings(None, {
+        "model": str(root / "tiny-sd15"), "lora_dir": str(root / "loras"), "outputs": str(root / "outputs"),
+        "device": "cpu", "threads": 1, "gallery_keep": 0,
+    })
+    runtime = build_runtime(settings)
+    result = runtime.service.generate(GenerationRequest(
+        prompt="a fox", negative_prompt="blurry", loras=(LoraRequest("style", 0.7),), steps=2, width=64, height=64,
+        seed=77, sampler="Euler a",
+    ))
+    demo = build_ui(runtime.service, GalleryService(runtime.gallery, runtime.library),
+                    WorkingState(settings.outputs / "working_state.json"))
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                                    allowed_paths=[str(settings.outputs)])
+    try:
+        yield Client(url, verbose=False), result.saved[0], settings, url
+    finally:
+        demo.close()
+
+
+def test_gallery_serves_pngs_with_their_parameters(app) -> None:
+    client, record, *_ = app
+    items, count = client.predict("", "", api_name="/gallery_list")
+    assert count == "1 image(s)." and items[0]["caption"].startswith(f"#{record.id} ")
+    # What the browser receives (and downloads) is the PNG file itself, metadata included.
+    assert read_png_parameters(Path(items[0]["image"])) == read_png_parameters(record.path)
+    assert client.predict("whale", "", api_name="/gallery_list")[0] == []
+
+    image_id, _, details, raw, download = client.predict(record.id, api_name="/gallery_get")
+    assert image_id == record.id and "Seed:** 77" in details and "<lora:style:0.7>" in raw
+    assert read_png_parameters(Path(download)) == raw
+
+    assert client.predict(record.id, api_name="/gallery_star") == f"Image #{record.id} is starred: it is never pruned."
+    assert "★ starred" in client.predict(record.id, api_name="/gallery_get")[2]
+    assert client.predict(record.id, api_name="/gallery_star").endswith("is no longer starred.")
+
+
+def test_reuse_fills_every_generate_widget(app) -> None:
+    client, record, settings, _ = app
+    prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, notes = client.predict(
+        record.id, settings.model, api_name="/gallery_reuse")
+    assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch) == (
+        "a fox", "blurry", 2, 7.0, "Euler a", 64, 64, 77, 1)
+    assert ["style (unknown)", "style"] in loras["choices"] or any(c[1] == "style" for c in loras["choices"])
+    assert notes == ""
+
+
+def test_png_info_and_bad_ids(app) -> None:
+    from gradio_client import handle_file
+
+    client, record, *_ = app
+    summary, raw = client.predict(handle_file(str(record.path)), api_name="/png_info")
+    assert "style at 0.7: found by name" in summary and raw.startswith("a fox <lora:style:0.7>")
+    with pytest.raises(Exception, match="No image with id 999"):
+        client.predict(999, api_name="/gallery_get")
+
+
+@pytest.mark.browser
+def test_reuse_and_working_state_in_a_real_browser(app, tmp_path: Path) -> None:
+    """Restore the working prompt on page load, save it as it changes, and Reuse from the gallery:
+    the Generate tab opens with every value, the LoRA scale slider included."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    _, record, settings, url = app
+    working = WorkingState(settings.outputs / "working_state.json")
+    working.save(WorkingValues(prompt="restored prompt", keywords="kept", loras=(("style", 1.1),), seed=9))
+    expect = playwright_api.expect
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            prompt = page.locator("#prompt textarea")
+            expect(prompt).to_have_value("restored prompt", timeout=15_000)
+            expect(page.locator("input[aria-label='number input for style — scale']")).to_have_value("1.1")
+
+            prompt.fill("typed, not yet generated")
+            wait_for(lambda: working.load().prompt == "typed, not yet generated")
+
+            page.get_by_role("tab", name="Gallery").click()
+            page.locator("#gallery img").first.click()
+            expect(page.locator("#gallery-selected-id input")).to_have_value(str(record.id), timeout=10_000)
+            page.locator("#gallery-reuse").click()
+            expect(prompt).to_have_value("a fox", timeout=10_000)
+            expect(page.locator("#negative-prompt textarea")).to_have_value("blurry")
+            expect(page.locator("input[aria-label='number input for style — scale']")).to_have_value("0.7")
+            page.screenshot(path=str(tmp_path / "after-reuse.png"), full_page=True)
+        finally:
+            browser.close()
+    wait_for(lambda: working.load().loras == (("style", 0.7),))
+    saved = working.load()
+    assert (saved.prompt, saved.seed, saved.sampler, saved.keywords) == ("a fox", 77, "Euler a", "kept")
