@@ -21,10 +21,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0):
-    """Yield the base URL of an app process started with ``args``; stop it afterwards."""
+def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0,
+                log_path: Path | None = None):
+    """Yield the base URL of an app process started with ``args``; stop it afterwards.
+
+    The process's output goes to ``log_path`` (a temp file by default), for tests that read it.
+    """
     port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lorapg-app-{port}.log"
+    log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"lorapg-app-{port}.log"
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
                     GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
     with open(log_path, "w") as log:

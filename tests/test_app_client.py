@@ -119,3 +119,19 @@ def test_load_model_errors_then_switches_models(app):
     _, _, seed_used, _ = generate(client, "xl now", "xl/xl_style:0.5", seed=3)
     assert seed_used == 3
     client.predict(str(app["tiny"]["sd15"]), api_name="/load_model")
+
+
+def test_share_without_auth_prints_a_password_and_requires_it(tiny_models, tmp_path):
+    """No internet here: Gradio cannot make the share link but keeps serving locally, password on."""
+    log = tmp_path / "app.log"
+    (tmp_path / "loras").mkdir()
+    with running_app("--model", str(tiny_models["sd15"]), "--outputs", str(tmp_path / "outputs"), "--share",
+                     "--lora-dir", str(tmp_path / "loras"),
+                     "--no-preload", log_path=log) as url:
+        text = log.read_text()
+        password = text.split("password '")[1].split("'")[0]
+        assert len(password) >= 12
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises different types for 401
+            Client(url, verbose=False)
+        client = Client(url, auth=("lorapg", password), verbose=False)
+        assert client.predict([], api_name="/refresh_loras")["choices"] == []
