@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-# transformers prints import-time notices (e.g. about torchvision) that are not for our users;
-# the variable must be set before anything imports transformers.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from lorapg.quiet import quiet_third_party_imports
 
-from lorapg.cli import add_settings_arguments, settings_from_args  # noqa: E402
+quiet_third_party_imports()  # before anything imports transformers or bitsandbytes
+
+from lorapg.cli import LLM_SETTING_FLAGS, add_llm_arguments, add_settings_arguments, settings_from_args  # noqa: E402
 from lorapg.errors import UserError  # noqa: E402
 
 log = logging.getLogger("lorapg.app")
@@ -20,6 +19,7 @@ log = logging.getLogger("lorapg.app")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LoRA Playground web app")
     add_settings_arguments(parser)
+    add_llm_arguments(parser)
     parser.add_argument("--listen", action="store_true", default=None, help="serve on 0.0.0.0 (all interfaces)")
     parser.add_argument("--port", type=int, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", default=None, help="create a public Gradio share link")
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(args.verbose)
     try:
-        settings = settings_from_args(args, extra=("listen", "port", "share", "auth", "load_model_at_start"))
+        settings = settings_from_args(
+            args, extra=("listen", "port", "share", "auth", "load_model_at_start", *LLM_SETTING_FLAGS))
         generated_password = settings.ensure_share_auth()
         auth = settings.auth_pair()
         runtime = build_runtime(settings)
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gallery_service = GalleryService(runtime.gallery, runtime.library)
     working_state = WorkingState(settings.outputs / "working_state.json")
-    demo = build_ui(runtime.service, gallery_service, working_state)
+    demo = build_ui(runtime.service, gallery_service, working_state, prompt_service=runtime.prompts,
+                    training_service=runtime.training)
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.
         print(f"\n  Share link protection: user 'lorapg', password '{generated_password}'\n", flush=True)

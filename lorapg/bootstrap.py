@@ -10,10 +10,14 @@ from lorapg.config import Settings
 from lorapg.devices import pick_device, pick_dtype, set_cpu_threads
 from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.errors import UserError
 from lorapg.gallery.store import GalleryStore
 from lorapg.jobs import JobQueue
 from lorapg.outputs import record_in_gallery
+from lorapg.prompt_service import PromptService
+from lorapg.residency import GB, POLICIES, ResidencyManager, format_bytes, parse_size
 from lorapg.services import PlaygroundService
+from lorapg.training.service import TrainingService
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -46,6 +50,8 @@ class Runtime:
     jobs: JobQueue
     service: PlaygroundService
     gallery: GalleryStore
+    prompts: PromptService | None = None  # prompt tools (LLM enhance / rewrite presets)
+    training: TrainingService | None = None  # the Train tab's service (same job queue: never overlaps generation)
 
 
 def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime:
@@ -61,13 +67,39 @@ def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime
         allow_pickle=settings.allow_pickle,
         single_file_config=settings.single_file_config,
         preview_every=settings.preview_every,
+        residency=build_residency(settings, device),
     )
     jobs = JobQueue()
-    gallery = GalleryStore(
-        settings.outputs / "gallery.sqlite3", settings.outputs / "images", keep=settings.gallery_keep
-    )
+    gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     for line in gallery.reconcile():
         logging.getLogger(__name__).info("gallery repair: %s", line)
     sink = (lambda result, job: record_in_gallery(gallery, result, job.id)) if record_results else None
     service = PlaygroundService(settings, engine, library, jobs, result_sink=sink)
-    return Runtime(settings, library, engine, jobs, service, gallery)
+    # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
+    prompts = PromptService(settings, library, jobs, engine=engine)
+    training = TrainingService(settings, jobs, engine)
+    return Runtime(settings, library, engine, jobs, service, gallery, prompts=prompts, training=training)
+
+
+# Activations, the VAE decode and CUDA's own context need room beyond the weights.
+ACTIVATION_RESERVE = 2 * GB
+
+
+def build_residency(settings: Settings, device) -> ResidencyManager | None:
+    """A residency manager on CUDA; on CPU there is no device memory to share, so none."""
+    if settings.policy not in POLICIES:
+        raise UserError(f"Unknown memory policy {settings.policy!r}; use one of {', '.join(POLICIES)}.")
+    if settings.vram_budget != "auto":
+        parse_size(settings.vram_budget)  # a typo is reported on any machine, not only on a GPU
+    if device.type != "cuda":
+        return None
+    import torch
+
+    if settings.vram_budget == "auto":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = max(free - ACTIVATION_RESERVE, free // 2)
+    else:
+        budget = parse_size(settings.vram_budget)
+    manager = ResidencyManager(budget, settings.policy, empty_cache=torch.cuda.empty_cache)
+    logging.getLogger(__name__).info("GPU budget %s, policy %s", format_bytes(budget), settings.policy)
+    return manager

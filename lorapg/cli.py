@@ -25,10 +25,27 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow pickled .ckpt/.pt/.bin checkpoints (they can run code: trust the source)")
     parser.add_argument("--model-config", dest="single_file_config",
                         help="diffusers folder whose configs describe a single-file checkpoint (offline use)")
+    parser.add_argument("--vram-budget", dest="vram_budget",
+                        help="GPU memory the models may use, e.g. 10GB (default: free memory minus a reserve)")
+    parser.add_argument("--policy", help="GPU memory policy: auto (LRU), lowvram or all-gpu")
     parser.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
 
 
-SETTING_FLAGS = ("model", "lora_dir", "outputs", "device", "dtype", "threads", "allow_pickle", "single_file_config")
+SETTING_FLAGS = (
+    "model", "lora_dir", "outputs", "device", "dtype", "threads", "allow_pickle", "single_file_config",
+    "vram_budget", "policy",
+)
+LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
+
+
+def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that pick the prompt tools' LLM (the app and the enhance/rewrite commands)."""
+    parser.add_argument("--llm-backend", dest="llm_backend",
+                        help="auto (default), transformers, bundled, openai or rules")
+    parser.add_argument("--llm-model", dest="llm_model",
+                        help="hub id, folder or .gguf (transformers); model name (openai)")
+    parser.add_argument("--llm-url", dest="llm_url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1")
+    parser.add_argument("--llm-api-key", dest="llm_api_key", help="API key for --llm-url (if it needs one)")
 
 
 def settings_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()):
@@ -58,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
     add_gallery_parser(commands)
+    add_prompt_parsers(commands)
+    from lorapg.training.cli import add_train_parser
+
+    add_train_parser(commands, add_settings_arguments)
     return parser
 
 
@@ -84,8 +105,9 @@ def add_gallery_parser(commands: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "gallery":
-        # The gallery needs no models: skip bootstrap, whose imports (torch, diffusers) take seconds.
+    if args.command in ("gallery", "enhance", "rewrite"):
+        # The gallery (and the prompt tools, until an LLM loads) needs no models: skip bootstrap,
+        # whose imports (torch, diffusers) take seconds.
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
     else:
@@ -97,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "gallery":
             return run_gallery(args)
+        if args.command in ("enhance", "rewrite"):
+            return run_prompt(args)
+        if args.command == "train":
+            from lorapg.training.cli import run_train
+
+            return run_train(args, settings_from_args(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -158,6 +186,38 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_prompt_parsers(commands: argparse._SubParsersAction) -> None:
+    enhance = commands.add_parser("enhance", help="expand keywords into a detailed prompt (prints it)")
+    enhance.add_argument("--keywords", required=True, help="a few words: subject, mood, setting")
+    rewrite = commands.add_parser("rewrite", help="rewrite a prompt with a preset (prints it)")
+    rewrite.add_argument("--preset", required=True,
+                         help="fight, portrait, cinematic, dark, vibrant, manga, painted, hd (or a file you added)")
+    rewrite.add_argument("--prompt", required=True)
+    for command in (enhance, rewrite):
+        command.add_argument("--lora", action="append", default=[], metavar="NAME",
+                             help="a LoRA from the LoRA folder whose trigger words and style to use; repeatable")
+        command.add_argument("--seed", type=int, default=None, help="makes the LLM's sampling repeatable")
+        add_settings_arguments(command)
+        add_llm_arguments(command)
+
+
+def run_prompt(args: argparse.Namespace) -> int:
+    """The prompt on stdout (pipe it into ``generate --prompt``); who wrote it on stderr."""
+    from lorapg.diffusion.lora_library import LoraLibrary
+    from lorapg.prompt_service import PromptService, result_note
+
+    settings = settings_from_args(args, extra=LLM_SETTING_FLAGS)
+    service = PromptService(settings, LoraLibrary(settings.lora_dir))
+    if args.command == "enhance":
+        result = service.enhance(args.keywords, args.lora, args.seed)
+    else:
+        result = service.rewrite(args.prompt, args.preset, args.lora, args.seed)
+    print(result.text)
+    print(service.backend_info().describe(), file=sys.stderr)
+    print(result_note(result), file=sys.stderr)
+    return 0
+
+
 def open_gallery_service(settings):
     """The gallery without the engines. Unlike app start-up it does not reconcile: a running app
     may be saving an image right now, and reconcile would take its temp file for debris."""
@@ -166,7 +226,7 @@ def open_gallery_service(settings):
     from lorapg.gallery_service import GalleryService
 
     # The same files build_runtime opens.
-    store = GalleryStore(settings.outputs / "gallery.sqlite3", settings.outputs / "images", keep=settings.gallery_keep)
+    store = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     return GalleryService(store, LoraLibrary(settings.lora_dir))
 
 

@@ -39,7 +39,24 @@ class Settings:
     preview_every: int = 5
     gallery_keep: int = 20  # newest images kept in the gallery; 0 keeps all; starred never pruned
     load_model_at_start: bool = True  # load the base model in the background once the UI is up
+    # Prompt tools' LLM: auto | transformers | bundled | openai | rules (see lorapg/prompt_service.py).
+    llm_backend: str = "auto"
+    llm_model: str | None = None  # hub id / folder / .gguf (transformers) or served model name (openai)
+    llm_url: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1
+    llm_api_key: str | None = None
+    llm_timeout: float = 60.0  # seconds an LLM may write before the rules answer instead
+    # GPU residency: "auto" = free GPU memory at start minus a reserve, or a size such as "10GB".
+    vram_budget: str = "auto"
+    policy: str = "auto"  # auto | lowvram | all-gpu (see lorapg/residency.py)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def gallery_db(self) -> Path:
+        return self.outputs / "gallery.sqlite3"
+
+    @property
+    def gallery_images(self) -> Path:
+        return self.outputs / "images"
 
     @property
     def host(self) -> str:
@@ -77,6 +94,10 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
                 return value.lower() in {"1", "true", "yes", "on"}
             raise ValueError
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError

@@ -102,6 +102,12 @@ class JobQueue:
             ahead = [self._jobs[i] for i in self._order[: self._order.index(job.id)] if i in self._jobs]
         return sum(1 for other in ahead if not other.finished)
 
+    def running(self) -> Job | None:
+        """The job the worker is executing now, if any."""
+        with self._lock:
+            jobs = [self._jobs[i] for i in self._order if i in self._jobs]
+        return next((job for job in jobs if job.status == RUNNING), None)
+
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         job._cancel.set()

@@ -15,6 +15,7 @@ from lorapg.config import Settings
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, family_label
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
+from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, extract_lora_tags, validate
 from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError
@@ -71,8 +72,6 @@ class PlaygroundService:
 
     def submit_load_model(self, ref: str | None = None) -> Job:
         """Queue loading ``ref`` (default: the configured model); bad paths fail before queueing."""
-        from lorapg.diffusion.model_source import resolve_model_source
-
         ref = (ref or self.settings.model or "").strip()
         resolve_model_source(ref, allow_pickle=self.settings.allow_pickle)
 
@@ -96,6 +95,22 @@ class PlaygroundService:
     def load_model(self, ref: str | None = None) -> ModelStatus:
         return self._wait(self.submit_load_model(ref))
 
+    def model_choices(self) -> list[str]:
+        """The configured model, the loaded one, and local models found under the models folder:
+        diffusers folders (model_index.json) and single .safetensors checkpoints (LoRAs excluded)."""
+        choices = [self.settings.model]
+        if self.engine.model is not None:
+            choices.append(self.engine.model.source.ref)
+        root = self.settings.models_dir
+        loras = self.settings.lora_dir.resolve()
+        if root.is_dir():
+            for index in sorted(root.glob("*/model_index.json")) + sorted(root.glob("*/*/model_index.json")):
+                choices.append(str(index.parent))
+            for checkpoint in sorted(root.glob("*.safetensors")) + sorted(root.glob("checkpoints/*.safetensors")):
+                if not checkpoint.resolve().is_relative_to(loras):
+                    choices.append(str(checkpoint))
+        return list(dict.fromkeys(c for c in choices if c))
+
     def list_loras(self) -> LoraListing:
         """Re-scan the LoRA folder (headers only), so files added while the app runs appear."""
         infos, problems = self.library.scan()
@@ -104,6 +119,22 @@ class PlaygroundService:
     @staticmethod
     def sampler_names() -> list[str]:
         return list(SAMPLERS)
+
+    # --- GPU memory ----------------------------------------------------------------------------
+
+    def memory_status(self) -> str:
+        residency = self.engine.residency
+        if residency is None:
+            return f"Running on {self.engine.device.type.upper()}: there is no GPU memory to manage."
+        return residency.describe()
+
+    def free_gpu_memory(self) -> str:
+        residency = self.engine.residency
+        if residency is None:
+            return self.memory_status()
+        freed = residency.free_all()
+        moved = f"Moved off the GPU: {', '.join(freed)}." if freed else "Nothing to move: models in use stay."
+        return f"{moved}\n\n{residency.describe()}"
 
     # --- generation --------------------------------------------------------------------------
 

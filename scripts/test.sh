@@ -4,5 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+# The slow tests convert and run the bundled SmolLM2 (about a minute); LORAPG_SLOW_TESTS=0 skips them.
+export LORAPG_SLOW_TESTS="${LORAPG_SLOW_TESTS:-1}"
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

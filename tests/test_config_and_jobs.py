@@ -97,3 +97,39 @@ def test_cancel_queued_and_running_jobs_and_errors_do_not_stop_the_worker():
     assert after.status == DONE
     with pytest.raises(UserError, match="Unknown job id"):
         queue.get("nope")
+
+
+def test_local_models_are_offered_as_choices(tiny_models, tmp_path):
+    import shutil
+
+    from lorapg.bootstrap import build_runtime
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models["sd15"], models / "my-sd15")
+    (models / "checkpoints").mkdir()
+    (models / "checkpoints" / "civitai-model.safetensors").write_bytes(b"")
+    shutil.copytree(tiny_models["loras"], models / "loras")
+    settings = load_settings(None, {"model": "org/model", "models_dir": str(models),
+                                    "lora_dir": str(models / "loras"), "outputs": str(tmp_path / "out")}, environ={})
+    runtime = build_runtime(settings)
+    choices = runtime.service.model_choices()
+    assert choices[0] == "org/model"
+    assert str(models / "my-sd15") in choices
+    assert str(models / "checkpoints" / "civitai-model.safetensors") in choices
+    assert not any("loras" in choice for choice in choices)
+    runtime.jobs.shutdown()
+
+
+def test_queued_status_says_when_training_holds_the_gpu():
+    from lorapg.ui.common import job_status_text
+
+    queue = JobQueue()
+    release = threading.Event()
+    training = queue.submit("train", lambda job: release.wait(5))
+    time.sleep(0.05)
+    waiting = queue.submit("generate", lambda job: "image")
+    assert queue.running() is training
+    text = job_status_text(waiting, queue)
+    assert "1 job(s) ahead" in text and "LoRA training in progress" in text
+    release.set()
+    assert waiting.wait(5) and waiting.result == "image"

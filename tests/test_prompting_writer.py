@@ -63,7 +63,7 @@ def _writer(presets: PresetCatalog, backend=None, **kwargs) -> PromptWriter:
 def test_enhance_uses_the_cleaned_model_answer(presets: PresetCatalog) -> None:
     backend = RecordingBackend(reply='Sure! Here is your prompt:\n"a red fox, snowy forest"')
     result = _writer(presets, backend).enhance("fox, snow, calm", [], seed=5)
-    assert result.text == "a red fox, snowy forest"
+    assert result.text == "calm, a red fox, snowy forest"  # the dropped keyword is put back
     assert result.backend_label == "Fake LLM" and not result.fell_back and result.reason is None
     assert result.seed == 5 and backend.calls[0]["seed"] == 5
     assert "fox, snow, calm" in backend.calls[0]["user"]
@@ -247,3 +247,10 @@ def test_short_answer_reports_its_token_count(presets, clip_tok) -> None:
 def test_without_tokenizer_there_is_no_count(presets) -> None:
     result = _writer(presets).enhance("fox", [])
     assert result.token_count is None and result.truncated_words == []
+
+
+def test_keywords_the_model_dropped_are_put_back_in_front(presets) -> None:
+    backend = RecordingBackend(reply="a red foxes den in a pine forest, golden hour, film grain")
+    result = _writer(presets, backend).enhance("red fox, snowy forest, calm", [ANIME])
+    assert not result.fell_back
+    assert result.text == "anm style, snowy forest, calm, a red foxes den in a pine forest, golden hour, film grain"

@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
-from lorapg.diffusion.families import NATIVE_SIZE, SDXL
+from lorapg.diffusion.families import NATIVE_SIZE
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import ModelSource, resolve_model_source
 from lorapg.diffusion.pipeline_loader import load_pipeline
@@ -20,8 +20,11 @@ from lorapg.diffusion.preview import latents_to_preview
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import make_scheduler
 from lorapg.errors import UserError
+from lorapg.residency import ResidencyManager
 
 log = logging.getLogger(__name__)
+
+RESIDENT_NAME = "diffusion pipeline"  # its name in the residency manager's status
 
 # on_step(step, total, preview_or_None); should_cancel() -> True to stop after the current step.
 StepCallback = Callable[[int, int, Image.Image | None], None]
@@ -62,6 +65,7 @@ class DiffusionEngine:
         allow_pickle: bool = False,
         single_file_config: str | None = None,
         preview_every: int = 5,
+        residency: ResidencyManager | None = None,
     ):
         self.library = lora_library
         self.device = device
@@ -69,6 +73,9 @@ class DiffusionEngine:
         self.allow_pickle = allow_pickle
         self.single_file_config = single_file_config
         self.preview_every = preview_every
+        # On a GPU the pipeline shares the device with the LLM and the trainer under a budget;
+        # without one (CPU) it simply stays where it was loaded.
+        self.residency = residency
         self._model: LoadedModel | None = None
         self._lock = threading.RLock()
 
@@ -85,8 +92,14 @@ class DiffusionEngine:
             if self._model and self._model.source.ref == source.ref:
                 return self._model
             pipe, family = load_pipeline(
-                source, self.device, self.dtype, single_file_config=self.single_file_config, on_status=on_status
+                source, self.device, self.dtype, single_file_config=self.single_file_config, on_status=on_status,
+                keep_on_cpu=self.residency is not None,
             )
+            if self.residency is not None:
+                self.residency.register(
+                    RESIDENT_NAME, pipeline_bytes(pipe), to_gpu=lambda: pipe.to(self.device),
+                    to_cpu=lambda: pipe.to("cpu"),
+                )
             vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
             native = int(pipe.unet.config.sample_size * vae_scale) or NATIVE_SIZE[family]
             previous, self._model = self._model, LoadedModel(
@@ -147,21 +160,31 @@ class DiffusionEngine:
                     pipeline._interrupt = True  # diffusers skips the remaining steps
                 return kwargs
 
-            output = pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt or None,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                width=request.width,
-                height=request.height,
-                num_images_per_prompt=request.batch_size,
-                # One CPU generator per image: image i is reproducible alone with seed + i, and the
-                # same seed gives the same noise whatever the device.
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                callback_on_step_end=step_end,
-                callback_on_step_end_tensor_inputs=["latents"],
-                output_type="pil",
-            )
+            def run_pipeline():
+                return pipe(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt or None,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.guidance_scale,
+                    width=request.width,
+                    height=request.height,
+                    num_images_per_prompt=request.batch_size,
+                    # One CPU generator per image: image i is reproducible alone with seed + i, and the
+                    # same seed gives the same noise whatever the device.
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    callback_on_step_end=step_end,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    output_type="pil",
+                )
+
+            if self.residency is None:
+                output = run_pipeline()
+            else:
+                with self.residency.use(RESIDENT_NAME):
+                    output = self.residency.run_with_oom_retry(
+                        run_pipeline, keep=RESIDENT_NAME,
+                        advice="Lower the image size or the batch size, or start with --policy lowvram.",
+                    )
             return GenerationResult(
                 images=[] if cancelled else list(output.images),
                 seeds=seeds,
@@ -196,6 +219,12 @@ class DiffusionEngine:
         else:
             model.pipe.vae.disable_tiling()
 
-    @property
-    def is_sdxl(self) -> bool:
-        return bool(self._model and self._model.family == SDXL)
+
+def pipeline_bytes(pipe: DiffusionPipeline) -> int:
+    """GPU footprint of the pipeline's weights (activations come out of the manager's reserve)."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(p.numel() * p.element_size() for p in component.parameters())
+            total += sum(b.numel() * b.element_size() for b in component.buffers())
+    return total

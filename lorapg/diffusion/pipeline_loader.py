@@ -25,8 +25,12 @@ def load_pipeline(
     *,
     single_file_config: str | None = None,
     on_status: Callable[[str], None] | None = None,
+    keep_on_cpu: bool = False,
 ) -> tuple[DiffusionPipeline, str]:
-    """Load, move to ``device`` and configure attention; returns the pipeline and its family."""
+    """Load, move to ``device`` and configure attention; returns the pipeline and its family.
+
+    ``keep_on_cpu``: leave the weights in CPU RAM; the residency manager moves them when used.
+    """
     status = on_status or (lambda message: None)
     if source.kind == HUB:
         status(f"Downloading {source.ref} from the Hugging Face hub (progress in the console)…")
@@ -40,7 +44,8 @@ def load_pipeline(
         pipe = _from_single_file(source, dtype, single_file_config)
     family = pipeline_family(pipe)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    if not keep_on_cpu:
+        pipe.to(device)
     _configure_attention(pipe, device)
     return pipe, family
 

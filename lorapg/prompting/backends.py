@@ -7,6 +7,7 @@ construction, because the app builds every backend at start-up and most sessions
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.metadata
 import json
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -196,19 +198,55 @@ class TransformersBackend:
 
     def complete(self, system: str, user: str, *, seed: int | None = None,
                  max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
-        import torch
+        model, tokenizer, inputs = self._prepare(system, user)
+        output = self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s)
+        return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    def stream(self, system: str, user: str, *, seed: int | None = None,
+               max_new_tokens: int = 120, timeout_s: float = 60.0) -> Iterator[str]:
+        """The same text as ``complete`` (same seed, same words), yielded piece by piece."""
+        from transformers import TextIteratorStreamer
+
+        model, tokenizer, inputs = self._prepare(system, user)
+        # The streamer's timeout bounds each wait for the next piece; generate() bounds the whole.
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=timeout_s + 10)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s,
+                               streamer=streamer)
+            except BaseException as exc:  # re-raised in the reading thread below
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="llm-generate", daemon=True)
+        worker.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        worker.join()
+        if failure:
+            raise failure[0]
+
+    def _prepare(self, system: str, user: str) -> tuple[Any, Any, Any]:
         self.ensure_loaded()
         model, tokenizer = self._model, self._tokenizer
         if model is None:  # released by another thread between load and use
             raise UserError("The LLM was unloaded while a prompt was being written; try again.")
-        inputs = self._encode(tokenizer, system, user).to(model.device)
-        prompt_len = inputs["input_ids"].shape[1]
+        return model, tokenizer, self._encode(tokenizer, system, user).to(model.device)
+
+    @staticmethod
+    def _generate(model: Any, tokenizer: Any, inputs: Any, seed: int | None, max_new_tokens: int,
+                  timeout_s: float, streamer: Any = None) -> Any:
+        import torch
+
         seed = random.randrange(2**31) if seed is None else seed
         with _RNG_LOCK, torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
             # fork_rng: seeding here must not change the random stream of whoever runs next.
             torch.manual_seed(seed)
-            output = model.generate(
+            return model.generate(
                 **inputs,
                 do_sample=True,
                 temperature=TEMPERATURE,
@@ -217,8 +255,8 @@ class TransformersBackend:
                 max_new_tokens=max_new_tokens,
                 max_time=timeout_s,  # generate() stops itself; the partial text is still useful
                 pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer,
             )
-        return tokenizer.decode(output[0, prompt_len:], skip_special_tokens=True)
 
     @staticmethod
     def _encode(tokenizer: Any, system: str, user: str) -> Any:
@@ -412,6 +450,36 @@ class OpenAICompatibleBackend:
 
     def complete(self, system: str, user: str, *, seed: int | None = None,
                  max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
+        request = self._request(system, user, seed, max_new_tokens, stream=False)
+        with self._errors(timeout_s), urllib.request.urlopen(request, timeout=timeout_s) as response:
+            raw = response.read()
+        return self._parse(raw)
+
+    def stream(self, system: str, user: str, *, seed: int | None = None,
+               max_new_tokens: int = 120, timeout_s: float = 60.0) -> Iterator[str]:
+        """Ask with ``"stream": true`` and yield each server-sent ``delta.content``.
+
+        ``timeout_s`` bounds each wait for the next piece (the writer bounds the whole answer).
+        A server that ignores ``stream`` and sends one JSON reply is read as ``complete`` would.
+        """
+        request = self._request(system, user, seed, max_new_tokens, stream=True)
+        with self._errors(timeout_s), urllib.request.urlopen(request, timeout=timeout_s) as response:
+            if "text/event-stream" not in response.headers.get("Content-Type", ""):
+                yield self._parse(response.read())
+                return
+            for raw_line in response:
+                line = raw_line.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators, ": keep-alive" comments, "event:" lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                piece = self._parse_chunk(data)
+                if piece:
+                    yield piece
+
+    def _request(self, system: str, user: str, seed: int | None, max_new_tokens: int, *,
+                 stream: bool) -> urllib.request.Request:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": "system", "content": system},
@@ -420,16 +488,22 @@ class OpenAICompatibleBackend:
             "top_p": TOP_P,
             "max_tokens": max_new_tokens,
         }
+        if stream:
+            body["stream"] = True
         if seed is not None:
             body["seed"] = seed  # honoured by llama.cpp and vLLM; others ignore it
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        accept = "text/event-stream" if stream else "application/json"
+        headers = {"Content-Type": "application/json", "Accept": accept}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(),
-                                         headers=headers, method="POST")
+        return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers,
+                                      method="POST")
+
+    @contextlib.contextmanager
+    def _errors(self, timeout_s: float) -> Iterator[None]:
+        """Turn urllib's and the socket's exceptions into one ``UserError`` a user can act on."""
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                raw = response.read()
+            yield
         except urllib.error.HTTPError as exc:
             detail = _read_error_body(exc)
             raise UserError(f"LLM server {self.url} answered HTTP {exc.code} {exc.reason}"
@@ -444,7 +518,19 @@ class OpenAICompatibleBackend:
                             "Is it running, and is the URL right?") from exc
         except OSError as exc:  # connection reset mid-read and friends
             raise UserError(f"Lost the connection to the LLM server at {self.url}: {exc}") from exc
-        return self._parse(raw)
+
+    def _parse_chunk(self, data: str) -> str:
+        try:
+            chunk = json.loads(data)
+            if "error" in chunk and not chunk.get("choices"):
+                raise UserError(f"LLM server {self.url} reported an error while streaming: "
+                                f"{str(chunk['error'])[:200]}")
+            choices = chunk["choices"]
+            content = choices[0].get("delta", {}).get("content") if choices else ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise UserError(f"LLM server {self.url} sent a stream chunk that is not an OpenAI "
+                            f"chat completion chunk: {data[:200]!r}") from exc
+        return content if isinstance(content, str) else ""
 
     def _parse(self, raw: bytes) -> str:
         try:

@@ -9,10 +9,12 @@ the result says so (``fell_back`` + ``reason``), so the UI never shows an error 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,17 +83,30 @@ class PromptWriter:
     def enhance(self, keywords: str, loras: Sequence[LoraHint] = (),
                 seed: int | None = None) -> PromptResult:
         """Expand a few keywords (subject, mood, setting) into one detailed SD prompt."""
+        return _last(self.enhance_stream(keywords, loras, seed))
+
+    def rewrite(self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (),
+                seed: int | None = None) -> PromptResult:
+        """Apply a rewrite preset to ``prompt``; presets with ``llm = false`` never call a model."""
+        return _last(self.rewrite_stream(prompt, preset_name, loras, seed))
+
+    def enhance_stream(self, keywords: str, loras: Sequence[LoraHint] = (),
+                       seed: int | None = None) -> Iterator[str | PromptResult]:
+        """Like ``enhance``, but first yields the text so far (str) while the model writes.
+
+        The last item is always the finished ``PromptResult``; bad input raises before any yield.
+        """
         keywords = " ".join(keywords.split())
         if not keywords:
             raise UserError("Type a few keywords first (a subject, a mood, a setting).")
         system = _enhance_system(loras)
         user = f"Keywords: {keywords}"
         return self._write(system, user, loras, seed, source=keywords,
-                           rules=lambda: rules_enhance(keywords, loras))
+                           rules=lambda: rules_enhance(keywords, loras), keep=split_phrases(keywords))
 
-    def rewrite(self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (),
-                seed: int | None = None) -> PromptResult:
-        """Apply a rewrite preset to ``prompt``; presets with ``llm = false`` never call a model."""
+    def rewrite_stream(self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (),
+                       seed: int | None = None) -> Iterator[str | PromptResult]:
+        """Like ``rewrite``, yielding the text so far first (see ``enhance_stream``)."""
         prompt = " ".join(prompt.split())
         if not prompt:
             raise UserError("There is no prompt to rewrite yet; write or enhance one first.")
@@ -101,38 +116,54 @@ class PromptWriter:
             return append_style_words(prompt, preset.style_words)
 
         if not preset.llm:
-            return self._finish(rules(), loras, f"{preset.label} preset (no LLM)")
+            return iter([self._finish(rules(), loras, f"{preset.label} preset (no LLM)")])
         system = _rewrite_system(preset, loras)
         user = f"Prompt: {prompt}"
         return self._write(system, user, loras, seed, source=prompt, rules=rules)
 
+    def uses_model(self, preset_name: str | None = None) -> bool:
+        """Whether a call would ask the model (False for the rules backend and ``llm = false``)."""
+        if isinstance(self.backend, RulesBackend):
+            return False
+        return preset_name is None or self.presets.get(preset_name).llm
+
     # -- the model path, with fallback -----------------------------------------------------------
 
     def _write(self, system: str, user: str, loras: Sequence[LoraHint], seed: int | None, *,
-               source: str, rules: Callable[[], str]) -> PromptResult:
+               source: str, rules: Callable[[], str], keep: Sequence[str] = ()) -> Iterator[str | PromptResult]:
         if isinstance(self.backend, RulesBackend):
-            return self._finish(rules(), loras, self.rules.label)
+            yield self._finish(rules(), loras, self.rules.label)
+            return
         seed = random.randrange(2**31) if seed is None else seed
         try:
-            text = self._ask_model(system, user, seed, source)
+            raw, shown = "", ""
+            for raw in self._raw_stream(system, user, seed):
+                # Show the text cleaned as it grows, so a preamble never flashes up in the prompt box.
+                partial = clean_llm_output(raw, max_words=MAX_WORDS)
+                if partial and partial != shown:
+                    shown = partial
+                    yield partial
+            text = self._usable(raw, source)
         except _Failed as exc:
             logger.warning("prompt LLM %s failed, using rules: %s", self.backend.label, exc)
             result = self._finish(rules(), loras, self.rules.label)
             result.fell_back, result.reason = True, str(exc)
-            return result
-        result = self._finish(text, loras, self.backend.label)
+            yield result
+            return
+        # A prompt that lost the user's subject is worse than none: put back any keyword it dropped.
+        result = self._finish(ensure_keywords(text, keep), loras, self.backend.label)
         result.seed = seed
-        return result
+        yield result
 
-    def _ask_model(self, system: str, user: str, seed: int, source: str) -> str:
-        """The cleaned model answer, or ``_Failed`` with a reason a user can read."""
-        # Loading a model is not generating: give it its own (untimed) step, so the first request
-        # after start-up does not time out while a 7B model is still being read from disk.
-        prepare = getattr(self.backend, "ensure_loaded", None)
+    def _raw_stream(self, system: str, user: str, seed: int) -> Iterator[str]:
+        """The model's growing raw answer; ``_Failed`` with a reason a user can read on any failure."""
         try:
+            # Loading a model is not generating: give it its own (untimed) step, so the first
+            # request after start-up does not time out while a 7B model is still being read.
+            prepare = getattr(self.backend, "ensure_loaded", None)
             if callable(prepare):
                 prepare()
-            raw = self._call_with_deadline(system, user, seed)
+            yield from self._stream_with_deadline(system, user, seed)
         except _Failed:
             raise
         except UserError as exc:
@@ -140,6 +171,9 @@ class PromptWriter:
         except Exception as exc:
             logger.exception("prompt LLM %s raised", self.backend.label)
             raise _Failed(f"{self.backend.label} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _usable(self, raw: str, source: str) -> str:
+        """The cleaned model answer, or ``_Failed`` when there is nothing on-topic in it."""
         # Small models loop ("snowy forest, snowy forest, ..."); a repeated phrase adds nothing.
         text = join_phrases(_dedupe(split_phrases(clean_llm_output(raw, max_words=MAX_WORDS))))
         if not text:
@@ -150,27 +184,42 @@ class PromptWriter:
             raise _Failed(f"{self.backend.label} answered off-topic: {text[:80]!r}")
         return text
 
-    def _call_with_deadline(self, system: str, user: str, seed: int) -> str:
-        outcome: dict[str, Any] = {}
+    def _stream_with_deadline(self, system: str, user: str, seed: int) -> Iterator[str]:
+        """Run the backend in a worker thread; yield the text so far; give up at the deadline.
+
+        Backends with a ``stream`` method hand over pieces as they come; the others answer once.
+        """
+        pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
+        stream = getattr(self.backend, "stream", None)
+        kwargs = {"seed": seed, "max_new_tokens": MAX_NEW_TOKENS, "timeout_s": self.timeout_s}
 
         def work() -> None:
             try:
-                outcome["text"] = self.backend.complete(
-                    system, user, seed=seed, max_new_tokens=MAX_NEW_TOKENS,
-                    timeout_s=self.timeout_s)
+                if callable(stream):
+                    for piece in stream(system, user, **kwargs):
+                        pieces.put(("piece", piece))
+                else:
+                    pieces.put(("piece", self.backend.complete(system, user, **kwargs)))
+                pieces.put(("end", None))
             except BaseException as exc:  # handed to the waiting thread, re-raised there
-                outcome["error"] = exc
+                pieces.put(("error", exc))
 
         # A daemon thread: a backend that never returns must not keep the app from exiting.
-        worker = threading.Thread(target=work, name="prompt-llm", daemon=True)
-        worker.start()
-        worker.join(self.timeout_s + self.grace_s)
-        if worker.is_alive():
-            raise _Failed(f"{self.backend.label} did not answer within {self.timeout_s:g} s")
-        if "error" in outcome:
-            raise outcome["error"]
-        text = outcome.get("text")
-        return text if isinstance(text, str) else ""
+        threading.Thread(target=work, name="prompt-llm", daemon=True).start()
+        deadline = time.monotonic() + self.timeout_s + self.grace_s
+        text = ""
+        while True:
+            try:
+                kind, value = pieces.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise _Failed(f"{self.backend.label} did not answer within {self.timeout_s:g} s") from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            if isinstance(value, str) and value:
+                text += value
+                yield text
 
     # -- shared finishing: triggers, token budget ---------------------------------------------------
 
@@ -236,6 +285,12 @@ def _rewrite_system(preset: RewritePreset, loras: Sequence[LoraHint]) -> str:
         + _FORMAT_RULES
         + _lora_lines(loras)
     )
+
+
+def _last(items: Iterator[str | PromptResult]) -> PromptResult:
+    *_, result = items
+    assert isinstance(result, PromptResult)  # every stream ends with its result
+    return result
 
 
 # -- helpers shared with the rules path ------------------------------------------------------------
@@ -305,6 +360,22 @@ def rules_enhance(keywords: str, loras: Sequence[LoraHint]) -> str:
 def ensure_trigger_words(text: str, triggers: Sequence[str]) -> str:
     """Put every trigger word the text lacks at its front (in LoRA order)."""
     missing = [t for t in triggers if not _contains(text, t)]
+    return join_phrases([*missing, *split_phrases(text)])
+
+
+def _keeps_words(text: str, phrase: str) -> bool:
+    """Whether every content word of ``phrase`` is in ``text``, allowing inflection ("fox" ~ "foxes")."""
+    found = re.findall(r"[^\W_]+", _norm(text))
+    for word in re.findall(r"[^\W_]+", _norm(phrase)):
+        stem = word[: max(3, len(word) - 2)]
+        if len(word) > 2 and word not in _STOPWORDS and not any(w.startswith(stem) for w in found):
+            return False
+    return True
+
+
+def ensure_keywords(text: str, keywords: Sequence[str]) -> str:
+    """Put each keyword phrase whose words the text lacks at its front, in the user's order."""
+    missing = [k for k in keywords if not _keeps_words(text, k)]
     return join_phrases([*missing, *split_phrases(text)])
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import gradio as gr
 
 from lorapg.gallery_service import GalleryService
+from lorapg.prompt_service import PromptService
 from lorapg.services import PlaygroundService
+from lorapg.training.service import TrainingService
 from lorapg.ui.gallery_tab import build_gallery_tab
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
+from lorapg.ui.memory_panel import build_memory_panel
+from lorapg.ui.prompt_tools import build_prompt_tools
+from lorapg.ui.train_tab import build_train_tab
 from lorapg.working_state import WorkingState, WorkingValues
 
 TITLE = "LoRA Playground"
 
 # Generate-tab widgets kept in the working-state file, in the order the handlers take them.
 PERSISTED = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height", "seed",
-             "batch")
+             "batch", "keywords")  # keywords last: it exists only when the prompt tools are built
 # WorkingValues field -> Generate-tab widget, for the plain parameters.
 _PARAMETERS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", "width": "width",
                "height": "height", "seed": "seed", "batch_size": "batch"}
@@ -24,14 +29,21 @@ def build_ui(
     service: PlaygroundService,
     gallery_service: GalleryService | None = None,
     working_state: WorkingState | None = None,
+    prompt_service: PromptService | None = None,
+    training_service: TrainingService | None = None,
 ) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nStable Diffusion with any number of LoRAs, each at its own scale.")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
-                generate = build_generate_tab(service)
+                tools = (lambda widgets: build_prompt_tools(prompt_service, widgets)) if prompt_service else None
+                generate = build_generate_tab(service, prompt_tools=tools)
             if gallery_service is not None:
                 build_gallery_tab(gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service))
+            if training_service is not None:
+                with gr.Tab("Train", id="train"):
+                    build_train_tab(training_service)
+        build_memory_panel(service)
 
         if working_state is not None:
             wire_working_state(demo, service, working_state, generate)
@@ -54,11 +66,12 @@ def _number_or_none(value: object) -> float | None:
 
 def wire_working_state(demo: gr.Blocks, service: PlaygroundService, state: WorkingState, generate: dict) -> None:
     """Restore the working prompt when a page opens; write it to disk whenever it changes."""
-    widgets = [generate[key] for key in PERSISTED]
+    widgets = [generate[key] for key in PERSISTED if key in generate]
 
-    def save(prompt, negative, selected, scales, steps, cfg, sampler, width, height, seed, batch):
+    def save(prompt, negative, selected, scales, steps, cfg, sampler, width, height, seed, batch, keywords=None):
         scales = scales or {}
         state.update(
+            **({} if keywords is None else {"keywords": keywords or ""}),
             prompt=prompt or "",
             negative_prompt=negative or "",
             loras=[(name, scales.get(name, DEFAULT_LORA_SCALE)) for name in selected or []],
@@ -80,6 +93,8 @@ def wire_working_state(demo: gr.Blocks, service: PlaygroundService, state: Worki
             return updates
         updates[generate["prompt"]] = values.prompt
         updates[generate["negative"]] = values.negative_prompt
+        if "keywords" in generate:
+            updates[generate["keywords"]] = values.keywords
         # A LoRA deleted or a sampler renamed since the last session cannot be selected again.
         available = {name for _, name in lora_choices(service)}
         names = [name for name in values.lora_names if name in available]

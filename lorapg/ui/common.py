@@ -40,7 +40,10 @@ def user_errors(fn: Callable) -> Callable:
 def job_status_text(job: Job, queue: JobQueue) -> str:
     if job.status == QUEUED:
         ahead = queue.position(job)
-        return f"⏳ Queued (job `{job.id}`): {ahead} job(s) ahead."
+        running = queue.running()
+        # Training holds the GPU for minutes: say so, or the wait looks like a hang.
+        why = " LoRA training in progress; this job starts when it ends." if running and running.kind == "train" else ""
+        return f"⏳ Queued (job `{job.id}`): {ahead} job(s) ahead.{why}"
     if job.status == RUNNING and job.total:
         return f"▶️ Step {job.step} of {job.total} (job `{job.id}`)."
     if job.status == RUNNING:

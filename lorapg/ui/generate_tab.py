@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gradio as gr
 
 from lorapg.diffusion.adapters import MAX_SCALE, MIN_SCALE
@@ -32,13 +34,20 @@ def lora_spec(selected: list[str] | None, scales: dict | None) -> str:
     return ", ".join(f"{name}:{scales.get(name, DEFAULT_LORA_SCALE):g}" for name in selected or [])
 
 
-def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Component]:
-    """Build the tab's widgets and events; returns the widgets other tabs fill (Reuse, prompts)."""
+def build_generate_tab(
+    service: PlaygroundService, prompt_tools: Callable[[dict], dict] | None = None
+) -> dict[str, gr.components.Component]:
+    """Build the tab's widgets and events; returns the widgets other tabs fill (Reuse, prompts).
+
+    ``prompt_tools`` builds extra widgets under the prompt and LoRA boxes: it gets those widgets
+    ({"prompt", "negative", "lora_select"}) and returns its own, which join the returned dict.
+    """
+    extra: dict = {}
     status = service.model_status()
     with gr.Row():
         model_box = gr.Dropdown(
             label="Base model (Hugging Face id, diffusers folder or .safetensors file)",
-            choices=[service.settings.model],
+            choices=service.model_choices(),
             value=status.ref or service.settings.model,
             allow_custom_value=True,
             scale=4,
@@ -68,6 +77,9 @@ def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Co
                     slider = gr.Slider(MIN_SCALE, MAX_SCALE, value=(current or {}).get(name, DEFAULT_LORA_SCALE),
                                        step=0.05, label=f"{name} — scale", key=f"scale-{name}", interactive=True)
                     slider.change(lambda value, state, n=name: {**(state or {}), n: value}, [slider, scales], scales)
+
+            if prompt_tools is not None:
+                extra = prompt_tools({"prompt": prompt, "negative": negative, "lora_select": lora_select})
 
             with gr.Accordion("Parameters", open=True):
                 with gr.Row():
@@ -171,5 +183,5 @@ def build_generate_tab(service: PlaygroundService) -> dict[str, gr.components.Co
     return {
         "prompt": prompt, "negative": negative, "lora_select": lora_select, "scales": scales, "steps": steps,
         "cfg": cfg, "sampler": sampler, "width": width, "height": height, "seed": seed, "batch": batch,
-        "model": model_box, "model_status": model_status,
+        "model": model_box, "model_status": model_status, **extra,
     }

@@ -1,0 +1,109 @@
+"""``python -m lorapg train [CONFIG] [flags]``: the Train tab's config file, run headless with a tqdm bar."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# flag -> TrainConfig field, for the common fields (the rest are set in the config file).
+FLAG_FIELDS = {"images": "images", "trigger": "trigger", "name": "name", "preset": "preset", "epochs": "epochs",
+               "max_steps": "max_steps", "rank": "rank", "lr": "unet_lr", "resolution": "resolution",
+               "seed": "seed", "overwrite": "overwrite", "resume": "resume", "batch_size": "batch_size"}
+
+
+def add_train_parser(commands: argparse._SubParsersAction, add_settings_arguments) -> None:
+    train = commands.add_parser("train", help="train a LoRA from a folder of images (or a config file)")
+    train.add_argument("train_config", nargs="?", type=Path, metavar="CONFIG",
+                       help="training config TOML (the Train tab writes one); flags override its values")
+    add_settings_arguments(train)  # --model is the base model to train on
+    train.add_argument("--images", metavar="DIR",
+                       help="folder of PNG/JPEG/WebP images, captions in NAME.txt beside them")
+    train.add_argument("--trigger", help="trigger word put first in every caption")
+    train.add_argument("--name", help="the LoRA's name (file NAME.safetensors)")
+    train.add_argument("--preset", help="character, style or concept")
+    train.add_argument("--epochs", type=str)
+    train.add_argument("--max-steps", dest="max_steps", type=str, help="stop after N optimizer steps (0 = no limit)")
+    train.add_argument("--rank", type=str)
+    train.add_argument("--lr", type=str, help="UNet learning rate")
+    train.add_argument("--resolution", type=str, help="training size in px (0 = the model's native size)")
+    train.add_argument("--batch-size", dest="batch_size", type=str)
+    train.add_argument("--seed", type=str)
+    train.add_argument("--out", help="folder to write the LoRA to (default: the LoRA folder), or a .safetensors path")
+    train.add_argument("--overwrite", action="store_true", default=None, help="replace an existing LoRA of that name")
+    train.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                       help="start over even when a checkpoint of this run exists")
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    if args.model:
+        overrides["model"] = args.model
+    if args.out:
+        out = Path(args.out)
+        if out.suffix.lower() == ".safetensors":
+            overrides["out"] = str(out.parent)
+            overrides.setdefault("name", out.stem)
+        else:
+            overrides["out"] = str(out)
+    if args.images:
+        overrides["images"] = str(Path(args.images).expanduser())
+    return overrides
+
+
+def run_train(args: argparse.Namespace, settings) -> int:
+    from tqdm import tqdm
+
+    from lorapg.devices import set_cpu_threads
+    from lorapg.jobs import JobQueue
+    from lorapg.training.config import load_config
+    from lorapg.training.service import TrainingService
+
+    config = load_config(args.train_config, train_overrides(args))
+    set_cpu_threads(settings.threads)
+    jobs = JobQueue()
+    service = TrainingService(settings, jobs)
+    bar = None
+
+    def on_progress(progress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=0, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        if progress.total_steps and bar.total != progress.total_steps:
+            bar.reset(total=progress.total_steps)
+        if progress.phase == "train":
+            bar.n = progress.step
+            postfix = f"epoch {progress.epoch}/{progress.epochs}"
+            if progress.loss is not None:
+                postfix += f", loss {progress.loss:.4f}"
+            bar.set_postfix_str(postfix)
+            bar.refresh()
+        elif progress.message:
+            bar.write(progress.message, file=sys.stderr)
+
+    run = service.submit(config, on_progress)
+    print(f"config: {run.config_path}", file=sys.stderr)
+    try:
+        run.job.wait()
+    except KeyboardInterrupt:
+        print("cancelling after the current step…", file=sys.stderr)
+        service.cancel(run.job.id)
+        run.job.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        jobs.shutdown()
+    if run.job.error:
+        from lorapg.errors import UserError
+
+        raise UserError(run.job.error)
+    result = run.job.result
+    if result.cancelled:
+        checkpoint = result.checkpoint or "none"
+        print(f"cancelled at step {result.steps} of {result.total_steps}; checkpoint: {checkpoint}. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return 130
+    for path in result.epoch_loras:
+        print(f"epoch LoRA: {path}", file=sys.stderr)
+    print(f"{result.lora_path}\tsteps={result.steps}\t{result.steps_per_s:.2f} steps/s")
+    return 0

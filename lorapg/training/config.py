@@ -1,0 +1,199 @@
+"""TrainConfig: everything a training run needs, as one flat TOML file.
+
+The Train tab only produces this file and ``python -m lorapg train CONFIG`` runs it headless (the
+ai-toolkit pattern). Loading is strict: an unknown or misspelled key is an error that names it,
+and every number is range-checked, so a typo never silently falls back to a default.
+
+Precedence: defaults < the preset named by ``preset`` < the file < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lorapg.errors import UserError
+from lorapg.training.dataset import check_name
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("auto", "adamw", "adamw8bit")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+SAVE_PRECISION = ("fp16", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # --- what -----------------------------------------------------------------------------
+    name: str = ""  # the LoRA's file name (without .safetensors) in the LoRA folder
+    model: str = ""  # base model: hub id, diffusers folder or .safetensors; "" = the app's model
+    images: str = ""  # folder of images with optional .txt captions beside them
+    trigger: str = ""  # trigger word(s), put at the start of every caption
+    preset: str = ""  # character / style / concept: its values are the defaults for this file
+    out: str = ""  # folder the LoRA is written to; "" = the app's LoRA folder
+    work_dir: str = ""  # checkpoints and samples; "" = models/training/NAME
+    overwrite: bool = False  # replace an existing LoRA of the same name
+    resume: bool = True  # continue from the last checkpoint in work_dir when there is one
+    # --- network --------------------------------------------------------------------------
+    rank: int = 16
+    alpha: float = 8.0
+    train_text_encoder: bool = False
+    # --- schedule -------------------------------------------------------------------------
+    unet_lr: float = 1e-4
+    text_encoder_lr: float = 5e-5
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = run every epoch
+    repeats: int = 1  # each image is seen this many times per epoch
+    batch_size: int = 1
+    resolution: int = 0  # training area is resolution²; 0 = the base model's native size
+    bucketing: bool = True  # aspect-ratio buckets instead of square center crops
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    min_snr_gamma: float = 0.0  # 0 = off
+    noise_offset: float = 0.0
+    max_grad_norm: float = 1.0
+    # --- machinery ------------------------------------------------------------------------
+    optimizer: str = "auto"  # auto = 8-bit AdamW where bitsandbytes works on the device, else AdamW
+    mixed_precision: str = "auto"  # auto = bf16 on GPUs that have it, else fp16 on CUDA; fp32 on CPU
+    gradient_checkpointing: bool = True
+    cache_latents: bool = True
+    seed: int = 42
+    save_every_epochs: int = 1  # checkpoint (and a per-epoch LoRA) every N epochs
+    keep_checkpoints: int = 2
+    save_precision: str = "fp16"  # dtype of the exported LoRA (kohya's usual fp16; fp32 for exact comparisons)
+    # --- samples --------------------------------------------------------------------------
+    sample_prompt: str = "{trigger}"  # "{trigger}" is replaced by the trigger word
+    sample_steps: int = 20  # 0 = no sample images
+    sample_seed: int = 1234
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+# name -> (low, high) inclusive; numbers only.
+RANGES: dict[str, tuple[float, float]] = {
+    "rank": (1, 256), "alpha": (0.01, 1024), "unet_lr": (1e-7, 1.0), "text_encoder_lr": (0.0, 1.0),
+    "epochs": (1, 1000), "max_steps": (0, 1_000_000), "repeats": (1, 100), "batch_size": (1, 64),
+    "resolution": (0, 2048), "lr_warmup_steps": (0, 100_000), "min_snr_gamma": (0, 100),
+    "noise_offset": (0, 1), "max_grad_norm": (0, 1000), "seed": (0, 2**32 - 1), "save_every_epochs": (1, 1000),
+    "keep_checkpoints": (1, 100), "sample_steps": (0, 150), "sample_seed": (0, 2**32 - 1),
+}
+CHOICES = {"lr_scheduler": LR_SCHEDULERS, "optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISION,
+           "save_precision": SAVE_PRECISION}
+
+
+def coerce(key: str, value: Any, where: str = "") -> Any:
+    """``value`` as the type of field ``key``; UserError naming the key otherwise."""
+    if key not in FIELDS:
+        known = ", ".join(sorted(FIELDS))
+        raise UserError(f"Unknown training setting {key!r}{where}. Known settings: {known}.")
+    kind = FIELDS[key].type
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+                return value.lower() in {"true", "1", "yes"}
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"Training setting {key!r}{where}: {value!r} is not a valid {kind}.") from None
+
+
+def check(config: TrainConfig) -> TrainConfig:
+    """Range and choice checks; the first problem is raised as a UserError naming the field."""
+    for key, (low, high) in RANGES.items():
+        value = getattr(config, key)
+        if not low <= value <= high:
+            raise UserError(f"Training setting {key!r} is {value:g}; it must be between {low:g} and {high:g}.")
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise UserError(f"Training setting {key!r} is {getattr(config, key)!r}; use one of {', '.join(allowed)}.")
+    if config.resolution and (config.resolution < 64 or config.resolution % 8):
+        raise UserError(f"Resolution {config.resolution} must be 0 (native) or a multiple of 8 of at least 64.")
+    return config
+
+
+def read_toml_file(path: Path, what: str = "Training config") -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist.") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a TOML file.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid TOML: {exc}.") from None
+    nested = [key for key, value in data.items() if isinstance(value, dict)]
+    if nested:
+        raise UserError(f"{what} {path}: unexpected table [{nested[0]}]; the settings are flat key = value lines.")
+    return data
+
+
+def build_config(values: dict[str, Any], *, presets_dir: Path | None = None, where: str = "") -> TrainConfig:
+    """Defaults, then the named preset, then ``values`` (flags already merged in), checked."""
+    coerced = {key: coerce(key, value, where) for key, value in values.items() if value is not None}
+    preset_name = coerced.get("preset", "")
+    merged: dict[str, Any] = {}
+    if preset_name:
+        from lorapg.training.presets import load_preset
+
+        merged.update(load_preset(preset_name, presets_dir).values)
+    merged.update(coerced)
+    return check(dataclasses.replace(TrainConfig(), **merged))
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None, *,
+                presets_dir: Path | None = None) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_toml_file(Path(path)))
+        for key in values:
+            coerce(key, values[key], f" in {path}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_config(values, presets_dir=presets_dir, where=f" in {path}" if path else "")
+
+
+def validate_name(name: str) -> str:
+    return check_name(name, "LoRA name")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
+
+
+def to_toml(config: TrainConfig) -> str:
+    """Every field, one line each, in declaration order: readable, diffable, and round-trips."""
+    lines = ["# LoRA Playground training config: python -m lorapg train THIS_FILE"]
+    lines += [f"{f.name} = {_toml_value(getattr(config, f.name))}" for f in fields(TrainConfig)]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(config: TrainConfig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_toml(config), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,233 @@
+"""TrainingService: the one training API the Train tab, the CLI and the REST endpoints call.
+
+Never imports gradio. Training runs as a job on the shared GPU queue, so it never overlaps a
+generation; before it starts, the inference pipeline leaves the GPU, and it comes back afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lorapg.config import Settings
+from lorapg.errors import UserError
+from lorapg.jobs import DONE, ERROR, FINISHED, Job, JobQueue
+from lorapg.residency import is_out_of_memory
+from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
+from lorapg.training.dataset import Dataset, DatasetImage, DatasetStore
+from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
+from lorapg.training.trainer import Trainer, TrainProgress, TrainResult, remove_run_outputs
+from lorapg.training.validation import ValidationReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingRun:
+    """What a watcher of one run sees: the latest progress, the loss curve, the samples."""
+
+    job: Job
+    config: TrainConfig
+    config_path: Path
+    progress: TrainProgress | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[str, Image.Image]] = field(default_factory=list)  # (label, image)
+
+    @property
+    def result(self) -> TrainResult | None:
+        return self.job.result if isinstance(self.job.result, TrainResult) else None
+
+    def describe(self) -> str:
+        job = self.job
+        if job.status == ERROR:
+            return f"Training failed: {job.error}"
+        result = self.result
+        if result is not None and result.cancelled:
+            where = f" Checkpoint kept: {result.checkpoint.name}; Start again to resume." if result.checkpoint else ""
+            return f"Cancelled at step {result.steps} of {result.total_steps}.{where}"
+        if result is not None and result.lora_path is not None:
+            return (f"Done: LoRA **{self.config.name}** ({result.steps} steps) is in the LoRA list — press "
+                    f"Refresh LoRAs in the Generate tab and use the trigger word “{self.config.trigger}”.")
+        if job.status in FINISHED:
+            return f"Training {job.status}."
+        if self.progress is None:
+            return "Queued: waiting for the GPU queue." if job.status == "queued" else "Starting…"
+        return self.progress.describe()
+
+
+class TrainingService:
+    def __init__(self, settings: Settings, jobs: JobQueue, engine: Any = None, *, presets_dir: Path | None = None):
+        self.settings = settings
+        self.jobs = jobs
+        self.engine = engine  # the DiffusionEngine whose pipeline leaves the GPU while training
+        self.presets_dir = presets_dir or PRESETS_DIR
+        self.datasets = DatasetStore(Path(settings.models_dir) / "datasets")
+        self._runs: dict[str, TrainingRun] = {}
+        self._lock = threading.Lock()
+
+    # --- datasets ------------------------------------------------------------------------------
+
+    def dataset_names(self) -> list[str]:
+        return self.datasets.names()
+
+    def dataset_add(self, name: str, files: list[str | Path]) -> tuple[Dataset, list[str]]:
+        if not files:
+            raise UserError("No files to add: choose images (PNG, JPEG, WebP) or a zip of them.")
+        return self.datasets.add_files(name, files)
+
+    def dataset_images(self, name: str) -> list[DatasetImage]:
+        return self.datasets.get(name).images()
+
+    def dataset_validate(self, name: str) -> ValidationReport:
+        return self.datasets.get(name).validate()
+
+    def dataset_remove(self, name: str, file: str) -> None:
+        self.datasets.get(name).remove(file)
+
+    def dataset_set_captions(self, name: str, captions: dict[str, str]) -> None:
+        dataset = self.datasets.get(name)
+        for file, caption in captions.items():
+            dataset.set_caption(file, caption)
+
+    def dataset_folder(self, name: str) -> Path:
+        return self.datasets.get(name).folder
+
+    # --- configs -------------------------------------------------------------------------------
+
+    def preset_names(self) -> list[str]:
+        return preset_names(self.presets_dir)
+
+    def preset_description(self, name: str) -> str:
+        return load_preset(name, self.presets_dir).description
+
+    def config_for(self, values: dict[str, Any]) -> TrainConfig:
+        """A checked config from the UI's field values (defaults < preset < values)."""
+        return build_config(values, presets_dir=self.presets_dir)
+
+    def work_dir(self, config: TrainConfig) -> Path:
+        return Path(config.work_dir) if config.work_dir else Path(self.settings.models_dir) / "training" / config.name
+
+    def lora_dir(self, config: TrainConfig) -> Path:
+        return Path(config.out) if config.out else Path(self.settings.lora_dir)
+
+    def prepare(self, config: TrainConfig) -> TrainConfig:
+        """Fill in the app's defaults and refuse bad input before anything is queued."""
+        check(config)
+        validate_name(config.name)
+        if not config.trigger.strip():
+            raise UserError("A trigger word is required: a rare word (e.g. “zqx_fox”) that will call up the LoRA.")
+        model = config.model or (self.engine.model.source.ref if self.engine and self.engine.model else "") \
+            or self.settings.model
+        if not config.images:
+            raise UserError("No images: upload some to a dataset, or pass --images DIR.")
+        images = Path(config.images).expanduser()
+        if not images.is_dir():
+            raise UserError(f"Image folder {config.images} does not exist.")
+        Dataset(images).require_trainable()
+        config = dataclasses.replace(config, model=model, trigger=config.trigger.strip(), images=str(images.resolve()))
+        target = self.lora_dir(config) / f"{config.name}.safetensors"
+        if target.exists() and not config.overwrite:
+            raise UserError(f"A LoRA named {config.name!r} already exists ({target}). Choose another name, or "
+                            "set overwrite = true (--overwrite) to replace it.")
+        with self._lock:
+            busy = [r for r in self._runs.values() if r.config.name == config.name and not r.job.finished]
+        if busy:
+            raise UserError(f"A training run named {config.name!r} is already queued or running "
+                            f"(job {busy[0].job.id}).")
+        return config
+
+    def save_config(self, config: TrainConfig, path: Path | None = None) -> Path:
+        return write_config(config, path or self.work_dir(config) / "config.toml")
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def submit(self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainingRun:
+        config = self.prepare(config)
+        config_path = self.save_config(config)
+        holder: dict[str, TrainingRun] = {}
+
+        def work(job: Job) -> TrainResult:
+            run = holder["run"]
+
+            def progress(update: TrainProgress) -> None:
+                run.progress = update
+                if update.phase == "train" and update.loss is not None:
+                    run.losses.append((update.step, update.loss))
+                if update.sample is not None:
+                    run.samples.append((f"epoch {update.epoch}", update.sample))
+                job.report(update.step, update.total_steps, preview=update.sample, message=update.describe())
+                if on_progress is not None:
+                    on_progress(update)
+
+            return self._train(config, progress, job.cancel_requested)
+
+        job = self.jobs.submit("train", work)
+        run = holder["run"] = TrainingRun(job, config, config_path)
+        with self._lock:
+            self._runs[job.id] = run
+        return run
+
+    def train(self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
+        """Submit and wait (the CLI's call). A cancelled run returns its result with ``cancelled``."""
+        run = self.submit(config, on_progress)
+        run.job.wait()
+        if run.job.status == ERROR:
+            raise UserError(run.job.error or "Training failed.")
+        return run.job.result
+
+    def run(self, job_id: str) -> TrainingRun:
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is None:
+            raise UserError(f"No training run with job id {job_id!r}.")
+        return run
+
+    def cancel(self, job_id: str) -> TrainingRun:
+        run = self.run(job_id)
+        self.jobs.cancel(job_id)
+        return run
+
+    def latest_run(self) -> TrainingRun | None:
+        with self._lock:
+            return next(reversed(self._runs.values()), None)
+
+    # --- the job's work ------------------------------------------------------------------------
+
+    def _train(self, config: TrainConfig, on_progress, should_cancel) -> TrainResult:
+        from lorapg.devices import pick_device
+
+        device = pick_device(self.settings.device)
+        work_dir, lora_dir = self.work_dir(config), self.lora_dir(config)
+        if config.overwrite:
+            remove_run_outputs(lora_dir, config.name, work_dir)
+        trainer = Trainer(config, lora_dir=lora_dir, work_dir=work_dir, device=device,
+                          allow_pickle=self.settings.allow_pickle, single_file_config=self.settings.single_file_config,
+                          on_progress=on_progress, should_cancel=should_cancel)
+        residency = self.engine.residency if self.engine is not None else None
+        if residency is None:  # CPU: no GPU memory is shared, nothing to clear
+            return trainer.run()
+        # Every model leaves the GPU and nothing else is placed there until training ends; the
+        # models come back on their next use.
+        with residency.exclusive("LoRA training", 0):
+            try:
+                return trainer.run()
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                torch.cuda.empty_cache()
+                raise UserError(
+                    "Out of GPU memory while training, with every other model off the GPU. Lower the "
+                    "resolution or the batch size, or turn text-encoder training off."
+                ) from None
+
+
+def finished_ok(run: TrainingRun) -> bool:
+    return run.job.status == DONE and run.result is not None and run.result.lora_path is not None

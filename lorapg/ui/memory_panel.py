@@ -1,0 +1,17 @@
+"""The GPU memory panel: which models are where, the budget, and a button to free memory now."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lorapg.services import PlaygroundService
+
+
+def build_memory_panel(service: PlaygroundService) -> None:
+    with gr.Accordion("GPU memory", open=False):
+        status = gr.Markdown(service.memory_status(), elem_id="memory-status")
+        with gr.Row():
+            refresh = gr.Button("Refresh", size="sm")
+            free = gr.Button("Free GPU memory now", size="sm", variant="secondary")
+    refresh.click(service.memory_status, None, status, api_name="memory_status")
+    free.click(service.free_gpu_memory, None, status, api_name="free_gpu")

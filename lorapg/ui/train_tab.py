@@ -1,0 +1,191 @@
+"""The Train tab: dataset (upload, grid, captions, validation) → preset and fields → run with live progress.
+
+Handlers only turn widget values into service calls; the config the fields produce is the same
+TOML file ``python -m lorapg train`` runs.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
+from lorapg.training.service import TrainingRun, TrainingService
+from lorapg.ui.common import POLL_SECONDS, user_errors
+
+# Editable fields: TrainConfig field -> (widget factory, label).
+FIELDS = ("rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder", "epochs", "repeats", "resolution",
+          "batch_size", "max_steps", "min_snr_gamma", "noise_offset", "lr_scheduler", "seed")
+
+
+def _loss_frame(run: TrainingRun | None) -> pd.DataFrame:
+    points = list(run.losses) if run else []
+    return pd.DataFrame(points, columns=["step", "loss"])
+
+
+def _samples(run: TrainingRun | None) -> list:
+    return [(image, label) for label, image in (run.samples if run else [])]
+
+
+def _dataset_view(service: TrainingService, name: str):
+    images = service.dataset_images(name)
+    grid = [(str(image.path), image.file) for image in images]
+    table = pd.DataFrame([(image.file, image.caption) for image in images], columns=["file", "caption"])
+    return grid, table, service.dataset_validate(name).summary()
+
+
+def build_train_tab(service: TrainingService) -> dict[str, gr.components.Component]:
+    defaults = TrainConfig()
+    presets = service.preset_names()
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("### 1. Dataset\nUpload 1–200 images (PNG, JPEG, WebP) or a zip; `.txt` files with the "
+                        "same name as an image are imported as its caption.")
+            with gr.Row():
+                dataset = gr.Dropdown(service.dataset_names(), label="Dataset name", allow_custom_value=True,
+                                      value=None, elem_id="train-dataset", scale=3)
+                load_button = gr.Button("Open", size="sm", scale=1)
+            uploads = gr.File(label="Images or zip", file_count="multiple", elem_id="train-upload",
+                              file_types=["image", ".zip", ".txt"])
+            add_button = gr.Button("Add to dataset")
+            grid = gr.Gallery(label="Images (select one to remove it)", columns=6, height=260, elem_id="train-grid")
+            selected = gr.State(None)
+            remove_button = gr.Button("Remove selected image", size="sm", variant="stop")
+            captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
+                                    label="Captions (edit, then Save captions)", elem_id="train-captions")
+            save_captions_button = gr.Button("Save captions", size="sm")
+            report = gr.Markdown("", elem_id="train-validation")
+        with gr.Column(scale=2):
+            gr.Markdown("### 2. Settings")
+            name = gr.Textbox(label="LoRA name", elem_id="train-name")
+            trigger = gr.Textbox(label="Trigger word (required)", placeholder="e.g. zqx_fox", elem_id="train-trigger")
+            preset = gr.Dropdown(presets, value=presets[0] if presets else None, label="Preset")
+            preset_note = gr.Markdown(service.preset_description(presets[0]) if presets else "")
+            with gr.Accordion("Fields (from the preset; edit any)", open=False):
+                widgets = {
+                    "rank": gr.Number(defaults.rank, precision=0, label="Rank"),
+                    "alpha": gr.Number(defaults.alpha, label="Alpha"),
+                    "unet_lr": gr.Number(defaults.unet_lr, label="UNet learning rate"),
+                    "text_encoder_lr": gr.Number(defaults.text_encoder_lr, label="Text encoder learning rate"),
+                    "train_text_encoder": gr.Checkbox(defaults.train_text_encoder, label="Train the text encoder"),
+                    "epochs": gr.Number(defaults.epochs, precision=0, label="Epochs"),
+                    "repeats": gr.Number(defaults.repeats, precision=0, label="Repeats per epoch"),
+                    "resolution": gr.Number(defaults.resolution, precision=0, label="Resolution (0 = native)"),
+                    "batch_size": gr.Number(defaults.batch_size, precision=0, label="Batch size"),
+                    "max_steps": gr.Number(defaults.max_steps, precision=0, label="Max steps (0 = all epochs)"),
+                    "min_snr_gamma": gr.Number(defaults.min_snr_gamma, label="Min-SNR γ (0 = off)"),
+                    "noise_offset": gr.Number(defaults.noise_offset, label="Noise offset"),
+                    "lr_scheduler": gr.Dropdown(list(LR_SCHEDULERS), value=defaults.lr_scheduler, label="LR schedule"),
+                    "seed": gr.Number(defaults.seed, precision=0, label="Seed"),
+                }
+                overwrite = gr.Checkbox(False, label="Overwrite a LoRA of the same name")
+            with gr.Row():
+                start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
+                cancel_button = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+            status = gr.Markdown("", elem_id="train-status")
+            job_id = gr.Textbox(visible=False)
+            loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Loss", height=220)
+            samples = gr.Gallery(label="Samples (one per epoch)", columns=4, height=200, elem_id="train-samples")
+            with gr.Accordion("Config file (runs headless: python -m lorapg train FILE)", open=False):
+                config_text = gr.Code(language=None, label="config.toml", interactive=False)
+
+    field_widgets = [widgets[key] for key in FIELDS]
+
+    # --- dataset events ------------------------------------------------------------------------
+    @user_errors
+    def add_files(dataset_name, files):
+        _, notes = service.dataset_add(dataset_name, [getattr(f, "name", f) for f in files or []])
+        grid_items, table, summary = _dataset_view(service, dataset_name)
+        note = "".join(f"\n- {n}" for n in notes)
+        return (grid_items, table, summary + note, gr.update(choices=service.dataset_names(), value=dataset_name),
+                None)
+
+    add_button.click(add_files, [dataset, uploads], [grid, captions, report, dataset, uploads], api_name="dataset_add")
+
+    @user_errors
+    def open_dataset(dataset_name):
+        return _dataset_view(service, dataset_name)
+
+    load_button.click(open_dataset, dataset, [grid, captions, report], api_visibility="private")
+
+    @user_errors
+    def validate(dataset_name):
+        return service.dataset_validate(dataset_name).summary()
+
+    # The API name issue 5 promises; the button-less event keeps it callable headless.
+    validate_trigger = gr.Button("Validate", size="sm")
+    validate_trigger.click(validate, dataset, report, api_name="dataset_validate")
+
+    def pick(grid_items, event: gr.SelectData):
+        return event.value.get("caption") if isinstance(event.value, dict) else None
+
+    grid.select(pick, grid, selected, api_visibility="private")
+
+    @user_errors
+    def remove(dataset_name, file):
+        if not file:
+            raise gr.Error("Select an image in the grid first.")
+        service.dataset_remove(dataset_name, file)
+        return (*_dataset_view(service, dataset_name), None)
+
+    remove_button.click(remove, [dataset, selected], [grid, captions, report, selected], api_name="dataset_remove")
+
+    @user_errors
+    def save_captions(dataset_name, table):
+        rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+        service.dataset_set_captions(dataset_name, {str(row[0]): str(row[1] or "") for row in rows if row and row[0]})
+        return _dataset_view(service, dataset_name)
+
+    save_captions_button.click(save_captions, [dataset, captions], [grid, captions, report],
+                               api_name="dataset_captions")
+
+    # --- settings events -----------------------------------------------------------------------
+    @user_errors
+    def apply_preset(preset_name):
+        config = service.config_for({"preset": preset_name})
+        return [service.preset_description(preset_name)] + [getattr(config, key) for key in FIELDS]
+
+    preset.change(apply_preset, preset, [preset_note, *field_widgets], api_visibility="private")
+
+    def config_values(dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values) -> dict:
+        fields = {key: value for key, value in zip(FIELDS, values, strict=True) if value is not None and value != ""}
+        images = str(service.dataset_folder(dataset_name)) if dataset_name else ""
+        return dict(fields, name=lora_name or "", trigger=trigger_word or "", preset=preset_name or "",
+                    images=images, overwrite=bool(overwrite_flag))
+
+    # --- run events ----------------------------------------------------------------------------
+    @user_errors
+    def start(dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values):
+        config = service.config_for(config_values(dataset_name, lora_name, trigger_word, preset_name, overwrite_flag,
+                                                  *values))
+        run = service.submit(config)
+        toml = to_toml(run.config) + f"# saved as {run.config_path}\n"
+        while not run.job.wait(POLL_SECONDS * 4):
+            yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
+        yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
+
+    inputs = [dataset, name, trigger, preset, overwrite, *field_widgets]
+    start_button.click(start, inputs, [status, loss_plot, samples, job_id, config_text], api_name="train_start",
+                       concurrency_id="train", concurrency_limit=1)
+
+    @user_errors
+    def current_status(current_job_id):
+        run = service.run(current_job_id) if current_job_id else service.latest_run()
+        if run is None:
+            return "No training run yet.", _loss_frame(None), []
+        return run.describe(), _loss_frame(run), _samples(run)
+
+    status_button = gr.Button("Refresh status", size="sm")
+    status_button.click(current_status, job_id, [status, loss_plot, samples], api_name="train_status")
+
+    @user_errors
+    def cancel(current_job_id):
+        if not current_job_id:
+            return "Nothing to cancel."
+        service.cancel(current_job_id)
+        return "Cancelling after the current step; the checkpoint is kept."
+
+    cancel_button.click(cancel, job_id, status, api_name="train_cancel")
+
+    return {"dataset": dataset, "name": name, "trigger": trigger, "preset": preset, "status": status,
+            "job_id": job_id, **widgets}

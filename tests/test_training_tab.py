@@ -1,0 +1,67 @@
+"""The Train tab's API (the handlers the buttons call) through gradio_client on a real local server."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+from gradio_client import Client, handle_file
+
+from lorapg.config import Settings
+from lorapg.jobs import JobQueue
+from lorapg.training.config import load_config
+from lorapg.training.service import TrainingService
+from lorapg.ui.train_tab import FIELDS, build_train_tab
+from tests.training_data import write_images
+
+
+@pytest.fixture()
+def client(tiny_models, tmp_path):
+    settings = Settings(model=str(tiny_models["sd15"]), lora_dir=tmp_path / "loras", models_dir=tmp_path / "models",
+                        outputs=tmp_path / "outputs", device="cpu")
+    jobs = JobQueue()
+    service = TrainingService(settings, jobs)
+    with gr.Blocks() as demo:
+        build_train_tab(service)
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                        allowed_paths=[str(tmp_path)])
+    try:
+        yield Client(demo.local_url, verbose=False), service, tmp_path
+    finally:
+        demo.close()
+        jobs.shutdown()
+
+
+def test_upload_validate_train_and_status(client):
+    api, service, tmp_path = client
+    paths = write_images(tmp_path / "up", 3)
+    (tmp_path / "up" / "bad.png").write_bytes(b"not a png")
+    uploads = [handle_file(str(p)) for p in [*paths, tmp_path / "up" / "img00.txt", tmp_path / "up" / "bad.png"]]
+    grid, table, report, _, _ = api.predict("foxes", uploads, api_name="/dataset_add")
+    assert len(grid) == 4 and table["data"][0]  # the broken file is shown too, so it can be removed
+    assert table["data"][1] == ["img00.png", "a picture, pattern 0"]
+    assert report.startswith("3 of 4 image(s) usable") and "bad.png: not an image" in report
+    assert api.predict("foxes", api_name="/dataset_validate") == report
+
+    fields = {"rank": 4, "alpha": 4, "unet_lr": 1e-3, "text_encoder_lr": 0, "train_text_encoder": False,
+              "epochs": 1, "repeats": 1, "resolution": 0, "batch_size": 3, "max_steps": 0, "min_snr_gamma": 5,
+              "noise_offset": 0, "lr_scheduler": "constant", "seed": 3}
+    status, plot, samples, job_id, toml = api.predict(
+        "foxes", "ui_fox", "zqx", "style", False, *[fields[key] for key in FIELDS], api_name="/train_start")
+    assert "ui_fox" in status and "in the LoRA list" in status, status
+    assert (tmp_path / "loras" / "ui_fox.safetensors").is_file()
+    assert len(samples) == 1 and plot["data"]
+    # The fields became a config file that the headless command runs as is.
+    config = load_config(service.run(job_id).config_path)
+    assert config.name == "ui_fox" and config.min_snr_gamma == 5 and config.preset == "style"
+    assert "min_snr_gamma = 5.0" in toml
+    again, _, _ = api.predict(job_id, api_name="/train_status")
+    assert again == status
+    assert api.predict(job_id, api_name="/train_cancel").startswith("Cancelling")
+
+
+def test_missing_trigger_is_an_error_message(client):
+    api, _, tmp_path = client
+    paths = write_images(tmp_path / "up", 1)
+    api.predict("one", [handle_file(str(paths[0]))], api_name="/dataset_add")
+    with pytest.raises(Exception, match="trigger word is required"):
+        api.predict("one", "x", "", "style", False, *[None] * len(FIELDS), api_name="/train_start")
