@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 
     The process's output goes to ``log_path`` (a temp file by default), for tests that read it.
     """
     port = free_port()
+    if "--models-dir" not in args:  # datasets, training runs and LLM caches never land in the repo
+        args = (*args, "--models-dir", tempfile.mkdtemp(prefix="lorapg-models-"))
     log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"lorapg-app-{port}.log"
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
                     GRADIO_ANALYTICS_ENABLED="False", **(env or {}))

@@ -35,9 +35,13 @@ def build_ui(
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nStable Diffusion with any number of LoRAs, each at its own scale.")
         with gr.Tabs() as tabs:
-            with gr.Tab("Generate", id="generate"):
+            with gr.Tab("Generate", id="generate") as generate_tab:
                 tools = (lambda widgets: build_prompt_tools(prompt_service, widgets)) if prompt_service else None
                 generate = build_generate_tab(service, prompt_tools=tools)
+            # A LoRA trained (or copied in) meanwhile is listed as soon as the user comes back. Only the
+            # choices change: Reuse switches to this tab while it sets the selection itself.
+            generate_tab.select(lambda: gr.update(choices=lora_choices(service)), None, generate["lora_select"],
+                                api_visibility="private")
             if gallery_service is not None:
                 build_gallery_tab(gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service))
             if training_service is not None:

@@ -28,6 +28,13 @@ def lora_choices(service: PlaygroundService) -> list[tuple[str, str]]:
     return choices
 
 
+def refreshed_lora_dropdown(service: PlaygroundService, selected: list[str] | None):
+    """Re-scan the LoRA folder; keep the selected LoRAs that still exist."""
+    choices = lora_choices(service)
+    names = {value for _, value in choices}
+    return gr.update(choices=choices, value=[n for n in selected or [] if n in names])
+
+
 def lora_spec(selected: list[str] | None, scales: dict | None) -> str:
     """The selection as ``name:scale, …`` — the same text the API and the CLI take."""
     scales = scales or {}
@@ -107,13 +114,8 @@ def build_generate_tab(
     for source in (lora_select, scales):
         source.change(lora_spec, [lora_select, scales], loras_text, api_visibility="private")
 
-    @user_errors
-    def refresh_loras(selected):
-        choices = lora_choices(service)
-        names = {value for _, value in choices}
-        return gr.update(choices=choices, value=[n for n in selected or [] if n in names])
-
-    refresh_button.click(refresh_loras, lora_select, lora_select, api_name="refresh_loras")
+    refresh_button.click(user_errors(lambda selected: refreshed_lora_dropdown(service, selected)), lora_select,
+                         lora_select, api_name="refresh_loras")
 
     @user_errors
     def load_model(ref, progress=gr.Progress()):
