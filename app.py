@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         generated_password = settings.ensure_share_auth()
         auth = settings.auth_pair()
         runtime = build_runtime(settings)
+        # Only the app repairs the gallery, at start-up: a CLI run beside a running app must not
+        # delete the app's in-flight temp files or import PNGs it is about to record.
+        for line in runtime.gallery.reconcile():
+            log.info("gallery repair: %s", line)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -71,8 +71,6 @@ def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime
     )
     jobs = JobQueue()
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
-    for line in gallery.reconcile():
-        logging.getLogger(__name__).info("gallery repair: %s", line)
     sink = (lambda result, job: record_in_gallery(gallery, result, job.id)) if record_results else None
     service = PlaygroundService(settings, engine, library, jobs, result_sink=sink)
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.

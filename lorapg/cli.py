@@ -18,6 +18,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face id, diffusers folder or .safetensors checkpoint")
     parser.add_argument("--lora-dir", dest="lora_dir", help="folder of LoRA .safetensors files")
     parser.add_argument("--outputs", help="folder for images and the gallery database")
+    parser.add_argument("--gallery-keep", dest="gallery_keep", type=int,
+                        help="newest images the gallery keeps (default 20; 0 keeps all; starred are never pruned)")
     parser.add_argument("--models-dir", dest="models_dir",
                         help="folder for datasets, training runs and cached LLMs (default models)")
     parser.add_argument("--device", help="auto, cpu or cuda")
@@ -34,8 +36,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SETTING_FLAGS = (
-    "model", "lora_dir", "models_dir", "outputs", "device", "dtype", "threads", "allow_pickle", "single_file_config",
-    "vram_budget", "policy",
+    "model", "lora_dir", "models_dir", "outputs", "gallery_keep", "device", "dtype", "threads", "allow_pickle",
+    "single_file_config", "vram_budget", "policy",
 )
 LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
 

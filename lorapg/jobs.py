@@ -69,7 +69,7 @@ class Job:
 class JobQueue:
     """A FIFO of jobs executed by a single worker thread."""
 
-    def __init__(self, keep_finished: int = 100):
+    def __init__(self, keep_finished: int = 20):
         self._queue: queue.Queue[tuple[Job, Callable[[Job], Any]] | None] = queue.Queue()
         self._jobs: dict[str, Job] = {}
         self._order: list[str] = []
@@ -135,7 +135,10 @@ class JobQueue:
                 log.exception("job %s (%s) failed", job.id, job.kind)
                 self._finish(job, ERROR, error=f"{type(exc).__name__}: {exc}")
                 continue
-            self._finish(job, CANCELLED if job.cancel_requested() else DONE)
+            # Work that reports its own outcome (a generation cancelled after its last step still
+            # finished and saved its images) decides; otherwise the cancel flag does.
+            cancelled = getattr(job.result, "cancelled", None)
+            self._finish(job, CANCELLED if (job.cancel_requested() if cancelled is None else cancelled) else DONE)
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, message: str = "") -> None:
         job.error = error

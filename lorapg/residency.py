@@ -116,10 +116,6 @@ class ResidencyManager:
         with self._lock:
             self._require(name).size_bytes = size_bytes
 
-    def unregister(self, name: str) -> None:
-        with self._lock:
-            self._models.pop(name, None)
-
     # --- use ---------------------------------------------------------------------------------
 
     @contextmanager
@@ -243,7 +239,16 @@ class ResidencyManager:
                     "all-gpu policy never evicts. Use --policy auto or a larger --vram-budget."
                 )
             self._make_room(needed, exclude=model.name)
-        model.to_gpu()
+        try:
+            model.to_gpu()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._empty_cache()
+            raise UserError(
+                f"Out of GPU memory while moving {model.name} onto the GPU. Free GPU memory (other programs "
+                "too), lower --vram-budget so the app evicts earlier, or use --policy lowvram."
+            ) from None
         model.location = GPU
         model.moves.append(GPU)
         self.bytes_moved_to_gpu += model.size_bytes

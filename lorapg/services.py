@@ -176,9 +176,6 @@ class PlaygroundService:
     def cancel(self, job_id: str) -> Job:
         return self.jobs.cancel(job_id)
 
-    def job(self, job_id: str) -> Job:
-        return self.jobs.get(job_id)
-
     def _wait(self, job: Job, on_progress: Callable[[Job], None] | None = None):
         while not job.wait(0.1):
             if on_progress is not None:

@@ -133,3 +133,34 @@ def test_queued_status_says_when_training_holds_the_gpu():
     assert "1 job(s) ahead" in text and "LoRA training in progress" in text
     release.set()
     assert waiting.wait(5) and waiting.result == "image"
+
+
+def test_services_never_import_gradio():
+    """The UI depends on services, never the reverse: importing every service leaves gradio out."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, lorapg.services, lorapg.prompt_service, lorapg.gallery_service, "
+            "lorapg.training.service, lorapg.bootstrap, lorapg.cli; print('gradio' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_result_that_finished_despite_a_late_cancel_is_done():
+    class Finished:
+        cancelled = False
+
+    queue = JobQueue()
+    release = threading.Event()
+
+    def work(job):
+        release.wait(5)
+        return Finished()
+
+    job = queue.submit("generate", work)
+    time.sleep(0.05)
+    queue.cancel(job.id)  # pressed after the last step: the images were made and saved
+    release.set()
+    assert job.wait(5) and job.status == DONE

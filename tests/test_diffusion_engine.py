@@ -214,3 +214,19 @@ def test_switching_models_keeps_serving(tiny_models):
     with pytest.raises(UserError, match="does not exist"):
         engine.load_model(str(tiny_models["root"] / "missing-model"))
     assert engine.model.family == SDXL  # a failed load leaves the current model in place
+
+
+def test_lora_names_that_sanitise_alike_stay_distinct(tiny_models, tmp_path):
+    """``a-b`` and ``a_b`` become the same peft-safe text; both must still apply."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shutil.copy(tiny_models["loras"] / "style.safetensors", loras / "a-b.safetensors")
+    shutil.copy(tiny_models["loras"] / "other.safetensors", loras / "a_b.safetensors")
+    engine = make_engine(loras)
+    engine.load_model(str(tiny_models["sd15"]))
+    one = pixels(engine, loras=[("a-b", 0.8)])
+    other = pixels(engine, loras=[("a_b", 0.8)])
+    both = pixels(engine, loras=[("a-b", 0.8), ("a_b", 0.8)])
+    assert engine.model.adapters.files_read == 2
+    assert np.abs(one - both).max() > 10 and np.abs(other - both).max() > 10
+    assert np.array_equal(pixels(engine, loras=[("a-b", 0.8)]), one)  # neither replaced the other

@@ -78,3 +78,15 @@ def test_resolve_by_name_and_by_path_inside_the_folder(tiny_models):
         library.resolve("nope")
     with pytest.raises(UserError, match="corrupt"):
         library.resolve("broken")
+
+
+def test_scan_reports_a_symlink_leading_outside_instead_of_failing(tiny_models, tmp_path):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(tiny_models["loras"] / "style.safetensors", folder / "inside.safetensors")
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(tiny_models["loras"] / "style.safetensors", outside)
+    (folder / "linked.safetensors").symlink_to(outside)
+    infos, problems = LoraLibrary(folder).scan()
+    assert [info.name for info in infos] == ["inside"]
+    assert len(problems) == 1 and "links outside the LoRA folder" in problems[0]

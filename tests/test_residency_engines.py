@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 from lorapg.diffusion.engine import RESIDENT_NAME, DiffusionEngine, pipeline_bytes
@@ -51,7 +53,9 @@ def test_generate_enhance_train_generate_under_a_tight_budget(tiny_models, tmp_p
     from tests.training_data import write_images
 
     llm_dir = build_tiny_chat_model(tmp_path / "llm")
-    settings = Settings(model=str(tiny_models["sd15"]), lora_dir=tiny_models["loras"], models_dir=tmp_path / "models",
+    loras = tmp_path / "loras"  # training writes into it: keep the shared fixture folder untouched
+    shutil.copytree(tiny_models["loras"], loras)
+    settings = Settings(model=str(tiny_models["sd15"]), lora_dir=loras, models_dir=tmp_path / "models",
                         outputs=tmp_path / "outputs", device="cpu", llm_backend="transformers",
                         llm_model=str(llm_dir), llm_timeout=120.0)
     manager = ResidencyManager(budget_bytes=10**9)

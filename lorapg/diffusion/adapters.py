@@ -7,6 +7,7 @@ base-model reload. A file that changes on disk (same name, new mtime/size) is re
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -97,8 +98,13 @@ class AdapterSet:
 
 
 def adapter_name(info: LoraInfo) -> str:
-    """peft adapter names become module attribute keys: letters, digits and underscores only."""
-    return "lora_" + re.sub(r"\W", "_", info.name)
+    """peft adapter names become module attribute keys: letters, digits and underscores only.
+
+    A short hash of the library name keeps ``a-b`` and ``a_b`` (or ``sub/x`` and ``sub_x``) apart.
+    """
+    digest = hashlib.sha1(info.name.encode("utf-8")).hexdigest()[:8]
+    readable = re.sub(r"\W", "_", info.name)
+    return f"lora_{readable}_{digest}"
 
 
 def _first_line(exc: Exception) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from lorapg.diffusion.preview import latents_to_preview
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import make_scheduler
 from lorapg.errors import UserError
-from lorapg.residency import ResidencyManager
+from lorapg.residency import LOWVRAM, ResidencyManager
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +92,44 @@ class DiffusionEngine:
         with self._lock:
             if self._model and self._model.source.ref == source.ref:
                 return self._model
+            self._release_current_from_gpu()
             pipe, family = load_pipeline(
                 source, self.device, self.dtype, single_file_config=self.single_file_config, on_status=on_status,
                 keep_on_cpu=self.residency is not None,
             )
             if self.residency is not None:
-                self.residency.register(
-                    RESIDENT_NAME, pipeline_bytes(pipe), to_gpu=lambda: pipe.to(self.device),
-                    to_cpu=lambda: pipe.to("cpu"),
-                )
+                self._register_with_residency(pipe)
             vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
             native = int(pipe.unet.config.sample_size * vae_scale) or NATIVE_SIZE[family]
             previous, self._model = self._model, LoadedModel(
                 source, pipe, family, AdapterSet(pipe, family), dict(pipe.scheduler.config), native
             )
             del previous  # the old pipeline's memory is released once nothing refers to it
+            gc.collect()
             log.info("loaded %s (%s, native %dpx) on %s", source.ref, family, native, self.device)
             return self._model
+
+    def _release_current_from_gpu(self) -> None:
+        """Move the current pipeline to CPU RAM before loading another, so two never share the GPU.
+
+        If the new load fails the old model stays usable: the manager moves it back on next use.
+        """
+        if self.residency is None or self._model is None:
+            return
+        self.residency.free_all()
+        gc.collect()
+
+    def _register_with_residency(self, pipe: DiffusionPipeline) -> None:
+        if self.residency.policy == LOWVRAM and self.device.type == "cuda":
+            # diffusers' model CPU offload keeps one component (the largest: the UNet) on the GPU
+            # at a time and moves it in and out itself; the manager only reserves that much.
+            pipe.enable_model_cpu_offload(device=self.device)
+            largest = max(module_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+            self.residency.register(RESIDENT_NAME, largest, to_gpu=lambda: None, to_cpu=lambda: None)
+            return
+        self.residency.register(
+            RESIDENT_NAME, pipeline_bytes(pipe), to_gpu=lambda: pipe.to(self.device), to_cpu=lambda: pipe.to("cpu")
+        )
 
     def require_model(self) -> LoadedModel:
         if self._model is None:
@@ -137,7 +159,6 @@ class DiffusionEngine:
             model = self.require_model()
             request = validate(request, model.native_size)
             selections = self.resolve_loras(request)
-            model.adapters.activate(selections)
             pipe = model.pipe
             pipe.scheduler = make_scheduler(request.sampler, model.base_scheduler_config)
             self._configure_vae_tiling(model, request)
@@ -178,9 +199,13 @@ class DiffusionEngine:
                 )
 
             if self.residency is None:
+                model.adapters.activate(selections)
                 output = run_pipeline()
             else:
+                # Pinned before LoRAs are injected: "Free GPU memory now" must not move the
+                # pipeline while peft adds layers to it.
                 with self.residency.use(RESIDENT_NAME):
+                    model.adapters.activate(selections)
                     output = self.residency.run_with_oom_retry(
                         run_pipeline, keep=RESIDENT_NAME,
                         advice="Lower the image size or the batch size, or start with --policy lowvram.",
@@ -220,11 +245,11 @@ class DiffusionEngine:
             model.pipe.vae.disable_tiling()
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def pipeline_bytes(pipe: DiffusionPipeline) -> int:
     """GPU footprint of the pipeline's weights (activations come out of the manager's reserve)."""
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            total += sum(p.numel() * p.element_size() for p in component.parameters())
-            total += sum(b.numel() * b.element_size() for b in component.buffers())
-    return total
+    return sum(module_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))

@@ -49,8 +49,11 @@ class LoraLibrary:
         problems: list[str] = []
         if not self.folder.is_dir():
             return infos, problems
+        root = self.folder.resolve()
         for path in sorted(self.folder.rglob("*.safetensors")):
             try:
+                if not path.resolve().is_relative_to(root):
+                    raise UserError(f"{path.name} links outside the LoRA folder {self.folder}; copy the file in.")
                 infos.append(self.describe(path))
             except UserError as exc:
                 problems.append(str(exc))

@@ -19,7 +19,7 @@ from PIL import Image
 
 from lorapg.config import Settings
 from lorapg.errors import UserError
-from lorapg.jobs import DONE, ERROR, FINISHED, Job, JobQueue
+from lorapg.jobs import ERROR, FINISHED, Job, JobQueue
 from lorapg.residency import is_out_of_memory
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetStore
@@ -227,7 +227,3 @@ class TrainingService:
                     "Out of GPU memory while training, with every other model off the GPU. Lower the "
                     "resolution or the batch size, or turn text-encoder training off."
                 ) from None
-
-
-def finished_ok(run: TrainingRun) -> bool:
-    return run.job.status == DONE and run.result is not None and run.result.lora_path is not None

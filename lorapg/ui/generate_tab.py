@@ -11,14 +11,17 @@ from lorapg.diffusion.families import family_label
 from lorapg.diffusion.request import DEFAULT_STEPS, MAX_BATCH, MAX_STEPS, GenerationRequest, parse_lora_list
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.jobs import CANCELLED
-from lorapg.services import PlaygroundService
+from lorapg.services import LoraListing, PlaygroundService
 from lorapg.ui.common import follow, job_status_text, user_errors
 
 DEFAULT_LORA_SCALE = 1.0
 
 
 def lora_choices(service: PlaygroundService) -> list[tuple[str, str]]:
-    listing = service.list_loras()
+    return _choices(service.list_loras())
+
+
+def _choices(listing: LoraListing) -> list[tuple[str, str]]:
     choices = []
     for info in listing.loras:
         label = f"{info.name} ({family_label(info.family)})" if info.family else info.name
@@ -29,8 +32,11 @@ def lora_choices(service: PlaygroundService) -> list[tuple[str, str]]:
 
 
 def refreshed_lora_dropdown(service: PlaygroundService, selected: list[str] | None):
-    """Re-scan the LoRA folder; keep the selected LoRAs that still exist."""
-    choices = lora_choices(service)
+    """Re-scan the LoRA folder; keep the selected LoRAs that still exist; say which files were skipped."""
+    listing = service.list_loras()
+    for problem in listing.problems:
+        gr.Warning(problem)
+    choices = _choices(listing)
     names = {value for _, value in choices}
     return gr.update(choices=choices, value=[n for n in selected or [] if n in names])
 
