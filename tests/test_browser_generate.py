@@ -42,6 +42,9 @@ def test_generate_tab_in_a_real_browser(tiny_models, tmp_path):
         page.get_by_text(re.compile(r"Done: seed 1234")).wait_for(timeout=120_000)
         images = page.locator("#images img")
         assert images.count() >= 1
+        # No handler failed along the way (page-load events included): Gradio shows failures as toasts.
+        toasts = page.locator("[data-testid='toast-body']")
+        assert toasts.count() == 0, toasts.all_inner_texts()
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "generate_tab.png"), full_page=True)
 

@@ -43,5 +43,7 @@ def test_trained_lora_appears_in_generate_with_its_trigger(tiny_models, tmp_path
         page.locator("#lora-select input").click()
         option = page.get_by_role("option", name=re.compile(r"^zq_fox \(SD 1\.x\) — zqfoxstyle$"))
         option.wait_for(timeout=15_000)
+        toasts = page.locator("[data-testid='toast-body']")  # no handler failed on the way
+        assert toasts.count() == 0, toasts.all_inner_texts()
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "trained_lora_listed.png"), full_page=True)

@@ -93,8 +93,8 @@ def wire_working_state(demo: gr.Blocks, service: PlaygroundService, state: Worki
         updates: dict = {}
         if values == WorkingValues():
             # Nothing saved yet: touching no widget fires no change events (and no slider re-render)
-            # that could race the user's first clicks.
-            return updates
+            # that could race the user's first clicks. (An empty dict is not "no updates" to Gradio.)
+            return {widget: gr.skip() for widget in widgets}
         updates[generate["prompt"]] = values.prompt
         updates[generate["negative"]] = values.negative_prompt
         if "keywords" in generate:
