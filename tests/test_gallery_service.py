@@ -14,8 +14,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo as PilPngInfo
 from safetensors.torch import save_file
 
-from lorapg.bootstrap import build_runtime
-from lorapg.config import load_settings
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
@@ -23,7 +21,7 @@ from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord, LoraUse
 from lorapg.gallery_service import BY_HASH, BY_NAME, NO_PARAMETERS, GalleryService, map_sampler
 from lorapg.hashing import lora_hash
-from tests.tiny_models import build_sd15_pipeline, random_lora_state_dict, save_diffusers_lora
+from tests.tiny_models import tiny_runtime
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -188,16 +186,7 @@ def test_ids_are_checked(service: GalleryService) -> None:
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("reuse")
-    pipe = build_sd15_pipeline(root / "tiny-sd15")
-    state, config = random_lora_state_dict(pipe, seed=1)
-    save_diffusers_lora(root / "loras" / "style.safetensors", pipe, state, config)
-    settings = load_settings(None, {
-        "model": str(root / "tiny-sd15"), "lora_dir": str(root / "loras"), "outputs": str(root / "outputs"),
-        "device": "cpu", "threads": 1, "gallery_keep": 0,
-    })
-    return build_runtime(settings)
+    return tiny_runtime(tmp_path_factory.mktemp("reuse"))
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -6,15 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from lorapg.bootstrap import build_runtime
-from lorapg.config import load_settings
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.gallery import read_png_parameters
 from lorapg.gallery_service import GalleryService
 from lorapg.working_state import WorkingState, WorkingValues
-from tests.tiny_models import build_sd15_pipeline, random_lora_state_dict, save_diffusers_lora
+from tests.tiny_models import tiny_runtime
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -34,16 +31,8 @@ def app(tmp_path_factory: pytest.TempPathFactory):
 
     from lorapg.ui.app_ui import build_ui
 
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ui")
-    pipe = build_sd15_pipeline(root / "tiny-sd15")
-    state, config = random_lora_state_dict(pipe, seed=1)
-    save_diffusers_lora(root / "loras" / "style.safetensors", pipe, state, config)
-    settings = load_settings(None, {
-        "model": str(root / "tiny-sd15"), "lora_dir": str(root / "loras"), "outputs": str(root / "outputs"),
-        "device": "cpu", "threads": 1, "gallery_keep": 0,
-    })
-    runtime = build_runtime(settings)
+    runtime = tiny_runtime(tmp_path_factory.mktemp("ui"))
+    settings = runtime.settings
     result = runtime.service.generate(GenerationRequest(
         prompt="a fox", negative_prompt="blurry", loras=(LoraRequest("style", 0.7),), steps=2, width=64, height=64,
         seed=77, sampler="Euler a",

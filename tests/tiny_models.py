@@ -239,3 +239,22 @@ def save_diffusers_lora(
             kwargs[f"{prefix}_lora_adapter_metadata"] = text_config
     type(pipe).save_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
     return path
+
+
+def tiny_runtime(root: Path):
+    """A full runtime (engine, services, gallery) on a tiny SD 1.x model with one LoRA, ``style``.
+
+    The gallery keeps everything, so tests that count images are not surprised by pruning.
+    """
+    from lorapg.bootstrap import build_runtime
+    from lorapg.config import load_settings
+
+    torch.set_num_threads(1)
+    pipe = build_sd15_pipeline(root / "tiny-sd15")
+    state, config = random_lora_state_dict(pipe, seed=1)
+    save_diffusers_lora(root / "loras" / "style.safetensors", pipe, state, config)
+    settings = load_settings(None, {
+        "model": str(root / "tiny-sd15"), "lora_dir": str(root / "loras"), "outputs": str(root / "outputs"),
+        "models_dir": str(root / "models"), "device": "cpu", "threads": 1, "gallery_keep": 0,
+    })
+    return build_runtime(settings)
