@@ -164,3 +164,17 @@ def test_a_result_that_finished_despite_a_late_cancel_is_done():
     queue.cancel(job.id)  # pressed after the last step: the images were made and saved
     release.set()
     assert job.wait(5) and job.status == DONE
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"policy": "sometimes"}, "Unknown memory policy 'sometimes'"),
+    ({"vram_budget": "lots"}, "VRAM budget 'lots' is not a size"),
+    ({"gallery_keep": -1}, "gallery size must be 0"),
+])
+def test_bad_memory_and_gallery_settings_are_refused_on_any_machine(tmp_path, overrides, message):
+    """A typo in --policy / --vram-budget is reported on a CPU machine too, not only where a GPU makes it matter."""
+    from lorapg.bootstrap import build_runtime
+
+    settings = load_settings(None, {"outputs": str(tmp_path / "out"), **overrides}, environ={})
+    with pytest.raises(UserError, match=message):
+        build_runtime(settings)
