@@ -6,12 +6,15 @@ import argparse
 import logging
 import sys
 
+import lorapg.spaces_gpu  # noqa: F401  (first: on a ZeroGPU Space `spaces` must be imported before torch)
 from lorapg.quiet import quiet_third_party_imports
 
 quiet_third_party_imports()  # before anything imports transformers or bitsandbytes
 
 from lorapg.cli import LLM_SETTING_FLAGS, add_llm_arguments, add_settings_arguments, settings_from_args  # noqa: E402
 from lorapg.errors import UserError  # noqa: E402
+from lorapg.space_mode import server_host, writable_outputs  # noqa: E402
+from lorapg.spaces_gpu import running_on_spaces  # noqa: E402
 
 log = logging.getLogger("lorapg.app")
 
@@ -39,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             args, extra=("listen", "port", "share", "auth", "load_model_at_start", *LLM_SETTING_FLAGS))
         generated_password = settings.ensure_share_auth()
         auth = settings.auth_pair()
+        if running_on_spaces():
+            settings.outputs = writable_outputs(settings.outputs)
         runtime = build_runtime(settings)
+        policy = runtime.policy
         # Only the app repairs the gallery, at start-up: a CLI run beside a running app must not
         # delete the app's in-flight temp files or import PNGs it is about to record.
         for line in runtime.gallery.reconcile():
@@ -50,22 +56,32 @@ def main(argv: list[str] | None = None) -> int:
 
     from lorapg.gallery_service import GalleryService
     from lorapg.ui.app_ui import build_ui
-    from lorapg.working_state import WorkingState
+    from lorapg.visitors import Visitors, browser_secret
+    from lorapg.working_state import VisitorWorkingStates, WorkingState
 
-    gallery_service = GalleryService(runtime.gallery, runtime.library)
-    working_state = WorkingState(settings.outputs / "working_state.json")
+    gallery_service = GalleryService(runtime.gallery, runtime.library, shared=policy.shared_gallery)
+    visitors = Visitors(private=policy.private_visitors)
+    if policy.private_visitors:
+        working_state = VisitorWorkingStates(settings.outputs / "working_states")
+        secret = browser_secret(settings.outputs / ".visitor_secret")
+    else:
+        working_state, secret = WorkingState(settings.outputs / "working_state.json"), None
     demo = build_ui(runtime.service, gallery_service, working_state, prompt_service=runtime.prompts,
-                    training_service=runtime.training)
+                    training_service=runtime.training, visitors=visitors, visitor_secret=secret)
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.
         print(f"\n  Share link protection: user 'lorapg', password '{generated_password}'\n", flush=True)
     if settings.load_model_at_start:
         try:
-            runtime.service.submit_load_model()  # in the background: the UI is served meanwhile
+            if policy.zero_gpu:
+                # ZeroGPU packs the weights on the (virtual) GPU when the app launches: they must all be there.
+                runtime.service.load_model()
+            else:
+                runtime.service.submit_load_model()  # in the background: the UI is served meanwhile
         except UserError as exc:
             log.warning("not loading the base model at start: %s", exc)
     demo.queue(default_concurrency_limit=None).launch(
-        server_name=settings.host,
+        server_name=server_host(settings, policy),
         server_port=settings.port,
         share=settings.share,
         auth=[auth] if auth else None,
@@ -73,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         # Gallery images are served from their files (so downloads keep the PNG metadata), and
         # --outputs may point outside the working directory.
         allowed_paths=[str(settings.outputs)],
+        max_file_size=policy.max_upload_bytes,
     )
     return 0
 

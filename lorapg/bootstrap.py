@@ -17,6 +17,8 @@ from lorapg.outputs import record_in_gallery
 from lorapg.prompt_service import PromptService
 from lorapg.residency import GB, POLICIES, ResidencyManager, format_bytes, parse_size
 from lorapg.services import PlaygroundService
+from lorapg.space_mode import SpacePolicy, space_policy
+from lorapg.spaces_gpu import zero_gpu_enabled
 from lorapg.training.service import TrainingService
 
 
@@ -52,11 +54,13 @@ class Runtime:
     gallery: GalleryStore
     prompts: PromptService | None = None  # prompt tools (LLM enhance / rewrite presets)
     training: TrainingService | None = None  # the Train tab's service (same job queue: never overlaps generation)
+    policy: SpacePolicy | None = None  # what hosting for visitors (a Space) changes; see lorapg/space_mode.py
 
 
 def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime:
     """``record_results``: save every finished generation into the gallery (the UI does; the CLI
     writes ``--out`` first and records afterwards unless told not to)."""
+    policy = space_policy(settings)
     set_cpu_threads(settings.threads)
     device = pick_device(settings.device)
     library = LoraLibrary(settings.lora_dir)
@@ -71,12 +75,14 @@ def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime
     )
     jobs = JobQueue()
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
-    sink = (lambda result, job: record_in_gallery(gallery, result, job.id)) if record_results else None
-    service = PlaygroundService(settings, engine, library, jobs, result_sink=sink)
+    sink = (lambda result, job: record_in_gallery(gallery, result, job.id, job.owner)) if record_results else None
+    locked = policy.settings_locked
+    service = PlaygroundService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
-    prompts = PromptService(settings, library, jobs, engine=engine)
-    training = TrainingService(settings, jobs, engine)
-    return Runtime(settings, library, engine, jobs, service, gallery, prompts=prompts, training=training)
+    prompts = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
+    training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps)
+    return Runtime(settings, library, engine, jobs, service, gallery, prompts=prompts, training=training,
+                   policy=policy)
 
 
 # Activations, the VAE decode and CUDA's own context need room beyond the weights.
@@ -90,6 +96,10 @@ def build_residency(settings: Settings, device) -> ResidencyManager | None:
     if settings.vram_budget != "auto":
         parse_size(settings.vram_budget)  # a typo is reported on any machine, not only on a GPU
     if device.type != "cuda":
+        return None
+    if zero_gpu_enabled():
+        # ZeroGPU: each GPU call gets a whole GPU slice in its own process; there is nothing to share,
+        # and asking CUDA for free memory outside a GPU call is not allowed there.
         return None
     import torch
 

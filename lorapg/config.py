@@ -17,13 +17,20 @@ from typing import Any
 
 from lorapg.errors import UserError
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The bundled demo model (models/demo, 5 MB): with no model configured the app runs offline on any
+# CPU. Real work uses SD 1.5 / SDXL (see SUGGESTED_MODELS).
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEFAULT_MODEL = str(DEMO_MODEL)
+SUGGESTED_MODELS = {
+    "SD 1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "SDXL": "stabilityai/stable-diffusion-xl-base-1.0",
+}
 ENV_PREFIX = "LORAPG_"
 
 
 @dataclass
 class Settings:
-    model: str = DEFAULT_MODEL  # hub id, diffusers folder or .safetensors file
+    model: str = DEFAULT_MODEL  # hub id, diffusers folder or .safetensors file; default: the bundled demo
     lora_dir: Path = Path("models/loras")
     models_dir: Path = Path("models")
     outputs: Path = Path("outputs")
@@ -48,6 +55,11 @@ class Settings:
     # GPU residency: "auto" = free GPU memory at start minus a reserve, or a size such as "10GB".
     vram_budget: str = "auto"
     policy: str = "auto"  # auto | lowvram | all-gpu (see lorapg/residency.py)
+    # Public hosting (a Hugging Face Space; see lorapg/space_mode.py). "auto"/-1 = decided by where it runs.
+    visitors: str = "auto"  # auto | private | shared: private keeps each visitor's gallery, drafts, datasets apart
+    shared_gallery: bool = False  # with private visitors: everyone sees every image (and edits only their own)
+    max_upload_mb: int = -1  # largest upload; -1 = auto (50 on a Space, no limit locally), 0 = no limit
+    train_max_steps: int = -1  # longest training run; -1 = auto (a Space: 60 on CPU, 600 on a GPU; else none)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -83,6 +95,16 @@ class Settings:
 
 
 _FIELD_TYPES = {f.name: f for f in fields(Settings) if f.name != "extra"}
+
+
+def is_demo_model(ref: str | None) -> bool:
+    """True when ``ref`` names the bundled demo folder (however the path is spelled)."""
+    if not ref:
+        return False
+    try:
+        return Path(ref).expanduser().resolve() == DEMO_MODEL
+    except (OSError, RuntimeError):
+        return False
 
 
 def _coerce(name: str, value: Any) -> Any:

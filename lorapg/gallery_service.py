@@ -7,6 +7,10 @@ renamed) can be made again: an exact file hash wins over a name, because the sam
 different version of a LoRA, while the same hash is the same weights. A LoRA that matches nothing
 is reported by name, never silently dropped.
 
+Visitors: every method takes the ``owner`` asking (None where visitors are not kept apart). An
+owner sees and reuses only their own images, unless the gallery is ``shared``; star and delete
+touch only their own images either way. Another visitor's image looks exactly like a missing one.
+
 Importing diffusers takes seconds, so the sampler and scale limits are imported only when
 parameters are reused; ``python -m lorapg gallery list`` stays quick.
 """
@@ -194,9 +198,10 @@ def _lora_text(name: str, scale: float, file_hash: str | None) -> str:
 
 
 class GalleryService:
-    def __init__(self, store: GalleryStore, library: LoraLibrary):
+    def __init__(self, store: GalleryStore, library: LoraLibrary, *, shared: bool = False):
         self.store = store
         self.library = library
+        self.shared = shared
         # path -> (size, mtime_ns, hash): hashing reads whole files, so each is read once per
         # version; the hashing module's own cache is bounded and may be smaller than a library.
         self._hashes: dict[Path, tuple[int, int, str]] = {}
@@ -204,39 +209,57 @@ class GalleryService:
 
     # --- the gallery -------------------------------------------------------------------------
 
-    def list(self, query: str | None = None, lora: str | None = None, limit: int | None = 200) -> list[ImageRecord]:
+    def _seen_by(self, owner: str | None) -> str | None:
+        """The owner filter for looking: none in a shared gallery."""
+        return None if self.shared else owner
+
+    def list(self, query: str | None = None, lora: str | None = None, limit: int | None = 200,
+             owner: str | None = None) -> list[ImageRecord]:
         """Newest first; ``query`` words must all appear in the prompt, ``lora`` must be used."""
-        return self.store.list(query=query, lora=lora, limit=limit)
+        return self.store.list(query=query, lora=lora, limit=limit, owner=self._seen_by(owner))
 
-    def get(self, image_id: int | str) -> ImageRecord:
+    def get(self, image_id: int | str, owner: str | None = None) -> ImageRecord:
         image_id = self._check_id(image_id)
         try:
-            return self.store.get(image_id)
+            return self.store.get(image_id, owner=self._seen_by(owner))
         except UserError:
             raise _missing(image_id) from None
 
-    def delete(self, image_id: int | str) -> None:
+    def delete(self, image_id: int | str, owner: str | None = None) -> None:
         image_id = self._check_id(image_id)
         try:
-            self.store.delete(image_id)
+            self.store.delete(image_id, owner=owner)
         except UserError:
-            raise _missing(image_id) from None
+            raise self._not_yours(image_id, owner) from None
         log.info("gallery: deleted image #%d", image_id)
 
-    def star(self, image_id: int | str, starred: bool = True) -> ImageRecord:
+    def star(self, image_id: int | str, starred: bool = True, owner: str | None = None) -> ImageRecord:
         image_id = self._check_id(image_id)
         try:
-            return self.store.set_starred(image_id, starred)
+            return self.store.set_starred(image_id, starred, owner=owner)
         except UserError:
-            raise _missing(image_id) from None
+            raise self._not_yours(image_id, owner) from None
 
-    def toggle_star(self, image_id: int | str) -> ImageRecord:
+    def _not_yours(self, image_id: int, owner: str | None) -> UserError:
+        # In a shared gallery the visitor sees the image, so "missing" would be a lie.
+        if self.shared and owner is not None and self._exists(image_id):
+            return UserError(f"Image #{image_id} was made by another visitor; only they can change it.")
+        return _missing(image_id)
+
+    def _exists(self, image_id: int) -> bool:
+        try:
+            self.store.get(image_id)
+        except UserError:
+            return False
+        return True
+
+    def toggle_star(self, image_id: int | str, owner: str | None = None) -> ImageRecord:
         """Star an unstarred image, unstar a starred one (the Gallery tab's one button)."""
-        return self.star(image_id, not self.get(image_id).starred)
+        return self.star(image_id, not self.get(image_id, owner).starred, owner)
 
-    def show(self, image_id: int | str) -> ImageDetails:
+    def show(self, image_id: int | str, owner: str | None = None) -> ImageDetails:
         """The record and the A1111 text read back from its PNG file."""
-        record = self.get(image_id)
+        record = self.get(image_id, owner)
         if record.path is None or not record.path.is_file():
             raise UserError(f"The file of image #{record.id} is missing; press Refresh.")
         return ImageDetails(record, read_png_parameters(record.path) or NO_PARAMETERS)
@@ -258,9 +281,9 @@ class GalleryService:
             written.append(destination)
         return written
 
-    def lora_names(self) -> list[str]:
+    def lora_names(self, owner: str | None = None) -> list[str]:
         """Names of the LoRAs used by images in the gallery (for the LoRA filter)."""
-        names = {lora.name for record in self.store.list(limit=None) for lora in record.loras}
+        names = {lora.name for record in self.list(limit=None, owner=owner) for lora in record.loras}
         return sorted(names, key=str.casefold)
 
     @staticmethod
@@ -341,7 +364,8 @@ class GalleryService:
 
     # --- reuse -------------------------------------------------------------------------------
 
-    def reuse_parameters(self, source: int | str | PngInfo, current_model: str | None = None) -> ReuseParameters:
+    def reuse_parameters(self, source: int | str | PngInfo, current_model: str | None = None,
+                         owner: str | None = None) -> ReuseParameters:
         """The Generate tab's values for a gallery image (by id) or a PNG read by ``png_info``.
 
         ``current_model``: the model the Generate tab will use; a different one is noted, since
@@ -354,7 +378,7 @@ class GalleryService:
             matches = source.loras
             notes = list(source.problems)
         else:
-            record = self.get(source)
+            record = self.get(source, owner)
             values = _values_from_record(record)
             matches = self.match_loras([(lora.name, lora.scale, lora.file_hash) for lora in record.loras])
             notes = []

@@ -2,11 +2,14 @@
 
 One worker thread runs jobs in submission order, so several browser tabs, API clients and the
 CLI share the GPU without racing; everything else (gallery, presets) never waits on it.
-Cancellation is a flag the work checks between steps.
+Cancellation is a flag the work checks between steps. Work runs in the context (``contextvars``) of
+the call that submitted it, so a ZeroGPU function called from the worker still sees the visitor's
+request (ZeroGPU charges each visitor's own quota from it).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -27,6 +30,7 @@ FINISHED = {DONE, ERROR, CANCELLED}
 @dataclass
 class Job:
     kind: str
+    owner: str | None = None  # the visitor who submitted it (None where visitors are not kept apart)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     status: str = QUEUED
     step: int = 0
@@ -70,7 +74,7 @@ class JobQueue:
     """A FIFO of jobs executed by a single worker thread."""
 
     def __init__(self, keep_finished: int = 20):
-        self._queue: queue.Queue[tuple[Job, Callable[[Job], Any]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Job, Callable[[Job], Any], contextvars.Context] | None] = queue.Queue()
         self._jobs: dict[str, Job] = {}
         self._order: list[str] = []
         self._lock = threading.Lock()
@@ -78,13 +82,13 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name="gpu-queue", daemon=True)
         self._worker.start()
 
-    def submit(self, kind: str, work: Callable[[Job], Any]) -> Job:
-        job = Job(kind=kind)
+    def submit(self, kind: str, work: Callable[[Job], Any], owner: str | None = None) -> Job:
+        job = Job(kind=kind, owner=owner)
         with self._lock:
             self._jobs[job.id] = job
             self._order.append(job.id)
             self._forget_old()
-        self._queue.put((job, work))
+        self._queue.put((job, work, contextvars.copy_context()))
         return job
 
     def get(self, job_id: str) -> Job:
@@ -121,13 +125,13 @@ class JobQueue:
             item = self._queue.get()
             if item is None:
                 return
-            job, work = item
+            job, work, context = item
             if job.cancel_requested():
                 self._finish(job, CANCELLED, message="cancelled before it started")
                 continue
             job.status = RUNNING
             try:
-                job.result = work(job)
+                job.result = context.run(work, job)
             except UserError as exc:
                 self._finish(job, ERROR, error=str(exc))
                 continue

@@ -9,6 +9,10 @@ GPU sharing: work for an in-process model (transformers, bundled SmolLM2) is sub
 ``JobQueue`` that runs diffusion, so an LLM and a UNet never compute on the GPU at once; the rules
 backend and a remote OpenAI-compatible server do not touch this process's GPU and run at once,
 so a click on Enhance never waits behind a 30-step generation for what is string joining.
+
+ZeroGPU: the in-process model writes inside a ``spaces.GPU`` call (``GpuTask``), which rebuilds the
+writer from plain arguments in the GPU process and relays the text as it grows. The model is loaded
+here first, so every GPU process starts with it instead of loading 7B weights per call.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import UserError
+from lorapg.gpu_estimates import writing_seconds
 from lorapg.jobs import CANCELLED, JobQueue
 from lorapg.prompting import (
     CLIP_CONTENT_LIMIT,
@@ -45,6 +50,7 @@ from lorapg.prompting import (
     count_clip_tokens,
     load_presets,
 )
+from lorapg.spaces_gpu import GpuTask
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +101,14 @@ def result_note(result: PromptResult) -> str:
 
 class PromptService:
     def __init__(self, settings: Settings, library: LoraLibrary, jobs: JobQueue | None = None, *,
-                 engine: Any = None, presets_dir: Path | None = None):
+                 engine: Any = None, presets_dir: Path | None = None, settings_locked: bool = False,
+                 gpu_relay: bool | None = None, gpu_decorator: Any = None):
+        """``settings_locked``: the LLM backend, server and style notes are the owner's (a public Space:
+        a visitor must not point this server at another URL or change what others get)."""
         self.settings = settings
+        self.settings_locked = settings_locked
+        self._writing = GpuTask(self._write_on_device, self._writing_seconds, relay=gpu_relay,
+                                decorator=gpu_decorator)
         self.library = library
         self.jobs = jobs
         self.engine = engine  # the diffusion engine, whose loaded pipeline's tokenizer counts tokens
@@ -109,6 +121,14 @@ class PromptService:
         self.set_backend(settings.llm_backend, settings.llm_model, settings.llm_url, settings.llm_api_key)
 
     # --- backend choice -------------------------------------------------------------------
+
+    def change_backend(self, kind: str | None = None, model: str | None = None, url: str | None = None,
+                       api_key: str | None = None) -> BackendInfo:
+        """``set_backend`` for a user of the app (the UI's LLM settings): refused where they are locked."""
+        if self.settings_locked:
+            raise UserError("The LLM settings of this app are fixed by its owner (LORAPG_LLM_BACKEND, "
+                            "LORAPG_LLM_MODEL, LORAPG_LLM_URL).")
+        return self.set_backend(kind, model, url, api_key)
 
     def set_backend(self, kind: str | None = None, model: str | None = None, url: str | None = None,
                     api_key: str | None = None) -> BackendInfo:
@@ -224,6 +244,8 @@ class PromptService:
 
     def set_style_note(self, lora_name: str, note: str) -> str:
         """Save (or with "" remove) the style note that steers the LLM for this LoRA."""
+        if self.settings_locked:
+            raise UserError("Style notes are shared by everyone using this app, so only its owner edits them.")
         info = self.library.resolve(_strip_scale(lora_name))
         note = " ".join((note or "").split())
         if len(note) > MAX_STYLE_NOTE:
@@ -271,15 +293,17 @@ class PromptService:
         Bad input (no keywords, unknown LoRA) raises ``UserError`` here, before anything runs.
         """
         writer = self._writer()
-        stream = writer.enhance_stream(keywords, self.lora_hints(lora_names), _seed(seed))
-        return self._run(stream, writer, writer.uses_model())
+        hints, seed = self.lora_hints(lora_names), _seed(seed)
+        stream = writer.enhance_stream(keywords, hints, seed)  # bad input raises here, in the caller
+        return self._run(stream, writer, writer.uses_model(), ("enhance", keywords, "", hints, seed))
 
     def rewrite_stream(self, prompt: str, preset: str, lora_names: Sequence[str] = (),
                        seed: int | None = None) -> Iterator[StreamItem]:
         writer = self._writer()
         name = (preset or "").strip().lower()
-        stream = writer.rewrite_stream(prompt, name, self.lora_hints(lora_names), _seed(seed))
-        return self._run(stream, writer, writer.uses_model(name))
+        hints, seed = self.lora_hints(lora_names), _seed(seed)
+        stream = writer.rewrite_stream(prompt, name, hints, seed)
+        return self._run(stream, writer, writer.uses_model(name), ("rewrite", prompt, name, hints, seed))
 
     def _resident(self, backend: LLMBackend):
         """Pin an in-process LLM on the GPU through the residency manager while it writes.
@@ -305,21 +329,31 @@ class PromptService:
     def _writer(self) -> PromptWriter:
         return PromptWriter(self.backend, self.presets(), self.tokenizer(), timeout_s=self.settings.llm_timeout)
 
-    def _run(self, stream: Iterator[StreamItem], writer: PromptWriter, uses_model: bool) -> Iterator[StreamItem]:
+    def _run(self, stream: Iterator[StreamItem], writer: PromptWriter, uses_model: bool,
+             task: tuple) -> Iterator[StreamItem]:
         in_process = isinstance(writer.backend, TransformersBackend)
         if self.jobs is None or not uses_model or not in_process:
             return stream
-        return self._through_queue(stream, writer.backend)
+        return self._through_queue(stream, writer.backend, task)
 
-    def _through_queue(self, stream: Iterator[StreamItem], backend: LLMBackend) -> Iterator[StreamItem]:
-        """Run ``stream`` as a job on the GPU queue, handing its items to the caller as they come."""
+    def _through_queue(self, stream: Iterator[StreamItem], backend: LLMBackend,
+                       task: tuple) -> Iterator[StreamItem]:
+        """Run ``stream`` as a job on the GPU queue, handing its items to the caller as they come.
+
+        ``task`` describes the same stream in plain data, for a GPU process to rebuild it (ZeroGPU).
+        """
         items: queue.Queue[Any] = queue.Queue()
 
         def work(job) -> None:
             try:
                 with self._resident(backend):
-                    for item in stream:
-                        items.put(item)
+                    if self._writing.relay:
+                        getattr(stream, "close", lambda: None)()  # rebuilt from ``task`` in the GPU process
+                        backend.ensure_loaded()  # here, so every GPU process starts with the model
+                        self._writing.run(*task, report=items.put, should_cancel=job.cancel_requested)
+                    else:
+                        for item in stream:
+                            items.put(item)
                     self._record_footprint(backend)
             finally:
                 items.put(_END)
@@ -347,6 +381,23 @@ class PromptService:
             if job.status == CANCELLED:
                 raise UserError("The prompt job was cancelled.")
             raise UserError(job.error or "The prompt job ended without a result.")
+
+    def _write_on_device(self, kind: str, text: str, preset: str, hints: list[LoraHint], seed: int | None, *,
+                         report: Any, should_cancel: Any) -> None:
+        """Write in this process (on ZeroGPU: the GPU process), reporting each stream item."""
+        writer = self._writer()
+        if kind == "enhance":
+            stream = writer.enhance_stream(text, hints, seed)
+        else:
+            stream = writer.rewrite_stream(text, preset, hints, seed)
+        for item in stream:
+            report(item)
+            if should_cancel():
+                getattr(stream, "close", lambda: None)()
+                return
+
+    def _writing_seconds(self, *task: Any) -> float:
+        return writing_seconds(self.settings.llm_timeout)
 
 
 def _keep_or_clear(value: str | None, current: str | None) -> str | None:

@@ -2,7 +2,8 @@
 
 Every method either returns plain data or raises ``UserError`` with a message a user can act on.
 GPU work (loading a model, generating) goes through the job queue, so callers get a job id to
-watch, and concurrent callers run in order.
+watch, and concurrent callers run in order. On a ZeroGPU Space the generation itself runs inside a
+``spaces.GPU`` call (``GpuTask``); the model is loaded here first, so every GPU process starts with it.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from lorapg.config import Settings
+from lorapg.config import SUGGESTED_MODELS, Settings, is_demo_model
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
-from lorapg.diffusion.families import NATIVE_SIZE, SD1, family_label
+from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL, family_label
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, extract_lora_tags, validate
 from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError
+from lorapg.gpu_estimates import generation_seconds
 from lorapg.jobs import DONE, ERROR, Job, JobQueue
+from lorapg.spaces_gpu import GpuTask
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,12 @@ class ModelStatus:
     def describe(self) -> str:
         if not self.loaded:
             return "No base model loaded yet."
+        if is_demo_model(self.ref):
+            # Said in the UI, so nobody mistakes the 32 px shapes for what the app does with real models.
+            hubs = " or ".join(f"{label} ({ref})" for label, ref in SUGGESTED_MODELS.items())
+            return (f"Bundled demo model — a 5 MB SD 1.x-architecture model of coloured shapes, native "
+                    f"{self.native_size}px; try “a red star on a blue background”. For real images load {hubs}: "
+                    "type it in the model box and press Load, or start the app with --model.")
         return f"{self.ref} — {family_label(self.family)}, native {self.native_size}px"
 
 
@@ -54,13 +63,23 @@ class PlaygroundService:
         library: LoraLibrary,
         jobs: JobQueue,
         result_sink: ResultSink | None = None,
+        *,
+        offered_models_only: bool = False,
+        gpu_relay: bool | None = None,
+        gpu_decorator: Callable | None = None,
     ):
+        """``offered_models_only``: load only the models ``model_choices`` lists (a public Space:
+        visitors must not make the app download any hub repo or probe the server's files).
+        ``gpu_relay`` / ``gpu_decorator``: see ``GpuTask`` (tests force the ZeroGPU path with them)."""
         self.settings = settings
         self.engine = engine
         self.library = library
         self.jobs = jobs
         self.result_sink = result_sink
+        self.offered_models_only = offered_models_only
         self._loading_job: Job | None = None
+        self._generation = GpuTask(self._generate_on_device, self._generation_seconds, relay=gpu_relay,
+                                   decorator=gpu_decorator)
 
     # --- models and LoRAs --------------------------------------------------------------------
 
@@ -73,6 +92,9 @@ class PlaygroundService:
     def submit_load_model(self, ref: str | None = None) -> Job:
         """Queue loading ``ref`` (default: the configured model); bad paths fail before queueing."""
         ref = (ref or self.settings.model or "").strip()
+        if self.offered_models_only and ref not in self.model_choices():
+            raise UserError(f"This app offers only the models in its list; {ref!r} is not one of them. "
+                            "(Its owner adds models with the LORAPG_MODEL setting or under the models folder.)")
         resolve_model_source(ref, allow_pickle=self.settings.allow_pickle)
 
         def work(job: Job) -> ModelStatus:
@@ -147,7 +169,8 @@ class PlaygroundService:
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         return request
 
-    def submit_generation(self, request: GenerationRequest) -> Job:
+    def submit_generation(self, request: GenerationRequest, owner: str | None = None) -> Job:
+        """Queue a generation; ``owner`` (the visitor) owns its gallery images."""
         request = self.prepare(request)
         if self.engine.model is None and not self.settings.model:
             raise UserError("No base model is loaded yet. Choose a model and press Load.")
@@ -156,16 +179,29 @@ class PlaygroundService:
             if self.engine.model is None:
                 job.report(0, 0, message=f"Loading {self.settings.model}…")
                 self.engine.load_model(self.settings.model, on_status=lambda m: job.report(0, 0, message=m))
-            result = self.engine.generate(
-                request,
-                on_step=lambda step, total, preview: job.report(step, total, preview),
-                should_cancel=job.cancel_requested,
-            )
+            result = self._generation.run(self.engine.model.source.ref, request, report=job.report,
+                                          should_cancel=job.cancel_requested)
             if self.result_sink is not None and not result.cancelled:
                 result.saved = self.result_sink(result, job)
             return result
 
-        return self.jobs.submit("generate", work)
+        return self.jobs.submit("generate", work, owner=owner)
+
+    def _generate_on_device(self, model_ref: str, request: GenerationRequest, *, report: Callable[..., None],
+                            should_cancel: Callable[[], bool]) -> GenerationResult:
+        """The generation itself: on ZeroGPU it runs in a GPU process, whose memory may lag the app's."""
+        if self.engine.model is None or self.engine.model.source.ref != model_ref:
+            # A GPU process kept from an earlier call still holds the model it had then.
+            report(0, 0, None, f"Loading {model_ref}…")
+            self.engine.load_model(model_ref, on_status=lambda message: report(0, 0, None, message))
+        return self.engine.generate(request, on_step=report, should_cancel=should_cancel)
+
+    @staticmethod
+    def _generation_seconds(model_ref: str, request: GenerationRequest) -> float:
+        size = NATIVE_SIZE[SDXL]  # the largest size validation picks when none is given
+        # Called with the request as the user gave it (validated, not normalised): numbers may be floats.
+        return generation_seconds(int(float(request.steps)), int(float(request.width or size)),
+                                  int(float(request.height or size)), int(float(request.batch_size)))
 
     def generate(
         self, request: GenerationRequest, on_progress: Callable[[Job], None] | None = None

@@ -5,6 +5,8 @@ selection with its scales, and the generation parameters. It is rewritten atomic
 the same folder, then ``os.replace``), so a crash mid-write leaves the previous version, never half
 a file. Reading is forgiving: a missing, corrupt or hand-edited file gives the defaults for what
 cannot be read, with a log line, because losing a draft must never stop the app from starting.
+
+A public app keeps one file per visitor (``VisitorWorkingStates``): a draft is private.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from lorapg.visitors import visitor_key
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +130,10 @@ class WorkingState:
         # Gradio runs change handlers on several threads; the read-merge-write must not interleave.
         self._lock = threading.Lock()
 
+    def for_owner(self, owner: str | None) -> WorkingState:
+        """The state of visitor ``owner``: this one file, where visitors are not kept apart."""
+        return self
+
     def load(self) -> WorkingValues:
         """The saved values; defaults (logged) when the file is missing or cannot be read."""
         try:
@@ -176,3 +185,25 @@ class WorkingState:
                 raise
         except (OSError, TypeError, ValueError) as exc:
             log.warning("could not save the working state to %s: %s", self.path, exc)
+
+
+class VisitorWorkingStates:
+    """One working-state file per visitor under ``folder``, named by a hash of the visitor's id."""
+
+    MAX_OPEN = 10_000  # states kept in memory (each holds the lock that orders its file's writes)
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        self._states: OrderedDict[str, WorkingState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def for_owner(self, owner: str | None) -> WorkingState:
+        key = visitor_key(owner or "")
+        with self._lock:
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = WorkingState(self.folder / f"{key}.json")
+                while len(self._states) > self.MAX_OPEN:
+                    self._states.popitem(last=False)
+            self._states.move_to_end(key)
+            return state

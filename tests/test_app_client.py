@@ -54,8 +54,8 @@ def test_random_seed_is_returned(app):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"width_value": 37}, "Width must be 64–2048"),
-        ({"width_value": 99999}, "Width must be 64–2048"),
+        ({"width_value": 20}, "Width must be 32–2048"),
+        ({"width_value": 99999}, "Width must be 32–2048"),
         ({"seed": 2**32}, "outside 0–4294967295"),
         ({"loras": "style:1.7"}, "outside 0–1.5"),
         ({"loras": "nope:0.5"}, "Unknown LoRA 'nope'"),

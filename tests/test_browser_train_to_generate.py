@@ -35,7 +35,7 @@ def test_trained_lora_appears_in_generate_with_its_trigger(tiny_models, tmp_path
         api = Client(url, verbose=False)
         api.predict("foxes", [handle_file(str(p)) for p in images], api_name="/dataset_add")
         status = api.predict("foxes", "zq_fox", "zqfoxstyle", "style", False,
-                             *[FAST_FIELDS[key] for key in FIELDS], api_name="/train_start")[0]
+                             *[FAST_FIELDS[key] for key in FIELDS], None, api_name="/train_start")[0]
         assert "in the LoRA list" in status
 
         page.get_by_role("tab", name="Train").click()

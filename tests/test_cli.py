@@ -56,8 +56,8 @@ def test_generate_writes_pngs_prints_seed_and_records_gallery(base_args, tmp_pat
     [
         (["--steps", "0"], "Steps must be 1–50"),
         (["--steps", "51"], "Steps must be 1–50"),
-        (["--width", "37"], "Width must be 64–2048"),
-        (["--width", "99999"], "Width must be 64–2048"),
+        (["--width", "20"], "Width must be 32–2048"),
+        (["--width", "99999"], "Width must be 32–2048"),
         (["--seed", "4294967296"], "outside 0–4294967295"),
         (["--seed", "abc"], "not a whole number"),
         (["--lora", "style:1.6"], "scale 1.6 is outside 0–1.5"),

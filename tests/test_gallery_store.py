@@ -22,6 +22,7 @@ from lorapg.gallery import (
     save_png_atomically,
 )
 from lorapg.gallery import png as png_module
+from lorapg.gallery.store import SCHEMA_VERSION
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -238,7 +239,7 @@ def test_schema_is_versioned_and_newer_databases_are_refused(tmp_path: Path) -> 
     db = tmp_path / "g.sqlite"
     GalleryStore(db, tmp_path / "images")
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.execute("PRAGMA user_version = 99")
     conn.close()

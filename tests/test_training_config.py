@@ -11,7 +11,7 @@ from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
 
 
 def test_presets_load_and_every_value_is_commented():
-    assert preset_names() == ["character", "concept", "style"]
+    assert preset_names() == ["character", "concept", "demo-concept", "style"]
     for name in preset_names():
         preset = load_preset(name)
         assert preset.description and preset.values["rank"] >= 1

@@ -45,14 +45,18 @@ def test_upload_validate_train_and_status(client):
     fields = {"rank": 4, "alpha": 4, "unet_lr": 1e-3, "text_encoder_lr": 0, "train_text_encoder": False,
               "epochs": 1, "repeats": 1, "resolution": 0, "batch_size": 3, "max_steps": 0, "min_snr_gamma": 5,
               "noise_offset": 0, "lr_scheduler": "constant", "seed": 3}
+    plain = write_images(tmp_path / "plain", 2)
+    api.predict("plain", [handle_file(str(p)) for p in plain], api_name="/dataset_add")
     status, plot, samples, job_id, toml = api.predict(
-        "foxes", "ui_fox", "zqx", "style", False, *[fields[key] for key in FIELDS], api_name="/train_start")
+        "foxes", "ui_fox", "zqx", "style", False, *[fields[key] for key in FIELDS], "plain", api_name="/train_start")
     assert "ui_fox" in status and "in the LoRA list" in status, status
     assert (tmp_path / "loras" / "ui_fox.safetensors").is_file()
     assert len(samples) == 1 and plot["data"]
     # The fields became a config file that the headless command runs as is.
     config = load_config(service.run(job_id).config_path)
     assert config.name == "ui_fox" and config.min_snr_gamma == 5 and config.preset == "style"
+    # The regularization dataset (prior preservation) is passed as its folder, like the images.
+    assert config.regularization_images == str(service.dataset_folder("plain").resolve())
     assert "min_snr_gamma = 5.0" in toml
     again, _, _ = api.predict(job_id, api_name="/train_status")
     assert again == status
@@ -64,4 +68,4 @@ def test_missing_trigger_is_an_error_message(client):
     paths = write_images(tmp_path / "up", 1)
     api.predict("one", [handle_file(str(paths[0]))], api_name="/dataset_add")
     with pytest.raises(Exception, match="trigger word is required"):
-        api.predict("one", "x", "", "style", False, *[None] * len(FIELDS), api_name="/train_start")
+        api.predict("one", "x", "", "style", False, *[None] * len(FIELDS), None, api_name="/train_start")

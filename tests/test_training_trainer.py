@@ -77,6 +77,8 @@ def test_export_is_kohya_with_metadata_and_listed_with_trigger(sd15_run):
     # attentions × q/k/v/out) and of the text encoder (2 layers × q/k/v/out) is trained.
     assert sum(m.startswith("lora_unet_") for m in modules) == 32
     assert sum(m.startswith("lora_te_") for m in modules) == 8
+    # kohya's names, which A1111/Forge/ComfyUI match on, keep CLIP's ``text_model`` level.
+    assert all(m.startswith("lora_te_text_model_encoder_layers_") for m in modules if m.startswith("lora_te_"))
     with safe_open(str(result.lora_path), "pt") as handle:
         meta = handle.metadata()
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
@@ -169,7 +171,8 @@ def test_sdxl_smoke(tiny_models, images, tmp_path):
     result = train(tmp_path, config)
     assert result.family == SDXL and result.steps == 2 and len(result.samples) == 1
     keys = load_file(str(result.lora_path)).keys()
-    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    assert any(k.startswith("lora_te1_text_model_encoder_") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_") for k in keys)
     info = LoraLibrary(tmp_path / "loras").resolve("zqx_test")
     assert info.family == SDXL and info.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     engine = DiffusionEngine(LoraLibrary(tmp_path / "loras"), torch.device("cpu"), torch.float32)

@@ -30,6 +30,10 @@ def peft_to_kohya(state: dict[str, torch.Tensor], alpha: float, family: str) -> 
     for key, tensor in state.items():
         component, rest = key.split(".", 1)
         module_path, suffix = _split_lora_suffix(rest)
+        if component.startswith("text_encoder") and not module_path.startswith("text_model."):
+            # transformers 5 dropped CLIPTextModel's ``text_model`` level; kohya names (and so A1111,
+            # Forge and ComfyUI) still spell it: lora_te_text_model_encoder_layers_0_….
+            module_path = "text_model." + module_path
         kohya_module = f"{prefixes[component]}_{module_path.replace('.', '_')}"
         converted[f"{kohya_module}.{_PEFT_TO_KOHYA_SUFFIX[suffix]}"] = tensor.contiguous()
         converted.setdefault(f"{kohya_module}.alpha", torch.tensor(float(alpha)))

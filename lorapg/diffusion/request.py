@@ -11,7 +11,7 @@ from lorapg.errors import UserError
 
 MAX_SEED = 2**32 - 1
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 1, 50, 30
-MIN_SIZE, MAX_SIZE = 64, 2048
+MIN_SIZE, MAX_SIZE = 32, 2048  # 32: the bundled demo model is native 32 px
 MAX_BATCH = 4
 MAX_GUIDANCE = 30.0
 

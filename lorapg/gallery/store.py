@@ -35,7 +35,7 @@ from lorapg.gallery.records import ImageRecord, LoraUse, record_from_parsed
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_MS = 30_000
 _IN_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's variable limit
 
@@ -74,7 +74,13 @@ _SCHEMA_V1 = (
     "CREATE INDEX image_loras_by_image ON image_loras(image_id)",
     "CREATE INDEX image_loras_by_name ON image_loras(name COLLATE NOCASE)",
 )
-_MIGRATIONS: dict[int, Sequence[str]] = {1: _SCHEMA_V1}
+# Version 2: the visitor who made each image, so a public app shows everyone only their own
+# (NULL: made where visitors are not kept apart, e.g. locally or before this version).
+_SCHEMA_V2 = (
+    "ALTER TABLE images ADD COLUMN owner TEXT",
+    "CREATE INDEX images_by_owner ON images(owner, created_at, id)",
+)
+_MIGRATIONS: dict[int, Sequence[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 
@@ -86,6 +92,11 @@ def _as_utc(moment: datetime) -> datetime:
 
 def _utc_iso(moment: datetime) -> str:
     return _as_utc(moment).isoformat(timespec="microseconds")
+
+
+def _owner_filter(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """An ``AND owner = ?`` clause and its argument; nothing when every owner's rows count."""
+    return ("", ()) if owner is None else (" AND owner = ?", (owner,))
 
 
 def _contains_casefolded(text: str | None, word: str) -> int:
@@ -228,15 +239,16 @@ class GalleryStore:
     # Rows <-> records
 
     def _insert(
-        self, conn: sqlite3.Connection, record: ImageRecord, rel: str, text: str
+        self, conn: sqlite3.Connection, record: ImageRecord, rel: str, text: str,
+        owner: str | None = None,
     ) -> int:
         assert record.created_at is not None
         cursor = conn.execute(
             """
             INSERT INTO images (created_at, path, prompt, negative_prompt, seed, steps,
                 guidance, sampler, width, height, model_name, model_hash, job_id, starred,
-                parameters, version)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                parameters, version, owner)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
             (
                 _utc_iso(record.created_at),
@@ -255,6 +267,7 @@ class GalleryStore:
                 int(record.starred),
                 text,
                 record.version,
+                owner,
             ),
         )
         image_id = cursor.lastrowid
@@ -314,9 +327,9 @@ class GalleryStore:
     # ----------------------------------------------------------------------------------------
     # Public API
 
-    def add(self, record: ImageRecord, image: Image.Image) -> ImageRecord:
+    def add(self, record: ImageRecord, image: Image.Image, owner: str | None = None) -> ImageRecord:
         """Save ``image`` as a PNG with A1111 metadata, index it, then prune; return the stored
-        record (with ``id``, absolute ``path`` and ``created_at``)."""
+        record (with ``id``, absolute ``path`` and ``created_at``). ``owner``: the visitor who made it."""
         created_at = (
             _as_utc(record.created_at) if record.created_at else datetime.now(UTC)
         )
@@ -332,7 +345,7 @@ class GalleryStore:
         final = save_png_atomically(image, self.images_dir / rel, text)
         try:
             with self._write() as conn:
-                image_id = self._insert(conn, stored, rel, text)
+                image_id = self._insert(conn, stored, rel, text, owner)
         except BaseException:
             # No row, no file: otherwise reconcile would import an image the user never saw.
             final.unlink(missing_ok=True)
@@ -346,12 +359,17 @@ class GalleryStore:
         return replace(stored, id=image_id, path=final)
 
     def list(
-        self, query: str | None = None, lora: str | None = None, limit: int | None = 200
+        self, query: str | None = None, lora: str | None = None, limit: int | None = 200,
+        owner: str | None = None,
     ) -> builtins.list[ImageRecord]:
         """Newest first. ``query``: every word must appear in the prompt (any case);
-        ``lora``: only images that used a LoRA of that name (any case)."""
+        ``lora``: only images that used a LoRA of that name (any case); ``owner``: only that
+        visitor's images (None: everyone's)."""
         where: list[str] = []
         args: list[object] = []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         for word in (query or "").split():
             where.append("lorapg_contains(prompt, ?)")
             args.append(word.casefold())
@@ -372,48 +390,55 @@ class GalleryStore:
             rows = conn.execute(sql, args).fetchall()
             return self._records(conn, rows)
 
-    def get(self, image_id: int) -> ImageRecord:
-        """The record for ``image_id``; UserError if it is not in the gallery."""
+    def get(self, image_id: int, owner: str | None = None) -> ImageRecord:
+        """The record for ``image_id``; UserError if it is not in the gallery (or, with ``owner``,
+        not that visitor's: another visitor's image must look exactly like a missing one)."""
         image_id = self._check_id(image_id)
+        mine, mine_args = _owner_filter(owner)
         with self._read() as conn:
             row = conn.execute(
-                "SELECT * FROM images WHERE id = ?", (image_id,)
+                f"SELECT * FROM images WHERE id = ?{mine}", (image_id, *mine_args)
             ).fetchone()
             if row is None:
                 raise self._missing(image_id)
             return self._records(conn, [row])[0]
 
-    def delete(self, image_id: int) -> None:
-        """Delete the image's file and row; UserError if it is not in the gallery."""
+    def delete(self, image_id: int, owner: str | None = None) -> None:
+        """Delete the image's file and row; UserError if it is not in the gallery (or not ``owner``'s)."""
         image_id = self._check_id(image_id)
+        mine, mine_args = _owner_filter(owner)
         with self._write() as conn:
             row = conn.execute(
-                "SELECT path FROM images WHERE id = ?", (image_id,)
+                f"SELECT path FROM images WHERE id = ?{mine}", (image_id, *mine_args)
             ).fetchone()
             if row is None:
                 raise self._missing(image_id)
             self._delete_rows(conn, [(image_id, row["path"])])
 
-    def set_starred(self, image_id: int, starred: bool) -> ImageRecord:
-        """Star or unstar. Unstarring does not prune at once (a misclick must not delete an
-        image); the next ``add`` applies the retention."""
+    def set_starred(self, image_id: int, starred: bool, owner: str | None = None) -> ImageRecord:
+        """Star or unstar (only ``owner``'s image, when given). Unstarring does not prune at once
+        (a misclick must not delete an image); the next ``add`` applies the retention."""
         image_id = self._check_id(image_id)
+        mine, mine_args = _owner_filter(owner)
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE images SET starred = ? WHERE id = ?",
-                (int(bool(starred)), image_id),
+                f"UPDATE images SET starred = ? WHERE id = ?{mine}",
+                (int(bool(starred)), image_id, *mine_args),
             )
             if cursor.rowcount == 0:
                 raise self._missing(image_id)
         return self.get(image_id)
 
     def prune(self) -> int:
-        """Delete unstarred images beyond the newest ``keep``; return how many went."""
+        """Delete unstarred images beyond the newest ``keep`` of each owner (one visitor's
+        images never push out another's); return how many went."""
         if self.keep == 0:
             return 0
         with self._write() as conn:
             victims = conn.execute(
-                f"SELECT id, path FROM images WHERE starred = 0 {_NEWEST_FIRST} LIMIT -1 OFFSET ?",
+                "SELECT id, path FROM (SELECT id, path, ROW_NUMBER() OVER "
+                f"(PARTITION BY owner {_NEWEST_FIRST}) AS newest FROM images WHERE starred = 0) "
+                "WHERE newest > ?",
                 (self.keep,),
             ).fetchall()
             deleted = self._delete_rows(

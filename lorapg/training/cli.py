@@ -9,7 +9,8 @@ from pathlib import Path
 # flag -> TrainConfig field, for the common fields (the rest are set in the config file).
 FLAG_FIELDS = {"images": "images", "trigger": "trigger", "name": "name", "preset": "preset", "epochs": "epochs",
                "max_steps": "max_steps", "rank": "rank", "lr": "unet_lr", "resolution": "resolution",
-               "seed": "seed", "overwrite": "overwrite", "resume": "resume", "batch_size": "batch_size"}
+               "seed": "seed", "overwrite": "overwrite", "resume": "resume", "batch_size": "batch_size",
+               "regularization_images": "regularization_images", "prior_loss_weight": "prior_loss_weight"}
 
 
 def add_train_parser(commands: argparse._SubParsersAction, add_settings_arguments) -> None:
@@ -19,6 +20,10 @@ def add_train_parser(commands: argparse._SubParsersAction, add_settings_argument
     add_settings_arguments(train)  # --model is the base model to train on
     train.add_argument("--images", metavar="DIR",
                        help="folder of PNG/JPEG/WebP images, captions in NAME.txt beside them")
+    train.add_argument("--regularization-images", dest="regularization_images", metavar="DIR",
+                       help="prior preservation: ordinary images of the class with their captions (no trigger added)")
+    train.add_argument("--prior-loss-weight", dest="prior_loss_weight", type=str,
+                       help="loss weight of the regularization images (default 1.0)")
     train.add_argument("--trigger", help="trigger word put first in every caption")
     train.add_argument("--name", help="the LoRA's name (file NAME.safetensors)")
     train.add_argument("--preset", help="character, style or concept")
@@ -46,8 +51,9 @@ def train_overrides(args: argparse.Namespace) -> dict:
             overrides.setdefault("name", out.stem)
         else:
             overrides["out"] = str(out)
-    if args.images:
-        overrides["images"] = str(Path(args.images).expanduser())
+    for folder in ("images", "regularization_images"):
+        if getattr(args, folder):
+            overrides[folder] = str(Path(getattr(args, folder)).expanduser())
     return overrides
 
 

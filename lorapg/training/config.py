@@ -32,6 +32,10 @@ class TrainConfig:
     model: str = ""  # base model: hub id, diffusers folder or .safetensors; "" = the app's model
     images: str = ""  # folder of images with optional .txt captions beside them
     trigger: str = ""  # trigger word(s), put at the start of every caption
+    # Prior preservation (kohya's reg_data_dir): ordinary images of the class, captions used as they are
+    # (no trigger), trained alongside so that prompts without the trigger keep their meaning.
+    regularization_images: str = ""
+    prior_loss_weight: float = 1.0  # weight of a regularization image's loss relative to a concept image's
     preset: str = ""  # character / style / concept: its values are the defaults for this file
     out: str = ""  # folder the LoRA is written to; "" = the app's LoRA folder
     work_dir: str = ""  # checkpoints and samples; "" = models/training/NAME
@@ -75,7 +79,7 @@ FIELDS = {f.name: f for f in fields(TrainConfig)}
 RANGES: dict[str, tuple[float, float]] = {
     "rank": (1, 256), "alpha": (0.01, 1024), "unet_lr": (1e-7, 1.0), "text_encoder_lr": (0.0, 1.0),
     "epochs": (1, 1000), "max_steps": (0, 1_000_000), "repeats": (1, 100), "batch_size": (1, 64),
-    "resolution": (0, 2048), "lr_warmup_steps": (0, 100_000), "min_snr_gamma": (0, 100),
+    "resolution": (0, 2048), "prior_loss_weight": (0, 10), "lr_warmup_steps": (0, 100_000), "min_snr_gamma": (0, 100),
     "noise_offset": (0, 1), "max_grad_norm": (0, 1000), "seed": (0, 2**32 - 1), "save_every_epochs": (1, 1000),
     "keep_checkpoints": (1, 100), "sample_steps": (0, 150), "sample_seed": (0, 2**32 - 1),
 }

@@ -2,6 +2,9 @@
 
 Never imports gradio. Training runs as a job on the shared GPU queue, so it never overlaps a
 generation; before it starts, the inference pipeline leaves the GPU, and it comes back afterwards.
+On a ZeroGPU Space the run itself happens inside one ``spaces.GPU`` call (``GpuTask``), its progress
+relayed back; ``max_steps`` bounds it there (and on a free CPU Space). With private visitors
+(``owner`` given) each visitor has their own datasets and sees only their own runs.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from PIL import Image
 
 from lorapg.config import Settings
 from lorapg.errors import UserError
+from lorapg.gpu_estimates import planned_training_steps, training_seconds
 from lorapg.jobs import ERROR, FINISHED, Job, JobQueue
 from lorapg.residency import is_out_of_memory
+from lorapg.spaces_gpu import GpuTask
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetStore
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
 from lorapg.training.trainer import Trainer, TrainProgress, TrainResult, remove_run_outputs
 from lorapg.training.validation import ValidationReport
+from lorapg.visitors import visitor_key
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +70,53 @@ class TrainingRun:
 
 
 class TrainingService:
-    def __init__(self, settings: Settings, jobs: JobQueue, engine: Any = None, *, presets_dir: Path | None = None):
+    def __init__(self, settings: Settings, jobs: JobQueue, engine: Any = None, *, presets_dir: Path | None = None,
+                 max_steps: int | None = None, gpu_relay: bool | None = None, gpu_decorator: Callable | None = None):
+        """``max_steps``: the longest run this app allows (None: no limit). ``gpu_relay`` /
+        ``gpu_decorator``: see ``GpuTask``."""
         self.settings = settings
         self.jobs = jobs
         self.engine = engine  # the DiffusionEngine whose pipeline leaves the GPU while training
         self.presets_dir = presets_dir or PRESETS_DIR
         self.datasets = DatasetStore(Path(settings.models_dir) / "datasets")
+        self.max_steps = max_steps
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
+        self._training = GpuTask(self._train_on_device, self._training_seconds, relay=gpu_relay,
+                                 decorator=gpu_decorator)
 
     # --- datasets ------------------------------------------------------------------------------
+    # ``owner``: the visitor whose datasets these are (None: the shared ``models/datasets``).
 
-    def dataset_names(self) -> list[str]:
-        return self.datasets.names()
+    def dataset_store(self, owner: str | None = None) -> DatasetStore:
+        if owner is None:
+            return self.datasets
+        return DatasetStore(Path(self.settings.models_dir) / "visitor_datasets" / visitor_key(owner))
 
-    def dataset_add(self, name: str, files: list[str | Path]) -> tuple[Dataset, list[str]]:
+    def dataset_names(self, owner: str | None = None) -> list[str]:
+        return self.dataset_store(owner).names()
+
+    def dataset_add(self, name: str, files: list[str | Path], owner: str | None = None) -> tuple[Dataset, list[str]]:
         if not files:
             raise UserError("No files to add: choose images (PNG, JPEG, WebP) or a zip of them.")
-        return self.datasets.add_files(name, files)
+        return self.dataset_store(owner).add_files(name, files)
 
-    def dataset_images(self, name: str) -> list[DatasetImage]:
-        return self.datasets.get(name).images()
+    def dataset_images(self, name: str, owner: str | None = None) -> list[DatasetImage]:
+        return self.dataset_store(owner).get(name).images()
 
-    def dataset_validate(self, name: str) -> ValidationReport:
-        return self.datasets.get(name).validate()
+    def dataset_validate(self, name: str, owner: str | None = None) -> ValidationReport:
+        return self.dataset_store(owner).get(name).validate()
 
-    def dataset_remove(self, name: str, file: str) -> None:
-        self.datasets.get(name).remove(file)
+    def dataset_remove(self, name: str, file: str, owner: str | None = None) -> None:
+        self.dataset_store(owner).get(name).remove(file)
 
-    def dataset_set_captions(self, name: str, captions: dict[str, str]) -> None:
-        dataset = self.datasets.get(name)
+    def dataset_set_captions(self, name: str, captions: dict[str, str], owner: str | None = None) -> None:
+        dataset = self.dataset_store(owner).get(name)
         for file, caption in captions.items():
             dataset.set_caption(file, caption)
 
-    def dataset_folder(self, name: str) -> Path:
-        return self.datasets.get(name).folder
+    def dataset_folder(self, name: str, owner: str | None = None) -> Path:
+        return self.dataset_store(owner).get(name).folder
 
     # --- configs -------------------------------------------------------------------------------
 
@@ -133,6 +151,13 @@ class TrainingService:
             raise UserError(f"Image folder {config.images} does not exist.")
         Dataset(images).require_trainable()
         config = dataclasses.replace(config, model=model, trigger=config.trigger.strip(), images=str(images.resolve()))
+        if config.regularization_images:
+            regularization = Path(config.regularization_images).expanduser()
+            if not regularization.is_dir():
+                raise UserError(f"Regularization folder {config.regularization_images} does not exist.")
+            Dataset(regularization).require_trainable()
+            config = dataclasses.replace(config, regularization_images=str(regularization.resolve()))
+        config = self._within_step_limit(config)
         target = self.lora_dir(config) / f"{config.name}.safetensors"
         if target.exists() and not config.overwrite:
             raise UserError(f"A LoRA named {config.name!r} already exists ({target}). Choose another name, or "
@@ -144,12 +169,25 @@ class TrainingService:
                             f"(job {busy[0].job.id}).")
         return config
 
+    def _within_step_limit(self, config: TrainConfig) -> TrainConfig:
+        """Bound the run by ``max_steps``: "all epochs" becomes the limit, more than it is refused."""
+        if not self.max_steps:
+            return config
+        if config.max_steps > self.max_steps:
+            raise UserError(f"Max steps {config.max_steps} is over this app's limit of {self.max_steps} "
+                            "training steps; lower it (or fewer epochs).")
+        if config.max_steps == 0:
+            log.info("training %s: limited to %d steps on this app", config.name, self.max_steps)
+            return dataclasses.replace(config, max_steps=self.max_steps)
+        return config
+
     def save_config(self, config: TrainConfig, path: Path | None = None) -> Path:
         return write_config(config, path or self.work_dir(config) / "config.toml")
 
     # --- runs ----------------------------------------------------------------------------------
 
-    def submit(self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainingRun:
+    def submit(self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None,
+               owner: str | None = None) -> TrainingRun:
         config = self.prepare(config)
         config_path = self.save_config(config)
         holder: dict[str, TrainingRun] = {}
@@ -167,9 +205,9 @@ class TrainingService:
                 if on_progress is not None:
                     on_progress(update)
 
-            return self._train(config, progress, job.cancel_requested)
+            return self._training.run(config, report=progress, should_cancel=job.cancel_requested)
 
-        job = self.jobs.submit("train", work)
+        job = self.jobs.submit("train", work, owner=owner)
         run = holder["run"] = TrainingRun(job, config, config_path)
         with self._lock:
             self._runs[job.id] = run
@@ -183,21 +221,37 @@ class TrainingService:
             raise UserError(run.job.error or "Training failed.")
         return run.job.result
 
-    def run(self, job_id: str) -> TrainingRun:
+    def run(self, job_id: str, owner: str | None = None) -> TrainingRun:
         with self._lock:
             run = self._runs.get(job_id)
-        if run is None:
+        if run is None or (owner is not None and run.job.owner != owner):
             raise UserError(f"No training run with job id {job_id!r}.")
         return run
 
-    def cancel(self, job_id: str) -> TrainingRun:
-        run = self.run(job_id)
+    def cancel(self, job_id: str, owner: str | None = None) -> TrainingRun:
+        run = self.run(job_id, owner)
         self.jobs.cancel(job_id)
         return run
 
-    def latest_run(self) -> TrainingRun | None:
+    def latest_run(self, owner: str | None = None) -> TrainingRun | None:
         with self._lock:
-            return next(reversed(self._runs.values()), None)
+            runs = [run for run in self._runs.values() if owner is None or run.job.owner == owner]
+        return runs[-1] if runs else None
+
+    # --- on the GPU ----------------------------------------------------------------------------
+
+    def _train_on_device(self, config: TrainConfig, *, report: Callable[[TrainProgress], None],
+                         should_cancel: Callable[[], bool]) -> TrainResult:
+        """The run itself: on ZeroGPU in a GPU process; its files land on the shared disk."""
+        return self._train(config, report, should_cancel)
+
+    def _training_seconds(self, config: TrainConfig) -> float:
+        model = self.engine.model if self.engine is not None else None
+        native = model.native_size if model is not None and model.source.ref == config.model else 1024
+        images = len(Dataset(Path(config.images)).images()) if config.images else 1
+        steps = planned_training_steps(images, config.repeats, config.epochs, config.batch_size, config.max_steps)
+        return training_seconds(steps, config.resolution or native, config.batch_size, config.epochs,
+                                config.sample_steps)
 
     # --- the job's work ------------------------------------------------------------------------
 

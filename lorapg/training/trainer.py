@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py targets
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Settings a checkpoint must share with the run that resumes it (epochs and max_steps may grow).
-RESUME_KEYS = ("model", "images", "trigger", "rank", "alpha", "train_text_encoder", "repeats", "batch_size",
+RESUME_KEYS = ("model", "images", "regularization_images", "prior_loss_weight", "trigger", "rank", "alpha",
+               "train_text_encoder", "repeats", "batch_size",
                "resolution", "bucketing", "seed")
 
 
@@ -106,6 +107,7 @@ class TrainImage:
     size: tuple[int, int]  # original (width, height)
     bucket: tuple[int, int] = (0, 0)  # (width, height) trained at
     crop: tuple[int, int] = (0, 0)  # (top, left) of the crop, in resized pixels (SDXL time ids)
+    loss_weight: float = 1.0  # regularization images weigh prior_loss_weight
 
 
 def build_caption(trigger: str, caption: str) -> str:
@@ -221,15 +223,29 @@ class Trainer:
     # --- 2. data --------------------------------------------------------------------------------
 
     def _read_dataset(self) -> list[TrainImage]:
-        dataset = Dataset(Path(self.config.images))
+        items = self._read_folder(self.config.images, "Image folder", self.config.trigger)
+        if self.config.regularization_images:
+            # Captions as written: the trigger must not leak into the images that teach "everything else".
+            items += self._read_folder(self.config.regularization_images, "Regularization folder", None,
+                                       loss_weight=self.config.prior_loss_weight)
+        return items
+
+    @staticmethod
+    def _read_folder(folder: str, what: str, trigger: str | None, loss_weight: float = 1.0) -> list[TrainImage]:
+        dataset = Dataset(Path(folder))
         if not dataset.folder.is_dir():
-            raise UserError(f"Image folder {self.config.images} does not exist.")
+            raise UserError(f"{what} {folder} does not exist.")
         report = dataset.require_trainable()
         for check in report.invalid:
             log.warning("skipping %s: %s", check.file, "; ".join(check.reasons))
-        return [TrainImage(dataset.folder / c.file, c.sha256,
-                           build_caption(self.config.trigger, dataset.caption(c.file)), (c.width, c.height))
-                for c in report.valid]
+        items = []
+        for c in report.valid:
+            caption = dataset.caption(c.file)
+            if trigger is not None:
+                caption = build_caption(trigger, caption)
+            items.append(TrainImage(dataset.folder / c.file, c.sha256, caption, (c.width, c.height),
+                                    loss_weight=loss_weight))
+        return items
 
     def _cache_file(self, resolution: int, pipe) -> Path:
         vae_key = hashlib.sha256(
@@ -536,6 +552,8 @@ class Trainer:
             weight = torch.clamp(snr, max=config.min_snr_gamma)
             weight = weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
             per_sample = per_sample * weight
+        if any(item.loss_weight != 1.0 for item in batch):
+            per_sample = per_sample * torch.tensor([item.loss_weight for item in batch], device=per_sample.device)
         return per_sample.mean()
 
     @staticmethod

@@ -8,12 +8,14 @@ from lorapg.gallery_service import GalleryService
 from lorapg.prompt_service import PromptService
 from lorapg.services import PlaygroundService
 from lorapg.training.service import TrainingService
+from lorapg.ui.common import visitor
 from lorapg.ui.gallery_tab import build_gallery_tab
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
 from lorapg.ui.memory_panel import build_memory_panel
 from lorapg.ui.prompt_tools import build_prompt_tools
 from lorapg.ui.train_tab import build_train_tab
-from lorapg.working_state import WorkingState, WorkingValues
+from lorapg.visitors import Visitors
+from lorapg.working_state import VisitorWorkingStates, WorkingState, WorkingValues
 
 TITLE = "LoRA Playground"
 
@@ -28,30 +30,52 @@ _PARAMETERS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", 
 def build_ui(
     service: PlaygroundService,
     gallery_service: GalleryService | None = None,
-    working_state: WorkingState | None = None,
+    working_state: WorkingState | VisitorWorkingStates | None = None,
     prompt_service: PromptService | None = None,
     training_service: TrainingService | None = None,
+    visitors: Visitors | None = None,
+    visitor_secret: str | None = None,
 ) -> gr.Blocks:
+    """``visitors``: keeps each visitor's gallery, drafts and datasets apart where it is private;
+    ``visitor_secret`` encrypts the visitor id the browser keeps (the same secret across restarts
+    keeps visitors recognised)."""
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nStable Diffusion with any number of LoRAs, each at its own scale.")
+        page_open = _identify_visitors(demo, visitors, visitor_secret)
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate") as generate_tab:
                 tools = (lambda widgets: build_prompt_tools(prompt_service, widgets)) if prompt_service else None
-                generate = build_generate_tab(service, prompt_tools=tools)
+                generate = build_generate_tab(service, prompt_tools=tools, visitors=visitors)
             # A LoRA trained (or copied in) meanwhile is listed as soon as the user comes back. Only the
             # choices change: Reuse switches to this tab while it sets the selection itself.
             generate_tab.select(lambda: gr.update(choices=lora_choices(service)), None, generate["lora_select"],
                                 api_visibility="private")
             if gallery_service is not None:
-                build_gallery_tab(gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service))
+                build_gallery_tab(gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service),
+                                  visitors=visitors)
             if training_service is not None:
                 with gr.Tab("Train", id="train"):
-                    build_train_tab(training_service)
+                    build_train_tab(training_service, visitors=visitors)
         build_memory_panel(service)
 
         if working_state is not None:
-            wire_working_state(demo, service, working_state, generate)
+            wire_working_state(demo, service, working_state, generate, visitors=visitors, after=page_open)
     return demo
+
+
+def _identify_visitors(demo: gr.Blocks, visitors: Visitors | None, secret: str | None):
+    """Where visitors are kept apart: when a page opens, tie its session to the id its browser keeps.
+
+    Returns the page-open event (what needs the visitor waits for it), or None.
+    """
+    if visitors is None or not visitors.private:
+        return None
+    browser_id = gr.BrowserState(None, storage_key="lorapg-visitor", secret=secret)
+
+    def open_page(stored, request: gr.Request):
+        return visitors.open_page(request.session_hash, stored, getattr(request, "username", None))
+
+    return demo.load(open_page, browser_id, browser_id, api_visibility="private", show_progress="hidden")
 
 
 def _whole_or_none(value: object) -> int | None:
@@ -68,13 +92,19 @@ def _number_or_none(value: object) -> float | None:
         return None
 
 
-def wire_working_state(demo: gr.Blocks, service: PlaygroundService, state: WorkingState, generate: dict) -> None:
-    """Restore the working prompt when a page opens; write it to disk whenever it changes."""
+def wire_working_state(demo: gr.Blocks, service: PlaygroundService, states: WorkingState | VisitorWorkingStates,
+                       generate: dict, *, visitors: Visitors | None = None, after=None) -> None:
+    """Restore the working prompt when a page opens; write it to disk whenever it changes.
+
+    ``states`` gives each visitor's state (one shared file where visitors are not kept apart);
+    ``after``: the event that identifies the visitor, which the restore waits for.
+    """
     widgets = [generate[key] for key in PERSISTED if key in generate]
 
-    def save(prompt, negative, selected, scales, steps, cfg, sampler, width, height, seed, batch, keywords=None):
+    def save(request: gr.Request, prompt, negative, selected, scales, steps, cfg, sampler, width, height, seed,
+             batch, keywords=None):
         scales = scales or {}
-        state.update(
+        states.for_owner(visitor(visitors, request)).update(
             **({} if keywords is None else {"keywords": keywords or ""}),
             prompt=prompt or "",
             negative_prompt=negative or "",
@@ -88,8 +118,8 @@ def wire_working_state(demo: gr.Blocks, service: PlaygroundService, state: Worki
             batch_size=_whole_or_none(batch),
         )
 
-    def restore():
-        values = state.load()
+    def restore(request: gr.Request):
+        values = states.for_owner(visitor(visitors, request)).load()
         updates: dict = {}
         if values == WorkingValues():
             # Nothing saved yet: touching no widget fires no change events (and no slider re-render)
@@ -111,6 +141,9 @@ def wire_working_state(demo: gr.Blocks, service: PlaygroundService, state: Worki
                 updates[generate[key]] = value
         return updates
 
-    demo.load(restore, None, widgets, api_visibility="private")
+    if after is None:
+        demo.load(restore, None, widgets, api_visibility="private")
+    else:
+        after.then(restore, None, widgets, api_visibility="private")
     gr.on([widget.change for widget in widgets], save, widgets, None, api_visibility="private",
           trigger_mode="always_last", show_progress="hidden")

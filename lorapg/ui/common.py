@@ -10,6 +10,7 @@ import gradio as gr
 
 from lorapg.errors import UserError
 from lorapg.jobs import ERROR, QUEUED, RUNNING, Job, JobQueue
+from lorapg.visitors import Visitors
 
 POLL_SECONDS = 0.25
 
@@ -35,6 +36,13 @@ def user_errors(fn: Callable) -> Callable:
             raise gr.Error(str(exc)) from None
 
     return wrapper
+
+
+def visitor(visitors: Visitors | None, request: gr.Request | None) -> str | None:
+    """The visitor behind a Gradio request; None where visitors are not kept apart."""
+    if visitors is None or request is None:
+        return None
+    return visitors.owner(request.session_hash, getattr(request, "username", None))
 
 
 def job_status_text(job: Job, queue: JobQueue) -> str:

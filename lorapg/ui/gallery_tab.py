@@ -13,7 +13,8 @@ import gradio as gr
 
 from lorapg.gallery.records import ImageRecord
 from lorapg.gallery_service import GalleryService, ReuseParameters
-from lorapg.ui.common import user_errors
+from lorapg.ui.common import user_errors, visitor
+from lorapg.visitors import Visitors
 
 # Generate-tab widgets that Reuse fills, by the keys of build_generate_tab's dict.
 REUSE_TARGETS = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height",
@@ -37,18 +38,19 @@ def build_gallery_tab(
     tabs: gr.Tabs,
     *,
     lora_choices: Callable[[], list[tuple[str, str]]] | None = None,
+    visitors: Visitors | None = None,
 ) -> dict[str, gr.components.Component]:
     """Add the Gallery and PNG Info tabs to ``tabs`` (call inside its ``with`` block).
 
     ``lora_choices``: the Generate tab's LoRA dropdown choices, re-read on Reuse so a LoRA added
-    since start-up can be selected.
+    since start-up can be selected. ``visitors``: whose gallery each request sees.
     """
     with gr.Tab("Gallery", id="gallery") as gallery_tab:
         widgets = _gallery_widgets(gallery_service)
     with gr.Tab("PNG Info", id="png-info"):
         widgets |= _png_info_widgets()
-    _wire_gallery(gallery_service, widgets, gallery_tab)
-    _wire_reuse(gallery_service, widgets, generate_widgets, tabs, lora_choices)
+    _wire_gallery(gallery_service, widgets, gallery_tab, visitors)
+    _wire_reuse(gallery_service, widgets, generate_widgets, tabs, lora_choices, visitors)
     return widgets
 
 
@@ -97,40 +99,40 @@ def _png_info_widgets() -> dict[str, gr.components.Component]:
     return {"png_file": upload, "png_send": send, "png_summary": summary, "png_raw": text}
 
 
-def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab) -> None:
+def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitors: Visitors | None) -> None:
     listing = [w["gallery"], w["ids"], w["count"]]
     shown = [w["selected_id"], w["image"], w["details"], w["raw"], w["star"], w["download"]]
 
     @user_errors
-    def list_images(query, lora):
-        records = service.list(query=query, lora=lora or None)
+    def list_images(query, lora, request: gr.Request):
+        records = service.list(query=query, lora=lora or None, owner=visitor(visitors, request))
         return gallery_items(records), [r.id for r in records], f"{len(records)} image(s)."
 
     @user_errors
-    def lora_filter_choices(current):
-        return gr.update(choices=["", *service.lora_names()], value=current or "")
+    def lora_filter_choices(current, request: gr.Request):
+        return gr.update(choices=["", *service.lora_names(visitor(visitors, request))], value=current or "")
 
     @user_errors
-    def show(image_id):
-        found = service.show(image_id)
+    def show(image_id, request: gr.Request):
+        found = service.show(image_id, visitor(visitors, request))
         r = found.record
         return r.id, str(r.path), found.summary(), found.parameters, star_label(r.starred), str(r.path)
 
-    def pick(ids, evt: gr.SelectData):
+    def pick(ids, evt: gr.SelectData, request: gr.Request):
         # The gallery reports a position; the ids list from the same listing turns it into an id.
-        return show(ids[evt.index]) if 0 <= evt.index < len(ids) else [gr.update()] * len(shown)
+        return show(ids[evt.index], request) if 0 <= evt.index < len(ids) else [gr.update()] * len(shown)
 
     @user_errors
-    def toggle_star(image_id):
-        record = service.toggle_star(image_id)
+    def toggle_star(image_id, request: gr.Request):
+        record = service.toggle_star(image_id, visitor(visitors, request))
         message = "is starred: it is never pruned." if record.starred else "is no longer starred."
         return star_label(record.starred), f"Image #{record.id} {message}"
 
     @user_errors
-    def delete(image_id, query, lora):
-        service.delete(image_id)
+    def delete(image_id, query, lora, request: gr.Request):
+        service.delete(image_id, visitor(visitors, request))
         cleared = (None, None, f"Deleted image #{int(image_id)}.", "", star_label(False), None)
-        return *list_images(query, lora), *cleared
+        return *list_images(query, lora, request), *cleared
 
     filters = [w["query"], w["lora_filter"]]
     w["refresh"].click(list_images, filters, listing, api_name="gallery_list")
@@ -151,6 +153,7 @@ def _wire_reuse(
     generate: dict[str, gr.components.Component],
     tabs: gr.Tabs,
     lora_choices: Callable[[], list[tuple[str, str]]] | None,
+    visitors: Visitors | None,
 ) -> None:
     targets = [generate[key] for key in REUSE_TARGETS]
     pending_loras = gr.State([])
@@ -183,8 +186,9 @@ def _wire_reuse(
         return updates
 
     @user_errors
-    def reuse_image(image_id, current_model=None):
-        return fill_generate(service.reuse_parameters(image_id, current_model=current_model))
+    def reuse_image(image_id, request: gr.Request, current_model=None):
+        owner = visitor(visitors, request)
+        return fill_generate(service.reuse_parameters(image_id, current_model=current_model, owner=owner))
 
     @user_errors
     def read_png(path):

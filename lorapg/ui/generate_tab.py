@@ -12,7 +12,8 @@ from lorapg.diffusion.request import DEFAULT_STEPS, MAX_BATCH, MAX_STEPS, Genera
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.jobs import CANCELLED
 from lorapg.services import LoraListing, PlaygroundService
-from lorapg.ui.common import follow, job_status_text, user_errors
+from lorapg.ui.common import follow, job_status_text, user_errors, visitor
+from lorapg.visitors import Visitors
 
 DEFAULT_LORA_SCALE = 1.0
 
@@ -48,9 +49,11 @@ def lora_spec(selected: list[str] | None, scales: dict | None) -> str:
 
 
 def build_generate_tab(
-    service: PlaygroundService, prompt_tools: Callable[[dict], dict] | None = None
+    service: PlaygroundService, prompt_tools: Callable[[dict], dict] | None = None, visitors: Visitors | None = None
 ) -> dict[str, gr.components.Component]:
     """Build the tab's widgets and events; returns the widgets other tabs fill (Reuse, prompts).
+
+    ``visitors``: who owns each generation's gallery images (a public app keeps visitors apart).
 
     ``prompt_tools`` builds extra widgets under the prompt and LoRA boxes: it gets those widgets
     ({"prompt", "negative", "lora_select"}) and returns its own, which join the returned dict.
@@ -136,13 +139,13 @@ def build_generate_tab(
 
     @user_errors
     def generate(prompt_text, negative_text, loras, steps_value, cfg_value, sampler_name, width_value,
-                 height_value, seed_value, batch_value, progress=gr.Progress()):
+                 height_value, seed_value, batch_value, http: gr.Request, progress=gr.Progress()):
         request = GenerationRequest(
             prompt=prompt_text, negative_prompt=negative_text, loras=parse_lora_list(loras),
             steps=steps_value, guidance_scale=cfg_value, sampler=sampler_name, width=width_value,
             height=height_value, seed=seed_value, batch_size=batch_value,
         )
-        job = service.submit_generation(request)
+        job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
             if not current.finished:
                 preview = [current.preview] if current.preview is not None else gr.update()

@@ -132,7 +132,7 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     @user_errors
     def llm_settings(backend, model, url, api_key):
-        return prompts.set_backend(backend, model or "", url or "", api_key or "").describe()
+        return prompts.change_backend(backend, model or "", url or "", api_key or "").describe()
 
     apply_button.click(llm_settings, [backend_box, model_box, url_box, key_box], tool_status, api_name="llm_settings")
 

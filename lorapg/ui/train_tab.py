@@ -11,7 +11,8 @@ import pandas as pd
 
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
 from lorapg.training.service import TrainingRun, TrainingService
-from lorapg.ui.common import POLL_SECONDS, user_errors
+from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
+from lorapg.visitors import Visitors
 
 # Editable fields: TrainConfig field -> (widget factory, label).
 FIELDS = ("rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder", "epochs", "repeats", "resolution",
@@ -27,22 +28,26 @@ def _samples(run: TrainingRun | None) -> list:
     return [(image, label) for label, image in (run.samples if run else [])]
 
 
-def _dataset_view(service: TrainingService, name: str):
-    images = service.dataset_images(name)
+def _dataset_view(service: TrainingService, name: str, owner: str | None = None):
+    images = service.dataset_images(name, owner)
     grid = [(str(image.path), image.file) for image in images]
     table = pd.DataFrame([(image.file, image.caption) for image in images], columns=["file", "caption"])
-    return grid, table, service.dataset_validate(name).summary()
+    return grid, table, service.dataset_validate(name, owner).summary()
 
 
-def build_train_tab(service: TrainingService) -> dict[str, gr.components.Component]:
+def build_train_tab(service: TrainingService, visitors: Visitors | None = None) -> dict[str, gr.components.Component]:
+    """``visitors``: whose datasets and runs each request sees (a public app keeps visitors apart)."""
     defaults = TrainConfig()
+    # Where visitors are kept apart, the shared datasets are the owner's: a visitor starts with none.
+    private = visitors is not None and visitors.private
     presets = service.preset_names()
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown("### 1. Dataset\nUpload 1–200 images (PNG, JPEG, WebP) or a zip; `.txt` files with the "
                         "same name as an image are imported as its caption.")
             with gr.Row():
-                dataset = gr.Dropdown(service.dataset_names(), label="Dataset name", allow_custom_value=True,
+                dataset = gr.Dropdown([] if private else service.dataset_names(), label="Dataset name",
+                                      allow_custom_value=True,
                                       value=None, elem_id="train-dataset", scale=3)
                 load_button = gr.Button("Open", size="sm", scale=1)
             uploads = gr.File(label="Images or zip", file_count="multiple", elem_id="train-upload",
@@ -61,6 +66,10 @@ def build_train_tab(service: TrainingService) -> dict[str, gr.components.Compone
             trigger = gr.Textbox(label="Trigger word (required)", placeholder="e.g. zqx_fox", elem_id="train-trigger")
             preset = gr.Dropdown(presets, value=presets[0] if presets else None, label="Preset")
             preset_note = gr.Markdown(service.preset_description(presets[0]) if presets else "")
+            regularization = gr.Dropdown(
+                [], value=None, allow_custom_value=True, elem_id="train-regularization",
+                label="Regularization images (optional dataset: ordinary images of the class, captions kept "
+                      "as written, so prompts without the trigger keep their meaning)")
             with gr.Accordion("Fields (from the preset; edit any)", open=False):
                 widgets = {
                     "rank": gr.Number(defaults.rank, precision=0, label="Rank"),
@@ -93,24 +102,25 @@ def build_train_tab(service: TrainingService) -> dict[str, gr.components.Compone
 
     # --- dataset events ------------------------------------------------------------------------
     @user_errors
-    def add_files(dataset_name, files):
-        _, notes = service.dataset_add(dataset_name, [getattr(f, "name", f) for f in files or []])
-        grid_items, table, summary = _dataset_view(service, dataset_name)
+    def add_files(dataset_name, files, request: gr.Request):
+        owner = visitor(visitors, request)
+        _, notes = service.dataset_add(dataset_name, [getattr(f, "name", f) for f in files or []], owner)
+        grid_items, table, summary = _dataset_view(service, dataset_name, owner)
         note = "".join(f"\n- {n}" for n in notes)
-        return (grid_items, table, summary + note, gr.update(choices=service.dataset_names(), value=dataset_name),
-                None)
+        return (grid_items, table, summary + note,
+                gr.update(choices=service.dataset_names(owner), value=dataset_name), None)
 
     add_button.click(add_files, [dataset, uploads], [grid, captions, report, dataset, uploads], api_name="dataset_add")
 
     @user_errors
-    def open_dataset(dataset_name):
-        return _dataset_view(service, dataset_name)
+    def open_dataset(dataset_name, request: gr.Request):
+        return _dataset_view(service, dataset_name, visitor(visitors, request))
 
     load_button.click(open_dataset, dataset, [grid, captions, report], api_visibility="private")
 
     @user_errors
-    def validate(dataset_name):
-        return service.dataset_validate(dataset_name).summary()
+    def validate(dataset_name, request: gr.Request):
+        return service.dataset_validate(dataset_name, visitor(visitors, request)).summary()
 
     # The API name issue 5 promises; the button-less event keeps it callable headless.
     validate_trigger = gr.Button("Validate", size="sm")
@@ -122,19 +132,22 @@ def build_train_tab(service: TrainingService) -> dict[str, gr.components.Compone
     grid.select(pick, grid, selected, api_visibility="private")
 
     @user_errors
-    def remove(dataset_name, file):
+    def remove(dataset_name, file, request: gr.Request):
         if not file:
             raise gr.Error("Select an image in the grid first.")
-        service.dataset_remove(dataset_name, file)
-        return (*_dataset_view(service, dataset_name), None)
+        owner = visitor(visitors, request)
+        service.dataset_remove(dataset_name, file, owner)
+        return (*_dataset_view(service, dataset_name, owner), None)
 
     remove_button.click(remove, [dataset, selected], [grid, captions, report, selected], api_name="dataset_remove")
 
     @user_errors
-    def save_captions(dataset_name, table):
+    def save_captions(dataset_name, table, request: gr.Request):
+        owner = visitor(visitors, request)
         rows = table.values.tolist() if hasattr(table, "values") else (table or [])
-        service.dataset_set_captions(dataset_name, {str(row[0]): str(row[1] or "") for row in rows if row and row[0]})
-        return _dataset_view(service, dataset_name)
+        service.dataset_set_captions(dataset_name, {str(row[0]): str(row[1] or "") for row in rows if row and row[0]},
+                                     owner)
+        return _dataset_view(service, dataset_name, owner)
 
     save_captions_button.click(save_captions, [dataset, captions], [grid, captions, report],
                                api_name="dataset_captions")
@@ -147,30 +160,40 @@ def build_train_tab(service: TrainingService) -> dict[str, gr.components.Compone
 
     preset.change(apply_preset, preset, [preset_note, *field_widgets], api_visibility="private")
 
-    def config_values(dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values) -> dict:
-        fields = {key: value for key, value in zip(FIELDS, values, strict=True) if value is not None and value != ""}
-        images = str(service.dataset_folder(dataset_name)) if dataset_name else ""
+    def refresh_regularization(request: gr.Request):
+        return gr.update(choices=service.dataset_names(visitor(visitors, request)))
+
+    regularization.focus(refresh_regularization, None, regularization, api_visibility="private")
+
+    def config_values(owner, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values) -> dict:
+        *field_values, regularization_name = values
+        fields = {key: value for key, value in zip(FIELDS, field_values, strict=True)
+                  if value is not None and value != ""}
+        images = str(service.dataset_folder(dataset_name, owner)) if dataset_name else ""
+        prior = str(service.dataset_folder(regularization_name, owner)) if regularization_name else ""
         return dict(fields, name=lora_name or "", trigger=trigger_word or "", preset=preset_name or "",
-                    images=images, overwrite=bool(overwrite_flag))
+                    images=images, regularization_images=prior, overwrite=bool(overwrite_flag))
 
     # --- run events ----------------------------------------------------------------------------
     @user_errors
-    def start(dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values):
-        config = service.config_for(config_values(dataset_name, lora_name, trigger_word, preset_name, overwrite_flag,
-                                                  *values))
-        run = service.submit(config)
+    def start(request: gr.Request, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values):
+        owner = visitor(visitors, request)
+        config = service.config_for(config_values(owner, dataset_name, lora_name, trigger_word, preset_name,
+                                                  overwrite_flag, *values))
+        run = service.submit(config, owner=owner)
         toml = to_toml(run.config) + f"# saved as {run.config_path}\n"
         while not run.job.wait(POLL_SECONDS * 4):
             yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
         yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
 
-    inputs = [dataset, name, trigger, preset, overwrite, *field_widgets]
+    inputs = [dataset, name, trigger, preset, overwrite, *field_widgets, regularization]
     start_button.click(start, inputs, [status, loss_plot, samples, job_id, config_text], api_name="train_start",
                        concurrency_id="train", concurrency_limit=1)
 
     @user_errors
-    def current_status(current_job_id):
-        run = service.run(current_job_id) if current_job_id else service.latest_run()
+    def current_status(current_job_id, request: gr.Request):
+        owner = visitor(visitors, request)
+        run = service.run(current_job_id, owner) if current_job_id else service.latest_run(owner)
         if run is None:
             return "No training run yet.", _loss_frame(None), []
         return run.describe(), _loss_frame(run), _samples(run)
@@ -179,13 +202,13 @@ def build_train_tab(service: TrainingService) -> dict[str, gr.components.Compone
     status_button.click(current_status, job_id, [status, loss_plot, samples], api_name="train_status")
 
     @user_errors
-    def cancel(current_job_id):
+    def cancel(current_job_id, request: gr.Request):
         if not current_job_id:
             return "Nothing to cancel."
-        service.cancel(current_job_id)
+        service.cancel(current_job_id, visitor(visitors, request))
         return "Cancelling after the current step; the checkpoint is kept."
 
     cancel_button.click(cancel, job_id, status, api_name="train_cancel")
 
     return {"dataset": dataset, "name": name, "trigger": trigger, "preset": preset, "status": status,
-            "job_id": job_id, **widgets}
+            "job_id": job_id, "regularization": regularization, **widgets}

@@ -1,0 +1,174 @@
+"""``python -m lorapg.demo train|evaluate|datasets|loras``: rebuild, score and extend the demo model.
+
+- ``train``: the model from scratch (seeded; about 30–45 min on 2 CPU cores).
+- ``evaluate``: every (shape, colour, background) prompt at 20 steps with fixed seeds, judged.
+- ``datasets``: the ring / magenta / prior datasets under ``models/datasets``.
+- ``loras``: write the datasets, train a ring and a magenta LoRA with the ``demo-concept`` preset
+  through the app's trainer, and report their effect at scales 0, 0.5, 1.0 and blended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from lorapg.quiet import quiet_third_party_imports
+
+quiet_third_party_imports()
+
+from lorapg.config import DEMO_MODEL  # noqa: E402
+from lorapg.errors import UserError  # noqa: E402
+
+log = logging.getLogger("lorapg.demo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lorapg.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the demo model from scratch")
+    train.add_argument("--out", type=Path, default=DEMO_MODEL, help=f"output folder (default {DEMO_MODEL})")
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    train.add_argument("--seed", type=int, default=0)
+    evaluate = commands.add_parser("evaluate", help="score the model on every prompt")
+    evaluate.add_argument("--model", default=str(DEMO_MODEL))
+    evaluate.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
+    evaluate.add_argument("--threads", type=int, default=1)
+    evaluate.add_argument("--json", type=Path, help="also write the scores to this file")
+    sheet = commands.add_parser("sheet", help="a PNG contact sheet of generated images")
+    sheet.add_argument("--model", default=str(DEMO_MODEL))
+    sheet.add_argument("--out", type=Path, required=True)
+    sheet.add_argument("--lora", action="append", default=[], metavar="NAME:SCALE",
+                       help="apply a LoRA from --lora-dir (repeatable)")
+    sheet.add_argument("--lora-dir", type=Path, default=Path("models/loras"))
+    sheet.add_argument("--prompt", action="append", default=[], metavar="SHAPE,COLOUR,BACKGROUND",
+                       help="scenes to draw (default: ten across the shapes)")
+    datasets = commands.add_parser("datasets", help="write the concept and prior datasets")
+    datasets.add_argument("--datasets-dir", type=Path, default=Path("models/datasets"))
+    loras = commands.add_parser("loras", help="train the ring and magenta LoRAs and measure their effect")
+    loras.add_argument("--model", default=str(DEMO_MODEL))
+    loras.add_argument("--datasets-dir", type=Path, default=Path("models/datasets"))
+    loras.add_argument("--lora-dir", type=Path, default=Path("models/loras"))
+    loras.add_argument("--work-dir", type=Path, default=Path("models/training"))
+    loras.add_argument("--seeds", type=int, default=2, help="images per prompt (default 2)")
+    loras.add_argument("--threads", type=int, default=1)
+    loras.add_argument("--json", type=Path, help="also write the results to this file")
+    return parser
+
+
+def _evaluate(args) -> int:
+    from lorapg.demo.evaluate import evaluate_base, load_engine
+
+    engine = load_engine(args.model, Path(args.model) / "no-loras", args.threads)
+    started = time.monotonic()
+    report = evaluate_base(engine, seeds=args.seeds,
+                           on_progress=lambda done, total: done % 25 == 0 and log.info("%d/%d prompts", done, total))
+    scores = {"overall": report.overall.as_dict(), "held_out": report.held_out.as_dict(),
+              "seconds": round(time.monotonic() - started, 1), "passes": report.passes()}
+    print(json.dumps(scores, indent=2))
+    for caption, verdict in report.failures[:20]:
+        log.info("miss: %r judged as %s %s on %s", caption, verdict.colour, verdict.shape, verdict.background)
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    return 0 if report.passes() else 1
+
+
+def train_concept_loras(model: str, datasets_dir: Path, lora_dir: Path, work_dir: Path) -> dict[str, dict]:
+    """Both concept LoRAs through the app's TrainingService (the Train tab's and CLI's path)."""
+    from lorapg.config import Settings
+    from lorapg.demo.concepts import CONCEPTS, write_concept_datasets
+    from lorapg.jobs import JobQueue
+    from lorapg.training.service import TrainingService
+
+    folders = write_concept_datasets(datasets_dir)
+    settings = Settings(model=model, lora_dir=lora_dir, models_dir=work_dir.parent)
+    jobs = JobQueue()
+    service = TrainingService(settings, jobs)
+    trained = {}
+    try:
+        for word, concept in CONCEPTS.items():
+            config = service.config_for({
+                "name": concept.dataset, "model": model, "images": str(folders[word]), "trigger": word,
+                "regularization_images": str(folders["prior"]), "preset": "demo-concept",
+                "out": str(lora_dir), "work_dir": str(work_dir / concept.dataset), "overwrite": True,
+                "resume": False, "sample_steps": 0})
+            started = time.monotonic()
+            result = service.train(config)
+            trained[word] = {"lora": concept.dataset, "steps": result.steps,
+                             "seconds": round(time.monotonic() - started, 1)}
+            log.info("trained %s: %d steps in %.0f s", result.lora_path, result.steps, trained[word]["seconds"])
+    finally:
+        jobs.shutdown()
+    return trained
+
+
+def _loras(args) -> int:
+    from lorapg.demo.concepts import CONCEPTS
+    from lorapg.demo.evaluate import blend_effect, load_engine, lora_effect
+    from lorapg.devices import set_cpu_threads
+
+    set_cpu_threads(args.threads)
+    trained = train_concept_loras(args.model, args.datasets_dir, args.lora_dir, args.work_dir)
+    engine = load_engine(args.model, args.lora_dir, args.threads)
+    results = {"trained": trained, "effect": {}, "blend": []}
+    for word, concept in CONCEPTS.items():
+        rows = lora_effect(engine, concept.dataset, concept, seeds=args.seeds)
+        results["effect"][word] = [{"scale": r.scales[concept.dataset], "concept_rate": r.concept_rates[word],
+                                    "ordinary_accuracy": r.ordinary} for r in rows]
+    ring, magenta = CONCEPTS["ring"], CONCEPTS["magenta"]
+    for row in blend_effect(engine, (ring.dataset, ring), (magenta.dataset, magenta), seeds=args.seeds):
+        results["blend"].append({"scales": row.scales, "concept_rates": row.concept_rates})
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _sheet(args) -> int:
+    from lorapg.demo.evaluate import load_engine
+    from lorapg.demo.shapes import Scene, all_scenes, held_out_scenes
+    from lorapg.demo.sheet import contact_sheet
+
+    if args.prompt:
+        scenes = [Scene(*(part.strip() for part in text.split(","))) for text in args.prompt]
+    else:
+        scenes = all_scenes()[7::16] + held_out_scenes()[:1]
+    loras = tuple((name, float(scale)) for name, _, scale in (text.rpartition(":") for text in args.lora))
+    engine = load_engine(args.model, args.lora_dir)
+    contact_sheet(engine, scenes, loras=loras).save(args.out)
+    print(args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "train":
+            from lorapg.demo.training import Recipe, train_demo_model
+
+            train_demo_model(args.out, replace(Recipe(), threads=args.threads, seed=args.seed))
+            return 0
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "sheet":
+            return _sheet(args)
+        if args.command == "datasets":
+            from lorapg.demo.concepts import write_concept_datasets
+
+            for name, folder in write_concept_datasets(args.datasets_dir).items():
+                print(f"{name}\t{folder}")
+            return 0
+        return _loras(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
