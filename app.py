@@ -32,6 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def private_output_paths(settings) -> list[str]:
+    outputs = settings.outputs.resolve()
+    database = settings.gallery_db.resolve()
+    return [str(p) for p in (database, database.with_name(database.name + "-wal"),
+                             database.with_name(database.name + "-shm"), outputs / "working_state.json",
+                             outputs / "working_states", outputs / ".visitor_secret")]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lorapg.bootstrap import build_runtime, configure_logging
@@ -74,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     if settings.load_model_at_start:
         try:
             if policy.zero_gpu:
-                # ZeroGPU packs the weights on the (virtual) GPU when the app launches: they must all be there.
-                runtime.service.load_model()
+                # ZeroGPU packs the weights on the (virtual) GPU when the app launches: they must all be
+                # there. Loaded here, in the main thread: `spaces` emulates CUDA only in the thread that
+                # imported it (torch modes are thread-local), so the job queue's thread must not load.
+                runtime.engine.load_model(settings.model)
             else:
                 runtime.service.submit_load_model()  # in the background: the UI is served meanwhile
         except UserError as exc:
@@ -87,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         auth=[auth] if auth else None,
         show_error=True,
         # Gallery images are served from their files (so downloads keep the PNG metadata), and
-        # --outputs may point outside the working directory.
-        allowed_paths=[str(settings.outputs)],
+        # --outputs may point outside the working directory. Only the images: the database, drafts
+        # and the visitor secret beside them are never served, whatever path is asked for.
+        allowed_paths=[str(settings.gallery_images.resolve())],
+        blocked_paths=private_output_paths(settings),
         max_file_size=policy.max_upload_bytes,
     )
     return 0

@@ -196,9 +196,10 @@ class PlaygroundService:
             self.engine.load_model(model_ref, on_status=lambda message: report(0, 0, None, message))
         return self.engine.generate(request, on_step=report, should_cancel=should_cancel)
 
-    @staticmethod
-    def _generation_seconds(model_ref: str, request: GenerationRequest) -> float:
-        size = NATIVE_SIZE[SDXL]  # the largest size validation picks when none is given
+    def _generation_seconds(self, model_ref: str, request: GenerationRequest) -> float:
+        loaded = self.engine.model
+        # Unset sizes mean the model's native size; before a model is loaded assume the largest (SDXL).
+        size = loaded.native_size if loaded is not None else NATIVE_SIZE[SDXL]
         # Called with the request as the user gave it (validated, not normalised): numbers may be floats.
         return generation_seconds(int(float(request.steps)), int(float(request.width or size)),
                                   int(float(request.height or size)), int(float(request.batch_size)))
@@ -209,7 +210,11 @@ class PlaygroundService:
         """Submit and wait: the CLI's and the REST API's synchronous call."""
         return self._wait(self.submit_generation(request), on_progress)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, owner: str | None = None) -> Job:
+        """``owner``: the visitor asking; another visitor's job is reported as unknown, never cancelled."""
+        job = self.jobs.get(job_id)
+        if owner is not None and job.owner != owner:
+            raise UserError(f"Unknown job id {job_id!r}.")  # the same words as a job that never existed
         return self.jobs.cancel(job_id)
 
     def _wait(self, job: Job, on_progress: Callable[[Job], None] | None = None):

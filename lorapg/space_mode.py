@@ -42,8 +42,11 @@ class SpacePolicy:
 
     @property
     def settings_locked(self) -> bool:
-        """Whether app-wide settings (LLM backend and server, arbitrary model paths) are the owner's alone."""
-        return self.private_visitors
+        """Whether app-wide settings (LLM backend and server, arbitrary model paths) are the owner's alone.
+
+        Any public Space locks them, whatever its visitor mode: a shared gallery must not also let
+        strangers point the LLM at an internal URL or make the server download any hub repo."""
+        return self.private_visitors or self.on_spaces
 
 
 def space_policy(settings: Settings, environ: Mapping[str, str] | None = None,

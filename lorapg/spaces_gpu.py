@@ -106,6 +106,11 @@ class GpuTask:
     def run(self, *args: Any, report: Report, should_cancel: Callable[[], bool], **kwargs: Any) -> Any:
         if not self.relay:
             return self.work(*args, report=report, should_cancel=should_cancel, **kwargs)
+        estimate = self.seconds(*args, **kwargs)
+        if estimate > MAX_GPU_SECONDS:
+            # Asking for less than the work needs would stop it part-way and still spend the quota.
+            raise UserError(f"This needs about {estimate:.0f} s of GPU time, more than the {MAX_GPU_SECONDS} s one "
+                            "ZeroGPU call may take: lower the steps, size or batch (or the training steps).")
         with tempfile.TemporaryDirectory(prefix="lorapg-gpu-") as folder:
             flag = Path(folder) / "cancel"
             result = None

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -174,6 +175,21 @@ def test_a_refusal_from_zerogpu_itself_reaches_the_visitor_as_a_clear_message():
         task.run(report=lambda *progress: None, should_cancel=lambda: False)
 
 
+def test_work_longer_than_one_zerogpu_call_is_refused_before_any_quota_is_spent():
+    calls = []
+
+    def recording_gpu(function):
+        calls.append(function)
+        return forking_gpu(function)
+
+    task = GpuTask(lambda *, report, should_cancel: "done", lambda: MAX_GPU_SECONDS + 100, relay=True,
+                   decorator=recording_gpu)
+    with pytest.raises(UserError, match=r"about 400 s of GPU time.*lower the steps"):
+        task.run(report=lambda *progress: None, should_cancel=lambda: False)
+    quick = GpuTask(lambda *, report, should_cancel: "done", lambda: 30, relay=True, decorator=forking_gpu)
+    assert quick.run(report=lambda *progress: None, should_cancel=lambda: False) == "done"
+
+
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
     return tiny_runtime(tmp_path_factory.mktemp("spaces-runtime"))
@@ -225,6 +241,7 @@ def test_space_policy_is_private_and_bounded_on_a_space_and_unchanged_locally():
     owner_set = load_settings(None, {"visitors": "shared", "max_upload_mb": 5, "train_max_steps": 0}, environ={})
     overridden = space_policy(owner_set, environ={"SYSTEM": "spaces"})
     assert not overridden.private_visitors and overridden.max_upload_bytes == 5 * 1024 * 1024
+    assert overridden.settings_locked  # a shared gallery does not hand strangers the LLM URL or model paths
     assert overridden.train_max_steps is None
     with pytest.raises(UserError, match="visitors"):
         space_policy(load_settings(None, {"visitors": "everyone"}, environ={}), environ={})
@@ -321,6 +338,10 @@ def test_training_is_bounded_relayed_from_a_fork_and_datasets_belong_to_their_vi
     assert service.latest_run("browser:a") is run and service.latest_run("browser:b") is None
     with pytest.raises(UserError, match="No training run"):
         service.run(run.job.id, "browser:b")
+    # LoRAs are shared: no visitor trains over an existing one (theirs, another's or the owner's).
+    with pytest.raises(UserError, match="does not replace LoRAs"):
+        service.submit(service.config_for({**base, "overwrite": True}), owner="browser:b")
+    assert run.result.lora_path.is_file()
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +392,14 @@ def test_a_space_serves_the_model_and_visitors_never_see_each_others_images(spac
     with pytest.raises(Exception, match="No image with id"):
         bob.predict(alice_ids[0], "", "", api_name="/gallery_delete")
     assert gallery_ids(alice) == alice_ids  # still there
+    with pytest.raises(Exception, match="Unknown job id"):
+        bob.predict(results["alice"][3], api_name="/cancel")  # another visitor's job is not bob's to cancel
+    # Only image files are served: the database (every visitor's prompts and ids) and the secret never.
+    for private in ("gallery.sqlite3", ".visitor_secret"):
+        path = (space_app["outputs"] / private).resolve()
+        assert path.is_file()
+        response = httpx.get(f"{space_app['url'].rstrip('/')}/gradio_api/file={path}")
+        assert response.status_code in (403, 404), (private, response.status_code)
     with sqlite3.connect(space_app["outputs"] / "gallery.sqlite3") as conn:
         owners = {row[0] for row in conn.execute("SELECT owner FROM images")}
     assert len(owners) == 2 and None not in owners

@@ -189,6 +189,10 @@ class TrainingService:
     def submit(self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None,
                owner: str | None = None) -> TrainingRun:
         config = self.prepare(config)
+        if owner is not None and config.overwrite and (self.lora_dir(config) / f"{config.name}.safetensors").exists():
+            # LoRAs are shared by every visitor: one must not replace (or delete) another's, or the owner's.
+            raise UserError(f"A LoRA named {config.name!r} already exists and this app does not replace LoRAs; "
+                            "choose another name.")
         config_path = self.save_config(config)
         holder: dict[str, TrainingRun] = {}
 

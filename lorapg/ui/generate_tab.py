@@ -168,10 +168,10 @@ def build_generate_tab(
     )
 
     @user_errors
-    def cancel(current_job_id):
+    def cancel(current_job_id, request: gr.Request):
         if not current_job_id:
             return "Nothing to cancel."
-        job = service.cancel(current_job_id)
+        job = service.cancel(current_job_id, visitor(visitors, request))
         return f"Cancelling job `{job.id}`…"
 
     cancel_button.click(cancel, job_id, job_status, api_name="cancel")
