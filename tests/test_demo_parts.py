@@ -101,6 +101,7 @@ def test_regularization_images_keep_their_own_captions_and_loss_weight(tmp_path)
     concept_items = [i for i in items if i.path.parent == concept]
     prior_items = [i for i in items if i.path.parent == prior]
     assert len(concept_items) == 2 and len(prior_items) == 3
-    assert all(i.caption.startswith("ring, a red ring") and i.loss_weight == 1.0 for i in concept_items)
+    # The caption already names the trigger: kept as written (the prompt people type), not "ring, a red ring…".
+    assert all(i.caption == "a red ring on a blue background" and i.loss_weight == 1.0 for i in concept_items)
     assert all(i.caption == (prior / f"{i.path.stem}.txt").read_text().strip() for i in prior_items)
     assert all(i.loss_weight == 0.25 for i in prior_items)

@@ -23,6 +23,7 @@ from packaging.version import Version
 from PIL import Image
 
 from lorapg.config import load_settings
+from lorapg.demo.judge import judge_image
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord
@@ -347,8 +348,9 @@ def test_training_is_bounded_relayed_from_a_fork_and_datasets_belong_to_their_vi
 # --------------------------------------------------------------------------------------------
 # The app as a Space, end to end
 
-GENERATE = {"negative_text": "", "loras": "", "steps_value": 3, "cfg_value": 7, "sampler_name": "Euler a",
-            "width_value": 64, "height_value": 64, "batch_value": 1}
+GENERATE = {"negative_text": "", "loras": "", "steps_value": 20, "cfg_value": 7, "sampler_name": "Euler a",
+            "width_value": 32, "height_value": 32, "batch_value": 1}
+PROMPTS = {"alice": ("star", "red", "blue"), "bob": ("cross", "white", "black")}
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +359,8 @@ def space_app(tiny_models, tmp_path_factory):
     loras = root / "loras"
     shutil.copytree(tiny_models["loras"], loras)
     env = {"SYSTEM": "spaces", "SPACE_ID": "tester/lorapg", "GRADIO_SERVER_NAME": "127.0.0.1",
-           "LORAPG_MODEL": str(tiny_models["sd15"]), "LORAPG_LORA_DIR": str(loras),
+           # No LORAPG_MODEL: a CPU Space runs the bundled demo model, as a fresh Space would.
+           "LORAPG_LORA_DIR": str(loras),
            "LORAPG_OUTPUTS": str(root / "outputs"), "LORAPG_THREADS": "1", "GRADIO_SSR_MODE": "False"}
     with running_app(env=env) as url:
         yield {"url": url, "outputs": root / "outputs", "tiny": tiny_models}
@@ -373,8 +376,9 @@ def test_a_space_serves_the_model_and_visitors_never_see_each_others_images(spac
     results = {}
 
     def generate(name, client, seed):
-        results[name] = client.predict(prompt_text=f"{name}'s picture", seed_value=seed, api_name="/generate",
-                                       **GENERATE)
+        shape, colour, background = PROMPTS[name]
+        results[name] = client.predict(prompt_text=f"a {colour} {shape} on a {background} background", seed_value=seed,
+                                       api_name="/generate", **GENERATE)
 
     threads = [threading.Thread(target=generate, args=args) for args in (("alice", alice, 1), ("bob", bob, 2))]
     for thread in threads:
@@ -383,6 +387,9 @@ def test_a_space_serves_the_model_and_visitors_never_see_each_others_images(spac
         thread.join(300)
     assert results["alice"][2] == 1 and results["bob"][2] == 2
     assert "Seed: 1" in Image.open(results["alice"][0][0]["image"]).text["parameters"]
+    for name, expected in PROMPTS.items():  # the demo model drew what each visitor asked for
+        verdict = judge_image(Image.open(results[name][0][0]["image"]))
+        assert (verdict.shape, verdict.colour, verdict.background) == expected, (name, verdict)
 
     alice_ids, bob_ids = gallery_ids(alice), gallery_ids(bob)
     assert len(alice_ids) == 1 and len(bob_ids) == 1 and set(alice_ids).isdisjoint(bob_ids)

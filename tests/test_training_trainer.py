@@ -185,3 +185,21 @@ def test_buckets_cover_aspect_ratios():
     buckets = make_buckets(512, 64)
     assert (512, 512) in buckets and (640, 384) in buckets and (384, 640) in buckets
     assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in buckets)
+
+
+def test_conv_lora_exports_kohya_locon_keys_that_the_engine_loads(tiny_models, images, tmp_path):
+    """train_conv adds the ResNet 3×3 convolutions (kohya's LoCon); Generate loads and applies them."""
+    result = train(tmp_path, make_config(tiny_models["sd15"], images, name="zqx_conv", train_conv=True, epochs=1))
+    state = load_file(str(result.lora_path))
+    conv_downs = {k: v for k, v in state.items() if "_resnets_" in k and k.endswith("_conv1.lora_down.weight")}
+    assert conv_downs and all(v.ndim == 4 and v.shape[2:] == (3, 3) for v in conv_downs.values())
+    ups = [state[k.replace("lora_down", "lora_up")] for k in conv_downs]
+    assert all(v.ndim == 4 and v.shape[2:] == (1, 1) for v in ups)
+    engine = DiffusionEngine(LoraLibrary(tmp_path / "loras"), torch.device("cpu"), torch.float32)
+    engine.load_model(str(tiny_models["sd15"]))
+    request = GenerationRequest("zqx", steps=3, seed=1)
+    base = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    with_lora = engine.generate(GenerationRequest("zqx", steps=3, seed=1, loras=(LoraRequest("zqx_conv", 1.0),)))
+    unet = engine.model.pipe.unet
+    assert any(name.endswith("conv1.lora_A") for name, _ in unet.named_modules())  # the conv layers were loaded
+    assert np.abs(np.asarray(with_lora.images[0], dtype=np.int16) - base).max() > 0

@@ -64,7 +64,7 @@ def write_dataset(folder: Path, scenes: list[Scene], count: int, seed: int) -> P
     return folder
 
 
-def write_concept_datasets(datasets_dir: Path, images_per_concept: int = 30, prior_images: int = 60,
+def write_concept_datasets(datasets_dir: Path, images_per_concept: int = 40, prior_images: int = 40,
                            seed: int = 7) -> dict[str, Path]:
     """The ring and magenta datasets and the shared prior dataset, under ``datasets_dir``."""
     written = {}

@@ -45,6 +45,9 @@ class TrainConfig:
     rank: int = 16
     alpha: float = 8.0
     train_text_encoder: bool = False
+    # Also the UNet's ResNet 3×3 convolutions (kohya's LoCon, ``conv_dim``): shapes and layout live there,
+    # attention alone mostly moves content, colour and style.
+    train_conv: bool = False
     # --- schedule -------------------------------------------------------------------------
     unet_lr: float = 1e-4
     text_encoder_lr: float = 5e-5

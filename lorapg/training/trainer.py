@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -42,10 +43,11 @@ from lorapg.training.dataset import Dataset
 log = logging.getLogger(__name__)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py targets
+CONV_TARGETS = ["conv1", "conv2"]  # every ResNet block's two 3×3 convolutions (kohya's LoCon)
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Settings a checkpoint must share with the run that resumes it (epochs and max_steps may grow).
 RESUME_KEYS = ("model", "images", "regularization_images", "prior_loss_weight", "trigger", "rank", "alpha",
-               "train_text_encoder", "repeats", "batch_size",
+               "train_text_encoder", "train_conv", "repeats", "batch_size",
                "resolution", "bucketing", "seed")
 
 
@@ -111,12 +113,16 @@ class TrainImage:
 
 
 def build_caption(trigger: str, caption: str) -> str:
-    """The trigger word first (kohya's ``keep_tokens`` convention), then the image's own caption."""
+    """The trigger word first (kohya's ``keep_tokens`` convention), then the image's own caption.
+
+    A caption that already uses the trigger as a word ("a red ring on a blue background" for trigger
+    "ring") is kept as written: it is the prompt people will type, and training on a different
+    phrasing measurably weakens the LoRA on that prompt.
+    """
     caption = " ".join((caption or "").split())
     if not caption:
         return trigger
-    tags = [t.strip() for t in caption.split(",")]
-    if trigger in tags:
+    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, flags=re.IGNORECASE):
         return caption
     return f"{trigger}, {caption}"
 
@@ -345,7 +351,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                    target_modules=UNET_TARGETS))
+                                    target_modules=UNET_TARGETS + (CONV_TARGETS if config.train_conv else [])))
         if config.train_text_encoder:
             for encoder in text_encoders:
                 encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
