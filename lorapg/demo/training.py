@@ -1,7 +1,10 @@
 """Train the demo model from nothing: first the VAE, then the UNet and text encoder together.
 
-``python -m lorapg.demo train`` runs this recipe; it is seeded and sized to finish in well under
-45 minutes on a 2-core CPU. The recipe follows Stable Diffusion's own: an ε-predicting UNet on
+``python -m lorapg.demo train`` runs this recipe; it is seeded. On this project's 2-core machine it took
+59 min on one thread (step times measured on an idle moment project 35 min with two threads, but
+``bench/bench_demo_train.py`` has also measured 63 and 86 min: that machine's speed varies).
+
+The recipe follows Stable Diffusion's own: an ε-predicting UNet on
 VAE latents under SD's noise schedule, min-SNR loss weighting, an EMA of the weights, and 10 % empty
 captions so that classifier-free guidance works at inference.
 """
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     # VAE: reconstruction of arbitrary colours and outlines, a tiny KL term as in SD's VAE.
     vae_steps: int = 450
     vae_batch: int = 64
