@@ -59,7 +59,7 @@ class Settings:
     visitors: str = "auto"  # auto | private | shared: private keeps each visitor's gallery, drafts, datasets apart
     shared_gallery: bool = False  # with private visitors: everyone sees every image (and edits only their own)
     max_upload_mb: int = -1  # largest upload; -1 = auto (50 on a Space, no limit locally), 0 = no limit
-    train_max_steps: int = -1  # longest training run; -1 = auto (a Space: 500 on CPU, 600 on a GPU; else none)
+    train_max_steps: int = -1  # longest training run; -1 = auto (a Space: 600 on CPU and on ZeroGPU; else none)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

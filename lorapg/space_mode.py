@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 VISITOR_MODES = ("auto", "private", "shared")
 SPACE_MAX_UPLOAD_MB = 50  # a 200-image dataset of phone photos fits; a model checkpoint does not
-# The demo-concept preset (440 steps) takes 1.5–3 min on 2 cores with the demo model.
-SPACE_TRAIN_MAX_STEPS_CPU = 500
+# The demo-concept preset (600 steps) takes about 2.5 min on 2 cores (under 2 on one) with the demo model.
+SPACE_TRAIN_MAX_STEPS_CPU = 600
 SPACE_TRAIN_MAX_STEPS_GPU = 600  # fits one ZeroGPU call of at most 300 s at 512 px (none on a dedicated GPU)
 
 
