@@ -105,3 +105,22 @@ def test_regularization_images_keep_their_own_captions_and_loss_weight(tmp_path)
     assert all(i.caption == "a red ring on a blue background" and i.loss_weight == 1.0 for i in concept_items)
     assert all(i.caption == (prior / f"{i.path.stem}.txt").read_text().strip() for i in prior_items)
     assert all(i.loss_weight == 0.25 for i in prior_items)
+
+
+def test_a_missing_regularization_folder_is_a_clear_error(tmp_path):
+    from lorapg.config import Settings
+    from lorapg.demo.concepts import write_dataset
+    from lorapg.errors import UserError
+    from lorapg.jobs import JobQueue
+    from lorapg.training.service import TrainingService
+
+    images = write_dataset(tmp_path / "concept", [Scene("ring", "red", "blue")], 2, seed=0)
+    jobs = JobQueue()
+    try:
+        service = TrainingService(Settings(lora_dir=tmp_path / "loras", models_dir=tmp_path), jobs)
+        config = service.config_for({"name": "x", "images": str(images), "trigger": "ring",
+                                     "regularization_images": str(tmp_path / "nowhere")})
+        with pytest.raises(UserError, match="Regularization folder .*nowhere does not exist"):
+            service.prepare(config)
+    finally:
+        jobs.shutdown()

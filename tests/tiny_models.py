@@ -27,25 +27,12 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from lorapg.demo.vocabulary import byte_alphabet
+
 # CLIP's byte-level alphabet: every byte maps to one printable unicode character. A vocabulary of
 # these characters (plus their end-of-word forms) tokenizes any text, one token per character,
 # which keeps the tokenizer tiny while counting tokens the way the real one does (one per unit).
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _byte_alphabet() -> list[str]:
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = [chr(b) for b in printable]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
 
 
 def write_tiny_clip_tokenizer(folder: Path) -> CLIPTokenizer:
@@ -55,7 +42,7 @@ def write_tiny_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     so the tokenizer is always loaded with ``from_pretrained`` on the folder.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + [_BOS, _EOS]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
