@@ -53,6 +53,19 @@ def test_judge_is_not_fooled_by_a_blank_or_wrong_image():
     assert judge_image(big).shape == "circle"
 
 
+def test_specks_in_a_smudge_are_no_shape_not_the_least_bad_template():
+    """What the demo model draws for a word it does not know: a smudge with a few odd pixels."""
+    rng = np.random.default_rng(5)
+    smudge = np.full((32, 32, 3), COLOURS["blue"], dtype=np.uint8)
+    specks = rng.choice(16 * 16, size=6, replace=False)
+    smudge[8 + specks // 16, 8 + specks % 16] = COLOURS["red"]
+    verdict = judge_image(smudge, JUDGE_PALETTE, JUDGE_SHAPES)
+    assert verdict.colour == "red" and verdict.shape is None
+    # The same specks grown into a drawn ring are a ring again: the floor only rejects non-shapes.
+    ring = render(Scene("ring", "red", "blue"), rng)
+    assert judge_image(ring, JUDGE_PALETTE, JUDGE_SHAPES).shape == "ring"
+
+
 def test_concept_datasets_are_trainable_with_captions(tmp_path):
     from lorapg.training.dataset import Dataset
 
@@ -124,3 +137,20 @@ def test_a_missing_regularization_folder_is_a_clear_error(tmp_path):
             service.prepare(config)
     finally:
         jobs.shutdown()
+
+
+@pytest.mark.parametrize("argument, message", [
+    (["--prompt", "star,red"], "is not SHAPE,COLOUR,BACKGROUND"),
+    (["--prompt", "hexagon,red,blue"], "unknown shape 'hexagon'"),
+    (["--prompt", "star,teal,blue"], "unknown colour 'teal'"),
+    (["--lora", "demo-ring"], "is not NAME:SCALE"),
+])
+def test_sheet_command_rejects_malformed_arguments_in_one_line(tmp_path, capsys, argument, message):
+    from lorapg.demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sheet", "--out", str(tmp_path / "sheet.png"), *argument])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "sheet.png").exists()

@@ -89,10 +89,16 @@ def evaluate_base(engine: DiffusionEngine, scenes: list[Scene] | None = None, se
     return report
 
 
+def spread(scenes: list[Scene], count: int | None) -> list[Scene]:
+    """``count`` scenes evenly spread over ``scenes`` (all of them for None)."""
+    if count is None or count >= len(scenes):
+        return scenes
+    return scenes[:: max(1, len(scenes) // count)][:count]
+
+
 def ordinary_scenes(count: int = 30) -> list[Scene]:
     """An even spread of the base model's own prompts, to watch for side effects of a LoRA."""
-    scenes = all_scenes()
-    return scenes[:: max(1, len(scenes) // count)][:count]
+    return spread(all_scenes(), count)
 
 
 @dataclass
@@ -110,23 +116,40 @@ def _ordinary_accuracy(engine, scenes, loras, seeds) -> float:
     return tally.rate("all_three")
 
 
-def concept_rate(engine, concept: Concept, loras, seeds: int = 2, prompt_scenes: list[Scene] | None = None) -> float:
-    shown = total = 0
-    for index, scene in enumerate(prompt_scenes or concept.scenes()):
+def concept_rates(engine, concepts: Iterable[Concept], loras, seeds: int = 2,
+                  prompt_scenes: list[Scene] | None = None) -> dict[str, float]:
+    """Share of images that show each concept, judging every image once for all of them."""
+    concepts = list(concepts)
+    scenes = prompt_scenes or concepts[0].scenes()
+    shown = dict.fromkeys((c.word for c in concepts), 0)
+    total = 0
+    for index, scene in enumerate(scenes):
         for image in generate(engine, scene.caption, BASE_SEED + index * seeds, seeds, loras):
             total += 1
-            shown += concept.shows_concept(judge_image(image, JUDGE_PALETTE, JUDGE_SHAPES))
-    return shown / total if total else 0.0
+            verdict = judge_image(image, JUDGE_PALETTE, JUDGE_SHAPES)
+            for concept in concepts:
+                shown[concept.word] += concept.shows_concept(verdict)
+    return {word: count / total if total else 0.0 for word, count in shown.items()}
+
+
+def concept_rate(engine, concept: Concept, loras, seeds: int = 2, prompt_scenes: list[Scene] | None = None) -> float:
+    return concept_rates(engine, [concept], loras, seeds, prompt_scenes)[concept.word]
 
 
 def lora_effect(engine: DiffusionEngine, lora_name: str, concept: Concept, scales=(0.0, 0.5, 1.0),
-                seeds: int = 2, ordinary_count: int = 30) -> list[ConceptRow]:
-    """Concept rate and ordinary-prompt accuracy of one LoRA at each scale."""
+                seeds: int = 2, ordinary_count: int = 30, concept_count: int | None = None) -> list[ConceptRow]:
+    """Concept rate and ordinary-prompt accuracy of one LoRA at each scale.
+
+    ``seeds`` images of one prompt come from one batched call, which costs little more than one
+    image on a CPU; fewer prompts with more seeds each is the cheap way to a given sample size.
+    """
     rows = []
     ordinary = ordinary_scenes(ordinary_count)
+    prompts = spread(concept.scenes(), concept_count)
     for scale in scales:
         loras = [(lora_name, scale)]
-        rows.append(ConceptRow({lora_name: scale}, {concept.word: concept_rate(engine, concept, loras, seeds)},
+        rows.append(ConceptRow({lora_name: scale},
+                               {concept.word: concept_rate(engine, concept, loras, seeds, prompts)},
                                _ordinary_accuracy(engine, ordinary, loras, seeds)))
     return rows
 
@@ -139,11 +162,9 @@ def blend_effect(engine: DiffusionEngine, shape: tuple[str, Concept], colour: tu
     rows = []
     for shape_scale, colour_scale in blends:
         loras = [(shape_lora, shape_scale), (colour_lora, colour_scale)]
-        rows.append(ConceptRow(
-            {shape_lora: shape_scale, colour_lora: colour_scale},
-            {shape_concept.word: concept_rate(engine, shape_concept, loras, seeds, prompts),
-             colour_concept.word: concept_rate(engine, colour_concept, loras, seeds, prompts)},
-            float("nan")))
+        rows.append(ConceptRow({shape_lora: shape_scale, colour_lora: colour_scale},
+                               concept_rates(engine, (shape_concept, colour_concept), loras, seeds, prompts),
+                               float("nan")))
     return rows
 
 

@@ -1,8 +1,8 @@
 """Train the demo model from nothing: first the VAE, then the UNet and text encoder together.
 
 ``python -m lorapg.demo train`` runs this recipe; it is seeded. On this project's 2-core machine it took
-59 min on one thread (step times measured on an idle moment project 35 min with two threads, but
-``bench/bench_demo_train.py`` has also measured 63 and 86 min: that machine's speed varies).
+39.9 min with two threads (VAE 7.5, diffusion 32.2) and 59 min with one thread while the other core was
+busy; that machine's speed varies (``bench/bench_demo_train.py`` times a slice of each stage).
 
 The recipe follows Stable Diffusion's own: an ε-predicting UNet on
 VAE latents under SD's noise schedule, min-SNR loss weighting, an EMA of the weights, and 10 % empty
