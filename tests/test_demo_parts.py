@@ -154,3 +154,20 @@ def test_sheet_command_rejects_malformed_arguments_in_one_line(tmp_path, capsys,
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
     assert not (tmp_path / "sheet.png").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["effect", "--lora", "demo-ring", "--concept", "ring", "--prompts", "0"],
+    ["effect", "--lora", "demo-ring", "--concept", "ring", "--ordinary", "-3"],
+    ["effect", "--lora", "demo-ring", "--concept", "ring", "--seeds", "two"],
+    ["evaluate", "--seeds", "0"],
+    ["loras", "--seeds", "0"],
+])
+def test_counts_must_be_whole_numbers_of_at_least_one(capsys, command):
+    from lorapg.demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "is not a whole number of at least 1" in error and "Traceback" not in error

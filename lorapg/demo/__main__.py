@@ -47,12 +47,22 @@ def _scene_argument(text: str):
 def _lora_argument(text: str) -> tuple[str, float]:
     name, _, scale = text.rpartition(":")
     try:
-        value = float(scale)
+        if name:
+            return name, float(scale)
     except ValueError:
-        value = None
-    if not name or value is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:SCALE (for example demo-ring:0.8)")
-    return name, value
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not NAME:SCALE (for example demo-ring:0.8)")
+
+
+def _count_argument(text: str) -> int:
+    """A number of prompts or images: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     evaluate = commands.add_parser("evaluate", help="score the model on every prompt")
     evaluate.add_argument("--model", default=str(DEMO_MODEL))
-    evaluate.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
+    evaluate.add_argument("--seeds", type=_count_argument, default=4, help="images per prompt (default 4)")
     evaluate.add_argument("--threads", type=int, default=1)
     evaluate.add_argument("--json", type=Path, help="also write the scores to this file")
     sheet = commands.add_parser("sheet", help="a PNG contact sheet of generated images")
@@ -86,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     loras.add_argument("--datasets-dir", type=Path, default=Path("models/datasets"))
     loras.add_argument("--lora-dir", type=Path, default=Path("models/loras"))
     loras.add_argument("--work-dir", type=Path, default=Path("models/training"))
-    loras.add_argument("--seeds", type=int, default=2, help="images per prompt (default 2)")
+    loras.add_argument("--seeds", type=_count_argument, default=2, help="images per prompt (default 2)")
     loras.add_argument("--threads", type=int, default=1)
     loras.add_argument("--json", type=Path, help="also write the results to this file")
     effect = commands.add_parser("effect", help="concept rate and ordinary accuracy of one LoRA at scales 0, 0.5, 1")
@@ -95,9 +105,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="what the LoRA was trained to add")
     effect.add_argument("--model", default=str(DEMO_MODEL))
     effect.add_argument("--lora-dir", type=Path, default=Path("models/loras"))
-    effect.add_argument("--seeds", type=int, default=2, help="images per prompt (default 2)")
-    effect.add_argument("--prompts", type=int, help="concept prompts, evenly spread (default: all 30)")
-    effect.add_argument("--ordinary", type=int, default=30, help="ordinary prompts to watch for side effects")
+    effect.add_argument("--seeds", type=_count_argument, default=2, help="images per prompt (default 2)")
+    effect.add_argument("--prompts", type=_count_argument, help="concept prompts, evenly spread (default: all 30)")
+    effect.add_argument("--ordinary", type=_count_argument, default=30,
+                        help="ordinary prompts to watch for side effects")
     effect.add_argument("--threads", type=int, default=1)
     effect.add_argument("--json", type=Path, help="also write the results to this file")
     return parser
