@@ -60,6 +60,12 @@ class Settings:
     shared_gallery: bool = False  # with private visitors: everyone sees every image (and edits only their own)
     max_upload_mb: int = -1  # largest upload; -1 = auto (50 on a Space, no limit locally), 0 = no limit
     train_max_steps: int = -1  # longest training run; -1 = auto (a Space: 600 on CPU and on ZeroGPU; else none)
+    # Input limits (issue 13): each refusal names the limit and the setting that raises it. They keep one
+    # request from holding gigabytes of memory or disk, or the GPU queue, for everybody else.
+    max_prompt_chars: int = 8000  # prompt / negative prompt / prompt-tool input; A1111 prompts rarely pass 2000
+    max_image_pixels: int = 50_000_000  # any image read from a user (upload, dataset, PNG Info): ~7000x7000
+    max_unpacked_mb: int = 2048  # all members of one uploaded zip, unpacked, checked before anything is written
+    max_dataset_images: int = 200  # images in one training dataset, checked before anything is written
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
