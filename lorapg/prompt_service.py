@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import queue
 import re
 import threading
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorapg.atomic_files import atomic_write_text
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import UserError
@@ -256,11 +256,7 @@ class PromptService:
                 notes[info.name] = note
             else:
                 notes.pop(info.name, None)
-            path = self._notes_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".json.partial")
-            partial.write_text(json.dumps(notes, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(partial, path)
+            atomic_write_text(self._notes_path(), json.dumps(notes, indent=2, sort_keys=True) + "\n")
         return note
 
     def _notes_path(self) -> Path:

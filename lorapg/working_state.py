@@ -11,17 +11,16 @@ A public app keeps one file per visitor (``VisitorWorkingStates``): a draft is p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lorapg.atomic_files import atomic_write
 from lorapg.visitors import visitor_key
 
 log = logging.getLogger(__name__)
@@ -171,18 +170,8 @@ class WorkingState:
         data = {"version": FORMAT_VERSION, **asdict(values)}
         data["loras"] = [list(item) for item in values.loras]
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle, ensure_ascii=False, indent=1)
-                    handle.flush()
-                    os.fsync(handle.fileno())  # else a power cut can leave an empty file behind
-                os.replace(temp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
-                raise
+            with atomic_write(self.path, "w") as handle:
+                json.dump(data, handle, ensure_ascii=False, indent=1)
         except (OSError, TypeError, ValueError) as exc:
             log.warning("could not save the working state to %s: %s", self.path, exc)
 

@@ -11,20 +11,18 @@ import io
 import logging
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from lorapg.atomic_files import atomic_write, is_temp_name
 from lorapg.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 PARAMETERS_KEY = "parameters"
-TEMP_PREFIX = "."
-TEMP_SUFFIX = ".tmp"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # What PIL raises for damaged files varies by where the damage is (header, chunk CRC, zlib
@@ -41,25 +39,7 @@ _DAMAGED_FILE_ERRORS = (
 
 def is_temp_file(path: Path) -> bool:
     """True for the temp files ``save_png_atomically`` makes (``.<name>.png.<random>.tmp``)."""
-    name = path.name
-    return (
-        name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX) and ".png." in name
-    )
-
-
-def _fsync_directory(folder: Path) -> None:
-    # The rename itself lives in the directory; without this a power cut can undo it. Windows
-    # cannot open directories, which is fine: NTFS journals the rename.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return is_temp_name(path.name) and ".png." in path.name
 
 
 def save_png_atomically(
@@ -74,19 +54,8 @@ def save_png_atomically(
     final.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters_text)
-    fd, temp_name = tempfile.mkstemp(
-        prefix=f"{TEMP_PREFIX}{final.name}.", suffix=TEMP_SUFFIX, dir=final.parent
-    )
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, final)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(final.parent)
+    with atomic_write(final) as handle:
+        image.save(handle, format="PNG", pnginfo=info)
     return final
 
 

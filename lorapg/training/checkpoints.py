@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from lorapg.atomic_files import atomic_write, atomic_write_bytes, fsync_directory
 
 _PREFIX = "step-"
 
@@ -54,12 +56,15 @@ def save_checkpoint(work_dir: Path, *, step: int, epoch: int, batch: int, lora: 
     partial = folder / (final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()},
-              str(partial / "lora.safetensors"))
-    torch.save({"step": step, "epoch": epoch, "batch": batch, **state}, partial / "state.pt")
+    # Through atomic_write for its fsync: a folder renamed complete must not hold empty files after a power cut.
+    atomic_write_bytes(partial / "lora.safetensors",
+                       save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()}))
+    with atomic_write(partial / "state.pt") as handle:
+        torch.save({"step": step, "epoch": epoch, "batch": batch, **state}, handle)
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
+    fsync_directory(folder)
     for stale in folder.glob("*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(work_dir)[:-keep]:

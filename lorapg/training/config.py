@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lorapg.atomic_files import atomic_write_text
 from lorapg.errors import UserError
 from lorapg.training.dataset import check_name
 
@@ -198,9 +199,4 @@ def to_toml(config: TrainConfig) -> str:
 
 
 def write_config(config: TrainConfig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_toml(config), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, to_toml(config))

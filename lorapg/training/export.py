@@ -9,7 +9,6 @@ half-written LoRA in the list.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import torch
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from lorapg.atomic_files import atomic_write_bytes
 from lorapg.diffusion.families import SD1, SD2, SDXL
 from lorapg.diffusion.lora_formats import peft_to_kohya
 
@@ -83,12 +83,5 @@ def export_kohya(state: dict[str, torch.Tensor], path: Path, *, family: str, alp
     kohya = peft_to_kohya(state, alpha, SDXL if family == SDXL else SD1)
     dtype = SAVE_DTYPES[save_precision]
     kohya = {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in kohya.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.safetensors: the library never lists it
-    try:
-        save_file(kohya, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # A hidden .tmp name (never *.safetensors), so the LoRA library never lists a half-written file.
+    return atomic_write_bytes(path, safetensors_bytes(kohya, metadata=metadata))

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from lorapg.atomic_files import atomic_write_bytes, atomic_write_text
 from lorapg.diffusion.families import SDXL
 from lorapg.errors import UserError
 from lorapg.training import checkpoints, export
@@ -269,7 +270,7 @@ class Trainer:
         return ((latents - shift) * vae.config.scaling_factor).float()
 
     def _cache_latents(self, vae, items: list[TrainImage], resolution: int, pipe, device) -> list[torch.Tensor]:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
 
         path = self._cache_file(resolution, pipe)
         cached: dict[str, torch.Tensor] = {}
@@ -291,10 +292,7 @@ class Trainer:
             cached[key] = result[-1]
             missing += 1
         if missing:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in cached.items()}, str(tmp))
-            os.replace(tmp, path)
+            atomic_write_bytes(path, save({k: v.contiguous() for k, v in cached.items()}))
         log.info("latents: %d cached, %d encoded (%s)", len(items) - missing, missing, path.name)
         return result
 
@@ -415,7 +413,7 @@ class Trainer:
                  config.name, len(items), len(groups), steps_per_epoch, total_steps, optimizer_name,
                  accelerator.mixed_precision, device)
         config_path = self.work_dir / "config.toml"
-        config_path.write_text(to_toml(config), encoding="utf-8")
+        atomic_write_text(config_path, to_toml(config))
         result.config_path = config_path
 
         def save(epoch: int, batch: int) -> Path:
