@@ -40,7 +40,7 @@ class ImageCheck:
     height: int = 0
     sha256: str = ""
     pixels_sha256: str = ""  # of the decoded RGBA pixels: the same picture saved another way
-    thumbnail: np.ndarray | None = field(default=None, repr=False)
+    thumbnail: np.ndarray | None = field(default=None, repr=False, compare=False)
     near_duplicate_of: str = ""  # kept, but reported: the user decides
     near_distance: float = 0.0
 

@@ -43,8 +43,8 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
     presets = service.preset_names()
     with gr.Row():
         with gr.Column(scale=3):
-            gr.Markdown("### 1. Dataset\nUpload 1–200 images (PNG, JPEG, WebP) or a zip; `.txt` files with the "
-                        "same name as an image are imported as its caption.")
+            gr.Markdown(f"### 1. Dataset\nUpload 1–{service.settings.max_dataset_images} images (PNG, JPEG, WebP) "
+                        "or a zip; `.txt` files with the same name as an image are imported as its caption.")
             with gr.Row():
                 dataset = gr.Dropdown([] if private else service.dataset_names(), label="Dataset name",
                                       allow_custom_value=True,
