@@ -11,7 +11,7 @@ from lorapg.jobs import JobQueue
 from lorapg.training.config import load_config
 from lorapg.training.service import TrainingService
 from lorapg.ui.train_tab import FIELDS, build_train_tab
-from tests.training_data import write_images
+from tests.training_data import smooth_image, write_images
 
 
 @pytest.fixture()
@@ -69,3 +69,16 @@ def test_missing_trigger_is_an_error_message(client):
     api.predict("one", [handle_file(str(paths[0]))], api_name="/dataset_add")
     with pytest.raises(Exception, match="trigger word is required"):
         api.predict("one", "x", "", "style", False, *[None] * len(FIELDS), None, api_name="/train_start")
+
+
+def test_near_duplicates_are_listed_and_removed(client):
+    api, service, tmp_path = client
+    paths = write_images(tmp_path / "up", 2, captions=False)
+    smooth_image(0).resize((400, 400)).save(tmp_path / "up" / "img00_copy.jpg", quality=80)
+    uploads = [handle_file(str(p)) for p in [*paths, tmp_path / "up" / "img00_copy.jpg"]]
+    grid, _, report, _, _ = api.predict("near", uploads, api_name="/dataset_add")
+    assert len(grid) == 3 and report.startswith("3 of 3 image(s) usable")
+    assert "1 near duplicate(s), kept" in report and "img00_copy.jpg looks like img00.png" in report
+    grid, _, report = api.predict("near", api_name="/dataset_remove_near_duplicates")
+    assert len(grid) == 2 and "Removed 1 near duplicate(s): img00_copy.jpg." in report
+    assert [image.file for image in service.dataset_images("near")] == ["img00.png", "img01.png"]

@@ -26,3 +26,27 @@ def write_images(folder: Path, count: int = 4, *, captions: bool = True, start: 
             path.with_suffix(".txt").write_text(f"a picture, pattern {i}", encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def striped_image(colour: tuple[int, int, int], size: tuple[int, int] = (288, 288), period: int = 36) -> Image.Image:
+    """Vertical stripes of ``colour`` on black: the same layout in every colour (flat regions, sharp edges)."""
+    pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    for x in range(0, size[0], period * 2):
+        pixels[:, x : x + period] = colour
+    return Image.fromarray(pixels)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG whose header claims ``width``×``height`` (IHDR patched, CRC fixed)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8  # after the signature: length (4), b"IHDR" (4), body (13), crc (4)
+    assert data[ihdr + 4 : ihdr + 8] == b"IHDR"
+    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
+    data[ihdr + 21 : ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4 : ihdr + 21])))
+    return bytes(data)

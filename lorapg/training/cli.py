@@ -10,7 +10,8 @@ from pathlib import Path
 FLAG_FIELDS = {"images": "images", "trigger": "trigger", "name": "name", "preset": "preset", "epochs": "epochs",
                "max_steps": "max_steps", "rank": "rank", "lr": "unet_lr", "resolution": "resolution",
                "seed": "seed", "overwrite": "overwrite", "resume": "resume", "batch_size": "batch_size",
-               "regularization_images": "regularization_images", "prior_loss_weight": "prior_loss_weight"}
+               "regularization_images": "regularization_images", "prior_loss_weight": "prior_loss_weight",
+               "drop_near_duplicates": "drop_near_duplicates"}
 
 
 def add_train_parser(commands: argparse._SubParsersAction, add_settings_arguments) -> None:
@@ -36,6 +37,9 @@ def add_train_parser(commands: argparse._SubParsersAction, add_settings_argument
     train.add_argument("--seed", type=str)
     train.add_argument("--out", help="folder to write the LoRA to (default: the LoRA folder), or a .safetensors path")
     train.add_argument("--overwrite", action="store_true", default=None, help="replace an existing LoRA of that name")
+    train.add_argument("--drop-near-duplicates", dest="drop_near_duplicates", action="store_true", default=None,
+                       help="leave out images that look like an earlier one (resized or re-encoded copies); "
+                            "by default they are reported and kept")
     train.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                        help="start over even when a checkpoint of this run exists")
 
@@ -57,6 +61,19 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def warn_near_duplicates(config, settings) -> None:
+    """Near duplicates are the user's call: say which ones, and what the run does with them."""
+    from lorapg.training.dataset import Dataset
+
+    images = Path(config.images).expanduser() if config.images else None
+    if images is None or not images.is_dir():
+        return  # the service names the problem
+    action = "left out (--drop-near-duplicates)" if config.drop_near_duplicates else \
+        "kept; pass --drop-near-duplicates to leave them out"
+    for check in Dataset(images, settings.max_image_pixels).validate().near_duplicates:
+        print(f"warning: near duplicate {action}: {check.near_duplicate_note}", file=sys.stderr)
+
+
 def run_train(args: argparse.Namespace, settings) -> int:
     from tqdm import tqdm
 
@@ -70,6 +87,7 @@ def run_train(args: argparse.Namespace, settings) -> int:
     jobs = JobQueue()
     service = TrainingService(settings, jobs)
     bar = None
+    warn_near_duplicates(config, settings)
 
     def on_progress(progress) -> None:
         nonlocal bar

@@ -76,6 +76,9 @@ class TrainConfig:
     sample_prompt: str = "{trigger}"  # "{trigger}" is replaced by the trigger word
     sample_steps: int = 20  # 0 = no sample images
     sample_seed: int = 1234
+    # --- data ---------------------------------------------------------------------------
+    # Near duplicates (resized / re-encoded copies) are reported and trained on; true leaves them out.
+    drop_near_duplicates: bool = False
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

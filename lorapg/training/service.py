@@ -27,7 +27,7 @@ from lorapg.jobs import ERROR, FINISHED, Job, JobQueue
 from lorapg.residency import is_out_of_memory
 from lorapg.spaces_gpu import GpuTask
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
-from lorapg.training.dataset import Dataset, DatasetImage, DatasetStore
+from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
 from lorapg.training.trainer import Trainer, TrainProgress, TrainResult, remove_run_outputs
 from lorapg.training.validation import ValidationReport
@@ -78,7 +78,7 @@ class TrainingService:
         self.jobs = jobs
         self.engine = engine  # the DiffusionEngine whose pipeline leaves the GPU while training
         self.presets_dir = presets_dir or PRESETS_DIR
-        self.datasets = DatasetStore(Path(settings.models_dir) / "datasets")
+        self.datasets = DatasetStore(Path(settings.models_dir) / "datasets", DatasetLimits.from_settings(settings))
         self.max_steps = max_steps
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
@@ -91,7 +91,8 @@ class TrainingService:
     def dataset_store(self, owner: str | None = None) -> DatasetStore:
         if owner is None:
             return self.datasets
-        return DatasetStore(Path(self.settings.models_dir) / "visitor_datasets" / visitor_key(owner))
+        return DatasetStore(Path(self.settings.models_dir) / "visitor_datasets" / visitor_key(owner),
+                            DatasetLimits.from_settings(self.settings))
 
     def dataset_names(self, owner: str | None = None) -> list[str]:
         return self.dataset_store(owner).names()
@@ -109,6 +110,10 @@ class TrainingService:
 
     def dataset_remove(self, name: str, file: str, owner: str | None = None) -> None:
         self.dataset_store(owner).get(name).remove(file)
+
+    def dataset_remove_near_duplicates(self, name: str, owner: str | None = None) -> list[str]:
+        """Remove the images validation reports as near duplicates; the names removed."""
+        return self.dataset_store(owner).get(name).remove_near_duplicates()
 
     def dataset_set_captions(self, name: str, captions: dict[str, str], owner: str | None = None) -> None:
         dataset = self.dataset_store(owner).get(name)
@@ -149,13 +154,13 @@ class TrainingService:
         images = Path(config.images).expanduser()
         if not images.is_dir():
             raise UserError(f"Image folder {config.images} does not exist.")
-        Dataset(images).require_trainable()
+        Dataset(images, self.settings.max_image_pixels).require_trainable()
         config = dataclasses.replace(config, model=model, trigger=config.trigger.strip(), images=str(images.resolve()))
         if config.regularization_images:
             regularization = Path(config.regularization_images).expanduser()
             if not regularization.is_dir():
                 raise UserError(f"Regularization folder {config.regularization_images} does not exist.")
-            Dataset(regularization).require_trainable()
+            Dataset(regularization, self.settings.max_image_pixels).require_trainable()
             config = dataclasses.replace(config, regularization_images=str(regularization.resolve()))
         config = self._within_step_limit(config)
         target = self.lora_dir(config) / f"{config.name}.safetensors"
@@ -193,7 +198,9 @@ class TrainingService:
             # LoRAs are shared by every visitor: one must not replace (or delete) another's, or the owner's.
             raise UserError(f"A LoRA named {config.name!r} already exists and this app does not replace LoRAs; "
                             "choose another name.")
-        config_path = self.save_config(config)
+        # The trainer writes config.toml once it accepted the run (after its resume check): a refused
+        # run must not overwrite the config of the run whose checkpoint is there.
+        config_path = self.work_dir(config) / "config.toml"
         holder: dict[str, TrainingRun] = {}
 
         def work(job: Job) -> TrainResult:
@@ -268,7 +275,8 @@ class TrainingService:
             remove_run_outputs(lora_dir, config.name, work_dir)
         trainer = Trainer(config, lora_dir=lora_dir, work_dir=work_dir, device=device,
                           allow_pickle=self.settings.allow_pickle, single_file_config=self.settings.single_file_config,
-                          on_progress=on_progress, should_cancel=should_cancel)
+                          max_image_pixels=self.settings.max_image_pixels, on_progress=on_progress,
+                          should_cancel=should_cancel)
         residency = self.engine.residency if self.engine is not None else None
         if residency is None:  # CPU: no GPU memory is shared, nothing to clear
             return trainer.run()

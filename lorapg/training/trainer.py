@@ -40,6 +40,7 @@ from lorapg.errors import UserError
 from lorapg.training import checkpoints, export
 from lorapg.training.config import TrainConfig, to_toml
 from lorapg.training.dataset import Dataset
+from lorapg.training.validation import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class Trainer:
         device: torch.device | None = None,
         allow_pickle: bool = False,
         single_file_config: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
         on_progress: Callable[[TrainProgress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ):
@@ -199,6 +201,7 @@ class Trainer:
         self.requested_device = device
         self.allow_pickle = allow_pickle
         self.single_file_config = single_file_config
+        self.max_image_pixels = max_image_pixels
         self.on_progress = on_progress or (lambda progress: None)
         self.should_cancel = should_cancel or (lambda: False)
 
@@ -237,16 +240,19 @@ class Trainer:
                                        loss_weight=self.config.prior_loss_weight)
         return items
 
-    @staticmethod
-    def _read_folder(folder: str, what: str, trigger: str | None, loss_weight: float = 1.0) -> list[TrainImage]:
-        dataset = Dataset(Path(folder))
+    def _read_folder(self, folder: str, what: str, trigger: str | None, loss_weight: float = 1.0) -> list[TrainImage]:
+        dataset = Dataset(Path(folder), self.max_image_pixels)
         if not dataset.folder.is_dir():
             raise UserError(f"{what} {folder} does not exist.")
         report = dataset.require_trainable()
         for check in report.invalid:
             log.warning("skipping %s: %s", check.file, "; ".join(check.reasons))
+        drop = self.config.drop_near_duplicates
+        for check in report.near_duplicates:
+            action = "left out" if drop else "kept"
+            log.warning("near duplicate %s: %s", action, check.near_duplicate_note)
         items = []
-        for c in report.valid:
+        for c in report.trainable(drop_near_duplicates=drop):
             caption = dataset.caption(c.file)
             if trigger is not None:
                 caption = build_caption(trigger, caption)

@@ -43,8 +43,8 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
     presets = service.preset_names()
     with gr.Row():
         with gr.Column(scale=3):
-            gr.Markdown("### 1. Dataset\nUpload 1–200 images (PNG, JPEG, WebP) or a zip; `.txt` files with the "
-                        "same name as an image are imported as its caption.")
+            gr.Markdown(f"### 1. Dataset\nUpload 1–{service.settings.max_dataset_images} images (PNG, JPEG, WebP) "
+                        "or a zip; `.txt` files with the same name as an image are imported as its caption.")
             with gr.Row():
                 dataset = gr.Dropdown([] if private else service.dataset_names(), label="Dataset name",
                                       allow_custom_value=True,
@@ -55,7 +55,11 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
             add_button = gr.Button("Add to dataset")
             grid = gr.Gallery(label="Images (select one to remove it)", columns=6, height=260, elem_id="train-grid")
             selected = gr.State(None)
-            remove_button = gr.Button("Remove selected image", size="sm", variant="stop")
+            with gr.Row():
+                remove_button = gr.Button("Remove selected image", size="sm", variant="stop")
+                # Near duplicates are listed in the validation report and trained on unless removed here.
+                remove_near_button = gr.Button("Remove near duplicates", size="sm", variant="stop",
+                                               elem_id="train-remove-near")
             captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
                                     label="Captions (edit, then Save captions)", elem_id="train-captions")
             save_captions_button = gr.Button("Save captions", size="sm")
@@ -140,6 +144,18 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         return (*_dataset_view(service, dataset_name, owner), None)
 
     remove_button.click(remove, [dataset, selected], [grid, captions, report, selected], api_name="dataset_remove")
+
+    @user_errors
+    def remove_near_duplicates(dataset_name, request: gr.Request):
+        owner = visitor(visitors, request)
+        removed = service.dataset_remove_near_duplicates(dataset_name, owner)
+        grid_items, table, summary = _dataset_view(service, dataset_name, owner)
+        note = f"\nRemoved {len(removed)} near duplicate(s): {', '.join(removed)}." if removed else \
+            "\nNo near duplicates to remove."
+        return grid_items, table, summary + note
+
+    remove_near_button.click(remove_near_duplicates, dataset, [grid, captions, report],
+                             api_name="dataset_remove_near_duplicates")
 
     @user_errors
     def save_captions(dataset_name, table, request: gr.Request):
