@@ -222,3 +222,14 @@ def test_ranges_describe_themselves_in_full() -> None:
     assert CFG_SCALE.clamp(31) == 30 and 25 in CFG_SCALE and 30.5 not in CFG_SCALE
     with pytest.raises(dataclasses.FrozenInstanceError):
         CFG_SCALE.maximum = 20  # type: ignore[misc]
+
+
+def test_cli_help_states_the_same_ranges(capsys) -> None:
+    from lorapg.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in (STEPS, CFG_SCALE, SIZE, BATCH_SIZE, LORA_SCALE, SEED):
+        assert expected.describe() in text
+    assert f"CFG scale, {CFG_SCALE.describe()} (default {CFG_SCALE.default:g})" in text
