@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lorapg.errors import UserError
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative", default="")
+    # Values stay strings: request validation checks them and names the field, as for the UI and the API.
     gen.add_argument("--lora", action="append", default=[], metavar="NAME_OR_PATH:SCALE",
-                     help="a LoRA from the LoRA folder (by name, or a path inside it) and its scale; repeatable")
-    gen.add_argument("--steps", default="30")
-    gen.add_argument("--cfg", default="7")
+                     help="a LoRA from the LoRA folder (by name, or a path inside it) and its scale "
+                          f"({LORA_SCALE.describe()}, default {LORA_SCALE.default:g}); repeatable")
+    gen.add_argument("--steps", default=f"{STEPS.default:g}", help=f"{STEPS.describe()} (default %(default)s)")
+    gen.add_argument("--cfg", default=f"{CFG_SCALE.default:g}",
+                     help=f"CFG scale, {CFG_SCALE.describe()} (default %(default)s)")
     gen.add_argument("--sampler", default=None)
-    gen.add_argument("--seed", default="-1", help="0..4294967295, or -1 for random")
-    gen.add_argument("--width", default=None)
-    gen.add_argument("--height", default=None)
-    gen.add_argument("--batch", default="1")
+    gen.add_argument("--seed", default=str(RANDOM_SEED), help=f"{SEED.describe()}, or {RANDOM_SEED} for random")
+    for side in ("width", "height"):
+        gen.add_argument(f"--{side}", default=None, help=f"{SIZE.describe()} px, a multiple of {SIZE_MULTIPLE} "
+                                                         "(default: the model's native size)")
+    gen.add_argument("--batch", default=f"{BATCH_SIZE.default:g}",
+                     help=f"images with consecutive seeds, {BATCH_SIZE.describe()} (default %(default)s)")
     gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
     add_gallery_parser(commands)

@@ -487,7 +487,8 @@ def map_sampler(name: str | None) -> tuple[str | None, list[str]]:
 
 def _within_limits(values: dict) -> tuple[dict, list[str]]:
     """Clamp what the Generate tab cannot take (e.g. 150 steps from another tool), with a note."""
-    from lorapg.diffusion.request import MAX_GUIDANCE, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, MIN_STEPS
+    from lorapg.diffusion.request import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, MIN_STEPS
+    from lorapg.limits import CFG_SCALE
 
     notes: list[str] = []
     steps = values.get("steps")
@@ -495,9 +496,9 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
         values["steps"] = min(max(steps, MIN_STEPS), MAX_STEPS)
         notes.append(f"Steps {steps} is outside {MIN_STEPS}–{MAX_STEPS}; {values['steps']} is used.")
     cfg = values.get("guidance_scale")
-    if cfg is not None and not 0 <= cfg <= MAX_GUIDANCE:
-        values["guidance_scale"] = min(max(cfg, 0.0), MAX_GUIDANCE)
-        notes.append(f"CFG scale {cfg:g} is outside 0–{MAX_GUIDANCE:g}; {values['guidance_scale']:g} is used.")
+    if cfg is not None and cfg not in CFG_SCALE:
+        values["guidance_scale"] = CFG_SCALE.clamp(cfg)
+        notes.append(f"CFG scale {cfg:g} is outside {CFG_SCALE.describe()}; {values['guidance_scale']:g} is used.")
     seed = values.get("seed")
     if seed is not None and seed > MAX_SEED:
         values["seed"] = None

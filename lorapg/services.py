@@ -17,7 +17,7 @@ from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL, family_label
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
-from lorapg.diffusion.request import GenerationRequest, extract_lora_tags, validate
+from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
 from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError
 from lorapg.gpu_estimates import generation_seconds
@@ -162,10 +162,13 @@ class PlaygroundService:
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """Move ``<lora:…>`` prompt tags into the LoRA list and check LoRAs before queueing."""
-        prompt, tagged = extract_lora_tags(request.prompt or "")
+        # A list, null, 10 MB or undecodable prompt is refused before anything parses it.
+        request = check_prompts(request, self.settings.max_prompt_chars)
+        prompt, tagged = extract_lora_tags(request.prompt)
         request = replace(request, prompt=prompt, loras=tuple(request.loras) + tagged)
         model = self.engine.model
-        validate(request, model.native_size if model else NATIVE_SIZE[SD1])  # the real check runs on the model
+        # The real check runs on the model; this one fails before the queue.
+        validate(request, model.native_size if model else NATIVE_SIZE[SD1], self.settings.max_prompt_chars)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         return request
 

@@ -17,10 +17,11 @@ from diffusers import DiffusionPipeline
 from lorapg.diffusion.families import family_label
 from lorapg.diffusion.lora_library import LoraInfo
 from lorapg.errors import UserError
+from lorapg.limits import LORA_SCALE
 
 log = logging.getLogger(__name__)
 
-MIN_SCALE, MAX_SCALE = 0.0, 1.5
+MIN_SCALE, MAX_SCALE = float(LORA_SCALE.minimum), float(LORA_SCALE.maximum)  # the range lives in lorapg.limits
 
 
 @dataclass(frozen=True)

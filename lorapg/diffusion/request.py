@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field, replace
 
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
 from lorapg.errors import UserError
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
 
-MAX_SEED = 2**32 - 1
-MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 1, 50, 30
-MIN_SIZE, MAX_SIZE = 32, 2048  # 32: the bundled demo model is native 32 px
-MAX_BATCH = 4
-MAX_GUIDANCE = 30.0
+# The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
+MAX_SEED = int(SEED.maximum)
+MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = int(STEPS.minimum), int(STEPS.maximum), int(STEPS.default)
+MIN_SIZE, MAX_SIZE = int(SIZE.minimum), int(SIZE.maximum)
+MAX_BATCH = int(BATCH_SIZE.maximum)
+MAX_GUIDANCE = float(CFG_SCALE.maximum)
+SHOWN_CHARS = 40  # how much of a refused value a message repeats (a 10 MB value is not echoed)
 
 
 @dataclass(frozen=True)
@@ -28,73 +32,133 @@ class GenerationRequest:
     negative_prompt: str = ""
     loras: tuple[LoraRequest, ...] = ()
     steps: int = DEFAULT_STEPS
-    guidance_scale: float = 7.0
+    guidance_scale: float = CFG_SCALE.default
     sampler: str = DEFAULT_SAMPLER
     width: int | None = None  # None: the model's native size
     height: int | None = None
     seed: int | None = None  # None or -1: pick one at random (the one used is reported)
-    batch_size: int = 1
+    batch_size: int = int(BATCH_SIZE.default)
     extra: dict = field(default_factory=dict, compare=False)
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut short: a message repeats enough of a refused value to recognise it."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
 
 
 def parse_seed(value: object) -> int | None:
     """Accept ints, numeric strings, floats with no fraction; -1, None or "" mean random."""
-    if value is None or (isinstance(value, str) and value.strip() in {"", "-1", "random"}):
+    if value is None or (isinstance(value, str) and value.strip() in {"", str(RANDOM_SEED), "random"}):
         return None
     try:
+        if isinstance(value, bool):
+            raise TypeError  # JSON true is not a seed
         number = float(value) if isinstance(value, str) else value
         seed = int(number)
         if seed != number:
             raise ValueError
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"Seed {value!r} is not a whole number; use 0–{MAX_SEED} or -1 for random.") from None
-    if seed == -1:
+        raise UserError(
+            f"Seed {shown(value)} is not a whole number; use {SEED.describe()} or {RANDOM_SEED} for random."
+        ) from None
+    if seed == RANDOM_SEED:
         return None
-    if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"Seed {seed} is outside 0–{MAX_SEED}; use -1 for a random seed.")
+    if seed not in SEED:
+        raise UserError(f"Seed {seed} is outside {SEED.describe()}; use {RANDOM_SEED} for a random seed.")
     return seed
 
 
 def _whole(name: str, value: object) -> int:
     try:
-        number = float(value)
+        if isinstance(value, bool):
+            raise TypeError  # JSON true would otherwise count as 1
+        number = float(value)  # type: ignore[arg-type]
         if number != int(number):
             raise ValueError
         return int(number)
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{name} must be a whole number, got {value!r}.") from None
+        raise UserError(f"{name} must be a whole number, got {shown(value)}.") from None
 
 
-def validate(request: GenerationRequest, native_size: int) -> GenerationRequest:
-    """Return the request with defaults filled in and a concrete seed, or raise UserError."""
+def _number(name: str, value: object) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be a number, got {shown(value)}.")
+    return number
+
+
+# A lone UTF-16 surrogate (JSON "\ud800") is not a character: tokenizers and PNG text chunks fail on it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_text(label: str, value: object, max_chars: int = 0, *, optional: bool = False) -> str:
+    """``value`` if it is text a prompt can hold, else a UserError naming ``label``.
+
+    ``max_chars``: Settings.max_prompt_chars (0 = no limit); ``optional``: None means "".
+    """
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{label} must be text, got {type(value).__name__ if value is not None else 'null'}.")
+    if "\x00" in value:
+        raise UserError(f"{label} contains a null character (U+0000) at position {value.index(chr(0))}; remove it.")
+    surrogate = _SURROGATE.search(value)
+    if surrogate:
+        raise UserError(f"{label} contains a lone UTF-16 surrogate (U+{ord(surrogate.group()):04X}) at position "
+                        f"{surrogate.start()}, which is not a character; remove it.")
+    if max_chars > 0 and len(value) > max_chars:
+        raise UserError(f"{label} is {len(value):,} characters, over the limit of {max_chars:,} "
+                        "(setting max_prompt_chars); shorten it or raise the setting.")
+    return value
+
+
+def check_prompts(request: GenerationRequest, max_chars: int = 0) -> GenerationRequest:
+    """The prompt and negative prompt as text within the length limit; run before anything reads them."""
+    return replace(
+        request,
+        prompt=check_text("Prompt", request.prompt, max_chars),
+        negative_prompt=check_text("Negative prompt", request.negative_prompt, max_chars, optional=True),
+    )
+
+
+def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int = 0) -> GenerationRequest:
+    """Return the request with defaults filled in and a concrete seed, or raise UserError.
+
+    ``max_prompt_chars``: Settings.max_prompt_chars (0 = no limit).
+    """
+    request = check_prompts(request, max_prompt_chars)
     steps = _whole("Steps", request.steps)
-    if not MIN_STEPS <= steps <= MAX_STEPS:
-        raise UserError(f"Steps must be {MIN_STEPS}–{MAX_STEPS}, got {steps}.")
+    if steps not in STEPS:
+        raise UserError(f"Steps must be {STEPS.describe()}, got {steps}.")
     width = native_size if request.width in (None, 0) else _whole("Width", request.width)
     height = native_size if request.height in (None, 0) else _whole("Height", request.height)
     for label, size in (("Width", width), ("Height", height)):
-        if not MIN_SIZE <= size <= MAX_SIZE:
-            raise UserError(f"{label} must be {MIN_SIZE}–{MAX_SIZE} pixels, got {size}.")
-        if size % 8:
-            raise UserError(f"{label} must be a multiple of 8, got {size} (try {round(size / 8) * 8}).")
+        if size not in SIZE:
+            raise UserError(f"{label} must be {SIZE.describe()} pixels, got {size}.")
+        if size % SIZE_MULTIPLE:
+            raise UserError(f"{label} must be a multiple of {SIZE_MULTIPLE}, got {size} "
+                            f"(try {round(size / SIZE_MULTIPLE) * SIZE_MULTIPLE}).")
     batch = _whole("Batch size", request.batch_size)
-    if not 1 <= batch <= MAX_BATCH:
-        raise UserError(f"Batch size must be 1–{MAX_BATCH}, got {batch}.")
-    try:
-        guidance = float(request.guidance_scale)
-    except (TypeError, ValueError):
-        raise UserError(f"CFG scale must be a number, got {request.guidance_scale!r}.") from None
-    if not 0.0 <= guidance <= MAX_GUIDANCE:
-        raise UserError(f"CFG scale must be 0–{MAX_GUIDANCE:g}, got {guidance:g}.")
-    get_sampler(request.sampler)
+    if batch not in BATCH_SIZE:
+        raise UserError(f"Batch size must be {BATCH_SIZE.describe()}, got {batch}.")
+    guidance = _number("CFG scale", request.guidance_scale)
+    if guidance not in CFG_SCALE:
+        raise UserError(f"CFG scale must be {CFG_SCALE.describe()}, got {guidance:g}.")
+    if not isinstance(request.sampler, str):
+        raise UserError(f"Sampler must be text, got {shown(request.sampler)}.")
+    get_sampler(request.sampler[:SHOWN_CHARS * 2])  # no sampler name is longer; the message repeats it
     seed = parse_seed(request.seed)
     if seed is None:
         # Leave room for the batch's seed + i so every image's seed stays in range.
         seed = random.randint(0, MAX_SEED - MAX_BATCH)
     if seed + batch - 1 > MAX_SEED:
         raise UserError(f"Seed {seed} + batch {batch} runs past {MAX_SEED}; pick a smaller seed.")
-    if not isinstance(request.prompt, str):
-        raise UserError("Prompt must be text.")
     return replace(
         request,
         steps=steps,
@@ -103,7 +167,6 @@ def validate(request: GenerationRequest, native_size: int) -> GenerationRequest:
         batch_size=batch,
         guidance_scale=guidance,
         seed=seed,
-        negative_prompt=request.negative_prompt or "",
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from lorapg.atomic_files import atomic_write_text
 from lorapg.errors import UserError
+from lorapg.limits import TRAINING
 from lorapg.training.dataset import check_name
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -82,14 +83,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
-# name -> (low, high) inclusive; numbers only.
-RANGES: dict[str, tuple[float, float]] = {
-    "rank": (1, 256), "alpha": (0.01, 1024), "unet_lr": (1e-7, 1.0), "text_encoder_lr": (0.0, 1.0),
-    "epochs": (1, 1000), "max_steps": (0, 1_000_000), "repeats": (1, 100), "batch_size": (1, 64),
-    "resolution": (0, 2048), "prior_loss_weight": (0, 10), "lr_warmup_steps": (0, 100_000), "min_snr_gamma": (0, 100),
-    "noise_offset": (0, 1), "max_grad_norm": (0, 1000), "seed": (0, 2**32 - 1), "save_every_epochs": (1, 1000),
-    "keep_checkpoints": (1, 100), "sample_steps": (0, 150), "sample_seed": (0, 2**32 - 1),
-}
+# name -> (low, high) inclusive; numbers only. The ranges live in lorapg.limits, beside the generation ones.
+RANGES: dict[str, tuple[float, float]] = {key: (r.minimum, r.maximum) for key, r in TRAINING.items()}
 CHOICES = {"lr_scheduler": LR_SCHEDULERS, "optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISION,
            "save_precision": SAVE_PRECISION}
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
+from lorapg.diffusion.request import check_text
 from lorapg.errors import UserError
 from lorapg.jobs import ERROR, QUEUED, RUNNING, Job, JobQueue
 from lorapg.visitors import Visitors
@@ -68,3 +69,37 @@ def follow(job: Job, queue: JobQueue, progress: gr.Progress | None = None) -> It
     if job.status == ERROR:
         raise gr.Error(job.error or "The job failed.")
     yield job
+
+
+def raw_number(component: gr.Slider | gr.Number) -> gr.Slider | gr.Number:
+    """``component``, passing what the client sent to the handler unchanged.
+
+    Gradio's own Slider and Number preprocessing refuse a NaN, a string or a value past the widget's
+    bounds with "Could not preprocess input component at index 3 …", which names no field. The
+    handler's validation (lorapg.diffusion.request, shared with the CLI) refuses them instead, naming
+    the field. (Set on the instance: a gradio component subclass writes a .pyi beside its module.)
+    """
+    component.preprocess = _unchanged  # type: ignore[method-assign]
+    return component
+
+
+def checked_text(component: gr.Textbox) -> gr.Textbox:
+    """``component``, refusing what is not text with a message naming its label.
+
+    Gradio's Textbox turns a list or null into text ("['a']", None); a prompt box feeds generation
+    and the prompt tools, so every endpoint that reads it gets the same check.
+    """
+    label = component.label or "Text"
+
+    def preprocess(payload):
+        try:
+            return check_text(label, payload)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
+
+
+def _unchanged(payload):
+    return payload

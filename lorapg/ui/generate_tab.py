@@ -6,16 +6,21 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from lorapg.diffusion.adapters import MAX_SCALE, MIN_SCALE
 from lorapg.diffusion.families import family_label
-from lorapg.diffusion.request import DEFAULT_STEPS, MAX_BATCH, MAX_STEPS, GenerationRequest, parse_lora_list
+from lorapg.diffusion.request import GenerationRequest, parse_lora_list
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.jobs import CANCELLED
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
 from lorapg.services import LoraListing, PlaygroundService
-from lorapg.ui.common import follow, job_status_text, user_errors, visitor
+from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
 from lorapg.visitors import Visitors
 
-DEFAULT_LORA_SCALE = 1.0
+DEFAULT_LORA_SCALE = LORA_SCALE.default
+
+
+def ranged(limits: Range) -> dict:
+    """A slider's or number field's bounds from lorapg.limits, the ranges validation uses."""
+    return {"minimum": limits.minimum, "maximum": limits.maximum, "step": limits.step}
 
 
 def lora_choices(service: PlaygroundService) -> list[tuple[str, str]]:
@@ -75,11 +80,11 @@ def build_generate_tab(
 
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = gr.Textbox(
+            prompt = checked_text(gr.Textbox(
                 label="Prompt", lines=3, elem_id="prompt",
                 placeholder="a watercolor fox in a misty forest  (A1111 tags like <lora:name:0.7> work too)",
-            )
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt")
+            ))
+            negative = checked_text(gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt"))
             with gr.Row():
                 lora_select = gr.Dropdown(label="LoRAs", choices=lora_choices(service), multiselect=True,
                                           elem_id="lora-select", scale=5)
@@ -90,8 +95,8 @@ def build_generate_tab(
             @gr.render(inputs=[lora_select, scales], triggers=[lora_select.change])
             def render_scale_sliders(selected, current):
                 for name in selected or []:
-                    slider = gr.Slider(MIN_SCALE, MAX_SCALE, value=(current or {}).get(name, DEFAULT_LORA_SCALE),
-                                       step=0.05, label=f"{name} — scale", key=f"scale-{name}", interactive=True)
+                    slider = gr.Slider(**ranged(LORA_SCALE), value=(current or {}).get(name, DEFAULT_LORA_SCALE),
+                                       label=f"{name} — scale", key=f"scale-{name}", interactive=True)
                     slider.change(lambda value, state, n=name: {**(state or {}), n: value}, [slider, scales], scales)
 
             if prompt_tools is not None:
@@ -99,15 +104,17 @@ def build_generate_tab(
 
             with gr.Accordion("Parameters", open=True):
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
-                    cfg = gr.Slider(0, 20, value=7.0, step=0.5, label="CFG scale")
+                    steps = raw_number(gr.Slider(**ranged(STEPS), value=STEPS.default, label="Steps"))
+                    cfg = raw_number(gr.Slider(**ranged(CFG_SCALE), value=CFG_SCALE.default, label="CFG scale"))
                     sampler = gr.Dropdown(service.sampler_names(), value=DEFAULT_SAMPLER, label="Sampler")
                 with gr.Row():
-                    native = status.native_size or 512
-                    width = gr.Number(value=native, precision=0, step=8, label="Width")
-                    height = gr.Number(value=native, precision=0, step=8, label="Height")
-                    batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+                    native = status.native_size or SIZE.default
+                    width = raw_number(gr.Number(value=native, precision=0, **ranged(SIZE), label="Width"))
+                    height = raw_number(gr.Number(value=native, precision=0, **ranged(SIZE), label="Height"))
+                    batch = raw_number(gr.Slider(**ranged(BATCH_SIZE), value=BATCH_SIZE.default, label="Batch size"))
+                    # -1 (random) sits just below the seed range.
+                    seed = raw_number(gr.Number(value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
+                                                maximum=SEED.maximum, step=1, label=f"Seed ({RANDOM_SEED} = random)"))
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")

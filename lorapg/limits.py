@@ -1,0 +1,73 @@
+"""Every parameter's range, in one place.
+
+The Generate tab's sliders, the CLI's help, request validation, gallery Reuse and the training
+config all read these, so a value one of them accepts is a value every other one accepts (a PNG
+made at CFG 25 can be reused, and an API call at the slider's maximum is not refused).
+Never imports gradio or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive range; ``step`` is the UI's granularity (validation does not snap to it)."""
+
+    minimum: float
+    maximum: float
+    step: float
+    default: float
+
+    def __contains__(self, value: float) -> bool:
+        return self.minimum <= value <= self.maximum
+
+    def clamp(self, value: float) -> float:
+        return min(max(value, self.minimum), self.maximum)
+
+    def describe(self) -> str:
+        """``"1–50"``: how messages and help texts say the range."""
+        return f"{_number_text(self.minimum)}–{_number_text(self.maximum)}"
+
+
+def _number_text(value: float) -> str:
+    # Whole numbers in full (a seed is 4294967295, not 4.29497e+09); others as short as they go.
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# --- generation -----------------------------------------------------------------------------
+STEPS = Range(1, 50, 1, 30)
+# A1111's slider goes to 30; PNGs made there must reuse unchanged.
+CFG_SCALE = Range(0.0, 30.0, 0.5, 7.0)
+# Width and height; 32: the bundled demo model is native 32 px. The default is the model's native size.
+SIZE = Range(32, 2048, 8, 512)
+SIZE_MULTIPLE = 8  # the VAE downsamples by 8
+BATCH_SIZE = Range(1, 4, 1, 1)
+LORA_SCALE = Range(0.0, 1.5, 0.05, 1.0)
+RANDOM_SEED = -1  # the seed field's "pick one at random" value, just below SEED.minimum
+SEED = Range(0, 2**32 - 1, 1, RANDOM_SEED)
+
+# --- training (TrainConfig fields) ------------------------------------------------------------
+# A training seed is a generation seed: a sample made at it can be regenerated.
+TRAINING: dict[str, Range] = {
+    "rank": Range(1, 256, 1, 16),
+    "alpha": Range(0.01, 1024, 0.01, 8.0),
+    "unet_lr": Range(1e-7, 1.0, 1e-5, 1e-4),
+    "text_encoder_lr": Range(0.0, 1.0, 1e-5, 5e-5),
+    "epochs": Range(1, 1000, 1, 10),
+    "max_steps": Range(0, 1_000_000, 1, 0),
+    "repeats": Range(1, 100, 1, 1),
+    "batch_size": Range(1, 64, 1, 1),
+    "resolution": Range(0, SIZE.maximum, SIZE_MULTIPLE, 0),
+    "prior_loss_weight": Range(0, 10, 0.1, 1.0),
+    "lr_warmup_steps": Range(0, 100_000, 1, 0),
+    "min_snr_gamma": Range(0, 100, 0.5, 0.0),
+    "noise_offset": Range(0, 1, 0.01, 0.0),
+    "max_grad_norm": Range(0, 1000, 0.1, 1.0),
+    "seed": Range(SEED.minimum, SEED.maximum, 1, 42),
+    "save_every_epochs": Range(1, 1000, 1, 1),
+    "keep_checkpoints": Range(1, 100, 1, 2),
+    "sample_steps": Range(0, 150, 1, 20),
+    "sample_seed": Range(SEED.minimum, SEED.maximum, 1, 1234),
+}
