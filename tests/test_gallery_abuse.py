@@ -7,6 +7,8 @@ import math
 import struct
 import threading
 import tracemalloc
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord, read_png_parameters
 from lorapg.gallery_service import GalleryService
+from tests.app_server import running_app
 
 
 @pytest.fixture
@@ -234,3 +237,90 @@ def test_text_chunks_are_bounded_and_checked(tmp_path: Path) -> None:
     for cut in (len(whole) - 1, len(whole) // 2, 30):
         with pytest.raises(UserError, match="damaged or incomplete PNG"):
             read_png_parameters(whole[:cut])
+
+
+# --------------------------------------------------------------------------------------------
+# Through the real app over HTTP: ids, stale URLs, PNG Info, one-line refusals
+
+GENERATE = {
+    "negative_text": "",
+    "loras": "",
+    "steps_value": 2,
+    "cfg_value": 7,
+    "sampler_name": "Euler a",
+    "width_value": 64,
+    "height_value": 64,
+    "batch_value": 1,
+}
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_app_refuses_bad_ids_and_forgets_images_that_leave_the_gallery(tiny_models, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    log_path = tmp_path / "app.log"
+    outputs = tmp_path / "outputs"
+    with running_app(
+        "--model",
+        str(tiny_models["sd15"]),
+        "--outputs",
+        str(outputs),
+        "--threads",
+        "1",
+        "--gallery-keep",
+        "1",
+        log_path=log_path,
+    ) as url:
+        client = Client(url, verbose=False, download_files=False)
+
+        def generate(seed: int) -> str:
+            images = client.predict(prompt_text=f"a cat {seed}", seed_value=seed, api_name="/generate", **GENERATE)[0]
+            return images[0]["image"]["url"]
+
+        first_url = generate(1)
+        client.predict(1, api_name="/gallery_star")  # #1 starred: never pruned
+        second_url = generate(2)
+        # 1.5 was rounded to 2 and deleted image #2; now every id endpoint refuses it.
+        for api_name, args in (
+            ("/gallery_delete", (1.5, "", "")),
+            ("/gallery_get", (1.5,)),
+            ("/gallery_star", (1.5,)),
+            ("/gallery_reuse", (1.5,)),
+            ("/gallery_delete", (2**63, "", "")),
+        ):
+            with pytest.raises(Exception, match="Image id must be a whole number ≥ 1, got "):
+                client.predict(*args, api_name=api_name)
+        listing = client.predict("", "", api_name="/gallery_list")
+        assert listing[-1] == "2 image(s)." and len(listing[0]) == 2
+        shown = client.predict(1, api_name="/gallery_get")
+        assert any(isinstance(part, str) and "★ starred" in part for part in shown)
+        assert _status(first_url) == _status(second_url) == 200
+
+        # Deleted: its URL no longer answers with the image.
+        client.predict(2, "", "", api_name="/gallery_delete")
+        assert _status(second_url) in (403, 404)
+        # Pruned: #3 goes when #4 arrives (keep 1); its URL goes with it. The starred #1 stays.
+        third_url = generate(3)
+        generate(4)
+        assert _status(third_url) in (403, 404)
+        assert _status(first_url) == 200
+        assert len(list(outputs.rglob("*.png"))) == 2
+
+        with pytest.raises(Exception, match="Prompt words: .*over the limit of .*max_prompt_chars"):
+            client.predict("cat " * 5000, "", api_name="/gallery_list")
+
+        bomb = tmp_path / "bomb.png"
+        bomb.write_bytes(bomb_png("a giant\nSteps: 4, Seed: 77"))
+        summary, raw = client.predict(handle_file(str(bomb)), api_name="/png_info")
+        assert raw == "a giant\nSteps: 4, Seed: 77" and "77" in summary
+
+    log = log_path.read_text()
+    assert "Traceback" not in log
+    assert log.count("refused: Image id must be a whole number ≥ 1, got 1.5") == 4
