@@ -222,8 +222,14 @@ def test_text_chunks_are_bounded_and_checked(tmp_path: Path) -> None:
     iend = whole.index(b"IEND") - 4
     # zTXt that inflates to 64 MB of zeros from 64 KB: refused, not held in memory.
     ztxt = _chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(b"\0" * 64 * 2**20, 9))
-    with pytest.raises(UserError, match="damaged or incomplete PNG .*expands past 16 MB"):
+    with pytest.raises(UserError, match="damaged or incomplete PNG .*expands past 1 MB"):
         read_png_parameters(whole[:iend] + ztxt + whole[iend:])
+    # Parameters too large for a text chunk are refused by size, never read.
+    huge = _chunk(b"tEXt", b"parameters\x00" + b"x" * (2 * 2**20))
+    with pytest.raises(UserError, match="parameters chunk is 2 MB or more, over the 1 MB"):
+        read_png_parameters(whole[:iend] + huge + whole[iend:])
+    other = _chunk(b"tEXt", b"comment\x00" + b"x" * (2 * 2**20))
+    assert read_png_parameters(whole[:iend] + other + whole[iend:]) == "Steps: 4"
     # A text chunk whose checksum is wrong is damage, not parameters.
     broken = bytearray(whole)
     at = broken.index(b"Steps: 4")
@@ -234,7 +240,7 @@ def test_text_chunks_are_bounded_and_checked(tmp_path: Path) -> None:
     itxt = _chunk(b"iTXt", b"parameters\x00\x00\x00\x00\x00" + "桜 Steps: 2".encode())
     assert read_png_parameters(whole[:iend] + itxt + whole[iend:]) == "桜 Steps: 2"
     # Cut anywhere, the file is incomplete.
-    for cut in (len(whole) - 1, len(whole) // 2, 30):
+    for cut in (len(whole) - 1, len(whole) // 2, 30, 5):
         with pytest.raises(UserError, match="damaged or incomplete PNG"):
             read_png_parameters(whole[:cut])
 

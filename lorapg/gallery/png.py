@@ -102,9 +102,10 @@ def _describe(source: str | os.PathLike[str] | bytes) -> str:
 # Reading: the chunks are walked without decoding a pixel. Decoding the image to reach a text
 # chunk cost 640 MB for one 13000x13000 PNG; the text is all PNG Info and the gallery need.
 _TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
-# A1111 text is a few KB; these bounds keep a hostile file from holding memory (PIL's own
-# limit for one text chunk is 1 MB, so no PNG a common tool wrote is refused).
-MAX_TEXT_CHUNK_BYTES = 16 * 1024 * 1024
+# A1111 text is a few KB; this bound keeps a hostile file from holding memory. It is PIL's own
+# limit for one text chunk (1 MB), so no PNG that PIL-based tools read is refused.
+MAX_TEXT_CHUNK_BYTES = 1024 * 1024
+_MAX_KEYWORD = 80  # PNG keywords are 1-79 bytes, then a NUL
 _MAX_CHUNK_LENGTH = 2**31 - 1  # the PNG spec's limit for one chunk
 
 
@@ -138,7 +139,10 @@ def read_png_metadata(source: str | os.PathLike[str] | bytes) -> PngMetadata:
     what = _describe(source)
     try:
         with _open_binary(source) as handle:
-            if handle.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            head = handle.read(len(PNG_SIGNATURE))
+            if head != PNG_SIGNATURE:
+                if head and PNG_SIGNATURE.startswith(head):
+                    raise _Damaged("it ends inside its signature")
                 raise UserError(_not_png_message(what, source))
             return _walk_chunks(handle, _size_of(handle))
     except FileNotFoundError:
@@ -199,7 +203,9 @@ def _walk_chunks(handle: BinaryIO, size: int) -> PngMetadata:
             raise _Damaged("it does not start with a header chunk (IHDR)")
         if kind == b"IEND":
             break
-        if kind == b"IHDR" or (kind in _TEXT_CHUNKS and length <= MAX_TEXT_CHUNK_BYTES):
+        if kind in _TEXT_CHUNKS and length > MAX_TEXT_CHUNK_BYTES:
+            _skip_oversized_text(handle, kind, length)
+        elif kind == b"IHDR" or kind in _TEXT_CHUNKS:
             data = _read_checked(handle, kind, length)
             if kind == b"IHDR":
                 width, height = struct.unpack(">II", data[:8])
@@ -210,6 +216,18 @@ def _walk_chunks(handle: BinaryIO, size: int) -> PngMetadata:
         else:  # pixels and anything else: skipped, never read into memory
             handle.seek(length + 4, io.SEEK_CUR)
     return PngMetadata(width, height, parameters)
+
+
+def _skip_oversized_text(handle: BinaryIO, kind: bytes, length: int) -> None:
+    """Skip a text chunk too large to read; refuse it when it is the parameters, which would
+    otherwise look like a PNG without any."""
+    keyword = handle.read(_MAX_KEYWORD).partition(b"\0")[0]
+    if keyword == PARAMETERS_KEY.encode():
+        raise _Damaged(
+            f"its {kind.decode('latin-1')} parameters chunk is {length // 2**20} MB or more, "
+            f"over the {MAX_TEXT_CHUNK_BYTES // 2**20} MB a PNG text chunk may hold"
+        )
+    handle.seek(length - _MAX_KEYWORD + 4, io.SEEK_CUR)
 
 
 def _read_checked(handle: BinaryIO, kind: bytes, length: int) -> bytes:
