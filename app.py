@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from lorapg.visitors import Visitors, browser_secret
     from lorapg.working_state import VisitorWorkingStates, WorkingState
 
-    gallery_service = GalleryService(runtime.gallery, runtime.library, shared=policy.shared_gallery)
+    gallery_service = GalleryService(runtime.gallery, runtime.library, shared=policy.shared_gallery,
+                                     max_query_chars=settings.max_prompt_chars)
     visitors = Visitors(private=policy.private_visitors)
     if policy.private_visitors:
         working_state = VisitorWorkingStates(settings.outputs / "working_states")

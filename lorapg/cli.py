@@ -237,7 +237,7 @@ def open_gallery_service(settings):
 
     # The same files build_runtime opens.
     store = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
-    return GalleryService(store, LoraLibrary(settings.lora_dir))
+    return GalleryService(store, LoraLibrary(settings.lora_dir), max_query_chars=settings.max_prompt_chars)
 
 
 def _one_line(text: str, width: int = 80) -> str:

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery.a1111 import ParsedParameters, parse_parameters
 from lorapg.gallery.png import read_png_parameters
-from lorapg.gallery.records import ImageRecord, strip_lora_tags
+from lorapg.gallery.records import ImageRecord, check_image_id, strip_lora_tags
 from lorapg.gallery.store import GalleryStore
 from lorapg.hashing import lora_hash
 
@@ -198,10 +199,13 @@ def _lora_text(name: str, scale: float, file_hash: str | None) -> str:
 
 
 class GalleryService:
-    def __init__(self, store: GalleryStore, library: LoraLibrary, *, shared: bool = False):
+    def __init__(self, store: GalleryStore, library: LoraLibrary, *, shared: bool = False,
+                 max_query_chars: int = Settings.max_prompt_chars):
         self.store = store
         self.library = library
         self.shared = shared
+        # A search is prompt words, so the prompt's limit (Settings.max_prompt_chars) applies.
+        self.max_query_chars = max_query_chars
         # path -> (size, mtime_ns, hash): hashing reads whole files, so each is read once per
         # version; the hashing module's own cache is bounded and may be smaller than a library.
         self._hashes: dict[Path, tuple[int, int, str]] = {}
@@ -216,7 +220,18 @@ class GalleryService:
     def list(self, query: str | None = None, lora: str | None = None, limit: int | None = 200,
              owner: str | None = None) -> list[ImageRecord]:
         """Newest first; ``query`` words must all appear in the prompt, ``lora`` must be used."""
+        self._check_filter("Prompt words", query)
+        self._check_filter("LoRA", lora)
         return self.store.list(query=query, lora=lora, limit=limit, owner=self._seen_by(owner))
+
+    def _check_filter(self, label: str, text: object) -> None:
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{label}: the search must be text, got {type(text).__name__}.")
+        if text and self.max_query_chars > 0 and len(text) > self.max_query_chars:
+            raise UserError(
+                f"{label}: the search is {len(text)} characters, over the limit of "
+                f"{self.max_query_chars} (max_prompt_chars); shorten it."
+            )
 
     def get(self, image_id: int | str, owner: str | None = None) -> ImageRecord:
         image_id = self._check_id(image_id)
@@ -254,8 +269,13 @@ class GalleryService:
         return True
 
     def toggle_star(self, image_id: int | str, owner: str | None = None) -> ImageRecord:
-        """Star an unstarred image, unstar a starred one (the Gallery tab's one button)."""
-        return self.star(image_id, not self.get(image_id, owner).starred, owner)
+        """Star an unstarred image, unstar a starred one (the Gallery tab's one button), in one
+        transaction: clients toggling at once must each flip it, not both set the same value."""
+        image_id = self._check_id(image_id)
+        try:
+            return self.store.toggle_starred(image_id, owner=owner)
+        except UserError:
+            raise self._not_yours(image_id, owner) from None
 
     def show(self, image_id: int | str, owner: str | None = None) -> ImageDetails:
         """The record and the A1111 text read back from its PNG file."""
@@ -289,15 +309,7 @@ class GalleryService:
     @staticmethod
     def _check_id(image_id: object) -> int:
         """Ids come from widgets and the command line as floats and strings."""
-        if isinstance(image_id, float) and image_id.is_integer():
-            image_id = int(image_id)
-        if isinstance(image_id, str) and image_id.strip().lstrip("#").isdigit():
-            image_id = int(image_id.strip().lstrip("#"))
-        if isinstance(image_id, int) and not isinstance(image_id, bool) and image_id > 0:
-            return image_id
-        if image_id in (None, ""):
-            raise UserError("No image selected; pick one in the gallery first.")
-        raise UserError(f"{image_id!r} is not an image id; ids are whole numbers such as 12.")
+        return check_image_id(image_id)
 
     # --- PNG info ----------------------------------------------------------------------------
 

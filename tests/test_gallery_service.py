@@ -171,7 +171,7 @@ def test_ids_are_checked(service: GalleryService) -> None:
     assert not service.toggle_star(float(stored.id)).starred
     assert service.lora_names() == ["style"]
     for bad in ("abc", -1, 0, 2.5, True):
-        with pytest.raises(UserError, match="not an image id"):
+        with pytest.raises(UserError, match="Image id must be a whole number ≥ 1, got"):
             service.get(bad)
     for call in (service.get, service.delete, service.show, service.toggle_star):
         with pytest.raises(UserError, match="(?i)no image with id 999"):

@@ -191,7 +191,7 @@ def test_delete_and_star(store: GalleryStore) -> None:
         store.delete(first.id)
     with pytest.raises(UserError, match="not in the gallery"):
         store.set_starred(first.id, True)
-    with pytest.raises(UserError, match="not a gallery image number"):
+    with pytest.raises(UserError, match="Image id must be a whole number"):
         store.get("../../etc/passwd")  # type: ignore[arg-type]
     assert store.get(str(second.id)).id == second.id  # type: ignore[arg-type]
 

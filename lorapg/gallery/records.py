@@ -6,6 +6,7 @@ without touching storage.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,9 +14,49 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lorapg
+from lorapg.errors import UserError
 
 if TYPE_CHECKING:  # a1111 imports this module; the type is only needed for annotations
     from lorapg.gallery.a1111 import ParsedParameters
+
+
+# SQLite's INTEGER is 64-bit signed: a larger id cannot exist, and binding one overflows.
+MAX_IMAGE_ID = 2**63 - 1
+
+
+def check_image_id(image_id: object) -> int:
+    """The one check for a gallery image id from a widget, the API or the command line.
+
+    Widgets send floats and the CLI strings; a fraction is refused, never rounded (rounding 1.5
+    to 2 once deleted the wrong image).
+    """
+    if image_id is None or (isinstance(image_id, str) and not image_id.strip()):
+        raise UserError("No image selected; pick one in the gallery first.")
+    value = _whole_number(image_id)
+    if value is None or not 1 <= value <= MAX_IMAGE_ID:
+        raise UserError(f"Image id must be a whole number ≥ 1, got {_shown(image_id)}")
+    return value
+
+
+def _whole_number(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip().removeprefix("#")
+        # isdigit() alone accepts "²" and other digits int() refuses; isascii() keeps it honest.
+        return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
+    return None
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """The refused value for a message: numbers as typed, text quoted, never 10 MB of it."""
+    text = value if isinstance(value, str) else str(value)
+    shown = repr(text[:limit]) if isinstance(value, str) else text[:limit]
+    return shown if len(text) <= limit else f"{shown}… ({len(text)} characters)"
 
 
 def default_version() -> str:

@@ -30,8 +30,13 @@ from PIL import Image
 
 from lorapg.errors import UserError
 from lorapg.gallery.a1111 import format_parameters, parse_parameters
-from lorapg.gallery.png import is_temp_file, read_png_parameters, save_png_atomically
-from lorapg.gallery.records import ImageRecord, LoraUse, record_from_parsed
+from lorapg.gallery.png import is_temp_file, read_png_metadata, save_png_atomically
+from lorapg.gallery.records import (
+    ImageRecord,
+    LoraUse,
+    check_image_id,
+    record_from_parsed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +104,17 @@ def _owner_filter(owner: str | None) -> tuple[str, tuple[str, ...]]:
     return ("", ()) if owner is None else (" AND owner = ?", (owner,))
 
 
-def _contains_casefolded(text: str | None, word: str) -> int:
-    # SQLite's LIKE and lower() only fold ASCII; prompts are often not ASCII.
-    return int(word in (text or "").casefold())
+_WORD_SEPARATOR = "\n"  # str.split() never leaves one inside a word
+
+
+def _contains_all_casefolded(text: str | None, words: str) -> int:
+    """1 when every ``_WORD_SEPARATOR``-joined casefolded word is in ``text`` (any case).
+
+    One SQL call for all words: one call per word made a search of ~1000 words fail with
+    SQLite's "Expression tree is too large". SQLite's LIKE and lower() only fold ASCII.
+    """
+    folded = (text or "").casefold()
+    return int(all(word in folded for word in words.split(_WORD_SEPARATOR)))
 
 
 class GalleryStore:
@@ -141,7 +154,7 @@ class GalleryStore:
         # reconcile re-imports the PNG such a commit described.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.create_function(
-            "lorapg_contains", 2, _contains_casefolded, deterministic=True
+            "lorapg_contains_all", 2, _contains_all_casefolded, deterministic=True
         )
         return conn
 
@@ -221,13 +234,7 @@ class GalleryStore:
 
     @staticmethod
     def _check_id(image_id: object) -> int:
-        if isinstance(image_id, bool):
-            raise UserError(f"'{image_id}' is not a gallery image number.")
-        if isinstance(image_id, int):
-            return image_id
-        if isinstance(image_id, str) and image_id.strip().isdigit():
-            return int(image_id.strip())
-        raise UserError(f"'{image_id}' is not a gallery image number.")
+        return check_image_id(image_id)
 
     @staticmethod
     def _missing(image_id: int) -> UserError:
@@ -370,9 +377,10 @@ class GalleryStore:
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)
-        for word in (query or "").split():
-            where.append("lorapg_contains(prompt, ?)")
-            args.append(word.casefold())
+        words = (query or "").casefold().split()
+        if words:
+            where.append("lorapg_contains_all(prompt, ?)")
+            args.append(_WORD_SEPARATOR.join(words))
         if lora and lora.strip():
             where.append(
                 "EXISTS (SELECT 1 FROM image_loras AS l WHERE l.image_id = images.id "
@@ -418,16 +426,27 @@ class GalleryStore:
     def set_starred(self, image_id: int, starred: bool, owner: str | None = None) -> ImageRecord:
         """Star or unstar (only ``owner``'s image, when given). Unstarring does not prune at once
         (a misclick must not delete an image); the next ``add`` applies the retention."""
+        return self._update_starred("?", (int(bool(starred)),), image_id, owner)
+
+    def toggle_starred(self, image_id: int, owner: str | None = None) -> ImageRecord:
+        """Flip the star in one statement: two clients toggling at once each flip it once (a
+        read followed by a write would let both write the same value)."""
+        return self._update_starred("NOT starred", (), image_id, owner)
+
+    def _update_starred(
+        self, value_sql: str, value_args: tuple[int, ...], image_id: object, owner: str | None
+    ) -> ImageRecord:
         image_id = self._check_id(image_id)
         mine, mine_args = _owner_filter(owner)
         with self._write() as conn:
-            cursor = conn.execute(
-                f"UPDATE images SET starred = ? WHERE id = ?{mine}",
-                (int(bool(starred)), image_id, *mine_args),
-            )
-            if cursor.rowcount == 0:
+            row = conn.execute(
+                f"UPDATE images SET starred = {value_sql} WHERE id = ?{mine} RETURNING *",
+                (*value_args, image_id, *mine_args),
+            ).fetchone()
+            if row is None:
                 raise self._missing(image_id)
-        return self.get(image_id)
+            # Read inside the same transaction: the record returned is the state this call made.
+            return self._records(conn, [row])[0]
 
     def prune(self) -> int:
         """Delete unstarred images beyond the newest ``keep`` of each owner (one visitor's
@@ -547,12 +566,12 @@ class GalleryStore:
     def _read_orphan(self, path: Path) -> tuple[ImageRecord, str] | None:
         """An orphan PNG's record and A1111 text; None (logged) if it cannot be imported."""
         try:
-            text = read_png_parameters(path)
-            with Image.open(path) as img:
-                size = img.size
+            # Header and text only: a huge orphan must not be decoded to be indexed.
+            metadata = read_png_metadata(path)
         except (UserError, OSError) as exc:
             logger.warning("gallery: left %s alone: %s", path, exc)
             return None
+        text, size = metadata.parameters, (metadata.width, metadata.height)
         if text is None:
             logger.info("gallery: left %s alone: it has no generation parameters", path)
             return None

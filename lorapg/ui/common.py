@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 
 import gradio as gr
@@ -13,7 +14,16 @@ from lorapg.errors import UserError
 from lorapg.jobs import ERROR, QUEUED, RUNNING, Job, JobQueue
 from lorapg.visitors import Visitors
 
+log = logging.getLogger(__name__)
+
 POLL_SECONDS = 0.25
+
+
+def _refused(fn: Callable, exc: UserError) -> gr.Error:
+    """A refused input is logged as one line: Gradio's default traceback per refusal filled the
+    log (127 tracebacks, 52 MB) with nothing a traceback could explain."""
+    log.info("%s refused: %s", getattr(fn, "__name__", "handler"), exc)
+    return gr.Error(str(exc), print_exception=False)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -25,7 +35,7 @@ def user_errors(fn: Callable) -> Callable:
             try:
                 yield from fn(*args, **kwargs)
             except UserError as exc:
-                raise gr.Error(str(exc)) from None
+                raise _refused(fn, exc) from None
 
         return streaming
 
@@ -34,7 +44,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise _refused(fn, exc) from None
 
     return wrapper
 
@@ -67,7 +77,10 @@ def follow(job: Job, queue: JobQueue, progress: gr.Progress | None = None) -> It
             progress((job.step, job.total), desc=f"Step {job.step}/{job.total}")
         yield job
     if job.status == ERROR:
-        raise gr.Error(job.error or "The job failed.")
+        # One line: a refused job (a UserError) has nothing to trace, and a crashed one was
+        # already logged with its traceback by the job queue; this traceback is only Gradio's.
+        log.info("job %s ended with an error: %s", job.id, job.error)
+        raise gr.Error(job.error or "The job failed.", print_exception=False)
     yield job
 
 

@@ -8,6 +8,7 @@ so a download would no longer open in A1111 or civitai with its settings.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 
@@ -28,6 +29,18 @@ def gallery_items(records: list[ImageRecord]) -> list[tuple[str, str]]:
     return [(str(r.path), f"#{r.id} · seed {r.seed}" + (" ★" if r.starred else "")) for r in records]
 
 
+def serve_gallery_in_place(images_dir: Path) -> None:
+    """Let Gradio serve gallery PNGs from the gallery folder instead of copying them into its cache.
+
+    Gradio copies every file a handler returns into its cache (GRADIO_TEMP_DIR) and never cleans
+    it, so a deleted or pruned image kept downloading from the URL /generate had returned.
+    Served in place, an image that leaves the gallery leaves every URL with it (Gradio answers
+    403 for a missing file), no cached copy needs finding, and no disk is spent on copies.
+    The folder is already in ``allowed_paths``, so this exposes nothing that was not served.
+    """
+    gr.set_static_paths([images_dir])
+
+
 def star_label(starred: bool) -> str:
     return "★ Unstar" if starred else "☆ Star"
 
@@ -45,6 +58,7 @@ def build_gallery_tab(
     ``lora_choices``: the Generate tab's LoRA dropdown choices, re-read on Reuse so a LoRA added
     since start-up can be selected. ``visitors``: whose gallery each request sees.
     """
+    serve_gallery_in_place(gallery_service.store.images_dir)
     with gr.Tab("Gallery", id="gallery") as gallery_tab:
         widgets = _gallery_widgets(gallery_service)
     with gr.Tab("PNG Info", id="png-info"):
@@ -67,7 +81,9 @@ def _gallery_widgets(gallery_service: GalleryService) -> dict[str, gr.components
                                 allow_preview=False, fit_columns=False, elem_id="gallery")
             count = gr.Markdown("", elem_id="gallery-count")
         with gr.Column(scale=2):
-            selected_id = gr.Number(None, label="Image # (type an id and press Enter)", precision=0,
+            # No precision: Gradio would round 1.5 to 2 before the service could refuse it, and
+            # the wrong image was deleted. The service's id check refuses fractions instead.
+            selected_id = gr.Number(None, label="Image # (type an id and press Enter)", step=1,
                                     elem_id="gallery-selected-id")
             full = gr.Image(label="Selected image", type="filepath", format="png", interactive=False,
                             elem_id="gallery-image")
@@ -106,6 +122,9 @@ def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitor
     @user_errors
     def list_images(query, lora, request: gr.Request):
         records = service.list(query=query, lora=lora or None, owner=visitor(visitors, request))
+        # An image pruned since the query has no file to serve; listing it would fail the whole
+        # answer for API clients, which download every listed file.
+        records = [r for r in records if r.path is not None and r.path.is_file()]
         return gallery_items(records), [r.id for r in records], f"{len(records)} image(s)."
 
     @user_errors
