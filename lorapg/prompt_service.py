@@ -31,7 +31,7 @@ from typing import Any
 
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
-from lorapg.errors import UserError, shorten
+from lorapg.errors import MAX_REF_CHARS, UserError, shorten
 from lorapg.gpu_estimates import writing_seconds
 from lorapg.jobs import CANCELLED, JobQueue
 from lorapg.prompting import (
@@ -61,6 +61,7 @@ STYLE_NOTES_FILE = "lora_style_notes.json"  # under settings.models_dir
 OPENAI_DEFAULT_MODEL = "default"  # llama.cpp's server ignores the name; Ollama/vLLM need a real one
 MAX_STYLE_NOTE = 300  # characters: a note is a hint in the system prompt, not an essay
 MAX_NAME_CHARS = 255  # a preset or LoRA name: a file name, which no file system allows longer
+PROMPT_LIMIT_SETTING = "max_prompt_chars (LORAPG_MAX_PROMPT_CHARS)"  # named in the refusal
 MAX_LLM_SEED = 2**32 - 1  # the Generate tab's seed range; every backend takes it (llama.cpp: uint32)
 
 # A stream item: the text so far (str) while the model writes, then the finished PromptResult.
@@ -135,12 +136,13 @@ class PromptService:
     def set_backend(self, kind: str | None = None, model: str | None = None, url: str | None = None,
                     api_key: str | None = None) -> BackendInfo:
         """Switch the LLM backend (nothing loads now). ``None`` keeps a current value; "" clears it."""
-        kind = (kind if kind is not None else self.settings.llm_backend).strip().lower() or "auto"
+        kind = checked_text(kind if kind is not None else self.settings.llm_backend, "LLM backend",
+                            MAX_NAME_CHARS).strip().lower() or "auto"
         if kind not in BACKEND_CHOICES:
-            raise UserError(f"Unknown LLM backend {kind!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
-        model = _keep_or_clear(model, self.settings.llm_model)
-        url = _keep_or_clear(url, self.settings.llm_url)
-        api_key = _keep_or_clear(api_key, self.settings.llm_api_key)
+            raise UserError(f"Unknown LLM backend {shorten(kind, 40)!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
+        model = _keep_or_clear(model, self.settings.llm_model, "LLM model")
+        url = _keep_or_clear(url, self.settings.llm_url, "LLM URL")
+        api_key = _keep_or_clear(api_key, self.settings.llm_api_key, "LLM API key")
         backend, why = self._make_backend(kind, model, url, api_key)
         with self._lock:
             old = self._backend
@@ -187,7 +189,7 @@ class PromptService:
                 raise UserError("The openai backend needs the server's base URL (--llm-url / llm_url), "
                                 "e.g. http://127.0.0.1:11434/v1 for Ollama.")
             if not url.startswith(("http://", "https://")):
-                raise UserError(f"LLM URL {url!r} must start with http:// or https://.")
+                raise UserError(f"LLM URL {shorten(url)!r} must start with http:// or https://.")
             return OpenAICompatibleBackend(url, model or OPENAI_DEFAULT_MODEL, api_key or None), why
         device = self._device()
         if kind == "bundled":
@@ -241,7 +243,7 @@ class PromptService:
 
     def style_note(self, lora_name: str) -> str:
         """The note the user wrote for this LoRA, else its description from the file or sidecar."""
-        info = self.library.resolve(_strip_scale(lora_name))
+        info = self.library.resolve(_strip_scale(checked_text(lora_name, "LoRA name", MAX_NAME_CHARS)))
         return self.style_notes().get(info.name) or info.description
 
     def set_style_note(self, lora_name: str, note: str) -> str:
@@ -280,7 +282,7 @@ class PromptService:
 
     def _text(self, value: Any, field: str) -> str:
         """``value`` as prompt-tool input: text within ``max_prompt_chars``, checked before any work."""
-        return checked_text(value, field, self.settings.max_prompt_chars)
+        return checked_text(value, field, self.settings.max_prompt_chars, PROMPT_LIMIT_SETTING)
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -409,10 +411,10 @@ class PromptService:
         return writing_seconds(self.settings.llm_timeout)
 
 
-def _keep_or_clear(value: str | None, current: str | None) -> str | None:
+def _keep_or_clear(value: str | None, current: str | None, field: str) -> str | None:
     if value is None:
         return current
-    return value.strip() or None
+    return checked_text(value, field, MAX_REF_CHARS).strip() or None
 
 
 def _seed(seed: Any) -> int | None:
@@ -436,7 +438,7 @@ def _seed(seed: Any) -> int | None:
     return value
 
 
-def checked_text(value: Any, field: str, limit: int) -> str:
+def checked_text(value: Any, field: str, limit: int, setting: str = "") -> str:
     """Text from a user for ``field``, or a UserError that names the field and what to do.
 
     Runs before any work: a 10 MB keyword list must not reach the tokenizer (or the LLM) at all.
@@ -447,7 +449,6 @@ def checked_text(value: Any, field: str, limit: int) -> str:
     if not isinstance(value, str):
         raise UserError(f"{field} must be text, not {type(value).__name__}.")
     if len(value) > limit:
-        setting = "max_prompt_chars (LORAPG_MAX_PROMPT_CHARS)" if limit != MAX_NAME_CHARS else ""
         where = f"; the owner can raise the limit with the setting {setting}" if setting else ""
         raise UserError(f"{field} has {len(value)} characters; at most {limit} are accepted. Shorten it{where}.")
     if "\0" in value:

@@ -276,3 +276,23 @@ def test_whole_number_seeds_in_any_form_are_accepted(tmp_path) -> None:
     service, _ = counting_service(tmp_path)
     for seed in (-1, None, "", "-1", 7, 7.0, "7", 2**32 - 1):
         assert service.enhance("red fox", seed=seed).text.startswith("red fox")
+
+
+def test_bad_llm_settings_name_the_field_and_are_not_echoed_in_full(tmp_path) -> None:
+    service, _ = counting_service(tmp_path)
+    with pytest.raises(UserError, match=r"^LLM URL has 10000000 characters; at most 4096 are accepted\. Shorten it\.$"):
+        service.change_backend("openai", "m", "x" * 10_000_000, "")
+    with pytest.raises(UserError, match=r"^LLM URL 'ftp://x{73}… \(4000 characters\)' must start with http") as caught:
+        service.change_backend("openai", "m", "ftp://" + "x" * 3994, "")
+    assert len(str(caught.value)) < 200
+    with pytest.raises(UserError, match=r"^LLM backend must be text, not list"):
+        service.change_backend(["openai"], "m", "http://127.0.0.1:9/v1", "")
+    with pytest.raises(UserError, match=r"^LLM model must be text, not int"):
+        service.change_backend("openai", 7, "http://127.0.0.1:9/v1", "")
+    with pytest.raises(UserError, match=r"^LLM backend has 5000 characters; at most 255 are accepted"):
+        service.change_backend("g" * 5000, "", "", "")
+    with pytest.raises(UserError, match=r"^Unknown LLM backend 'g{39}… \(200 characters\)'"):
+        service.change_backend("g" * 200, "", "", "")
+    with pytest.raises(UserError, match=r"^LoRA name must be text, not list"):
+        service.style_note(["triggered"])
+    assert isinstance(service.backend, RulesBackend)  # nothing changed
