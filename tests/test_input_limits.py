@@ -57,3 +57,21 @@ def test_cancelling_a_training_run_with_a_huge_job_id_is_not_echoed_in_full(tmp_
         assert len(str(caught.value)) < 300
     finally:
         runtime.jobs.shutdown()
+
+
+def test_an_app_reachable_from_other_machines_does_not_reveal_which_paths_exist(tiny_models, tmp_path):
+    from gradio_client import Client
+
+    from tests.app_server import running_app
+
+    (tmp_path / "secret").mkdir()  # exists but is not a model: the owner would hear "no model_index.json"
+    args = ("--model", str(tiny_models["sd15"]), "--outputs", str(tmp_path / "out"), "--threads", "1")
+    with running_app(*args, "--no-preload", "--listen") as url:
+        client = Client(url, verbose=False)
+        answers = set()
+        for ref in (str(tmp_path / "secret"), str(tmp_path / "nothing"), "/etc"):
+            with pytest.raises(Exception, match="outside this app's models folder") as caught:
+                client.predict(ref, api_name="/load_model")
+            answers.add(str(caught.value).replace(ref, "REF"))
+        assert len(answers) == 1
+        assert "SD 1" in client.predict(api_name="/load_model")[0]  # the owner's configured model still loads
