@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorapg.errors import UserError
+from lorapg.errors import UserError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class JobQueue:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise UserError(f"Unknown job id {job_id!r}.")
+            raise UserError(f"Unknown job id {shorten(job_id, 40)!r}.")
         return job
 
     def position(self, job: Job) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 from lorapg.atomic_files import atomic_write_text
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
-from lorapg.errors import UserError
+from lorapg.errors import MAX_REF_CHARS, UserError, shorten
 from lorapg.gpu_estimates import writing_seconds
 from lorapg.jobs import CANCELLED, JobQueue
 from lorapg.prompting import (
@@ -60,6 +60,9 @@ BUNDLED_CACHE = Path("llm") / "smollm2-135m-instruct"  # under settings.models_d
 STYLE_NOTES_FILE = "lora_style_notes.json"  # under settings.models_dir
 OPENAI_DEFAULT_MODEL = "default"  # llama.cpp's server ignores the name; Ollama/vLLM need a real one
 MAX_STYLE_NOTE = 300  # characters: a note is a hint in the system prompt, not an essay
+MAX_NAME_CHARS = 255  # a preset or LoRA name: a file name, which no file system allows longer
+PROMPT_LIMIT_SETTING = "max_prompt_chars (LORAPG_MAX_PROMPT_CHARS)"  # named in the refusal
+MAX_LLM_SEED = 2**32 - 1  # the Generate tab's seed range; every backend takes it (llama.cpp: uint32)
 
 # A stream item: the text so far (str) while the model writes, then the finished PromptResult.
 StreamItem = str | PromptResult
@@ -133,12 +136,13 @@ class PromptService:
     def set_backend(self, kind: str | None = None, model: str | None = None, url: str | None = None,
                     api_key: str | None = None) -> BackendInfo:
         """Switch the LLM backend (nothing loads now). ``None`` keeps a current value; "" clears it."""
-        kind = (kind if kind is not None else self.settings.llm_backend).strip().lower() or "auto"
+        kind = checked_text(kind if kind is not None else self.settings.llm_backend, "LLM backend",
+                            MAX_NAME_CHARS).strip().lower() or "auto"
         if kind not in BACKEND_CHOICES:
-            raise UserError(f"Unknown LLM backend {kind!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
-        model = _keep_or_clear(model, self.settings.llm_model)
-        url = _keep_or_clear(url, self.settings.llm_url)
-        api_key = _keep_or_clear(api_key, self.settings.llm_api_key)
+            raise UserError(f"Unknown LLM backend {shorten(kind, 40)!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
+        model = _keep_or_clear(model, self.settings.llm_model, "LLM model")
+        url = _keep_or_clear(url, self.settings.llm_url, "LLM URL")
+        api_key = _keep_or_clear(api_key, self.settings.llm_api_key, "LLM API key")
         backend, why = self._make_backend(kind, model, url, api_key)
         with self._lock:
             old = self._backend
@@ -185,7 +189,7 @@ class PromptService:
                 raise UserError("The openai backend needs the server's base URL (--llm-url / llm_url), "
                                 "e.g. http://127.0.0.1:11434/v1 for Ollama.")
             if not url.startswith(("http://", "https://")):
-                raise UserError(f"LLM URL {url!r} must start with http:// or https://.")
+                raise UserError(f"LLM URL {shorten(url)!r} must start with http:// or https://.")
             return OpenAICompatibleBackend(url, model or OPENAI_DEFAULT_MODEL, api_key or None), why
         device = self._device()
         if kind == "bundled":
@@ -215,7 +219,7 @@ class PromptService:
     def lora_hints(self, lora_names: Sequence[str]) -> list[LoraHint]:
         notes = self.style_notes()
         hints = []
-        for raw in lora_names or ():
+        for raw in _names(lora_names):
             name = _strip_scale(raw)
             if not name:
                 continue
@@ -239,15 +243,15 @@ class PromptService:
 
     def style_note(self, lora_name: str) -> str:
         """The note the user wrote for this LoRA, else its description from the file or sidecar."""
-        info = self.library.resolve(_strip_scale(lora_name))
+        info = self.library.resolve(_strip_scale(checked_text(lora_name, "LoRA name", MAX_NAME_CHARS)))
         return self.style_notes().get(info.name) or info.description
 
     def set_style_note(self, lora_name: str, note: str) -> str:
         """Save (or with "" remove) the style note that steers the LLM for this LoRA."""
         if self.settings_locked:
             raise UserError("Style notes are shared by everyone using this app, so only its owner edits them.")
-        info = self.library.resolve(_strip_scale(lora_name))
-        note = " ".join((note or "").split())
+        info = self.library.resolve(_strip_scale(checked_text(lora_name, "LoRA name", MAX_NAME_CHARS)))
+        note = " ".join(self._text(note, "Style note").split())
         if len(note) > MAX_STYLE_NOTE:
             raise UserError(f"Keep the style note under {MAX_STYLE_NOTE} characters (it has {len(note)}).")
         with self._notes_lock:
@@ -268,8 +272,13 @@ class PromptService:
         return getattr(getattr(model, "pipe", None), "tokenizer", None)
 
     def token_count(self, text: str) -> int | None:
+        text = self._text(text, "Prompt")
         tokenizer = self.tokenizer()
-        return None if tokenizer is None else count_clip_tokens(text or "", tokenizer)
+        return None if tokenizer is None else count_clip_tokens(text, tokenizer)
+
+    def _text(self, value: Any, field: str) -> str:
+        """``value`` as prompt-tool input: text within ``max_prompt_chars``, checked before any work."""
+        return checked_text(value, field, self.settings.max_prompt_chars, PROMPT_LIMIT_SETTING)
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -288,16 +297,18 @@ class PromptService:
 
         Bad input (no keywords, unknown LoRA) raises ``UserError`` here, before anything runs.
         """
+        keywords, seed = self._text(keywords, "Keywords"), _seed(seed)
         writer = self._writer()
-        hints, seed = self.lora_hints(lora_names), _seed(seed)
+        hints = self.lora_hints(lora_names)
         stream = writer.enhance_stream(keywords, hints, seed)  # bad input raises here, in the caller
         return self._run(stream, writer, writer.uses_model(), ("enhance", keywords, "", hints, seed))
 
     def rewrite_stream(self, prompt: str, preset: str, lora_names: Sequence[str] = (),
                        seed: int | None = None) -> Iterator[StreamItem]:
+        prompt, seed = self._text(prompt, "Prompt"), _seed(seed)
+        name = checked_text(preset, "Preset", MAX_NAME_CHARS).strip().lower()
         writer = self._writer()
-        name = (preset or "").strip().lower()
-        hints, seed = self.lora_hints(lora_names), _seed(seed)
+        hints = self.lora_hints(lora_names)
         stream = writer.rewrite_stream(prompt, name, hints, seed)
         return self._run(stream, writer, writer.uses_model(name), ("rewrite", prompt, name, hints, seed))
 
@@ -396,21 +407,62 @@ class PromptService:
         return writing_seconds(self.settings.llm_timeout)
 
 
-def _keep_or_clear(value: str | None, current: str | None) -> str | None:
+def _keep_or_clear(value: str | None, current: str | None, field: str) -> str | None:
     if value is None:
         return current
-    return value.strip() or None
+    return checked_text(value, field, MAX_REF_CHARS).strip() or None
 
 
 def _seed(seed: Any) -> int | None:
-    """-1, None or "" mean random, as in the Generate tab."""
-    if seed is None or seed == "":
+    """-1, None or "" mean random, as in the Generate tab; else a whole number 0–MAX_LLM_SEED."""
+    if seed is None or (isinstance(seed, str) and seed.strip() in ("", "-1")):
         return None
+    problem = f"LLM seed {shorten(seed, 40)!r} is not a whole number; use 0–{MAX_LLM_SEED}, or -1 for random."
+    if isinstance(seed, bool) or not isinstance(seed, int | float | str):
+        raise UserError(problem)
     try:
-        value = int(float(seed))
-    except (TypeError, ValueError):
-        raise UserError(f"Seed {seed!r} is not a whole number (-1 = random).") from None
-    return None if value < 0 else value
+        number = float(seed) if isinstance(seed, str) else seed
+        value = int(number)  # NaN: ValueError; infinity: OverflowError
+    except (ValueError, OverflowError):
+        raise UserError(problem) from None
+    if value != number:
+        raise UserError(problem)
+    if value == -1:
+        return None
+    if not 0 <= value <= MAX_LLM_SEED:
+        raise UserError(f"LLM seed {value} is outside 0–{MAX_LLM_SEED}; use -1 for a random seed.")
+    return value
+
+
+def checked_text(value: Any, field: str, limit: int, setting: str = "") -> str:
+    """Text from a user for ``field``, or a UserError that names the field and what to do.
+
+    Runs before any work: a 10 MB keyword list must not reach the tokenizer (or the LLM) at all.
+    None is empty text (Gradio sends it for a cleared box); a list or number is refused.
+    """
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{field} must be text, not {type(value).__name__}.")
+    if len(value) > limit:
+        where = f"; the owner can raise the limit with the setting {setting}" if setting else ""
+        raise UserError(f"{field} has {len(value)} characters; at most {limit} are accepted. Shorten it{where}.")
+    if "\0" in value:
+        raise UserError(f"{field} contains a null character; remove it (it cannot be part of a prompt).")
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise UserError(f"{field} contains an invalid character (a lone UTF-16 surrogate); retype that part.")
+    return value
+
+
+def _names(lora_names: Any) -> list[str]:
+    """The selected LoRAs as a list of names; one name alone is accepted as a list of one."""
+    if lora_names is None:
+        return []
+    if isinstance(lora_names, str):
+        lora_names = [lora_names]
+    if not isinstance(lora_names, list | tuple) or not all(isinstance(n, str) for n in lora_names):
+        raise UserError("LoRAs must be a list of LoRA names (as the LoRA picker lists them).")
+    return [checked_text(n, "LoRA name", MAX_NAME_CHARS) for n in lora_names]
 
 
 _SCALE_SUFFIX = re.compile(r":\s*-?\d+(?:\.\d+)?\s*$")

@@ -19,9 +19,10 @@ from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
 from lorapg.diffusion.samplers import SAMPLERS
-from lorapg.errors import UserError
+from lorapg.errors import UserError, shorten
 from lorapg.gpu_estimates import generation_seconds
 from lorapg.jobs import DONE, ERROR, Job, JobQueue
+from lorapg.space_mode import local_model_roots
 from lorapg.spaces_gpu import GpuTask
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,10 @@ class PlaygroundService:
         """Queue loading ``ref`` (default: the configured model); bad paths fail before queueing."""
         ref = (ref or self.settings.model or "").strip()
         if self.offered_models_only and ref not in self.model_choices():
-            raise UserError(f"This app offers only the models in its list; {ref!r} is not one of them. "
+            raise UserError(f"This app offers only the models in its list; {shorten(ref)!r} is not one of them. "
                             "(Its owner adds models with the LORAPG_MODEL setting or under the models folder.)")
-        resolve_model_source(ref, allow_pickle=self.settings.allow_pickle)
+        roots = local_model_roots(self.settings)  # reachable by others: only the models folder
+        resolve_model_source(ref, allow_pickle=self.settings.allow_pickle, allowed_roots=roots)
 
         def work(job: Job) -> ModelStatus:
             self.engine.load_model(ref, on_status=lambda message: job.report(0, 0, message=message))

@@ -110,3 +110,25 @@ def server_host(settings: Settings, policy: SpacePolicy, environ: Mapping[str, s
     if not policy.on_spaces or settings.listen:
         return settings.host
     return (os.environ if environ is None else environ).get("GRADIO_SERVER_NAME") or "0.0.0.0"
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def reachable_by_others(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether people other than the owner can reach the app: --listen, --share, a Space, or a
+    ``GRADIO_SERVER_NAME`` that is not the loopback."""
+    env = os.environ if environ is None else environ
+    name = env.get("GRADIO_SERVER_NAME", "").strip()
+    return settings.listen or settings.share or running_on_spaces(env) or bool(name and name not in LOOPBACK_NAMES)
+
+
+def local_model_roots(settings: Settings, environ: Mapping[str, str] | None = None) -> tuple[Path, ...] | None:
+    """Where a model path may point: anywhere (None) for the owner on 127.0.0.1; else only into the
+    models folder or at the configured model, so visitors cannot probe which server paths exist."""
+    if not reachable_by_others(settings, environ):
+        return None
+    roots = [Path(settings.models_dir)]
+    if settings.model:
+        roots.append(Path(settings.model))  # the owner's choice, wherever it lives
+    return tuple(roots)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,3 +82,105 @@ def test_single_file_checkpoints_load_with_family_detected(tiny_models, tmp_path
 
     from_single_file = image(str(checkpoint), str(tiny_models[family_key]))
     assert np.array_equal(from_single_file, image(str(tiny_models[family_key]), None))
+
+
+# --- paths outside the models folder when others can reach the app (issue 13) -----------------------
+
+
+def _refusal(ref: str, roots) -> str:
+    with pytest.raises(UserError) as caught:
+        resolve_model_source(ref, allowed_roots=roots)
+    return str(caught.value)
+
+
+def test_outside_paths_get_one_answer_whether_or_not_they_exist(tiny_models, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (tmp_path / "secret").mkdir()  # exists, not a model: the owner would hear "no model_index.json"
+    roots = (models,)
+    answers = {ref: _refusal(ref, roots) for ref in
+               [str(tmp_path / "secret"), str(tmp_path / "nothing"), str(tiny_models["sd15"]),
+                str(models / ".." / "secret"), "/etc/passwd", "/no/such/file.safetensors"]}
+    for ref, answer in answers.items():
+        assert answer == f"Model path {ref} is outside this app's models folder. This app is reachable from " \
+                         "other machines, so it loads local models only from there: pick one from the list."
+    # Inside the folder the usual checks and answers apply; a hub id stays a hub id.
+    shutil.copytree(tiny_models["sd15"], models / "sd15")
+    assert resolve_model_source(str(models / "sd15"), allowed_roots=roots).kind == FOLDER
+    assert "does not exist" in _refusal(str(models / "missing"), roots)
+    assert resolve_model_source("org/model", allowed_roots=roots).kind == HUB
+
+
+def test_a_two_part_path_outside_is_a_hub_id_whether_or_not_it_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "owner").mkdir(parents=True)  # "home/owner" exists relative to the working folder
+    roots = (tmp_path / "models",)
+    for ref in ("home/owner", "home/nobody"):
+        source = resolve_model_source(ref, allowed_roots=roots)
+        assert (source.kind, source.path) == (HUB, None)
+
+
+def _service(tmp_path, **settings):
+    from lorapg.bootstrap import build_runtime
+    from lorapg.config import load_settings
+
+    values = {"models_dir": str(tmp_path / "models"), "lora_dir": str(tmp_path / "models" / "loras"),
+              "outputs": str(tmp_path / "out"), **settings}
+    return build_runtime(load_settings(None, values, environ={}))
+
+
+def test_load_model_from_other_machines_does_not_reveal_which_paths_exist(tmp_path, monkeypatch):
+    for name in ("SPACE_ID", "SYSTEM", "GRADIO_SERVER_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "secret").mkdir()
+    for exposed in ({"listen": True}, {"share": True, "auth": "a:b"}):
+        runtime = _service(tmp_path, **exposed)
+        try:
+            answers = set()
+            for ref in (str(tmp_path / "secret"), str(tmp_path / "nothing")):
+                with pytest.raises(UserError, match="outside this app's models folder") as caught:
+                    runtime.service.load_model(ref)
+                answers.add(str(caught.value).replace(ref, "REF"))
+            assert len(answers) == 1
+        finally:
+            runtime.jobs.shutdown()
+    # The owner on 127.0.0.1 may load any path, and hears what is wrong with it.
+    runtime = _service(tmp_path)
+    try:
+        with pytest.raises(UserError, match="no model_index.json"):
+            runtime.service.load_model(str(tmp_path / "secret"))
+        with pytest.raises(UserError, match="does not exist"):
+            runtime.service.load_model(str(tmp_path / "nothing"))
+    finally:
+        runtime.jobs.shutdown()
+
+
+def test_a_server_name_other_than_the_loopback_counts_as_reachable():
+    from lorapg.config import Settings
+    from lorapg.space_mode import local_model_roots
+
+    settings = Settings(models_dir=Path("m"), model="/owner/model")
+    assert local_model_roots(settings, {}) is None
+    assert local_model_roots(settings, {"GRADIO_SERVER_NAME": "127.0.0.1"}) is None
+    assert local_model_roots(settings, {"GRADIO_SERVER_NAME": "0.0.0.0"}) == (Path("m"), Path("/owner/model"))
+    assert local_model_roots(settings, {"SPACE_ID": "u/s", "SYSTEM": "spaces"}) is not None
+
+
+@pytest.mark.parametrize(("ref", "message"), [
+    ("a" * 5000, r"Base model is 5000 characters long; it can be at most 4096"),
+    ("models/x\0y", "contains a control character"),
+    ("org/\ud800model", "lone UTF-16 surrogate"),
+    (["org/model"], "must be text"),
+    ("/" + "a" * 300 + "/model", "cannot be read"),
+])
+def test_unusable_refs_are_refused_with_a_short_message(ref, message):
+    with pytest.raises(UserError, match=message) as caught:
+        resolve_model_source(ref)
+    assert len(str(caught.value)) < 300  # never the whole 5000 characters back
+
+
+def test_a_long_missing_path_is_shortened_in_the_message():
+    ref = "/no/such/" + "x" * 3000
+    with pytest.raises(UserError, match="does not exist") as caught:
+        resolve_model_source(ref)
+    assert len(str(caught.value)) < 200 and "3009 characters" in str(caught.value)

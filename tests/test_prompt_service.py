@@ -199,3 +199,100 @@ def test_bundled_smollm_enhancement_is_english_with_every_trigger_word(tmp_path,
     for trigger in ("zqstyle", "inkwash", "brush"):
         assert trigger in result.text
     assert result.fell_back == (result.reason is not None)
+
+
+# --- input checks (issue 13): the limit before any work, linear cutting, fields named -------------------
+
+
+class CountingTokenizer:
+    """The real tiny CLIP tokenizer, counting how often and how much text it is given."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.calls, self.chars = tokenizer, 0, 0
+
+    def __call__(self, text, **kwargs):
+        self.calls += 1
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def counting_service(tmp_path: Path, **settings) -> tuple[PromptService, CountingTokenizer]:
+    counting = CountingTokenizer(write_tiny_clip_tokenizer(tmp_path / "tok"))
+    engine = SimpleNamespace(model=SimpleNamespace(pipe=SimpleNamespace(tokenizer=counting)))
+    return make_service(tmp_path, engine=engine, llm_backend="rules", **settings), counting
+
+
+def test_prompt_tool_input_over_the_limit_is_refused_before_any_work(tmp_path) -> None:
+    service, counting = counting_service(tmp_path)  # the default limit, 8000 characters
+    for call in (lambda: service.enhance("red " * 8000), lambda: service.rewrite("red " * 8000, "hd"),
+                 lambda: service.token_count("red " * 8000)):
+        with pytest.raises(UserError, match=r"has 32000 characters; at most 8000 .*max_prompt_chars"):
+            call()
+    assert counting.calls == 0  # refused before the tokenizer (or an LLM) saw any of it
+    assert 0 < service.enhance("red " * 1999).token_count <= 75  # just under the limit: answered
+
+
+def test_enhancing_a_long_phrase_without_commas_costs_linear_work(tmp_path) -> None:
+    # "red red red …" (no comma to cut at) took 17 s for 16 KB and 65 s for 32 KB: quadratic.
+    service, counting = counting_service(tmp_path, max_prompt_chars=100_000)
+    work, texts = [], set()
+    for words in (4000, 8000):
+        counting.calls = counting.chars = 0
+        result = service.enhance("red " * words)
+        assert result.text.startswith("red red") and result.token_count <= 75
+        work.append((counting.calls, counting.chars))
+        texts.add(result.text)
+    assert len(texts) == 1  # the same first words kept, however long the rest
+    (small_calls, small_chars), (large_calls, large_chars) = work
+    assert large_calls <= small_calls + 3 and large_chars <= 2.2 * small_chars
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda s: s.enhance("fox\0den"), r"^Keywords contains a null character"),
+    (lambda s: s.enhance("fox \ud800 den"), r"^Keywords contains an invalid character \(a lone UTF-16 surrogate\)"),
+    (lambda s: s.enhance(["red fox"]), r"^Keywords must be text, not list"),
+    (lambda s: s.enhance(None), r"^Type a few keywords first"),
+    (lambda s: s.rewrite(["a fox"], "hd"), r"^Prompt must be text, not list"),
+    (lambda s: s.rewrite("a\0fox", "hd"), r"^Prompt contains a null character"),
+    (lambda s: s.rewrite("a fox", ["hd"]), r"^Preset must be text, not list"),
+    (lambda s: s.rewrite("a fox", "x" * 300), r"^Preset has 300 characters; at most 255"),
+    (lambda s: s.enhance("fox", [1]), r"^LoRAs must be a list of LoRA names"),
+    (lambda s: s.enhance("fox", seed=float("nan")), r"^LLM seed 'nan' is not a whole number"),
+    (lambda s: s.enhance("fox", seed=float("inf")), r"^LLM seed 'inf' is not a whole number"),
+    (lambda s: s.enhance("fox", seed="seven"), r"^LLM seed 'seven' is not a whole number"),
+    (lambda s: s.enhance("fox", seed=1.5), r"^LLM seed '1.5' is not a whole number"),
+    (lambda s: s.enhance("fox", seed=[1]), r"^LLM seed '\[1\]' is not a whole number"),
+    (lambda s: s.enhance("fox", seed=True), r"^LLM seed 'True' is not a whole number"),
+    (lambda s: s.enhance("fox", seed=2**64), r"^LLM seed 18446744073709551616 is outside 0–4294967295"),
+    (lambda s: s.token_count(["a"]), r"^Prompt must be text, not list"),
+])
+def test_bad_prompt_tool_input_names_the_field(tmp_path, call, message) -> None:
+    service, _ = counting_service(tmp_path)
+    with pytest.raises(UserError, match=message):
+        call(service)
+
+
+def test_whole_number_seeds_in_any_form_are_accepted(tmp_path) -> None:
+    service, _ = counting_service(tmp_path)
+    for seed in (-1, None, "", "-1", 7, 7.0, "7", 2**32 - 1):
+        assert service.enhance("red fox", seed=seed).text.startswith("red fox")
+
+
+def test_bad_llm_settings_name_the_field_and_are_not_echoed_in_full(tmp_path) -> None:
+    service, _ = counting_service(tmp_path)
+    with pytest.raises(UserError, match=r"^LLM URL has 10000000 characters; at most 4096 are accepted\. Shorten it\.$"):
+        service.change_backend("openai", "m", "x" * 10_000_000, "")
+    with pytest.raises(UserError, match=r"^LLM URL 'ftp://x{73}… \(4000 characters\)' must start with http") as caught:
+        service.change_backend("openai", "m", "ftp://" + "x" * 3994, "")
+    assert len(str(caught.value)) < 200
+    with pytest.raises(UserError, match=r"^LLM backend must be text, not list"):
+        service.change_backend(["openai"], "m", "http://127.0.0.1:9/v1", "")
+    with pytest.raises(UserError, match=r"^LLM model must be text, not int"):
+        service.change_backend("openai", 7, "http://127.0.0.1:9/v1", "")
+    with pytest.raises(UserError, match=r"^LLM backend has 5000 characters; at most 255 are accepted"):
+        service.change_backend("g" * 5000, "", "", "")
+    with pytest.raises(UserError, match=r"^Unknown LLM backend 'g{39}… \(200 characters\)'"):
+        service.change_backend("g" * 200, "", "", "")
+    with pytest.raises(UserError, match=r"^LoRA name must be text, not list"):
+        service.style_note(["triggered"])
+    assert isinstance(service.backend, RulesBackend)  # nothing changed

@@ -68,3 +68,26 @@ def test_switching_to_an_openai_server_streams_and_falls_back_when_it_is_down(ap
             app.predict(backend="openai", model="", url="", api_key="", api_name="/llm_settings")
     finally:
         assert "Rules" in app.predict(backend="rules", model="", url="", api_key="", api_name="/llm_settings")
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"keywords_text": "red " * 8000}, r"Keywords has 32000 characters; at most 8000 .*max_prompt_chars"),
+    ({"keywords_text": ["red fox"]}, r"Keywords must be text, not list"),
+    ({"keywords_text": "red\0fox"}, r"Keywords contains a null character"),
+    ({"seed": "seven"}, r"LLM seed 'seven' is not a whole number"),
+    ({"seed": 1.5}, r"LLM seed '1.5' is not a whole number"),
+])
+def test_bad_enhance_input_is_refused_naming_the_field(app, inputs, message) -> None:
+    # Before: 32 KB of "red red …" took 65 s (and 10 MB never answered), a list was enhanced as the
+    # text "['red fox']", and a text seed failed in Gradio with "Could not preprocess input component".
+    values = {"keywords_text": "red fox", "selected": [], "current_prompt": "", "seed": -1, **inputs}
+    with pytest.raises(Exception, match=message):
+        app.predict(**values, api_name="/enhance")
+    assert enhance(app, "red fox")[0].startswith("red fox")  # still serving
+
+
+def test_bad_rewrite_input_is_refused_naming_the_field(app) -> None:
+    with pytest.raises(Exception, match="Prompt must be text, not list"):
+        app.predict(preset="hd", current_prompt=["a fox"], selected=[], seed=-1, api_name="/rewrite")
+    with pytest.raises(Exception, match="LLM seed 'nan' is not a whole number"):
+        app.predict(preset="hd", current_prompt="a fox", selected=[], seed="nan", api_name="/rewrite")  # JSON: no NaN

@@ -123,3 +123,52 @@ def test_one_giant_phrase_is_cut_by_words(clip_tok: CLIPTokenizer) -> None:
 
 def test_smaller_limit(clip_tok: CLIPTokenizer) -> None:
     assert truncate_to_clip("cat, dog, red, fox", clip_tok, limit=3) == "cat, dog"
+
+
+class CountingTokenizer:
+    """Wraps the real tokenizer and counts the calls and the characters it is given."""
+
+    def __init__(self, tokenizer: CLIPTokenizer) -> None:
+        self.tokenizer, self.calls, self.chars = tokenizer, 0, 0
+
+    def __call__(self, text: str, **kwargs):
+        self.calls += 1
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def _work_to_cut(clip_tok: CLIPTokenizer, words: int) -> CountingTokenizer:
+    counting = CountingTokenizer(clip_tok)
+    cut = truncate_to_clip("red " * words, counting)
+    assert count_clip_tokens(cut, clip_tok) == CLIP_CONTENT_LIMIT  # "red" is one token: 75 words kept
+    return counting
+
+
+def test_cutting_one_long_phrase_costs_linear_work(clip_tok: CLIPTokenizer) -> None:
+    # The /enhance hang: cutting "red red red …" dropped one word at a time and re-tokenized the
+    # rest each time, so twice the text cost four times the work. Count the work, not the clock.
+    small, large = _work_to_cut(clip_tok, 2000), _work_to_cut(clip_tok, 4000)
+    assert large.calls <= small.calls + 3
+    assert large.chars <= 2.2 * small.chars  # linear: whole-text counts plus a bounded search
+
+
+def _cut_one_word_at_a_time(phrase: str, tokenizer: CLIPTokenizer, limit: int) -> str:
+    """The old, quadratic cut: the reference for what the fast one must return."""
+    words = phrase.split()
+    while words and count_clip_tokens(" ".join(words), tokenizer) > limit:
+        words.pop()
+    return " ".join(words)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7, 75])
+@pytest.mark.parametrize(
+    "phrase",
+    [
+        "zebra cat dog " * 20,
+        "cat <lora:anime_v2:0.7> dog zebra " * 15,
+        "supercalifragilistic cat",
+        "cat dog red fox",
+    ],
+)
+def test_fast_word_cut_matches_the_old_cut(clip_tok: CLIPTokenizer, phrase: str, limit: int) -> None:
+    assert truncate_to_clip(phrase, clip_tok, limit) == _cut_one_word_at_a_time(phrase, clip_tok, limit)

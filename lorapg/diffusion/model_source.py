@@ -7,13 +7,15 @@ checkpoint) is refused before anything heavy happens, with a message the user ca
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
 from lorapg.diffusion.families import SD1, SD2, SDXL
-from lorapg.errors import UserError
+from lorapg.errors import UserError, check_ref_length, shorten
 
 log = logging.getLogger(__name__)
 
@@ -33,34 +35,79 @@ class ModelSource:
         return Path(self.ref).stem if self.kind == SINGLE_FILE else Path(self.ref.rstrip("/")).name
 
 
-def resolve_model_source(ref: str, *, allow_pickle: bool = False) -> ModelSource:
-    """Classify ``ref``; raise UserError for a path that is missing or unsafe to load."""
-    ref = (ref or "").strip()
-    if not ref:
-        raise UserError("No base model given. Pass a Hugging Face id, a diffusers folder or a .safetensors file.")
+def resolve_model_source(ref: str, *, allow_pickle: bool = False,
+                         allowed_roots: Sequence[Path] | None = None) -> ModelSource:
+    """Classify ``ref``; raise UserError for a path that is missing or unsafe to load.
+
+    ``allowed_roots``: when the app is reachable by others, the only folders (or files) a local
+    path may point into (see ``space_mode.local_model_roots``); None lets the owner load any path.
+    """
+    ref = _checked_text(ref)
+    if allowed_roots is not None and not _inside(Path(ref).expanduser(), allowed_roots):
+        # Decided before touching the file system, so the answer is the same whether or not the
+        # path exists: a visitor learns nothing about the server's files.
+        if _looks_like_path(ref):
+            raise UserError(
+                f"Model path {shorten(ref)} is outside this app's models folder. This app is reachable from "
+                "other machines, so it loads local models only from there: pick one from the list."
+            )
+        return ModelSource(ref, HUB, None)
     path = Path(ref).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:  # "File name too long", permission denied on a parent, …
+        raise UserError(f"Model path {shorten(ref)} cannot be read ({exc.strerror}).") from None
+    if is_dir:
         if not (path / "model_index.json").is_file():
             raise UserError(
-                f"{ref} is a folder but not a diffusers model (no model_index.json). "
+                f"{shorten(ref)} is a folder but not a diffusers model (no model_index.json). "
                 "Point at the folder that holds model_index.json, or at a single .safetensors file."
             )
         return ModelSource(ref, FOLDER, path)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES:
-            if not allow_pickle:
-                raise UserError(
-                    f"{path.name} is a pickled checkpoint ({suffix}); loading one can run arbitrary code. "
-                    "Convert it to .safetensors, or pass --allow-pickle if you trust its source."
-                )
-            return ModelSource(ref, SINGLE_FILE, path, None)
-        if suffix != ".safetensors":
-            raise UserError(f"{path.name}: unsupported model file type {suffix!r}; use a .safetensors checkpoint.")
-        return ModelSource(ref, SINGLE_FILE, path, detect_checkpoint_family(path))
+    if is_file:
+        return _single_file(ref, path, allow_pickle)
     if _looks_like_path(ref):
-        raise UserError(f"Model path {ref} does not exist.")
+        raise UserError(f"Model path {shorten(ref)} does not exist.")
     return ModelSource(ref, HUB, None)
+
+
+def _checked_text(ref: object) -> str:
+    """``ref`` stripped, or a UserError naming the field for what no path or hub id can contain."""
+    if ref is None:
+        ref = ""
+    if not isinstance(ref, str):
+        raise UserError(f"Base model must be text (a hub id or a path), not {type(ref).__name__}.")
+    ref = ref.strip()
+    if not ref:
+        raise UserError("No base model given. Pass a Hugging Face id, a diffusers folder or a .safetensors file.")
+    check_ref_length(ref, "Base model")
+    if any(ord(c) < 32 or ord(c) == 127 for c in ref):
+        raise UserError(f"Base model {shorten(ref)!r} contains a control character; retype the path or hub id.")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in ref):
+        raise UserError("Base model contains an invalid character (a lone UTF-16 surrogate); retype it.")
+    return ref
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path`` is one of ``roots`` or lies under one, after resolving "..", not symlinks:
+    the owner may link models into the models folder; a visitor cannot create links there."""
+    target = Path(os.path.abspath(path))
+    return any(target.is_relative_to(os.path.abspath(Path(root).expanduser())) for root in roots)
+
+
+def _single_file(ref: str, path: Path, allow_pickle: bool) -> ModelSource:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(
+                f"{shorten(path.name)} is a pickled checkpoint ({suffix}); loading one can run arbitrary code. "
+                "Convert it to .safetensors, or pass --allow-pickle if you trust its source."
+            )
+        return ModelSource(ref, SINGLE_FILE, path, None)
+    if suffix != ".safetensors":
+        raise UserError(f"{shorten(path.name)}: unsupported model file type {shorten(suffix, 20)!r}; "
+                        "use a .safetensors checkpoint.")
+    return ModelSource(ref, SINGLE_FILE, path, detect_checkpoint_family(path))
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -77,7 +124,7 @@ def detect_checkpoint_family(path: Path) -> str:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{path.name} is not a readable .safetensors file ({exc}).") from None
+        raise UserError(f"{shorten(path.name)} is not a readable .safetensors file ({shorten(exc, 200)}).") from None
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return SDXL
     if any(k.startswith("cond_stage_model.model.") for k in keys):

@@ -88,7 +88,31 @@ def truncate_to_clip(text: str, tokenizer: Any, limit: int = CLIP_CONTENT_LIMIT)
 
 
 def _cut_words(phrase: str, tokenizer: Any, limit: int) -> str:
+    """The longest run of leading words of ``phrase`` that fits ``limit``.
+
+    Galloping then bisecting over the word count: O(log k) tokenizer calls on at most 2k words,
+    where k is the answer (about ``limit`` words), however long the phrase. Dropping one word at
+    a time from the back re-tokenized the whole phrase per word: quadratic, minutes for 32 KB.
+    The count grows with the word count (tokens come per word; LoRA tags add none), so the
+    search finds the same cut as that loop did.
+    """
     words = phrase.split()
-    while words and count_clip_tokens(" ".join(words), tokenizer) > limit:
-        words.pop()
-    return " ".join(words)
+
+    def fits(n: int) -> bool:
+        return count_clip_tokens(" ".join(words[:n]), tokenizer) <= limit
+
+    good, bad = 0, None  # fits(good) holds (0 words: 0 tokens); fits(bad) does not
+    probe = 1
+    while probe <= len(words):
+        if not fits(probe):
+            bad = probe
+            break
+        good, probe = probe, probe * 2
+    if bad is None:
+        if fits(len(words)):
+            return " ".join(words)
+        bad = len(words)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return " ".join(words[:good])

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from lorapg.config import Settings
-from lorapg.errors import UserError
+from lorapg.errors import UserError, shorten
 from lorapg.gpu_estimates import planned_training_steps, training_seconds
 from lorapg.jobs import ERROR, FINISHED, Job, JobQueue
 from lorapg.residency import is_out_of_memory
@@ -236,7 +236,7 @@ class TrainingService:
         with self._lock:
             run = self._runs.get(job_id)
         if run is None or (owner is not None and run.job.owner != owner):
-            raise UserError(f"No training run with job id {job_id!r}.")
+            raise UserError(f"No training run with job id {shorten(job_id, 40)!r}.")
         return run
 
     def cancel(self, job_id: str, owner: str | None = None) -> TrainingRun:

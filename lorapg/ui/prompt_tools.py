@@ -15,6 +15,22 @@ from lorapg.ui.common import user_errors
 MAX_UNDO = 50  # earlier prompts kept per browser tab
 
 
+def raw_values(component: gr.components.Component) -> gr.components.Component:
+    """Hand an API client's value to the handler unchanged, for the service to check and name the field.
+
+    Gradio's own preprocessing turns a list into its ``str()`` in a Textbox (``["a"]`` would be
+    enhanced as the text "['a']") and fails on NaN or text in a Number with "Could not preprocess
+    input component at index 4". Set on the instance: a Component subclass would make Gradio write a
+    ``.pyi`` stub next to this module at import.
+    """
+    component.preprocess = _unchanged
+    return component
+
+
+def _unchanged(payload):
+    return payload
+
+
 def token_count_text(count: int | None) -> str:
     if count is None:
         return f"– / {CLIP_CONTENT_LIMIT} tokens (load a base model to count with its tokenizer)"
@@ -62,8 +78,8 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
     with gr.Group():
         token_display = gr.Markdown(token_count_text(prompts.token_count("")), elem_id="token-count")
         with gr.Row(equal_height=True):
-            keywords = gr.Textbox(label="Keywords", placeholder="red fox, snowy forest, calm",
-                                  elem_id="keywords", scale=5)
+            keywords = raw_values(gr.Textbox(label="Keywords", placeholder="red fox, snowy forest, calm",
+                                             elem_id="keywords", scale=5))
             enhance_button = gr.Button("Enhance", elem_id="enhance", scale=1)
         with gr.Row():
             preset_buttons = [(p.name, gr.Button(p.label, size="sm", elem_id=f"preset-{p.name}")) for p in catalog]
@@ -73,8 +89,11 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
             gr.Markdown("⚠️ Presets not loaded: " + "; ".join(catalog.errors))
     history = gr.State([])
     # The /rewrite API takes the preset by name; the buttons above fill it in for the UI.
-    preset_box = gr.Textbox(visible=False)
+    preset_box = raw_values(gr.Textbox(visible=False))
     rewrite_api = gr.Button(visible=False)
+    # The /rewrite API reads the prompt from this hidden box: the visible prompt box is the Generate
+    # tab's Textbox, whose preprocessing would turn a list into text.
+    api_prompt = raw_values(gr.Textbox(visible=False))
 
     with gr.Accordion("LLM settings", open=False):
         with gr.Row():
@@ -86,7 +105,7 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
                                  placeholder="http://127.0.0.1:11434/v1")
             key_box = gr.Textbox(label="API key (optional)", type="password")
         with gr.Row():
-            llm_seed = gr.Number(value=-1, precision=0, label="LLM seed (-1 = random)")
+            llm_seed = raw_values(gr.Number(value=-1, precision=0, label="LLM seed (-1 = random)"))
             apply_button = gr.Button("Apply LLM settings", elem_id="apply-llm")
         with gr.Row():
             note_lora = gr.Dropdown([], label="Style note for a selected LoRA", scale=2)
@@ -98,18 +117,18 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     @user_errors
     def enhance(keywords_text, selected, current_prompt, stack, seed):
-        stream = prompts.enhance_stream(keywords_text or "", selected or [], seed)
-        yield from stream_into_prompt(stream, current_prompt or "", stack, prompts.backend.label)
+        stream = prompts.enhance_stream(keywords_text, selected or [], seed)
+        yield from stream_into_prompt(stream, _shown(current_prompt), stack, prompts.backend.label)
 
     @user_errors
     def rewrite(preset, current_prompt, selected, stack, seed):
-        stream = prompts.rewrite_stream(current_prompt or "", preset, selected or [], seed)
-        yield from stream_into_prompt(stream, current_prompt or "", stack, prompts.backend.label)
+        stream = prompts.rewrite_stream(current_prompt, preset, selected or [], seed)
+        yield from stream_into_prompt(stream, _shown(current_prompt), stack, prompts.backend.label)
 
     outputs = [prompt, history, tool_status]
     enhance_button.click(enhance, [keywords, lora_select, prompt, history, llm_seed], outputs, api_name="enhance")
     keywords.submit(enhance, [keywords, lora_select, prompt, history, llm_seed], outputs, api_visibility="private")
-    rewrite_api.click(rewrite, [preset_box, prompt, lora_select, history, llm_seed], outputs, api_name="rewrite")
+    rewrite_api.click(rewrite, [preset_box, api_prompt, lora_select, history, llm_seed], outputs, api_name="rewrite")
     for name, button in preset_buttons:
         button.click(lambda n=name: n, None, preset_box, api_visibility="private", show_progress="hidden").then(
             rewrite, [preset_box, prompt, lora_select, history, llm_seed], outputs, api_visibility="private")
@@ -123,9 +142,13 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     undo_button.click(undo, history, outputs, api_visibility="private")
 
-    @user_errors
     def token_count(text):
-        return token_count_text(prompts.token_count(text or ""))
+        # Runs on every keystroke: a refusal (a prompt over the length limit) belongs in the counter,
+        # not in an error toast per key.
+        try:
+            return token_count_text(prompts.token_count(text))
+        except UserError as exc:
+            return f"⚠️ {exc}"
 
     prompt.change(token_count, prompt, token_display, api_name="token_count", trigger_mode="always_last",
                   show_progress="hidden")
@@ -155,3 +178,8 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     return {"keywords": keywords, "token_count": token_display, "prompt_tool_status": tool_status,
             "prompt_history": history}
+
+
+def _shown(prompt) -> str:
+    """What the prompt box held, for Undo and to put back on an error (an API client may send anything)."""
+    return prompt if isinstance(prompt, str) else ""
