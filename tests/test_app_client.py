@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -79,18 +78,23 @@ def test_new_lora_files_appear_on_refresh(app):
 
 
 def test_several_clients_share_one_queue_in_order(app):
-    results = {}
-
-    def run(name: str, seed: int) -> None:
-        results[name] = generate(Client(app["url"], verbose=False), f"a {name}", seed=seed)
-
-    threads = [threading.Thread(target=run, args=(f"tab{i}", 200 + i)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert sorted(results) == ["tab0", "tab1", "tab2"]
-    assert [results[f"tab{i}"][2] for i in range(3)] == [200, 201, 202]
+    """Three clients submit one after another while the first still runs; they run in that order."""
+    jobs = []
+    for i in range(3):
+        # The first one is long, so the others are queued behind it rather than arriving after it ended.
+        size = {"steps_value": 30, "width_value": 128, "height_value": 128} if i == 0 else {}
+        job = Client(app["url"], verbose=False).submit(
+            prompt_text=f"a tab{i} scene", loras="", seed_value=200 + i, api_name="/generate",
+            **{**GENERATE_DEFAULTS, **size})
+        next(iter(job))  # its first update comes once the app has queued it: the next one is queued after
+        jobs.append(job)
+    assert [job.result()[2] for job in jobs] == [200, 201, 202]
+    client = Client(app["url"], verbose=False)
+    ids = []
+    for i in range(3):  # gallery ids are given as each job saves its image: the order they ran
+        (item,) = client.predict(f"tab{i}", "", api_name="/gallery_list")[0]
+        ids.append(int(item["caption"].split()[0].lstrip("#")))
+    assert ids == sorted(ids) and len(set(ids)) == 3, ids
 
 
 def test_progress_streams_and_cancel_stops_the_job(app):

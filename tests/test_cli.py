@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from lorapg.cli import main
+from tests.reproducibility import assert_batch_item_matches_alone, assert_visibly_different
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,9 @@ def test_generate_writes_pngs_prints_seed_and_records_gallery(base_args, tmp_pat
                     "--steps", "3", "--seed", "78", "--sampler", "Euler a", "--out", str(tmp_path / "again.png"),
                     "--no-gallery", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(tmp_path / "again.png")))
+    # Seed 78 alone runs other matrix kernels than in the batch: visually identical, within the stated bound.
+    assert_batch_item_matches_alone(Image.open(second), Image.open(tmp_path / "again.png"))
+    assert_visibly_different(Image.open(first), Image.open(tmp_path / "again.png"))
     assert len(list((tmp_path / "outputs" / "images").rglob("*.png"))) == 2  # --no-gallery
 
 

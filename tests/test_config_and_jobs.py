@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -69,9 +68,10 @@ def test_jobs_run_in_order_and_report_progress():
 
 def test_cancel_queued_and_running_jobs_and_errors_do_not_stop_the_worker():
     queue = JobQueue()
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
 
     def blocking(job):
+        started.set()
         while not job.cancel_requested():
             release.wait(0.01)
         return "stopped"
@@ -80,9 +80,9 @@ def test_cancel_queued_and_running_jobs_and_errors_do_not_stop_the_worker():
     waiting = queue.submit("test", lambda job: "never")
     assert queue.position(waiting) == 1
     queue.cancel(waiting.id)
-    time.sleep(0.05)
+    assert started.wait(30)  # cancel a job that is really running, not one still queued
     queue.cancel(running.id)
-    assert running.wait(5) and waiting.wait(5)
+    assert running.wait(30) and waiting.wait(30)
     assert running.status == CANCELLED and waiting.status == CANCELLED and waiting.result is None
 
     def broken(job):
@@ -91,7 +91,7 @@ def test_cancel_queued_and_running_jobs_and_errors_do_not_stop_the_worker():
     failed = queue.submit("test", broken)
     crashed = queue.submit("test", lambda job: 1 / 0)
     after = queue.submit("test", lambda job: "still serving")
-    assert after.wait(5)
+    assert after.wait(30)
     assert failed.status == ERROR and failed.error == "bad input"
     assert crashed.status == ERROR and "ZeroDivisionError" in crashed.error
     assert after.status == DONE
@@ -124,15 +124,15 @@ def test_queued_status_says_when_training_holds_the_gpu():
     from lorapg.ui.common import job_status_text
 
     queue = JobQueue()
-    release = threading.Event()
-    training = queue.submit("train", lambda job: release.wait(5))
-    time.sleep(0.05)
+    release, started = threading.Event(), threading.Event()
+    training = queue.submit("train", lambda job: started.set() or release.wait(60))
+    assert started.wait(30)
     waiting = queue.submit("generate", lambda job: "image")
     assert queue.running() is training
     text = job_status_text(waiting, queue)
     assert "1 job(s) ahead" in text and "LoRA training in progress" in text
     release.set()
-    assert waiting.wait(5) and waiting.result == "image"
+    assert waiting.wait(30) and waiting.result == "image"
 
 
 def test_services_never_import_gradio():
@@ -153,17 +153,18 @@ def test_a_result_that_finished_despite_a_late_cancel_is_done():
         cancelled = False
 
     queue = JobQueue()
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
 
     def work(job):
-        release.wait(5)
+        started.set()
+        release.wait(60)
         return Finished()
 
     job = queue.submit("generate", work)
-    time.sleep(0.05)
+    assert started.wait(30)  # running, so the cancel comes after the work began
     queue.cancel(job.id)  # pressed after the last step: the images were made and saved
     release.set()
-    assert job.wait(5) and job.status == DONE
+    assert job.wait(30) and job.status == DONE
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.families import SD1, SDXL
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError
+from tests.reproducibility import assert_batch_item_matches_alone, assert_same_bytes, assert_visibly_different
 
 
 def make_engine(loras_dir) -> DiffusionEngine:
@@ -107,10 +119,16 @@ def test_selection_changes_do_not_touch_the_disk(tiny_models, tmp_path, monkeypa
 
 
 def test_batch_uses_consecutive_seeds_each_reproducible(sd15_engine):
-    batch = sd15_engine.generate(GenerationRequest(prompt="a boat", steps=2, seed=40, batch_size=3))
+    request = GenerationRequest(prompt="a boat", steps=2, seed=40, batch_size=3)
+    batch = sd15_engine.generate(request)
     assert batch.seeds == [40, 41, 42]
-    second = sd15_engine.generate(GenerationRequest(prompt="a boat", steps=2, seed=41))
-    assert np.array_equal(np.asarray(batch.images[1]), np.asarray(second.images[0]))
+    for image, again in zip(batch.images, sd15_engine.generate(request).images, strict=True):
+        assert_same_bytes(image, again)  # the same request: the same bytes
+    # A batch runs other matrix kernels than one image: each item alone is within the stated bound.
+    alone = [sd15_engine.generate(replace(request, seed=seed, batch_size=1)).images[0] for seed in batch.seeds]
+    for image, single in zip(batch.images, alone, strict=True):
+        assert_batch_item_matches_alone(image, single)
+    assert_visibly_different(batch.images[1], alone[2])  # the bound cannot hide another seed
 
 
 def test_random_seed_is_reported_and_reproduces(sd15_engine):
@@ -120,11 +138,42 @@ def test_random_seed_is_reported_and_reproduces(sd15_engine):
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(again.images[0]))
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "DPM++ 2M SDE"])
-def test_every_sampler_runs(sd15_engine, sampler):
+# What each A1111 sampler name must run, written out here (not read from SAMPLERS) so a wrong mapping fails.
+EXPECTED_SCHEDULERS = {
+    "Euler a": (EulerAncestralDiscreteScheduler, {}),
+    "Euler": (EulerDiscreteScheduler, {"use_karras_sigmas": False}),
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
+    "DPM++ 2M SDE Karras": (DPMSolverMultistepScheduler,
+                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "DDIM": (DDIMScheduler, {}),
+    "UniPC": (UniPCMultistepScheduler, {"use_karras_sigmas": False}),
+    "Heun": (HeunDiscreteScheduler, {"use_karras_sigmas": False}),
+    "LMS": (LMSDiscreteScheduler, {"use_karras_sigmas": False}),
+}
+
+
+def test_every_offered_sampler_has_an_expected_scheduler():
+    assert set(EXPECTED_SCHEDULERS) == set(SAMPLERS)
+
+
+# Karras first, then its plain namesake: a setting left over from the previous sampler would show.
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "DPM++ 2M SDE",
+                                     "DPM++ 2M SDE Karras", "UniPC", "Heun",
+                                     # A known defect, reported: diffusers' LMS needs scipy, which is not
+                                     # installed. Strict, so the fix must remove this mark.
+                                     pytest.param("LMS", marks=pytest.mark.xfail(raises=ImportError, strict=True))])
+def test_every_sampler_runs_its_own_scheduler(sd15_engine, sampler):
     result = sd15_engine.generate(GenerationRequest(prompt="a tree", steps=3, seed=3, sampler=sampler))
     assert result.images[0].size == (64, 64)
-    assert type(sd15_engine.model.pipe.scheduler).__name__ != ""
+    scheduler = sd15_engine.model.pipe.scheduler
+    expected_class, expected_config = EXPECTED_SCHEDULERS[sampler]
+    assert type(scheduler) is expected_class
+    assert {key: scheduler.config.get(key) for key in expected_config} == expected_config
+    # The rest comes from the model's own scheduler config (the tiny model trains on 1000 steps, scaled_linear).
+    assert scheduler.config.num_train_timesteps == sd15_engine.model.base_scheduler_config["num_train_timesteps"]
+    assert scheduler.config.beta_schedule == sd15_engine.model.base_scheduler_config["beta_schedule"]
 
 
 def test_samplers_give_different_images(sd15_engine):

@@ -32,7 +32,7 @@ class _SSEHandler(BaseHTTPRequestHandler):
         self.server.bodies.append(body)
         mode = self.server.mode
         if mode == "slow":
-            time.sleep(1.5)
+            self.server.release.wait(60)  # held until the test is done: only the client's timeout ends it
         if mode == "error":
             return self._json(500, {"error": {"message": "model exploded"}})
         if mode == "plain":  # a server that ignores "stream": true
@@ -48,7 +48,7 @@ class _SSEHandler(BaseHTTPRequestHandler):
                     self._event("{this is not json")
                     return
                 if mode == "stall" and i == 2:
-                    time.sleep(2.0)
+                    self.server.release.wait(60)
                 chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                 self._event(json.dumps(chunk))
                 time.sleep(0.01)
@@ -79,6 +79,7 @@ class SSEServer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _SSEHandler)
         self.bodies: list[dict[str, Any]] = []
+        self.release = threading.Event()
 
     @property
     def base_url(self) -> str:
@@ -93,6 +94,7 @@ def sse_server() -> Iterator[SSEServer]:
     try:
         yield server
     finally:
+        server.release.set()
         server.shutdown()
         server.server_close()
 
@@ -153,9 +155,7 @@ def test_stream_failures_fall_back_to_rules_with_a_message(server: SSEServer, mo
                                                            reason: str) -> None:
     server.mode = mode
     backend = OpenAICompatibleBackend(server.base_url, "m")
-    started = time.monotonic()
     *_, result = _writer(backend, timeout_s=timeout_s, grace_s=0.2).enhance_stream("red fox, snowy forest")
-    assert time.monotonic() - started < timeout_s + 1.0
     assert isinstance(result, PromptResult)
     assert result.fell_back and reason in (result.reason or ""), result.reason
     assert result.text.startswith("red fox, snowy forest, ")  # the rules answered

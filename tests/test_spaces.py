@@ -11,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,6 +31,7 @@ from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord
 from lorapg.gallery_service import GalleryService
 from lorapg.gpu_estimates import generation_seconds, planned_training_steps, training_seconds
+from lorapg.jobs import Job
 from lorapg.services import PlaygroundService
 from lorapg.space_mode import SPACE_MAX_UPLOAD_MB, server_host, space_policy
 from lorapg.spaces_gpu import MAX_GPU_SECONDS, GpuTask, gpu_seconds
@@ -196,23 +199,70 @@ def runtime(tmp_path_factory):
     return tiny_runtime(tmp_path_factory.mktemp("spaces-runtime"))
 
 
-def test_generation_through_the_zerogpu_path_gives_the_same_pixels_and_can_be_cancelled(runtime):
-    relayed = PlaygroundService(runtime.settings, runtime.engine, runtime.library, runtime.jobs,
-                                gpu_relay=True, gpu_decorator=forking_gpu)
+class HeldService(PlaygroundService):
+    """The ZeroGPU path with a hold the test controls: on the GPU side the work stops after reporting
+    ``hold_at`` until ``released(should_cancel)`` is true, so what the caller saw by then is known."""
+
+    hold_at: int | None = None
+    released: Callable[[Callable[[], bool]], bool] = staticmethod(lambda should_cancel: True)
+
+    def _generate_on_device(self, model_ref, request, *, report, should_cancel):
+        def held_report(step, total, *rest):
+            report(step, total, *rest)
+            if step == self.hold_at:
+                # Waits on the test's signal; the bound only keeps a broken relay from hanging the suite.
+                for _ in range(12000):
+                    if self.released(should_cancel):
+                        return
+                    time.sleep(0.005)
+                raise RuntimeError(f"step {step} never reached the caller")
+
+        return super()._generate_on_device(model_ref, request, report=held_report, should_cancel=should_cancel)
+
+
+@pytest.fixture()
+def reports(monkeypatch):
+    """Every progress report each job receives in the app's process, in order; ``on_report`` hooks
+    run inside ``Job.report`` itself (the moment the relay delivers a step)."""
+    seen: dict[str, list[int]] = {}
+    hooks: list[Callable[[Job, int], None]] = []
+    original = Job.report
+
+    def recording(job, step, total, preview=None, message=""):
+        original(job, step, total, preview, message)
+        seen.setdefault(job.id, []).append(step)
+        for hook in hooks:
+            hook(job, step)
+
+    monkeypatch.setattr(Job, "report", recording)
+    return seen, hooks
+
+
+def test_generation_through_the_zerogpu_path_gives_the_same_pixels_and_can_be_cancelled(runtime, reports):
     request = GenerationRequest(prompt="a lighthouse", loras=(LoraRequest("style", 0.8),), steps=10, seed=5,
                                 width=64, height=64)
     direct = runtime.service.generate(request)
-    steps = []
-    through_fork = relayed.generate(request, on_progress=lambda job: steps.append(job.step))
-    assert np.array_equal(np.asarray(direct.images[0]), np.asarray(through_fork.images[0]))
-    assert max(steps) == 10 and len(set(steps)) > 2  # progress came back while it ran
+    relayed = HeldService(runtime.settings, runtime.engine, runtime.library, runtime.jobs,
+                          gpu_relay=True, gpu_decorator=forking_gpu)
+    seen, hooks = reports
 
+    # The GPU side holds after step 5 until the app's process has received step 5: progress is
+    # relayed while the work runs, not after it.
+    arrived = multiprocessing.get_context("fork").Event()
+    relayed.hold_at, relayed.released = 5, lambda should_cancel: arrived.is_set()
+    hooks.append(lambda job, step: step == 5 and arrived.set())
+    job = relayed.submit_generation(request)
+    assert job.wait(120) and job.status == "done", job.error
+    assert seen[job.id] == list(range(1, 11))  # every step, in order
+    assert np.array_equal(np.asarray(direct.images[0]), np.asarray(job.result.images[0]))  # same request
+
+    # Cancel as step 2 arrives; the GPU side holds after step 3 until it sees the cancel flag.
+    hooks[:] = [lambda job, step: step == 2 and relayed.cancel(job.id)]
+    relayed.hold_at, relayed.released = 3, lambda should_cancel: should_cancel()
     job = relayed.submit_generation(GenerationRequest(prompt="long", steps=50, seed=1, width=128, height=128))
-    while job.step < 2 and not job.finished:
-        job.wait(0.05)
-    relayed.cancel(job.id)
     job.wait(120)
-    assert job.status == "cancelled" and job.result.cancelled and job.step < 50
+    assert job.status == "cancelled" and job.result.cancelled and job.result.images == []
+    assert seen[job.id] == [1, 2, 3]  # stopped at the first step after the flag reached the GPU side
 
 
 def test_the_real_spaces_decorator_off_zerogpu_leaves_the_relay_working(runtime, monkeypatch):
