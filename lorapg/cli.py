@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from lorapg.bootstrap import configure_logging
 
-        configure_logging(args.verbose)
+        configure_logging(args.verbose, tracebacks=args.verbose)  # --verbose shows tracebacks
     try:
         if args.command == "generate":
             return run_generate(args)
