@@ -22,11 +22,16 @@ from lorapg.spaces_gpu import zero_gpu_enabled
 from lorapg.training.service import TrainingService
 
 
-def configure_logging(verbose: bool = False) -> None:
+def configure_logging(verbose: bool = False, *, tracebacks: bool = True) -> None:
+    """``tracebacks=False`` (the CLI without --verbose): a failure logs one line; the CLI prints the
+    error itself, and a user gets one line per problem."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not tracebacks:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_traceback)
     # transformers prints a per-key "load report" table for every LoRA it injects; it is noise to users.
     import diffusers
     import transformers
@@ -42,6 +47,11 @@ def configure_logging(verbose: bool = False) -> None:
     # Adding an adapter to a model that already holds others makes diffusers list the others' keys
     # as "missing": expected with multi-LoRA, alarming to users.
     logging.getLogger("diffusers.loaders").setLevel(logging.ERROR)
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 @dataclass

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from lorapg.bootstrap import configure_logging
 
-        configure_logging(args.verbose)
+        configure_logging(args.verbose, tracebacks=args.verbose)  # --verbose shows tracebacks
     try:
         if args.command == "generate":
             return run_generate(args)
@@ -173,18 +173,24 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     runtime = build_runtime(settings, record_results=False)
     service = runtime.service
-    service.prepare(request)  # bad LoRAs fail before the model loads
-    bar = tqdm(total=0, desc="generate", unit="step", file=sys.stderr)
+    bar = None
+    try:
+        service.prepare(request)  # bad LoRAs fail before the model loads
+        bar = tqdm(total=0, desc="generate", unit="step", file=sys.stderr)
 
-    def on_progress(job) -> None:
-        if job.total and bar.total != job.total:
-            bar.reset(total=job.total)
-        bar.n = job.step
-        bar.set_postfix_str(job.message if not job.total else "")
-        bar.refresh()
+        def on_progress(job) -> None:
+            if job.total and bar.total != job.total:
+                bar.reset(total=job.total)
+            bar.n = job.step
+            bar.set_postfix_str(job.message if not job.total else "")
+            bar.refresh()
 
-    result = service.generate(request, on_progress=on_progress)
-    bar.close()
+        result = service.generate(request, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()  # before the error line, so that line is the last one on stderr
+        # The job worker must end before the interpreter does (see JobQueue.close); Ctrl-C cancels the job.
+        runtime.jobs.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     paths = write_result_pngs(result, args.out)

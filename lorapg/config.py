@@ -11,6 +11,7 @@ import dataclasses
 import os
 import secrets
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ class Settings:
     max_image_pixels: int = 50_000_000  # any image read from a user (upload, dataset, PNG Info): ~7000x7000
     max_unpacked_mb: int = 2048  # all members of one uploaded zip, unpacked, checked before anything is written
     max_dataset_images: int = 200  # images in one training dataset, checked before anything is written
+    # Added last (issue 13): the address to serve on from Gradio's GRADIO_SERVER_NAME; "" = loopback.
+    # --listen / LORAPG_LISTEN rank above it (see load_settings).
+    server_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -78,7 +82,9 @@ class Settings:
 
     @property
     def host(self) -> str:
-        return "0.0.0.0" if self.listen else "127.0.0.1"
+        if self.listen:
+            return "0.0.0.0"
+        return self.server_name or "127.0.0.1"
 
     def auth_pair(self) -> tuple[str, str] | None:
         if not self.auth:
@@ -139,12 +145,26 @@ def _coerce(name: str, value: Any) -> Any:
         raise UserError(f"Setting {name!r}: {value!r} is not a valid {kind}.") from None
 
 
+# Gradio's own conventions (Spaces, containers, people used to Gradio apps), ranked above the TOML file
+# and below LORAPG_* variables and flags.
+GRADIO_ENV = {"port": "GRADIO_SERVER_PORT", "server_name": "GRADIO_SERVER_NAME"}
+
+
+def _gradio_server_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {name: env[key] for name, key in GRADIO_ENV.items() if env.get(key, "").strip()}
+    if "server_name" in values:
+        values["server_name"] = values["server_name"].strip()
+        values["listen"] = False  # the name decides the address, over the TOML file's `listen`
+    return values
+
+
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
                   environ: dict[str, str] | None = None) -> Settings:
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(read_toml(config_file))
     env = os.environ if environ is None else environ
+    values.update(_gradio_server_env(env))
     for name in _FIELD_TYPES:
         key = ENV_PREFIX + name.upper()
         if key in env:
@@ -152,6 +172,9 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+    listen_given = ENV_PREFIX + "LISTEN" in env or (overrides or {}).get("listen") is not None
+    if listen_given and GRADIO_ENV["server_name"] in env:
+        values.pop("server_name", None)  # --listen / LORAPG_LISTEN decide the address, whichever way
     unknown = sorted(set(values) - set(_FIELD_TYPES))
     if unknown:
         raise UserError(f"Unknown setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(_FIELD_TYPES))}.")

@@ -118,31 +118,57 @@ class JobQueue:
         return job
 
     def shutdown(self) -> None:
+        """Let the worker exit after the jobs already queued (does not wait: see ``close``)."""
         self._queue.put(None)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Cancel every unfinished job and wait until the worker thread has exited; True if it has.
+
+        A process must call this before it exits (the CLI does): the worker is a daemon thread, and a
+        daemon thread still inside torch when the interpreter shuts down aborts the whole process with
+        "terminate called without an active exception" (exit status 134). A running job stops at its
+        next cancellation check; queued ones are finished as cancelled without running.
+        """
+        with self._lock:
+            unfinished = [job for job in self._jobs.values() if not job.finished]
+        for job in unfinished:
+            job._cancel.set()
+        self._queue.put(None)
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            job, work, context = item
-            if job.cancel_requested():
-                self._finish(job, CANCELLED, message="cancelled before it started")
-                continue
-            job.status = RUNNING
-            try:
-                job.result = context.run(work, job)
-            except UserError as exc:
-                self._finish(job, ERROR, error=str(exc))
-                continue
-            except Exception as exc:  # the worker must survive any job; the error is shown, the app serves on
-                log.exception("job %s (%s) failed", job.id, job.kind)
-                self._finish(job, ERROR, error=f"{type(exc).__name__}: {exc}")
-                continue
-            # Work that reports its own outcome (a generation cancelled after its last step still
-            # finished and saved its images) decides; otherwise the cancel flag does.
-            cancelled = getattr(job.result, "cancelled", None)
-            self._finish(job, CANCELLED if (job.cancel_requested() if cancelled is None else cancelled) else DONE)
+            self._execute(*item)
+            del item  # the work's closure goes now, not when the next job arrives
+
+    def _execute(self, job: Job, work: Callable[[Job], Any], context: contextvars.Context) -> None:
+        if job.cancel_requested():
+            self._finish(job, CANCELLED, message="cancelled before it started")
+            return
+        job.status = RUNNING
+        error = None
+        try:
+            job.result = context.run(work, job)
+        except UserError as exc:
+            error = str(exc)
+        except Exception as exc:  # the worker must survive any job; the error is shown, the app serves on
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            error = f"{type(exc).__name__}: {exc}"
+        # Waiters are woken only here, after the except block has dropped the exception: its traceback
+        # holds the failed work's frames (a half-loaded pipeline, a trainer's models), and freeing them
+        # runs torch destructors. Woken earlier, a CLI would exit while this thread is still inside
+        # them, and the interpreter's shutdown aborts the process (exit status 134).
+        if error is not None:
+            self._finish(job, ERROR, error=error)
+            return
+        # Work that reports its own outcome (a generation cancelled after its last step still
+        # finished and saved its images) decides; otherwise the cancel flag does.
+        cancelled = getattr(job.result, "cancelled", None)
+        self._finish(job, CANCELLED if (job.cancel_requested() if cancelled is None else cancelled) else DONE)
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, message: str = "") -> None:
         job.error = error

@@ -75,8 +75,6 @@ def warn_near_duplicates(config, settings) -> None:
 
 
 def run_train(args: argparse.Namespace, settings) -> int:
-    from tqdm import tqdm
-
     from lorapg.devices import set_cpu_threads
     from lorapg.jobs import JobQueue
     from lorapg.training.config import load_config
@@ -85,7 +83,16 @@ def run_train(args: argparse.Namespace, settings) -> int:
     config = load_config(args.train_config, train_overrides(args))
     set_cpu_threads(settings.threads)
     jobs = JobQueue()
-    service = TrainingService(settings, jobs)
+    try:
+        return _train(args, config, TrainingService(settings, jobs))
+    finally:
+        # The job worker must end before the interpreter does (see JobQueue.close); Ctrl-C cancels the run.
+        jobs.close()
+
+
+def _train(args: argparse.Namespace, config, service) -> int:
+    from tqdm import tqdm
+
     bar = None
     warn_near_duplicates(config, settings)
 
@@ -116,7 +123,6 @@ def run_train(args: argparse.Namespace, settings) -> int:
     finally:
         if bar is not None:
             bar.close()
-        jobs.shutdown()
     if run.job.error:
         from lorapg.errors import UserError
 

@@ -1,0 +1,238 @@
+"""CLI error paths end the process cleanly: exit status 2, one error line, never an abort.
+
+The abort was "terminate called without an active exception" (exit status 134): the job queue's worker is
+a daemon thread, and a daemon thread still inside torch when the interpreter shuts down kills the process.
+It was still there because waiters were woken before a failed job's frames (a half-loaded model) were
+freed, and because the CLI never waited for the worker to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from lorapg.cli import main
+from lorapg.errors import UserError
+from lorapg.jobs import ERROR, JobQueue
+from tests.training_data import write_images
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = 5 if os.environ.get("LORAPG_SLOW_TESTS") == "1" else 2  # each run is a fresh interpreter (~5-10 s)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+
+
+def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _assert_clean_error(done: subprocess.CompletedProcess, message: str) -> None:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    # One error line, and it is the last thing printed (no progress bar redrawn after it).
+    assert len(errors) == 1 and message in errors[0] and lines[-1] == errors[0], done.stderr[-2000:]
+
+
+# --- the job queue ---------------------------------------------------------------------------------
+
+
+def test_a_failed_jobs_frames_are_freed_before_its_waiters_wake():
+    queue = JobQueue()
+    seen: dict[str, bool] = {}
+
+    class Leftover:  # stands for a half-loaded model held by the failing work's frame
+        def __del__(self):
+            seen["finished_when_freed"] = job.finished
+
+    def work(_job):
+        leftover = Leftover()  # noqa: F841 - held by this frame, so by the exception's traceback
+        raise UserError("the model is broken")
+
+    job = queue.submit("load", work)
+    assert job.wait(30) and job.status == ERROR
+    assert seen == {"finished_when_freed": False}
+    assert queue.close(30)
+
+
+def test_close_cancels_the_running_job_and_ends_the_worker():
+    queue = JobQueue()
+    started = threading.Event()
+
+    def work(job):
+        started.set()
+        while not job.cancel_requested():
+            job._cancel.wait(0.05)
+        return "stopped"
+
+    running = queue.submit("generate", work)
+    queued = queue.submit("generate", work)
+    assert started.wait(30)
+    assert queue.close(30)
+    assert running.cancel_requested() and running.finished
+    assert queued.status == "cancelled" and queued.message == "cancelled before it started"
+    assert not queue._worker.is_alive()
+
+
+# Exits right after a job failed, as the CLI does; the failed work leaves torch work to its destructor.
+EXIT_AFTER_FAILED_JOB = textwrap.dedent("""
+    import sys, torch
+    from lorapg.errors import UserError
+    from lorapg.jobs import JobQueue
+
+    class Leftover:
+        def __del__(self):  # torch releases the GIL here, as freeing a real model's parts can
+            a = torch.randn(256, 256)
+            for _ in range(400):
+                a = torch.tanh(a @ a)
+
+    def work(job):
+        leftover = Leftover()
+        raise UserError("refused")
+
+    queue = JobQueue()
+    job = queue.submit("generate", work)
+    job.wait()  # no close(): waking only after the leftovers are freed must be enough
+    print("error:", job.error, file=sys.stderr)
+    sys.exit(2)
+""")
+
+# Ctrl-C (or any error in the main thread) while a job computes: close() must stop it before exit.
+EXIT_WHILE_A_JOB_RUNS = textwrap.dedent("""
+    import sys, threading, torch
+    from lorapg.jobs import JobQueue
+
+    started = threading.Event()
+
+    def work(job):
+        a = torch.randn(256, 256)
+        started.set()
+        while not job.cancel_requested():
+            a = torch.tanh(a @ a)
+
+    queue = JobQueue()
+    queue.submit("generate", work)
+    started.wait()
+    queue.close()
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(2)
+""")
+
+
+@pytest.mark.parametrize("script", [EXIT_AFTER_FAILED_JOB, EXIT_WHILE_A_JOB_RUNS], ids=["failed-job", "running-job"])
+def test_a_process_exiting_after_a_job_does_not_abort(script, tmp_path):
+    for _ in range(RUNS):
+        done = _python("-c", script, cwd=tmp_path)
+        _assert_clean_error(done, "error:")
+
+
+# --- the CLI's error paths, each run as a user runs it ---------------------------------------------
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return _python("-m", "lorapg", *args, cwd=cwd)
+
+
+@pytest.fixture()
+def broken_model(tiny_models, tmp_path) -> Path:
+    """The tiny SD 1.x folder with a text encoder whose weights do not fit its config."""
+    folder = tmp_path / "broken_model"
+    subprocess.run(["cp", "-r", str(tiny_models["sd15"]), str(folder)], check=True)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["intermediate_size"] *= 2
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+def test_generate_with_a_model_that_fails_to_load(tiny_models, broken_model, tmp_path):
+    args = [
+        "generate",
+        "--model",
+        str(broken_model),
+        "--lora-dir",
+        str(tiny_models["loras"]),
+        "--outputs",
+        str(tmp_path / "outputs"),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    for _ in range(RUNS):
+        _assert_clean_error(_cli(*args, cwd=tmp_path), "RuntimeError")
+
+
+def test_generate_with_a_loaded_lora_and_a_refused_one(tiny_models, tmp_path):
+    args = [
+        "generate",
+        "--model",
+        str(tiny_models["sd15"]),
+        "--lora-dir",
+        str(tiny_models["loras"]),
+        "--outputs",
+        str(tmp_path / "outputs"),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--lora",
+        "style:0.5",
+        "--lora",
+        "xl/xl_style:0.5",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    for _ in range(RUNS):
+        _assert_clean_error(_cli(*args, cwd=tmp_path), "made for SDXL")
+
+
+def test_train_resuming_a_checkpoint_made_with_other_images(tiny_models, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'sample_steps = 0\ngradient_checkpointing = false\nbatch_size = 3\nwork_dir = "{tmp_path / "work"}"\n'
+    )
+    write_images(tmp_path / "first", 3)
+    write_images(tmp_path / "second", 3, start=5)
+    common = [
+        "--model",
+        str(tiny_models["sd15"]),
+        "--trigger",
+        "zqx",
+        "--name",
+        "run",
+        "--epochs",
+        "1",
+        "--rank",
+        "4",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    # The checkpoint is made in-process (fast); the failing resumes run as a user runs them.
+    assert main(["train", str(config), *common, "--images", str(tmp_path / "first"), "--out", str(tmp_path / "a")]) == 0
+    for _ in range(RUNS):
+        done = _cli(
+            "train",
+            str(config),
+            *common,
+            "--images",
+            str(tmp_path / "second"),
+            "--out",
+            str(tmp_path / "b"),
+            cwd=tmp_path,
+        )
+        _assert_clean_error(done, "made with different settings (images)")
