@@ -160,10 +160,7 @@ def test_every_offered_sampler_has_an_expected_scheduler():
 
 # Karras first, then its plain namesake: a setting left over from the previous sampler would show.
 @pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "DPM++ 2M SDE",
-                                     "DPM++ 2M SDE Karras", "UniPC", "Heun",
-                                     # A known defect, reported: diffusers' LMS needs scipy, which is not
-                                     # installed. Strict, so the fix must remove this mark.
-                                     pytest.param("LMS", marks=pytest.mark.xfail(raises=ImportError, strict=True))])
+                                     "DPM++ 2M SDE Karras", "UniPC", "Heun", "LMS"])
 def test_every_sampler_runs_its_own_scheduler(sd15_engine, sampler):
     result = sd15_engine.generate(GenerationRequest(prompt="a tree", steps=3, seed=3, sampler=sampler))
     assert result.images[0].size == (64, 64)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
-from lorapg.errors import UserError
+from lorapg.errors import UserError, shorten
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
 
 # The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
@@ -43,8 +43,7 @@ class GenerationRequest:
 
 def shown(value: object) -> str:
     """``repr(value)`` cut short: a message repeats enough of a refused value to recognise it."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
+    return shorten(repr(value), SHOWN_CHARS)
 
 
 def parse_seed(value: object) -> int | None:

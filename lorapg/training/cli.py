@@ -94,7 +94,7 @@ def _train(args: argparse.Namespace, config, service) -> int:
     from tqdm import tqdm
 
     bar = None
-    warn_near_duplicates(config, settings)
+    warn_near_duplicates(config, service.settings)
 
     def on_progress(progress) -> None:
         nonlocal bar
