@@ -60,15 +60,12 @@ def train_overrides(args: argparse.Namespace) -> dict:
 def run_train(args: argparse.Namespace, settings) -> int:
     from tqdm import tqdm
 
-    from lorapg.devices import set_cpu_threads
-    from lorapg.jobs import JobQueue
+    from lorapg.services.build import build_services
     from lorapg.training.config import load_config
-    from lorapg.training.service import TrainingService
 
     config = load_config(args.train_config, train_overrides(args))
-    set_cpu_threads(settings.threads)
-    jobs = JobQueue()
-    service = TrainingService(settings, jobs)
+    services = build_services(settings, record_results=False)
+    service, jobs = services.training, services.jobs
     bar = None
 
     def on_progress(progress) -> None:

@@ -32,7 +32,8 @@ from lorapg.atomic_files import atomic_write_text
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import UserError
-from lorapg.gpu_estimates import writing_seconds
+from lorapg.hosting.gpu_estimates import writing_seconds
+from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import CANCELLED, JobQueue
 from lorapg.prompting import (
     CLIP_CONTENT_LIMIT,
@@ -50,7 +51,6 @@ from lorapg.prompting import (
     count_clip_tokens,
     load_presets,
 )
-from lorapg.spaces_gpu import GpuTask
 
 log = logging.getLogger(__name__)
 

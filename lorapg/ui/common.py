@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from lorapg.errors import UserError
+from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import ERROR, QUEUED, RUNNING, Job, JobQueue
-from lorapg.visitors import Visitors
 
 POLL_SECONDS = 0.25
 
