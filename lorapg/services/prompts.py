@@ -55,7 +55,7 @@ from lorapg.prompting import (
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "transformers", "bundled", "openai", "rules")
-DEFAULT_PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets" / "rewrite"
+DEFAULT_PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets" / "rewrite"
 BUNDLED_CACHE = Path("llm") / "smollm2-135m-instruct"  # under settings.models_dir
 STYLE_NOTES_FILE = "lora_style_notes.json"  # under settings.models_dir
 OPENAI_DEFAULT_MODEL = "default"  # llama.cpp's server ignores the name; Ollama/vLLM need a real one
