@@ -78,6 +78,12 @@ def build_services(settings: Settings, *, record_results: bool = True, engines: 
     with ``engines=False``): no prompt tools either, whose "auto" backend choice asks torch for the
     device. The CLI's gallery commands build neither and stay quick."""
     policy = space_policy(settings)
+    if engines:
+        from lorapg.devices import set_cpu_threads
+
+        # Before the job queue's thread starts: torch's CPU thread count is set as it was before
+        # any worker thread existed, so results match across runs.
+        set_cpu_threads(settings.threads)
     library = LoraLibrary(settings.lora_dir)
     jobs = JobQueue()
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
@@ -87,13 +93,12 @@ def build_services(settings: Settings, *, record_results: bool = True, engines: 
     if not engines:
         writer = PromptService(settings, library, jobs, settings_locked=locked) if prompts else None
         return Services(settings, policy, library, jobs, gallery, gallery_service, visitors, prompts=writer)
-    from lorapg.devices import pick_device, pick_dtype, set_cpu_threads
+    from lorapg.devices import pick_device, pick_dtype
     from lorapg.diffusion.engine import DiffusionEngine
     from lorapg.outputs import record_in_gallery
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
 
-    set_cpu_threads(settings.threads)
     device = pick_device(settings.device)
     residency = build_residency(settings, device)
     engine = DiffusionEngine(
