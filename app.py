@@ -1,4 +1,4 @@
-"""LoRA Playground: ``python app.py`` builds the engines and the service, then serves the UI."""
+"""LoRA Playground: ``python app.py`` builds the services (``build_services``), then serves the UI."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import argparse
 import logging
 import sys
 
-import lorapg.spaces_gpu  # noqa: F401  (first: on a ZeroGPU Space `spaces` must be imported before torch)
+import lorapg.hosting.zerogpu  # noqa: F401  (first: on a ZeroGPU Space `spaces` must be imported before torch)
 from lorapg.quiet import quiet_third_party_imports
 
 quiet_third_party_imports()  # before anything imports transformers or bitsandbytes
 
 from lorapg.cli import LLM_SETTING_FLAGS, add_llm_arguments, add_settings_arguments, settings_from_args  # noqa: E402
 from lorapg.errors import UserError  # noqa: E402
-from lorapg.space_mode import server_host, writable_outputs  # noqa: E402
-from lorapg.spaces_gpu import running_on_spaces  # noqa: E402
+from lorapg.hosting.space_policy import server_host, writable_outputs  # noqa: E402
+from lorapg.hosting.zerogpu import running_on_spaces  # noqa: E402
 
 log = logging.getLogger("lorapg.app")
 
@@ -42,7 +42,7 @@ def private_output_paths(settings) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lorapg.bootstrap import build_runtime, configure_logging
+    from lorapg.services.build import build_services, configure_logging
 
     configure_logging(args.verbose)
     try:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         auth = settings.auth_pair()
         if running_on_spaces():
             settings.outputs = writable_outputs(settings.outputs)
-        runtime = build_runtime(settings)
+        runtime = build_services(settings)
         policy = runtime.policy
         # Only the app repairs the gallery, at start-up: a CLI run beside a running app must not
         # delete the app's in-flight temp files or import PNGs it is about to record.
@@ -62,21 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from lorapg.gallery_service import GalleryService
+    from lorapg.hosting.visitors import browser_secret
     from lorapg.ui.app_ui import build_ui
-    from lorapg.visitors import Visitors, browser_secret
     from lorapg.working_state import VisitorWorkingStates, WorkingState
 
-    gallery_service = GalleryService(runtime.gallery, runtime.library, shared=policy.shared_gallery,
-                                     max_query_chars=settings.max_prompt_chars)
-    visitors = Visitors(private=policy.private_visitors)
+    # Browser-session state (drafts, the visitor cookie key): the web app's alone, not a service.
     if policy.private_visitors:
         working_state = VisitorWorkingStates(settings.outputs / "working_states")
         secret = browser_secret(settings.outputs / ".visitor_secret")
     else:
         working_state, secret = WorkingState(settings.outputs / "working_state.json"), None
-    demo = build_ui(runtime.service, gallery_service, working_state, prompt_service=runtime.prompts,
-                    training_service=runtime.training, visitors=visitors, visitor_secret=secret)
+    demo = build_ui(runtime.service, runtime.gallery_service, working_state, prompt_service=runtime.prompts,
+                    training_service=runtime.training, visitors=runtime.visitors, visitor_secret=secret)
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.
         print(f"\n  Share link protection: user 'lorapg', password '{generated_password}'\n", flush=True)

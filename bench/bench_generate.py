@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-from lorapg.bootstrap import build_runtime, configure_logging  # noqa: E402
 from lorapg.config import load_settings  # noqa: E402
 from lorapg.diffusion.request import GenerationRequest  # noqa: E402
+from lorapg.services.build import build_services, configure_logging  # noqa: E402
 from tests.tiny_models import build_sd15_pipeline, random_lora_state_dict, save_diffusers_lora  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -60,7 +60,7 @@ def main() -> None:
             save_diffusers_lora(root / "loras" / f"{name}.safetensors", pipe, state, config)
         settings = load_settings(None, {"model": str(root / "model"), "lora_dir": str(root / "loras"),
                                         "outputs": str(root / "outputs"), "gallery_keep": 0})
-        runtime = build_runtime(settings)
+        runtime = build_services(settings)
         service = runtime.service
         service.load_model()
 

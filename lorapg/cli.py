@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
     add_gallery_parser(commands)
     add_prompt_parsers(commands)
-    from lorapg.training.cli import add_train_parser
+    from lorapg.train_cli import add_train_parser
 
     add_train_parser(commands, add_settings_arguments)
     return parser
@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("gallery", "enhance", "rewrite"):
-        # The gallery (and the prompt tools, until an LLM loads) needs no models: skip bootstrap,
+        # The gallery (and the prompt tools, until an LLM loads) needs no models: skip configure_logging,
         # whose imports (torch, diffusers) take seconds.
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
     else:
-        from lorapg.bootstrap import configure_logging
+        from lorapg.services.build import configure_logging
 
         configure_logging(args.verbose, tracebacks=args.verbose)  # --verbose shows tracebacks
     try:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("enhance", "rewrite"):
             return run_prompt(args)
         if args.command == "train":
-            from lorapg.training.cli import run_train
+            from lorapg.train_cli import run_train
 
             return run_train(args, settings_from_args(args))
     except UserError as exc:
@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lorapg.bootstrap import build_runtime
     from lorapg.diffusion.request import GenerationRequest, parse_lora_list
     from lorapg.diffusion.samplers import DEFAULT_SAMPLER
     from lorapg.outputs import record_in_gallery, write_result_pngs
+    from lorapg.services.build import build_services
 
     settings = settings_from_args(args)
     loras = tuple(lora for spec in args.lora for lora in parse_lora_list(spec))
@@ -171,7 +171,7 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch,
     )
-    runtime = build_runtime(settings, record_results=False)
+    runtime = build_services(settings, record_results=False)
     service = runtime.service
     bar = None
     try:
@@ -219,15 +219,18 @@ def add_prompt_parsers(commands: argparse._SubParsersAction) -> None:
 
 def run_prompt(args: argparse.Namespace) -> int:
     """The prompt on stdout (pipe it into ``generate --prompt``); who wrote it on stderr."""
-    from lorapg.diffusion.lora_library import LoraLibrary
-    from lorapg.prompt_service import PromptService, result_note
+    from lorapg.services.build import build_services
+    from lorapg.services.prompts import result_note
 
-    settings = settings_from_args(args, extra=LLM_SETTING_FLAGS)
-    service = PromptService(settings, LoraLibrary(settings.lora_dir))
-    if args.command == "enhance":
-        result = service.enhance(args.keywords, args.lora, args.seed)
-    else:
-        result = service.rewrite(args.prompt, args.preset, args.lora, args.seed)
+    runtime = build_services(settings_from_args(args, extra=LLM_SETTING_FLAGS), engines=False)
+    service = runtime.prompts
+    try:
+        if args.command == "enhance":
+            result = service.enhance(args.keywords, args.lora, args.seed)
+        else:
+            result = service.rewrite(args.prompt, args.preset, args.lora, args.seed)
+    finally:
+        runtime.jobs.close()  # the worker must not be inside torch when the interpreter ends (JobQueue.close)
     print(result.text)
     print(service.backend_info().describe(), file=sys.stderr)
     print(result_note(result), file=sys.stderr)
@@ -237,13 +240,9 @@ def run_prompt(args: argparse.Namespace) -> int:
 def open_gallery_service(settings):
     """The gallery without the engines. Unlike app start-up it does not reconcile: a running app
     may be saving an image right now, and reconcile would take its temp file for debris."""
-    from lorapg.diffusion.lora_library import LoraLibrary
-    from lorapg.gallery.store import GalleryStore
-    from lorapg.gallery_service import GalleryService
+    from lorapg.services.build import build_services
 
-    # The same files build_runtime opens.
-    store = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
-    return GalleryService(store, LoraLibrary(settings.lora_dir), max_query_chars=settings.max_prompt_chars)
+    return build_services(settings, engines=False, prompts=False).gallery_service
 
 
 def _one_line(text: str, width: int = 80) -> str:

@@ -47,7 +47,7 @@ class Settings:
     preview_every: int = 5
     gallery_keep: int = 20  # newest images kept in the gallery; 0 keeps all; starred never pruned
     load_model_at_start: bool = True  # load the base model in the background once the UI is up
-    # Prompt tools' LLM: auto | transformers | bundled | openai | rules (see lorapg/prompt_service.py).
+    # Prompt tools' LLM: auto | transformers | bundled | openai | rules (see lorapg/services/prompts.py).
     llm_backend: str = "auto"
     llm_model: str | None = None  # hub id / folder / .gguf (transformers) or served model name (openai)
     llm_url: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1
@@ -56,7 +56,7 @@ class Settings:
     # GPU residency: "auto" = free GPU memory at start minus a reserve, or a size such as "10GB".
     vram_budget: str = "auto"
     policy: str = "auto"  # auto | lowvram | all-gpu (see lorapg/residency.py)
-    # Public hosting (a Hugging Face Space; see lorapg/space_mode.py). "auto"/-1 = decided by where it runs.
+    # Public hosting (a Hugging Face Space; see lorapg/hosting/space_policy.py). "auto"/-1 = decided by where it runs.
     visitors: str = "auto"  # auto | private | shared: private keeps each visitor's gallery, drafts, datasets apart
     shared_gallery: bool = False  # with private visitors: everyone sees every image (and edits only their own)
     max_upload_mb: int = -1  # largest upload; -1 = auto (50 on a Space, no limit locally), 0 = no limit

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapg.atomic_files import atomic_write
-from lorapg.visitors import visitor_key
+from lorapg.hosting.visitors import visitor_key
 
 log = logging.getLogger(__name__)
 

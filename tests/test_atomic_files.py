@@ -23,7 +23,7 @@ from lorapg.atomic_files import atomic_write, atomic_write_bytes, atomic_write_t
 from lorapg.config import load_settings
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.gallery import GalleryStore, ImageRecord
-from lorapg.prompt_service import PromptService
+from lorapg.services.prompts import PromptService
 from lorapg.training import checkpoints
 from lorapg.training.config import TrainConfig, load_config, write_config
 from lorapg.training.export import export_kohya

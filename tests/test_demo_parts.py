@@ -125,7 +125,7 @@ def test_a_missing_regularization_folder_is_a_clear_error(tmp_path):
     from lorapg.demo.concepts import write_dataset
     from lorapg.errors import UserError
     from lorapg.jobs import JobQueue
-    from lorapg.training.service import TrainingService
+    from lorapg.services.training import TrainingService
 
     images = write_dataset(tmp_path / "concept", [Scene("ring", "red", "blue")], 2, seed=0)
     jobs = JobQueue()

@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord, read_png_parameters
-from lorapg.gallery_service import GalleryService
+from lorapg.services.gallery import GalleryService
 from tests.app_server import running_app
 
 

@@ -19,8 +19,8 @@ from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord, LoraUse
-from lorapg.gallery_service import BY_HASH, BY_NAME, NO_PARAMETERS, GalleryService, map_sampler
 from lorapg.hashing import lora_hash
+from lorapg.services.gallery import BY_HASH, BY_NAME, NO_PARAMETERS, GalleryService, map_sampler
 from tests.tiny_models import tiny_runtime
 
 # --------------------------------------------------------------------------------------------
@@ -224,13 +224,13 @@ def test_reuse_notes_another_model(runtime) -> None:
     assert any("other-model" in note for note in notes)
 
 
-def test_gallery_service_and_working_state_import_without_gradio_or_diffusers() -> None:
-    """The CLI's gallery commands stay quick, and services never depend on the UI."""
+def test_gallery_service_and_working_state_import_without_diffusers() -> None:
+    """The CLI's gallery commands stay quick (no gradio: tests/test_services_layer.py)."""
     import subprocess
     import sys
 
-    code = ("import sys, lorapg.gallery_service, lorapg.working_state; "
-            "print(sorted(m for m in ('gradio', 'diffusers', 'torch') if m in sys.modules))")
+    code = ("import sys, lorapg.services.gallery, lorapg.working_state; "
+            "print(sorted(m for m in ('diffusers', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"

@@ -9,7 +9,7 @@ import pytest
 
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.gallery import read_png_parameters
-from lorapg.gallery_service import GalleryService
+from lorapg.services.gallery import GalleryService
 from lorapg.working_state import WorkingState, WorkingValues
 from tests.tiny_models import tiny_runtime
 

@@ -36,7 +36,7 @@ def test_an_unknown_huge_job_id_is_not_echoed_in_full():
 
 
 def test_cancelling_a_training_run_with_a_huge_job_id_is_not_echoed_in_full(tmp_path):
-    from lorapg.bootstrap import build_runtime
+    from lorapg.services.build import build_services
 
     settings = load_settings(
         None,
@@ -47,7 +47,7 @@ def test_cancelling_a_training_run_with_a_huge_job_id_is_not_echoed_in_full(tmp_
         },
         environ={},
     )
-    runtime = build_runtime(settings)
+    runtime = build_services(settings)
     try:
         with pytest.raises(UserError, match="No training run with job id") as caught:
             runtime.training.cancel(HUGE)

@@ -18,8 +18,8 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from lorapg.gallery_service import GalleryService
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, TRAINING
+from lorapg.services.gallery import GalleryService
 from lorapg.training.config import RANGES, TrainConfig
 from tests.app_server import free_port
 from tests.tiny_models import tiny_runtime

@@ -121,12 +121,12 @@ def test_a_two_part_path_outside_is_a_hub_id_whether_or_not_it_exists(tmp_path, 
 
 
 def _service(tmp_path, **settings):
-    from lorapg.bootstrap import build_runtime
     from lorapg.config import load_settings
+    from lorapg.services.build import build_services
 
     values = {"models_dir": str(tmp_path / "models"), "lora_dir": str(tmp_path / "models" / "loras"),
               "outputs": str(tmp_path / "out"), **settings}
-    return build_runtime(load_settings(None, values, environ={}))
+    return build_services(load_settings(None, values, environ={}))
 
 
 def test_load_model_from_other_machines_does_not_reveal_which_paths_exist(tmp_path, monkeypatch):
@@ -157,7 +157,7 @@ def test_load_model_from_other_machines_does_not_reveal_which_paths_exist(tmp_pa
 
 def test_a_server_name_other_than_the_loopback_counts_as_reachable():
     from lorapg.config import Settings
-    from lorapg.space_mode import local_model_roots
+    from lorapg.hosting.space_policy import local_model_roots
 
     settings = Settings(models_dir=Path("m"), model="/owner/model")
     assert local_model_roots(settings, {}) is None

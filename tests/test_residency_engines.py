@@ -45,10 +45,10 @@ def test_generate_enhance_train_generate_under_a_tight_budget(tiny_models, tmp_p
     training holds the device alone, and the pipeline comes back afterwards."""
     from lorapg.config import Settings
     from lorapg.jobs import JobQueue
-    from lorapg.prompt_service import LLM_RESIDENT_NAME, PromptService
     from lorapg.prompting.backends import TransformersBackend
-    from lorapg.services import PlaygroundService
-    from lorapg.training.service import TrainingService
+    from lorapg.services.generation import GenerationService
+    from lorapg.services.prompts import LLM_RESIDENT_NAME, PromptService
+    from lorapg.services.training import TrainingService
     from tests.test_prompting_backends import build_tiny_chat_model
     from tests.training_data import write_images
 
@@ -61,7 +61,7 @@ def test_generate_enhance_train_generate_under_a_tight_budget(tiny_models, tmp_p
     manager = ResidencyManager(budget_bytes=10**9)
     jobs = JobQueue()
     engine = DiffusionEngine(LoraLibrary(settings.lora_dir), torch.device("cpu"), torch.float32, residency=manager)
-    playground = PlaygroundService(settings, engine, engine.library, jobs)
+    playground = GenerationService(settings, engine, engine.library, jobs)
     prompts = PromptService(settings, engine.library, jobs, engine=engine)
     training = TrainingService(settings, jobs, engine)
     playground.load_model()

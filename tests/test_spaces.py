@@ -29,13 +29,13 @@ from lorapg.demo.judge import judge_image
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord
-from lorapg.gallery_service import GalleryService
-from lorapg.gpu_estimates import generation_seconds, planned_training_steps, training_seconds
+from lorapg.hosting.gpu_estimates import generation_seconds, planned_training_steps, training_seconds
+from lorapg.hosting.space_policy import SPACE_MAX_UPLOAD_MB, server_host, space_policy
+from lorapg.hosting.visitors import Visitors
+from lorapg.hosting.zerogpu import MAX_GPU_SECONDS, GpuTask, gpu_seconds
 from lorapg.jobs import Job
-from lorapg.services import PlaygroundService
-from lorapg.space_mode import SPACE_MAX_UPLOAD_MB, server_host, space_policy
-from lorapg.spaces_gpu import MAX_GPU_SECONDS, GpuTask, gpu_seconds
-from lorapg.visitors import Visitors
+from lorapg.services.gallery import GalleryService
+from lorapg.services.generation import GenerationService
 from lorapg.working_state import VisitorWorkingStates
 from tests.app_server import ROOT, running_app
 from tests.tiny_models import tiny_runtime
@@ -94,7 +94,7 @@ class Watch(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Watch())
 import app  # whatever it imports comes in its own order
 import torch  # noqa: F401  (what the app builds next)
-import lorapg.spaces_gpu as glue
+import lorapg.hosting.zerogpu as glue
 print(order, glue._spaces is not None)
 """
 
@@ -199,7 +199,7 @@ def runtime(tmp_path_factory):
     return tiny_runtime(tmp_path_factory.mktemp("spaces-runtime"))
 
 
-class HeldService(PlaygroundService):
+class HeldService(GenerationService):
     """The ZeroGPU path with a hold the test controls: on the GPU side the work stops after reporting
     ``hold_at`` until ``released(should_cancel)`` is true, so what the caller saw by then is known."""
 
@@ -268,7 +268,7 @@ def test_generation_through_the_zerogpu_path_gives_the_same_pixels_and_can_be_ca
 def test_the_real_spaces_decorator_off_zerogpu_leaves_the_relay_working(runtime, monkeypatch):
     """With `spaces` installed on a CPU machine, ``spaces.GPU`` hands the function back unchanged."""
     spaces = pytest.importorskip("spaces")
-    relayed = PlaygroundService(runtime.settings, runtime.engine, runtime.library, runtime.jobs,
+    relayed = GenerationService(runtime.settings, runtime.engine, runtime.library, runtime.jobs,
                                 gpu_relay=True, gpu_decorator=spaces.GPU(duration=lambda *args: 30))
     result = relayed.generate(GenerationRequest(prompt="a hill", steps=3, seed=2, width=64, height=64))
     assert result.seeds == [2] and len(result.images) == 1
@@ -367,7 +367,7 @@ FAST_TRAINING = {"rank": 4, "alpha": 4, "epochs": 1, "sample_steps": 1, "gradien
 
 
 def test_training_is_bounded_relayed_from_a_fork_and_datasets_belong_to_their_visitor(runtime, tmp_path):
-    from lorapg.training.service import TrainingService
+    from lorapg.services.training import TrainingService
     from tests.training_data import write_images
 
     service = TrainingService(runtime.settings, runtime.jobs, runtime.engine, max_steps=5, gpu_relay=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorapg.errors import UserError
-from lorapg.training.cli import train_overrides
+from lorapg.train_cli import train_overrides
 from lorapg.training.config import TrainConfig, load_config, to_toml, write_config
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
 

@@ -19,9 +19,9 @@ from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest
 from lorapg.errors import UserError
 from lorapg.jobs import DONE, ERROR, JobQueue
-from lorapg.services import PlaygroundService
+from lorapg.services.generation import GenerationService
+from lorapg.services.training import TrainingService
 from lorapg.training.config import load_config
-from lorapg.training.service import TrainingService
 from lorapg.training.trainer import Trainer
 from tests.test_cli import ROOT
 from tests.training_data import bomb_png, smooth_image, write_images
@@ -35,7 +35,7 @@ def setup(tiny_models, tmp_path):
                         outputs=tmp_path / "outputs", device="cpu")
     jobs = JobQueue()
     engine = DiffusionEngine(LoraLibrary(settings.lora_dir), torch.device("cpu"), torch.float32)
-    playground = PlaygroundService(settings, engine, engine.library, jobs)
+    playground = GenerationService(settings, engine, engine.library, jobs)
     training = TrainingService(settings, jobs, engine)
     source = tmp_path / "upload"
     write_images(source, 3)

@@ -8,8 +8,8 @@ from gradio_client import Client, handle_file
 
 from lorapg.config import Settings
 from lorapg.jobs import JobQueue
+from lorapg.services.training import TrainingService
 from lorapg.training.config import load_config
-from lorapg.training.service import TrainingService
 from lorapg.ui.train_tab import FIELDS, build_train_tab
 from tests.training_data import smooth_image, write_images
 

@@ -233,8 +233,8 @@ def tiny_runtime(root: Path):
 
     The gallery keeps everything, so tests that count images are not surprised by pruning.
     """
-    from lorapg.bootstrap import build_runtime
     from lorapg.config import load_settings
+    from lorapg.services.build import build_services
 
     torch.set_num_threads(1)
     pipe = build_sd15_pipeline(root / "tiny-sd15")
@@ -244,4 +244,4 @@ def tiny_runtime(root: Path):
         "model": str(root / "tiny-sd15"), "lora_dir": str(root / "loras"), "outputs": str(root / "outputs"),
         "models_dir": str(root / "models"), "device": "cpu", "threads": 1, "gallery_keep": 0,
     })
-    return build_runtime(settings)
+    return build_services(settings)

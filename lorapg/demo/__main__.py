@@ -142,7 +142,7 @@ def train_concept_loras(model: str, datasets_dir: Path, lora_dir: Path, work_dir
     from lorapg.config import Settings
     from lorapg.demo.concepts import CONCEPTS, write_concept_datasets
     from lorapg.jobs import JobQueue
-    from lorapg.training.service import TrainingService
+    from lorapg.services.training import TrainingService
 
     folders = write_concept_datasets(datasets_dir)
     settings = Settings(model=model, lora_dir=lora_dir, models_dir=work_dir.parent)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lorapg.gallery_service import GalleryService
-from lorapg.prompt_service import PromptService
-from lorapg.services import PlaygroundService
-from lorapg.training.service import TrainingService
+from lorapg.hosting.visitors import Visitors
+from lorapg.services.gallery import GalleryService
+from lorapg.services.generation import GenerationService
+from lorapg.services.prompts import PromptService
+from lorapg.services.training import TrainingService
 from lorapg.ui.common import visitor
 from lorapg.ui.gallery_tab import build_gallery_tab
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
 from lorapg.ui.memory_panel import build_memory_panel
 from lorapg.ui.prompt_tools import build_prompt_tools
 from lorapg.ui.train_tab import build_train_tab
-from lorapg.visitors import Visitors
 from lorapg.working_state import VisitorWorkingStates, WorkingState, WorkingValues
 
 TITLE = "LoRA Playground"
@@ -28,7 +28,7 @@ _PARAMETERS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", 
 
 
 def build_ui(
-    service: PlaygroundService,
+    service: GenerationService,
     gallery_service: GalleryService | None = None,
     working_state: WorkingState | VisitorWorkingStates | None = None,
     prompt_service: PromptService | None = None,
@@ -92,7 +92,7 @@ def _number_or_none(value: object) -> float | None:
         return None
 
 
-def wire_working_state(demo: gr.Blocks, service: PlaygroundService, states: WorkingState | VisitorWorkingStates,
+def wire_working_state(demo: gr.Blocks, service: GenerationService, states: WorkingState | VisitorWorkingStates,
                        generate: dict, *, visitors: Visitors | None = None, after=None) -> None:
     """Restore the working prompt when a page opens; write it to disk whenever it changes.
 

@@ -11,8 +11,8 @@ import gradio as gr
 
 from lorapg.diffusion.request import check_text
 from lorapg.errors import UserError
+from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import ERROR, QUEUED, RUNNING, Job, JobQueue
-from lorapg.visitors import Visitors
 
 log = logging.getLogger(__name__)
 

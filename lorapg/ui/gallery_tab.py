@@ -13,9 +13,9 @@ from pathlib import Path
 import gradio as gr
 
 from lorapg.gallery.records import ImageRecord
-from lorapg.gallery_service import GalleryService, ReuseParameters
+from lorapg.hosting.visitors import Visitors
+from lorapg.services.gallery import GalleryService, ReuseParameters
 from lorapg.ui.common import user_errors, visitor
-from lorapg.visitors import Visitors
 
 # Generate-tab widgets that Reuse fills, by the keys of build_generate_tab's dict.
 REUSE_TARGETS = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height",

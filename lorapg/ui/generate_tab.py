@@ -9,11 +9,11 @@ import gradio as gr
 from lorapg.diffusion.families import family_label
 from lorapg.diffusion.request import GenerationRequest, parse_lora_list
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
+from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import CANCELLED
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
-from lorapg.services import LoraListing, PlaygroundService
+from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
-from lorapg.visitors import Visitors
 
 DEFAULT_LORA_SCALE = LORA_SCALE.default
 
@@ -23,7 +23,7 @@ def ranged(limits: Range) -> dict:
     return {"minimum": limits.minimum, "maximum": limits.maximum, "step": limits.step}
 
 
-def lora_choices(service: PlaygroundService) -> list[tuple[str, str]]:
+def lora_choices(service: GenerationService) -> list[tuple[str, str]]:
     return _choices(service.list_loras())
 
 
@@ -37,7 +37,7 @@ def _choices(listing: LoraListing) -> list[tuple[str, str]]:
     return choices
 
 
-def refreshed_lora_dropdown(service: PlaygroundService, selected: list[str] | None):
+def refreshed_lora_dropdown(service: GenerationService, selected: list[str] | None):
     """Re-scan the LoRA folder; keep the selected LoRAs that still exist; say which files were skipped."""
     listing = service.list_loras()
     for problem in listing.problems:
@@ -54,7 +54,7 @@ def lora_spec(selected: list[str] | None, scales: dict | None) -> str:
 
 
 def build_generate_tab(
-    service: PlaygroundService, prompt_tools: Callable[[dict], dict] | None = None, visitors: Visitors | None = None
+    service: GenerationService, prompt_tools: Callable[[dict], dict] | None = None, visitors: Visitors | None = None
 ) -> dict[str, gr.components.Component]:
     """Build the tab's widgets and events; returns the widgets other tabs fill (Reuse, prompts).
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lorapg.services import PlaygroundService
+from lorapg.services.generation import GenerationService
 
 
-def build_memory_panel(service: PlaygroundService) -> None:
+def build_memory_panel(service: GenerationService) -> None:
     with gr.Accordion("GPU memory", open=False):
         status = gr.Markdown(service.memory_status(), elem_id="memory-status")
         with gr.Row():

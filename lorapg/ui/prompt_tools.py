@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import gradio as gr
 
 from lorapg.errors import UserError
-from lorapg.prompt_service import BACKEND_CHOICES, PromptService, StreamItem, result_note
 from lorapg.prompting import CLIP_CONTENT_LIMIT, PromptResult
+from lorapg.services.prompts import BACKEND_CHOICES, PromptService, StreamItem, result_note
 from lorapg.ui.common import user_errors
 
 MAX_UNDO = 50  # earlier prompts kept per browser tab

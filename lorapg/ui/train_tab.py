@@ -9,10 +9,10 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from lorapg.hosting.visitors import Visitors
+from lorapg.services.training import TrainingRun, TrainingService
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
-from lorapg.training.service import TrainingRun, TrainingService
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
-from lorapg.visitors import Visitors
 
 # Editable fields: TrainConfig field -> (widget factory, label).
 FIELDS = ("rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder", "epochs", "repeats", "resolution",

@@ -1,4 +1,4 @@
-"""TrainingService: the one training API the Train tab, the CLI and the REST endpoints call.
+"""TrainingService: LoRA training for the Train tab, the CLI and the REST endpoints.
 
 Never imports gradio. Training runs as a job on the shared GPU queue, so it never overlaps a
 generation; before it starts, the inference pipeline leaves the GPU, and it comes back afterwards.
@@ -22,16 +22,16 @@ from PIL import Image
 
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
-from lorapg.gpu_estimates import planned_training_steps, training_seconds
+from lorapg.hosting.gpu_estimates import planned_training_steps, training_seconds
+from lorapg.hosting.visitors import visitor_key
+from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ERROR, FINISHED, Job, JobQueue
 from lorapg.residency import is_out_of_memory
-from lorapg.spaces_gpu import GpuTask
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
 from lorapg.training.trainer import Trainer, TrainProgress, TrainResult, remove_run_outputs
 from lorapg.training.validation import ValidationReport
-from lorapg.visitors import visitor_key
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The one API that the UI, the CLI and the REST endpoints call. Never imports gradio.
+"""GenerationService: models and image generation for the UI, the CLI and the REST endpoints. Never imports gradio.
 
 Every method either returns plain data or raises ``UserError`` with a message a user can act on.
 GPU work (loading a model, generating) goes through the job queue, so callers get a job id to
@@ -20,10 +20,10 @@ from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
 from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError, shorten
-from lorapg.gpu_estimates import generation_seconds
+from lorapg.hosting.gpu_estimates import generation_seconds
+from lorapg.hosting.space_policy import local_model_roots
+from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import DONE, ERROR, Job, JobQueue
-from lorapg.space_mode import local_model_roots
-from lorapg.spaces_gpu import GpuTask
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class LoraListing:
     problems: list[str]
 
 
-class PlaygroundService:
+class GenerationService:
     def __init__(
         self,
         settings: Settings,

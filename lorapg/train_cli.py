@@ -75,19 +75,16 @@ def warn_near_duplicates(config, settings) -> None:
 
 
 def run_train(args: argparse.Namespace, settings) -> int:
-    from lorapg.devices import set_cpu_threads
-    from lorapg.jobs import JobQueue
+    from lorapg.services.build import build_services
     from lorapg.training.config import load_config
-    from lorapg.training.service import TrainingService
 
     config = load_config(args.train_config, train_overrides(args))
-    set_cpu_threads(settings.threads)
-    jobs = JobQueue()
+    services = build_services(settings, record_results=False)
     try:
-        return _train(args, config, TrainingService(settings, jobs))
+        return _train(args, config, services.training)
     finally:
         # The job worker must end before the interpreter does (see JobQueue.close); Ctrl-C cancels the run.
-        jobs.close()
+        services.jobs.close()
 
 
 def _train(args: argparse.Namespace, config, service) -> int:

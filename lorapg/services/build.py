@@ -1,25 +1,32 @@
-"""Composition: build the engines and the service from settings (used by app.py and the CLI)."""
+"""Composition: ``build_services(settings)`` builds every service and the objects they share.
+
+The one place the objects that exist at run time are built: ``app.py``, the CLI and the REST API
+all call it, then use only what it returns.
+"""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lorapg.config import Settings
-from lorapg.devices import pick_device, pick_dtype, set_cpu_threads
-from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery.store import GalleryStore
+from lorapg.hosting.space_policy import SpacePolicy, space_policy
+from lorapg.hosting.visitors import Visitors
+from lorapg.hosting.zerogpu import zero_gpu_enabled
 from lorapg.jobs import JobQueue
-from lorapg.outputs import record_in_gallery
-from lorapg.prompt_service import PromptService
 from lorapg.residency import GB, POLICIES, ResidencyManager, format_bytes, parse_size
-from lorapg.services import PlaygroundService
-from lorapg.space_mode import SpacePolicy, space_policy
-from lorapg.spaces_gpu import zero_gpu_enabled
-from lorapg.training.service import TrainingService
+from lorapg.services.gallery import GalleryService
+from lorapg.services.prompts import PromptService
+
+if TYPE_CHECKING:  # these import torch and diffusers: only when engines are built
+    from lorapg.diffusion.engine import DiffusionEngine
+    from lorapg.services.generation import GenerationService
+    from lorapg.services.training import TrainingService
 
 
 def configure_logging(verbose: bool = False, *, tracebacks: bool = True) -> None:
@@ -55,25 +62,56 @@ def _drop_traceback(record: logging.LogRecord) -> bool:
 
 
 @dataclass
-class Runtime:
+class Services:
+    """Every service and every object they share. Field names ``service`` (generation) and
+    ``gallery`` (the store) are the ones callers and tests used before the services moved here."""
+
     settings: Settings
+    policy: SpacePolicy  # what hosting for visitors (a Space) changes; see lorapg/hosting/space_policy.py
     library: LoraLibrary
-    engine: DiffusionEngine
-    jobs: JobQueue
-    service: PlaygroundService
+    jobs: JobQueue  # one queue: prompt writing and training never compute on the GPU next to generation
     gallery: GalleryStore
-    prompts: PromptService | None = None  # prompt tools (LLM enhance / rewrite presets)
-    training: TrainingService | None = None  # the Train tab's service (same job queue: never overlaps generation)
-    policy: SpacePolicy | None = None  # what hosting for visitors (a Space) changes; see lorapg/space_mode.py
+    gallery_service: GalleryService
+    visitors: Visitors
+    prompts: PromptService | None = None  # prompt tools (LLM enhance / rewrite); None when built with prompts=False
+    engine: DiffusionEngine | None = None  # None when built with engines=False
+    residency: ResidencyManager | None = None  # None on CPU and on ZeroGPU (nothing to share)
+    service: GenerationService | None = None  # generation; None when built with engines=False
+    training: TrainingService | None = None  # the Train tab's service; None when built with engines=False
 
 
-def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime:
+def build_services(settings: Settings, *, record_results: bool = True, engines: bool = True,
+                   prompts: bool = True) -> Services:
     """``record_results``: save every finished generation into the gallery (the UI does; the CLI
-    writes ``--out`` first and records afterwards unless told not to)."""
+    writes ``--out`` first and records afterwards unless told not to). ``engines=False``: no
+    diffusion engine, generation or training, and no torch import for them; ``prompts=False`` (only
+    with ``engines=False``): no prompt tools either, whose "auto" backend choice asks torch for the
+    device. The CLI's gallery commands build neither and stay quick."""
     policy = space_policy(settings)
-    set_cpu_threads(settings.threads)
-    device = pick_device(settings.device)
+    if engines:
+        from lorapg.devices import set_cpu_threads
+
+        # Before the job queue's thread starts: torch's CPU thread count is set as it was before
+        # any worker thread existed, so results match across runs.
+        set_cpu_threads(settings.threads)
     library = LoraLibrary(settings.lora_dir)
+    jobs = JobQueue()
+    gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
+    gallery_service = GalleryService(gallery, library, shared=policy.shared_gallery,
+                                     max_query_chars=settings.max_prompt_chars)
+    visitors = Visitors(private=policy.private_visitors)
+    locked = policy.settings_locked
+    if not engines:
+        writer = PromptService(settings, library, jobs, settings_locked=locked) if prompts else None
+        return Services(settings, policy, library, jobs, gallery, gallery_service, visitors, prompts=writer)
+    from lorapg.devices import pick_device, pick_dtype
+    from lorapg.diffusion.engine import DiffusionEngine
+    from lorapg.outputs import record_in_gallery
+    from lorapg.services.generation import GenerationService
+    from lorapg.services.training import TrainingService
+
+    device = pick_device(settings.device)
+    residency = build_residency(settings, device)
     engine = DiffusionEngine(
         library,
         device,
@@ -81,18 +119,15 @@ def build_runtime(settings: Settings, *, record_results: bool = True) -> Runtime
         allow_pickle=settings.allow_pickle,
         single_file_config=settings.single_file_config,
         preview_every=settings.preview_every,
-        residency=build_residency(settings, device),
+        residency=residency,
     )
-    jobs = JobQueue()
-    gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     sink = (lambda result, job: record_in_gallery(gallery, result, job.id, job.owner)) if record_results else None
-    locked = policy.settings_locked
-    service = PlaygroundService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)
+    service = GenerationService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
-    prompts = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
+    writer = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
     training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps)
-    return Runtime(settings, library, engine, jobs, service, gallery, prompts=prompts, training=training,
-                   policy=policy)
+    return Services(settings, policy, library, jobs, gallery, gallery_service, visitors, prompts=writer,
+                    engine=engine, residency=residency, service=service, training=training)
 
 
 # Activations, the VAE decode and CUDA's own context need room beyond the weights.

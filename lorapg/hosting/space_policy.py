@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorapg.config import Settings
 from lorapg.errors import UserError
-from lorapg.spaces_gpu import running_on_spaces, zero_gpu_enabled
+from lorapg.hosting.zerogpu import running_on_spaces, zero_gpu_enabled
 
 log = logging.getLogger(__name__)
 

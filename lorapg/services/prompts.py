@@ -32,7 +32,8 @@ from lorapg.atomic_files import atomic_write_text
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import MAX_REF_CHARS, UserError, shorten
-from lorapg.gpu_estimates import writing_seconds
+from lorapg.hosting.gpu_estimates import writing_seconds
+from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import CANCELLED, JobQueue
 from lorapg.prompting import (
     CLIP_CONTENT_LIMIT,
@@ -50,12 +51,11 @@ from lorapg.prompting import (
     count_clip_tokens,
     load_presets,
 )
-from lorapg.spaces_gpu import GpuTask
 
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "transformers", "bundled", "openai", "rules")
-DEFAULT_PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets" / "rewrite"
+DEFAULT_PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets" / "rewrite"
 BUNDLED_CACHE = Path("llm") / "smollm2-135m-instruct"  # under settings.models_dir
 STYLE_NOTES_FILE = "lora_style_notes.json"  # under settings.models_dir
 OPENAI_DEFAULT_MODEL = "default"  # llama.cpp's server ignores the name; Ollama/vLLM need a real one
