@@ -189,7 +189,8 @@ class DatasetStore:
                 self._check_pixels(staging, planned)
                 dataset.folder.mkdir(parents=True, exist_ok=True)
                 for _, target in planned:
-                    os.replace(staging / target, dataset.folder / target)
+                    # A move, not a write: the staged file was written with open(), so it has the umask's mode.
+                    os.replace(staging / target, dataset.folder / target)  # move-only
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return dataset, notes
