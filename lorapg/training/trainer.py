@@ -1,14 +1,18 @@
 """The LoRA trainer: diffusers + peft on SD 1.x / 2.x and SDXL, run by ``accelerate``.
 
-One ``Trainer.run()`` is one training run:
+One ``Trainer.run()`` is one training run, in these steps (the numbered comments in ``run``):
 
 1. load a training copy of the base model (fp32 weights, separate from the inference pipeline);
-2. read the dataset, assign aspect-ratio buckets, cache VAE latents (on disk, per resolution);
-3. add LoRA adapters (UNet, optionally the text encoder(s)); optimizer, LR schedule, accelerator;
-4. resume from the last checkpoint when there is one;
-5. the loop: noise, timesteps, the UNet's prediction, (min-SNR weighted) MSE, one optimizer step;
+2. read the dataset, assign aspect-ratio buckets;
+3. freeze the models and place them on the accelerator's device (frozen weights in the mixed
+   precision); cache VAE latents (on disk, per resolution);
+4. add LoRA adapters (UNet, optionally the text encoder(s)); optimizer, LR schedule;
+5. resume from the last checkpoint when there is one; write the run's config.toml;
+6. the loop: noise, timesteps, the UNet's prediction, (min-SNR weighted) MSE, one optimizer step;
    progress after every step, cancel checked between steps, a checkpoint and a sample image per epoch;
-6. export the kohya-format LoRA into the LoRA folder.
+7. export the kohya-format LoRA into the LoRA folder.
+
+What the steps share travels in one ``_RunState``.
 
 Randomness the result depends on (batch order, noise, timesteps) comes from seeded sources whose
 state is checkpointed, so a resumed run reaches the uninterrupted run's weights.
@@ -29,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +53,22 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_
 CONV_TARGETS = ["conv1", "conv2"]  # every ResNet block's two 3×3 convolutions (kohya's LoCon)
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Settings a checkpoint must share with the run that resumes it (epochs and max_steps may grow).
-RESUME_KEYS = ("model", "images", "regularization_images", "prior_loss_weight", "trigger", "rank", "alpha",
-               "train_text_encoder", "train_conv", "repeats", "batch_size",
-               "resolution", "bucketing", "seed")
+RESUME_KEYS = (
+    "model",
+    "images",
+    "regularization_images",
+    "prior_loss_weight",
+    "trigger",
+    "rank",
+    "alpha",
+    "train_text_encoder",
+    "train_conv",
+    "repeats",
+    "batch_size",
+    "resolution",
+    "bucketing",
+    "seed",
+)
 
 
 @dataclass
@@ -71,8 +89,10 @@ class TrainProgress:
             return self.message
         eta = f", ETA {format_seconds(self.eta_s)}" if self.eta_s is not None else ""
         loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
-        return (f"epoch {self.epoch}/{self.epochs}, step {self.step}/{self.total_steps}{loss}, "
-                f"{self.steps_per_s:.2f} steps/s{eta}")
+        return (
+            f"epoch {self.epoch}/{self.epochs}, step {self.step}/{self.total_steps}{loss}, "
+            f"{self.steps_per_s:.2f} steps/s{eta}"
+        )
 
 
 @dataclass
@@ -96,8 +116,11 @@ def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 # --- images and buckets ---------------------------------------------------------------------------
@@ -162,8 +185,9 @@ def load_pixels(item: TrainImage) -> torch.Tensor:
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def epoch_batches(groups: dict[tuple[int, int], list[int]], repeats: int, batch_size: int, seed: int,
-                  epoch: int) -> list[list[int]]:
+def epoch_batches(
+    groups: dict[tuple[int, int], list[int]], repeats: int, batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """The batches of one epoch: each bucket's images (× repeats) shuffled, chunked, then batches shuffled.
 
     Seeded by (seed, epoch) alone, so a resumed run rebuilds exactly the batches it was in.
@@ -173,12 +197,68 @@ def epoch_batches(groups: dict[tuple[int, int], list[int]], repeats: int, batch_
     for bucket in sorted(groups):
         members = [index for index in groups[bucket] for _ in range(repeats)]
         rng.shuffle(members)
-        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
 # --- the trainer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _RunState:
+    """What one run carries from step to step; ``Trainer.run``'s steps fill it in, in order.
+
+    ``unet`` is the UNet the loop calls (the accelerator-prepared one from step 4 on); ``trained``
+    maps checkpoint/export prefixes to the modules that carry LoRA weights, as built.
+    """
+
+    # 1. The model.
+    started_at: float  # wall-clock start, for the LoRA's metadata
+    pipe: Any  # the training copy; its VAE encodes latents, the pipeline draws the samples
+    family: str
+    unet: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    resolution: int
+    step_px: int  # bucket sides are multiples of it
+    # 2. The data.
+    items: list[TrainImage] = field(default_factory=list)
+    groups: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # bucket -> indices into items
+    # 3. Devices and latents.
+    accelerator: Any = None
+    weight_dtype: torch.dtype = torch.float32
+    latents_cache: list[torch.Tensor] | None = None  # per item, when cache_latents
+    # 4. Adapters and optimization.
+    trained: dict[str, Any] = field(default_factory=dict)
+    optimizer: Any = None
+    optimizer_name: str = ""
+    lr_scheduler: Any = None
+    noise_scheduler: Any = None
+    generator: torch.Generator | None = None  # noise and timesteps; checkpointed
+    steps_per_epoch: int = 1
+    total_steps: int = 0
+    epochs: int = 0
+    # 5.-7. Where the run is.
+    step: int = 0
+    start_epoch: int = 0
+    start_batch: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    result: TrainResult | None = None
+    text_cache: dict[str, tuple] = field(default_factory=dict)  # caption -> embeddings (frozen encoders)
+    session_start: float = 0.0
+    session_steps: int = 0  # steps taken by this process (a resumed run's rate counts only these)
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def steps_per_s(self) -> float:
+        return self.session_steps / max(time.perf_counter() - self.session_start, 1e-9)
 
 
 class Trainer:
@@ -217,27 +297,95 @@ class Trainer:
         log.info(message)
         self.on_progress(TrainProgress("prepare", message=message))
 
+    # --- the run, step by step ------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """One training run, in the order of the module docstring; the result of a cancelled run has no LoRA."""
+        started_at = time.time()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+        # 1. Load a training copy of the base model.
+        run = self._load_models(started_at)
+
+        # 2. Read the dataset; assign aspect-ratio buckets.
+        self._read_data(run)
+
+        # 3. Freeze the models and place them on the accelerator's device; cache the VAE latents.
+        self._place_models(run)
+        if self.config.cache_latents:
+            run.latents_cache = self._cache_latents(run)
+
+        # 4. Add the LoRA adapters; optimizer, LR schedule, noise schedule.
+        self._add_adapters(run)
+        self._prepare_optimization(run)
+
+        # 5. Resume from the last checkpoint when there is one; record the run's config.
+        self._resume_or_start(run)
+
+        # 6. The loop, until the last step or a cancel.
+        if not self._train(run):
+            return run.result
+
+        # 7. Export the LoRA.
+        self._export_final(run)
+        return run.result
+
     # --- 1. the model ---------------------------------------------------------------------------
 
-    def _load_model(self):
+    def _load_models(self, started_at: float) -> _RunState:
         from lorapg.diffusion.model_source import resolve_model_source
         from lorapg.diffusion.pipeline_loader import load_pipeline
 
         source = resolve_model_source(self.config.model, allow_pickle=self.allow_pickle)
         self._status(f"Loading a training copy of {source.display_name} (fp32)…")
         # Its own copy on the CPU: the inference pipeline's (half-precision) modules are never trained.
-        pipe, family = load_pipeline(source, torch.device("cpu"), torch.float32,
-                                     single_file_config=self.single_file_config)
-        return source, pipe, family
+        pipe, family = load_pipeline(
+            source, torch.device("cpu"), torch.float32, single_file_config=self.single_file_config
+        )
+        sdxl = family == SDXL
+        resolution, step_px = self._training_resolution(pipe)
+        return _RunState(
+            started_at=started_at,
+            pipe=pipe,
+            family=family,
+            unet=pipe.unet,
+            text_encoders=[pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else []),
+            tokenizers=[pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else []),
+            resolution=resolution,
+            step_px=step_px,
+        )
+
+    def _training_resolution(self, pipe) -> tuple[int, int]:
+        """The training side (the model's native size unless set) and the multiple bucket sides use."""
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        native = int(pipe.unet.config.sample_size * vae_scale)
+        resolution = self.config.resolution or native
+        # Sides must divide by the VAE factor × the UNet's downsamplings; real models: kohya's 64 px.
+        multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        return resolution, (max(multiple, 64) if resolution >= 256 else multiple)
 
     # --- 2. data --------------------------------------------------------------------------------
+
+    def _read_data(self, run: _RunState) -> None:
+        run.items = self._read_dataset()
+        if self.config.bucketing:
+            buckets = make_buckets(run.resolution, run.step_px)
+        else:
+            buckets = [(run.resolution, run.resolution)]
+        for index, item in enumerate(run.items):
+            item.bucket = assign_bucket(item.size, buckets)
+            run.groups.setdefault(item.bucket, []).append(index)
 
     def _read_dataset(self) -> list[TrainImage]:
         items = self._read_folder(self.config.images, "Image folder", self.config.trigger)
         if self.config.regularization_images:
             # Captions as written: the trigger must not leak into the images that teach "everything else".
-            items += self._read_folder(self.config.regularization_images, "Regularization folder", None,
-                                       loss_weight=self.config.prior_loss_weight)
+            items += self._read_folder(
+                self.config.regularization_images,
+                "Regularization folder",
+                None,
+                loss_weight=self.config.prior_loss_weight,
+            )
         return items
 
     def _read_folder(self, folder: str, what: str, trigger: str | None, loss_weight: float = 1.0) -> list[TrainImage]:
@@ -256,257 +404,27 @@ class Trainer:
             caption = dataset.caption(c.file)
             if trigger is not None:
                 caption = build_caption(trigger, caption)
-            items.append(TrainImage(dataset.folder / c.file, c.sha256, caption, (c.width, c.height),
-                                    loss_weight=loss_weight))
+            items.append(
+                TrainImage(dataset.folder / c.file, c.sha256, caption, (c.width, c.height), loss_weight=loss_weight)
+            )
         return items
 
-    def _cache_file(self, resolution: int, pipe) -> Path:
-        vae_key = hashlib.sha256(
-            (self.config.model + json.dumps(dict(pipe.vae.config), sort_keys=True, default=str)).encode()
-        ).hexdigest()[:12]
-        mode = "b" if self.config.bucketing else "s"
-        return Path(self.config.images) / ".lorapg-cache" / f"latents-{resolution}{mode}-{vae_key}.safetensors"
+    # --- 3. devices and latents -----------------------------------------------------------------
 
-    @torch.no_grad()
-    def _encode_latents(self, vae, items: list[TrainImage], device) -> torch.Tensor:
-        pixels = torch.stack([load_pixels(item) for item in items]).to(device, torch.float32)
-        # The distribution's mean, not a sample: deterministic, so cached and uncached runs agree.
-        latents = vae.encode(pixels).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
-
-    def _cache_latents(self, vae, items: list[TrainImage], resolution: int, pipe, device) -> list[torch.Tensor]:
-        from safetensors.torch import load_file, save
-
-        path = self._cache_file(resolution, pipe)
-        cached: dict[str, torch.Tensor] = {}
-        if path.is_file():
-            try:
-                cached = load_file(str(path))
-            except Exception as exc:  # a corrupt cache is rebuilt, never trusted
-                log.warning("ignoring unreadable latent cache %s (%s)", path, exc)
-        keys = [f"{item.sha256[:32]}_{item.bucket[0]}x{item.bucket[1]}" for item in items]
-        result: list[torch.Tensor] = []
-        missing = 0
-        for n, (item, key) in enumerate(zip(items, keys, strict=True)):
-            if key in cached:
-                load_pixels_crop_only(item)
-                result.append(cached[key])
-                continue
-            self._status(f"Caching VAE latents {n + 1}/{len(items)}…")
-            result.append(self._encode_latents(vae, [item], device)[0].cpu())
-            cached[key] = result[-1]
-            missing += 1
-        if missing:
-            atomic_write_bytes(path, save({k: v.contiguous() for k, v in cached.items()}))
-        log.info("latents: %d cached, %d encoded (%s)", len(items) - missing, missing, path.name)
-        return result
-
-    # --- 3. the run -----------------------------------------------------------------------------
-
-    def run(self) -> TrainResult:  # noqa: C901 - the numbered steps read top to bottom, like a diffusers __call__
-        config = self.config
-        started_at = time.time()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-
-        # 1. The base model, as a training copy.
-        source, pipe, family = self._load_model()
-        unet, vae, scheduler_config = pipe.unet, pipe.vae, pipe.scheduler.config
-        text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == SDXL else [])
-        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == SDXL else [])
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        native = int(unet.config.sample_size * vae_scale)
-        resolution = config.resolution or native
-        # Sides must divide by the VAE factor × the UNet's downsamplings; real models: kohya's 64 px.
-        multiple = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
-        step_px = max(multiple, 64) if resolution >= 256 else multiple
-
-        # 2. The data: buckets, captions.
-        items = self._read_dataset()
-        buckets = make_buckets(resolution, step_px) if config.bucketing else [(resolution, resolution)]
-        for item in items:
-            item.bucket = assign_bucket(item.size, buckets)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(item.bucket, []).append(index)
-
-        # 3. The accelerator, dtypes and devices.
-        accelerator, weight_dtype = self._accelerator()
-        device = accelerator.device
+    def _place_models(self, run: _RunState) -> None:
         from accelerate.utils import set_seed
 
-        set_seed(config.seed)
-        vae.requires_grad_(False)
-        unet.requires_grad_(False)
-        for encoder in text_encoders:
+        run.accelerator, run.weight_dtype = self._accelerator()
+        set_seed(self.config.seed)
+        run.vae.requires_grad_(False)
+        run.unet.requires_grad_(False)
+        for encoder in run.text_encoders:
             encoder.requires_grad_(False)
-        vae.to(device)  # stays fp32: SDXL's VAE overflows in fp16
-        for module in (unet, *text_encoders):
-            module.to(device)
-            if weight_dtype != torch.float32:  # frozen weights in half precision; LoRA weights stay fp32
-                module.to(dtype=weight_dtype)
-
-        latents_cache: list[torch.Tensor] | None = None
-        if config.cache_latents:
-            latents_cache = self._cache_latents(vae, items, resolution, pipe, device)
-
-        # 4. LoRA adapters: only their weights train (and stay fp32 under mixed precision).
-        from peft import LoraConfig
-
-        torch.manual_seed(config.seed)
-        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                    target_modules=UNET_TARGETS + (CONV_TARGETS if config.train_conv else [])))
-        if config.train_text_encoder:
-            for encoder in text_encoders:
-                encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                               target_modules=TEXT_TARGETS))
-        trained = {"unet": unet}
-        if config.train_text_encoder:
-            trained["text_encoder"] = text_encoders[0]
-            if family == SDXL:
-                trained["text_encoder_2"] = text_encoders[1]
-        for module in trained.values():
-            for parameter in module.parameters():
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if config.train_text_encoder:
-                for encoder in text_encoders:
-                    # transformers 5 renamed it; the old name warns.
-                    enable = getattr(encoder, "activation_checkpointing_enable", None) or \
-                        encoder.gradient_checkpointing_enable
-                    enable()
-
-        # 5. Optimizer and LR schedule.
-        groups_params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.unet_lr}]
-        if config.train_text_encoder:
-            te_params = [p for e in text_encoders for p in e.parameters() if p.requires_grad]
-            groups_params.append({"params": te_params, "lr": config.text_encoder_lr})
-        optimizer, optimizer_name = make_optimizer(config.optimizer, groups_params, device)
-        steps_per_epoch = len(epoch_batches(groups, config.repeats, config.batch_size, config.seed, 0))
-        steps_per_epoch = max(1, steps_per_epoch // accelerator.num_processes)
-        total_steps = config.epochs * steps_per_epoch
-        if config.max_steps:
-            total_steps = min(total_steps, config.max_steps)
-        epochs = math.ceil(total_steps / steps_per_epoch)
-        from diffusers.optimization import get_scheduler
-
-        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                     num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                     num_training_steps=total_steps * accelerator.num_processes)
-        prepared = accelerator.prepare(unet, *([trained[k] for k in trained if k != "unet"]), optimizer, lr_scheduler)
-        unet = prepared[0]
-        optimizer, lr_scheduler = prepared[-2], prepared[-1]
-        from diffusers import DDPMScheduler
-
-        noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-        generator = torch.Generator("cpu").manual_seed(config.seed)
-
-        # 6. Resume.
-        step, start_epoch, start_batch, losses = 0, 0, 0, []
-        latest = checkpoints.latest_checkpoint(self.work_dir) if config.resume else None
-        if latest is not None:
-            step, start_epoch, start_batch, losses = self._resume(latest, trained, optimizer, lr_scheduler,
-                                                                  generator)
-            self._status(f"Resuming from {latest.name} (step {step} of {total_steps}).")
-        resumed_from = step
-
-        text_cache: dict[str, tuple] = {}
-        result = TrainResult(config.name, None, family, step, total_steps, False, latest, losses,
-                             resumed_from=resumed_from)
-        log.info("training %s: %d images, %d buckets, %d steps/epoch, %d steps, optimizer %s, precision %s, %s",
-                 config.name, len(items), len(groups), steps_per_epoch, total_steps, optimizer_name,
-                 accelerator.mixed_precision, device)
-        config_path = self.work_dir / "config.toml"
-        atomic_write_text(config_path, to_toml(config))
-        result.config_path = config_path
-
-        def save(epoch: int, batch: int) -> Path:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "losses": torch.tensor(losses, dtype=torch.float64) if losses else torch.zeros(0, 2),
-                "config": json.dumps(asdict(config)),
-            }
-            lora = {f"{prefix}.{name}": p for prefix, module in trained.items()
-                    for name, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad}
-            return checkpoints.save_checkpoint(self.work_dir, step=step, epoch=epoch, batch=batch, lora=lora,
-                                               state=state, keep=config.keep_checkpoints)
-
-        # 7. The loop.
-        for module in trained.values():
-            module.train()
-        session_start, session_steps = time.perf_counter(), 0
-        epoch = start_epoch
-        while step < total_steps:
-            batches = epoch_batches(groups, config.repeats, config.batch_size, config.seed, epoch)
-            batches = batches[accelerator.process_index::accelerator.num_processes][:steps_per_epoch]
-            first = start_batch if epoch == start_epoch else 0
-            for batch_index in range(first, len(batches)):
-                if step >= total_steps:
-                    break
-                batch = [items[i] for i in batches[batch_index]]
-                if latents_cache is not None:
-                    latents = torch.stack([latents_cache[i] for i in batches[batch_index]]).to(device)
-                else:
-                    latents = self._encode_latents(vae, batch, device)
-                loss = self._step(accelerator, unet, text_encoders, tokenizers, noise_scheduler, latents, batch,
-                                  generator, family, weight_dtype, text_cache, trained)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    params = [p for group in optimizer.param_groups for p in group["params"]]
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                session_steps += 1
-                value = accelerator.gather(loss.detach()).mean().item()
-                losses.append((step, value))
-                rate = session_steps / max(time.perf_counter() - session_start, 1e-9)
-                self.on_progress(TrainProgress("train", epoch + 1, epochs, step, total_steps, value, rate,
-                                               (total_steps - step) / rate if rate else None))
-                # Cancel between optimizer steps: save where we are, so Resume continues from here.
-                if self.should_cancel():
-                    result.checkpoint = save(epoch, batch_index + 1) if accelerator.is_main_process else None
-                    result.cancelled = True
-                    self._finish(result, step, losses, session_steps, session_start)
-                    self.on_progress(TrainProgress("done", epoch + 1, epochs, step, total_steps, value,
-                                                   message=f"Cancelled at step {step}; checkpoint kept."))
-                    return result
-            epoch += 1
-            end_of_epoch = step % steps_per_epoch == 0 or step >= total_steps
-            if not end_of_epoch:
-                continue
-            if accelerator.is_main_process and (epoch % config.save_every_epochs == 0 or step >= total_steps):
-                result.checkpoint = save(epoch, 0)
-                if step < total_steps:
-                    result.epoch_loras.append(self._export(trained, family, epoch, step, items, resolution,
-                                                           started_at, per_epoch=True, accelerator=accelerator))
-            if accelerator.is_main_process and config.sample_steps:
-                result.samples.append(self._sample(pipe, unet, accelerator, epoch, epochs, step, total_steps,
-                                                   resolution, weight_dtype))
-                for module in trained.values():
-                    module.train()
-            accelerator.wait_for_everyone()
-
-        # 8. Export.
-        if accelerator.is_main_process:
-            result.lora_path = self._export(trained, family, epochs, step, items, resolution, started_at,
-                                            per_epoch=False, accelerator=accelerator)
-        self._finish(result, step, losses, session_steps, session_start)
-        self.on_progress(TrainProgress("done", epochs, epochs, step, total_steps, losses[-1][1] if losses else None,
-                                       result.steps_per_s, 0, message=f"Saved {result.lora_path}"))
-        accelerator.end_training()
-        return result
-
-    @staticmethod
-    def _finish(result: TrainResult, step: int, losses, session_steps: int, session_start: float) -> None:
-        result.steps = step
-        result.losses = list(losses)
-        result.steps_per_s = session_steps / max(time.perf_counter() - session_start, 1e-9)
+        run.vae.to(run.device)  # stays fp32: SDXL's VAE overflows in fp16
+        for module in (run.unet, *run.text_encoders):
+            module.to(run.device)
+            if run.weight_dtype != torch.float32:  # frozen weights in half precision; LoRA weights stay fp32
+                module.to(dtype=run.weight_dtype)
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -518,7 +436,7 @@ class Trainer:
             cuda_precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
             precision = cuda_precision if device.type == "cuda" else "no"
         if device.type != "cuda" and precision != "no":
-            raise UserError(f"Mixed precision {precision} needs a CUDA GPU; use mixed_precision = \"no\" on the CPU.")
+            raise UserError(f'Mixed precision {precision} needs a CUDA GPU; use mixed_precision = "no" on the CPU.')
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # In the app one process trains many times, on one device: start from a fresh state
             # each run (accelerate keeps it in a process-wide singleton).
@@ -527,72 +445,152 @@ class Trainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         return accelerator, weight_dtype
 
-    def _step(self, accelerator, unet, text_encoders, tokenizers, noise_scheduler, latents, batch, generator,
-              family, weight_dtype, text_cache, trained) -> torch.Tensor:
+    def _cache_file(self, run: _RunState) -> Path:
+        vae_key = hashlib.sha256(
+            (self.config.model + json.dumps(dict(run.vae.config), sort_keys=True, default=str)).encode()
+        ).hexdigest()[:12]
+        mode = "b" if self.config.bucketing else "s"
+        return Path(self.config.images) / ".lorapg-cache" / f"latents-{run.resolution}{mode}-{vae_key}.safetensors"
+
+    @torch.no_grad()
+    def _encode_latents(self, run: _RunState, items: list[TrainImage]) -> torch.Tensor:
+        pixels = torch.stack([load_pixels(item) for item in items]).to(run.device, torch.float32)
+        # The distribution's mean, not a sample: deterministic, so cached and uncached runs agree.
+        latents = run.vae.encode(pixels).latent_dist.mean
+        shift = getattr(run.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * run.vae.config.scaling_factor).float()
+
+    def _cache_latents(self, run: _RunState) -> list[torch.Tensor]:
+        """Every item's latents, from the on-disk cache where it has them; new ones are added to it."""
+        from safetensors.torch import save
+
+        path = self._cache_file(run)
+        cached = _read_latent_cache(path)
+        result: list[torch.Tensor] = []
+        missing = 0
+        for n, item in enumerate(run.items):
+            key = f"{item.sha256[:32]}_{item.bucket[0]}x{item.bucket[1]}"
+            if key in cached:
+                load_pixels_crop_only(item)
+                result.append(cached[key])
+                continue
+            self._status(f"Caching VAE latents {n + 1}/{len(run.items)}…")
+            result.append(self._encode_latents(run, [item])[0].cpu())
+            cached[key] = result[-1]
+            missing += 1
+        if missing:
+            atomic_write_bytes(path, save({k: v.contiguous() for k, v in cached.items()}))
+        log.info("latents: %d cached, %d encoded (%s)", len(run.items) - missing, missing, path.name)
+        return result
+
+    # --- 4. adapters and optimization -----------------------------------------------------------
+
+    def _add_adapters(self, run: _RunState) -> None:
+        """LoRA adapters on the UNet (and the text encoders): only their weights train, in fp32."""
+        from peft import LoraConfig
+
         config = self.config
-        device = latents.device
-        noise = torch.randn(latents.shape, generator=generator)
-        if config.noise_offset:
-            # Offset noise (crosslabs): lets the model learn images darker/brighter on average.
-            noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator)
-        noise, timesteps = noise.to(device), timesteps.to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        captions = [item.caption for item in batch]
-        hidden, extra = self._encode_text(captions, text_encoders, tokenizers, family, device, weight_dtype,
-                                          text_cache, cache=not config.train_text_encoder)
-        if family == SDXL:
-            time_ids = torch.tensor([[item.size[1], item.size[0], item.crop[0], item.crop[1], item.bucket[1],
-                                      item.bucket[0]] for item in batch], device=device, dtype=weight_dtype)
-            extra = {"added_cond_kwargs": {"text_embeds": extra, "time_ids": time_ids}}
-        else:
-            extra = {}
-        prediction = unet(noisy.to(weight_dtype), timesteps, hidden, **extra).sample
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if config.min_snr_gamma:
-            from diffusers.training_utils import compute_snr
+        torch.manual_seed(config.seed)  # the adapters' initial weights
+        unet_targets = UNET_TARGETS + (CONV_TARGETS if config.train_conv else [])
+        run.unet.add_adapter(
+            LoraConfig(
+                r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=unet_targets
+            )
+        )
+        if config.train_text_encoder:
+            for encoder in run.text_encoders:
+                encoder.add_adapter(
+                    LoraConfig(
+                        r=config.rank,
+                        lora_alpha=config.alpha,
+                        init_lora_weights="gaussian",
+                        target_modules=TEXT_TARGETS,
+                    )
+                )
+        run.trained = {"unet": run.unet}
+        if config.train_text_encoder:
+            run.trained["text_encoder"] = run.text_encoders[0]
+            if run.family == SDXL:
+                run.trained["text_encoder_2"] = run.text_encoders[1]
+        for module in run.trained.values():
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+        if config.gradient_checkpointing:
+            self._enable_gradient_checkpointing(run)
 
-            # Min-SNR-γ (Hang et al. 2023): cap the weight of low-noise timesteps, which otherwise dominate.
-            snr = compute_snr(noise_scheduler, timesteps)
-            weight = torch.clamp(snr, max=config.min_snr_gamma)
-            weight = weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
-            per_sample = per_sample * weight
-        if any(item.loss_weight != 1.0 for item in batch):
-            per_sample = per_sample * torch.tensor([item.loss_weight for item in batch], device=per_sample.device)
-        return per_sample.mean()
+    def _enable_gradient_checkpointing(self, run: _RunState) -> None:
+        run.unet.enable_gradient_checkpointing()
+        if self.config.train_text_encoder:
+            for encoder in run.text_encoders:
+                # transformers 5 renamed it; the old name warns.
+                enable = (
+                    getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                )
+                enable()
 
-    @staticmethod
-    def _encode_text(captions, text_encoders, tokenizers, family, device, weight_dtype, text_cache, *, cache: bool):
-        def encode(caption_list):
-            hidden_states, pooled = [], None
-            for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-                ids = tokenizer(caption_list, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(device)
-                if family == SDXL:
-                    output = encoder(ids, output_hidden_states=True)
-                    pooled = output[0]  # the second encoder's projected text embedding
-                    hidden_states.append(output.hidden_states[-2])  # SDXL conditions on the penultimate layer
-                else:
-                    hidden_states.append(encoder(ids)[0])
-            return torch.cat(hidden_states, dim=-1).to(weight_dtype), pooled
+    def _prepare_optimization(self, run: _RunState) -> None:
+        """The optimizer, the step counts, the LR schedule; the accelerator wraps them with the trained modules."""
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
 
-        if not cache:
-            return encode(captions)
-        with torch.no_grad():
-            for caption in captions:
-                if caption not in text_cache:
-                    hidden, pooled = encode([caption])
-                    text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
-        hidden = torch.stack([text_cache[c][0] for c in captions])
-        pooled = None if family != SDXL else torch.stack([text_cache[c][1] for c in captions]).to(weight_dtype)
-        return hidden, pooled
+        config, accelerator = self.config, run.accelerator
+        param_groups = [{"params": [p for p in run.unet.parameters() if p.requires_grad], "lr": config.unet_lr}]
+        if config.train_text_encoder:
+            te_params = [p for e in run.text_encoders for p in e.parameters() if p.requires_grad]
+            param_groups.append({"params": te_params, "lr": config.text_encoder_lr})
+        optimizer, run.optimizer_name = make_optimizer(config.optimizer, param_groups, run.device)
+        self._plan_steps(run)
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=run.total_steps * accelerator.num_processes,
+        )
+        text_encoders = [module for key, module in run.trained.items() if key != "unet"]
+        prepared = accelerator.prepare(run.unet, *text_encoders, optimizer, lr_scheduler)
+        run.unet, run.optimizer, run.lr_scheduler = prepared[0], prepared[-2], prepared[-1]
+        run.noise_scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
+        run.generator = torch.Generator("cpu").manual_seed(config.seed)
 
-    def _resume(self, path: Path, trained, optimizer, lr_scheduler, generator):
+    def _plan_steps(self, run: _RunState) -> None:
+        """Steps per epoch (per process), total steps (max_steps caps them) and the epochs they span."""
+        config = self.config
+        steps_per_epoch = len(epoch_batches(run.groups, config.repeats, config.batch_size, config.seed, 0))
+        run.steps_per_epoch = max(1, steps_per_epoch // run.accelerator.num_processes)
+        run.total_steps = config.epochs * run.steps_per_epoch
+        if config.max_steps:
+            run.total_steps = min(run.total_steps, config.max_steps)
+        run.epochs = math.ceil(run.total_steps / run.steps_per_epoch)
+
+    # --- 5. resume ------------------------------------------------------------------------------
+
+    def _resume_or_start(self, run: _RunState) -> None:
+        config = self.config
+        latest = checkpoints.latest_checkpoint(self.work_dir) if config.resume else None
+        if latest is not None:
+            self._resume(latest, run)
+            self._status(f"Resuming from {latest.name} (step {run.step} of {run.total_steps}).")
+        run.result = TrainResult(
+            config.name, None, run.family, run.step, run.total_steps, False, latest, run.losses, resumed_from=run.step
+        )
+        log.info(
+            "training %s: %d images, %d buckets, %d steps/epoch, %d steps, optimizer %s, precision %s, %s",
+            config.name,
+            len(run.items),
+            len(run.groups),
+            run.steps_per_epoch,
+            run.total_steps,
+            run.optimizer_name,
+            run.accelerator.mixed_precision,
+            run.device,
+        )
+        config_path = self.work_dir / "config.toml"
+        atomic_write_text(config_path, to_toml(config))
+        run.result.config_path = config_path
+
+    def _resume(self, path: Path, run: _RunState) -> None:
+        """Load the checkpoint's LoRA weights, optimizer, schedule, generator and position into ``run``."""
         saved = checkpoints.load_checkpoint(path)
         previous = json.loads(saved.state["config"])
         changed = [key for key in RESUME_KEYS if previous.get(key) != getattr(self.config, key)]
@@ -601,61 +599,348 @@ class Trainer:
                 f"The checkpoint in {self.work_dir} was made with different settings ({', '.join(changed)}). "
                 "Set resume = false (or --no-resume) to start over, or pick another name."
             )
-        params = {f"{prefix}.{name}": p for prefix, module in trained.items()
-                  for name, p in module.named_parameters() if p.requires_grad}
+        params = {
+            f"{prefix}.{name}": p
+            for prefix, module in run.trained.items()
+            for name, p in module.named_parameters()
+            if p.requires_grad
+        }
         missing = set(params) ^ set(saved.lora)
         if missing:
             raise UserError(f"Checkpoint {path} does not match this model ({len(missing)} LoRA weights differ).")
         with torch.no_grad():
             for key, parameter in params.items():
                 parameter.copy_(saved.lora[key].to(parameter.device, parameter.dtype))
-        optimizer.load_state_dict(saved.state["optimizer"])
-        lr_scheduler.load_state_dict(saved.state["lr_scheduler"])
-        generator.set_state(saved.state["generator"])
-        losses = [(int(s), float(v)) for s, v in saved.state["losses"].tolist()]
-        return saved.step, saved.epoch, saved.batch, losses
+        run.optimizer.load_state_dict(saved.state["optimizer"])
+        run.lr_scheduler.load_state_dict(saved.state["lr_scheduler"])
+        run.generator.set_state(saved.state["generator"])
+        run.losses = [(int(s), float(v)) for s, v in saved.state["losses"].tolist()]
+        run.step, run.start_epoch, run.start_batch = saved.step, saved.epoch, saved.batch
 
-    def _export(self, trained, family, epochs_done, step, items, resolution, started_at, *, per_epoch: bool,
-                accelerator) -> Path:
+    def _save_checkpoint(self, run: _RunState, epoch: int, batch: int) -> Path:
+        """A checkpoint at (epoch, batch): the next batch to train, so a resume continues from there."""
+        state = {
+            "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(),
+            "generator": run.generator.get_state(),
+            "losses": torch.tensor(run.losses, dtype=torch.float64) if run.losses else torch.zeros(0, 2),
+            "config": json.dumps(asdict(self.config)),
+        }
+        lora = {
+            f"{prefix}.{name}": p
+            for prefix, module in run.trained.items()
+            for name, p in run.accelerator.unwrap_model(module).named_parameters()
+            if p.requires_grad
+        }
+        return checkpoints.save_checkpoint(
+            self.work_dir,
+            step=run.step,
+            epoch=epoch,
+            batch=batch,
+            lora=lora,
+            state=state,
+            keep=self.config.keep_checkpoints,
+        )
+
+    # --- 6. the loop ----------------------------------------------------------------------------
+
+    def _train(self, run: _RunState) -> bool:
+        """Epochs until the last step; False when cancelled (a checkpoint keeps the place)."""
+        for module in run.trained.values():
+            module.train()
+        run.session_start, run.session_steps = time.perf_counter(), 0
+        epoch = run.start_epoch
+        while run.step < run.total_steps:
+            if not self._train_epoch(run, epoch):
+                return False
+            epoch += 1
+            # Checkpoints and samples at epoch boundaries (counted in steps) and after the last step.
+            if run.step % run.steps_per_epoch == 0 or run.step >= run.total_steps:
+                self._end_epoch(run, epoch)
+        return True
+
+    def _train_epoch(self, run: _RunState, epoch: int) -> bool:
+        """The batches of one epoch (a resumed one from its checkpointed batch); False when cancelled."""
+        config, accelerator = self.config, run.accelerator
+        batches = epoch_batches(run.groups, config.repeats, config.batch_size, config.seed, epoch)
+        batches = batches[accelerator.process_index :: accelerator.num_processes][: run.steps_per_epoch]
+        first = run.start_batch if epoch == run.start_epoch else 0
+        for batch_index in range(first, len(batches)):
+            if run.step >= run.total_steps:
+                break
+            loss = self._train_step(run, batches[batch_index])
+            self._report_step(run, epoch, loss)
+            # Cancel between optimizer steps: save where we are, so Resume continues from here.
+            if self.should_cancel():
+                self._cancel(run, epoch, batch_index + 1, loss)
+                return False
+        return True
+
+    def _train_step(self, run: _RunState, indices: list[int]) -> float:
+        """One optimizer step on one batch; returns its loss (the mean over processes)."""
+        accelerator, optimizer = run.accelerator, run.optimizer
+        batch = [run.items[i] for i in indices]
+        if run.latents_cache is not None:
+            latents = torch.stack([run.latents_cache[i] for i in indices]).to(run.device)
+        else:
+            latents = self._encode_latents(run, batch)
+        loss = self._loss(run, latents, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and self.config.max_grad_norm > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
+        optimizer.step()
+        run.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        run.session_steps += 1
+        value = accelerator.gather(loss.detach()).mean().item()
+        run.losses.append((run.step, value))
+        return value
+
+    def _report_step(self, run: _RunState, epoch: int, loss: float) -> None:
+        rate = run.steps_per_s()
+        eta = (run.total_steps - run.step) / rate if rate else None
+        self.on_progress(TrainProgress("train", epoch + 1, run.epochs, run.step, run.total_steps, loss, rate, eta))
+
+    def _cancel(self, run: _RunState, epoch: int, next_batch: int, loss: float) -> None:
+        run.result.checkpoint = (
+            self._save_checkpoint(run, epoch, next_batch) if run.accelerator.is_main_process else None
+        )
+        run.result.cancelled = True
+        self._finish(run)
+        message = f"Cancelled at step {run.step}; checkpoint kept."
+        self.on_progress(TrainProgress("done", epoch + 1, run.epochs, run.step, run.total_steps, loss, message=message))
+
+    def _end_epoch(self, run: _RunState, epochs_done: int) -> None:
+        """Every save_every_epochs and at the end: a checkpoint (and a per-epoch LoRA); a sample image."""
+        config, accelerator, result = self.config, run.accelerator, run.result
+        last = run.step >= run.total_steps
+        if accelerator.is_main_process and (epochs_done % config.save_every_epochs == 0 or last):
+            result.checkpoint = self._save_checkpoint(run, epochs_done, 0)
+            if not last:
+                result.epoch_loras.append(self._export(run, epochs_done, per_epoch=True))
+        if accelerator.is_main_process and config.sample_steps:
+            result.samples.append(self._sample(run, epochs_done))
+            for module in run.trained.values():
+                module.train()
+        accelerator.wait_for_everyone()
+
+    def _finish(self, run: _RunState) -> None:
+        run.result.steps = run.step
+        run.result.losses = list(run.losses)
+        run.result.steps_per_s = run.steps_per_s()
+
+    # --- the loss -------------------------------------------------------------------------------
+
+    def _loss(self, run: _RunState, latents: torch.Tensor, batch: list[TrainImage]) -> torch.Tensor:
+        """The batch's MSE between the UNet's prediction and its target, weighted per sample."""
+        noise, timesteps = self._noise(run, latents)
+        noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden, extra = self._conditioning(run, batch, latents.device)
+        prediction = run.unet(noisy.to(run.weight_dtype), timesteps, hidden, **extra).sample
+        if run.noise_scheduler.config.prediction_type == "v_prediction":
+            target = run.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return self._weigh(run, per_sample, timesteps, batch).mean()
+
+    def _noise(self, run: _RunState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps from the run's seeded generator (drawn on the CPU: the same on every device)."""
+        generator = run.generator
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.config.noise_offset:
+            # Offset noise (crosslabs): lets the model learn images darker/brighter on average.
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+            noise += self.config.noise_offset * offset
+        num_timesteps = run.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
+        return noise.to(latents.device), timesteps.to(latents.device)
+
+    def _conditioning(self, run: _RunState, batch: list[TrainImage], device) -> tuple[torch.Tensor, dict]:
+        """The captions' hidden states and, for SDXL, the added conditions (pooled text, size/crop time ids)."""
+        captions = [item.caption for item in batch]
+        hidden, pooled = self._encode_text(run, captions, device, cache=not self.config.train_text_encoder)
+        if run.family != SDXL:
+            return hidden, {}
+        time_ids = torch.tensor(
+            [
+                [item.size[1], item.size[0], item.crop[0], item.crop[1], item.bucket[1], item.bucket[0]]
+                for item in batch
+            ],
+            device=device,
+            dtype=run.weight_dtype,
+        )
+        return hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def _weigh(
+        self, run: _RunState, per_sample: torch.Tensor, timesteps: torch.Tensor, batch: list[TrainImage]
+    ) -> torch.Tensor:
+        """Min-SNR-γ and regularization images' prior_loss_weight, applied to per-sample losses."""
+        gamma = self.config.min_snr_gamma
+        if gamma:
+            from diffusers.training_utils import compute_snr
+
+            # Min-SNR-γ (Hang et al. 2023): cap the weight of low-noise timesteps, which otherwise dominate.
+            snr = compute_snr(run.noise_scheduler, timesteps)
+            weight = torch.clamp(snr, max=gamma)
+            v_prediction = run.noise_scheduler.config.prediction_type == "v_prediction"
+            weight = weight / (snr + 1) if v_prediction else weight / snr
+            per_sample = per_sample * weight
+        if any(item.loss_weight != 1.0 for item in batch):
+            per_sample = per_sample * torch.tensor([item.loss_weight for item in batch], device=per_sample.device)
+        return per_sample
+
+    def _encode_text(self, run: _RunState, captions: list[str], device, *, cache: bool):
+        """(hidden states, pooled embedding or None); frozen encoders' outputs are cached per caption."""
+        if not cache:
+            return self._encode_captions(run, captions, device)
+        text_cache = run.text_cache
+        with torch.no_grad():
+            for caption in captions:
+                if caption not in text_cache:
+                    hidden, pooled = self._encode_captions(run, [caption], device)
+                    text_cache[caption] = (hidden[0], None if pooled is None else pooled[0])
+        hidden = torch.stack([text_cache[c][0] for c in captions])
+        if run.family != SDXL:
+            return hidden, None
+        return hidden, torch.stack([text_cache[c][1] for c in captions]).to(run.weight_dtype)
+
+    @staticmethod
+    def _encode_captions(run: _RunState, captions: list[str], device):
+        hidden_states, pooled = [], None
+        for tokenizer, encoder in zip(run.tokenizers, run.text_encoders, strict=True):
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            if run.family == SDXL:
+                output = encoder(ids, output_hidden_states=True)
+                pooled = output[0]  # the second encoder's projected text embedding
+                hidden_states.append(output.hidden_states[-2])  # SDXL conditions on the penultimate layer
+            else:
+                hidden_states.append(encoder(ids)[0])
+        return torch.cat(hidden_states, dim=-1).to(run.weight_dtype), pooled
+
+    # --- 7. export and samples ------------------------------------------------------------------
+
+    def _export_final(self, run: _RunState) -> None:
+        result = run.result
+        if run.accelerator.is_main_process:
+            result.lora_path = self._export(run, run.epochs, per_epoch=False)
+        self._finish(run)
+        last_loss = run.losses[-1][1] if run.losses else None
+        self.on_progress(
+            TrainProgress(
+                "done",
+                run.epochs,
+                run.epochs,
+                run.step,
+                run.total_steps,
+                last_loss,
+                result.steps_per_s,
+                0,
+                message=f"Saved {result.lora_path}",
+            )
+        )
+        run.accelerator.end_training()
+
+    def _export(self, run: _RunState, epochs_done: int, *, per_epoch: bool) -> Path:
         config = self.config
-        state = export.peft_state({k: accelerator.unwrap_model(m) for k, m in trained.items()})
+        state = export.peft_state({k: run.accelerator.unwrap_model(m) for k, m in run.trained.items()})
         metadata = export.build_metadata(
             name=config.name if not per_epoch else f"{config.name}-e{epochs_done:04d}",
-            family=family, rank=config.rank, alpha=config.alpha, trigger=config.trigger,
-            captions=[item.caption for item in items], repeats=config.repeats, epochs=epochs_done, steps=step,
-            resolution=(resolution, resolution), started_at=started_at, base_model=config.model,
-            extra={"ss_unet_lr": str(config.unet_lr), "ss_text_encoder_lr": str(config.text_encoder_lr),
-                   "ss_learning_rate": str(config.unet_lr), "ss_lr_scheduler": config.lr_scheduler,
-                   "ss_max_train_steps": str(step), "ss_seed": str(config.seed),
-                   "ss_min_snr_gamma": str(config.min_snr_gamma), "ss_noise_offset": str(config.noise_offset),
-                   "ss_batch_size_per_device": str(config.batch_size), "ss_network_train_unet_only":
-                   str(not config.train_text_encoder), "lorapg.preset": config.preset},
+            family=run.family,
+            rank=config.rank,
+            alpha=config.alpha,
+            trigger=config.trigger,
+            captions=[item.caption for item in run.items],
+            repeats=config.repeats,
+            epochs=epochs_done,
+            steps=run.step,
+            resolution=(run.resolution, run.resolution),
+            started_at=run.started_at,
+            base_model=config.model,
+            extra={
+                "ss_unet_lr": str(config.unet_lr),
+                "ss_text_encoder_lr": str(config.text_encoder_lr),
+                "ss_learning_rate": str(config.unet_lr),
+                "ss_lr_scheduler": config.lr_scheduler,
+                "ss_max_train_steps": str(run.step),
+                "ss_seed": str(config.seed),
+                "ss_min_snr_gamma": str(config.min_snr_gamma),
+                "ss_noise_offset": str(config.noise_offset),
+                "ss_batch_size_per_device": str(config.batch_size),
+                "ss_network_train_unet_only": str(not config.train_text_encoder),
+                "lorapg.preset": config.preset,
+            },
         )
         path = self.epochs_dir / f"{config.name}-e{epochs_done:04d}.safetensors" if per_epoch else self.lora_path
-        return export.export_kohya(state, path, family=family, alpha=config.alpha, metadata=metadata,
-                                   save_precision=config.save_precision)
+        return export.export_kohya(
+            state, path, family=run.family, alpha=config.alpha, metadata=metadata, save_precision=config.save_precision
+        )
 
     @torch.no_grad()
-    def _sample(self, pipe, unet, accelerator, epoch, epochs, step, total_steps, resolution, weight_dtype) -> Path:
-        config = self.config
+    def _sample(self, run: _RunState, epoch: int) -> Path:
+        config, pipe = self.config, run.pipe
         prompt = config.sample_prompt.replace("{trigger}", config.trigger) or config.trigger
-        self.on_progress(TrainProgress("sample", epoch, epochs, step, total_steps,
-                                       message=f"Epoch {epoch}: drawing a sample image…"))
-        pipe.unet = accelerator.unwrap_model(unet)
+        self.on_progress(
+            TrainProgress(
+                "sample",
+                epoch,
+                run.epochs,
+                run.step,
+                run.total_steps,
+                message=f"Epoch {epoch}: drawing a sample image…",
+            )
+        )
+        pipe.unet = run.accelerator.unwrap_model(run.unet)
         pipe.unet.eval()
         pipe.set_progress_bar_config(disable=True)
-        device = accelerator.device
-        autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 \
-            else contextlib.nullcontext()
+        if run.weight_dtype != torch.float32:
+            autocast = torch.autocast(run.device.type, dtype=run.weight_dtype)
+        else:
+            autocast = contextlib.nullcontext()
         with autocast:
-            image = pipe(prompt=prompt, num_inference_steps=config.sample_steps, width=resolution, height=resolution,
-                         generator=torch.Generator("cpu").manual_seed(config.sample_seed)).images[0]
+            generator = torch.Generator("cpu").manual_seed(config.sample_seed)
+            image = pipe(
+                prompt=prompt,
+                num_inference_steps=config.sample_steps,
+                width=run.resolution,
+                height=run.resolution,
+                generator=generator,
+            ).images[0]
         path = self.work_dir / "samples" / f"epoch-{epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-        self.on_progress(TrainProgress("sample", epoch, epochs, step, total_steps, sample=image,
-                                       message=f"Epoch {epoch}: sample saved."))
+        self.on_progress(
+            TrainProgress(
+                "sample",
+                epoch,
+                run.epochs,
+                run.step,
+                run.total_steps,
+                sample=image,
+                message=f"Epoch {epoch}: sample saved.",
+            )
+        )
         return path
+
+
+def _read_latent_cache(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a corrupt cache is rebuilt, never trusted
+        log.warning("ignoring unreadable latent cache %s (%s)", path, exc)
+        return {}
 
 
 def load_pixels_crop_only(item: TrainImage) -> None:
