@@ -26,6 +26,7 @@ from lorapg.limits import RANDOM_SEED, SEED
 
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+MAX_NUMERAL_CHARS = 64  # the longest text read as a number
 SHOWN_CHARS = 40  # how much of a refused value a message repeats (a 10 MB value is not echoed)
 
 
@@ -45,9 +46,9 @@ def to_int(value: object) -> int:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, str):
-        text = value.strip()
+        text = _numeral(value, "a whole number")
         try:
-            return int(text)  # exact for any length; float() would round 2**64 + 1
+            return int(text)  # exact; float() would round 2**64 + 1
         except ValueError:
             pass
         value = _text_to_float(text, "a whole number")
@@ -63,7 +64,7 @@ def to_float(value: object) -> float:
     if isinstance(value, bool):
         raise CoercionError("a number, not true/false")
     if isinstance(value, str):
-        value = _text_to_float(value.strip(), "a number")
+        value = _text_to_float(_numeral(value, "a number"), "a number")
     if isinstance(value, numbers.Real):
         try:
             number = float(value)
@@ -99,6 +100,15 @@ def to_text(value: object) -> str:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return str(value)
     raise CoercionError("text")
+
+
+def _numeral(text: str, expected: str) -> str:
+    # No setting, seed or size needs more digits; a 4000-digit "number" would be parsed (quadratic in
+    # its length) and then echoed by a range message.
+    text = text.strip()
+    if len(text) > MAX_NUMERAL_CHARS:
+        raise CoercionError(expected)
+    return text
 
 
 def _text_to_float(text: str, expected: str) -> float:

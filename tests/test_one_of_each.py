@@ -265,3 +265,13 @@ def test_residency_moves_use_the_shared_translation() -> None:
     with pytest.raises(UserError, match=r"^Out of GPU memory even with the other models moved off the GPU\. "):
         manager.run_with_oom_retry(full)
     assert emptied
+
+
+@pytest.mark.parametrize("field", ["steps", "width", "batch_size", "guidance_scale", "seed"])
+def test_a_4000_digit_number_is_refused_without_being_echoed(field: str) -> None:
+    from lorapg.diffusion.request import GenerationRequest, validate
+
+    with pytest.raises(UserError) as refused:
+        validate(GenerationRequest(prompt="a fox", **{field: "9" * 4000}), 512)
+    message = str(refused.value)
+    assert "9" * 100 not in message and ("is not a whole number" in message or "must be a" in message)
