@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorapg.coercion import coerce_setting
+from lorapg.coercion import read_toml as read_toml_file
 from lorapg.errors import UserError
 
 # The bundled demo model (models/demo, 5 MB): with no model configured the app runs offline on any
@@ -120,29 +121,8 @@ def is_demo_model(ref: str | None) -> bool:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    kind = _FIELD_TYPES[name].type
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-                return value.lower() in {"1", "true", "yes", "on"}
-            raise ValueError
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind == "int":
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if kind == "Path":
-            return Path(str(value)).expanduser()
-        if kind == "str | None":
-            return None if value in (None, "") else str(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"Setting {name!r}: {value!r} is not a valid {kind}.") from None
+    # One coercion for settings and training configs (lorapg.coercion): 7860.9 is refused, not truncated.
+    return coerce_setting(f"Setting {name!r}", _FIELD_TYPES[name].type, value)
 
 
 # Gradio's own conventions (Spaces, containers, people used to Gradio apps), ranked above the TOML file
@@ -182,12 +162,6 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"Config file {path} does not exist.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"Config file {path} is not valid TOML: {exc}.") from None
+    data = read_toml_file(path, "Config file")
     # Accept both a flat file and one with the settings under [lorapg].
     return dict(data.get("lorapg", data))

@@ -5,7 +5,9 @@
   header (A1111's "addnet" hash, shown in "Lora hashes"); editing metadata does not change it.
 
 Hashing a multi-gigabyte checkpoint takes seconds, so results are cached by (path, size, mtime):
-a file replaced in place gets a new mtime and is hashed again.
+a file replaced in place gets a new mtime and is hashed again. This is the app's one hash cache (the
+gallery's LoRA matching, the PNG writer and the CLI all call these functions): one entry per file,
+which a new version replaces, so the bound only has to exceed the number of models and LoRAs.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from lorapg.errors import UserError
 logger = logging.getLogger(__name__)
 
 _CHUNK_SIZE = 1 << 20
-_CACHE_SIZE = 256
+_CACHE_SIZE = 8192  # entries are ~200 bytes; larger than any LoRA library, so a full one stays cached
 
 MODEL_HASH_LENGTH = 10
 LORA_HASH_LENGTH = 12
 
-_cache: OrderedDict[tuple[str, str, int, int], str] = OrderedDict()
+# (kind, resolved path) -> (size, mtime_ns, hash)
+_cache: OrderedDict[tuple[str, str], tuple[int, int, str]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -75,16 +78,18 @@ def _cached(
 ) -> str:
     resolved = Path(path).resolve()
     stat = _stat(resolved)
-    key = (kind, str(resolved), stat.st_size, stat.st_mtime_ns)
+    key, version = (kind, str(resolved)), (stat.st_size, stat.st_mtime_ns)
     with _cache_lock:
-        if key in _cache:
+        cached = _cache.get(key)
+        if cached is not None and cached[:2] == version:
             _cache.move_to_end(key)
-            return _cache[key]
+            return cached[2]
     # Hash outside the lock: two threads may hash the same file once each, which is harmless,
     # while holding the lock would make every caller wait for the slowest checkpoint.
     value = compute(resolved, stat.st_size)
     with _cache_lock:
-        _cache[key] = value
+        _cache[key] = (*version, value)  # replaces the entry of an older version of the file
+        _cache.move_to_end(key)
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     logger.debug("%s hash of %s: %s", kind, resolved, value)

@@ -72,14 +72,34 @@ class OutOfMemory(Exception):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the device's out-of-memory error (CUDA's, XPU's via torch.OutOfMemoryError) or ours."""
     if isinstance(exc, OutOfMemory):
         return True
     try:
         import torch
-
-        return isinstance(exc, torch.cuda.OutOfMemoryError)
-    except (ImportError, AttributeError):
+    except ImportError:
         return False
+    errors = tuple(error for error in (getattr(torch, "OutOfMemoryError", None),
+                                       getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if error)
+    return isinstance(exc, errors)
+
+
+@contextmanager
+def out_of_memory_as_user_error(what: str, advice: str,
+                                empty_cache: Callable[[], None] | None = None) -> Iterator[None]:
+    """The app's one out-of-memory translation: "Out of GPU memory {what}. {advice}" as a UserError.
+
+    Other errors pass through unchanged. ``empty_cache`` runs first, so the memory the failed work held
+    is free again for whatever the user tries next.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if empty_cache is not None:
+            empty_cache()
+        raise UserError(f"Out of GPU memory {what}. {advice}") from None
 
 
 class ResidencyManager:
@@ -171,16 +191,10 @@ class ResidencyManager:
                 if model.name != keep and not model.pins:
                     self._evict(model)
             self._empty_cache()
-        try:
+        with out_of_memory_as_user_error("even with the other models moved off the GPU",
+                                         advice or "Lower the image size or batch, or start with --policy lowvram.",
+                                         self._empty_cache):
             return fn()
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            self._empty_cache()
-            raise UserError(
-                "Out of GPU memory even with the other models moved off the GPU. "
-                + (advice or "Lower the image size or batch, or start with --policy lowvram.")
-            ) from None
 
     def free_all(self) -> list[str]:
         """Move every unpinned model off the GPU now (the status panel's button)."""
@@ -239,16 +253,13 @@ class ResidencyManager:
                     "all-gpu policy never evicts. Use --policy auto or a larger --vram-budget."
                 )
             self._make_room(needed, exclude=model.name)
-        try:
+        with out_of_memory_as_user_error(
+            f"while moving {model.name} onto the GPU",
+            "Free GPU memory (other programs too), lower --vram-budget so the app evicts earlier, "
+            "or use --policy lowvram.",
+            self._empty_cache,
+        ):
             model.to_gpu()
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            self._empty_cache()
-            raise UserError(
-                f"Out of GPU memory while moving {model.name} onto the GPU. Free GPU memory (other programs "
-                "too), lower --vram-budget so the app evicts earlier, or use --policy lowvram."
-            ) from None
         model.location = GPU
         model.moves.append(GPU)
         self.bytes_moved_to_gpu += model.size_bytes

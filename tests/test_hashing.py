@@ -83,3 +83,27 @@ def test_bad_files_raise_user_errors(tmp_path: Path) -> None:
         hashing.lora_hash(lying)
     with pytest.raises(UserError, match="not a file"):
         hashing.model_hash(tmp_path)
+
+
+def test_one_cache_entry_per_file_and_room_for_a_large_library(tmp_path: Path, monkeypatch) -> None:
+    """The gallery relies on this cache alone (no cache of its own): a 300-LoRA library stays cached."""
+    paths = []
+    for index in range(300):
+        path = tmp_path / f"lora{index}.safetensors"
+        path.write_bytes((2).to_bytes(8, "little") + b"{}" + index.to_bytes(4, "little"))
+        paths.append(path)
+    first = [hashing.lora_hash(path) for path in paths]
+
+    def no_more_reads(*_args: object) -> str:
+        raise AssertionError("hashed again: the cache lost an entry")
+
+    monkeypatch.setattr(hashing, "_sha256_from", no_more_reads)
+    assert [hashing.lora_hash(path) for path in paths] == first
+    monkeypatch.undo()
+
+    # A file rewritten many times takes one entry, not one per version.
+    versions = tmp_path / "versions.bin"
+    for version in range(5):
+        versions.write_bytes(b"v" * (version + 1))
+        hashing.model_hash(versions)
+    assert sum(1 for kind, path in hashing._cache if path == str(versions.resolve())) == 1

@@ -49,7 +49,7 @@ def test_defaults_fill_in_native_size_and_a_seed():
         ({"steps": float("nan")}, "Steps must be a whole number, got nan"),
         ({"steps": True}, "Steps must be a whole number, got True"),
         ({"width": [64]}, r"Width must be a whole number, got \[64\]"),
-        ({"seed": "9" * 500}, r"Seed '9{39}… \(\d+ characters\) is not a whole number"),
+        ({"seed": "9" * 500}, r"Seed '9+… \(\d+ characters\) is not a whole number"),
         ({"sampler": ["Euler a"]}, "Sampler must be text"),
         ({"prompt": None}, "Prompt must be text, got null"),
         ({"prompt": ["a", "cat"]}, "Prompt must be text, got list"),

@@ -45,13 +45,17 @@ def _scene_argument(text: str):
 
 
 def _lora_argument(text: str) -> tuple[str, float]:
-    name, _, scale = text.rpartition(":")
+    """NAME:SCALE, read by the app's one NAME:SCALE parser (lorapg.lora_tags) as one LoRA."""
+    from lorapg.lora_tags import parse_lora_list
+
     try:
-        if name:
-            return name, float(scale)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r} is not NAME:SCALE (for example demo-ring:0.8)")
+        loras = parse_lora_list(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    # A contact sheet compares scales, so the scale is not optional here (the parser would read 1).
+    if len(loras) != 1 or loras[0][0] == text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:SCALE (for example demo-ring:0.8)")
+    return loras[0]
 
 
 def _count_argument(text: str) -> int:

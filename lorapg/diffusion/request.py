@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass, field, replace
 
+from lorapg import lora_tags
+from lorapg.coercion import SHOWN_CHARS, CoercionError, parse_seed, shown, to_float, to_int
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
 from lorapg.errors import UserError, shorten
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, SEED, SIZE, SIZE_MULTIPLE, STEPS
+from lorapg.lora_tags import find_lora_tags, strip_lora_tags
 
 # The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
 MAX_SEED = int(SEED.maximum)
@@ -17,7 +19,7 @@ MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = int(STEPS.minimum), int(STEPS.maximum), in
 MIN_SIZE, MAX_SIZE = int(SIZE.minimum), int(SIZE.maximum)
 MAX_BATCH = int(BATCH_SIZE.maximum)
 MAX_GUIDANCE = float(CFG_SCALE.maximum)
-SHOWN_CHARS = 40  # how much of a refused value a message repeats (a 10 MB value is not echoed)
+# parse_seed and shown live in lorapg.coercion (one seed parser for the app); callers may import them from here.
 
 
 @dataclass(frozen=True)
@@ -41,55 +43,18 @@ class GenerationRequest:
     extra: dict = field(default_factory=dict, compare=False)
 
 
-def shown(value: object) -> str:
-    """``repr(value)`` cut short: a message repeats enough of a refused value to recognise it."""
-    return shorten(repr(value), SHOWN_CHARS)
-
-
-def parse_seed(value: object) -> int | None:
-    """Accept ints, numeric strings, floats with no fraction; -1, None or "" mean random."""
-    if value is None or (isinstance(value, str) and value.strip() in {"", str(RANDOM_SEED), "random"}):
-        return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError  # JSON true is not a seed
-        number = float(value) if isinstance(value, str) else value
-        seed = int(number)
-        if seed != number:
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(
-            f"Seed {shown(value)} is not a whole number; use {SEED.describe()} or {RANDOM_SEED} for random."
-        ) from None
-    if seed == RANDOM_SEED:
-        return None
-    if seed not in SEED:
-        raise UserError(f"Seed {seed} is outside {SEED.describe()}; use {RANDOM_SEED} for a random seed.")
-    return seed
-
-
 def _whole(name: str, value: object) -> int:
     try:
-        if isinstance(value, bool):
-            raise TypeError  # JSON true would otherwise count as 1
-        number = float(value)  # type: ignore[arg-type]
-        if number != int(number):
-            raise ValueError
-        return int(number)
-    except (TypeError, ValueError, OverflowError):
+        return to_int(value)
+    except CoercionError:
         raise UserError(f"{name} must be a whole number, got {shown(value)}.") from None
 
 
 def _number(name: str, value: object) -> float:
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise UserError(f"{name} must be a number, got {shown(value)}.")
-    return number
+        return to_float(value)
+    except CoercionError:
+        raise UserError(f"{name} must be a number, got {shown(value)}.") from None
 
 
 # A lone UTF-16 surrogate (JSON "\ud800") is not a character: tokenizers and PNG text chunks fail on it.
@@ -169,43 +134,21 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
     )
 
 
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>", re.IGNORECASE)
-
-
 def extract_lora_tags(prompt: str) -> tuple[str, tuple[LoraRequest, ...]]:
-    """Split AUTOMATIC1111-style ``<lora:name:0.7>`` tags out of a prompt.
+    """Split AUTOMATIC1111-style ``<lora:name:0.7>`` tags out of a prompt (parsed by lorapg.lora_tags).
 
     Users coming from A1111 type LoRAs into the prompt; the tags are not words for the text
     encoder, so they are removed from the text and returned as LoRA requests.
     """
     loras = []
-    for match in _LORA_TAG.finditer(prompt):
-        name, scale = match.group(1).strip(), (match.group(2) or "1").strip()
-        try:
-            loras.append(LoraRequest(name, float(scale)))
-        except ValueError:
-            raise UserError(f"LoRA tag {match.group(0)}: scale {scale!r} is not a number.") from None
-    text = _LORA_TAG.sub("", prompt)
-    text = re.sub(r"\s+,", ",", re.sub(r"[ \t]{2,}", " ", text)).strip(" ,")
-    return text, tuple(loras)
+    for tag in find_lora_tags(prompt):
+        if tag.scale is None:
+            raise UserError(f"LoRA tag {shorten(tag.text, SHOWN_CHARS)}: scale {tag.scale_text!r} is not a number; "
+                            "write it like <lora:name:0.7>.")
+        loras.append(LoraRequest(tag.name, tag.scale))
+    return strip_lora_tags(prompt), tuple(loras)
 
 
 def parse_lora_list(spec: str) -> tuple[LoraRequest, ...]:
     """``"name:0.7, other"`` (scale defaults to 1) — the CLI's and the API's way to list LoRAs."""
-    result = []
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, scale = item.rpartition(":")
-        if not sep or not _looks_numeric(scale):
-            name, scale = item, "1"
-        try:
-            result.append(LoraRequest(name.strip(), float(scale)))
-        except ValueError:
-            raise UserError(f"LoRA {item!r}: scale {scale!r} is not a number.") from None
-    return tuple(result)
-
-
-def _looks_numeric(text: str) -> bool:
-    return bool(re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text))
+    return tuple(LoraRequest(name, scale) for name, scale in lora_tags.parse_lora_list(spec))

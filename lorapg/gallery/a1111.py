@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lorapg.lora_tags import find_lora_tags
+
 if TYPE_CHECKING:
     from lorapg.gallery.records import ImageRecord
 
@@ -54,7 +56,6 @@ _QUOTED_VALUE_RE = re.compile(r'"(?:\\.|[^\\"])*"(?=\s*(?:,|$))')
 _PLAIN_VALUE_RE = re.compile(r"[^,]*")
 _SEPARATOR_RE = re.compile(r"\s*(?:,|$)")
 
-_LORA_TAG_RE = re.compile(r"<lora:([^:<>]+)((?::[^:<>]*)*)>")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×*]\s*(\d+)\s*$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{8,64}$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
@@ -126,7 +127,7 @@ def format_parameters(record: ImageRecord) -> str:
     """
     used = [lora for lora in record.loras if lora.scale != 0]
     prompt = record.prompt.strip()
-    already_tagged = {m.group(1) for m in _LORA_TAG_RE.finditer(prompt)}
+    already_tagged = {tag.name for tag in find_lora_tags(prompt)}
     tags = [
         f"<lora:{_tag_name(lora.name)}:{format_number(lora.scale)}>"
         for lora in used
@@ -327,19 +328,11 @@ def _parse_lora_list(key: str, raw: str, problems: list[str]) -> list[tuple[str,
 
 def _parse_lora_tags(prompt: str, problems: list[str]) -> list[tuple[str, float]]:
     loras: list[tuple[str, float]] = []
-    for match in _LORA_TAG_RE.finditer(prompt):
-        name = match.group(1).strip()
-        # <lora:name> means scale 1; <lora:name:te:unet> carries a second multiplier we ignore.
-        args = [arg for arg in match.group(2).split(":")[1:] if "=" not in arg]
-        raw = args[0].strip() if args and args[0].strip() else "1"
-        try:
-            scale = float(raw)
-        except ValueError:
-            problems.append(
-                f"LoRA tag {match.group(0)} has scale '{raw}', not a number; skipped."
-            )
+    for tag in find_lora_tags(prompt):
+        if tag.scale is None:
+            problems.append(f"LoRA tag {tag.text} has scale '{tag.scale_text}', not a number; skipped.")
             continue
-        loras.append((name, scale))
+        loras.append((tag.name, tag.scale))
     return loras
 
 

@@ -7,7 +7,6 @@ without touching storage.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import lorapg
 from lorapg.errors import UserError
+from lorapg.lora_tags import strip_lora_tags  # the one <lora:…> parser; gallery callers import it from here
 
 if TYPE_CHECKING:  # a1111 imports this module; the type is only needed for annotations
     from lorapg.gallery.a1111 import ParsedParameters
@@ -94,29 +94,6 @@ class ImageRecord:
     path: Path | None = None
     starred: bool = False
     version: str = field(default_factory=default_version)
-
-
-# A tag with the comma that joined it to the prompt, when it ends a line or precedes a comma.
-_LORA_TAG_WITH_SEP_RE = re.compile(
-    r"(?:[ \t]*,)?[ \t]*<lora:[^<>]*>(?=[ \t]*(?:,|$))", re.MULTILINE
-)
-_LORA_TAG_RE = re.compile(r"[ \t]*<lora:[^<>]*>")
-
-
-def strip_lora_tags(prompt: str) -> str:
-    """The prompt without ``<lora:...>`` tags, so re-exporting does not write them twice.
-
-    Only the tags and the separators that joined them go; the rest of the prompt is left
-    byte-for-byte, because any other change would change the image.
-    """
-    if "<lora:" not in prompt:
-        return prompt
-    text = _LORA_TAG_WITH_SEP_RE.sub("", prompt)
-    text = _LORA_TAG_RE.sub("", text)
-    text = "\n".join(line.rstrip() for line in text.split("\n")).strip()
-    if prompt.lstrip().startswith("<lora:"):
-        text = re.sub(r"^,[ \t]*", "", text)
-    return text
 
 
 def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:

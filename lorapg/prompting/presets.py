@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorapg.coercion import read_toml
 from lorapg.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -136,10 +136,9 @@ def load_presets(folder: str | Path) -> PresetCatalog:
     loaded: list[RewritePreset] = []
     for path in sorted(folder.glob("*.toml")):
         try:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
+            data = read_toml(path, "Rewrite preset")  # the app's one TOML reader
             loaded.append(parse_preset(data, expected_name=path.stem, source=path))
-        except (OSError, ValueError, TypeError) as exc:  # TOML and decode errors are ValueErrors
+        except (UserError, OSError, ValueError, TypeError) as exc:
             message = f"{path.name}: {exc}"
             catalog.errors.append(message)
             logger.warning("skipping rewrite preset %s", message)

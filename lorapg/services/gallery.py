@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,10 +205,6 @@ class GalleryService:
         self.shared = shared
         # A search is prompt words, so the prompt's limit (Settings.max_prompt_chars) applies.
         self.max_query_chars = max_query_chars
-        # path -> (size, mtime_ns, hash): hashing reads whole files, so each is read once per
-        # version; the hashing module's own cache is bounded and may be smaller than a library.
-        self._hashes: dict[Path, tuple[int, int, str]] = {}
-        self._hash_lock = threading.Lock()
 
     # --- the gallery -------------------------------------------------------------------------
 
@@ -347,23 +342,12 @@ class GalleryService:
         return LoraMatch(name, scale, file_hash)
 
     def _hash_of(self, path: Path) -> str | None:
+        # lorapg.hashing holds the one hash cache (per file version); nothing is cached here.
         try:
-            stat = path.stat()
-        except OSError:
-            return None
-        key = (stat.st_size, stat.st_mtime_ns)
-        with self._hash_lock:
-            cached = self._hashes.get(path)
-        if cached is not None and cached[:2] == key:
-            return cached[2]
-        try:
-            value = lora_hash(path)
+            return lora_hash(path)
         except UserError as exc:
             log.warning("cannot hash LoRA %s: %s", path, exc)
             return None
-        with self._hash_lock:
-            self._hashes[path] = (*key, value)
-        return value
 
     def _hash_index(self, infos: list[LoraInfo]) -> dict[str, str]:
         """hash -> library name for every local LoRA (cached per file version)."""

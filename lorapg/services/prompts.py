@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapg.atomic_files import atomic_write_text
+from lorapg.coercion import parse_seed
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import MAX_REF_CHARS, UserError, shorten
@@ -414,24 +415,8 @@ def _keep_or_clear(value: str | None, current: str | None, field: str) -> str | 
 
 
 def _seed(seed: Any) -> int | None:
-    """-1, None or "" mean random, as in the Generate tab; else a whole number 0–MAX_LLM_SEED."""
-    if seed is None or (isinstance(seed, str) and seed.strip() in ("", "-1")):
-        return None
-    problem = f"LLM seed {shorten(seed, 40)!r} is not a whole number; use 0–{MAX_LLM_SEED}, or -1 for random."
-    if isinstance(seed, bool) or not isinstance(seed, int | float | str):
-        raise UserError(problem)
-    try:
-        number = float(seed) if isinstance(seed, str) else seed
-        value = int(number)  # NaN: ValueError; infinity: OverflowError
-    except (ValueError, OverflowError):
-        raise UserError(problem) from None
-    if value != number:
-        raise UserError(problem)
-    if value == -1:
-        return None
-    if not 0 <= value <= MAX_LLM_SEED:
-        raise UserError(f"LLM seed {value} is outside 0–{MAX_LLM_SEED}; use -1 for a random seed.")
-    return value
+    """-1, None or "" mean random, as in the Generate tab: the app's one seed parser."""
+    return parse_seed(seed, "LLM seed")
 
 
 def checked_text(value: Any, field: str, limit: int, setting: str = "") -> str:

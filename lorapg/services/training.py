@@ -26,7 +26,7 @@ from lorapg.hosting.gpu_estimates import planned_training_steps, training_second
 from lorapg.hosting.visitors import visitor_key
 from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ERROR, FINISHED, Job, JobQueue
-from lorapg.residency import is_out_of_memory
+from lorapg.residency import out_of_memory_as_user_error
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
@@ -282,14 +282,9 @@ class TrainingService:
             return trainer.run()
         # Every model leaves the GPU and nothing else is placed there until training ends; the
         # models come back on their next use.
-        with residency.exclusive("LoRA training", 0):
-            try:
-                return trainer.run()
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                torch.cuda.empty_cache()
-                raise UserError(
-                    "Out of GPU memory while training, with every other model off the GPU. Lower the "
-                    "resolution or the batch size, or turn text-encoder training off."
-                ) from None
+        with residency.exclusive("LoRA training", 0), out_of_memory_as_user_error(
+            "while training, with every other model off the GPU",
+            "Lower the resolution or the batch size, or turn text-encoder training off.",
+            torch.cuda.empty_cache,
+        ):
+            return trainer.run()

@@ -10,13 +10,12 @@ Precedence: defaults < the preset named by ``preset`` < the file < flags.
 from __future__ import annotations
 
 import dataclasses
-import math
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from lorapg.atomic_files import atomic_write_text
+from lorapg.coercion import coerce_setting, read_toml
 from lorapg.errors import UserError
 from lorapg.limits import TRAINING
 from lorapg.training.dataset import check_name
@@ -94,32 +93,8 @@ def coerce(key: str, value: Any, where: str = "") -> Any:
     if key not in FIELDS:
         known = ", ".join(sorted(FIELDS))
         raise UserError(f"Unknown training setting {key!r}{where}. Known settings: {known}.")
-    kind = FIELDS[key].type
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
-                return value.lower() in {"true", "1", "yes"}
-            raise ValueError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-        if value is None:
-            return ""
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"Training setting {key!r}{where}: {value!r} is not a valid {kind}.") from None
+    # One coercion for settings and training configs (lorapg.coercion): 3.5 epochs is refused, not truncated.
+    return coerce_setting(f"Training setting {key!r}{where}", FIELDS[key].type, value)
 
 
 def check(config: TrainConfig) -> TrainConfig:
@@ -137,15 +112,8 @@ def check(config: TrainConfig) -> TrainConfig:
 
 
 def read_toml_file(path: Path, what: str = "Training config") -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist.") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path} is a folder, not a TOML file.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{what} {path} is not valid TOML: {exc}.") from None
+    """A flat TOML file (``key = value`` lines) through the app's one TOML reader."""
+    data = read_toml(path, what)
     nested = [key for key, value in data.items() if isinstance(value, dict)]
     if nested:
         raise UserError(f"{what} {path}: unexpected table [{nested[0]}]; the settings are flat key = value lines.")
