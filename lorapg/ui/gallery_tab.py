@@ -16,6 +16,7 @@ from lorapg.gallery.records import ImageRecord
 from lorapg.hosting.visitors import Visitors
 from lorapg.services.gallery import GalleryService, ReuseParameters
 from lorapg.ui.common import user_errors, visitor
+from lorapg.ui.texts import image_details_text, png_info_text
 
 # Generate-tab widgets that Reuse fills, by the keys of build_generate_tab's dict.
 REUSE_TARGETS = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height",
@@ -135,7 +136,7 @@ def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitor
     def show(image_id, request: gr.Request):
         found = service.show(image_id, visitor(visitors, request))
         r = found.record
-        return r.id, str(r.path), found.summary(), found.parameters, star_label(r.starred), str(r.path)
+        return r.id, str(r.path), image_details_text(found), found.parameters, star_label(r.starred), str(r.path)
 
     def pick(ids, evt: gr.SelectData, request: gr.Request):
         # The gallery reports a position; the ids list from the same listing turns it into an id.
@@ -213,7 +214,7 @@ def _wire_reuse(
     @user_errors
     def read_png(path):
         info = service.png_info(path)
-        return info.summary(), info.text or ""
+        return png_info_text(info), info.text or ""
 
     @user_errors
     def send_png(path, current_model=None):

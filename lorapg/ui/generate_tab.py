@@ -14,6 +14,7 @@ from lorapg.jobs import CANCELLED
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
+from lorapg.ui.texts import loading_text, model_status_text
 
 DEFAULT_LORA_SCALE = LORA_SCALE.default
 
@@ -74,7 +75,7 @@ def build_generate_tab(
             scale=4,
         )
         load_button = gr.Button("Load model", scale=1)
-    model_status = gr.Markdown(status.describe(), elem_id="model-status")
+    model_status = gr.Markdown(model_status_text(status), elem_id="model-status")
     shown_model = gr.State(status.ref)  # the model whose native size the width/height fields show
     status_timer = gr.Timer(2.0)
 
@@ -141,7 +142,7 @@ def build_generate_tab(
         for current in follow(job, service.jobs):
             yield current.message or job_status_text(current, service.jobs), gr.update(), gr.update()
         loaded = service.model_status()
-        yield loaded.describe(), loaded.native_size, loaded.native_size
+        yield model_status_text(loaded), loaded.native_size, loaded.native_size
 
     load_button.click(load_model, model_box, [model_status, width, height], api_name="load_model",
                       concurrency_id="gpu", concurrency_limit=1)
@@ -195,8 +196,8 @@ def build_generate_tab(
     def poll_model_status(shown_ref):
         """Background loads finish while the page is open: show them, and adopt the native size once."""
         current = service.model_status()
-        text = current.describe()
-        note = service.loading_message()
+        text = model_status_text(current)
+        note = loading_text(service.loading_job())
         if note:
             text = note if not current.loaded else f"{text}\n\n{note}"
         if current.loaded and current.ref != shown_ref:

@@ -11,6 +11,7 @@ from lorapg.errors import UserError
 from lorapg.prompting import CLIP_CONTENT_LIMIT, PromptResult
 from lorapg.services.prompts import BACKEND_CHOICES, PromptService, StreamItem, result_note
 from lorapg.ui.common import user_errors
+from lorapg.ui.texts import backend_text
 
 MAX_UNDO = 50  # earlier prompts kept per browser tab
 
@@ -84,7 +85,7 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
         with gr.Row():
             preset_buttons = [(p.name, gr.Button(p.label, size="sm", elem_id=f"preset-{p.name}")) for p in catalog]
             undo_button = gr.Button("↶ Undo", size="sm", elem_id="undo-prompt")
-        tool_status = gr.Markdown(info.describe(), elem_id="prompt-tool-status")
+        tool_status = gr.Markdown(backend_text(info), elem_id="prompt-tool-status")
         if catalog.errors:
             gr.Markdown("⚠️ Presets not loaded: " + "; ".join(catalog.errors))
     history = gr.State([])
@@ -161,7 +162,7 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     @user_errors
     def llm_settings(backend, model, url, api_key):
-        return prompts.change_backend(backend, model or "", url or "", api_key or "").describe()
+        return backend_text(prompts.change_backend(backend, model or "", url or "", api_key or ""))
 
     apply_button.click(llm_settings, inputs_kwargs={"backend": backend_box, "model": model_box, "url": url_box,
                                                     "api_key": key_box}, outputs=tool_status, api_name="llm_settings")

@@ -13,6 +13,7 @@ from lorapg.hosting.visitors import Visitors
 from lorapg.services.training import TrainingRun, TrainingService
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
+from lorapg.ui.texts import training_run_text
 
 # Editable fields: TrainConfig field -> (widget factory, label).
 FIELDS = ("rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder", "epochs", "repeats", "resolution",
@@ -202,8 +203,8 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         run = service.submit(config, owner=owner)
         toml = to_toml(run.config) + f"# saved as {run.config_path}\n"
         while not run.job.wait(POLL_SECONDS * 4):
-            yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
-        yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
+            yield training_run_text(run), _loss_frame(run), _samples(run), run.job.id, toml
+        yield training_run_text(run), _loss_frame(run), _samples(run), run.job.id, toml
 
     # Keyed by the handler's parameter names; the dict's order is the API's positional order.
     start_inputs = {"dataset_name": dataset, "lora_name": name, "trigger_word": trigger, "preset_name": preset,
@@ -218,7 +219,7 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         run = service.run(current_job_id, owner) if current_job_id else service.latest_run(owner)
         if run is None:
             return "No training run yet.", _loss_frame(None), []
-        return run.describe(), _loss_frame(run), _samples(run)
+        return training_run_text(run), _loss_frame(run), _samples(run)
 
     status_button = gr.Button("Refresh status", size="sm")
     status_button.click(current_status, job_id, [status, loss_plot, samples], api_name="train_status")
