@@ -232,7 +232,8 @@ def run_prompt(args: argparse.Namespace) -> int:
     finally:
         runtime.jobs.close()  # the worker must not be inside torch when the interpreter ends (JobQueue.close)
     print(result.text)
-    print(service.backend_info().describe(), file=sys.stderr)
+    info = service.backend_info()
+    print(f"backend: {info.label}" + (f" ({info.why})" if info.why else ""), file=sys.stderr)
     print(result_note(result), file=sys.stderr)
     return 0
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from tests.app_server import running_app
 
-GENERATE_DEFAULTS = {"negative_text": "", "steps_value": 3, "cfg_value": 7, "sampler_name": "Euler a",
-                     "width_value": 64, "height_value": 64, "batch_value": 1}
+GENERATE_DEFAULTS = {"negative_prompt": "", "steps": 3, "cfg_scale": 7, "sampler": "Euler a",
+                     "width": 64, "height": 64, "batch_size": 1}
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +27,19 @@ def app(tiny_models, tmp_path_factory):
 
 def generate(client: Client, prompt: str, loras: str = "", seed: int = 11, **overrides):
     args = {**GENERATE_DEFAULTS, **overrides}
-    return client.predict(prompt_text=prompt, loras=loras, seed_value=seed, api_name="/generate", **args)
+    return client.predict(prompt=prompt, loras=loras, seed=seed, api_name="/generate", **args)
 
 
 def test_generate_with_loras_returns_pngs_with_metadata_and_the_seed(app):
     client = Client(app["url"], verbose=False)
     images, status, seed_used, job_id = generate(client, "a lighthouse", "style:0.8, other:0.3", seed=99,
-                                                 batch_value=2)
+                                                 batch_size=2)
     assert seed_used == 99 and job_id and "seed 99" in status
     assert len(images) == 2
     text = Image.open(images[0]["image"]).text["parameters"]
     assert "<lora:style:0.8> <lora:other:0.3>" in text and "Seed: 99" in text
     # The same settings give the same pixels; the saved gallery copy is the same image.
-    again = generate(client, "a lighthouse", "style:0.8, other:0.3", seed=99, batch_value=2)[0]
+    again = generate(client, "a lighthouse", "style:0.8, other:0.3", seed=99, batch_size=2)[0]
     assert np.array_equal(np.asarray(Image.open(images[1]["image"])), np.asarray(Image.open(again[1]["image"])))
     assert len(list(app["outputs"].rglob("*.png"))) == 4
 
@@ -53,8 +53,8 @@ def test_random_seed_is_returned(app):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"width_value": 20}, "Width must be 32–2048"),
-        ({"width_value": 99999}, "Width must be 32–2048"),
+        ({"width": 20}, "Width must be 32–2048"),
+        ({"width": 99999}, "Width must be 32–2048"),
         ({"seed": 2**32}, "outside 0–4294967295"),
         ({"loras": "style:1.7"}, "outside 0–1.5"),
         ({"loras": "nope:0.5"}, "Unknown LoRA 'nope'"),
@@ -82,9 +82,9 @@ def test_several_clients_share_one_queue_in_order(app):
     jobs = []
     for i in range(3):
         # The first one is long, so the others are queued behind it rather than arriving after it ended.
-        size = {"steps_value": 30, "width_value": 128, "height_value": 128} if i == 0 else {}
+        size = {"steps": 30, "width": 128, "height": 128} if i == 0 else {}
         job = Client(app["url"], verbose=False).submit(
-            prompt_text=f"a tab{i} scene", loras="", seed_value=200 + i, api_name="/generate",
+            prompt=f"a tab{i} scene", loras="", seed=200 + i, api_name="/generate",
             **{**GENERATE_DEFAULTS, **size})
         next(iter(job))  # its first update comes once the app has queued it: the next one is queued after
         jobs.append(job)
@@ -97,10 +97,18 @@ def test_several_clients_share_one_queue_in_order(app):
     assert ids == sorted(ids) and len(set(ids)) == 3, ids
 
 
+def test_generate_parameters_have_the_names_users_know(app):
+    """The API's parameter names come from the handler's; the README documents these, in this order."""
+    api = Client(app["url"], verbose=False).view_api(print_info=False, return_format="dict")
+    names = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
+    assert names == ["prompt", "negative_prompt", "loras", "steps", "cfg_scale", "sampler", "width", "height",
+                     "seed", "batch_size"]
+
+
 def test_progress_streams_and_cancel_stops_the_job(app):
     client = Client(app["url"], verbose=False)
-    job = client.submit(prompt_text="a long one", loras="", seed_value=5, api_name="/generate",
-                        **{**GENERATE_DEFAULTS, "steps_value": 50, "width_value": 128, "height_value": 128})
+    job = client.submit(prompt="a long one", loras="", seed=5, api_name="/generate",
+                        **{**GENERATE_DEFAULTS, "steps": 50, "width": 128, "height": 128})
     statuses = []
     cancelled = False
     for output in job:

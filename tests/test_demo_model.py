@@ -19,6 +19,7 @@ from PIL import Image
 from lorapg.config import DEFAULT_MODEL, DEMO_MODEL, Settings, load_settings
 from lorapg.demo.judge import judge_image
 from lorapg.demo.shapes import SHAPES, Scene, all_scenes, held_out_scenes
+from lorapg.ui.texts import model_status_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,7 @@ def test_default_model_loads_offline_and_the_ui_says_it_is_the_demo(tmp_path, mo
     try:
         status = runtime.service.load_model()  # no ref: the configured default
         assert status.native_size == 32
-        text = status.describe()
+        text = model_status_text(status)
         assert "Bundled demo model" in text and "stable-diffusion-v1-5/stable-diffusion-v1-5" in text
         result = runtime.service.generate(GenerationRequest("a yellow star on a black background", steps=20, seed=5))
         verdict = judge_image(result.images[0])

@@ -249,14 +249,14 @@ def test_text_chunks_are_bounded_and_checked(tmp_path: Path) -> None:
 # Through the real app over HTTP: ids, stale URLs, PNG Info, one-line refusals
 
 GENERATE = {
-    "negative_text": "",
+    "negative_prompt": "",
     "loras": "",
-    "steps_value": 2,
-    "cfg_value": 7,
-    "sampler_name": "Euler a",
-    "width_value": 64,
-    "height_value": 64,
-    "batch_value": 1,
+    "steps": 2,
+    "cfg_scale": 7,
+    "sampler": "Euler a",
+    "width": 64,
+    "height": 64,
+    "batch_size": 1,
 }
 
 
@@ -287,7 +287,7 @@ def test_the_app_refuses_bad_ids_and_forgets_images_that_leave_the_gallery(tiny_
         client = Client(url, verbose=False, download_files=False)
 
         def generate(seed: int) -> str:
-            images = client.predict(prompt_text=f"a cat {seed}", seed_value=seed, api_name="/generate", **GENERATE)[0]
+            images = client.predict(prompt=f"a cat {seed}", seed=seed, api_name="/generate", **GENERATE)[0]
             return images[0]["image"]["url"]
 
         first_url = generate(1)

@@ -21,6 +21,7 @@ from lorapg.errors import UserError
 from lorapg.gallery import GalleryStore, ImageRecord, LoraUse
 from lorapg.hashing import lora_hash
 from lorapg.services.gallery import BY_HASH, BY_NAME, NO_PARAMETERS, GalleryService, map_sampler
+from lorapg.ui.texts import png_info_text
 from tests.tiny_models import tiny_runtime
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def test_png_info_reads_a1111_png_and_matches_renamed_lora_by_hash(service: Gall
     assert (old.local_name, old.matched_by, old.scale) == ("styles/castle_v2", BY_HASH, 0.6)
     assert ghost.missing and ghost.file_hash == "abcdef123456"
     assert info.missing_loras == ["ghost"]
-    summary = info.summary()
+    summary = png_info_text(info)
     assert "ghost" in summary and "missing" in summary
     assert "Hires upscale" in summary
 
@@ -122,7 +123,7 @@ def test_hash_wins_over_a_name_that_holds_other_weights(service: GalleryService,
 def test_png_without_parameters_says_so(service: GalleryService) -> None:
     info = service.png_info(png_bytes(None))
     assert not info.has_parameters
-    assert info.summary() == NO_PARAMETERS
+    assert png_info_text(info) == NO_PARAMETERS
     with pytest.raises(UserError, match="no generation parameters"):
         service.reuse_parameters(info)
 

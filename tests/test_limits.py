@@ -27,27 +27,27 @@ from tests.tiny_models import tiny_runtime
 # Generate-tab widget label -> the range it must offer.
 WIDGET_RANGES = {"Steps": STEPS, "CFG scale": CFG_SCALE, "Width": SIZE, "Height": SIZE, "Batch size": BATCH_SIZE}
 GENERATE_ORDER = (
-    "prompt_text",
-    "negative_text",
+    "prompt",
+    "negative_prompt",
     "loras",
-    "steps_value",
-    "cfg_value",
-    "sampler_name",
-    "width_value",
-    "height_value",
-    "seed_value",
-    "batch_value",
+    "steps",
+    "cfg_scale",
+    "sampler",
+    "width",
+    "height",
+    "seed",
+    "batch_size",
 )
 GENERATE = {
-    "negative_text": "",
+    "negative_prompt": "",
     "loras": "",
-    "steps_value": 2,
-    "cfg_value": 7,
-    "sampler_name": "Euler a",
-    "width_value": 64,
-    "height_value": 64,
-    "seed_value": 5,
-    "batch_value": 1,
+    "steps": 2,
+    "cfg_scale": 7,
+    "sampler": "Euler a",
+    "width": 64,
+    "height": 64,
+    "seed": 5,
+    "batch_size": 1,
 }
 
 
@@ -159,44 +159,44 @@ def test_generate_endpoint_takes_the_range_maximum(app) -> None:
     _, client, *_ = app
     for cfg in (25, CFG_SCALE.maximum):
         *_, seed_used, _ = client.predict(
-            "a fox", **{**GENERATE, "cfg_value": cfg, "batch_value": BATCH_SIZE.maximum}, api_name="/generate"
+            "a fox", **{**GENERATE, "cfg_scale": cfg, "batch_size": BATCH_SIZE.maximum}, api_name="/generate"
         )
-        assert seed_used == GENERATE["seed_value"]
+        assert seed_used == GENERATE["seed"]
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("steps_value", math.nan, "Steps must be a whole number, got nan"),
-        ("steps_value", "many", "Steps must be a whole number, got 'many'"),
-        ("cfg_value", math.nan, "CFG scale must be a number, got nan"),
-        ("cfg_value", "high", "CFG scale must be a number, got 'high'"),
-        ("cfg_value", 31, "CFG scale must be 0–30, got 31"),
-        ("width_value", "wide", "Width must be a whole number, got 'wide'"),
-        ("height_value", math.inf, "Height must be a whole number, got inf"),
-        ("batch_value", [2], r"Batch size must be a whole number, got \[2\]"),
-        ("seed_value", "x" * 100, r"Seed 'x+… \(\d+ characters\) is not a whole number"),
-        ("prompt_text", None, "Prompt must be text, got null"),
-        ("prompt_text", ["a", "fox"], "Prompt must be text, got list"),
-        ("prompt_text", "a \ud800 fox", "Prompt contains a lone UTF-16 surrogate .U.D800. at position 2"),
-        ("prompt_text", "a\x00fox", r"Prompt contains a null character .U\+0000. at position 1"),
-        ("negative_text", ["blurry"], "Negative prompt must be text, got list"),
+        ("steps", math.nan, "Steps must be a whole number, got nan"),
+        ("steps", "many", "Steps must be a whole number, got 'many'"),
+        ("cfg_scale", math.nan, "CFG scale must be a number, got nan"),
+        ("cfg_scale", "high", "CFG scale must be a number, got 'high'"),
+        ("cfg_scale", 31, "CFG scale must be 0–30, got 31"),
+        ("width", "wide", "Width must be a whole number, got 'wide'"),
+        ("height", math.inf, "Height must be a whole number, got inf"),
+        ("batch_size", [2], r"Batch size must be a whole number, got \[2\]"),
+        ("seed", "x" * 100, r"Seed 'x+… \(\d+ characters\) is not a whole number"),
+        ("prompt", None, "Prompt must be text, got null"),
+        ("prompt", ["a", "fox"], "Prompt must be text, got list"),
+        ("prompt", "a \ud800 fox", "Prompt contains a lone UTF-16 surrogate .U.D800. at position 2"),
+        ("prompt", "a\x00fox", r"Prompt contains a null character .U\+0000. at position 1"),
+        ("negative_prompt", ["blurry"], "Negative prompt must be text, got list"),
         (
-            "prompt_text",
+            "prompt",
             "fox " * 2001,
             "Prompt is 8,004 characters, over the limit of 8,000 .setting max_prompt_chars.",
         ),
-        ("negative_text", "n" * 8001, "Negative prompt is 8,001 characters, over the limit of 8,000"),
+        ("negative_prompt", "n" * 8001, "Negative prompt is 8,001 characters, over the limit of 8,000"),
     ],
 )
 def test_bad_generate_input_names_the_field_and_the_app_keeps_serving(app, field, value, message) -> None:
     _, client, settings, _ = app
     assert settings.max_prompt_chars == 8000
-    arguments = {"prompt_text": "a fox", **GENERATE, field: value}
+    arguments = {"prompt": "a fox", **GENERATE, field: value}
     error = call_raw(client.src, "generate", [arguments[name] for name in GENERATE_ORDER])
     assert re.search(message, error), error
     assert "preprocess" not in error
-    assert client.predict("a fox", **GENERATE, api_name="/generate")[2] == GENERATE["seed_value"]
+    assert client.predict("a fox", **GENERATE, api_name="/generate")[2] == GENERATE["seed"]
 
 
 def call_raw(url: str, api_name: str, data: list) -> str:

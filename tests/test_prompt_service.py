@@ -23,6 +23,7 @@ from lorapg.prompting import (
     TransformersBackend,
 )
 from lorapg.services.prompts import PromptService, result_note
+from lorapg.ui.texts import backend_text
 from tests.test_prompting_backends import build_tiny_chat_model
 from tests.tiny_models import write_tiny_clip_tokenizer
 
@@ -55,7 +56,7 @@ def test_auto_and_explicit_backend_choice(tmp_path, monkeypatch, settings, bundl
     assert type(service.backend) is backend_type
     info = service.backend_info()
     assert why in info.why and not info.loaded  # nothing loads at construction
-    assert info.label in info.describe()
+    assert info.label in backend_text(info)
 
 
 def test_transformers_defaults_to_the_7b_model_and_bundled_caches_under_models(tmp_path) -> None:

@@ -398,8 +398,8 @@ def test_training_is_bounded_relayed_from_a_fork_and_datasets_belong_to_their_vi
 # --------------------------------------------------------------------------------------------
 # The app as a Space, end to end
 
-GENERATE = {"negative_text": "", "loras": "", "steps_value": 20, "cfg_value": 7, "sampler_name": "Euler a",
-            "width_value": 32, "height_value": 32, "batch_value": 1}
+GENERATE = {"negative_prompt": "", "loras": "", "steps": 20, "cfg_scale": 7, "sampler": "Euler a",
+            "width": 32, "height": 32, "batch_size": 1}
 PROMPTS = {"alice": ("star", "red", "blue"), "bob": ("cross", "white", "black")}
 
 
@@ -427,7 +427,7 @@ def test_a_space_serves_the_model_and_visitors_never_see_each_others_images(spac
 
     def generate(name, client, seed):
         shape, colour, background = PROMPTS[name]
-        results[name] = client.predict(prompt_text=f"a {colour} {shape} on a {background} background", seed_value=seed,
+        results[name] = client.predict(prompt=f"a {colour} {shape} on a {background} background", seed=seed,
                                        api_name="/generate", **GENERATE)
 
     threads = [threading.Thread(target=generate, args=args) for args in (("alice", alice, 1), ("bob", bob, 2))]

@@ -23,6 +23,7 @@ from lorapg.services.generation import GenerationService
 from lorapg.services.training import TrainingService
 from lorapg.training.config import load_config
 from lorapg.training.trainer import Trainer
+from lorapg.ui.texts import training_run_text
 from tests.test_cli import ROOT
 from tests.training_data import bomb_png, smooth_image, write_images
 
@@ -77,7 +78,7 @@ def test_training_runs_on_the_shared_queue_and_the_lora_is_listed(setup):
     assert run.job.wait(120) and run.job.status == DONE, run.job.error
     assert generation.status == DONE
     assert ran == ["generate start", "generate end", f"{run.job.kind} start", f"{run.job.kind} end"]  # one queue
-    assert "is in the LoRA list" in run.describe() and "zqx_fox" in run.describe()
+    assert "is in the LoRA list" in training_run_text(run) and "zqx_fox" in training_run_text(run)
     assert run.losses and len(run.samples) == 1
     listed = {info.name: info for info in playground.list_loras().loras}
     assert listed["fox"].trigger_words == ("zqx_fox",)
@@ -120,7 +121,7 @@ def test_cancel_through_the_service(setup):
     run = training.submit(config, on_progress=lambda p: training.cancel(run.job.id) if p.step == 2 else None)
     assert run.job.wait(120)
     assert run.result.cancelled and run.result.steps == 2 and run.result.checkpoint is not None
-    assert "Cancelled at step 2" in run.describe() and "resume" in run.describe()
+    assert "Cancelled at step 2" in training_run_text(run) and "resume" in training_run_text(run)
 
 
 def test_cli_train_in_process_then_bad_input(tiny_models, tmp_path, capsys):

@@ -63,6 +63,19 @@ def test_upload_validate_train_and_status(client):
     assert api.predict(job_id, api_name="/train_cancel").startswith("Cancelling")
 
 
+def test_train_start_names_every_config_field(client):
+    """Keyed inputs: each field is an API parameter named as in TrainConfig, not param_5, param_6, …"""
+    api, _, _ = client
+    endpoint = api.view_api(print_info=False, return_format="dict")["named_endpoints"]["/train_start"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names == ["dataset_name", "lora_name", "trigger_word", "preset_name", "overwrite_flag", *FIELDS,
+                     "regularization_name"]
+    # A call by name reaches the service (which refuses the dataset that does not exist).
+    with pytest.raises(Exception, match="No dataset named 'one'"):
+        api.predict(dataset_name="one", lora_name="x", trigger_word="zqx", preset_name="style", rank=4,
+                    api_name="/train_start")
+
+
 def test_missing_trigger_is_an_error_message(client):
     api, _, tmp_path = client
     paths = write_images(tmp_path / "up", 1)

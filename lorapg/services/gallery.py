@@ -72,15 +72,6 @@ class LoraMatch:
     def missing(self) -> bool:
         return self.local_name is None
 
-    def describe(self) -> str:
-        if self.missing:
-            hash_text = f" (hash {self.file_hash})" if self.file_hash else ""
-            return f"{self.name} at {self.scale:g}: missing — no local LoRA has this name or hash{hash_text}."
-        via = "by hash" if self.matched_by == BY_HASH else "by name"
-        renamed = f" → local file {self.local_name}" if self.local_name != self.name else ""
-        note = f" {self.note}" if self.note else ""
-        return f"{self.name} at {self.scale:g}: found {via}{renamed}.{note}"
-
 
 @dataclass(frozen=True)
 class PngInfo:
@@ -98,31 +89,6 @@ class PngInfo:
     @property
     def missing_loras(self) -> list[str]:
         return [lora.name for lora in self.loras if lora.missing]
-
-    def summary(self) -> str:
-        """Markdown for people: the parameters, each LoRA's match, and any problems."""
-        if not self.has_parameters:
-            return NO_PARAMETERS
-        p = self.parsed
-        rows = [
-            ("Prompt", strip_lora_tags(p.prompt)),
-            ("Negative prompt", p.negative_prompt),
-            ("Steps", p.steps),
-            ("Sampler", p.sampler),
-            ("CFG scale", p.guidance_scale),
-            ("Seed", p.seed),
-            ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
-            ("Model", p.model_name),
-            ("Model hash", p.model_hash),
-            ("Version", p.version),
-            *sorted(p.extra.items()),
-        ]
-        lines = [f"**{key}:** {value}" for key, value in rows if value not in (None, "")]
-        if self.loras:
-            lines.append("**LoRAs:**")
-            lines += [f"- {'⚠️ ' if lora.missing else ''}{lora.describe()}" for lora in self.loras]
-        lines += [f"⚠️ {problem}" for problem in self.problems]
-        return "\n\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -170,31 +136,6 @@ class ImageDetails:
 
     record: ImageRecord
     parameters: str
-
-    def summary(self) -> str:
-        """Markdown for the Gallery tab: every parameter, LoRAs with their hashes."""
-        r = self.record
-        created = r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if r.created_at else None
-        rows = [
-            ("Image", f"#{r.id}" + (" ★ starred" if r.starred else "")),
-            ("Created", created),
-            ("Prompt", r.prompt),
-            ("Negative prompt", r.negative_prompt),
-            ("LoRAs", ", ".join(_lora_text(lora.name, lora.scale, lora.file_hash) for lora in r.loras)),
-            ("Steps", r.steps),
-            ("Sampler", r.sampler),
-            ("CFG scale", r.guidance_scale),
-            ("Seed", r.seed),
-            ("Size", f"{r.width}x{r.height}" if r.width and r.height else None),
-            ("Model", r.model_name + (f" (hash {r.model_hash})" if r.model_hash else "") if r.model_name else None),
-            ("Job", r.job_id),
-            ("File", r.path),
-        ]
-        return "\n\n".join(f"**{key}:** {value}" for key, value in rows if value not in (None, ""))
-
-
-def _lora_text(name: str, scale: float, file_hash: str | None) -> str:
-    return f"{name} at {scale:g}" + (f" (hash {file_hash})" if file_hash else "")
 
 
 class GalleryService:
@@ -276,7 +217,7 @@ class GalleryService:
         """The record and the A1111 text read back from its PNG file."""
         record = self.get(image_id, owner)
         if record.path is None or not record.path.is_file():
-            raise UserError(f"The file of image #{record.id} is missing; press Refresh.")
+            raise UserError(f"The file of image #{record.id} is missing; list the gallery again to see what is left.")
         return ImageDetails(record, read_png_parameters(record.path) or NO_PARAMETERS)
 
     def export(self, folder: str | os.PathLike[str], query: str | None = None, lora: str | None = None) -> list[Path]:

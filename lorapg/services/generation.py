@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from lorapg.config import SUGGESTED_MODELS, Settings, is_demo_model
+from lorapg.config import Settings
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
-from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL, family_label
+from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
@@ -23,7 +23,7 @@ from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import DONE, ERROR, Job, JobQueue
+from lorapg.jobs import DONE, Job, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,14 @@ class ModelStatus:
     native_size: int | None
     loaded: bool
 
-    def describe(self) -> str:
-        if not self.loaded:
-            return "No base model loaded yet."
-        if is_demo_model(self.ref):
-            # Said in the UI, so nobody mistakes the 32 px shapes for what the app does with real models.
-            hubs = " or ".join(f"{label} ({ref})" for label, ref in SUGGESTED_MODELS.items())
-            return (f"Bundled demo model — a 5 MB SD 1.x-architecture model of coloured shapes, native "
-                    f"{self.native_size}px; try “a red star on a blue background”. For real images load {hubs}: "
-                    "type it in the model box and press Load, or start the app with --model.")
-        return f"{self.ref} — {family_label(self.family)}, native {self.native_size}px"
+
+@dataclass(frozen=True)
+class MemoryStatus:
+    """Where GPU memory stands; the UI and the CLI phrase it."""
+
+    device: str  # "cpu", "cuda", "mps"
+    report: str | None  # the residency manager's report; None where no GPU memory is managed
+    freed: list[str] | None = None  # models just moved off the GPU (after free_gpu_memory); None: not asked
 
 
 @dataclass(frozen=True)
@@ -107,14 +105,9 @@ class GenerationService:
         self._loading_job = self.jobs.submit("load-model", work)
         return self._loading_job
 
-    def loading_message(self) -> str | None:
-        """What the latest model load is doing, or why it failed; None once it succeeded."""
-        job = self._loading_job
-        if job is None or job.status == DONE:
-            return None
-        if job.status == ERROR:
-            return f"Loading the model failed: {job.error}"
-        return job.message or f"Loading model (job {job.id}, queued)…"
+    def loading_job(self) -> Job | None:
+        """The latest model load (queued, running, failed or done); None before the first one."""
+        return self._loading_job
 
     def load_model(self, ref: str | None = None) -> ModelStatus:
         return self._wait(self.submit_load_model(ref))
@@ -146,19 +139,17 @@ class GenerationService:
 
     # --- GPU memory ----------------------------------------------------------------------------
 
-    def memory_status(self) -> str:
+    def memory_status(self) -> MemoryStatus:
         residency = self.engine.residency
-        if residency is None:
-            return f"Running on {self.engine.device.type.upper()}: there is no GPU memory to manage."
-        return residency.describe()
+        return MemoryStatus(self.engine.device.type, residency.describe() if residency is not None else None)
 
-    def free_gpu_memory(self) -> str:
+    def free_gpu_memory(self) -> MemoryStatus:
+        """Move every model not in use off the GPU; a no-op where no GPU memory is managed."""
         residency = self.engine.residency
         if residency is None:
             return self.memory_status()
         freed = residency.free_all()
-        moved = f"Moved off the GPU: {', '.join(freed)}." if freed else "Nothing to move: models in use stay."
-        return f"{moved}\n\n{residency.describe()}"
+        return MemoryStatus(self.engine.device.type, residency.describe(), list(freed))
 
     # --- generation --------------------------------------------------------------------------
 
@@ -178,7 +169,8 @@ class GenerationService:
         """Queue a generation; ``owner`` (the visitor) owns its gallery images."""
         request = self.prepare(request)
         if self.engine.model is None and not self.settings.model:
-            raise UserError("No base model is loaded yet. Choose a model and press Load.")
+            raise UserError("No base model is loaded yet; load one first (a hub id, a diffusers folder or a "
+                            ".safetensors file).")
 
         def work(job: Job) -> GenerationResult:
             if self.engine.model is None:

@@ -80,16 +80,6 @@ class BackendInfo:
     why: str  # how "auto" decided, or ""
     loaded: bool  # an in-process model is in memory (False until first use)
 
-    def describe(self) -> str:
-        text = f"Prompt backend: {self.label}"
-        if self.why:
-            text += f" ({self.why})"
-        if self.name == "rules":
-            text += " — keywords, trigger words and style words joined by rules"
-        elif self.name in ("transformers", "smollm2") and not self.loaded:
-            text += " — loads on first use"
-        return text
-
 
 def result_note(result: PromptResult) -> str:
     """One line for the user: who wrote the prompt, and why the rules did when they had to."""
@@ -154,7 +144,7 @@ class PromptService:
         if old is not backend and isinstance(old, TransformersBackend) and old.loaded:
             self._release(old)
         info = self.backend_info()
-        log.info("%s", info.describe())
+        log.info("prompt backend: %s%s", info.label, f" ({info.why})" if info.why else "")
         return info
 
     def backend_info(self) -> BackendInfo:

@@ -25,7 +25,7 @@ from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import planned_training_steps, training_seconds
 from lorapg.hosting.visitors import visitor_key
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import ERROR, FINISHED, Job, JobQueue
+from lorapg.jobs import ERROR, Job, JobQueue
 from lorapg.residency import out_of_memory_as_user_error
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
@@ -50,23 +50,6 @@ class TrainingRun:
     @property
     def result(self) -> TrainResult | None:
         return self.job.result if isinstance(self.job.result, TrainResult) else None
-
-    def describe(self) -> str:
-        job = self.job
-        if job.status == ERROR:
-            return f"Training failed: {job.error}"
-        result = self.result
-        if result is not None and result.cancelled:
-            where = f" Checkpoint kept: {result.checkpoint.name}; Start again to resume." if result.checkpoint else ""
-            return f"Cancelled at step {result.steps} of {result.total_steps}.{where}"
-        if result is not None and result.lora_path is not None:
-            return (f"Done: LoRA **{self.config.name}** ({result.steps} steps) is in the LoRA list — press "
-                    f"Refresh LoRAs in the Generate tab and use the trigger word “{self.config.trigger}”.")
-        if job.status in FINISHED:
-            return f"Training {job.status}."
-        if self.progress is None:
-            return "Queued: waiting for the GPU queue." if job.status == "queued" else "Starting…"
-        return self.progress.describe()
 
 
 class TrainingService:

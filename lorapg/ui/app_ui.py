@@ -19,9 +19,9 @@ from lorapg.working_state import VisitorWorkingStates, WorkingState, WorkingValu
 
 TITLE = "LoRA Playground"
 
-# Generate-tab widgets kept in the working-state file, in the order the handlers take them.
+# Generate-tab widgets kept in the working-state file (by key: the handlers read them by key, not by position).
 PERSISTED = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height", "seed",
-             "batch", "keywords")  # keywords last: it exists only when the prompt tools are built
+             "batch", "keywords")  # keywords exists only when the prompt tools are built
 # WorkingValues field -> Generate-tab widget, for the plain parameters.
 _PARAMETERS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", "width": "width",
                "height": "height", "seed": "seed", "batch_size": "batch"}
@@ -99,23 +99,25 @@ def wire_working_state(demo: gr.Blocks, service: GenerationService, states: Work
     ``states`` gives each visitor's state (one shared file where visitors are not kept apart);
     ``after``: the event that identifies the visitor, which the restore waits for.
     """
-    widgets = [generate[key] for key in PERSISTED if key in generate]
+    widgets = {key: generate[key] for key in PERSISTED if key in generate}
 
-    def save(request: gr.Request, prompt, negative, selected, scales, steps, cfg, sampler, width, height, seed,
-             batch, keywords=None):
-        scales = scales or {}
+    def save(values: dict, request: gr.Request):
+        """``values``: widget -> value (the inputs are a set of widgets, read by key, never by position)."""
+        value = {key: values.get(widget) for key, widget in widgets.items()}.get
+        scales = value("scales") or {}
+        keywords = value("keywords")  # None: the prompt tools are not built
         states.for_owner(visitor(visitors, request)).update(
             **({} if keywords is None else {"keywords": keywords or ""}),
-            prompt=prompt or "",
-            negative_prompt=negative or "",
-            loras=[(name, scales.get(name, DEFAULT_LORA_SCALE)) for name in selected or []],
-            steps=_whole_or_none(steps),
-            guidance_scale=_number_or_none(cfg),
-            sampler=sampler or None,
-            width=_whole_or_none(width),
-            height=_whole_or_none(height),
-            seed=_whole_or_none(seed),
-            batch_size=_whole_or_none(batch),
+            prompt=value("prompt") or "",
+            negative_prompt=value("negative") or "",
+            loras=[(name, scales.get(name, DEFAULT_LORA_SCALE)) for name in value("lora_select") or []],
+            steps=_whole_or_none(value("steps")),
+            guidance_scale=_number_or_none(value("cfg")),
+            sampler=value("sampler") or None,
+            width=_whole_or_none(value("width")),
+            height=_whole_or_none(value("height")),
+            seed=_whole_or_none(value("seed")),
+            batch_size=_whole_or_none(value("batch")),
         )
 
     def restore(request: gr.Request):
@@ -124,7 +126,7 @@ def wire_working_state(demo: gr.Blocks, service: GenerationService, states: Work
         if values == WorkingValues():
             # Nothing saved yet: touching no widget fires no change events (and no slider re-render)
             # that could race the user's first clicks. (An empty dict is not "no updates" to Gradio.)
-            return {widget: gr.skip() for widget in widgets}
+            return {widget: gr.skip() for widget in widgets.values()}
         updates[generate["prompt"]] = values.prompt
         updates[generate["negative"]] = values.negative_prompt
         if "keywords" in generate:
@@ -141,9 +143,10 @@ def wire_working_state(demo: gr.Blocks, service: GenerationService, states: Work
                 updates[generate[key]] = value
         return updates
 
+    outputs = list(widgets.values())  # restore returns {widget: value}: the order does not matter
     if after is None:
-        demo.load(restore, None, widgets, api_visibility="private")
+        demo.load(restore, None, outputs, api_visibility="private")
     else:
-        after.then(restore, None, widgets, api_visibility="private")
-    gr.on([widget.change for widget in widgets], save, widgets, None, api_visibility="private",
+        after.then(restore, None, outputs, api_visibility="private")
+    gr.on([widget.change for widget in outputs], save, set(outputs), None, api_visibility="private",
           trigger_mode="always_last", show_progress="hidden")

@@ -16,6 +16,7 @@ from lorapg.gallery.records import ImageRecord
 from lorapg.hosting.visitors import Visitors
 from lorapg.services.gallery import GalleryService, ReuseParameters
 from lorapg.ui.common import user_errors, visitor
+from lorapg.ui.texts import image_details_text, png_info_text
 
 # Generate-tab widgets that Reuse fills, by the keys of build_generate_tab's dict.
 REUSE_TARGETS = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height",
@@ -135,7 +136,7 @@ def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitor
     def show(image_id, request: gr.Request):
         found = service.show(image_id, visitor(visitors, request))
         r = found.record
-        return r.id, str(r.path), found.summary(), found.parameters, star_label(r.starred), str(r.path)
+        return r.id, str(r.path), image_details_text(found), found.parameters, star_label(r.starred), str(r.path)
 
     def pick(ids, evt: gr.SelectData, request: gr.Request):
         # The gallery reports a position; the ids list from the same listing turns it into an id.
@@ -153,17 +154,18 @@ def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitor
         cleared = (None, None, f"Deleted image #{int(image_id)}.", "", star_label(False), None)
         return *list_images(query, lora, request), *cleared
 
-    filters = [w["query"], w["lora_filter"]]
-    w["refresh"].click(list_images, filters, listing, api_name="gallery_list")
-    gr.on([w["query"].submit, w["lora_filter"].change, gallery_tab.select], list_images, filters, listing,
-          api_visibility="private")
+    filters = {"query": w["query"], "lora": w["lora_filter"]}  # keyed by the handlers' parameter names
+    w["refresh"].click(list_images, inputs_kwargs=filters, outputs=listing, api_name="gallery_list")
+    gr.on([w["query"].submit, w["lora_filter"].change, gallery_tab.select], list_images, inputs_kwargs=filters,
+          outputs=listing, api_visibility="private")
     for trigger in (w["refresh"].click, gallery_tab.select):
         trigger(lora_filter_choices, w["lora_filter"], w["lora_filter"], api_visibility="private")
     w["gallery"].select(pick, w["ids"], shown, api_visibility="private")
     w["selected_id"].submit(show, w["selected_id"], shown, api_name="gallery_get")
     w["star"].click(toggle_star, w["selected_id"], [w["star"], w["notes"]], api_name="gallery_star").then(
-        list_images, filters, listing, api_visibility="private")
-    w["delete"].click(delete, [w["selected_id"], *filters], listing + shown, api_name="gallery_delete")
+        list_images, inputs_kwargs=filters, outputs=listing, api_visibility="private")
+    w["delete"].click(delete, inputs_kwargs={"image_id": w["selected_id"], **filters}, outputs=listing + shown,
+                      api_name="gallery_delete")
 
 
 def _wire_reuse(
@@ -178,7 +180,7 @@ def _wire_reuse(
     pending_loras = gr.State([])
     outputs = [*targets, tabs, pending_loras, w["notes"]]
     model = generate.get("model")
-    model_input = [model] if model is not None else []
+    model_input = {"current_model": model} if model is not None else {}  # keyed by the handlers' parameter name
 
     def fill_generate(params: ReuseParameters) -> dict:
         """Widget updates for the Generate tab; unknown parameters leave their widget alone."""
@@ -212,7 +214,7 @@ def _wire_reuse(
     @user_errors
     def read_png(path):
         info = service.png_info(path)
-        return info.summary(), info.text or ""
+        return png_info_text(info), info.text or ""
 
     @user_errors
     def send_png(path, current_model=None):
@@ -221,8 +223,10 @@ def _wire_reuse(
     def select_loras(names):
         return names
 
-    w["reuse"].click(reuse_image, [w["selected_id"], *model_input], outputs, api_name="gallery_reuse").then(
+    w["reuse"].click(reuse_image, inputs_kwargs={"image_id": w["selected_id"], **model_input}, outputs=outputs,
+                     api_name="gallery_reuse").then(
         select_loras, pending_loras, generate["lora_select"], api_visibility="private")
     w["png_file"].upload(read_png, w["png_file"], [w["png_summary"], w["png_raw"]], api_name="png_info")
-    w["png_send"].click(send_png, [w["png_file"], *model_input], outputs, api_name="png_info_send").then(
+    w["png_send"].click(send_png, inputs_kwargs={"path": w["png_file"], **model_input}, outputs=outputs,
+                        api_name="png_info_send").then(
         select_loras, pending_loras, generate["lora_select"], api_visibility="private")

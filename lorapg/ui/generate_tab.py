@@ -14,6 +14,7 @@ from lorapg.jobs import CANCELLED
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
+from lorapg.ui.texts import loading_text, model_status_text
 
 DEFAULT_LORA_SCALE = LORA_SCALE.default
 
@@ -74,7 +75,7 @@ def build_generate_tab(
             scale=4,
         )
         load_button = gr.Button("Load model", scale=1)
-    model_status = gr.Markdown(status.describe(), elem_id="model-status")
+    model_status = gr.Markdown(model_status_text(status), elem_id="model-status")
     shown_model = gr.State(status.ref)  # the model whose native size the width/height fields show
     status_timer = gr.Timer(2.0)
 
@@ -97,7 +98,8 @@ def build_generate_tab(
                 for name in selected or []:
                     slider = gr.Slider(**ranged(LORA_SCALE), value=(current or {}).get(name, DEFAULT_LORA_SCALE),
                                        label=f"{name} — scale", key=f"scale-{name}", interactive=True)
-                    slider.change(lambda value, state, n=name: {**(state or {}), n: value}, [slider, scales], scales)
+                    slider.change(lambda value, state, n=name: {**(state or {}), n: value},
+                                  inputs_kwargs={"value": slider, "state": scales}, outputs=scales)
 
             if prompt_tools is not None:
                 extra = prompt_tools({"prompt": prompt, "negative": negative, "lora_select": lora_select})
@@ -128,7 +130,8 @@ def build_generate_tab(
 
     # --- events ----------------------------------------------------------------------------
     for source in (lora_select, scales):
-        source.change(lora_spec, [lora_select, scales], loras_text, api_visibility="private")
+        source.change(lora_spec, inputs_kwargs={"selected": lora_select, "scales": scales}, outputs=loras_text,
+                      api_visibility="private")
 
     refresh_button.click(user_errors(lambda selected: refreshed_lora_dropdown(service, selected)), lora_select,
                          lora_select, api_name="refresh_loras")
@@ -139,18 +142,18 @@ def build_generate_tab(
         for current in follow(job, service.jobs):
             yield current.message or job_status_text(current, service.jobs), gr.update(), gr.update()
         loaded = service.model_status()
-        yield loaded.describe(), loaded.native_size, loaded.native_size
+        yield model_status_text(loaded), loaded.native_size, loaded.native_size
 
     load_button.click(load_model, model_box, [model_status, width, height], api_name="load_model",
                       concurrency_id="gpu", concurrency_limit=1)
 
     @user_errors
-    def generate(prompt_text, negative_text, loras, steps_value, cfg_value, sampler_name, width_value,
-                 height_value, seed_value, batch_value, http: gr.Request, progress=gr.Progress()):
+    def generate(prompt, negative_prompt, loras, steps, cfg_scale, sampler, width, height, seed, batch_size,
+                 http: gr.Request, progress=gr.Progress()):
+        """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
         request = GenerationRequest(
-            prompt=prompt_text, negative_prompt=negative_text, loras=parse_lora_list(loras),
-            steps=steps_value, guidance_scale=cfg_value, sampler=sampler_name, width=width_value,
-            height=height_value, seed=seed_value, batch_size=batch_value,
+            prompt=prompt, negative_prompt=negative_prompt, loras=parse_lora_list(loras), steps=steps,
+            guidance_scale=cfg_scale, sampler=sampler, width=width, height=height, seed=seed, batch_size=batch_size,
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -165,10 +168,16 @@ def build_generate_tab(
         notes = "".join(f"\n\n⚠️ {w}" for w in result.warnings)
         yield pictures, f"Done: seed {result.seeds[0]} (job `{job.id}`).{notes}", result.seeds[0], job.id
 
+    # Keyed by the handler's parameter names, which are also the API's; the dict's order is the
+    # API's positional order (unchanged since the first release).
+    generate_inputs = {
+        "prompt": prompt, "negative_prompt": negative, "loras": loras_text, "steps": steps, "cfg_scale": cfg,
+        "sampler": sampler, "width": width, "height": height, "seed": seed, "batch_size": batch,
+    }
     generate_button.click(
         generate,
-        [prompt, negative, loras_text, steps, cfg, sampler, width, height, seed, batch],
-        [images, job_status, seed_used, job_id],
+        inputs_kwargs=generate_inputs,
+        outputs=[images, job_status, seed_used, job_id],
         api_name="generate",
         concurrency_id="gpu",
         concurrency_limit=1,
@@ -187,8 +196,8 @@ def build_generate_tab(
     def poll_model_status(shown_ref):
         """Background loads finish while the page is open: show them, and adopt the native size once."""
         current = service.model_status()
-        text = current.describe()
-        note = service.loading_message()
+        text = model_status_text(current)
+        note = loading_text(service.loading_job())
         if note:
             text = note if not current.loaded else f"{text}\n\n{note}"
         if current.loaded and current.ref != shown_ref:

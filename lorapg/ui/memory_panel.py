@@ -5,13 +5,14 @@ from __future__ import annotations
 import gradio as gr
 
 from lorapg.services.generation import GenerationService
+from lorapg.ui.texts import memory_text
 
 
 def build_memory_panel(service: GenerationService) -> None:
     with gr.Accordion("GPU memory", open=False):
-        status = gr.Markdown(service.memory_status(), elem_id="memory-status")
+        status = gr.Markdown(memory_text(service.memory_status()), elem_id="memory-status")
         with gr.Row():
             refresh = gr.Button("Refresh", size="sm")
             free = gr.Button("Free GPU memory now", size="sm", variant="secondary")
-    refresh.click(service.memory_status, None, status, api_name="memory_status")
-    free.click(service.free_gpu_memory, None, status, api_name="free_gpu")
+    refresh.click(lambda: memory_text(service.memory_status()), None, status, api_name="memory_status")
+    free.click(lambda: memory_text(service.free_gpu_memory()), None, status, api_name="free_gpu")

@@ -11,6 +11,7 @@ from lorapg.errors import UserError
 from lorapg.prompting import CLIP_CONTENT_LIMIT, PromptResult
 from lorapg.services.prompts import BACKEND_CHOICES, PromptService, StreamItem, result_note
 from lorapg.ui.common import user_errors
+from lorapg.ui.texts import backend_text
 
 MAX_UNDO = 50  # earlier prompts kept per browser tab
 
@@ -84,7 +85,7 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
         with gr.Row():
             preset_buttons = [(p.name, gr.Button(p.label, size="sm", elem_id=f"preset-{p.name}")) for p in catalog]
             undo_button = gr.Button("↶ Undo", size="sm", elem_id="undo-prompt")
-        tool_status = gr.Markdown(info.describe(), elem_id="prompt-tool-status")
+        tool_status = gr.Markdown(backend_text(info), elem_id="prompt-tool-status")
         if catalog.errors:
             gr.Markdown("⚠️ Presets not loaded: " + "; ".join(catalog.errors))
     history = gr.State([])
@@ -126,12 +127,18 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
         yield from stream_into_prompt(stream, _shown(current_prompt), stack, prompts.backend.label)
 
     outputs = [prompt, history, tool_status]
-    enhance_button.click(enhance, [keywords, lora_select, prompt, history, llm_seed], outputs, api_name="enhance")
-    keywords.submit(enhance, [keywords, lora_select, prompt, history, llm_seed], outputs, api_visibility="private")
-    rewrite_api.click(rewrite, [preset_box, api_prompt, lora_select, history, llm_seed], outputs, api_name="rewrite")
+    # Inputs keyed by the handlers' parameter names (which are also the API's parameter names).
+    enhance_inputs = {"keywords_text": keywords, "selected": lora_select, "current_prompt": prompt,
+                      "stack": history, "seed": llm_seed}
+    enhance_button.click(enhance, inputs_kwargs=enhance_inputs, outputs=outputs, api_name="enhance")
+    keywords.submit(enhance, inputs_kwargs=enhance_inputs, outputs=outputs, api_visibility="private")
+    rewrite_inputs = {"preset": preset_box, "current_prompt": api_prompt, "selected": lora_select, "stack": history,
+                      "seed": llm_seed}
+    rewrite_api.click(rewrite, inputs_kwargs=rewrite_inputs, outputs=outputs, api_name="rewrite")
     for name, button in preset_buttons:
         button.click(lambda n=name: n, None, preset_box, api_visibility="private", show_progress="hidden").then(
-            rewrite, [preset_box, prompt, lora_select, history, llm_seed], outputs, api_visibility="private")
+            rewrite, inputs_kwargs={**rewrite_inputs, "current_prompt": prompt}, outputs=outputs,
+            api_visibility="private")
 
     def undo(stack):
         stack = list(stack or [])
@@ -155,9 +162,10 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     @user_errors
     def llm_settings(backend, model, url, api_key):
-        return prompts.change_backend(backend, model or "", url or "", api_key or "").describe()
+        return backend_text(prompts.change_backend(backend, model or "", url or "", api_key or ""))
 
-    apply_button.click(llm_settings, [backend_box, model_box, url_box, key_box], tool_status, api_name="llm_settings")
+    apply_button.click(llm_settings, inputs_kwargs={"backend": backend_box, "model": model_box, "url": url_box,
+                                                    "api_key": key_box}, outputs=tool_status, api_name="llm_settings")
 
     lora_select.change(lambda selected: gr.update(choices=list(selected or []), value=(selected or [None])[0]),
                        lora_select, note_lora, api_visibility="private")
@@ -174,7 +182,8 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
         return f"Saved the style note for {name}."
 
     note_lora.change(load_note, note_lora, note_text, api_visibility="private")
-    note_save.click(save_note, [note_lora, note_text], tool_status, api_name="style_note")
+    note_save.click(save_note, inputs_kwargs={"name": note_lora, "text": note_text}, outputs=tool_status,
+                    api_name="style_note")
 
     return {"keywords": keywords, "token_count": token_display, "prompt_tool_status": tool_status,
             "prompt_history": history}

@@ -13,6 +13,7 @@ from lorapg.hosting.visitors import Visitors
 from lorapg.services.training import TrainingRun, TrainingService
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
+from lorapg.ui.texts import training_run_text
 
 # Editable fields: TrainConfig field -> (widget factory, label).
 FIELDS = ("rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder", "epochs", "repeats", "resolution",
@@ -102,8 +103,6 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
             with gr.Accordion("Config file (runs headless: python -m lorapg train FILE)", open=False):
                 config_text = gr.Code(language=None, label="config.toml", interactive=False)
 
-    field_widgets = [widgets[key] for key in FIELDS]
-
     # --- dataset events ------------------------------------------------------------------------
     @user_errors
     def add_files(dataset_name, files, request: gr.Request):
@@ -114,7 +113,8 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         return (grid_items, table, summary + note,
                 gr.update(choices=service.dataset_names(owner), value=dataset_name), None)
 
-    add_button.click(add_files, [dataset, uploads], [grid, captions, report, dataset, uploads], api_name="dataset_add")
+    add_button.click(add_files, inputs_kwargs={"dataset_name": dataset, "files": uploads},
+                     outputs=[grid, captions, report, dataset, uploads], api_name="dataset_add")
 
     @user_errors
     def open_dataset(dataset_name, request: gr.Request):
@@ -143,7 +143,8 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         service.dataset_remove(dataset_name, file, owner)
         return (*_dataset_view(service, dataset_name, owner), None)
 
-    remove_button.click(remove, [dataset, selected], [grid, captions, report, selected], api_name="dataset_remove")
+    remove_button.click(remove, inputs_kwargs={"dataset_name": dataset, "file": selected},
+                        outputs=[grid, captions, report, selected], api_name="dataset_remove")
 
     @user_errors
     def remove_near_duplicates(dataset_name, request: gr.Request):
@@ -165,26 +166,27 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
                                      owner)
         return _dataset_view(service, dataset_name, owner)
 
-    save_captions_button.click(save_captions, [dataset, captions], [grid, captions, report],
-                               api_name="dataset_captions")
+    save_captions_button.click(save_captions, inputs_kwargs={"dataset_name": dataset, "table": captions},
+                               outputs=[grid, captions, report], api_name="dataset_captions")
 
     # --- settings events -----------------------------------------------------------------------
     @user_errors
     def apply_preset(preset_name):
         config = service.config_for({"preset": preset_name})
-        return [service.preset_description(preset_name)] + [getattr(config, key) for key in FIELDS]
+        return {preset_note: service.preset_description(preset_name),
+                **{widgets[key]: getattr(config, key) for key in FIELDS}}
 
-    preset.change(apply_preset, preset, [preset_note, *field_widgets], api_visibility="private")
+    preset.change(apply_preset, preset, {preset_note, *widgets.values()}, api_visibility="private")
 
     def refresh_regularization(request: gr.Request):
         return gr.update(choices=service.dataset_names(visitor(visitors, request)))
 
     regularization.focus(refresh_regularization, None, regularization, api_visibility="private")
 
-    def config_values(owner, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values) -> dict:
-        *field_values, regularization_name = values
-        fields = {key: value for key, value in zip(FIELDS, field_values, strict=True)
-                  if value is not None and value != ""}
+    def config_values(owner, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag,
+                      regularization_name, field_values: dict) -> dict:
+        fields = {key: field_values.get(key) for key in FIELDS}
+        fields = {key: value for key, value in fields.items() if value is not None and value != ""}
         images = str(service.dataset_folder(dataset_name, owner)) if dataset_name else ""
         prior = str(service.dataset_folder(regularization_name, owner)) if regularization_name else ""
         return dict(fields, name=lora_name or "", trigger=trigger_word or "", preset=preset_name or "",
@@ -192,19 +194,24 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
 
     # --- run events ----------------------------------------------------------------------------
     @user_errors
-    def start(request: gr.Request, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, *values):
+    def start(request: gr.Request, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag,
+              regularization_name=None, **field_values):
+        """Keyword inputs: the API names every config field as TrainConfig does (rank=…, epochs=…)."""
         owner = visitor(visitors, request)
         config = service.config_for(config_values(owner, dataset_name, lora_name, trigger_word, preset_name,
-                                                  overwrite_flag, *values))
+                                                  overwrite_flag, regularization_name, field_values))
         run = service.submit(config, owner=owner)
         toml = to_toml(run.config) + f"# saved as {run.config_path}\n"
         while not run.job.wait(POLL_SECONDS * 4):
-            yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
-        yield run.describe(), _loss_frame(run), _samples(run), run.job.id, toml
+            yield training_run_text(run), _loss_frame(run), _samples(run), run.job.id, toml
+        yield training_run_text(run), _loss_frame(run), _samples(run), run.job.id, toml
 
-    inputs = [dataset, name, trigger, preset, overwrite, *field_widgets, regularization]
-    start_button.click(start, inputs, [status, loss_plot, samples, job_id, config_text], api_name="train_start",
-                       concurrency_id="train", concurrency_limit=1)
+    # Keyed by the handler's parameter names; the dict's order is the API's positional order.
+    start_inputs = {"dataset_name": dataset, "lora_name": name, "trigger_word": trigger, "preset_name": preset,
+                    "overwrite_flag": overwrite, **{key: widgets[key] for key in FIELDS},
+                    "regularization_name": regularization}
+    start_button.click(start, inputs_kwargs=start_inputs, outputs=[status, loss_plot, samples, job_id, config_text],
+                       api_name="train_start", concurrency_id="train", concurrency_limit=1)
 
     @user_errors
     def current_status(current_job_id, request: gr.Request):
@@ -212,7 +219,7 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         run = service.run(current_job_id, owner) if current_job_id else service.latest_run(owner)
         if run is None:
             return "No training run yet.", _loss_frame(None), []
-        return run.describe(), _loss_frame(run), _samples(run)
+        return training_run_text(run), _loss_frame(run), _samples(run)
 
     status_button = gr.Button("Refresh status", size="sm")
     status_button.click(current_status, job_id, [status, loss_plot, samples], api_name="train_status")
