@@ -294,3 +294,23 @@ def test_the_api_is_switched_on_by_flag_toml_or_environment(tmp_path):
     from_file = load_settings(toml, environ={})
     assert from_file.api is True and from_file.api_auth == "x:y"
     assert load_settings(environ={"LORAPG_API": "1"}).api is True
+
+
+def test_listen_without_api_auth_prints_a_generated_password_and_requires_it(tiny_models, tmp_path):
+    log_path = tmp_path / "app.log"
+    args = (
+        "--api",
+        "--listen",
+        "--model",
+        str(tiny_models["sd15"]),
+        "--outputs",
+        str(tmp_path / "out"),
+        "--no-preload",
+        "--threads",
+        "1",
+    )
+    with running_app(*args, log_path=log_path) as url:
+        line = next(line for line in log_path.read_text().splitlines() if "REST API protection" in line)
+        password = line.rsplit("'", 2)[-2]
+        assert requests.get(f"{url}sdapi/v1/options", timeout=30).status_code == 401
+        assert requests.get(f"{url}sdapi/v1/options", auth=("api", password), timeout=30).status_code == 200
