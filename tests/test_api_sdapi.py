@@ -184,12 +184,18 @@ def test_interrupt_stops_the_running_generation(app, api):
     deadline = time.monotonic() + 120
     while True:
         progress = api.get_progress()
-        if progress["state"]["sampling_step"] >= 1:
+        if progress["state"]["sampling_step"] >= 6:  # past the first preview (every 5 steps)
             break
         assert time.monotonic() < deadline, "the generation never reported a step"
         time.sleep(0.05)
     assert progress["state"]["job_count"] >= 1 and progress["state"]["sampling_steps"] == 50
     assert 0 < progress["progress"] < 1
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.format == "PNG"
+    skipped = requests.get(
+        f"{app['base']}/progress", params={"skip_current_image": "true"}, auth=(USER, PASSWORD), timeout=30
+    )
+    assert skipped.json()["current_image"] is None
     api.interrupt()
     worker.join(120)
     reply = replies[0]
