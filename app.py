@@ -13,7 +13,7 @@ quiet_third_party_imports()  # before anything imports transformers or bitsandby
 
 from lorapg.cli import LLM_SETTING_FLAGS, add_llm_arguments, add_settings_arguments, settings_from_args  # noqa: E402
 from lorapg.errors import UserError  # noqa: E402
-from lorapg.hosting.space_policy import server_host, writable_outputs  # noqa: E402
+from lorapg.hosting.space_policy import server_host, space_policy, writable_outputs  # noqa: E402
 from lorapg.hosting.zerogpu import running_on_spaces  # noqa: E402
 
 log = logging.getLogger("lorapg.app")
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(
             args, extra=("listen", "port", "share", "auth", "load_model_at_start", *LLM_SETTING_FLAGS))
         generated_password = settings.ensure_share_auth()
+        from lorapg.api.auth import api_access
+
+        access = api_access(settings, space_policy(settings))
         auth = settings.auth_pair()
         if running_on_spaces():
             settings.outputs = writable_outputs(settings.outputs)
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.
         print(f"\n  Share link protection: user 'lorapg', password '{generated_password}'\n", flush=True)
+    routes = api_routes_for(runtime, access)
     if settings.load_model_at_start:
         try:
             if policy.zero_gpu:
@@ -100,8 +104,26 @@ def main(argv: list[str] | None = None) -> int:
         allowed_paths=[str(settings.gallery_images.resolve())],
         blocked_paths=private_output_paths(settings),
         max_file_size=policy.max_upload_bytes,
+        # The REST API's routes go in before the server starts (FastAPI's `routes`), beside Gradio's own.
+        app_kwargs={"routes": routes},
     )
     return 0
+
+
+def api_routes_for(runtime, access) -> list:
+    """The API's routes when --api asks for them (and says why not when it may not be served)."""
+    if not runtime.settings.api:
+        return []
+    if not access.enabled:
+        log.warning("REST API not served: %s", access.reason)
+        return []
+    from lorapg.api import api_routes
+
+    if access.generated_password:
+        # Printed, not logged, as for the share link: the user reads it once, log files do not keep it.
+        print(f"\n  REST API protection: user 'api', password '{access.generated_password}'\n", flush=True)
+    log.info("REST API (AUTOMATIC1111-compatible) at /sdapi/v1%s", " with HTTP Basic auth" if access.users else "")
+    return api_routes(runtime, access)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPU memory the models may use, e.g. 10GB (default: free memory minus a reserve)")
     parser.add_argument("--policy", help="GPU memory policy: auto (LRU), lowvram or all-gpu")
     parser.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--api", action="store_true", default=None,
+                        help="serve the AUTOMATIC1111-compatible REST API at /sdapi/v1 beside the UI")
+    parser.add_argument("--api-auth", dest="api_auth", metavar="USER:PASS[,USER2:PASS2]",
+                        help="HTTP Basic credentials required on every API route")
 
 
 SETTING_FLAGS = (
     "model", "lora_dir", "models_dir", "outputs", "gallery_keep", "device", "dtype", "threads", "allow_pickle",
-    "single_file_config", "vram_budget", "policy",
+    "single_file_config", "vram_budget", "policy", "api", "api_auth",
 )
 LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
 

@@ -71,6 +71,9 @@ class Settings:
     # Added last (issue 13): the address to serve on from Gradio's GRADIO_SERVER_NAME; "" = loopback.
     # --listen / LORAPG_LISTEN rank above it (see load_settings).
     server_name: str = ""
+    # Added last (issue 15): the REST API (A1111's /sdapi/v1), and HTTP Basic "user:pass[,user2:pass2]" for it.
+    api: bool = False
+    api_auth: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -165,8 +165,9 @@ class GenerationService:
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         return request
 
-    def submit_generation(self, request: GenerationRequest, owner: str | None = None) -> Job:
-        """Queue a generation; ``owner`` (the visitor) owns its gallery images."""
+    def submit_generation(self, request: GenerationRequest, owner: str | None = None, *, record: bool = True) -> Job:
+        """Queue a generation; ``owner`` (the visitor) owns its gallery images. ``record=False``: not
+        saved to the gallery (A1111's API saves only when asked, ``save_images``)."""
         request = self.prepare(request)
         if self.engine.model is None and not self.settings.model:
             raise UserError("No base model is loaded yet; load one first (a hub id, a diffusers folder or a "
@@ -178,7 +179,7 @@ class GenerationService:
                 self.engine.load_model(self.settings.model, on_status=lambda m: job.report(0, 0, message=m))
             result = self._generation.run(self.engine.model.source.ref, request, report=job.report,
                                           should_cancel=job.cancel_requested)
-            if self.result_sink is not None and not result.cancelled:
+            if record and self.result_sink is not None and not result.cancelled:
                 result.saved = self.result_sink(result, job)
             return result
 
@@ -202,10 +203,10 @@ class GenerationService:
                                   int(float(request.height or size)), int(float(request.batch_size)))
 
     def generate(
-        self, request: GenerationRequest, on_progress: Callable[[Job], None] | None = None
+        self, request: GenerationRequest, on_progress: Callable[[Job], None] | None = None, *, record: bool = True
     ) -> GenerationResult:
         """Submit and wait: the CLI's and the REST API's synchronous call."""
-        return self._wait(self.submit_generation(request), on_progress)
+        return self._wait(self.submit_generation(request, record=record), on_progress)
 
     def cancel(self, job_id: str, owner: str | None = None) -> Job:
         """``owner``: the visitor asking; another visitor's job is reported as unknown, never cancelled."""

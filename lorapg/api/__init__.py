@@ -1,0 +1,23 @@
+"""REST API served beside the UI on Gradio's FastAPI app: A1111's ``/sdapi/v1`` (see sdapi.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from lorapg.api.auth import ApiAccess
+    from lorapg.services.build import Services
+
+
+def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
+    """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
+    the server starts, so no request ever finds the UI up and the API missing."""
+    from lorapg.api.sdapi import sdapi_router
+    from lorapg.services.a1111 import A1111Service
+
+    service = A1111Service(
+        runtime.settings, runtime.service, runtime.gallery_service, max_upload_bytes=runtime.policy.max_upload_bytes
+    )
+    return list(sdapi_router(service, access).routes)

@@ -1,0 +1,126 @@
+"""AUTOMATIC1111-compatible routes, ``/sdapi/v1/...``: parse with a model, call a service, reply.
+
+Every route is a plain function (FastAPI runs it in its thread pool, so a txt2img waiting for the
+job queue never blocks ``progress`` or ``interrupt``). The work and the A1111 vocabulary live in
+``lorapg.services.a1111``; errors are shaped by ``lorapg.api.errors``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from lorapg.api import models as m
+from lorapg.api.auth import ApiAccess, basic_auth_check
+from lorapg.api.errors import A1111Route, error_reply
+from lorapg.services.a1111 import SCHEDULES, A1111Service, Txt2ImgParams, a1111_sampler_names
+
+PREFIX = "/sdapi/v1"
+ERRORS = {400: {"model": m.ErrorResponse}, 401: {"model": m.ErrorResponse}, 422: {"model": m.ErrorResponse}}
+
+
+def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
+    router = APIRouter(
+        prefix=PREFIX,
+        tags=["A1111 (sdapi/v1)"],
+        route_class=A1111Route,
+        responses=ERRORS,
+        dependencies=[Depends(basic_auth_check(access.users))],
+    )
+
+    @router.post("/txt2img", response_model=m.Txt2ImgResponse)
+    def txt2img(body: m.Txt2ImgRequest) -> m.Txt2ImgResponse:
+        overrides = body.override_settings or {}
+        params = Txt2ImgParams(
+            **body.model_dump(exclude={"override_settings"}), sd_model_checkpoint=overrides.get("sd_model_checkpoint")
+        )
+        result = service.txt2img(params)
+        return m.Txt2ImgResponse(
+            images=result.images if body.send_images else None,
+            parameters=body.model_dump(),
+            info=json.dumps(result.info),
+        )
+
+    @router.post("/img2img", status_code=501)
+    def img2img() -> Any:
+        return error_reply(501, "NotImplementedError", "img2img is not built yet in LoRA Playground; use txt2img.")
+
+    @router.get("/progress", response_model=m.ProgressResponse)
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        return service.progress(skip_current_image)
+
+    @router.post("/interrupt")
+    def interrupt() -> None:
+        service.interrupt()
+
+    @router.post("/skip")
+    def skip() -> None:
+        service.skip()
+
+    @router.get("/options")
+    def get_options() -> dict[str, Any]:
+        return service.options()
+
+    @router.post("/options")
+    def set_options(body: dict[str, Any]) -> None:
+        service.set_options(body)
+
+    @router.get("/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        return service.cmd_flags()
+
+    @router.get("/sd-models", response_model=list[m.SDModelItem])
+    def sd_models() -> list[dict[str, Any]]:
+        return [entry.__dict__ for entry in service.sd_models()]
+
+    @router.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        service.sd_models()  # the folder is listed afresh on every call
+
+    @router.get("/samplers", response_model=list[m.SamplerItem])
+    def samplers() -> list[m.SamplerItem]:
+        return [m.SamplerItem(name=name, aliases=[], options={}) for name in a1111_sampler_names()]
+
+    @router.get("/schedulers", response_model=list[m.SchedulerItem])
+    def schedulers() -> list[m.SchedulerItem]:
+        return [m.SchedulerItem(name=name, label=label) for name, label in SCHEDULES.items()]
+
+    @router.get("/upscalers", response_model=list[m.UpscalerItem])
+    def upscalers() -> list[m.UpscalerItem]:
+        return [m.UpscalerItem(name="None")]  # no upscaling yet; SillyTavern needs the route to answer
+
+    @router.get("/latent-upscale-modes", response_model=list[m.LatentUpscalerModeItem])
+    def latent_upscale_modes() -> list[m.LatentUpscalerModeItem]:
+        return []
+
+    @router.get("/sd-vae", response_model=list[m.SDVaeItem])
+    def sd_vae() -> list[m.SDVaeItem]:
+        return []  # the model's own VAE ("Automatic") is the only one
+
+    @router.get("/loras", response_model=list[m.LoraItem])
+    def loras() -> list[dict[str, Any]]:
+        return service.loras()
+
+    @router.post("/refresh-loras")
+    def refresh_loras() -> None:
+        service.refresh_loras()
+
+    @router.get("/embeddings", response_model=m.EmbeddingsResponse)
+    def embeddings() -> m.EmbeddingsResponse:
+        return m.EmbeddingsResponse(loaded={}, skipped={})
+
+    @router.get("/scripts", response_model=m.ScriptsList)
+    def scripts() -> m.ScriptsList:
+        return m.ScriptsList(txt2img=[], img2img=[])
+
+    @router.post("/png-info", response_model=m.PNGInfoResponse)
+    def png_info(body: m.PNGInfoRequest) -> dict[str, Any]:
+        return service.png_info(body.image)
+
+    @router.get("/memory", response_model=m.MemoryResponse)
+    def memory() -> dict[str, Any]:
+        return service.memory()
+
+    return router
