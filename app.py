@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(
             args, extra=("listen", "port", "share", "auth", "load_model_at_start", *LLM_SETTING_FLAGS))
-        generated_password = settings.ensure_share_auth()
+        generated_password = settings.ensure_share_auth(on_spaces=running_on_spaces())
         from lorapg.api.auth import api_access
 
         access = api_access(settings, space_policy(settings))
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                     training_service=runtime.training, visitors=runtime.visitors, visitor_secret=secret)
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.
-        print(f"\n  Share link protection: user 'lorapg', password '{generated_password}'\n", flush=True)
+        why = "Share link protection" if settings.share else f"Login required (serving on {settings.host})"
+        print(f"\n  {why}: user 'lorapg', password '{generated_password}' (set your own with --auth)\n",
+              flush=True)
     routes = api_routes_for(runtime, access)
     if settings.load_model_at_start:
         try:

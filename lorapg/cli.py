@@ -234,7 +234,10 @@ def run_prompt(args: argparse.Namespace) -> int:
         else:
             result = service.rewrite(args.prompt, args.preset, args.lora, args.seed)
     finally:
-        runtime.jobs.close()  # the worker must not be inside torch when the interpreter ends (JobQueue.close)
+        # Nothing may be inside torch when the interpreter ends (see JobQueue.close): first the model
+        # threads a writer left at its deadline, then the job worker (whose writer then ends at once).
+        service.close()
+        runtime.jobs.close()
     print(result.text)
     info = service.backend_info()
     print(f"backend: {info.label}" + (f" ({info.why})" if info.why else ""), file=sys.stderr)

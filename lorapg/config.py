@@ -8,6 +8,7 @@ read everything through ``kwargs.get``).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
@@ -98,12 +99,22 @@ class Settings:
             raise UserError("--auth must look like user:password.")
         return user, password
 
-    def ensure_share_auth(self) -> str | None:
-        """A share link puts this machine's GPU on the internet: never share without a password.
+    @property
+    def reachable_from_network(self) -> bool:
+        """Whether the address served on accepts other machines (``--listen``, a non-loopback
+        ``GRADIO_SERVER_NAME``): anything but a loopback address or ``localhost``."""
+        return not is_loopback(self.host)
 
-        Returns the generated password when one had to be made (the caller shows it once).
+    def ensure_share_auth(self, on_spaces: bool = False) -> str | None:
+        """Nothing is exposed to a network without a password: a share link, ``--listen`` or a
+        ``GRADIO_SERVER_NAME`` other than the loopback, without ``--auth``, get a generated one.
+
+        On a Hugging Face Space the platform decides who reaches the app (its proxy needs 0.0.0.0),
+        so there only a share link counts, as before. Returns the generated password when one had to
+        be made (the caller shows it once).
         """
-        if not self.share or self.auth:
+        exposed = self.share or (self.reachable_from_network and not on_spaces)
+        if not exposed or self.auth:
             return None
         password = secrets.token_urlsafe(12)
         self.auth = f"lorapg:{password}"
@@ -111,6 +122,17 @@ class Settings:
 
 
 _FIELD_TYPES = {f.name: f for f in fields(Settings) if f.name != "extra"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is reachable from this machine only."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: it resolves to an address others can reach
+        return False
 
 
 def is_demo_model(ref: str | None) -> bool:

@@ -236,3 +236,124 @@ def test_train_resuming_a_checkpoint_made_with_other_images(tiny_models, tmp_pat
             cwd=tmp_path,
         )
         _assert_clean_error(done, "made with different settings (images)")
+
+
+# --- the prompt tools' model threads (enhance / rewrite) -------------------------------------------
+#
+# When the LLM misses its deadline the writer answers with the rules, while the model's threads are still
+# inside torch finishing a step; a CLI that exited then aborted. The writer now stops them with a flag
+# generate() checks after each token, and the CLI stops and joins them (PromptService.close) before exit.
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Path:
+    from tests.test_prompting_backends import build_tiny_chat_model
+
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-llm"))
+
+
+# `python -m lorapg` with one addition: the model's forward pass computes in torch until the writer has
+# given up (its fallback warning is the signal), then a while longer, so the CLI reaches its exit while
+# the model thread is still inside torch.
+ENHANCE_WITH_A_SLOW_MODEL = textwrap.dedent("""
+    import logging, sys, threading, torch
+    from lorapg.prompting import backends
+
+    gave_up = threading.Event()
+
+    class GaveUp(logging.Handler):
+        def emit(self, record):
+            if "using rules" in record.getMessage():
+                gave_up.set()
+
+    logging.getLogger("lorapg.prompting.writer").addHandler(GaveUp())
+    load = backends.TransformersBackend._from_pretrained
+
+    def slow_load(self, *args, **kwargs):
+        model, tokenizer = load(self, *args, **kwargs)
+
+        def slow_forward(module, inputs, output):
+            a = torch.randn(256, 256)
+            while not gave_up.is_set():
+                a = torch.tanh(a @ a)
+            for _ in range(500):  # still computing when the main thread has printed the answer
+                a = torch.tanh(a @ a)
+
+        model.register_forward_hook(slow_forward)
+        return model, tokenizer
+
+    backends.TransformersBackend._from_pretrained = slow_load
+    from lorapg.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_enhance_whose_llm_misses_its_deadline_exits_with_the_rules_answer(tiny_llm, tmp_path):
+    args = ["enhance", "--keywords", "red fox, snowy forest", "--llm-backend", "transformers",
+            "--llm-model", str(tiny_llm), "--outputs", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models"),
+            "--lora-dir", str(tmp_path / "loras")]
+    env = dict(_env(), LORAPG_LLM_TIMEOUT="0.2")
+    for _ in range(RUNS):
+        done = subprocess.run([sys.executable, "-c", ENHANCE_WITH_A_SLOW_MODEL, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stdout.startswith("red fox, snowy forest, highly detailed"), done.stdout
+        assert "did not answer within 0.2 s" in done.stderr.splitlines()[-1], done.stderr[-2000:]  # "rules used: …"
+
+
+def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread not in before and thread.is_alive()]
+
+
+def test_closing_a_model_stream_early_stops_and_joins_its_generate_thread(tiny_llm):
+    from lorapg.prompting.backends import TransformersBackend
+
+    backend = TransformersBackend(tiny_llm, device="cpu")
+    before = set(threading.enumerate())
+    pieces = backend.stream("You write prompts.", "Keywords: red fox", seed=3, max_new_tokens=120, timeout_s=60)
+    assert next(pieces)
+    pieces.close()  # the reader goes away after one piece, as the writer does at its deadline
+    assert _new_threads(before) == []  # generation was stopped and its thread joined (the stop: next test)
+    backend.release()
+
+
+def test_prompt_service_close_stops_the_model_and_joins_its_threads(tiny_llm, tmp_path):
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+
+    settings = load_settings(None, {"models_dir": str(tmp_path / "models"), "outputs": str(tmp_path / "out"),
+                                    "lora_dir": str(tmp_path / "loras"), "llm_backend": "transformers",
+                                    "llm_model": str(tiny_llm)}, environ={})
+    runtime = build_services(settings, engines=False)
+    service = runtime.prompts
+    backend = service.backend
+    backend.ensure_loaded()
+    in_step, release = threading.Event(), threading.Event()
+    forwards = []
+
+    def held_step(*_):  # the third token's step waits until the test lets it finish
+        forwards.append(1)
+        if len(forwards) == 3:
+            in_step.set()
+            release.wait(60)
+
+    backend.model.register_forward_hook(held_step)
+    before = set(threading.enumerate())
+    results = []
+    asking = threading.Thread(target=lambda: results.append(service.enhance("red fox, snowy forest", seed=5)))
+    asking.start()
+    try:
+        assert in_step.wait(60)
+        assert service.close(timeout=0) is False  # flags set; the model is still inside its step
+    finally:
+        release.set()
+    assert service.close() is True
+    asking.join(60)
+    assert len(forwards) == 3  # the step in progress finished, and no other began
+    assert results and results[0].text  # the caller still got an answer
+    # Once closed, prompt requests get the rules' answer at once instead of starting a model thread.
+    after = service.enhance("red fox", seed=5)
+    assert after.fell_back and "shutting down" in (after.reason or "")
+    assert runtime.jobs.close(60)
+    assert _new_threads(before) == []

@@ -66,8 +66,9 @@ def test_an_app_reachable_from_other_machines_does_not_reveal_which_paths_exist(
 
     (tmp_path / "secret").mkdir()  # exists but is not a model: the owner would hear "no model_index.json"
     args = ("--model", str(tiny_models["sd15"]), "--outputs", str(tmp_path / "out"), "--threads", "1")
-    with running_app(*args, "--no-preload", "--listen") as url:
-        client = Client(url, verbose=False)
+    # Reachable from other machines means a login (a generated one without --auth): give one.
+    with running_app(*args, "--no-preload", "--listen", "--auth", "owner:test-password") as url:
+        client = Client(url, auth=("owner", "test-password"), verbose=False)
         answers = set()
         for ref in (str(tmp_path / "secret"), str(tmp_path / "nothing"), "/etc"):
             with pytest.raises(Exception, match="outside this app's models folder") as caught:

@@ -49,7 +49,8 @@ class LLMBackend(Protocol):
     """Anything that turns a system + user message into text.
 
     Implementations raise ``UserError`` for problems the user can fix (server down, model missing)
-    and should stop by themselves after about ``timeout_s``.
+    and should stop by themselves after about ``timeout_s``. A backend that can be cut short takes a
+    ``stop`` event as well and ends soon after it is set (the writer sets it when it stops waiting).
     """
 
     name: str
@@ -197,17 +198,25 @@ class TransformersBackend:
     # -- generation ------------------------------------------------------------------------
 
     def complete(self, system: str, user: str, *, seed: int | None = None,
-                 max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
+                 max_new_tokens: int = 120, timeout_s: float = 60.0,
+                 stop: threading.Event | None = None) -> str:
+        """The model's answer; a set ``stop`` ends generation after the token being computed."""
         model, tokenizer, inputs = self._prepare(system, user)
-        output = self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s)
+        output = self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s, stop=stop)
         return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def stream(self, system: str, user: str, *, seed: int | None = None,
-               max_new_tokens: int = 120, timeout_s: float = 60.0) -> Iterator[str]:
-        """The same text as ``complete`` (same seed, same words), yielded piece by piece."""
+               max_new_tokens: int = 120, timeout_s: float = 60.0,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """The same text as ``complete`` (same seed, same words), yielded piece by piece.
+
+        However the reading ends (finished, failed, or the generator closed early), generation is
+        stopped and its thread joined before this returns: no torch work outlives the stream.
+        """
         from transformers import TextIteratorStreamer
 
         model, tokenizer, inputs = self._prepare(system, user)
+        stop = stop if stop is not None else threading.Event()
         # The streamer's timeout bounds each wait for the next piece; generate() bounds the whole.
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=timeout_s + 10)
@@ -216,17 +225,20 @@ class TransformersBackend:
         def run() -> None:
             try:
                 self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s,
-                               streamer=streamer)
+                               streamer=streamer, stop=stop)
             except BaseException as exc:  # re-raised in the reading thread below
                 failure.append(exc)
                 streamer.end()
 
         worker = threading.Thread(target=run, name="llm-generate", daemon=True)
         worker.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        worker.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            stop.set()  # a no-op when generation ended by itself
+            worker.join()  # at most the step in progress
         if failure:
             raise failure[0]
 
@@ -239,10 +251,11 @@ class TransformersBackend:
 
     @staticmethod
     def _generate(model: Any, tokenizer: Any, inputs: Any, seed: int | None, max_new_tokens: int,
-                  timeout_s: float, streamer: Any = None) -> Any:
+                  timeout_s: float, streamer: Any = None, stop: threading.Event | None = None) -> Any:
         import torch
 
         seed = random.randrange(2**31) if seed is None else seed
+        stopping = _stop_criteria(stop) if stop is not None else None
         with _RNG_LOCK, torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
             # fork_rng: seeding here must not change the random stream of whoever runs next.
             torch.manual_seed(seed)
@@ -256,6 +269,7 @@ class TransformersBackend:
                 max_time=timeout_s,  # generate() stops itself; the partial text is still useful
                 pad_token_id=tokenizer.pad_token_id,
                 streamer=streamer,
+                stopping_criteria=stopping,
             )
 
     @staticmethod
@@ -271,6 +285,21 @@ class TransformersBackend:
             merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
             return tokenizer.apply_chat_template(merged, add_generation_prompt=True,
                                                  return_dict=True, return_tensors="pt")
+
+
+def _stop_criteria(stop: threading.Event) -> Any:
+    """A ``stopping_criteria`` for ``generate`` that ends every sequence once ``stop`` is set.
+
+    generate() checks it after each token, so a stop takes effect within one model step.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenSet()])
 
 
 def _nf4_config() -> Any:
@@ -449,17 +478,21 @@ class OpenAICompatibleBackend:
         return f"{self.base_url}/chat/completions"
 
     def complete(self, system: str, user: str, *, seed: int | None = None,
-                 max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
+                 max_new_tokens: int = 120, timeout_s: float = 60.0,
+                 stop: threading.Event | None = None) -> str:
+        # One read, bounded by the socket timeout; nothing in this process computes meanwhile.
         request = self._request(system, user, seed, max_new_tokens, stream=False)
         with self._errors(timeout_s), urllib.request.urlopen(request, timeout=timeout_s) as response:
             raw = response.read()
         return self._parse(raw)
 
     def stream(self, system: str, user: str, *, seed: int | None = None,
-               max_new_tokens: int = 120, timeout_s: float = 60.0) -> Iterator[str]:
+               max_new_tokens: int = 120, timeout_s: float = 60.0,
+               stop: threading.Event | None = None) -> Iterator[str]:
         """Ask with ``"stream": true`` and yield each server-sent ``delta.content``.
 
-        ``timeout_s`` bounds each wait for the next piece (the writer bounds the whole answer).
+        ``timeout_s`` bounds each wait for the next piece (the writer bounds the whole answer); a set
+        ``stop`` ends the reading (and closes the connection) at the next line.
         A server that ignores ``stream`` and sends one JSON reply is read as ``complete`` would.
         """
         request = self._request(system, user, seed, max_new_tokens, stream=True)
@@ -468,6 +501,8 @@ class OpenAICompatibleBackend:
                 yield self._parse(response.read())
                 return
             for raw_line in response:
+                if stop is not None and stop.is_set():
+                    return
                 line = raw_line.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
                     continue  # blank separators, ": keep-alive" comments, "event:" lines
@@ -572,5 +607,6 @@ class RulesBackend:
     label = "Rules (no LLM)"
 
     def complete(self, system: str, user: str, *, seed: int | None = None,
-                 max_new_tokens: int = 120, timeout_s: float = 60.0) -> str:
+                 max_new_tokens: int = 120, timeout_s: float = 60.0,
+                 stop: threading.Event | None = None) -> str:
         return ""

@@ -8,6 +8,7 @@ the result says so (``fell_back`` + ``reason``), so the UI never shows an error 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import random
@@ -62,12 +63,64 @@ class _Failed(Exception):
     """The model gave no usable prompt; the message is the user-facing reason."""
 
 
+class ModelThreads:
+    """The threads that run a backend for prompt writers, so that they can be stopped and joined.
+
+    A writer stops waiting for a model at its deadline, but a model thread is inside torch until its
+    current step ends; a process that exits then aborts ("terminate called without an active exception",
+    status 134: a daemon thread still in native code at interpreter shutdown). So every thread gets a
+    stop flag the backend checks between tokens, and ``close`` (the CLI and the service call it before
+    they let go) sets every flag and waits until each thread has ended.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[threading.Thread, threading.Event] = {}
+        self._closed = False
+
+    def start(self, work: Callable[[threading.Event], None], name: str) -> threading.Event:
+        """Run ``work(stop)`` in a new daemon thread; returns its stop flag. Refused after ``close``."""
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                work(stop)
+            finally:
+                with self._lock:
+                    self._running.pop(thread, None)
+
+        # A daemon thread: one that never ends (a backend that ignores its flag) must not keep an app
+        # from exiting; close() is what makes the usual case clean.
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            if self._closed:
+                raise _Failed("prompt writing is shutting down")
+            self._running[thread] = stop
+            thread.start()
+        return stop
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop every thread, refuse new ones, and wait until all have ended; True if they have.
+
+        ``timeout`` bounds the whole wait (None: until they end, which is one model step).
+        """
+        with self._lock:
+            self._closed = True
+            running = dict(self._running)
+        for stop in running.values():
+            stop.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in running:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in running)
+
+
 class PromptWriter:
     """``enhance`` keywords into a prompt and ``rewrite`` a prompt with a preset."""
 
     def __init__(self, backend: LLMBackend, presets: PresetCatalog, tokenizer: Any = None, *,
                  timeout_s: float = 60.0, grace_s: float = 5.0,
-                 token_limit: int = CLIP_CONTENT_LIMIT) -> None:
+                 token_limit: int = CLIP_CONTENT_LIMIT, threads: ModelThreads | None = None) -> None:
         self.backend = backend
         self.presets = presets
         self.tokenizer = tokenizer
@@ -77,6 +130,12 @@ class PromptWriter:
         self.grace_s = grace_s
         self.token_limit = token_limit
         self.rules = RulesBackend()
+        # Shared by every writer of one service, so that its close() reaches all of their threads.
+        self.threads = threads if threads is not None else ModelThreads()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the model threads this writer started and wait for them (see ``ModelThreads``)."""
+        return self.threads.close(timeout)
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -188,25 +247,34 @@ class PromptWriter:
         """Run the backend in a worker thread; yield the text so far; give up at the deadline.
 
         Backends with a ``stream`` method hand over pieces as they come; the others answer once.
+        Whenever this stops reading (the answer ended, the deadline passed, the caller went away),
+        the worker's stop flag is set: the model stops at its next token, and ``close`` joins it.
         """
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
         stream = getattr(self.backend, "stream", None)
-        kwargs = {"seed": seed, "max_new_tokens": MAX_NEW_TOKENS, "timeout_s": self.timeout_s}
+        kwargs: dict[str, Any] = {"seed": seed, "max_new_tokens": MAX_NEW_TOKENS, "timeout_s": self.timeout_s}
 
-        def work() -> None:
+        def work(stop: threading.Event) -> None:
+            call_kwargs = {**kwargs, "stop": stop} if _takes_stop(stream or self.backend.complete) else kwargs
             try:
                 if callable(stream):
-                    for piece in stream(system, user, **kwargs):
+                    for piece in stream(system, user, **call_kwargs):
+                        if stop.is_set():
+                            break  # closes the backend's stream, which ends its own work
                         pieces.put(("piece", piece))
                 else:
-                    pieces.put(("piece", self.backend.complete(system, user, **kwargs)))
+                    pieces.put(("piece", self.backend.complete(system, user, **call_kwargs)))
                 pieces.put(("end", None))
             except BaseException as exc:  # handed to the waiting thread, re-raised there
                 pieces.put(("error", exc))
 
-        # A daemon thread: a backend that never returns must not keep the app from exiting.
-        threading.Thread(target=work, name="prompt-llm", daemon=True).start()
-        deadline = time.monotonic() + self.timeout_s + self.grace_s
+        stop = self.threads.start(work, name="prompt-llm")
+        try:
+            yield from self._read_until(pieces, time.monotonic() + self.timeout_s + self.grace_s)
+        finally:
+            stop.set()
+
+    def _read_until(self, pieces: queue.Queue[tuple[str, Any]], deadline: float) -> Iterator[str]:
         text = ""
         while True:
             try:
@@ -285,6 +353,14 @@ def _rewrite_system(preset: RewritePreset, loras: Sequence[LoraHint]) -> str:
         + _FORMAT_RULES
         + _lora_lines(loras)
     )
+
+
+def _takes_stop(method: Callable[..., Any]) -> bool:
+    """Whether a backend method has a ``stop`` parameter (backends written without one still work)."""
+    try:
+        return "stop" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a readable signature
+        return False
 
 
 def _last(items: Iterator[str | PromptResult]) -> PromptResult:

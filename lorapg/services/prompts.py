@@ -52,6 +52,7 @@ from lorapg.prompting import (
     count_clip_tokens,
     load_presets,
 )
+from lorapg.prompting.writer import ModelThreads
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class PromptService:
         self._backend: LLMBackend = RulesBackend()
         self._why = ""
         self._registered: LLMBackend | None = None  # the backend known to the residency manager
+        self._threads = ModelThreads()  # every writer's model threads, for close()
         self.set_backend(settings.llm_backend, settings.llm_model, settings.llm_url, settings.llm_api_key)
 
     # --- backend choice -------------------------------------------------------------------
@@ -325,7 +327,17 @@ class PromptService:
             residency.resize(LLM_RESIDENT_NAME, estimated_llm_bytes(backend))
 
     def _writer(self) -> PromptWriter:
-        return PromptWriter(self.backend, self.presets(), self.tokenizer(), timeout_s=self.settings.llm_timeout)
+        return PromptWriter(self.backend, self.presets(), self.tokenizer(), timeout_s=self.settings.llm_timeout,
+                            threads=self._threads)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop every model thread (each ends after its current token) and wait for them; True if all ended.
+
+        Call it before the process exits: a writer that fell back to the rules at its deadline leaves its
+        model finishing a step inside torch, and a process exiting then aborts (status 134). Later prompt
+        requests get the rules answer.
+        """
+        return self._threads.close(timeout)
 
     def _run(self, stream: Iterator[StreamItem], writer: PromptWriter, uses_model: bool,
              task: tuple) -> Iterator[StreamItem]:
