@@ -27,17 +27,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", default=None, help="create a public Gradio share link")
     parser.add_argument("--auth", help="user:password required to open the app")
-    parser.add_argument("--no-preload", dest="load_model_at_start", action="store_false", default=None,
-                        help="load the base model on first use instead of right after start")
+    parser.add_argument(
+        "--no-preload",
+        dest="load_model_at_start",
+        action="store_false",
+        default=None,
+        help="load the base model on first use instead of right after start",
+    )
     return parser.parse_args(argv)
 
 
 def private_output_paths(settings) -> list[str]:
     outputs = settings.outputs.resolve()
     database = settings.gallery_db.resolve()
-    return [str(p) for p in (database, database.with_name(database.name + "-wal"),
-                             database.with_name(database.name + "-shm"), outputs / "working_state.json",
-                             outputs / "working_states", outputs / ".visitor_secret")]
+    return [
+        str(p)
+        for p in (
+            database,
+            database.with_name(database.name + "-wal"),
+            database.with_name(database.name + "-shm"),
+            outputs / "working_state.json",
+            outputs / "working_states",
+            outputs / ".visitor_secret",
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         settings = settings_from_args(
-            args, extra=("listen", "port", "share", "auth", "load_model_at_start", *LLM_SETTING_FLAGS))
+            args, extra=("listen", "port", "share", "auth", "load_model_at_start", *LLM_SETTING_FLAGS)
+        )
         generated_password = settings.ensure_share_auth(on_spaces=running_on_spaces())
         from lorapg.api.auth import api_access
 
@@ -75,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         secret = browser_secret(settings.outputs / ".visitor_secret")
     else:
         working_state, secret = WorkingState(settings.outputs / "working_state.json"), None
-    demo = build_ui(runtime.service, runtime.gallery_service, working_state, prompt_service=runtime.prompts,
-                    training_service=runtime.training, visitors=runtime.visitors, visitor_secret=secret)
+    demo = build_ui(
+        runtime.service,
+        runtime.gallery_service,
+        working_state,
+        prompt_service=runtime.prompts,
+        training_service=runtime.training,
+        visitors=runtime.visitors,
+        visitor_secret=secret,
+    )
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.
         why = "Share link protection" if settings.share else f"Login required (serving on {settings.host})"
-        print(f"\n  {why}: user 'lorapg', password '{generated_password}' (set your own with --auth)\n",
-              flush=True)
+        print(f"\n  {why}: user 'lorapg', password '{generated_password}' (set your own with --auth)\n", flush=True)
     routes = api_routes_for(runtime, access)
     if settings.load_model_at_start:
         try:

@@ -45,8 +45,13 @@ print(json.dumps({"vae_s": vae_s, "diffusion_s": diffusion_s,
 
 def measure(threads: int, vae_steps: int, diffusion_steps: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error")
-    done = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(vae_steps), str(diffusion_steps)],
-                          env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, str(threads), str(vae_steps), str(diffusion_steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -57,8 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     results = {threads: measure(threads, args.vae_steps, args.diffusion_steps) for threads in (1, 2)}
     for threads, r in results.items():
-        print(f"{threads} thread(s): VAE {r['vae_s']:.2f} s/step, diffusion {r['diffusion_s']:.2f} s/step, "
-              f"full recipe ≈ {r['projected_min']:.1f} min")
+        print(
+            f"{threads} thread(s): VAE {r['vae_s']:.2f} s/step, diffusion {r['diffusion_s']:.2f} s/step, "
+            f"full recipe ≈ {r['projected_min']:.1f} min"
+        )
     print(f"ratio 2 threads / 1 thread: {results[2]['projected_min'] / results[1]['projected_min']:.2f}×")
 
 

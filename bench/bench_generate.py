@@ -58,23 +58,40 @@ def main() -> None:
         for i, name in enumerate(("a", "b", "c")):
             state, config = random_lora_state_dict(pipe, seed=i)
             save_diffusers_lora(root / "loras" / f"{name}.safetensors", pipe, state, config)
-        settings = load_settings(None, {"model": str(root / "model"), "lora_dir": str(root / "loras"),
-                                        "outputs": str(root / "outputs"), "gallery_keep": 0})
+        settings = load_settings(
+            None,
+            {
+                "model": str(root / "model"),
+                "lora_dir": str(root / "loras"),
+                "outputs": str(root / "outputs"),
+                "gallery_keep": 0,
+            },
+        )
         runtime = build_services(settings)
         service = runtime.service
         service.load_model()
 
         bare = StableDiffusionPipeline.from_pretrained(str(root / "model"), safety_checker=None)
         bare.set_progress_bar_config(disable=True)
-        settings_kwargs = dict(prompt="a lighthouse", num_inference_steps=args.steps, guidance_scale=7.0,
-                               width=64, height=64)
+        settings_kwargs = dict(
+            prompt="a lighthouse", num_inference_steps=args.steps, guidance_scale=7.0, width=64, height=64
+        )
 
         def bare_call():
             bare(**settings_kwargs, generator=torch.Generator("cpu").manual_seed(1))
 
         def service_call():
-            service.generate(GenerationRequest(prompt="a lighthouse", steps=args.steps, guidance_scale=7.0,
-                                               sampler="Euler", width=64, height=64, seed=1))
+            service.generate(
+                GenerationRequest(
+                    prompt="a lighthouse",
+                    steps=args.steps,
+                    guidance_scale=7.0,
+                    sampler="Euler",
+                    width=64,
+                    height=64,
+                    seed=1,
+                )
+            )
 
         bare_s = median_seconds(bare_call, args.repeats)
         service_s = median_seconds(service_call, args.repeats)
@@ -83,9 +100,11 @@ def main() -> None:
         infos = [runtime.library.resolve(n) for n in ("a", "b", "c")]
         from lorapg.diffusion.adapters import LoraSelection
 
-        selections = [[LoraSelection(infos[0], 0.7), LoraSelection(infos[1], 0.3)],
-                      [LoraSelection(infos[1], 1.0), LoraSelection(infos[2], 0.5)],
-                      [LoraSelection(infos[0], 0.2), LoraSelection(infos[1], 0.9), LoraSelection(infos[2], 1.2)]]
+        selections = [
+            [LoraSelection(infos[0], 0.7), LoraSelection(infos[1], 0.3)],
+            [LoraSelection(infos[1], 1.0), LoraSelection(infos[2], 0.5)],
+            [LoraSelection(infos[0], 0.2), LoraSelection(infos[1], 0.9), LoraSelection(infos[2], 1.2)],
+        ]
         adapters.activate(selections[2])  # every file read once
         turn = iter(range(10**9))
 
@@ -103,10 +122,14 @@ def main() -> None:
         runtime.jobs.shutdown()
 
     print(f"tiny SD 1.x, 64x64, {args.steps} steps, {torch.get_num_threads()} thread(s), median of {args.repeats}")
-    print(f"generate: service {service_s * 1000:.1f} ms / bare diffusers {bare_s * 1000:.1f} ms "
-          f"= {service_s / bare_s:.2f}x")
-    print(f"LoRA selection change {switch_s * 1000:.2f} ms / load 3 LoRAs afresh {fresh_s * 1000:.1f} ms "
-          f"= {switch_s / fresh_s:.3f}x")
+    print(
+        f"generate: service {service_s * 1000:.1f} ms / bare diffusers {bare_s * 1000:.1f} ms "
+        f"= {service_s / bare_s:.2f}x"
+    )
+    print(
+        f"LoRA selection change {switch_s * 1000:.2f} ms / load 3 LoRAs afresh {fresh_s * 1000:.1f} ms "
+        f"= {switch_s / fresh_s:.3f}x"
+    )
 
 
 if __name__ == "__main__":

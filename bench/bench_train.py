@@ -46,17 +46,32 @@ def main() -> None:
         write_images(root / "images", args.images)
         rates = {}
         for cache in (True, False, True):  # the second cached run measures a warm (on-disk) cache
-            config = build_config(dict(name=f"bench_{cache}", model=str(root / "model"), images=str(root / "images"),
-                                       trigger="zqx", rank=4, alpha=4, max_steps=args.steps, epochs=1000,
-                                       sample_steps=0, save_every_epochs=1000, cache_latents=cache,
-                                       gradient_checkpointing=False, resume=False))
+            config = build_config(
+                dict(
+                    name=f"bench_{cache}",
+                    model=str(root / "model"),
+                    images=str(root / "images"),
+                    trigger="zqx",
+                    rank=4,
+                    alpha=4,
+                    max_steps=args.steps,
+                    epochs=1000,
+                    sample_steps=0,
+                    save_every_epochs=1000,
+                    cache_latents=cache,
+                    gradient_checkpointing=False,
+                    resume=False,
+                )
+            )
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             result = Trainer(config, lora_dir=root / "loras", work_dir=root / f"work_{cache}", device=device).run()
             rates[cache] = result.steps_per_s
             print(f"cache_latents={cache!s:5}  {result.steps_per_s:7.2f} steps/s  peak {peak_memory(device)}")
-        print(f"cached ÷ uncached steps/s: {rates[True] / rates[False]:.2f}×  ({args.steps} steps, {args.images} "
-              f"images, {device})")
+        print(
+            f"cached ÷ uncached steps/s: {rates[True] / rates[False]:.2f}×  ({args.steps} steps, {args.images} "
+            f"images, {device})"
+        )
 
 
 if __name__ == "__main__":

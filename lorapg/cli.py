@@ -19,40 +19,78 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face id, diffusers folder or .safetensors checkpoint")
     parser.add_argument("--lora-dir", dest="lora_dir", help="folder of LoRA .safetensors files")
     parser.add_argument("--outputs", help="folder for images and the gallery database")
-    parser.add_argument("--gallery-keep", dest="gallery_keep", type=int,
-                        help="newest images the gallery keeps (default 20; 0 keeps all; starred are never pruned)")
-    parser.add_argument("--models-dir", dest="models_dir",
-                        help="folder for datasets, training runs and cached LLMs (default models)")
+    parser.add_argument(
+        "--gallery-keep",
+        dest="gallery_keep",
+        type=int,
+        help="newest images the gallery keeps (default 20; 0 keeps all; starred are never pruned)",
+    )
+    parser.add_argument(
+        "--models-dir", dest="models_dir", help="folder for datasets, training runs and cached LLMs (default models)"
+    )
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--dtype", help="auto, float16, bfloat16 or float32")
     parser.add_argument("--threads", type=int, help="torch CPU threads (0 = torch default)")
-    parser.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
-                        help="allow pickled .ckpt/.pt/.bin checkpoints (they can run code: trust the source)")
-    parser.add_argument("--model-config", dest="single_file_config",
-                        help="diffusers folder whose configs describe a single-file checkpoint (offline use)")
-    parser.add_argument("--vram-budget", dest="vram_budget",
-                        help="GPU memory the models may use, e.g. 10GB (default: free memory minus a reserve)")
+    parser.add_argument(
+        "--allow-pickle",
+        dest="allow_pickle",
+        action="store_true",
+        default=None,
+        help="allow pickled .ckpt/.pt/.bin checkpoints (they can run code: trust the source)",
+    )
+    parser.add_argument(
+        "--model-config",
+        dest="single_file_config",
+        help="diffusers folder whose configs describe a single-file checkpoint (offline use)",
+    )
+    parser.add_argument(
+        "--vram-budget",
+        dest="vram_budget",
+        help="GPU memory the models may use, e.g. 10GB (default: free memory minus a reserve)",
+    )
     parser.add_argument("--policy", help="GPU memory policy: auto (LRU), lowvram or all-gpu")
     parser.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
-    parser.add_argument("--api", action="store_true", default=None,
-                        help="serve the AUTOMATIC1111-compatible REST API at /sdapi/v1 beside the UI")
-    parser.add_argument("--api-auth", dest="api_auth", metavar="USER:PASS[,USER2:PASS2]",
-                        help="HTTP Basic credentials required on every API route")
+    parser.add_argument(
+        "--api",
+        action="store_true",
+        default=None,
+        help="serve the AUTOMATIC1111-compatible REST API at /sdapi/v1 beside the UI",
+    )
+    parser.add_argument(
+        "--api-auth",
+        dest="api_auth",
+        metavar="USER:PASS[,USER2:PASS2]",
+        help="HTTP Basic credentials required on every API route",
+    )
 
 
 SETTING_FLAGS = (
-    "model", "lora_dir", "models_dir", "outputs", "gallery_keep", "device", "dtype", "threads", "allow_pickle",
-    "single_file_config", "vram_budget", "policy", "api", "api_auth",
+    "model",
+    "lora_dir",
+    "models_dir",
+    "outputs",
+    "gallery_keep",
+    "device",
+    "dtype",
+    "threads",
+    "allow_pickle",
+    "single_file_config",
+    "vram_budget",
+    "policy",
+    "api",
+    "api_auth",
 )
 LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
 
 
 def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that pick the prompt tools' LLM (the app and the enhance/rewrite commands)."""
-    parser.add_argument("--llm-backend", dest="llm_backend",
-                        help="auto (default), transformers, bundled, openai or rules")
-    parser.add_argument("--llm-model", dest="llm_model",
-                        help="hub id, folder or .gguf (transformers); model name (openai)")
+    parser.add_argument(
+        "--llm-backend", dest="llm_backend", help="auto (default), transformers, bundled, openai or rules"
+    )
+    parser.add_argument(
+        "--llm-model", dest="llm_model", help="hub id, folder or .gguf (transformers); model name (openai)"
+    )
     parser.add_argument("--llm-url", dest="llm_url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1")
     parser.add_argument("--llm-api-key", dest="llm_api_key", help="API key for --llm-url (if it needs one)")
 
@@ -73,19 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative", default="")
     # Values stay strings: request validation checks them and names the field, as for the UI and the API.
-    gen.add_argument("--lora", action="append", default=[], metavar="NAME_OR_PATH:SCALE",
-                     help="a LoRA from the LoRA folder (by name, or a path inside it) and its scale "
-                          f"({LORA_SCALE.describe()}, default {LORA_SCALE.default:g}); repeatable")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH:SCALE",
+        help="a LoRA from the LoRA folder (by name, or a path inside it) and its scale "
+        f"({LORA_SCALE.describe()}, default {LORA_SCALE.default:g}); repeatable",
+    )
     gen.add_argument("--steps", default=f"{STEPS.default:g}", help=f"{STEPS.describe()} (default %(default)s)")
-    gen.add_argument("--cfg", default=f"{CFG_SCALE.default:g}",
-                     help=f"CFG scale, {CFG_SCALE.describe()} (default %(default)s)")
+    gen.add_argument(
+        "--cfg", default=f"{CFG_SCALE.default:g}", help=f"CFG scale, {CFG_SCALE.describe()} (default %(default)s)"
+    )
     gen.add_argument("--sampler", default=None)
     gen.add_argument("--seed", default=str(RANDOM_SEED), help=f"{SEED.describe()}, or {RANDOM_SEED} for random")
     for side in ("width", "height"):
-        gen.add_argument(f"--{side}", default=None, help=f"{SIZE.describe()} px, a multiple of {SIZE_MULTIPLE} "
-                                                         "(default: the model's native size)")
-    gen.add_argument("--batch", default=f"{BATCH_SIZE.default:g}",
-                     help=f"images with consecutive seeds, {BATCH_SIZE.describe()} (default %(default)s)")
+        gen.add_argument(
+            f"--{side}",
+            default=None,
+            help=f"{SIZE.describe()} px, a multiple of {SIZE_MULTIPLE} (default: the model's native size)",
+        )
+    gen.add_argument(
+        "--batch",
+        default=f"{BATCH_SIZE.default:g}",
+        help=f"images with consecutive seeds, {BATCH_SIZE.describe()} (default %(default)s)",
+    )
     gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
     add_gallery_parser(commands)
@@ -122,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("gallery", "enhance", "rewrite"):
         # The gallery (and the prompt tools, until an LLM loads) needs no models: skip configure_logging,
         # whose imports (torch, diffusers) take seconds.
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
     else:
         from lorapg.services.build import configure_logging
 
@@ -210,12 +261,20 @@ def add_prompt_parsers(commands: argparse._SubParsersAction) -> None:
     enhance = commands.add_parser("enhance", help="expand keywords into a detailed prompt (prints it)")
     enhance.add_argument("--keywords", required=True, help="a few words: subject, mood, setting")
     rewrite = commands.add_parser("rewrite", help="rewrite a prompt with a preset (prints it)")
-    rewrite.add_argument("--preset", required=True,
-                         help="fight, portrait, cinematic, dark, vibrant, manga, painted, hd (or a file you added)")
+    rewrite.add_argument(
+        "--preset",
+        required=True,
+        help="fight, portrait, cinematic, dark, vibrant, manga, painted, hd (or a file you added)",
+    )
     rewrite.add_argument("--prompt", required=True)
     for command in (enhance, rewrite):
-        command.add_argument("--lora", action="append", default=[], metavar="NAME",
-                             help="a LoRA from the LoRA folder whose trigger words and style to use; repeatable")
+        command.add_argument(
+            "--lora",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="a LoRA from the LoRA folder whose trigger words and style to use; repeatable",
+        )
         command.add_argument("--seed", type=int, default=None, help="makes the LLM's sampling repeatable")
         add_settings_arguments(command)
         add_llm_arguments(command)

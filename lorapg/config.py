@@ -163,8 +163,9 @@ def _gradio_server_env(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
-                  environ: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> Settings:
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(read_toml(config_file))

@@ -28,6 +28,8 @@ MAX_REF_CHARS = 4096  # a path or hub id longer than any file system allows (PAT
 def check_ref_length(value: str, field: str) -> str:
     """Refuse an id, path or reference longer than ``MAX_REF_CHARS`` before any work is done with it."""
     if len(value) > MAX_REF_CHARS:
-        raise UserError(f"{field} is {len(value)} characters long; it can be at most {MAX_REF_CHARS}. "
-                        f"Check what was pasted: {shorten(value, 40)}")
+        raise UserError(
+            f"{field} is {len(value)} characters long; it can be at most {MAX_REF_CHARS}. "
+            f"Check what was pasted: {shorten(value, 40)}"
+        )
     return value

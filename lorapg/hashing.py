@@ -73,9 +73,7 @@ def _safetensors_data_offset(path: Path, size: int) -> int:
     return 8 + header_length
 
 
-def _cached(
-    kind: str, path: str | os.PathLike[str], compute: Callable[[Path, int], str]
-) -> str:
+def _cached(kind: str, path: str | os.PathLike[str], compute: Callable[[Path, int], str]) -> str:
     resolved = Path(path).resolve()
     stat = _stat(resolved)
     key, version = (kind, str(resolved)), (stat.st_size, stat.st_mtime_ns)
@@ -98,9 +96,7 @@ def _cached(
 
 def model_hash(path: str | os.PathLike[str]) -> str:
     """A1111's "Model hash": the first 10 hex characters of the file's SHA-256."""
-    return _cached(
-        "model", path, lambda p, _size: _sha256_from(p, 0)[:MODEL_HASH_LENGTH]
-    )
+    return _cached("model", path, lambda p, _size: _sha256_from(p, 0)[:MODEL_HASH_LENGTH])
 
 
 def lora_hash(path: str | os.PathLike[str]) -> str:
@@ -108,9 +104,7 @@ def lora_hash(path: str | os.PathLike[str]) -> str:
     return _cached(
         "lora",
         path,
-        lambda p, size: _sha256_from(p, _safetensors_data_offset(p, size))[
-            :LORA_HASH_LENGTH
-        ],
+        lambda p, size: _sha256_from(p, _safetensors_data_offset(p, size))[:LORA_HASH_LENGTH],
     )
 
 

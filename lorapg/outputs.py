@@ -50,8 +50,10 @@ def write_result_pngs(result: GenerationResult, out: Path) -> list[Path]:
     return paths
 
 
-def record_in_gallery(store, result: GenerationResult, job_id: str | None = None,
-                      owner: str | None = None) -> list[ImageRecord]:
+def record_in_gallery(
+    store, result: GenerationResult, job_id: str | None = None, owner: str | None = None
+) -> list[ImageRecord]:
     """Save every image of ``result`` into the gallery ``store`` (PNG + row) as ``owner``'s; returns the records."""
-    return [store.add(image_record(result, index, job_id), image, owner=owner)
-            for index, image in enumerate(result.images)]
+    return [
+        store.add(image_record(result, index, job_id), image, owner=owner) for index, image in enumerate(result.images)
+    ]

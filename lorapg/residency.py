@@ -79,14 +79,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
         import torch
     except ImportError:
         return False
-    errors = tuple(error for error in (getattr(torch, "OutOfMemoryError", None),
-                                       getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if error)
+    errors = tuple(
+        error
+        for error in (
+            getattr(torch, "OutOfMemoryError", None),
+            getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+        )
+        if error
+    )
     return isinstance(exc, errors)
 
 
 @contextmanager
-def out_of_memory_as_user_error(what: str, advice: str,
-                                empty_cache: Callable[[], None] | None = None) -> Iterator[None]:
+def out_of_memory_as_user_error(
+    what: str, advice: str, empty_cache: Callable[[], None] | None = None
+) -> Iterator[None]:
     """The app's one out-of-memory translation: "Out of GPU memory {what}. {advice}" as a UserError.
 
     Other errors pass through unchanged. ``empty_cache`` runs first, so the memory the failed work held
@@ -120,9 +127,15 @@ class ResidencyManager:
 
     # --- registration ------------------------------------------------------------------------
 
-    def register(self, name: str, size_bytes: int, to_gpu: Callable[[], None],
-                 to_cpu: Callable[[], None] | None = None, drop: Callable[[], None] | None = None,
-                 location: str = CPU) -> ResidentModel:
+    def register(
+        self,
+        name: str,
+        size_bytes: int,
+        to_gpu: Callable[[], None],
+        to_cpu: Callable[[], None] | None = None,
+        drop: Callable[[], None] | None = None,
+        location: str = CPU,
+    ) -> ResidentModel:
         with self._lock:
             old = self._models.get(name)
             if old is not None and old.pins:
@@ -166,8 +179,12 @@ class ResidencyManager:
             for model in self._models.values():
                 self._evict(model)
             if size_bytes > self.budget_bytes:
-                log.warning("%s needs %s but the budget is %s; trying anyway", name,
-                            format_bytes(size_bytes), format_bytes(self.budget_bytes))
+                log.warning(
+                    "%s needs %s but the budget is %s; trying anyway",
+                    name,
+                    format_bytes(size_bytes),
+                    format_bytes(self.budget_bytes),
+                )
             self._exclusive = name
             self._empty_cache()
         try:
@@ -191,9 +208,11 @@ class ResidencyManager:
                 if model.name != keep and not model.pins:
                     self._evict(model)
             self._empty_cache()
-        with out_of_memory_as_user_error("even with the other models moved off the GPU",
-                                         advice or "Lower the image size or batch, or start with --policy lowvram.",
-                                         self._empty_cache):
+        with out_of_memory_as_user_error(
+            "even with the other models moved off the GPU",
+            advice or "Lower the image size or batch, or start with --policy lowvram.",
+            self._empty_cache,
+        ):
             return fn()
 
     def free_all(self) -> list[str]:
@@ -219,8 +238,10 @@ class ResidencyManager:
             ]
 
     def describe(self) -> str:
-        lines = [f"Policy {self.policy}; GPU budget {format_bytes(self.budget_bytes)}, "
-                 f"in use {format_bytes(self.used_bytes)}."]
+        lines = [
+            f"Policy {self.policy}; GPU budget {format_bytes(self.budget_bytes)}, "
+            f"in use {format_bytes(self.used_bytes)}."
+        ]
         if self._exclusive:
             lines.append(f"{self._exclusive} holds the GPU; other work waits in the queue.")
         for row in self.status():

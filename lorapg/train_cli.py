@@ -7,24 +7,51 @@ import sys
 from pathlib import Path
 
 # flag -> TrainConfig field, for the common fields (the rest are set in the config file).
-FLAG_FIELDS = {"images": "images", "trigger": "trigger", "name": "name", "preset": "preset", "epochs": "epochs",
-               "max_steps": "max_steps", "rank": "rank", "lr": "unet_lr", "resolution": "resolution",
-               "seed": "seed", "overwrite": "overwrite", "resume": "resume", "batch_size": "batch_size",
-               "regularization_images": "regularization_images", "prior_loss_weight": "prior_loss_weight",
-               "drop_near_duplicates": "drop_near_duplicates"}
+FLAG_FIELDS = {
+    "images": "images",
+    "trigger": "trigger",
+    "name": "name",
+    "preset": "preset",
+    "epochs": "epochs",
+    "max_steps": "max_steps",
+    "rank": "rank",
+    "lr": "unet_lr",
+    "resolution": "resolution",
+    "seed": "seed",
+    "overwrite": "overwrite",
+    "resume": "resume",
+    "batch_size": "batch_size",
+    "regularization_images": "regularization_images",
+    "prior_loss_weight": "prior_loss_weight",
+    "drop_near_duplicates": "drop_near_duplicates",
+}
 
 
 def add_train_parser(commands: argparse._SubParsersAction, add_settings_arguments) -> None:
     train = commands.add_parser("train", help="train a LoRA from a folder of images (or a config file)")
-    train.add_argument("train_config", nargs="?", type=Path, metavar="CONFIG",
-                       help="training config TOML (the Train tab writes one); flags override its values")
+    train.add_argument(
+        "train_config",
+        nargs="?",
+        type=Path,
+        metavar="CONFIG",
+        help="training config TOML (the Train tab writes one); flags override its values",
+    )
     add_settings_arguments(train)  # --model is the base model to train on
-    train.add_argument("--images", metavar="DIR",
-                       help="folder of PNG/JPEG/WebP images, captions in NAME.txt beside them")
-    train.add_argument("--regularization-images", dest="regularization_images", metavar="DIR",
-                       help="prior preservation: ordinary images of the class with their captions (no trigger added)")
-    train.add_argument("--prior-loss-weight", dest="prior_loss_weight", type=str,
-                       help="loss weight of the regularization images (default 1.0)")
+    train.add_argument(
+        "--images", metavar="DIR", help="folder of PNG/JPEG/WebP images, captions in NAME.txt beside them"
+    )
+    train.add_argument(
+        "--regularization-images",
+        dest="regularization_images",
+        metavar="DIR",
+        help="prior preservation: ordinary images of the class with their captions (no trigger added)",
+    )
+    train.add_argument(
+        "--prior-loss-weight",
+        dest="prior_loss_weight",
+        type=str,
+        help="loss weight of the regularization images (default 1.0)",
+    )
     train.add_argument("--trigger", help="trigger word put first in every caption")
     train.add_argument("--name", help="the LoRA's name (file NAME.safetensors)")
     train.add_argument("--preset", help="character, style or concept")
@@ -37,11 +64,21 @@ def add_train_parser(commands: argparse._SubParsersAction, add_settings_argument
     train.add_argument("--seed", type=str)
     train.add_argument("--out", help="folder to write the LoRA to (default: the LoRA folder), or a .safetensors path")
     train.add_argument("--overwrite", action="store_true", default=None, help="replace an existing LoRA of that name")
-    train.add_argument("--drop-near-duplicates", dest="drop_near_duplicates", action="store_true", default=None,
-                       help="leave out images that look like an earlier one (resized or re-encoded copies); "
-                            "by default they are reported and kept")
-    train.add_argument("--no-resume", dest="resume", action="store_false", default=None,
-                       help="start over even when a checkpoint of this run exists")
+    train.add_argument(
+        "--drop-near-duplicates",
+        dest="drop_near_duplicates",
+        action="store_true",
+        default=None,
+        help="leave out images that look like an earlier one (resized or re-encoded copies); "
+        "by default they are reported and kept",
+    )
+    train.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        default=None,
+        help="start over even when a checkpoint of this run exists",
+    )
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
@@ -68,8 +105,11 @@ def warn_near_duplicates(config, settings) -> None:
     images = Path(config.images).expanduser() if config.images else None
     if images is None or not images.is_dir():
         return  # the service names the problem
-    action = "left out (--drop-near-duplicates)" if config.drop_near_duplicates else \
-        "kept; pass --drop-near-duplicates to leave them out"
+    action = (
+        "left out (--drop-near-duplicates)"
+        if config.drop_near_duplicates
+        else "kept; pass --drop-near-duplicates to leave them out"
+    )
     for check in Dataset(images, settings.max_image_pixels).validate().near_duplicates:
         print(f"warning: near duplicate {action}: {check.near_duplicate_note}", file=sys.stderr)
 
@@ -127,8 +167,11 @@ def _train(args: argparse.Namespace, config, service) -> int:
     result = run.job.result
     if result.cancelled:
         checkpoint = result.checkpoint or "none"
-        print(f"cancelled at step {result.steps} of {result.total_steps}; checkpoint: {checkpoint}. "
-              "Run the same command again to resume.", file=sys.stderr)
+        print(
+            f"cancelled at step {result.steps} of {result.total_steps}; checkpoint: {checkpoint}. "
+            "Run the same command again to resume.",
+            file=sys.stderr,
+        )
         return 130
     for path in result.epoch_loras:
         print(f"epoch LoRA: {path}", file=sys.stderr)

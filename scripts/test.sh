@@ -7,4 +7,5 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # The slow tests convert and run the bundled SmolLM2 (about a minute); LORAPG_SLOW_TESTS=0 skips them.
 export LORAPG_SLOW_TESTS="${LORAPG_SLOW_TESTS:-1}"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .  # one formatter configuration (pyproject.toml), followed everywhere
 exec .venv/bin/python -m pytest -q "$@"

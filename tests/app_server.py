@@ -22,8 +22,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0,
-                log_path: Path | None = None):
+def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0, log_path: Path | None = None):
     """Yield the base URL of an app process started with ``args``; stop it afterwards.
 
     The process's output goes to ``log_path`` (a temp file by default), for tests that read it.
@@ -32,11 +31,22 @@ def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 
     if "--models-dir" not in args:  # datasets, training runs and LLM caches never land in the repo
         args = (*args, "--models-dir", tempfile.mkdtemp(prefix="lorapg-models-"))
     log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"lorapg-app-{port}.log"
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-                    GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
+    full_env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        **(env or {}),
+    )
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
-                                   cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout

@@ -11,8 +11,15 @@ from PIL import Image
 
 from tests.app_server import running_app
 
-GENERATE_DEFAULTS = {"negative_prompt": "", "steps": 3, "cfg_scale": 7, "sampler": "Euler a",
-                     "width": 64, "height": 64, "batch_size": 1}
+GENERATE_DEFAULTS = {
+    "negative_prompt": "",
+    "steps": 3,
+    "cfg_scale": 7,
+    "sampler": "Euler a",
+    "width": 64,
+    "height": 64,
+    "batch_size": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +27,16 @@ def app(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     loras = root / "loras"
     shutil.copytree(tiny_models["loras"], loras)
-    with running_app("--model", str(tiny_models["sd15"]), "--lora-dir", str(loras),
-                     "--outputs", str(root / "outputs"), "--threads", "1") as url:
+    with running_app(
+        "--model",
+        str(tiny_models["sd15"]),
+        "--lora-dir",
+        str(loras),
+        "--outputs",
+        str(root / "outputs"),
+        "--threads",
+        "1",
+    ) as url:
         yield {"url": url, "loras": loras, "outputs": root / "outputs", "tiny": tiny_models}
 
 
@@ -32,8 +47,7 @@ def generate(client: Client, prompt: str, loras: str = "", seed: int = 11, **ove
 
 def test_generate_with_loras_returns_pngs_with_metadata_and_the_seed(app):
     client = Client(app["url"], verbose=False)
-    images, status, seed_used, job_id = generate(client, "a lighthouse", "style:0.8, other:0.3", seed=99,
-                                                 batch_size=2)
+    images, status, seed_used, job_id = generate(client, "a lighthouse", "style:0.8, other:0.3", seed=99, batch_size=2)
     assert seed_used == 99 and job_id and "seed 99" in status
     assert len(images) == 2
     text = Image.open(images[0]["image"]).text["parameters"]
@@ -84,8 +98,8 @@ def test_several_clients_share_one_queue_in_order(app):
         # The first one is long, so the others are queued behind it rather than arriving after it ended.
         size = {"steps": 30, "width": 128, "height": 128} if i == 0 else {}
         job = Client(app["url"], verbose=False).submit(
-            prompt=f"a tab{i} scene", loras="", seed=200 + i, api_name="/generate",
-            **{**GENERATE_DEFAULTS, **size})
+            prompt=f"a tab{i} scene", loras="", seed=200 + i, api_name="/generate", **{**GENERATE_DEFAULTS, **size}
+        )
         next(iter(job))  # its first update comes once the app has queued it: the next one is queued after
         jobs.append(job)
     assert [job.result()[2] for job in jobs] == [200, 201, 202]
@@ -101,14 +115,29 @@ def test_generate_parameters_have_the_names_users_know(app):
     """The API's parameter names come from the handler's; the README documents these, in this order."""
     api = Client(app["url"], verbose=False).view_api(print_info=False, return_format="dict")
     names = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
-    assert names == ["prompt", "negative_prompt", "loras", "steps", "cfg_scale", "sampler", "width", "height",
-                     "seed", "batch_size"]
+    assert names == [
+        "prompt",
+        "negative_prompt",
+        "loras",
+        "steps",
+        "cfg_scale",
+        "sampler",
+        "width",
+        "height",
+        "seed",
+        "batch_size",
+    ]
 
 
 def test_progress_streams_and_cancel_stops_the_job(app):
     client = Client(app["url"], verbose=False)
-    job = client.submit(prompt="a long one", loras="", seed=5, api_name="/generate",
-                        **{**GENERATE_DEFAULTS, "steps": 50, "width": 128, "height": 128})
+    job = client.submit(
+        prompt="a long one",
+        loras="",
+        seed=5,
+        api_name="/generate",
+        **{**GENERATE_DEFAULTS, "steps": 50, "width": 128, "height": 128},
+    )
     statuses = []
     cancelled = False
     for output in job:
@@ -137,9 +166,17 @@ def test_share_without_auth_prints_a_password_and_requires_it(tiny_models, tmp_p
     """No internet here: Gradio cannot make the share link but keeps serving locally, password on."""
     log = tmp_path / "app.log"
     (tmp_path / "loras").mkdir()
-    with running_app("--model", str(tiny_models["sd15"]), "--outputs", str(tmp_path / "outputs"), "--share",
-                     "--lora-dir", str(tmp_path / "loras"),
-                     "--no-preload", log_path=log) as url:
+    with running_app(
+        "--model",
+        str(tiny_models["sd15"]),
+        "--outputs",
+        str(tmp_path / "outputs"),
+        "--share",
+        "--lora-dir",
+        str(tmp_path / "loras"),
+        "--no-preload",
+        log_path=log,
+    ) as url:
         text = log.read_text()
         password = text.split("password '")[1].split("'")[0]
         assert len(password) >= 12

@@ -18,8 +18,19 @@ def test_generate_tab_in_a_real_browser(tiny_models, tmp_path):
     loras = tmp_path / "loras"
     shutil.copytree(tiny_models["loras"], loras)
     (loras / "broken.safetensors").unlink()
-    with running_app("--model", str(tiny_models["sd15"]), "--lora-dir", str(loras),
-                     "--outputs", str(tmp_path / "outputs"), "--threads", "1") as url, browser_page() as page:
+    with (
+        running_app(
+            "--model",
+            str(tiny_models["sd15"]),
+            "--lora-dir",
+            str(loras),
+            "--outputs",
+            str(tmp_path / "outputs"),
+            "--threads",
+            "1",
+        ) as url,
+        browser_page() as page,
+    ):
         page.goto(url)
         page.get_by_text("SD 1.x, native 64px").wait_for(timeout=60_000)  # the background load finished
         page.wait_for_timeout(2500)  # let the page-load events (working-state restore) settle first

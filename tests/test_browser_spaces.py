@@ -26,10 +26,25 @@ def test_drafts_follow_the_browser_and_stay_private(tiny_models, tmp_path):
     executable = chromium_path()
     loras = tmp_path / "loras"
     shutil.copytree(tiny_models["loras"], loras)
-    env = {"SYSTEM": "spaces", "SPACE_ID": "tester/lorapg", "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_SSR_MODE": "False", "LORAPG_THREADS": "1"}
-    with running_app("--model", str(tiny_models["sd15"]), "--lora-dir", str(loras), "--outputs",
-                     str(tmp_path / "outputs"), env=env) as url, playwright_api.sync_playwright() as playwright:
+    env = {
+        "SYSTEM": "spaces",
+        "SPACE_ID": "tester/lorapg",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SSR_MODE": "False",
+        "LORAPG_THREADS": "1",
+    }
+    with (
+        running_app(
+            "--model",
+            str(tiny_models["sd15"]),
+            "--lora-dir",
+            str(loras),
+            "--outputs",
+            str(tmp_path / "outputs"),
+            env=env,
+        ) as url,
+        playwright_api.sync_playwright() as playwright,
+    ):
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         try:
             alice = _open(browser.new_context(), url)
@@ -40,7 +55,8 @@ def test_drafts_follow_the_browser_and_stay_private(tiny_models, tmp_path):
             prompt = alice.locator("#prompt textarea")
             prompt.wait_for()
             alice.wait_for_function(
-                "() => document.querySelector('#prompt textarea').value.includes('lighthouse')", timeout=20_000)
+                "() => document.querySelector('#prompt textarea').value.includes('lighthouse')", timeout=20_000
+            )
 
             bob = _open(browser.new_context(), url)
             assert bob.locator("#prompt textarea").input_value() == ""

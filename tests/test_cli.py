@@ -25,15 +25,39 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def base_args(tiny_models, tmp_path):
-    return ["--model", str(tiny_models["sd15"]), "--lora-dir", str(tiny_models["loras"]),
-            "--outputs", str(tmp_path / "outputs"), "--threads", "1"]
+    return [
+        "--model",
+        str(tiny_models["sd15"]),
+        "--lora-dir",
+        str(tiny_models["loras"]),
+        "--outputs",
+        str(tmp_path / "outputs"),
+        "--threads",
+        "1",
+    ]
 
 
 def test_generate_writes_pngs_prints_seed_and_records_gallery(base_args, tmp_path):
     out = tmp_path / "picture.png"
-    done = run_cli("generate", *base_args, "--prompt", "a castle <lora:other:0.4>", "--lora", "style:0.7",
-                   "--steps", "3", "--seed", "77", "--batch", "2", "--sampler", "Euler a", "--out", str(out),
-                   cwd=tmp_path)
+    done = run_cli(
+        "generate",
+        *base_args,
+        "--prompt",
+        "a castle <lora:other:0.4>",
+        "--lora",
+        "style:0.7",
+        "--steps",
+        "3",
+        "--seed",
+        "77",
+        "--batch",
+        "2",
+        "--sampler",
+        "Euler a",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "seed: 77" in done.stdout
     first, second = tmp_path / "picture-1.png", tmp_path / "picture-2.png"
@@ -43,9 +67,24 @@ def test_generate_writes_pngs_prints_seed_and_records_gallery(base_args, tmp_pat
     assert "Seed: 78" in Image.open(second).text["parameters"]
     assert len(list((tmp_path / "outputs" / "images").rglob("*.png"))) == 2
 
-    again = run_cli("generate", *base_args, "--prompt", "a castle <lora:other:0.4>", "--lora", "style:0.7",
-                    "--steps", "3", "--seed", "78", "--sampler", "Euler a", "--out", str(tmp_path / "again.png"),
-                    "--no-gallery", cwd=tmp_path)
+    again = run_cli(
+        "generate",
+        *base_args,
+        "--prompt",
+        "a castle <lora:other:0.4>",
+        "--lora",
+        "style:0.7",
+        "--steps",
+        "3",
+        "--seed",
+        "78",
+        "--sampler",
+        "Euler a",
+        "--out",
+        str(tmp_path / "again.png"),
+        "--no-gallery",
+        cwd=tmp_path,
+    )
     assert again.returncode == 0, again.stderr
     # Seed 78 alone runs other matrix kernels than in the batch: visually identical, within the stated bound.
     assert_batch_item_matches_alone(Image.open(second), Image.open(tmp_path / "again.png"))
@@ -81,11 +120,31 @@ def test_bad_input_is_one_line_and_non_zero(base_args, tmp_path, extra, message,
 
 
 def test_missing_model_and_pickle_are_refused(tmp_path):
-    missing = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", "x.png",
-                      "--outputs", str(tmp_path / "o"), cwd=tmp_path)
+    missing = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "nope"),
+        "--prompt",
+        "x",
+        "--out",
+        "x.png",
+        "--outputs",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80\x04K\x01.")
-    refused = run_cli("generate", "--model", str(pickle), "--prompt", "x", "--out", "x.png",
-                      "--outputs", str(tmp_path / "o"), cwd=tmp_path)
+    refused = run_cli(
+        "generate",
+        "--model",
+        str(pickle),
+        "--prompt",
+        "x",
+        "--out",
+        "x.png",
+        "--outputs",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
     assert refused.returncode == 2 and "--allow-pickle" in refused.stderr and "Traceback" not in refused.stderr

@@ -289,13 +289,31 @@ ENHANCE_WITH_A_SLOW_MODEL = textwrap.dedent("""
 
 
 def test_enhance_whose_llm_misses_its_deadline_exits_with_the_rules_answer(tiny_llm, tmp_path):
-    args = ["enhance", "--keywords", "red fox, snowy forest", "--llm-backend", "transformers",
-            "--llm-model", str(tiny_llm), "--outputs", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models"),
-            "--lora-dir", str(tmp_path / "loras")]
+    args = [
+        "enhance",
+        "--keywords",
+        "red fox, snowy forest",
+        "--llm-backend",
+        "transformers",
+        "--llm-model",
+        str(tiny_llm),
+        "--outputs",
+        str(tmp_path / "out"),
+        "--models-dir",
+        str(tmp_path / "models"),
+        "--lora-dir",
+        str(tmp_path / "loras"),
+    ]
     env = dict(_env(), LORAPG_LLM_TIMEOUT="0.2")
     for _ in range(RUNS):
-        done = subprocess.run([sys.executable, "-c", ENHANCE_WITH_A_SLOW_MODEL, *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", ENHANCE_WITH_A_SLOW_MODEL, *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "terminate called" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert done.stdout.startswith("red fox, snowy forest, highly detailed"), done.stdout
@@ -322,9 +340,17 @@ def test_prompt_service_close_stops_the_model_and_joins_its_threads(tiny_llm, tm
     from lorapg.config import load_settings
     from lorapg.services.build import build_services
 
-    settings = load_settings(None, {"models_dir": str(tmp_path / "models"), "outputs": str(tmp_path / "out"),
-                                    "lora_dir": str(tmp_path / "loras"), "llm_backend": "transformers",
-                                    "llm_model": str(tiny_llm)}, environ={})
+    settings = load_settings(
+        None,
+        {
+            "models_dir": str(tmp_path / "models"),
+            "outputs": str(tmp_path / "out"),
+            "lora_dir": str(tmp_path / "loras"),
+            "llm_backend": "transformers",
+            "llm_model": str(tiny_llm),
+        },
+        environ={},
+    )
     runtime = build_services(settings, engines=False)
     service = runtime.prompts
     backend = service.backend

@@ -18,7 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("LORAPG_")}
     return subprocess.run(
-        [sys.executable, "-m", "lorapg", "gallery", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "lorapg", "gallery", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
 
@@ -27,8 +31,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def outputs(tmp_path: Path) -> Path:
     folder = tmp_path / "outputs"
     store = GalleryStore(folder / "gallery.sqlite3", folder / "images", keep=0)
-    store.add(ImageRecord(prompt="a red fox, forest", seed=11, steps=4, sampler="Euler a",
-                          loras=[LoraUse("style", 0.7, "0123456789ab")]), Image.new("RGB", (8, 8), (200, 0, 0)))
+    store.add(
+        ImageRecord(
+            prompt="a red fox, forest",
+            seed=11,
+            steps=4,
+            sampler="Euler a",
+            loras=[LoraUse("style", 0.7, "0123456789ab")],
+        ),
+        Image.new("RGB", (8, 8), (200, 0, 0)),
+    )
     store.add(ImageRecord(prompt="a blue whale", seed=22, steps=4), Image.new("RGB", (8, 8), (0, 0, 200)))
     return folder
 

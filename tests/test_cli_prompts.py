@@ -22,8 +22,20 @@ def base(tiny_models, tmp_path) -> list[str]:
 
 
 def test_enhance_prints_the_prompt_with_trigger_words(base, capsys) -> None:
-    code = main(["enhance", "--keywords", "red fox, snowy forest", "--lora", "triggered", "--lora", "notes",
-                 "--llm-backend", "rules", *base])
+    code = main(
+        [
+            "enhance",
+            "--keywords",
+            "red fox, snowy forest",
+            "--lora",
+            "triggered",
+            "--lora",
+            "notes",
+            "--llm-backend",
+            "rules",
+            *base,
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     assert out.splitlines() == [out.strip()]  # one line, nothing else on stdout
@@ -57,13 +69,43 @@ def test_bad_input_exits_2_with_one_line(base, capsys, argv, message) -> None:
 
 def test_openai_backend_via_flags_and_its_fallback(base, capsys) -> None:
     with sse_server() as server:
-        assert main(["enhance", "--keywords", "fox, snow", "--llm-url", server.base_url, "--llm-model", "qwen",
-                     "--llm-api-key", "k", "--seed", "4", *base]) == 0
+        assert (
+            main(
+                [
+                    "enhance",
+                    "--keywords",
+                    "fox, snow",
+                    "--llm-url",
+                    server.base_url,
+                    "--llm-model",
+                    "qwen",
+                    "--llm-api-key",
+                    "k",
+                    "--seed",
+                    "4",
+                    *base,
+                ]
+            )
+            == 0
+        )
         out, err = capsys.readouterr()
         assert out.strip() == "a red fox, snowy forest, soft light"
         assert "qwen @ " in err and "seed 4" in err and server.bodies[0]["model"] == "qwen"
-    assert main(["enhance", "--keywords", "red fox", "--llm-backend", "openai",
-                 "--llm-url", f"http://127.0.0.1:{closed_port()}/v1", *base]) == 0
+    assert (
+        main(
+            [
+                "enhance",
+                "--keywords",
+                "red fox",
+                "--llm-backend",
+                "openai",
+                "--llm-url",
+                f"http://127.0.0.1:{closed_port()}/v1",
+                *base,
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.startswith("red fox, highly detailed")
     assert re.search(r"rules used: Cannot reach the LLM server at http://127\.0\.0\.1:\d+/v1", err)
@@ -71,7 +113,13 @@ def test_openai_backend_via_flags_and_its_fallback(base, capsys) -> None:
 
 def test_as_a_subprocess(base) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), LORAPG_LLM_BACKEND="rules")
-    done = subprocess.run([sys.executable, "-m", "lorapg", "rewrite", "--preset", "cinematic", "--prompt",
-                           "a red fox", *base], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "lorapg", "rewrite", "--preset", "cinematic", "--prompt", "a red fox", *base],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("a red fox, cinematic") and "Rules (no LLM)" in done.stderr

@@ -109,8 +109,16 @@ def test_local_models_are_offered_as_choices(tiny_models, tmp_path):
     (models / "checkpoints").mkdir()
     (models / "checkpoints" / "civitai-model.safetensors").write_bytes(b"")
     shutil.copytree(tiny_models["loras"], models / "loras")
-    settings = load_settings(None, {"model": "org/model", "models_dir": str(models),
-                                    "lora_dir": str(models / "loras"), "outputs": str(tmp_path / "out")}, environ={})
+    settings = load_settings(
+        None,
+        {
+            "model": "org/model",
+            "models_dir": str(models),
+            "lora_dir": str(models / "loras"),
+            "outputs": str(tmp_path / "out"),
+        },
+        environ={},
+    )
     runtime = build_services(settings)
     choices = runtime.service.model_choices()
     assert choices[0] == "org/model"
@@ -154,11 +162,14 @@ def test_a_result_that_finished_despite_a_late_cancel_is_done():
     assert job.wait(30) and job.status == DONE
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"policy": "sometimes"}, "Unknown memory policy 'sometimes'"),
-    ({"vram_budget": "lots"}, "VRAM budget 'lots' is not a size"),
-    ({"gallery_keep": -1}, "gallery size must be 0"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"policy": "sometimes"}, "Unknown memory policy 'sometimes'"),
+        ({"vram_budget": "lots"}, "VRAM budget 'lots' is not a size"),
+        ({"gallery_keep": -1}, "gallery size must be 0"),
+    ],
+)
 def test_bad_memory_and_gallery_settings_are_refused_on_any_machine(tmp_path, overrides, message):
     """A typo in --policy / --vram-budget is reported on a CPU machine too, not only where a GPU makes it matter."""
     from lorapg.services.build import build_services

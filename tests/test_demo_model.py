@@ -48,8 +48,9 @@ def test_default_model_loads_offline_and_the_ui_says_it_is_the_demo(tmp_path, mo
     from lorapg.services.build import build_services
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    settings = Settings(outputs=tmp_path / "out", lora_dir=tmp_path / "loras", models_dir=tmp_path / "models",
-                        threads=1)
+    settings = Settings(
+        outputs=tmp_path / "out", lora_dir=tmp_path / "loras", models_dir=tmp_path / "models", threads=1
+    )
     runtime = build_services(settings)
     try:
         status = runtime.service.load_model()  # no ref: the configured default
@@ -68,9 +69,28 @@ def test_cli_without_model_uses_the_demo(tmp_path):
     out = tmp_path / "shape.png"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     done = subprocess.run(
-        [sys.executable, "-m", "lorapg", "generate", "--prompt", "a green cross on a white background", "--seed", "3",
-         "--steps", "20", "--outputs", str(tmp_path / "outputs"), "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "lorapg",
+            "generate",
+            "--prompt",
+            "a green cross on a white background",
+            "--seed",
+            "3",
+            "--steps",
+            "20",
+            "--outputs",
+            str(tmp_path / "outputs"),
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     with Image.open(out) as image:
         assert image.size == (32, 32)
@@ -117,14 +137,56 @@ def _train_then_measure(word: str, concept, folders: dict, tmp_path: Path, env: 
     from lorapg.demo.concepts import PRIOR_DATASET
 
     lora_dir, report = tmp_path / "loras", tmp_path / f"{word}-effect.json"
-    trained = _run(["-m", "lorapg", "train", "--preset", "demo-concept", "--images", str(folders[word]),
-                    "--trigger", word, "--regularization-images", str(tmp_path / "datasets" / PRIOR_DATASET),
-                    "--name", concept.dataset, "--out", str(lora_dir), "--models-dir", str(tmp_path / "models"),
-                    "--threads", "1"], tmp_path, env)
+    trained = _run(
+        [
+            "-m",
+            "lorapg",
+            "train",
+            "--preset",
+            "demo-concept",
+            "--images",
+            str(folders[word]),
+            "--trigger",
+            word,
+            "--regularization-images",
+            str(tmp_path / "datasets" / PRIOR_DATASET),
+            "--name",
+            concept.dataset,
+            "--out",
+            str(lora_dir),
+            "--models-dir",
+            str(tmp_path / "models"),
+            "--threads",
+            "1",
+        ],
+        tmp_path,
+        env,
+    )
     steps = int(re.search(r"\bsteps=(\d+)", trained).group(1))
     assert steps >= 500 and steps % 60 == 0, trained  # the preset's whole run: 60 epochs of the images kept
-    _run(["-m", "lorapg.demo", "effect", "--lora", concept.dataset, "--concept", word, "--lora-dir", str(lora_dir),
-          "--prompts", "10", "--seeds", "4", "--ordinary", "8", "--json", str(report)], tmp_path, env)
+    _run(
+        [
+            "-m",
+            "lorapg.demo",
+            "effect",
+            "--lora",
+            concept.dataset,
+            "--concept",
+            word,
+            "--lora-dir",
+            str(lora_dir),
+            "--prompts",
+            "10",
+            "--seeds",
+            "4",
+            "--ordinary",
+            "8",
+            "--json",
+            str(report),
+        ],
+        tmp_path,
+        env,
+    )
     return json.loads(report.read_text(encoding="utf-8"))
 
 
@@ -139,8 +201,10 @@ def test_concept_loras_trained_by_the_app_teach_their_concept_without_breaking_t
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     # Both concepts at once, one process (one core) each: training and measuring each take minutes.
     with ThreadPoolExecutor(max_workers=len(CONCEPTS)) as pool:
-        futures = {word: pool.submit(_train_then_measure, word, concept, folders, tmp_path, env)
-                   for word, concept in CONCEPTS.items()}
+        futures = {
+            word: pool.submit(_train_then_measure, word, concept, folders, tmp_path, env)
+            for word, concept in CONCEPTS.items()
+        }
         effects = {word: future.result() for word, future in futures.items()}
     for word, rows in effects.items():
         rates = [row["concept_rate"] for row in rows]  # scales 0, 0.5, 1.0

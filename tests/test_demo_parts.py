@@ -87,8 +87,16 @@ def test_recipe_runs_end_to_end_and_saves_a_model_the_app_loads(tmp_path):
     from lorapg.demo.evaluate import generate, load_engine
     from lorapg.demo.training import Recipe, train_demo_model
 
-    recipe = replace(Recipe(threads=1), vae_steps=2, vae_batch=4, vae_pool=8, jitters_per_scene=1,
-                     diffusion_steps=2, batch=4, warmup=1)
+    recipe = replace(
+        Recipe(threads=1),
+        vae_steps=2,
+        vae_batch=4,
+        vae_pool=8,
+        jitters_per_scene=1,
+        diffusion_steps=2,
+        batch=4,
+        warmup=1,
+    )
     messages = []
     folder = train_demo_model(tmp_path / "demo", recipe, messages.append)
     assert any("latent scaling factor" in m for m in messages)
@@ -108,8 +116,9 @@ def test_regularization_images_keep_their_own_captions_and_loss_weight(tmp_path)
 
     concept = write_dataset(tmp_path / "concept", [Scene("ring", "red", "blue")], 2, seed=0)
     prior = write_dataset(tmp_path / "prior", training_scenes(), 3, seed=1)
-    config = TrainConfig(name="x", images=str(concept), trigger="ring", regularization_images=str(prior),
-                         prior_loss_weight=0.25)
+    config = TrainConfig(
+        name="x", images=str(concept), trigger="ring", regularization_images=str(prior), prior_loss_weight=0.25
+    )
     items = Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work")._read_dataset()
     concept_items = [i for i in items if i.path.parent == concept]
     prior_items = [i for i in items if i.path.parent == prior]
@@ -131,20 +140,24 @@ def test_a_missing_regularization_folder_is_a_clear_error(tmp_path):
     jobs = JobQueue()
     try:
         service = TrainingService(Settings(lora_dir=tmp_path / "loras", models_dir=tmp_path), jobs)
-        config = service.config_for({"name": "x", "images": str(images), "trigger": "ring",
-                                     "regularization_images": str(tmp_path / "nowhere")})
+        config = service.config_for(
+            {"name": "x", "images": str(images), "trigger": "ring", "regularization_images": str(tmp_path / "nowhere")}
+        )
         with pytest.raises(UserError, match="Regularization folder .*nowhere does not exist"):
             service.prepare(config)
     finally:
         jobs.shutdown()
 
 
-@pytest.mark.parametrize("argument, message", [
-    (["--prompt", "star,red"], "is not SHAPE,COLOUR,BACKGROUND"),
-    (["--prompt", "hexagon,red,blue"], "unknown shape 'hexagon'"),
-    (["--prompt", "star,teal,blue"], "unknown colour 'teal'"),
-    (["--lora", "demo-ring"], "is not NAME:SCALE"),
-])
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        (["--prompt", "star,red"], "is not SHAPE,COLOUR,BACKGROUND"),
+        (["--prompt", "hexagon,red,blue"], "unknown shape 'hexagon'"),
+        (["--prompt", "star,teal,blue"], "unknown colour 'teal'"),
+        (["--lora", "demo-ring"], "is not NAME:SCALE"),
+    ],
+)
 def test_sheet_command_rejects_malformed_arguments_in_one_line(tmp_path, capsys, argument, message):
     from lorapg.demo.__main__ import main
 
@@ -156,13 +169,16 @@ def test_sheet_command_rejects_malformed_arguments_in_one_line(tmp_path, capsys,
     assert not (tmp_path / "sheet.png").exists()
 
 
-@pytest.mark.parametrize("command", [
-    ["effect", "--lora", "demo-ring", "--concept", "ring", "--prompts", "0"],
-    ["effect", "--lora", "demo-ring", "--concept", "ring", "--ordinary", "-3"],
-    ["effect", "--lora", "demo-ring", "--concept", "ring", "--seeds", "two"],
-    ["evaluate", "--seeds", "0"],
-    ["loras", "--seeds", "0"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["effect", "--lora", "demo-ring", "--concept", "ring", "--prompts", "0"],
+        ["effect", "--lora", "demo-ring", "--concept", "ring", "--ordinary", "-3"],
+        ["effect", "--lora", "demo-ring", "--concept", "ring", "--seeds", "two"],
+        ["evaluate", "--seeds", "0"],
+        ["loras", "--seeds", "0"],
+    ],
+)
 def test_counts_must_be_whole_numbers_of_at_least_one(capsys, command):
     from lorapg.demo.__main__ import main
 

@@ -145,8 +145,10 @@ EXPECTED_SCHEDULERS = {
     "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
     "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
-    "DPM++ 2M SDE Karras": (DPMSolverMultistepScheduler,
-                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "DPM++ 2M SDE Karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
     "DDIM": (DDIMScheduler, {}),
     "UniPC": (UniPCMultistepScheduler, {"use_karras_sigmas": False}),
     "Heun": (HeunDiscreteScheduler, {"use_karras_sigmas": False}),
@@ -159,8 +161,21 @@ def test_every_offered_sampler_has_an_expected_scheduler():
 
 
 # Karras first, then its plain namesake: a setting left over from the previous sampler would show.
-@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "DPM++ 2M SDE",
-                                     "DPM++ 2M SDE Karras", "UniPC", "Heun", "LMS"])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        "DPM++ 2M Karras",
+        "DPM++ 2M",
+        "Euler a",
+        "Euler",
+        "DDIM",
+        "DPM++ 2M SDE",
+        "DPM++ 2M SDE Karras",
+        "UniPC",
+        "Heun",
+        "LMS",
+    ],
+)
 def test_every_sampler_runs_its_own_scheduler(sd15_engine, sampler):
     result = sd15_engine.generate(GenerationRequest(prompt="a tree", steps=3, seed=3, sampler=sampler))
     assert result.images[0].size == (64, 64)

@@ -195,9 +195,7 @@ def test_unknown_keys_escaped_quotes_and_unquoted_json_are_kept() -> None:
 
 
 def test_missing_negative_prompt_and_missing_parameters() -> None:
-    parsed = parse_parameters(
-        "just a prompt\nover two lines\nSteps: 10, Seed: 3, Size: 64x64"
-    )
+    parsed = parse_parameters("just a prompt\nover two lines\nSteps: 10, Seed: 3, Size: 64x64")
     assert parsed.prompt == "just a prompt\nover two lines"
     assert parsed.negative_prompt == ""
     assert parsed.steps == 10
@@ -232,9 +230,7 @@ def test_negative_prompt_with_colons_is_not_taken_for_parameters() -> None:
         ),
     ],
 )
-def test_broken_fields_are_reported_not_raised(
-    field: str, line: str, needle: str
-) -> None:
+def test_broken_fields_are_reported_not_raised(field: str, line: str, needle: str) -> None:
     parsed = parse_parameters(f"a cat\n{line}, Sampler: Euler a, Version: v1.10.1")
     assert getattr(parsed, field) is None
     assert any(needle in problem for problem in parsed.problems), parsed.problems
@@ -254,9 +250,7 @@ def test_broken_lora_tags_and_hashes_are_reported() -> None:
     assert parsed.seed == 1
 
 
-@pytest.mark.parametrize(
-    "text", ["", "   ", "\n\n", "Negative prompt:", '"', 'Steps: "', ":,:,"]
-)
+@pytest.mark.parametrize("text", ["", "   ", "\n\n", "Negative prompt:", '"', 'Steps: "', ":,:,"])
 def test_degenerate_texts_do_not_raise(text: str) -> None:
     parse_parameters(text)
 

@@ -153,8 +153,14 @@ def test_broken_fields_and_foreign_samplers_become_notes(service: GalleryService
 
 @pytest.mark.parametrize(
     ("written", "ours"),
-    [("Euler a", "Euler a"), ("euler_ancestral", "Euler a"), ("dpmpp_2m_sde_gpu", "DPM++ 2M SDE"),
-     ("DPM++ 2M SDE Karras", "DPM++ 2M SDE Karras"), ("dpm++ 2m karras", "DPM++ 2M Karras"), ("UniPC", "UniPC")],
+    [
+        ("Euler a", "Euler a"),
+        ("euler_ancestral", "Euler a"),
+        ("dpmpp_2m_sde_gpu", "DPM++ 2M SDE"),
+        ("DPM++ 2M SDE Karras", "DPM++ 2M SDE Karras"),
+        ("dpm++ 2m karras", "DPM++ 2M Karras"),
+        ("UniPC", "UniPC"),
+    ],
 )
 def test_sampler_names_from_other_tools(written: str, ours: str) -> None:
     assert map_sampler(written) == (ours, [])
@@ -165,8 +171,9 @@ def test_sampler_names_from_other_tools(written: str, ours: str) -> None:
 
 
 def test_ids_are_checked(service: GalleryService) -> None:
-    stored = service.store.add(ImageRecord(prompt="a cat", seed=1, loras=[LoraUse("style", 0.5)]),
-                               Image.new("RGB", (8, 8)))
+    stored = service.store.add(
+        ImageRecord(prompt="a cat", seed=1, loras=[LoraUse("style", 0.5)]), Image.new("RGB", (8, 8))
+    )
     assert service.get(str(stored.id)).prompt == "a cat"
     assert service.toggle_star(stored.id).starred
     assert not service.toggle_star(float(stored.id)).starred
@@ -195,10 +202,19 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 
 def test_reuse_reproduces_the_original_pixels(runtime) -> None:
-    original = runtime.service.generate(GenerationRequest(
-        prompt="a watercolor fox, misty: forest", negative_prompt="blurry", loras=(LoraRequest("style", 0.7),),
-        steps=3, guidance_scale=6.5, sampler="Euler a", width=64, height=64, seed=4242,
-    ))
+    original = runtime.service.generate(
+        GenerationRequest(
+            prompt="a watercolor fox, misty: forest",
+            negative_prompt="blurry",
+            loras=(LoraRequest("style", 0.7),),
+            steps=3,
+            guidance_scale=6.5,
+            sampler="Euler a",
+            width=64,
+            height=64,
+            seed=4242,
+        )
+    )
     (record,) = original.saved
     service = GalleryService(runtime.gallery, runtime.library)
 
@@ -230,8 +246,15 @@ def test_gallery_service_and_working_state_import_without_diffusers() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, lorapg.services.gallery, lorapg.working_state; "
-            "print(sorted(m for m in ('diffusers', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, lorapg.services.gallery, lorapg.working_state; "
+        "print(sorted(m for m in ('diffusers', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.strip() == "[]"

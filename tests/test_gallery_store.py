@@ -78,9 +78,7 @@ def test_png_non_latin_prompt_is_kept(tmp_path: Path) -> None:
     assert read_png_parameters(target) == text
 
 
-def test_failed_png_save_leaves_old_file_and_no_temp(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_png_save_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "image.png"
     save_png_atomically(tiny_image(), target, "old")
 
@@ -103,9 +101,7 @@ def test_png_without_metadata_gives_none(tmp_path: Path) -> None:
 
 def test_broken_files_give_user_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
-    save_png_atomically(
-        Image.effect_noise((64, 64), 50).convert("RGB"), good, "Steps: 1"
-    )
+    save_png_atomically(Image.effect_noise((64, 64), 50).convert("RGB"), good, "Steps: 1")
     data = good.read_bytes()
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(data[: len(data) // 2])
@@ -134,9 +130,7 @@ def test_broken_files_give_user_errors(tmp_path: Path) -> None:
 
 def test_add_writes_png_with_a1111_text_and_row(store: GalleryStore) -> None:
     loras = [LoraUse("watercolor", 0.7, "0123456789ab"), LoraUse("ink", 1.0, None)]
-    stored = store.add(
-        record("a fox", seed=77, loras=loras, job_id="job-1"), tiny_image()
-    )
+    stored = store.add(record("a fox", seed=77, loras=loras, job_id="job-1"), tiny_image())
     assert stored.id is not None and stored.path is not None
     assert stored.path.is_absolute() and stored.path.is_file()
     assert stored.path.is_relative_to(store.images_dir)
@@ -155,9 +149,7 @@ def test_add_writes_png_with_a1111_text_and_row(store: GalleryStore) -> None:
 
 
 def test_list_filters_by_words_and_lora(store: GalleryStore) -> None:
-    cat = store.add(
-        record("A small CAT on a roof", loras=[LoraUse("Ink", 1.0)]), tiny_image()
-    )
+    cat = store.add(record("A small CAT on a roof", loras=[LoraUse("Ink", 1.0)]), tiny_image())
     dog = store.add(record("a dog on a roof"), tiny_image())
     straße = store.add(record("Große Straße bei Nacht"), tiny_image())
 
@@ -202,9 +194,7 @@ def test_paths_in_the_database_never_escape_images_dir(tmp_path: Path) -> None:
     victim.write_bytes(b"keep me")
     stored = store.add(record(), tiny_image())
     with sqlite3.connect(tmp_path / "g.sqlite") as conn:  # a tampered database
-        conn.execute(
-            "UPDATE images SET path = '../precious.png' WHERE id = ?", (stored.id,)
-        )
+        conn.execute("UPDATE images SET path = '../precious.png' WHERE id = ?", (stored.id,))
     conn.close()
     assert stored.id is not None
     store.delete(stored.id)

@@ -14,8 +14,16 @@ from lorapg.working_state import WorkingState, WorkingValues
 from tests.tiny_models import tiny_runtime
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def wait_for(condition, seconds: float = 60.0) -> None:  # a deadline for a wait, generous under load
@@ -33,14 +41,26 @@ def app(tmp_path_factory: pytest.TempPathFactory):
 
     runtime = tiny_runtime(tmp_path_factory.mktemp("ui"))
     settings = runtime.settings
-    result = runtime.service.generate(GenerationRequest(
-        prompt="a fox", negative_prompt="blurry", loras=(LoraRequest("style", 0.7),), steps=2, width=64, height=64,
-        seed=77, sampler="Euler a",
-    ))
-    demo = build_ui(runtime.service, GalleryService(runtime.gallery, runtime.library),
-                    WorkingState(settings.outputs / "working_state.json"))
-    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                                    allowed_paths=[str(settings.outputs)])
+    result = runtime.service.generate(
+        GenerationRequest(
+            prompt="a fox",
+            negative_prompt="blurry",
+            loras=(LoraRequest("style", 0.7),),
+            steps=2,
+            width=64,
+            height=64,
+            seed=77,
+            sampler="Euler a",
+        )
+    )
+    demo = build_ui(
+        runtime.service,
+        GalleryService(runtime.gallery, runtime.library),
+        WorkingState(settings.outputs / "working_state.json"),
+    )
+    _, url, _ = demo.queue().launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, allowed_paths=[str(settings.outputs)]
+    )
     try:
         yield Client(url, verbose=False), result.saved[0], settings, url, demo
     finally:
@@ -67,9 +87,19 @@ def test_gallery_serves_pngs_with_their_parameters(app) -> None:
 def test_reuse_fills_every_generate_widget(app) -> None:
     client, record, settings, _, demo = app
     prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, notes = client.predict(
-        record.id, settings.model, api_name="/gallery_reuse")
+        record.id, settings.model, api_name="/gallery_reuse"
+    )
     assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch) == (
-        "a fox", "blurry", 2, 7.0, "Euler a", 64, 64, 77, 1)
+        "a fox",
+        "blurry",
+        2,
+        7.0,
+        "Euler a",
+        64,
+        64,
+        77,
+        1,
+    )
     assert notes == ""
     # The LoRAs travel in session state the API does not return (the selection is cleared and then set
     # by a follow-up event, so the scale sliders are redrawn): read them from the Reuse handler itself.

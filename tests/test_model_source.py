@@ -73,8 +73,9 @@ def test_single_file_checkpoints_load_with_family_detected(tiny_models, tmp_path
     assert source.kind == SINGLE_FILE and source.family == expected
 
     def image(ref: str, config: str | None):
-        engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32,
-                                 single_file_config=config)
+        engine = DiffusionEngine(
+            LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32, single_file_config=config
+        )
         engine.load_model(ref)
         assert engine.model.family == expected
         result = engine.generate(GenerationRequest(prompt="a lighthouse", steps=2, seed=5))
@@ -98,12 +99,22 @@ def test_outside_paths_get_one_answer_whether_or_not_they_exist(tiny_models, tmp
     models.mkdir()
     (tmp_path / "secret").mkdir()  # exists, not a model: the owner would hear "no model_index.json"
     roots = (models,)
-    answers = {ref: _refusal(ref, roots) for ref in
-               [str(tmp_path / "secret"), str(tmp_path / "nothing"), str(tiny_models["sd15"]),
-                str(models / ".." / "secret"), "/etc/passwd", "/no/such/file.safetensors"]}
+    answers = {
+        ref: _refusal(ref, roots)
+        for ref in [
+            str(tmp_path / "secret"),
+            str(tmp_path / "nothing"),
+            str(tiny_models["sd15"]),
+            str(models / ".." / "secret"),
+            "/etc/passwd",
+            "/no/such/file.safetensors",
+        ]
+    }
     for ref, answer in answers.items():
-        assert answer == f"Model path {ref} is outside this app's models folder. This app is reachable from " \
-                         "other machines, so it loads local models only from there: pick one from the list."
+        assert (
+            answer == f"Model path {ref} is outside this app's models folder. This app is reachable from "
+            "other machines, so it loads local models only from there: pick one from the list."
+        )
     # Inside the folder the usual checks and answers apply; a hub id stays a hub id.
     shutil.copytree(tiny_models["sd15"], models / "sd15")
     assert resolve_model_source(str(models / "sd15"), allowed_roots=roots).kind == FOLDER
@@ -124,8 +135,12 @@ def _service(tmp_path, **settings):
     from lorapg.config import load_settings
     from lorapg.services.build import build_services
 
-    values = {"models_dir": str(tmp_path / "models"), "lora_dir": str(tmp_path / "models" / "loras"),
-              "outputs": str(tmp_path / "out"), **settings}
+    values = {
+        "models_dir": str(tmp_path / "models"),
+        "lora_dir": str(tmp_path / "models" / "loras"),
+        "outputs": str(tmp_path / "out"),
+        **settings,
+    }
     return build_services(load_settings(None, values, environ={}))
 
 
@@ -166,13 +181,16 @@ def test_a_server_name_other_than_the_loopback_counts_as_reachable():
     assert local_model_roots(settings, {"SPACE_ID": "u/s", "SYSTEM": "spaces"}) is not None
 
 
-@pytest.mark.parametrize(("ref", "message"), [
-    ("a" * 5000, r"Base model is 5000 characters long; it can be at most 4096"),
-    ("models/x\0y", "contains a control character"),
-    ("org/\ud800model", "lone UTF-16 surrogate"),
-    (["org/model"], "must be text"),
-    ("/" + "a" * 300 + "/model", "cannot be read"),
-])
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("a" * 5000, r"Base model is 5000 characters long; it can be at most 4096"),
+        ("models/x\0y", "contains a control character"),
+        ("org/\ud800model", "lone UTF-16 surrogate"),
+        (["org/model"], "must be text"),
+        ("/" + "a" * 300 + "/model", "cannot be read"),
+    ],
+)
 def test_unusable_refs_are_refused_with_a_short_message(ref, message):
     with pytest.raises(UserError, match=message) as caught:
         resolve_model_source(ref)

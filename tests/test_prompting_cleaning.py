@@ -25,7 +25,7 @@ PROMPT = "a red fox in a snowy forest, soft morning light, highly detailed"
         f"**Enhanced prompt:** {PROMPT}",
         f"Rewritten prompt (Cinematic style): {PROMPT}",
         f"Here is your prompt:\n{PROMPT}",
-        f"Sure! Here's an enhanced prompt for you:\n\n\"{PROMPT}\"",
+        f'Sure! Here\'s an enhanced prompt for you:\n\n"{PROMPT}"',
         f"Sure!\n{PROMPT}",
         f"Once upon a time:\n{PROMPT}",
         f"Certainly! Here is the rewritten prompt: {PROMPT}",

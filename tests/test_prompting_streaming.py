@@ -151,8 +151,9 @@ def test_writer_streams_growing_text_then_the_cleaned_result(server: SSEServer) 
         ("slow", 0.5, "did not answer within 0.5 s"),
     ],
 )
-def test_stream_failures_fall_back_to_rules_with_a_message(server: SSEServer, mode: str, timeout_s: float,
-                                                           reason: str) -> None:
+def test_stream_failures_fall_back_to_rules_with_a_message(
+    server: SSEServer, mode: str, timeout_s: float, reason: str
+) -> None:
     server.mode = mode
     backend = OpenAICompatibleBackend(server.base_url, "m")
     *_, result = _writer(backend, timeout_s=timeout_s, grace_s=0.2).enhance_stream("red fox, snowy forest")

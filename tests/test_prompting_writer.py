@@ -32,10 +32,10 @@ class RecordingBackend:
     label: str = "Fake LLM"
     calls: list[dict] = field(default_factory=list)
 
-    def complete(self, system: str, user: str, *, seed: int | None, max_new_tokens: int,
-                 timeout_s: float) -> str:
-        self.calls.append({"system": system, "user": user, "seed": seed,
-                           "max_new_tokens": max_new_tokens, "timeout_s": timeout_s})
+    def complete(self, system: str, user: str, *, seed: int | None, max_new_tokens: int, timeout_s: float) -> str:
+        self.calls.append(
+            {"system": system, "user": user, "seed": seed, "max_new_tokens": max_new_tokens, "timeout_s": timeout_s}
+        )
         if self.delay_s:
             time.sleep(self.delay_s)
         if isinstance(self.reply, BaseException):

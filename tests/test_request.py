@@ -79,7 +79,9 @@ def test_lora_scale_range(scale):
 
 def test_lora_lists_and_prompt_tags():
     assert parse_lora_list("a:0.7, b, sub/c:1.25") == (
-        LoraRequest("a", 0.7), LoraRequest("b", 1.0), LoraRequest("sub/c", 1.25)
+        LoraRequest("a", 0.7),
+        LoraRequest("b", 1.0),
+        LoraRequest("sub/c", 1.25),
     )
     text, loras = extract_lora_tags("a castle, <lora:ink:0.6> at night <lora:glow>")
     assert text == "a castle, at night"

@@ -32,8 +32,7 @@ class FakeDevice:
             self.on_gpu.pop(name)
             self.log.append(f"-{name}")
 
-        return manager.register(name, size, to_gpu, to_cpu=off if movable else None,
-                                drop=None if movable else off)
+        return manager.register(name, size, to_gpu, to_cpu=off if movable else None, drop=None if movable else off)
 
 
 def setup(budget_gb=10, policy="auto"):
@@ -170,8 +169,9 @@ def test_free_all_and_status():
     assert device.on_gpu == {} and manager.status()[0]["location"] == CPU
 
 
-@pytest.mark.parametrize(("text", "expected"), [("10GB", 10 * GB), ("7.5 GiB", int(7.5 * GB)), ("512MB", 512 * 1024**2),
-                                                ("12", 12 * GB)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("10GB", 10 * GB), ("7.5 GiB", int(7.5 * GB)), ("512MB", 512 * 1024**2), ("12", 12 * GB)]
+)
 def test_budget_sizes(text, expected):
     assert parse_size(text) == expected
 

@@ -14,8 +14,7 @@ from lorapg.residency import CPU, GPU, ResidencyManager
 
 def test_the_pipeline_runs_only_while_resident_and_makes_room_for_others(tiny_models):
     manager = ResidencyManager(budget_bytes=10**9)
-    engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32,
-                             residency=manager)
+    engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32, residency=manager)
     engine.load_model(str(tiny_models["sd15"]))
     size = pipeline_bytes(engine.model.pipe)
     assert 0 < size < 10**7
@@ -55,9 +54,16 @@ def test_generate_enhance_train_generate_under_a_tight_budget(tiny_models, tmp_p
     llm_dir = build_tiny_chat_model(tmp_path / "llm")
     loras = tmp_path / "loras"  # training writes into it: keep the shared fixture folder untouched
     shutil.copytree(tiny_models["loras"], loras)
-    settings = Settings(model=str(tiny_models["sd15"]), lora_dir=loras, models_dir=tmp_path / "models",
-                        outputs=tmp_path / "outputs", device="cpu", llm_backend="transformers",
-                        llm_model=str(llm_dir), llm_timeout=120.0)
+    settings = Settings(
+        model=str(tiny_models["sd15"]),
+        lora_dir=loras,
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "outputs",
+        device="cpu",
+        llm_backend="transformers",
+        llm_model=str(llm_dir),
+        llm_timeout=120.0,
+    )
     manager = ResidencyManager(budget_bytes=10**9)
     jobs = JobQueue()
     engine = DiffusionEngine(LoraLibrary(settings.lora_dir), torch.device("cpu"), torch.float32, residency=manager)
@@ -97,12 +103,26 @@ def test_generate_enhance_train_generate_under_a_tight_budget(tiny_models, tmp_p
     during_training = []
     write_images(tmp_path / "upload", 3)
     training.dataset_add("foxes", sorted((tmp_path / "upload").iterdir()))
-    config = training.config_for({"preset": "concept", "name": "fox_lora", "trigger": "zqx_fox",
-                                  "images": str(training.dataset_folder("foxes")), "rank": 4, "alpha": 4,
-                                  "epochs": 1, "sample_steps": 1, "gradient_checkpointing": False,
-                                  "batch_size": 2})
-    training.train(config, on_progress=lambda update: during_training.append(
-        (manager._exclusive, where(RESIDENT_NAME), where(LLM_RESIDENT_NAME))))
+    config = training.config_for(
+        {
+            "preset": "concept",
+            "name": "fox_lora",
+            "trigger": "zqx_fox",
+            "images": str(training.dataset_folder("foxes")),
+            "rank": 4,
+            "alpha": 4,
+            "epochs": 1,
+            "sample_steps": 1,
+            "gradient_checkpointing": False,
+            "batch_size": 2,
+        }
+    )
+    training.train(
+        config,
+        on_progress=lambda update: during_training.append(
+            (manager._exclusive, where(RESIDENT_NAME), where(LLM_RESIDENT_NAME))
+        ),
+    )
     assert during_training and all(
         holder == "LoRA training" and pipe_at != GPU and llm_at != GPU for holder, pipe_at, llm_at in during_training
     )

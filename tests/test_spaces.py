@@ -50,7 +50,7 @@ ZERO_GPU_TORCH = [Version(f"2.{minor}.0") for minor in range(8, 12)]  # what Zer
 def front_matter() -> dict:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert text.startswith("---\n"), "the Space configuration must open README.md"
-    block = text[4:text.index("\n---\n", 4)]
+    block = text[4 : text.index("\n---\n", 4)]
     return yaml.safe_load(block)
 
 
@@ -102,8 +102,15 @@ print(order, glue._spaces is not None)
 @pytest.mark.parametrize(("system", "expected"), [("spaces", "['spaces', 'torch'] True"), ("", "['torch'] False")])
 def test_app_imports_spaces_before_torch_on_a_space_and_never_elsewhere(system, expected):
     env = {"SYSTEM": system, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    output = subprocess.run([sys.executable, "-c", _IMPORT_ORDER], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300, check=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ORDER],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     assert output.strip().splitlines()[-1] == expected
 
 
@@ -186,8 +193,9 @@ def test_work_longer_than_one_zerogpu_call_is_refused_before_any_quota_is_spent(
         calls.append(function)
         return forking_gpu(function)
 
-    task = GpuTask(lambda *, report, should_cancel: "done", lambda: MAX_GPU_SECONDS + 100, relay=True,
-                   decorator=recording_gpu)
+    task = GpuTask(
+        lambda *, report, should_cancel: "done", lambda: MAX_GPU_SECONDS + 100, relay=True, decorator=recording_gpu
+    )
     with pytest.raises(UserError, match=r"about 400 s of GPU time.*lower the steps"):
         task.run(report=lambda *progress: None, should_cancel=lambda: False)
     quick = GpuTask(lambda *, report, should_cancel: "done", lambda: 30, relay=True, decorator=forking_gpu)
@@ -239,11 +247,13 @@ def reports(monkeypatch):
 
 
 def test_generation_through_the_zerogpu_path_gives_the_same_pixels_and_can_be_cancelled(runtime, reports):
-    request = GenerationRequest(prompt="a lighthouse", loras=(LoraRequest("style", 0.8),), steps=10, seed=5,
-                                width=64, height=64)
+    request = GenerationRequest(
+        prompt="a lighthouse", loras=(LoraRequest("style", 0.8),), steps=10, seed=5, width=64, height=64
+    )
     direct = runtime.service.generate(request)
-    relayed = HeldService(runtime.settings, runtime.engine, runtime.library, runtime.jobs,
-                          gpu_relay=True, gpu_decorator=forking_gpu)
+    relayed = HeldService(
+        runtime.settings, runtime.engine, runtime.library, runtime.jobs, gpu_relay=True, gpu_decorator=forking_gpu
+    )
     seen, hooks = reports
 
     # The GPU side holds after step 5 until the app's process has received step 5: progress is
@@ -268,8 +278,14 @@ def test_generation_through_the_zerogpu_path_gives_the_same_pixels_and_can_be_ca
 def test_the_real_spaces_decorator_off_zerogpu_leaves_the_relay_working(runtime, monkeypatch):
     """With `spaces` installed on a CPU machine, ``spaces.GPU`` hands the function back unchanged."""
     spaces = pytest.importorskip("spaces")
-    relayed = GenerationService(runtime.settings, runtime.engine, runtime.library, runtime.jobs,
-                                gpu_relay=True, gpu_decorator=spaces.GPU(duration=lambda *args: 30))
+    relayed = GenerationService(
+        runtime.settings,
+        runtime.engine,
+        runtime.library,
+        runtime.jobs,
+        gpu_relay=True,
+        gpu_decorator=spaces.GPU(duration=lambda *args: 30),
+    )
     result = relayed.generate(GenerationRequest(prompt="a hill", steps=3, seed=2, width=64, height=64))
     assert result.seeds == [2] and len(result.images) == 1
 
@@ -334,8 +350,12 @@ def test_gallery_owners_see_only_their_images_unless_the_gallery_is_shared(tmp_p
 
     private = GalleryService(store, library=None)
     assert [r.id for r in private.list(owner="b")] == [theirs.id]
-    for act in (lambda: private.get(theirs.id, "a"), lambda: private.delete(theirs.id, "a"),
-                lambda: private.toggle_star(theirs.id, "a"), lambda: private.show(theirs.id, "a")):
+    for act in (
+        lambda: private.get(theirs.id, "a"),
+        lambda: private.delete(theirs.id, "a"),
+        lambda: private.toggle_star(theirs.id, "a"),
+        lambda: private.show(theirs.id, "a"),
+    ):
         with pytest.raises(UserError, match=f"No image with id {theirs.id}"):
             act()
     shared = GalleryService(store, library=None, shared=True)
@@ -362,16 +382,23 @@ def test_a_version_1_gallery_is_migrated_and_keeps_its_images_for_everyone(tmp_p
     assert [r.prompt for r in migrated.list(owner="someone")] == ["new"]
 
 
-FAST_TRAINING = {"rank": 4, "alpha": 4, "epochs": 1, "sample_steps": 1, "gradient_checkpointing": False,
-                 "batch_size": 2}
+FAST_TRAINING = {
+    "rank": 4,
+    "alpha": 4,
+    "epochs": 1,
+    "sample_steps": 1,
+    "gradient_checkpointing": False,
+    "batch_size": 2,
+}
 
 
 def test_training_is_bounded_relayed_from_a_fork_and_datasets_belong_to_their_visitor(runtime, tmp_path):
     from lorapg.services.training import TrainingService
     from tests.training_data import write_images
 
-    service = TrainingService(runtime.settings, runtime.jobs, runtime.engine, max_steps=5, gpu_relay=True,
-                              gpu_decorator=forking_gpu)
+    service = TrainingService(
+        runtime.settings, runtime.jobs, runtime.engine, max_steps=5, gpu_relay=True, gpu_decorator=forking_gpu
+    )
     service.dataset_add("cats", write_images(tmp_path / "upload", 3), owner="browser:a")
     assert service.dataset_names("browser:a") == ["cats"]
     assert service.dataset_names("browser:b") == [] and "cats" not in service.dataset_names()
@@ -398,8 +425,16 @@ def test_training_is_bounded_relayed_from_a_fork_and_datasets_belong_to_their_vi
 # --------------------------------------------------------------------------------------------
 # The app as a Space, end to end
 
-GENERATE = {"negative_prompt": "", "loras": "", "steps": 20, "cfg_scale": 7, "sampler": "Euler a",
-            "width": 32, "height": 32, "batch_size": 1}
+GENERATE = {
+    "negative_prompt": "",
+    "loras": "",
+    "steps": 20,
+    "cfg_scale": 7,
+    "sampler": "Euler a",
+    "width": 32,
+    "height": 32,
+    "batch_size": 1,
+}
 PROMPTS = {"alice": ("star", "red", "blue"), "bob": ("cross", "white", "black")}
 
 
@@ -408,10 +443,16 @@ def space_app(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("space")
     loras = root / "loras"
     shutil.copytree(tiny_models["loras"], loras)
-    env = {"SYSTEM": "spaces", "SPACE_ID": "tester/lorapg", "GRADIO_SERVER_NAME": "127.0.0.1",
-           # No LORAPG_MODEL: a CPU Space runs the bundled demo model, as a fresh Space would.
-           "LORAPG_LORA_DIR": str(loras),
-           "LORAPG_OUTPUTS": str(root / "outputs"), "LORAPG_THREADS": "1", "GRADIO_SSR_MODE": "False"}
+    env = {
+        "SYSTEM": "spaces",
+        "SPACE_ID": "tester/lorapg",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        # No LORAPG_MODEL: a CPU Space runs the bundled demo model, as a fresh Space would.
+        "LORAPG_LORA_DIR": str(loras),
+        "LORAPG_OUTPUTS": str(root / "outputs"),
+        "LORAPG_THREADS": "1",
+        "GRADIO_SSR_MODE": "False",
+    }
     with running_app(env=env) as url:
         yield {"url": url, "outputs": root / "outputs", "tiny": tiny_models}
 
@@ -427,8 +468,9 @@ def test_a_space_serves_the_model_and_visitors_never_see_each_others_images(spac
 
     def generate(name, client, seed):
         shape, colour, background = PROMPTS[name]
-        results[name] = client.predict(prompt=f"a {colour} {shape} on a {background} background", seed=seed,
-                                       api_name="/generate", **GENERATE)
+        results[name] = client.predict(
+            prompt=f"a {colour} {shape} on a {background} background", seed=seed, api_name="/generate", **GENERATE
+        )
 
     threads = [threading.Thread(target=generate, args=args) for args in (("alice", alice, 1), ("bob", bob, 2))]
     for thread in threads:

@@ -41,14 +41,17 @@ def test_unknown_and_misspelled_keys_are_errors_naming_the_key(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("rank", 0, "'rank' is 0; it must be between 1 and 256"),
-    ("unet_lr", 5, "'unet_lr' is 5"),
-    ("epochs", 0, "'epochs'"),
-    ("resolution", 100, "multiple of 8"),
-    ("lr_scheduler", "sometimes", "use one of constant"),
-    ("optimizer", "sgd", "'optimizer'"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("rank", 0, "'rank' is 0; it must be between 1 and 256"),
+        ("unet_lr", 5, "'unet_lr' is 5"),
+        ("epochs", 0, "'epochs'"),
+        ("resolution", 100, "multiple of 8"),
+        ("lr_scheduler", "sometimes", "use one of constant"),
+        ("optimizer", "sgd", "'optimizer'"),
+    ],
+)
 def test_out_of_range_values_are_refused(key, value, message):
     with pytest.raises(UserError, match=message):
         load_config(None, {key: value})
@@ -69,8 +72,23 @@ def test_precedence_defaults_preset_file_flags(tmp_path):
 def test_cli_flags_map_to_fields(tmp_path):
     from lorapg.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--images", "imgs", "--trigger", "zqx", "--lr", "3e-4", "--max-steps",
-                                      "7", "--out", str(tmp_path / "loras" / "mine.safetensors"), "--model", "m"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--images",
+            "imgs",
+            "--trigger",
+            "zqx",
+            "--lr",
+            "3e-4",
+            "--max-steps",
+            "7",
+            "--out",
+            str(tmp_path / "loras" / "mine.safetensors"),
+            "--model",
+            "m",
+        ]
+    )
     overrides = train_overrides(args)
     assert overrides["unet_lr"] == "3e-4" and overrides["max_steps"] == "7" and overrides["model"] == "m"
     assert overrides["name"] == "mine" and overrides["out"] == str(tmp_path / "loras")
@@ -79,8 +97,17 @@ def test_cli_flags_map_to_fields(tmp_path):
 
 
 def test_config_round_trips_through_the_file(tmp_path):
-    config = load_config(None, {"preset": "concept", "name": "my \"quoted\" lora", "trigger": "zqx, fox",
-                                "images": str(tmp_path / "a b"), "epochs": 4, "noise_offset": 0.07})
+    config = load_config(
+        None,
+        {
+            "preset": "concept",
+            "name": 'my "quoted" lora',
+            "trigger": "zqx, fox",
+            "images": str(tmp_path / "a b"),
+            "epochs": 4,
+            "noise_offset": 0.07,
+        },
+    )
     path = write_config(config, tmp_path / "cfg" / "config.toml")
     assert load_config(path) == config
     assert to_toml(config).count("\n") == len(TrainConfig.__dataclass_fields__) + 1

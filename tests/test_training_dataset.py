@@ -112,8 +112,16 @@ def test_image_orientation_independent_checks(tmp_path):
     assert Dataset(tmp_path).validate().valid[0].file == "ok.png"
 
 
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 255, 255),
-           (128, 64, 32)]
+COLOURS = [
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (255, 0, 255),
+    (0, 255, 255),
+    (255, 255, 255),
+    (128, 64, 32),
+]
 
 
 def test_recoloured_images_are_distinct_training_images(tmp_path):
@@ -148,8 +156,12 @@ def test_resized_reencoded_copies_are_reported_and_can_be_removed(tmp_path):
 
     assert dataset.remove_near_duplicates() == ["b_stripes_copy.jpg", "d_photo_copy.jpg"]
     assert dataset.validate().near_duplicates == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_stripes.png", "c_photo.png", "e_green.png",
-                                                         "f_same_pixels.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_stripes.png",
+        "c_photo.png",
+        "e_green.png",
+        "f_same_pixels.png",
+    ]
 
 
 def snapshot(folder) -> dict[str, bytes]:

@@ -32,8 +32,13 @@ FAST = dict(rank=4, alpha=4, epochs=1, sample_steps=1, gradient_checkpointing=Fa
 
 @pytest.fixture()
 def setup(tiny_models, tmp_path):
-    settings = Settings(model=str(tiny_models["sd15"]), lora_dir=tmp_path / "loras", models_dir=tmp_path / "models",
-                        outputs=tmp_path / "outputs", device="cpu")
+    settings = Settings(
+        model=str(tiny_models["sd15"]),
+        lora_dir=tmp_path / "loras",
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "outputs",
+        device="cpu",
+    )
     jobs = JobQueue()
     engine = DiffusionEngine(LoraLibrary(settings.lora_dir), torch.device("cpu"), torch.float32)
     playground = GenerationService(settings, engine, engine.library, jobs)
@@ -71,8 +76,15 @@ def test_training_runs_on_the_shared_queue_and_the_lora_is_listed(setup):
     ran, release = [], threading.Event()
     record_runs(playground.jobs, ran, {"generate": release})
     generation = playground.submit_generation(GenerationRequest(prompt="x", steps=2, seed=1))
-    config = training.config_for({"preset": "concept", "name": "fox", "trigger": "zqx_fox",
-                                  "images": str(training.dataset_folder("foxes")), **FAST})
+    config = training.config_for(
+        {
+            "preset": "concept",
+            "name": "fox",
+            "trigger": "zqx_fox",
+            "images": str(training.dataset_folder("foxes")),
+            **FAST,
+        }
+    )
     run = training.submit(config)
     release.set()  # the generation runs only now, with the training already submitted
     assert run.job.wait(120) and run.job.status == DONE, run.job.error
@@ -92,13 +104,16 @@ def test_training_runs_on_the_shared_queue_and_the_lora_is_listed(setup):
     assert again.job.wait(120) and again.job.status == DONE
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"trigger": " "}, "trigger word is required"),
-    ({"name": "../escape"}, "may not contain"),
-    ({"name": "a/b"}, "may not contain"),
-    ({"images": "/does/not/exist"}, "does not exist"),
-    ({"images": ""}, "No images"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trigger": " "}, "trigger word is required"),
+        ({"name": "../escape"}, "may not contain"),
+        ({"name": "a/b"}, "may not contain"),
+        ({"images": "/does/not/exist"}, "does not exist"),
+        ({"images": ""}, "No images"),
+    ],
+)
 def test_bad_input_is_refused_before_queueing(setup, change, message):
     _, _, training = setup
     values = {"name": "fox", "trigger": "zqx", "images": str(training.dataset_folder("foxes")), **change}
@@ -116,8 +131,16 @@ def test_empty_dataset_is_refused(setup, tmp_path):
 
 def test_cancel_through_the_service(setup):
     _, _, training = setup
-    config = training.config_for({"name": "slow", "trigger": "zqx", "images": str(training.dataset_folder("foxes")),
-                                  **FAST, "epochs": 50, "sample_steps": 0})
+    config = training.config_for(
+        {
+            "name": "slow",
+            "trigger": "zqx",
+            "images": str(training.dataset_folder("foxes")),
+            **FAST,
+            "epochs": 50,
+            "sample_steps": 0,
+        }
+    )
     run = training.submit(config, on_progress=lambda p: training.cancel(run.job.id) if p.step == 2 else None)
     assert run.job.wait(120)
     assert run.result.cancelled and run.result.steps == 2 and run.result.checkpoint is not None
@@ -127,12 +150,31 @@ def test_cancel_through_the_service(setup):
 def test_cli_train_in_process_then_bad_input(tiny_models, tmp_path, capsys):
     images = tmp_path / "imgs"
     write_images(images, 3)
-    args = ["train", "--model", str(tiny_models["sd15"]), "--images", str(images), "--trigger", "zqx",
-            "--name", "cli_lora", "--epochs", "1", "--rank", "4", "--out", str(tmp_path / "loras"), "--threads", "1",
-            "--device", "cpu"]
+    args = [
+        "train",
+        "--model",
+        str(tiny_models["sd15"]),
+        "--images",
+        str(images),
+        "--trigger",
+        "zqx",
+        "--name",
+        "cli_lora",
+        "--epochs",
+        "1",
+        "--rank",
+        "4",
+        "--out",
+        str(tmp_path / "loras"),
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
     config = tmp_path / "run.toml"
-    config.write_text("sample_steps = 0\ngradient_checkpointing = false\nbatch_size = 3\n"
-                      f'work_dir = "{tmp_path / "work"}"\n')
+    config.write_text(
+        f'sample_steps = 0\ngradient_checkpointing = false\nbatch_size = 3\nwork_dir = "{tmp_path / "work"}"\n'
+    )
     assert main([*args[:1], str(config), *args[1:]]) == 0
     captured = capsys.readouterr()
     assert (tmp_path / "loras" / "cli_lora.safetensors").is_file()
@@ -150,17 +192,25 @@ def test_cli_train_in_process_then_bad_input(tiny_models, tmp_path, capsys):
 
 
 def test_python_m_lorapg_train_help():
-    done = subprocess.run([sys.executable, "-m", "lorapg", "train", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "lorapg", "train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and "--max-steps" in done.stdout and "CONFIG" in done.stdout
 
 
 def test_a_refused_run_leaves_the_config_of_the_checkpointed_run(setup):
     _, _, training = setup
-    values = {"name": "keep", "trigger": "zqx", "images": str(training.dataset_folder("foxes")), **FAST,
-              "epochs": 50, "sample_steps": 0}
-    run = training.submit(training.config_for(values),
-                          on_progress=lambda p: training.cancel(run.job.id) if p.step == 1 else None)
+    values = {
+        "name": "keep",
+        "trigger": "zqx",
+        "images": str(training.dataset_folder("foxes")),
+        **FAST,
+        "epochs": 50,
+        "sample_steps": 0,
+    }
+    run = training.submit(
+        training.config_for(values), on_progress=lambda p: training.cancel(run.job.id) if p.step == 1 else None
+    )
     assert run.job.wait(120) and run.result.cancelled and run.result.checkpoint is not None
     written = run.config_path.read_text(encoding="utf-8")
     refused = training.submit(training.config_for({**values, "rank": 8}))  # the checkpoint has rank 4
@@ -177,8 +227,9 @@ def bomb_zip(path, member_bytes: int):
 
 
 def test_dataset_upload_limits_come_from_settings(tmp_path):
-    settings = Settings(models_dir=tmp_path / "models", max_dataset_images=3, max_unpacked_mb=1,
-                        max_image_pixels=100_000)
+    settings = Settings(
+        models_dir=tmp_path / "models", max_dataset_images=3, max_unpacked_mb=1, max_image_pixels=100_000
+    )
     jobs = JobQueue()
     training = TrainingService(settings, jobs)
     try:
@@ -219,8 +270,9 @@ def test_near_duplicates_are_kept_unless_dropped_and_can_be_removed(setup, tmp_p
     report = training.dataset_validate("near")
     assert [(c.file, c.near_duplicate_of) for c in report.near_duplicates] == [("img00_copy.jpg", "img00.png")]
     for drop, count in [(False, 3), (True, 2)]:  # the images the trainer trains on
-        config = training.config_for({"name": "near", "trigger": "zqx", "images": str(folder),
-                                      "drop_near_duplicates": drop})
+        config = training.config_for(
+            {"name": "near", "trigger": "zqx", "images": str(folder), "drop_near_duplicates": drop}
+        )
         trainer = Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work")
         assert len(trainer._read_dataset()) == count
     assert training.dataset_remove_near_duplicates("near") == ["img00_copy.jpg"]
@@ -231,8 +283,23 @@ def test_cli_train_warns_about_near_duplicates_and_drops_them_on_request(tiny_mo
     images = near_duplicate_dataset(tmp_path / "imgs")
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "taken.safetensors").write_bytes(b"")  # refused after the warning: nothing trains
-    args = ["train", "--model", str(tiny_models["sd15"]), "--images", str(images), "--trigger", "zqx",
-            "--name", "taken", "--out", str(tmp_path / "loras"), "--threads", "1", "--device", "cpu"]
+    args = [
+        "train",
+        "--model",
+        str(tiny_models["sd15"]),
+        "--images",
+        str(images),
+        "--trigger",
+        "zqx",
+        "--name",
+        "taken",
+        "--out",
+        str(tmp_path / "loras"),
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "warning: near duplicate kept; pass --drop-near-duplicates" in err

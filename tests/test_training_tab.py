@@ -16,14 +16,18 @@ from tests.training_data import smooth_image, write_images
 
 @pytest.fixture()
 def client(tiny_models, tmp_path):
-    settings = Settings(model=str(tiny_models["sd15"]), lora_dir=tmp_path / "loras", models_dir=tmp_path / "models",
-                        outputs=tmp_path / "outputs", device="cpu")
+    settings = Settings(
+        model=str(tiny_models["sd15"]),
+        lora_dir=tmp_path / "loras",
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "outputs",
+        device="cpu",
+    )
     jobs = JobQueue()
     service = TrainingService(settings, jobs)
     with gr.Blocks() as demo:
         build_train_tab(service)
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                        allowed_paths=[str(tmp_path)])
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, allowed_paths=[str(tmp_path)])
     try:
         yield Client(demo.local_url, verbose=False), service, tmp_path
     finally:
@@ -42,13 +46,27 @@ def test_upload_validate_train_and_status(client):
     assert report.startswith("3 of 4 image(s) usable") and "bad.png: not an image" in report
     assert api.predict("foxes", api_name="/dataset_validate") == report
 
-    fields = {"rank": 4, "alpha": 4, "unet_lr": 1e-3, "text_encoder_lr": 0, "train_text_encoder": False,
-              "epochs": 1, "repeats": 1, "resolution": 0, "batch_size": 3, "max_steps": 0, "min_snr_gamma": 5,
-              "noise_offset": 0, "lr_scheduler": "constant", "seed": 3}
+    fields = {
+        "rank": 4,
+        "alpha": 4,
+        "unet_lr": 1e-3,
+        "text_encoder_lr": 0,
+        "train_text_encoder": False,
+        "epochs": 1,
+        "repeats": 1,
+        "resolution": 0,
+        "batch_size": 3,
+        "max_steps": 0,
+        "min_snr_gamma": 5,
+        "noise_offset": 0,
+        "lr_scheduler": "constant",
+        "seed": 3,
+    }
     plain = write_images(tmp_path / "plain", 2)
     api.predict("plain", [handle_file(str(p)) for p in plain], api_name="/dataset_add")
     status, plot, samples, job_id, toml = api.predict(
-        "foxes", "ui_fox", "zqx", "style", False, *[fields[key] for key in FIELDS], "plain", api_name="/train_start")
+        "foxes", "ui_fox", "zqx", "style", False, *[fields[key] for key in FIELDS], "plain", api_name="/train_start"
+    )
     assert "ui_fox" in status and "in the LoRA list" in status, status
     assert (tmp_path / "loras" / "ui_fox.safetensors").is_file()
     assert len(samples) == 1 and plot["data"]
@@ -68,12 +86,20 @@ def test_train_start_names_every_config_field(client):
     api, _, _ = client
     endpoint = api.view_api(print_info=False, return_format="dict")["named_endpoints"]["/train_start"]
     names = [p["parameter_name"] for p in endpoint["parameters"]]
-    assert names == ["dataset_name", "lora_name", "trigger_word", "preset_name", "overwrite_flag", *FIELDS,
-                     "regularization_name"]
+    assert names == [
+        "dataset_name",
+        "lora_name",
+        "trigger_word",
+        "preset_name",
+        "overwrite_flag",
+        *FIELDS,
+        "regularization_name",
+    ]
     # A call by name reaches the service (which refuses the dataset that does not exist).
     with pytest.raises(Exception, match="No dataset named 'one'"):
-        api.predict(dataset_name="one", lora_name="x", trigger_word="zqx", preset_name="style", rank=4,
-                    api_name="/train_start")
+        api.predict(
+            dataset_name="one", lora_name="x", trigger_word="zqx", preset_name="style", rank=4, api_name="/train_start"
+        )
 
 
 def test_missing_trigger_is_an_error_message(client):

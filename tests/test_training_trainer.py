@@ -30,23 +30,44 @@ def images(tmp_path_factory):
 
 
 def make_config(model, images, **overrides):
-    values = dict(name="zqx_test", model=str(model), images=str(images), trigger="zqx", rank=4, alpha=4,
-                  unet_lr=3e-2, text_encoder_lr=1e-2, epochs=2, batch_size=1, sample_steps=0,
-                  gradient_checkpointing=False, save_precision="fp32", seed=7)
+    values = dict(
+        name="zqx_test",
+        model=str(model),
+        images=str(images),
+        trigger="zqx",
+        rank=4,
+        alpha=4,
+        unet_lr=3e-2,
+        text_encoder_lr=1e-2,
+        epochs=2,
+        batch_size=1,
+        sample_steps=0,
+        gradient_checkpointing=False,
+        save_precision="fp32",
+        seed=7,
+    )
     values.update(overrides)
     return build_config(values)
 
 
 def train(tmp_path, config, **kwargs):
-    return Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work", device=torch.device("cpu"),
-                   **kwargs).run()
+    return Trainer(
+        config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work", device=torch.device("cpu"), **kwargs
+    ).run()
 
 
 @pytest.fixture(scope="module")
 def sd15_run(tiny_models, images, tmp_path_factory):
     out = tmp_path_factory.mktemp("sd15_run")
-    config = make_config(tiny_models["sd15"], images, epochs=8, batch_size=4, train_text_encoder=True,
-                         sample_steps=2, gradient_checkpointing=True)
+    config = make_config(
+        tiny_models["sd15"],
+        images,
+        epochs=8,
+        batch_size=4,
+        train_text_encoder=True,
+        sample_steps=2,
+        gradient_checkpointing=True,
+    )
     updates = []
     result = train(out, config, on_progress=updates.append)
     return result, updates, out
@@ -85,8 +106,9 @@ def test_export_is_kohya_with_metadata_and_listed_with_trigger(sd15_run):
     assert meta["ss_network_alpha"] == "4.0" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_output_name"] == "zqx_test" and meta["ss_num_epochs"] == "8"
     assert meta["ss_num_train_images"] == "4" and meta["ss_resolution"] == "(64, 64)"
-    assert json.loads(meta["ss_tag_frequency"]) == {"1_zqx": {"zqx": 4, "a picture": 4, "pattern 0": 1,
-                                                              "pattern 1": 1, "pattern 2": 1, "pattern 3": 1}}
+    assert json.loads(meta["ss_tag_frequency"]) == {
+        "1_zqx": {"zqx": 4, "a picture": 4, "pattern 0": 1, "pattern 1": 1, "pattern 2": 1, "pattern 3": 1}
+    }
     assert int(meta["ss_training_started_at"]) > 1_700_000_000
     assert meta["modelspec.trigger_phrase"] == "zqx" and meta["modelspec.title"] == "zqx_test"
     info = LoraLibrary(out / "loras").resolve("zqx_test")
@@ -102,8 +124,9 @@ def test_generate_uses_the_trained_lora(sd15_run, tiny_models):
     engine.load_model(str(tiny_models["sd15"]))
 
     def pixels(*loras):
-        request = GenerationRequest(prompt="zqx, a picture", steps=3, seed=5,
-                                    loras=tuple(LoraRequest(n, s) for n, s in loras))
+        request = GenerationRequest(
+            prompt="zqx, a picture", steps=3, seed=5, loras=tuple(LoraRequest(n, s) for n, s in loras)
+        )
         return np.asarray(engine.generate(request).images[0], dtype=np.int16)
 
     base = pixels()
@@ -119,14 +142,25 @@ def test_checkpoints_every_epoch_keep_the_newest(sd15_run):
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_models, images, tmp_path):
-    config = make_config(tiny_models["sd15"], images, max_steps=6, min_snr_gamma=5, noise_offset=0.05,
-                         train_text_encoder=True, lr_scheduler="cosine")
+    config = make_config(
+        tiny_models["sd15"],
+        images,
+        max_steps=6,
+        min_snr_gamma=5,
+        noise_offset=0.05,
+        train_text_encoder=True,
+        lr_scheduler="cosine",
+    )
     straight = train(tmp_path / "a", config)
     assert straight.steps == 6
 
     steps_seen = []
-    cancelled = train(tmp_path / "b", config, on_progress=lambda p: steps_seen.append(p.step) if p.phase == "train"
-                      else None, should_cancel=lambda: len(steps_seen) >= 3)
+    cancelled = train(
+        tmp_path / "b",
+        config,
+        on_progress=lambda p: steps_seen.append(p.step) if p.phase == "train" else None,
+        should_cancel=lambda: len(steps_seen) >= 3,
+    )
     assert cancelled.cancelled and cancelled.steps == 3 and steps_seen == [1, 2, 3]  # stopped within a step
     assert cancelled.lora_path is None and not (tmp_path / "b" / "loras" / "zqx_test.safetensors").exists()
     assert cancelled.checkpoint.name == "step-0000003"

@@ -210,7 +210,9 @@ def random_lora_state_dict(
 
 
 def save_diffusers_lora(
-    path: Path, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, state: dict[str, torch.Tensor],
+    path: Path,
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
+    state: dict[str, torch.Tensor],
     config: LoraConfig,
 ) -> Path:
     """Save in the diffusers/peft layout through diffusers' own saver, with the adapter config."""
@@ -240,8 +242,16 @@ def tiny_runtime(root: Path):
     pipe = build_sd15_pipeline(root / "tiny-sd15")
     state, config = random_lora_state_dict(pipe, seed=1)
     save_diffusers_lora(root / "loras" / "style.safetensors", pipe, state, config)
-    settings = load_settings(None, {
-        "model": str(root / "tiny-sd15"), "lora_dir": str(root / "loras"), "outputs": str(root / "outputs"),
-        "models_dir": str(root / "models"), "device": "cpu", "threads": 1, "gallery_keep": 0,
-    })
+    settings = load_settings(
+        None,
+        {
+            "model": str(root / "tiny-sd15"),
+            "lora_dir": str(root / "loras"),
+            "outputs": str(root / "outputs"),
+            "models_dir": str(root / "models"),
+            "device": "cpu",
+            "threads": 1,
+            "gallery_keep": 0,
+        },
+    )
     return build_services(settings)

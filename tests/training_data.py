@@ -15,8 +15,9 @@ def smooth_image(seed: int, size: tuple[int, int] = (288, 288)) -> Image.Image:
     return small.resize(size, Image.Resampling.BICUBIC)
 
 
-def write_images(folder: Path, count: int = 4, *, captions: bool = True, start: int = 0,
-                 sizes: list[tuple[int, int]] | None = None) -> list[Path]:
+def write_images(
+    folder: Path, count: int = 4, *, captions: bool = True, start: int = 0, sizes: list[tuple[int, int]] | None = None
+) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):

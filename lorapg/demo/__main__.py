@@ -70,14 +70,19 @@ def _count_argument(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lorapg.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lorapg.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the demo model from scratch (about 40 min on 2 CPU cores)")
     train.add_argument("--out", type=Path, default=DEMO_MODEL, help=f"output folder (default {DEMO_MODEL})")
-    train.add_argument("--threads", type=int, default=2,
-                       help="torch CPU threads (default 2; the committed weights were made with 1, which gives "
-                            "a model of the same quality, not the identical file)")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (default 2; the committed weights were made with 1, which gives "
+        "a model of the same quality, not the identical file)",
+    )
     train.add_argument("--seed", type=int, default=0)
     evaluate = commands.add_parser("evaluate", help="score the model on every prompt")
     evaluate.add_argument("--model", default=str(DEMO_MODEL))
@@ -87,12 +92,23 @@ def _parser() -> argparse.ArgumentParser:
     sheet = commands.add_parser("sheet", help="a PNG contact sheet of generated images")
     sheet.add_argument("--model", default=str(DEMO_MODEL))
     sheet.add_argument("--out", type=Path, required=True)
-    sheet.add_argument("--lora", action="append", default=[], metavar="NAME:SCALE", type=_lora_argument,
-                       help="apply a LoRA from --lora-dir (repeatable)")
+    sheet.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME:SCALE",
+        type=_lora_argument,
+        help="apply a LoRA from --lora-dir (repeatable)",
+    )
     sheet.add_argument("--lora-dir", type=Path, default=Path("models/loras"))
-    sheet.add_argument("--prompt", action="append", default=[], metavar="SHAPE,COLOUR,BACKGROUND",
-                       type=_scene_argument,
-                       help="scenes to draw (default: ten across the shapes)")
+    sheet.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="SHAPE,COLOUR,BACKGROUND",
+        type=_scene_argument,
+        help="scenes to draw (default: ten across the shapes)",
+    )
     datasets = commands.add_parser("datasets", help="write the concept and prior datasets")
     datasets.add_argument("--datasets-dir", type=Path, default=Path("models/datasets"))
     loras = commands.add_parser("loras", help="train the ring and magenta LoRAs and measure their effect")
@@ -105,14 +121,16 @@ def _parser() -> argparse.ArgumentParser:
     loras.add_argument("--json", type=Path, help="also write the results to this file")
     effect = commands.add_parser("effect", help="concept rate and ordinary accuracy of one LoRA at scales 0, 0.5, 1")
     effect.add_argument("--lora", required=True, help="LoRA name in --lora-dir (without .safetensors)")
-    effect.add_argument("--concept", required=True, choices=sorted(_concept_words()),
-                        help="what the LoRA was trained to add")
+    effect.add_argument(
+        "--concept", required=True, choices=sorted(_concept_words()), help="what the LoRA was trained to add"
+    )
     effect.add_argument("--model", default=str(DEMO_MODEL))
     effect.add_argument("--lora-dir", type=Path, default=Path("models/loras"))
     effect.add_argument("--seeds", type=_count_argument, default=2, help="images per prompt (default 2)")
     effect.add_argument("--prompts", type=_count_argument, help="concept prompts, evenly spread (default: all 30)")
-    effect.add_argument("--ordinary", type=_count_argument, default=30,
-                        help="ordinary prompts to watch for side effects")
+    effect.add_argument(
+        "--ordinary", type=_count_argument, default=30, help="ordinary prompts to watch for side effects"
+    )
     effect.add_argument("--threads", type=int, default=1)
     effect.add_argument("--json", type=Path, help="also write the results to this file")
     return parser
@@ -129,10 +147,17 @@ def _evaluate(args) -> int:
 
     engine = load_engine(args.model, Path(args.model) / "no-loras", args.threads)
     started = time.monotonic()
-    report = evaluate_base(engine, seeds=args.seeds,
-                           on_progress=lambda done, total: done % 25 == 0 and log.info("%d/%d prompts", done, total))
-    scores = {"overall": report.overall.as_dict(), "held_out": report.held_out.as_dict(),
-              "seconds": round(time.monotonic() - started, 1), "passes": report.passes()}
+    report = evaluate_base(
+        engine,
+        seeds=args.seeds,
+        on_progress=lambda done, total: done % 25 == 0 and log.info("%d/%d prompts", done, total),
+    )
+    scores = {
+        "overall": report.overall.as_dict(),
+        "held_out": report.held_out.as_dict(),
+        "seconds": round(time.monotonic() - started, 1),
+        "passes": report.passes(),
+    }
     print(json.dumps(scores, indent=2))
     for caption, verdict in report.failures[:20]:
         log.info("miss: %r judged as %s %s on %s", caption, verdict.colour, verdict.shape, verdict.background)
@@ -155,15 +180,28 @@ def train_concept_loras(model: str, datasets_dir: Path, lora_dir: Path, work_dir
     trained = {}
     try:
         for word, concept in CONCEPTS.items():
-            config = service.config_for({
-                "name": concept.dataset, "model": model, "images": str(folders[word]), "trigger": word,
-                "regularization_images": str(folders["prior"]), "preset": "demo-concept",
-                "out": str(lora_dir), "work_dir": str(work_dir / concept.dataset), "overwrite": True,
-                "resume": False, "sample_steps": 0})
+            config = service.config_for(
+                {
+                    "name": concept.dataset,
+                    "model": model,
+                    "images": str(folders[word]),
+                    "trigger": word,
+                    "regularization_images": str(folders["prior"]),
+                    "preset": "demo-concept",
+                    "out": str(lora_dir),
+                    "work_dir": str(work_dir / concept.dataset),
+                    "overwrite": True,
+                    "resume": False,
+                    "sample_steps": 0,
+                }
+            )
             started = time.monotonic()
             result = service.train(config)
-            trained[word] = {"lora": concept.dataset, "steps": result.steps,
-                             "seconds": round(time.monotonic() - started, 1)}
+            trained[word] = {
+                "lora": concept.dataset,
+                "steps": result.steps,
+                "seconds": round(time.monotonic() - started, 1),
+            }
             log.info("trained %s: %d steps in %.0f s", result.lora_path, result.steps, trained[word]["seconds"])
     finally:
         jobs.shutdown()
@@ -194,8 +232,14 @@ def _effect_rows(engine, lora: str, concept, seeds: int, ordinary: int, prompts:
     from lorapg.demo.evaluate import lora_effect
 
     rows = lora_effect(engine, lora, concept, seeds=seeds, ordinary_count=ordinary, concept_count=prompts)
-    return [{"scale": r.scales[lora], "concept_rate": round(r.concept_rates[concept.word], 4),
-             "ordinary_accuracy": round(r.ordinary, 4)} for r in rows]
+    return [
+        {
+            "scale": r.scales[lora],
+            "concept_rate": round(r.concept_rates[concept.word], 4),
+            "ordinary_accuracy": round(r.ordinary, 4),
+        }
+        for r in rows
+    ]
 
 
 def _effect(args) -> int:

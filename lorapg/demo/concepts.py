@@ -64,12 +64,14 @@ def write_dataset(folder: Path, scenes: list[Scene], count: int, seed: int) -> P
     return folder
 
 
-def write_concept_datasets(datasets_dir: Path, images_per_concept: int = 40, prior_images: int = 40,
-                           seed: int = 7) -> dict[str, Path]:
+def write_concept_datasets(
+    datasets_dir: Path, images_per_concept: int = 40, prior_images: int = 40, seed: int = 7
+) -> dict[str, Path]:
     """The ring and magenta datasets and the shared prior dataset, under ``datasets_dir``."""
     written = {}
     for index, concept in enumerate(CONCEPTS.values()):
-        written[concept.word] = write_dataset(datasets_dir / concept.dataset, concept.scenes(), images_per_concept,
-                                              seed + index)
+        written[concept.word] = write_dataset(
+            datasets_dir / concept.dataset, concept.scenes(), images_per_concept, seed + index
+        )
     written["prior"] = write_dataset(datasets_dir / PRIOR_DATASET, training_scenes(), prior_images, seed + 100)
     return written

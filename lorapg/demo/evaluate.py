@@ -41,14 +41,18 @@ class Tally:
         self.colour += verdict.colour == scene.colour
         self.background += verdict.background == scene.background
         self.all_three += (verdict.shape, verdict.colour, verdict.background) == (
-            scene.shape, scene.colour, scene.background)
+            scene.shape,
+            scene.colour,
+            scene.background,
+        )
 
     def rate(self, name: str) -> float:
         return getattr(self, name) / self.images if self.images else 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(self.rate(name), 4) for name in ("shape", "colour", "background", "all_three")} | {
-            "images": self.images}
+            "images": self.images
+        }
 
 
 @dataclass
@@ -60,19 +64,36 @@ class BaseReport:
     def passes(self) -> bool:
         """The bar the bundled model must clear (issue: ≥ 97 % each attribute, ≥ 95 % all three)."""
         o = self.overall
-        return (min(o.rate("shape"), o.rate("colour"), o.rate("background")) >= 0.97
-                and o.rate("all_three") >= 0.95 and self.held_out.rate("all_three") >= 0.95)
+        return (
+            min(o.rate("shape"), o.rate("colour"), o.rate("background")) >= 0.97
+            and o.rate("all_three") >= 0.95
+            and self.held_out.rate("all_three") >= 0.95
+        )
 
 
-def generate(engine: DiffusionEngine, prompt: str, seed: int, count: int = SEEDS_PER_PROMPT,
-             loras: Iterable[tuple[str, float]] = ()) -> list:
-    request = GenerationRequest(prompt=prompt, steps=STEPS, seed=seed, batch_size=count,
-                                loras=tuple(LoraRequest(name, scale) for name, scale in loras))
+def generate(
+    engine: DiffusionEngine,
+    prompt: str,
+    seed: int,
+    count: int = SEEDS_PER_PROMPT,
+    loras: Iterable[tuple[str, float]] = (),
+) -> list:
+    request = GenerationRequest(
+        prompt=prompt,
+        steps=STEPS,
+        seed=seed,
+        batch_size=count,
+        loras=tuple(LoraRequest(name, scale) for name, scale in loras),
+    )
     return engine.generate(request).images
 
 
-def evaluate_base(engine: DiffusionEngine, scenes: list[Scene] | None = None, seeds: int = SEEDS_PER_PROMPT,
-                  on_progress: Callable[[int, int], None] | None = None) -> BaseReport:
+def evaluate_base(
+    engine: DiffusionEngine,
+    scenes: list[Scene] | None = None,
+    seeds: int = SEEDS_PER_PROMPT,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BaseReport:
     scenes = all_scenes() if scenes is None else scenes
     held = set(held_out_scenes())
     report = BaseReport()
@@ -116,8 +137,9 @@ def _ordinary_accuracy(engine, scenes, loras, seeds) -> float:
     return tally.rate("all_three")
 
 
-def concept_rates(engine, concepts: Iterable[Concept], loras, seeds: int = 2,
-                  prompt_scenes: list[Scene] | None = None) -> dict[str, float]:
+def concept_rates(
+    engine, concepts: Iterable[Concept], loras, seeds: int = 2, prompt_scenes: list[Scene] | None = None
+) -> dict[str, float]:
     """Share of images that show each concept, judging every image once for all of them."""
     concepts = list(concepts)
     scenes = prompt_scenes or concepts[0].scenes()
@@ -136,8 +158,15 @@ def concept_rate(engine, concept: Concept, loras, seeds: int = 2, prompt_scenes:
     return concept_rates(engine, [concept], loras, seeds, prompt_scenes)[concept.word]
 
 
-def lora_effect(engine: DiffusionEngine, lora_name: str, concept: Concept, scales=(0.0, 0.5, 1.0),
-                seeds: int = 2, ordinary_count: int = 30, concept_count: int | None = None) -> list[ConceptRow]:
+def lora_effect(
+    engine: DiffusionEngine,
+    lora_name: str,
+    concept: Concept,
+    scales=(0.0, 0.5, 1.0),
+    seeds: int = 2,
+    ordinary_count: int = 30,
+    concept_count: int | None = None,
+) -> list[ConceptRow]:
     """Concept rate and ordinary-prompt accuracy of one LoRA at each scale.
 
     ``seeds`` images of one prompt come from one batched call, which costs little more than one
@@ -148,23 +177,36 @@ def lora_effect(engine: DiffusionEngine, lora_name: str, concept: Concept, scale
     prompts = spread(concept.scenes(), concept_count)
     for scale in scales:
         loras = [(lora_name, scale)]
-        rows.append(ConceptRow({lora_name: scale},
-                               {concept.word: concept_rate(engine, concept, loras, seeds, prompts)},
-                               _ordinary_accuracy(engine, ordinary, loras, seeds)))
+        rows.append(
+            ConceptRow(
+                {lora_name: scale},
+                {concept.word: concept_rate(engine, concept, loras, seeds, prompts)},
+                _ordinary_accuracy(engine, ordinary, loras, seeds),
+            )
+        )
     return rows
 
 
-def blend_effect(engine: DiffusionEngine, shape: tuple[str, Concept], colour: tuple[str, Concept],
-                 blends=((1.0, 0.5), (0.5, 1.0)), seeds: int = 2) -> list[ConceptRow]:
+def blend_effect(
+    engine: DiffusionEngine,
+    shape: tuple[str, Concept],
+    colour: tuple[str, Concept],
+    blends=((1.0, 0.5), (0.5, 1.0)),
+    seeds: int = 2,
+) -> list[ConceptRow]:
     """Both LoRAs at once on prompts naming both concepts ("a magenta ring on …"), at several mixes."""
     (shape_lora, shape_concept), (colour_lora, colour_concept) = shape, colour
     prompts = [Scene(shape_concept.word, colour_concept.word, b) for b in COLOURS]
     rows = []
     for shape_scale, colour_scale in blends:
         loras = [(shape_lora, shape_scale), (colour_lora, colour_scale)]
-        rows.append(ConceptRow({shape_lora: shape_scale, colour_lora: colour_scale},
-                               concept_rates(engine, (shape_concept, colour_concept), loras, seeds, prompts),
-                               float("nan")))
+        rows.append(
+            ConceptRow(
+                {shape_lora: shape_scale, colour_lora: colour_scale},
+                concept_rates(engine, (shape_concept, colour_concept), loras, seeds, prompts),
+                float("nan"),
+            )
+        )
     return rows
 
 

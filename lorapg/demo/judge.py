@@ -38,8 +38,7 @@ def _templates(shape: str) -> np.ndarray:
     """Binary masks of ``shape`` over a grid of sizes and offsets a little wider than training's."""
     radii = np.linspace(RADIUS_RANGE[0] - 0.05, RADIUS_RANGE[1] + 0.05, 7)
     offsets = np.linspace(-OFFSET_RANGE - 0.04, OFFSET_RANGE + 0.04, 7)
-    masks = [shape_mask(shape, float(r), float(cx), float(cy)) > 0.5
-             for r in radii for cx in offsets for cy in offsets]
+    masks = [shape_mask(shape, float(r), float(cx), float(cy)) > 0.5 for r in radii for cx in offsets for cy in offsets]
     return np.stack(masks).reshape(len(masks), -1)
 
 

@@ -158,9 +158,7 @@ def random_colour_image(rng: np.random.Generator) -> np.ndarray:
     background = tuple(int(v) for v in rng.integers(0, 256, size=3))
     if shape == "blob":
         radius, cx, cy = random_placement(rng)
-        mask = np.clip(
-            shape_mask("circle", radius, cx, cy) + shape_mask("square", radius * 0.7, -cx, -cy), 0.0, 1.0
-        )
+        mask = np.clip(shape_mask("circle", radius, cx, cy) + shape_mask("square", radius * 0.7, -cx, -cy), 0.0, 1.0)
     else:
         mask = shape_mask(shape, *random_placement(rng))
     return compose(mask, colour, background)

@@ -11,8 +11,9 @@ CELL = 128  # each 32 px image is shown 4× larger, pixels kept sharp
 LABEL = 30
 
 
-def contact_sheet(engine, scenes: list[Scene], columns: int = 5, seed: int = 0,
-                  loras: tuple[tuple[str, float], ...] = ()) -> Image.Image:
+def contact_sheet(
+    engine, scenes: list[Scene], columns: int = 5, seed: int = 0, loras: tuple[tuple[str, float], ...] = ()
+) -> Image.Image:
     rows = (len(scenes) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * CELL, rows * (CELL + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -89,10 +89,12 @@ class _Progress:
 def train_vae(recipe: Recipe, rng: np.random.Generator, report: Callable[[str], None]) -> AutoencoderKL:
     scenes = training_scenes()
     # Half arbitrary colours and outlines (so LoRAs can teach new ones), half the demo's own scenes.
-    pool = np.stack([
-        random_colour_image(rng) if i % 2 == 0 else render(scenes[int(rng.integers(len(scenes)))], rng)
-        for i in range(recipe.vae_pool)
-    ])
+    pool = np.stack(
+        [
+            random_colour_image(rng) if i % 2 == 0 else render(scenes[int(rng.integers(len(scenes)))], rng)
+            for i in range(recipe.vae_pool)
+        ]
+    )
     check = _to_tensor(pool[:256])
     vae = architecture.build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
@@ -128,14 +130,15 @@ def _encode_dataset(vae: AutoencoderKL, recipe: Recipe, rng: np.random.Generator
     means, stds = [], []
     with torch.no_grad():
         for start in range(0, len(images), 256):
-            dist = vae.encode(_to_tensor(np.stack(images[start:start + 256]))).latent_dist
+            dist = vae.encode(_to_tensor(np.stack(images[start : start + 256]))).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
     return torch.cat(means), torch.cat(stds), torch.tensor(scene_index), [s.caption for s in scenes]
 
 
-def train_diffusion(vae: AutoencoderKL, tokenizer, recipe: Recipe, rng: np.random.Generator,
-                    report: Callable[[str], None]):
+def train_diffusion(
+    vae: AutoencoderKL, tokenizer, recipe: Recipe, rng: np.random.Generator, report: Callable[[str], None]
+):
     means, stds, scene_index, captions = _encode_dataset(vae, recipe, rng)
     # SD scales latents to unit variance; this model's factor is measured, not SD's 0.18215.
     scaling = float(1.0 / means.std())
@@ -143,8 +146,9 @@ def train_diffusion(vae: AutoencoderKL, tokenizer, recipe: Recipe, rng: np.rando
     report(f"{len(scene_index)} training images encoded; latent scaling factor {scaling:.4f}")
 
     def ids(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                         return_tensors="pt").input_ids
+        return tokenizer(
+            texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
 
     caption_ids, empty_ids = ids(captions), ids([""])[0]
     unet = architecture.build_unet()
@@ -206,8 +210,13 @@ def train_demo_model(output: Path, recipe: Recipe = Recipe(), report: Callable[[
     vae = train_vae(recipe, rng, report)
     unet, text_encoder = train_diffusion(vae, tokenizer, recipe, rng, report)
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=architecture.inference_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=copy.deepcopy(vae),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=architecture.inference_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(output, safe_serialization=True)

@@ -84,9 +84,7 @@ class AdapterSet:
                 f"({_first_line(exc)}). It was probably made for another base model."
             ) from None
         if not any(name in names for names in self.pipe.get_list_adapters().values()):
-            raise UserError(
-                f"LoRA {info.name}: none of its layers match the loaded {family_label(self.family)} model."
-            )
+            raise UserError(f"LoRA {info.name}: none of its layers match the loaded {family_label(self.family)} model.")
         self._loaded[name] = stamp
         self.files_read += 1
         log.info("loaded LoRA %s as adapter %s", info.name, name)

@@ -94,15 +94,20 @@ class DiffusionEngine:
                 return self._model
             self._release_current_from_gpu()
             pipe, family = load_pipeline(
-                source, self.device, self.dtype, single_file_config=self.single_file_config, on_status=on_status,
+                source,
+                self.device,
+                self.dtype,
+                single_file_config=self.single_file_config,
+                on_status=on_status,
                 keep_on_cpu=self.residency is not None,
             )
             if self.residency is not None:
                 self._register_with_residency(pipe)
             vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
             native = int(pipe.unet.config.sample_size * vae_scale) or NATIVE_SIZE[family]
-            previous, self._model = self._model, LoadedModel(
-                source, pipe, family, AdapterSet(pipe, family), dict(pipe.scheduler.config), native
+            previous, self._model = (
+                self._model,
+                LoadedModel(source, pipe, family, AdapterSet(pipe, family), dict(pipe.scheduler.config), native),
             )
             del previous  # the old pipeline's memory is released once nothing refers to it
             gc.collect()
@@ -207,7 +212,8 @@ class DiffusionEngine:
                 with self.residency.use(RESIDENT_NAME):
                     model.adapters.activate(selections)
                     output = self.residency.run_with_oom_retry(
-                        run_pipeline, keep=RESIDENT_NAME,
+                        run_pipeline,
+                        keep=RESIDENT_NAME,
                         advice="Lower the image size or the batch size, or start with --policy lowvram.",
                     )
             return GenerationResult(

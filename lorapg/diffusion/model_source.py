@@ -35,8 +35,9 @@ class ModelSource:
         return Path(self.ref).stem if self.kind == SINGLE_FILE else Path(self.ref.rstrip("/")).name
 
 
-def resolve_model_source(ref: str, *, allow_pickle: bool = False,
-                         allowed_roots: Sequence[Path] | None = None) -> ModelSource:
+def resolve_model_source(
+    ref: str, *, allow_pickle: bool = False, allowed_roots: Sequence[Path] | None = None
+) -> ModelSource:
     """Classify ``ref``; raise UserError for a path that is missing or unsafe to load.
 
     ``allowed_roots``: when the app is reachable by others, the only folders (or files) a local
@@ -105,8 +106,9 @@ def _single_file(ref: str, path: Path, allow_pickle: bool) -> ModelSource:
             )
         return ModelSource(ref, SINGLE_FILE, path, None)
     if suffix != ".safetensors":
-        raise UserError(f"{shorten(path.name)}: unsupported model file type {shorten(suffix, 20)!r}; "
-                        "use a .safetensors checkpoint.")
+        raise UserError(
+            f"{shorten(path.name)}: unsupported model file type {shorten(suffix, 20)!r}; use a .safetensors checkpoint."
+        )
     return ModelSource(ref, SINGLE_FILE, path, detect_checkpoint_family(path))
 
 

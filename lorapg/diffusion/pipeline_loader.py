@@ -56,9 +56,7 @@ def pipeline_family(pipe: DiffusionPipeline) -> str:
     if isinstance(pipe, StableDiffusionPipeline):
         # SD 2.x text encoders (OpenCLIP ViT-H) are 1024 wide; SD 1.x (CLIP ViT-L) 768.
         return SD2 if pipe.unet.config.cross_attention_dim == 1024 else SD1
-    raise UserError(
-        f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x or SDXL text-to-image pipeline."
-    )
+    raise UserError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x or SDXL text-to-image pipeline.")
 
 
 def download_from_hub(repo_id: str, device: torch.device) -> str:

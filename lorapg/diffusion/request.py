@@ -74,11 +74,15 @@ def check_text(label: str, value: object, max_chars: int = 0, *, optional: bool 
         raise UserError(f"{label} contains a null character (U+0000) at position {value.index(chr(0))}; remove it.")
     surrogate = _SURROGATE.search(value)
     if surrogate:
-        raise UserError(f"{label} contains a lone UTF-16 surrogate (U+{ord(surrogate.group()):04X}) at position "
-                        f"{surrogate.start()}, which is not a character; remove it.")
+        raise UserError(
+            f"{label} contains a lone UTF-16 surrogate (U+{ord(surrogate.group()):04X}) at position "
+            f"{surrogate.start()}, which is not a character; remove it."
+        )
     if max_chars > 0 and len(value) > max_chars:
-        raise UserError(f"{label} is {len(value):,} characters, over the limit of {max_chars:,} "
-                        "(setting max_prompt_chars); shorten it or raise the setting.")
+        raise UserError(
+            f"{label} is {len(value):,} characters, over the limit of {max_chars:,} "
+            "(setting max_prompt_chars); shorten it or raise the setting."
+        )
     return value
 
 
@@ -106,8 +110,10 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
         if size not in SIZE:
             raise UserError(f"{label} must be {SIZE.describe()} pixels, got {size}.")
         if size % SIZE_MULTIPLE:
-            raise UserError(f"{label} must be a multiple of {SIZE_MULTIPLE}, got {size} "
-                            f"(try {round(size / SIZE_MULTIPLE) * SIZE_MULTIPLE}).")
+            raise UserError(
+                f"{label} must be a multiple of {SIZE_MULTIPLE}, got {size} "
+                f"(try {round(size / SIZE_MULTIPLE) * SIZE_MULTIPLE})."
+            )
     batch = _whole("Batch size", request.batch_size)
     if batch not in BATCH_SIZE:
         raise UserError(f"Batch size must be {BATCH_SIZE.describe()}, got {batch}.")
@@ -116,7 +122,7 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
         raise UserError(f"CFG scale must be {CFG_SCALE.describe()}, got {guidance:g}.")
     if not isinstance(request.sampler, str):
         raise UserError(f"Sampler must be text, got {shown(request.sampler)}.")
-    get_sampler(request.sampler[:SHOWN_CHARS * 2])  # no sampler name is longer; the message repeats it
+    get_sampler(request.sampler[: SHOWN_CHARS * 2])  # no sampler name is longer; the message repeats it
     seed = parse_seed(request.seed)
     if seed is None:
         # Leave room for the batch's seed + i so every image's seed stays in range.
@@ -143,8 +149,10 @@ def extract_lora_tags(prompt: str) -> tuple[str, tuple[LoraRequest, ...]]:
     loras = []
     for tag in find_lora_tags(prompt):
         if tag.scale is None:
-            raise UserError(f"LoRA tag {shorten(tag.text, SHOWN_CHARS)}: scale {tag.scale_text!r} is not a number; "
-                            "write it like <lora:name:0.7>.")
+            raise UserError(
+                f"LoRA tag {shorten(tag.text, SHOWN_CHARS)}: scale {tag.scale_text!r} is not a number; "
+                "write it like <lora:name:0.7>."
+            )
         loras.append(LoraRequest(tag.name, tag.scale))
     return strip_lora_tags(prompt), tuple(loras)
 

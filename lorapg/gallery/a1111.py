@@ -154,9 +154,7 @@ def format_parameters(record: ImageRecord) -> str:
         pairs.append(("Model hash", record.model_hash))
     if record.model_name:
         pairs.append(("Model", record.model_name))
-    hashes = [
-        f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash
-    ]
+    hashes = [f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash]
     if hashes:
         pairs.append(("Lora hashes", ", ".join(hashes)))
     if record.version:
@@ -264,9 +262,7 @@ def _split_sections(text: str) -> tuple[str, str, str]:
     )
 
 
-def _parse_int(
-    key: str, raw: str, problems: list[str], minimum: int, maximum: int
-) -> int | None:
+def _parse_int(key: str, raw: str, problems: list[str], minimum: int, maximum: int) -> int | None:
     if not _INT_RE.match(raw.strip()):
         problems.append(f"{key} '{raw}' is not a whole number; it was left empty.")
         return None
@@ -296,8 +292,7 @@ def _parse_size(raw: str, result: ParsedParameters) -> None:
     match = _SIZE_RE.match(raw)
     if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
         result.problems.append(
-            f"Size '{raw}' is not WIDTHxHEIGHT (for example 512x768); width and height were "
-            "left empty."
+            f"Size '{raw}' is not WIDTHxHEIGHT (for example 512x768); width and height were left empty."
         )
         return
     result.width, result.height = int(match.group(1)), int(match.group(2))
@@ -318,9 +313,7 @@ def _parse_lora_list(key: str, raw: str, problems: list[str]) -> list[tuple[str,
             continue
         name, sep, rest = entry.partition(":")
         if not sep or not name.strip() or not rest.strip():
-            problems.append(
-                f"{key} entry '{entry.strip()}' is not 'name: value'; it was skipped."
-            )
+            problems.append(f"{key} entry '{entry.strip()}' is not 'name: value'; it was skipped.")
             continue
         items.append((name.strip(), rest.strip()))
     return items
@@ -364,9 +357,7 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
                 if _HEX_RE.match(file_hash):
                     result.lora_hashes[name] = file_hash.lower()
                 else:
-                    problems.append(
-                        f"{key} for '{name}' is not a hexadecimal hash; skipped."
-                    )
+                    problems.append(f"{key} for '{name}' is not a hexadecimal hash; skipped.")
                 # Fooocus before 2.3 wrote "name: hash: weight" and no tags in the prompt.
                 if rest.count(":") == 1:
                     lora_weights.append((name, rest.split(":")[1].strip()))
@@ -378,11 +369,7 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
         else:
             result.extra[key] = value
     result.schedule_type = schedule
-    if (
-        result.sampler
-        and schedule in _FOLDED_SCHEDULES
-        and not result.sampler.endswith(schedule)
-    ):
+    if result.sampler and schedule in _FOLDED_SCHEDULES and not result.sampler.endswith(schedule):
         result.sampler = f"{result.sampler} {schedule}"
     _add_lora_weights(lora_weights, result)
 
@@ -459,9 +446,7 @@ def parse_parameters(text: str) -> ParsedParameters:
     result.prompt, result.negative_prompt, params_line = _split_sections(text)
     result.loras = _parse_lora_tags(result.prompt, result.problems)
     if not params_line:
-        result.problems.append(
-            "No 'Steps: ..., Seed: ...' line was found; only the prompt could be read."
-        )
+        result.problems.append("No 'Steps: ..., Seed: ...' line was found; only the prompt could be read.")
     pairs, _ = tokenize_parameters_line(params_line)
     _apply_pairs(pairs, result)
     if result.problems:

@@ -45,9 +45,7 @@ def is_temp_file(path: Path) -> bool:
     return is_temp_name(path.name) and ".png." in path.name
 
 
-def save_png_atomically(
-    image: Image.Image, path: str | os.PathLike[str], parameters_text: str
-) -> Path:
+def save_png_atomically(image: Image.Image, path: str | os.PathLike[str], parameters_text: str) -> Path:
     """Write ``image`` as a PNG with a ``parameters`` text chunk, all or nothing.
 
     Returns the final path. Text that is not Latin-1 (Japanese prompts, emoji) goes into an
@@ -63,9 +61,7 @@ def save_png_atomically(
 
 
 def _describe(source: str | os.PathLike[str] | bytes) -> str:
-    return (
-        "The uploaded data" if isinstance(source, bytes | bytearray) else f"'{source}'"
-    )
+    return "The uploaded data" if isinstance(source, bytes | bytearray) else f"'{source}'"
 
 
 # Reading: the chunks are walked without decoding a pixel. Decoding the image to reach a text
@@ -122,9 +118,7 @@ def read_png_metadata(source: str | os.PathLike[str] | bytes) -> PngMetadata:
         raise UserError(f"{what} is a folder, not a PNG file.") from None
     except (_Damaged, *_DAMAGED_FILE_ERRORS) as exc:
         logger.debug("damaged PNG %s: %s", what, exc)
-        raise UserError(
-            f"{what} is a damaged or incomplete PNG ({exc}); it cannot be read."
-        ) from None
+        raise UserError(f"{what} is a damaged or incomplete PNG ({exc}); it cannot be read.") from None
 
 
 def _open_binary(source: str | os.PathLike[str] | bytes) -> BinaryIO:
@@ -152,10 +146,7 @@ def _not_png_message(what: str, source: str | os.PathLike[str] | bytes) -> str:
         kind = None
     if kind is None:
         return f"{what} is not an image file; choose a PNG."
-    return (
-        f"{what} is a {kind} image, not a PNG; "
-        "generation parameters can only be read from PNG files."
-    )
+    return f"{what} is a {kind} image, not a PNG; generation parameters can only be read from PNG files."
 
 
 def _walk_chunks(handle: BinaryIO, size: int) -> PngMetadata:
@@ -228,7 +219,5 @@ def _inflate(data: bytes) -> bytes:
     inflater = zlib.decompressobj()
     text = inflater.decompress(data, MAX_TEXT_CHUNK_BYTES)
     if inflater.unconsumed_tail:
-        raise _Damaged(
-            f"a text chunk expands past {MAX_TEXT_CHUNK_BYTES // 2**20} MB of text"
-        )
+        raise _Damaged(f"a text chunk expands past {MAX_TEXT_CHUNK_BYTES // 2**20} MB of text")
     return text

@@ -98,10 +98,7 @@ class ImageRecord:
 
 def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
     """Turn parsed A1111 text into a record (used to import PNGs made elsewhere or orphaned)."""
-    loras = [
-        LoraUse(name=name, scale=scale, file_hash=parsed.lora_hashes.get(name))
-        for name, scale in parsed.loras
-    ]
+    loras = [LoraUse(name=name, scale=scale, file_hash=parsed.lora_hashes.get(name)) for name, scale in parsed.loras]
     model_hash = parsed.model_hash
     if model_hash is not None and len(model_hash) > 10:
         # A full SHA-256 (Fooocus writes those) starts with the 10 characters A1111 uses.

@@ -124,13 +124,9 @@ class GalleryStore:
     pruned and do not count toward it.
     """
 
-    def __init__(
-        self, db_path: str | Path, images_dir: str | Path, keep: int = 20
-    ) -> None:
+    def __init__(self, db_path: str | Path, images_dir: str | Path, keep: int = 20) -> None:
         if keep < 0:
-            raise UserError(
-                f"The gallery size must be 0 (keep all) or more, not {keep}."
-            )
+            raise UserError(f"The gallery size must be 0 (keep all) or more, not {keep}.")
         self.keep = keep
         self.db_path = Path(db_path)
         self.images_dir = Path(images_dir).resolve()
@@ -144,18 +140,14 @@ class GalleryStore:
 
     def _open(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN ourselves, so no hidden transactions linger.
-        conn = sqlite3.connect(
-            self.db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None
-        )
+        conn = sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys = ON")
         # NORMAL in WAL mode can lose the last commit on power loss, never corrupt the file;
         # reconcile re-imports the PNG such a commit described.
         conn.execute("PRAGMA synchronous = NORMAL")
-        conn.create_function(
-            "lorapg_contains_all", 2, _contains_all_casefolded, deterministic=True
-        )
+        conn.create_function("lorapg_contains_all", 2, _contains_all_casefolded, deterministic=True)
         return conn
 
     @contextmanager
@@ -186,9 +178,7 @@ class GalleryStore:
             with closing(self._open()) as conn:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                logger.warning(
-                    "gallery database %s is in %s mode, not WAL", self.db_path, mode
-                )
+                logger.warning("gallery database %s is in %s mode, not WAL", self.db_path, mode)
             with self._write() as conn:
                 self._migrate(conn)
         except sqlite3.DatabaseError as exc:
@@ -208,9 +198,7 @@ class GalleryStore:
             for statement in _MIGRATIONS[target]:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {target}")
-            logger.info(
-                "gallery database %s migrated to schema %d", self.db_path, target
-            )
+            logger.info("gallery database %s migrated to schema %d", self.db_path, target)
 
     # ----------------------------------------------------------------------------------------
     # Paths
@@ -226,9 +214,7 @@ class GalleryStore:
         """Absolute path of a stored relative path, or None if it would escape images_dir."""
         candidate = (self.images_dir / relative).resolve()
         if not candidate.is_relative_to(self.images_dir):
-            logger.warning(
-                "gallery path %r points outside %s; ignored", relative, self.images_dir
-            )
+            logger.warning("gallery path %r points outside %s; ignored", relative, self.images_dir)
             return None
         return candidate
 
@@ -238,15 +224,17 @@ class GalleryStore:
 
     @staticmethod
     def _missing(image_id: int) -> UserError:
-        return UserError(
-            f"Image #{image_id} is not in the gallery (it was deleted or pruned)."
-        )
+        return UserError(f"Image #{image_id} is not in the gallery (it was deleted or pruned).")
 
     # ----------------------------------------------------------------------------------------
     # Rows <-> records
 
     def _insert(
-        self, conn: sqlite3.Connection, record: ImageRecord, rel: str, text: str,
+        self,
+        conn: sqlite3.Connection,
+        record: ImageRecord,
+        rel: str,
+        text: str,
         owner: str | None = None,
     ) -> int:
         assert record.created_at is not None
@@ -281,24 +269,18 @@ class GalleryStore:
         assert image_id is not None
         conn.executemany(
             "INSERT INTO image_loras (image_id, name, scale, file_hash) VALUES (?, ?, ?, ?)",
-            [
-                (image_id, lora.name, lora.scale, lora.file_hash)
-                for lora in record.loras
-            ],
+            [(image_id, lora.name, lora.scale, lora.file_hash) for lora in record.loras],
         )
         return image_id
 
-    def _records(
-        self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]
-    ) -> list[ImageRecord]:
+    def _records(self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> list[ImageRecord]:
         ids = [row["id"] for row in rows]
         loras: dict[int, list[LoraUse]] = {image_id: [] for image_id in ids}
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start : start + _IN_CHUNK]
             marks = ",".join("?" * len(chunk))
             for lora in conn.execute(
-                "SELECT image_id, name, scale, file_hash FROM image_loras "
-                f"WHERE image_id IN ({marks}) ORDER BY rowid",
+                f"SELECT image_id, name, scale, file_hash FROM image_loras WHERE image_id IN ({marks}) ORDER BY rowid",
                 chunk,
             ):
                 loras[lora["image_id"]].append(
@@ -337,9 +319,7 @@ class GalleryStore:
     def add(self, record: ImageRecord, image: Image.Image, owner: str | None = None) -> ImageRecord:
         """Save ``image`` as a PNG with A1111 metadata, index it, then prune; return the stored
         record (with ``id``, absolute ``path`` and ``created_at``). ``owner``: the visitor who made it."""
-        created_at = (
-            _as_utc(record.created_at) if record.created_at else datetime.now(UTC)
-        )
+        created_at = _as_utc(record.created_at) if record.created_at else datetime.now(UTC)
         stored = replace(
             record,
             loras=[replace(lora) for lora in record.loras],
@@ -366,7 +346,10 @@ class GalleryStore:
         return replace(stored, id=image_id, path=final)
 
     def list(
-        self, query: str | None = None, lora: str | None = None, limit: int | None = 200,
+        self,
+        query: str | None = None,
+        lora: str | None = None,
+        limit: int | None = 200,
         owner: str | None = None,
     ) -> builtins.list[ImageRecord]:
         """Newest first. ``query``: every word must appear in the prompt (any case);
@@ -383,8 +366,7 @@ class GalleryStore:
             args.append(_WORD_SEPARATOR.join(words))
         if lora and lora.strip():
             where.append(
-                "EXISTS (SELECT 1 FROM image_loras AS l WHERE l.image_id = images.id "
-                "AND l.name = ? COLLATE NOCASE)"
+                "EXISTS (SELECT 1 FROM image_loras AS l WHERE l.image_id = images.id AND l.name = ? COLLATE NOCASE)"
             )
             args.append(lora.strip())
         sql = "SELECT * FROM images"
@@ -404,9 +386,7 @@ class GalleryStore:
         image_id = self._check_id(image_id)
         mine, mine_args = _owner_filter(owner)
         with self._read() as conn:
-            row = conn.execute(
-                f"SELECT * FROM images WHERE id = ?{mine}", (image_id, *mine_args)
-            ).fetchone()
+            row = conn.execute(f"SELECT * FROM images WHERE id = ?{mine}", (image_id, *mine_args)).fetchone()
             if row is None:
                 raise self._missing(image_id)
             return self._records(conn, [row])[0]
@@ -416,9 +396,7 @@ class GalleryStore:
         image_id = self._check_id(image_id)
         mine, mine_args = _owner_filter(owner)
         with self._write() as conn:
-            row = conn.execute(
-                f"SELECT path FROM images WHERE id = ?{mine}", (image_id, *mine_args)
-            ).fetchone()
+            row = conn.execute(f"SELECT path FROM images WHERE id = ?{mine}", (image_id, *mine_args)).fetchone()
             if row is None:
                 raise self._missing(image_id)
             self._delete_rows(conn, [(image_id, row["path"])])
@@ -460,18 +438,12 @@ class GalleryStore:
                 "WHERE newest > ?",
                 (self.keep,),
             ).fetchall()
-            deleted = self._delete_rows(
-                conn, [(row["id"], row["path"]) for row in victims]
-            )
+            deleted = self._delete_rows(conn, [(row["id"], row["path"]) for row in victims])
         if deleted:
-            logger.info(
-                "gallery pruned %d image(s) beyond the newest %d", deleted, self.keep
-            )
+            logger.info("gallery pruned %d image(s) beyond the newest %d", deleted, self.keep)
         return deleted
 
-    def _delete_rows(
-        self, conn: sqlite3.Connection, items: Iterable[tuple[int, str]]
-    ) -> int:
+    def _delete_rows(self, conn: sqlite3.Connection, items: Iterable[tuple[int, str]]) -> int:
         """Delete files, then the rows of the files that are gone (see the module docstring)."""
         gone: list[int] = []
         for image_id, rel in items:
@@ -480,9 +452,7 @@ class GalleryStore:
                 try:
                     path.unlink(missing_ok=True)
                 except OSError as exc:
-                    logger.warning(
-                        "could not delete %s (%s); its gallery entry stays", path, exc
-                    )
+                    logger.warning("could not delete %s (%s); its gallery entry stays", path, exc)
                     continue
             gone.append(image_id)
         for start in range(0, len(gone), _IN_CHUNK):
@@ -505,9 +475,7 @@ class GalleryStore:
         lines += self._import_orphans()
         pruned = self.prune()
         if pruned:
-            lines.append(
-                f"Pruned {pruned} older image(s) to keep the newest {self.keep}."
-            )
+            lines.append(f"Pruned {pruned} older image(s) to keep the newest {self.keep}.")
         for line in lines:
             logger.warning("gallery repair: %s", line)
         return lines
@@ -518,9 +486,7 @@ class GalleryStore:
             if path.is_file() and is_temp_file(path):
                 path.unlink(missing_ok=True)
                 rel = path.relative_to(self.images_dir).as_posix()
-                lines.append(
-                    f"Removed {rel}, left over from a save that was interrupted."
-                )
+                lines.append(f"Removed {rel}, left over from a save that was interrupted.")
         return lines
 
     def _drop_rows_without_files(self) -> builtins.list[str]:
@@ -532,10 +498,7 @@ class GalleryStore:
                 if path is None or not path.is_file():
                     missing.append(row)
             self._delete_rows(conn, [(row["id"], row["path"]) for row in missing])
-        return [
-            f"Removed gallery entry #{row['id']}: its file {row['path']} is missing."
-            for row in missing
-        ]
+        return [f"Removed gallery entry #{row['id']}: its file {row['path']} is missing." for row in missing]
 
     def _import_orphans(self) -> builtins.list[str]:
         with self._read() as conn:
@@ -553,14 +516,10 @@ class GalleryStore:
             return lines
         with self._write() as conn:
             for rel, record, text in found:
-                if conn.execute(
-                    "SELECT 1 FROM images WHERE path = ?", (rel,)
-                ).fetchone():
+                if conn.execute("SELECT 1 FROM images WHERE path = ?", (rel,)).fetchone():
                     continue
                 self._insert(conn, record, rel, text)
-                lines.append(
-                    f"Imported {rel}: the image was on disk but not in the gallery."
-                )
+                lines.append(f"Imported {rel}: the image was on disk but not in the gallery.")
         return lines
 
     def _read_orphan(self, path: Path) -> tuple[ImageRecord, str] | None:

@@ -27,8 +27,9 @@ def writing_seconds(timeout_s: float) -> float:
     return STARTUP_S + timeout_s
 
 
-def training_seconds(total_steps: int, resolution: int, batch_size: int = 1, epochs: int = 1,
-                     sample_steps: int = 0) -> float:
+def training_seconds(
+    total_steps: int, resolution: int, batch_size: int = 1, epochs: int = 1, sample_steps: int = 0
+) -> float:
     megapixels = resolution * resolution / 1e6
     training = total_steps * batch_size * megapixels * TRAINING_S_PER_MEGAPIXEL_STEP
     samples = epochs * sample_steps * SAMPLE_IMAGE_STEPS_S

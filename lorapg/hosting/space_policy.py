@@ -49,8 +49,9 @@ class SpacePolicy:
         return self.private_visitors or self.on_spaces
 
 
-def space_policy(settings: Settings, environ: Mapping[str, str] | None = None,
-                 has_gpu: bool | None = None) -> SpacePolicy:
+def space_policy(
+    settings: Settings, environ: Mapping[str, str] | None = None, has_gpu: bool | None = None
+) -> SpacePolicy:
     """``has_gpu``: whether CUDA is visible (asked of torch when None and it matters)."""
     env = os.environ if environ is None else environ
     on_spaces = running_on_spaces(env)
@@ -99,8 +100,9 @@ def writable_outputs(outputs: Path) -> Path:
         return outputs
     except OSError as exc:
         fallback = Path(tempfile.gettempdir()) / "lorapg-outputs"
-        log.warning("cannot write to %s (%s); images and the gallery go to %s and are lost on restart",
-                    outputs, exc, fallback)
+        log.warning(
+            "cannot write to %s (%s); images and the gallery go to %s and are lost on restart", outputs, exc, fallback
+        )
         return fallback
 
 

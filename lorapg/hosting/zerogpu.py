@@ -92,8 +92,14 @@ class GpuTask:
     never CUDA tensors.
     """
 
-    def __init__(self, work: Callable[..., Any], seconds: Callable[..., float], *, relay: bool | None = None,
-                 decorator: Callable[[Callable], Callable] | None = None):
+    def __init__(
+        self,
+        work: Callable[..., Any],
+        seconds: Callable[..., float],
+        *,
+        relay: bool | None = None,
+        decorator: Callable[[Callable], Callable] | None = None,
+    ):
         self.work = work
         self.seconds = seconds
         self.relay = zero_gpu_enabled() if relay is None else relay
@@ -109,8 +115,10 @@ class GpuTask:
         estimate = self.seconds(*args, **kwargs)
         if estimate > MAX_GPU_SECONDS:
             # Asking for less than the work needs would stop it part-way and still spend the quota.
-            raise UserError(f"This needs about {estimate:.0f} s of GPU time, more than the {MAX_GPU_SECONDS} s one "
-                            "ZeroGPU call may take: lower the steps, size or batch (or the training steps).")
+            raise UserError(
+                f"This needs about {estimate:.0f} s of GPU time, more than the {MAX_GPU_SECONDS} s one "
+                "ZeroGPU call may take: lower the steps, size or batch (or the training steps)."
+            )
         with tempfile.TemporaryDirectory(prefix="lorapg-gpu-") as folder:
             flag = Path(folder) / "cancel"
             result = None
@@ -140,8 +148,12 @@ class GpuTask:
 
         def target() -> None:
             try:
-                value = self.work(*args, report=lambda *progress: events.put((_PROGRESS, progress)),
-                                  should_cancel=lambda: os.path.exists(cancel_flag), **kwargs)
+                value = self.work(
+                    *args,
+                    report=lambda *progress: events.put((_PROGRESS, progress)),
+                    should_cancel=lambda: os.path.exists(cancel_flag),
+                    **kwargs,
+                )
                 events.put((_RESULT, value))
             except UserError as exc:
                 events.put((_USER_ERROR, str(exc)))

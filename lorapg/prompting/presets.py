@@ -71,8 +71,9 @@ class PresetCatalog:
         return len(self.presets)
 
 
-def parse_preset(data: Mapping[str, Any], *, expected_name: str | None = None,
-                 source: Path | None = None) -> RewritePreset:
+def parse_preset(
+    data: Mapping[str, Any], *, expected_name: str | None = None, source: Path | None = None
+) -> RewritePreset:
     """Validate one preset's table; raise ``ValueError``/``TypeError`` with a reason to act on."""
     unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:

@@ -118,9 +118,17 @@ class ModelThreads:
 class PromptWriter:
     """``enhance`` keywords into a prompt and ``rewrite`` a prompt with a preset."""
 
-    def __init__(self, backend: LLMBackend, presets: PresetCatalog, tokenizer: Any = None, *,
-                 timeout_s: float = 60.0, grace_s: float = 5.0,
-                 token_limit: int = CLIP_CONTENT_LIMIT, threads: ModelThreads | None = None) -> None:
+    def __init__(
+        self,
+        backend: LLMBackend,
+        presets: PresetCatalog,
+        tokenizer: Any = None,
+        *,
+        timeout_s: float = 60.0,
+        grace_s: float = 5.0,
+        token_limit: int = CLIP_CONTENT_LIMIT,
+        threads: ModelThreads | None = None,
+    ) -> None:
         self.backend = backend
         self.presets = presets
         self.tokenizer = tokenizer
@@ -139,18 +147,19 @@ class PromptWriter:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def enhance(self, keywords: str, loras: Sequence[LoraHint] = (),
-                seed: int | None = None) -> PromptResult:
+    def enhance(self, keywords: str, loras: Sequence[LoraHint] = (), seed: int | None = None) -> PromptResult:
         """Expand a few keywords (subject, mood, setting) into one detailed SD prompt."""
         return _last(self.enhance_stream(keywords, loras, seed))
 
-    def rewrite(self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (),
-                seed: int | None = None) -> PromptResult:
+    def rewrite(
+        self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (), seed: int | None = None
+    ) -> PromptResult:
         """Apply a rewrite preset to ``prompt``; presets with ``llm = false`` never call a model."""
         return _last(self.rewrite_stream(prompt, preset_name, loras, seed))
 
-    def enhance_stream(self, keywords: str, loras: Sequence[LoraHint] = (),
-                       seed: int | None = None) -> Iterator[str | PromptResult]:
+    def enhance_stream(
+        self, keywords: str, loras: Sequence[LoraHint] = (), seed: int | None = None
+    ) -> Iterator[str | PromptResult]:
         """Like ``enhance``, but first yields the text so far (str) while the model writes.
 
         The last item is always the finished ``PromptResult``; bad input raises before any yield.
@@ -160,11 +169,19 @@ class PromptWriter:
             raise UserError("Type a few keywords first (a subject, a mood, a setting).")
         system = _enhance_system(loras)
         user = f"Keywords: {keywords}"
-        return self._write(system, user, loras, seed, source=keywords,
-                           rules=lambda: rules_enhance(keywords, loras), keep=split_phrases(keywords))
+        return self._write(
+            system,
+            user,
+            loras,
+            seed,
+            source=keywords,
+            rules=lambda: rules_enhance(keywords, loras),
+            keep=split_phrases(keywords),
+        )
 
-    def rewrite_stream(self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (),
-                       seed: int | None = None) -> Iterator[str | PromptResult]:
+    def rewrite_stream(
+        self, prompt: str, preset_name: str, loras: Sequence[LoraHint] = (), seed: int | None = None
+    ) -> Iterator[str | PromptResult]:
         """Like ``rewrite``, yielding the text so far first (see ``enhance_stream``)."""
         prompt = " ".join(prompt.split())
         if not prompt:
@@ -188,8 +205,17 @@ class PromptWriter:
 
     # -- the model path, with fallback -----------------------------------------------------------
 
-    def _write(self, system: str, user: str, loras: Sequence[LoraHint], seed: int | None, *,
-               source: str, rules: Callable[[], str], keep: Sequence[str] = ()) -> Iterator[str | PromptResult]:
+    def _write(
+        self,
+        system: str,
+        user: str,
+        loras: Sequence[LoraHint],
+        seed: int | None,
+        *,
+        source: str,
+        rules: Callable[[], str],
+        keep: Sequence[str] = (),
+    ) -> Iterator[str | PromptResult]:
         if isinstance(self.backend, RulesBackend):
             yield self._finish(rules(), loras, self.rules.label)
             return
@@ -298,13 +324,12 @@ class PromptWriter:
         count: int | None = None
         if self.tokenizer is not None:
             phrases, dropped = fit_phrases(
-                phrases, self.tokenizer, self.token_limit,
-                protected=lambda phrase: _mentions_any(phrase, triggers))
+                phrases, self.tokenizer, self.token_limit, protected=lambda phrase: _mentions_any(phrase, triggers)
+            )
         final = join_phrases(phrases)
         if self.tokenizer is not None:
             count = count_clip_tokens(final, self.tokenizer)
-        return PromptResult(text=final, backend_label=label, token_count=count,
-                            truncated_words=dropped)
+        return PromptResult(text=final, backend_label=label, token_count=count, truncated_words=dropped)
 
 
 # -- prompt text for the model ---------------------------------------------------------------------
@@ -340,8 +365,7 @@ def _enhance_system(loras: Sequence[LoraHint]) -> str:
         + _FORMAT_RULES
         + "\nExample: keywords 'fox, snowy forest, calm' -> a red fox sitting in a snowy pine "
         "forest, calm winter morning, soft falling snow, golden backlight, shallow depth of "
-        "field, wildlife photography, highly detailed"
-        + _lora_lines(loras)
+        "field, wildlife photography, highly detailed" + _lora_lines(loras)
     )
 
 
@@ -349,9 +373,7 @@ def _rewrite_system(preset: RewritePreset, loras: Sequence[LoraHint]) -> str:
     return (
         "You rewrite prompts for Stable Diffusion image generation. "
         f"Style '{preset.label}': {preset.instruction} "
-        f"Useful terms: {', '.join(preset.style_words)}. "
-        + _FORMAT_RULES
-        + _lora_lines(loras)
+        f"Useful terms: {', '.join(preset.style_words)}. " + _FORMAT_RULES + _lora_lines(loras)
     )
 
 
@@ -398,10 +420,27 @@ def _mentions_any(phrase: str, triggers: Sequence[str]) -> bool:
     return any(_contains(phrase, t) for t in triggers)
 
 
-_STOPWORDS = frozenset({
-    "the", "and", "with", "for", "from", "into", "onto", "over", "under", "its", "his", "her",
-    "their", "this", "that", "very", "style",
-})
+_STOPWORDS = frozenset(
+    {
+        "the",
+        "and",
+        "with",
+        "for",
+        "from",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "its",
+        "his",
+        "her",
+        "their",
+        "this",
+        "that",
+        "very",
+        "style",
+    }
+)
 
 
 def _content_words(text: str) -> set[str]:

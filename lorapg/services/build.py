@@ -80,8 +80,9 @@ class Services:
     training: TrainingService | None = None  # the Train tab's service; None when built with engines=False
 
 
-def build_services(settings: Settings, *, record_results: bool = True, engines: bool = True,
-                   prompts: bool = True) -> Services:
+def build_services(
+    settings: Settings, *, record_results: bool = True, engines: bool = True, prompts: bool = True
+) -> Services:
     """``record_results``: save every finished generation into the gallery (the UI does; the CLI
     writes ``--out`` first and records afterwards unless told not to). ``engines=False``: no
     diffusion engine, generation or training, and no torch import for them; ``prompts=False`` (only
@@ -97,8 +98,9 @@ def build_services(settings: Settings, *, record_results: bool = True, engines: 
     library = LoraLibrary(settings.lora_dir)
     jobs = JobQueue()
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
-    gallery_service = GalleryService(gallery, library, shared=policy.shared_gallery,
-                                     max_query_chars=settings.max_prompt_chars)
+    gallery_service = GalleryService(
+        gallery, library, shared=policy.shared_gallery, max_query_chars=settings.max_prompt_chars
+    )
     visitors = Visitors(private=policy.private_visitors)
     locked = policy.settings_locked
     if not engines:
@@ -126,8 +128,20 @@ def build_services(settings: Settings, *, record_results: bool = True, engines: 
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
     writer = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
     training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps)
-    return Services(settings, policy, library, jobs, gallery, gallery_service, visitors, prompts=writer,
-                    engine=engine, residency=residency, service=service, training=training)
+    return Services(
+        settings,
+        policy,
+        library,
+        jobs,
+        gallery,
+        gallery_service,
+        visitors,
+        prompts=writer,
+        engine=engine,
+        residency=residency,
+        service=service,
+        training=training,
+    )
 
 
 # Activations, the VAE decode and CUDA's own context need room beyond the weights.

@@ -139,8 +139,14 @@ class ImageDetails:
 
 
 class GalleryService:
-    def __init__(self, store: GalleryStore, library: LoraLibrary, *, shared: bool = False,
-                 max_query_chars: int = Settings.max_prompt_chars):
+    def __init__(
+        self,
+        store: GalleryStore,
+        library: LoraLibrary,
+        *,
+        shared: bool = False,
+        max_query_chars: int = Settings.max_prompt_chars,
+    ):
         self.store = store
         self.library = library
         self.shared = shared
@@ -153,8 +159,9 @@ class GalleryService:
         """The owner filter for looking: none in a shared gallery."""
         return None if self.shared else owner
 
-    def list(self, query: str | None = None, lora: str | None = None, limit: int | None = 200,
-             owner: str | None = None) -> list[ImageRecord]:
+    def list(
+        self, query: str | None = None, lora: str | None = None, limit: int | None = 200, owner: str | None = None
+    ) -> list[ImageRecord]:
         """Newest first; ``query`` words must all appear in the prompt, ``lora`` must be used."""
         self._check_filter("Prompt words", query)
         self._check_filter("LoRA", lora)
@@ -301,8 +308,9 @@ class GalleryService:
 
     # --- reuse -------------------------------------------------------------------------------
 
-    def reuse_parameters(self, source: int | str | PngInfo, current_model: str | None = None,
-                         owner: str | None = None) -> ReuseParameters:
+    def reuse_parameters(
+        self, source: int | str | PngInfo, current_model: str | None = None, owner: str | None = None
+    ) -> ReuseParameters:
         """The Generate tab's values for a gallery image (by id) or a PNG read by ``png_info``.
 
         ``current_model``: the model the Generate tab will use; a different one is noted, since
@@ -444,8 +452,9 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
         size = values.get(key)
         if size is not None and (not MIN_SIZE <= size <= MAX_SIZE or size % 8):
             values[key] = min(max(round(size / 8) * 8, MIN_SIZE), MAX_SIZE)
-            notes.append(f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); "
-                         f"{values[key]} is used.")
+            notes.append(
+                f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); {values[key]} is used."
+            )
     return values, notes
 
 

@@ -77,8 +77,9 @@ class GenerationService:
         self.result_sink = result_sink
         self.offered_models_only = offered_models_only
         self._loading_job: Job | None = None
-        self._generation = GpuTask(self._generate_on_device, self._generation_seconds, relay=gpu_relay,
-                                   decorator=gpu_decorator)
+        self._generation = GpuTask(
+            self._generate_on_device, self._generation_seconds, relay=gpu_relay, decorator=gpu_decorator
+        )
 
     # --- models and LoRAs --------------------------------------------------------------------
 
@@ -92,8 +93,10 @@ class GenerationService:
         """Queue loading ``ref`` (default: the configured model); bad paths fail before queueing."""
         ref = (ref or self.settings.model or "").strip()
         if self.offered_models_only and ref not in self.model_choices():
-            raise UserError(f"This app offers only the models in its list; {shorten(ref)!r} is not one of them. "
-                            "(Its owner adds models with the LORAPG_MODEL setting or under the models folder.)")
+            raise UserError(
+                f"This app offers only the models in its list; {shorten(ref)!r} is not one of them. "
+                "(Its owner adds models with the LORAPG_MODEL setting or under the models folder.)"
+            )
         roots = local_model_roots(self.settings)  # reachable by others: only the models folder
         resolve_model_source(ref, allow_pickle=self.settings.allow_pickle, allowed_roots=roots)
 
@@ -170,23 +173,31 @@ class GenerationService:
         saved to the gallery (A1111's API saves only when asked, ``save_images``)."""
         request = self.prepare(request)
         if self.engine.model is None and not self.settings.model:
-            raise UserError("No base model is loaded yet; load one first (a hub id, a diffusers folder or a "
-                            ".safetensors file).")
+            raise UserError(
+                "No base model is loaded yet; load one first (a hub id, a diffusers folder or a .safetensors file)."
+            )
 
         def work(job: Job) -> GenerationResult:
             if self.engine.model is None:
                 job.report(0, 0, message=f"Loading {self.settings.model}…")
                 self.engine.load_model(self.settings.model, on_status=lambda m: job.report(0, 0, message=m))
-            result = self._generation.run(self.engine.model.source.ref, request, report=job.report,
-                                          should_cancel=job.cancel_requested)
+            result = self._generation.run(
+                self.engine.model.source.ref, request, report=job.report, should_cancel=job.cancel_requested
+            )
             if record and self.result_sink is not None and not result.cancelled:
                 result.saved = self.result_sink(result, job)
             return result
 
         return self.jobs.submit("generate", work, owner=owner)
 
-    def _generate_on_device(self, model_ref: str, request: GenerationRequest, *, report: Callable[..., None],
-                            should_cancel: Callable[[], bool]) -> GenerationResult:
+    def _generate_on_device(
+        self,
+        model_ref: str,
+        request: GenerationRequest,
+        *,
+        report: Callable[..., None],
+        should_cancel: Callable[[], bool],
+    ) -> GenerationResult:
         """The generation itself: on ZeroGPU it runs in a GPU process, whose memory may lag the app's."""
         if self.engine.model is None or self.engine.model.source.ref != model_ref:
             # A GPU process kept from an earlier call still holds the model it had then.
@@ -199,8 +210,12 @@ class GenerationService:
         # Unset sizes mean the model's native size; before a model is loaded assume the largest (SDXL).
         size = loaded.native_size if loaded is not None else NATIVE_SIZE[SDXL]
         # Called with the request as the user gave it (validated, not normalised): numbers may be floats.
-        return generation_seconds(int(float(request.steps)), int(float(request.width or size)),
-                                  int(float(request.height or size)), int(float(request.batch_size)))
+        return generation_seconds(
+            int(float(request.steps)),
+            int(float(request.width or size)),
+            int(float(request.height or size)),
+            int(float(request.batch_size)),
+        )
 
     def generate(
         self, request: GenerationRequest, on_progress: Callable[[Job], None] | None = None, *, record: bool = True

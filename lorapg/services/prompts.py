@@ -95,15 +95,23 @@ def result_note(result: PromptResult) -> str:
 
 
 class PromptService:
-    def __init__(self, settings: Settings, library: LoraLibrary, jobs: JobQueue | None = None, *,
-                 engine: Any = None, presets_dir: Path | None = None, settings_locked: bool = False,
-                 gpu_relay: bool | None = None, gpu_decorator: Any = None):
+    def __init__(
+        self,
+        settings: Settings,
+        library: LoraLibrary,
+        jobs: JobQueue | None = None,
+        *,
+        engine: Any = None,
+        presets_dir: Path | None = None,
+        settings_locked: bool = False,
+        gpu_relay: bool | None = None,
+        gpu_decorator: Any = None,
+    ):
         """``settings_locked``: the LLM backend, server and style notes are the owner's (a public Space:
         a visitor must not point this server at another URL or change what others get)."""
         self.settings = settings
         self.settings_locked = settings_locked
-        self._writing = GpuTask(self._write_on_device, self._writing_seconds, relay=gpu_relay,
-                                decorator=gpu_decorator)
+        self._writing = GpuTask(self._write_on_device, self._writing_seconds, relay=gpu_relay, decorator=gpu_decorator)
         self.library = library
         self.jobs = jobs
         self.engine = engine  # the diffusion engine, whose loaded pipeline's tokenizer counts tokens
@@ -118,19 +126,27 @@ class PromptService:
 
     # --- backend choice -------------------------------------------------------------------
 
-    def change_backend(self, kind: str | None = None, model: str | None = None, url: str | None = None,
-                       api_key: str | None = None) -> BackendInfo:
+    def change_backend(
+        self, kind: str | None = None, model: str | None = None, url: str | None = None, api_key: str | None = None
+    ) -> BackendInfo:
         """``set_backend`` for a user of the app (the UI's LLM settings): refused where they are locked."""
         if self.settings_locked:
-            raise UserError("The LLM settings of this app are fixed by its owner (LORAPG_LLM_BACKEND, "
-                            "LORAPG_LLM_MODEL, LORAPG_LLM_URL).")
+            raise UserError(
+                "The LLM settings of this app are fixed by its owner (LORAPG_LLM_BACKEND, "
+                "LORAPG_LLM_MODEL, LORAPG_LLM_URL)."
+            )
         return self.set_backend(kind, model, url, api_key)
 
-    def set_backend(self, kind: str | None = None, model: str | None = None, url: str | None = None,
-                    api_key: str | None = None) -> BackendInfo:
+    def set_backend(
+        self, kind: str | None = None, model: str | None = None, url: str | None = None, api_key: str | None = None
+    ) -> BackendInfo:
         """Switch the LLM backend (nothing loads now). ``None`` keeps a current value; "" clears it."""
-        kind = checked_text(kind if kind is not None else self.settings.llm_backend, "LLM backend",
-                            MAX_NAME_CHARS).strip().lower() or "auto"
+        kind = (
+            checked_text(kind if kind is not None else self.settings.llm_backend, "LLM backend", MAX_NAME_CHARS)
+            .strip()
+            .lower()
+            or "auto"
+        )
         if kind not in BACKEND_CHOICES:
             raise UserError(f"Unknown LLM backend {shorten(kind, 40)!r}; choose one of {', '.join(BACKEND_CHOICES)}.")
         model = _keep_or_clear(model, self.settings.llm_model, "LLM model")
@@ -160,8 +176,9 @@ class PromptService:
         with self._lock:
             return self._backend
 
-    def _make_backend(self, kind: str, model: str | None, url: str | None,
-                      api_key: str | None) -> tuple[LLMBackend, str]:
+    def _make_backend(
+        self, kind: str, model: str | None, url: str | None, api_key: str | None
+    ) -> tuple[LLMBackend, str]:
         if kind == "auto":
             if url:
                 kind, why = "openai", "auto: an LLM URL is set"
@@ -179,8 +196,10 @@ class PromptService:
             return RulesBackend(), why
         if kind == "openai":
             if not url:
-                raise UserError("The openai backend needs the server's base URL (--llm-url / llm_url), "
-                                "e.g. http://127.0.0.1:11434/v1 for Ollama.")
+                raise UserError(
+                    "The openai backend needs the server's base URL (--llm-url / llm_url), "
+                    "e.g. http://127.0.0.1:11434/v1 for Ollama."
+                )
             if not url.startswith(("http://", "https://")):
                 raise UserError(f"LLM URL {shorten(url)!r} must start with http:// or https://.")
             return OpenAICompatibleBackend(url, model or OPENAI_DEFAULT_MODEL, api_key or None), why
@@ -188,8 +207,7 @@ class PromptService:
         if kind == "bundled":
             return BundledSmolLMBackend(self.settings.models_dir / BUNDLED_CACHE, device=device), why
         # A 7B model only fits next to a diffusion pipeline when quantized; NF4 is CUDA-only.
-        return TransformersBackend(model or DEFAULT_LLM_ID, device=device,
-                                   quantize_4bit=device.startswith("cuda")), why
+        return TransformersBackend(model or DEFAULT_LLM_ID, device=device, quantize_4bit=device.startswith("cuda")), why
 
     def _device(self) -> str:
         from lorapg.devices import pick_device  # imports torch: only when a model is involved
@@ -217,8 +235,13 @@ class PromptService:
             if not name:
                 continue
             info = self.library.resolve(name)  # unknown or outside the folder: a UserError
-            hints.append(LoraHint(name=info.name, trigger_words=list(info.trigger_words),
-                                  style=notes.get(info.name) or info.description))
+            hints.append(
+                LoraHint(
+                    name=info.name,
+                    trigger_words=list(info.trigger_words),
+                    style=notes.get(info.name) or info.description,
+                )
+            )
         return hints
 
     def style_notes(self) -> dict[str, str]:
@@ -279,13 +302,15 @@ class PromptService:
         *_, result = self.enhance_stream(keywords, lora_names, seed)
         return result
 
-    def rewrite(self, prompt: str, preset: str, lora_names: Sequence[str] = (),
-                seed: int | None = None) -> PromptResult:
+    def rewrite(
+        self, prompt: str, preset: str, lora_names: Sequence[str] = (), seed: int | None = None
+    ) -> PromptResult:
         *_, result = self.rewrite_stream(prompt, preset, lora_names, seed)
         return result
 
-    def enhance_stream(self, keywords: str, lora_names: Sequence[str] = (),
-                       seed: int | None = None) -> Iterator[StreamItem]:
+    def enhance_stream(
+        self, keywords: str, lora_names: Sequence[str] = (), seed: int | None = None
+    ) -> Iterator[StreamItem]:
         """Yield the text so far while the LLM writes, then the ``PromptResult`` (always last).
 
         Bad input (no keywords, unknown LoRA) raises ``UserError`` here, before anything runs.
@@ -296,8 +321,9 @@ class PromptService:
         stream = writer.enhance_stream(keywords, hints, seed)  # bad input raises here, in the caller
         return self._run(stream, writer, writer.uses_model(), ("enhance", keywords, "", hints, seed))
 
-    def rewrite_stream(self, prompt: str, preset: str, lora_names: Sequence[str] = (),
-                       seed: int | None = None) -> Iterator[StreamItem]:
+    def rewrite_stream(
+        self, prompt: str, preset: str, lora_names: Sequence[str] = (), seed: int | None = None
+    ) -> Iterator[StreamItem]:
         prompt, seed = self._text(prompt, "Prompt"), _seed(seed)
         name = checked_text(preset, "Preset", MAX_NAME_CHARS).strip().lower()
         writer = self._writer()
@@ -315,8 +341,9 @@ class PromptService:
         if residency is None or not isinstance(backend, TransformersBackend):
             return contextlib.nullcontext()
         if self._registered is not backend:
-            residency.register(LLM_RESIDENT_NAME, estimated_llm_bytes(backend), to_gpu=backend.ensure_loaded,
-                               drop=backend.release)
+            residency.register(
+                LLM_RESIDENT_NAME, estimated_llm_bytes(backend), to_gpu=backend.ensure_loaded, drop=backend.release
+            )
             self._registered = backend
         return residency.use(LLM_RESIDENT_NAME)
 
@@ -327,8 +354,9 @@ class PromptService:
             residency.resize(LLM_RESIDENT_NAME, estimated_llm_bytes(backend))
 
     def _writer(self) -> PromptWriter:
-        return PromptWriter(self.backend, self.presets(), self.tokenizer(), timeout_s=self.settings.llm_timeout,
-                            threads=self._threads)
+        return PromptWriter(
+            self.backend, self.presets(), self.tokenizer(), timeout_s=self.settings.llm_timeout, threads=self._threads
+        )
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop every model thread (each ends after its current token) and wait for them; True if all ended.
@@ -339,15 +367,15 @@ class PromptService:
         """
         return self._threads.close(timeout)
 
-    def _run(self, stream: Iterator[StreamItem], writer: PromptWriter, uses_model: bool,
-             task: tuple) -> Iterator[StreamItem]:
+    def _run(
+        self, stream: Iterator[StreamItem], writer: PromptWriter, uses_model: bool, task: tuple
+    ) -> Iterator[StreamItem]:
         in_process = isinstance(writer.backend, TransformersBackend)
         if self.jobs is None or not uses_model or not in_process:
             return stream
         return self._through_queue(stream, writer.backend, task)
 
-    def _through_queue(self, stream: Iterator[StreamItem], backend: LLMBackend,
-                       task: tuple) -> Iterator[StreamItem]:
+    def _through_queue(self, stream: Iterator[StreamItem], backend: LLMBackend, task: tuple) -> Iterator[StreamItem]:
         """Run ``stream`` as a job on the GPU queue, handing its items to the caller as they come.
 
         ``task`` describes the same stream in plain data, for a GPU process to rebuild it (ZeroGPU).
@@ -392,8 +420,17 @@ class PromptService:
                 raise UserError("The prompt job was cancelled.")
             raise UserError(job.error or "The prompt job ended without a result.")
 
-    def _write_on_device(self, kind: str, text: str, preset: str, hints: list[LoraHint], seed: int | None, *,
-                         report: Any, should_cancel: Any) -> None:
+    def _write_on_device(
+        self,
+        kind: str,
+        text: str,
+        preset: str,
+        hints: list[LoraHint],
+        seed: int | None,
+        *,
+        report: Any,
+        should_cancel: Any,
+    ) -> None:
         """Write in this process (on ZeroGPU: the GPU process), reporting each stream item."""
         writer = self._writer()
         if kind == "enhance":

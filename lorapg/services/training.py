@@ -53,8 +53,17 @@ class TrainingRun:
 
 
 class TrainingService:
-    def __init__(self, settings: Settings, jobs: JobQueue, engine: Any = None, *, presets_dir: Path | None = None,
-                 max_steps: int | None = None, gpu_relay: bool | None = None, gpu_decorator: Callable | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobQueue,
+        engine: Any = None,
+        *,
+        presets_dir: Path | None = None,
+        max_steps: int | None = None,
+        gpu_relay: bool | None = None,
+        gpu_decorator: Callable | None = None,
+    ):
         """``max_steps``: the longest run this app allows (None: no limit). ``gpu_relay`` /
         ``gpu_decorator``: see ``GpuTask``."""
         self.settings = settings
@@ -65,8 +74,9 @@ class TrainingService:
         self.max_steps = max_steps
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
-        self._training = GpuTask(self._train_on_device, self._training_seconds, relay=gpu_relay,
-                                 decorator=gpu_decorator)
+        self._training = GpuTask(
+            self._train_on_device, self._training_seconds, relay=gpu_relay, decorator=gpu_decorator
+        )
 
     # --- datasets ------------------------------------------------------------------------------
     # ``owner``: the visitor whose datasets these are (None: the shared ``models/datasets``).
@@ -74,8 +84,10 @@ class TrainingService:
     def dataset_store(self, owner: str | None = None) -> DatasetStore:
         if owner is None:
             return self.datasets
-        return DatasetStore(Path(self.settings.models_dir) / "visitor_datasets" / visitor_key(owner),
-                            DatasetLimits.from_settings(self.settings))
+        return DatasetStore(
+            Path(self.settings.models_dir) / "visitor_datasets" / visitor_key(owner),
+            DatasetLimits.from_settings(self.settings),
+        )
 
     def dataset_names(self, owner: str | None = None) -> list[str]:
         return self.dataset_store(owner).names()
@@ -130,8 +142,11 @@ class TrainingService:
         validate_name(config.name)
         if not config.trigger.strip():
             raise UserError("A trigger word is required: a rare word (e.g. “zqx_fox”) that will call up the LoRA.")
-        model = config.model or (self.engine.model.source.ref if self.engine and self.engine.model else "") \
+        model = (
+            config.model
+            or (self.engine.model.source.ref if self.engine and self.engine.model else "")
             or self.settings.model
+        )
         if not config.images:
             raise UserError("No images: upload some to a dataset, or pass --images DIR.")
         images = Path(config.images).expanduser()
@@ -148,13 +163,16 @@ class TrainingService:
         config = self._within_step_limit(config)
         target = self.lora_dir(config) / f"{config.name}.safetensors"
         if target.exists() and not config.overwrite:
-            raise UserError(f"A LoRA named {config.name!r} already exists ({target}). Choose another name, or "
-                            "set overwrite = true (--overwrite) to replace it.")
+            raise UserError(
+                f"A LoRA named {config.name!r} already exists ({target}). Choose another name, or "
+                "set overwrite = true (--overwrite) to replace it."
+            )
         with self._lock:
             busy = [r for r in self._runs.values() if r.config.name == config.name and not r.job.finished]
         if busy:
-            raise UserError(f"A training run named {config.name!r} is already queued or running "
-                            f"(job {busy[0].job.id}).")
+            raise UserError(
+                f"A training run named {config.name!r} is already queued or running (job {busy[0].job.id})."
+            )
         return config
 
     def _within_step_limit(self, config: TrainConfig) -> TrainConfig:
@@ -162,8 +180,10 @@ class TrainingService:
         if not self.max_steps:
             return config
         if config.max_steps > self.max_steps:
-            raise UserError(f"Max steps {config.max_steps} is over this app's limit of {self.max_steps} "
-                            "training steps; lower it (or fewer epochs).")
+            raise UserError(
+                f"Max steps {config.max_steps} is over this app's limit of {self.max_steps} "
+                "training steps; lower it (or fewer epochs)."
+            )
         if config.max_steps == 0:
             log.info("training %s: limited to %d steps on this app", config.name, self.max_steps)
             return dataclasses.replace(config, max_steps=self.max_steps)
@@ -174,13 +194,15 @@ class TrainingService:
 
     # --- runs ----------------------------------------------------------------------------------
 
-    def submit(self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None,
-               owner: str | None = None) -> TrainingRun:
+    def submit(
+        self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None, owner: str | None = None
+    ) -> TrainingRun:
         config = self.prepare(config)
         if owner is not None and config.overwrite and (self.lora_dir(config) / f"{config.name}.safetensors").exists():
             # LoRAs are shared by every visitor: one must not replace (or delete) another's, or the owner's.
-            raise UserError(f"A LoRA named {config.name!r} already exists and this app does not replace LoRAs; "
-                            "choose another name.")
+            raise UserError(
+                f"A LoRA named {config.name!r} already exists and this app does not replace LoRAs; choose another name."
+            )
         # The trainer writes config.toml once it accepted the run (after its resume check): a refused
         # run must not overwrite the config of the run whose checkpoint is there.
         config_path = self.work_dir(config) / "config.toml"
@@ -234,8 +256,9 @@ class TrainingService:
 
     # --- on the GPU ----------------------------------------------------------------------------
 
-    def _train_on_device(self, config: TrainConfig, *, report: Callable[[TrainProgress], None],
-                         should_cancel: Callable[[], bool]) -> TrainResult:
+    def _train_on_device(
+        self, config: TrainConfig, *, report: Callable[[TrainProgress], None], should_cancel: Callable[[], bool]
+    ) -> TrainResult:
         """The run itself: on ZeroGPU in a GPU process; its files land on the shared disk."""
         return self._train(config, report, should_cancel)
 
@@ -244,8 +267,9 @@ class TrainingService:
         native = model.native_size if model is not None and model.source.ref == config.model else 1024
         images = len(Dataset(Path(config.images)).images()) if config.images else 1
         steps = planned_training_steps(images, config.repeats, config.epochs, config.batch_size, config.max_steps)
-        return training_seconds(steps, config.resolution or native, config.batch_size, config.epochs,
-                                config.sample_steps)
+        return training_seconds(
+            steps, config.resolution or native, config.batch_size, config.epochs, config.sample_steps
+        )
 
     # --- the job's work ------------------------------------------------------------------------
 
@@ -256,18 +280,28 @@ class TrainingService:
         work_dir, lora_dir = self.work_dir(config), self.lora_dir(config)
         if config.overwrite:
             remove_run_outputs(lora_dir, config.name, work_dir)
-        trainer = Trainer(config, lora_dir=lora_dir, work_dir=work_dir, device=device,
-                          allow_pickle=self.settings.allow_pickle, single_file_config=self.settings.single_file_config,
-                          max_image_pixels=self.settings.max_image_pixels, on_progress=on_progress,
-                          should_cancel=should_cancel)
+        trainer = Trainer(
+            config,
+            lora_dir=lora_dir,
+            work_dir=work_dir,
+            device=device,
+            allow_pickle=self.settings.allow_pickle,
+            single_file_config=self.settings.single_file_config,
+            max_image_pixels=self.settings.max_image_pixels,
+            on_progress=on_progress,
+            should_cancel=should_cancel,
+        )
         residency = self.engine.residency if self.engine is not None else None
         if residency is None:  # CPU: no GPU memory is shared, nothing to clear
             return trainer.run()
         # Every model leaves the GPU and nothing else is placed there until training ends; the
         # models come back on their next use.
-        with residency.exclusive("LoRA training", 0), out_of_memory_as_user_error(
-            "while training, with every other model off the GPU",
-            "Lower the resolution or the batch size, or turn text-encoder training off.",
-            torch.cuda.empty_cache,
+        with (
+            residency.exclusive("LoRA training", 0),
+            out_of_memory_as_user_error(
+                "while training, with every other model off the GPU",
+                "Lower the resolution or the batch size, or turn text-encoder training off.",
+                torch.cuda.empty_cache,
+            ),
         ):
             return trainer.run()

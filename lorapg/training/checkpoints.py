@@ -38,9 +38,12 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
     folder = checkpoint_dir(work_dir)
     if not folder.is_dir():
         return []
-    done = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.pt").is_file()
-            and not p.name.endswith(".partial")]
-    return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
+    done = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.pt").is_file() and not p.name.endswith(".partial")
+    ]
+    return sorted(done, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
 def latest_checkpoint(work_dir: Path) -> Path | None:
@@ -48,8 +51,16 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(work_dir: Path, *, step: int, epoch: int, batch: int, lora: dict[str, torch.Tensor],
-                    state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    work_dir: Path,
+    *,
+    step: int,
+    epoch: int,
+    batch: int,
+    lora: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
     folder = checkpoint_dir(work_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{_PREFIX}{step:07d}"
@@ -57,8 +68,9 @@ def save_checkpoint(work_dir: Path, *, step: int, epoch: int, batch: int, lora: 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     # Through atomic_write for its fsync: a folder renamed complete must not hold empty files after a power cut.
-    atomic_write_bytes(partial / "lora.safetensors",
-                       save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()}))
+    atomic_write_bytes(
+        partial / "lora.safetensors", save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()})
+    )
     with atomic_write(partial / "state.pt") as handle:
         torch.save({"step": step, "epoch": epoch, "batch": batch, **state}, handle)
     if final.exists():
@@ -75,8 +87,7 @@ def save_checkpoint(work_dir: Path, *, step: int, epoch: int, batch: int, lora: 
 def load_checkpoint(path: Path) -> Checkpoint:
     state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
     lora = load_file(str(Path(path) / "lora.safetensors"))
-    return Checkpoint(Path(path), int(state.pop("step")), int(state.pop("epoch")), int(state.pop("batch")), lora,
-                      state)
+    return Checkpoint(Path(path), int(state.pop("step")), int(state.pop("epoch")), int(state.pop("batch")), lora, state)
 
 
 def clear_checkpoints(work_dir: Path) -> None:

@@ -84,8 +84,12 @@ class TrainConfig:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 # name -> (low, high) inclusive; numbers only. The ranges live in lorapg.limits, beside the generation ones.
 RANGES: dict[str, tuple[float, float]] = {key: (r.minimum, r.maximum) for key, r in TRAINING.items()}
-CHOICES = {"lr_scheduler": LR_SCHEDULERS, "optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISION,
-           "save_precision": SAVE_PRECISION}
+CHOICES = {
+    "lr_scheduler": LR_SCHEDULERS,
+    "optimizer": OPTIMIZERS,
+    "mixed_precision": MIXED_PRECISION,
+    "save_precision": SAVE_PRECISION,
+}
 
 
 def coerce(key: str, value: Any, where: str = "") -> Any:
@@ -133,8 +137,9 @@ def build_config(values: dict[str, Any], *, presets_dir: Path | None = None, whe
     return check(dataclasses.replace(TrainConfig(), **merged))
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None, *,
-                presets_dir: Path | None = None) -> TrainConfig:
+def load_config(
+    path: Path | None, overrides: dict[str, Any] | None = None, *, presets_dir: Path | None = None
+) -> TrainConfig:
     values: dict[str, Any] = {}
     if path is not None:
         values.update(read_toml_file(Path(path)))

@@ -93,8 +93,11 @@ class Dataset:
         """Every file that is meant as an image (captions and our cache excluded), valid or not."""
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() != ".txt"
-                      and not p.name.startswith("."))
+        return sorted(
+            p
+            for p in self.folder.iterdir()
+            if p.is_file() and p.suffix.lower() != ".txt" and not p.name.startswith(".")
+        )
 
     def images(self) -> list[DatasetImage]:
         return [DatasetImage(p, self.caption(p.name)) for p in self.image_paths()]
@@ -200,9 +203,11 @@ class DatasetStore:
         added = sum(1 for _, target in planned if Path(target).suffix.lower() != ".txt")
         total = len(dataset.files()) + added
         if 0 < limit < total:
-            raise UserError(f"Dataset {dataset.name} would hold {total} images with these {added}; at most {limit} "
-                            "can be trained on (setting max_dataset_images, LORAPG_MAX_DATASET_IMAGES). Nothing "
-                            "was added: upload fewer.")
+            raise UserError(
+                f"Dataset {dataset.name} would hold {total} images with these {added}; at most {limit} "
+                "can be trained on (setting max_dataset_images, LORAPG_MAX_DATASET_IMAGES). Nothing "
+                "was added: upload fewer."
+            )
 
     def _check_pixels(self, staging: Path, planned: list[tuple[_Entry, str]]) -> None:
         """Each image's size from its header (no decoding): a decompression bomb never reaches the dataset."""
@@ -247,8 +252,10 @@ class _Budget:
 
 
 def _too_big(zip_name: str, max_mb: int) -> str:
-    return (f"Zip {zip_name} unpacks to more than {max_mb} MB, the limit (setting max_unpacked_mb, "
-            "LORAPG_MAX_UNPACKED_MB). Nothing was added: split it, or raise the limit.")
+    return (
+        f"Zip {zip_name} unpacks to more than {max_mb} MB, the limit (setting max_unpacked_mb, "
+        "LORAPG_MAX_UNPACKED_MB). Nothing was added: split it, or raise the limit."
+    )
 
 
 def _plan_names(entries: list[_Entry], folder: Path, notes: list[str]) -> list[tuple[_Entry, str]]:
@@ -305,8 +312,15 @@ def _zip_entries(path: Path, stack: contextlib.ExitStack, max_mb: int, notes: li
         if inner.name.startswith(".") or "__MACOSX" in inner.parts:
             continue  # macOS resource forks and hidden files are not training data
         # Folders inside the zip are flattened: the dataset is one folder.
-        entries.append(_Entry(inner.name, f"{path.name}: {member.filename}",
-                              lambda m=member: archive.open(m), budget, member.file_size))
+        entries.append(
+            _Entry(
+                inner.name,
+                f"{path.name}: {member.filename}",
+                lambda m=member: archive.open(m),
+                budget,
+                member.file_size,
+            )
+        )
     if max_mb > 0 and sum(entry.declared_size for entry in entries) > max_mb * 1024 * 1024:
         raise UserError(_too_big(path.name, max_mb))
     return entries

@@ -23,8 +23,11 @@ from lorapg.diffusion.families import SD1, SD2, SDXL
 from lorapg.diffusion.lora_formats import peft_to_kohya
 
 BASE_MODEL_VERSION = {SD1: "sd_v1", SD2: "sd_v2", SDXL: "sdxl_base_v1-0"}
-ARCHITECTURE = {SD1: "stable-diffusion-v1/lora", SD2: "stable-diffusion-v2-512/lora",
-                SDXL: "stable-diffusion-xl-v1-base/lora"}
+ARCHITECTURE = {
+    SD1: "stable-diffusion-v1/lora",
+    SD2: "stable-diffusion-v2-512/lora",
+    SDXL: "stable-diffusion-xl-v1-base/lora",
+}
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -45,9 +48,22 @@ def tag_frequency(captions: list[str], folder_key: str) -> str:
     return json.dumps({folder_key: dict(counts.most_common())}, ensure_ascii=False)
 
 
-def build_metadata(*, name: str, family: str, rank: int, alpha: float, trigger: str, captions: list[str],
-                   repeats: int, epochs: int, steps: int, resolution: tuple[int, int], started_at: float,
-                   base_model: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def build_metadata(
+    *,
+    name: str,
+    family: str,
+    rank: int,
+    alpha: float,
+    trigger: str,
+    captions: list[str],
+    repeats: int,
+    epochs: int,
+    steps: int,
+    resolution: tuple[int, int],
+    started_at: float,
+    base_model: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
     now = time.time()
     metadata = {
         "ss_network_module": "networks.lora",
@@ -76,8 +92,15 @@ def build_metadata(*, name: str, family: str, rank: int, alpha: float, trigger: 
     return metadata
 
 
-def export_kohya(state: dict[str, torch.Tensor], path: Path, *, family: str, alpha: float,
-                 metadata: dict[str, str], save_precision: str = "fp16") -> Path:
+def export_kohya(
+    state: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    family: str,
+    alpha: float,
+    metadata: dict[str, str],
+    save_precision: str = "fp16",
+) -> Path:
     """Convert a peft-layout state to kohya keys and write it atomically to ``path``."""
     # SD 2.x uses SD 1.x's kohya prefixes (lora_unet_, lora_te_); only SDXL numbers its encoders.
     kohya = peft_to_kohya(state, alpha, SDXL if family == SDXL else SD1)

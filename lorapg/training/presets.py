@@ -13,8 +13,18 @@ from typing import Any
 from lorapg.errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets" / "training"
-_NOT_IN_PRESETS = {"name", "model", "images", "regularization_images", "trigger", "preset", "out", "work_dir",
-                   "overwrite", "resume"}
+_NOT_IN_PRESETS = {
+    "name",
+    "model",
+    "images",
+    "regularization_images",
+    "trigger",
+    "preset",
+    "out",
+    "work_dir",
+    "overwrite",
+    "resume",
+}
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,10 @@ class ImageCheck:
 
     @property
     def near_duplicate_note(self) -> str:
-        return (f"{self.file} looks like {self.near_duplicate_of} (mean colour difference "
-                f"{self.near_distance:.1f} of 255 on a {THUMBNAIL_SIDE}×{THUMBNAIL_SIDE} thumbnail)")
+        return (
+            f"{self.file} looks like {self.near_duplicate_of} (mean colour difference "
+            f"{self.near_distance:.1f} of 255 on a {THUMBNAIL_SIDE}×{THUMBNAIL_SIDE} thumbnail)"
+        )
 
 
 @dataclass
@@ -74,8 +76,10 @@ class ValidationReport:
         lines = [f"{len(self.valid)} of {len(self.checks)} image(s) usable for training."]
         lines += [f"- {c.file}: {'; '.join(c.reasons)}" for c in self.invalid]
         if self.near_duplicates:
-            lines.append(f"{len(self.near_duplicates)} near duplicate(s), kept for training; remove them "
-                         "(Remove near duplicates) unless each is meant as a separate image:")
+            lines.append(
+                f"{len(self.near_duplicates)} near duplicate(s), kept for training; remove them "
+                "(Remove near duplicates) unless each is meant as a separate image:"
+            )
             lines += [f"- {c.near_duplicate_note}" for c in self.near_duplicates]
         return "\n".join(lines)
 
@@ -94,8 +98,10 @@ def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
     """The reason a width×height image is refused, or "" (``max_pixels`` ≤ 0: no limit)."""
     if max_pixels <= 0 or width * height <= max_pixels:
         return ""
-    return (f"too many pixels: {width}×{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
-            f"{max_pixels / 1e6:g} (setting max_image_pixels, LORAPG_MAX_IMAGE_PIXELS); scale it down")
+    return (
+        f"too many pixels: {width}×{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
+        f"{max_pixels / 1e6:g} (setting max_image_pixels, LORAPG_MAX_IMAGE_PIXELS); scale it down"
+    )
 
 
 def pillow_refusal(exc: Image.DecompressionBombError, max_pixels: int) -> str:
@@ -103,8 +109,10 @@ def pillow_refusal(exc: Image.DecompressionBombError, max_pixels: int) -> str:
     found = re.search(r"\((\d+) pixels\)", str(exc))
     megapixels = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "more pixels than Pillow opens"
     limit = f"{max_pixels / 1e6:g}" if max_pixels > 0 else f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} (Pillow's)"
-    return (f"too many pixels: {megapixels}, over the limit of {limit} megapixels (setting max_image_pixels, "
-            "LORAPG_MAX_IMAGE_PIXELS); scale it down")
+    return (
+        f"too many pixels: {megapixels}, over the limit of {limit} megapixels (setting max_image_pixels, "
+        "LORAPG_MAX_IMAGE_PIXELS); scale it down"
+    )
 
 
 def header_size(path: Path) -> tuple[int, int]:
@@ -129,7 +137,8 @@ def _decode(path: Path, check: ImageCheck, max_pixels: int) -> bool:
             with Image.open(path) as image:
                 image.load()  # decodes every pixel: truncated files fail here
                 check.pixels_sha256 = hashlib.sha256(
-                    repr(image.size).encode() + image.convert("RGBA").tobytes()).hexdigest()
+                    repr(image.size).encode() + image.convert("RGBA").tobytes()
+                ).hexdigest()
                 check.thumbnail = colour_thumbnail(image)
     except UnidentifiedImageError:
         check.reasons.append("not an image (the file's contents are not PNG, JPEG or WebP)")

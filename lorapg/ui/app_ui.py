@@ -20,11 +20,30 @@ from lorapg.working_state import VisitorWorkingStates, WorkingState, WorkingValu
 TITLE = "LoRA Playground"
 
 # Generate-tab widgets kept in the working-state file (by key: the handlers read them by key, not by position).
-PERSISTED = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height", "seed",
-             "batch", "keywords")  # keywords exists only when the prompt tools are built
+PERSISTED = (
+    "prompt",
+    "negative",
+    "lora_select",
+    "scales",
+    "steps",
+    "cfg",
+    "sampler",
+    "width",
+    "height",
+    "seed",
+    "batch",
+    "keywords",
+)  # keywords exists only when the prompt tools are built
 # WorkingValues field -> Generate-tab widget, for the plain parameters.
-_PARAMETERS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", "width": "width",
-               "height": "height", "seed": "seed", "batch_size": "batch"}
+_PARAMETERS = {
+    "steps": "steps",
+    "guidance_scale": "cfg",
+    "sampler": "sampler",
+    "width": "width",
+    "height": "height",
+    "seed": "seed",
+    "batch_size": "batch",
+}
 
 
 def build_ui(
@@ -48,11 +67,16 @@ def build_ui(
                 generate = build_generate_tab(service, prompt_tools=tools, visitors=visitors)
             # A LoRA trained (or copied in) meanwhile is listed as soon as the user comes back. Only the
             # choices change: Reuse switches to this tab while it sets the selection itself.
-            generate_tab.select(lambda: gr.update(choices=lora_choices(service)), None, generate["lora_select"],
-                                api_visibility="private")
+            generate_tab.select(
+                lambda: gr.update(choices=lora_choices(service)),
+                None,
+                generate["lora_select"],
+                api_visibility="private",
+            )
             if gallery_service is not None:
-                build_gallery_tab(gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service),
-                                  visitors=visitors)
+                build_gallery_tab(
+                    gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service), visitors=visitors
+                )
             if training_service is not None:
                 with gr.Tab("Train", id="train"):
                     build_train_tab(training_service, visitors=visitors)
@@ -92,8 +116,15 @@ def _number_or_none(value: object) -> float | None:
         return None
 
 
-def wire_working_state(demo: gr.Blocks, service: GenerationService, states: WorkingState | VisitorWorkingStates,
-                       generate: dict, *, visitors: Visitors | None = None, after=None) -> None:
+def wire_working_state(
+    demo: gr.Blocks,
+    service: GenerationService,
+    states: WorkingState | VisitorWorkingStates,
+    generate: dict,
+    *,
+    visitors: Visitors | None = None,
+    after=None,
+) -> None:
     """Restore the working prompt when a page opens; write it to disk whenever it changes.
 
     ``states`` gives each visitor's state (one shared file where visitors are not kept apart);
@@ -148,5 +179,12 @@ def wire_working_state(demo: gr.Blocks, service: GenerationService, states: Work
         demo.load(restore, None, outputs, api_visibility="private")
     else:
         after.then(restore, None, outputs, api_visibility="private")
-    gr.on([widget.change for widget in outputs], save, set(outputs), None, api_visibility="private",
-          trigger_mode="always_last", show_progress="hidden")
+    gr.on(
+        [widget.change for widget in outputs],
+        save,
+        set(outputs),
+        None,
+        api_visibility="private",
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )

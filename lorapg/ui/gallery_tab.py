@@ -19,10 +19,27 @@ from lorapg.ui.common import user_errors, visitor
 from lorapg.ui.texts import image_details_text, png_info_text
 
 # Generate-tab widgets that Reuse fills, by the keys of build_generate_tab's dict.
-REUSE_TARGETS = ("prompt", "negative", "lora_select", "scales", "steps", "cfg", "sampler", "width", "height",
-                 "seed", "batch")
-_PARAMETER_WIDGETS = {"steps": "steps", "guidance_scale": "cfg", "sampler": "sampler", "width": "width",
-                      "height": "height", "seed": "seed"}
+REUSE_TARGETS = (
+    "prompt",
+    "negative",
+    "lora_select",
+    "scales",
+    "steps",
+    "cfg",
+    "sampler",
+    "width",
+    "height",
+    "seed",
+    "batch",
+)
+_PARAMETER_WIDGETS = {
+    "steps": "steps",
+    "guidance_scale": "cfg",
+    "sampler": "sampler",
+    "width": "width",
+    "height": "height",
+    "seed": "seed",
+}
 
 
 def gallery_items(records: list[ImageRecord]) -> list[tuple[str, str]]:
@@ -71,36 +88,62 @@ def build_gallery_tab(
 
 def _gallery_widgets(gallery_service: GalleryService) -> dict[str, gr.components.Component]:
     with gr.Row():
-        query = gr.Textbox(label="Prompt words", placeholder="every word must be in the prompt", scale=3,
-                           elem_id="gallery-query")
-        lora_filter = gr.Dropdown(label="LoRA", choices=[""], value="", allow_custom_value=True, scale=2,
-                                  elem_id="gallery-lora-filter")
+        query = gr.Textbox(
+            label="Prompt words", placeholder="every word must be in the prompt", scale=3, elem_id="gallery-query"
+        )
+        lora_filter = gr.Dropdown(
+            label="LoRA", choices=[""], value="", allow_custom_value=True, scale=2, elem_id="gallery-lora-filter"
+        )
         refresh = gr.Button("🔄 Refresh", scale=1, elem_id="gallery-refresh")
     with gr.Row():
         with gr.Column(scale=3):
-            thumbs = gr.Gallery(label="Gallery (newest first)", format="png", columns=4, height=560,
-                                allow_preview=False, fit_columns=False, elem_id="gallery")
+            thumbs = gr.Gallery(
+                label="Gallery (newest first)",
+                format="png",
+                columns=4,
+                height=560,
+                allow_preview=False,
+                fit_columns=False,
+                elem_id="gallery",
+            )
             count = gr.Markdown("", elem_id="gallery-count")
         with gr.Column(scale=2):
             # No precision: Gradio would round 1.5 to 2 before the service could refuse it, and
             # the wrong image was deleted. The service's id check refuses fractions instead.
-            selected_id = gr.Number(None, label="Image # (type an id and press Enter)", step=1,
-                                    elem_id="gallery-selected-id")
-            full = gr.Image(label="Selected image", type="filepath", format="png", interactive=False,
-                            elem_id="gallery-image")
+            selected_id = gr.Number(
+                None, label="Image # (type an id and press Enter)", step=1, elem_id="gallery-selected-id"
+            )
+            full = gr.Image(
+                label="Selected image", type="filepath", format="png", interactive=False, elem_id="gallery-image"
+            )
             with gr.Row():
                 reuse = gr.Button("♻️ Reuse", variant="primary", elem_id="gallery-reuse")
                 star = gr.Button(star_label(False), elem_id="gallery-star")
                 delete = gr.Button("🗑️ Delete", variant="stop", elem_id="gallery-delete")
                 download = gr.DownloadButton("⬇️ Download PNG", value=None, elem_id="gallery-download")
             details = gr.Markdown("Select an image to see how it was made.", elem_id="gallery-details")
-            raw = gr.Textbox(label="Parameters in the PNG (AUTOMATIC1111 format)", lines=4, interactive=False,
-                             elem_id="gallery-raw")
+            raw = gr.Textbox(
+                label="Parameters in the PNG (AUTOMATIC1111 format)", lines=4, interactive=False, elem_id="gallery-raw"
+            )
             notes = gr.Markdown("", elem_id="gallery-notes")
     ids = gr.State([])
-    return {"query": query, "lora_filter": lora_filter, "refresh": refresh, "gallery": thumbs, "count": count,
-            "selected_id": selected_id, "image": full, "reuse": reuse, "star": star, "delete": delete,
-            "download": download, "details": details, "raw": raw, "notes": notes, "ids": ids}
+    return {
+        "query": query,
+        "lora_filter": lora_filter,
+        "refresh": refresh,
+        "gallery": thumbs,
+        "count": count,
+        "selected_id": selected_id,
+        "image": full,
+        "reuse": reuse,
+        "star": star,
+        "delete": delete,
+        "download": download,
+        "details": details,
+        "raw": raw,
+        "notes": notes,
+        "ids": ids,
+    }
 
 
 def _png_info_widgets() -> dict[str, gr.components.Component]:
@@ -156,16 +199,26 @@ def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitor
 
     filters = {"query": w["query"], "lora": w["lora_filter"]}  # keyed by the handlers' parameter names
     w["refresh"].click(list_images, inputs_kwargs=filters, outputs=listing, api_name="gallery_list")
-    gr.on([w["query"].submit, w["lora_filter"].change, gallery_tab.select], list_images, inputs_kwargs=filters,
-          outputs=listing, api_visibility="private")
+    gr.on(
+        [w["query"].submit, w["lora_filter"].change, gallery_tab.select],
+        list_images,
+        inputs_kwargs=filters,
+        outputs=listing,
+        api_visibility="private",
+    )
     for trigger in (w["refresh"].click, gallery_tab.select):
         trigger(lora_filter_choices, w["lora_filter"], w["lora_filter"], api_visibility="private")
     w["gallery"].select(pick, w["ids"], shown, api_visibility="private")
     w["selected_id"].submit(show, w["selected_id"], shown, api_name="gallery_get")
     w["star"].click(toggle_star, w["selected_id"], [w["star"], w["notes"]], api_name="gallery_star").then(
-        list_images, inputs_kwargs=filters, outputs=listing, api_visibility="private")
-    w["delete"].click(delete, inputs_kwargs={"image_id": w["selected_id"], **filters}, outputs=listing + shown,
-                      api_name="gallery_delete")
+        list_images, inputs_kwargs=filters, outputs=listing, api_visibility="private"
+    )
+    w["delete"].click(
+        delete,
+        inputs_kwargs={"image_id": w["selected_id"], **filters},
+        outputs=listing + shown,
+        api_name="gallery_delete",
+    )
 
 
 def _wire_reuse(
@@ -223,10 +276,13 @@ def _wire_reuse(
     def select_loras(names):
         return names
 
-    w["reuse"].click(reuse_image, inputs_kwargs={"image_id": w["selected_id"], **model_input}, outputs=outputs,
-                     api_name="gallery_reuse").then(
-        select_loras, pending_loras, generate["lora_select"], api_visibility="private")
+    w["reuse"].click(
+        reuse_image,
+        inputs_kwargs={"image_id": w["selected_id"], **model_input},
+        outputs=outputs,
+        api_name="gallery_reuse",
+    ).then(select_loras, pending_loras, generate["lora_select"], api_visibility="private")
     w["png_file"].upload(read_png, w["png_file"], [w["png_summary"], w["png_raw"]], api_name="png_info")
-    w["png_send"].click(send_png, inputs_kwargs={"path": w["png_file"], **model_input}, outputs=outputs,
-                        api_name="png_info_send").then(
-        select_loras, pending_loras, generate["lora_select"], api_visibility="private")
+    w["png_send"].click(
+        send_png, inputs_kwargs={"path": w["png_file"], **model_input}, outputs=outputs, api_name="png_info_send"
+    ).then(select_loras, pending_loras, generate["lora_select"], api_visibility="private")

@@ -81,14 +81,19 @@ def build_generate_tab(
 
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = checked_text(gr.Textbox(
-                label="Prompt", lines=3, elem_id="prompt",
-                placeholder="a watercolor fox in a misty forest  (A1111 tags like <lora:name:0.7> work too)",
-            ))
+            prompt = checked_text(
+                gr.Textbox(
+                    label="Prompt",
+                    lines=3,
+                    elem_id="prompt",
+                    placeholder="a watercolor fox in a misty forest  (A1111 tags like <lora:name:0.7> work too)",
+                )
+            )
             negative = checked_text(gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt"))
             with gr.Row():
-                lora_select = gr.Dropdown(label="LoRAs", choices=lora_choices(service), multiselect=True,
-                                          elem_id="lora-select", scale=5)
+                lora_select = gr.Dropdown(
+                    label="LoRAs", choices=lora_choices(service), multiselect=True, elem_id="lora-select", scale=5
+                )
                 refresh_button = gr.Button("Refresh LoRAs", scale=1, size="sm")
             scales = gr.State({})
             loras_text = gr.Textbox(label="LoRAs (name:scale, …)", visible=False, elem_id="lora-spec")
@@ -96,10 +101,18 @@ def build_generate_tab(
             @gr.render(inputs=[lora_select, scales], triggers=[lora_select.change])
             def render_scale_sliders(selected, current):
                 for name in selected or []:
-                    slider = gr.Slider(**ranged(LORA_SCALE), value=(current or {}).get(name, DEFAULT_LORA_SCALE),
-                                       label=f"{name} — scale", key=f"scale-{name}", interactive=True)
-                    slider.change(lambda value, state, n=name: {**(state or {}), n: value},
-                                  inputs_kwargs={"value": slider, "state": scales}, outputs=scales)
+                    slider = gr.Slider(
+                        **ranged(LORA_SCALE),
+                        value=(current or {}).get(name, DEFAULT_LORA_SCALE),
+                        label=f"{name} — scale",
+                        key=f"scale-{name}",
+                        interactive=True,
+                    )
+                    slider.change(
+                        lambda value, state, n=name: {**(state or {}), n: value},
+                        inputs_kwargs={"value": slider, "state": scales},
+                        outputs=scales,
+                    )
 
             if prompt_tools is not None:
                 extra = prompt_tools({"prompt": prompt, "negative": negative, "lora_select": lora_select})
@@ -115,8 +128,16 @@ def build_generate_tab(
                     height = raw_number(gr.Number(value=native, precision=0, **ranged(SIZE), label="Height"))
                     batch = raw_number(gr.Slider(**ranged(BATCH_SIZE), value=BATCH_SIZE.default, label="Batch size"))
                     # -1 (random) sits just below the seed range.
-                    seed = raw_number(gr.Number(value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED,
-                                                maximum=SEED.maximum, step=1, label=f"Seed ({RANDOM_SEED} = random)"))
+                    seed = raw_number(
+                        gr.Number(
+                            value=RANDOM_SEED,
+                            precision=0,
+                            minimum=RANDOM_SEED,
+                            maximum=SEED.maximum,
+                            step=1,
+                            label=f"Seed ({RANDOM_SEED} = random)",
+                        )
+                    )
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -130,11 +151,19 @@ def build_generate_tab(
 
     # --- events ----------------------------------------------------------------------------
     for source in (lora_select, scales):
-        source.change(lora_spec, inputs_kwargs={"selected": lora_select, "scales": scales}, outputs=loras_text,
-                      api_visibility="private")
+        source.change(
+            lora_spec,
+            inputs_kwargs={"selected": lora_select, "scales": scales},
+            outputs=loras_text,
+            api_visibility="private",
+        )
 
-    refresh_button.click(user_errors(lambda selected: refreshed_lora_dropdown(service, selected)), lora_select,
-                         lora_select, api_name="refresh_loras")
+    refresh_button.click(
+        user_errors(lambda selected: refreshed_lora_dropdown(service, selected)),
+        lora_select,
+        lora_select,
+        api_name="refresh_loras",
+    )
 
     @user_errors
     def load_model(ref, progress=gr.Progress()):
@@ -144,16 +173,42 @@ def build_generate_tab(
         loaded = service.model_status()
         yield model_status_text(loaded), loaded.native_size, loaded.native_size
 
-    load_button.click(load_model, model_box, [model_status, width, height], api_name="load_model",
-                      concurrency_id="gpu", concurrency_limit=1)
+    load_button.click(
+        load_model,
+        model_box,
+        [model_status, width, height],
+        api_name="load_model",
+        concurrency_id="gpu",
+        concurrency_limit=1,
+    )
 
     @user_errors
-    def generate(prompt, negative_prompt, loras, steps, cfg_scale, sampler, width, height, seed, batch_size,
-                 http: gr.Request, progress=gr.Progress()):
+    def generate(
+        prompt,
+        negative_prompt,
+        loras,
+        steps,
+        cfg_scale,
+        sampler,
+        width,
+        height,
+        seed,
+        batch_size,
+        http: gr.Request,
+        progress=gr.Progress(),
+    ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
         request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt, loras=parse_lora_list(loras), steps=steps,
-            guidance_scale=cfg_scale, sampler=sampler, width=width, height=height, seed=seed, batch_size=batch_size,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            loras=parse_lora_list(loras),
+            steps=steps,
+            guidance_scale=cfg_scale,
+            sampler=sampler,
+            width=width,
+            height=height,
+            seed=seed,
+            batch_size=batch_size,
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -171,8 +226,16 @@ def build_generate_tab(
     # Keyed by the handler's parameter names, which are also the API's; the dict's order is the
     # API's positional order (unchanged since the first release).
     generate_inputs = {
-        "prompt": prompt, "negative_prompt": negative, "loras": loras_text, "steps": steps, "cfg_scale": cfg,
-        "sampler": sampler, "width": width, "height": height, "seed": seed, "batch_size": batch,
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "loras": loras_text,
+        "steps": steps,
+        "cfg_scale": cfg,
+        "sampler": sampler,
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "batch_size": batch,
     }
     generate_button.click(
         generate,
@@ -204,11 +267,27 @@ def build_generate_tab(
             return text, current.native_size, current.native_size, current.ref
         return text, gr.update(), gr.update(), shown_ref
 
-    status_timer.tick(poll_model_status, shown_model, [model_status, width, height, shown_model],
-                      api_visibility="private", show_progress="hidden")
+    status_timer.tick(
+        poll_model_status,
+        shown_model,
+        [model_status, width, height, shown_model],
+        api_visibility="private",
+        show_progress="hidden",
+    )
 
     return {
-        "prompt": prompt, "negative": negative, "lora_select": lora_select, "scales": scales, "steps": steps,
-        "cfg": cfg, "sampler": sampler, "width": width, "height": height, "seed": seed, "batch": batch,
-        "model": model_box, "model_status": model_status, **extra,
+        "prompt": prompt,
+        "negative": negative,
+        "lora_select": lora_select,
+        "scales": scales,
+        "steps": steps,
+        "cfg": cfg,
+        "sampler": sampler,
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "batch": batch,
+        "model": model_box,
+        "model_status": model_status,
+        **extra,
     }

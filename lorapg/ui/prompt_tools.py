@@ -79,8 +79,9 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
     with gr.Group():
         token_display = gr.Markdown(token_count_text(prompts.token_count("")), elem_id="token-count")
         with gr.Row(equal_height=True):
-            keywords = raw_values(gr.Textbox(label="Keywords", placeholder="red fox, snowy forest, calm",
-                                             elem_id="keywords", scale=5))
+            keywords = raw_values(
+                gr.Textbox(label="Keywords", placeholder="red fox, snowy forest, calm", elem_id="keywords", scale=5)
+            )
             enhance_button = gr.Button("Enhance", elem_id="enhance", scale=1)
         with gr.Row():
             preset_buttons = [(p.name, gr.Button(p.label, size="sm", elem_id=f"preset-{p.name}")) for p in catalog]
@@ -98,20 +99,24 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     with gr.Accordion("LLM settings", open=False):
         with gr.Row():
-            backend_box = gr.Dropdown(list(BACKEND_CHOICES), value=prompts.settings.llm_backend,
-                                      label="Backend", elem_id="llm-backend")
-            model_box = gr.Textbox(prompts.settings.llm_model or "", label="Model (hub id, folder, .gguf, or name)",
-                                   placeholder="auto: Qwen/Qwen2.5-7B-Instruct on a GPU")
-            url_box = gr.Textbox(prompts.settings.llm_url or "", label="OpenAI-compatible URL",
-                                 placeholder="http://127.0.0.1:11434/v1")
+            backend_box = gr.Dropdown(
+                list(BACKEND_CHOICES), value=prompts.settings.llm_backend, label="Backend", elem_id="llm-backend"
+            )
+            model_box = gr.Textbox(
+                prompts.settings.llm_model or "",
+                label="Model (hub id, folder, .gguf, or name)",
+                placeholder="auto: Qwen/Qwen2.5-7B-Instruct on a GPU",
+            )
+            url_box = gr.Textbox(
+                prompts.settings.llm_url or "", label="OpenAI-compatible URL", placeholder="http://127.0.0.1:11434/v1"
+            )
             key_box = gr.Textbox(label="API key (optional)", type="password")
         with gr.Row():
             llm_seed = raw_values(gr.Number(value=-1, precision=0, label="LLM seed (-1 = random)"))
             apply_button = gr.Button("Apply LLM settings", elem_id="apply-llm")
         with gr.Row():
             note_lora = gr.Dropdown([], label="Style note for a selected LoRA", scale=2)
-            note_text = gr.Textbox(label="Style (steers the LLM; e.g. 'flat cel-shaded anime, bold outlines')",
-                                   scale=4)
+            note_text = gr.Textbox(label="Style (steers the LLM; e.g. 'flat cel-shaded anime, bold outlines')", scale=4)
             note_save = gr.Button("Save note", size="sm", scale=1)
 
     # --- events ----------------------------------------------------------------------------
@@ -128,17 +133,30 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
 
     outputs = [prompt, history, tool_status]
     # Inputs keyed by the handlers' parameter names (which are also the API's parameter names).
-    enhance_inputs = {"keywords_text": keywords, "selected": lora_select, "current_prompt": prompt,
-                      "stack": history, "seed": llm_seed}
+    enhance_inputs = {
+        "keywords_text": keywords,
+        "selected": lora_select,
+        "current_prompt": prompt,
+        "stack": history,
+        "seed": llm_seed,
+    }
     enhance_button.click(enhance, inputs_kwargs=enhance_inputs, outputs=outputs, api_name="enhance")
     keywords.submit(enhance, inputs_kwargs=enhance_inputs, outputs=outputs, api_visibility="private")
-    rewrite_inputs = {"preset": preset_box, "current_prompt": api_prompt, "selected": lora_select, "stack": history,
-                      "seed": llm_seed}
+    rewrite_inputs = {
+        "preset": preset_box,
+        "current_prompt": api_prompt,
+        "selected": lora_select,
+        "stack": history,
+        "seed": llm_seed,
+    }
     rewrite_api.click(rewrite, inputs_kwargs=rewrite_inputs, outputs=outputs, api_name="rewrite")
     for name, button in preset_buttons:
         button.click(lambda n=name: n, None, preset_box, api_visibility="private", show_progress="hidden").then(
-            rewrite, inputs_kwargs={**rewrite_inputs, "current_prompt": prompt}, outputs=outputs,
-            api_visibility="private")
+            rewrite,
+            inputs_kwargs={**rewrite_inputs, "current_prompt": prompt},
+            outputs=outputs,
+            api_visibility="private",
+        )
 
     def undo(stack):
         stack = list(stack or [])
@@ -157,18 +175,27 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
         except UserError as exc:
             return f"⚠️ {exc}"
 
-    prompt.change(token_count, prompt, token_display, api_name="token_count", trigger_mode="always_last",
-                  show_progress="hidden")
+    prompt.change(
+        token_count, prompt, token_display, api_name="token_count", trigger_mode="always_last", show_progress="hidden"
+    )
 
     @user_errors
     def llm_settings(backend, model, url, api_key):
         return backend_text(prompts.change_backend(backend, model or "", url or "", api_key or ""))
 
-    apply_button.click(llm_settings, inputs_kwargs={"backend": backend_box, "model": model_box, "url": url_box,
-                                                    "api_key": key_box}, outputs=tool_status, api_name="llm_settings")
+    apply_button.click(
+        llm_settings,
+        inputs_kwargs={"backend": backend_box, "model": model_box, "url": url_box, "api_key": key_box},
+        outputs=tool_status,
+        api_name="llm_settings",
+    )
 
-    lora_select.change(lambda selected: gr.update(choices=list(selected or []), value=(selected or [None])[0]),
-                       lora_select, note_lora, api_visibility="private")
+    lora_select.change(
+        lambda selected: gr.update(choices=list(selected or []), value=(selected or [None])[0]),
+        lora_select,
+        note_lora,
+        api_visibility="private",
+    )
 
     @user_errors
     def load_note(name):
@@ -182,11 +209,16 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
         return f"Saved the style note for {name}."
 
     note_lora.change(load_note, note_lora, note_text, api_visibility="private")
-    note_save.click(save_note, inputs_kwargs={"name": note_lora, "text": note_text}, outputs=tool_status,
-                    api_name="style_note")
+    note_save.click(
+        save_note, inputs_kwargs={"name": note_lora, "text": note_text}, outputs=tool_status, api_name="style_note"
+    )
 
-    return {"keywords": keywords, "token_count": token_display, "prompt_tool_status": tool_status,
-            "prompt_history": history}
+    return {
+        "keywords": keywords,
+        "token_count": token_display,
+        "prompt_tool_status": tool_status,
+        "prompt_history": history,
+    }
 
 
 def _shown(prompt) -> str:

@@ -16,8 +16,22 @@ from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
 from lorapg.ui.texts import training_run_text
 
 # Editable fields: TrainConfig field -> (widget factory, label).
-FIELDS = ("rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder", "epochs", "repeats", "resolution",
-          "batch_size", "max_steps", "min_snr_gamma", "noise_offset", "lr_scheduler", "seed")
+FIELDS = (
+    "rank",
+    "alpha",
+    "unet_lr",
+    "text_encoder_lr",
+    "train_text_encoder",
+    "epochs",
+    "repeats",
+    "resolution",
+    "batch_size",
+    "max_steps",
+    "min_snr_gamma",
+    "noise_offset",
+    "lr_scheduler",
+    "seed",
+)
 
 
 def _loss_frame(run: TrainingRun | None) -> pd.DataFrame:
@@ -44,25 +58,42 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
     presets = service.preset_names()
     with gr.Row():
         with gr.Column(scale=3):
-            gr.Markdown(f"### 1. Dataset\nUpload 1–{service.settings.max_dataset_images} images (PNG, JPEG, WebP) "
-                        "or a zip; `.txt` files with the same name as an image are imported as its caption.")
+            gr.Markdown(
+                f"### 1. Dataset\nUpload 1–{service.settings.max_dataset_images} images (PNG, JPEG, WebP) "
+                "or a zip; `.txt` files with the same name as an image are imported as its caption."
+            )
             with gr.Row():
-                dataset = gr.Dropdown([] if private else service.dataset_names(), label="Dataset name",
-                                      allow_custom_value=True,
-                                      value=None, elem_id="train-dataset", scale=3)
+                dataset = gr.Dropdown(
+                    [] if private else service.dataset_names(),
+                    label="Dataset name",
+                    allow_custom_value=True,
+                    value=None,
+                    elem_id="train-dataset",
+                    scale=3,
+                )
                 load_button = gr.Button("Open", size="sm", scale=1)
-            uploads = gr.File(label="Images or zip", file_count="multiple", elem_id="train-upload",
-                              file_types=["image", ".zip", ".txt"])
+            uploads = gr.File(
+                label="Images or zip",
+                file_count="multiple",
+                elem_id="train-upload",
+                file_types=["image", ".zip", ".txt"],
+            )
             add_button = gr.Button("Add to dataset")
             grid = gr.Gallery(label="Images (select one to remove it)", columns=6, height=260, elem_id="train-grid")
             selected = gr.State(None)
             with gr.Row():
                 remove_button = gr.Button("Remove selected image", size="sm", variant="stop")
                 # Near duplicates are listed in the validation report and trained on unless removed here.
-                remove_near_button = gr.Button("Remove near duplicates", size="sm", variant="stop",
-                                               elem_id="train-remove-near")
-            captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
-                                    label="Captions (edit, then Save captions)", elem_id="train-captions")
+                remove_near_button = gr.Button(
+                    "Remove near duplicates", size="sm", variant="stop", elem_id="train-remove-near"
+                )
+            captions = gr.Dataframe(
+                headers=["file", "caption"],
+                datatype=["str", "str"],
+                interactive=True,
+                label="Captions (edit, then Save captions)",
+                elem_id="train-captions",
+            )
             save_captions_button = gr.Button("Save captions", size="sm")
             report = gr.Markdown("", elem_id="train-validation")
         with gr.Column(scale=2):
@@ -72,9 +103,13 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
             preset = gr.Dropdown(presets, value=presets[0] if presets else None, label="Preset")
             preset_note = gr.Markdown(service.preset_description(presets[0]) if presets else "")
             regularization = gr.Dropdown(
-                [], value=None, allow_custom_value=True, elem_id="train-regularization",
+                [],
+                value=None,
+                allow_custom_value=True,
+                elem_id="train-regularization",
                 label="Regularization images (optional dataset: ordinary images of the class, captions kept "
-                      "as written, so prompts without the trigger keep their meaning)")
+                "as written, so prompts without the trigger keep their meaning)",
+            )
             with gr.Accordion("Fields (from the preset; edit any)", open=False):
                 widgets = {
                     "rank": gr.Number(defaults.rank, precision=0, label="Rank"),
@@ -110,11 +145,20 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         _, notes = service.dataset_add(dataset_name, [getattr(f, "name", f) for f in files or []], owner)
         grid_items, table, summary = _dataset_view(service, dataset_name, owner)
         note = "".join(f"\n- {n}" for n in notes)
-        return (grid_items, table, summary + note,
-                gr.update(choices=service.dataset_names(owner), value=dataset_name), None)
+        return (
+            grid_items,
+            table,
+            summary + note,
+            gr.update(choices=service.dataset_names(owner), value=dataset_name),
+            None,
+        )
 
-    add_button.click(add_files, inputs_kwargs={"dataset_name": dataset, "files": uploads},
-                     outputs=[grid, captions, report, dataset, uploads], api_name="dataset_add")
+    add_button.click(
+        add_files,
+        inputs_kwargs={"dataset_name": dataset, "files": uploads},
+        outputs=[grid, captions, report, dataset, uploads],
+        api_name="dataset_add",
+    )
 
     @user_errors
     def open_dataset(dataset_name, request: gr.Request):
@@ -143,38 +187,53 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         service.dataset_remove(dataset_name, file, owner)
         return (*_dataset_view(service, dataset_name, owner), None)
 
-    remove_button.click(remove, inputs_kwargs={"dataset_name": dataset, "file": selected},
-                        outputs=[grid, captions, report, selected], api_name="dataset_remove")
+    remove_button.click(
+        remove,
+        inputs_kwargs={"dataset_name": dataset, "file": selected},
+        outputs=[grid, captions, report, selected],
+        api_name="dataset_remove",
+    )
 
     @user_errors
     def remove_near_duplicates(dataset_name, request: gr.Request):
         owner = visitor(visitors, request)
         removed = service.dataset_remove_near_duplicates(dataset_name, owner)
         grid_items, table, summary = _dataset_view(service, dataset_name, owner)
-        note = f"\nRemoved {len(removed)} near duplicate(s): {', '.join(removed)}." if removed else \
-            "\nNo near duplicates to remove."
+        note = (
+            f"\nRemoved {len(removed)} near duplicate(s): {', '.join(removed)}."
+            if removed
+            else "\nNo near duplicates to remove."
+        )
         return grid_items, table, summary + note
 
-    remove_near_button.click(remove_near_duplicates, dataset, [grid, captions, report],
-                             api_name="dataset_remove_near_duplicates")
+    remove_near_button.click(
+        remove_near_duplicates, dataset, [grid, captions, report], api_name="dataset_remove_near_duplicates"
+    )
 
     @user_errors
     def save_captions(dataset_name, table, request: gr.Request):
         owner = visitor(visitors, request)
         rows = table.values.tolist() if hasattr(table, "values") else (table or [])
-        service.dataset_set_captions(dataset_name, {str(row[0]): str(row[1] or "") for row in rows if row and row[0]},
-                                     owner)
+        service.dataset_set_captions(
+            dataset_name, {str(row[0]): str(row[1] or "") for row in rows if row and row[0]}, owner
+        )
         return _dataset_view(service, dataset_name, owner)
 
-    save_captions_button.click(save_captions, inputs_kwargs={"dataset_name": dataset, "table": captions},
-                               outputs=[grid, captions, report], api_name="dataset_captions")
+    save_captions_button.click(
+        save_captions,
+        inputs_kwargs={"dataset_name": dataset, "table": captions},
+        outputs=[grid, captions, report],
+        api_name="dataset_captions",
+    )
 
     # --- settings events -----------------------------------------------------------------------
     @user_errors
     def apply_preset(preset_name):
         config = service.config_for({"preset": preset_name})
-        return {preset_note: service.preset_description(preset_name),
-                **{widgets[key]: getattr(config, key) for key in FIELDS}}
+        return {
+            preset_note: service.preset_description(preset_name),
+            **{widgets[key]: getattr(config, key) for key in FIELDS},
+        }
 
     preset.change(apply_preset, preset, {preset_note, *widgets.values()}, api_visibility="private")
 
@@ -183,23 +242,56 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
 
     regularization.focus(refresh_regularization, None, regularization, api_visibility="private")
 
-    def config_values(owner, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag,
-                      regularization_name, field_values: dict) -> dict:
+    def config_values(
+        owner,
+        dataset_name,
+        lora_name,
+        trigger_word,
+        preset_name,
+        overwrite_flag,
+        regularization_name,
+        field_values: dict,
+    ) -> dict:
         fields = {key: field_values.get(key) for key in FIELDS}
         fields = {key: value for key, value in fields.items() if value is not None and value != ""}
         images = str(service.dataset_folder(dataset_name, owner)) if dataset_name else ""
         prior = str(service.dataset_folder(regularization_name, owner)) if regularization_name else ""
-        return dict(fields, name=lora_name or "", trigger=trigger_word or "", preset=preset_name or "",
-                    images=images, regularization_images=prior, overwrite=bool(overwrite_flag))
+        return dict(
+            fields,
+            name=lora_name or "",
+            trigger=trigger_word or "",
+            preset=preset_name or "",
+            images=images,
+            regularization_images=prior,
+            overwrite=bool(overwrite_flag),
+        )
 
     # --- run events ----------------------------------------------------------------------------
     @user_errors
-    def start(request: gr.Request, dataset_name, lora_name, trigger_word, preset_name, overwrite_flag,
-              regularization_name=None, **field_values):
+    def start(
+        request: gr.Request,
+        dataset_name,
+        lora_name,
+        trigger_word,
+        preset_name,
+        overwrite_flag,
+        regularization_name=None,
+        **field_values,
+    ):
         """Keyword inputs: the API names every config field as TrainConfig does (rank=…, epochs=…)."""
         owner = visitor(visitors, request)
-        config = service.config_for(config_values(owner, dataset_name, lora_name, trigger_word, preset_name,
-                                                  overwrite_flag, regularization_name, field_values))
+        config = service.config_for(
+            config_values(
+                owner,
+                dataset_name,
+                lora_name,
+                trigger_word,
+                preset_name,
+                overwrite_flag,
+                regularization_name,
+                field_values,
+            )
+        )
         run = service.submit(config, owner=owner)
         toml = to_toml(run.config) + f"# saved as {run.config_path}\n"
         while not run.job.wait(POLL_SECONDS * 4):
@@ -207,11 +299,23 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         yield training_run_text(run), _loss_frame(run), _samples(run), run.job.id, toml
 
     # Keyed by the handler's parameter names; the dict's order is the API's positional order.
-    start_inputs = {"dataset_name": dataset, "lora_name": name, "trigger_word": trigger, "preset_name": preset,
-                    "overwrite_flag": overwrite, **{key: widgets[key] for key in FIELDS},
-                    "regularization_name": regularization}
-    start_button.click(start, inputs_kwargs=start_inputs, outputs=[status, loss_plot, samples, job_id, config_text],
-                       api_name="train_start", concurrency_id="train", concurrency_limit=1)
+    start_inputs = {
+        "dataset_name": dataset,
+        "lora_name": name,
+        "trigger_word": trigger,
+        "preset_name": preset,
+        "overwrite_flag": overwrite,
+        **{key: widgets[key] for key in FIELDS},
+        "regularization_name": regularization,
+    }
+    start_button.click(
+        start,
+        inputs_kwargs=start_inputs,
+        outputs=[status, loss_plot, samples, job_id, config_text],
+        api_name="train_start",
+        concurrency_id="train",
+        concurrency_limit=1,
+    )
 
     @user_errors
     def current_status(current_job_id, request: gr.Request):
@@ -233,5 +337,13 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
 
     cancel_button.click(cancel, job_id, status, api_name="train_cancel")
 
-    return {"dataset": dataset, "name": name, "trigger": trigger, "preset": preset, "status": status,
-            "job_id": job_id, "regularization": regularization, **widgets}
+    return {
+        "dataset": dataset,
+        "name": name,
+        "trigger": trigger,
+        "preset": preset,
+        "status": status,
+        "job_id": job_id,
+        "regularization": regularization,
+        **widgets,
+    }
