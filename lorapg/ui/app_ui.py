@@ -10,7 +10,7 @@ from lorapg.services.generation import GenerationService
 from lorapg.services.prompts import PromptService
 from lorapg.services.training import TrainingService
 from lorapg.ui.common import visitor
-from lorapg.ui.gallery_tab import build_gallery_tab
+from lorapg.ui.gallery_tab import REUSE_TARGETS, build_gallery_tab
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
 from lorapg.ui.memory_panel import build_memory_panel
 from lorapg.ui.prompt_tools import build_prompt_tools
@@ -19,21 +19,9 @@ from lorapg.working_state import VisitorWorkingStates, WorkingState, WorkingValu
 
 TITLE = "LoRA Playground"
 
-# Generate-tab widgets kept in the working-state file (by key: the handlers read them by key, not by position).
-PERSISTED = (
-    "prompt",
-    "negative",
-    "lora_select",
-    "scales",
-    "steps",
-    "cfg",
-    "sampler",
-    "width",
-    "height",
-    "seed",
-    "batch",
-    "keywords",
-)  # keywords exists only when the prompt tools are built
+# Generate-tab widgets kept in the working-state file: what Reuse fills, plus the prompt tools' keywords
+# (which exist only when the prompt tools are built). Read by key, not by position.
+PERSISTED = (*REUSE_TARGETS, "keywords")
 # WorkingValues field -> Generate-tab widget, for the plain parameters.
 _PARAMETERS = {
     "steps": "steps",
