@@ -44,7 +44,9 @@ def tag_frequency(captions: list[str], folder_key: str) -> str:
     """kohya's ``ss_tag_frequency``: ``{"<repeats>_<name>": {tag: count}}`` from comma-separated captions."""
     counts: Counter[str] = Counter()
     for caption in captions:
-        counts.update({tag.strip() for tag in caption.split(",") if tag.strip()})
+        # Each tag once per caption, in caption order (not a set's hash order): ties keep their first
+        # appearance, so the same dataset gives the same metadata bytes in every process.
+        counts.update(list(dict.fromkeys(tag.strip() for tag in caption.split(",") if tag.strip())))
     return json.dumps({folder_key: dict(counts.most_common())}, ensure_ascii=False)
 
 
