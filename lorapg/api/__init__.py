@@ -1,4 +1,5 @@
-"""REST API served beside the UI on Gradio's FastAPI app: A1111's ``/sdapi/v1`` (see sdapi.py)."""
+"""REST API served beside the UI on Gradio's FastAPI app: A1111's ``/sdapi/v1`` (see sdapi.py)
+and the app's own ``/api/v1`` (one router module per area)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ if TYPE_CHECKING:
 def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
     the server starts, so no request ever finds the UI up and the API missing."""
+    from lorapg.api.library import library_router
+    from lorapg.api.prompts import prompts_router
     from lorapg.api.sdapi import sdapi_router
     from lorapg.services.a1111 import A1111Service
 
     service = A1111Service(
         runtime.settings, runtime.service, runtime.gallery_service, max_upload_bytes=runtime.policy.max_upload_bytes
     )
-    return list(sdapi_router(service, access).routes)
+    routes = list(sdapi_router(service, access).routes)
+    routes += library_router(runtime, access).routes
+    routes += prompts_router(runtime.prompts, access).routes
+    return routes
