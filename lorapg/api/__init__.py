@@ -20,4 +20,11 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     service = A1111Service(
         runtime.settings, runtime.service, runtime.gallery_service, max_upload_bytes=runtime.policy.max_upload_bytes
     )
-    return list(sdapi_router(service, access).routes)
+    from lorapg.api.gallery import gallery_router
+    from lorapg.api.generations import generation_jobs, generations_router
+
+    return [
+        *sdapi_router(service, access).routes,
+        *generations_router(generation_jobs(runtime.service), access).routes,
+        *gallery_router(runtime.gallery_service, access).routes,
+    ]
