@@ -165,6 +165,18 @@ def test_list_filters_by_words_and_lora(store: GalleryStore) -> None:
     assert len(store.list(limit=2)) == 2
 
 
+def test_list_pages_with_offset_and_filters_by_star(store: GalleryStore) -> None:
+    ids = [store.add(record(f"image {n}"), tiny_image(n)).id for n in range(4)]
+    newest_first = ids[::-1]
+    assert [r.id for r in store.list(limit=2, offset=1)] == newest_first[1:3]
+    assert [r.id for r in store.list(limit=None, offset=3)] == newest_first[3:]  # offset without a limit
+    assert store.list(offset=10) == []
+    store.set_starred(ids[1], True)
+    assert [r.id for r in store.list(starred=True)] == [ids[1]]
+    assert [r.id for r in store.list(starred=False)] == [i for i in newest_first if i != ids[1]]
+    assert [r.id for r in store.list("image", starred=False, limit=1, offset=1)] == [newest_first[1]]
+
+
 def test_delete_and_star(store: GalleryStore) -> None:
     first = store.add(record("one"), tiny_image())
     second = store.add(record("two"), tiny_image())

@@ -15,15 +15,24 @@ if TYPE_CHECKING:
 def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
     the server starts, so no request ever finds the UI up and the API missing."""
+    from lorapg.api.gallery import gallery_router
+    from lorapg.api.generations import generation_jobs, generations_router
     from lorapg.api.library import library_router
     from lorapg.api.prompts import prompts_router
     from lorapg.api.sdapi import sdapi_router
+    from lorapg.api.training import training_router
     from lorapg.services.a1111 import A1111Service
+    from lorapg.services.training_jobs import TrainingJobs
 
     service = A1111Service(
         runtime.settings, runtime.service, runtime.gallery_service, max_upload_bytes=runtime.policy.max_upload_bytes
     )
-    routes = list(sdapi_router(service, access).routes)
-    routes += library_router(runtime, access).routes
-    routes += prompts_router(runtime.prompts, access).routes
-    return routes
+    training = TrainingJobs(runtime.training, max_upload_bytes=service.max_upload_bytes)
+    return [
+        *sdapi_router(service, access).routes,
+        *generations_router(generation_jobs(runtime.service), access).routes,
+        *gallery_router(runtime.gallery_service, access).routes,
+        *library_router(runtime, access).routes,
+        *prompts_router(runtime.prompts, access).routes,
+        *training_router(training, access).routes,
+    ]

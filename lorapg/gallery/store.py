@@ -351,15 +351,22 @@ class GalleryStore:
         lora: str | None = None,
         limit: int | None = 200,
         owner: str | None = None,
+        *,
+        starred: bool | None = None,
+        offset: int = 0,
     ) -> builtins.list[ImageRecord]:
         """Newest first. ``query``: every word must appear in the prompt (any case);
         ``lora``: only images that used a LoRA of that name (any case); ``owner``: only that
-        visitor's images (None: everyone's)."""
+        visitor's images (None: everyone's); ``starred``: only starred (True) or unstarred (False)
+        images; ``offset``: skip that many of the newest (paging, with ``limit``)."""
         where: list[str] = []
         args: list[object] = []
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)
+        if starred is not None:
+            where.append("starred = ?")
+            args.append(int(bool(starred)))
         words = (query or "").casefold().split()
         if words:
             where.append("lorapg_contains_all(prompt, ?)")
@@ -373,9 +380,10 @@ class GalleryStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" {_NEWEST_FIRST}"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(max(0, int(limit)))
+        if limit is not None or offset:
+            # SQLite needs a LIMIT before an OFFSET; -1 is its "no limit".
+            sql += " LIMIT ? OFFSET ?"
+            args += [max(0, int(limit)) if limit is not None else -1, max(0, int(offset))]
         with self._read() as conn:
             rows = conn.execute(sql, args).fetchall()
             return self._records(conn, rows)

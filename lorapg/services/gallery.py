@@ -160,12 +160,22 @@ class GalleryService:
         return None if self.shared else owner
 
     def list(
-        self, query: str | None = None, lora: str | None = None, limit: int | None = 200, owner: str | None = None
+        self,
+        query: str | None = None,
+        lora: str | None = None,
+        limit: int | None = 200,
+        owner: str | None = None,
+        *,
+        starred: bool | None = None,
+        offset: int = 0,
     ) -> list[ImageRecord]:
-        """Newest first; ``query`` words must all appear in the prompt, ``lora`` must be used."""
+        """Newest first; ``query`` words must all appear in the prompt, ``lora`` must be used;
+        ``starred`` True/False keeps only starred/unstarred images; ``offset`` skips the newest."""
         self._check_filter("Prompt words", query)
         self._check_filter("LoRA", lora)
-        return self.store.list(query=query, lora=lora, limit=limit, owner=self._seen_by(owner))
+        return self.store.list(
+            query=query, lora=lora, limit=limit, owner=self._seen_by(owner), starred=starred, offset=offset
+        )
 
     def _check_filter(self, label: str, text: object) -> None:
         if text is not None and not isinstance(text, str):
@@ -220,12 +230,14 @@ class GalleryService:
         except UserError:
             raise self._not_yours(image_id, owner) from None
 
+    def image_path(self, image_id: int | str, owner: str | None = None) -> Path:
+        """The PNG file of a gallery image (served as is: its metadata chunk stays in it)."""
+        return _file_of(self.get(image_id, owner))
+
     def show(self, image_id: int | str, owner: str | None = None) -> ImageDetails:
         """The record and the A1111 text read back from its PNG file."""
         record = self.get(image_id, owner)
-        if record.path is None or not record.path.is_file():
-            raise UserError(f"The file of image #{record.id} is missing; list the gallery again to see what is left.")
-        return ImageDetails(record, read_png_parameters(record.path) or NO_PARAMETERS)
+        return ImageDetails(record, read_png_parameters(_file_of(record)) or NO_PARAMETERS)
 
     def export(self, folder: str | os.PathLike[str], query: str | None = None, lora: str | None = None) -> list[Path]:
         """Copy the (filtered) gallery's PNGs into ``folder``, byte for byte so other tools still
@@ -346,8 +358,18 @@ class GalleryService:
 # --- helpers -------------------------------------------------------------------------------
 
 
+class ImageNotFound(UserError):
+    """No such image (or not this visitor's): the REST API answers 404 for it, others a UserError."""
+
+
+def _file_of(record: ImageRecord) -> Path:
+    if record.path is None or not record.path.is_file():
+        raise ImageNotFound(f"The file of image #{record.id} is missing; list the gallery again to see what is left.")
+    return record.path
+
+
 def _missing(image_id: int) -> UserError:
-    return UserError(f"No image with id {image_id} in the gallery (it was deleted or pruned).")
+    return ImageNotFound(f"No image with id {image_id} in the gallery (it was deleted or pruned).")
 
 
 def _find_by_name(name: str, infos: list[LoraInfo]) -> LoraInfo | None:

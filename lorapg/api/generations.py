@@ -1,0 +1,206 @@
+"""Generations as jobs, ``/api/v1/generations``: submit, state, live events (SSE), cancel, preview.
+
+Routes parse, call one ``GenerationJobs`` method (lorapg/services/generation_jobs.py) and reply.
+The events stream is an async generator: it waits between polls without holding a thread, and a
+client that goes away ends only its stream, never the job.
+
+Not ``from __future__ import annotations``: the routes' parameter types name a dependency built
+inside ``generations_router``, which FastAPI can resolve only as a real object, not as a string.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorapg.api.auth import ApiAccess, basic_auth_check
+from lorapg.api.errors import A1111Route
+from lorapg.api.gallery import image_url
+from lorapg.api.models import ErrorResponse
+from lorapg.diffusion.samplers import DEFAULT_SAMPLER
+from lorapg.jobs import Job
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, STEPS
+from lorapg.services.generation_jobs import GenerationJobs, GenerationParams, JobNotFound, Urls
+
+PREFIX = "/api/v1/generations"
+ERRORS = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+POLL_SECONDS = 0.2  # how often a stream looks at its job; only changes are sent
+
+
+def preview_url(job_id: str) -> str:
+    return f"{PREFIX}/{job_id}/preview.png"
+
+
+class LoraIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, examples=["style"], description="A LoRA name as GET /sdapi/v1/loras lists it.")
+    scale: float = Field(1.0, examples=[0.8])
+
+
+class GenerationCreate(BaseModel):
+    """The generate request; ``<lora:name:weight>`` tags in the prompt work as in A1111."""
+
+    model_config = ConfigDict(
+        extra="forbid",  # our own API: a misspelt field is an error, not silently ignored
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a lighthouse at dusk <lora:style:0.8>",
+                    "negative_prompt": "blurry",
+                    "loras": [{"name": "other", "scale": 0.5}],
+                    "steps": 20,
+                    "cfg_scale": 7,
+                    "sampler": "Euler a",
+                    "width": 512,
+                    "height": 512,
+                    "seed": -1,
+                    "batch_size": 1,
+                }
+            ]
+        },
+    )
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[LoraIn] = Field(default_factory=list)
+    steps: int = int(STEPS.default)
+    cfg_scale: float = float(CFG_SCALE.default)
+    sampler: str = DEFAULT_SAMPLER
+    width: int | None = Field(None, description="Pixels; omitted: the model's native size.")
+    height: int | None = None
+    seed: int | None = Field(-1, description="-1 or null: a random seed (reported in seeds).")
+    batch_size: int = int(BATCH_SIZE.default)
+
+    def params(self) -> GenerationParams:
+        fields = self.model_dump(exclude={"loras"})
+        return GenerationParams(**fields, loras=tuple((lora.name, lora.scale) for lora in self.loras))
+
+
+JOB_EXAMPLE = {
+    "job_id": "3f2a9c1b7d4e",
+    "status": "done",
+    "position": 0,
+    "step": 20,
+    "total": 20,
+    "message": "done",
+    "seeds": [1234],
+    "images": ["/api/v1/gallery/7/image"],
+    "image_ids": [7],
+    "preview_url": f"{PREFIX}/3f2a9c1b7d4e/preview.png",
+    "error": None,
+}
+
+
+class GenerationJob(BaseModel):
+    """A generation job's state; ``images`` are gallery image URLs once it is done."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    job_id: str
+    status: str = Field(description="queued, running, done, error or cancelled")
+    position: int = Field(description="Jobs ahead of this one in the queue (0 once it runs).")
+    step: int
+    total: int
+    message: str
+    seeds: list[int]
+    images: list[str]
+    image_ids: list[int]
+    preview_url: str | None
+    error: str | None
+
+
+class GenerationAccepted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"job_id": "3f2a9c1b7d4e", "status": "queued", "position": 0}]}
+    )
+
+    job_id: str
+    status: str
+    position: int
+
+
+SSE_DOC = {
+    200: {
+        "description": (
+            "Server-Sent Events: `progress` {status, position, step, total, message, preview_url} on each "
+            "change (the current state first), then one of `complete` {images, image_ids, seeds}, "
+            "`error` {message} or `cancelled` {message}."
+        ),
+        "content": {
+            "text/event-stream": {
+                "example": 'event: progress\ndata: {"status": "running", "step": 5, "total": 20}\n\n'
+                'event: complete\ndata: {"images": ["/api/v1/gallery/7/image"], "image_ids": [7], "seeds": [1234]}\n\n'
+            }
+        },
+    }
+}
+PNG_DOC = {200: {"description": "The latest preview (PNG).", "content": {"image/png": {"example": "(PNG bytes)"}}}}
+
+
+@contextmanager
+def missing_is_404():
+    try:
+        yield
+    except JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def generations_router(jobs: GenerationJobs, access: ApiAccess) -> APIRouter:
+    router = APIRouter(
+        prefix=PREFIX,
+        tags=["Generations"],
+        route_class=A1111Route,
+        responses=ERRORS,
+        dependencies=[Depends(basic_auth_check(access.users))],
+    )
+
+    def generation_job(job_id: Annotated[str, Path(max_length=64, examples=["3f2a9c1b7d4e"])]) -> Job:
+        # A dependency: an unknown id is a 404 before a stream's response has started.
+        with missing_is_404():
+            return jobs.job(job_id)
+
+    JobArg = Annotated[Job, Depends(generation_job)]
+
+    @router.post("", status_code=202, response_model=GenerationAccepted)
+    def create(body: GenerationCreate) -> GenerationAccepted:
+        state = jobs.submit(body.params())
+        return GenerationAccepted(job_id=state.job_id, status=state.status, position=state.position)
+
+    @router.get("/{job_id}", response_model=GenerationJob)
+    def get(job: JobArg) -> GenerationJob:
+        return GenerationJob(**asdict(jobs.state(job)))
+
+    @router.get("/{job_id}/events", response_class=EventSourceResponse, responses=SSE_DOC)
+    async def events(job: JobArg) -> AsyncIterator[ServerSentEvent]:
+        for item in jobs.events(job):
+            if item is None:
+                await asyncio.sleep(POLL_SECONDS)
+                continue
+            name, data = item
+            yield ServerSentEvent(event=name, data=data)
+
+    @router.post("/{job_id}/cancel", response_model=GenerationJob)
+    def cancel(job: JobArg) -> GenerationJob:
+        return GenerationJob(**asdict(jobs.cancel(job)))
+
+    @router.get("/{job_id}/preview.png", response_class=Response, responses=PNG_DOC)
+    def preview(job: JobArg) -> Response:
+        with missing_is_404():
+            return Response(jobs.preview_png(job), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    return router
+
+
+def generation_jobs(generation) -> GenerationJobs:
+    return GenerationJobs(generation, Urls(image=image_url, preview=preview_url))

@@ -1,0 +1,208 @@
+"""Generations as jobs for the REST API (``/api/v1/generations``): submit, state, events, cancel.
+
+A job's state and its event sequence are plain data here, so the routes only parse and reply.
+Finished images are saved in the gallery by ``GenerationService`` (``record=True``); their URLs
+point at the gallery's image route. The event sequence is a plain generator that never sleeps:
+it yields ``None`` when nothing changed, and the caller waits its poll interval before asking
+again (a stream waits without holding a thread). Never imports gradio or fastapi.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from lorapg.coercion import parse_seed
+from lorapg.diffusion.request import MAX_BATCH, MAX_SEED, GenerationRequest, LoraRequest
+from lorapg.diffusion.samplers import DEFAULT_SAMPLER
+from lorapg.errors import UserError, shorten
+from lorapg.jobs import CANCELLED, DONE, ERROR, FINISHED, Job
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, STEPS
+from lorapg.services.generation import GenerationService
+
+GENERATE = "generate"  # the job kind GenerationService submits
+PROGRESS, COMPLETE = "progress", "complete"  # event names; the other terminal ones are ERROR, CANCELLED
+
+
+class JobNotFound(UserError):
+    """No generation job with that id (never was, or forgotten): the REST API answers 404."""
+
+
+class PreviewNotFound(JobNotFound):
+    """The job has no preview (yet): 404 as well."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A generate request by the names users know (the A1111 names where they differ from ours)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale); <lora:name:w> tags in the prompt add more
+    steps: int = int(STEPS.default)
+    cfg_scale: float = float(CFG_SCALE.default)
+    sampler: str | None = None  # None: the default sampler
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    seed: int | None = None  # None or -1: random (picked at submit, so the seeds are known at once)
+    batch_size: int = int(BATCH_SIZE.default)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What a client sees of one generation job (JSON-able with ``asdict``)."""
+
+    job_id: str
+    status: str  # queued, running, done, error, cancelled
+    position: int  # jobs ahead of it in the queue (0 once it runs)
+    step: int
+    total: int
+    message: str
+    seeds: list[int]
+    images: list[str] = field(default_factory=list)  # image URLs, once done
+    image_ids: list[int] = field(default_factory=list)  # their gallery ids
+    preview_url: str | None = None  # the latest preview, while one exists
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Urls:
+    """Where the API serves a gallery image and a job's preview (the router knows its own paths)."""
+
+    image: Callable[[int], str]
+    preview: Callable[[str], str]
+
+
+class GenerationJobs:
+    def __init__(self, generation: GenerationService, urls: Urls):
+        self.generation = generation
+        self.urls = urls
+        # Seeds are decided at submit; a job only knows them once its result exists.
+        self._seeds: dict[str, list[int]] = {}
+        self._lock = threading.Lock()  # routes run in several threads
+
+    def submit(self, params: GenerationParams) -> JobState:
+        """Check and queue; bad fields fail here (UserError), before anything is queued."""
+        request = self._request(params)
+        job = self.generation.submit_generation(request, owner=None, record=True)
+        with self._lock:
+            self._seeds[job.id] = [request.seed + i for i in range(int(request.batch_size))]
+            self._forget_seeds()
+        return self.state(job)
+
+    def _request(self, params: GenerationParams) -> GenerationRequest:
+        seed = parse_seed(params.seed, "seed")
+        if seed is None:
+            # Room for the batch's seed + i, as the engine leaves it for its own random seeds.
+            seed = random.randint(0, MAX_SEED - MAX_BATCH)
+        return GenerationRequest(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            loras=tuple(LoraRequest(name, scale) for name, scale in params.loras),
+            steps=params.steps,
+            guidance_scale=params.cfg_scale,
+            sampler=params.sampler or DEFAULT_SAMPLER,
+            width=params.width,
+            height=params.height,
+            seed=seed,
+            batch_size=params.batch_size,
+        )
+
+    def _forget_seeds(self) -> None:
+        """Keep seeds only for jobs the queue still knows (it forgets old finished ones)."""
+        for job_id in list(self._seeds):
+            try:
+                self.generation.jobs.get(job_id)
+            except UserError:
+                del self._seeds[job_id]
+
+    def job(self, job_id: str) -> Job:
+        """The generation job ``job_id``; JobNotFound for an unknown id or another kind of job."""
+        try:
+            job = self.generation.jobs.get(job_id)
+        except UserError:
+            job = None
+        if job is None or job.kind != GENERATE:
+            raise JobNotFound(f"No generation job {shorten(job_id, 40)!r}; POST /api/v1/generations starts one.")
+        return job
+
+    def state(self, job: Job) -> JobState:
+        status = job.status  # read once: the worker sets it last, after the result
+        result = job.result if status in FINISHED else None
+        saved = [record for record in getattr(result, "saved", None) or [] if getattr(record, "id", None)]
+        with self._lock:
+            planned = self._seeds.get(job.id, [])
+        seeds = list(result.seeds) if result is not None else planned
+        return JobState(
+            job_id=job.id,
+            status=status,
+            position=self.generation.jobs.position(job),
+            step=job.step,
+            total=job.total,
+            message=job.message,
+            seeds=seeds,
+            images=[self.urls.image(record.id) for record in saved],
+            image_ids=[record.id for record in saved],
+            preview_url=self.urls.preview(job.id) if job.preview is not None else None,
+            error=job.error,
+        )
+
+    def cancel(self, job: Job) -> JobState:
+        """Ask the job to stop: a queued job never starts, a running one stops after its step."""
+        if not job.finished:
+            self.generation.cancel(job.id)
+        return self.state(job)
+
+    def preview_png(self, job: Job) -> bytes:
+        """The latest preview as PNG bytes; PreviewNotFound when there is none yet."""
+        preview = job.preview
+        if preview is None:
+            raise PreviewNotFound(f"Job {job.id} has no preview yet; previews come every few steps of a running job.")
+        buffer = io.BytesIO()
+        preview.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def events(self, job: Job) -> Iterator[tuple[str, dict] | None]:
+        """The job's events: the current state first, then each change as ``progress``, then
+        one terminal event (``complete``, ``error`` or ``cancelled``). ``None``: nothing new yet.
+
+        A finished job yields only its terminal event. Stopping the iteration (a client that
+        went away) leaves the job alone.
+        """
+        last = None
+        while True:
+            # Read before the status check: a job is finished only after its result is in place.
+            state = self.state(job)
+            if state.status in FINISHED:
+                yield terminal_event(state)
+                return
+            progress = progress_data(state)
+            if progress != last:
+                last = progress
+                yield PROGRESS, progress
+            else:
+                yield None
+
+
+def progress_data(state: JobState) -> dict:
+    return {
+        "status": state.status,
+        "position": state.position,
+        "step": state.step,
+        "total": state.total,
+        "message": state.message,
+        "preview_url": state.preview_url,
+    }
+
+
+def terminal_event(state: JobState) -> tuple[str, dict]:
+    if state.status == DONE:
+        return COMPLETE, {"images": state.images, "image_ids": state.image_ids, "seeds": state.seeds}
+    if state.status == ERROR:
+        return ERROR, {"message": state.error or state.message}
+    if state.status == CANCELLED:
+        return CANCELLED, {"message": state.message, "images": state.images, "seeds": state.seeds}
+    raise ValueError(f"job {state.job_id} is not finished ({state.status})")
