@@ -15,9 +15,13 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
     the server starts, so no request ever finds the UI up and the API missing."""
     from lorapg.api.sdapi import sdapi_router
+    from lorapg.api.training import training_router
     from lorapg.services.a1111 import A1111Service
+    from lorapg.services.training_jobs import TrainingJobs
 
     service = A1111Service(
         runtime.settings, runtime.service, runtime.gallery_service, max_upload_bytes=runtime.policy.max_upload_bytes
     )
-    return list(sdapi_router(service, access).routes)
+    routes = list(sdapi_router(service, access).routes)
+    routes += training_router(TrainingJobs(runtime.training, max_upload_bytes=service.max_upload_bytes), access).routes
+    return routes
