@@ -36,6 +36,8 @@ def app(tiny_models, tmp_path_factory):
         str(root / "outputs"),
         "--threads",
         "1",
+        # Small upload limits, so that going past them costs a few MB (all test images are far smaller).
+        env={"LORAPG_MAX_UPLOAD_MB": "2", "LORAPG_MAX_UNPACKED_MB": "1"},
     ) as url:
         yield {"url": url, "api": url + "api/v1/training", "root": root}
 
@@ -80,10 +82,15 @@ def assert_refused(reply: requests.Response, status: int, *words: str) -> None:
 
 def test_upload_trains_streams_to_complete_and_the_lora_is_listed(app):
     fields = {"name": "apifox", "trigger_word": "zqx_apifox", "preset": "concept", "max_steps": "3", **FAST}
+    fields["sample_steps"] = "1"  # one sample image, at the end
     reply = start(app, fields, image_files(2))
     assert reply.status_code == 202, reply.text
     started = reply.json()
     assert started["status"] in {"queued", "running"} and started["estimated_duration_seconds"] > 0
+    # A client that reads one event and hangs up does not stop the run: the next one sees it complete.
+    first = events(app, started["job_id"])
+    assert next(first)[0] == "progress"
+    first.close()
     seen = list(events(app, started["job_id"]))
     names = [name for name, _ in seen]
     assert names[-1] == "complete" and set(names[:-1]) == {"progress"}, names
@@ -91,6 +98,10 @@ def test_upload_trains_streams_to_complete_and_the_lora_is_listed(app):
     assert steps == sorted(steps) and steps[-1] == 3  # max_steps bounds the preset's epochs
     last = seen[-2][1]
     assert (last["total_steps"], last["percent"]) == (3, 100.0) and last["loss"] is not None
+    sample_urls = [data["sample_url"] for name, data in seen if "sample_url" in data]
+    assert sample_urls and sample_urls[-1].endswith("/samples/1.png")
+    sample = requests.get(app["url"] + sample_urls[-1].lstrip("/"), auth=AUTH, timeout=30)
+    assert sample.status_code == 200 and sample.content.startswith(b"\x89PNG")
     complete = seen[-1][1]
     assert complete["lora_name"] == "apifox" and complete["lora_path"].endswith("apifox.safetensors")
     loras = requests.get(app["url"] + "sdapi/v1/loras", auth=AUTH, timeout=30).json()
@@ -124,6 +135,19 @@ def test_a_zip_that_escapes_its_folder_is_refused(app):
     files = [("images", ("set.zip", buffer.getvalue(), "application/zip"))]
     assert_refused(start(app, {"name": "slip", "trigger_word": "zqx"}, files), 400, "set.zip", "../../escaped.png")
     assert not list(app["root"].rglob("escaped.png"))
+
+
+def test_uploads_past_the_limits_are_refused(app):
+    big = [("images", ("huge.png", b"\x89PNG" + bytes(3 * 1024 * 1024), "image/png"))]
+    assert_refused(start(app, {"name": "big", "trigger_word": "zqx"}, big), 400, "2 MB", "max_upload_mb")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:  # 2 MB of zeros: a few KB zipped
+        archive.writestr("img0.png", png(0))
+        archive.writestr("img1.png", bytes(2 * 1024 * 1024))
+    files = [("images", ("bomb.zip", buffer.getvalue(), "application/zip"))]
+    assert_refused(start(app, {"name": "bomb", "trigger_word": "zqx"}, files), 400, "bomb.zip", "max_unpacked_mb")
+    datasets = app["root"] / "models" / "datasets"
+    assert not [p for p in datasets.iterdir() if p.name.startswith(("big", "bomb"))]
 
 
 def test_bad_fields_are_4xx_naming_the_field(app):
