@@ -78,6 +78,9 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
             int | None, _bounded("sample_steps", 20, "Steps of each epoch's sample; 0: none")
         ] = None,
         overwrite: Annotated[bool, Form(examples=[False], description="Replace a LoRA of the same name")] = False,
+        resume: Annotated[
+            bool, Form(examples=[True], description="Continue from this name's checkpoint (false: start over)")
+        ] = True,
     ) -> dict[str, Any]:
         """Queue a training run (202); follow it at ``/api/v1/training/{job_id}/events``."""
         overrides = {
@@ -89,6 +92,7 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
             "batch_size": batch_size,
             "sample_steps": sample_steps,
             "overwrite": overwrite,
+            "resume": resume,
         }
         request = TrainingStart(name, trigger_word, preset, dataset, overrides)
         return jobs.start(request, [Upload(f.filename or "", f.file) for f in images or []])
