@@ -184,3 +184,8 @@ def test_cancel_gives_a_cancelled_event_and_posting_again_resumes(app):
             requests.post(f"{app['api']}/{again_id}/cancel", auth=AUTH, timeout=30)
     detail = requests.get(f"{app['api']}/{again_id}", auth=AUTH, timeout=30).json()
     assert detail["status"] == "cancelled" and detail["resumed_from"] == stopped_at
+    # Other settings than the checkpoint's: the run fails with an `error` event that names the setting.
+    changed = start(app, {**fields, "rank": "8"}, image_files(2, first_seed=5))
+    assert changed.status_code == 202, changed.text
+    name, data = list(events(app, changed.json()["job_id"]))[-1]
+    assert name == "error" and "rank" in data["message"] and "resume" in data["message"], (name, data)
