@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class TrainingRun:
     progress: TrainProgress | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[tuple[str, Image.Image]] = field(default_factory=list)  # (label, image)
+    started_at: float | None = None  # when the queue began the work (time.time())
+    finished_at: float | None = None  # when the work returned or failed; None if it never ran
 
     @property
     def result(self) -> TrainResult | None:
@@ -210,6 +213,7 @@ class TrainingService:
 
         def work(job: Job) -> TrainResult:
             run = holder["run"]
+            run.started_at = time.time()
 
             def progress(update: TrainProgress) -> None:
                 run.progress = update
@@ -221,7 +225,10 @@ class TrainingService:
                 if on_progress is not None:
                     on_progress(update)
 
-            return self._training.run(config, report=progress, should_cancel=job.cancel_requested)
+            try:
+                return self._training.run(config, report=progress, should_cancel=job.cancel_requested)
+            finally:
+                run.finished_at = time.time()
 
         job = self.jobs.submit("train", work, owner=owner)
         run = holder["run"] = TrainingRun(job, config, config_path)
@@ -249,9 +256,13 @@ class TrainingService:
         self.jobs.cancel(job_id)
         return run
 
-    def latest_run(self, owner: str | None = None) -> TrainingRun | None:
+    def runs(self, owner: str | None = None) -> list[TrainingRun]:
+        """Every run this process started (``owner``'s alone when given), oldest first."""
         with self._lock:
-            runs = [run for run in self._runs.values() if owner is None or run.job.owner == owner]
+            return [run for run in self._runs.values() if owner is None or run.job.owner == owner]
+
+    def latest_run(self, owner: str | None = None) -> TrainingRun | None:
+        runs = self.runs(owner)
         return runs[-1] if runs else None
 
     # --- on the GPU ----------------------------------------------------------------------------
@@ -261,6 +272,10 @@ class TrainingService:
     ) -> TrainResult:
         """The run itself: on ZeroGPU in a GPU process; its files land on the shared disk."""
         return self._train(config, report, should_cancel)
+
+    def estimated_seconds(self, config: TrainConfig) -> float:
+        """The run's expected duration on a GPU slice (``gpu_estimates``), from its planned steps."""
+        return self._training_seconds(config)
 
     def _training_seconds(self, config: TrainConfig) -> float:
         model = self.engine.model if self.engine is not None else None

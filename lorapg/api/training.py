@@ -1,0 +1,140 @@
+"""LoRA training over HTTP, ``/api/v1/training``: start (multipart upload or a dataset), list, watch
+(Server-Sent Events), cancel, sample images, presets.
+
+Routes parse, call one ``TrainingJobs`` method (lorapg/services/training_jobs.py) and shape the
+reply; errors are shaped by ``lorapg.api.errors``. Unknown run ids are 404s, resolved by the
+``known_run`` dependency before a route (or an event stream) starts.
+"""
+
+# No ``from __future__ import annotations``: FastAPI must see ``Depends(known_run)`` (a local) evaluated.
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Response, UploadFile
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from lorapg.api import training_models as tm
+from lorapg.api.auth import ApiAccess, basic_auth_check
+from lorapg.api.errors import A1111Route
+from lorapg.api.models import ErrorResponse
+from lorapg.limits import TRAINING
+from lorapg.services.training_jobs import TrainingJobs, TrainingStart, UnknownRun, Upload
+
+PREFIX = "/api/v1/training"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+POLL_SECONDS = 0.2  # how often an event stream looks at its run (reads only: no busy loop)
+
+
+def _bounded(key: str, example: Any, description: str) -> Any:
+    """An optional form field limited to TrainConfig's range for ``key`` (422 naming it otherwise)."""
+    limits = TRAINING[key]
+    return Form(ge=limits.minimum, le=limits.maximum, examples=[example], description=description)
+
+
+def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
+    router = APIRouter(
+        prefix=PREFIX,
+        tags=["Training (api/v1)"],
+        route_class=A1111Route,
+        responses=ERRORS,
+        dependencies=[Depends(basic_auth_check(access.users))],
+    )
+
+    def known_run(job_id: Annotated[str, Path(examples=["3f9c2a1b7d4e"])]) -> str:
+        try:
+            jobs.run(job_id)
+        except UnknownRun as exc:
+            raise HTTPException(404, str(exc)) from None
+        return job_id
+
+    @router.get("/presets", response_model=list[tm.TrainingPresetItem])
+    def presets() -> list[dict[str, str]]:
+        """The training presets (character, style, concept) and what each is for."""
+        return jobs.presets()
+
+    @router.post("", status_code=202, response_model=tm.TrainingStarted)
+    def start(
+        name: Annotated[str, Form(examples=["zqx_fox"], description="The LoRA's name")],
+        trigger_word: Annotated[str, Form(examples=["zqx_fox"], description="A rare word that calls up the LoRA")],
+        images: Annotated[
+            list[UploadFile] | None,
+            File(description="Images (PNG, JPEG, WebP) with optional .txt captions, or one .zip of them"),
+        ] = None,
+        dataset: Annotated[str, Form(examples=[""], description="An existing dataset's name, instead of images")] = "",
+        preset: Annotated[str, Form(examples=["character"], description="character, style or concept")] = "",
+        epochs: Annotated[int | None, _bounded("epochs", 10, "Passes over the images")] = None,
+        max_steps: Annotated[int | None, _bounded("max_steps", 0, "Stop after this many steps; 0: all")] = None,
+        learning_rate: Annotated[float | None, _bounded("unet_lr", 1e-4, "The UNet's learning rate")] = None,
+        rank: Annotated[int | None, _bounded("rank", 16, "LoRA rank")] = None,
+        resolution: Annotated[int | None, _bounded("resolution", 512, "Training size; 0: native")] = None,
+        batch_size: Annotated[int | None, _bounded("batch_size", 1, "Images per step")] = None,
+        sample_steps: Annotated[
+            int | None, _bounded("sample_steps", 20, "Steps of each epoch's sample; 0: none")
+        ] = None,
+        overwrite: Annotated[bool, Form(examples=[False], description="Replace a LoRA of the same name")] = False,
+        resume: Annotated[
+            bool, Form(examples=[True], description="Continue from this name's checkpoint (false: start over)")
+        ] = True,
+    ) -> dict[str, Any]:
+        """Queue a training run (202); follow it at ``/api/v1/training/{job_id}/events``."""
+        overrides = {
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "unet_lr": learning_rate,
+            "rank": rank,
+            "resolution": resolution,
+            "batch_size": batch_size,
+            "sample_steps": sample_steps,
+            "overwrite": overwrite,
+            "resume": resume,
+        }
+        request = TrainingStart(name, trigger_word, preset, dataset, overrides)
+        return jobs.start(request, [Upload(f.filename or "", f.file) for f in images or []])
+
+    @router.get("", response_model=list[tm.TrainingRunSummary])
+    def runs() -> list[dict[str, Any]]:
+        """Every training run since the app started, oldest first, with status and progress."""
+        return jobs.runs()
+
+    @router.get("/{job_id}", response_model=tm.TrainingRunDetail)
+    def run(job_id: Annotated[str, Depends(known_run)]) -> dict[str, Any]:
+        """One run: progress, the loss per step, sample image URLs, the LoRA once written."""
+        return jobs.detail(job_id)
+
+    @router.post("/{job_id}/cancel", response_model=tm.TrainingRunSummary)
+    def cancel(job_id: Annotated[str, Depends(known_run)]) -> dict[str, Any]:
+        """Stop the run after its current step; a checkpoint is kept, so posting the same run resumes."""
+        return jobs.cancel(job_id)
+
+    @router.get(
+        "/{job_id}/events",
+        response_class=EventSourceResponse,
+        responses={
+            200: {"description": "Server-Sent Events", "content": {"text/event-stream": {"example": tm.EVENTS_EXAMPLE}}}
+        },
+    )
+    async def events(job_id: Annotated[str, Depends(known_run)]) -> AsyncIterator[ServerSentEvent]:
+        """``progress`` events (the current state first, then each change), then ``complete``,
+        ``error`` or ``cancelled``. Disconnecting does not stop the run."""
+        async for name, data in jobs.events(job_id, POLL_SECONDS):
+            yield ServerSentEvent(event=name, data=data)
+
+    @router.get(
+        "/{job_id}/samples/{n}.png",
+        response_class=Response,
+        responses={200: {"description": "The sample image", "content": {"image/png": {"example": "(PNG bytes)"}}}},
+    )
+    def sample(job_id: Annotated[str, Depends(known_run)], n: Annotated[int, Path(ge=1, examples=[1])]) -> Response:
+        """Sample image ``n`` of the run (1: the first one drawn, at the end of an epoch)."""
+        png = jobs.sample_png(job_id, n)
+        if png is None:
+            raise HTTPException(404, f"Training run {job_id} has no sample {n}.")
+        return Response(png, media_type="image/png")
+
+    return router
