@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import lorapg.hosting.zerogpu  # noqa: F401  (first: on a ZeroGPU Space `spaces` must be imported before torch)
@@ -114,6 +115,34 @@ def main(argv: list[str] | None = None) -> int:
                 runtime.service.submit_load_model()  # in the background: the UI is served meanwhile
         except UserError as exc:
             log.warning("not loading the base model at start: %s", exc)
+    # SIGTERM (docker stop, systemd, a supervisor) shuts down like Ctrl+C: through `finally` below.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve(demo, settings, policy, auth, routes)
+    finally:
+        shut_down(runtime)
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def shut_down(runtime) -> None:
+    """Stop the GPU queue and the LLM threads before the interpreter exits.
+
+    Their worker threads are daemons: one still inside torch while the interpreter shuts down aborts
+    the process ("terminate called without an active exception", exit status 134). The running job
+    stops at its next step; queued jobs end as cancelled without running.
+    """
+    stopped = runtime.jobs.close(timeout=60)
+    if runtime.prompts is not None:
+        runtime.prompts.close(timeout=60)
+    log.info("shut down%s", "" if stopped else " (the GPU queue was still busy after 60 s)")
+
+
+def serve(demo, settings, policy, auth, routes) -> None:
+    """Serve until interrupted (Gradio's `launch` blocks; Ctrl+C or SIGTERM returns from it)."""
     demo.queue(default_concurrency_limit=None).launch(
         server_name=server_host(settings, policy),
         server_port=settings.port,
@@ -129,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         # The REST API's routes go in before the server starts (FastAPI's `routes`), beside Gradio's own.
         app_kwargs={"routes": routes},
     )
-    return 0
 
 
 def api_routes_for(runtime, access) -> list:

@@ -49,21 +49,25 @@ def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 
         )
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"app exited early:\n{log_path.read_text()}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"app did not start in {timeout}s:\n{log_path.read_text()}") from None
-                time.sleep(0.5)
-        yield url
+        yield wait_until_serving(process, url, log_path, timeout)
     finally:
         process.terminate()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 120.0) -> str:
+    """Wait until the app at ``url`` answers; raise with its log if it exits or never answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"app exited early:\n{log_path.read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return url
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app did not start in {timeout}s:\n{log_path.read_text()}") from None
+            time.sleep(0.5)

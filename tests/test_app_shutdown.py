@@ -1,0 +1,64 @@
+"""Stopping the app (Ctrl+C, SIGTERM) while a generation runs: a clean exit, never an abort."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import requests
+
+from tests.app_server import ROOT, free_port, wait_until_serving
+
+# Many steps and batches, so the job is still running when the signal arrives (the test waits for step 1).
+LONG = {"prompt": "a long job", "seed": 3, "steps": 50, "width": 128, "height": 128, "batch_size": 2, "n_iter": 8}
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_the_app_mid_generation_cancels_the_job_and_exits_cleanly(tiny_models, tmp_path, stop_signal):
+    port = free_port()
+    log_path = tmp_path / "app.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    args = ["--port", str(port), "--api", "--model", str(tiny_models["sd15"]), "--threads", "1"]
+    args += ["--outputs", str(tmp_path / "outputs"), "--models-dir", str(tmp_path / "models")]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        base = wait_until_serving(process, f"http://127.0.0.1:{port}/", log_path)
+        replies: list = []
+        client = threading.Thread(target=_post, args=(base + "sdapi/v1/txt2img", LONG, replies), daemon=True)
+        client.start()
+        _wait_for_a_sampling_step(base + "sdapi/v1/progress", process, replies)
+        process.send_signal(stop_signal)
+        returncode = process.wait(120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log_path.read_text()
+    assert "terminate called" not in output, output[-3000:]
+    assert returncode == 0, output[-3000:]
+    # The queue was closed (the running job cancelled, the worker joined) before the interpreter exited.
+    assert "shut down" in output and "still busy" not in output, output[-3000:]
+
+
+def _post(url: str, body: dict, replies: list) -> None:
+    with contextlib.suppress(requests.RequestException):  # the server goes away under it: that is the test
+        replies.append(requests.post(url, json=body, timeout=300))
+
+
+def _wait_for_a_sampling_step(progress_url: str, process: subprocess.Popen, replies: list) -> None:
+    while process.poll() is None:
+        # A refused request (or one that somehow finished) would leave this loop waiting forever.
+        assert not replies, f"the job ended before the app was stopped: {replies[0].text[:300]}"
+        state = requests.get(progress_url, params={"skip_current_image": "true"}, timeout=30).json()["state"]
+        if state["sampling_step"] >= 1:
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError("the app exited before the job started")
