@@ -1,6 +1,7 @@
 """File hashes that other Stable Diffusion tools print, so they can find the same files.
 
-- ``model_hash``: first 10 hex characters of the checkpoint's SHA-256 (A1111's "Model hash").
+- ``model_hash``: first 10 hex characters of the checkpoint's SHA-256 (A1111's "Model hash");
+  ``model_sha256`` the whole digest.
 - ``lora_hash``: first 12 hex characters of the SHA-256 of a safetensors file *after* its JSON
   header (A1111's "addnet" hash, shown in "Lora hashes"); editing metadata does not change it.
 
@@ -94,9 +95,14 @@ def _cached(kind: str, path: str | os.PathLike[str], compute: Callable[[Path, in
     return value
 
 
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """The checkpoint file's full SHA-256 (A1111's ``sha256`` in its model list)."""
+    return _cached("model", path, lambda p, _size: _sha256_from(p, 0))
+
+
 def model_hash(path: str | os.PathLike[str]) -> str:
-    """A1111's "Model hash": the first 10 hex characters of the file's SHA-256."""
-    return _cached("model", path, lambda p, _size: _sha256_from(p, 0)[:MODEL_HASH_LENGTH])
+    """A1111's "Model hash": the first 10 hex characters of the file's SHA-256 (one cached hash for both)."""
+    return model_sha256(path)[:MODEL_HASH_LENGTH]
 
 
 def lora_hash(path: str | os.PathLike[str]) -> str:

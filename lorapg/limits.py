@@ -47,6 +47,8 @@ BATCH_SIZE = Range(1, 4, 1, 1)
 LORA_SCALE = Range(0.0, 1.5, 0.05, 1.0)
 RANDOM_SEED = -1  # the seed field's "pick one at random" value, just below SEED.minimum
 SEED = Range(0, 2**32 - 1, 1, RANDOM_SEED)
+# A1111's "Clip skip" (setting CLIP_stop_at_last_layers): 1 = the last layer, its slider goes to 12.
+CLIP_SKIP = Range(1, 12, 1, 1)
 
 # --- training (TrainConfig fields) ------------------------------------------------------------
 # A training seed is a generation seed: a sample made at it can be regenerated.

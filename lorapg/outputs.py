@@ -33,6 +33,7 @@ def image_record(result: GenerationResult, index: int, job_id: str | None = None
         # A1111's model hash is of the checkpoint file; a diffusers folder has no single file.
         model_hash=model_hash(source.path) if source.kind == SINGLE_FILE and source.path else None,
         job_id=job_id,
+        clip_skip=request.clip_skip if request.clip_skip > 1 else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 import webuiapi
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from lorapg.api.auth import api_access, parse_api_auth
@@ -20,6 +22,8 @@ from lorapg.config import Settings
 from lorapg.errors import UserError
 from lorapg.hosting.space_policy import space_policy
 from tests.app_server import running_app
+from tests.ldm_checkpoint import write_ldm_checkpoint
+from tests.reproducibility import assert_same_bytes, assert_visibly_different
 
 USER, PASSWORD = "alice", "s3cret"
 SMALL = {"width": 64, "height": 64, "steps": 3}
@@ -31,6 +35,8 @@ def app(tiny_models, tmp_path_factory):
     loras, models = root / "loras", root / "models"
     shutil.copytree(tiny_models["loras"], loras)
     shutil.copytree(tiny_models["sdxl"], models / "tiny-xl")  # a second model to switch to
+    checkpoint = models / "tiny15.safetensors"  # a single-file checkpoint, listed with its hashes
+    write_ldm_checkpoint(StableDiffusionPipeline.from_pretrained(tiny_models["sd15"]), checkpoint)
     with running_app(
         "--api",
         "--api-auth",
@@ -46,7 +52,13 @@ def app(tiny_models, tmp_path_factory):
         "--threads",
         "1",
     ) as url:
-        yield {"url": url, "base": url + "sdapi/v1", "outputs": root / "outputs", "sd15": tiny_models["sd15"]}
+        yield {
+            "url": url,
+            "base": url + "sdapi/v1",
+            "outputs": root / "outputs",
+            "sd15": tiny_models["sd15"],
+            "checkpoint": checkpoint,
+        }
 
 
 @pytest.fixture
@@ -175,20 +187,35 @@ def test_progress_is_idle_when_nothing_runs(api):
     assert progress["progress"] == 0 and progress["state"]["job_count"] == 0
 
 
-def test_interrupt_stops_the_running_generation(app, api):
-    """The test waits for the job to report a step (an event it observes), then interrupts."""
-    replies = []
-    long_job = {"prompt": "a long one", "seed": 4, "steps": 50, "width": 256, "height": 256, "batch_size": 2}
-    worker = threading.Thread(target=lambda: replies.append(post(app, "txt2img", long_job)))
-    worker.start()
+def wait_for_progress(api, job_no: int, sampling_step: int) -> dict:
+    """Poll /progress until the running call reaches batch ``job_no`` at ``sampling_step``: an event
+    the test observes (the job is long: 50 steps), never a time it assumes."""
     deadline = time.monotonic() + 120
     while True:
         progress = api.get_progress()
-        if progress["state"]["sampling_step"] >= 6:  # past the first preview (every 5 steps)
-            break
-        assert time.monotonic() < deadline, "the generation never reported a step"
-        time.sleep(0.05)
-    assert progress["state"]["job_count"] >= 1 and progress["state"]["sampling_steps"] == 50
+        state = progress["state"]
+        if state["job_no"] == job_no and state["sampling_step"] >= sampling_step:
+            return progress
+        assert time.monotonic() < deadline, f"the generation never reached batch {job_no} step {sampling_step}"
+        time.sleep(0.02)
+
+
+def start_call(app, body: dict) -> tuple[threading.Thread, list]:
+    replies: list = []
+    worker = threading.Thread(target=lambda: replies.append(post(app, "txt2img", body)))
+    worker.start()
+    return worker, replies
+
+
+LONG = {"prompt": "a long one", "steps": 50, "width": 64, "height": 64}
+
+
+def test_interrupt_returns_what_the_call_has_and_stops_the_rest(app, api):
+    """n_iter 3: batch 0 finishes, batch 1 is interrupted mid-way, batch 2 never runs."""
+    worker, replies = start_call(app, {**LONG, "seed": 40, "n_iter": 3})
+    progress = wait_for_progress(api, job_no=1, sampling_step=6)  # past batch 1's first preview (every 5 steps)
+    state = progress["state"]
+    assert state["job_count"] == 3 and state["sampling_steps"] == 50 and not state["interrupted"]
     assert 0 < progress["progress"] < 1
     preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
     assert preview.format == "PNG"
@@ -201,9 +228,87 @@ def test_interrupt_stops_the_running_generation(app, api):
     reply = replies[0]
     assert reply.status_code == 200
     info = json.loads(reply.json()["info"])
-    assert info["interrupted"] is True and reply.json()["images"] == []
-    # The app serves on: the next call runs in full.
-    assert len(api.txt2img(prompt="after", seed=1, **SMALL).images) == 1
+    assert info["interrupted"] is True and info["all_seeds"] == [40, 41]
+    # A1111 keeps state.interrupted until the next call begins.
+    after = api.get_progress()["state"]
+    assert after["interrupted"] is True and after["job_count"] == 0
+    finished, partial = (decode(image) for image in reply.json()["images"])
+    # Batch 0 ran in full: the same pixels as that seed alone. Batch 1 is its latents when interrupted.
+    assert_same_bytes(finished, alone(app, seed=40))
+    assert partial.size == (64, 64) and "Seed: 41" in partial.text["parameters"]
+    assert_visibly_different(partial, alone(app, seed=41))
+    assert api.get_progress()["state"]["interrupted"] is False  # those calls began afresh
+
+
+def test_skip_stops_the_current_batch_and_goes_on_with_the_next(app, api):
+    worker, replies = start_call(app, {**LONG, "seed": 50, "n_iter": 2})
+    wait_for_progress(api, job_no=0, sampling_step=1)
+    requests.post(f"{app['base']}/skip", auth=(USER, PASSWORD), timeout=30).raise_for_status()
+    worker.join(120)
+    info = json.loads(replies[0].json()["info"])
+    # The skipped batch still returns its image (as A1111 does); the next batch runs in full.
+    assert info["interrupted"] is False and info["all_seeds"] == [50, 51]
+    skipped, full = (decode(image) for image in replies[0].json()["images"])
+    assert_visibly_different(skipped, full)
+    assert api.get_progress()["state"]["skipped"] is True
+
+
+def alone(app, seed: int) -> Image.Image:
+    """The LONG request run in full for one seed (the same fields as the interrupted call sent)."""
+    reply = post(app, "txt2img", {**LONG, "seed": seed})
+    return decode(reply.json()["images"][0])
+
+
+def decode(raw: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(raw)))
+    image.load()
+    return image
+
+
+# --- override_settings: clip skip, VAE; model hashes ------------------------------------------------
+
+
+def test_clip_skip_2_changes_the_image_is_recorded_and_read_back(app, api):
+    plain = api.txt2img(prompt="a red star", seed=8, **SMALL)
+    one = api.txt2img(prompt="a red star", seed=8, override_settings={"CLIP_stop_at_last_layers": 1}, **SMALL)
+    two = api.txt2img(prompt="a red star", seed=8, override_settings={"CLIP_stop_at_last_layers": 2}, **SMALL)
+    assert_same_bytes(one.image, plain.image)  # 1 = no skip: the default code path
+    assert np.abs(pixels(two.image) - pixels(plain.image)).max() > 10
+    assert two.info["clip_skip"] == 2 and "Clip skip: 2" in two.info["infotexts"][0]
+    assert "Clip skip" not in one.info["infotexts"][0]
+    assert api.png_info(two.image).parameters["clip_skip"] == 2
+    # As an option it stays for later calls, as in A1111, until set back.
+    api.set_options({"CLIP_stop_at_last_layers": 2})
+    try:
+        assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+        assert_same_bytes(api.txt2img(prompt="a red star", seed=8, **SMALL).image, two.image)
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
+
+
+@pytest.mark.parametrize("value", [0, 13, "two", [2]])
+def test_a_bad_clip_skip_names_the_setting(app, value):
+    reply = post(app, "txt2img", {"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": value}, **SMALL})
+    assert reply.status_code == 400 and "CLIP_stop_at_last_layers" in reply.json()["errors"]
+
+
+def test_sd_vae_accepts_the_models_own_vae_only(app, api):
+    for name in ("Automatic", "None"):
+        assert len(api.txt2img(prompt="x", seed=1, override_settings={"sd_vae": name}, **SMALL).images) == 1
+    reply = post(app, "txt2img", {"prompt": "x", "override_settings": {"sd_vae": "vae-ft-mse.safetensors"}, **SMALL})
+    assert reply.status_code == 400
+    message = reply.json()["errors"]
+    assert "sd_vae" in message and "only the model's own VAE" in message
+    assert post(app, "options", {"sd_vae": "other.vae.pt"}).status_code == 400
+    assert post(app, "options", {"sd_vae": "Automatic"}).status_code == 200
+
+
+def test_sd_models_give_the_full_sha256_and_a1111s_short_hash(app, api):
+    checkpoint = app["checkpoint"]
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    entry = next(model for model in api.get_sd_models() if model["filename"] == str(checkpoint.resolve()))
+    assert entry["sha256"] == sha256 and entry["hash"] == sha256[:10]
+    assert entry["title"] == f"{checkpoint.name} [{sha256[:10]}]" and entry["model_name"] == checkpoint.stem
 
 
 # --- auth and bad input -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from lorapg.diffusion.engine import DiffusionEngine
+from lorapg.diffusion.engine import DiffusionEngine, clip_skipped_embeddings
 from lorapg.diffusion.families import SD1, SDXL
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
@@ -200,14 +200,40 @@ def test_cancel_stops_within_a_step(sd15_engine):
     def on_step(step, total, preview):
         steps_seen.append(step)
 
-    result = sd15_engine.generate(
-        GenerationRequest(prompt="a cat", steps=20, seed=1),
-        on_step=on_step,
-        should_cancel=lambda: len(steps_seen) >= 3,
-    )
+    request = GenerationRequest(prompt="a cat", steps=20, seed=1, batch_size=2)
+    result = sd15_engine.generate(request, on_step=on_step, should_cancel=lambda: len(steps_seen) >= 3)
     assert result.cancelled
-    assert result.images == []
     assert max(steps_seen) <= 4  # asked after step 3: at most the step in flight finishes
+    # What it had is decoded and returned, as A1111's interrupt does: a partly denoised image per seed.
+    assert [image.size for image in result.images] == [(64, 64)] * 2 and result.seeds == [1, 2]
+    finished = sd15_engine.generate(request)
+    assert not finished.cancelled
+    assert_visibly_different(result.images[0], finished.images[0])
+
+
+def test_clip_skip_2_changes_the_image_and_1_is_the_default(sd15_engine):
+    default = pixels(sd15_engine)
+    assert np.array_equal(pixels(sd15_engine, clip_skip=1), default)  # 1 = no skip: the same code path
+    assert np.abs(pixels(sd15_engine, clip_skip=2) - default).max() > 10
+    # A1111's "Clip skip: 2" reads the penultimate layer (then the final layer norm) for both prompts.
+    model = sd15_engine.model
+    request = GenerationRequest(prompt="a red fox", negative_prompt="blurry", clip_skip=2)
+    embeds = clip_skipped_embeddings(model.pipe, request, 2)
+    tokenizer, encoder = model.pipe.tokenizer, model.pipe.text_encoder
+    for text, got in ((request.prompt, embeds["prompt_embeds"]), ("blurry", embeds["negative_prompt_embeds"])):
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        with torch.no_grad():
+            output = encoder(ids.input_ids, output_hidden_states=True)
+            penultimate = encoder.final_layer_norm(output.hidden_states[1])  # 2 layers: [embeddings, 1, 2]
+        assert torch.allclose(got, penultimate, atol=1e-5)
+        assert not torch.allclose(got, output.last_hidden_state, atol=1e-3)
+
+
+def test_clip_skip_is_checked_against_the_range_and_the_model(sd15_engine):
+    with pytest.raises(UserError, match=r"Clip skip must be 1–12 \(1 = no skip\), got 0"):
+        pixels(sd15_engine, clip_skip=0)
+    with pytest.raises(UserError, match="Clip skip must be at most 2 for this model"):
+        pixels(sd15_engine, clip_skip=3)  # the tiny text encoder has 2 layers
 
 
 def test_previews_come_every_few_steps(sd15_engine):
@@ -265,6 +291,15 @@ def test_sdxl_lora_changes_sdxl_images(tiny_models):
     zero = pixels(engine, loras=[("xl/xl_style", 0.0)], steps=2)
     assert np.abs(styled - base).max() > 10
     assert np.array_equal(zero, base)
+
+
+def test_sdxl_ignores_clip_skip_as_a1111_does_and_says_so(tiny_models):
+    engine = make_engine(tiny_models["loras"])
+    engine.load_model(str(tiny_models["sdxl"]))
+    request = GenerationRequest(prompt="a cat", steps=2, seed=3)
+    skipped = engine.generate(replace(request, clip_skip=2))
+    assert np.array_equal(np.asarray(skipped.images[0]), np.asarray(engine.generate(request).images[0]))
+    assert any("Clip skip 2 applies to SD 1.x models only" in warning for warning in skipped.warnings)
 
 
 def test_switching_models_keeps_serving(tiny_models):

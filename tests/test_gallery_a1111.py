@@ -283,3 +283,18 @@ def test_windows_line_endings_are_read() -> None:
     parsed = parse_parameters(A1111_1_10.replace("\n", "\r\n"))
     assert parsed.negative_prompt == "lowres, bad hands"
     assert parsed.steps == 25
+
+
+def test_clip_skip_is_written_as_a1111_does_and_read_back() -> None:
+    # A1111 1.10 writes "Clip skip" after the model and before extension fields, only when it is > 1.
+    text = A1111_1_10.replace("Model: v1-5-pruned-emaonly, ", "Model: v1-5-pruned-emaonly, Clip skip: 2, ")
+    parsed = parse_parameters(text)
+    assert parsed.clip_skip == 2 and parsed.extra == {} and parsed.problems == []
+    assert format_parameters(record_from_parsed(parsed)) == text
+    assert parse_parameters(A1111_1_10).clip_skip is None
+    for no_skip in (None, 1):
+        record = record_with_loras()
+        record.clip_skip = no_skip
+        assert "Clip skip" not in format_parameters(record)
+    broken = parse_parameters(text.replace("Clip skip: 2", "Clip skip: two"))
+    assert broken.clip_skip is None and any("Clip skip" in problem for problem in broken.problems)

@@ -34,7 +34,10 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
     def txt2img(body: m.Txt2ImgRequest) -> m.Txt2ImgResponse:
         overrides = body.override_settings or {}
         params = Txt2ImgParams(
-            **body.model_dump(exclude={"override_settings"}), sd_model_checkpoint=overrides.get("sd_model_checkpoint")
+            **body.model_dump(exclude={"override_settings"}),
+            sd_model_checkpoint=overrides.get("sd_model_checkpoint"),
+            clip_skip=overrides.get("CLIP_stop_at_last_layers"),
+            sd_vae=overrides.get("sd_vae"),
         )
         result = service.txt2img(params)
         return m.Txt2ImgResponse(

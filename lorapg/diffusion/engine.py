@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
-from lorapg.diffusion.families import NATIVE_SIZE
+from lorapg.diffusion.families import NATIVE_SIZE, SD1
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import ModelSource, resolve_model_source
 from lorapg.diffusion.pipeline_loader import load_pipeline
@@ -172,10 +172,13 @@ class DiffusionEngine:
                 model, request.negative_prompt, "Negative prompt"
             )
             cancelled = False
+            steps_done = 0
+            clip_skip, clip_warnings = self._clip_skip(model, request)
+            warnings += clip_warnings
 
             def step_end(pipeline, step: int, timestep, kwargs):
-                nonlocal cancelled
-                done = step + 1
+                nonlocal cancelled, steps_done
+                done = steps_done = step + 1
                 if on_step is not None:
                     preview = None
                     if done % self.preview_every == 0 and done < request.steps:
@@ -187,9 +190,11 @@ class DiffusionEngine:
                 return kwargs
 
             def run_pipeline():
+                prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
+                if clip_skip is not None:
+                    prompts = clip_skipped_embeddings(pipe, request, clip_skip)
                 return pipe(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt or None,
+                    **prompts,
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
                     width=request.width,
@@ -216,8 +221,13 @@ class DiffusionEngine:
                         keep=RESIDENT_NAME,
                         advice="Lower the image size or the batch size, or start with --policy lowvram.",
                     )
+            if cancelled:
+                log.info("generation cancelled after step %d of %d", steps_done, request.steps)
+            # A cancelled run still decodes its current latents (diffusers skips the remaining steps,
+            # then decodes): A1111's interrupt returns those images, so they are kept; callers that
+            # record only finished work check ``cancelled``.
             return GenerationResult(
-                images=[] if cancelled else list(output.images),
+                images=list(output.images),
                 seeds=seeds,
                 request=request,
                 loras=selections,
@@ -226,6 +236,25 @@ class DiffusionEngine:
                 cancelled=cancelled,
                 warnings=warnings,
             )
+
+    @staticmethod
+    def _clip_skip(model: LoadedModel, request: GenerationRequest) -> tuple[int | None, list[str]]:
+        """A1111's "Clip skip" to apply (None: none), and warnings.
+
+        SDXL already reads the penultimate layer, and A1111 ignores clip skip there by default: so does this.
+        """
+        if request.clip_skip <= 1:
+            return None, []
+        if model.family != SD1:
+            note = f"Clip skip {request.clip_skip} applies to SD 1.x models only; it was ignored, as A1111 does."
+            return None, [note]
+        layers = model.pipe.text_encoder.config.num_hidden_layers
+        if request.clip_skip > layers:
+            raise UserError(
+                f"Clip skip must be at most {layers} for this model (its text encoder has {layers} layers), "
+                f"got {request.clip_skip}."
+            )
+        return request.clip_skip, []
 
     def prompt_warnings(self, model: LoadedModel, text: str, label: str) -> list[str]:
         """Say how much of a prompt the 77-token text encoder never reads (generation goes on)."""
@@ -249,6 +278,28 @@ class DiffusionEngine:
             model.pipe.vae.enable_tiling()
         else:
             model.pipe.vae.disable_tiling()
+
+
+def clip_skipped_embeddings(pipe: DiffusionPipeline, request: GenerationRequest, clip_skip: int) -> dict:
+    """Prompt and negative prompt embeddings read ``clip_skip`` layers from the end, as A1111 does.
+
+    A1111's "Clip skip" N takes the N-th hidden state from the end (1 = the last layer, 2 = the
+    penultimate), then the final layer norm. diffusers' own ``clip_skip`` argument (N - 1 in its
+    counting) is not used: in diffusers 0.42 it reads ``text_encoder.text_model``, which transformers 5
+    removed (AttributeError), and it skips layers for the prompt only, where A1111 skips for both.
+    """
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 nests it
+
+    def encode(text: str) -> torch.Tensor:
+        ids = tokenizer(
+            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        hidden = encoder(ids.to(pipe._execution_device), output_hidden_states=True).hidden_states
+        return final_norm(hidden[-clip_skip])
+
+    with torch.no_grad():
+        return {"prompt_embeds": encode(request.prompt), "negative_prompt_embeds": encode(request.negative_prompt)}
 
 
 def module_bytes(module: torch.nn.Module) -> int:

@@ -10,7 +10,7 @@ from lorapg import lora_tags
 from lorapg.coercion import SHOWN_CHARS, CoercionError, parse_seed, shown, to_float, to_int
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
 from lorapg.errors import UserError, shorten
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, SEED, SIZE, SIZE_MULTIPLE, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MULTIPLE, STEPS
 from lorapg.lora_tags import find_lora_tags, strip_lora_tags
 
 # The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
@@ -40,6 +40,7 @@ class GenerationRequest:
     height: int | None = None
     seed: int | None = None  # None or -1: pick one at random (the one used is reported)
     batch_size: int = int(BATCH_SIZE.default)
+    clip_skip: int = int(CLIP_SKIP.default)  # A1111's "Clip skip": 1 = the text encoder's last layer
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -120,6 +121,9 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
     guidance = _number("CFG scale", request.guidance_scale)
     if guidance not in CFG_SCALE:
         raise UserError(f"CFG scale must be {CFG_SCALE.describe()}, got {guidance:g}.")
+    clip_skip = _whole("Clip skip", request.clip_skip)
+    if clip_skip not in CLIP_SKIP:
+        raise UserError(f"Clip skip must be {CLIP_SKIP.describe()} (1 = no skip), got {clip_skip}.")
     if not isinstance(request.sampler, str):
         raise UserError(f"Sampler must be text, got {shown(request.sampler)}.")
     get_sampler(request.sampler[: SHOWN_CHARS * 2])  # no sampler name is longer; the message repeats it
@@ -137,6 +141,7 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
         batch_size=batch,
         guidance_scale=guidance,
         seed=seed,
+        clip_skip=clip_skip,
     )
 
 

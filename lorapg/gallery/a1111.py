@@ -44,6 +44,7 @@ _KNOWN_KEYS = {
     "size",
     "model hash",
     "model",
+    "clip skip",
     "lora hashes",
     "lora weights",
     "version",
@@ -82,6 +83,7 @@ class ParsedParameters:
     height: int | None = None
     model_name: str | None = None
     model_hash: str | None = None
+    clip_skip: int | None = None
     version: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -154,6 +156,8 @@ def format_parameters(record: ImageRecord) -> str:
         pairs.append(("Model hash", record.model_hash))
     if record.model_name:
         pairs.append(("Model", record.model_name))
+    if record.clip_skip and record.clip_skip > 1:  # A1111 writes it only when a layer is skipped
+        pairs.append(("Clip skip", str(record.clip_skip)))
     hashes = [f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash]
     if hashes:
         pairs.append(("Lora hashes", ", ".join(hashes)))
@@ -351,6 +355,8 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
             result.model_hash = _parse_hash("Model hash", value, problems)
         elif folded == "model":
             result.model_name = value or None
+        elif folded == "clip skip":
+            result.clip_skip = _parse_int("Clip skip", value, problems, 1, 12)
         elif folded == "lora hashes":
             for name, rest in _parse_lora_list(key, value, problems):
                 file_hash = rest.split(":")[0].strip()

@@ -89,6 +89,7 @@ class ImageRecord:
     model_name: str | None = None
     model_hash: str | None = None
     job_id: str | None = None
+    clip_skip: int | None = None  # A1111's "Clip skip"; None or 1: the last layer (not written)
     created_at: datetime | None = None
     id: int | None = None
     path: Path | None = None
@@ -115,5 +116,6 @@ def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
         height=parsed.height,
         model_name=parsed.model_name,
         model_hash=model_hash,
+        clip_skip=parsed.clip_skip,
         version=parsed.version or default_version(),
     )

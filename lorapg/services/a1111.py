@@ -18,6 +18,7 @@ import os
 import random
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,15 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from lorapg.coercion import CoercionError, to_int
 from lorapg.config import Settings
 from lorapg.diffusion.request import GenerationRequest, parse_seed
 from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError, shorten
 from lorapg.gallery.a1111 import format_parameters
-from lorapg.hashing import model_hash
-from lorapg.jobs import RUNNING
-from lorapg.limits import BATCH_SIZE, SEED
+from lorapg.hashing import MODEL_HASH_LENGTH, model_sha256
+from lorapg.jobs import RUNNING, Job
+from lorapg.limits import BATCH_SIZE, CLIP_SKIP, SEED
 from lorapg.outputs import image_record, record_in_gallery
 from lorapg.services.gallery import GalleryService
 from lorapg.services.generation import GenerationService
@@ -42,9 +44,12 @@ log = logging.getLogger(__name__)
 AUTOMATIC = "automatic"
 # A1111 1.10's schedule names (lower case in the API, a label in the UI) that this app can run.
 SCHEDULES = {AUTOMATIC: "Automatic", "karras": "Karras"}
+MAX_REMEMBERED_INTERRUPTS = 64
 MAX_N_ITER = 16  # A1111's UI allows 100; a REST caller asking for more is most likely a mistake
 # Settings whose values hold secrets: never echoed by cmd-flags.
 SECRET_SETTINGS = {"auth", "api_auth", "llm_api_key"}
+# sd_vae values meaning "the model's own VAE" (A1111's "Automatic"; "None" also uses the model's).
+OWN_VAE = {"automatic", "none", ""}
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class Txt2ImgParams:
     sampler_index: str | None = None
     scheduler: str | None = None
     sd_model_checkpoint: str | None = None  # from override_settings
+    clip_skip: Any = None  # override_settings' CLIP_stop_at_last_layers; None: the options' value
+    sd_vae: Any = None  # override_settings' sd_vae
     send_images: bool = True
     save_images: bool = False
 
@@ -120,6 +127,30 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> str:
     )
 
 
+def check_vae(name: Any) -> None:
+    """Only the model's own VAE exists here: "Automatic" or "None" (both mean it), else a UserError."""
+    if name is None or (isinstance(name, str) and name.strip().lower() in OWN_VAE):
+        return
+    raise UserError(
+        f"sd_vae: {shorten(name, 60)!r} is not available; only the model's own VAE exists here, "
+        "so use 'Automatic' (or leave sd_vae out)."
+    )
+
+
+def check_clip_skip(value: Any) -> int:
+    """CLIP_stop_at_last_layers as a whole number in A1111's range (the engine checks the model's layers)."""
+    try:
+        number = to_int(value)
+    except CoercionError:
+        number = None
+    if number is None or number not in CLIP_SKIP:
+        raise UserError(
+            f"CLIP_stop_at_last_layers must be a whole number {CLIP_SKIP.describe()} (1 = no skip), "
+            f"got {shorten(value, 40)!r}."
+        )
+    return number
+
+
 def png_base64(image: Image.Image, parameters: str) -> str:
     """A raw base64 PNG (no ``data:`` prefix, as A1111 sends) carrying the ``parameters`` chunk."""
     info = PngInfo()
@@ -162,7 +193,15 @@ class A1111Service:
         self.max_upload_bytes = max_upload_bytes
         self._lock = threading.Lock()
         self._active_calls = 0  # txt2img calls not answered yet (queued or running)
-        self._interrupts = 0  # bumped by interrupt(): a txt2img call seeing a change stops its batch
+        # Jobs stopped by interrupt() (the rest of their call stops too; skip() stops one batch).
+        # Bounded: a UI job interrupted here never comes back to take its id out.
+        self._interrupted_jobs: OrderedDict[str, bool] = OrderedDict()
+        self._batches: dict[str, tuple[int, int]] = {}  # job id -> (batch number, n_iter) of its call
+        # A1111's state.interrupted / state.skipped: set by interrupt / skip, cleared when the next
+        # txt2img call begins, so a client polling progress after the reply still sees them.
+        self._interrupted = False
+        self._skipped = False
+        self._clip_skip = 1  # options' CLIP_stop_at_last_layers (A1111 keeps it globally)
         self._job_timestamp = ""
 
     # --- txt2img -------------------------------------------------------------------------------
@@ -171,25 +210,49 @@ class A1111Service:
         """Run ``n_iter`` batches through the job queue, one job per batch, as A1111 does."""
         if params.n_iter not in range(1, MAX_N_ITER + 1):
             raise UserError(f"n_iter must be 1–{MAX_N_ITER}, got {params.n_iter}.")
+        check_vae(params.sd_vae)
         if params.sd_model_checkpoint:
             self.select_model(params.sd_model_checkpoint)
         base = self._first_request(params)
         with self._lock:
+            if self._active_calls == 0:  # A1111's state.begin(): a new call clears the last one's flags
+                self._interrupted = self._skipped = False
             self._active_calls += 1
-            interrupts_at_start = self._interrupts
             self._job_timestamp = time.strftime("%Y%m%d%H%M%S")
+        results, interrupted = [], False
         try:
-            results = []
             for iteration in range(params.n_iter):
                 request = replace(base, seed=base.seed + iteration * base.batch_size)
-                result = self.generation.generate(request, record=False)
+                result, interrupted = self._run_batch(request, iteration, params.n_iter)
                 results.append(result)
-                if result.cancelled and self._interrupts != interrupts_at_start:
+                if interrupted:
                     break  # interrupt stops the whole call; skip only the current batch
         finally:
             with self._lock:
                 self._active_calls -= 1
-        return self._reply(params, results, interrupted=self._interrupts != interrupts_at_start)
+        # Interrupted or skipped batches still return the images they had (A1111 decodes the
+        # current latents), plus every finished batch before them.
+        return self._reply(params, results, interrupted=interrupted)
+
+    def _run_batch(self, request: GenerationRequest, iteration: int, n_iter: int) -> tuple[Any, bool]:
+        """One batch through the job queue; True with it if ``interrupt`` (not ``skip``) stopped it."""
+        job_ids: list[str] = []
+
+        def note(job) -> None:  # called while the job waits or runs, and once when it ends
+            if not job_ids:
+                job_ids.append(job.id)
+                with self._lock:
+                    self._batches[job.id] = (iteration, n_iter)
+
+        try:
+            result = self.generation.generate(request, on_progress=note, record=False)
+        finally:
+            with self._lock:
+                for job_id in job_ids:
+                    self._batches.pop(job_id, None)
+        with self._lock:
+            interrupted = bool(job_ids) and self._interrupted_jobs.pop(job_ids[0], False)
+        return result, bool(interrupted and result.cancelled)
 
     def _first_request(self, params: Txt2ImgParams) -> GenerationRequest:
         sampler = resolve_sampler(params.sampler_name or params.sampler_index, params.scheduler)
@@ -212,6 +275,7 @@ class A1111Service:
             height=params.height,
             seed=seed,
             batch_size=params.batch_size,
+            clip_skip=self._clip_skip if params.clip_skip is None else check_clip_skip(params.clip_skip),
         )
         return self.generation.prepare(request)  # every field checked before anything is queued
 
@@ -252,7 +316,7 @@ class A1111Service:
             "sd_model_hash": entry.hash if entry else None,
             "sd_vae_name": None,
             "sd_vae_hash": None,
-            "clip_skip": 1,
+            "clip_skip": request.clip_skip,
             "restore_faces": False,
             "index_of_first_image": 0,
             "infotexts": infotexts,
@@ -269,6 +333,8 @@ class A1111Service:
         job = self.generation.jobs.running()
         with self._lock:
             active = self._active_calls
+            batch = self._batches.get(job.id) if job is not None else None
+        job_no, job_count = batch if batch else (0, max(active, 1 if job is not None else 0))
         generating = job is not None and job.kind == "generate" and job.status == RUNNING
         step, total = (job.step, job.total) if generating else (0, 0)
         progress = step / total if total else 0.0
@@ -281,12 +347,12 @@ class A1111Service:
             "progress": progress,
             "eta_relative": eta,
             "state": {
-                "skipped": False,
-                "interrupted": bool(job and job.cancel_requested()),
+                "skipped": self._skipped,
+                "interrupted": self._interrupted,
                 "job": job.kind if job else "",
-                "job_count": max(active, 1 if job is not None else 0),
+                "job_count": job_count,
                 "job_timestamp": self._job_timestamp,
-                "job_no": 0,
+                "job_no": job_no,
                 "sampling_step": step,
                 "sampling_steps": total,
             },
@@ -297,17 +363,27 @@ class A1111Service:
     def interrupt(self) -> None:
         """Stop the running generation after its current step, and the rest of its txt2img call."""
         with self._lock:
-            self._interrupts += 1
-        self._cancel_running()
+            self._interrupted = True
+        job = self._cancel_running()
+        if job is not None:
+            with self._lock:
+                self._interrupted_jobs[job.id] = True
+                while len(self._interrupted_jobs) > MAX_REMEMBERED_INTERRUPTS:
+                    self._interrupted_jobs.popitem(last=False)
 
     def skip(self) -> None:
         """Stop the running batch; a txt2img call with more batches (n_iter) goes on with the next."""
+        with self._lock:
+            self._skipped = True
         self._cancel_running()
 
-    def _cancel_running(self) -> None:
+    def _cancel_running(self) -> Job | None:
+        """Cancel the running generation (the UI's or the API's, as A1111 has one queue); return it."""
         job = self.generation.jobs.running()
-        if job is not None and job.kind == "generate":
-            self.generation.cancel(job.id)
+        if job is None or job.kind != "generate":
+            return None
+        self.generation.cancel(job.id)
+        return job
 
     # --- models and options --------------------------------------------------------------------
 
@@ -318,15 +394,16 @@ class A1111Service:
         path = Path(ref)
         is_file = path.suffix.lower() in {".safetensors", ".ckpt"} and path.is_file()
         name = path.name if path.exists() else ref
-        short = None
+        short = full = None
         if is_file:
-            short = model_hash(path)
+            full = model_sha256(path)
+            short = full[:MODEL_HASH_LENGTH]
         title = f"{name} [{short}]" if short else name
         return ModelEntry(
             title=title,
             model_name=path.stem if is_file else name,
             hash=short,
-            sha256=None,
+            sha256=full,
             filename=str(path.resolve()) if path.exists() else ref,
             ref=ref,
         )
@@ -360,7 +437,7 @@ class A1111Service:
             "sd_model_checkpoint": entry.title if entry else None,
             "sd_checkpoint_hash": entry.sha256 if entry else None,
             "sd_vae": "Automatic",
-            "CLIP_stop_at_last_layers": 1,
+            "CLIP_stop_at_last_layers": self._clip_skip,
             "samples_format": "png",
             "samples_save": True,
             "outdir_samples": str(self.settings.gallery_images),
@@ -369,9 +446,15 @@ class A1111Service:
 
     def set_options(self, values: dict[str, Any]) -> None:
         """Apply what this app has; other keys (Open WebUI posts the whole dict back) are ignored."""
+        check_vae(values.get("sd_vae"))
+        clip_skip = values.get("CLIP_stop_at_last_layers")
+        if clip_skip is not None:
+            clip_skip = check_clip_skip(clip_skip)
         wanted = values.get("sd_model_checkpoint")
         if wanted:
             self.select_model(str(wanted))
+        if clip_skip is not None:
+            self._clip_skip = clip_skip
 
     # --- listings ------------------------------------------------------------------------------
 
