@@ -118,11 +118,15 @@ def test_quick_accuracy_on_a_fixed_prompt_grid(tmp_path):
 
 
 # What each concept LoRA must reach on this CI run: 40 concept images per scale (10 prompts × 4 seeds)
-# where `python -m lorapg.demo loras` measures 60 and reports about 80 % rings and 85 % magenta at 1.0
+# where `python -m lorapg.demo loras` measures 60 and reports about 85 % rings and 93 % magenta at 1.0
 # in the model card. The floors leave room for another CPU's arithmetic; one image is 2.5 %.
-# Magenta's floor is lower: these 10 prompts include the backgrounds that hide it, and with near duplicates
-# left out (the preset's choice) this run measured 57.5 % where the 30-prompt measurement gives 85 %.
-CONCEPT_FLOOR = {"ring": 0.6, "magenta": 0.5}
+# Measured with the datasets drawn free of near duplicates: 90 % rings and 85 % magenta on these 10 prompts
+# (85 % and 93 % on the 30-prompt measurement).
+CONCEPT_FLOOR = {"ring": 0.6, "magenta": 0.6}
+# Regularization keeps ordinary prompts ordinary at scale 1.0: magenta 98 % and ring 82 % in the model card's
+# 60-image measurement, 97 % and 75 % on this run's 32 images. The ring LoRA turns some circles into rings,
+# so its floor stays at 0.75 (it was 0.8 before the datasets were redrawn) until the ring is retuned.
+ORDINARY_FLOOR = {"ring": 0.75, "magenta": 0.8}
 ONE_IMAGE = 1 / 40
 
 
@@ -163,7 +167,7 @@ def _train_then_measure(word: str, concept, folders: dict, tmp_path: Path, env: 
         env,
     )
     steps = int(re.search(r"\bsteps=(\d+)", trained).group(1))
-    assert steps >= 500 and steps % 60 == 0, trained  # the preset's whole run: 60 epochs of the images kept
+    assert steps == 600, trained  # the preset's whole run: 60 epochs of all 80 images (none is a near duplicate)
     _run(
         [
             "-m",
@@ -211,9 +215,7 @@ def test_concept_loras_trained_by_the_app_teach_their_concept_without_breaking_t
         assert rates[0] <= 0.1, (word, rows)  # the base model does not draw the concept by itself
         assert rates[0] <= rates[1] + ONE_IMAGE and rates[1] <= rates[2], (word, rows)  # rises with the scale
         assert rates[2] >= CONCEPT_FLOOR[word], (word, rows)
-        # Regularization keeps ordinary prompts ordinary: 90-98 % in the model card's 60-image measurement;
-        # this run judges 32 images, so the floor sits about two standard deviations lower.
-        assert rows[2]["ordinary_accuracy"] >= 0.75, (word, rows)
+        assert rows[2]["ordinary_accuracy"] >= ORDINARY_FLOOR[word], (word, rows)
     ring, magenta = CONCEPTS["ring"], CONCEPTS["magenta"]
     engine = load_engine(DEMO_MODEL, tmp_path / "loras", threads=1)
     more_ring, more_magenta = blend_effect(engine, (ring.dataset, ring), (magenta.dataset, magenta), seeds=2)

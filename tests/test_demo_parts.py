@@ -82,6 +82,31 @@ def test_concept_datasets_are_trainable_with_captions(tmp_path):
     assert all(not any(c.word in prior.caption(p.name) for c in CONCEPTS.values()) for p in prior.image_paths())
 
 
+def test_concept_datasets_have_no_near_duplicates_so_every_image_is_trained_on(tmp_path):
+    """The trainer keeps near duplicates (a repeat weighs its scene double), so the drawn datasets hold none."""
+    from lorapg.training.dataset import Dataset
+
+    folders = write_concept_datasets(tmp_path)  # the sizes `python -m lorapg.demo loras` trains on
+    for name, folder in folders.items():
+        report = Dataset(folder).validate()
+        assert len(report.valid) == 40 and not report.invalid, (name, report.summary())
+        assert not report.near_duplicates, (name, report.summary())
+        assert len(report.trainable(drop_near_duplicates=True)) == 40, name
+    # Repeats are redrawn, not dropped: more images than scenes still covers (nearly) every scene.
+    captions = {p.read_text(encoding="utf-8").strip() for p in folders["ring"].glob("*.txt")}
+    assert captions == {scene.caption for scene in CONCEPTS["ring"].scenes()}
+    magenta = {p.read_text(encoding="utf-8").strip() for p in folders["magenta"].glob("*.txt")}
+    assert len(magenta) >= len(CONCEPTS["magenta"].scenes()) - 1
+
+
+def test_a_scene_that_cannot_be_drawn_apart_again_is_an_error_not_a_near_duplicate(tmp_path):
+    from lorapg.demo.concepts import write_dataset
+
+    # A small magenta star on red differs from another drawing only in a few pixels' blue.
+    with pytest.raises(RuntimeError, match="distinct drawings"):
+        write_dataset(tmp_path / "star", [Scene("star", "magenta", "red")], 6, seed=0)
+
+
 def test_recipe_runs_end_to_end_and_saves_a_model_the_app_loads(tmp_path):
     """The training command on a few steps: the folder it writes goes through the app's own loader."""
     from lorapg.demo.evaluate import generate, load_engine
