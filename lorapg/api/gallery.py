@@ -7,28 +7,19 @@ the A1111 ``parameters`` chunk in it reaches the client unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict
 
-from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route
-from lorapg.api.models import ErrorResponse
+from lorapg.api.auth import ApiAccess
+from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.gallery.records import ImageRecord
 from lorapg.services.gallery import GalleryService, ImageNotFound
 
 PREFIX = "/api/v1/gallery"
-ERRORS = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-}
 MAX_PAGE = 500  # one listing; more with offset
 
 
@@ -154,22 +145,8 @@ PNG_DOC = {
 ImageId = Annotated[int, Path(ge=1, examples=[7], description="A gallery image id.")]
 
 
-@contextmanager
-def missing_is_404() -> Iterator[None]:
-    try:
-        yield
-    except ImageNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-
-
 def gallery_router(gallery: GalleryService, access: ApiAccess) -> APIRouter:
-    router = APIRouter(
-        prefix=PREFIX,
-        tags=["Gallery"],
-        route_class=A1111Route,
-        responses=ERRORS,
-        dependencies=[Depends(basic_auth_check(access.users))],
-    )
+    router = api_router(PREFIX, "Gallery", access)
 
     @router.get("", response_model=GalleryList)
     def list_images(
@@ -186,24 +163,24 @@ def gallery_router(gallery: GalleryService, access: ApiAccess) -> APIRouter:
 
     @router.get("/{image_id}", response_model=GalleryImageDetails)
     def get(image_id: ImageId) -> GalleryImageDetails:
-        with missing_is_404():
+        with unknown_as_404(ImageNotFound):
             details = gallery.show(image_id, owner=None)
         return GalleryImageDetails(**GalleryImage.of(details.record).model_dump(), parameters=details.parameters)
 
     @router.get("/{image_id}/image", response_class=FileResponse, responses=PNG_DOC)
     def image(image_id: ImageId) -> Response:
-        with missing_is_404():
+        with unknown_as_404(ImageNotFound):
             path = gallery.image_path(image_id, owner=None)
         return FileResponse(path, media_type="image/png")
 
     @router.post("/{image_id}/star", response_model=GalleryImage)
     def star(image_id: ImageId, body: StarBody) -> GalleryImage:
-        with missing_is_404():
+        with unknown_as_404(ImageNotFound):
             return GalleryImage.of(gallery.star(image_id, body.starred, owner=None))
 
     @router.delete("/{image_id}", response_model=Deleted)
     def delete(image_id: ImageId) -> Deleted:
-        with missing_is_404():
+        with unknown_as_404(ImageNotFound):
             gallery.delete(image_id, owner=None)
         return Deleted(id=image_id, deleted=True)
 

@@ -10,30 +10,22 @@ inside ``generations_router``, which FastAPI can resolve only as a real object, 
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Response
+from fastapi import APIRouter, Depends, Path, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route
+from lorapg.api.auth import ApiAccess
 from lorapg.api.gallery import image_url
-from lorapg.api.models import ErrorResponse
+from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.jobs import Job
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, STEPS
 from lorapg.services.generation_jobs import GenerationJobs, GenerationParams, JobNotFound, Urls
 
 PREFIX = "/api/v1/generations"
-ERRORS = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-}
 POLL_SECONDS = 0.2  # how often a stream looks at its job; only changes are sent
 
 
@@ -148,26 +140,12 @@ SSE_DOC = {
 PNG_DOC = {200: {"description": "The latest preview (PNG).", "content": {"image/png": {"example": "(PNG bytes)"}}}}
 
 
-@contextmanager
-def missing_is_404():
-    try:
-        yield
-    except JobNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-
-
 def generations_router(jobs: GenerationJobs, access: ApiAccess) -> APIRouter:
-    router = APIRouter(
-        prefix=PREFIX,
-        tags=["Generations"],
-        route_class=A1111Route,
-        responses=ERRORS,
-        dependencies=[Depends(basic_auth_check(access.users))],
-    )
+    router = api_router(PREFIX, "Generations", access)
 
     def generation_job(job_id: Annotated[str, Path(max_length=64, examples=["3f2a9c1b7d4e"])]) -> Job:
         # A dependency: an unknown id is a 404 before a stream's response has started.
-        with missing_is_404():
+        with unknown_as_404(JobNotFound):
             return jobs.job(job_id)
 
     JobArg = Annotated[Job, Depends(generation_job)]
@@ -196,7 +174,7 @@ def generations_router(jobs: GenerationJobs, access: ApiAccess) -> APIRouter:
 
     @router.get("/{job_id}/preview.png", response_class=Response, responses=PNG_DOC)
     def preview(job: JobArg) -> Response:
-        with missing_is_404():
+        with unknown_as_404(JobNotFound):
             return Response(jobs.preview_png(job), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     return router

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route
-from lorapg.api.models import ErrorResponse
+from lorapg.api.auth import ApiAccess
+from lorapg.api.routing import api_router
 from lorapg.errors import shorten
 from lorapg.services.library import LibraryService
 
@@ -21,12 +20,6 @@ if TYPE_CHECKING:
     from lorapg.services.build import Services
 
 PREFIX = "/api/v1"
-ERRORS = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-}
 
 _LORA_EXAMPLE = {
     "name": "triggered",
@@ -188,13 +181,7 @@ class MemoryState(BaseModel):
 
 def library_router(runtime: Services, access: ApiAccess) -> APIRouter:
     service = LibraryService(runtime.service)
-    router = APIRouter(
-        prefix=PREFIX,
-        tags=["LoRAs, models, jobs, memory"],
-        route_class=A1111Route,
-        responses=ERRORS,
-        dependencies=[Depends(basic_auth_check(access.users))],
-    )
+    router = api_router(PREFIX, "LoRAs, models, jobs, memory", access)
 
     @router.get("/loras", response_model=LoraList, summary="Every LoRA in the folder (re-scanned)")
     def loras() -> dict[str, Any]:

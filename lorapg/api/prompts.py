@@ -16,14 +16,12 @@ from fastapi import APIRouter, Depends
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route
-from lorapg.api.models import ErrorResponse
+from lorapg.api.auth import ApiAccess
+from lorapg.api.routing import api_router
 from lorapg.services.prompt_events import presets_view, result_view, stream_events
 from lorapg.services.prompts import PromptService, StreamItem
 
 PREFIX = "/api/v1/prompts"
-ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
 
 _RESULT_EXAMPLE = {
     "prompt": "zqstyle, red fox, snowy forest, soft morning light, highly detailed",
@@ -116,13 +114,7 @@ class PresetList(BaseModel):
 
 
 def prompts_router(service: PromptService, access: ApiAccess) -> APIRouter:
-    router = APIRouter(
-        prefix=PREFIX,
-        tags=["Prompt tools"],
-        route_class=A1111Route,
-        responses=ERRORS,
-        dependencies=[Depends(basic_auth_check(access.users))],
-    )
+    router = api_router(PREFIX, "Prompt tools", access)
 
     # The streams start in dependencies: bad input raises there, before the 200 goes out.
     def start_enhance(body: EnhanceRequest) -> Iterator[StreamItem]:

@@ -15,19 +15,12 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Respons
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from lorapg.api import training_models as tm
-from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route
-from lorapg.api.models import ErrorResponse
+from lorapg.api.auth import ApiAccess
+from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.limits import TRAINING
 from lorapg.services.training_jobs import TrainingJobs, TrainingStart, UnknownRun, Upload
 
 PREFIX = "/api/v1/training"
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-}
 POLL_SECONDS = 0.2  # how often an event stream looks at its run (reads only: no busy loop)
 
 
@@ -38,19 +31,11 @@ def _bounded(key: str, example: Any, description: str) -> Any:
 
 
 def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
-    router = APIRouter(
-        prefix=PREFIX,
-        tags=["Training (api/v1)"],
-        route_class=A1111Route,
-        responses=ERRORS,
-        dependencies=[Depends(basic_auth_check(access.users))],
-    )
+    router = api_router(PREFIX, "Training (api/v1)", access)
 
     def known_run(job_id: Annotated[str, Path(examples=["3f9c2a1b7d4e"])]) -> str:
-        try:
+        with unknown_as_404(UnknownRun):
             jobs.run(job_id)
-        except UnknownRun as exc:
-            raise HTTPException(404, str(exc)) from None
         return job_id
 
     @router.get("/presets", response_model=list[tm.TrainingPresetItem])
