@@ -201,7 +201,7 @@ def test_every_route_refuses_a_declared_oversized_body_before_reading_it(app, sc
             wrong.append(f"{method.upper()} {path}: {status}")
             continue
         error = json.loads(body)
-        assert set(error) == ERROR_KEYS and f"upload limit ({LIMIT_MB} MiB)" in error["errors"]
+        assert set(error) == ERROR_KEYS and f"upload limit of {LIMIT_MB} MB (setting max_upload_mb)" in error["errors"]
     assert not wrong, "routes that did not refuse an oversized body:\n" + "\n".join(wrong)
 
 

@@ -24,7 +24,8 @@ class BodyTooLarge(HTTPException):
 
 
 def too_large_message(limit: int) -> str:
-    return f"The request body is larger than the upload limit ({limit / 2**20:g} MiB); send a smaller one."
+    # The words of the services' own upload checks, so a client sees one limit named one way.
+    return f"The request body is over the upload limit of {limit // 2**20} MB (setting max_upload_mb); send less."
 
 
 def declared_length(scope: Scope) -> int | None:
