@@ -10,11 +10,18 @@ import json
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+from fastapi import APIRouter
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from lorapg.api.auth import ApiAccess
+from lorapg.api.docs import openapi_schema
+from lorapg.api.errors import A1111Route
+from lorapg.api.models import ErrorResponse
 from tests.app_server import running_app
 
 AUTH = ("u", "p")
@@ -221,3 +228,20 @@ def test_a_body_within_the_limit_still_works_after_refusals(app):
     reply = requests.post(f"{app}/sdapi/v1/png-info", json={"image": image}, auth=AUTH, timeout=30)
     assert reply.status_code == 400 and "image" in reply.json()["errors"]
     assert requests.get(f"{app}/sdapi/v1/options", auth=AUTH, timeout=30).status_code == 200
+
+
+def test_error_replies_are_documented_as_json_on_event_stream_routes():
+    """FastAPI files a route's error models under its own media type; the API's errors are JSON."""
+    router = APIRouter(route_class=A1111Route)
+
+    @router.get(
+        "/api/v1/things/{thing}/events", response_class=EventSourceResponse, responses={404: {"model": ErrorResponse}}
+    )
+    def events(thing: str) -> Iterator[ServerSentEvent]:
+        yield ServerSentEvent(event="progress", data={"thing": thing})
+
+    replies = openapi_schema(list(router.routes), ApiAccess(True), None)["paths"]["/api/v1/things/{thing}/events"]
+    replies = replies["get"]["responses"]
+    assert list(replies["404"]["content"]) == ["application/json"]
+    assert list(replies["422"]["content"]) == ["application/json"]
+    assert "text/event-stream" in replies["200"]["content"]

@@ -40,6 +40,7 @@ DOCS_PATH = "/docs"
 
 def openapi_schema(routes: list[BaseRoute], access: ApiAccess, body_limit: int | None) -> dict[str, Any]:
     schema = get_openapi(title=TITLE, version=__version__, description=DESCRIPTION, routes=routes)
+    errors_as_json(schema)
     if body_limit is not None:
         document_body_limit(schema, body_limit)
     if access.users:
@@ -47,6 +48,20 @@ def openapi_schema(routes: list[BaseRoute], access: ApiAccess, body_limit: int |
         schema.setdefault("components", {})["securitySchemes"] = {"basic": {"type": "http", "scheme": "basic"}}
         schema["security"] = [{"basic": []}]
     return schema
+
+
+def errors_as_json(schema: dict[str, Any]) -> None:
+    """Error replies are JSON on every route (A1111Route), also on those that stream or send files.
+
+    FastAPI documents a ``responses={404: {"model": ...}}`` under the route's own media type, so on
+    an event stream or a PNG route the errors would read as ``text/event-stream`` or ``image/png``.
+    """
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, reply in operation.get("responses", {}).items():
+                content = reply.get("content", {})
+                if status[0] in "45" and content and "application/json" not in content:
+                    reply["content"] = {"application/json": next(iter(content.values()))}
 
 
 def document_body_limit(schema: dict[str, Any], limit: int) -> None:
