@@ -156,7 +156,8 @@ def serve(demo, settings, policy, auth, routes) -> None:
         blocked_paths=private_output_paths(settings),
         max_file_size=policy.max_upload_bytes,
         # The REST API's routes go in before the server starts (FastAPI's `routes`), beside Gradio's own.
-        app_kwargs={"routes": routes},
+        # Gradio's own /openapi.json would describe its internal routes to anyone: the API serves its own.
+        app_kwargs={"routes": routes, "openapi_url": None},
     )
 
 

@@ -425,3 +425,6 @@ def test_listen_without_api_auth_prints_a_generated_password_and_requires_it(tin
         password = line.rsplit("'", 2)[-2]
         assert requests.get(f"{url}sdapi/v1/options", timeout=30).status_code == 401
         assert requests.get(f"{url}sdapi/v1/options", auth=("api", password), timeout=30).status_code == 200
+        for docs in ("openapi.json", "docs"):  # the API's documentation is behind the same password
+            assert requests.get(f"{url}{docs}", timeout=30).status_code == 401
+            assert requests.get(f"{url}{docs}", auth=("api", password), timeout=30).status_code == 200

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lorapg.api.docs import finish_api
+
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
@@ -12,6 +14,7 @@ if TYPE_CHECKING:
     from lorapg.services.build import Services
 
 
+@finish_api  # last: the body limit on every route, then /openapi.json and /docs over them all
 def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
     the server starts, so no request ever finds the UI up and the API missing."""

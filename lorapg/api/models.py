@@ -50,12 +50,38 @@ class Txt2ImgRequest(A1111Request):
 
 
 class Txt2ImgResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "images": ["iVBORw0KGgoAAAANSUhEUgAA..."],
+                    "parameters": {"prompt": "a red star", "seed": 7},
+                    "info": '{"seed": 7, "all_seeds": [7], "width": 512, "height": 512, "sampler_name": "Euler a"}',
+                }
+            ]
+        }
+    )
+
     images: list[str] | None = Field(None, description="raw base64 PNGs with the A1111 parameters chunk")
     parameters: dict[str, Any]
     info: str = Field(description="a JSON string: seed, all_seeds, infotexts, …")
 
 
+PROGRESS_STATE_EXAMPLE = {
+    "skipped": False,
+    "interrupted": False,
+    "job": "generate",
+    "job_count": 1,
+    "job_timestamp": "20261201120000",
+    "job_no": 0,
+    "sampling_step": 6,
+    "sampling_steps": 20,
+}
+
+
 class ProgressState(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [PROGRESS_STATE_EXAMPLE]})
+
     skipped: bool
     interrupted: bool
     job: str
@@ -67,6 +93,20 @@ class ProgressState(BaseModel):
 
 
 class ProgressResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "progress": 0.3,
+                    "eta_relative": 2.1,
+                    "state": PROGRESS_STATE_EXAMPLE,
+                    "current_image": None,
+                    "textinfo": None,
+                }
+            ]
+        }
+    )
+
     progress: float
     eta_relative: float
     state: ProgressState
@@ -75,6 +115,21 @@ class ProgressResponse(BaseModel):
 
 
 class SDModelItem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "title": "v1-5-pruned-emaonly.safetensors [6ce0161689]",
+                    "model_name": "v1-5-pruned-emaonly",
+                    "hash": "6ce0161689",
+                    "sha256": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+                    "filename": "/models/v1-5-pruned-emaonly.safetensors",
+                    "config": None,
+                }
+            ]
+        }
+    )
+
     title: str
     model_name: str
     hash: str | None = None
@@ -84,12 +139,22 @@ class SDModelItem(BaseModel):
 
 
 class SamplerItem(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "DPM++ 2M", "aliases": [], "options": {}}]})
+
     name: str
     aliases: list[str]
     options: dict[str, str]
 
 
 class SchedulerItem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": -1, "need_inner_model": False}
+            ]
+        }
+    )
+
     name: str
     label: str
     aliases: list[str] | None = None
@@ -98,6 +163,12 @@ class SchedulerItem(BaseModel):
 
 
 class UpscalerItem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}]
+        }
+    )
+
     name: str
     model_name: str | None = None
     model_path: str | None = None
@@ -106,15 +177,34 @@ class UpscalerItem(BaseModel):
 
 
 class LatentUpscalerModeItem(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "Latent"}]})
+
     name: str
 
 
 class SDVaeItem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model_name": "vae-ft-mse", "filename": "/models/vae-ft-mse.safetensors"}]}
+    )
+
     model_name: str
     filename: str
 
 
 class LoraItem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "style",
+                    "alias": "style",
+                    "path": "/loras/style.safetensors",
+                    "metadata": {"ss_base_model_version": "sd_v1"},
+                }
+            ]
+        }
+    )
+
     name: str
     alias: str
     path: str
@@ -122,26 +212,57 @@ class LoraItem(BaseModel):
 
 
 class EmbeddingsResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"loaded": {}, "skipped": {}}]})
+
     loaded: dict[str, Any]
     skipped: dict[str, Any]
 
 
 class ScriptsList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"txt2img": [], "img2img": []}]})
+
     txt2img: list[str]
     img2img: list[str]
 
 
 class PNGInfoRequest(A1111Request):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"image": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA..."}]}
+    )
+
     image: str = Field(description="a PNG as base64, raw or as a data: URL")
 
 
 class PNGInfoResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "info": "a red star\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 7, Size: 512x512",
+                    "items": {"parameters": "a red star\nSteps: 20, ..."},
+                    "parameters": {"prompt": "a red star", "steps": 20, "seed": 7},
+                }
+            ]
+        }
+    )
+
     info: str
     items: dict[str, Any]
     parameters: dict[str, Any]
 
 
 class MemoryResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "ram": {"free": 8000000000, "used": 8000000000, "total": 16000000000},
+                    "cuda": {"error": "running on cpu: no CUDA memory"},
+                }
+            ]
+        }
+    )
+
     ram: dict[str, Any]
     cuda: dict[str, Any]
 
@@ -149,7 +270,46 @@ class MemoryResponse(BaseModel):
 class ErrorResponse(BaseModel):
     """A1111's error body."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"error": "UserError", "detail": "", "body": "", "errors": "Steps must be between 1 and 150; got 999."}
+            ]
+        }
+    )
+
     error: str
     detail: Any = ""
     body: Any = ""
     errors: str
+
+
+# --- documented replies of the routes whose reply has no model of its own (a free dict, or null) ---
+
+OPTIONS_EXAMPLE = {
+    "sd_model_checkpoint": "v1-5-pruned-emaonly.safetensors [6ce0161689]",
+    "sd_vae": "Automatic",
+    "CLIP_stop_at_last_layers": 1,
+    "samples_format": "png",
+}
+
+
+def json_reply(example: Any, description: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a 200 whose JSON has no model: documented by an example."""
+    return {200: {"description": description, "content": {"application/json": {"example": example}}}}
+
+
+# A null reply, as A1111 gives. The example sits in the schema: a null ``example`` on the media type
+# would be dropped from /openapi.json (FastAPI leaves out None values).
+NULL_REPLY: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Done; the reply is null, as in A1111",
+        "content": {"application/json": {"schema": {"type": "null", "examples": [None]}}},
+    }
+}
+OPTIONS_REPLY = json_reply(OPTIONS_EXAMPLE, "The settings A1111 clients read (unknown keys are never an error)")
+CMD_FLAGS_REPLY = json_reply(
+    {"api": True, "api_auth": True, "model": "runwayml/stable-diffusion-v1-5", "threads": 1},
+    "The app's settings by name; secrets are left out",
+)
+NOT_BUILT_REPLY: dict[int | str, dict[str, Any]] = {501: {"model": ErrorResponse, "description": "Not built yet"}}

@@ -8,9 +8,9 @@ job queue never blocks ``progress`` or ``interrupt``). The work and the A1111 vo
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Body, Depends
 
 from lorapg.api import models as m
 from lorapg.api.auth import ApiAccess, basic_auth_check
@@ -46,7 +46,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
             info=json.dumps(result.info),
         )
 
-    @router.post("/img2img", status_code=501)
+    @router.post("/img2img", status_code=501, responses=m.NOT_BUILT_REPLY)
     def img2img() -> Any:
         return error_reply(501, "NotImplementedError", "img2img is not built yet in LoRA Playground; use txt2img.")
 
@@ -54,23 +54,23 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         return service.progress(skip_current_image)
 
-    @router.post("/interrupt")
+    @router.post("/interrupt", responses=m.NULL_REPLY)
     def interrupt() -> None:
         service.interrupt()
 
-    @router.post("/skip")
+    @router.post("/skip", responses=m.NULL_REPLY)
     def skip() -> None:
         service.skip()
 
-    @router.get("/options")
+    @router.get("/options", responses=m.OPTIONS_REPLY)
     def get_options() -> dict[str, Any]:
         return service.options()
 
-    @router.post("/options")
-    def set_options(body: dict[str, Any]) -> None:
+    @router.post("/options", responses=m.NULL_REPLY)
+    def set_options(body: Annotated[dict[str, Any], Body(examples=[m.OPTIONS_EXAMPLE])]) -> None:
         service.set_options(body)
 
-    @router.get("/cmd-flags")
+    @router.get("/cmd-flags", responses=m.CMD_FLAGS_REPLY)
     def cmd_flags() -> dict[str, Any]:
         return service.cmd_flags()
 
@@ -78,7 +78,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
     def sd_models() -> list[dict[str, Any]]:
         return [entry.__dict__ for entry in service.sd_models()]
 
-    @router.post("/refresh-checkpoints")
+    @router.post("/refresh-checkpoints", responses=m.NULL_REPLY)
     def refresh_checkpoints() -> None:
         service.sd_models()  # the folder is listed afresh on every call
 
@@ -106,7 +106,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
     def loras() -> list[dict[str, Any]]:
         return service.loras()
 
-    @router.post("/refresh-loras")
+    @router.post("/refresh-loras", responses=m.NULL_REPLY)
     def refresh_loras() -> None:
         service.refresh_loras()
 
