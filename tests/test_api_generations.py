@@ -219,6 +219,9 @@ def test_gallery_bad_queries_and_bodies_name_the_field(app):
         ("get", "/api/v1/gallery?limit=0", None, "limit"),
         ("get", "/api/v1/gallery?starred=maybe", None, "starred"),
         ("get", "/api/v1/gallery/abc", None, "image_id"),
+        # Past SQLite's 64-bit integers: a field error, not an OverflowError (a 500) in the database.
+        ("get", "/api/v1/gallery?offset=268887188417354694656", None, "offset"),
+        ("get", "/api/v1/gallery/268887188417354694656", None, "image_id"),
         ("post", "/api/v1/gallery/1/star", {"star": True}, "starred"),
     ):
         reply = call(app, method, path, json=body)

@@ -139,7 +139,7 @@ def test_a_zip_that_escapes_its_folder_is_refused(app):
 
 def test_uploads_past_the_limits_are_refused(app):
     big = [("images", ("huge.png", b"\x89PNG" + bytes(3 * 1024 * 1024), "image/png"))]
-    assert_refused(start(app, {"name": "big", "trigger_word": "zqx"}, big), 400, "2 MB", "max_upload_mb")
+    assert_refused(start(app, {"name": "big", "trigger_word": "zqx"}, big), 413, "2 MB", "max_upload_mb")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:  # 2 MB of zeros: a few KB zipped
         archive.writestr("img0.png", png(0))

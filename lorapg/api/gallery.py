@@ -21,6 +21,7 @@ from lorapg.services.gallery import GalleryService, ImageNotFound
 
 PREFIX = "/api/v1/gallery"
 MAX_PAGE = 500  # one listing; more with offset
+MAX_OFFSET = 2**31  # past any gallery; a larger number would overflow SQLite's integer (a 500)
 
 
 def image_url(image_id: int) -> str:
@@ -142,7 +143,7 @@ PNG_DOC = {
         "content": {"image/png": {"example": "(PNG bytes)"}},
     }
 }
-ImageId = Annotated[int, Path(ge=1, examples=[7], description="A gallery image id.")]
+ImageId = Annotated[int, Path(ge=1, le=MAX_OFFSET, examples=[7], description="A gallery image id.")]
 
 
 def gallery_router(gallery: GalleryService, access: ApiAccess) -> APIRouter:
@@ -156,7 +157,7 @@ def gallery_router(gallery: GalleryService, access: ApiAccess) -> APIRouter:
         lora: Annotated[str | None, Query(description="Only images that used this LoRA.", examples=["style"])] = None,
         starred: Annotated[bool | None, Query(description="true: starred only; false: unstarred only.")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> GalleryList:
         records = gallery.list(q, lora, limit, owner=None, starred=starred, offset=offset)
         return GalleryList(images=[GalleryImage.of(record) for record in records], offset=offset, limit=limit)

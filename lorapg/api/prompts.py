@@ -42,7 +42,7 @@ _SSE_RESPONSE = {
     200: {
         "description": "Server-Sent Events: `token` {text} (the prompt so far) per change, then "
         "`complete` (a PromptReply) or `error` {message}.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
+        "content": {"text/event-stream": {"example": _SSE_EXAMPLE}},
     }
 }
 

@@ -21,6 +21,22 @@ from lorapg.limits import TRAINING
 from lorapg.services.training_jobs import TrainingJobs, TrainingStart, UnknownRun, Upload
 
 PREFIX = "/api/v1/training"
+# The multipart form as a whole, for /docs (FastAPI documents each form field, not the request).
+START_EXAMPLE = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "example": {
+                    "name": "zqx_fox",
+                    "trigger_word": "zqx_fox",
+                    "preset": "concept",
+                    "max_steps": 300,
+                    "images": ["(img00.png)", "(img00.txt)", "(img01.png)"],
+                }
+            }
+        }
+    }
+}
 POLL_SECONDS = 0.2  # how often an event stream looks at its run (reads only: no busy loop)
 
 
@@ -43,7 +59,7 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
         """The training presets (character, style, concept) and what each is for."""
         return jobs.presets()
 
-    @router.post("", status_code=202, response_model=tm.TrainingStarted)
+    @router.post("", status_code=202, response_model=tm.TrainingStarted, openapi_extra=START_EXAMPLE)
     def start(
         name: Annotated[str, Form(examples=["zqx_fox"], description="The LoRA's name")],
         trigger_word: Annotated[str, Form(examples=["zqx_fox"], description="A rare word that calls up the LoRA")],
