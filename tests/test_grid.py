@@ -221,3 +221,20 @@ def test_api_grid_over_http(tiny_models, tmp_path):
         png = requests.get(url.rstrip("/") + state["grids"][0], auth=("u", "p"), timeout=60)
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert requests.get(f"{api}/nosuchjob", auth=("u", "p"), timeout=60).status_code == 404
+
+
+def test_checkpoint_and_lora_file_axes(runtime, tiny_models):
+    """Each checkpoint cell equals a single generation on that model; the loaded model is restored."""
+    grids = GridService(runtime.settings, runtime.service)
+    sd15, sdxl = str(tiny_models["sd15"]), str(tiny_models["sdxl"])
+    runtime.service.load_model(sd15)
+    result = grids.run(base_request(), f"checkpoint={sd15},{sdxl}")
+    assert runtime.service.model_status().ref.endswith("sd15")
+    assert [cell.family for cell in result.cells] == ["sd1", "sdxl"]
+    runtime.service.load_model(sdxl)
+    assert_same_bytes(result.cells[1].images[0], runtime.service.generate(base_request(), record=False).images[0])
+    runtime.service.load_model(sd15)
+    lora_files = grids.run(base_request(), "lora-file=style,other")
+    assert [[lora.info.name for lora in cell.loras] for cell in lora_files.cells] == [["style"], ["other"]]
+    with pytest.raises(UserError):
+        grids.plan(base_request(), f"checkpoint={tiny_models['root'] / 'nosuchmodel'}")
