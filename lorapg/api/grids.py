@@ -171,6 +171,11 @@ def grids_router(runtime, access: ApiAccess) -> APIRouter:
         job = grids.submit(body.request(), body.x, body.y, body.z)
         count = job_cells(grids, body)
         sizes[job.id] = count
+        for known in list(sizes):  # only for jobs the queue still keeps (it forgets old finished ones)
+            try:
+                grids.job(known)
+            except UserError:
+                sizes.pop(known, None)
         return GridAccepted(job_id=job.id, status=job.status, cells=count)
 
     @router.get("/{job_id}", response_model=GridJob)

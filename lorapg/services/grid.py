@@ -20,7 +20,7 @@ from lorapg.coercion import to_int
 from lorapg.config import Settings
 from lorapg.diffusion.engine import GenerationResult
 from lorapg.diffusion.request import MAX_BATCH, MAX_SEED, GenerationRequest, parse_seed
-from lorapg.errors import UserError
+from lorapg.errors import UserError, shorten
 from lorapg.grid.axes import Axis, apply_value, cell_count, check_prompt_sr, parse_axes
 from lorapg.grid.render import GridLabels, render_grid
 from lorapg.jobs import Job
@@ -209,5 +209,5 @@ class GridService:
         except UserError:
             job = None
         if job is None or job.kind != GRID:
-            raise UserError(f"Unknown grid job id {job_id[:40]!r}.")
+            raise UserError(f"Unknown grid job id {shorten(job_id, 40)!r}.")
         return job
