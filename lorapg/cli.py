@@ -108,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate images and write PNGs")
     add_settings_arguments(gen)
+    add_request_arguments(gen)
+    gen.add_argument(
+        "--batch",
+        default=f"{BATCH_SIZE.default:g}",
+        help=f"images with consecutive seeds, {BATCH_SIZE.describe()} (default %(default)s)",
+    )
+    gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
+    gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
+    add_grid_parser(commands)
+    add_gallery_parser(commands)
+    add_prompt_parsers(commands)
+    from lorapg.train_cli import add_train_parser
+
+    add_train_parser(commands, add_settings_arguments)
+    return parser
+
+
+def add_request_arguments(gen: argparse.ArgumentParser) -> None:
+    """The generation options ``generate`` and ``grid`` share."""
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative", default="")
     # Values stay strings: request validation checks them and names the field, as for the UI and the API.
@@ -131,19 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{SIZE.describe()} px, a multiple of {SIZE_MULTIPLE} (default: the model's native size)",
         )
-    gen.add_argument(
-        "--batch",
-        default=f"{BATCH_SIZE.default:g}",
-        help=f"images with consecutive seeds, {BATCH_SIZE.describe()} (default %(default)s)",
-    )
-    gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
-    gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
-    add_gallery_parser(commands)
-    add_prompt_parsers(commands)
-    from lorapg.train_cli import add_train_parser
 
-    add_train_parser(commands, add_settings_arguments)
-    return parser
+
+def add_grid_parser(commands: argparse._SubParsersAction) -> None:
+    grid = commands.add_parser("grid", help="a comparison grid (X/Y/Z plot): one labelled PNG per Z value")
+    add_settings_arguments(grid)
+    add_request_arguments(grid)
+    kinds = "lora:NAME (scales), lora-file (LoRA names), seed, steps, cfg, sampler, checkpoint, prompt-sr"
+    grid.add_argument("--x", required=True, metavar="KIND=V1,V2,…", help=f"columns; KIND is one of {kinds}")
+    grid.add_argument("--y", metavar="KIND=V1,V2,…", help="rows")
+    grid.add_argument("--z", metavar="KIND=V1,V2,…", help="one grid per value")
+    grid.add_argument("--out", type=Path, help="grid PNG (several Z values: NAME-1.png, …); default outputs/grids")
+    grid.add_argument("--no-gallery", action="store_true", help="do not record the cells in the gallery")
 
 
 def add_gallery_parser(commands: argparse._SubParsersAction) -> None:
@@ -182,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "grid":
+            return run_grid(args)
         if args.command == "gallery":
             return run_gallery(args)
         if args.command in ("enhance", "rewrite"):
@@ -204,17 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def request_from_args(args: argparse.Namespace):
+    """The GenerationRequest the options of ``add_request_arguments`` (and ``--batch``) describe."""
     from lorapg.diffusion.request import GenerationRequest, parse_lora_list
     from lorapg.diffusion.samplers import DEFAULT_SAMPLER
-    from lorapg.outputs import record_in_gallery, write_result_pngs
-    from lorapg.services.build import build_services
 
-    settings = settings_from_args(args)
     loras = tuple(lora for spec in args.lora for lora in parse_lora_list(spec))
-    request = GenerationRequest(
+    return GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative,
         loras=loras,
@@ -224,8 +240,18 @@ def run_generate(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height,
         seed=args.seed,
-        batch_size=args.batch,
+        batch_size=getattr(args, "batch", BATCH_SIZE.default),
     )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lorapg.outputs import record_in_gallery, write_result_pngs
+    from lorapg.services.build import build_services
+
+    settings = settings_from_args(args)
+    request = request_from_args(args)
     runtime = build_services(settings, record_results=False)
     service = runtime.service
     bar = None
@@ -255,6 +281,34 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"{path}\tseed={seed}")
     print(f"seed: {result.seeds[0]}")
     return 0
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    """Prints each grid's path, then the cell count; the cells go to the gallery unless --no-gallery."""
+    from lorapg.services.build import build_services
+    from lorapg.services.grid import GridService
+
+    settings = settings_from_args(args)
+    runtime = build_services(settings, record_results=not args.no_gallery)
+    grids = GridService(settings, runtime.service)
+    try:
+        grids.plan(request_from_args(args), args.x, args.y, args.z)  # bad axes fail before the model loads
+        last = [""]
+
+        def on_progress(job) -> None:
+            # Polled: a quick cell may pass unseen; each one seen is shown once ("cell k of N").
+            message = job.message.partition(":")[0]
+            if message.startswith("cell ") and message != last[0]:
+                last[0] = message
+                print(message, file=sys.stderr)
+
+        result = grids.run(request_from_args(args), args.x, args.y, args.z, out=args.out, on_progress=on_progress)
+    finally:
+        runtime.jobs.close()  # the job worker must end before the interpreter does (see JobQueue.close)
+    for path in result.grids:
+        print(path)
+    print(f"cells: {result.done} of {len(result.cells)}" + (" (cancelled)" if result.cancelled else ""))
+    return 130 if result.cancelled else 0
 
 
 def add_prompt_parsers(commands: argparse._SubParsersAction) -> None:

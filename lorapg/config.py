@@ -75,6 +75,8 @@ class Settings:
     # Added last (issue 15): the REST API (A1111's /sdapi/v1), and HTTP Basic "user:pass[,user2:pass2]" for it.
     api: bool = False
     api_auth: str | None = None
+    # Added last (issue 18): cells in one comparison grid (all Z values); the API refuses more with the count.
+    max_grid_cells: int = 64
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

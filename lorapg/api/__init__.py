@@ -20,6 +20,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     the server starts, so no request ever finds the UI up and the API missing."""
     from lorapg.api.gallery import gallery_router
     from lorapg.api.generations import generation_jobs, generations_router
+    from lorapg.api.grids import grids_router
     from lorapg.api.library import library_router
     from lorapg.api.prompts import prompts_router
     from lorapg.api.sdapi import sdapi_router
@@ -38,4 +39,5 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *library_router(runtime, access).routes,
         *prompts_router(runtime.prompts, access).routes,
         *training_router(training, access).routes,
+        *grids_router(runtime, access).routes,
     ]

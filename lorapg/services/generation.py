@@ -91,14 +91,7 @@ class GenerationService:
 
     def submit_load_model(self, ref: str | None = None) -> Job:
         """Queue loading ``ref`` (default: the configured model); bad paths fail before queueing."""
-        ref = (ref or self.settings.model or "").strip()
-        if self.offered_models_only and ref not in self.model_choices():
-            raise UserError(
-                f"This app offers only the models in its list; {shorten(ref)!r} is not one of them. "
-                "(Its owner adds models with the LORAPG_MODEL setting or under the models folder.)"
-            )
-        roots = local_model_roots(self.settings)  # reachable by others: only the models folder
-        resolve_model_source(ref, allow_pickle=self.settings.allow_pickle, allowed_roots=roots)
+        ref = self.check_model_ref(ref)
 
         def work(job: Job) -> ModelStatus:
             self.engine.load_model(ref, on_status=lambda message: job.report(0, 0, message=message))
@@ -107,6 +100,18 @@ class GenerationService:
 
         self._loading_job = self.jobs.submit("load-model", work)
         return self._loading_job
+
+    def check_model_ref(self, ref: str | None) -> str:
+        """``ref`` (default: the configured model) if this app may load it; bad paths fail here, before queueing."""
+        ref = (ref or self.settings.model or "").strip()
+        if self.offered_models_only and ref not in self.model_choices():
+            raise UserError(
+                f"This app offers only the models in its list; {shorten(ref)!r} is not one of them. "
+                "(Its owner adds models with the LORAPG_MODEL setting or under the models folder.)"
+            )
+        roots = local_model_roots(self.settings)  # reachable by others: only the models folder
+        resolve_model_source(ref, allow_pickle=self.settings.allow_pickle, allowed_roots=roots)
+        return ref
 
     def loading_job(self) -> Job | None:
         """The latest model load (queued, running, failed or done); None before the first one."""
@@ -178,17 +183,40 @@ class GenerationService:
             )
 
         def work(job: Job) -> GenerationResult:
-            if self.engine.model is None:
-                job.report(0, 0, message=f"Loading {self.settings.model}…")
-                self.engine.load_model(self.settings.model, on_status=lambda m: job.report(0, 0, message=m))
-            result = self._generation.run(
-                self.engine.model.source.ref, request, report=job.report, should_cancel=job.cancel_requested
-            )
-            if record and self.result_sink is not None and not result.cancelled:
-                result.saved = self.result_sink(result, job)
-            return result
+            return self.run_in_job(request, job, record=record)
 
         return self.jobs.submit("generate", work, owner=owner)
+
+    def run_in_job(
+        self,
+        request: GenerationRequest,
+        job: Job,
+        *,
+        model_ref: str | None = None,
+        report: Callable[..., None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        record: bool = True,
+    ) -> GenerationResult:
+        """One generation inside a job already running on the queue: a generate job, or a grid's
+        cells one after another. ``request``: from ``prepare``; ``model_ref``: a checked model
+        (``check_model_ref``) to use instead of the loaded one; ``report`` / ``should_cancel``
+        default to the job's own."""
+        report = report or job.report
+        if model_ref is not None or self.engine.model is None:
+            ref = model_ref or self.settings.model
+            if self.engine.model is None:
+                report(0, 0, None, f"Loading {ref}…")
+            # Loaded here first, so a ZeroGPU process starts with it (a no-op when it is loaded already).
+            self.engine.load_model(ref, on_status=lambda message: report(0, 0, None, message))
+        result = self._generation.run(
+            self.engine.model.source.ref,
+            request,
+            report=report,
+            should_cancel=should_cancel or job.cancel_requested,
+        )
+        if record and self.result_sink is not None and not result.cancelled:
+            result.saved = self.result_sink(result, job)
+        return result
 
     def _generate_on_device(
         self,

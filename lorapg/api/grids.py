@@ -1,0 +1,202 @@
+"""Comparison grids as jobs, ``/api/v1/grids``: submit (202), state with "cell k of N", the grid PNGs.
+
+Routes parse, call ``GridService`` (lorapg/services/grid.py) and reply. A grid of more cells than
+``max_grid_cells`` is refused with a 400 that gives the count.
+
+Not ``from __future__ import annotations``: FastAPI resolves the routes' parameter types as objects.
+"""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorapg.api.auth import ApiAccess, basic_auth_check
+from lorapg.api.errors import A1111Route
+from lorapg.api.gallery import image_url
+from lorapg.api.generations import LoraIn
+from lorapg.api.models import ErrorResponse
+from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.diffusion.samplers import DEFAULT_SAMPLER
+from lorapg.errors import UserError
+from lorapg.grid.axes import cell_count, parse_axes
+from lorapg.jobs import Job
+from lorapg.limits import CFG_SCALE, STEPS
+from lorapg.services.grid import GridResult, GridService
+
+PREFIX = "/api/v1/grids"
+ERRORS = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+AXIS_DOC = "KIND=V1,V2,…; KIND: lora:NAME, lora-file, seed, steps, cfg, sampler, checkpoint or prompt-sr."
+
+
+def grid_png_url(job_id: str, index: int) -> str:
+    return f"{PREFIX}/{job_id}/grid/{index + 1}.png"
+
+
+class GridCreate(BaseModel):
+    """A grid: the base generation (as POST /api/v1/generations takes it, one image per cell) and its axes."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a lighthouse at dusk",
+                    "x": "lora:style=0,0.5,1",
+                    "y": "seed=1,2,3",
+                    "steps": 20,
+                    "cfg_scale": 7,
+                    "sampler": "Euler a",
+                    "width": 512,
+                    "height": 512,
+                    "seed": -1,
+                }
+            ]
+        },
+    )
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[LoraIn] = Field(default_factory=list)
+    steps: int = int(STEPS.default)
+    cfg_scale: float = float(CFG_SCALE.default)
+    sampler: str = DEFAULT_SAMPLER
+    width: int | None = Field(None, description="Pixels; omitted: the model's native size.")
+    height: int | None = None
+    seed: int | None = Field(-1, description="-1 or null: one random seed for every cell.")
+    x: str = Field(max_length=100_000, examples=["lora:style=0,0.5,1"], description=f"Columns: {AXIS_DOC}")
+    y: str | None = Field(None, max_length=100_000, examples=["seed=1,2,3"], description="Rows (optional).")
+    z: str | None = Field(None, max_length=100_000, examples=["cfg=5,7"], description="One grid per value.")
+
+    def request(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            loras=tuple(LoraRequest(lora.name, lora.scale) for lora in self.loras),
+            steps=self.steps,
+            guidance_scale=self.cfg_scale,
+            sampler=self.sampler,
+            width=self.width,
+            height=self.height,
+            seed=self.seed,
+        )
+
+
+class GridAccepted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"job_id": "3f2a9c1b7d4e", "status": "queued", "cells": 9}]}
+    )
+
+    job_id: str
+    status: str
+    cells: int
+
+
+class GridJob(BaseModel):
+    """A grid job: ``cell`` of ``cells`` done; once finished, ``grids`` (one PNG per Z value) and the
+    cells' gallery images."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "3f2a9c1b7d4e",
+                    "status": "done",
+                    "cell": 9,
+                    "cells": 9,
+                    "message": "9 of 9 cells",
+                    "grids": [f"{PREFIX}/3f2a9c1b7d4e/grid/1.png"],
+                    "images": ["/api/v1/gallery/7/image"],
+                    "image_ids": [7],
+                    "error": None,
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    status: str = Field(description="queued, running, done, error or cancelled (stopped after a cell)")
+    cell: int = Field(description="Cells finished so far.")
+    cells: int
+    message: str
+    grids: list[str]
+    images: list[str]
+    image_ids: list[int]
+    error: str | None
+
+
+def grid_state(job: Job, cells: int) -> GridJob:
+    result = job.result if isinstance(job.result, GridResult) else None
+    ids = result.image_ids() if result else []
+    return GridJob(
+        job_id=job.id,
+        status=job.status,
+        cell=result.done if result else job.step,
+        cells=len(result.cells) if result else (job.total or cells),
+        message=job.message,
+        grids=[grid_png_url(job.id, index) for index in range(len(result.grids))] if result else [],
+        images=[image_url(image_id) for image_id in ids],
+        image_ids=ids,
+        error=job.error,
+    )
+
+
+def grids_router(runtime, access: ApiAccess) -> APIRouter:
+    grids = GridService(runtime.settings, runtime.service)
+    sizes: dict[str, int] = {}  # cells per job, for the state before the job starts
+    router = APIRouter(
+        prefix=PREFIX,
+        tags=["Grids"],
+        route_class=A1111Route,
+        responses=ERRORS,
+        dependencies=[Depends(basic_auth_check(access.users))],
+    )
+
+    def grid_job(job_id: Annotated[str, Path(max_length=64, examples=["3f2a9c1b7d4e"])]) -> Job:
+        try:
+            return grids.job(job_id)
+        except UserError as exc:
+            raise HTTPException(404, f"{exc} POST {PREFIX} starts one.") from None
+
+    JobArg = Annotated[Job, Depends(grid_job)]
+
+    @router.post("", status_code=202, response_model=GridAccepted)
+    def create(body: GridCreate) -> GridAccepted:
+        job = grids.submit(body.request(), body.x, body.y, body.z)
+        count = job_cells(grids, body)
+        sizes[job.id] = count
+        for known in list(sizes):  # only for jobs the queue still keeps (it forgets old finished ones)
+            try:
+                grids.job(known)
+            except UserError:
+                sizes.pop(known, None)
+        return GridAccepted(job_id=job.id, status=job.status, cells=count)
+
+    @router.get("/{job_id}", response_model=GridJob)
+    def get(job: JobArg) -> GridJob:
+        return grid_state(job, sizes.get(job.id, 0))
+
+    @router.post("/{job_id}/cancel", response_model=GridJob)
+    def cancel(job: JobArg) -> GridJob:
+        grids.generation.jobs.cancel(job.id)
+        return grid_state(job, sizes.get(job.id, 0))
+
+    @router.get("/{job_id}/grid/{number}.png", response_class=FileResponse)
+    def grid_png(job: JobArg, number: Annotated[int, Path(ge=1, le=1000)]) -> FileResponse:
+        result = job.result if isinstance(job.result, GridResult) else None
+        if result is None or number > len(result.grids):
+            raise HTTPException(404, f"Grid {number} of job {job.id} does not exist (yet).")
+        return FileResponse(result.grids[number - 1], media_type="image/png")
+
+    return router
+
+
+def job_cells(grids: GridService, body: GridCreate) -> int:
+    # Already checked by submit (limit included); 0: count without the limit.
+    return cell_count(parse_axes(body.x, body.y, body.z), 0)
