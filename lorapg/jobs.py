@@ -82,8 +82,9 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name="gpu-queue", daemon=True)
         self._worker.start()
 
-    def submit(self, kind: str, work: Callable[[Job], Any], owner: str | None = None) -> Job:
-        job = Job(kind=kind, owner=owner)
+    def submit(self, kind: str, work: Callable[[Job], Any], owner: str | None = None, total: int = 0) -> Job:
+        """``total``: the job's step count when known up front (watchers see "0 of N" while it waits)."""
+        job = Job(kind=kind, owner=owner, total=total)
         with self._lock:
             self._jobs[job.id] = job
             self._order.append(job.id)

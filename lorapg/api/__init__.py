@@ -26,6 +26,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     from lorapg.api.sdapi import sdapi_router
     from lorapg.api.training import training_router
     from lorapg.services.a1111 import A1111Service
+    from lorapg.services.grid import GridService
     from lorapg.services.training_jobs import TrainingJobs
 
     service = A1111Service(
@@ -39,5 +40,5 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *library_router(runtime, access).routes,
         *prompts_router(runtime.prompts, access).routes,
         *training_router(training, access).routes,
-        *grids_router(runtime, access).routes,
+        *grids_router(GridService(runtime.settings, runtime.service), access).routes,
     ]

@@ -8,30 +8,20 @@ Not ``from __future__ import annotations``: FastAPI resolves the routes' paramet
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi import APIRouter, Path
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route
+from lorapg.api.auth import ApiAccess
 from lorapg.api.gallery import image_url
 from lorapg.api.generations import LoraIn
-from lorapg.api.models import ErrorResponse
+from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
-from lorapg.errors import UserError
-from lorapg.grid.axes import cell_count, parse_axes
-from lorapg.jobs import Job
 from lorapg.limits import CFG_SCALE, STEPS
-from lorapg.services.grid import GridResult, GridService
+from lorapg.services.grid import GridService, GridState, UnknownGrid
 
 PREFIX = "/api/v1/grids"
-ERRORS = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-}
 AXIS_DOC = "KIND=V1,V2,…; KIND: lora:NAME, lora-file, seed, steps, cfg, sampler, checkpoint or prompt-sr."
 
 
@@ -131,72 +121,42 @@ class GridJob(BaseModel):
     error: str | None
 
 
-def grid_state(job: Job, cells: int) -> GridJob:
-    result = job.result if isinstance(job.result, GridResult) else None
-    ids = result.image_ids() if result else []
+def grid_reply(state: GridState) -> GridJob:
     return GridJob(
-        job_id=job.id,
-        status=job.status,
-        cell=result.done if result else job.step,
-        cells=len(result.cells) if result else (job.total or cells),
-        message=job.message,
-        grids=[grid_png_url(job.id, index) for index in range(len(result.grids))] if result else [],
-        images=[image_url(image_id) for image_id in ids],
-        image_ids=ids,
-        error=job.error,
+        job_id=state.job_id,
+        status=state.status,
+        cell=state.cell,
+        cells=state.cells,
+        message=state.message,
+        grids=[grid_png_url(state.job_id, index) for index in range(len(state.grids))],
+        images=[image_url(image_id) for image_id in state.image_ids],
+        image_ids=state.image_ids,
+        error=state.error,
     )
 
 
-def grids_router(runtime, access: ApiAccess) -> APIRouter:
-    grids = GridService(runtime.settings, runtime.service)
-    sizes: dict[str, int] = {}  # cells per job, for the state before the job starts
-    router = APIRouter(
-        prefix=PREFIX,
-        tags=["Grids"],
-        route_class=A1111Route,
-        responses=ERRORS,
-        dependencies=[Depends(basic_auth_check(access.users))],
-    )
-
-    def grid_job(job_id: Annotated[str, Path(max_length=64, examples=["3f2a9c1b7d4e"])]) -> Job:
-        try:
-            return grids.job(job_id)
-        except UserError as exc:
-            raise HTTPException(404, f"{exc} POST {PREFIX} starts one.") from None
-
-    JobArg = Annotated[Job, Depends(grid_job)]
+def grids_router(grids: GridService, access: ApiAccess) -> APIRouter:
+    router = api_router(PREFIX, "Grids", access)
+    JobId = Annotated[str, Path(max_length=64, examples=["3f2a9c1b7d4e"])]
 
     @router.post("", status_code=202, response_model=GridAccepted)
     def create(body: GridCreate) -> GridAccepted:
         job = grids.submit(body.request(), body.x, body.y, body.z)
-        count = job_cells(grids, body)
-        sizes[job.id] = count
-        for known in list(sizes):  # only for jobs the queue still keeps (it forgets old finished ones)
-            try:
-                grids.job(known)
-            except UserError:
-                sizes.pop(known, None)
-        return GridAccepted(job_id=job.id, status=job.status, cells=count)
+        return GridAccepted(job_id=job.id, status=job.status, cells=job.total)
 
     @router.get("/{job_id}", response_model=GridJob)
-    def get(job: JobArg) -> GridJob:
-        return grid_state(job, sizes.get(job.id, 0))
+    def get(job_id: JobId) -> GridJob:
+        with unknown_as_404(UnknownGrid):
+            return grid_reply(grids.state(job_id))
 
     @router.post("/{job_id}/cancel", response_model=GridJob)
-    def cancel(job: JobArg) -> GridJob:
-        grids.generation.jobs.cancel(job.id)
-        return grid_state(job, sizes.get(job.id, 0))
+    def cancel(job_id: JobId) -> GridJob:
+        with unknown_as_404(UnknownGrid):
+            return grid_reply(grids.cancel(job_id))
 
     @router.get("/{job_id}/grid/{number}.png", response_class=FileResponse)
-    def grid_png(job: JobArg, number: Annotated[int, Path(ge=1, le=1000)]) -> FileResponse:
-        result = job.result if isinstance(job.result, GridResult) else None
-        if result is None or number > len(result.grids):
-            raise HTTPException(404, f"Grid {number} of job {job.id} does not exist (yet).")
-        return FileResponse(result.grids[number - 1], media_type="image/png")
+    def grid_png(job_id: JobId, number: Annotated[int, Path(ge=1, le=1000)]) -> FileResponse:
+        with unknown_as_404(UnknownGrid):
+            return FileResponse(grids.grid_file(job_id, number), media_type="image/png")
 
     return router
-
-
-def job_cells(grids: GridService, body: GridCreate) -> int:
-    # Already checked by submit (limit included); 0: count without the limit.
-    return cell_count(parse_axes(body.x, body.y, body.z), 0)

@@ -63,6 +63,22 @@ class GridResult:
         return [record.id for result in self.cells if result is not None for record in result.saved if record.id]
 
 
+@dataclass(frozen=True)
+class GridState:
+    job_id: str
+    status: str  # queued, running, done, error or cancelled (stopped after a cell)
+    cell: int  # cells finished so far
+    cells: int
+    message: str
+    grids: list[Path]  # one PNG per Z value, once drawn
+    image_ids: list[int]  # the cells' gallery images
+    error: str | None
+
+
+class UnknownGrid(UserError):
+    """No grid job (or grid image) by that id: the API answers 404."""
+
+
 class GridService:
     def __init__(self, settings: Settings, generation: GenerationService):
         self.settings = settings
@@ -118,7 +134,8 @@ class GridService:
         plan = self.plan(base, x, y, z)
         if self.generation.engine.model is None and not self.settings.model:
             raise UserError("No base model is loaded yet; load one first, then make the grid.")
-        return self.generation.jobs.submit(GRID, lambda job: self._run(plan, job, out, record), owner=owner)
+        work = lambda job: self._run(plan, job, out, record)  # noqa: E731
+        return self.generation.jobs.submit(GRID, work, owner=owner, total=len(plan.cells))
 
     def run(
         self,
@@ -202,6 +219,33 @@ class GridService:
             return out / f"grid-{job_id}{suffix}.png"  # a folder
         return out.with_name(f"{out.stem}{suffix}.png")
 
+    def state(self, job_id: str) -> GridState:
+        """Where grid ``job_id`` stands, for callers that watch it (the API)."""
+        job = self.job(job_id)
+        result = job.result if isinstance(job.result, GridResult) else None
+        return GridState(
+            job_id=job.id,
+            status=job.status,
+            cell=result.done if result else job.step,
+            cells=len(result.cells) if result else job.total,
+            message=job.message,
+            grids=list(result.grids) if result else [],
+            image_ids=result.image_ids() if result else [],
+            error=job.error,
+        )
+
+    def cancel(self, job_id: str) -> GridState:
+        """Stop the grid after its current cell (the cells done so far are kept and drawn)."""
+        self.generation.jobs.cancel(self.job(job_id).id)
+        return self.state(job_id)
+
+    def grid_file(self, job_id: str, number: int) -> Path:
+        """The grid PNG for the ``number``-th Z value (1-based), once drawn."""
+        grids = self.state(job_id).grids
+        if not 1 <= number <= len(grids):
+            raise UnknownGrid(f"Grid {number} of job {shorten(job_id, 40)} does not exist (yet).")
+        return grids[number - 1]
+
     def job(self, job_id: str) -> Job:
         """The grid job ``job_id``; UserError for an unknown id or another kind of job."""
         try:
@@ -209,5 +253,5 @@ class GridService:
         except UserError:
             job = None
         if job is None or job.kind != GRID:
-            raise UserError(f"Unknown grid job id {shorten(job_id, 40)!r}.")
+            raise UnknownGrid(f"Unknown grid job id {shorten(job_id, 40)!r}.")
         return job
