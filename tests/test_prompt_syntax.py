@@ -18,7 +18,10 @@ from lorapg.diffusion.prompt_syntax import (
     parse_prompt_attention,
 )
 from lorapg.diffusion.request import GenerationRequest
+from lorapg.prompting.tokens import count_prompt_chunks
+from lorapg.ui.prompt_tools import prompt_size_text
 from tests.reproducibility import assert_same_bytes, assert_visibly_different
+from tests.tiny_models import write_tiny_clip_tokenizer
 
 # (prompt, expected [(text, weight)]) -- the first six are the examples in A1111's prompt_parser.py.
 PARSER_CASES = [
@@ -195,3 +198,13 @@ def test_weighted_prompt_with_clip_skip_on_sd15(sd15):
     assert_same_bytes(image(sd15, "a (red:1.4) fox", clip_skip=2), weighted)
     assert_visibly_different(weighted, image(sd15, "a (red:1.4) fox"))
     assert_same_bytes(image(sd15, "a (red fox:1.0)", clip_skip=2), image(sd15, "a red fox", clip_skip=2))
+
+
+def test_token_counter_reads_the_syntax_and_counts_chunks(tmp_path):
+    tokenizer = write_tiny_clip_tokenizer(tmp_path / "tok")  # one token per non-space character
+    assert count_prompt_chunks("(ab:1.3) [c] <lora:style:0.5>", tokenizer) == (3, 1)
+    assert count_prompt_chunks("x" * 80, tokenizer) == (80, 2)
+    assert count_prompt_chunks("ab BREAK c", tokenizer) == (3, 2)
+    assert prompt_size_text((12, 1)) == "12 / 75 tokens"
+    assert prompt_size_text((80, 2)).startswith("80 tokens, 2 chunks")
+    assert "load a base model" in prompt_size_text(None)
