@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lorapg.errors import UserError
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, LORA_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=f"{BATCH_SIZE.default:g}",
         help=f"images with consecutive seeds, {BATCH_SIZE.describe()} (default %(default)s)",
     )
+    gen.add_argument(
+        "--clip-skip",
+        dest="clip_skip",
+        default=f"{CLIP_SKIP.default:g}",
+        help=f"A1111's Clip skip, {CLIP_SKIP.describe()}: 2 reads the text encoder's penultimate layer; "
+        "SD 1.x only (default %(default)s)",
+    )
     gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
     add_gallery_parser(commands)
@@ -225,6 +232,7 @@ def run_generate(args: argparse.Namespace) -> int:
         height=args.height,
         seed=args.seed,
         batch_size=args.batch,
+        clip_skip=args.clip_skip,
     )
     runtime = build_services(settings, record_results=False)
     service = runtime.service

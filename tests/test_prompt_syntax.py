@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lorapg.cli import main
 from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.prompt_encoding import _emphasised, chunked_prompt_embeddings
@@ -18,6 +19,7 @@ from lorapg.diffusion.prompt_syntax import (
     parse_prompt_attention,
 )
 from lorapg.diffusion.request import GenerationRequest
+from lorapg.gallery.png import read_png_parameters
 from lorapg.prompting.tokens import count_prompt_chunks
 from lorapg.ui.prompt_tools import prompt_size_text
 from tests.reproducibility import assert_same_bytes, assert_visibly_different
@@ -208,3 +210,16 @@ def test_token_counter_reads_the_syntax_and_counts_chunks(tmp_path):
     assert prompt_size_text((12, 1)) == "12 / 75 tokens"
     assert prompt_size_text((80, 2)).startswith("80 tokens, 2 chunks")
     assert "load a base model" in prompt_size_text(None)
+
+
+def test_cli_clip_skip_is_written_to_the_png_and_checked(tiny_models, tmp_path, capsys):
+    base = ["generate", "--model", str(tiny_models["sd15"]), "--lora-dir", str(tiny_models["loras"])]
+    base += ["--outputs", str(tmp_path / "outputs"), "--threads", "1", "--steps", "2", "--seed", "3"]
+    out = tmp_path / "skip.png"
+    assert main([*base, "--prompt", "a (red:1.3) fox BREAK snow", "--clip-skip", "2", "--out", str(out)]) == 0
+    parameters = read_png_parameters(out)
+    assert parameters.startswith("a (red:1.3) fox BREAK snow\n") and "Clip skip: 2" in parameters
+    capsys.readouterr()
+    assert main([*base, "--prompt", "x", "--clip-skip", "13", "--out", str(tmp_path / "bad.png")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Clip skip must be" in errors[0]
