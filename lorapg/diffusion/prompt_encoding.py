@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from lorapg.diffusion.prompt_syntax import CHUNK_LENGTH, TokenChunk, tokenizer_chunks
 
@@ -74,7 +75,8 @@ def _encode_chunks(
     """
     pieces, pooled = [], None
     for chunk in chunks:
-        ids = torch.tensor([_chunk_ids(chunk, tokenizer)], device=encoder.device)
+        # Where the forward pass runs: with CPU offload the weights sit on the CPU until the hook moves them.
+        ids = torch.tensor([_chunk_ids(chunk, tokenizer)], device=get_module_execution_device(encoder))
         output = encoder(ids, output_hidden_states=penultimate or clip_skip is not None)
         if penultimate:  # SDXL: both encoders read the penultimate layer, without the final norm
             hidden = output.hidden_states[-2]
