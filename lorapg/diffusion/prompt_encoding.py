@@ -18,6 +18,8 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from lorapg.diffusion.prompt_syntax import CHUNK_LENGTH, TokenChunk, tokenizer_chunks
 
+_MEAN_FLOOR = 1e-4  # a chunk mean below this share of the mean magnitude is "no mean" (see _emphasised)
+
 
 def chunked_prompt_embeddings(
     pipe: DiffusionPipeline, prompt: str, negative_prompt: str, clip_skip: int | None = None
@@ -105,4 +107,9 @@ def _emphasised(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
     scale = torch.tensor(padded, dtype=hidden.dtype, device=hidden.device).reshape(1, -1, 1)
     original_mean = hidden.mean()
     weighted = hidden * scale
-    return weighted * (original_mean / weighted.mean())
+    new_mean = weighted.mean()
+    # A final layer norm without bias (untrained or tiny models) gives a mean of ~0: the ratio would be
+    # 0/0 or 0/tiny (NaN, zeros or huge values). Trained SD encoders have a clear mean, where this is A1111's.
+    if new_mean.abs() <= _MEAN_FLOOR * weighted.abs().mean():
+        return weighted
+    return weighted * (original_mean / new_mean)
