@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lorapg.errors import UserError
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, LORA_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,13 @@ def add_request_arguments(gen: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{SIZE.describe()} px, a multiple of {SIZE_MULTIPLE} (default: the model's native size)",
         )
+    gen.add_argument(
+        "--clip-skip",
+        dest="clip_skip",
+        default=f"{CLIP_SKIP.default:g}",
+        help=f"A1111's Clip skip, {CLIP_SKIP.describe()}: 2 reads the text encoder's penultimate layer; "
+        "SD 1.x only (default %(default)s)",
+    )
 
 
 def add_grid_parser(commands: argparse._SubParsersAction) -> None:
@@ -241,6 +248,7 @@ def request_from_args(args: argparse.Namespace):
         height=args.height,
         seed=args.seed,
         batch_size=getattr(args, "batch", BATCH_SIZE.default),
+        clip_skip=args.clip_skip,
     )
 
 

@@ -117,6 +117,14 @@ def test_a_job_streams_progress_then_complete_and_its_images_carry_parameters_an
     assert call(app, "get", f"/api/v1/generations/{job['job_id']}/preview.png").status_code == 404
 
 
+def test_prompt_syntax_and_clip_skip_reach_the_png(app):
+    done = run_to_completion(app, prompt="a (red:1.3) lighthouse BREAK dusk", seed=4, clip_skip=2)
+    text = png(app, done["images"][0]).text["parameters"]
+    assert text.startswith("a (red:1.3) lighthouse BREAK dusk\n") and "Clip skip: 2" in text
+    refused = call(app, "post", "/api/v1/generations", json={"prompt": "x", "clip_skip": 13})
+    assert refused.status_code in (400, 422) and "Clip skip" in refused.text, refused.text
+
+
 def test_a_random_seed_is_reported_before_the_job_runs_and_used(app):
     job = submit(app, prompt="a boat", seed=-1)
     seeds = call(app, "get", f"/api/v1/generations/{job['job_id']}").json()["seeds"]

@@ -126,7 +126,15 @@ def test_generate_parameters_have_the_names_users_know(app):
         "height",
         "seed",
         "batch_size",
+        "clip_skip",  # added after the first release: last, so positional callers keep working
     ]
+
+
+def test_clip_skip_and_prompt_syntax_reach_the_png(app):
+    client = Client(app["url"], verbose=False)
+    images, *_ = generate(client, "a (red:1.3) fox BREAK snow", seed=12, clip_skip=2)
+    text = Image.open(images[0]["image"]).text["parameters"]
+    assert text.startswith("a (red:1.3) fox BREAK snow\n") and "Clip skip: 2" in text
 
 
 def test_progress_streams_and_cancel_stops_the_job(app):

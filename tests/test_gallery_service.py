@@ -72,6 +72,19 @@ def a1111_text(lora_hashes: str) -> str:
 # PNG info
 
 
+def test_reuse_restores_a1111_weights_break_and_clip_skip(service: GalleryService) -> None:
+    text = (
+        "(masterpiece:1.2), a [blurry] castle BREAK at dawn\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Clip skip: 2"
+    )
+    reuse = service.reuse_parameters(service.png_info(png_bytes(text)))
+    assert reuse.prompt == "(masterpiece:1.2), a [blurry] castle BREAK at dawn"  # the syntax is kept as written
+    assert reuse.clip_skip == 2 and reuse.to_request().clip_skip == 2
+    # A1111 leaves "Clip skip" out when it is 1: reusing such a PNG resets a slider left at 2.
+    plain = service.reuse_parameters(service.png_info(png_bytes("a castle\nSteps: 20, Seed: 5, Size: 512x512")))
+    assert plain.clip_skip == 1
+
+
 def test_png_info_reads_a1111_png_and_matches_renamed_lora_by_hash(service: GalleryService, tmp_path: Path) -> None:
     local = write_lora(tmp_path / "loras" / "styles" / "castle_v2.safetensors", seed=1)
     text = a1111_text(f"old_name: {lora_hash(local)}, ghost: abcdef123456")

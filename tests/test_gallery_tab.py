@@ -86,10 +86,10 @@ def test_gallery_serves_pngs_with_their_parameters(app) -> None:
 
 def test_reuse_fills_every_generate_widget(app) -> None:
     client, record, settings, _, demo = app
-    prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, notes = client.predict(
+    prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, notes = client.predict(
         record.id, settings.model, api_name="/gallery_reuse"
     )
-    assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch) == (
+    assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch, clip_skip) == (
         "a fox",
         "blurry",
         2,
@@ -98,6 +98,7 @@ def test_reuse_fills_every_generate_widget(app) -> None:
         64,
         64,
         77,
+        1,
         1,
     )
     assert notes == ""

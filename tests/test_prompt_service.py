@@ -143,6 +143,7 @@ def test_token_count_uses_the_loaded_pipelines_tokenizer(tmp_path) -> None:
     engine.model = SimpleNamespace(pipe=SimpleNamespace(tokenizer=tokenizer))
     count = service.token_count("a red fox")
     assert count == len(tokenizer("a red fox", add_special_tokens=False)["input_ids"]) and count > 0
+    assert service.prompt_size("(a red fox:1.2) BREAK snow") == (count + 4, 2)  # brackets cost no tokens
     result = service.enhance("fox, " * 60)
     assert result.token_count is not None and result.token_count <= 75  # trimmed to what CLIP reads
 

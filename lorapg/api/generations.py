@@ -22,7 +22,7 @@ from lorapg.api.gallery import image_url
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.jobs import Job
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS
 from lorapg.services.generation_jobs import GenerationJobs, GenerationParams, JobNotFound, Urls
 
 PREFIX = "/api/v1/generations"
@@ -73,6 +73,9 @@ class GenerationCreate(BaseModel):
     height: int | None = None
     seed: int | None = Field(-1, description="-1 or null: a random seed (reported in seeds).")
     batch_size: int = int(BATCH_SIZE.default)
+    clip_skip: int = Field(
+        int(CLIP_SKIP.default), description="A1111's Clip skip (CLIP_stop_at_last_layers): 2 = penultimate; SD 1.x."
+    )
 
     def params(self) -> GenerationParams:
         fields = self.model_dump(exclude={"loras"})

@@ -18,6 +18,8 @@ from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import ModelSource, resolve_model_source
 from lorapg.diffusion.pipeline_loader import load_pipeline
 from lorapg.diffusion.preview import latents_to_preview
+from lorapg.diffusion.prompt_encoding import chunked_prompt_embeddings
+from lorapg.diffusion.prompt_syntax import needs_chunked_encoding
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import make_scheduler
 from lorapg.errors import UserError
@@ -168,9 +170,7 @@ class DiffusionEngine:
             pipe.scheduler = make_scheduler(request.sampler, model.base_scheduler_config)
             self._configure_vae_tiling(model, request)
             seeds = [request.seed + i for i in range(request.batch_size)]
-            warnings = self.prompt_warnings(model, request.prompt, "Prompt") + self.prompt_warnings(
-                model, request.negative_prompt, "Negative prompt"
-            )
+            warnings = []  # long prompts are chunked (prompt_encoding), so nothing is cut any more
             cancelled = False
             steps_done = 0
             clip_skip, clip_warnings = self._clip_skip(model, request)
@@ -191,7 +191,11 @@ class DiffusionEngine:
 
             def run_pipeline():
                 prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
-                if clip_skip is not None:
+                texts = (request.prompt, request.negative_prompt)
+                if any(needs_chunked_encoding(text, pipe.tokenizer) for text in texts):
+                    # A1111 syntax or more than 75 tokens; plain short prompts keep diffusers' own encoding.
+                    prompts = chunked_prompt_embeddings(pipe, request.prompt, request.negative_prompt, clip_skip)
+                elif clip_skip is not None:
                     prompts = clip_skipped_embeddings(pipe, request, clip_skip)
                 return pipe(
                     **prompts,
@@ -255,21 +259,6 @@ class DiffusionEngine:
                 f"got {request.clip_skip}."
             )
         return request.clip_skip, []
-
-    def prompt_warnings(self, model: LoadedModel, text: str, label: str) -> list[str]:
-        """Say how much of a prompt the 77-token text encoder never reads (generation goes on)."""
-        if not text:
-            return []
-        tokenizer = model.pipe.tokenizer
-        ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
-        limit = tokenizer.model_max_length - 2  # BOS and EOS take two of the slots
-        if len(ids) <= limit:
-            return []
-        cut = tokenizer.decode(ids[limit:]).strip()
-        return [
-            f"{label} is {len(ids)} tokens; the text encoder reads {limit}, so the last {len(ids) - limit} "
-            f"were ignored: “{cut[:80]}{'…' if len(cut) > 80 else ''}”. Put the important words first."
-        ]
 
     def _configure_vae_tiling(self, model: LoadedModel, request: GenerationRequest) -> None:
         # Decoding large images in one piece needs several GB for the VAE alone; tiles bound it.

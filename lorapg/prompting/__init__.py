@@ -18,6 +18,7 @@ from lorapg.prompting.presets import PresetCatalog, RewritePreset, load_presets
 from lorapg.prompting.tokens import (
     CLIP_CONTENT_LIMIT,
     count_clip_tokens,
+    count_prompt_chunks,
     truncate_to_clip,
 )
 from lorapg.prompting.writer import LoraHint, PromptResult, PromptWriter
@@ -38,6 +39,7 @@ __all__ = [
     "bundled_model_available",
     "clean_llm_output",
     "count_clip_tokens",
+    "count_prompt_chunks",
     "load_presets",
     "locate_bundled_gguf",
     "truncate_to_clip",

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lorapg.diffusion.prompt_syntax import tokenizer_chunks
+
 CLIP_CONTENT_LIMIT = 75
 
 # A1111-style LoRA tags are read by the UI, not by the text encoder, so they cost no tokens.
@@ -27,6 +29,16 @@ def count_clip_tokens(text: str, tokenizer: Any) -> int:
     # verbose=False: counting a long prompt is the point here, not a mistake worth a warning.
     encoded = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
     return len(encoded["input_ids"])
+
+
+def count_prompt_chunks(text: str, tokenizer: Any) -> tuple[int, int]:
+    """(content tokens, chunks) as generation encodes ``text``: A1111 syntax read, 75 tokens a chunk.
+
+    Brackets and weights cost no tokens there, and BREAK starts a new chunk, so this can differ from
+    :func:`count_clip_tokens`, which counts the raw text.
+    """
+    chunks = tokenizer_chunks(_LORA_TAG.sub(" ", text), tokenizer)
+    return sum(len(chunk.tokens) for chunk in chunks), len(chunks)
 
 
 def split_phrases(text: str) -> list[str]:

@@ -106,6 +106,7 @@ class ReuseParameters:
     seed: int | None = None
     model_name: str | None = None
     model_hash: str | None = None
+    clip_skip: int = 1  # A1111 writes "Clip skip" only when it is over 1, so a PNG without it means 1
     missing_loras: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be carried over, and why
 
@@ -120,6 +121,7 @@ class ReuseParameters:
             "width": self.width,
             "height": self.height,
             "seed": self.seed,
+            "clip_skip": self.clip_skip,
         }
         return GenerationRequest(
             prompt=self.prompt,
@@ -398,6 +400,7 @@ def _values_from_record(record: ImageRecord) -> dict:
         "seed": record.seed,
         "model_name": record.model_name,
         "model_hash": record.model_hash,
+        "clip_skip": record.clip_skip or 1,
     }
 
 
@@ -414,6 +417,7 @@ def _values_from_parsed(parsed: ParsedParameters) -> dict:
         "seed": parsed.seed,
         "model_name": parsed.model_name,
         "model_hash": parsed.model_hash,
+        "clip_skip": parsed.clip_skip or 1,
     }
 
 

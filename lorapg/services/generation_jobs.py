@@ -20,7 +20,7 @@ from lorapg.diffusion.request import MAX_BATCH, MAX_SEED, GenerationRequest, Lor
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.errors import UserError, shorten
 from lorapg.jobs import CANCELLED, DONE, ERROR, FINISHED, Job
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS
 from lorapg.services.generation import GenerationService
 
 GENERATE = "generate"  # the job kind GenerationService submits
@@ -49,6 +49,7 @@ class GenerationParams:
     height: int | None = None
     seed: int | None = None  # None or -1: random (picked at submit, so the seeds are known at once)
     batch_size: int = int(BATCH_SIZE.default)
+    clip_skip: int = int(CLIP_SKIP.default)  # A1111's "Clip skip" (CLIP_stop_at_last_layers)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class GenerationJobs:
             height=params.height,
             seed=seed,
             batch_size=params.batch_size,
+            clip_skip=params.clip_skip,
         )
 
     def _forget_seeds(self) -> None:

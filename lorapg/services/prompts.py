@@ -50,6 +50,7 @@ from lorapg.prompting import (
     TransformersBackend,
     bundled_model_available,
     count_clip_tokens,
+    count_prompt_chunks,
     load_presets,
 )
 from lorapg.prompting.writer import ModelThreads
@@ -291,6 +292,12 @@ class PromptService:
         text = self._text(text, "Prompt")
         tokenizer = self.tokenizer()
         return None if tokenizer is None else count_clip_tokens(text, tokenizer)
+
+    def prompt_size(self, text: str) -> tuple[int, int] | None:
+        """(tokens, 75-token chunks) as generation encodes ``text``; None when no model is loaded."""
+        text = self._text(text, "Prompt")
+        tokenizer = self.tokenizer()
+        return None if tokenizer is None else count_prompt_chunks(text, tokenizer)
 
     def _text(self, value: Any, field: str) -> str:
         """``value`` as prompt-tool input: text within ``max_prompt_chars``, checked before any work."""

@@ -31,6 +31,7 @@ REUSE_TARGETS = (
     "height",
     "seed",
     "batch",
+    "clip_skip",
 )
 _PARAMETER_WIDGETS = {
     "steps": "steps",
@@ -39,6 +40,7 @@ _PARAMETER_WIDGETS = {
     "width": "width",
     "height": "height",
     "seed": "seed",
+    "clip_skip": "clip_skip",
 }
 
 

@@ -11,7 +11,7 @@ from lorapg.diffusion.request import GenerationRequest, parse_lora_list
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import CANCELLED
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
 from lorapg.ui.texts import loading_text, model_status_text
@@ -127,6 +127,9 @@ def build_generate_tab(
                     width = raw_number(gr.Number(value=native, precision=0, **ranged(SIZE), label="Width"))
                     height = raw_number(gr.Number(value=native, precision=0, **ranged(SIZE), label="Height"))
                     batch = raw_number(gr.Slider(**ranged(BATCH_SIZE), value=BATCH_SIZE.default, label="Batch size"))
+                    clip_skip = raw_number(
+                        gr.Slider(**ranged(CLIP_SKIP), value=CLIP_SKIP.default, label="Clip skip (SD 1.x)")
+                    )
                     # -1 (random) sits just below the seed range.
                     seed = raw_number(
                         gr.Number(
@@ -195,6 +198,7 @@ def build_generate_tab(
         seed,
         batch_size,
         http: gr.Request,
+        clip_skip=int(CLIP_SKIP.default),
         progress=gr.Progress(),
     ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
@@ -209,6 +213,7 @@ def build_generate_tab(
             height=height,
             seed=seed,
             batch_size=batch_size,
+            clip_skip=clip_skip,
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -236,6 +241,7 @@ def build_generate_tab(
         "height": height,
         "seed": seed,
         "batch_size": batch,
+        "clip_skip": clip_skip,  # added last: the positional order before it stays the API's
     }
     generate_button.click(
         generate,
@@ -287,6 +293,7 @@ def build_generate_tab(
         "height": height,
         "seed": seed,
         "batch": batch,
+        "clip_skip": clip_skip,
         "model": model_box,
         "model_status": model_status,
         **extra,

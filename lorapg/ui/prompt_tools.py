@@ -40,6 +40,16 @@ def token_count_text(count: int | None) -> str:
     return f"{count} / {CLIP_CONTENT_LIMIT} tokens"
 
 
+def prompt_size_text(size: tuple[int, int] | None) -> str:
+    """The live counter under the prompt: tokens, and chunks once the prompt needs more than one."""
+    if size is None:
+        return token_count_text(None)
+    tokens, chunks = size
+    if chunks == 1:
+        return f"{tokens} / {CLIP_CONTENT_LIMIT} tokens"
+    return f"{tokens} tokens, {chunks} chunks (encoded {CLIP_CONTENT_LIMIT} tokens at a time, as A1111 does)"
+
+
 def result_status(result: PromptResult) -> str:
     note = result_note(result)
     if result.fell_back:
@@ -77,7 +87,7 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
     catalog = prompts.presets()
 
     with gr.Group():
-        token_display = gr.Markdown(token_count_text(prompts.token_count("")), elem_id="token-count")
+        token_display = gr.Markdown(prompt_size_text(prompts.prompt_size("")), elem_id="token-count")
         with gr.Row(equal_height=True):
             keywords = raw_values(
                 gr.Textbox(label="Keywords", placeholder="red fox, snowy forest, calm", elem_id="keywords", scale=5)
@@ -171,7 +181,7 @@ def build_prompt_tools(prompts: PromptService, generate: dict) -> dict[str, gr.c
         # Runs on every keystroke: a refusal (a prompt over the length limit) belongs in the counter,
         # not in an error toast per key.
         try:
-            return token_count_text(prompts.token_count(text))
+            return prompt_size_text(prompts.prompt_size(text))
         except UserError as exc:
             return f"⚠️ {exc}"
 
