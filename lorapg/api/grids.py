@@ -22,6 +22,9 @@ from lorapg.limits import CFG_SCALE, STEPS
 from lorapg.services.grid import GridService, GridState, UnknownGrid
 
 PREFIX = "/api/v1/grids"
+GRID_PNG_DOC = {
+    200: {"description": "The grid for the number-th Z value (PNG).", "content": {"image/png": {"example": "(PNG)"}}}
+}
 AXIS_DOC = "KIND=V1,V2,…; KIND: lora:NAME, lora-file, seed, steps, cfg, sampler, checkpoint or prompt-sr."
 
 
@@ -154,7 +157,7 @@ def grids_router(grids: GridService, access: ApiAccess) -> APIRouter:
         with unknown_as_404(UnknownGrid):
             return grid_reply(grids.cancel(job_id))
 
-    @router.get("/{job_id}/grid/{number}.png", response_class=FileResponse)
+    @router.get("/{job_id}/grid/{number}.png", response_class=FileResponse, responses=GRID_PNG_DOC)
     def grid_png(job_id: JobId, number: Annotated[int, Path(ge=1, le=1000)]) -> FileResponse:
         with unknown_as_404(UnknownGrid):
             return FileResponse(grids.grid_file(job_id, number), media_type="image/png")
