@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from diffusers import DiffusionPipeline
 
 from lorapg.diffusion.families import family_label
+from lorapg.diffusion.lora_fusing import LoraFuser
 from lorapg.diffusion.lora_library import LoraInfo
 from lorapg.errors import UserError
 from lorapg.limits import LORA_SCALE
@@ -48,9 +49,20 @@ class AdapterSet:
         self.family = family
         self._loaded: dict[str, tuple[float, int]] = {}  # adapter name -> (mtime, size) when read
         self.files_read = 0  # how many LoRA files were read into this pipeline (tests check this)
+        self.fuser = LoraFuser(pipe)  # a selection used twice in a row is fused into the weights
 
     def activate(self, selections: list[LoraSelection]) -> None:
         """Load what is new, then make exactly ``selections`` active at their scales."""
+        key = selection_key(selections)
+        if self.fuser.holds(key):
+            return  # the weights already hold exactly this selection
+        # Loading, deleting or re-scaling adapters must see unfused weights.
+        self.fuser.unfuse()
+        self._apply(selections)
+        if self.fuser.should_fuse(key):
+            self.fuser.fuse(key, [adapter_name(s.info) for s in selections])
+
+    def _apply(self, selections: list[LoraSelection]) -> None:
         for selection in selections:
             self._ensure_loaded(selection.info)
         if not selections:
@@ -94,6 +106,11 @@ class AdapterSet:
             self.pipe.delete_adapters(name)
         except Exception:  # a half-injected adapter may not be registered everywhere; nothing to undo
             log.debug("no adapter %s to discard", name)
+
+
+def selection_key(selections: list[LoraSelection]) -> tuple:
+    """What makes two selections the same: the files (as read: mtime, size) and their scales."""
+    return tuple((adapter_name(s.info), s.info.mtime, s.info.size_bytes, s.scale) for s in selections)
 
 
 def adapter_name(info: LoraInfo) -> str:
