@@ -2,7 +2,8 @@
 
 Each LoRA file is read once and kept as a named peft adapter inside the pipeline; changing the
 selection or the scales afterwards is ``set_adapters`` (milliseconds), with no file I/O and no
-base-model reload. A file that changes on disk (same name, new mtime/size) is read again.
+base-model reload. A file that changes on disk (same name, new mtime/size) is read again. The
+active selection is then fused into the weights (``lora_fusing``), so it costs nothing per step.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class AdapterSet:
         self.family = family
         self._loaded: dict[str, tuple[float, int]] = {}  # adapter name -> (mtime, size) when read
         self.files_read = 0  # how many LoRA files were read into this pipeline (tests check this)
-        self.fuser = LoraFuser(pipe)  # a selection used twice in a row is fused into the weights
+        self.fuser = LoraFuser(pipe)  # the active selection lives in the weights: no per-step cost
 
     def activate(self, selections: list[LoraSelection]) -> None:
         """Load what is new, then make exactly ``selections`` active at their scales."""

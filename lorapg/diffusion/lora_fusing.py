@@ -1,16 +1,19 @@
-"""Fuse a LoRA selection into the base weights while it stays in use, so it costs nothing per step.
+"""Fuse the active LoRA selection into the base weights, so an active LoRA costs nothing per step.
 
 An unfused peft adapter adds two small matmuls to every targeted layer on every step (1.16× per
-image with three LoRAs on the tiny model). A1111 and Forge patch the weights instead. The policy
-here: the first use of a selection runs unfused (changing scales is then just ``set_adapters``);
-when the same selection — the same files at the same scales — is used again, its deltas are
-merged into the weights, and they are taken out again before anything changes the selection.
+image with three LoRAs on the tiny model); A1111 and Forge patch the weights instead, and so does
+this. Whenever a non-empty selection is activated, its deltas (at the scales ``set_adapters``
+gave them) are merged into the weights, and taken out again before anything changes the selection:
+the same selection used again finds the weights ready and does nothing.
 
-Unfusing must give the base weights back. peft's ``unmerge`` subtracts the delta again, which in
-fp32 leaves rounding noise far below one pixel level, but in fp16/bf16 it leaves an error of an
-ulp or more that grows with every fuse/unfuse cycle; so for weights narrower than 32 bits the
-original tensors are copied to CPU RAM on first fuse (never GPU memory: the residency manager's
-byte count of the pipeline stays true) and copied back on unfuse, bit for bit.
+It fuses from the first use, not from the second: the README promises that the same request gives
+the same bytes, and an unfused first image would differ from a fused second one by a level.
+
+Unfusing must give the exact base weights back, or images would drift with the history of
+selections. peft's ``unmerge`` subtracts the delta again, which is not exact (in fp16/bf16 an ulp
+or more, growing with every cycle); so on first fuse each targeted weight is copied to CPU RAM
+(never GPU memory: the residency manager's byte count of the pipeline stays true) and unfuse
+copies it back, bit for bit. The price is RAM: one copy of the weights LoRAs touch.
 """
 
 from __future__ import annotations
@@ -29,11 +32,9 @@ log = logging.getLogger(__name__)
 class LoraFuser:
     """Tracks which selection the weights hold and fuses/unfuses the pipeline's peft layers."""
 
-    def __init__(self, pipe: DiffusionPipeline, *, keep_originals: bool | None = None):
+    def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
-        # None: keep exact copies only where subtracting the delta again is not exact enough.
-        self.keep_originals = keep_originals
-        self._last: Hashable | None = None  # the selection activated most recently
+        self.enabled = True  # off: adapters run unfused, per step (the bench's reference)
         self._fused: Hashable | None = None  # the selection the weights hold now, if any
         self._merged: list[BaseTunerLayer] = []
         self._originals: dict[int, torch.Tensor] = {}  # id(base parameter) -> its CPU copy
@@ -49,10 +50,7 @@ class LoraFuser:
         return self._fused is not None and self._fused == key
 
     def should_fuse(self, key: Hashable) -> bool:
-        """Record a use of ``key``; True when it is a non-empty selection used twice in a row."""
-        again = key == self._last
-        self._last = key
-        return bool(key) and again and self._fused != key and key != self._unfusable
+        return self.enabled and bool(key) and self._fused != key and key != self._unfusable
 
     def fuse(self, key: Hashable, adapter_names: Sequence[str]) -> None:
         """Merge the named adapters, at the scales ``set_adapters`` gave them, into the weights.
@@ -95,14 +93,9 @@ class LoraFuser:
         self._merged = []
         self._fused = None
 
-    def _exact_copies_needed(self, param: torch.Tensor) -> bool:
-        if self.keep_originals is not None:
-            return self.keep_originals
-        return param.element_size() < 4
-
     def _remember_originals(self, layer: BaseTunerLayer) -> None:
         for param in _base_parameters(layer):
-            if id(param) not in self._originals and self._exact_copies_needed(param):
+            if id(param) not in self._originals:
                 # Made once: the base weights only ever change by fusing, which unfuse undoes.
                 self._originals[id(param)] = param.detach().to("cpu", copy=True)
 
