@@ -50,6 +50,7 @@ class AdapterSet:
         self.family = family
         self._loaded: dict[str, tuple[float, int]] = {}  # adapter name -> (mtime, size) when read
         self.files_read = 0  # how many LoRA files were read into this pipeline (tests check this)
+        self._disabled = False  # True after disable_lora(): no LoRA was selected last time
         self.fuser = LoraFuser(pipe)  # the active selection lives in the weights: no per-step cost
 
     def activate(self, selections: list[LoraSelection]) -> None:
@@ -67,10 +68,13 @@ class AdapterSet:
         for selection in selections:
             self._ensure_loaded(selection.info)
         if not selections:
-            if self._loaded:
+            if self._loaded and not self._disabled:
                 self.pipe.disable_lora()
+                self._disabled = True
             return
-        self.pipe.enable_lora()
+        if self._disabled:  # walks every layer of the pipeline: only when needed
+            self.pipe.enable_lora()
+            self._disabled = False
         self.pipe.set_adapters(
             [adapter_name(s.info) for s in selections], adapter_weights=[s.scale for s in selections]
         )
@@ -80,6 +84,7 @@ class AdapterSet:
         stamp = (info.mtime, info.size_bytes)
         if self._loaded.get(name) == stamp:
             return
+        self.fuser.adapters_changed()
         if name in self._loaded:
             self.pipe.delete_adapters(name)
             del self._loaded[name]

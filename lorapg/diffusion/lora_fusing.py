@@ -37,7 +37,9 @@ class LoraFuser:
         self.enabled = True  # off: adapters run unfused, per step (the bench's reference)
         self._fused: Hashable | None = None  # the selection the weights hold now, if any
         self._merged: list[BaseTunerLayer] = []
-        self._originals: dict[int, torch.Tensor] = {}  # id(base parameter) -> its CPU copy
+        self._layers: list[BaseTunerLayer] | None = None  # every peft layer in the pipeline, found once
+        # layer -> its base parameters with their CPU copies (made once, reused by every fuse)
+        self._originals: dict[BaseTunerLayer, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
         self._unfusable: Hashable | None = None  # a selection whose merge failed: it runs unfused
         self.fuse_count = 0  # how many times weights were fused (tests and the bench read it)
 
@@ -51,6 +53,13 @@ class LoraFuser:
 
     def should_fuse(self, key: Hashable) -> bool:
         return self.enabled and bool(key) and self._fused != key and key != self._unfusable
+
+    def adapters_changed(self) -> None:
+        """A LoRA file is about to be loaded or removed: peft may wrap other layers afterwards."""
+        self.unfuse()  # the weights are the base weights again, so copies made later are exact too
+        self._layers = None
+        self._originals.clear()
+        self._unfusable = None
 
     def fuse(self, key: Hashable, adapter_names: Sequence[str]) -> None:
         """Merge the named adapters, at the scales ``set_adapters`` gave them, into the weights.
@@ -68,7 +77,9 @@ class LoraFuser:
     def _merge(self, key: Hashable, adapter_names: Sequence[str]) -> None:
         started = time.perf_counter()
         names = set(adapter_names)
-        for layer in _tuner_layers(self.pipe):
+        if self._layers is None:
+            self._layers = list(_tuner_layers(self.pipe))
+        for layer in self._layers:
             present = sorted(names & layer._get_available_adapters())
             if not present:
                 continue
@@ -86,25 +97,23 @@ class LoraFuser:
             return
         started = time.perf_counter()
         for layer in self._merged:
-            if layer.merged:  # a merge that failed half-way may have left this layer untouched
-                layer.unmerge()  # peft's own bookkeeping (merged_adapters, DoRA caches)
+            # The copy brings the exact weights back, so peft's unmerge (which computes every
+            # delta again to subtract it) is skipped; only its bookkeeping is undone.
             self._restore_originals(layer)
+            _forget_merge(layer)
         log.debug("unfused %d layers in %.1f ms", len(self._merged), _ms(started))
         self._merged = []
         self._fused = None
 
     def _remember_originals(self, layer: BaseTunerLayer) -> None:
-        for param in _base_parameters(layer):
-            if id(param) not in self._originals:
-                # Made once: the base weights only ever change by fusing, which unfuse undoes.
-                self._originals[id(param)] = param.detach().to("cpu", copy=True)
+        if layer not in self._originals:
+            # Made once: the base weights only ever change by fusing, which unfuse undoes.
+            self._originals[layer] = [(p, p.detach().to("cpu", copy=True)) for p in _base_parameters(layer)]
 
     def _restore_originals(self, layer: BaseTunerLayer) -> None:
-        for param in _base_parameters(layer):
-            original = self._originals.get(id(param))
-            if original is not None:
-                with torch.no_grad():
-                    param.copy_(original)
+        with torch.no_grad():
+            for param, original in self._originals.get(layer, ()):
+                param.copy_(original)
 
 
 def _tuner_layers(pipe: DiffusionPipeline) -> Iterator[BaseTunerLayer]:
@@ -113,6 +122,15 @@ def _tuner_layers(pipe: DiffusionPipeline) -> Iterator[BaseTunerLayer]:
             for module in component.modules():
                 if isinstance(module, BaseTunerLayer):
                     yield module
+
+
+def _forget_merge(layer: BaseTunerLayer) -> None:
+    """What peft's ``unmerge`` does besides the subtraction: mark the layer unmerged, drop DoRA norms."""
+    caches = getattr(layer, "_caches", None)
+    if caches is not None:
+        for name in layer.merged_adapters:
+            caches.pop(f"{name}-weight_norm", None)
+    layer.merged_adapters = []
 
 
 def _base_parameters(layer: BaseTunerLayer) -> list[torch.nn.Parameter]:
