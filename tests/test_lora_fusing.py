@@ -7,6 +7,9 @@ is compared exactly, as the README's reproducibility promise says.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,7 @@ from lorapg.diffusion.adapters import LoraSelection
 from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from tests.tiny_models import random_lora_state_dict, save_diffusers_lora
 
 LEVELS = 1  # fused against unfused, fp32 on CPU: at most one 8-bit pixel level apart
 
@@ -178,3 +182,35 @@ def test_a_layer_that_cannot_merge_leaves_the_selection_unfused(tiny_models, mon
     assert max_diff(image, reference) <= LEVELS
     # It is not retried on every request, and the weights were left as they were.
     assert np.array_equal(pixels(engine, [("style", 0.6)]), image)
+
+
+def test_a_lora_file_replaced_while_fused_is_read_again_into_base_weights(tiny_models, tmp_path):
+    """The file's new version loads into unfused weights; fused again, it equals a fresh engine's image."""
+    loras = tmp_path / "loras"
+    shutil.copytree(tiny_models["loras"], loras)
+    engine = DiffusionEngine(LoraLibrary(loras), torch.device("cpu"), torch.float32)
+    engine.load_model(str(tiny_models["sd15"]))
+    before = pixels(engine, [("style", 1.0)])
+    shutil.copy(loras / "other.safetensors", loras / "style.safetensors")
+    os.utime(loras / "style.safetensors", (1, 1))  # a new stamp even within the clock's resolution
+    after = pixels(engine, [("style", 1.0)])
+    assert engine.model.adapters.files_read == 2
+    assert max_diff(after, before) > 10
+    fresh = DiffusionEngine(LoraLibrary(loras), torch.device("cpu"), torch.float32)
+    fresh.load_model(str(tiny_models["sd15"]))
+    assert np.array_equal(after, pixels(fresh, [("style", 1.0)]))
+
+
+def test_a_lora_that_wraps_more_layers_is_fused_everywhere(tiny_models, tmp_path):
+    """A UNet-only LoRA first, then one that also wraps the text encoder: every new layer is fused too."""
+    loras = tmp_path / "loras"
+    shutil.copytree(tiny_models["loras"], loras)
+    engine = DiffusionEngine(LoraLibrary(loras), torch.device("cpu"), torch.float32)
+    engine.load_model(str(tiny_models["sd15"]))
+    state, config = random_lora_state_dict(engine.model.pipe, seed=5, text_encoder=False)
+    save_diffusers_lora(loras / "unet_only.safetensors", engine.model.pipe, state, config)
+    pixels(engine, [("unet_only", 1.0)])
+    pixels(engine, [("unet_only", 1.0), ("style", 0.5)])
+    calls = count_adapter_calls(engine)
+    pixels(engine, [("unet_only", 1.0), ("style", 0.7)])
+    assert calls[0] == 0, "layers wrapped by a later LoRA ran unfused"
