@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import requests
+from gradio_client import Client
 from PIL import Image
 
 from tests.app_server import running_app
@@ -152,6 +153,26 @@ def test_a_job_queued_behind_another_is_cancelled_and_previews_are_served(app):
     assert follow(app, long_job["job_id"])[-1][0] == "cancelled"
     state = call(app, "get", f"/api/v1/generations/{queued['job_id']}").json()
     assert state["status"] == "cancelled" and state["images"] == [] and state["step"] == 0
+
+
+def test_the_ui_sees_api_jobs_in_its_queue_and_api_clients_see_ui_jobs(app):
+    """One queue: a browser tab's generation waits behind an API job and says so, then runs."""
+    long_job = submit(app, prompt="an api job", steps=50, width=128, height=128, batch_size=2, seed=1)
+    seen = follow(app, long_job["job_id"], until=lambda name, data: data.get("step", 0) >= 1)
+    assert seen[-1][1]["status"] == "running", seen
+    client = Client(app["url"] + "/", verbose=False)
+    ui_job = client.submit(
+        prompt="a ui job", negative_prompt="", loras="", steps=2, cfg_scale=7, sampler="Euler a",
+        width=64, height=64, seed=3, batch_size=1, api_name="/generate",
+    )  # fmt: skip
+    statuses = []
+    for output in ui_job:
+        statuses.append(output[1])
+        if "job(s) ahead" in output[1]:
+            call(app, "post", f"/api/v1/generations/{long_job['job_id']}/cancel")  # let the UI job run
+    assert any("1 job(s) ahead" in status for status in statuses), statuses
+    assert follow(app, long_job["job_id"])[-1][0] == "cancelled"
+    assert ui_job.outputs()[-1][2] == 3  # the UI job ran after the API job, with its own seed
 
 
 def test_unknown_jobs_are_404_and_bad_bodies_name_the_field(app):
