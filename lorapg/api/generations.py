@@ -40,11 +40,29 @@ class LoraIn(BaseModel):
     scale: float = Field(1.0, examples=[0.8])
 
 
-class GenerationCreate(BaseModel):
+class GenerationFields(BaseModel):
+    """The fields of one generation, by the names users know (grids take the same ones)."""
+
+    model_config = ConfigDict(extra="forbid")  # our own API: a misspelt field is an error, not silently ignored
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[LoraIn] = Field(default_factory=list)
+    steps: int = int(STEPS.default)
+    cfg_scale: float = float(CFG_SCALE.default)
+    sampler: str = DEFAULT_SAMPLER
+    width: int | None = Field(None, description="Pixels; omitted: the model's native size.")
+    height: int | None = None
+    seed: int | None = Field(-1, description="-1 or null: a random seed (reported in seeds).")
+    clip_skip: int = Field(
+        int(CLIP_SKIP.default), description="A1111's Clip skip (CLIP_stop_at_last_layers): 2 = penultimate; SD 1.x."
+    )
+
+
+class GenerationCreate(GenerationFields):
     """The generate request; ``<lora:name:weight>`` tags in the prompt work as in A1111."""
 
     model_config = ConfigDict(
-        extra="forbid",  # our own API: a misspelt field is an error, not silently ignored
         json_schema_extra={
             "examples": [
                 {
@@ -63,19 +81,7 @@ class GenerationCreate(BaseModel):
         },
     )
 
-    prompt: str
-    negative_prompt: str = ""
-    loras: list[LoraIn] = Field(default_factory=list)
-    steps: int = int(STEPS.default)
-    cfg_scale: float = float(CFG_SCALE.default)
-    sampler: str = DEFAULT_SAMPLER
-    width: int | None = Field(None, description="Pixels; omitted: the model's native size.")
-    height: int | None = None
-    seed: int | None = Field(-1, description="-1 or null: a random seed (reported in seeds).")
     batch_size: int = int(BATCH_SIZE.default)
-    clip_skip: int = Field(
-        int(CLIP_SKIP.default), description="A1111's Clip skip (CLIP_stop_at_last_layers): 2 = penultimate; SD 1.x."
-    )
 
     def params(self) -> GenerationParams:
         fields = self.model_dump(exclude={"loras"})

@@ -14,11 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorapg.api.auth import ApiAccess
 from lorapg.api.gallery import image_url
-from lorapg.api.generations import LoraIn
+from lorapg.api.generations import GenerationFields
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
-from lorapg.diffusion.samplers import DEFAULT_SAMPLER
-from lorapg.limits import CFG_SCALE, STEPS
 from lorapg.services.grid import GridService, GridState, UnknownGrid
 
 PREFIX = "/api/v1/grids"
@@ -32,11 +30,10 @@ def grid_png_url(job_id: str, index: int) -> str:
     return f"{PREFIX}/{job_id}/grid/{index + 1}.png"
 
 
-class GridCreate(BaseModel):
+class GridCreate(GenerationFields):
     """A grid: the base generation (as POST /api/v1/generations takes it, one image per cell) and its axes."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {
@@ -54,15 +51,6 @@ class GridCreate(BaseModel):
         },
     )
 
-    prompt: str
-    negative_prompt: str = ""
-    loras: list[LoraIn] = Field(default_factory=list)
-    steps: int = int(STEPS.default)
-    cfg_scale: float = float(CFG_SCALE.default)
-    sampler: str = DEFAULT_SAMPLER
-    width: int | None = Field(None, description="Pixels; omitted: the model's native size.")
-    height: int | None = None
-    seed: int | None = Field(-1, description="-1 or null: one random seed for every cell.")
     x: str = Field(max_length=100_000, examples=["lora:style=0,0.5,1"], description=f"Columns: {AXIS_DOC}")
     y: str | None = Field(None, max_length=100_000, examples=["seed=1,2,3"], description="Rows (optional).")
     z: str | None = Field(None, max_length=100_000, examples=["cfg=5,7"], description="One grid per value.")
@@ -78,6 +66,7 @@ class GridCreate(BaseModel):
             width=self.width,
             height=self.height,
             seed=self.seed,
+            clip_skip=self.clip_skip,
         )
 
 
