@@ -172,13 +172,13 @@ class TrainingJobs:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run this process knows, oldest first."""
-        return [self.summary(run) for run in self.training.runs()]
+        return [self.run_state(run) for run in self.training.runs()]
 
     def detail(self, job_id: str) -> dict[str, Any]:
         run = self.run(job_id)
         result = run.result
         return {
-            **self.summary(run),
+            **self.run_state(run),
             "losses": [{"step": step, "loss": loss} for step, loss in list(run.losses)],
             "sample_urls": [self._sample_url(run, n) for n in range(1, len(run.samples) + 1)],
             "lora_name": run.config.name if result and result.lora_path else None,
@@ -191,7 +191,7 @@ class TrainingJobs:
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask the run to stop; it keeps a checkpoint at the step it reached (the trainer saves one)."""
         self.run(job_id)
-        return self.summary(self.training.cancel(job_id))
+        return self.run_state(self.training.cancel(job_id))
 
     def sample_png(self, job_id: str, n: int) -> bytes | None:
         """Sample image ``n`` (1 = the first one drawn) as PNG bytes; None when there is none."""
@@ -202,7 +202,7 @@ class TrainingJobs:
         samples[n - 1][1].save(buffer, format="PNG")
         return buffer.getvalue()
 
-    def summary(self, run: TrainingRun) -> dict[str, Any]:
+    def run_state(self, run: TrainingRun) -> dict[str, Any]:
         job = run.job
         return {
             "job_id": job.id,
