@@ -173,7 +173,8 @@ def api_routes_for(runtime, access) -> list:
     if access.generated_password:
         # Printed, not logged, as for the share link: the user reads it once, log files do not keep it.
         print(f"\n  REST API protection: user 'api', password '{access.generated_password}'\n", flush=True)
-    log.info("REST API (AUTOMATIC1111-compatible) at /sdapi/v1%s", " with HTTP Basic auth" if access.users else "")
+    auth_note = " with HTTP Basic auth" if access.users else ""
+    log.info("REST API at /sdapi/v1 (AUTOMATIC1111's) and /api/v1, documented at /docs%s", auth_note)
     return api_routes(runtime, access)
 
 
