@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                 runtime.service.submit_load_model()  # in the background: the UI is served meanwhile
         except UserError as exc:
             log.warning("not loading the base model at start: %s", exc)
-    # SIGTERM (docker stop, systemd, a supervisor) shuts down like Ctrl+C: through `finally` below.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop = _stopper(runtime)
+    # SIGTERM (docker stop, systemd, a supervisor) shuts down like Ctrl+C: through `finally` below. SIGINT
+    # is set too: a shell starts a background job with SIGINT ignored, and Python then keeps it ignored.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         serve(demo, settings, policy, auth, routes)
     finally:
@@ -124,8 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _stopper(runtime):
+    def stop(signum, frame) -> None:
+        # Cancel first: the web server, closing, waits for requests in flight, and an API request waits
+        # for its job; a cancelled job ends at its next step.
+        runtime.jobs.cancel_all()
+        raise KeyboardInterrupt
+
+    return stop
 
 
 def shut_down(runtime) -> None:

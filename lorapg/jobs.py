@@ -118,6 +118,13 @@ class JobQueue:
         job._cancel.set()
         return job
 
+    def cancel_all(self) -> None:
+        """Ask every unfinished job to stop (does not wait): the running one at its next step."""
+        with self._lock:
+            unfinished = [job for job in self._jobs.values() if not job.finished]
+        for job in unfinished:
+            job._cancel.set()
+
     def shutdown(self) -> None:
         """Let the worker exit after the jobs already queued (does not wait: see ``close``)."""
         self._queue.put(None)
@@ -130,10 +137,7 @@ class JobQueue:
         "terminate called without an active exception" (exit status 134). A running job stops at its
         next cancellation check; queued ones are finished as cancelled without running.
         """
-        with self._lock:
-            unfinished = [job for job in self._jobs.values() if not job.finished]
-        for job in unfinished:
-            job._cancel.set()
+        self.cancel_all()
         self._queue.put(None)
         self._worker.join(timeout)
         return not self._worker.is_alive()

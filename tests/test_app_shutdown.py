@@ -28,7 +28,13 @@ def test_stopping_the_app_mid_generation_cancels_the_job_and_exits_cleanly(tiny_
     args += ["--outputs", str(tmp_path / "outputs"), "--models-dir", str(tmp_path / "models")]
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, str(ROOT / "app.py"), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # As a shell starts a background job (`python app.py &`): SIGINT ignored, inherited by the app.
+            preexec_fn=_ignore_sigint,
         )
     try:
         base = wait_until_serving(process, f"http://127.0.0.1:{port}/", log_path)
@@ -46,6 +52,10 @@ def test_stopping_the_app_mid_generation_cancels_the_job_and_exits_cleanly(tiny_
     assert returncode == 0, output[-3000:]
     # The queue was closed (the running job cancelled, the worker joined) before the interpreter exited.
     assert "shut down" in output and "still busy" not in output, output[-3000:]
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _post(url: str, body: dict, replies: list) -> None:
