@@ -8,4 +8,5 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 export LORAPG_SLOW_TESTS="${LORAPG_SLOW_TESTS:-1}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .  # one formatter configuration (pyproject.toml), followed everywhere
-exec .venv/bin/python -m pytest -q "$@"
+# The slowest tests are listed at the end, so a run that grows shows where the time went.
+exec .venv/bin/python -m pytest -q --durations=25 "$@"
