@@ -100,13 +100,15 @@ def _modules(kohya: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[tor
     }
 
 
-def _original_modules(ldm: dict[str, torch.Tensor], strip: str, prefix: str) -> dict[str, torch.Tensor]:
+def _original_modules(ldm: dict[str, torch.Tensor], strip: str, prefix: str) -> dict[str, torch.Tensor | None]:
     """A1111's name for every module of an original checkpoint part (with all parents) -> its weight.
+
+    Containers (a block, a transformer) have no weight of their own: None.
 
     A1111 names the modules of ``sd_model.model`` (so ``diffusion_model.…``) and of each SDXL
     embedder's wrapped model (``0_transformer.…``, ``1_model.…``), "." replaced by "_".
     """
-    names: dict[str, torch.Tensor] = {}
+    names: dict[str, torch.Tensor | None] = {}
     for key, tensor in ldm.items():
         parts = key.removeprefix(strip).split(".")
         for end in range(1, len(parts)):
@@ -161,6 +163,7 @@ def test_every_unet_module_is_an_original_module_a1111_finds(kind, tiny_models):
         target = _a1111_lookup(name, original)
         assert target is not None, f"A1111 finds no module for {name}"
         assert target == "diffusion_model" + name.removeprefix("lora_unet")  # the SGM name, "." -> "_"
+        assert original[target] is not None, f"{name} names a container, not a layer"
         assert tuple(original[target].shape) == _delta_shape(down, up), name
     if kind == "sdxl_shaped":
         assert set(SD_SCRIPTS_SDXL_NAMES) <= set(modules)
@@ -184,6 +187,7 @@ def test_text_encoder_modules_are_named_as_sd_scripts_names_them(tiny_models):
         target = _a1111_lookup(name, original)
         assert target is not None, f"A1111 finds no module for {name}"
         weight = original[target]
+        assert weight is not None, f"{name} names a container, not a layer"
         if target.endswith("_attn"):  # OpenCLIP's fused q/k/v: each projection is a third of it
             assert (weight.shape[0] // 3, weight.shape[1]) == _delta_shape(down, up), name
         else:
