@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft.utils import get_peft_model_state_dict
@@ -102,10 +104,15 @@ def export_kohya(
     alpha: float,
     metadata: dict[str, str],
     save_precision: str = "fp16",
+    unet_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Convert a peft-layout state to kohya keys and write it atomically to ``path``."""
+    """Convert a peft-layout state to kohya keys and write it atomically to ``path``.
+
+    ``unet_config`` (the trained UNet's config) is required for SDXL, whose module names are the
+    original SGM ones sd-scripts writes, numbered from the config's block and layer counts.
+    """
     # SD 2.x uses SD 1.x's kohya prefixes (lora_unet_, lora_te_); only SDXL numbers its encoders.
-    kohya = peft_to_kohya(state, alpha, SDXL if family == SDXL else SD1)
+    kohya = peft_to_kohya(state, alpha, SDXL if family == SDXL else SD1, unet_config)
     dtype = SAVE_DTYPES[save_precision]
     kohya = {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in kohya.items()}
     # A hidden .tmp name (never *.safetensors), so the LoRA library never lists a half-written file.

@@ -881,7 +881,13 @@ class Trainer:
         )
         path = self.epochs_dir / f"{config.name}-e{epochs_done:04d}.safetensors" if per_epoch else self.lora_path
         return export.export_kohya(
-            state, path, family=run.family, alpha=config.alpha, metadata=metadata, save_precision=config.save_precision
+            state,
+            path,
+            family=run.family,
+            alpha=config.alpha,
+            metadata=metadata,
+            save_precision=config.save_precision,
+            unet_config=run.accelerator.unwrap_model(run.trained["unet"]).config,
         )
 
     @torch.no_grad()
