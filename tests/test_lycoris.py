@@ -160,6 +160,20 @@ def norm_diff(pipe):
     return tensors, expected
 
 
+def ia3(pipe):
+    """One factor per output row (on_input False) and one per input column (on_input True)."""
+    tensors, expected = {}, {}
+    for target, on_input in ((LINEAR, False), (FF, True), (CONV, False)):
+        original = layer(pipe, target).weight.detach().clone()
+        axis = 1 if on_input else 0
+        factors = rand(original.shape[axis], std=0.8)
+        shape = [1] * original.dim()
+        shape[axis] = -1
+        tensors |= _named(target, weight=factors, on_input=torch.tensor(on_input))
+        expected[target] = (original * factors.reshape(shape), None)
+    return tensors, expected
+
+
 FORMATS = {
     "loha": (loha, "LoHa"),
     "loha_tucker": (loha_tucker, "LoHa"),
@@ -168,6 +182,7 @@ FORMATS = {
     "dora": (dora, "DoRA"),
     "full_diff": (full_diff, "Full diff"),
     "norm_diff": (norm_diff, "Norm diff"),
+    "ia3": (ia3, "IA3"),
 }
 
 
@@ -354,7 +369,10 @@ SGM = {
 # transformers 5 dropped CLIPTextModel's text_model level but CLIPTextModelWithProjection keeps it
 SDXL_TEXT = {
     "lora_te1_text_model_encoder_layers_1_mlp_fc1": ("text_encoder", "encoder.layers.1.mlp.fc1"),
-    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": ("text_encoder_2", "text_model.encoder.layers.0.self_attn.v_proj"),  # noqa: E501
+    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": (
+        "text_encoder_2",
+        "text_model.encoder.layers.0.self_attn.v_proj",
+    ),  # noqa: E501
 }
 
 
@@ -398,7 +416,7 @@ def bad_files(tiny_models, tmp_path_factory):
     wrong = dict(loha_keys, **{f"{name}.hada_w1_b": rand(2, 16), f"{name}.hada_w2_b": rand(2, 16)})
     _write(folder, "wrong_shape", wrong)
     _write(folder, "no_such_layer", {k.replace("down_blocks_1", "down_blocks_7"): v for k, v in loha_keys.items()})
-    _write(folder, "ia3", {f"{name}.weight": rand(8), f"{name}.on_input": torch.tensor(False)})
+    _write(folder, "glora", {f"{name}.a1.weight": rand(2, 8), f"{name}.a2.weight": rand(8, 2)})
     _write(folder, "oft", {f"{name}.oft_blocks": rand(2, 4, 4), f"{name}.alpha": torch.tensor(1.0)})
     _write(folder, "good", loha_keys)
     engine = DiffusionEngine(LoraLibrary(folder), torch.device("cpu"), torch.float32)
@@ -408,8 +426,8 @@ def bad_files(tiny_models, tmp_path_factory):
 
 def test_files_of_no_known_format_are_listed_as_problems(bad_files):
     infos, problems = LoraLibrary(bad_files[0]).scan()
-    assert {info.name for info in infos} == {"wrong_shape", "no_such_layer", "ia3", "oft", "good"}
-    assert {info.name: info.format for info in infos}["ia3"] == "IA3"
+    assert {info.name for info in infos} == {"wrong_shape", "no_such_layer", "glora", "oft", "good"}
+    assert {info.name: info.format for info in infos}["oft"] == "OFT"
     assert len(problems) == 2 and all("\n" not in p for p in problems)
     unknown = next(p for p in problems if "unknown_keys" in p)
     assert "unknown key" in unknown and "lora_sideways" in unknown
@@ -424,7 +442,7 @@ def test_files_of_no_known_format_are_listed_as_problems(bad_files):
         ("mixed", "cannot be combined"),
         ("wrong_shape", "shape"),
         ("no_such_layer", "no layer of the loaded model"),
-        ("ia3", "IA3"),
+        ("glora", "GLoRA"),
         ("oft", "OFT"),
     ],
 )

@@ -52,7 +52,7 @@ class LoraItem(BaseModel):
     name: str = Field(description="Path inside the LoRA folder without .safetensors ('/'-separated).")
     family: str | None = Field(description="sd1, sd2 or sdxl; null when the file does not say.")
     format: str = Field(
-        description="What the file holds: LoRA, LoCon, LoHa, LoKr, DoRA, Full diff, Norm diff; IA3 and OFT are "
+        description="What the file holds: LoRA, LoCon, LoHa, LoKr, DoRA, IA3, Full diff, Norm diff; OFT is "
         "listed but refused when selected."
     )
     layout: str = Field(description="Key layout: kohya or diffusers.")

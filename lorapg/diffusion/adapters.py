@@ -5,7 +5,7 @@ selection or the scales afterwards is ``set_adapters`` (milliseconds), with no f
 base-model reload. A file that changes on disk (same name, new mtime/size) is read again. The
 active selection is then fused into the weights (``lora_fusing``), so it costs nothing per step.
 
-Files diffusers cannot load as they are meant (LoHa, LoKr, Tucker LoCon, DoRA, full and norm diffs:
+Files diffusers cannot load as they are meant (LoHa, LoKr, Tucker LoCon, DoRA, IA3, full and norm diffs:
 ``LoraInfo.weight_patches``) are weight patches instead (``weight_patches``), added after the peft
 selection is fused and removed before anything changes; both kinds mix freely in one selection.
 """
@@ -95,8 +95,8 @@ class AdapterSet:
             return
         if info.format in REFUSED_KINDS.values():
             raise UserError(
-                f"LoRA {info.name} is an {info.format} file, a format this app cannot apply yet. "
-                "Use a LoRA, LoCon, LoHa, LoKr, DoRA or diff version of it."
+                f"LoRA {info.name} is in the {info.format} format, which this app cannot apply yet. "
+                "Use a LoRA, LoCon, LoHa, LoKr, DoRA, IA3 or diff version of it."
             )
         self._check_family(info)
         try:

@@ -104,7 +104,7 @@ class LoraLibrary:
         except FormatError as exc:
             raise UserError(
                 f"LoRA file {path.name}: {exc}; it is in no format this app knows "
-                "(LoRA, LoCon, LoHa, LoKr, DoRA, full or norm diffs)."
+                "(LoRA, LoCon, LoHa, LoKr, DoRA, IA3, full or norm diffs)."
             ) from None
         stat = path.stat()
         sidecar = _read_sidecar(path)

@@ -8,6 +8,7 @@ reference for what each one means (the code here is written from that definition
 - LoHa: ``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b)``; with ``hada_t1``/``hada_t2`` each factor is a Tucker product.
 - LoKr: ``ΔW = w1 ⊗ w2`` (Kronecker), each factor full or ``a @ b``; ``lokr_t2`` makes w2 a Tucker product.
 - Full diffs: ``ΔW = diff``, ``Δbias = diff_b``; norm diffs ``w_norm``/``b_norm`` likewise for norm layers.
+- IA3: ``ΔW = W ⊙ w``, one factor per output row (per input column when ``on_input``).
 - Scale: ``alpha / rank`` where the format has a rank (a ``scale`` tensor overrides it), else 1.
 - DoRA (``dora_scale``): the scaled ΔW is added to the ORIGINAL weight, the sum's column (or row) norms are
   replaced by the stored magnitudes, and the difference to the original weight is the patch.
@@ -39,9 +40,9 @@ _KIND_SUFFIXES: dict[str, frozenset[str]] = {
     "glora": frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight"}),
 }
 _SHARED_SUFFIXES = frozenset({"alpha", "scale", "dora_scale"})  # may accompany any kind
-_KIND_LABEL = {"lora": LORA, "loha": LOHA, "lokr": LOKR, "full": FULL_DIFF, "norm": NORM_DIFF}
+_KIND_LABEL = {"lora": LORA, "loha": LOHA, "lokr": LOKR, "full": FULL_DIFF, "norm": NORM_DIFF, "ia3": IA3}
 # Formats this app does not apply: a file using them is refused by name, never loaded wrongly.
-REFUSED_KINDS = {"ia3": IA3, "oft": OFT, "glora": GLORA}
+REFUSED_KINDS = {"oft": OFT, "glora": GLORA}
 # What each kind needs to mean anything (any one of the alternatives).
 _REQUIRED: dict[str, tuple[frozenset[str], ...]] = {
     "lora": (frozenset({"lora_up.weight", "lora_down.weight"}),),
@@ -49,6 +50,7 @@ _REQUIRED: dict[str, tuple[frozenset[str], ...]] = {
     "lokr": (frozenset(),),  # checked by _lokr_complete
     "full": (frozenset({"diff"}), frozenset({"diff_b"})),
     "norm": (frozenset({"w_norm"}), frozenset({"b_norm"})),
+    "ia3": (frozenset({"weight"}),),
 }
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -141,13 +143,14 @@ def module_delta(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(ΔW, Δbias) of one module at multiplier 1, in float32 on ``weight``'s device.
 
-    ``weight`` is the module's ORIGINAL weight: only DoRA reads its values, every kind checks its shape.
+    ``weight`` is the module's ORIGINAL weight: DoRA and IA3 read its values, every kind checks its shape.
     """
     import torch
 
     device = weight.device if weight is not None else torch.device("cpu")
     t = {key: value.to(device=device, dtype=torch.float32) for key, value in tensors.items()}
-    raw, rank, delta_bias = _raw_delta(kind, t)
+    original = weight.to(device=device, dtype=torch.float32) if weight is not None else None
+    raw, rank, delta_bias = _raw_delta(name, kind, t, original)
     delta = None
     if raw is not None:
         if weight is None:
@@ -158,7 +161,7 @@ def module_delta(
             )
         delta = raw.reshape(weight.shape) * _scale(t, rank)
         if "dora_scale" in t:
-            delta = _weight_decompose(name, delta, weight.to(device=device, dtype=torch.float32), t["dora_scale"])
+            delta = _weight_decompose(name, delta, original, t["dora_scale"])
     if delta_bias is not None:
         if bias_shape is None:
             raise FormatError(f"module {name} changes a bias, but the model's layer has none")
@@ -177,7 +180,9 @@ def _numel(shape: tuple) -> int:
     return count
 
 
-def _raw_delta(kind: str, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | None, int | None, torch.Tensor | None]:
+def _raw_delta(
+    name: str, kind: str, t: Mapping[str, torch.Tensor], original: torch.Tensor | None
+) -> tuple[torch.Tensor | None, int | None, torch.Tensor | None]:
     """(unscaled ΔW, the rank alpha divides by or None, Δbias) for one module's tensors."""
     if kind == "lora":
         return _lora(t), t["lora_down.weight"].shape[0], None
@@ -189,6 +194,8 @@ def _raw_delta(kind: str, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor |
         return t.get("diff"), None, t.get("diff_b")
     if kind == "norm":
         return t.get("w_norm"), None, t.get("b_norm")
+    if kind == "ia3":
+        return _ia3(name, t, original), None, None
     raise FormatError(f"{kind} modules are not supported")
 
 
@@ -249,6 +256,27 @@ def _lokr_rank(t: Mapping[str, torch.Tensor]) -> int | None:
     if "lokr_w1_b" in t:
         return t["lokr_w1_b"].shape[0]
     return None
+
+
+def _ia3(name: str, t: Mapping[str, torch.Tensor], original: torch.Tensor | None) -> torch.Tensor:
+    """IA3 rescales the original weight: ``ΔW = W ⊙ w``, w one factor per output row (or input column).
+
+    A1111 broadcasts the same way for linear layers; for a convolution its per-input case would broadcast
+    over the kernel, so here the factor always goes along the channel axis it names.
+    """
+    if original is None:
+        raise FormatError(f"module {name} rescales a weight, but the model's layer has none")
+    factors = t["weight"].reshape(-1)
+    on_input = bool(t["on_input"].item()) if "on_input" in t else False
+    axis = 1 if on_input else 0
+    if factors.numel() != original.shape[axis]:
+        side = "input" if on_input else "output"
+        raise FormatError(
+            f"module {name} has {factors.numel()} {side} factors, but the model's weight is {tuple(original.shape)}"
+        )
+    shape = [1] * original.dim()
+    shape[axis] = -1
+    return original * factors.reshape(shape)
 
 
 def _scale(t: Mapping[str, torch.Tensor], rank: int | None) -> float:
