@@ -455,3 +455,74 @@ def test_bad_files_are_refused_in_one_line_and_the_engine_keeps_serving(bad_file
     assert name in message and says in message and "\n" not in message
     assert np.array_equal(pixels(engine), base)  # nothing of the refused selection stayed in the weights
     assert max_diff(pixels(engine, [("good", 1.0)]), base) > 0
+
+
+# Real SD 1.x and SDXL UNet layouts (on the meta device: no weights, no memory), with SGM names as
+# sd-scripts writes them and the layers they mean, written out by hand from the two architectures.
+_REAL_UNETS = {
+    "sdxl": (
+        {
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "attention_head_dim": (5, 10, 20),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "transformer_layers_per_block": (1, 2, 10),
+            "projection_class_embeddings_input_dim": 2816,
+            "cross_attention_dim": 2048,
+        },
+        {
+            "input_blocks_0_0": "conv_in",
+            "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+            "input_blocks_4_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",  # noqa: E501
+            "input_blocks_7_0_emb_layers_1": "down_blocks.2.resnets.0.time_emb_proj",
+            "input_blocks_8_1_transformer_blocks_9_attn2_to_out_0": "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0",  # noqa: E501
+            "middle_block_1_transformer_blocks_9_ff_net_2": "mid_block.attentions.0.transformer_blocks.9.ff.net.2",
+            "middle_block_2_in_layers_2": "mid_block.resnets.1.conv1",
+            "output_blocks_0_0_out_layers_3": "up_blocks.0.resnets.0.conv2",
+            "output_blocks_1_1_proj_out": "up_blocks.0.attentions.1.proj_out",
+            "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+            "output_blocks_5_2_conv": "up_blocks.1.upsamplers.0.conv",
+            "output_blocks_8_0_skip_connection": "up_blocks.2.resnets.2.conv_shortcut",
+            "label_emb_0_0": "add_embedding.linear_1",
+            "time_embed_2": "time_embedding.linear_2",
+            "out_2": "conv_out",
+        },
+    ),
+    "sd1": (
+        {
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+        },
+        {
+            "input_blocks_1_1_transformer_blocks_0_attn2_to_k": "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",  # noqa: E501
+            "input_blocks_11_0_in_layers_2": "down_blocks.3.resnets.1.conv1",
+            "output_blocks_2_1_conv": "up_blocks.0.upsamplers.0.conv",  # a block without attentions
+            "output_blocks_5_2_conv": "up_blocks.1.upsamplers.0.conv",
+            "output_blocks_11_1_proj_in": "up_blocks.3.attentions.2.proj_in",
+            "input_blocks_10_0_emb_layers_1": "down_blocks.3.resnets.0.time_emb_proj",  # 10 and 11 beside 1
+            "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(_REAL_UNETS))
+def test_sgm_names_find_their_layers_in_a_real_unet_layout(family):
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from lorapg.diffusion.weight_patches import resolve_modules
+
+    config, names = _REAL_UNETS[family]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(layers_per_block=2, **config)
+    found = resolve_modules(SimpleNamespace(unet=unet, text_encoder=None), [f"lora_unet_{n}" for n in names])
+    for name, path in names.items():
+        assert found[f"lora_unet_{name}"] is unet.get_submodule(path), name

@@ -198,17 +198,20 @@ def _candidates(name: str) -> list[str]:
 
 
 def _sgm_renames(pipe: DiffusionPipeline, names: list[str]) -> dict[str, str]:
-    """SGM module name -> diffusers-style kohya name, through diffusers' own block mapping."""
-    if not names:
-        return {}
-    outer = {n: _SGM_OUTER[n] for n in names if n in _SGM_OUTER}
-    blocks = [n for n in names if n not in outer]
-    try:
-        mapped = _maybe_map_sgm_blocks_to_diffusers({n: n for n in blocks}, pipe.unet.config)
-    except (ValueError, IndexError) as exc:
-        raise FormatError(f"its SGM block names do not fit this UNet ({exc})") from None
-    renames = dict(outer)
-    for new, old in mapped.items():
+    """SGM module name -> diffusers-style kohya name, through diffusers' own block mapping.
+
+    The helper is called once per name: given several, it groups block ``1`` with blocks ``10`` and
+    ``11`` (a substring match), which SD 1.x's twelve input and output blocks would get wrong.
+    """
+    renames = {}
+    for old in names:
+        if old in _SGM_OUTER:
+            renames[old] = _SGM_OUTER[old]
+            continue
+        try:
+            (new,) = _maybe_map_sgm_blocks_to_diffusers({old: old}, pipe.unet.config)
+        except (ValueError, IndexError, KeyError) as exc:
+            raise FormatError(f"its SGM block name {old} does not fit this UNet ({exc})") from None
         for pattern, replacement in _SGM_LAYERS:
             new = re.sub(pattern, replacement, new)
         renames[old] = new
