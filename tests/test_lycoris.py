@@ -526,3 +526,21 @@ def test_sgm_names_find_their_layers_in_a_real_unet_layout(family):
     found = resolve_modules(SimpleNamespace(unet=unet, text_encoder=None), [f"lora_unet_{n}" for n in names])
     for name, path in names.items():
         assert found[f"lora_unet_{name}"] is unet.get_submodule(path), name
+
+
+def test_labels_and_routing_from_the_header_alone():
+    from lorapg.diffusion.families import SD1, SDXL
+    from lorapg.diffusion.lora_library import describe_format, detect_lora_family
+
+    to_k = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    loha_keys = {f"{to_k}.hada_w{i}_{ab}": (4, 768) for i in (1, 2) for ab in "ab"}
+    assert describe_format(loha_keys) == ("LoHa", True)
+    assert describe_format({**loha_keys, f"{to_k}.dora_scale": (1, 768)}) == ("LoHa (DoRA)", True)
+    assert detect_lora_family({}, loha_keys) == SD1
+    assert detect_lora_family({}, {f"{to_k}.diff": (640, 2048)}) == SDXL
+    plain = {f"{to_k}.lora_down.weight": (4, 768), f"{to_k}.lora_up.weight": (320, 4), f"{to_k}.alpha": ()}
+    assert describe_format(plain) == ("LoRA", False)  # diffusers' peft path, unchanged
+    norm = "lora_unet_mid_block_attentions_0_norm"
+    # a plain LoRA with norm diffs beside it: diffusers would refuse the norm keys, so patches
+    assert describe_format({**plain, f"{norm}.w_norm": (320,), f"{norm}.b_norm": (320,)}) == ("LoRA", True)
+    assert describe_format({"unet.a.lora_A.weight": (4, 8), "unet.a.lora_B.weight": (8, 4)}) == ("LoRA", False)

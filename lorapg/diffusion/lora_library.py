@@ -147,12 +147,13 @@ def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ..
     for key, shape in shapes.items():
         # The down projection of a cross-attention key reads the text encoder's hidden states
         # (as do a LoHa's w*_b factors and a full diff's columns).
-        if "attn2" in key and "to_k" in key and key.endswith(_READS_INPUT) and len(shape) == 2:
+        reads_input = "lora_down" in key or "lora_A" in key or key.endswith(_LYCORIS_READS_INPUT)
+        if "attn2" in key and "to_k" in key and reads_input and len(shape) == 2:
             return _CROSS_ATTENTION_DIM.get(shape[1])
     return None
 
 
-_READS_INPUT = ("lora_down.weight", "lora_A.weight", "hada_w1_b", "hada_w2_b", ".diff")
+_LYCORIS_READS_INPUT = (".hada_w1_b", ".hada_w2_b", ".diff")
 
 
 def _trigger_words_from_metadata(metadata: dict[str, str]) -> list[str]:
