@@ -303,6 +303,12 @@ def test_the_library_names_each_files_format(lora_dir):
     assert (by_name["plain"].format, by_name["plain"].weight_patches) == ("LoRA", False)
     summary = lora_summary(by_name["loha"])
     assert (summary["format"], summary["layout"]) == ("LoHa", "kohya")
+    # The Generate tab's LoRA list names every format but plain LoRA (whose label stays as it was).
+    from lorapg.services.generation import LoraListing
+    from lorapg.ui.generate_tab import _choices
+
+    labels = {value: label for label, value in _choices(LoraListing(infos, []))}
+    assert (labels["loha"], labels["dora"], labels["plain"]) == ("loha (LoHa)", "dora (DoRA)", "plain")
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
