@@ -89,10 +89,11 @@ def test_loras_are_listed_with_family_format_trigger_words_and_hash_and_problems
     by_name = {lora["name"]: lora for lora in listing["loras"]}
     assert {"style", "style_kohya", "other", "triggered", "notes", "xl/xl_style"} <= set(by_name)
     triggered = by_name["triggered"]
-    assert (triggered["family"], triggered["format"], triggered["trigger_words"]) == ("sd1", "kohya", ["zqstyle"])
+    assert (triggered["family"], triggered["layout"], triggered["trigger_words"]) == ("sd1", "kohya", ["zqstyle"])
+    assert triggered["format"] == "LoRA"
     assert triggered["metadata"]["ss_base_model_version"] == "sd_v1"
     assert "ss_tag_frequency" not in triggered["metadata"]  # a summary; the whole header is on /loras/{name}
-    assert by_name["xl/xl_style"]["family"] == "sdxl" and by_name["style"]["format"] == "diffusers"
+    assert by_name["xl/xl_style"]["family"] == "sdxl" and by_name["style"]["layout"] == "diffusers"
     assert by_name["notes"]["trigger_words"] == ["inkwash", "brush"]  # from the sidecar JSON
     path = app["loras"] / "triggered.safetensors"
     assert triggered["size_bytes"] == path.stat().st_size and triggered["hash"] == lora_hash(path)

@@ -24,7 +24,8 @@ PREFIX = "/api/v1"
 _LORA_EXAMPLE = {
     "name": "triggered",
     "family": "sd1",
-    "format": "kohya",
+    "format": "LoRA",
+    "layout": "kohya",
     "trigger_words": ["zqstyle"],
     "description": "",
     "size_bytes": 1245312,
@@ -50,7 +51,11 @@ class LoraItem(BaseModel):
 
     name: str = Field(description="Path inside the LoRA folder without .safetensors ('/'-separated).")
     family: str | None = Field(description="sd1, sd2 or sdxl; null when the file does not say.")
-    format: str = Field(description="Key layout: kohya or diffusers.")
+    format: str = Field(
+        description="What the file holds: LoRA, LoCon, LoHa, LoKr, DoRA, IA3, Full diff, Norm diff; OFT is "
+        "listed but refused when selected."
+    )
+    layout: str = Field(description="Key layout: kohya or diffusers.")
     trigger_words: list[str]
     description: str
     size_bytes: int

@@ -4,6 +4,10 @@ Each LoRA file is read once and kept as a named peft adapter inside the pipeline
 selection or the scales afterwards is ``set_adapters`` (milliseconds), with no file I/O and no
 base-model reload. A file that changes on disk (same name, new mtime/size) is read again. The
 active selection is then fused into the weights (``lora_fusing``), so it costs nothing per step.
+
+Files diffusers cannot load as they are meant (LoHa, LoKr, Tucker LoCon, DoRA, IA3, full and norm diffs:
+``LoraInfo.weight_patches``) are weight patches instead (``weight_patches``), added after the peft
+selection is fused and removed before anything changes; both kinds mix freely in one selection.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from diffusers import DiffusionPipeline
 from lorapg.diffusion.families import family_label
 from lorapg.diffusion.lora_fusing import LoraFuser
 from lorapg.diffusion.lora_library import LoraInfo
+from lorapg.diffusion.lycoris import REFUSED_KINDS, FormatError
+from lorapg.diffusion.weight_patches import WeightPatches
 from lorapg.errors import UserError
 from lorapg.limits import LORA_SCALE
 
@@ -52,17 +58,58 @@ class AdapterSet:
         self.files_read = 0  # how many LoRA files were read into this pipeline (tests check this)
         self._disabled = False  # True after disable_lora(): no LoRA was selected last time
         self.fuser = LoraFuser(pipe)  # the active selection lives in the weights: no per-step cost
+        self.patches = WeightPatches(pipe)  # LyCORIS/DoRA/diff files: added to the weights, never per step
 
     def activate(self, selections: list[LoraSelection]) -> None:
         """Load what is new, then make exactly ``selections`` active at their scales."""
         key = selection_key(selections)
         if self.fuser.holds(key):
-            return  # the weights already hold exactly this selection
-        # Loading, deleting or re-scaling adapters must see unfused weights.
+            return  # the weights already hold exactly this selection (its patches included)
+        plain = [s for s in selections if not s.info.weight_patches]
+        patched = [s for s in selections if s.info.weight_patches]
+        # Loading, deleting or re-scaling adapters must see the base weights: unfused and unpatched
+        # (the fuser's and the patches' CPU copies are then copies of the base weights).
         self.fuser.unfuse()
-        self._apply(selections)
+        self.patches.remove()
+        for selection in patched:
+            self._ensure_patch_file(selection.info)
+        self._apply(plain)
         if self.fuser.should_fuse(key):
-            self.fuser.fuse(key, [adapter_name(s.info) for s in selections])
+            self.fuser.fuse(key, [adapter_name(s.info) for s in plain])
+        self._apply_patches(key, patched)
+
+    def _apply_patches(self, key: tuple, patched: list[LoraSelection]) -> None:
+        if not patched:
+            return
+        try:
+            self.patches.apply(key, [(adapter_name(s.info), s.scale) for s in patched])
+        except FormatError as exc:
+            # No weight was changed; nothing may claim to hold this selection, so the next call retries.
+            self.fuser.unfuse()
+            raise UserError(f"LoRA {exc}. It was probably made for another base model.") from None
+
+    def _ensure_patch_file(self, info: LoraInfo) -> None:
+        name = adapter_name(info)
+        stamp = (info.mtime, info.size_bytes)
+        if self.patches.is_loaded(name, stamp):
+            return
+        if info.format in REFUSED_KINDS.values():
+            raise UserError(
+                f"LoRA {info.name} is in the {info.format} format, which this app cannot apply yet. "
+                "Use a LoRA, LoCon, LoHa, LoKr, DoRA, IA3 or diff version of it."
+            )
+        self._check_family(info)
+        try:
+            self.patches.load(name, info.name, str(info.path), stamp)
+        except FormatError as exc:
+            raise UserError(
+                f"LoRA {info.name} does not fit the loaded {family_label(self.family)} model ({exc}). "
+                "It was probably made for another base model."
+            ) from None
+        except Exception as exc:  # safetensors raises several types for a file cut short or replaced
+            self.patches.forget(name)
+            raise UserError(f"LoRA file {info.name} could not be read ({_first_line(exc)}).") from None
+        self.files_read += 1
 
     def _apply(self, selections: list[LoraSelection]) -> None:
         for selection in selections:
@@ -88,11 +135,7 @@ class AdapterSet:
         if name in self._loaded:
             self.pipe.delete_adapters(name)
             del self._loaded[name]
-        if info.family and info.family != self.family:
-            raise UserError(
-                f"LoRA {info.name} was made for {family_label(info.family)}, but the loaded base model is "
-                f"{family_label(self.family)}. Pick a {family_label(self.family)} LoRA or switch the base model."
-            )
+        self._check_family(info)
         try:
             self.pipe.load_lora_weights(str(info.path), adapter_name=name)
         except Exception as exc:  # shape mismatches and unknown key layouts surface as many types
@@ -106,6 +149,13 @@ class AdapterSet:
         self._loaded[name] = stamp
         self.files_read += 1
         log.info("loaded LoRA %s as adapter %s", info.name, name)
+
+    def _check_family(self, info: LoraInfo) -> None:
+        if info.family and info.family != self.family:
+            raise UserError(
+                f"LoRA {info.name} was made for {family_label(info.family)}, but the loaded base model is "
+                f"{family_label(self.family)}. Pick a {family_label(self.family)} LoRA or switch the base model."
+            )
 
     def _discard(self, name: str) -> None:
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from lorapg.diffusion.families import SD1, SD2, SDXL
+from lorapg.diffusion.lycoris import DORA, KOHYA_PREFIXES, LORA, FormatError, file_format
 from lorapg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class LoraInfo:
     size_bytes: int = 0
     mtime: float = 0.0
     metadata: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    format: str = LORA  # what the keys say: LoRA, LoCon, LoHa, LoKr, DoRA, Full diff, IA3, OFT… (lycoris)
+    weight_patches: bool = False  # True: applied as weight patches, not as a peft adapter (adapters)
 
 
 class LoraLibrary:
@@ -96,6 +99,13 @@ class LoraLibrary:
             raise UserError(f"LoRA file {path.name} is corrupt or not a safetensors file ({exc}).") from None
         if not shapes or not all("lora" in key or key.endswith(".alpha") for key in shapes):
             raise UserError(f"{path.name} is not a LoRA (its tensors have no LoRA weights).")
+        try:
+            label, patches = describe_format(shapes)
+        except FormatError as exc:
+            raise UserError(
+                f"LoRA file {path.name}: {exc}; it is in no format this app knows "
+                "(LoRA, LoCon, LoHa, LoKr, DoRA, IA3, full or norm diffs)."
+            ) from None
         stat = path.stat()
         sidecar = _read_sidecar(path)
         triggers = sidecar.get("trigger_words") or _trigger_words_from_metadata(metadata)
@@ -109,7 +119,17 @@ class LoraLibrary:
             size_bytes=stat.st_size,
             mtime=stat.st_mtime,
             metadata=metadata,
+            format=label,
+            weight_patches=patches,
         )
+
+
+def describe_format(shapes: dict[str, tuple[int, ...]]) -> tuple[str, bool]:
+    """(format label, needs weight patches). Only kohya-layout files can hold LyCORIS modules."""
+    if any(key.startswith(KOHYA_PREFIXES) for key in shapes):
+        return file_format(shapes)
+    # diffusers/peft layout: diffusers' loader reads it, peft's DoRA (lora_magnitude_vector) included.
+    return (DORA if any("lora_magnitude_vector" in key for key in shapes) else LORA), False
 
 
 def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -125,10 +145,15 @@ def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ..
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in shapes):
         return SDXL
     for key, shape in shapes.items():
-        # The down projection of a cross-attention key reads the text encoder's hidden states.
-        if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key) and len(shape) == 2:
+        # The down projection of a cross-attention key reads the text encoder's hidden states
+        # (as do a LoHa's w*_b factors and a full diff's columns).
+        reads_input = "lora_down" in key or "lora_A" in key or key.endswith(_LYCORIS_READS_INPUT)
+        if "attn2" in key and "to_k" in key and reads_input and len(shape) == 2:
             return _CROSS_ATTENTION_DIM.get(shape[1])
     return None
+
+
+_LYCORIS_READS_INPUT = (".hada_w1_b", ".hada_w2_b", ".diff")
 
 
 def _trigger_words_from_metadata(metadata: dict[str, str]) -> list[str]:

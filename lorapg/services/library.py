@@ -58,7 +58,8 @@ def lora_summary(info: LoraInfo) -> dict[str, Any]:
     return {
         "name": info.name,
         "family": info.family,
-        "format": info.layout,
+        "format": info.format,
+        "layout": info.layout,
         "trigger_words": list(info.trigger_words),
         "description": info.description,
         "size_bytes": info.size_bytes,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from lorapg.diffusion.families import family_label
+from lorapg.diffusion.lycoris import LORA
 from lorapg.diffusion.request import GenerationRequest, parse_lora_list
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.hosting.visitors import Visitors
@@ -31,7 +32,11 @@ def lora_choices(service: GenerationService) -> list[tuple[str, str]]:
 def _choices(listing: LoraListing) -> list[tuple[str, str]]:
     choices = []
     for info in listing.loras:
-        label = f"{info.name} ({family_label(info.family)})" if info.family else info.name
+        # Any format but plain LoRA (LoCon, LoHa, LoKr, DoRA, diffs…) is named: users tell their civitai
+        # files apart by it; a plain LoRA keeps the short label.
+        about = [family_label(info.family)] if info.family else []
+        about += [info.format] if info.format != LORA else []
+        label = f"{info.name} ({', '.join(about)})" if about else info.name
         if info.trigger_words:
             label += f" — {', '.join(info.trigger_words)}"
         choices.append((label, info.name))
