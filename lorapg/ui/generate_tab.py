@@ -81,7 +81,7 @@ def _variation_widgets() -> tuple[gr.Number, gr.Slider]:
                     minimum=RANDOM_SEED,
                     maximum=SEED.maximum,
                     step=1,
-                    label=f"Variation seed ({RANDOM_SEED} = random)",
+                    label=f"Variation seed (random: {RANDOM_SEED})",
                     elem_id="variation-seed",
                 )
             )
