@@ -116,6 +116,15 @@ def test_a_variation_batch_is_several_variations_of_one_image(engine):
     assert np.abs(pixels[1] - alone).max() <= 8
 
 
+def test_sdxl_varies_too(tiny_models):
+    xl = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32)
+    xl.load_model(str(tiny_models["sdxl"]))
+    base, seed_99 = images(xl, steps=2)[0], images(xl, steps=2, seed=99)[0]
+    assert_same_bytes(images(xl, steps=2, variation_seed=99, variation_strength=0.0)[0], base)
+    assert not np.array_equal(images(xl, steps=2, variation_seed=99, variation_strength=0.05)[0], base)
+    assert np.abs(images(xl, steps=2, variation_seed=99, variation_strength=1.0)[0] - seed_99).max() <= 2
+
+
 # --- the PNG text ----------------------------------------------------------------------------
 
 
