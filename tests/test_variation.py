@@ -151,18 +151,19 @@ def runtime(tmp_path_factory):
 
 
 def test_the_gallery_keeps_the_variation_and_reuse_makes_the_same_image(runtime):
-    made = runtime.service.generate(replace(BASE, variation_seed=31, variation_strength=0.3))
+    made = runtime.service.generate(replace(BASE, variation_seed=31, variation_strength=0.3, clip_skip=2))
     (record,) = made.saved
     assert (record.seed, record.variation_seed, record.variation_strength) == (1234, 31, 0.3)
     gallery = runtime.gallery_service
     stored = gallery.get(record.id)  # read back from the database, not the record just made
-    assert (stored.variation_seed, stored.variation_strength) == (31, 0.3)
+    # Kept in the row's A1111 text (no columns of their own), Clip skip with them.
+    assert (stored.variation_seed, stored.variation_strength, stored.clip_skip) == (31, 0.3, 2)
     text = gallery.show(record.id).parameters  # the PNG's own text
     assert "Seed: 1234," in text and "Variation seed: 31, Variation seed strength: 0.3," in text
     by_id = gallery.reuse_parameters(record.id)
     by_png = gallery.reuse_parameters(gallery.png_info(str(record.path)))
     for reuse in (by_id, by_png):
-        assert (reuse.seed, reuse.variation_seed, reuse.variation_strength) == (1234, 31, 0.3)
+        assert (reuse.seed, reuse.variation_seed, reuse.variation_strength, reuse.clip_skip) == (1234, 31, 0.3, 2)
     again = runtime.service.generate(by_id.to_request(), record=False)
     assert_same_bytes(again.images[0], made.images[0])  # the same request on the same code path
 

@@ -290,7 +290,7 @@ class A1111Service:
             variation_seed=self._subseed(params),
             variation_strength=params.subseed_strength,
         )
-        return self.generation.prepare(request)
+        return self.generation.prepare(request)  # every field checked before anything is queued
 
     @staticmethod
     def _subseed(params: Txt2ImgParams) -> int:
@@ -304,7 +304,7 @@ class A1111Service:
                 f"subseed: {subseed} plus the {count} images of this call passes {SEED.maximum:g}; "
                 "use a smaller subseed or -1."
             )
-        return subseed  # every field checked before anything is queued
+        return subseed
 
     def _reply(self, params: Txt2ImgParams, results: list, interrupted: bool) -> Txt2ImgResult:
         images, infotexts, seeds, subseeds = [], [], [], []
