@@ -8,7 +8,18 @@ import sys
 from pathlib import Path
 
 from lorapg.errors import UserError
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, LORA_SCALE, RANDOM_SEED, SEED, SIZE, SIZE_MULTIPLE, STEPS
+from lorapg.limits import (
+    BATCH_SIZE,
+    CFG_SCALE,
+    CLIP_SKIP,
+    LORA_SCALE,
+    RANDOM_SEED,
+    SEED,
+    SIZE,
+    SIZE_MULTIPLE,
+    STEPS,
+    VARIATION_STRENGTH,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +168,20 @@ def add_request_arguments(gen: argparse.ArgumentParser) -> None:
         help=f"A1111's Clip skip, {CLIP_SKIP.describe()}: 2 reads the text encoder's penultimate layer; "
         "SD 1.x only (default %(default)s)",
     )
+    gen.add_argument(
+        "--variation-seed",
+        dest="variation_seed",
+        default=str(RANDOM_SEED),
+        help=f"A1111's variation seed, {SEED.describe()} or {RANDOM_SEED} for random; image i of a batch uses "
+        "it + i (and all keep --seed)",
+    )
+    gen.add_argument(
+        "--variation-strength",
+        dest="variation_strength",
+        default=f"{VARIATION_STRENGTH.default:g}",
+        help=f"how far to move from --seed's image towards the variation seed's, {VARIATION_STRENGTH.describe()}: "
+        "0 = the seed's image exactly, 0.1-0.3 = the same image with other details (default %(default)s)",
+    )
 
 
 def add_grid_parser(commands: argparse._SubParsersAction) -> None:
@@ -249,6 +274,8 @@ def request_from_args(args: argparse.Namespace):
         seed=args.seed,
         batch_size=getattr(args, "batch", BATCH_SIZE.default),
         clip_skip=args.clip_skip,
+        variation_seed=args.variation_seed,
+        variation_strength=args.variation_strength,
     )
 
 
@@ -285,8 +312,9 @@ def run_generate(args: argparse.Namespace) -> int:
     paths = write_result_pngs(result, args.out)
     if not args.no_gallery:
         record_in_gallery(runtime.gallery, result)
-    for path, seed in zip(paths, result.seeds, strict=True):
-        print(f"{path}\tseed={seed}")
+    variations = result.variation_seeds or [None] * len(paths)
+    for path, seed, variation in zip(paths, result.seeds, variations, strict=True):
+        print(f"{path}\tseed={seed}" + (f"\tvariation_seed={variation}" if variation is not None else ""))
     print(f"seed: {result.seeds[0]}")
     return 0
 

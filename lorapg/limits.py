@@ -49,6 +49,8 @@ RANDOM_SEED = -1  # the seed field's "pick one at random" value, just below SEED
 SEED = Range(0, 2**32 - 1, 1, RANDOM_SEED)
 # A1111's "Clip skip" (setting CLIP_stop_at_last_layers): 1 = the last layer, its slider goes to 12.
 CLIP_SKIP = Range(1, 12, 1, 1)
+# A1111's "Variation strength" (subseed_strength): 0 = the seed's own image, 1 = the variation seed's noise.
+VARIATION_STRENGTH = Range(0.0, 1.0, 0.01, 0.0)
 
 # --- training (TrainConfig fields) ------------------------------------------------------------
 # A training seed is a generation seed: a sample made at it can be regenerated.

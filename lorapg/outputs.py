@@ -34,6 +34,9 @@ def image_record(result: GenerationResult, index: int, job_id: str | None = None
         model_hash=model_hash(source.path) if source.kind == SINGLE_FILE and source.path else None,
         job_id=job_id,
         clip_skip=request.clip_skip if request.clip_skip > 1 else None,
+        # Empty at strength 0: the image is the seed's own, and A1111 writes no variation then.
+        variation_seed=result.variation_seeds[index] if result.variation_seeds else None,
+        variation_strength=request.variation_strength if result.variation_seeds else None,
     )
 
 

@@ -127,6 +127,8 @@ def test_generate_parameters_have_the_names_users_know(app):
         "seed",
         "batch_size",
         "clip_skip",  # added after the first release: last, so positional callers keep working
+        "variation_seed",
+        "variation_strength",
     ]
 
 

@@ -86,10 +86,9 @@ def test_gallery_serves_pngs_with_their_parameters(app) -> None:
 
 def test_reuse_fills_every_generate_widget(app) -> None:
     client, record, settings, _, demo = app
-    prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, notes = client.predict(
-        record.id, settings.model, api_name="/gallery_reuse"
-    )
-    assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch, clip_skip) == (
+    values = client.predict(record.id, settings.model, api_name="/gallery_reuse")
+    prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = values
+    assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch, clip_skip, strength) == (
         "a fox",
         "blurry",
         2,
@@ -100,6 +99,7 @@ def test_reuse_fills_every_generate_widget(app) -> None:
         77,
         1,
         1,
+        0,  # not a variation: the strength goes back to 0 (off)
     )
     assert notes == ""
     # The LoRAs travel in session state the API does not return (the selection is cleared and then set

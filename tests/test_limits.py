@@ -38,6 +38,8 @@ GENERATE_ORDER = (
     "seed",
     "batch_size",
     "clip_skip",
+    "variation_seed",
+    "variation_strength",
 )
 GENERATE = {
     "negative_prompt": "",
@@ -50,6 +52,8 @@ GENERATE = {
     "seed": 5,
     "batch_size": 1,
     "clip_skip": 1,
+    "variation_seed": -1,
+    "variation_strength": 0,
 }
 
 
@@ -140,10 +144,9 @@ def a1111_png(path, *, steps, cfg, seed, size, scale) -> str:
 def test_reuse_puts_every_value_back_within_the_widgets_bounds(app, tmp_path, values) -> None:
     demo, client, settings, gallery = app
     png = a1111_png(tmp_path / "made-elsewhere.png", **values)
-    prompt, negative, _, steps, cfg, sampler, width, height, seed, batch, clip_skip, notes = client.predict(
-        handle_file(png), settings.model, api_name="/png_info_send"
-    )
-    assert (prompt, negative, sampler, batch, clip_skip, notes) == ("a fox", "blurry", "Euler a", 1, 1, "")
+    outputs = client.predict(handle_file(png), settings.model, api_name="/png_info_send")
+    prompt, negative, _, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = outputs
+    assert (prompt, negative, sampler, batch, clip_skip, strength, notes) == ("a fox", "blurry", "Euler a", 1, 1, 0, "")
     assert (steps, seed, width, height) == (values["steps"], values["seed"], values["size"], values["size"])
     assert math.isclose(cfg, values["cfg"])
     # The LoRA scales go to a gr.State, which the API does not return: ask the service Reuse calls.

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from lorapg.api.auth import ApiAccess
 from lorapg.api.routing import api_router, unknown_as_404
@@ -75,6 +75,8 @@ class GalleryImage(BaseModel):
     created_at: datetime | None
     starred: bool
     image_url: str
+    variation_seed: int | None = Field(None, description="A1111's variation seed; null: not a variation.")
+    variation_strength: float | None = None
 
     @classmethod
     def of(cls, record: ImageRecord) -> GalleryImage:
@@ -95,6 +97,8 @@ class GalleryImage(BaseModel):
             created_at=record.created_at,
             starred=record.starred,
             image_url=image_url(record.id),
+            variation_seed=record.variation_seed,
+            variation_strength=record.variation_strength,
         )
 
 

@@ -22,7 +22,7 @@ from lorapg.api.gallery import image_url
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.jobs import Job
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS, VARIATION_STRENGTH
 from lorapg.services.generation_jobs import GenerationJobs, GenerationParams, JobNotFound, Urls
 
 PREFIX = "/api/v1/generations"
@@ -56,6 +56,14 @@ class GenerationFields(BaseModel):
     seed: int | None = Field(-1, description="-1 or null: a random seed (reported in seeds).")
     clip_skip: int = Field(
         int(CLIP_SKIP.default), description="A1111's Clip skip (CLIP_stop_at_last_layers): 2 = penultimate; SD 1.x."
+    )
+    variation_seed: int | None = Field(
+        -1, description="A1111's variation seed (subseed); -1 or null: random. Image i of a batch uses it + i."
+    )
+    variation_strength: float = Field(
+        VARIATION_STRENGTH.default,
+        description="A1111's variation strength (subseed_strength), 0-1: 0 = the seed's image exactly; "
+        "over 0 every image of a batch keeps the seed.",
     )
 
 
@@ -119,6 +127,9 @@ class GenerationJob(BaseModel):
     image_ids: list[int]
     preview_url: str | None
     error: str | None
+    variation_seeds: list[int] = Field(
+        default_factory=list, description="Each image's variation seed; empty at variation strength 0."
+    )
 
 
 class GenerationAccepted(BaseModel):

@@ -67,6 +67,8 @@ class GridCreate(GenerationFields):
             height=self.height,
             seed=self.seed,
             clip_skip=self.clip_skip,
+            variation_seed=self.variation_seed,
+            variation_strength=self.variation_strength,
         )
 
 

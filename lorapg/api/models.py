@@ -19,6 +19,11 @@ class Txt2ImgRequest(A1111Request):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = Field(-1, description="-1: random; the images of a call use consecutive seeds")
+    # seed_resize_from_h / _w (A1111's "resize seed from") are not supported: ignored like any unknown key.
+    subseed: int = Field(-1, description="Variation seed; -1: random. Image i of a call uses subseed + i.")
+    subseed_strength: float = Field(
+        0.0, description="Variation strength 0-1: 0 = the seed's image; over 0 every image keeps the seed"
+    )
     steps: int = 20
     cfg_scale: float = 7.0
     width: int = 512

@@ -22,6 +22,7 @@ from lorapg.diffusion.prompt_encoding import chunked_prompt_embeddings
 from lorapg.diffusion.prompt_syntax import needs_chunked_encoding
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import make_scheduler
+from lorapg.diffusion.variation_noise import image_seeds, initial_latents, variation_seeds
 from lorapg.errors import UserError
 from lorapg.residency import LOWVRAM, ResidencyManager
 
@@ -44,6 +45,7 @@ class GenerationResult:
     cancelled: bool = False
     warnings: list[str] = field(default_factory=list)
     saved: list = field(default_factory=list)  # files written for this result (gallery, CLI)
+    variation_seeds: list[int] = field(default_factory=list)  # per image; empty at variation strength 0
 
 
 @dataclass
@@ -169,7 +171,7 @@ class DiffusionEngine:
             pipe = model.pipe
             pipe.scheduler = make_scheduler(request.sampler, model.base_scheduler_config)
             self._configure_vae_tiling(model, request)
-            seeds = [request.seed + i for i in range(request.batch_size)]
+            seeds = image_seeds(request)  # seed + i; the same seed for each image of a variation batch
             warnings = []  # long prompts are chunked (prompt_encoding), so nothing is cut any more
             cancelled = False
             steps_done = 0
@@ -197,6 +199,12 @@ class DiffusionEngine:
                     prompts = chunked_prompt_embeddings(pipe, request.prompt, request.negative_prompt, clip_skip)
                 elif clip_skip is not None:
                     prompts = clip_skipped_embeddings(pipe, request, clip_skip)
+                # One CPU generator per image: image i is reproducible alone with seed + i, and the
+                # same seed gives the same noise whatever the device.
+                generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                latents = initial_latents(pipe, request, generators)  # None: no variation, the pipeline draws
+                if latents is not None:
+                    prompts["latents"] = latents
                 return pipe(
                     **prompts,
                     num_inference_steps=request.steps,
@@ -204,9 +212,7 @@ class DiffusionEngine:
                     width=request.width,
                     height=request.height,
                     num_images_per_prompt=request.batch_size,
-                    # One CPU generator per image: image i is reproducible alone with seed + i, and the
-                    # same seed gives the same noise whatever the device.
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    generator=generators,
                     callback_on_step_end=step_end,
                     callback_on_step_end_tensor_inputs=["latents"],
                     output_type="pil",
@@ -239,6 +245,7 @@ class DiffusionEngine:
                 family=model.family,
                 cancelled=cancelled,
                 warnings=warnings,
+                variation_seeds=variation_seeds(request),
             )
 
     @staticmethod

@@ -10,7 +10,7 @@ from lorapg import lora_tags
 from lorapg.coercion import SHOWN_CHARS, CoercionError, parse_seed, shown, to_float, to_int
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
 from lorapg.errors import UserError, shorten
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MULTIPLE, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MULTIPLE, STEPS, VARIATION_STRENGTH
 from lorapg.lora_tags import find_lora_tags, strip_lora_tags
 
 # The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
@@ -41,6 +41,9 @@ class GenerationRequest:
     seed: int | None = None  # None or -1: pick one at random (the one used is reported)
     batch_size: int = int(BATCH_SIZE.default)
     clip_skip: int = int(CLIP_SKIP.default)  # A1111's "Clip skip": 1 = the text encoder's last layer
+    # A1111's variation seed ("subseed") and strength; at strength 0 the seed's image is made unchanged.
+    variation_seed: int | None = None  # None or -1: random (picked only when the strength is over 0)
+    variation_strength: float = VARIATION_STRENGTH.default
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -133,6 +136,7 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
         seed = random.randint(0, MAX_SEED - MAX_BATCH)
     if seed + batch - 1 > MAX_SEED:
         raise UserError(f"Seed {seed} + batch {batch} runs past {MAX_SEED}; pick a smaller seed.")
+    variation_seed, variation_strength = _variation(request, batch)
     return replace(
         request,
         steps=steps,
@@ -142,7 +146,22 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
         guidance_scale=guidance,
         seed=seed,
         clip_skip=clip_skip,
+        variation_seed=variation_seed,
+        variation_strength=variation_strength,
     )
+
+
+def _variation(request: GenerationRequest, batch: int) -> tuple[int | None, float]:
+    """The checked variation seed (random when unset and the strength is over 0) and strength."""
+    strength = _number("Variation strength", request.variation_strength)
+    if strength not in VARIATION_STRENGTH:
+        raise UserError(f"Variation strength must be {VARIATION_STRENGTH.describe()} (0 = off), got {strength:g}.")
+    seed = parse_seed(request.variation_seed, "Variation seed")
+    if seed is None and strength > 0:
+        seed = random.randint(0, MAX_SEED - MAX_BATCH)  # room for variation_seed + i, as for the seed
+    if seed is not None and seed + batch - 1 > MAX_SEED:
+        raise UserError(f"Variation seed {seed} + batch {batch} runs past {MAX_SEED}; pick a smaller variation seed.")
+    return seed, strength
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, tuple[LoraRequest, ...]]:

@@ -45,6 +45,8 @@ _KNOWN_KEYS = {
     "model hash",
     "model",
     "clip skip",
+    "variation seed",
+    "variation seed strength",
     "lora hashes",
     "lora weights",
     "version",
@@ -84,6 +86,8 @@ class ParsedParameters:
     model_name: str | None = None
     model_hash: str | None = None
     clip_skip: int | None = None
+    variation_seed: int | None = None
+    variation_strength: float | None = None
     version: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -156,6 +160,9 @@ def format_parameters(record: ImageRecord) -> str:
         pairs.append(("Model hash", record.model_hash))
     if record.model_name:
         pairs.append(("Model", record.model_name))
+    if record.variation_strength and record.variation_seed is not None:  # A1111: only when the strength is over 0
+        pairs.append(("Variation seed", str(record.variation_seed)))
+        pairs.append(("Variation seed strength", format_number(record.variation_strength)))
     if record.clip_skip and record.clip_skip > 1:  # A1111 writes it only when a layer is skipped
         pairs.append(("Clip skip", str(record.clip_skip)))
     hashes = [f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash]
@@ -357,6 +364,10 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
             result.model_name = value or None
         elif folded == "clip skip":
             result.clip_skip = _parse_int("Clip skip", value, problems, 1, 12)
+        elif folded == "variation seed":
+            result.variation_seed = _parse_int("Variation seed", value, problems, 0, MAX_SEED)
+        elif folded == "variation seed strength":
+            result.variation_strength = _parse_float("Variation seed strength", value, problems)
         elif folded == "lora hashes":
             for name, rest in _parse_lora_list(key, value, problems):
                 file_hash = rest.split(":")[0].strip()

@@ -90,6 +90,9 @@ class ImageRecord:
     model_hash: str | None = None
     job_id: str | None = None
     clip_skip: int | None = None  # A1111's "Clip skip"; None or 1: the last layer (not written)
+    # A1111's "Variation seed" / "Variation seed strength"; None: no variation (not written).
+    variation_seed: int | None = None
+    variation_strength: float | None = None
     created_at: datetime | None = None
     id: int | None = None
     path: Path | None = None
@@ -117,5 +120,7 @@ def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
         model_name=parsed.model_name,
         model_hash=model_hash,
         clip_skip=parsed.clip_skip,
+        variation_seed=parsed.variation_seed,
+        variation_strength=parsed.variation_strength,
         version=parsed.version or default_version(),
     )

@@ -90,6 +90,24 @@ _MIGRATIONS: dict[int, Sequence[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 _NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 
 
+# Parameters that have no column of their own: the row's A1111 text (the PNG's) keeps them.
+_TEXT_ONLY_KEYS = ("Clip skip:", "Variation seed:")
+
+
+def _with_text_only_fields(record: ImageRecord, text: str) -> ImageRecord:
+    """``record`` with the parameters only its A1111 text holds (Clip skip, Variation seed and
+    strength) read back, so Reuse by id restores them as PNG Info does; no schema change needed."""
+    if not any(key in text for key in _TEXT_ONLY_KEYS):
+        return record  # most images: nothing to parse
+    parsed = parse_parameters(text)
+    return replace(
+        record,
+        clip_skip=parsed.clip_skip,
+        variation_seed=parsed.variation_seed,
+        variation_strength=parsed.variation_strength,
+    )
+
+
 def _as_utc(moment: datetime) -> datetime:
     # Naive datetimes in this app are local time.
     return (moment if moment.tzinfo else moment.astimezone()).astimezone(UTC)
@@ -293,6 +311,9 @@ class GalleryStore:
         return [self._record(row, loras[row["id"]]) for row in rows]
 
     def _record(self, row: sqlite3.Row, loras: list[LoraUse]) -> ImageRecord:
+        return _with_text_only_fields(self._columns_record(row, loras), row["parameters"] or "")
+
+    def _columns_record(self, row: sqlite3.Row, loras: list[LoraUse]) -> ImageRecord:
         return ImageRecord(
             prompt=row["prompt"],
             negative_prompt=row["negative_prompt"],

@@ -59,6 +59,8 @@ class Txt2ImgParams:
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
+    subseed: int = -1  # the variation seed; -1: random
+    subseed_strength: float = 0.0  # the variation strength; 0: off
     steps: int = 20
     cfg_scale: float = 7.0
     width: int = 512
@@ -151,6 +153,15 @@ def check_clip_skip(value: Any) -> int:
     return number
 
 
+def next_batch(base: GenerationRequest, iteration: int) -> GenerationRequest:
+    """Batch ``iteration`` of an ``n_iter`` call, as A1111 numbers the images: seeds count up over the
+    call, except that variations keep the seed and count the variation seed up instead."""
+    offset = iteration * base.batch_size
+    if base.variation_strength:
+        return replace(base, variation_seed=base.variation_seed + offset)
+    return replace(base, seed=base.seed + offset, variation_seed=base.variation_seed + offset)
+
+
 def png_base64(image: Image.Image, parameters: str) -> str:
     """A raw base64 PNG (no ``data:`` prefix, as A1111 sends) carrying the ``parameters`` chunk."""
     info = PngInfo()
@@ -222,7 +233,7 @@ class A1111Service:
         results, interrupted = [], False
         try:
             for iteration in range(params.n_iter):
-                request = replace(base, seed=base.seed + iteration * base.batch_size)
+                request = next_batch(base, iteration)
                 result, interrupted = self._run_batch(request, iteration, params.n_iter)
                 results.append(result)
                 if interrupted:
@@ -276,11 +287,27 @@ class A1111Service:
             seed=seed,
             batch_size=params.batch_size,
             clip_skip=self._clip_skip if params.clip_skip is None else check_clip_skip(params.clip_skip),
+            variation_seed=self._subseed(params),
+            variation_strength=params.subseed_strength,
         )
         return self.generation.prepare(request)  # every field checked before anything is queued
 
+    @staticmethod
+    def _subseed(params: Txt2ImgParams) -> int:
+        """A1111 picks a random subseed for every call (reported in ``info`` even when unused)."""
+        subseed = parse_seed(params.subseed, "subseed")
+        count = params.batch_size * params.n_iter
+        if subseed is None:
+            return random.randrange(int(SEED.maximum) + 1 - int(BATCH_SIZE.maximum) * MAX_N_ITER)
+        if subseed + count - 1 > SEED.maximum:
+            raise UserError(
+                f"subseed: {subseed} plus the {count} images of this call passes {SEED.maximum:g}; "
+                "use a smaller subseed or -1."
+            )
+        return subseed
+
     def _reply(self, params: Txt2ImgParams, results: list, interrupted: bool) -> Txt2ImgResult:
-        images, infotexts, seeds = [], [], []
+        images, infotexts, seeds, subseeds = [], [], [], []
         for result in results:
             records = [image_record(result, index) for index in range(len(result.images))]
             texts = [format_parameters(record) for record in records]
@@ -290,6 +317,8 @@ class A1111Service:
                 images += [png_base64(image, text) for image, text in zip(result.images, texts, strict=True)]
             infotexts += texts
             seeds += list(result.seeds[: len(result.images)] or result.seeds)
+            # A1111 counts the subseed up over the call's images whether or not they vary.
+            subseeds += [result.request.variation_seed + i for i in range(len(result.images) or len(result.seeds))]
         first = results[0]
         request = first.request
         model = self.generation.model_status()
@@ -301,9 +330,9 @@ class A1111Service:
             "all_negative_prompts": [request.negative_prompt] * len(seeds),
             "seed": seeds[0] if seeds else request.seed,
             "all_seeds": seeds,
-            "subseed": -1,
-            "all_subseeds": [-1] * len(seeds),
-            "subseed_strength": 0,
+            "subseed": subseeds[0] if subseeds else request.variation_seed,
+            "all_subseeds": subseeds,
+            "subseed_strength": request.variation_strength,
             "width": request.width,
             "height": request.height,
             "sampler_name": SAMPLERS[request.sampler].a1111_sampler,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from lorapg.gallery.png import read_png_parameters
 from lorapg.gallery.records import ImageRecord, check_image_id, strip_lora_tags
 from lorapg.gallery.store import GalleryStore
 from lorapg.hashing import lora_hash
+from lorapg.limits import BATCH_SIZE
 
 if TYPE_CHECKING:
     from lorapg.diffusion.request import GenerationRequest
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_PARAMETERS = "This PNG has no generation parameters."
+# "Vary": A1111 users vary an image at 0.1-0.3 (the same composition, other details); 0.2 sits in the
+# middle. A batch of the most images one generation makes (BATCH_SIZE.maximum).
+VARY_STRENGTH = 0.2
+VARY_COUNT = int(BATCH_SIZE.maximum)
 BY_NAME, BY_HASH = "name", "hash"
 
 # Sampler names other tools write (Fooocus and ComfyUI use k-diffusion ids) -> ours.
@@ -107,6 +112,10 @@ class ReuseParameters:
     model_name: str | None = None
     model_hash: str | None = None
     clip_skip: int = 1  # A1111 writes "Clip skip" only when it is over 1, so a PNG without it means 1
+    # A1111 writes the variation only when its strength is over 0: a PNG without it means strength 0
+    # (which resets a Generate tab left at another strength); the seed stays as it is then.
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
     missing_loras: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be carried over, and why
 
@@ -122,6 +131,8 @@ class ReuseParameters:
             "height": self.height,
             "seed": self.seed,
             "clip_skip": self.clip_skip,
+            "variation_seed": self.variation_seed,
+            "variation_strength": self.variation_strength,
         }
         return GenerationRequest(
             prompt=self.prompt,
@@ -130,6 +141,14 @@ class ReuseParameters:
             batch_size=batch_size,
             **{key: value for key, value in given.items() if value is not None},
         )
+
+
+@dataclass(frozen=True)
+class VariationsPlan:
+    """What "Vary" on a gallery image makes: the request (a batch) and what Reuse had to note."""
+
+    request: GenerationRequest
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -356,6 +375,29 @@ class GalleryService:
             **values,
         )
 
+    def variations_request(
+        self,
+        image_id: int | str,
+        current_model: str | None = None,
+        owner: str | None = None,
+        *,
+        count: int = VARY_COUNT,
+        strength: float | None = None,
+    ) -> VariationsPlan:
+        """Vary: a batch of ``count`` variations of a gallery image, as an A1111 user makes them:
+        the image's parameters and seed, random variation seeds (one for the batch, + i per image),
+        and a moderate strength (``VARY_STRENGTH``) that keeps the composition and changes details.
+
+        An image that is itself a variation gives its siblings: its seed and its own strength with new
+        variation seeds (A1111 cannot express a variation of a variation either).
+        """
+        params = self.reuse_parameters(image_id, current_model=current_model, owner=owner)
+        if params.seed is None:
+            raise UserError(f"Image #{image_id} has no seed in its parameters; Vary needs the seed of the image.")
+        chosen = strength if strength is not None else (params.variation_strength or VARY_STRENGTH)
+        request = replace(params.to_request(batch_size=count), variation_seed=None, variation_strength=chosen)
+        return VariationsPlan(request, list(params.notes))
+
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -401,6 +443,7 @@ def _values_from_record(record: ImageRecord) -> dict:
         "model_name": record.model_name,
         "model_hash": record.model_hash,
         "clip_skip": record.clip_skip or 1,
+        **_variation_values(record.variation_seed, record.variation_strength),
     }
 
 
@@ -418,7 +461,15 @@ def _values_from_parsed(parsed: ParsedParameters) -> dict:
         "model_name": parsed.model_name,
         "model_hash": parsed.model_hash,
         "clip_skip": parsed.clip_skip or 1,
+        **_variation_values(parsed.variation_seed, parsed.variation_strength),
     }
+
+
+def _variation_values(seed: int | None, strength: float | None) -> dict:
+    """Reuse's variation fields: strength 0 (off) unless both the seed and the strength were written."""
+    if seed is None or not strength:
+        return {"variation_seed": None, "variation_strength": 0.0}
+    return {"variation_seed": seed, "variation_strength": strength}
 
 
 def _local_loras(matches: list[LoraMatch]) -> tuple[list[tuple[str, float]], list[str]]:
@@ -474,6 +525,7 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
     if seed is not None and seed > MAX_SEED:
         values["seed"] = None
         notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
+    notes += _variation_within_limits(values)
     for key, label in (("width", "Width"), ("height", "Height")):
         size = values.get(key)
         if size is not None and (not MIN_SIZE <= size <= MAX_SIZE or size % 8):
@@ -482,6 +534,23 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
                 f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); {values[key]} is used."
             )
     return values, notes
+
+
+def _variation_within_limits(values: dict) -> list[str]:
+    """A variation another tool wrote that this app cannot make is dropped (strength 0), with a note."""
+    from lorapg.diffusion.request import MAX_SEED
+    from lorapg.limits import VARIATION_STRENGTH
+
+    seed, strength = values.get("variation_seed"), values.get("variation_strength")
+    if not strength:
+        return []
+    if strength not in VARIATION_STRENGTH:
+        used = values["variation_strength"] = VARIATION_STRENGTH.clamp(strength)
+        return [f"Variation strength {strength:g} is outside {VARIATION_STRENGTH.describe()}; {used:g} is used."]
+    if seed is not None and seed > MAX_SEED:
+        values["variation_seed"], values["variation_strength"] = None, 0.0
+        return [f"Variation seed {seed} is larger than {MAX_SEED}; the variation was left out."]
+    return []
 
 
 def _scales_within_limits(loras: list[tuple[str, float]]) -> tuple[list[tuple[str, float]], list[str]]:

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from lorapg.coercion import parse_seed
 from lorapg.diffusion.request import MAX_BATCH, MAX_SEED, GenerationRequest, LoraRequest
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
+from lorapg.diffusion.variation_noise import image_seeds, variation_seeds
 from lorapg.errors import UserError, shorten
 from lorapg.jobs import CANCELLED, DONE, ERROR, FINISHED, Job
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS, VARIATION_STRENGTH
 from lorapg.services.generation import GenerationService
 
 GENERATE = "generate"  # the job kind GenerationService submits
@@ -50,6 +51,8 @@ class GenerationParams:
     seed: int | None = None  # None or -1: random (picked at submit, so the seeds are known at once)
     batch_size: int = int(BATCH_SIZE.default)
     clip_skip: int = int(CLIP_SKIP.default)  # A1111's "Clip skip" (CLIP_stop_at_last_layers)
+    variation_seed: int | None = None  # A1111's subseed; None or -1: random (picked at submit)
+    variation_strength: float = VARIATION_STRENGTH.default  # A1111's subseed_strength; 0 = off
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class JobState:
     image_ids: list[int] = field(default_factory=list)  # their gallery ids
     preview_url: str | None = None  # the latest preview, while one exists
     error: str | None = None
+    variation_seeds: list[int] = field(default_factory=list)  # each image's; empty at variation strength 0
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class GenerationJobs:
         self.generation = generation
         self.urls = urls
         # Seeds are decided at submit; a job only knows them once its result exists.
-        self._seeds: dict[str, list[int]] = {}
+        self._seeds: dict[str, tuple[list[int], list[int]]] = {}  # job id -> (seeds, variation seeds)
         self._lock = threading.Lock()  # routes run in several threads
 
     def submit(self, params: GenerationParams) -> JobState:
@@ -90,7 +94,7 @@ class GenerationJobs:
         request = self._request(params)
         job = self.generation.submit_generation(request, owner=None, record=True)
         with self._lock:
-            self._seeds[job.id] = [request.seed + i for i in range(int(request.batch_size))]
+            self._seeds[job.id] = planned_seeds(request)
             self._forget_seeds()
         return self.state(job)
 
@@ -111,6 +115,8 @@ class GenerationJobs:
             seed=seed,
             batch_size=params.batch_size,
             clip_skip=params.clip_skip,
+            variation_seed=_variation_seed(params),
+            variation_strength=params.variation_strength,
         )
 
     def _forget_seeds(self) -> None:
@@ -136,8 +142,9 @@ class GenerationJobs:
         result = job.result if status in FINISHED else None
         saved = [record for record in getattr(result, "saved", None) or [] if getattr(record, "id", None)]
         with self._lock:
-            planned = self._seeds.get(job.id, [])
+            planned, planned_variations = self._seeds.get(job.id, ([], []))
         seeds = list(result.seeds) if result is not None else planned
+        variations = list(result.variation_seeds) if result is not None else planned_variations
         return JobState(
             job_id=job.id,
             status=status,
@@ -150,6 +157,7 @@ class GenerationJobs:
             image_ids=[record.id for record in saved],
             preview_url=self.urls.preview(job.id) if job.preview is not None else None,
             error=job.error,
+            variation_seeds=variations,
         )
 
     def cancel(self, job: Job) -> JobState:
@@ -189,6 +197,19 @@ class GenerationJobs:
                 yield None
 
 
+def _variation_seed(params: GenerationParams) -> int | None:
+    """The variation seed, picked at submit when random and used (strength over 0), like the seed."""
+    seed = parse_seed(params.variation_seed, "variation_seed")
+    if seed is None and params.variation_strength:
+        seed = random.randint(0, MAX_SEED - MAX_BATCH)
+    return seed
+
+
+def planned_seeds(request: GenerationRequest) -> tuple[list[int], list[int]]:
+    """Each image's seed and variation seed, as the engine will use them (both were picked at submit)."""
+    return image_seeds(request), variation_seeds(request)
+
+
 def progress_data(state: JobState) -> dict:
     return {
         "status": state.status,
@@ -202,7 +223,8 @@ def progress_data(state: JobState) -> dict:
 
 def terminal_event(state: JobState) -> tuple[str, dict]:
     if state.status == DONE:
-        return COMPLETE, {"images": state.images, "image_ids": state.image_ids, "seeds": state.seeds}
+        done = {"images": state.images, "image_ids": state.image_ids, "seeds": state.seeds}
+        return COMPLETE, done | ({"variation_seeds": state.variation_seeds} if state.variation_seeds else {})
     if state.status == ERROR:
         return ERROR, {"message": state.error or state.message}
     if state.status == CANCELLED:

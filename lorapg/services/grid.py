@@ -99,6 +99,9 @@ class GridService:
         if parse_seed(base.seed) is None:
             # One random seed for every cell, so the cells differ only by their axes (as A1111 does).
             base = replace(base, seed=random.randint(0, MAX_SEED - MAX_BATCH))
+        if parse_seed(base.variation_seed, "Variation seed") is None:
+            # Likewise one variation seed (used only at a variation strength over 0).
+            base = replace(base, variation_seed=random.randint(0, MAX_SEED - MAX_BATCH))
         models = {
             value: self.generation.check_model_ref(value)
             for axis in axes

@@ -63,7 +63,12 @@ def build_ui(
             )
             if gallery_service is not None:
                 build_gallery_tab(
-                    gallery_service, generate, tabs, lora_choices=lambda: lora_choices(service), visitors=visitors
+                    gallery_service,
+                    generate,
+                    tabs,
+                    lora_choices=lambda: lora_choices(service),
+                    visitors=visitors,
+                    generation=service,
                 )
             if training_service is not None:
                 with gr.Tab("Train", id="train"):

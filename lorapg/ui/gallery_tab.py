@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from lorapg.gallery.records import ImageRecord
 from lorapg.hosting.visitors import Visitors
+from lorapg.jobs import DONE
 from lorapg.services.gallery import GalleryService, ReuseParameters
-from lorapg.ui.common import user_errors, visitor
+from lorapg.ui.common import follow, job_status_text, user_errors, visitor
 from lorapg.ui.texts import image_details_text, png_info_text
+
+if TYPE_CHECKING:  # imports torch and diffusers; the gallery tab itself needs neither
+    from lorapg.services.generation import GenerationService
 
 # Generate-tab widgets that Reuse fills, by the keys of build_generate_tab's dict.
 REUSE_TARGETS = (
@@ -32,6 +37,8 @@ REUSE_TARGETS = (
     "seed",
     "batch",
     "clip_skip",
+    "variation_seed",
+    "variation_strength",
 )
 _PARAMETER_WIDGETS = {
     "steps": "steps",
@@ -41,6 +48,8 @@ _PARAMETER_WIDGETS = {
     "height": "height",
     "seed": "seed",
     "clip_skip": "clip_skip",
+    "variation_seed": "variation_seed",
+    "variation_strength": "variation_strength",
 }
 
 
@@ -72,23 +81,27 @@ def build_gallery_tab(
     *,
     lora_choices: Callable[[], list[tuple[str, str]]] | None = None,
     visitors: Visitors | None = None,
+    generation: GenerationService | None = None,
 ) -> dict[str, gr.components.Component]:
     """Add the Gallery and PNG Info tabs to ``tabs`` (call inside its ``with`` block).
 
     ``lora_choices``: the Generate tab's LoRA dropdown choices, re-read on Reuse so a LoRA added
-    since start-up can be selected. ``visitors``: whose gallery each request sees.
+    since start-up can be selected. ``visitors``: whose gallery each request sees. ``generation``:
+    runs "Vary" (a batch of variations of the selected image); without it there is no Vary button.
     """
     serve_gallery_in_place(gallery_service.store.images_dir)
     with gr.Tab("Gallery", id="gallery") as gallery_tab:
-        widgets = _gallery_widgets(gallery_service)
+        widgets = _gallery_widgets(gallery_service, can_vary=generation is not None)
     with gr.Tab("PNG Info", id="png-info"):
         widgets |= _png_info_widgets()
-    _wire_gallery(gallery_service, widgets, gallery_tab, visitors)
+    list_images = _wire_gallery(gallery_service, widgets, gallery_tab, visitors)
     _wire_reuse(gallery_service, widgets, generate_widgets, tabs, lora_choices, visitors)
+    if generation is not None:
+        _wire_vary(gallery_service, generation, widgets, list_images, generate_widgets.get("model"), visitors)
     return widgets
 
 
-def _gallery_widgets(gallery_service: GalleryService) -> dict[str, gr.components.Component]:
+def _gallery_widgets(gallery_service: GalleryService, can_vary: bool = False) -> dict[str, gr.components.Component]:
     with gr.Row():
         query = gr.Textbox(
             label="Prompt words", placeholder="every word must be in the prompt", scale=3, elem_id="gallery-query"
@@ -120,6 +133,7 @@ def _gallery_widgets(gallery_service: GalleryService) -> dict[str, gr.components
             )
             with gr.Row():
                 reuse = gr.Button("♻️ Reuse", variant="primary", elem_id="gallery-reuse")
+                vary = gr.Button("🎲 Vary", visible=can_vary, elem_id="gallery-vary")
                 star = gr.Button(star_label(False), elem_id="gallery-star")
                 delete = gr.Button("🗑️ Delete", variant="stop", elem_id="gallery-delete")
                 download = gr.DownloadButton("⬇️ Download PNG", value=None, elem_id="gallery-download")
@@ -138,6 +152,7 @@ def _gallery_widgets(gallery_service: GalleryService) -> dict[str, gr.components
         "selected_id": selected_id,
         "image": full,
         "reuse": reuse,
+        "vary": vary,
         "star": star,
         "delete": delete,
         "download": download,
@@ -161,7 +176,7 @@ def _png_info_widgets() -> dict[str, gr.components.Component]:
     return {"png_file": upload, "png_send": send, "png_summary": summary, "png_raw": text}
 
 
-def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitors: Visitors | None) -> None:
+def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitors: Visitors | None) -> Callable:
     listing = [w["gallery"], w["ids"], w["count"]]
     shown = [w["selected_id"], w["image"], w["details"], w["raw"], w["star"], w["download"]]
 
@@ -220,6 +235,50 @@ def _wire_gallery(service: GalleryService, w: dict, gallery_tab: gr.Tab, visitor
         inputs_kwargs={"image_id": w["selected_id"], **filters},
         outputs=listing + shown,
         api_name="gallery_delete",
+    )
+    return list_images
+
+
+def _wire_vary(
+    service: GalleryService,
+    generation: GenerationService,
+    w: dict,
+    list_images: Callable,
+    model: gr.components.Component | None,
+    visitors: Visitors | None,
+) -> None:
+    """Vary: the gallery service plans the batch of variations, the generation service makes it."""
+    listing = [w["gallery"], w["ids"], w["count"]]
+    model_input = {"current_model": model} if model is not None else {}
+
+    @user_errors
+    def vary(image_id, query, lora, request: gr.Request, current_model=None):
+        owner = visitor(visitors, request)
+        plan = service.variations_request(image_id, current_model=current_model, owner=owner)
+        for note in plan.notes:
+            gr.Warning(note)
+        job = generation.submit_generation(plan.request, owner=owner)
+        for current in follow(job, generation.jobs):
+            if not current.finished:
+                yield gr.update(), gr.update(), gr.update(), job_status_text(current, generation.jobs)
+        if job.status != DONE:
+            yield gr.update(), gr.update(), gr.update(), f"{job.status.capitalize()} (job `{job.id}`)."
+            return
+        result = job.result
+        seeds = result.variation_seeds
+        done = (
+            f"{len(result.images)} variations of image #{int(image_id)} (seed {result.seeds[0]}, variation seeds "
+            f"{seeds[0]}–{seeds[-1]}, strength {result.request.variation_strength:g}) are first in the gallery."
+        )
+        yield *list_images(query, lora, request), done
+
+    w["vary"].click(
+        vary,
+        inputs_kwargs={"image_id": w["selected_id"], "query": w["query"], "lora": w["lora_filter"], **model_input},
+        outputs=[*listing, w["notes"]],
+        api_name="gallery_vary",
+        concurrency_id="gpu",
+        concurrency_limit=1,
     )
 
 

@@ -12,7 +12,18 @@ from lorapg.diffusion.request import GenerationRequest, parse_lora_list
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import CANCELLED
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
+from lorapg.limits import (
+    BATCH_SIZE,
+    CFG_SCALE,
+    CLIP_SKIP,
+    LORA_SCALE,
+    RANDOM_SEED,
+    SEED,
+    SIZE,
+    STEPS,
+    VARIATION_STRENGTH,
+    Range,
+)
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
 from lorapg.ui.texts import loading_text, model_status_text
@@ -57,6 +68,37 @@ def lora_spec(selected: list[str] | None, scales: dict | None) -> str:
     """The selection as ``name:scale, …`` — the same text the API and the CLI take."""
     scales = scales or {}
     return ", ".join(f"{name}:{scales.get(name, DEFAULT_LORA_SCALE):g}" for name in selected or [])
+
+
+def _variation_widgets() -> tuple[gr.Number, gr.Slider]:
+    """A1111's "Variation seed" and "Variation strength", folded away: at strength 0 they do nothing."""
+    with gr.Accordion("Variation", open=False, elem_id="variation"):
+        gr.Markdown(
+            "Blend this seed's starting noise towards another seed's: 0 keeps the image exactly, "
+            "0.1–0.3 gives the same image with other details, 1 gives the variation seed's image. "
+            "A batch keeps the seed and counts the variation seed up."
+        )
+        with gr.Row():
+            variation_seed = raw_number(
+                gr.Number(
+                    value=RANDOM_SEED,
+                    precision=0,
+                    minimum=RANDOM_SEED,
+                    maximum=SEED.maximum,
+                    step=1,
+                    label=f"Variation seed (random: {RANDOM_SEED})",
+                    elem_id="variation-seed",
+                )
+            )
+            variation_strength = raw_number(
+                gr.Slider(
+                    **ranged(VARIATION_STRENGTH),
+                    value=VARIATION_STRENGTH.default,
+                    label="Variation strength (0 = off)",
+                    elem_id="variation-strength",
+                )
+            )
+    return variation_seed, variation_strength
 
 
 def build_generate_tab(
@@ -146,6 +188,7 @@ def build_generate_tab(
                             label=f"Seed ({RANDOM_SEED} = random)",
                         )
                     )
+            variation_seed, variation_strength = _variation_widgets()
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -204,6 +247,8 @@ def build_generate_tab(
         batch_size,
         http: gr.Request,
         clip_skip=int(CLIP_SKIP.default),
+        variation_seed=RANDOM_SEED,
+        variation_strength=VARIATION_STRENGTH.default,
         progress=gr.Progress(),
     ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
@@ -219,6 +264,8 @@ def build_generate_tab(
             seed=seed,
             batch_size=batch_size,
             clip_skip=clip_skip,
+            variation_seed=variation_seed,
+            variation_strength=variation_strength,
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -246,7 +293,9 @@ def build_generate_tab(
         "height": height,
         "seed": seed,
         "batch_size": batch,
-        "clip_skip": clip_skip,  # added last: the positional order before it stays the API's
+        "clip_skip": clip_skip,  # added after the first release: the positional order before it stays the API's
+        "variation_seed": variation_seed,
+        "variation_strength": variation_strength,
     }
     generate_button.click(
         generate,
@@ -299,6 +348,8 @@ def build_generate_tab(
         "seed": seed,
         "batch": batch,
         "clip_skip": clip_skip,
+        "variation_seed": variation_seed,
+        "variation_strength": variation_strength,
         "model": model_box,
         "model_status": model_status,
         **extra,

@@ -80,6 +80,7 @@ def png_info_text(info: PngInfo) -> str:
         ("Sampler", p.sampler),
         ("CFG scale", p.guidance_scale),
         ("Seed", p.seed),
+        ("Variation", variation_text(p.variation_seed, p.variation_strength)),
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
         ("Model", p.model_name),
         ("Model hash", p.model_hash),
@@ -109,12 +110,18 @@ def image_details_text(details: ImageDetails) -> str:
         ("Sampler", r.sampler),
         ("CFG scale", r.guidance_scale),
         ("Seed", r.seed),
+        ("Variation", variation_text(r.variation_seed, r.variation_strength)),
         ("Size", f"{r.width}x{r.height}" if r.width and r.height else None),
         ("Model", model),
         ("Job", r.job_id),
         ("File", r.path),
     ]
     return "\n\n".join(f"**{key}:** {value}" for key, value in rows if value not in (None, ""))
+
+
+def variation_text(seed: int | None, strength: float | None) -> str | None:
+    """``seed 77 at strength 0.2``; None when the image is not a variation."""
+    return f"seed {seed} at strength {strength:g}" if seed is not None and strength else None
 
 
 def _lora_text(name: str, scale: float, file_hash: str | None) -> str:
