@@ -1,7 +1,7 @@
 """The working prompt, kept on disk so a restart or a closed browser tab never loses it.
 
 One small JSON file holds what the user is working on: prompt, negative prompt, keywords, the LoRA
-selection with its scales, and the generation parameters. It is rewritten atomically (temp file in
+selection with its scales, and the generation parameters (clip skip included). It is rewritten atomically (temp file in
 the same folder, then ``os.replace``), so a crash mid-write leaves the previous version, never half
 a file. Reading is forgiving: a missing, corrupt or hand-edited file gives the defaults for what
 cannot be read, with a log line, because losing a draft must never stop the app from starting.
@@ -43,6 +43,7 @@ class WorkingValues:
     height: int | None = None
     seed: int | None = None
     batch_size: int | None = None
+    clip_skip: int | None = None  # A1111's "Clip skip"; files written before it existed lack it (the default)
     extra: dict[str, Any] = field(default_factory=dict)  # room for other tabs' fields
 
     @property
@@ -55,7 +56,7 @@ class WorkingValues:
 
 
 _TEXT_FIELDS = ("prompt", "negative_prompt", "keywords")
-_INT_FIELDS = ("steps", "width", "height", "seed", "batch_size")
+_INT_FIELDS = ("steps", "width", "height", "seed", "batch_size", "clip_skip")
 
 
 def _read_field(name: str, raw: Any) -> Any:

@@ -188,6 +188,23 @@ def test_every_sampler_runs_its_own_scheduler(sd15_engine, sampler):
     assert scheduler.config.beta_schedule == sd15_engine.model.base_scheduler_config["beta_schedule"]
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Heun", "UniPC"])  # schedulers that keep state between steps
+def test_the_same_sampler_reuses_its_scheduler_with_the_same_image(sd15_engine, sampler):
+    """Building a scheduler for every generation was waste; reusing it must not change a pixel,
+    even after a run cancelled half-way left its step state behind."""
+    pixels(sd15_engine, sampler="Euler")  # another sampler first: the next scheduler is a fresh one
+    fresh = pixels(sd15_engine, sampler=sampler, steps=4)
+    scheduler = sd15_engine.model.pipe.scheduler
+    assert_same_bytes(pixels(sd15_engine, sampler=sampler, steps=4), fresh)
+    assert sd15_engine.model.pipe.scheduler is scheduler  # not built again from the config
+    request = GenerationRequest(prompt="a red fox in the snow", steps=4, seed=1234, sampler=sampler)
+    assert sd15_engine.generate(request, should_cancel=lambda: True).cancelled  # stops after its first step
+    assert sd15_engine.model.pipe.scheduler is scheduler
+    assert_same_bytes(pixels(sd15_engine, sampler=sampler, steps=4), fresh)
+    pixels(sd15_engine, sampler="Euler")
+    assert type(sd15_engine.model.pipe.scheduler) is EulerDiscreteScheduler  # another sampler: its own scheduler
+
+
 def test_samplers_give_different_images(sd15_engine):
     euler = pixels(sd15_engine, sampler="Euler")
     ddim = pixels(sd15_engine, sampler="DDIM")

@@ -132,7 +132,7 @@ def test_reuse_and_working_state_in_a_real_browser(app, tmp_path: Path) -> None:
         pytest.skip("no Chromium at /usr/bin/chromium")
     _, record, settings, url, _ = app
     working = WorkingState(settings.outputs / "working_state.json")
-    working.save(WorkingValues(prompt="restored prompt", keywords="kept", loras=(("style", 1.1),), seed=9))
+    working.save(WorkingValues(prompt="restored prompt", keywords="kept", loras=(("style", 1.1),), seed=9, clip_skip=2))
     expect = playwright_api.expect
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -142,6 +142,8 @@ def test_reuse_and_working_state_in_a_real_browser(app, tmp_path: Path) -> None:
             prompt = page.locator("#prompt textarea")
             expect(prompt).to_have_value("restored prompt", timeout=15_000)
             expect(page.locator("input[aria-label='number input for style — scale']")).to_have_value("1.1")
+            clip_skip = page.locator("input[aria-label='number input for Clip skip (SD 1.x)']")
+            expect(clip_skip).to_have_value("2")
 
             prompt.fill("typed, not yet generated")
             wait_for(lambda: working.load().prompt == "typed, not yet generated")
@@ -159,3 +161,4 @@ def test_reuse_and_working_state_in_a_real_browser(app, tmp_path: Path) -> None:
     wait_for(lambda: working.load().loras == (("style", 0.7),))
     saved = working.load()
     assert (saved.prompt, saved.seed, saved.sampler, saved.keywords) == ("a fox", 77, "Euler a", "kept")
+    assert saved.clip_skip == 1  # the reused image's (no "Clip skip" field: 1), saved as the widget changed

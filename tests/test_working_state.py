@@ -30,6 +30,7 @@ def sample() -> WorkingValues:
         height=128,
         seed=123,
         batch_size=2,
+        clip_skip=2,
     )
 
 
@@ -37,6 +38,23 @@ def test_round_trip_keeps_every_field(state: WorkingState) -> None:
     state.save(sample())
     assert state.load() == sample()
     assert state.load().lora_scales == {"style": 0.7, "sub/detail": 1.2}
+
+
+def test_clip_skip_is_kept_and_older_files_without_it_still_load(state: WorkingState, caplog) -> None:
+    state.update(clip_skip=2)
+    assert json.loads(state.path.read_text(encoding="utf-8"))["clip_skip"] == 2
+    assert state.load().clip_skip == 2
+    # A file written before clip skip was kept: every field it has is restored, clip skip is the default.
+    older = {"version": 1, "prompt": "an old draft", "steps": 12, "sampler": "Euler", "loras": [["style", 0.5]]}
+    state.path.write_text(json.dumps(older), encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="lorapg.working_state"):
+        values = state.load()
+    assert values == WorkingValues(prompt="an old draft", steps=12, sampler="Euler", loras=(("style", 0.5),))
+    assert values.clip_skip is None
+    assert caplog.text == ""  # nothing about the file is unusable
+    # A hand-edited value of the wrong type falls back to the default alone.
+    state.path.write_text(json.dumps({**older, "clip_skip": "two"}), encoding="utf-8")
+    assert state.load() == values
 
 
 def test_missing_file_gives_defaults(state: WorkingState) -> None:

@@ -21,7 +21,7 @@ from lorapg.diffusion.preview import latents_to_preview
 from lorapg.diffusion.prompt_encoding import chunked_prompt_embeddings
 from lorapg.diffusion.prompt_syntax import needs_chunked_encoding
 from lorapg.diffusion.request import GenerationRequest, validate
-from lorapg.diffusion.samplers import make_scheduler
+from lorapg.diffusion.samplers import scheduler_for
 from lorapg.diffusion.variation_noise import image_seeds, initial_latents, variation_seeds
 from lorapg.errors import UserError
 from lorapg.residency import LOWVRAM, ResidencyManager
@@ -169,7 +169,7 @@ class DiffusionEngine:
             request = validate(request, model.native_size)
             selections = self.resolve_loras(request)
             pipe = model.pipe
-            pipe.scheduler = make_scheduler(request.sampler, model.base_scheduler_config)
+            pipe.scheduler = scheduler_for(request.sampler, model.base_scheduler_config, pipe.scheduler)
             self._configure_vae_tiling(model, request)
             seeds = image_seeds(request)  # seed + i; the same seed for each image of a variation batch
             warnings = []  # long prompts are chunked (prompt_encoding), so nothing is cut any more

@@ -1,11 +1,12 @@
 """Samplers by the names users know from AUTOMATIC1111, mapped to diffusers schedulers.
 
 Each scheduler is built from the model's own scheduler config (kept from load time), so switching
-samplers never compounds settings from an earlier switch.
+samplers never compounds settings from an earlier switch; the same sampler again reuses its scheduler.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,3 +65,25 @@ def make_scheduler(name: str, base_config: Any):
     """A fresh scheduler for ``name`` built from the model's original scheduler config."""
     sampler = get_sampler(name)
     return sampler.scheduler_class.from_config(base_config, **sampler.options)
+
+
+# Schedulers ``scheduler_for`` made -> (sampler name, the base config they were made from).
+_MADE_FOR: weakref.WeakKeyDictionary[Any, tuple[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def scheduler_for(name: str, base_config: Any, current: Any = None):
+    """The scheduler for ``name``: ``current`` again when this function made it for ``name`` from
+    ``base_config``, else a fresh one (``make_scheduler``).
+
+    Building one parses the config and recomputes its noise tables (about a millisecond, on every
+    generation). Reusing it is what a plain diffusers pipeline does between calls: each call's
+    ``set_timesteps`` recomputes the timesteps and sigmas from the config and resets the step state
+    (step index, multistep history), so the image is the same as with a fresh scheduler, even after
+    a cancelled run.
+    """
+    made = _MADE_FOR.get(current) if current is not None else None
+    if made is not None and made[0] == name and made[1] is base_config:
+        return current
+    scheduler = make_scheduler(name, base_config)
+    _MADE_FOR[scheduler] = (name, base_config)
+    return scheduler

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 PARAMETERS_KEY = "parameters"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# zlib level of saved PNGs. PIL's default (6) spent 70-130 ms on a 512 px image and 350 ms on a
+# 1024 px one, on the GPU queue after every generation; 4 (ComfyUI's choice) takes about half
+# that and makes files about 1% larger. Lossless either way: the pixels are the same.
+PNG_COMPRESS_LEVEL = 4
 
 # What PIL raises for damaged files varies by where the damage is (header, chunk CRC, zlib
 # stream, missing IEND); all of them mean "this file is broken".
@@ -56,7 +60,7 @@ def save_png_atomically(image: Image.Image, path: str | os.PathLike[str], parame
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters_text)
     with atomic_write(final) as handle:
-        image.save(handle, format="PNG", pnginfo=info)
+        image.save(handle, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     return final
 
 

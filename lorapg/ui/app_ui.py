@@ -31,6 +31,7 @@ _PARAMETERS = {
     "height": "height",
     "seed": "seed",
     "batch_size": "batch",
+    "clip_skip": "clip_skip",
 }
 
 
@@ -142,6 +143,7 @@ def wire_working_state(
             height=_whole_or_none(value("height")),
             seed=_whole_or_none(value("seed")),
             batch_size=_whole_or_none(value("batch")),
+            clip_skip=_whole_or_none(value("clip_skip")),
         )
 
     def restore(request: gr.Request):
