@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from lorapg import lora_tags
 from lorapg.coercion import SHOWN_CHARS, CoercionError, parse_seed, shown, to_float, to_int
@@ -12,6 +13,9 @@ from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
 from lorapg.errors import UserError, shorten
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MULTIPLE, STEPS
 from lorapg.lora_tags import find_lora_tags, strip_lora_tags
+
+if TYPE_CHECKING:
+    from lorapg.diffusion.img2img import Img2ImgOptions
 
 # The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
 MAX_SEED = int(SEED.maximum)
@@ -42,6 +46,8 @@ class GenerationRequest:
     batch_size: int = int(BATCH_SIZE.default)
     clip_skip: int = int(CLIP_SKIP.default)  # A1111's "Clip skip": 1 = the text encoder's last layer
     extra: dict = field(default_factory=dict, compare=False)
+    # img2img / inpainting (lorapg.diffusion.img2img checks it); None: txt2img
+    img2img: Img2ImgOptions | None = None
 
 
 def _whole(name: str, value: object) -> int:

@@ -1,0 +1,236 @@
+"""img2img and inpainting on a tiny SD 1.x model loaded through the user's code path (64 px, few steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from lorapg.diffusion import inpaint_mask
+from lorapg.diffusion.engine import DiffusionEngine
+from lorapg.diffusion.img2img import Img2ImgOptions, check_options
+from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.diffusion.resize_modes import resize_image
+from lorapg.errors import UserError
+
+SIZE = 64
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def gradient(width: int = SIZE, height: int = SIZE, seed: int = 0) -> Image.Image:
+    """A smooth, seeded test picture (not noise: resizing it keeps it recognisable)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    phase = rng.uniform(0, 6, size=3)
+    channels = [127 + 120 * np.sin(xs / (7 + 3 * c) + ys / (11 + c) + phase[c]) for c in range(3)]
+    return Image.fromarray(np.stack(channels, axis=-1).astype(np.uint8))
+
+
+def box_mask(size=(SIZE, SIZE), box=(16, 16, 40, 40)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
+    return mask
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32)
+    engine.load_model(str(tiny_models["sd15"]))
+    return engine
+
+
+def run(engine, options: Img2ImgOptions, *, loras=(), **overrides):
+    request = GenerationRequest(
+        prompt=overrides.pop("prompt", "a red fox"),
+        steps=overrides.pop("steps", 4),
+        seed=overrides.pop("seed", 7),
+        loras=tuple(LoraRequest(name, scale) for name, scale in loras),
+        img2img=options,
+        **overrides,
+    )
+    return engine.generate(request)
+
+
+# --- img2img --------------------------------------------------------------------------------------
+
+
+def test_strength_zero_returns_the_init_image_and_strength_one_hardly_depends_on_it(engine):
+    init, other = gradient(seed=1), gradient(seed=2)
+    kept = run(engine, Img2ImgOptions(init, strength=0.0)).images[0]
+    assert np.array_equal(pixels(kept), pixels(init))  # no step runs: the init image itself
+    # Strength 1 starts from (almost) pure noise, as diffusers defines it: two very different init
+    # images give close results, far closer than at strength 0.5.
+    full = [pixels(run(engine, Img2ImgOptions(image, strength=1.0)).images[0]) for image in (init, other)]
+    half = [pixels(run(engine, Img2ImgOptions(image, strength=0.5)).images[0]) for image in (init, other)]
+    assert np.abs(full[0] - full[1]).mean() * 3 < np.abs(half[0] - half[1]).mean()
+
+
+def test_the_lower_the_strength_the_more_the_init_image_shows(engine):
+    # The tiny VAE is random (it does not reconstruct pictures), so "shows" is measured as how much
+    # two different init images still tell the results apart.
+    first, second = gradient(seed=3), gradient(seed=13)
+
+    def spread(strength: float) -> float:
+        a, b = (pixels(run(engine, Img2ImgOptions(image, strength=strength)).images[0]) for image in (first, second))
+        return float(np.abs(a - b).mean())
+
+    assert spread(0.3) > spread(0.9)
+    low = pixels(run(engine, Img2ImgOptions(first, strength=0.3)).images[0])
+    again = pixels(run(engine, Img2ImgOptions(first, strength=0.3)).images[0])
+    assert np.array_equal(low, again)  # the same computation: the same bytes
+
+
+def test_progress_counts_the_steps_that_run(engine):
+    seen = []
+    request = GenerationRequest(prompt="a cat", steps=10, seed=1, img2img=Img2ImgOptions(gradient(), strength=0.5))
+    engine.generate(request, on_step=lambda step, total, preview: seen.append((step, total)))
+    assert seen == [(step, 5) for step in range(1, 6)]  # int(10 × 0.5) steps, as diffusers runs
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_every_resize_mode_gives_the_request_size(engine, mode):
+    init = gradient(96, 48, seed=4)  # another size and aspect ratio than the request
+    result = run(engine, Img2ImgOptions(init, strength=0.5, resize_mode=mode), width=64, height=32)
+    assert result.images[0].size == (64, 32)
+
+
+def test_resize_modes_crop_and_fill_as_a1111_describes():
+    wide = Image.new("RGB", (80, 40), (255, 0, 0))
+    ImageDraw.Draw(wide).rectangle((0, 0, 19, 39), fill=(0, 0, 255))  # a blue band on the left quarter
+    stretched = resize_image(0, wide, 40, 40)
+    cropped = resize_image(1, wide, 40, 40)
+    filled = resize_image(2, wide, 40, 40)
+    assert stretched.size == cropped.size == filled.size == (40, 40)
+    # Crop and resize: scaled to 80x40 is already the height; the centre 40 columns are kept, the
+    # blue band (left 20 columns) is cut away.
+    assert pixels(cropped)[:, :, 2].max() < 30
+    # Resize and fill: scaled to 40x20 in the middle; the bars repeat its top and bottom rows.
+    filled_px = pixels(filled)
+    assert np.abs(filled_px[0] - filled_px[10]).max() <= 2 and np.abs(filled_px[39] - filled_px[29]).max() <= 2
+    # Just resize keeps the band, squeezed to the left 10 columns.
+    assert pixels(stretched)[:, :8, 2].min() > 200
+
+
+def test_lora_applies_in_img2img(engine):
+    init = gradient(seed=5)
+    options = Img2ImgOptions(init, strength=0.8)
+    plain = pixels(run(engine, options).images[0])
+    styled = pixels(run(engine, options, loras=[("style", 1.0)]).images[0])
+    zero = pixels(run(engine, options, loras=[("style", 0.0)]).images[0])
+    assert np.abs(styled - plain).max() > 10
+    assert np.abs(zero - plain).max() <= 2  # weight 0 is another code path than none: a tolerance
+
+
+def test_batch_images_use_consecutive_seeds(engine):
+    options = Img2ImgOptions(gradient(seed=6), strength=0.7)
+    batch = run(engine, options, batch_size=2, seed=20)
+    alone = run(engine, options, seed=21)
+    assert batch.seeds == [20, 21]
+    # A batch of 2 and a single image are different matrix shapes: a stated tolerance.
+    assert np.abs(pixels(batch.images[1]) - pixels(alone.images[0])).max() <= 2
+
+
+# --- inpainting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("only_masked", [False, True])
+def test_inpainting_keeps_every_unmasked_pixel(engine, only_masked):
+    init, mask = gradient(seed=8), box_mask()
+    options = Img2ImgOptions(init, strength=1.0, mask=mask, mask_blur=0, only_masked=only_masked, only_masked_padding=4)
+    result = run(engine, options).images[0]
+    assert result.size == init.size
+    keep = pixels(mask) == 0
+    assert np.abs(pixels(result) - pixels(init))[keep].max() <= 1
+    repaint = ~keep
+    assert np.abs(pixels(result) - pixels(init))[repaint].mean() > 10  # and the masked part did change
+
+
+def test_inverted_mask_repaints_the_outside(engine):
+    init, mask = gradient(seed=9), box_mask()
+    result = pixels(run(engine, Img2ImgOptions(init, strength=1.0, mask=mask, mask_blur=0, mask_invert=True)).images[0])
+    inside = pixels(mask) > 0
+    assert np.array_equal(result[inside], pixels(init)[inside])
+    assert np.abs(result - pixels(init))[~inside].mean() > 10
+
+
+def test_mask_blur_softens_the_edge_but_far_pixels_stay(engine):
+    init, mask = gradient(seed=10), box_mask()
+    result = pixels(
+        run(engine, Img2ImgOptions(init, strength=1.0, mask=mask, mask_blur=4, inpainting_fill=0)).images[0]
+    )
+    far = np.ones((SIZE, SIZE), dtype=bool)
+    far[4:52, 4:52] = False  # beyond 3 sigma of the blurred edge
+    assert np.array_equal(result[far], pixels(init)[far])
+    just_outside = (slice(14, 16), slice(20, 36))  # inside the blur, outside the painted box
+    assert np.abs(result[just_outside] - pixels(init)[just_outside]).max() > 0
+
+
+def test_a_painted_rgba_layer_counts_by_its_alpha():
+    layer = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    ImageDraw.Draw(layer).rectangle((2, 2, 5, 5), fill=(255, 0, 0, 255))  # red strokes, not white
+    mask = inpaint_mask.binary_mask(layer)
+    assert mask.getbbox() == (2, 2, 6, 6)
+
+
+def test_only_masked_region_grows_to_the_output_aspect_ratio():
+    mask = box_mask((100, 100), (40, 45, 50, 55))  # a 10x10 box
+    box = inpaint_mask.crop_region(mask, 5, 64, 32)  # padded to 20x20, then 2:1
+    left, top, right, bottom = box
+    assert (right - left, bottom - top) == (40, 20)
+    assert left <= 35 and right >= 55 and top <= 40 and bottom >= 60 - 0
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_a_mask_of_another_size_is_refused_naming_the_field():
+    with pytest.raises(UserError, match=r"Mask is 32×32 but the init image is 64×64"):
+        check_options(Img2ImgOptions(gradient(), mask=Image.new("L", (32, 32))))
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, "lots", float("nan")])
+def test_strength_out_of_range_is_refused(strength):
+    with pytest.raises(UserError, match="Denoising strength"):
+        check_options(Img2ImgOptions(gradient(), strength=strength))
+
+
+def test_non_image_bytes_and_missing_files_are_refused(tmp_path):
+    with pytest.raises(UserError, match="Init image is not an image"):
+        check_options(Img2ImgOptions(b"this is not a PNG"))
+    with pytest.raises(UserError, match="Init image: no file"):
+        check_options(Img2ImgOptions(tmp_path / "missing.png"))
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(UserError, match="Mask is not an image"):
+        check_options(Img2ImgOptions(gradient(), mask=tmp_path / "notes.png"))
+
+
+def test_an_oversized_image_is_refused_before_it_is_decoded(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(path)
+    with pytest.raises(UserError, match=r"Init image is 300×200 .*max_image_pixels"):
+        check_options(Img2ImgOptions(path), max_pixels=50_000)
+    assert check_options(Img2ImgOptions(path), max_pixels=60_000).image.size == (300, 200)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("resize_mode", 7, "Resize mode must be one of 0 Just resize"),
+        ("mask_blur", 500, "Mask blur must be"),
+        ("inpainting_fill", 2, "Masked content"),
+        ("only_masked_padding", -1, "Only masked padding"),
+    ],
+)
+def test_other_fields_out_of_range_name_themselves(field, value, words):
+    with pytest.raises(UserError, match=words):
+        check_options(Img2ImgOptions(gradient(), mask=box_mask(), **{field: value}))
+
+
+def test_latent_resize_with_a_mask_is_refused():
+    with pytest.raises(UserError, match="Resize mode 3"):
+        check_options(Img2ImgOptions(gradient(), mask=box_mask(), resize_mode=3))
