@@ -234,3 +234,62 @@ def test_other_fields_out_of_range_name_themselves(field, value, words):
 def test_latent_resize_with_a_mask_is_refused():
     with pytest.raises(UserError, match="Resize mode 3"):
         check_options(Img2ImgOptions(gradient(), mask=box_mask(), resize_mode=3))
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+
+def cli_args(tiny_models, tmp_path) -> list[str]:
+    return [
+        "--model",
+        str(tiny_models["sd15"]),
+        "--lora-dir",
+        str(tiny_models["loras"]),
+        "--outputs",
+        str(tmp_path / "outputs"),
+        "--threads",
+        "1",
+    ]
+
+
+def test_cli_inpaints_end_to_end_and_keeps_the_unmasked_pixels(tiny_models, tmp_path):
+    from tests.test_cli import run_cli
+
+    init, mask = gradient(seed=11), box_mask()
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "result.png"
+    done = run_cli(
+        "generate", *cli_args(tiny_models, tmp_path), "--prompt", "a red fox <lora:style:0.8>", "--steps", "4",
+        "--seed", "5", "--init-image", str(tmp_path / "init.png"), "--strength", "0.9", "--mask",
+        str(tmp_path / "mask.png"), "--mask-blur", "0", "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"{out}\tseed=5" in done.stdout
+    result = Image.open(out)
+    keep = pixels(mask) == 0
+    assert result.size == init.size
+    assert np.abs(pixels(result) - pixels(init))[keep].max() <= 1
+    assert np.abs(pixels(result) - pixels(init))[~keep].mean() > 10
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mask", "m.png"], "--mask needs --init-image"),
+        (["--init-image", "init.png", "--strength", "2"], "Denoising strength must be 0–1, got 2"),
+        (["--init-image", "init.png", "--resize-mode", "9"], "Resize mode must be one of"),
+        (["--init-image", "missing.png"], "Init image: no file"),
+        (["--init-image", "init.png", "--mask", "small.png"], "Mask is 32×32 but the init image is 64×64"),
+    ],
+)
+def test_cli_bad_img2img_input_is_one_line_and_exit_2(tiny_models, tmp_path, monkeypatch, capsys, extra, message):
+    from lorapg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    gradient().save(tmp_path / "init.png")
+    Image.new("L", (32, 32)).save(tmp_path / "small.png")
+    argv = ["generate", *cli_args(tiny_models, tmp_path), "--prompt", "x", "--steps", "2", *extra, "--out", "x.png"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from lorapg.config import Settings
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
+from lorapg.diffusion.img2img import check_options
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
@@ -167,6 +168,8 @@ class GenerationService:
         request = check_prompts(request, self.settings.max_prompt_chars)
         prompt, tagged = extract_lora_tags(request.prompt)
         request = replace(request, prompt=prompt, loras=tuple(request.loras) + tagged)
+        if request.img2img is not None:  # decoded once here, within the upload's pixel limit
+            request = replace(request, img2img=check_options(request.img2img, self.settings.max_image_pixels))
         model = self.engine.model
         # The real check runs on the model; this one fails before the queue.
         validate(request, model.native_size if model else NATIVE_SIZE[SD1], self.settings.max_prompt_chars)
