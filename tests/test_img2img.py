@@ -293,3 +293,83 @@ def test_cli_bad_img2img_input_is_one_line_and_exit_2(tiny_models, tmp_path, mon
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# --- A1111 API (a real app on 127.0.0.1) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdapi(tiny_models, tmp_path_factory):
+    import webuiapi
+
+    from tests.app_server import running_app
+
+    root = tmp_path_factory.mktemp("img2img-api")
+    args = ["--api", "--model", str(tiny_models["sd15"]), "--lora-dir", str(tiny_models["loras"])]
+    args += ["--outputs", str(root / "outputs"), "--models-dir", str(root / "models"), "--threads", "1"]
+    # 20,000 pixels: the 64x64 test images pass, a 200x200 one is refused.
+    with running_app(*args, env={"LORAPG_MAX_IMAGE_PIXELS": "20000"}) as url:
+        client = webuiapi.WebUIApi(baseurl=url + "sdapi/v1", sampler="Euler a", steps=4)
+        yield {"base": url + "sdapi/v1", "client": client}
+
+
+def sdapi_post(sdapi, body: dict):
+    import requests
+
+    return requests.post(f"{sdapi['base']}/img2img", json=body, timeout=120)
+
+
+def png_base64(image: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_sdapi_img2img_inpaints_keeping_unmasked_pixels(sdapi):
+    init, mask = gradient(seed=12), box_mask()
+    result = sdapi["client"].img2img(
+        images=[init], mask_image=mask, mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
+        denoising_strength=1.0, prompt="a red fox <lora:style:0.8>", seed=3, width=64, height=64,
+    )  # fmt: skip
+    keep = pixels(mask) == 0
+    assert result.image.size == (64, 64)
+    assert np.abs(pixels(result.image) - pixels(init))[keep].max() <= 1
+    assert np.abs(pixels(result.image) - pixels(init))[~keep].mean() > 10
+    assert result.info["denoising_strength"] == 1.0 and result.info["all_seeds"] == [3]
+    assert "init_images" not in result.parameters  # A1111 echoes them only with include_init_images
+
+
+def test_sdapi_img2img_without_mask_follows_the_init_image(sdapi):
+    client = sdapi["client"]
+    first, second = gradient(seed=14), gradient(seed=15)
+    # A low strength (2 of 8 steps, near the end of the schedule): the init image dominates.
+    same = [client.img2img(images=[first], denoising_strength=0.25, seed=4, steps=8, width=64, height=64)]
+    same.append(client.img2img(images=[first], denoising_strength=0.25, seed=4, steps=8, width=64, height=64))
+    other = client.img2img(images=[second], denoising_strength=0.25, seed=4, steps=8, width=64, height=64)
+    assert np.array_equal(pixels(same[0].image), pixels(same[1].image))
+    assert np.abs(pixels(same[0].image) - pixels(other.image)).max() > 20  # the tiny VAE blurs: max, not mean
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"mask": "SMALL_MASK"}, "Mask is 32×32 but the init image is 64×64"),
+        ({"init_images": ["aGVsbG8gd29ybGQ="]}, "init_images[0] is not an image"),
+        ({"init_images": ["BIG_IMAGE"]}, "init_images[0] is 200×200"),
+        ({"denoising_strength": 1.5}, "Denoising strength must be 0–1, got 1.5"),
+        ({"init_images": []}, "init_images: send exactly one image"),
+        ({"inpainting_fill": 2, "mask": "MASK"}, "Masked content (inpainting_fill)"),
+    ],
+)
+def test_sdapi_img2img_bad_input_is_a_4xx_naming_the_field(sdapi, change, words):
+    values = {"SMALL_MASK": png_base64(Image.new("L", (32, 32))), "MASK": png_base64(box_mask())}
+    values["BIG_IMAGE"] = png_base64(Image.new("RGB", (200, 200)))
+    body = {"init_images": [png_base64(gradient())], "steps": 2, "width": 64, "height": 64}
+    for key, value in change.items():
+        body[key] = [values.get(v, v) for v in value] if isinstance(value, list) else values.get(value, value)
+    reply = sdapi_post(sdapi, body)
+    assert 400 <= reply.status_code < 500
+    assert words in reply.json()["errors"]
