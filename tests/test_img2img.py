@@ -267,6 +267,9 @@ def test_cli_inpaints_end_to_end_and_keeps_the_unmasked_pixels(tiny_models, tmp_
     assert done.returncode == 0, done.stderr
     assert f"{out}\tseed=5" in done.stdout
     result = Image.open(out)
+    text = result.text["parameters"]
+    assert "Denoising strength: 0.9, Resize mode: 0" in text
+    assert "Mask blur: 0, Masked content: original, Inpaint area: Whole picture" in text
     keep = pixels(mask) == 0
     assert result.size == init.size
     assert np.abs(pixels(result) - pixels(init))[keep].max() <= 1
@@ -373,3 +376,74 @@ def test_sdapi_img2img_bad_input_is_a_4xx_naming_the_field(sdapi, change, words)
     reply = sdapi_post(sdapi, body)
     assert 400 <= reply.status_code < 500
     assert words in reply.json()["errors"]
+
+
+# --- PNG parameters, gallery and Reuse ---------------------------------------------------------------
+
+
+def test_parameters_text_round_trip():
+    from lorapg.gallery.a1111 import format_parameters, parse_parameters
+    from lorapg.gallery.records import ImageRecord, Img2ImgUse
+
+    use = Img2ImgUse(0.65, resize_mode=2, mask_blur=6, masked_content="fill", only_masked=True, only_masked_padding=24)
+    text = format_parameters(ImageRecord(prompt="a fox", seed=3, steps=20, img2img=use))
+    assert "Denoising strength: 0.65, Resize mode: 2" in text
+    assert "Mask blur: 6, Masked content: fill, Inpaint area: Only masked, Masked area padding: 24" in text
+    parsed = parse_parameters(text)
+    assert parsed.img2img == use and not parsed.problems and not parsed.extra
+    plain = parse_parameters(format_parameters(ImageRecord(prompt="a fox", seed=3, img2img=Img2ImgUse(0.5))))
+    assert plain.img2img == Img2ImgUse(0.5) and "Mask blur" not in format_parameters(
+        ImageRecord(prompt="x", img2img=Img2ImgUse(0.5))
+    )
+    # A1111's hires fix writes "Denoising strength" for its second pass: that is not img2img.
+    hires = parse_parameters("a fox\nSteps: 20, Seed: 1, Denoising strength: 0.7, Hires upscale: 2")
+    assert hires.img2img is None and hires.extra["Denoising strength"] == "0.7"
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    from tests.tiny_models import tiny_runtime
+
+    services = tiny_runtime(tmp_path_factory.mktemp("img2img-gallery"))
+    yield services
+    services.jobs.close()
+
+
+def test_gallery_keeps_init_and_mask_and_reuse_makes_the_same_image(runtime, tmp_path):
+    init, mask = gradient(seed=16), box_mask()
+    options = Img2ImgOptions(init, strength=0.8, mask=mask, mask_blur=2, only_masked=True, only_masked_padding=8)
+    request = GenerationRequest(prompt="a fox <lora:style:0.5>", steps=4, seed=9, width=64, height=64, img2img=options)
+    result = runtime.service.generate(request)
+    (record,) = result.saved
+    assert record.img2img.denoising_strength == 0.8 and record.img2img.only_masked
+    stored = runtime.gallery.get(record.id)
+    assert stored.img2img == record.img2img  # read back from the row's parameters text
+    init_file, mask_file = (record.path.with_name(f"{record.path.stem}.{kind}.png") for kind in ("init", "mask"))
+    assert np.array_equal(pixels(Image.open(init_file)), pixels(init))
+    assert np.array_equal(np.asarray(Image.open(mask_file)), np.asarray(mask))
+
+    reuse = runtime.gallery_service.reuse_parameters(record.id)
+    assert (reuse.init_image, reuse.mask_image) == (init_file, mask_file)
+    again = runtime.service.generate(reuse.to_request())
+    # The same computation on the same (losslessly saved) inputs: the same bytes.
+    assert np.array_equal(pixels(again.images[0]), pixels(result.images[0]))
+
+    runtime.gallery_service.delete(record.id)
+    assert not init_file.exists() and not mask_file.exists()
+
+
+def test_an_inverted_mask_is_kept_as_used(runtime):
+    mask = box_mask()
+    options = Img2ImgOptions(gradient(seed=17), strength=0.5, mask=mask, mask_blur=0, mask_invert=True)
+    (record,) = runtime.service.generate(GenerationRequest(prompt="x", steps=2, seed=1, img2img=options)).saved
+    kept = np.asarray(Image.open(record.path.with_name(f"{record.path.stem}.mask.png")))
+    assert np.array_equal(kept, 255 - np.asarray(mask))
+    assert runtime.gallery_service.reuse_parameters(record.id).to_request().img2img.mask_invert is False
+
+
+def test_attachments_are_never_imported_as_gallery_images(runtime):
+    options = Img2ImgOptions(gradient(seed=18), strength=0.5)
+    runtime.service.generate(GenerationRequest(prompt="x", steps=2, seed=2, img2img=options))
+    before = len(runtime.gallery.list(limit=None))
+    assert not any("Imported" in line for line in runtime.gallery.reconcile())
+    assert len(runtime.gallery.list(limit=None)) == before
