@@ -447,3 +447,89 @@ def test_attachments_are_never_imported_as_gallery_images(runtime):
     before = len(runtime.gallery.list(limit=None))
     assert not any("Imported" in line for line in runtime.gallery.reconcile())
     assert len(runtime.gallery.list(limit=None)) == before
+
+
+# --- UI (the app served for real, called through gradio_client) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ui(runtime):
+    from gradio_client import Client
+
+    from lorapg.services.gallery import GalleryService
+    from lorapg.ui.app_ui import build_ui
+    from lorapg.working_state import WorkingState
+
+    settings = runtime.settings
+    demo = build_ui(
+        runtime.service,
+        GalleryService(runtime.gallery, runtime.library),
+        WorkingState(settings.outputs / "working_state.json"),
+    )
+    _, url, _ = demo.queue().launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, allowed_paths=[str(settings.outputs)]
+    )
+    try:
+        yield Client(url, verbose=False), demo, settings
+    finally:
+        demo.close()
+
+
+def test_ui_inpaints_with_painted_strokes_and_reuse_restores_init_and_mask(ui, tmp_path):
+    from gradio_client import handle_file
+
+    client, demo, settings = ui
+    init = gradient(seed=19)
+    init.save(tmp_path / "init.png")
+    strokes = Image.new("RGBA", init.size, (0, 0, 0, 0))  # what the editor's brush layer holds
+    ImageDraw.Draw(strokes).rectangle((16, 16, 39, 39), fill=(255, 255, 255, 255))
+    strokes.save(tmp_path / "strokes.png")
+    editor = {
+        "background": handle_file(str(tmp_path / "init.png")),
+        "layers": [handle_file(str(tmp_path / "strokes.png"))],
+    }
+    editor["composite"] = None
+    pictures, status, seed, _ = client.predict(
+        prompt="a fox", negative_prompt="", loras="", steps=4, cfg_scale=7, sampler="Euler a", width=64, height=64,
+        seed=31, batch_size=1, init_image=editor, denoising_strength=1.0, mask_blur=0, api_name="/generate",
+    )  # fmt: skip
+    assert seed == 31 and status.startswith("Done")
+    result = Image.open(pictures[0]["image"])
+    keep = pixels(box_mask()) == 0
+    assert np.abs(pixels(result) - pixels(init))[keep].max() <= 1
+    assert np.abs(pixels(result) - pixels(init))[~keep].mean() > 10
+
+    # Reuse (the handler itself: Gradio state is not part of the API) puts the init image and mask back.
+    from lorapg.ui.gallery_tab import IMG2IMG_TARGETS, REUSE_TARGETS
+
+    newest = client.predict("", "", api_name="/gallery_list")[0][0]["caption"].split()[0].lstrip("#")
+    reuse = next(fn for fn in demo.fns.values() if fn.api_name == "gallery_reuse")
+    updates = reuse.fn(int(newest), None, None)
+    first_img2img = len(REUSE_TARGETS) + 3
+    restored = {key: updates[reuse.outputs[first_img2img + i]] for i, key in enumerate(IMG2IMG_TARGETS)}
+    assert np.array_equal(pixels(Image.open(restored["img2img_init_image"])), pixels(init))
+    assert np.array_equal(np.asarray(Image.open(restored["img2img_mask"])), np.asarray(box_mask()))
+    assert restored["img2img_denoising_strength"] == 1.0 and restored["img2img_mask_blur"] == 0
+
+
+def test_ui_send_to_img2img_sets_the_init_image(ui, runtime):
+    client, _, _ = ui
+    (record,) = runtime.service.generate(GenerationRequest(prompt="a hill", steps=2, seed=8)).saved
+    editor, mask = client.predict(record.id, api_name="/gallery_send_to_img2img")
+    assert np.array_equal(pixels(Image.open(editor["background"])), pixels(Image.open(record.path)))
+    assert mask is None
+
+
+def test_form_inputs_painted_strokes_or_an_uploaded_mask():
+    from lorapg.services.img2img_inputs import options_from_form, painted_mask
+
+    init = gradient()
+    stroke = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 0))
+    ImageDraw.Draw(stroke).rectangle((16, 16, 39, 39), fill=(255, 0, 0, 40))  # any colour, any opacity
+    assert np.array_equal(np.asarray(painted_mask([stroke], init.size)), np.asarray(box_mask()))
+    assert painted_mask([Image.new("RGBA", (SIZE, SIZE))], init.size) is None  # nothing painted: img2img
+    uploaded = box_mask(box=(0, 0, 8, 8))
+    assert options_from_form(init, painted=[stroke], mask=uploaded).mask is uploaded  # the upload wins
+    assert options_from_form(None) is None  # no init image: txt2img
+    with pytest.raises(UserError, match="Mask: add an init image first"):
+        options_from_form(None, mask=uploaded)

@@ -11,7 +11,21 @@ from lorapg.diffusion.request import GenerationRequest, parse_lora_list
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import CANCELLED
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, LORA_SCALE, RANDOM_SEED, SEED, SIZE, STEPS, Range
+from lorapg.limits import (
+    BATCH_SIZE,
+    CFG_SCALE,
+    CLIP_SKIP,
+    DENOISING_STRENGTH,
+    INPAINT_PADDING,
+    LORA_SCALE,
+    MASK_BLUR,
+    RANDOM_SEED,
+    RESIZE_MODES,
+    SEED,
+    SIZE,
+    STEPS,
+    Range,
+)
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
 from lorapg.ui.texts import loading_text, model_status_text
@@ -52,6 +66,62 @@ def lora_spec(selected: list[str] | None, scales: dict | None) -> str:
     """The selection as ``name:scale, …`` — the same text the API and the CLI take."""
     scales = scales or {}
     return ", ".join(f"{name}:{scales.get(name, DEFAULT_LORA_SCALE):g}" for name in selected or [])
+
+
+# The generate handler's img2img parameters (the API's names), in the API's positional order.
+IMG2IMG_INPUTS = (
+    "init_image",
+    "mask",
+    "denoising_strength",
+    "resize_mode",
+    "mask_blur",
+    "masked_content",
+    "mask_invert",
+    "only_masked",
+    "only_masked_padding",
+)
+
+
+def build_img2img_section() -> dict[str, gr.components.Component]:
+    """img2img and inpainting widgets: an init image to paint a mask on (or a mask to upload)."""
+    with gr.Accordion("img2img / inpainting", open=False, elem_id="img2img"):
+        with gr.Row():
+            # PNG, not Gradio's default WEBP: the init image must reach the engine unchanged.
+            init_image = gr.ImageEditor(
+                label="Init image — paint over the part to repaint (inpainting); leave empty for txt2img",
+                type="pil",
+                format="png",
+                sources=["upload", "clipboard"],
+                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                height=360,
+                elem_id="init-image",
+            )
+            mask = gr.Image(
+                label="…or upload a mask (white = repaint), the init image's size",
+                type="pil",
+                format="png",
+                image_mode="L",
+                sources=["upload"],
+                height=360,
+                elem_id="mask-upload",
+            )
+        with gr.Row():
+            strength = raw_number(
+                gr.Slider(**ranged(DENOISING_STRENGTH), value=DENOISING_STRENGTH.default, label="Denoising strength")
+            )
+            resize_mode = gr.Dropdown(
+                [(label, number) for number, label in RESIZE_MODES.items()], value=0, label="Resize mode"
+            )
+        with gr.Row():
+            blur = raw_number(gr.Slider(**ranged(MASK_BLUR), value=MASK_BLUR.default, label="Mask blur"))
+            content = gr.Radio(["original", "fill"], value="original", label="Masked content")
+            invert = gr.Checkbox(False, label="Invert mask (repaint the unpainted part)")
+            only_masked = gr.Checkbox(False, label="Only masked (repaint the mask's box at full size)")
+            padding = raw_number(
+                gr.Slider(**ranged(INPAINT_PADDING), value=INPAINT_PADDING.default, label="Only masked padding")
+            )
+    widgets = (init_image, mask, strength, resize_mode, blur, content, invert, only_masked, padding)
+    return dict(zip(IMG2IMG_INPUTS, widgets, strict=True))
 
 
 def build_generate_tab(
@@ -141,6 +211,7 @@ def build_generate_tab(
                             label=f"Seed ({RANDOM_SEED} = random)",
                         )
                     )
+            img2img = build_img2img_section()
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -199,9 +270,31 @@ def build_generate_tab(
         batch_size,
         http: gr.Request,
         clip_skip=int(CLIP_SKIP.default),
+        init_image=None,
+        mask=None,
+        denoising_strength=DENOISING_STRENGTH.default,
+        resize_mode=0,
+        mask_blur=int(MASK_BLUR.default),
+        masked_content="original",
+        mask_invert=False,
+        only_masked=False,
+        only_masked_padding=int(INPAINT_PADDING.default),
         progress=gr.Progress(),
     ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
+        editor = init_image if isinstance(init_image, dict) else {"background": init_image, "layers": []}
+        options = service.img2img_options(
+            editor.get("background"),
+            painted=editor.get("layers") or (),
+            mask=mask,
+            strength=denoising_strength,
+            resize_mode=resize_mode,
+            mask_blur=mask_blur,
+            masked_content=masked_content,
+            mask_invert=mask_invert,
+            only_masked=only_masked,
+            only_masked_padding=only_masked_padding,
+        )
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -214,6 +307,7 @@ def build_generate_tab(
             seed=seed,
             batch_size=batch_size,
             clip_skip=clip_skip,
+            img2img=options,
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -241,7 +335,8 @@ def build_generate_tab(
         "height": height,
         "seed": seed,
         "batch_size": batch,
-        "clip_skip": clip_skip,  # added last: the positional order before it stays the API's
+        "clip_skip": clip_skip,  # added after the first release: the positional order before it stays
+        **{name: img2img[name] for name in IMG2IMG_INPUTS},  # img2img, added last
     }
     generate_button.click(
         generate,
@@ -296,5 +391,6 @@ def build_generate_tab(
         "clip_skip": clip_skip,
         "model": model_box,
         "model_status": model_status,
+        **{f"img2img_{name}": widget for name, widget in img2img.items()},
         **extra,
     }
