@@ -533,3 +533,47 @@ def test_form_inputs_painted_strokes_or_an_uploaded_mask():
     assert options_from_form(None) is None  # no init image: txt2img
     with pytest.raises(UserError, match="Mask: add an init image first"):
         options_from_form(None, mask=uploaded)
+
+
+# --- other families and inpainting checkpoints -------------------------------------------------------
+
+
+def test_sdxl_img2img_and_inpainting(tiny_models):
+    engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32)
+    engine.load_model(str(tiny_models["sdxl"]))
+    init, mask = gradient(seed=20), box_mask()
+    plain = run(engine, Img2ImgOptions(init, strength=0.6), steps=3).images[0]
+    assert plain.size == (SIZE, SIZE)
+    inpainted = run(engine, Img2ImgOptions(init, strength=1.0, mask=mask, mask_blur=0), steps=3).images[0]
+    keep = pixels(mask) == 0
+    assert np.abs(pixels(inpainted) - pixels(init))[keep].max() <= 1
+    assert np.abs(pixels(inpainted) - pixels(init))[~keep].mean() > 10
+
+
+@pytest.fixture(scope="module")
+def inpainting_checkpoint(tmp_path_factory):
+    """A tiny SD 1.x inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from tests.tiny_models import build_sd15_pipeline
+
+    root = tmp_path_factory.mktemp("inpainting")
+    base = build_sd15_pipeline(root / "base")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**base.unet.config, "in_channels": 9})
+    components = {**base.components, "unet": unet}
+    StableDiffusionPipeline(**components).save_pretrained(root / "inpaint", safe_serialization=True)
+    return root / "inpaint"
+
+
+def test_an_inpainting_checkpoint_runs_the_inpaint_pipeline(tiny_models, inpainting_checkpoint):
+    engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32)
+    engine.load_model(str(inpainting_checkpoint))
+    init, mask = gradient(seed=21), box_mask()
+    inpainted = run(engine, Img2ImgOptions(init, strength=1.0, mask=mask, mask_blur=0)).images[0]
+    keep = pixels(mask) == 0
+    assert np.abs(pixels(inpainted) - pixels(init))[keep].max() <= 1
+    assert np.abs(pixels(inpainted) - pixels(init))[~keep].mean() > 10
+    # Plain img2img on it: the inpaint pipeline with the whole image masked.
+    assert run(engine, Img2ImgOptions(init, strength=0.5)).images[0].size == (SIZE, SIZE)
+    assert set(engine.model.derived) == {"inpaint"}
