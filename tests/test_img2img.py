@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import time
+
 import numpy as np
 import pytest
+import requests
 import torch
+import webuiapi
 from PIL import Image, ImageDraw
 
 from lorapg.diffusion import inpaint_mask
@@ -303,8 +309,6 @@ def test_cli_bad_img2img_input_is_one_line_and_exit_2(tiny_models, tmp_path, mon
 
 @pytest.fixture(scope="module")
 def sdapi(tiny_models, tmp_path_factory):
-    import webuiapi
-
     from tests.app_server import running_app
 
     root = tmp_path_factory.mktemp("img2img-api")
@@ -317,15 +321,10 @@ def sdapi(tiny_models, tmp_path_factory):
 
 
 def sdapi_post(sdapi, body: dict):
-    import requests
-
     return requests.post(f"{sdapi['base']}/img2img", json=body, timeout=120)
 
 
 def png_base64(image: Image.Image) -> str:
-    import base64
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -577,3 +576,47 @@ def test_an_inpainting_checkpoint_runs_the_inpaint_pipeline(tiny_models, inpaint
     # Plain img2img on it: the inpaint pipeline with the whole image masked.
     assert run(engine, Img2ImgOptions(init, strength=0.5)).images[0].size == (SIZE, SIZE)
     assert set(engine.model.derived) == {"inpaint"}
+
+
+# --- the app's own API: /api/v1/generations ----------------------------------------------------------
+
+
+def test_api_v1_generation_inpaints_and_saves_to_the_gallery(sdapi):
+    root = sdapi["base"].removesuffix("sdapi/v1")
+    init, mask = gradient(seed=22), box_mask()
+    body = {"prompt": "a fox", "steps": 4, "seed": 6, "width": 64, "height": 64}
+    body["img2img"] = {"init_image": png_base64(init), "mask": png_base64(mask), "denoising_strength": 1.0}
+    body["img2img"]["mask_blur"] = 0
+    reply = requests.post(root + "api/v1/generations", json=body, timeout=120)
+    assert reply.status_code == 202, reply.text
+    job_id = reply.json()["job_id"]
+    state = reply.json()
+    for _ in range(3000):  # the job finishes in seconds; the loop only bounds a hang (5 min)
+        state = requests.get(f"{root}api/v1/generations/{job_id}", timeout=30).json()
+        if state["status"] in ("done", "error", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert state["status"] == "done", state
+    image = Image.open(io.BytesIO(requests.get(root + state["images"][0].lstrip("/"), timeout=30).content))
+    keep = pixels(mask) == 0
+    assert np.abs(pixels(image) - pixels(init))[keep].max() <= 1
+    assert "Denoising strength: 1" in image.text["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("img2img", "status", "words"),
+    [
+        ({"init_image": "aGVsbG8=", "mask": None}, 400, "img2img.init_image is not an image"),
+        ({"init_image": "INIT", "mask": "SMALL"}, 400, "Mask is 32×32 but the init image is 64×64"),
+        ({"init_image": "INIT", "masked_content": "noise"}, 400, "Masked content must be one of original, fill"),
+        ({"init_image": "INIT", "strength": 0.5}, 422, "strength"),  # our own API: a misspelt field is an error
+    ],
+)
+def test_api_v1_bad_img2img_input_is_refused_naming_the_field(sdapi, img2img, status, words):
+    root = sdapi["base"].removesuffix("sdapi/v1")
+    values = {"INIT": png_base64(gradient()), "SMALL": png_base64(Image.new("L", (32, 32)))}
+    fields = {key: values.get(value, value) for key, value in img2img.items()}
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "img2img": fields}
+    reply = requests.post(root + "api/v1/generations", json=body, timeout=120)
+    assert reply.status_code == status, reply.text
+    assert words in reply.text
