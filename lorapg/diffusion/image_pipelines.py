@@ -41,10 +41,7 @@ class ImageRun:
     request: GenerationRequest
     seeds: list[int]
     steps: int  # the denoising steps that actually run: int(steps × strength)
-
-    @property
-    def inpaint(self) -> bool:
-        return self.pipe.__class__.__name__.endswith("InpaintPipeline")
+    kind: str  # IMG2IMG or INPAINT
 
     def call(self, prompts: dict, step_end: Callable) -> object:
         """Run the pipeline (``prompts``: text or embeddings, as for txt2img); returns its output."""
@@ -64,7 +61,7 @@ class ImageRun:
             callback_on_step_end_tensor_inputs=["latents"],
             output_type="pil",
         )
-        if self.inpaint:
+        if self.kind == INPAINT:
             mask = self.plan.mask if self.plan.mask is not None else Image.new("L", self.plan.init.size, 255)
             kwargs.update(image=self.plan.init, mask_image=mask, width=request.width, height=request.height)
         elif self.plan.latent_source is not None:
@@ -92,7 +89,7 @@ def prepare_image_run(model: LoadedModel, request: GenerationRequest, seeds: lis
     if inpainting_unet and plan.latent_source is not None:
         plan.latent_source = None  # the inpaint pipeline takes pixels: mode 3 resizes them instead
     steps = img2img.effective_steps(request.steps, options.strength)
-    return ImageRun(derived_pipeline(model, kind), plan, request, seeds, steps)
+    return ImageRun(derived_pipeline(model, kind), plan, request, seeds, steps, kind)
 
 
 def derived_pipeline(model: LoadedModel, kind: str) -> DiffusionPipeline:
