@@ -132,6 +132,17 @@ def test_lora_applies_in_img2img(engine):
     assert np.abs(zero - plain).max() <= 2  # weight 0 is another code path than none: a tolerance
 
 
+def test_img2img_shares_the_loaded_modules_and_reads_no_lora_again(engine):
+    options = Img2ImgOptions(gradient(seed=23), strength=0.6)
+    run(engine, Img2ImgOptions(gradient(), strength=0.6, mask=box_mask()), loras=[("style", 0.7)])
+    read = engine.model.adapters.files_read
+    run(engine, options, loras=[("style", 0.7)])
+    engine.generate(GenerationRequest(prompt="a fox", steps=2, seed=1, loras=(LoraRequest("style", 0.7),)))
+    assert engine.model.adapters.files_read == read  # no LoRA file read again, no model reloaded
+    for derived in engine.model.derived.values():
+        assert derived.unet is engine.model.pipe.unet and derived.vae is engine.model.pipe.vae
+
+
 def test_batch_images_use_consecutive_seeds(engine):
     options = Img2ImgOptions(gradient(seed=6), strength=0.7)
     batch = run(engine, options, batch_size=2, seed=20)
@@ -342,6 +353,19 @@ def test_sdapi_img2img_inpaints_keeping_unmasked_pixels(sdapi):
     assert np.abs(pixels(result.image) - pixels(init))[~keep].mean() > 10
     assert result.info["denoising_strength"] == 1.0 and result.info["all_seeds"] == [3]
     assert "init_images" not in result.parameters  # A1111 echoes them only with include_init_images
+
+
+def test_sdapi_img2img_with_webuiapi_defaults_only_masked_and_fill(sdapi):
+    # webuiapi's defaults are A1111's: inpaint_full_res (only masked) with padding 0, masked content "fill", blur 4.
+    init, mask = gradient(seed=24), box_mask()
+    result = sdapi["client"].img2img(
+        images=[init], mask_image=mask, denoising_strength=0.9, seed=5, width=64, height=64
+    )
+    far = np.ones((SIZE, SIZE), dtype=bool)
+    far[4:52, 4:52] = False  # beyond the blur
+    assert np.array_equal(pixels(result.image)[far], pixels(init)[far])
+    assert np.abs(pixels(result.image) - pixels(init))[20:36, 20:36].mean() > 10
+    assert "Inpaint area: Only masked, Masked area padding: 0" in result.info["infotexts"][0]
 
 
 def test_sdapi_img2img_without_mask_follows_the_init_image(sdapi):
