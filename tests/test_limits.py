@@ -38,6 +38,16 @@ GENERATE_ORDER = (
     "seed",
     "batch_size",
     "clip_skip",
+    # img2img (a raw HTTP call sends every input; gradio_client fills the defaults itself)
+    "init_image",
+    "mask",
+    "denoising_strength",
+    "resize_mode",
+    "mask_blur",
+    "masked_content",
+    "mask_invert",
+    "only_masked",
+    "only_masked_padding",
 )
 GENERATE = {
     "negative_prompt": "",
@@ -50,6 +60,18 @@ GENERATE = {
     "seed": 5,
     "batch_size": 1,
     "clip_skip": 1,
+}
+# What the raw call sends for img2img's inputs: no init image (txt2img) and the widgets' defaults.
+RAW_IMG2IMG = {
+    "init_image": None,
+    "mask": None,
+    "denoising_strength": 0.75,
+    "resize_mode": 0,
+    "mask_blur": 4,
+    "masked_content": "original",
+    "mask_invert": False,
+    "only_masked": False,
+    "only_masked_padding": 32,
 }
 
 
@@ -140,8 +162,8 @@ def a1111_png(path, *, steps, cfg, seed, size, scale) -> str:
 def test_reuse_puts_every_value_back_within_the_widgets_bounds(app, tmp_path, values) -> None:
     demo, client, settings, gallery = app
     png = a1111_png(tmp_path / "made-elsewhere.png", **values)
-    prompt, negative, _, steps, cfg, sampler, width, height, seed, batch, clip_skip, notes = client.predict(
-        handle_file(png), settings.model, api_name="/png_info_send"
+    prompt, negative, _, steps, cfg, sampler, width, height, seed, batch, clip_skip, notes, *_img2img = (
+        client.predict(handle_file(png), settings.model, api_name="/png_info_send")
     )
     assert (prompt, negative, sampler, batch, clip_skip, notes) == ("a fox", "blurry", "Euler a", 1, 1, "")
     assert (steps, seed, width, height) == (values["steps"], values["seed"], values["size"], values["size"])
@@ -194,7 +216,7 @@ def test_generate_endpoint_takes_the_range_maximum(app) -> None:
 def test_bad_generate_input_names_the_field_and_the_app_keeps_serving(app, field, value, message) -> None:
     _, client, settings, _ = app
     assert settings.max_prompt_chars == 8000
-    arguments = {"prompt": "a fox", **GENERATE, field: value}
+    arguments = {"prompt": "a fox", **GENERATE, **RAW_IMG2IMG, field: value}
     error = call_raw(client.src, "generate", [arguments[name] for name in GENERATE_ORDER])
     assert re.search(message, error), error
     assert "preprocess" not in error
