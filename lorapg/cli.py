@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
+    add_img2img_arguments(gen)
     add_grid_parser(commands)
     add_gallery_parser(commands)
     add_prompt_parsers(commands)
@@ -181,6 +182,67 @@ def add_request_arguments(gen: argparse.ArgumentParser) -> None:
         default=f"{VARIATION_STRENGTH.default:g}",
         help=f"how far to move from --seed's image towards the variation seed's, {VARIATION_STRENGTH.describe()}: "
         "0 = the seed's image exactly, 0.1-0.3 = the same image with other details (default %(default)s)",
+    )
+
+
+def add_img2img_arguments(gen: argparse.ArgumentParser) -> None:
+    """img2img (--init-image) and inpainting (--mask); the values are checked with the request."""
+    from lorapg.limits import DENOISING_STRENGTH, INPAINT_PADDING, MASK_BLUR, RESIZE_MODES
+
+    group = gen.add_argument_group("img2img and inpainting")
+    group.add_argument("--init-image", dest="init_image", type=Path, help="start from this image (img2img)")
+    group.add_argument(
+        "--strength",
+        default=f"{DENOISING_STRENGTH.default:g}",
+        help=f"denoising strength, {DENOISING_STRENGTH.describe()}: 0 keeps the image, 1 repaints it "
+        "(default %(default)s)",
+    )
+    modes = ", ".join(f"{number} {label}" for number, label in RESIZE_MODES.items())
+    group.add_argument("--resize-mode", dest="resize_mode", default="0", help=f"{modes} (default %(default)s)")
+    group.add_argument("--mask", type=Path, help="inpainting mask, the init image's size: white = repaint")
+    group.add_argument(
+        "--mask-blur",
+        dest="mask_blur",
+        default=f"{MASK_BLUR.default:g}",
+        help=f"{MASK_BLUR.describe()} px (default %(default)s)",
+    )
+    group.add_argument("--invert-mask", dest="invert_mask", action="store_true", help="repaint the black part instead")
+    group.add_argument(
+        "--masked-content",
+        dest="masked_content",
+        choices=["original", "fill"],
+        default="original",
+        help="what the masked area starts from (default %(default)s)",
+    )
+    group.add_argument(
+        "--only-masked", dest="only_masked", action="store_true", help="repaint the mask's box at full size; paste back"
+    )
+    group.add_argument(
+        "--only-masked-padding",
+        dest="only_masked_padding",
+        default=f"{INPAINT_PADDING.default:g}",
+        help=f"pixels around the mask's box, {INPAINT_PADDING.describe()} (default %(default)s)",
+    )
+
+
+def img2img_from_args(args: argparse.Namespace):
+    """The request's img2img options from ``add_img2img_arguments`` (None: txt2img)."""
+    from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
+
+    if getattr(args, "init_image", None) is None:
+        if getattr(args, "mask", None) is not None:
+            raise UserError("--mask needs --init-image: the mask says which part of that image to repaint.")
+        return None
+    return Img2ImgOptions(
+        image=args.init_image,
+        strength=args.strength,
+        resize_mode=args.resize_mode,
+        mask=args.mask,
+        mask_blur=args.mask_blur,
+        mask_invert=args.invert_mask,
+        inpainting_fill=FILL if args.masked_content == "fill" else ORIGINAL,
+        only_masked=args.only_masked,
+        only_masked_padding=args.only_masked_padding,
     )
 
 
@@ -276,6 +338,7 @@ def request_from_args(args: argparse.Namespace):
         clip_skip=args.clip_skip,
         variation_seed=args.variation_seed,
         variation_strength=args.variation_strength,
+        img2img=img2img_from_args(args),
     )
 
 

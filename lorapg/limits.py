@@ -52,6 +52,15 @@ CLIP_SKIP = Range(1, 12, 1, 1)
 # A1111's "Variation strength" (subseed_strength): 0 = the seed's own image, 1 = the variation seed's noise.
 VARIATION_STRENGTH = Range(0.0, 1.0, 0.01, 0.0)
 
+# img2img and inpainting (A1111's ranges). Denoising strength 0 keeps the init image; 1 repaints it all.
+DENOISING_STRENGTH = Range(0.0, 1.0, 0.01, 0.75)
+MASK_BLUR = Range(0, 64, 1, 4)  # pixels (a Gaussian's sigma), as A1111's slider
+INPAINT_PADDING = Range(0, 256, 4, 32)  # "only masked": pixels added around the mask's box
+# A1111's resize_mode values: how an init image of another size becomes width x height.
+RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
+# A1111's inpainting_fill ("Masked content"): what the masked area starts from.
+INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
 # --- training (TrainConfig fields) ------------------------------------------------------------
 # A training seed is a generation seed: a sample made at it can be regenerated.
 TRAINING: dict[str, Range] = {

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from PIL import ImageOps
+
 from lorapg.diffusion.engine import GenerationResult
+from lorapg.diffusion.inpaint_mask import binary_mask
 from lorapg.diffusion.model_source import SINGLE_FILE
 from lorapg.gallery.a1111 import format_parameters
 from lorapg.gallery.png import save_png_atomically
-from lorapg.gallery.records import ImageRecord, LoraUse
+from lorapg.gallery.records import ImageRecord, Img2ImgUse, LoraUse
 from lorapg.hashing import lora_hash, model_hash
+from lorapg.limits import INPAINTING_FILLS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,35 @@ def image_record(result: GenerationResult, index: int, job_id: str | None = None
         # Empty at strength 0: the image is the seed's own, and A1111 writes no variation then.
         variation_seed=result.variation_seeds[index] if result.variation_seeds else None,
         variation_strength=request.variation_strength if result.variation_seeds else None,
+        img2img=img2img_use(request.img2img),
     )
+
+
+def img2img_use(options) -> Img2ImgUse | None:
+    """What the record keeps of the request's img2img options (checked ones); None for txt2img."""
+    if options is None:
+        return None
+    masked = options.mask is not None
+    return Img2ImgUse(
+        denoising_strength=options.strength,
+        resize_mode=options.resize_mode,
+        mask_blur=options.mask_blur if masked else None,
+        masked_content=INPAINTING_FILLS[options.inpainting_fill] if masked else None,
+        only_masked=bool(masked and options.only_masked),
+        only_masked_padding=options.only_masked_padding if masked and options.only_masked else None,
+    )
+
+
+def attachments(result: GenerationResult) -> dict:
+    """The init image and the mask (as the user gave it, inverted if asked) to keep beside each image."""
+    options = result.request.img2img
+    if options is None:
+        return {}
+    kept = {"init": options.image}
+    if options.mask is not None:
+        # Saved as used: Reuse then needs no "invert" flag.
+        kept["mask"] = ImageOps.invert(binary_mask(options.mask)) if options.mask_invert else options.mask
+    return kept
 
 
 def write_result_pngs(result: GenerationResult, out: Path) -> list[Path]:
@@ -58,6 +90,8 @@ def record_in_gallery(
     store, result: GenerationResult, job_id: str | None = None, owner: str | None = None
 ) -> list[ImageRecord]:
     """Save every image of ``result`` into the gallery ``store`` (PNG + row) as ``owner``'s; returns the records."""
+    kept = attachments(result)
     return [
-        store.add(image_record(result, index, job_id), image, owner=owner) for index, image in enumerate(result.images)
+        store.add(image_record(result, index, job_id), image, owner=owner, attachments=kept)
+        for index, image in enumerate(result.images)
     ]

@@ -58,6 +58,7 @@ INVALID_ONLY = Plan({NEGATIVE: 40}, cap=True)
 # Routes that start GPU work (or load a model or the prompt LLM), by method and path pattern.
 GPU_ROUTES = [
     ("post", r"/sdapi/v1/txt2img", Plan({POSITIVE: 20, NEGATIVE: 60}, cap=True)),
+    ("post", r"/sdapi/v1/img2img", Plan({POSITIVE: 10, NEGATIVE: 30}, cap=True)),
     ("post", r"/sdapi/v1/options", INVALID_ONLY),  # sd_model_checkpoint switches the base model
     ("post", r"/api/v1/generations", INVALID_ONLY),
     ("post", r"/api/v1/training(/.*)?", INVALID_ONLY),

@@ -354,7 +354,7 @@ def test_bad_json_and_img2img_answer_clearly(app):
     )
     assert reply.status_code == 422 and "JSON" in reply.json()["errors"]
     reply = post(app, "img2img", {"init_images": []})
-    assert reply.status_code == 501 and "img2img" in reply.json()["errors"]
+    assert reply.status_code == 400 and "init_images: send exactly one image" in reply.json()["errors"]
     reply = post(app, "png-info", {"image": "data:image/png;base64,!!!"})
     assert reply.status_code == 400 and "image" in reply.json()["errors"]
 

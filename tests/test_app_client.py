@@ -129,6 +129,16 @@ def test_generate_parameters_have_the_names_users_know(app):
         "clip_skip",  # added after the first release: last, so positional callers keep working
         "variation_seed",
         "variation_strength",
+        # img2img / inpainting, added after clip_skip for the same reason
+        "init_image",
+        "mask",
+        "denoising_strength",
+        "resize_mode",
+        "mask_blur",
+        "masked_content",
+        "mask_invert",
+        "only_masked",
+        "only_masked_padding",
     ]
 
 

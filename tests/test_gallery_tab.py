@@ -87,7 +87,11 @@ def test_gallery_serves_pngs_with_their_parameters(app) -> None:
 def test_reuse_fills_every_generate_widget(app) -> None:
     client, record, settings, _, demo = app
     values = client.predict(record.id, settings.model, api_name="/gallery_reuse")
-    prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = values
+    prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = values[
+        :-9
+    ]
+    img2img = values[-9:]
+    assert img2img[:2] == [None, None]  # a txt2img image: the init image and mask are cleared
     assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch, clip_skip, strength) == (
         "a fox",
         "blurry",

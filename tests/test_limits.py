@@ -40,6 +40,16 @@ GENERATE_ORDER = (
     "clip_skip",
     "variation_seed",
     "variation_strength",
+    # img2img (a raw HTTP call sends every input; gradio_client fills the defaults itself)
+    "init_image",
+    "mask",
+    "denoising_strength",
+    "resize_mode",
+    "mask_blur",
+    "masked_content",
+    "mask_invert",
+    "only_masked",
+    "only_masked_padding",
 )
 GENERATE = {
     "negative_prompt": "",
@@ -54,6 +64,18 @@ GENERATE = {
     "clip_skip": 1,
     "variation_seed": -1,
     "variation_strength": 0,
+}
+# What the raw call sends for img2img's inputs: no init image (txt2img) and the widgets' defaults.
+RAW_IMG2IMG = {
+    "init_image": None,
+    "mask": None,
+    "denoising_strength": 0.75,
+    "resize_mode": 0,
+    "mask_blur": 4,
+    "masked_content": "original",
+    "mask_invert": False,
+    "only_masked": False,
+    "only_masked_padding": 32,
 }
 
 
@@ -145,7 +167,7 @@ def test_reuse_puts_every_value_back_within_the_widgets_bounds(app, tmp_path, va
     demo, client, settings, gallery = app
     png = a1111_png(tmp_path / "made-elsewhere.png", **values)
     outputs = client.predict(handle_file(png), settings.model, api_name="/png_info_send")
-    prompt, negative, _, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = outputs
+    prompt, negative, _, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes, *_ = outputs
     assert (prompt, negative, sampler, batch, clip_skip, strength, notes) == ("a fox", "blurry", "Euler a", 1, 1, 0, "")
     assert (steps, seed, width, height) == (values["steps"], values["seed"], values["size"], values["size"])
     assert math.isclose(cfg, values["cfg"])
@@ -197,7 +219,7 @@ def test_generate_endpoint_takes_the_range_maximum(app) -> None:
 def test_bad_generate_input_names_the_field_and_the_app_keeps_serving(app, field, value, message) -> None:
     _, client, settings, _ = app
     assert settings.max_prompt_chars == 8000
-    arguments = {"prompt": "a fox", **GENERATE, field: value}
+    arguments = {"prompt": "a fox", **GENERATE, **RAW_IMG2IMG, field: value}
     error = call_raw(client.src, "generate", [arguments[name] for name in GENERATE_ORDER])
     assert re.search(message, error), error
     assert "preprocess" not in error

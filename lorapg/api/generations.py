@@ -22,7 +22,16 @@ from lorapg.api.gallery import image_url
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.jobs import Job
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS, VARIATION_STRENGTH
+from lorapg.limits import (
+    BATCH_SIZE,
+    CFG_SCALE,
+    CLIP_SKIP,
+    DENOISING_STRENGTH,
+    INPAINT_PADDING,
+    MASK_BLUR,
+    STEPS,
+    VARIATION_STRENGTH,
+)
 from lorapg.services.generation_jobs import GenerationJobs, GenerationParams, JobNotFound, Urls
 
 PREFIX = "/api/v1/generations"
@@ -67,6 +76,22 @@ class GenerationFields(BaseModel):
     )
 
 
+class Img2ImgIn(BaseModel):
+    """img2img: an init image; with a mask, inpainting (white = repaint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    init_image: str = Field(description="A PNG or JPEG as base64, raw or as a data: URL.")
+    mask: str | None = Field(None, description="Base64 mask of the init image's size: white = repaint.")
+    denoising_strength: float = Field(DENOISING_STRENGTH.default, description="0 keeps the init image, 1 repaints it.")
+    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale.")
+    mask_blur: int = int(MASK_BLUR.default)
+    masked_content: str = Field("original", description="What the masked area starts from: original or fill.")
+    mask_invert: bool = Field(False, description="Repaint the black part instead.")
+    only_masked: bool = Field(False, description="Repaint the mask's box (plus padding) at full size, paste it back.")
+    only_masked_padding: int = int(INPAINT_PADDING.default)
+
+
 class GenerationCreate(GenerationFields):
     """The generate request; ``<lora:name:weight>`` tags in the prompt work as in A1111."""
 
@@ -90,6 +115,7 @@ class GenerationCreate(GenerationFields):
     )
 
     batch_size: int = int(BATCH_SIZE.default)
+    img2img: Img2ImgIn | None = Field(None, description="Start from an image (img2img); with a mask, inpaint.")
 
     def params(self) -> GenerationParams:
         fields = self.model_dump(exclude={"loras"})

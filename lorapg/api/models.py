@@ -54,6 +54,38 @@ class Txt2ImgRequest(A1111Request):
     )
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img: txt2img's fields plus an init image and, for inpainting, a mask."""
+
+    init_images: list[str] = Field(description="one image, base64 (raw or a data: URL)")
+    denoising_strength: float = Field(0.75, description="0 keeps the init image, 1 repaints it all")
+    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")
+    mask: str | None = Field(None, description="base64 mask of the init image's size: white = repaint")
+    mask_blur: int = 4
+    inpainting_fill: int = Field(0, description="masked content: 0 fill, 1 original")
+    inpaint_full_res: bool = Field(True, description="only masked: repaint the mask's box at full size")
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = Field(0, description="1: repaint the black part instead")
+    include_init_images: bool = Field(False, description="echo init_images and mask in parameters")
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a red star <lora:style:0.8>",
+                    "init_images": ["iVBORw0KGgoAAAANSUhEUgAA..."],
+                    "denoising_strength": 0.6,
+                    "seed": 7,
+                    "steps": 20,
+                    "width": 512,
+                    "height": 512,
+                }
+            ]
+        },
+    )
+
+
 class Txt2ImgResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={

@@ -14,8 +14,8 @@ from fastapi import APIRouter, Body, Depends
 
 from lorapg.api import models as m
 from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route, error_reply
-from lorapg.services.a1111 import SCHEDULES, A1111Service, Txt2ImgParams, a1111_sampler_names
+from lorapg.api.errors import A1111Route
+from lorapg.services.a1111 import SCHEDULES, A1111Service, Img2ImgParams, Txt2ImgParams, a1111_sampler_names
 
 PREFIX = "/sdapi/v1"
 ERRORS = {400: {"model": m.ErrorResponse}, 401: {"model": m.ErrorResponse}, 422: {"model": m.ErrorResponse}}
@@ -46,9 +46,24 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
             info=json.dumps(result.info),
         )
 
-    @router.post("/img2img", status_code=501, responses=m.NOT_BUILT_REPLY)
-    def img2img() -> Any:
-        return error_reply(501, "NotImplementedError", "img2img is not built yet in LoRA Playground; use txt2img.")
+    @router.post("/img2img", response_model=m.Txt2ImgResponse)
+    def img2img(body: m.Img2ImgRequest) -> m.Txt2ImgResponse:
+        overrides = body.override_settings or {}
+        fields = body.model_dump(exclude={"override_settings"})
+        params = Img2ImgParams(
+            **dict(fields, init_images=tuple(body.init_images)),
+            sd_model_checkpoint=overrides.get("sd_model_checkpoint"),
+            clip_skip=overrides.get("CLIP_stop_at_last_layers"),
+            sd_vae=overrides.get("sd_vae"),
+        )
+        result = service.img2img(params)
+        # A1111 leaves the (large) images out of the echo unless asked.
+        echoed = body.model_dump() if body.include_init_images else body.model_dump(exclude={"init_images", "mask"})
+        return m.Txt2ImgResponse(
+            images=result.images if body.send_images else None,
+            parameters=echoed,
+            info=json.dumps(result.info),
+        )
 
     @router.get("/progress", response_model=m.ProgressResponse)
     def progress(skip_current_image: bool = False) -> dict[str, Any]:

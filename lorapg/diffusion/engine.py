@@ -14,6 +14,7 @@ from PIL import Image
 
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
 from lorapg.diffusion.families import NATIVE_SIZE, SD1
+from lorapg.diffusion.image_pipelines import prepare_image_run
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import ModelSource, resolve_model_source
 from lorapg.diffusion.pipeline_loader import load_pipeline
@@ -56,6 +57,7 @@ class LoadedModel:
     adapters: AdapterSet
     base_scheduler_config: dict
     native_size: int
+    derived: dict = field(default_factory=dict)  # img2img / inpaint pipelines made from ``pipe`` (shared modules)
 
 
 class DiffusionEngine:
@@ -172,6 +174,11 @@ class DiffusionEngine:
             pipe.scheduler = scheduler_for(request.sampler, model.base_scheduler_config, pipe.scheduler)
             self._configure_vae_tiling(model, request)
             seeds = image_seeds(request)  # seed + i; the same seed for each image of a variation batch
+            # img2img / inpainting: another pipeline over the same modules, and the images around it.
+            image_run = prepare_image_run(model, request, seeds)
+            if image_run is not None:
+                request = image_run.request  # its init image and mask decoded and checked
+            total_steps = image_run.steps if image_run else request.steps
             warnings = []  # long prompts are chunked (prompt_encoding), so nothing is cut any more
             cancelled = False
             steps_done = 0
@@ -183,9 +190,9 @@ class DiffusionEngine:
                 done = steps_done = step + 1
                 if on_step is not None:
                     preview = None
-                    if done % self.preview_every == 0 and done < request.steps:
+                    if done % self.preview_every == 0 and done < total_steps:
                         preview = latents_to_preview(kwargs["latents"], model.family)
-                    on_step(done, request.steps, preview)
+                    on_step(done, total_steps, preview)
                 if should_cancel is not None and should_cancel():
                     cancelled = True
                     pipeline._interrupt = True  # diffusers skips the remaining steps
@@ -199,6 +206,8 @@ class DiffusionEngine:
                     prompts = chunked_prompt_embeddings(pipe, request.prompt, request.negative_prompt, clip_skip)
                 elif clip_skip is not None:
                     prompts = clip_skipped_embeddings(pipe, request, clip_skip)
+                if image_run is not None:
+                    return image_run.call(prompts, step_end)
                 # One CPU generator per image: image i is reproducible alone with seed + i, and the
                 # same seed gives the same noise whatever the device.
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -237,7 +246,7 @@ class DiffusionEngine:
             # then decodes): A1111's interrupt returns those images, so they are kept; callers that
             # record only finished work check ``cancelled``.
             return GenerationResult(
-                images=list(output.images),
+                images=image_run.finish(output.images) if image_run else list(output.images),
                 seeds=seeds,
                 request=request,
                 loras=selections,

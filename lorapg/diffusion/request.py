@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from lorapg import lora_tags
 from lorapg.coercion import SHOWN_CHARS, CoercionError, parse_seed, shown, to_float, to_int
@@ -12,6 +13,9 @@ from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
 from lorapg.errors import UserError, shorten
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MULTIPLE, STEPS, VARIATION_STRENGTH
 from lorapg.lora_tags import find_lora_tags, strip_lora_tags
+
+if TYPE_CHECKING:
+    from lorapg.diffusion.img2img import Img2ImgOptions
 
 # The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
 MAX_SEED = int(SEED.maximum)
@@ -45,6 +49,8 @@ class GenerationRequest:
     variation_seed: int | None = None  # None or -1: random (picked only when the strength is over 0)
     variation_strength: float = VARIATION_STRENGTH.default
     extra: dict = field(default_factory=dict, compare=False)
+    # img2img / inpainting (lorapg.diffusion.img2img checks it); None: txt2img
+    img2img: Img2ImgOptions | None = None
 
 
 def _whole(name: str, value: object) -> int:
@@ -156,6 +162,9 @@ def _variation(request: GenerationRequest, batch: int) -> tuple[int | None, floa
     strength = _number("Variation strength", request.variation_strength)
     if strength not in VARIATION_STRENGTH:
         raise UserError(f"Variation strength must be {VARIATION_STRENGTH.describe()} (0 = off), got {strength:g}.")
+    if strength > 0 and request.img2img is not None:
+        # img2img starts from the init image's latents plus noise; blending seeds there is not built yet.
+        raise UserError("Variation strength applies to txt2img only; set it to 0 for img2img and inpainting.")
     seed = parse_seed(request.variation_seed, "Variation seed")
     if seed is None and strength > 0:
         seed = random.randint(0, MAX_SEED - MAX_BATCH)  # room for variation_seed + i, as for the seed

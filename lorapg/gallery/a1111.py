@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from lorapg.lora_tags import find_lora_tags
 
 if TYPE_CHECKING:
-    from lorapg.gallery.records import ImageRecord
+    from lorapg.gallery.records import ImageRecord, Img2ImgUse
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,15 @@ _KNOWN_KEYS = {
     "lora hashes",
     "lora weights",
     "version",
+    # img2img and inpainting (lorapg.gallery.records.Img2ImgUse)
+    "denoising strength",
+    "resize mode",
+    "mask blur",
+    "masked content",
+    "inpaint area",
+    "masked area padding",
 }
+ONLY_MASKED, WHOLE_PICTURE = "Only masked", "Whole picture"  # A1111's "Inpaint area" values
 
 # Tokenizer pieces for the "Key: value, Key: value" line. A key starts with a word character
 # and may contain spaces, dashes and slashes ("Schedule type", "Hires upscale", "TI hashes").
@@ -89,6 +97,7 @@ class ParsedParameters:
     variation_seed: int | None = None
     variation_strength: float | None = None
     version: str | None = None
+    img2img: Img2ImgUse | None = None  # present when the text has "Denoising strength"
     extra: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -163,8 +172,12 @@ def format_parameters(record: ImageRecord) -> str:
     if record.variation_strength and record.variation_seed is not None:  # A1111: only when the strength is over 0
         pairs.append(("Variation seed", str(record.variation_seed)))
         pairs.append(("Variation seed strength", format_number(record.variation_strength)))
+    if record.img2img is not None:
+        pairs.append(("Denoising strength", format_number(record.img2img.denoising_strength)))
+        pairs.append(("Resize mode", str(record.img2img.resize_mode)))
     if record.clip_skip and record.clip_skip > 1:  # A1111 writes it only when a layer is skipped
         pairs.append(("Clip skip", str(record.clip_skip)))
+    pairs += _mask_pairs(record.img2img)
     hashes = [f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash]
     if hashes:
         pairs.append(("Lora hashes", ", ".join(hashes)))
@@ -177,6 +190,19 @@ def format_parameters(record: ImageRecord) -> str:
         lines.append(f"{NEGATIVE_PREFIX} {negative}")
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in pairs))
     return "\n".join(lines).strip()
+
+
+def _mask_pairs(use: Img2ImgUse | None) -> list[tuple[str, str]]:
+    """Inpainting's fields, with A1111's names and values; none for txt2img or plain img2img."""
+    if use is None or use.mask_blur is None:
+        return []
+    pairs = [("Mask blur", str(use.mask_blur))]
+    if use.masked_content:
+        pairs.append(("Masked content", use.masked_content))
+    pairs.append(("Inpaint area", ONLY_MASKED if use.only_masked else WHOLE_PICTURE))
+    if use.only_masked and use.only_masked_padding is not None:
+        pairs.append(("Masked area padding", str(use.only_masked_padding)))
+    return pairs
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +370,7 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
     problems = result.problems
     schedule: str | None = None
     lora_weights: list[tuple[str, str]] = []
+    img2img_pairs: list[tuple[str, str]] = []
     for key, value in pairs:
         folded = key.casefold()
         if folded == "steps":
@@ -383,12 +410,51 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
             lora_weights.extend(_parse_lora_list(key, value, problems))
         elif folded == "version":
             result.version = value or None
+        elif folded in _IMG2IMG_KEYS:
+            img2img_pairs.append((key, value))
         else:
             result.extra[key] = value
+    if any(key.casefold().startswith("hires") for key in result.extra):
+        # A1111's hires fix writes its second pass's "Denoising strength" too: that is not img2img.
+        result.extra.update(img2img_pairs)
+    else:
+        result.img2img = _img2img_use({key.casefold(): value for key, value in img2img_pairs}, problems)
     result.schedule_type = schedule
     if result.sampler and schedule in _FOLDED_SCHEDULES and not result.sampler.endswith(schedule):
         result.sampler = f"{result.sampler} {schedule}"
     _add_lora_weights(lora_weights, result)
+
+
+_IMG2IMG_KEYS = {
+    "denoising strength",
+    "resize mode",
+    "mask blur",
+    "masked content",
+    "inpaint area",
+    "masked area padding",
+}
+
+
+def _img2img_use(values: dict[str, str], problems: list[str]) -> Img2ImgUse | None:
+    """The img2img fields read (casefolded keys); None without a usable "Denoising strength"."""
+    from lorapg.gallery.records import Img2ImgUse
+
+    raw = values.get("denoising strength")
+    strength = _parse_float("Denoising strength", raw, problems) if raw is not None else None
+    if strength is None:
+        return None
+    mode = values.get("resize mode")
+    blur = values.get("mask blur")
+    padding = values.get("masked area padding")
+    content = (values.get("masked content") or "").strip().lower()
+    return Img2ImgUse(
+        denoising_strength=strength,
+        resize_mode=(_parse_int("Resize mode", mode, problems, 0, 3) or 0) if mode is not None else 0,
+        mask_blur=_parse_int("Mask blur", blur, problems, 0, 1000) if blur is not None else None,
+        masked_content=content if content in ("fill", "original") else None,
+        only_masked=(values.get("inpaint area") or "").strip().casefold() == ONLY_MASKED.casefold(),
+        only_masked_padding=_parse_int("Masked area padding", padding, problems, 0, 10_000) if padding else None,
+    )
 
 
 def _add_lora_weights(weights: list[tuple[str, str]], result: ParsedParameters) -> None:

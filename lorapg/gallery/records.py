@@ -74,6 +74,33 @@ class LoraUse:
 
 
 @dataclass
+class Img2ImgUse:
+    """How an img2img / inpainting result was made from its init image (A1111's parameter names).
+
+    The init image and mask themselves are files beside the result (``attachment_path``).
+    """
+
+    denoising_strength: float
+    resize_mode: int = 0
+    mask_blur: int | None = None  # None: no mask (plain img2img)
+    masked_content: str | None = None  # "fill" or "original"
+    only_masked: bool = False  # A1111's "Inpaint area: Only masked"
+    only_masked_padding: int | None = None
+
+
+# The init image and mask of an img2img result are kept beside it, as NAME.init.png and NAME.mask.png.
+ATTACHMENTS = ("init", "mask")
+
+
+def attachment_path(image_path: Path, kind: str) -> Path:
+    return image_path.with_name(f"{image_path.stem}.{kind}.png")
+
+
+def is_attachment(path: Path) -> bool:
+    return any(path.name.endswith(f".{kind}.png") for kind in ATTACHMENTS)
+
+
+@dataclass
 class ImageRecord:
     """One gallery image. ``id``, ``path`` and ``created_at`` are filled in by the store."""
 
@@ -98,6 +125,7 @@ class ImageRecord:
     path: Path | None = None
     starred: bool = False
     version: str = field(default_factory=default_version)
+    img2img: Img2ImgUse | None = None  # None: txt2img
 
 
 def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
@@ -123,4 +151,5 @@ def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
         variation_seed=parsed.variation_seed,
         variation_strength=parsed.variation_strength,
         version=parsed.version or default_version(),
+        img2img=parsed.img2img,
     )

@@ -28,13 +28,18 @@ from pathlib import Path
 
 from PIL import Image
 
+from lorapg.atomic_files import atomic_write
 from lorapg.errors import UserError
 from lorapg.gallery.a1111 import format_parameters, parse_parameters
 from lorapg.gallery.png import is_temp_file, read_png_metadata, save_png_atomically
 from lorapg.gallery.records import (
+    ATTACHMENTS,
     ImageRecord,
+    Img2ImgUse,
     LoraUse,
+    attachment_path,
     check_image_id,
+    is_attachment,
     record_from_parsed,
 )
 
@@ -133,6 +138,13 @@ def _contains_all_casefolded(text: str | None, words: str) -> int:
     """
     folded = (text or "").casefold()
     return int(all(word in folded for word in words.split(_WORD_SEPARATOR)))
+
+
+def _img2img_of(text: str | None) -> Img2ImgUse | None:
+    """img2img's fields read back from the row's A1111 text (no columns of their own)."""
+    if not text or "Denoising strength" not in text:
+        return None
+    return parse_parameters(text).img2img
 
 
 class GalleryStore:
@@ -339,14 +351,18 @@ class GalleryStore:
             path=self.images_dir / row["path"],
             starred=bool(row["starred"]),
             version=row["version"] or "",
+            img2img=_img2img_of(row["parameters"]),
         )
 
     # ----------------------------------------------------------------------------------------
     # Public API
 
-    def add(self, record: ImageRecord, image: Image.Image, owner: str | None = None) -> ImageRecord:
+    def add(
+        self, record: ImageRecord, image: Image.Image, owner: str | None = None, attachments: dict | None = None
+    ) -> ImageRecord:
         """Save ``image`` as a PNG with A1111 metadata, index it, then prune; return the stored
-        record (with ``id``, absolute ``path`` and ``created_at``). ``owner``: the visitor who made it."""
+        record (with ``id``, absolute ``path`` and ``created_at``). ``owner``: the visitor who made it.
+        ``attachments``: img2img's "init" image and "mask", saved beside it (``attachment_path``)."""
         created_at = _as_utc(record.created_at) if record.created_at else datetime.now(UTC)
         stored = replace(
             record,
@@ -358,12 +374,17 @@ class GalleryStore:
         rel = self._new_relative_path(created_at, record.seed)
         text = format_parameters(stored)
         final = save_png_atomically(image, self.images_dir / rel, text)
+        for kind, attached in (attachments or {}).items():
+            with atomic_write(attachment_path(final, kind)) as handle:
+                attached.save(handle, format="PNG")  # no parameters chunk: never imported as an image
         try:
             with self._write() as conn:
                 image_id = self._insert(conn, stored, rel, text, owner)
         except BaseException:
             # No row, no file: otherwise reconcile would import an image the user never saw.
             final.unlink(missing_ok=True)
+            for kind in ATTACHMENTS:
+                attachment_path(final, kind).unlink(missing_ok=True)
             raise
         try:
             self.prune()
@@ -487,6 +508,8 @@ class GalleryStore:
             if path is not None:
                 try:
                     path.unlink(missing_ok=True)
+                    for kind in ATTACHMENTS:
+                        attachment_path(path, kind).unlink(missing_ok=True)
                 except OSError as exc:
                     logger.warning("could not delete %s (%s); its gallery entry stays", path, exc)
                     continue
@@ -542,7 +565,7 @@ class GalleryStore:
         found: list[tuple[str, ImageRecord, str]] = []
         for path in sorted(self.images_dir.rglob("*.png")):
             rel = path.relative_to(self.images_dir).as_posix()
-            if rel in known or path.name.startswith(".") or self._resolve(rel) is None:
+            if rel in known or path.name.startswith(".") or is_attachment(path) or self._resolve(rel) is None:
                 continue
             orphan = self._read_orphan(path)
             if orphan is not None:

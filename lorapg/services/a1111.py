@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from lorapg.coercion import CoercionError, to_int
 from lorapg.config import Settings
+from lorapg.diffusion.img2img import Img2ImgOptions, load_image
 from lorapg.diffusion.request import GenerationRequest, parse_seed
 from lorapg.diffusion.samplers import SAMPLERS
 from lorapg.errors import UserError, shorten
@@ -75,6 +76,22 @@ class Txt2ImgParams:
     sd_vae: Any = None  # override_settings' sd_vae
     send_images: bool = True
     save_images: bool = False
+
+
+@dataclass(frozen=True)
+class Img2ImgParams(Txt2ImgParams):
+    """img2img's own fields, as A1111 names them (and its defaults for API callers)."""
+
+    init_images: tuple = ()  # base64 images (raw or data: URLs); one is used
+    denoising_strength: Any = 0.75
+    resize_mode: Any = 0
+    mask: str | None = None  # base64; white = repaint
+    mask_blur: Any = 4
+    inpainting_fill: Any = 0  # 0 fill, 1 original (2 and 3, latent noise / nothing, are not built)
+    inpaint_full_res: Any = True  # "only masked"
+    inpaint_full_res_padding: Any = 0
+    inpainting_mask_invert: Any = 0
+    include_init_images: bool = False
 
 
 @dataclass
@@ -245,6 +262,36 @@ class A1111Service:
         # current latents), plus every finished batch before them.
         return self._reply(params, results, interrupted=interrupted)
 
+    def img2img(self, params: Img2ImgParams) -> Txt2ImgResult:
+        """txt2img's call (batches, n_iter, progress, interrupt) with an init image and maybe a mask."""
+        return self.txt2img(params)
+
+    def _img2img_options(self, params: Img2ImgParams) -> Img2ImgOptions:
+        """The engine's options from A1111's fields; the images decoded within the upload limits."""
+        images = list(params.init_images or ())
+        if len(images) != 1:
+            raise UserError(
+                f"init_images: send exactly one image (base64 PNG or JPEG); got {len(images)}. "
+                "For several, make one call per image."
+            )
+        limit = self.settings.max_image_pixels
+        data = decode_image_field(images[0], self.max_upload_bytes, "init_images[0]")
+        image = load_image("init_images[0]", data, limit)
+        mask = None
+        if params.mask:
+            mask = load_image("mask", decode_image_field(params.mask, self.max_upload_bytes, "mask"), limit)
+        return Img2ImgOptions(
+            image=image,
+            strength=params.denoising_strength,
+            resize_mode=params.resize_mode,
+            mask=mask,
+            mask_blur=params.mask_blur,
+            mask_invert=params.inpainting_mask_invert,
+            inpainting_fill=params.inpainting_fill,
+            only_masked=params.inpaint_full_res,
+            only_masked_padding=params.inpaint_full_res_padding,
+        )
+
     def _run_batch(self, request: GenerationRequest, iteration: int, n_iter: int) -> tuple[Any, bool]:
         """One batch through the job queue; True with it if ``interrupt`` (not ``skip``) stopped it."""
         job_ids: list[str] = []
@@ -289,6 +336,7 @@ class A1111Service:
             clip_skip=self._clip_skip if params.clip_skip is None else check_clip_skip(params.clip_skip),
             variation_seed=self._subseed(params),
             variation_strength=params.subseed_strength,
+            img2img=self._img2img_options(params) if isinstance(params, Img2ImgParams) else None,
         )
         return self.generation.prepare(request)  # every field checked before anything is queued
 
@@ -353,6 +401,12 @@ class A1111Service:
             "job_timestamp": self._job_timestamp,
             "interrupted": interrupted,
         }
+        if request.img2img is not None:  # A1111's img2img info adds these
+            info.update(
+                denoising_strength=request.img2img.strength,
+                resize_mode=request.img2img.resize_mode,
+                mask_blur=request.img2img.mask_blur if request.img2img.mask is not None else None,
+            )
         return Txt2ImgResult(images, info, interrupted)
 
     # --- progress, interrupt, skip -------------------------------------------------------------

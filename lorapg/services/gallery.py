@@ -29,7 +29,7 @@ from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery.a1111 import ParsedParameters, parse_parameters
 from lorapg.gallery.png import read_png_parameters
-from lorapg.gallery.records import ImageRecord, check_image_id, strip_lora_tags
+from lorapg.gallery.records import ImageRecord, Img2ImgUse, attachment_path, check_image_id, strip_lora_tags
 from lorapg.gallery.store import GalleryStore
 from lorapg.hashing import lora_hash
 from lorapg.limits import BATCH_SIZE
@@ -118,6 +118,9 @@ class ReuseParameters:
     variation_strength: float = 0.0
     missing_loras: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be carried over, and why
+    img2img: Img2ImgUse | None = None  # None: txt2img
+    init_image: Path | None = None  # the img2img result's init image and mask, kept beside it
+    mask_image: Path | None = None
 
     def to_request(self, batch_size: int = 1) -> GenerationRequest:
         """The request that makes the image again (fields that were unknown take the defaults)."""
@@ -139,7 +142,27 @@ class ReuseParameters:
             negative_prompt=self.negative_prompt,
             loras=tuple(LoraRequest(name, scale) for name, scale in self.loras),
             batch_size=batch_size,
+            img2img=self.img2img_options(),
             **{key: value for key, value in given.items() if value is not None},
+        )
+
+    def img2img_options(self):
+        """The request's img2img options (None without an init image: txt2img)."""
+        from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
+
+        use = self.img2img
+        if use is None or self.init_image is None:
+            return None
+        options = Img2ImgOptions(image=self.init_image, strength=use.denoising_strength, resize_mode=use.resize_mode)
+        if self.mask_image is None or use.mask_blur is None:
+            return options
+        return replace(
+            options,
+            mask=self.mask_image,
+            mask_blur=use.mask_blur,
+            inpainting_fill=FILL if use.masked_content == "fill" else ORIGINAL,
+            only_masked=use.only_masked,
+            only_masked_padding=use.only_masked_padding if use.only_masked_padding is not None else 32,
         )
 
 
@@ -358,6 +381,7 @@ class GalleryService:
         else:
             record = self.get(source, owner)
             values = _values_from_record(record)
+            values.update(_attachments_of(record))
             matches = self.match_loras([(lora.name, lora.scale, lora.file_hash) for lora in record.loras])
             notes = []
         loras, lora_notes = _local_loras(matches)
@@ -444,7 +468,16 @@ def _values_from_record(record: ImageRecord) -> dict:
         "model_hash": record.model_hash,
         "clip_skip": record.clip_skip or 1,
         **_variation_values(record.variation_seed, record.variation_strength),
+        "img2img": record.img2img,
     }
+
+
+def _attachments_of(record: ImageRecord) -> dict:
+    """The init image and mask kept beside an img2img result, where they still exist."""
+    if record.img2img is None or record.path is None:
+        return {}
+    found = {kind: attachment_path(record.path, kind) for kind in ("init", "mask")}
+    return {f"{kind}_image": path for kind, path in found.items() if path.is_file()}
 
 
 def _values_from_parsed(parsed: ParsedParameters) -> dict:
@@ -462,6 +495,7 @@ def _values_from_parsed(parsed: ParsedParameters) -> dict:
         "model_hash": parsed.model_hash,
         "clip_skip": parsed.clip_skip or 1,
         **_variation_values(parsed.variation_seed, parsed.variation_strength),
+        "img2img": parsed.img2img,
     }
 
 

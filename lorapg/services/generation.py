@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from lorapg.config import Settings
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
+from lorapg.diffusion.img2img import Img2ImgOptions, check_options
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
@@ -24,6 +25,7 @@ from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import DONE, Job, JobQueue
+from lorapg.services.img2img_inputs import options_from_form
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +169,18 @@ class GenerationService:
         request = check_prompts(request, self.settings.max_prompt_chars)
         prompt, tagged = extract_lora_tags(request.prompt)
         request = replace(request, prompt=prompt, loras=tuple(request.loras) + tagged)
+        if request.img2img is not None:  # decoded once here, within the upload's pixel limit
+            request = replace(request, img2img=check_options(request.img2img, self.settings.max_image_pixels))
         model = self.engine.model
         # The real check runs on the model; this one fails before the queue.
         validate(request, model.native_size if model else NATIVE_SIZE[SD1], self.settings.max_prompt_chars)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         return request
+
+    @staticmethod
+    def img2img_options(image, **form) -> Img2ImgOptions | None:
+        """img2img options from a form's init image, painted strokes or mask (lorapg.services.img2img_inputs)."""
+        return options_from_form(image, **form)
 
     def submit_generation(self, request: GenerationRequest, owner: str | None = None, *, record: bool = True) -> Job:
         """Queue a generation; ``owner`` (the visitor) owns its gallery images. ``record=False``: not

@@ -16,13 +16,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from lorapg.coercion import parse_seed
+from lorapg.diffusion.img2img import load_image
 from lorapg.diffusion.request import MAX_BATCH, MAX_SEED, GenerationRequest, LoraRequest
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.diffusion.variation_noise import image_seeds, variation_seeds
 from lorapg.errors import UserError, shorten
 from lorapg.jobs import CANCELLED, DONE, ERROR, FINISHED, Job
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, STEPS, VARIATION_STRENGTH
+from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, DENOISING_STRENGTH, STEPS, VARIATION_STRENGTH
+from lorapg.services.a1111 import decode_image_field
 from lorapg.services.generation import GenerationService
+from lorapg.services.img2img_inputs import options_from_form
 
 GENERATE = "generate"  # the job kind GenerationService submits
 PROGRESS, COMPLETE = "progress", "complete"  # event names; the other terminal ones are ERROR, CANCELLED
@@ -53,6 +56,9 @@ class GenerationParams:
     clip_skip: int = int(CLIP_SKIP.default)  # A1111's "Clip skip" (CLIP_stop_at_last_layers)
     variation_seed: int | None = None  # A1111's subseed; None or -1: random (picked at submit)
     variation_strength: float = VARIATION_STRENGTH.default  # A1111's subseed_strength; 0 = off
+    # img2img / inpainting: init_image and mask as base64 plus the form's fields
+    # (lorapg.services.img2img_inputs.options_from_form); None: txt2img
+    img2img: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,21 @@ class GenerationJobs:
             clip_skip=params.clip_skip,
             variation_seed=_variation_seed(params),
             variation_strength=params.variation_strength,
+            img2img=self._img2img(params.img2img),
         )
+
+    def _img2img(self, fields: dict | None):
+        """The request's img2img options from the API's base64 images, named by their API fields."""
+        if fields is None:
+            return None
+        fields = dict(fields)
+        fields["strength"] = fields.pop("denoising_strength", DENOISING_STRENGTH.default)  # A1111's name in the API
+        limit = self.generation.settings.max_image_pixels  # checked on the header, before decoding
+        image = decode_image_field(fields.pop("init_image"), None, "img2img.init_image")
+        mask = fields.pop("mask", None)
+        if mask is not None:
+            mask = load_image("img2img.mask", decode_image_field(mask, None, "img2img.mask"), limit)
+        return options_from_form(load_image("img2img.init_image", image, limit), mask=mask, **fields)
 
     def _forget_seeds(self) -> None:
         """Keep seeds only for jobs the queue still knows (it forgets old finished ones)."""

@@ -40,6 +40,18 @@ REUSE_TARGETS = (
     "variation_seed",
     "variation_strength",
 )
+# The Generate tab's img2img widgets (build_generate_tab's keys) that Reuse and "Send to img2img" set.
+IMG2IMG_TARGETS = (
+    "img2img_init_image",
+    "img2img_mask",
+    "img2img_denoising_strength",
+    "img2img_resize_mode",
+    "img2img_mask_blur",
+    "img2img_masked_content",
+    "img2img_mask_invert",
+    "img2img_only_masked",
+    "img2img_only_masked_padding",
+)
 _PARAMETER_WIDGETS = {
     "steps": "steps",
     "guidance_scale": "cfg",
@@ -101,6 +113,25 @@ def build_gallery_tab(
     return widgets
 
 
+def _img2img_updates(img2img: dict, params: ReuseParameters) -> dict:
+    """Reuse of an img2img result restores its init image, mask and settings; of any other image,
+    clears the init image so the next Generate is txt2img again."""
+    options = params.img2img_options()
+    if options is None:
+        return {img2img["img2img_init_image"]: None, img2img["img2img_mask"]: None}
+    return {
+        img2img["img2img_init_image"]: str(options.image),
+        img2img["img2img_mask"]: str(options.mask) if options.mask is not None else None,
+        img2img["img2img_denoising_strength"]: options.strength,
+        img2img["img2img_resize_mode"]: options.resize_mode,
+        img2img["img2img_mask_blur"]: options.mask_blur,
+        img2img["img2img_masked_content"]: "fill" if options.inpainting_fill == 0 else "original",
+        img2img["img2img_mask_invert"]: options.mask_invert,
+        img2img["img2img_only_masked"]: options.only_masked,
+        img2img["img2img_only_masked_padding"]: options.only_masked_padding,
+    }
+
+
 def _gallery_widgets(gallery_service: GalleryService, can_vary: bool = False) -> dict[str, gr.components.Component]:
     with gr.Row():
         query = gr.Textbox(
@@ -134,6 +165,7 @@ def _gallery_widgets(gallery_service: GalleryService, can_vary: bool = False) ->
             with gr.Row():
                 reuse = gr.Button("♻️ Reuse", variant="primary", elem_id="gallery-reuse")
                 vary = gr.Button("🎲 Vary", visible=can_vary, elem_id="gallery-vary")
+                send_img2img = gr.Button("🖼️ Send to img2img", elem_id="gallery-send-img2img")
                 star = gr.Button(star_label(False), elem_id="gallery-star")
                 delete = gr.Button("🗑️ Delete", variant="stop", elem_id="gallery-delete")
                 download = gr.DownloadButton("⬇️ Download PNG", value=None, elem_id="gallery-download")
@@ -153,6 +185,7 @@ def _gallery_widgets(gallery_service: GalleryService, can_vary: bool = False) ->
         "image": full,
         "reuse": reuse,
         "vary": vary,
+        "send_img2img": send_img2img,
         "star": star,
         "delete": delete,
         "download": download,
@@ -292,7 +325,9 @@ def _wire_reuse(
 ) -> None:
     targets = [generate[key] for key in REUSE_TARGETS]
     pending_loras = gr.State([])
-    outputs = [*targets, tabs, pending_loras, w["notes"]]
+    img2img = {key: generate[key] for key in IMG2IMG_TARGETS if key in generate}
+    # img2img's widgets come last: the positions before them stay what they were.
+    outputs = [*targets, tabs, pending_loras, w["notes"], *img2img.values()]
     model = generate.get("model")
     model_input = {"current_model": model} if model is not None else {}  # keyed by the handlers' parameter name
 
@@ -318,7 +353,27 @@ def _wire_reuse(
             value = getattr(params, field_name)
             if value is not None:
                 updates[generate[key]] = value
+        if img2img:
+            updates.update(_img2img_updates(img2img, params))
         return updates
+
+    @user_errors
+    def send_to_img2img(image_id, request: gr.Request):
+        """The selected gallery image as the Generate tab's init image (no mask: paint one there)."""
+        path = service.image_path(image_id, visitor(visitors, request))
+        return {
+            img2img["img2img_init_image"]: str(path),
+            img2img["img2img_mask"]: None,
+            tabs: gr.Tabs(selected="generate"),
+        }
+
+    if img2img:
+        w["send_img2img"].click(
+            send_to_img2img,
+            inputs_kwargs={"image_id": w["selected_id"]},
+            outputs=[img2img["img2img_init_image"], img2img["img2img_mask"], tabs],
+            api_name="gallery_send_to_img2img",
+        )
 
     @user_errors
     def reuse_image(image_id, request: gr.Request, current_model=None):

@@ -16,8 +16,12 @@ from lorapg.limits import (
     BATCH_SIZE,
     CFG_SCALE,
     CLIP_SKIP,
+    DENOISING_STRENGTH,
+    INPAINT_PADDING,
     LORA_SCALE,
+    MASK_BLUR,
     RANDOM_SEED,
+    RESIZE_MODES,
     SEED,
     SIZE,
     STEPS,
@@ -99,6 +103,62 @@ def _variation_widgets() -> tuple[gr.Number, gr.Slider]:
                 )
             )
     return variation_seed, variation_strength
+
+
+# The generate handler's img2img parameters (the API's names), in the API's positional order.
+IMG2IMG_INPUTS = (
+    "init_image",
+    "mask",
+    "denoising_strength",
+    "resize_mode",
+    "mask_blur",
+    "masked_content",
+    "mask_invert",
+    "only_masked",
+    "only_masked_padding",
+)
+
+
+def build_img2img_section() -> dict[str, gr.components.Component]:
+    """img2img and inpainting widgets: an init image to paint a mask on (or a mask to upload)."""
+    with gr.Accordion("img2img / inpainting", open=False, elem_id="img2img"):
+        with gr.Row():
+            # PNG, not Gradio's default WEBP: the init image must reach the engine unchanged.
+            init_image = gr.ImageEditor(
+                label="Init image — paint over the part to repaint (inpainting); leave empty for txt2img",
+                type="pil",
+                format="png",
+                sources=["upload", "clipboard"],
+                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                height=360,
+                elem_id="init-image",
+            )
+            mask = gr.Image(
+                label="…or upload a mask (white = repaint), the init image's size",
+                type="pil",
+                format="png",
+                image_mode="L",
+                sources=["upload"],
+                height=360,
+                elem_id="mask-upload",
+            )
+        with gr.Row():
+            strength = raw_number(
+                gr.Slider(**ranged(DENOISING_STRENGTH), value=DENOISING_STRENGTH.default, label="Denoising strength")
+            )
+            resize_mode = gr.Dropdown(
+                [(label, number) for number, label in RESIZE_MODES.items()], value=0, label="Resize mode"
+            )
+        with gr.Row():
+            blur = raw_number(gr.Slider(**ranged(MASK_BLUR), value=MASK_BLUR.default, label="Mask blur"))
+            content = gr.Radio(["original", "fill"], value="original", label="Masked content")
+            invert = gr.Checkbox(False, label="Invert mask (repaint the unpainted part)")
+            only_masked = gr.Checkbox(False, label="Only masked (repaint the mask's box at full size)")
+            padding = raw_number(
+                gr.Slider(**ranged(INPAINT_PADDING), value=INPAINT_PADDING.default, label="Only masked padding")
+            )
+    widgets = (init_image, mask, strength, resize_mode, blur, content, invert, only_masked, padding)
+    return dict(zip(IMG2IMG_INPUTS, widgets, strict=True))
 
 
 def build_generate_tab(
@@ -189,6 +249,7 @@ def build_generate_tab(
                         )
                     )
             variation_seed, variation_strength = _variation_widgets()
+            img2img = build_img2img_section()
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -249,9 +310,31 @@ def build_generate_tab(
         clip_skip=int(CLIP_SKIP.default),
         variation_seed=RANDOM_SEED,
         variation_strength=VARIATION_STRENGTH.default,
+        init_image=None,
+        mask=None,
+        denoising_strength=DENOISING_STRENGTH.default,
+        resize_mode=0,
+        mask_blur=int(MASK_BLUR.default),
+        masked_content="original",
+        mask_invert=False,
+        only_masked=False,
+        only_masked_padding=int(INPAINT_PADDING.default),
         progress=gr.Progress(),
     ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
+        editor = init_image if isinstance(init_image, dict) else {"background": init_image, "layers": []}
+        options = service.img2img_options(
+            editor.get("background"),
+            painted=editor.get("layers") or (),
+            mask=mask,
+            strength=denoising_strength,
+            resize_mode=resize_mode,
+            mask_blur=mask_blur,
+            masked_content=masked_content,
+            mask_invert=mask_invert,
+            only_masked=only_masked,
+            only_masked_padding=only_masked_padding,
+        )
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -266,6 +349,7 @@ def build_generate_tab(
             clip_skip=clip_skip,
             variation_seed=variation_seed,
             variation_strength=variation_strength,
+            img2img=options,
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -296,6 +380,7 @@ def build_generate_tab(
         "clip_skip": clip_skip,  # added after the first release: the positional order before it stays the API's
         "variation_seed": variation_seed,
         "variation_strength": variation_strength,
+        **{name: img2img[name] for name in IMG2IMG_INPUTS},  # img2img, added last
     }
     generate_button.click(
         generate,
@@ -352,5 +437,6 @@ def build_generate_tab(
         "variation_strength": variation_strength,
         "model": model_box,
         "model_status": model_status,
+        **{f"img2img_{name}": widget for name, widget in img2img.items()},
         **extra,
     }
