@@ -32,7 +32,9 @@ LEVELS = 2  # weight patches against fused peft adapters: the same ΔW, rounded 
 # (max, mean) pixel levels between the two engines. bf16 keeps 8 mantissa bits: on the tiny random
 # model either engine lies ~1-2 levels (mean) from fp32, with single pixels up to ~90 off (seen), while a
 # LoRA moves the image by 10-30 levels (mean); so in bf16 the mean is what tells a wrong patch apart.
+# fp16 (10 mantissa bits, seen on CPU): ~0.1-0.7 levels (mean), single pixels up to ~30 off, either engine.
 FP32_TOLERANCE = (LEVELS, 0.5)
+FP16_TOLERANCE = (64, 1.5)
 BF16_TOLERANCE = (160, 2.5)
 SEQUENCE = [  # A, B, A at another scale, a stack with a LyCORIS file, a diffusers/kohya pair, none
     [("style", 0.8)],
@@ -113,7 +115,10 @@ def run_sequence_without_recompiling(
 
 @pytest.mark.parametrize(
     ("dtype", "tolerance"),
-    [pytest.param(torch.float32, FP32_TOLERANCE, id="fp32"), pytest.param(torch.bfloat16, BF16_TOLERANCE, id="bf16")],
+    [
+        pytest.param(torch.float32, FP32_TOLERANCE, id="fp32"),
+        pytest.param(torch.bfloat16, BF16_TOLERANCE, id="bf16"),
+    ],
 )
 def test_changing_loras_does_not_recompile_and_images_match_the_uncompiled_engine(
     tiny_models, lora_dir, dtype, tolerance
@@ -151,14 +156,16 @@ def test_inductor_on_cuda_changing_loras_does_not_recompile(tiny_models, lora_di
     compiled = make_engine(tiny_models, lora_dir, "cuda", torch.float16, compile_unet=True)
     reference = make_engine(tiny_models, lora_dir, "cuda", torch.float16)
     assert compiled.compile_backend == "inductor"
-    run_sequence_without_recompiling(compiled, reference, (8, 1.0))  # fp16: fused weights vs generated kernels
+    run_sequence_without_recompiling(compiled, reference, FP16_TOLERANCE)
 
 
 def test_a_diffusers_file_in_compile_mode_keeps_its_alpha(tiny_models, lora_dir, tmp_path):
     """``style`` (diffusers layout, alpha 2, rank 4) and ``style_kohya`` (the same weights) give one image."""
-    compiled = make_engine(tiny_models, lora_dir, compile_unet=True, compile_backend="eager")
-    renamed = pixels(compiled, [("style", 1.0)])
-    kohya = pixels(compiled, [("style_kohya", 1.0)])
+    patching = make_engine(tiny_models, lora_dir)
+    patching.model.adapters.patch_everything = True  # compile mode's LoRA path, without compiling (not tested here)
+    renamed = pixels(patching, [("style", 1.0)])
+    kohya = pixels(patching, [("style_kohya", 1.0)])
+    assert max_diff(renamed, pixels(patching)) > 2 * LEVELS
     assert max_diff(renamed, kohya) <= 1
 
 
@@ -170,10 +177,11 @@ def test_a_peft_dora_file_is_refused_in_compile_mode_and_the_engine_keeps_servin
     key = next(k for k in state if k.startswith("unet.") and k.endswith("lora_A.weight"))
     state[key.replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(state[key].shape[1])
     save_file(state, str(folder / "dora.safetensors"), metadata={"format": "pt"})
-    compiled = make_engine(tiny_models, folder, compile_unet=True, compile_backend="eager")
+    patching = make_engine(tiny_models, folder)
+    patching.model.adapters.patch_everything = True  # compile mode's LoRA path; the refusal comes before any step
     with pytest.raises(UserError, match=r"LoRA dora cannot be used with --compile: .*lora_magnitude_vector"):
-        pixels(compiled, [("dora", 1.0)])
-    assert pixels(compiled, [("style", 1.0)]).shape[0] == 1
+        pixels(patching, [("dora", 1.0)])
+    assert pixels(patching, [("style", 1.0)]).shape[0] == 1
 
 
 def test_peft_metadata_alpha_pattern_and_rslora_give_the_scale_peft_gives(tiny_models, lora_dir, tmp_path):
