@@ -73,6 +73,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="USER:PASS[,USER2:PASS2]",
         help="HTTP Basic credentials required on every API route",
     )
+    parser.add_argument(
+        "--compile",
+        dest="compile_unet",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet (slow first image, faster after); changing LoRAs does not recompile",
+    )
 
 
 SETTING_FLAGS = (
@@ -90,6 +97,7 @@ SETTING_FLAGS = (
     "policy",
     "api",
     "api_auth",
+    "compile_unet",
 )
 LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
 

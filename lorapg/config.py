@@ -77,6 +77,8 @@ class Settings:
     api_auth: str | None = None
     # Added last (issue 18): cells in one comparison grid (all Z values); the API refuses more with the count.
     max_grid_cells: int = 64
+    # Added last (issue 16): torch.compile the UNet (--compile); LoRAs are then weight patches, never recompiling.
+    compile_unet: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

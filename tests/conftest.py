@@ -26,6 +26,16 @@ from tests.tiny_models import (  # noqa: E402
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots a human may want to look at
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD 1.x and SDXL diffusers folders plus a LoRA folder.

@@ -8,6 +8,9 @@ active selection is then fused into the weights (``lora_fusing``), so it costs n
 Files diffusers cannot load as they are meant (LoHa, LoKr, Tucker LoCon, DoRA, IA3, full and norm diffs:
 ``LoraInfo.weight_patches``) are weight patches instead (``weight_patches``), added after the peft
 selection is fused and removed before anything changes; both kinds mix freely in one selection.
+
+In compile mode (``patch_everything``) every file is a weight patch: peft wrappers would change the
+compiled UNet's structure and recompile it (``compile_mode`` says why).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from dataclasses import dataclass
 
 from diffusers import DiffusionPipeline
 
+from lorapg.diffusion.compile_mode import LayoutError, diffusers_lora_as_kohya
 from lorapg.diffusion.families import family_label
 from lorapg.diffusion.lora_fusing import LoraFuser
-from lorapg.diffusion.lora_library import LoraInfo
+from lorapg.diffusion.lora_library import KOHYA, LoraInfo
 from lorapg.diffusion.lycoris import REFUSED_KINDS, FormatError
 from lorapg.diffusion.weight_patches import WeightPatches
 from lorapg.errors import UserError
@@ -51,9 +55,10 @@ def check_scale(name: str, scale: float) -> float:
 class AdapterSet:
     """The adapters loaded into ``pipe``, keyed by file identity."""
 
-    def __init__(self, pipe: DiffusionPipeline, family: str):
+    def __init__(self, pipe: DiffusionPipeline, family: str, *, patch_everything: bool = False):
         self.pipe = pipe
         self.family = family
+        self.patch_everything = patch_everything  # compile mode: no file ever becomes a peft adapter
         self._loaded: dict[str, tuple[float, int]] = {}  # adapter name -> (mtime, size) when read
         self.files_read = 0  # how many LoRA files were read into this pipeline (tests check this)
         self._disabled = False  # True after disable_lora(): no LoRA was selected last time
@@ -65,8 +70,8 @@ class AdapterSet:
         key = selection_key(selections)
         if self.fuser.holds(key):
             return  # the weights already hold exactly this selection (its patches included)
-        plain = [s for s in selections if not s.info.weight_patches]
-        patched = [s for s in selections if s.info.weight_patches]
+        plain = [s for s in selections if not self._as_patch(s.info)]
+        patched = [s for s in selections if self._as_patch(s.info)]
         # Loading, deleting or re-scaling adapters must see the base weights: unfused and unpatched
         # (the fuser's and the patches' CPU copies are then copies of the base weights).
         self.fuser.unfuse()
@@ -77,6 +82,9 @@ class AdapterSet:
         if self.fuser.should_fuse(key):
             self.fuser.fuse(key, [adapter_name(s.info) for s in plain])
         self._apply_patches(key, patched)
+
+    def _as_patch(self, info: LoraInfo) -> bool:
+        return info.weight_patches or self.patch_everything
 
     def _apply_patches(self, key: tuple, patched: list[LoraSelection]) -> None:
         if not patched:
@@ -100,7 +108,9 @@ class AdapterSet:
             )
         self._check_family(info)
         try:
-            self.patches.load(name, info.name, str(info.path), stamp)
+            self.patches.load(name, info.name, str(info.path), stamp, state=self._renamed_state(info))
+        except LayoutError as exc:
+            raise UserError(f"LoRA {info.name} cannot be used with --compile: {exc}.") from None
         except FormatError as exc:
             raise UserError(
                 f"LoRA {info.name} does not fit the loaded {family_label(self.family)} model ({exc}). "
@@ -125,6 +135,12 @@ class AdapterSet:
         self.pipe.set_adapters(
             [adapter_name(s.info) for s in selections], adapter_weights=[s.scale for s in selections]
         )
+
+    def _renamed_state(self, info: LoraInfo) -> dict | None:
+        """A diffusers-layout file renamed to kohya's layout (compile mode); None: patches read the file."""
+        if info.layout == KOHYA:
+            return None
+        return diffusers_lora_as_kohya(self.pipe, str(info.path))
 
     def _ensure_loaded(self, info: LoraInfo) -> None:
         name = adapter_name(info)

@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from lorapg.diffusion import compile_mode
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
 from lorapg.diffusion.families import NATIVE_SIZE, SD1
 from lorapg.diffusion.image_pipelines import prepare_image_run
@@ -73,6 +74,8 @@ class DiffusionEngine:
         single_file_config: str | None = None,
         preview_every: int = 5,
         residency: ResidencyManager | None = None,
+        compile_unet: bool = False,
+        compile_backend: str = compile_mode.DEFAULT_BACKEND,
     ):
         self.library = lora_library
         self.device = device
@@ -83,6 +86,9 @@ class DiffusionEngine:
         # On a GPU the pipeline shares the device with the LLM and the trainer under a budget;
         # without one (CPU) it simply stays where it was loaded.
         self.residency = residency
+        # --compile: torch.compile the UNet, and apply every LoRA as a weight patch so none recompiles it.
+        self.compile_unet = compile_unet
+        self.compile_backend = compile_backend
         self._model: LoadedModel | None = None
         self._lock = threading.RLock()
 
@@ -109,11 +115,14 @@ class DiffusionEngine:
             )
             if self.residency is not None:
                 self._register_with_residency(pipe)
+            if self.compile_unet:
+                compile_mode.compile_unet(pipe, self.compile_backend)
+            adapters = AdapterSet(pipe, family, patch_everything=self.compile_unet)
             vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
             native = int(pipe.unet.config.sample_size * vae_scale) or NATIVE_SIZE[family]
             previous, self._model = (
                 self._model,
-                LoadedModel(source, pipe, family, AdapterSet(pipe, family), dict(pipe.scheduler.config), native),
+                LoadedModel(source, pipe, family, adapters, dict(pipe.scheduler.config), native),
             )
             del previous  # the old pipeline's memory is released once nothing refers to it
             gc.collect()

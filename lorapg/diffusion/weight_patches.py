@@ -87,13 +87,16 @@ class WeightPatches:
     def is_loaded(self, name: str, stamp: tuple[float, int]) -> bool:
         return name in self._files and self._files[name].stamp == stamp
 
-    def load(self, name: str, label: str, path: str, stamp: tuple[float, int]) -> None:
+    def load(
+        self, name: str, label: str, path: str, stamp: tuple[float, int], state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Read a file and map its modules onto the pipeline. The weights must be the base weights now.
 
+        ``state``: the file's tensors already read (and renamed to kohya's layout: compile mode).
         Raises FormatError (unknown keys or modules); shapes are checked when ΔW is computed.
         """
         self._files.pop(name, None)
-        state = load_file(path)
+        state = load_file(path) if state is None else state
         modules = group_modules(state)
         targets = resolve_modules(self.pipe, list(modules))
         patches = []

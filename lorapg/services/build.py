@@ -122,6 +122,7 @@ def build_services(
         single_file_config=settings.single_file_config,
         preview_every=settings.preview_every,
         residency=residency,
+        compile_unet=settings.compile_unet,
     )
     sink = (lambda result, job: record_in_gallery(gallery, result, job.id, job.owner)) if record_results else None
     service = GenerationService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)
