@@ -91,7 +91,7 @@ def test_reuse_fills_every_generate_widget(app) -> None:
         :-9
     ]
     img2img = values[-9:]
-    assert img2img[:2] == [None, None]  # a txt2img image: the init image and mask are cleared
+    assert list(img2img[:2]) == [None, None]  # a txt2img image: the init image and mask are cleared
     assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch, clip_skip, strength) == (
         "a fox",
         "blurry",

@@ -80,6 +80,16 @@ def test_variation_seeds_of_a_batch_stay_in_range():
         validate(replace(BASE, batch_size=2, variation_seed=2**32 - 1, variation_strength=0.5), 64)
 
 
+def test_a_variation_with_an_init_image_is_refused_by_name():
+    """img2img starts from the init image's latents: the variation noise would be dropped without a word."""
+    from lorapg.diffusion.img2img import Img2ImgOptions
+
+    init = Img2ImgOptions(image=Image.new("RGB", (64, 64), "gray"))
+    with pytest.raises(UserError, match="Variation strength applies to txt2img only"):
+        validate(replace(BASE, variation_strength=0.2, img2img=init), 64)
+    assert validate(replace(BASE, img2img=init), 64).variation_strength == 0  # off: img2img as usual
+
+
 # --- the engine ------------------------------------------------------------------------------
 
 
