@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from lorapg.diffusion import pipeline_loader
 from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.families import FLUX, SD1
-from lorapg.diffusion.flux import FLUX_DEV, family_defaults
+from lorapg.diffusion.flux import FLUX_DEV, FLUX_SCHNELL, family_defaults
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.model_source import FOLDER, SINGLE_FILE, resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, LoraRequest, validate
@@ -74,6 +74,16 @@ def test_folder_is_detected_as_flux(flux_files, engine):
     assert engine.model.family == FLUX
     assert engine.model.native_size == 32  # the tiny VAE's sample size (FLUX.1's VAE says 1024)
     assert family_defaults(FLUX, engine.model.pipe) == FLUX_DEV  # a guidance embedding: dev, not schnell
+
+
+def test_schnell_takes_no_guidance(flux_files):
+    engine = DiffusionEngine(LoraLibrary(flux_files["loras"]), torch.device("cpu"), torch.float32)
+    folder = flux_files["root"] / "schnell"
+    build_flux_pipeline(folder, guidance_embeds=False)
+    engine.load_model(str(folder))
+    assert family_defaults(FLUX, engine.model.pipe) == FLUX_SCHNELL
+    result = engine.generate(GenerationRequest("a fox", steps=2, seed=1, guidance_scale=3.5, sampler="Euler"))
+    assert result.request.guidance_scale == 0 and any("takes no guidance" in w for w in result.warnings)
 
 
 def test_transformer_file_loads_with_model_config(flux_files, engine):

@@ -40,8 +40,11 @@ def build_t5_tokenizer(folder: Path) -> T5TokenizerFast:
     return tokenizer
 
 
-def build_flux_pipeline(folder: Path) -> FluxPipeline:
-    """A tiny Flux.1 pipeline (dev-like: guidance embedding) saved as a diffusers folder; 32 px native."""
+def build_flux_pipeline(folder: Path, *, guidance_embeds: bool = True) -> FluxPipeline:
+    """A tiny Flux.1 pipeline saved as a diffusers folder; 32 px native.
+
+    ``guidance_embeds``: True is dev-like (a distilled guidance input), False schnell-like.
+    """
     clip_tokenizer = write_tiny_clip_tokenizer(folder / "_tokenizer_src")
     t5_tokenizer = build_t5_tokenizer(folder / "_t5_tokenizer_src")
     torch.manual_seed(0)
@@ -55,7 +58,7 @@ def build_flux_pipeline(folder: Path) -> FluxPipeline:
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
     )
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(_text_encoder_config(clip_tokenizer))

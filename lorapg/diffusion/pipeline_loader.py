@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -110,10 +112,20 @@ def hub_errors(repo_id: str) -> Iterator[None]:
 
 
 def _from_folder(folder: str, dtype: torch.dtype) -> DiffusionPipeline:
+    # SD pipelines would load a safety checker; Flux has none, and diffusers warns about the argument.
+    kwargs = {"safety_checker": None} if _has_component(folder, "safety_checker") else {}
     try:
-        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None)
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load the diffusers model in {folder}: {exc}") from None
+
+
+def _has_component(folder: str, name: str) -> bool:
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # what loading did before: diffusers reports an unreadable folder itself
+    return name in index
 
 
 def _from_single_file(source: ModelSource, dtype: torch.dtype, config: str | None) -> DiffusionPipeline:
