@@ -1,6 +1,6 @@
-"""Flux.1 through the user's path: a tiny Flux pipeline (CLIP + T5 with tokenizers made in code), loaded
-from a diffusers folder and from a transformer-only file, generating through the engine and the service,
-with LoRAs in the diffusers/peft (ai-toolkit) layout.
+"""Flux.1 and SD 3.5 through the user's path: tiny pipelines (CLIP + T5 with tokenizers made in code),
+loaded from a diffusers folder and from a transformer-only file, generating through the engine and the
+service, with LoRAs in the diffusers/peft (ai-toolkit) layout.
 
 The kohya Flux layout is not exercised here: diffusers' kohya Flux converter hard-codes FLUX.1's sizes
 when it splits ``single_blocks_N_linear1`` and fails on a tiny model (DESIGN.md §7); only its family
@@ -15,18 +15,18 @@ import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lorapg.diffusion import pipeline_loader
 from lorapg.diffusion.engine import DiffusionEngine
-from lorapg.diffusion.families import FLUX, SD1
-from lorapg.diffusion.flux import FLUX_DEV, FLUX_SCHNELL, family_defaults
+from lorapg.diffusion.families import FLUX, SD1, SD3
+from lorapg.diffusion.flux import FLUX_DEV, FLUX_SCHNELL, SD35_LARGE, family_defaults
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.model_source import FOLDER, SINGLE_FILE, resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, LoraRequest, validate
 from lorapg.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS
 from lorapg.errors import UserError
-from tests.tiny_flux import build_flux_pipeline, save_peft_flux_lora, save_transformer_file
+from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline, save_peft_transformer_lora, save_transformer_file
 from tests.tiny_models import build_sd15_pipeline, random_lora_state_dict, save_diffusers_lora
 
 
@@ -35,16 +35,23 @@ def flux_files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("flux")
     pipe = build_flux_pipeline(root / "flux")
     loras = root / "loras"
-    save_peft_flux_lora(loras / "flux_style.safetensors", pipe, seed=1)
+    save_peft_transformer_lora(loras / "flux_style.safetensors", pipe, seed=1)
     sd15 = build_sd15_pipeline(root / "sd15")
     state, config = random_lora_state_dict(sd15, seed=2)
     path = save_diffusers_lora(loras / "sd_style.safetensors", sd15, state, config)
     # A kohya SD 1.x LoRA says its family in its metadata, as sd-scripts writes it.
-    from safetensors.torch import load_file
-
     save_file(load_file(str(path)), str(loras / "sd_tagged.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
     save_transformer_file(root / "flux-transformer.safetensors", pipe)
-    return {"root": root, "flux": root / "flux", "sd15": root / "sd15", "loras": loras}
+    sd3 = build_sd3_pipeline(root / "sd3")
+    save_transformer_file(root / "sd3-transformer.safetensors", sd3)
+    # diffusers' SD 3 layout names no family; the modelspec metadata (as trainers write it) does.
+    save_peft_transformer_lora(loras / "sd3_style.safetensors", sd3, seed=3)
+    save_file(
+        load_file(str(loras / "sd3_style.safetensors")),
+        str(loras / "sd3_tagged.safetensors"),
+        metadata={"modelspec.architecture": "stable-diffusion-v3-medium/lora"},
+    )
+    return {"root": root, "flux": root / "flux", "sd15": root / "sd15", "sd3": root / "sd3", "loras": loras}
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +209,60 @@ def test_lora_families_are_detected_and_cross_family_refused(flux_files, engine)
         "double_blocks.0.processor.proj_lora1.down.weight",  # XLabs
         "diffusion_model.single_blocks.0.linear1.lora_A.weight",  # ComfyUI
         "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight",  # diffusers / ai-toolkit
+        "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",  # kohya SD 3
     ],
 )
-def test_flux_lora_layouts_are_recognised_from_their_names(tmp_path, key):
+def test_transformer_lora_layouts_are_recognised_from_their_names(tmp_path, key):
     up = key.replace("lora_down", "lora_up").replace("lora_A", "lora_B").replace(".down.", ".up.")
     save_file({key: torch.zeros(4, 8), up: torch.zeros(8, 4)}, str(tmp_path / "x.safetensors"))
-    assert LoraLibrary(tmp_path).resolve("x").family == FLUX
+    assert LoraLibrary(tmp_path).resolve("x").family == (SD3 if "joint_blocks" in key else FLUX)
+
+
+# --- SD 3.5 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_engine(flux_files) -> DiffusionEngine:
+    engine = DiffusionEngine(LoraLibrary(flux_files["loras"]), torch.device("cpu"), torch.float32, preview_every=1)
+    engine.load_model(str(flux_files["sd3"]))
+    return engine
+
+
+def test_sd3_folder_and_transformer_file(flux_files, sd3_engine):
+    assert (sd3_engine.model.family, sd3_engine.model.native_size) == (SD3, 32)
+    assert family_defaults(SD3, sd3_engine.model.pipe) == SD35_LARGE
+    path = flux_files["root"] / "sd3-transformer.safetensors"
+    assert resolve_model_source(str(path)).family == SD3
+    single = DiffusionEngine(
+        LoraLibrary(flux_files["loras"]), torch.device("cpu"), torch.float32, single_file_config=str(flux_files["sd3"])
+    )
+    single.load_model(str(path))
+    assert np.abs(pixels(single) - pixels(sd3_engine)).max() <= 1
+
+
+def test_sd3_reads_the_negative_prompt_and_shows_previews(sd3_engine):
+    previews: list = []
+    result = sd3_engine.generate(
+        GenerationRequest("a red fox", negative_prompt="blurry", steps=3, seed=7, sampler="Euler"),
+        on_step=lambda step, total, preview: previews.append(preview),
+    )
+    assert result.warnings == [] and result.request.negative_prompt == "blurry"
+    assert previews[0].size == (32, 32)
+    without = pixels(sd3_engine)
+    assert np.abs(np.asarray(result.images[0], dtype=np.int16) - without[0]).max() > 10  # real CFG with it
+    for name in FLOW_SAMPLERS:
+        assert pixels(sd3_engine, steps=2, sampler=name).shape == (1, 32, 32, 3)
+
+
+def test_sd3_loras_scale_zero_and_cross_family(sd3_engine, engine):
+    base = pixels(sd3_engine)
+    assert np.array_equal(pixels(sd3_engine, loras=[("sd3_style", 0.0)]), base)
+    assert np.abs(pixels(sd3_engine, loras=[("sd3_style", 1.0)]) - base).max() > 10
+    assert np.array_equal(pixels(sd3_engine), base)
+    with pytest.raises(UserError, match="made for Flux.1, but the loaded base model is SD 3.5"):
+        pixels(sd3_engine, loras=[("flux_style", 1.0)])
+    with pytest.raises(UserError, match="made for SD 3.5, but the loaded base model is Flux.1"):
+        pixels(engine, loras=[("sd3_tagged", 1.0)])
 
 
 # --- the service -----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Transformer families (Flux.1; SD 3.5 next): what differs from Stable Diffusion's UNet path.
+"""Transformer families (Flux.1, SD 3.5): what differs from Stable Diffusion's UNet path.
 
 A diffusion transformer has no UNet, reads T5 besides CLIP (so no A1111 prompt chunking or clip
 skip), and is sampled by flow matching. Flux.1 dev is guidance-distilled: its ``guidance_scale`` is
 an input of the transformer, not classifier-free guidance, and there is no negative prompt (Forge
 ignores one at CFG 1; so does this, with a warning). Flux.1 schnell has no guidance input at all.
+SD 3.5 uses real classifier-free guidance with a negative prompt, like SD.
 
 The engine asks this module for the family's defaults, checks the request against what the family
 can do, and for the pipeline's keyword arguments; everything else (LoRAs, residency, cancel) is shared.
@@ -18,7 +19,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from lorapg.diffusion.families import FLUX, NATIVE_SIZE, family_label, is_transformer_family
+from lorapg.diffusion.families import FLUX, NATIVE_SIZE, SD3, family_label, is_transformer_family
 from lorapg.diffusion.prompt_syntax import is_plain
 from lorapg.diffusion.samplers import DEFAULT_FLOW_SAMPLER, DEFAULT_SAMPLER, FLOW_SAMPLERS, SAMPLERS
 from lorapg.errors import UserError
@@ -47,17 +48,30 @@ class FamilyDefaults:
 # max_sequence_length 256). The SD values are this app's existing defaults (lorapg.limits).
 FLUX_DEV = FamilyDefaults(1024, 28, 3.5, DEFAULT_FLOW_SAMPLER, False, "guidance is Flux dev's distilled guidance")
 FLUX_SCHNELL = FamilyDefaults(1024, 4, 0.0, DEFAULT_FLOW_SAMPLER, False, "schnell takes no guidance")
+# The stable-diffusion-3.5-large / -large-turbo / -medium model cards' diffusers examples: Large 28 steps
+# at CFG 3.5, Large Turbo 4 steps at CFG 0, Medium 40 steps at CFG 4.5. Turbo has Large's shapes, so it
+# cannot be told apart from the weights: it starts from Large's values (set 4 steps, CFG 0 for it).
+SD35_LARGE = FamilyDefaults(1024, 28, 3.5, DEFAULT_FLOW_SAMPLER, True, "Large Turbo: 4 steps, CFG 0")
+SD35_MEDIUM = FamilyDefaults(1024, 40, 4.5, DEFAULT_FLOW_SAMPLER, True)
 
 
 def family_defaults(family: str | None, pipe: DiffusionPipeline | None = None, size: int = 0) -> FamilyDefaults:
     """The recommended settings for a loaded family (``size``: its native size, when known)."""
     if family == FLUX:
         defaults = FLUX_DEV if is_guidance_distilled(pipe) else FLUX_SCHNELL
+    elif family == SD3:
+        defaults = SD35_MEDIUM if _is_sd35_medium(pipe) else SD35_LARGE
     else:
         defaults = FamilyDefaults(
             NATIVE_SIZE.get(family or "", 512), int(STEPS.default), CFG_SCALE.default, DEFAULT_SAMPLER, True
         )
     return replace(defaults, size=size) if size else defaults
+
+
+def _is_sd35_medium(pipe: DiffusionPipeline | None) -> bool:
+    """SD 3.5 Medium (MMDiT-X) has dual-attention layers; Large and Large Turbo have none."""
+    transformer = getattr(pipe, "transformer", None)
+    return bool(transformer is not None and getattr(transformer.config, "dual_attention_layers", ()))
 
 
 def is_guidance_distilled(pipe: DiffusionPipeline | None) -> bool:
@@ -88,7 +102,7 @@ def adapt_request(request, family: str, pipe: DiffusionPipeline) -> tuple[object
     if request.variation_strength:
         raise UserError(f"Variation strength must be 0 for {label} models (variation seeds are SD-only for now).")
     changes: dict = {}
-    if request.negative_prompt.strip():
+    if family == FLUX and request.negative_prompt.strip():
         warnings.append(f"{label} has no negative prompt; it was ignored (as Forge does at CFG 1).")
         changes["negative_prompt"] = ""
     if request.clip_skip > 1:
@@ -100,7 +114,7 @@ def adapt_request(request, family: str, pipe: DiffusionPipeline) -> tuple[object
         changes["sampler"] = DEFAULT_FLOW_SAMPLER
     if not is_plain(request.prompt):
         warnings.append(f"Prompt weights like (word:1.2) are not applied for {label}; the text is read as written.")
-    if not is_guidance_distilled(pipe) and request.guidance_scale:
+    if family == FLUX and not is_guidance_distilled(pipe) and request.guidance_scale:
         warnings.append(
             f"This {label} model (schnell) takes no guidance; CFG scale {request.guidance_scale:g} was ignored."
         )
@@ -111,6 +125,11 @@ def adapt_request(request, family: str, pipe: DiffusionPipeline) -> tuple[object
 def pipeline_kwargs(pipe: DiffusionPipeline, request) -> dict:
     """The family's own keyword arguments for ``pipe(...)`` besides steps, size, generators and callback."""
     kwargs = {"prompt": request.prompt, "guidance_scale": request.guidance_scale}
+    if hasattr(pipe, "tokenizer_3"):  # SD 3.x: CLIP L + CLIP G + T5 (256 tokens by default), real CFG
+        kwargs["negative_prompt"] = request.negative_prompt or None
+        limit = getattr(pipe.tokenizer_3, "model_max_length", 256) or 256
+        kwargs["max_sequence_length"] = min(256, int(limit))
+        return kwargs
     tokenizer_2 = getattr(pipe, "tokenizer_2", None)
     limit = getattr(tokenizer_2, "model_max_length", 512) or 512
     # FLUX.1 reads up to 512 T5 tokens (schnell 256); a smaller tokenizer bounds it to what it can count.
@@ -119,15 +138,16 @@ def pipeline_kwargs(pipe: DiffusionPipeline, request) -> dict:
 
 
 def latents_to_preview(latents: torch.Tensor, pipe: DiffusionPipeline, width: int, height: int) -> Image.Image:
-    """The first image of a packed latent batch, decoded by the VAE.
+    """The first image of a latent batch, decoded by the VAE.
 
     Flux's callback latents are packed (batch, tokens, channels x 4); they are unpacked to the VAE's
     (channels, h, w) first. No published linear latent-to-RGB fit is used: the decode is exact and,
     at one preview every few steps, cheap beside a transformer step.
     """
     with torch.no_grad():
-        packed = latents[:1]
-        spatial = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+        spatial = latents[:1]
+        if spatial.ndim == 3:  # Flux: (batch, tokens, channels x 4); SD 3's are already (batch, c, h, w)
+            spatial = pipe._unpack_latents(spatial, height, width, pipe.vae_scale_factor)
         config = pipe.vae.config
         spatial = spatial / config.scaling_factor + (config.shift_factor or 0.0)
         image = pipe.vae.decode(spatial.to(pipe.vae.dtype), return_dict=False)[0]

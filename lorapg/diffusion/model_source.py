@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lorapg.diffusion.families import FLUX, SD1, SD2, SDXL
+from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL
 from lorapg.errors import UserError, check_ref_length, shorten
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,14 @@ def is_flux_transformer_key(key: str) -> bool:
     return key.startswith(_FLUX_MARKERS)
 
 
+def is_sd3_transformer_key(key: str) -> bool:
+    """SD 3.x: Stability's ``joint_blocks.`` names, or diffusers' MMDiT (``pos_embed`` + ``context_embedder``)."""
+    key = key.removeprefix("model.diffusion_model.").removeprefix("transformer.")
+    return key.startswith(("joint_blocks.", "pos_embed.proj."))
+
+
 def detect_checkpoint_family(path: Path) -> str:
-    """Tell SD 1.x, SD 2.x, SDXL and Flux.1 apart from the tensor names of a checkpoint file."""
+    """Tell SD 1.x, SD 2.x, SDXL, SD 3.5 and Flux.1 apart from the tensor names of a checkpoint file."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
@@ -139,6 +145,8 @@ def detect_checkpoint_family(path: Path) -> str:
         raise UserError(f"{shorten(path.name)} is not a readable .safetensors file ({shorten(exc, 200)}).") from None
     if any(is_flux_transformer_key(k) for k in keys) and not any("lora" in k for k in keys):
         return FLUX
+    if any(is_sd3_transformer_key(k) for k in keys) and not any("lora" in k for k in keys):
+        return SD3
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return SDXL
     if any(k.startswith("cond_stage_model.model.") for k in keys):

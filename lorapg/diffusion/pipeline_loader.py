@@ -15,11 +15,13 @@ from diffusers import (
     DiffusionPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 
-from lorapg.diffusion.families import FLUX, SD1, SD2, SDXL, is_transformer_family
+from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL, family_label, is_transformer_family
 from lorapg.diffusion.model_source import FOLDER, HUB, ModelSource
 from lorapg.errors import UserError
 
@@ -63,13 +65,15 @@ def load_pipeline(
 def pipeline_family(pipe: DiffusionPipeline) -> str:
     if isinstance(pipe, FluxPipeline):
         return FLUX
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return SD3
     if isinstance(pipe, StableDiffusionXLPipeline):
         return SDXL
     if isinstance(pipe, StableDiffusionPipeline):
         # SD 2.x text encoders (OpenCLIP ViT-H) are 1024 wide; SD 1.x (CLIP ViT-L) 768.
         return SD2 if pipe.unet.config.cross_attention_dim == 1024 else SD1
     raise UserError(
-        f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x, SDXL or Flux.1 text-to-image pipeline; "
+        f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x, SDXL, SD 3.5 or Flux.1 text-to-image pipeline; "
         "load one of those."
     )
 
@@ -145,37 +149,49 @@ def _from_single_file(source: ModelSource, dtype: torch.dtype, config: str | Non
         ) from None
 
 
-# The repos whose text encoders, tokenizers and VAE complete a transformer-only Flux file.
+# The repos whose text encoders, tokenizers and VAE complete a transformer-only file.
 FLUX_DEV_REPO, FLUX_SCHNELL_REPO = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
+SD35_LARGE_REPO = "stabilityai/stable-diffusion-3.5-large"
+_TRANSFORMER_CLASSES = {
+    FLUX: (FluxTransformer2DModel, FluxPipeline),
+    SD3: (SD3Transformer2DModel, StableDiffusion3Pipeline),
+}
 
 
 def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str | None) -> DiffusionPipeline:
-    """A Flux transformer file (BFL's original names or diffusers') + the other parts from ``config``.
+    """A transformer file (original names or diffusers') + the other parts from ``config``.
 
-    ``config`` (``--model-config``): a Flux diffusers folder or hub id. Without one the FLUX.1 repo
-    matching the file (dev: it has a guidance input; schnell: none) is used, which needs the hub.
+    ``config`` (``--model-config``): a diffusers folder or hub id of the same family. Without one the
+    family's reference repo is used (Flux: dev when the file has a guidance input, else schnell),
+    which needs the hub.
     """
-    name = source.path.name
-    repo = config or (FLUX_DEV_REPO if _has_guidance_input(source.path) else FLUX_SCHNELL_REPO)
+    name, label = source.path.name, family_label(source.family)
+    transformer_class, pipeline_class = _TRANSFORMER_CLASSES[source.family]
+    if config:
+        repo = config
+    elif source.family == FLUX:
+        repo = FLUX_DEV_REPO if _has_guidance_input(source.path) else FLUX_SCHNELL_REPO
+    else:
+        repo = SD35_LARGE_REPO
     local = os.path.isdir(repo)
     if not local and _hub_offline():
         raise UserError(
-            f"{name} holds only a Flux transformer; its text encoders and VAE come from --model-config, and "
-            f"the hub is offline. Pass --model-config with a Flux diffusers folder (e.g. a download of {repo})."
+            f"{name} holds only a {label} transformer; its text encoders and VAE come from --model-config, and "
+            f"the hub is offline. Pass --model-config with a {label} diffusers folder (e.g. a download of {repo})."
         )
     if config is None:
         log.info("%s: text encoders and VAE from %s (pass --model-config to choose)", name, repo)
     context = contextlib.nullcontext() if local else hub_errors(repo)
     with context:
         try:
-            transformer = FluxTransformer2DModel.from_single_file(
+            transformer = transformer_class.from_single_file(
                 str(source.path), config=repo, subfolder="transformer", dtype=dtype
             )
-            return FluxPipeline.from_pretrained(repo, transformer=transformer, dtype=dtype)
+            return pipeline_class.from_pretrained(repo, transformer=transformer, dtype=dtype)
         except (ValueError, KeyError, RuntimeError) as exc:  # shapes or names that do not fit the config
             raise UserError(
                 f"Could not load {name} with the parts of {repo} ({str(exc).splitlines()[0][:200]}). "
-                "Pass --model-config with the diffusers folder of the Flux model this file was made from."
+                f"Pass --model-config with the diffusers folder of the {label} model this file was made from."
             ) from None
 
 
