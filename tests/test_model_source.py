@@ -46,7 +46,7 @@ def test_corrupt_and_non_sd_single_files(tmp_path, tiny_models):
     corrupt.write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable .safetensors"):
         resolve_model_source(str(corrupt))
-    with pytest.raises(UserError, match="does not look like a Stable Diffusion checkpoint"):
+    with pytest.raises(UserError, match="does not look like a Stable Diffusion or Flux checkpoint"):
         resolve_model_source(str(tiny_models["loras"] / "style.safetensors"))
 
 

@@ -12,9 +12,9 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from lorapg.diffusion import compile_mode
+from lorapg.diffusion import compile_mode, flux
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
-from lorapg.diffusion.families import NATIVE_SIZE, SD1
+from lorapg.diffusion.families import NATIVE_SIZE, SD1, is_transformer_family
 from lorapg.diffusion.image_pipelines import prepare_image_run
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import ModelSource, resolve_model_source
@@ -115,11 +115,14 @@ class DiffusionEngine:
             )
             if self.residency is not None:
                 self._register_with_residency(pipe)
-            if self.compile_unet:
+            # --compile covers the SD UNet; Flux / SD 3.5 transformers run as loaded (not built yet).
+            compiled = self.compile_unet and not is_transformer_family(family)
+            if compiled:
                 compile_mode.compile_unet(pipe, self.compile_backend)
-            adapters = AdapterSet(pipe, family, patch_everything=self.compile_unet)
-            vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-            native = int(pipe.unet.config.sample_size * vae_scale) or NATIVE_SIZE[family]
+            elif self.compile_unet:
+                log.warning("--compile applies to SD 1.x / SDXL UNets; %s runs uncompiled", family)
+            adapters = AdapterSet(pipe, family, patch_everything=compiled)
+            native = native_size(pipe, family)
             previous, self._model = (
                 self._model,
                 LoadedModel(source, pipe, family, adapters, dict(pipe.scheduler.config), native),
@@ -177,18 +180,25 @@ class DiffusionEngine:
     ) -> GenerationResult:
         with self._lock:
             model = self.require_model()
-            request = validate(request, model.native_size)
+            request = validate(request, model.native_size, family=model.family)
+            transformer = is_transformer_family(model.family)
+            warnings = []  # long prompts are chunked (prompt_encoding), so nothing is cut any more
+            if transformer:  # Flux: no negative prompt, clip skip or variation noise (lorapg.diffusion.flux)
+                request, warnings = flux.adapt_request(request, model.family, model.pipe)
             selections = self.resolve_loras(request)
             pipe = model.pipe
-            pipe.scheduler = scheduler_for(request.sampler, model.base_scheduler_config, pipe.scheduler)
+            pipe.scheduler = scheduler_for(
+                request.sampler, model.base_scheduler_config, pipe.scheduler, family=model.family
+            )
             self._configure_vae_tiling(model, request)
             seeds = image_seeds(request)  # seed + i; the same seed for each image of a variation batch
+            if transformer and request.img2img is not None:
+                raise UserError("img2img and inpainting are built for SD 1.x and SDXL so far; clear the init image.")
             # img2img / inpainting: another pipeline over the same modules, and the images around it.
             image_run = prepare_image_run(model, request, seeds)
             if image_run is not None:
                 request = image_run.request  # its init image and mask decoded and checked
             total_steps = image_run.steps if image_run else request.steps
-            warnings = []  # long prompts are chunked (prompt_encoding), so nothing is cut any more
             cancelled = False
             steps_done = 0
             clip_skip, clip_warnings = self._clip_skip(model, request)
@@ -200,7 +210,7 @@ class DiffusionEngine:
                 if on_step is not None:
                     preview = None
                     if done % self.preview_every == 0 and done < total_steps:
-                        preview = latents_to_preview(kwargs["latents"], model.family)
+                        preview = self._preview(model, kwargs["latents"], request)
                     on_step(done, total_steps, preview)
                 if should_cancel is not None and should_cancel():
                     cancelled = True
@@ -208,6 +218,8 @@ class DiffusionEngine:
                 return kwargs
 
             def run_pipeline():
+                if transformer:
+                    return run_transformer_pipeline()
                 prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
                 texts = (request.prompt, request.negative_prompt)
                 if any(needs_chunked_encoding(text, pipe.tokenizer) for text in texts):
@@ -227,6 +239,20 @@ class DiffusionEngine:
                     **prompts,
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
+                    width=request.width,
+                    height=request.height,
+                    num_images_per_prompt=request.batch_size,
+                    generator=generators,
+                    callback_on_step_end=step_end,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    output_type="pil",
+                )
+
+            def run_transformer_pipeline():
+                generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # as for SD: one per image
+                return pipe(
+                    **flux.pipeline_kwargs(pipe, request),
+                    num_inference_steps=request.steps,
                     width=request.width,
                     height=request.height,
                     num_images_per_prompt=request.batch_size,
@@ -265,6 +291,12 @@ class DiffusionEngine:
                 warnings=warnings,
                 variation_seeds=variation_seeds(request),
             )
+
+    @staticmethod
+    def _preview(model: LoadedModel, latents: torch.Tensor, request: GenerationRequest) -> Image.Image:
+        if is_transformer_family(model.family):  # packed latents: unpacked and decoded (flux)
+            return flux.latents_to_preview(latents, model.pipe, request.width, request.height)
+        return latents_to_preview(latents, model.family)
 
     @staticmethod
     def _clip_skip(model: LoadedModel, request: GenerationRequest) -> tuple[int | None, list[str]]:
@@ -314,6 +346,14 @@ def clip_skipped_embeddings(pipe: DiffusionPipeline, request: GenerationRequest,
 
     with torch.no_grad():
         return {"prompt_embeds": encode(request.prompt), "negative_prompt_embeds": encode(request.negative_prompt)}
+
+
+def native_size(pipe: DiffusionPipeline, family: str) -> int:
+    """The model's native image side: the UNet's sample size x the VAE's scale for SD, the VAE's for Flux."""
+    if is_transformer_family(family):
+        return flux.native_size(pipe, family)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(pipe.unet.config.sample_size * vae_scale) or NATIVE_SIZE[family]
 
 
 def module_bytes(module: torch.nn.Module) -> int:

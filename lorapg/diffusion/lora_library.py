@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lorapg.diffusion.families import SD1, SD2, SDXL
+from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL
 from lorapg.diffusion.lycoris import DORA, KOHYA_PREFIXES, LORA, FormatError, file_format
 from lorapg.errors import UserError
 
@@ -29,7 +29,7 @@ _CROSS_ATTENTION_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
 class LoraInfo:
     name: str  # path relative to the LoRA folder, without ".safetensors", "/"-separated
     path: Path
-    family: str | None  # SD1 / SD2 / SDXL, or None when the file does not say
+    family: str | None  # SD1 / SD2 / SDXL / FLUX / SD3, or None when the file does not say
     layout: str  # KOHYA or DIFFUSERS
     trigger_words: tuple[str, ...] = ()
     description: str = ""
@@ -133,9 +133,13 @@ def describe_format(shapes: dict[str, tuple[int, ...]]) -> tuple[str, bool]:
 
 
 def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """SD1 / SD2 / SDXL from kohya or modelspec metadata, then from tensor names and shapes."""
+    """SD1 / SD2 / SDXL / FLUX from kohya or modelspec metadata, then from tensor names and shapes."""
     base = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
     base = base.lower()
+    if "flux" in base or any(_is_flux_lora_key(k) for k in shapes):
+        return FLUX
+    if "sd3" in base or "-v3" in base or any(_is_sd3_lora_key(k) for k in shapes):
+        return SD3
     if "xl" in base:
         return SDXL
     if "v2" in base or "sd_v2" in base:
@@ -154,6 +158,24 @@ def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ..
 
 
 _LYCORIS_READS_INPUT = (".hada_w1_b", ".hada_w2_b", ".diff")
+# Module names only Flux has: kohya (sd-scripts) ``lora_unet_double_blocks_0_…``, diffusers/ai-toolkit
+# ``transformer.single_transformer_blocks.0.…``, XLabs ``double_blocks.0.processor…`` and ComfyUI
+# ``diffusion_model.double_blocks.0.…`` (SD 3.5 has ``transformer_blocks`` but no single blocks).
+_FLUX_LORA_MARKERS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "double_blocks.", "single_blocks.")
+
+
+def _is_sd3_lora_key(key: str) -> bool:
+    """SD 3.x in Stability's names (kohya ``lora_unet_joint_blocks_0_…``, ComfyUI ``diffusion_model.joint_blocks.``).
+
+    diffusers' SD 3 layout (``transformer.transformer_blocks.…``) names the same modules as Flux's double
+    blocks: such a file says no family, and one made for the other model fails on its shapes when loaded.
+    """
+    return key.removeprefix("diffusion_model.").startswith(("lora_unet_joint_blocks_", "joint_blocks."))
+
+
+def _is_flux_lora_key(key: str) -> bool:
+    key = key.removeprefix("diffusion_model.").removeprefix("transformer.")
+    return key.startswith(_FLUX_LORA_MARKERS) or key.startswith("single_transformer_blocks.")
 
 
 def _trigger_words_from_metadata(metadata: dict[str, str]) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lorapg.diffusion.families import SD1, SD2, SDXL
+from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL
 from lorapg.errors import UserError, check_ref_length, shorten
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,33 @@ def _looks_like_path(ref: str) -> bool:
     return ref.count("/") != 1
 
 
+# A Flux transformer file: BFL's original names (``double_blocks.0.img_attn.qkv.weight``, ComfyUI adds
+# ``model.diffusion_model.``) or diffusers' (``single_transformer_blocks.0.attn.to_q.weight``).
+_FLUX_MARKERS = ("double_blocks.", "single_blocks.", "single_transformer_blocks.")
+
+
+def is_flux_transformer_key(key: str) -> bool:
+    key = key.removeprefix("model.diffusion_model.").removeprefix("transformer.")
+    return key.startswith(_FLUX_MARKERS)
+
+
+def is_sd3_transformer_key(key: str) -> bool:
+    """SD 3.x: Stability's ``joint_blocks.`` names, or diffusers' MMDiT (``pos_embed`` + ``context_embedder``)."""
+    key = key.removeprefix("model.diffusion_model.").removeprefix("transformer.")
+    return key.startswith(("joint_blocks.", "pos_embed.proj."))
+
+
 def detect_checkpoint_family(path: Path) -> str:
-    """Tell SD 1.x, SD 2.x and SDXL apart from the tensor names of an original-layout checkpoint."""
+    """Tell SD 1.x, SD 2.x, SDXL, SD 3.5 and Flux.1 apart from the tensor names of a checkpoint file."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{shorten(path.name)} is not a readable .safetensors file ({shorten(exc, 200)}).") from None
+    if any(is_flux_transformer_key(k) for k in keys) and not any("lora" in k for k in keys):
+        return FLUX
+    if any(is_sd3_transformer_key(k) for k in keys) and not any("lora" in k for k in keys):
+        return SD3
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return SDXL
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -136,6 +156,7 @@ def detect_checkpoint_family(path: Path) -> str:
     ):
         return SD1
     raise UserError(
-        f"{path.name} does not look like a Stable Diffusion checkpoint (no UNet or text encoder tensors). "
+        f"{path.name} does not look like a Stable Diffusion or Flux checkpoint (no UNet, transformer or text "
+        "encoder tensors). "
         "Is it a LoRA? Put LoRAs in the LoRA folder instead."
     )

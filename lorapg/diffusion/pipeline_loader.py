@@ -1,15 +1,27 @@
-"""Loading a Stable Diffusion pipeline (SD 1.x, SD 2.x, SDXL) from a resolved model source."""
+"""Loading a pipeline (SD 1.x, SD 2.x, SDXL, Flux.1) from a resolved model source."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
-from lorapg.diffusion.families import SD1, SD2, SDXL
+from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL, family_label, is_transformer_family
 from lorapg.diffusion.model_source import FOLDER, HUB, ModelSource
 from lorapg.errors import UserError
 
@@ -51,16 +63,35 @@ def load_pipeline(
 
 
 def pipeline_family(pipe: DiffusionPipeline) -> str:
+    if isinstance(pipe, FluxPipeline):
+        return FLUX
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return SD3
     if isinstance(pipe, StableDiffusionXLPipeline):
         return SDXL
     if isinstance(pipe, StableDiffusionPipeline):
         # SD 2.x text encoders (OpenCLIP ViT-H) are 1024 wide; SD 1.x (CLIP ViT-L) 768.
         return SD2 if pipe.unet.config.cross_attention_dim == 1024 else SD1
-    raise UserError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x or SDXL text-to-image pipeline.")
+    raise UserError(
+        f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x, SDXL, SD 3.5 or Flux.1 text-to-image pipeline; "
+        "load one of those."
+    )
 
 
 def download_from_hub(repo_id: str, device: torch.device) -> str:
     """Download into the standard HF cache (tqdm bars in the console) and return the folder."""
+    variant = "fp16" if device.type == "cuda" else None
+    with hub_errors(repo_id):
+        try:
+            return DiffusionPipeline.download(repo_id, use_safetensors=True, variant=variant)
+        except ValueError:
+            # Not every repo publishes an fp16 variant (Flux's do not); the full-precision files work everywhere.
+            return DiffusionPipeline.download(repo_id, use_safetensors=True)
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str) -> Iterator[None]:
+    """Turn huggingface_hub's errors for ``repo_id`` into messages that say what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -68,17 +99,12 @@ def download_from_hub(repo_id: str, device: torch.device) -> str:
         RepositoryNotFoundError,
     )
 
-    variant = "fp16" if device.type == "cuda" else None
     try:
-        try:
-            return DiffusionPipeline.download(repo_id, use_safetensors=True, variant=variant)
-        except ValueError:
-            # Not every repo publishes an fp16 variant; the full-precision files work everywhere.
-            return DiffusionPipeline.download(repo_id, use_safetensors=True)
-    except GatedRepoError:
+        yield
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
         raise UserError(
-            f"{repo_id} is gated on the Hugging Face hub: accept its license on the model page and "
-            "log in with `hf auth login`, then try again."
+            f"{repo_id} is gated on the Hugging Face hub: accept its licence at https://huggingface.co/{repo_id} "
+            "while logged in, then log in here with `hf auth login` (or set HF_TOKEN) and try again."
         ) from None
     except RepositoryNotFoundError:
         raise UserError(f"{repo_id} was not found on the Hugging Face hub. Check the spelling.") from None
@@ -90,13 +116,25 @@ def download_from_hub(repo_id: str, device: torch.device) -> str:
 
 
 def _from_folder(folder: str, dtype: torch.dtype) -> DiffusionPipeline:
+    # SD pipelines would load a safety checker; Flux has none, and diffusers warns about the argument.
+    kwargs = {"safety_checker": None} if _has_component(folder, "safety_checker") else {}
     try:
-        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None)
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load the diffusers model in {folder}: {exc}") from None
 
 
+def _has_component(folder: str, name: str) -> bool:
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # what loading did before: diffusers reports an unreadable folder itself
+    return name in index
+
+
 def _from_single_file(source: ModelSource, dtype: torch.dtype, config: str | None) -> DiffusionPipeline:
+    if is_transformer_family(source.family):
+        return _from_transformer_file(source, dtype, config)
     pipeline_class = _SINGLE_FILE_CLASS.get(source.family or SD1, StableDiffusionPipeline)
     kwargs: dict = {"dtype": dtype}
     if config:
@@ -109,6 +147,66 @@ def _from_single_file(source: ModelSource, dtype: torch.dtype, config: str | Non
             "configuration files from the Hugging Face hub the first time it is loaded (a few KB); "
             "connect once, or use a diffusers folder."
         ) from None
+
+
+# The repos whose text encoders, tokenizers and VAE complete a transformer-only file.
+FLUX_DEV_REPO, FLUX_SCHNELL_REPO = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
+SD35_LARGE_REPO = "stabilityai/stable-diffusion-3.5-large"
+_TRANSFORMER_CLASSES = {
+    FLUX: (FluxTransformer2DModel, FluxPipeline),
+    SD3: (SD3Transformer2DModel, StableDiffusion3Pipeline),
+}
+
+
+def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str | None) -> DiffusionPipeline:
+    """A transformer file (original names or diffusers') + the other parts from ``config``.
+
+    ``config`` (``--model-config``): a diffusers folder or hub id of the same family. Without one the
+    family's reference repo is used (Flux: dev when the file has a guidance input, else schnell),
+    which needs the hub.
+    """
+    name, label = source.path.name, family_label(source.family)
+    transformer_class, pipeline_class = _TRANSFORMER_CLASSES[source.family]
+    if config:
+        repo = config
+    elif source.family == FLUX:
+        repo = FLUX_DEV_REPO if _has_guidance_input(source.path) else FLUX_SCHNELL_REPO
+    else:
+        repo = SD35_LARGE_REPO
+    local = os.path.isdir(repo)
+    if not local and _hub_offline():
+        raise UserError(
+            f"{name} holds only a {label} transformer; its text encoders and VAE come from --model-config, and "
+            f"the hub is offline. Pass --model-config with a {label} diffusers folder (e.g. a download of {repo})."
+        )
+    if config is None:
+        log.info("%s: text encoders and VAE from %s (pass --model-config to choose)", name, repo)
+    context = contextlib.nullcontext() if local else hub_errors(repo)
+    with context:
+        try:
+            transformer = transformer_class.from_single_file(
+                str(source.path), config=repo, subfolder="transformer", dtype=dtype
+            )
+            return pipeline_class.from_pretrained(repo, transformer=transformer, dtype=dtype)
+        except (ValueError, KeyError, RuntimeError) as exc:  # shapes or names that do not fit the config
+            raise UserError(
+                f"Could not load {name} with the parts of {repo} ({str(exc).splitlines()[0][:200]}). "
+                f"Pass --model-config with the diffusers folder of the {label} model this file was made from."
+            ) from None
+
+
+def _has_guidance_input(path) -> bool:
+    """Flux dev (guidance-distilled) has a guidance embedder; schnell has none."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return any("guidance_in." in key or "guidance_embedder." in key for key in handle.keys())  # noqa: SIM118
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _configure_attention(pipe: DiffusionPipeline, device: torch.device) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from lorapg import lora_tags
 from lorapg.coercion import SHOWN_CHARS, CoercionError, parse_seed, shown, to_float, to_int
-from lorapg.diffusion.samplers import DEFAULT_SAMPLER, get_sampler
+from lorapg.diffusion.samplers import DEFAULT_SAMPLER, check_sampler_name
 from lorapg.errors import UserError, shorten
 from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MULTIPLE, STEPS, VARIATION_STRENGTH
 from lorapg.lora_tags import find_lora_tags, strip_lora_tags
@@ -105,10 +105,13 @@ def check_prompts(request: GenerationRequest, max_chars: int = 0) -> GenerationR
     )
 
 
-def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int = 0) -> GenerationRequest:
+def validate(
+    request: GenerationRequest, native_size: int, max_prompt_chars: int = 0, family: str | None = None
+) -> GenerationRequest:
     """Return the request with defaults filled in and a concrete seed, or raise UserError.
 
-    ``max_prompt_chars``: Settings.max_prompt_chars (0 = no limit).
+    ``max_prompt_chars``: Settings.max_prompt_chars (0 = no limit); ``family``: the loaded model's
+    (its samplers are checked; None: any sampler name this app knows).
     """
     request = check_prompts(request, max_prompt_chars)
     steps = _whole("Steps", request.steps)
@@ -135,7 +138,7 @@ def validate(request: GenerationRequest, native_size: int, max_prompt_chars: int
         raise UserError(f"Clip skip must be {CLIP_SKIP.describe()} (1 = no skip), got {clip_skip}.")
     if not isinstance(request.sampler, str):
         raise UserError(f"Sampler must be text, got {shown(request.sampler)}.")
-    get_sampler(request.sampler[: SHOWN_CHARS * 2])  # no sampler name is longer; the message repeats it
+    check_sampler_name(request.sampler[: SHOWN_CHARS * 2], family)  # no sampler name is longer; the message repeats it
     seed = parse_seed(request.seed)
     if seed is None:
         # Leave room for the batch's seed + i so every image's seed stays in range.

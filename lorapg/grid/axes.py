@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorapg.coercion import CoercionError, to_float, to_int
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
-from lorapg.diffusion.samplers import SAMPLERS
+from lorapg.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS
 from lorapg.errors import UserError, shorten
 from lorapg.limits import CFG_SCALE, LORA_SCALE, SEED, STEPS, Range
 
@@ -96,7 +96,7 @@ def _parse_value(kind: str, value: str, label: str):
         return _in_range(label, "CFG scale", _number(label, value), CFG_SCALE)
     if kind == "lora":
         return _in_range(label, "a LoRA scale", _number(label, value), LORA_SCALE)
-    if kind == "sampler" and value not in SAMPLERS:
+    if kind == "sampler" and value not in SAMPLERS and value not in FLOW_SAMPLERS:  # the model checks its family's
         raise UserError(f"{label}: unknown sampler {shorten(value, 40)!r}; choose from {', '.join(SAMPLERS)}.")
     return value  # lora-file, checkpoint: checked against the files when the grid is planned
 

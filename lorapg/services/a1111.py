@@ -30,7 +30,7 @@ from lorapg.coercion import CoercionError, to_int
 from lorapg.config import Settings
 from lorapg.diffusion.img2img import Img2ImgOptions, load_image
 from lorapg.diffusion.request import GenerationRequest, parse_seed
-from lorapg.diffusion.samplers import SAMPLERS
+from lorapg.diffusion.samplers import SAMPLERS, any_sampler
 from lorapg.errors import UserError, shorten
 from lorapg.gallery.a1111 import format_parameters
 from lorapg.hashing import MODEL_HASH_LENGTH, model_sha256
@@ -383,8 +383,8 @@ class A1111Service:
             "subseed_strength": request.variation_strength,
             "width": request.width,
             "height": request.height,
-            "sampler_name": SAMPLERS[request.sampler].a1111_sampler,
-            "scheduler": SAMPLERS[request.sampler].a1111_schedule,
+            "sampler_name": any_sampler(request.sampler).a1111_sampler,
+            "scheduler": any_sampler(request.sampler).a1111_schedule,
             "cfg_scale": request.guidance_scale,
             "steps": request.steps,
             "batch_size": request.batch_size,

@@ -523,11 +523,11 @@ def _local_loras(matches: list[LoraMatch]) -> tuple[list[tuple[str, float]], lis
 
 def map_sampler(name: str | None) -> tuple[str | None, list[str]]:
     """Our sampler for a name another tool wrote; an unknown one keeps our default, with a note."""
-    from lorapg.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+    from lorapg.diffusion.samplers import DEFAULT_SAMPLER, FLOW_SAMPLERS, SAMPLERS
 
     if not name:
         return None, []
-    if name in SAMPLERS:
+    if name in SAMPLERS or name in FLOW_SAMPLERS:
         return name, []
     by_fold = {known.casefold(): known for known in SAMPLERS}
     folded = name.strip().casefold()

@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 from lorapg.config import Settings
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
+from lorapg.diffusion.flux import FamilyDefaults, family_defaults
 from lorapg.diffusion.img2img import Img2ImgOptions, check_options
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
-from lorapg.diffusion.samplers import SAMPLERS
+from lorapg.diffusion.samplers import samplers_for
 from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
@@ -143,9 +144,17 @@ class GenerationService:
         infos, problems = self.library.scan()
         return LoraListing(infos, problems)
 
-    @staticmethod
-    def sampler_names() -> list[str]:
-        return list(SAMPLERS)
+    def sampler_names(self) -> list[str]:
+        """The samplers that apply to the loaded model's family (the SD ones before a model is loaded)."""
+        model = self.engine.model
+        return list(samplers_for(model.family if model else None))
+
+    def generation_defaults(self) -> FamilyDefaults:
+        """Steps, guidance, sampler and size the loaded model's authors recommend (SD: this app's defaults)."""
+        model = self.engine.model
+        if model is None:
+            return family_defaults(None)
+        return family_defaults(model.family, model.pipe, model.native_size)
 
     # --- GPU memory ----------------------------------------------------------------------------
 
@@ -173,7 +182,8 @@ class GenerationService:
             request = replace(request, img2img=check_options(request.img2img, self.settings.max_image_pixels))
         model = self.engine.model
         # The real check runs on the model; this one fails before the queue.
-        validate(request, model.native_size if model else NATIVE_SIZE[SD1], self.settings.max_prompt_chars)
+        native, family = (model.native_size, model.family) if model else (NATIVE_SIZE[SD1], None)
+        validate(request, native, self.settings.max_prompt_chars, family=family)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         return request
 

@@ -9,7 +9,7 @@ import gradio as gr
 from lorapg.diffusion.families import family_label
 from lorapg.diffusion.lycoris import LORA
 from lorapg.diffusion.request import GenerationRequest, parse_lora_list
-from lorapg.diffusion.samplers import DEFAULT_SAMPLER
+from lorapg.diffusion.samplers import samplers_for
 from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import CANCELLED
 from lorapg.limits import (
@@ -183,7 +183,8 @@ def build_generate_tab(
         )
         load_button = gr.Button("Load model", scale=1)
     model_status = gr.Markdown(model_status_text(status), elem_id="model-status")
-    shown_model = gr.State(status.ref)  # the model whose native size the width/height fields show
+    # The model (and its family) whose native size and sampler list the fields show.
+    shown_model = gr.State((status.ref, status.family))
     status_timer = gr.Timer(2.0)
 
     with gr.Row():
@@ -226,9 +227,10 @@ def build_generate_tab(
 
             with gr.Accordion("Parameters", open=True):
                 with gr.Row():
-                    steps = raw_number(gr.Slider(**ranged(STEPS), value=STEPS.default, label="Steps"))
-                    cfg = raw_number(gr.Slider(**ranged(CFG_SCALE), value=CFG_SCALE.default, label="CFG scale"))
-                    sampler = gr.Dropdown(service.sampler_names(), value=DEFAULT_SAMPLER, label="Sampler")
+                    defaults = service.generation_defaults()  # the loaded family's (Flux differs from SD)
+                    steps = raw_number(gr.Slider(**ranged(STEPS), value=defaults.steps, label="Steps"))
+                    cfg = raw_number(gr.Slider(**ranged(CFG_SCALE), value=defaults.guidance_scale, label="CFG scale"))
+                    sampler = gr.Dropdown(service.sampler_names(), value=defaults.sampler, label="Sampler")
                 with gr.Row():
                     native = status.native_size or SIZE.default
                     width = raw_number(gr.Number(value=native, precision=0, **ranged(SIZE), label="Width"))
@@ -401,21 +403,29 @@ def build_generate_tab(
     cancel_button.click(cancel, job_id, job_status, api_name="cancel")
     reuse_seed.click(lambda used: used, seed_used, seed, api_visibility="private")
 
-    def poll_model_status(shown_ref):
+    def poll_model_status(shown):
         """Background loads finish while the page is open: show them, and adopt the native size once."""
         current = service.model_status()
         text = model_status_text(current)
         note = loading_text(service.loading_job())
         if note:
             text = note if not current.loaded else f"{text}\n\n{note}"
-        if current.loaded and current.ref != shown_ref:
-            return text, current.native_size, current.native_size, current.ref
-        return text, gr.update(), gr.update(), shown_ref
+        shown_ref, shown_family = shown or (None, None)
+        keep = gr.update()
+        if not current.loaded or current.ref == shown_ref:
+            return text, keep, keep, shown, keep, keep, keep
+        size, now = current.native_size, (current.ref, current.family)
+        if samplers_for(current.family) is samplers_for(shown_family):  # SD 1.x <-> SDXL: the user's values stay
+            return text, size, size, now, keep, keep, keep
+        # Another family (SD <-> Flux): its own samplers, steps and guidance replace the fields' values.
+        defaults = service.generation_defaults()
+        samplers = gr.update(choices=service.sampler_names(), value=defaults.sampler)
+        return text, size, size, now, samplers, defaults.steps, defaults.guidance_scale
 
     status_timer.tick(
         poll_model_status,
         shown_model,
-        [model_status, width, height, shown_model],
+        [model_status, width, height, shown_model, sampler, steps, cfg],
         api_visibility="private",
         show_progress="hidden",
     )
