@@ -11,7 +11,7 @@ reply; errors are shaped by ``lorapg.api.errors``. Unknown run ids are 404s, res
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Response, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, HTTPException, Path, Response, UploadFile
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from lorapg.api import training_models as tm
@@ -115,7 +115,10 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
         return jobs.cancel(job_id)
 
     @router.post("/{job_id}/grid", status_code=202, response_model=GridAccepted)
-    def epochs_grid(job_id: Annotated[str, Depends(known_run)], body: EpochGridCreate | None = None) -> GridAccepted:
+    def epochs_grid(
+        job_id: Annotated[str, Depends(known_run)],
+        body: Annotated[EpochGridCreate | None, Body(examples=[{"scales": [0.5, 0.75, 1.0], "steps": 20}])] = None,
+    ) -> GridAccepted:
         """Queue the finished run's epochs × scales grid: its per-epoch LoRAs and the final one (columns)
         × scales (rows), on its sample prompt; follow it at ``/api/v1/grids/{grid job_id}``."""
         body = body or EpochGridCreate()

@@ -82,7 +82,7 @@ def check_text(check: GridCheck) -> str:
 
 def over_limit_error(check: GridCheck) -> UserError:
     return UserError(
-        f"The grid has {check.shape} = {check.cells} cells, more than max_grid_cells ({check.limit}): "
+        f"The grid has {check.cells} cells ({check.shape}), more than max_grid_cells ({check.limit}): "
         f"tick “{confirm_label(check.cells)}” and press Make grid again, or use fewer axis values."
     )
 
@@ -156,7 +156,8 @@ def build_grid_tab(
         run_button = gr.Button("Make grid", variant="primary", elem_id="grid-run")
         cancel_button = gr.Button("Cancel", variant="stop", elem_id="grid-cancel")
     status = gr.Markdown("", elem_id="grid-status")
-    images = gr.Gallery(label="Grid", format="png", columns=1, height=560, elem_id="grid-images")
+    # "contain": a grid is shown whole, however wide (tiny cells are not blown up past the box).
+    images = gr.Gallery(label="Grid", format="png", columns=1, height=560, object_fit="contain", elem_id="grid-images")
     job_id = gr.Textbox(visible=False)
 
     base_inputs = {name: generate[key] for key, name in BASE_INPUTS.items()}
@@ -254,7 +255,14 @@ def epochs_grid_actions(
             )
             button = gr.Button("Epochs × scales grid", size="sm", elem_id="train-grid", scale=1)
         status = gr.Markdown("", elem_id="train-grid-status")
-        images = gr.Gallery(label="Epochs × scales", format="png", columns=1, height=420, elem_id="train-grid-images")
+        images = gr.Gallery(
+            label="Epochs × scales",
+            format="png",
+            columns=1,
+            height=420,
+            object_fit="contain",
+            elem_id="train-grid-images",
+        )
 
         @user_errors
         def make(current_job_id, scale_text, request: gr.Request, progress=gr.Progress()):
