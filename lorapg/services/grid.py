@@ -1,4 +1,6 @@
-"""GridService: comparison grids (A1111's X/Y/Z plot) for the CLI and the REST API. Never imports gradio.
+"""GridService: comparison grids (A1111's X/Y/Z plot) for the CLI, the REST API and the web UI's
+X/Y/Z plot tab (``check`` previews a grid's count; a user may confirm a grid over max_grid_cells), and
+a finished training run's epochs × scales grid (``submit_epochs``). Never imports gradio.
 
 A grid is one job on the shared GPU queue that runs its cells in order through GenerationService,
 so progress is "cell k of N" and cancel stops after the current cell (the grid drawn so far is
