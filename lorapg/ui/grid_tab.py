@@ -156,7 +156,7 @@ def build_grid_tab(
         run_button = gr.Button("Make grid", variant="primary", elem_id="grid-run")
         cancel_button = gr.Button("Cancel", variant="stop", elem_id="grid-cancel")
     status = gr.Markdown("", elem_id="grid-status")
-    # "contain": a grid is shown whole, however wide (tiny cells are not blown up past the box).
+    # "contain": a grid is fitted into its box, however wide (tiny cells are not blown up past it).
     images = gr.Gallery(label="Grid", format="png", columns=1, height=560, object_fit="contain", elem_id="grid-images")
     job_id = gr.Textbox(visible=False)
 
