@@ -258,7 +258,10 @@ def add_grid_parser(commands: argparse._SubParsersAction) -> None:
     grid = commands.add_parser("grid", help="a comparison grid (X/Y/Z plot): one labelled PNG per Z value")
     add_settings_arguments(grid)
     add_request_arguments(grid)
-    kinds = "lora:NAME (scales), lora-file (LoRA names), seed, steps, cfg, sampler, checkpoint, prompt-sr"
+    kinds = (
+        "lora:NAME (scales), lora-file (LoRA names), lora-scale (their scales), seed, steps, cfg, sampler, "
+        "checkpoint, prompt-sr"
+    )
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2,…", help=f"columns; KIND is one of {kinds}")
     grid.add_argument("--y", metavar="KIND=V1,V2,…", help="rows")
     grid.add_argument("--z", metavar="KIND=V1,V2,…", help="one grid per value")

@@ -238,3 +238,61 @@ def test_checkpoint_and_lora_file_axes(runtime, tiny_models):
     assert [[lora.info.name for lora in cell.loras] for cell in lora_files.cells] == [["style"], ["other"]]
     with pytest.raises(UserError):
         grids.plan(base_request(), f"checkpoint={tiny_models['root'] / 'nosuchmodel'}")
+
+
+# --- the UI's service calls, the lora-scale axis, epochs × scales ----------------------------------
+
+
+def test_check_counts_without_running_and_a_confirmed_count_lifts_the_limit(runtime):
+    grids = GridService(runtime.settings, runtime.service)
+    seeds = "seed=" + ",".join(str(i) for i in range(1, 11))
+    checked = grids.check(base_request(), seeds, "steps=1,2,3,4,5,6,7")
+    assert (checked.cells, checked.shape, checked.grids, checked.over_limit) == (70, "10 × 7", 1, True)
+    assert not grids.check(base_request(), "seed=1,2", None, "cfg=5,7").over_limit
+    with pytest.raises(UserError, match="= 70 cells; at most 64 are allowed"):
+        grids.plan(base_request(), seeds, "steps=1,2,3,4,5,6,7")  # the API's and the CLI's call
+    assert len(grids.plan(base_request(), seeds, "steps=1,2,3,4,5,6,7", confirmed_cells=70).cells) == 70
+    with pytest.raises(UserError, match="70 cells now, not the 71 confirmed"):
+        grids.plan(base_request(), seeds, "steps=1,2,3,4,5,6,7", confirmed_cells=71)
+    huge = ("seed=" + ",".join(str(i) for i in range(1, 41)), "steps=" + ",".join(str(i) for i in range(1, 31)))
+    with pytest.raises(UserError, match="1200 cells; even confirmed, at most 1024"):
+        grids.plan(base_request(), *huge, confirmed_cells=1200)
+
+
+def test_lora_scale_axis_scales_the_lora_file_axis_lora(runtime):
+    grids = GridService(runtime.settings, runtime.service)
+    plan = grids.plan(base_request(), "lora-file=style,other", "lora-scale=0.5,1")
+    assert [[(lora.name, lora.scale) for lora in cell.request.loras] for cell in plan.cells] == [
+        [("style", 0.5)],
+        [("other", 0.5)],
+        [("style", 1.0)],
+        [("other", 1.0)],
+    ]
+    assert plan.axes[1].title == "LoRA scale" and plan.axes[0].labels() == ["style", "other"]
+    with pytest.raises(UserError, match="Z axis \\(lora-scale\\) scales the lora-file axis' LoRA"):
+        grids.plan(base_request(), "seed=1", None, "lora-scale=1")
+
+
+def test_epochs_grid_needs_a_finished_run_with_per_epoch_files(runtime, tmp_path):
+    from lorapg.jobs import Job
+    from lorapg.services.training import TrainingRun
+    from lorapg.training.config import TrainConfig
+    from lorapg.training.trainer import TrainResult
+
+    grids = GridService(runtime.settings, runtime.service)
+    loras = runtime.settings.lora_dir
+    run = TrainingRun(Job("train"), TrainConfig(name="style", trigger="zq"), tmp_path / "config.toml")
+    with pytest.raises(UserError, match=r"Training run \w+ \(style\) is still queued; make its epochs × scales"):
+        grids.epochs_axes(run)
+    run.job.status = "cancelled"
+    with pytest.raises(UserError, match="did not finish \\(cancelled\\)"):
+        grids.epochs_axes(run)
+    run.job.status = "done"
+    run.job.result = TrainResult("style", loras / "style.safetensors", "sd1", 2, 2, False, None)
+    with pytest.raises(UserError, match="saved no per-epoch LoRA files"):
+        grids.epochs_axes(run)
+    run.job.result.epoch_loras = [loras / "other.safetensors", loras / "xl" / "xl_style.safetensors"]
+    assert grids.epochs_axes(run, [0.5, 1]) == ("lora-file=other,xl/xl_style,style", "lora-scale=0.5,1")
+    run.job.result.epoch_loras = [tmp_path / "elsewhere.safetensors"]
+    with pytest.raises(UserError, match="outside the LoRA folder"):
+        grids.epochs_axes(run)

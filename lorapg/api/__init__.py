@@ -32,7 +32,8 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     service = A1111Service(
         runtime.settings, runtime.service, runtime.gallery_service, max_upload_bytes=runtime.policy.max_upload_bytes
     )
-    training = TrainingJobs(runtime.training, max_upload_bytes=service.max_upload_bytes)
+    grids = GridService(runtime.settings, runtime.service)
+    training = TrainingJobs(runtime.training, max_upload_bytes=service.max_upload_bytes, grids=grids)
     return [
         *sdapi_router(service, access).routes,
         *generations_router(generation_jobs(runtime.service), access).routes,
@@ -40,5 +41,5 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *library_router(runtime, access).routes,
         *prompts_router(runtime.prompts, access).routes,
         *training_router(training, access).routes,
-        *grids_router(GridService(runtime.settings, runtime.service), access).routes,
+        *grids_router(grids, access).routes,
     ]

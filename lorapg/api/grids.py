@@ -17,13 +17,22 @@ from lorapg.api.gallery import image_url
 from lorapg.api.generations import GenerationFields
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.limits import LORA_SCALE
 from lorapg.services.grid import GridService, GridState, UnknownGrid
 
 PREFIX = "/api/v1/grids"
 GRID_PNG_DOC = {
     200: {"description": "The grid for the number-th Z value (PNG).", "content": {"image/png": {"example": "(PNG)"}}}
 }
-AXIS_DOC = "KIND=V1,V2,…; KIND: lora:NAME, lora-file, seed, steps, cfg, sampler, checkpoint or prompt-sr."
+AXIS_DOC = (
+    "KIND=V1,V2,…; KIND: lora:NAME, lora-file, lora-scale (of the lora-file axis' LoRA), seed, steps, cfg, "
+    "sampler, checkpoint or prompt-sr."
+)
+Scale = Annotated[float, Field(ge=LORA_SCALE.minimum, le=LORA_SCALE.maximum)]
+
+
+def grid_job_url(job_id: str) -> str:
+    return f"{PREFIX}/{job_id}"
 
 
 def grid_png_url(job_id: str, index: int) -> str:
@@ -74,12 +83,52 @@ class GridCreate(GenerationFields):
 
 class GridAccepted(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"job_id": "3f2a9c1b7d4e", "status": "queued", "cells": 9}]}
+        json_schema_extra={
+            "examples": [
+                {"job_id": "3f2a9c1b7d4e", "status": "queued", "cells": 9, "url": f"{PREFIX}/3f2a9c1b7d4e"}
+            ]
+        }
     )
 
     job_id: str
     status: str
     cells: int
+    url: str = Field(description="Where the grid job's state is: GET it until status is done.")
+
+
+class EpochGridCreate(BaseModel):
+    """A finished training run's epochs × scales grid (``POST /api/v1/training/{job_id}/grid``): every
+    field optional; omitted ones are the run's sample image's (prompt with the trigger word, seed, size)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"scales": [0.5, 0.75, 1.0], "steps": 20}]},
+    )
+
+    scales: list[Scale] = Field(
+        default_factory=lambda: [0.5, 0.75, 1.0], min_length=1, max_length=64, description="The rows: LoRA scales."
+    )
+    prompt: str | None = Field(None, max_length=100_000, description="Default: the run's sample prompt.")
+    negative_prompt: str | None = Field(None, max_length=100_000)
+    steps: int | None = Field(None, description="Default: the run's sample steps.")
+    cfg_scale: float | None = None
+    sampler: str | None = None
+    width: int | None = Field(None, description="Default: the run's training resolution (or the native size).")
+    height: int | None = None
+    seed: int | None = Field(None, description="Default: the run's sample seed.")
+
+    def overrides(self) -> dict:
+        """GenerationRequest fields; None: the run's own."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "guidance_scale": self.cfg_scale,
+            "sampler": self.sampler,
+            "width": self.width,
+            "height": self.height,
+            "seed": self.seed,
+        }
 
 
 class GridJob(BaseModel):
@@ -136,7 +185,7 @@ def grids_router(grids: GridService, access: ApiAccess) -> APIRouter:
     @router.post("", status_code=202, response_model=GridAccepted)
     def create(body: GridCreate) -> GridAccepted:
         job = grids.submit(body.request(), body.x, body.y, body.z)
-        return GridAccepted(job_id=job.id, status=job.status, cells=job.total)
+        return GridAccepted(job_id=job.id, status=job.status, cells=job.total, url=grid_job_url(job.id))
 
     @router.get("/{job_id}", response_model=GridJob)
     def get(job_id: JobId) -> GridJob:

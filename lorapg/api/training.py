@@ -11,11 +11,12 @@ reply; errors are shaped by ``lorapg.api.errors``. Unknown run ids are 404s, res
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Response, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, HTTPException, Path, Response, UploadFile
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from lorapg.api import training_models as tm
 from lorapg.api.auth import ApiAccess
+from lorapg.api.grids import EpochGridCreate, GridAccepted, grid_job_url
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.limits import TRAINING
 from lorapg.services.training_jobs import TrainingJobs, TrainingStart, UnknownRun, Upload
@@ -112,6 +113,17 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
     def cancel(job_id: Annotated[str, Depends(known_run)]) -> dict[str, Any]:
         """Stop the run after its current step; a checkpoint is kept, so posting the same run resumes."""
         return jobs.cancel(job_id)
+
+    @router.post("/{job_id}/grid", status_code=202, response_model=GridAccepted)
+    def epochs_grid(
+        job_id: Annotated[str, Depends(known_run)],
+        body: Annotated[EpochGridCreate | None, Body(examples=[{"scales": [0.5, 0.75, 1.0], "steps": 20}])] = None,
+    ) -> GridAccepted:
+        """Queue the finished run's epochs × scales grid: its per-epoch LoRAs and the final one (columns)
+        × scales (rows), on its sample prompt; follow it at ``/api/v1/grids/{grid job_id}``."""
+        body = body or EpochGridCreate()
+        job = jobs.epochs_grid(job_id, body.scales, **body.overrides())
+        return GridAccepted(job_id=job.id, status=job.status, cells=job.total, url=grid_job_url(job.id))
 
     @router.get(
         "/{job_id}/events",

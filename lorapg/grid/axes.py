@@ -1,6 +1,7 @@
 """Grid axes, ``KIND=V1,V2,...``: parsed and range-checked here, before anything is queued.
 
 Kinds follow A1111's X/Y/Z plot: ``lora:NAME`` (that LoRA's scale), ``lora-file`` (LoRA names),
+``lora-scale`` (the scale of the lora-file axis' LoRA: epochs × scales after training),
 ``seed``, ``steps``, ``cfg``, ``sampler``, ``checkpoint`` and ``prompt-sr`` (Prompt S/R: the first
 value is the text searched for in the prompts, each value replaces it; the first cell keeps it).
 Values are comma-separated; a value holding a comma is quoted, as in a CSV line.
@@ -20,11 +21,12 @@ from lorapg.errors import UserError, shorten
 from lorapg.limits import CFG_SCALE, LORA_SCALE, SEED, STEPS, Range
 
 LORA_PREFIX = "lora:"
-KINDS = ("lora:NAME", "lora-file", "seed", "steps", "cfg", "sampler", "checkpoint", "prompt-sr")
+KINDS = ("lora:NAME", "lora-file", "lora-scale", "seed", "steps", "cfg", "sampler", "checkpoint", "prompt-sr")
 AXIS_LABELS = ("X axis", "Y axis", "Z axis")
 DEFAULT_MAX_CELLS = 64  # Settings.max_grid_cells; A1111 users rarely compare more at once
 TITLES = {
     "lora-file": "LoRA",
+    "lora-scale": "LoRA scale",
     "seed": "Seed",
     "steps": "Steps",
     "cfg": "CFG scale",
@@ -47,7 +49,9 @@ class Axis:
     def labels(self) -> list[str]:
         if self.kind == "checkpoint":
             return [Path(value).name or value for value in self.values]
-        if self.kind in ("cfg", "lora"):
+        if self.kind == "lora-file":
+            return [value.rsplit("/", 1)[-1] for value in self.values]  # a per-epoch file: its own name
+        if self.kind in ("cfg", "lora", "lora-scale"):
             return [f"{value:g}" for value in self.values]
         return [str(value) for value in self.values]
 
@@ -94,7 +98,7 @@ def _parse_value(kind: str, value: str, label: str):
         return _in_range(label, "steps", _whole(label, value), STEPS)
     if kind == "cfg":
         return _in_range(label, "CFG scale", _number(label, value), CFG_SCALE)
-    if kind == "lora":
+    if kind in ("lora", "lora-scale"):
         return _in_range(label, "a LoRA scale", _number(label, value), LORA_SCALE)
     if kind == "sampler" and value not in SAMPLERS and value not in FLOW_SAMPLERS:  # the model checks its family's
         raise UserError(f"{label}: unknown sampler {shorten(value, 40)!r}; choose from {', '.join(SAMPLERS)}.")
@@ -133,7 +137,18 @@ def parse_axes(x: str | None, y: str | None = None, z: str | None = None, max_ch
     for title in titles:
         if titles.count(title) > 1:
             raise UserError(f"{title} is on more than one axis; put each kind on one axis.")
+    kinds = [axis.kind if axis is not None else None for axis in axes]
+    if "lora-scale" in kinds and "lora-file" not in kinds:
+        label = AXIS_LABELS[kinds.index("lora-scale")]
+        raise UserError(f"{label} (lora-scale) scales the lora-file axis' LoRA; add a lora-file axis.")
     return axes
+
+
+def axis_text(kind: str | None, values: str | None) -> str | None:
+    """``KIND=VALUES`` from a kind and its values typed apart (the UI's fields); None when either is empty."""
+    if not kind or not str(kind).strip() or values is None or not str(values).strip():
+        return None
+    return f"{str(kind).strip()}={values}"
 
 
 def cell_count(axes: list[Axis | None], max_cells: int = DEFAULT_MAX_CELLS) -> int:
@@ -147,6 +162,19 @@ def cell_count(axes: list[Axis | None], max_cells: int = DEFAULT_MAX_CELLS) -> i
             "(setting max_grid_cells): use fewer axis values."
         )
     return count
+
+
+def apply_values(picked: list[tuple[Axis, object]], base: GenerationRequest) -> GenerationRequest:
+    """One cell's request: ``base`` with each (axis, value) applied. lora-scale comes last: it
+    scales the LoRA the lora-file axis put in this cell."""
+    files = [value for axis, value in picked if axis.kind == "lora-file"]
+    request = base
+    for axis, value in sorted(picked, key=lambda pair: pair[0].kind == "lora-scale"):
+        if axis.kind == "lora-scale":
+            request = replace(request, loras=_with_lora(request.loras, files[0], value))
+        else:
+            request = apply_value(axis, value, request, (base.prompt, base.negative_prompt))
+    return request
 
 
 def apply_value(axis: Axis, value, request: GenerationRequest, base_prompt: tuple[str, str]) -> GenerationRequest:

@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -35,6 +35,10 @@ from lorapg.services.training import TrainingRun, TrainingService
 from lorapg.training.config import validate_name
 from lorapg.training.dataset import check_name
 from lorapg.training.validation import IMAGE_SUFFIXES, header_size
+
+if TYPE_CHECKING:
+    from lorapg.jobs import Job
+    from lorapg.services.grid import GridService
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +79,15 @@ class TrainingJobs:
         *,
         max_upload_bytes: int | None = None,
         sample_url: str = "/api/v1/training/{job_id}/samples/{n}.png",
+        grids: GridService | None = None,
     ):
         """``max_upload_bytes``: all files of one request together (None: no limit). ``sample_url``:
-        the template of a sample image's URL, filled with the job id and the sample's number."""
+        the template of a sample image's URL, filled with the job id and the sample's number.
+        ``grids``: makes a finished run's epochs × scales grid (None: not offered)."""
         self.training = training
         self.max_upload_bytes = max_upload_bytes
         self.sample_url = sample_url
+        self.grids = grids
 
     # --- presets -------------------------------------------------------------------------------
 
@@ -187,6 +194,13 @@ class TrainingJobs:
             "resumed_from": result.resumed_from if result else 0,
             "error": run.job.error,
         }
+
+    def epochs_grid(self, job_id: str, scales: list[float], **overrides: Any) -> Job:
+        """Queue the epochs × scales grid of finished run ``job_id`` (its per-epoch LoRAs × ``scales``);
+        ``overrides``: GenerationRequest fields, None for the run's own (see GridService.submit_epochs)."""
+        if self.grids is None:
+            raise UserError("This app makes no grids; start it with the generation engine.")
+        return self.grids.submit_epochs(self.run(job_id), scales, **overrides)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask the run to stop; it keeps a checkpoint at the step it reached (the trainer saves one)."""

@@ -7,11 +7,13 @@ import gradio as gr
 from lorapg.hosting.visitors import Visitors
 from lorapg.services.gallery import GalleryService
 from lorapg.services.generation import GenerationService
+from lorapg.services.grid import GridService
 from lorapg.services.prompts import PromptService
 from lorapg.services.training import TrainingService
 from lorapg.ui.common import visitor
 from lorapg.ui.gallery_tab import REUSE_TARGETS, build_gallery_tab
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
+from lorapg.ui.grid_tab import build_grid_tab, epochs_grid_actions
 from lorapg.ui.memory_panel import build_memory_panel
 from lorapg.ui.prompt_tools import build_prompt_tools
 from lorapg.ui.train_tab import build_train_tab
@@ -62,6 +64,9 @@ def build_ui(
                 generate["lora_select"],
                 api_visibility="private",
             )
+            grids = GridService(service.settings, service)
+            with gr.Tab("X/Y/Z plot", id="grid") as grid_tab:
+                build_grid_tab(grids, generate, grid_tab, visitors=visitors)
             if gallery_service is not None:
                 build_gallery_tab(
                     gallery_service,
@@ -73,7 +78,8 @@ def build_ui(
                 )
             if training_service is not None:
                 with gr.Tab("Train", id="train"):
-                    build_train_tab(training_service, visitors=visitors)
+                    grid_action = epochs_grid_actions(grids, training_service, visitors)
+                    build_train_tab(training_service, visitors=visitors, run_actions=grid_action)
         build_memory_panel(service)
 
         if working_state is not None:

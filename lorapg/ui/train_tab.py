@@ -6,6 +6,8 @@ TOML file ``python -m lorapg train`` runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gradio as gr
 import pandas as pd
 
@@ -50,8 +52,14 @@ def _dataset_view(service: TrainingService, name: str, owner: str | None = None)
     return grid, table, service.dataset_validate(name, owner).summary()
 
 
-def build_train_tab(service: TrainingService, visitors: Visitors | None = None) -> dict[str, gr.components.Component]:
-    """``visitors``: whose datasets and runs each request sees (a public app keeps visitors apart)."""
+def build_train_tab(
+    service: TrainingService,
+    visitors: Visitors | None = None,
+    run_actions: Callable[[dict], dict] | None = None,
+) -> dict[str, gr.components.Component]:
+    """``visitors``: whose datasets and runs each request sees (a public app keeps visitors apart).
+    ``run_actions`` builds actions on a finished run under its status (the epochs × scales grid): it
+    gets {"job_id": the run's id box} and returns its widgets, which join the returned dict."""
     defaults = TrainConfig()
     # Where visitors are kept apart, the shared datasets are the owner's: a visitor starts with none.
     private = visitors is not None and visitors.private
@@ -133,6 +141,7 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
             status = gr.Markdown("", elem_id="train-status")
             job_id = gr.Textbox(visible=False)
+            actions = run_actions({"job_id": job_id}) if run_actions is not None else {}
             loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Loss", height=220)
             samples = gr.Gallery(label="Samples (one per epoch)", columns=4, height=200, elem_id="train-samples")
             with gr.Accordion("Config file (runs headless: python -m lorapg train FILE)", open=False):
@@ -346,4 +355,5 @@ def build_train_tab(service: TrainingService, visitors: Visitors | None = None) 
         "job_id": job_id,
         "regularization": regularization,
         **widgets,
+        **actions,
     }
