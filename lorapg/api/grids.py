@@ -84,9 +84,7 @@ class GridCreate(GenerationFields):
 class GridAccepted(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [
-                {"job_id": "3f2a9c1b7d4e", "status": "queued", "cells": 9, "url": f"{PREFIX}/3f2a9c1b7d4e"}
-            ]
+            "examples": [{"job_id": "3f2a9c1b7d4e", "status": "queued", "cells": 9, "url": f"{PREFIX}/3f2a9c1b7d4e"}]
         }
     )
 
