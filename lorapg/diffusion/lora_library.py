@@ -54,6 +54,8 @@ class LoraLibrary:
             return infos, problems
         root = self.folder.resolve()
         for path in sorted(self.folder.rglob("*.safetensors")):
+            if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
+                continue  # hidden: the manager's trash (.trash/), other tools' caches
             try:
                 if not path.resolve().is_relative_to(root):
                     raise UserError(f"{path.name} links outside the LoRA folder {self.folder}; copy the file in.")
