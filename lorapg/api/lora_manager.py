@@ -10,9 +10,9 @@ refusals (a taken name, a LoRA in use) 400 naming the field.
 from __future__ import annotations
 
 import mimetypes
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Body, HTTPException, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,7 @@ _TRASHED = {
     "deleted_at": 1764625620.5,
     "files": ["triggered.safetensors", "triggered.preview.png"],
 }
+TEST_EXAMPLE = {"steps": 20, "seed": 1234}
 IMAGE_DOC = {
     200: {
         "description": "The LoRA's preview: a sidecar image (NAME.preview.png, NAME.png, …) or a training sample.",
@@ -114,7 +115,7 @@ class RenameBody(BaseModel):
 
 
 class TestBody(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"steps": 20, "seed": 1234}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [TEST_EXAMPLE]})
 
     steps: int | None = Field(None, description="Default: the app's default steps.")
     seed: int | None = Field(None, description="Default: random.")
@@ -168,7 +169,7 @@ def lora_manager_router(manager: LoraManager, access: ApiAccess) -> APIRouter:
         status_code=202,
         summary="Queue an image with it at 1.0 and its trigger words",
     )
-    def test(name: str, body: TestBody | None = None) -> dict[str, Any]:
+    def test(name: str, body: Annotated[TestBody | None, Body(examples=[TEST_EXAMPLE])] = None) -> dict[str, Any]:
         body = body or TestBody()
         with unknown_as_404(UnknownLora):
             job = manager.test(name, steps=body.steps, seed=body.seed)
