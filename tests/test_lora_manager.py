@@ -232,6 +232,18 @@ def test_test_generates_with_the_lora_at_one_and_its_trigger_words(loras, tiny_m
         jobs.shutdown()
 
 
+def test_a_generated_image_becomes_the_preview(loras, tmp_path):
+    manager = manager_for(loras, tmp_path)
+    assert manager.preview("style") is None
+    path = manager.set_preview("style", Image.new("RGB", (8, 8), "green"))
+    assert path == loras / "style.preview.png" and manager.preview("style") == path
+    assert Image.open(path).getpixel((0, 0)) == (0, 128, 0)
+    with pytest.raises(UserError, match="image: generate a test image first"):
+        manager.set_preview("style", None)
+    # The new sidecar moves with the LoRA.
+    assert manager.rename("style", "green")["preview"] == str(loras / "green.preview.png")
+
+
 def test_test_without_the_engine_says_so(loras, tmp_path):
     with pytest.raises(UserError, match="needs the generation engine"):
         manager_for(loras, tmp_path).test("notes")

@@ -20,6 +20,7 @@ is read afresh when next selected.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -30,6 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
+from lorapg.atomic_files import atomic_write_bytes
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.errors import UserError, check_ref_length, shorten
 from lorapg.hashing import model_sha256
@@ -154,6 +158,19 @@ class LoraManager:
     def preview(self, name: str) -> Path | None:
         """The image that shows this LoRA: a sidecar preview, else its training run's last sample."""
         return self._preview(self._describe(name))
+
+    def set_preview(self, name: str, image: Image.Image) -> Path:
+        """Save ``image`` (e.g. a test generation) as ``NAME.preview.png``, the sidecar A1111 reads."""
+        self._check_writable()
+        info = self._describe(name)
+        if not isinstance(image, Image.Image):
+            raise UserError("image: generate a test image first, then use it as the preview.")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        target = _sidecar(info.path, PREVIEW_SUFFIXES[0])
+        atomic_write_bytes(target, buffer.getvalue())
+        log.info("saved a preview for LoRA %s", info.name)
+        return target
 
     def _summary(self, info: LoraInfo) -> dict[str, Any]:
         preview = self._preview(info)
