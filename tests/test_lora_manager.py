@@ -133,6 +133,14 @@ def test_rename_refuses_taken_and_escaping_names(loras, tmp_path, new_name, mess
     assert sorted(p.relative_to(loras) for p in loras.rglob("*")) == files  # nothing moved
 
 
+def test_a_move_that_fails_half_way_puts_back_what_it_moved(loras, tmp_path):
+    (loras / "fox_epochs").write_text("a file where the per-epoch folder would go", encoding="utf-8")
+    files = sorted(p.relative_to(loras) for p in loras.rglob("*"))
+    with pytest.raises(UserError, match="Could not move .*nothing was changed"):
+        manager_for(loras, tmp_path).rename("triggered", "fox")
+    assert sorted(p.relative_to(loras) for p in loras.rglob("*")) == files
+
+
 def test_a_sidecar_of_the_target_name_counts_as_taken(loras, tmp_path):
     (loras / "fresh.json").write_text("{}", encoding="utf-8")
     with pytest.raises(UserError, match="new_name: .*'fresh'.*fresh.json"):
@@ -148,6 +156,8 @@ def test_delete_goes_to_a_hidden_trash_and_restore_brings_everything_back(loras,
     names = {info.name for info in LoraLibrary(loras).scan()[0]}
     assert not any(name.startswith(("triggered", ".trash")) for name in names)  # the trash is never scanned
     assert [e["id"] for e in manager.trash()] == [entry["id"]]
+    with pytest.raises(UserError, match="Unknown LoRA"):  # a prompt tag cannot reach into the trash either
+        LoraLibrary(loras).resolve(f".trash/{entry['id']}/triggered")
     with pytest.raises(UnknownLora):
         manager.info("triggered")
 

@@ -86,7 +86,8 @@ class LoraLibrary:
                 f"LoRA {text!r} is outside the LoRA folder {self.folder}. "
                 "Copy the file into that folder (or point --lora-dir at its folder)."
             )
-        if not resolved.is_file():
+        hidden = any(part.startswith(".") for part in resolved.relative_to(root).parts)
+        if hidden or not resolved.is_file():  # hidden: the trash (.trash/) holds deleted LoRAs
             raise UserError(
                 f"Unknown LoRA {text!r}: no such file in {self.folder}. Refresh the list or check the name."
             )

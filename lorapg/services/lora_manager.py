@@ -264,7 +264,11 @@ class LoraManager:
             "deleted_at": time.time(),
             "files": [dst.relative_to(entry).as_posix() for _, dst in moves],
         }
-        _move_all(moves)
+        try:
+            _move_all(moves)
+        except UserError:
+            _prune(entry)  # nothing was moved: no empty entry is left behind
+            raise
         (entry / ENTRY_FILE).write_text(json.dumps(record), encoding="utf-8")
         _remove_empty_dir(_epochs_dir(info.path))
         log.info("moved LoRA %s to the trash (%s)", info.name, entry_id)

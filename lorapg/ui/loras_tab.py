@@ -58,7 +58,8 @@ def build_loras_tab(
     def listing(keep: str | None = None) -> dict:
         found = manager.list()
         loras = found["loras"]
-        names = [lora["name"] for lora in loras]
+        # Per-epoch files can be chosen too: to see, test or use one like any LoRA.
+        names = [name for lora in loras for name in (lora["name"], *(e["name"] for e in lora["epochs"]))]
         entries = manager.trash()
         problems = "".join(f"\n\n⚠️ {problem}" for problem in found["problems"])
         return {
