@@ -49,6 +49,7 @@ def test_loras_tab_in_a_real_browser(tiny_models, tmp_path):
         details = page.locator("#loras-details")
         details.get_by_text("triggered_epochs/triggered-e0001").wait_for(timeout=30_000)
         assert "zqstyle" in page.get_by_label("Tag frequency (training captions)").inner_text()
+        page.locator("#loras-tag-chart canvas, #loras-tag-chart svg").first.wait_for(timeout=30_000)  # the chart drew
 
         page.get_by_label("New name").fill("inkfox")
         page.locator("#loras-rename").click()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 
 from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import DONE
@@ -14,6 +15,7 @@ from lorapg.ui.common import follow, job_status_text, user_errors, visitor
 
 COLUMNS = ["Name", "Family", "Format", "Trigger words", "Size", "Hash", "Epoch files"]
 TAG_COLUMNS = ["Tag", "Count"]
+CHART_TAGS = 20  # the chart's bars; the table below it lists every tag
 TEST_STEPS = None  # the app's default steps: a test shows the LoRA as a normal generation would
 
 
@@ -42,6 +44,9 @@ def build_loras_tab(
                 keep = gr.Button("Use the test image as its preview", size="sm", elem_id="loras-keep-preview")
             with gr.Column(scale=2):
                 details = gr.Markdown(elem_id="loras-details")
+                chart = gr.BarPlot(
+                    x="tag", y="count", sort="-y", label="Tag frequency", height=240, elem_id="loras-tag-chart"
+                )
                 tags = gr.Dataframe(headers=TAG_COLUMNS, label="Tag frequency (training captions)", interactive=False)
                 metadata = gr.JSON(label="Metadata", open=False)
         with gr.Row():
@@ -76,10 +81,13 @@ def build_loras_tab(
     @user_errors
     def show(name: str | None):
         if not name:
-            return None, "Choose a LoRA to see its details.", [], None, ""
+            return None, "Choose a LoRA to see its details.", [], None, "", None
         info = manager.info(name)
         counts = [[t["tag"], t["count"]] for t in info["groups"]["tag_frequency"]]
-        return info["preview"], details_text(info), counts, info["metadata"], info["name"]
+        top = pd.DataFrame(counts[:CHART_TAGS], columns=["tag", "count"])
+        # Bars start at 0: from the smallest count they would exaggerate the differences.
+        chart_update = gr.update(value=top, y_lim=[0, max([c for _, c in counts], default=1)])
+        return info["preview"], details_text(info), counts, info["metadata"], info["name"], chart_update
 
     @user_errors
     def do_rename(name: str | None, target: str):
@@ -112,8 +120,8 @@ def build_loras_tab(
 
     @user_errors
     def keep_preview(name: str | None, image):
-        manager.set_preview(_chosen(name), image)
-        return {**listing(keep=name), status: f"Saved the test image as the preview of `{name}`."}
+        path = manager.set_preview(_chosen(name), image)
+        return {**listing(keep=name), preview: str(path), status: f"Saved the test image as the preview of `{name}`."}
 
     @user_errors
     def use_in_generate(name: str | None, current: list[str] | None):
@@ -131,12 +139,12 @@ def build_loras_tab(
     tab.select(listing, None, listing_outputs, api_visibility="private")
     refresh.click(listing, None, listing_outputs, api_visibility="private")
     table.select(pick_row, table, selected, api_visibility="private")
-    selected.change(show, selected, [preview, details, tags, metadata, new_name], api_visibility="private")
+    selected.change(show, selected, [preview, details, tags, metadata, new_name, chart], api_visibility="private")
     rename.click(do_rename, [selected, new_name], [*listing_outputs, status], api_name="lora_rename")
     delete.click(do_delete, selected, [*listing_outputs, status], api_name="lora_delete")
     restore.click(do_restore, trash, [*listing_outputs, status], api_name="lora_restore")
     test.click(do_test, selected, [status, test_image], api_name="lora_test")
-    keep.click(keep_preview, [selected, test_image], [*listing_outputs, status], api_visibility="private")
+    keep.click(keep_preview, [selected, test_image], [*listing_outputs, preview, status], api_visibility="private")
     use.click(
         use_in_generate, [selected, generate["lora_select"]], [generate["lora_select"], tabs], api_visibility="private"
     )
