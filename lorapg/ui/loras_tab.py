@@ -39,7 +39,10 @@ def build_loras_tab(
                     use = gr.Button("Use in Generate", variant="primary", elem_id="loras-use")
                     test = gr.Button("Test (generate a sample)", elem_id="loras-test")
                 test_image = gr.Image(
-                    label="Test image (also saved to the Gallery)", type="pil", elem_id="loras-test-image"
+                    label="Test image (also saved to the Gallery)",
+                    type="pil",
+                    interactive=False,
+                    elem_id="loras-test-image",
                 )
                 keep = gr.Button("Use the test image as its preview", size="sm", elem_id="loras-keep-preview")
             with gr.Column(scale=2):
