@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from lorapg.hosting.visitors import browser_secret
+    from lorapg.services.lora_manager import build_lora_manager
     from lorapg.ui.app_ui import build_ui
     from lorapg.working_state import VisitorWorkingStates, WorkingState
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         training_service=runtime.training,
         visitors=runtime.visitors,
         visitor_secret=secret,
+        lora_manager=build_lora_manager(runtime),
     )
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lorapg.train_cli import add_train_parser
 
     add_train_parser(commands, add_settings_arguments)
+    from lorapg.lora_cli import add_lora_parser
+
+    add_lora_parser(commands, add_settings_arguments)
     return parser
 
 
@@ -292,7 +295,7 @@ def add_gallery_parser(commands: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("gallery", "enhance", "rewrite"):
+    if args.command in ("gallery", "enhance", "rewrite", "lora"):
         # The gallery (and the prompt tools, until an LLM loads) needs no models: skip configure_logging,
         # whose imports (torch, diffusers) take seconds.
         logging.basicConfig(
@@ -315,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             from lorapg.train_cli import run_train
 
             return run_train(args, settings_from_args(args))
+        if args.command == "lora":
+            from lorapg.lora_cli import run_lora
+
+            return run_lora(args, settings_from_args(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

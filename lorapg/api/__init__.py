@@ -22,11 +22,13 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     from lorapg.api.generations import generation_jobs, generations_router
     from lorapg.api.grids import grids_router
     from lorapg.api.library import library_router
+    from lorapg.api.lora_manager import lora_manager_router
     from lorapg.api.prompts import prompts_router
     from lorapg.api.sdapi import sdapi_router
     from lorapg.api.training import training_router
     from lorapg.services.a1111 import A1111Service
     from lorapg.services.grid import GridService
+    from lorapg.services.lora_manager import build_lora_manager
     from lorapg.services.training_jobs import TrainingJobs
 
     service = A1111Service(
@@ -38,6 +40,8 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *sdapi_router(service, access).routes,
         *generations_router(generation_jobs(runtime.service), access).routes,
         *gallery_router(runtime.gallery_service, access).routes,
+        # Before the library's GET /api/v1/loras/{name:path}, which would take …/info and …/preview.png.
+        *lora_manager_router(build_lora_manager(runtime), access).routes,
         *library_router(runtime, access).routes,
         *prompts_router(runtime.prompts, access).routes,
         *training_router(training, access).routes,

@@ -54,6 +54,8 @@ class LoraLibrary:
             return infos, problems
         root = self.folder.resolve()
         for path in sorted(self.folder.rglob("*.safetensors")):
+            if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
+                continue  # hidden: the manager's trash (.trash/), other tools' caches
             try:
                 if not path.resolve().is_relative_to(root):
                     raise UserError(f"{path.name} links outside the LoRA folder {self.folder}; copy the file in.")
@@ -84,7 +86,8 @@ class LoraLibrary:
                 f"LoRA {text!r} is outside the LoRA folder {self.folder}. "
                 "Copy the file into that folder (or point --lora-dir at its folder)."
             )
-        if not resolved.is_file():
+        hidden = any(part.startswith(".") for part in resolved.relative_to(root).parts)
+        if hidden or not resolved.is_file():  # hidden: the trash (.trash/) holds deleted LoRAs
             raise UserError(
                 f"Unknown LoRA {text!r}: no such file in {self.folder}. Refresh the list or check the name."
             )

@@ -8,12 +8,14 @@ from lorapg.hosting.visitors import Visitors
 from lorapg.services.gallery import GalleryService
 from lorapg.services.generation import GenerationService
 from lorapg.services.grid import GridService
+from lorapg.services.lora_manager import LoraManager
 from lorapg.services.prompts import PromptService
 from lorapg.services.training import TrainingService
 from lorapg.ui.common import visitor
 from lorapg.ui.gallery_tab import REUSE_TARGETS, build_gallery_tab
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
 from lorapg.ui.grid_tab import build_grid_tab, epochs_grid_actions
+from lorapg.ui.loras_tab import build_loras_tab
 from lorapg.ui.memory_panel import build_memory_panel
 from lorapg.ui.prompt_tools import build_prompt_tools
 from lorapg.ui.train_tab import build_train_tab
@@ -45,6 +47,7 @@ def build_ui(
     training_service: TrainingService | None = None,
     visitors: Visitors | None = None,
     visitor_secret: str | None = None,
+    lora_manager: LoraManager | None = None,
 ) -> gr.Blocks:
     """``visitors``: keeps each visitor's gallery, drafts and datasets apart where it is private;
     ``visitor_secret`` encrypts the visitor id the browser keeps (the same secret across restarts
@@ -80,6 +83,8 @@ def build_ui(
                 with gr.Tab("Train", id="train"):
                     grid_action = epochs_grid_actions(grids, training_service, visitors)
                     build_train_tab(training_service, visitors=visitors, run_actions=grid_action)
+            if lora_manager is not None:
+                build_loras_tab(lora_manager, generate, tabs, visitors=visitors)
         build_memory_panel(service)
 
         if working_state is not None:
