@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from lorapg.ui.train_tab import ASK_NOTIFICATION_JS, NOTIFY_JS
 from tests.app_server import running_app
 from tests.browser import browser_page
 from tests.conftest import ARTIFACTS
@@ -76,5 +77,12 @@ def test_a_run_started_in_the_tab_ends_with_a_browser_notification(tiny_models, 
             assert payload["lora_path"].endswith("fox.safetensors")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "train_notification.png"), full_page=True)
+            # Permission denied, then no Notification at all: the same script shows nothing and throws nothing.
+            page.evaluate("window.Notification.permission = 'denied'")
+            page.evaluate(f"({NOTIFY_JS})('job2', 'Done: LoRA fox2')")
+            page.evaluate("delete window.Notification")
+            page.evaluate(f"({NOTIFY_JS})('job3', 'Done: LoRA fox3')")
+            page.evaluate(f"({ASK_NOTIFICATION_JS})()")
+            assert page.evaluate("window.__notes.length") == 1
     finally:
         receiver.close()

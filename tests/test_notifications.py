@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +26,7 @@ from lorapg.jobs import CANCELLED, DONE, ERROR, JobQueue
 from lorapg.notifications import WebhookNotifier, check_webhook_url, url_host
 from lorapg.services.build import build_services
 from lorapg.services.training import TrainingService
+from tests.app_server import ROOT
 from tests.training_data import write_images
 
 FAST = dict(rank=4, alpha=4, epochs=1, sample_steps=0, gradient_checkpointing=False, batch_size=3)
@@ -238,6 +242,17 @@ def test_a_bad_url_stops_start_up_before_any_model_loads(tmp_path):
     with pytest.raises(UserError, match="notify_webhook") as refused:
         build_services(settings)
     assert SECRET not in str(refused.value)
+
+
+def test_the_app_refuses_a_bad_url_at_start_up(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env["LORAPG_NOTIFY_WEBHOOK"] = f"gopher://{SECRET}@example.com/x"
+    args = [sys.executable, str(ROOT / "app.py"), "--outputs", str(tmp_path), "--models-dir", str(tmp_path)]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "notify_webhook" in errors[0] and "gopher://" in errors[0], done.stderr
+    assert SECRET not in done.stderr + done.stdout
 
 
 def test_the_setting_comes_from_toml_and_env(tmp_path):
