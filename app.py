@@ -149,6 +149,8 @@ def shut_down(runtime) -> None:
     stopped = runtime.jobs.close(timeout=60)
     if runtime.prompts is not None:
         runtime.prompts.close(timeout=60)
+    if runtime.training is not None:  # the webhook of a run that ended just now
+        runtime.training.close_notifications(timeout=15)
     log.info("shut down%s", "" if stopped else " (the GPU queue was still busy after 60 s)")
 
 

@@ -80,6 +80,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch.compile the UNet (slow first image, faster after); changing LoRAs does not recompile",
     )
+    parser.add_argument(
+        "--notify-webhook",
+        dest="notify_webhook",
+        metavar="URL",
+        help="http(s) URL that gets a JSON POST when a training run ends (done, error or cancelled)",
+    )
 
 
 SETTING_FLAGS = (
@@ -98,6 +104,7 @@ SETTING_FLAGS = (
     "api",
     "api_auth",
     "compile_unet",
+    "notify_webhook",
 )
 LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
 

@@ -79,6 +79,8 @@ class Settings:
     max_grid_cells: int = 64
     # Added last (issue 16): torch.compile the UNet (--compile); LoRAs are then weight patches, never recompiling.
     compile_unet: bool = False
+    # Added last (issue 19): JSON POST here when a training run ends (lorapg/notifications.py); "" = none.
+    notify_webhook: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -125,6 +125,8 @@ def run_train(args: argparse.Namespace, settings) -> int:
     finally:
         # The job worker must end before the interpreter does (see JobQueue.close); Ctrl-C cancels the run.
         services.jobs.close()
+        # Then the run's webhook, already on its way (a daemon thread would die with the process).
+        services.training.close_notifications()
 
 
 def _train(args: argparse.Namespace, config, service) -> int:

@@ -19,6 +19,7 @@ from lorapg.hosting.space_policy import SpacePolicy, space_policy
 from lorapg.hosting.visitors import Visitors
 from lorapg.hosting.zerogpu import zero_gpu_enabled
 from lorapg.jobs import JobQueue
+from lorapg.notifications import webhook_from_settings
 from lorapg.residency import GB, POLICIES, ResidencyManager, format_bytes, parse_size
 from lorapg.services.gallery import GalleryService
 from lorapg.services.prompts import PromptService
@@ -89,6 +90,8 @@ def build_services(
     with ``engines=False``): no prompt tools either, whose "auto" backend choice asks torch for the
     device. The CLI's gallery commands build neither and stay quick."""
     policy = space_policy(settings)
+    # Checked first: a bad --notify-webhook is refused at start-up, before minutes of model loading.
+    notifier = webhook_from_settings(settings) if engines else None
     if engines:
         from lorapg.devices import set_cpu_threads
 
@@ -128,7 +131,7 @@ def build_services(
     service = GenerationService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
     writer = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
-    training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps)
+    training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps, notifier=notifier)
     return Services(
         settings,
         policy,

@@ -27,6 +27,7 @@ from lorapg.hosting.gpu_estimates import planned_training_steps, training_second
 from lorapg.hosting.visitors import visitor_key
 from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ERROR, Job, JobQueue
+from lorapg.notifications import WebhookNotifier, training_finished
 from lorapg.residency import out_of_memory_as_user_error
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
@@ -55,6 +56,22 @@ class TrainingRun:
         return self.job.result if isinstance(self.job.result, TrainResult) else None
 
 
+def finished_payload(run: TrainingRun) -> dict[str, Any]:
+    """The ``training.finished`` notification for a run that has ended."""
+    result = run.result
+    losses = run.losses or (result.losses if result is not None else [])
+    ran = run.started_at is not None and run.finished_at is not None
+    return training_finished(
+        run=run.config.name,
+        job_id=run.job.id,
+        status=run.job.status,
+        lora_path=str(result.lora_path) if result is not None and result.lora_path is not None else None,
+        duration_seconds=run.finished_at - run.started_at if ran else None,
+        final_loss=losses[-1][1] if losses else None,
+        error=run.job.error,
+    )
+
+
 class TrainingService:
     def __init__(
         self,
@@ -66,15 +83,17 @@ class TrainingService:
         max_steps: int | None = None,
         gpu_relay: bool | None = None,
         gpu_decorator: Callable | None = None,
+        notifier: WebhookNotifier | None = None,
     ):
         """``max_steps``: the longest run this app allows (None: no limit). ``gpu_relay`` /
-        ``gpu_decorator``: see ``GpuTask``."""
+        ``gpu_decorator``: see ``GpuTask``. ``notifier``: told when each run ends (``--notify-webhook``)."""
         self.settings = settings
         self.jobs = jobs
         self.engine = engine  # the DiffusionEngine whose pipeline leaves the GPU while training
         self.presets_dir = presets_dir or PRESETS_DIR
         self.datasets = DatasetStore(Path(settings.models_dir) / "datasets", DatasetLimits.from_settings(settings))
         self.max_steps = max_steps
+        self.notifier = notifier
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
         self._training = GpuTask(
@@ -234,7 +253,15 @@ class TrainingService:
         run = holder["run"] = TrainingRun(job, config, config_path)
         with self._lock:
             self._runs[job.id] = run
+        if self.notifier is not None:
+            # Every run comes through here (Train tab, CLI, API), and waiting on the job sees every
+            # ending, a run cancelled while still queued included; the wait is on the notifier's thread.
+            self.notifier.send_when(run.job.wait, lambda: finished_payload(run))
         return run
+
+    def close_notifications(self, timeout: float = 30.0) -> bool:
+        """Wait for the webhook deliveries still under way (a CLI, before it exits); True if none is left."""
+        return self.notifier.close(timeout) if self.notifier is not None else True
 
     def train(self, config: TrainConfig, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
         """Submit and wait (the CLI's call). A cancelled run returns its result with ``cancelled``."""

@@ -36,6 +36,27 @@ FIELDS = (
 )
 
 
+# Browser notifications for runs started from this tab: the Start click asks for permission (browsers
+# want a user gesture), and the end of the start handler, which returns when its run ends (done,
+# failed or cancelled), shows one. Runs started elsewhere (API, CLI, another tab) notify through
+# --notify-webhook instead: this tab only knows its own run. Denied or unsupported: nothing happens.
+ASK_NOTIFICATION_JS = """() => {
+  try {
+    if ("Notification" in window && Notification.permission === "default") Notification.requestPermission();
+  } catch (e) {}
+}"""
+NOTIFY_JS = """(jobId, statusText) => {
+  try {
+    if (!jobId || !("Notification" in window) || Notification.permission !== "granted") return;
+    const line = String(statusText || "").split("\\n").find((l) => l.trim()) || "Training ended.";
+    new Notification("LoRA Playground: training ended", {
+      body: line.replace(/[*_`#]/g, "").slice(0, 200),
+      tag: "lorapg-train-" + jobId,
+    });
+  } catch (e) {}
+}"""
+
+
 def _loss_frame(run: TrainingRun | None) -> pd.DataFrame:
     points = list(run.losses) if run else []
     return pd.DataFrame(points, columns=["step", "loss"])
@@ -317,7 +338,8 @@ def build_train_tab(
         **{key: widgets[key] for key in FIELDS},
         "regularization_name": regularization,
     }
-    start_button.click(
+    start_button.click(None, js=ASK_NOTIFICATION_JS, queue=False, api_visibility="private")
+    started = start_button.click(
         start,
         inputs_kwargs=start_inputs,
         outputs=[status, loss_plot, samples, job_id, config_text],
@@ -325,6 +347,8 @@ def build_train_tab(
         concurrency_id="train",
         concurrency_limit=1,
     )
+    # Only after a run was accepted: a refused start (an error shown in the tab) notifies nothing.
+    started.success(None, [job_id, status], None, js=NOTIFY_JS, queue=False, api_visibility="private")
 
     @user_errors
     def current_status(current_job_id, request: gr.Request):
