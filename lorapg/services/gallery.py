@@ -29,7 +29,7 @@ from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery.a1111 import ParsedParameters, parse_parameters
 from lorapg.gallery.png import read_png_parameters
-from lorapg.gallery.records import ImageRecord, Img2ImgUse, attachment_path, check_image_id, strip_lora_tags
+from lorapg.gallery.records import HiresUse, ImageRecord, Img2ImgUse, attachment_path, check_image_id, strip_lora_tags
 from lorapg.gallery.store import GalleryStore
 from lorapg.hashing import lora_hash
 from lorapg.limits import BATCH_SIZE
@@ -119,6 +119,7 @@ class ReuseParameters:
     missing_loras: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be carried over, and why
     img2img: Img2ImgUse | None = None  # None: txt2img
+    hires: HiresUse | None = None  # None: no hires fix
     init_image: Path | None = None  # the img2img result's init image and mask, kept beside it
     mask_image: Path | None = None
 
@@ -143,6 +144,23 @@ class ReuseParameters:
             loras=tuple(LoraRequest(name, scale) for name, scale in self.loras),
             batch_size=batch_size,
             img2img=self.img2img_options(),
+            hires=self.hires_options(),
+            **{key: value for key, value in given.items() if value is not None},
+        )
+
+    def hires_options(self):
+        """The request's hires options (None: no hires fix); fields the text left out take the defaults."""
+        from lorapg.diffusion.hires import HiresOptions
+
+        use = self.hires
+        if use is None:
+            return None
+        given = {"scale": use.scale, "strength": use.denoising_strength}
+        return HiresOptions(
+            resize_x=use.resize_x,
+            resize_y=use.resize_y,
+            steps=use.steps,
+            upscaler=use.upscaler,
             **{key: value for key, value in given.items() if value is not None},
         )
 
@@ -469,6 +487,7 @@ def _values_from_record(record: ImageRecord) -> dict:
         "clip_skip": record.clip_skip or 1,
         **_variation_values(record.variation_seed, record.variation_strength),
         "img2img": record.img2img,
+        "hires": record.hires,
     }
 
 
@@ -496,6 +515,7 @@ def _values_from_parsed(parsed: ParsedParameters) -> dict:
         "clip_skip": parsed.clip_skip or 1,
         **_variation_values(parsed.variation_seed, parsed.variation_strength),
         "img2img": parsed.img2img,
+        "hires": parsed.hires,
     }
 
 

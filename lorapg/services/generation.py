@@ -183,7 +183,8 @@ class GenerationService:
         model = self.engine.model
         # The real check runs on the model; this one fails before the queue.
         native, family = (model.native_size, model.family) if model else (NATIVE_SIZE[SD1], None)
-        validate(request, native, self.settings.max_prompt_chars, family=family)
+        settings = self.settings
+        validate(request, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         return request
 
