@@ -7,13 +7,16 @@ import base64
 import io
 import json
 import shutil
+import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import requests
 import torch
+from gradio_client import Client
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from lorapg.cli import main
 from lorapg.diffusion.engine import DiffusionEngine
@@ -31,6 +34,9 @@ from lorapg.services.gallery import GalleryService
 from tests.app_server import running_app
 
 BASE = 32  # the first pass; the tiny model is native 64
+# The Generate tab's fields a gradio_client call must give (it has no defaults for them).
+FORM = {"negative_prompt": "", "loras": "", "steps": 2, "cfg_scale": 7, "sampler": "Euler a", "batch_size": 1}
+FORM["api_name"] = "/generate"
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -213,10 +219,11 @@ def app(tiny_models, tmp_path_factory):
     shutil.copytree(tiny_models["loras"], root / "loras")
     args = ["--api", "--model", str(tiny_models["sd15"]), "--lora-dir", str(root / "loras")]
     with running_app(*args, "--outputs", str(root / "outputs"), "--threads", "1") as url:
-        yield url + "sdapi/v1"
+        yield url
 
 
 def test_a1111_txt2img_with_enable_hr_and_the_upscaler_lists(app):
+    app = app + "sdapi/v1"
     body = {"prompt": "a fox", "steps": 2, "width": 32, "height": 32, "seed": 5, "enable_hr": True}
     body |= {"hr_scale": 2, "hr_second_pass_steps": 4, "denoising_strength": 0.5, "hr_upscaler": "Latent"}
     reply = requests.post(f"{app}/txt2img", json=body, timeout=120)
@@ -236,3 +243,74 @@ def test_a1111_txt2img_with_enable_hr_and_the_upscaler_lists(app):
     modes = requests.get(f"{app}/latent-upscale-modes", timeout=30).json()
     assert [mode["name"] for mode in modes] == ["Latent", "Latent (nearest)"]
     assert [item["name"] for item in requests.get(f"{app}/upscalers", timeout=30).json()] == ["None"]
+
+
+def test_the_generate_tabs_hires_fields_and_reuse(app, tmp_path):
+    client = Client(app, verbose=False)
+    hires = {"enable_hr": True, "hr_upscaler": "None", "hr_scale": 1.5, "hr_second_pass_steps": 2}
+    images, status, seed, _ = client.predict(prompt="a fox", seed=4, width=32, height=48, **FORM, **hires)
+    assert Image.open(images[0]["image"]).size == (48, 72) and "seed 4" in status
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: None" in read_parameters(images[0]["image"])
+    with pytest.raises(Exception, match="Hires upscale must be 1–4, got 9."):
+        client.predict(prompt="a fox", seed=4, width=32, height=32, enable_hr=True, hr_scale=9, **FORM)
+
+    # Reuse fills the tab's fields; a target size shows as the factor it means.
+    store = GalleryStore(tmp_path / "gallery.sqlite3", tmp_path / "images", keep=0)
+    gallery = GalleryService(store, LoraLibrary(tmp_path / "loras"))
+    text = "a fox\nSteps: 2, Seed: 1, Size: 32x32, Denoising strength: 0.4, Hires resize: 64x64, Hires upscaler: None"
+    form = gallery.reuse_parameters(gallery.png_info(png_with(text))).hires_form()
+    assert form == {
+        "enable_hr": True,
+        "hr_upscaler": "None",
+        "hr_scale": 2.0,
+        "hr_second_pass_steps": 0,
+        "hr_denoising_strength": 0.4,
+    }
+    assert gallery.reuse_parameters(gallery.png_info(png_with("a fox\nSteps: 2, Seed: 1"))).hires_form() == {
+        "enable_hr": False
+    }
+
+
+def png_with(parameters: str) -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def test_api_v1_generations_takes_a_hires_object(app):
+    body = {"prompt": "a fox", "steps": 2, "width": 32, "height": 32, "seed": 6}
+    hires = {"scale": 2, "steps": 4, "denoising_strength": 0.5, "upscaler": "Latent (nearest)"}
+    reply = requests.post(f"{app}api/v1/generations", json=body | {"hires": hires}, timeout=60)
+    assert reply.status_code == 202, reply.text
+    job = wait_for(app, reply.json()["job_id"])
+    assert (job["status"], job["step"], job["total"]) == ("done", 4, 4)  # 2 first-pass steps + int(4 × 0.5)
+    image = Image.open(io.BytesIO(requests.get(app.rstrip("/") + job["images"][0], timeout=60).content))
+    assert image.size == (64, 64) and "Hires upscaler: Latent (nearest)" in image.text["parameters"]
+
+    refused = requests.post(f"{app}api/v1/generations", json=body | {"hires": {"upscaler": "SwinIR 4x"}}, timeout=60)
+    assert refused.status_code in (400, 422) and "is not available; pick one of" in refused.text
+
+
+def wait_for(app: str, job_id: str) -> dict:
+    """The job's state once it has finished (polled; the generous deadline only guards a hang)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = requests.get(f"{app}api/v1/generations/{job_id}", timeout=60).json()
+        if job["status"] in ("done", "error", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_sdxl_hires_with_a_lora(tiny_models):
+    engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32)
+    engine.load_model(str(tiny_models["sdxl"]))
+    seen = []
+    options = HiresOptions(scale=2, steps=2, strength=0.5)
+    result = engine.generate(
+        request(options, steps=2, loras=(LoraRequest("xl/xl_style", 0.8),)),
+        on_step=lambda done, total, _: seen.append((done, total)),
+    )
+    assert result.images[0].size == (64, 64) and seen[-1] == (3, 3)

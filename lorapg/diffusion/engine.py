@@ -222,6 +222,8 @@ class DiffusionEngine:
                 return kwargs
 
             def run_pipeline():
+                nonlocal steps_before
+                steps_before = 0  # an out-of-memory retry runs both passes again
                 if transformer:
                     return run_transformer_pipeline()
                 prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}

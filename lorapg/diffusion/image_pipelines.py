@@ -189,6 +189,15 @@ def prepare_hires_run(model: LoadedModel, request: GenerationRequest, seeds: lis
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
     """Latents (scaled, as the pipeline's "latent" output) decoded to images by the pipeline's VAE."""
     vae = pipe.vae
-    with torch.no_grad():
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(pixels, output_type="pil")
+    # SDXL's VAE overflows in float16: its pipelines decode in float32 (force_upcast), and so does this.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        with torch.no_grad():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")

@@ -438,7 +438,8 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
         else:
             result.extra[key] = value
     values = {key.casefold(): value for key, value in img2img_pairs}
-    if any(key in values for key in _HIRES_KEYS):
+    # Any "Hires ..." field (A1111 also writes "Hires prompt", "Hires sampler", ...) means the hires fix ran.
+    if any(key in values for key in _HIRES_KEYS) or any(key.casefold().startswith("hires") for key in result.extra):
         # A1111's hires fix writes its second pass's "Denoising strength" too: that is not img2img.
         result.hires = _hires_use(values, problems)
     else:

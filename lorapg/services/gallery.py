@@ -164,6 +164,22 @@ class ReuseParameters:
             **{key: value for key, value in given.items() if value is not None},
         )
 
+    def hires_form(self) -> dict:
+        """The Generate tab's hires fields (A1111's API names); a target size as the factor it means here."""
+        options = self.hires_options()
+        if options is None:
+            return {"enable_hr": False}
+        scale = options.scale
+        if (options.resize_x or options.resize_y) and self.width and self.height:
+            scale = max(options.resize_x / self.width, options.resize_y / self.height)
+        return {
+            "enable_hr": True,
+            "hr_upscaler": options.upscaler,
+            "hr_scale": scale,
+            "hr_second_pass_steps": options.steps,
+            "hr_denoising_strength": options.strength,
+        }
+
     def img2img_options(self):
         """The request's img2img options (None without an init image: txt2img)."""
         from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
