@@ -314,3 +314,16 @@ def test_sdxl_hires_with_a_lora(tiny_models):
         on_step=lambda done, total, _: seen.append((done, total)),
     )
     assert result.images[0].size == (64, 64) and seen[-1] == (3, 3)
+
+
+def test_reuse_of_an_a1111_hires_png_with_an_upscaler_model_falls_back_to_latent_with_a_note(tmp_path):
+    store = GalleryStore(tmp_path / "gallery.sqlite3", tmp_path / "images", keep=0)
+    gallery = GalleryService(store, LoraLibrary(tmp_path / "loras"))
+    text = (
+        "a castle\nSteps: 20, Seed: 9, Size: 512x512, Denoising strength: 0.45, Hires upscale: 2, "
+        "Hires steps: 80, Hires upscaler: R-ESRGAN 4x+"
+    )
+    reuse = gallery.reuse_parameters(gallery.png_info(png_with(text)))
+    assert reuse.hires_options() == HiresOptions(scale=2.0, steps=50, strength=0.45, upscaler="Latent")
+    assert any("'R-ESRGAN 4x+' is not available here; Latent is used instead" in note for note in reuse.notes)
+    assert any("outside this app's ranges" in note for note in reuse.notes)

@@ -596,6 +596,7 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
         values["seed"] = None
         notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
     notes += _variation_within_limits(values)
+    notes += _hires_within_limits(values)
     for key, label in (("width", "Width"), ("height", "Height")):
         size = values.get(key)
         if size is not None and (not MIN_SIZE <= size <= MAX_SIZE or size % 8):
@@ -604,6 +605,28 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
                 f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); {values[key]} is used."
             )
     return values, notes
+
+
+def _hires_within_limits(values: dict) -> list[str]:
+    """A hires fix another tool wrote that this app cannot run as written: the nearest it can, with a note."""
+    from lorapg.diffusion.hires import LATENT, UPSCALERS
+    from lorapg.limits import DENOISING_STRENGTH, HIRES_SCALE, HIRES_STEPS
+
+    use = values.get("hires")
+    if use is None:
+        return []
+    notes = []
+    known = {name.casefold(): name for name in UPSCALERS}
+    if use.upscaler.casefold() not in known:
+        notes.append(f"Hires upscaler {use.upscaler!r} is not available here; Latent is used instead.")
+    upscaler = known.get(use.upscaler.casefold(), LATENT)
+    scale = HIRES_SCALE.clamp(use.scale) if use.scale is not None else None
+    steps = int(HIRES_STEPS.clamp(use.steps))
+    strength = DENOISING_STRENGTH.clamp(use.denoising_strength) if use.denoising_strength is not None else None
+    if (scale, steps, strength) != (use.scale, use.steps, use.denoising_strength):
+        notes.append("A hires fix value was outside this app's ranges; the nearest allowed value is used.")
+    values["hires"] = replace(use, upscaler=upscaler, scale=scale, steps=steps, denoising_strength=strength)
+    return notes
 
 
 def _variation_within_limits(values: dict) -> list[str]:
