@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lorapg.errors import UserError
+from lorapg.hires_cli import add_hires_arguments, hires_from_args
 from lorapg.limits import (
     BATCH_SIZE,
     CFG_SCALE,
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, type=Path, help="PNG file (batch: NAME-1.png, …) or a folder")
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
     add_img2img_arguments(gen)
+    add_hires_arguments(gen)
     add_grid_parser(commands)
     add_gallery_parser(commands)
     add_prompt_parsers(commands)
@@ -364,6 +366,7 @@ def request_from_args(args: argparse.Namespace):
         variation_seed=args.variation_seed,
         variation_strength=args.variation_strength,
         img2img=img2img_from_args(args),
+        hires=hires_from_args(args),
     )
 
 

@@ -61,6 +61,15 @@ RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3:
 # A1111's inpainting_fill ("Masked content"): what the masked area starts from.
 INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
+# Hires fix (A1111's txt2img "Hires. fix"): the upscale factor, the second pass's steps (0 = the
+# first pass's) and its denoising strength (DENOISING_STRENGTH's range, A1111's default 0.7).
+HIRES_SCALE = Range(1.0, 4.0, 0.05, 2.0)
+HIRES_STEPS = Range(0, STEPS.maximum, 1, 0)
+HIRES_STRENGTH_DEFAULT = 0.7
+# The upscalers a hires pass can use: latents resized bilinearly (A1111's default) or by nearest
+# neighbour, or the decoded image resized with Lanczos ("None"); upscaler models come later.
+HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "None")
+
 # --- training (TrainConfig fields) ------------------------------------------------------------
 # A training seed is a generation seed: a sample made at it can be regenerated.
 TRAINING: dict[str, Range] = {

@@ -12,7 +12,7 @@ from lorapg.diffusion.inpaint_mask import binary_mask
 from lorapg.diffusion.model_source import SINGLE_FILE
 from lorapg.gallery.a1111 import format_parameters
 from lorapg.gallery.png import save_png_atomically
-from lorapg.gallery.records import ImageRecord, Img2ImgUse, LoraUse
+from lorapg.gallery.records import HiresUse, ImageRecord, Img2ImgUse, LoraUse
 from lorapg.hashing import lora_hash, model_hash
 from lorapg.limits import INPAINTING_FILLS
 
@@ -42,6 +42,22 @@ def image_record(result: GenerationResult, index: int, job_id: str | None = None
         variation_seed=result.variation_seeds[index] if result.variation_seeds else None,
         variation_strength=request.variation_strength if result.variation_seeds else None,
         img2img=img2img_use(request.img2img),
+        hires=hires_use(request.hires),
+    )
+
+
+def hires_use(options) -> HiresUse | None:
+    """What the record keeps of the request's (checked) hires options; None without a hires pass."""
+    if options is None:
+        return None
+    sized = bool(options.resize_x or options.resize_y)
+    return HiresUse(
+        upscaler=options.upscaler,
+        denoising_strength=options.strength,
+        scale=None if sized else options.scale,
+        resize_x=options.resize_x,
+        resize_y=options.resize_y,
+        steps=options.steps,
     )
 
 

@@ -139,6 +139,12 @@ def test_generate_parameters_have_the_names_users_know(app):
         "mask_invert",
         "only_masked",
         "only_masked_padding",
+        # the hires fix, added last
+        "enable_hr",
+        "hr_upscaler",
+        "hr_scale",
+        "hr_second_pass_steps",
+        "hr_denoising_strength",
     ]
 
 

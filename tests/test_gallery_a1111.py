@@ -189,8 +189,9 @@ def test_unknown_keys_escaped_quotes_and_unquoted_json_are_kept() -> None:
     assert parsed.extra == {
         "Hires prompt": 'say "hi", then: go',
         "Hashes": '{"vae": "735e4c3a44", "model": "6ce0161689"}',
-        "Denoising strength": "0.4",
     }
+    # A Hires field says the hires fix ran: "Denoising strength" is its second pass's, not img2img's.
+    assert parsed.hires.denoising_strength == 0.4 and parsed.img2img is None
     assert (parsed.steps, parsed.seed) == (20, 5)
 
 

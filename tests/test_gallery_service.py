@@ -99,7 +99,7 @@ def test_png_info_reads_a1111_png_and_matches_renamed_lora_by_hash(service: Gall
     assert info.missing_loras == ["ghost"]
     summary = png_info_text(info)
     assert "ghost" in summary and "missing" in summary
-    assert "Hires upscale" in summary
+    assert "**Hires fix:** Latent ×2" in summary
 
     reuse = service.reuse_parameters(info)
     assert reuse.prompt == "masterpiece, a castle on a hill,"  # tags move to the LoRA list

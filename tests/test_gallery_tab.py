@@ -88,10 +88,11 @@ def test_reuse_fills_every_generate_widget(app) -> None:
     client, record, settings, _, demo = app
     values = client.predict(record.id, settings.model, api_name="/gallery_reuse")
     prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = values[
-        :-9
+        :-14
     ]
-    img2img = values[-9:]
+    img2img, hires = values[-14:-5], values[-5:]
     assert list(img2img[:2]) == [None, None]  # a txt2img image: the init image and mask are cleared
+    assert hires[0] is False  # no hires fix: it is switched off (the other hires fields keep their values)
     assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch, clip_skip, strength) == (
         "a fox",
         "blurry",

@@ -420,7 +420,7 @@ def test_parameters_text_round_trip():
     )
     # A1111's hires fix writes "Denoising strength" for its second pass: that is not img2img.
     hires = parse_parameters("a fox\nSteps: 20, Seed: 1, Denoising strength: 0.7, Hires upscale: 2")
-    assert hires.img2img is None and hires.extra["Denoising strength"] == "0.7"
+    assert hires.img2img is None and hires.hires.denoising_strength == 0.7 and not hires.extra
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,12 @@ GENERATE_ORDER = (
     "mask_invert",
     "only_masked",
     "only_masked_padding",
+    # the hires fix (off)
+    "enable_hr",
+    "hr_upscaler",
+    "hr_scale",
+    "hr_second_pass_steps",
+    "hr_denoising_strength",
 )
 GENERATE = {
     "negative_prompt": "",
@@ -76,6 +82,12 @@ RAW_IMG2IMG = {
     "mask_invert": False,
     "only_masked": False,
     "only_masked_padding": 32,
+    # and the hires fix's widgets, off
+    "enable_hr": False,
+    "hr_upscaler": "Latent",
+    "hr_scale": 2,
+    "hr_second_pass_steps": 0,
+    "hr_denoising_strength": 0.7,
 }
 
 

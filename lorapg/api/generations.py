@@ -27,6 +27,9 @@ from lorapg.limits import (
     CFG_SCALE,
     CLIP_SKIP,
     DENOISING_STRENGTH,
+    HIRES_SCALE,
+    HIRES_STRENGTH_DEFAULT,
+    HIRES_UPSCALERS,
     INPAINT_PADDING,
     MASK_BLUR,
     STEPS,
@@ -92,6 +95,19 @@ class Img2ImgIn(BaseModel):
     only_masked_padding: int = int(INPAINT_PADDING.default)
 
 
+class HiresIn(BaseModel):
+    """A1111's hires fix (txt2img): a second pass on the upscaled first one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(HIRES_SCALE.default, description="Upscale factor 1-4; width and height stay the first pass's.")
+    resize_x: int = Field(0, description="A target width instead of the scale (0: from the scale or the aspect).")
+    resize_y: int = Field(0, description="A target height instead of the scale (0: from the scale or the aspect).")
+    steps: int = Field(0, description="Second pass steps; 0 = as many as the first pass.")
+    denoising_strength: float = Field(HIRES_STRENGTH_DEFAULT, description="The second pass's strength, 0-1.")
+    upscaler: str = Field(HIRES_UPSCALERS[0], description='"Latent", "Latent (nearest)" or "None" (Lanczos).')
+
+
 class GenerationCreate(GenerationFields):
     """The generate request; ``<lora:name:weight>`` tags in the prompt work as in A1111."""
 
@@ -116,6 +132,7 @@ class GenerationCreate(GenerationFields):
 
     batch_size: int = int(BATCH_SIZE.default)
     img2img: Img2ImgIn | None = Field(None, description="Start from an image (img2img); with a mask, inpaint.")
+    hires: HiresIn | None = Field(None, description="A1111's hires fix (txt2img only).")
 
     def params(self) -> GenerationParams:
         fields = self.model_dump(exclude={"loras"})

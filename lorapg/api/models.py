@@ -36,6 +36,14 @@ class Txt2ImgRequest(A1111Request):
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
+    # A1111's hires fix (txt2img; img2img ignores these, as A1111 does).
+    enable_hr: bool = Field(False, description="hires fix: a second pass on the upscaled first one")
+    hr_scale: float = Field(2.0, description="upscale factor 1-4 (Size stays the first pass's)")
+    hr_resize_x: int = Field(0, description="target width instead of hr_scale; 0: from the scale or the aspect")
+    hr_resize_y: int = Field(0, description="target height instead of hr_scale; 0: from the scale or the aspect")
+    hr_upscaler: str | None = Field(None, description='"Latent" (default), "Latent (nearest)" or "None" (Lanczos)')
+    hr_second_pass_steps: int = Field(0, description="second pass steps; 0: as many as steps")
+    denoising_strength: float | None = Field(None, description="the second pass's strength 0-1; null: 0.7")
 
     model_config = ConfigDict(
         extra="ignore",

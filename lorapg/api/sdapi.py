@@ -15,6 +15,8 @@ from fastapi import APIRouter, Body, Depends
 from lorapg.api import models as m
 from lorapg.api.auth import ApiAccess, basic_auth_check
 from lorapg.api.errors import A1111Route
+from lorapg.diffusion.hires import LATENT_MODES
+from lorapg.limits import HIRES_UPSCALERS
 from lorapg.services.a1111 import SCHEDULES, A1111Service, Img2ImgParams, Txt2ImgParams, a1111_sampler_names
 
 PREFIX = "/sdapi/v1"
@@ -107,11 +109,12 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
 
     @router.get("/upscalers", response_model=list[m.UpscalerItem])
     def upscalers() -> list[m.UpscalerItem]:
-        return [m.UpscalerItem(name="None")]  # no upscaling yet; SillyTavern needs the route to answer
+        # "None": a plain (Lanczos) resize, the image upscaler hr_upscaler takes; upscaler models come later.
+        return [m.UpscalerItem(name=name) for name in HIRES_UPSCALERS if name not in LATENT_MODES]
 
     @router.get("/latent-upscale-modes", response_model=list[m.LatentUpscalerModeItem])
     def latent_upscale_modes() -> list[m.LatentUpscalerModeItem]:
-        return []
+        return [m.LatentUpscalerModeItem(name=name) for name in LATENT_MODES]  # hr_upscaler's latent choices
 
     @router.get("/sd-vae", response_model=list[m.SDVaeItem])
     def sd_vae() -> list[m.SDVaeItem]:

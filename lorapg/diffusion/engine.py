@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from diffusers import DiffusionPipeline
@@ -15,7 +16,7 @@ from PIL import Image
 from lorapg.diffusion import compile_mode, flux
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, is_transformer_family
-from lorapg.diffusion.image_pipelines import prepare_image_run
+from lorapg.diffusion.image_pipelines import prepare_hires_run, prepare_image_run
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import ModelSource, resolve_model_source
 from lorapg.diffusion.pipeline_loader import load_pipeline
@@ -190,7 +191,6 @@ class DiffusionEngine:
             pipe.scheduler = scheduler_for(
                 request.sampler, model.base_scheduler_config, pipe.scheduler, family=model.family
             )
-            self._configure_vae_tiling(model, request)
             seeds = image_seeds(request)  # seed + i; the same seed for each image of a variation batch
             if transformer and request.img2img is not None:
                 raise UserError("img2img and inpainting are built for SD 1.x and SDXL so far; clear the init image.")
@@ -198,15 +198,19 @@ class DiffusionEngine:
             image_run = prepare_image_run(model, request, seeds)
             if image_run is not None:
                 request = image_run.request  # its init image and mask decoded and checked
-            total_steps = image_run.steps if image_run else request.steps
+            # Hires fix: a second pass on the upscaled first one; progress counts both passes' steps.
+            hires_run = prepare_hires_run(model, request, seeds)
+            self._configure_vae_tiling(model, *(hires_run.size if hires_run else (request.width, request.height)))
+            total_steps = image_run.steps if image_run else hires_run.total_steps if hires_run else request.steps
             cancelled = False
             steps_done = 0
+            steps_before = 0  # the steps of the passes already run (the hires pass counts on from the first)
             clip_skip, clip_warnings = self._clip_skip(model, request)
             warnings += clip_warnings
 
             def step_end(pipeline, step: int, timestep, kwargs):
                 nonlocal cancelled, steps_done
-                done = steps_done = step + 1
+                done = steps_done = steps_before + step + 1
                 if on_step is not None:
                     preview = None
                     if done % self.preview_every == 0 and done < total_steps:
@@ -218,6 +222,8 @@ class DiffusionEngine:
                 return kwargs
 
             def run_pipeline():
+                nonlocal steps_before
+                steps_before = 0  # an out-of-memory retry runs both passes again
                 if transformer:
                     return run_transformer_pipeline()
                 prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
@@ -233,10 +239,9 @@ class DiffusionEngine:
                 # same seed gives the same noise whatever the device.
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
                 latents = initial_latents(pipe, request, generators)  # None: no variation, the pipeline draws
-                if latents is not None:
-                    prompts["latents"] = latents
-                return pipe(
-                    **prompts,
+                first_pass = dict(prompts, latents=latents) if latents is not None else prompts
+                output = pipe(
+                    **first_pass,
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
                     width=request.width,
@@ -245,8 +250,16 @@ class DiffusionEngine:
                     generator=generators,
                     callback_on_step_end=step_end,
                     callback_on_step_end_tensor_inputs=["latents"],
-                    output_type="pil",
+                    output_type=hires_run.first_output_type if hires_run else "pil",
                 )
+                return run_hires_pass(output.images, prompts) if hires_run else output
+
+            def run_hires_pass(first, prompts: dict):
+                nonlocal steps_before
+                if cancelled:  # stopped in the first pass: its images, at the base size
+                    return SimpleNamespace(images=hires_run.decoded(first))
+                steps_before = request.steps
+                return hires_run.second_pass(first, prompts, step_end)
 
             def run_transformer_pipeline():
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # as for SD: one per image
@@ -276,7 +289,7 @@ class DiffusionEngine:
                         advice="Lower the image size or the batch size, or start with --policy lowvram.",
                     )
             if cancelled:
-                log.info("generation cancelled after step %d of %d", steps_done, request.steps)
+                log.info("generation cancelled after step %d of %d", steps_done, total_steps)
             # A cancelled run still decodes its current latents (diffusers skips the remaining steps,
             # then decodes): A1111's interrupt returns those images, so they are kept; callers that
             # record only finished work check ``cancelled``.
@@ -317,9 +330,9 @@ class DiffusionEngine:
             )
         return request.clip_skip, []
 
-    def _configure_vae_tiling(self, model: LoadedModel, request: GenerationRequest) -> None:
+    def _configure_vae_tiling(self, model: LoadedModel, width: int, height: int) -> None:
         # Decoding large images in one piece needs several GB for the VAE alone; tiles bound it.
-        large = max(request.width, request.height) > int(model.native_size * 1.5)
+        large = max(width, height) > int(model.native_size * 1.5)
         if large:
             model.pipe.vae.enable_tiling()
         else:

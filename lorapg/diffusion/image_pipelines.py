@@ -5,7 +5,8 @@ reload, no second copy of the weights, and the LoRAs fused into (or injected int
 apply exactly as they do for txt2img. An inpainting checkpoint (a UNet with 9 input channels)
 always runs the inpaint pipeline, with an all-white mask for plain img2img; a regular UNet runs
 the img2img pipeline, or the inpaint pipeline (which supports 4-channel UNets by blending the
-init latents back in outside the mask at every step) when there is a mask.
+init latents back in outside the mask at every step) when there is a mask. The hires fix's second
+pass (``HiresRun``) runs the same img2img pipeline on the upscaled first pass.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 from PIL import Image
 
-from lorapg.diffusion import img2img
+from lorapg.diffusion import hires, img2img
+from lorapg.errors import UserError
 
 if TYPE_CHECKING:
     from lorapg.diffusion.engine import LoadedModel
@@ -103,3 +105,99 @@ def derived_pipeline(model: LoadedModel, kind: str) -> DiffusionPipeline:
         log.info("made the %s pipeline (%s) from the loaded model", kind, type(pipe).__name__)
     pipe.scheduler = model.pipe.scheduler  # the engine sets the request's sampler on the base pipeline
     return pipe
+
+
+@dataclass
+class HiresRun:
+    """A1111's hires fix around a txt2img call: the first pass's output type, then the upscale and
+    the second pass through the img2img pipeline over the same modules (so the LoRAs apply to both)."""
+
+    model: LoadedModel
+    request: GenerationRequest  # validated: its ``hires`` checked
+    seeds: list[int]
+    width: int  # the upscaled (result) size
+    height: int
+    second_steps: int  # the denoising steps the second pass actually runs: int(steps × strength)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    @property
+    def latent(self) -> bool:
+        return self.request.hires.upscaler in hires.LATENT_MODES
+
+    @property
+    def first_output_type(self) -> str:
+        # A latent upscaler resizes the first pass's latents: they are not decoded in between.
+        return "latent" if self.latent else "pil"
+
+    @property
+    def total_steps(self) -> int:
+        return self.request.steps + self.second_steps
+
+    def decoded(self, first: object) -> list[Image.Image]:
+        """The first pass's images as they are (a cancelled run stops there, as A1111's does)."""
+        return decode_latents(self.model.pipe, first) if self.latent else list(first)
+
+    def second_pass(self, first: object, prompts: dict, step_end: Callable) -> object:
+        """Upscale the first pass's output and refine it; returns a pipeline-like output."""
+        upscaled = self._upscale(first)
+        if self.second_steps == 0:
+            # Too little strength for one step: the upscaled first pass is the answer (diffusers would refuse).
+            images = decode_latents(self.model.pipe, upscaled) if self.latent else upscaled
+            return SimpleNamespace(images=images)
+        request, options = self.request, self.request.hires
+        pipe = derived_pipeline(self.model, IMG2IMG)
+        kwargs = {key: value for key, value in prompts.items() if key != "latents"}  # variation noise: first pass
+        # A 4-channel tensor is taken as latents by diffusers' img2img (not encoded again).
+        return pipe(
+            **kwargs,
+            image=upscaled,
+            num_inference_steps=hires.second_pass_steps(options, request.steps),
+            strength=options.strength,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=request.batch_size,
+            # The same seeds as the first pass, one CPU generator per image (as A1111 reuses the seed).
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in self.seeds],
+            callback_on_step_end=step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+            output_type="pil",
+        )
+
+    def _upscale(self, first: object) -> object:
+        if not self.latent:
+            return [image.resize((self.width, self.height), resample=Image.Resampling.LANCZOS) for image in first]
+        factor = self.model.pipe.vae_scale_factor
+        size = (self.height // factor, self.width // factor)
+        mode = hires.LATENT_MODES[self.request.hires.upscaler]
+        return torch.nn.functional.interpolate(first, size=size, mode=mode)
+
+
+def prepare_hires_run(model: LoadedModel, request: GenerationRequest, seeds: list[int]) -> HiresRun | None:
+    """The hires run for ``request`` (validated) if it asks for one; None otherwise."""
+    options = request.hires
+    if options is None:
+        return None
+    if model.pipe.unet.config.in_channels == INPAINTING_UNET_CHANNELS:
+        raise UserError("Hires fix needs a regular checkpoint; this one is an inpainting model. Turn hires fix off.")
+    width, height = hires.target_size(options, request.width, request.height)
+    nominal = hires.second_pass_steps(options, request.steps)
+    return HiresRun(model, request, seeds, width, height, img2img.effective_steps(nominal, options.strength))
+
+
+def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents (scaled, as the pipeline's "latent" output) decoded to images by the pipeline's VAE."""
+    vae = pipe.vae
+    # SDXL's VAE overflows in float16: its pipelines decode in float32 (force_upcast), and so does this.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        with torch.no_grad():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")

@@ -15,6 +15,7 @@ from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MUL
 from lorapg.lora_tags import find_lora_tags, strip_lora_tags
 
 if TYPE_CHECKING:
+    from lorapg.diffusion.hires import HiresOptions
     from lorapg.diffusion.img2img import Img2ImgOptions
 
 # The ranges live in lorapg.limits; these names are kept for the modules that import them from here.
@@ -51,6 +52,8 @@ class GenerationRequest:
     extra: dict = field(default_factory=dict, compare=False)
     # img2img / inpainting (lorapg.diffusion.img2img checks it); None: txt2img
     img2img: Img2ImgOptions | None = None
+    # A1111's hires fix (lorapg.diffusion.hires checks it); None: one pass at width x height
+    hires: HiresOptions | None = None
 
 
 def _whole(name: str, value: object) -> int:
@@ -106,12 +109,17 @@ def check_prompts(request: GenerationRequest, max_chars: int = 0) -> GenerationR
 
 
 def validate(
-    request: GenerationRequest, native_size: int, max_prompt_chars: int = 0, family: str | None = None
+    request: GenerationRequest,
+    native_size: int,
+    max_prompt_chars: int = 0,
+    family: str | None = None,
+    max_image_pixels: int = 0,
 ) -> GenerationRequest:
     """Return the request with defaults filled in and a concrete seed, or raise UserError.
 
     ``max_prompt_chars``: Settings.max_prompt_chars (0 = no limit); ``family``: the loaded model's
-    (its samplers are checked; None: any sampler name this app knows).
+    (its samplers are checked; None: any sampler name this app knows); ``max_image_pixels``:
+    Settings.max_image_pixels, which bounds the hires fix's upscaled size (0 = no limit).
     """
     request = check_prompts(request, max_prompt_chars)
     steps = _whole("Steps", request.steps)
@@ -146,8 +154,10 @@ def validate(
     if seed + batch - 1 > MAX_SEED:
         raise UserError(f"Seed {seed} + batch {batch} runs past {MAX_SEED}; pick a smaller seed.")
     variation_seed, variation_strength = _variation(request, batch)
+    hires = _hires(request, family, width, height, max_image_pixels)
     return replace(
         request,
+        hires=hires,
         steps=steps,
         width=width,
         height=height,
@@ -158,6 +168,21 @@ def validate(
         variation_seed=variation_seed,
         variation_strength=variation_strength,
     )
+
+
+def _hires(request: GenerationRequest, family: str | None, width: int, height: int, max_pixels: int):
+    """The checked hires options (None: no hires pass); refused where A1111 has no hires fix."""
+    if request.hires is None:
+        return None
+    from lorapg.diffusion.families import is_transformer_family
+    from lorapg.diffusion.hires import check_hires
+
+    if request.img2img is not None:
+        # A1111's hires fix is a txt2img option: an init image already sets the result's size.
+        raise UserError("Hires fix applies to txt2img only; turn it off or clear the init image.")
+    if family is not None and is_transformer_family(family):
+        raise UserError("Hires fix is built for SD 1.x and SDXL so far; turn it off for Flux and SD 3.5.")
+    return check_hires(request.hires, width, height, max_pixels)
 
 
 def _variation(request: GenerationRequest, batch: int) -> tuple[int | None, float]:

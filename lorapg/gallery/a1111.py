@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from lorapg.lora_tags import find_lora_tags
 
 if TYPE_CHECKING:
-    from lorapg.gallery.records import ImageRecord, Img2ImgUse
+    from lorapg.gallery.records import HiresUse, ImageRecord, Img2ImgUse
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ NEGATIVE_PREFIX = "Negative prompt:"
 # Schedulers that older A1111 versions folded into the sampler name ("DPM++ 2M Karras"); A1111
 # >= 1.8 writes them as a separate "Schedule type". We store the folded name users know.
 _FOLDED_SCHEDULES = ("Karras", "Exponential")
+
+# txt2img's hires fix (lorapg.gallery.records.HiresUse): with one of these, "Denoising strength" is its own.
+_HIRES_KEYS = ("hires upscale", "hires resize", "hires steps", "hires upscaler")
 
 # Keys the parser understands, compared case-insensitively (Fooocus writes "Lora hashes", other
 # tools "LoRA hashes"). Everything else is kept verbatim in ``extra``.
@@ -57,6 +60,7 @@ _KNOWN_KEYS = {
     "masked content",
     "inpaint area",
     "masked area padding",
+    *_HIRES_KEYS,
 }
 ONLY_MASKED, WHOLE_PICTURE = "Only masked", "Whole picture"  # A1111's "Inpaint area" values
 
@@ -97,7 +101,8 @@ class ParsedParameters:
     variation_seed: int | None = None
     variation_strength: float | None = None
     version: str | None = None
-    img2img: Img2ImgUse | None = None  # present when the text has "Denoising strength"
+    img2img: Img2ImgUse | None = None  # present when the text has "Denoising strength" and no Hires field
+    hires: HiresUse | None = None  # present when the text has a "Hires ..." field
     extra: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -175,6 +180,7 @@ def format_parameters(record: ImageRecord) -> str:
     if record.img2img is not None:
         pairs.append(("Denoising strength", format_number(record.img2img.denoising_strength)))
         pairs.append(("Resize mode", str(record.img2img.resize_mode)))
+    pairs += _hires_pairs(record.hires)
     if record.clip_skip and record.clip_skip > 1:  # A1111 writes it only when a layer is skipped
         pairs.append(("Clip skip", str(record.clip_skip)))
     pairs += _mask_pairs(record.img2img)
@@ -190,6 +196,23 @@ def format_parameters(record: ImageRecord) -> str:
         lines.append(f"{NEGATIVE_PREFIX} {negative}")
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in pairs))
     return "\n".join(lines).strip()
+
+
+def _hires_pairs(use: HiresUse | None) -> list[tuple[str, str]]:
+    """The hires fix's fields as A1111 writes them: a target size replaces the factor, steps only when set."""
+    if use is None:
+        return []
+    pairs = []
+    if use.denoising_strength is not None:
+        pairs.append(("Denoising strength", format_number(use.denoising_strength)))
+    if use.resize_x or use.resize_y:
+        pairs.append(("Hires resize", f"{use.resize_x}x{use.resize_y}"))
+    elif use.scale is not None:
+        pairs.append(("Hires upscale", format_number(use.scale)))
+    if use.steps:
+        pairs.append(("Hires steps", str(use.steps)))
+    pairs.append(("Hires upscaler", use.upscaler))
+    return pairs
 
 
 def _mask_pairs(use: Img2ImgUse | None) -> list[tuple[str, str]]:
@@ -410,13 +433,15 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
             lora_weights.extend(_parse_lora_list(key, value, problems))
         elif folded == "version":
             result.version = value or None
-        elif folded in _IMG2IMG_KEYS:
+        elif folded in _IMG2IMG_KEYS or folded in _HIRES_KEYS:
             img2img_pairs.append((key, value))
         else:
             result.extra[key] = value
-    if any(key.casefold().startswith("hires") for key in result.extra):
+    values = {key.casefold(): value for key, value in img2img_pairs}
+    # Any "Hires ..." field (A1111 also writes "Hires prompt", "Hires sampler", ...) means the hires fix ran.
+    if any(key in values for key in _HIRES_KEYS) or any(key.casefold().startswith("hires") for key in result.extra):
         # A1111's hires fix writes its second pass's "Denoising strength" too: that is not img2img.
-        result.extra.update(img2img_pairs)
+        result.hires = _hires_use(values, problems)
     else:
         result.img2img = _img2img_use({key.casefold(): value for key, value in img2img_pairs}, problems)
     result.schedule_type = schedule
@@ -455,6 +480,27 @@ def _img2img_use(values: dict[str, str], problems: list[str]) -> Img2ImgUse | No
         only_masked=(values.get("inpaint area") or "").strip().casefold() == ONLY_MASKED.casefold(),
         only_masked_padding=_parse_int("Masked area padding", padding, problems, 0, 10_000) if padding else None,
     )
+
+
+def _hires_use(values: dict[str, str], problems: list[str]) -> HiresUse:
+    """The hires fix's fields read (casefolded keys); "Denoising strength" is its second pass's."""
+    from lorapg.gallery.records import HiresUse
+
+    raw = {key: values.get(key) for key in ("denoising strength", "hires upscale", "hires steps", "hires resize")}
+    use = HiresUse(upscaler=(values.get("hires upscaler") or "Latent").strip())
+    if raw["denoising strength"] is not None:
+        use.denoising_strength = _parse_float("Denoising strength", raw["denoising strength"], problems)
+    if raw["hires upscale"] is not None:
+        use.scale = _parse_float("Hires upscale", raw["hires upscale"], problems)
+    if raw["hires steps"] is not None:
+        use.steps = _parse_int("Hires steps", raw["hires steps"], problems, 0, 10_000) or 0
+    if raw["hires resize"] is not None:
+        match = _SIZE_RE.match(raw["hires resize"])
+        if match:
+            use.resize_x, use.resize_y = int(match.group(1)), int(match.group(2))
+        else:
+            problems.append(f"Hires resize '{raw['hires resize']}' is not WIDTHxHEIGHT; it was left empty.")
+    return use
 
 
 def _add_lora_weights(weights: list[tuple[str, str]], result: ParsedParameters) -> None:

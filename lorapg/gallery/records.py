@@ -88,6 +88,18 @@ class Img2ImgUse:
     only_masked_padding: int | None = None
 
 
+@dataclass
+class HiresUse:
+    """How a txt2img result's hires fix ran (A1111's "Hires upscale / resize / steps / upscaler")."""
+
+    upscaler: str
+    denoising_strength: float | None = None  # None: the text had no "Denoising strength"
+    scale: float | None = None  # "Hires upscale"; None when a target size was given instead
+    resize_x: int = 0  # "Hires resize: WxH"
+    resize_y: int = 0
+    steps: int = 0  # "Hires steps"; 0 (not written) = the first pass's steps
+
+
 # The init image and mask of an img2img result are kept beside it, as NAME.init.png and NAME.mask.png.
 ATTACHMENTS = ("init", "mask")
 
@@ -126,6 +138,7 @@ class ImageRecord:
     starred: bool = False
     version: str = field(default_factory=default_version)
     img2img: Img2ImgUse | None = None  # None: txt2img
+    hires: HiresUse | None = None  # None: no hires fix
 
 
 def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
@@ -152,4 +165,5 @@ def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
         variation_strength=parsed.variation_strength,
         version=parsed.version or default_version(),
         img2img=parsed.img2img,
+        hires=parsed.hires,
     )

@@ -140,6 +140,13 @@ def _contains_all_casefolded(text: str | None, words: str) -> int:
     return int(all(word in folded for word in words.split(_WORD_SEPARATOR)))
 
 
+def _hires_of(text: str | None):
+    """The hires fix's fields read back from the row's A1111 text (no columns of their own)."""
+    if not text or "Hires" not in text:
+        return None
+    return parse_parameters(text).hires
+
+
 def _img2img_of(text: str | None) -> Img2ImgUse | None:
     """img2img's fields read back from the row's A1111 text (no columns of their own)."""
     if not text or "Denoising strength" not in text:
@@ -352,6 +359,7 @@ class GalleryStore:
             starred=bool(row["starred"]),
             version=row["version"] or "",
             img2img=_img2img_of(row["parameters"]),
+            hires=_hires_of(row["parameters"]),
         )
 
     # ----------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from lorapg.coercion import CoercionError, to_int
+from lorapg.coercion import CoercionError, shown, to_bool, to_int
 from lorapg.config import Settings
+from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import Img2ImgOptions, load_image
 from lorapg.diffusion.request import GenerationRequest, parse_seed
 from lorapg.diffusion.samplers import SAMPLERS, any_sampler
@@ -35,7 +36,7 @@ from lorapg.errors import UserError, shorten
 from lorapg.gallery.a1111 import format_parameters
 from lorapg.hashing import MODEL_HASH_LENGTH, model_sha256
 from lorapg.jobs import RUNNING, Job
-from lorapg.limits import BATCH_SIZE, CLIP_SKIP, SEED
+from lorapg.limits import BATCH_SIZE, CLIP_SKIP, HIRES_STRENGTH_DEFAULT, HIRES_UPSCALERS, SEED
 from lorapg.outputs import image_record, record_in_gallery
 from lorapg.services.gallery import GalleryService
 from lorapg.services.generation import GenerationService
@@ -76,6 +77,14 @@ class Txt2ImgParams:
     sd_vae: Any = None  # override_settings' sd_vae
     send_images: bool = True
     save_images: bool = False
+    # A1111's hires fix (txt2img only): on with enable_hr; hr_resize_x/y (non-zero) replace hr_scale.
+    enable_hr: Any = False
+    hr_scale: Any = 2.0
+    hr_resize_x: Any = 0
+    hr_resize_y: Any = 0
+    hr_upscaler: Any = None  # None or "": "Latent", as A1111's default
+    hr_second_pass_steps: Any = 0  # 0: the first pass's steps
+    denoising_strength: Any = None  # the second pass's; None: lorapg.limits.HIRES_STRENGTH_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,26 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> str:
     raise UserError(
         f"sampler_name: unknown sampler {shorten(name, 40)!r}; use one of "
         f"{', '.join(a1111_sampler_names())} (GET /sdapi/v1/samplers)."
+    )
+
+
+def hires_options(params: Txt2ImgParams) -> HiresOptions | None:
+    """txt2img's hires fix from A1111's fields (None unless enable_hr); the request checks the values."""
+    try:
+        enabled = to_bool(params.enable_hr)
+    except CoercionError:
+        raise UserError(f"enable_hr must be true or false, got {shown(params.enable_hr)}.") from None
+    if not enabled:
+        return None
+    upscaler = params.hr_upscaler if params.hr_upscaler not in (None, "") else HIRES_UPSCALERS[0]
+    strength = params.denoising_strength if params.denoising_strength is not None else HIRES_STRENGTH_DEFAULT
+    return HiresOptions(
+        scale=params.hr_scale,
+        resize_x=params.hr_resize_x,
+        resize_y=params.hr_resize_y,
+        steps=params.hr_second_pass_steps,
+        strength=strength,
+        upscaler=upscaler,
     )
 
 
@@ -337,6 +366,7 @@ class A1111Service:
             variation_seed=self._subseed(params),
             variation_strength=params.subseed_strength,
             img2img=self._img2img_options(params) if isinstance(params, Img2ImgParams) else None,
+            hires=None if isinstance(params, Img2ImgParams) else hires_options(params),
         )
         return self.generation.prepare(request)  # every field checked before anything is queued
 
@@ -401,6 +431,8 @@ class A1111Service:
             "job_timestamp": self._job_timestamp,
             "interrupted": interrupted,
         }
+        if request.hires is not None:  # A1111's txt2img info with the hires fix
+            info.update(denoising_strength=request.hires.strength, hr_upscaler=request.hires.upscaler)
         if request.img2img is not None:  # A1111's img2img info adds these
             info.update(
                 denoising_strength=request.img2img.strength,

@@ -29,7 +29,7 @@ from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery.a1111 import ParsedParameters, parse_parameters
 from lorapg.gallery.png import read_png_parameters
-from lorapg.gallery.records import ImageRecord, Img2ImgUse, attachment_path, check_image_id, strip_lora_tags
+from lorapg.gallery.records import HiresUse, ImageRecord, Img2ImgUse, attachment_path, check_image_id, strip_lora_tags
 from lorapg.gallery.store import GalleryStore
 from lorapg.hashing import lora_hash
 from lorapg.limits import BATCH_SIZE
@@ -119,6 +119,7 @@ class ReuseParameters:
     missing_loras: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be carried over, and why
     img2img: Img2ImgUse | None = None  # None: txt2img
+    hires: HiresUse | None = None  # None: no hires fix
     init_image: Path | None = None  # the img2img result's init image and mask, kept beside it
     mask_image: Path | None = None
 
@@ -143,8 +144,41 @@ class ReuseParameters:
             loras=tuple(LoraRequest(name, scale) for name, scale in self.loras),
             batch_size=batch_size,
             img2img=self.img2img_options(),
+            hires=self.hires_options(),
             **{key: value for key, value in given.items() if value is not None},
         )
+
+    def hires_options(self):
+        """The request's hires options (None: no hires fix); fields the text left out take the defaults."""
+        from lorapg.diffusion.hires import HiresOptions
+
+        use = self.hires
+        if use is None:
+            return None
+        given = {"scale": use.scale, "strength": use.denoising_strength}
+        return HiresOptions(
+            resize_x=use.resize_x,
+            resize_y=use.resize_y,
+            steps=use.steps,
+            upscaler=use.upscaler,
+            **{key: value for key, value in given.items() if value is not None},
+        )
+
+    def hires_form(self) -> dict:
+        """The Generate tab's hires fields (A1111's API names); a target size as the factor it means here."""
+        options = self.hires_options()
+        if options is None:
+            return {"enable_hr": False}
+        scale = options.scale
+        if (options.resize_x or options.resize_y) and self.width and self.height:
+            scale = max(options.resize_x / self.width, options.resize_y / self.height)
+        return {
+            "enable_hr": True,
+            "hr_upscaler": options.upscaler,
+            "hr_scale": scale,
+            "hr_second_pass_steps": options.steps,
+            "hr_denoising_strength": options.strength,
+        }
 
     def img2img_options(self):
         """The request's img2img options (None without an init image: txt2img)."""
@@ -469,6 +503,7 @@ def _values_from_record(record: ImageRecord) -> dict:
         "clip_skip": record.clip_skip or 1,
         **_variation_values(record.variation_seed, record.variation_strength),
         "img2img": record.img2img,
+        "hires": record.hires,
     }
 
 
@@ -496,6 +531,7 @@ def _values_from_parsed(parsed: ParsedParameters) -> dict:
         "clip_skip": parsed.clip_skip or 1,
         **_variation_values(parsed.variation_seed, parsed.variation_strength),
         "img2img": parsed.img2img,
+        "hires": parsed.hires,
     }
 
 
@@ -560,6 +596,7 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
         values["seed"] = None
         notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
     notes += _variation_within_limits(values)
+    notes += _hires_within_limits(values)
     for key, label in (("width", "Width"), ("height", "Height")):
         size = values.get(key)
         if size is not None and (not MIN_SIZE <= size <= MAX_SIZE or size % 8):
@@ -568,6 +605,28 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
                 f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); {values[key]} is used."
             )
     return values, notes
+
+
+def _hires_within_limits(values: dict) -> list[str]:
+    """A hires fix another tool wrote that this app cannot run as written: the nearest it can, with a note."""
+    from lorapg.diffusion.hires import LATENT, UPSCALERS
+    from lorapg.limits import DENOISING_STRENGTH, HIRES_SCALE, HIRES_STEPS
+
+    use = values.get("hires")
+    if use is None:
+        return []
+    notes = []
+    known = {name.casefold(): name for name in UPSCALERS}
+    if use.upscaler.casefold() not in known:
+        notes.append(f"Hires upscaler {use.upscaler!r} is not available here; Latent is used instead.")
+    upscaler = known.get(use.upscaler.casefold(), LATENT)
+    scale = HIRES_SCALE.clamp(use.scale) if use.scale is not None else None
+    steps = int(HIRES_STEPS.clamp(use.steps))
+    strength = DENOISING_STRENGTH.clamp(use.denoising_strength) if use.denoising_strength is not None else None
+    if (scale, steps, strength) != (use.scale, use.steps, use.denoising_strength):
+        notes.append("A hires fix value was outside this app's ranges; the nearest allowed value is used.")
+    values["hires"] = replace(use, upscaler=upscaler, scale=scale, steps=steps, denoising_strength=strength)
+    return notes
 
 
 def _variation_within_limits(values: dict) -> list[str]:

@@ -16,6 +16,7 @@ from lorapg.config import Settings
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
 from lorapg.diffusion.flux import FamilyDefaults, family_defaults
+from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import Img2ImgOptions, check_options
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import resolve_model_source
@@ -183,9 +184,18 @@ class GenerationService:
         model = self.engine.model
         # The real check runs on the model; this one fails before the queue.
         native, family = (model.native_size, model.family) if model else (NATIVE_SIZE[SD1], None)
-        validate(request, native, self.settings.max_prompt_chars, family=family)
+        settings = self.settings
+        validate(request, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         return request
+
+    @staticmethod
+    def hires_options(enabled, upscaler, scale, steps, strength) -> HiresOptions | None:
+        """The hires fix from a form (A1111's enable_hr and hr_* fields); None when it is off."""
+        if not enabled:
+            return None
+        given = {"scale": scale, "steps": steps, "strength": strength, "upscaler": upscaler}
+        return HiresOptions(**{key: value for key, value in given.items() if value is not None})  # None: default
 
     @staticmethod
     def img2img_options(image, **form) -> Img2ImgOptions | None:

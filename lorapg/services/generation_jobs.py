@@ -16,13 +16,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from lorapg.coercion import parse_seed
+from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import load_image
 from lorapg.diffusion.request import MAX_BATCH, MAX_SEED, GenerationRequest, LoraRequest
 from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.diffusion.variation_noise import image_seeds, variation_seeds
 from lorapg.errors import UserError, shorten
 from lorapg.jobs import CANCELLED, DONE, ERROR, FINISHED, Job
-from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, DENOISING_STRENGTH, STEPS, VARIATION_STRENGTH
+from lorapg.limits import (
+    BATCH_SIZE,
+    CFG_SCALE,
+    CLIP_SKIP,
+    DENOISING_STRENGTH,
+    HIRES_STRENGTH_DEFAULT,
+    STEPS,
+    VARIATION_STRENGTH,
+)
 from lorapg.services.a1111 import decode_image_field
 from lorapg.services.generation import GenerationService
 from lorapg.services.img2img_inputs import options_from_form
@@ -59,6 +68,7 @@ class GenerationParams:
     # img2img / inpainting: init_image and mask as base64 plus the form's fields
     # (lorapg.services.img2img_inputs.options_from_form); None: txt2img
     img2img: dict | None = None
+    hires: dict | None = None  # A1111's hires fix by lorapg.api.generations.HiresIn's names; None: off
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ class GenerationJobs:
             variation_seed=_variation_seed(params),
             variation_strength=params.variation_strength,
             img2img=self._img2img(params.img2img),
+            hires=_hires(params.hires),
         )
 
     def _img2img(self, fields: dict | None):
@@ -250,3 +261,12 @@ def terminal_event(state: JobState) -> tuple[str, dict]:
     if state.status == CANCELLED:
         return CANCELLED, {"message": state.message, "images": state.images, "seeds": state.seeds}
     raise ValueError(f"job {state.job_id} is not finished ({state.status})")
+
+
+def _hires(fields: dict | None) -> HiresOptions | None:
+    """The request's hires options from the API's ``hires`` object (its strength is A1111's name)."""
+    if fields is None:
+        return None
+    fields = dict(fields)
+    fields["strength"] = fields.pop("denoising_strength", HIRES_STRENGTH_DEFAULT)
+    return HiresOptions(**fields)

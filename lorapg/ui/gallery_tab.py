@@ -18,6 +18,7 @@ from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import DONE
 from lorapg.services.gallery import GalleryService, ReuseParameters
 from lorapg.ui.common import follow, job_status_text, user_errors, visitor
+from lorapg.ui.hires_section import HIRES_INPUTS
 from lorapg.ui.texts import image_details_text, png_info_text
 
 if TYPE_CHECKING:  # imports torch and diffusers; the gallery tab itself needs neither
@@ -326,8 +327,9 @@ def _wire_reuse(
     targets = [generate[key] for key in REUSE_TARGETS]
     pending_loras = gr.State([])
     img2img = {key: generate[key] for key in IMG2IMG_TARGETS if key in generate}
-    # img2img's widgets come last: the positions before them stay what they were.
-    outputs = [*targets, tabs, pending_loras, w["notes"], *img2img.values()]
+    hires = {key: generate[key] for key in HIRES_INPUTS if key in generate}
+    # img2img's and then the hires fix's widgets come last: the positions before them stay what they were.
+    outputs = [*targets, tabs, pending_loras, w["notes"], *img2img.values(), *hires.values()]
     model = generate.get("model")
     model_input = {"current_model": model} if model is not None else {}  # keyed by the handlers' parameter name
 
@@ -355,6 +357,7 @@ def _wire_reuse(
                 updates[generate[key]] = value
         if img2img:
             updates.update(_img2img_updates(img2img, params))
+        updates.update({hires[key]: value for key, value in params.hires_form().items() if key in hires})
         return updates
 
     @user_errors

@@ -30,6 +30,7 @@ from lorapg.limits import (
 )
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
+from lorapg.ui.hires_section import HIRES_INPUTS, build_hires_section
 from lorapg.ui.texts import loading_text, model_status_text
 
 DEFAULT_LORA_SCALE = LORA_SCALE.default
@@ -252,6 +253,7 @@ def build_generate_tab(
                     )
             variation_seed, variation_strength = _variation_widgets()
             img2img = build_img2img_section()
+            hires = build_hires_section()
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -321,6 +323,11 @@ def build_generate_tab(
         mask_invert=False,
         only_masked=False,
         only_masked_padding=int(INPAINT_PADDING.default),
+        enable_hr=False,
+        hr_upscaler=None,
+        hr_scale=None,
+        hr_second_pass_steps=0,
+        hr_denoising_strength=None,
         progress=gr.Progress(),
     ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
@@ -352,6 +359,7 @@ def build_generate_tab(
             variation_seed=variation_seed,
             variation_strength=variation_strength,
             img2img=options,
+            hires=service.hires_options(enable_hr, hr_upscaler, hr_scale, hr_second_pass_steps, hr_denoising_strength),
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -382,7 +390,8 @@ def build_generate_tab(
         "clip_skip": clip_skip,  # added after the first release: the positional order before it stays the API's
         "variation_seed": variation_seed,
         "variation_strength": variation_strength,
-        **{name: img2img[name] for name in IMG2IMG_INPUTS},  # img2img, added last
+        **{name: img2img[name] for name in IMG2IMG_INPUTS},  # img2img, added after clip skip and variation
+        **{name: hires[name] for name in HIRES_INPUTS},  # the hires fix, added last
     }
     generate_button.click(
         generate,
@@ -448,5 +457,6 @@ def build_generate_tab(
         "model": model_box,
         "model_status": model_status,
         **{f"img2img_{name}": widget for name, widget in img2img.items()},
+        **hires,
         **extra,
     }

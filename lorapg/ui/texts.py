@@ -81,6 +81,7 @@ def png_info_text(info: PngInfo) -> str:
         ("CFG scale", p.guidance_scale),
         ("Seed", p.seed),
         ("Variation", variation_text(p.variation_seed, p.variation_strength)),
+        ("Hires fix", hires_text(p.hires)),
         ("Size", f"{p.width}x{p.height}" if p.width and p.height else None),
         ("Model", p.model_name),
         ("Model hash", p.model_hash),
@@ -111,6 +112,7 @@ def image_details_text(details: ImageDetails) -> str:
         ("CFG scale", r.guidance_scale),
         ("Seed", r.seed),
         ("Variation", variation_text(r.variation_seed, r.variation_strength)),
+        ("Hires fix", hires_text(r.hires)),
         ("Size", f"{r.width}x{r.height}" if r.width and r.height else None),
         ("Model", model),
         ("Job", r.job_id),
@@ -122,6 +124,17 @@ def image_details_text(details: ImageDetails) -> str:
 def variation_text(seed: int | None, strength: float | None) -> str | None:
     """``seed 77 at strength 0.2``; None when the image is not a variation."""
     return f"seed {seed} at strength {strength:g}" if seed is not None and strength else None
+
+
+def hires_text(use) -> str | None:
+    """``Latent ×2, 10 steps, denoising 0.5``; None without a hires fix (``use``: a gallery HiresUse)."""
+    if use is None:
+        return None
+    size = f"to {use.resize_x}x{use.resize_y}" if use.resize_x or use.resize_y else f"×{use.scale or 0:g}"
+    parts = [f"{use.upscaler} {size}", f"{use.steps} steps" if use.steps else "steps as the first pass"]
+    if use.denoising_strength is not None:
+        parts.append(f"denoising {use.denoising_strength:g}")
+    return ", ".join(parts)
 
 
 def _lora_text(name: str, scale: float, file_hash: str | None) -> str:
