@@ -463,6 +463,33 @@ def test_bad_files_are_refused_in_one_line_and_the_engine_keeps_serving(bad_file
     assert max_diff(pixels(engine, [("good", 1.0)]), base) > 0
 
 
+def test_factors_that_do_not_fit_together_are_refused_every_time(bad_files):
+    """A LoHa whose w1_a/w1_b inner sizes differ fails inside torch; a second try must not find the
+    selection marked as applied (it once returned early and made an image without the LoRA)."""
+    folder, engine = bad_files
+    name = LINEAR[0]
+    inner = {f"{name}.hada_w1_a": rand(8, 2), f"{name}.hada_w1_b": rand(3, 8)}
+    inner |= {f"{name}.hada_w2_a": rand(8, 2), f"{name}.hada_w2_b": rand(2, 8)}
+    _write(folder, "inner_mismatch", inner)
+    base = pixels(engine)
+    for _ in range(2):
+        with pytest.raises(UserError) as refused:
+            pixels(engine, [("inner_mismatch", 0.8), ("good", 0.5)])
+        assert "inner_mismatch" in str(refused.value) and "\n" not in str(refused.value)
+    assert np.array_equal(pixels(engine), base)
+
+
+def test_a_lora_removed_after_the_request_was_checked_is_named(bad_files):
+    folder, engine = bad_files
+    base = pixels(engine)
+    _write(folder, "short_lived", load_file(str(folder / "good.safetensors")))
+    request_loras = engine.resolve_loras(GenerationRequest("x", loras=(LoraRequest("short_lived", 1.0),)))
+    (folder / "short_lived.safetensors").unlink()  # the LoRA manager moved it to the trash meanwhile
+    with pytest.raises(UserError, match="short_lived is no longer in the LoRA folder"):
+        engine.model.adapters.activate(request_loras)
+    assert np.array_equal(pixels(engine), base)  # still serving, with nothing of it in the weights
+
+
 # Real SD 1.x and SDXL UNet layouts (on the meta device: no weights, no memory), with SGM names as
 # sd-scripts writes them and the layers they mean, written out by hand from the two architectures.
 _REAL_UNETS = {

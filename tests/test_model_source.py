@@ -28,6 +28,22 @@ def test_pickled_checkpoints_are_refused_unless_allowed(tmp_path, suffix):
     assert resolve_model_source(str(path), allow_pickle=True).kind == SINGLE_FILE
 
 
+def test_a_folder_with_pickled_bin_weights_loads_only_when_pickles_are_allowed(tiny_models, tmp_path):
+    """A diffusers folder whose UNet is a .bin (a pickle) must not be unpickled behind the owner's back."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin_model"
+    shutil.copytree(tiny_models["sd15"], folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    refusing = DiffusionEngine(LoraLibrary(tmp_path), torch.device("cpu"), torch.float32)
+    with pytest.raises(UserError, match="pickled .bin weights.*--allow-pickle"):
+        refusing.load_model(str(folder))
+    allowing = DiffusionEngine(LoraLibrary(tmp_path), torch.device("cpu"), torch.float32, allow_pickle=True)
+    assert allowing.load_model(str(folder)).family == "sd1"
+
+
 @pytest.mark.parametrize("ref", ["./models/nothing-here", "/no/such/model.safetensors", "models/a/b/c"])
 def test_missing_paths_say_so(ref):
     with pytest.raises(UserError, match="does not exist"):

@@ -76,12 +76,20 @@ class AdapterSet:
         # (the fuser's and the patches' CPU copies are then copies of the base weights).
         self.fuser.unfuse()
         self.patches.remove()
-        for selection in patched:
-            self._ensure_patch_file(selection.info)
-        self._apply(plain)
-        if self.fuser.should_fuse(key):
-            self.fuser.fuse(key, [adapter_name(s.info) for s in plain])
-        self._apply_patches(key, patched)
+        try:
+            for selection in patched:
+                self._ensure_patch_file(selection.info)
+            self._apply(plain)
+            if self.fuser.should_fuse(key):
+                self.fuser.fuse(key, [adapter_name(s.info) for s in plain])
+            self._apply_patches(key, patched)
+        except BaseException:
+            # Whatever failed half-way (a bad file, out of memory while adding a delta), the weights go
+            # back to the base and nothing claims to hold this selection: the next call starts afresh
+            # instead of returning early with an image that silently lacks a LoRA.
+            self.fuser.unfuse()
+            self.patches.remove()
+            raise
 
     def _as_patch(self, info: LoraInfo) -> bool:
         return info.weight_patches or self.patch_everything
@@ -107,6 +115,7 @@ class AdapterSet:
                 "Use a LoRA, LoCon, LoHa, LoKr, DoRA, IA3 or diff version of it."
             )
         self._check_family(info)
+        _check_present(info)
         try:
             self.patches.load(name, info.name, str(info.path), stamp, state=self._renamed_state(info))
         except LayoutError as exc:
@@ -152,6 +161,7 @@ class AdapterSet:
             self.pipe.delete_adapters(name)
             del self._loaded[name]
         self._check_family(info)
+        _check_present(info)
         try:
             self.pipe.load_lora_weights(str(info.path), adapter_name=name)
         except Exception as exc:  # shape mismatches and unknown key layouts surface as many types
@@ -161,6 +171,7 @@ class AdapterSet:
                 f"({_first_line(exc)}). It was probably made for another base model."
             ) from None
         if not any(name in names for names in self.pipe.get_list_adapters().values()):
+            self._discard(name)  # else a retry finds the name taken ("adapter name already in use")
             raise UserError(f"LoRA {info.name}: none of its layers match the loaded {family_label(self.family)} model.")
         self._loaded[name] = stamp
         self.files_read += 1
@@ -193,6 +204,12 @@ def adapter_name(info: LoraInfo) -> str:
     digest = hashlib.sha1(info.name.encode("utf-8")).hexdigest()[:8]
     readable = re.sub(r"\W", "_", info.name)
     return f"lora_{readable}_{digest}"
+
+
+def _check_present(info: LoraInfo) -> None:
+    """A file renamed, deleted or moved to the trash since the request was checked (the LoRA manager)."""
+    if not info.path.is_file():
+        raise UserError(f"LoRA {info.name} is no longer in the LoRA folder (renamed or deleted?). Refresh the list.")
 
 
 def _first_line(exc: Exception) -> str:

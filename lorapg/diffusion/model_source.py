@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import safe_open
@@ -29,6 +29,8 @@ class ModelSource:
     kind: str  # FOLDER, SINGLE_FILE or HUB
     path: Path | None  # local folder or file; None for a hub id not yet downloaded
     family: str | None = None  # known before loading for single files (from tensor names)
+    # A folder's .bin weights are pickles: loaded only when the owner allowed pickles (--allow-pickle).
+    allow_pickle: bool = field(default=False, compare=False)
 
     @property
     def display_name(self) -> str:
@@ -64,7 +66,7 @@ def resolve_model_source(
                 f"{shorten(ref)} is a folder but not a diffusers model (no model_index.json). "
                 "Point at the folder that holds model_index.json, or at a single .safetensors file."
             )
-        return ModelSource(ref, FOLDER, path)
+        return ModelSource(ref, FOLDER, path, allow_pickle=allow_pickle)
     if is_file:
         return _single_file(ref, path, allow_pickle)
     if _looks_like_path(ref):

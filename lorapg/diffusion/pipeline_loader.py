@@ -50,7 +50,7 @@ def load_pipeline(
         pipe = _from_folder(folder, dtype)
     elif source.kind == FOLDER:
         status(f"Loading {source.display_name}…")
-        pipe = _from_folder(str(source.path), dtype)
+        pipe = _from_folder(str(source.path), dtype, allow_pickle=source.allow_pickle)
     else:
         status(f"Loading single-file checkpoint {source.display_name}…")
         pipe = _from_single_file(source, dtype, single_file_config)
@@ -115,12 +115,20 @@ def hub_errors(repo_id: str) -> Iterator[None]:
         ) from None
 
 
-def _from_folder(folder: str, dtype: torch.dtype) -> DiffusionPipeline:
+def _from_folder(folder: str, dtype: torch.dtype, *, allow_pickle: bool = False) -> DiffusionPipeline:
     # SD pipelines would load a safety checker; Flux has none, and diffusers warns about the argument.
     kwargs = {"safety_checker": None} if _has_component(folder, "safety_checker") else {}
     try:
-        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
+        # Without --allow-pickle only .safetensors weights load: a folder's .bin files are pickles.
+        # With it, diffusers' default (None): safetensors where present, .bin otherwise.
+        only_safetensors = None if allow_pickle else True
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=only_safetensors, **kwargs)
     except (OSError, ValueError) as exc:
+        if not allow_pickle and any(Path(folder).glob("*/*.bin")):
+            raise UserError(
+                f"The diffusers model in {folder} has pickled .bin weights, which are not loaded silently: "
+                "convert them to .safetensors, or start with --allow-pickle if you trust the files."
+            ) from None
         raise UserError(f"Could not load the diffusers model in {folder}: {exc}") from None
 
 

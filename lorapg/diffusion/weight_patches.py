@@ -136,6 +136,11 @@ class WeightPatches:
                     self._add_module(totals, module, scale)
                 except FormatError as exc:
                     raise FormatError(f"{patch_file.label}: {exc}") from None
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    # Factors whose inner shapes do not fit together (a LoHa w1_a/w1_b pair, a
+                    # many-valued alpha): torch says so in its own words; the file is named here.
+                    detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                    raise FormatError(f"{patch_file.label}: module {module.name}: {detail}") from None
         with torch.no_grad():
             for param, delta in totals.items():
                 self._patched.append(param)
