@@ -4,16 +4,20 @@ Delivery happens on a thread of its own, so a slow or dead receiver never holds 
 GPU queue. Each notification is tried a few times with a growing pause; when every try fails, one
 warning is logged for that run and nothing else changes. The URL may carry a token (Slack, Discord,
 ntfy and most chat webhooks put the secret in the path or the query), so logs name its host only.
+User info in the URL (``https://user:pw@host/hook``) is sent as a Basic Authorization header, and
+redirects are not followed, so those credentials never go to another host.
 
 Never imports gradio; stdlib only (``urllib``, as the prompt tools' OpenAI client does).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,11 +39,25 @@ def check_webhook_url(url: str) -> str:
     The message never repeats the URL: it may hold a token, and errors end up in logs and terminals.
     """
     url = url.strip()
+    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in url):
+        # http.client refuses such a URL on every try, and its error repeats the whole URL.
+        raise UserError(
+            f"Setting {SETTING} contains a space or control character; percent-encode it (a space is %20) or remove it."
+        )
     try:
         parts = urllib.parse.urlsplit(url)
+    except ValueError:  # urllib's text may repeat the host with its user info: not shown
+        raise UserError(
+            f"Setting {SETTING} is not a valid URL (check the brackets and characters of its host); "
+            "give an http:// or https:// URL."
+        ) from None
+    try:
         parts.port  # noqa: B018  (a non-numeric port raises only when read)
-    except ValueError as exc:
-        raise UserError(f"Setting {SETTING} is not a valid URL ({exc}); give an http:// or https:// URL.") from None
+    except ValueError:
+        raise UserError(
+            f"Setting {SETTING} is not a valid URL (its port must be a number from 0 to 65535); "
+            "give an http:// or https:// URL."
+        ) from None
     if parts.scheme.lower() not in _SCHEMES:
         scheme = f"{parts.scheme}://" if parts.scheme else "no scheme"
         raise UserError(
@@ -60,6 +78,29 @@ def url_host(url: str) -> str:
     return f"{host}:{parts.port}" if parts.port else host
 
 
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """(the URL without user info, its Basic Authorization header or None).
+
+    urllib would take ``user:pw@host`` for the host name, so every delivery would fail.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, f"Basic {token}"
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer fails the try: urllib would resend the Authorization header to wherever it points,
+    and it turns a redirected POST into a GET without the body, which "succeeds" with nothing delivered."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class WebhookNotifier:
     """POSTs JSON events to one URL, each from a background thread, with retries.
 
@@ -68,8 +109,13 @@ class WebhookNotifier:
     """
 
     def __init__(self, url: str, *, timeout: float = 10.0, attempts: int = 3, backoff: float = 1.0):
-        self.url = check_webhook_url(url)
-        self.host = url_host(self.url)
+        checked = check_webhook_url(url)
+        self.host = url_host(checked)
+        self.url, self._authorization = split_credentials(checked)
+        # Kept to leave out of any message a try produces (the header itself is never logged).
+        parts = urllib.parse.urlsplit(checked)
+        self._credentials = [value for value in (parts.username, parts.password) if value]
+        self._opener = urllib.request.build_opener(_NoRedirects)
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self.backoff = backoff
@@ -143,24 +189,39 @@ class WebhookNotifier:
         )
 
     def _try_once(self, body: bytes) -> tuple[str, bool]:
-        """One POST: ("", _) when the receiver accepted it, else (reason, whether to try again)."""
-        request = urllib.request.Request(
-            self.url,
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json", "User-Agent": "lorapg-notify"},
-        )
+        """One POST: ("", _) when the receiver accepted it, else (reason, whether to try again).
+
+        Never raises: every reason is checked against the URL's secret parts before it may be logged.
+        """
+        headers = {"Content-Type": "application/json", "User-Agent": "lorapg-notify"}
+        if self._authorization:
+            headers["Authorization"] = self._authorization
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            request = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
+            with self._opener.open(request, timeout=self.timeout) as response:
                 response.read(1024)
             return "", False
         except urllib.error.HTTPError as exc:
             # exc.reason, not str(exc): urllib's text is fine, but the URL must stay out of logs.
-            return f"HTTP {exc.code} {exc.reason}", exc.code >= 500 or exc.code in (408, 429)
+            hint = " (redirects are not followed: give the final URL)" if 300 <= exc.code < 400 else ""
+            reason = self._reason(f"HTTP {exc.code}", exc.reason) + hint
+            return reason, exc.code >= 500 or exc.code in (408, 429)
         except urllib.error.URLError as exc:
-            return f"unreachable: {exc.reason}", True
-        except (OSError, ValueError) as exc:  # timeouts, resets, a malformed answer
-            return f"{type(exc).__name__}: {exc}", True
+            return self._reason("unreachable", exc.reason), True
+        except (OSError, ValueError) as exc:  # timeouts, resets; ValueError's text may hold the URL
+            return self._reason(type(exc).__name__, exc), True
+        except Exception as exc:  # http.client's (a malformed answer, InvalidURL repeating the URL), any other
+            return f"{type(exc).__name__} (details left out: they may repeat the URL)", True
+
+    def _reason(self, label: str, detail: object) -> str:
+        """``label: detail``, or ``label`` alone when the detail repeats the URL's path, query or credentials."""
+        text = str(detail)
+        parts = urllib.parse.urlsplit(self.url)
+        secrets = [parts.path if parts.path != "/" else "", parts.query, parts.fragment, *self._credentials]
+        secrets += [urllib.parse.unquote(secret) for secret in secrets]
+        if any(secret and secret in text for secret in secrets):
+            return f"{label} (details left out: they repeat part of the URL)"
+        return f"{label}: {text}" if text else label
 
 
 def webhook_from_settings(settings: Any) -> WebhookNotifier | None:

@@ -3,6 +3,7 @@ the drawn PNG, the cell limit, cancel between cells, the CLI and the REST API.""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 
@@ -296,3 +297,63 @@ def test_epochs_grid_needs_a_finished_run_with_per_epoch_files(runtime, tmp_path
     run.job.result.epoch_loras = [tmp_path / "elsewhere.safetensors"]
     with pytest.raises(UserError, match="outside the LoRA folder"):
         grids.epochs_axes(run)
+
+
+# --- the user's model after a checkpoint grid that fails --------------------------------------------
+
+
+def sd1_lora_on_both_models(grids: GridService, sd15: str, sdxl: str):
+    """A checkpoint grid whose SDXL cell raises: the SD 1.x LoRA does not fit SDXL."""
+    job = grids.submit(base_request(loras=(LoraRequest("style", 1.0),)), f"checkpoint={sd15},{sdxl}")
+    job.wait()
+    assert job.status == "error" and "does not fit" in job.error, (job.status, job.error)
+    return job
+
+
+def test_a_failed_checkpoint_cell_still_restores_the_loaded_model(runtime, tiny_models):
+    grids = GridService(runtime.settings, runtime.service)
+    sd15, sdxl = str(tiny_models["sd15"]), str(tiny_models["sdxl"])
+    runtime.service.load_model(sd15)
+    sd1_lora_on_both_models(grids, sd15, sdxl)
+    assert runtime.service.model_status().ref.endswith("sd15")  # not the SDXL of the failed cell
+
+
+def test_a_failed_restore_is_logged_and_keeps_the_cells_error(runtime, tiny_models, tmp_path, caplog):
+    """The user's model (a copy) is deleted while the grid runs, so it cannot be loaded again afterwards."""
+    grids = GridService(runtime.settings, runtime.service)
+    sd15, sdxl = str(tiny_models["sd15"]), str(tiny_models["sdxl"])
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_models["sd15"], mine)
+    runtime.service.load_model(str(mine))
+    sink = runtime.service.result_sink
+
+    def deleting_sink(result, job):  # after the first (SD 1.x) cell, before the SDXL one
+        shutil.rmtree(mine)
+        return sink(result, job)
+
+    runtime.service.result_sink = deleting_sink
+    try:
+        job = sd1_lora_on_both_models(grids, sd15, sdxl)
+    finally:
+        runtime.service.result_sink = sink
+        runtime.service.load_model(sd15)
+    assert job.error.startswith("LoRA style does not fit the loaded SDXL model")  # the cell's error, kept
+    restore = [r for r in caplog.records if r.name == "lorapg.services.grid" and r.levelno == logging.ERROR]
+    assert len(restore) == 1 and "could not be loaded again" in restore[0].getMessage()
+
+
+def test_a_failed_restore_after_a_finished_grid_is_in_its_result(runtime, tiny_models, tmp_path, caplog):
+    grids = GridService(runtime.settings, runtime.service)
+    sd15, sdxl = str(tiny_models["sd15"]), str(tiny_models["sdxl"])
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_models["sd15"], mine)
+    runtime.service.load_model(str(mine))
+    shutil.rmtree(mine)  # loaded, then gone: the grid cannot load it again when it ends
+    try:
+        job = grids.submit(base_request(), f"checkpoint={sd15},{sdxl}")
+        job.wait()
+    finally:
+        runtime.service.load_model(sd15)
+    assert job.status == "done" and job.result.done == 2 and job.result.grids[0].is_file()
+    assert "could not be loaded again" in job.result.restore_error and "load a model" in job.result.restore_error
+    assert any(r.levelno == logging.ERROR and r.name == "lorapg.services.grid" for r in caplog.records)

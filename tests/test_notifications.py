@@ -3,6 +3,7 @@ ends (done, error, cancelled); retries, an unreachable receiver and bad URLs; th
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -35,12 +36,15 @@ SECRET = "tok3n-s3cret"
 
 
 class Receiver:
-    """A webhook receiver on 127.0.0.1: records each POST, answers with scripted status codes
-    (200 once the script runs out) and, while ``hold`` is clear, keeps the request waiting."""
+    """A webhook receiver on 127.0.0.1: records each POST (and its headers, in ``headers``) and each GET
+    (body None), answers with scripted status codes (200 once the script runs out; a 3xx points at
+    ``location``) and, while ``hold`` is clear, keeps the request waiting."""
 
     def __init__(self, codes: tuple[int, ...] = ()):
         self.codes = list(codes)
-        self.requests: queue.Queue[tuple[str, dict]] = queue.Queue()
+        self.requests: queue.Queue[tuple[str, dict | None]] = queue.Queue()
+        self.headers: list[dict[str, str]] = []
+        self.location = ""
         self.hold = threading.Event()
         self.hold.set()
         receiver = self
@@ -48,10 +52,19 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.put((self.path, json.loads(body)))
+                self.record(json.loads(body))
+
+            def do_GET(self) -> None:  # what a followed redirect would send
+                self.record(None)
+
+            def record(self, body: dict | None) -> None:
+                receiver.headers.append(dict(self.headers))
+                receiver.requests.put((self.path, body))
                 assert receiver.hold.wait(WAIT)
                 code = receiver.codes.pop(0) if receiver.codes else 200
                 self.send_response(code)
+                if 300 <= code < 400:
+                    self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -229,12 +242,112 @@ def test_a_client_error_is_not_retried(caplog):
         ("example.com/hook", "no scheme"),
         ("https://", "has no host"),
         ("http://example.com:port/hook", "not a valid URL"),
+        ("http://[::1/hook", "not a valid URL"),
     ],
 )
 def test_bad_urls_are_refused_naming_the_setting(url, message):
     with pytest.raises(UserError, match=message) as refused:
         check_webhook_url(url)
     assert "notify_webhook (--notify-webhook" in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://h/ho ok?token={SECRET}",
+        f"https://h/hook?token={SECRET}\tx",
+        f"https://h/hook\r\nX-Injected: 1?token={SECRET}",
+        f"https://h/hook\x00?token={SECRET}",
+        f"https://h/hook\x7f?token={SECRET}",
+        f"https://h/ho\u00a0ok?token={SECRET}",
+        f"https://h/ho\x85ok?token={SECRET}",
+    ],
+)
+def test_spaces_and_control_characters_are_refused_without_echoing_the_url(url):
+    with pytest.raises(UserError, match="contains a space or control character; percent-encode it") as refused:
+        check_webhook_url(url)
+    message = str(refused.value)
+    assert "notify_webhook (--notify-webhook" in message and SECRET not in message and "\n" not in message
+
+
+def test_a_url_that_http_client_refuses_never_reaches_the_logs(caplog):
+    """Past the start-up check (set afterwards, as a URL that slipped through would be): http.client's
+    InvalidURL repeats the URL in its message; each try must catch it and log its type only."""
+    caplog.set_level(logging.DEBUG, logger="lorapg")
+    notifier = fast_notifier(f"http://127.0.0.1:{closed_port()}/hook")
+    notifier.url = f"http://127.0.0.1:{closed_port()}/ho ok?token={SECRET}"
+    notifier.send({"event": "training.finished", "run": "fox"})
+    assert notifier.close(WAIT)
+    assert SECRET not in caplog.text and "ho ok" not in caplog.text
+    tries = [r.getMessage() for r in caplog.records if "try" in r.getMessage()]
+    assert len(tries) == 3 and all("InvalidURL" in message for message in tries), tries
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "InvalidURL" in warnings[0] and "fox" in warnings[0]
+
+
+class GarbageReceiver:
+    """Reads each request and answers with a line that is not HTTP: http.client raises BadStatusLine."""
+
+    def __init__(self):
+        self.connections: queue.Queue[bytes] = queue.Queue()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hooks/{SECRET}?key={SECRET}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed by the test
+                return
+            with conn:
+                self.connections.put(conn.recv(65536))
+                conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+
+
+def test_an_http_client_error_is_caught_per_try_and_retried(caplog):
+    caplog.set_level(logging.DEBUG, logger="lorapg")
+    server = GarbageReceiver()
+    try:
+        notifier = fast_notifier(server.url)
+        notifier.send({"event": "training.finished", "run": "fox"})
+        assert notifier.close(WAIT)
+        assert server.connections.qsize() == 3  # every try was made, none stopped the others
+    finally:
+        server.sock.close()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "BadStatusLine" in warnings[0].getMessage() and not warnings[0].exc_info
+    assert SECRET not in caplog.text
+
+
+def test_user_info_is_sent_as_basic_auth_and_never_logged(receiver, caplog):
+    caplog.set_level(logging.DEBUG, logger="lorapg")
+    url = receiver.url.replace("http://", f"http://bot%40ci:{SECRET}@")  # the user "bot@ci", percent-encoded
+    notifier = fast_notifier(url)
+    notifier.send({"event": "training.finished", "run": "fox"})
+    assert notifier.close(WAIT)
+    path, payload = receiver.requests.get_nowait()  # delivered before close returned
+    assert path == f"/hooks/{SECRET}?key={SECRET}" and payload["run"] == "fox"
+    assert receiver.headers[0]["Authorization"] == "Basic " + base64.b64encode(f"bot@ci:{SECRET}".encode()).decode()
+    assert SECRET not in caplog.text and "bot" not in caplog.text
+    assert any("sent to 127.0.0.1" in r.getMessage() for r in caplog.records)
+
+
+def test_a_redirect_is_not_followed_so_credentials_stay_with_their_host(caplog):
+    server, elsewhere = Receiver(codes=(302,)), Receiver()
+    server.location = elsewhere.url
+    try:
+        notifier = fast_notifier(server.url.replace("http://", f"http://bot:{SECRET}@"))
+        notifier.send({"event": "training.finished", "run": "fox"})
+        assert notifier.close(WAIT)
+        server.requests.get_nowait()  # delivered before close returned
+        assert elsewhere.requests.empty() and server.requests.empty()  # not followed, not retried
+    finally:
+        server.close()
+        elsewhere.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "HTTP 302" in warnings[0] and "redirects are not followed" in warnings[0]
+    assert SECRET not in caplog.text
 
 
 def test_a_bad_url_stops_start_up_before_any_model_loads(tmp_path):

@@ -67,6 +67,7 @@ class GridResult:
     cells: list[GenerationResult | None]  # None: not generated (cancelled before it)
     grids: list[Path] = field(default_factory=list)  # one per Z value
     cancelled: bool = False  # the job queue reads this: stopped early, with what was done kept
+    restore_error: str | None = None  # a checkpoint axis' grid could not reload the user's model
 
     @property
     def done(self) -> int:
@@ -259,6 +260,22 @@ class GridService:
         total = len(plan.cells)
         result = GridResult(plan, [None] * total)
         original = self.generation.engine.model.source.ref if self.generation.engine.model else None
+        try:
+            self._run_cells(plan, job, result, record)
+        finally:
+            # Restored whether the cells finished, were cancelled or one raised (an SDXL checkpoint
+            # cell refusing an SD1 LoRA must not leave SDXL loaded for the user's next generation).
+            if original is not None and any(cell.model_ref for cell in plan.cells):
+                result.restore_error = self._restore_model(original, job)
+        job.report(result.done, total, message=f"drawing the grid ({result.done} of {total} cells)")
+        result.grids = self._write_grids(result, job.id, out)
+        job.report(
+            result.done, total, message=f"{result.done} of {total} cells" + (" (cancelled)" if result.cancelled else "")
+        )
+        return result
+
+    def _run_cells(self, plan: GridPlan, job: Job, result: GridResult, record: bool) -> None:
+        total = len(plan.cells)
         for cell in plan.cells:
             if job.cancel_requested():
                 result.cancelled = True
@@ -278,15 +295,23 @@ class GridService:
                 should_cancel=lambda: False,
                 record=record,
             )
-        if original is not None and any(cell.model_ref for cell in plan.cells):
-            # A checkpoint axis leaves the model the user had loaded, as A1111 does.
+
+    def _restore_model(self, original: str, job: Job) -> str | None:
+        """Load the model the user had before a checkpoint axis (as A1111 does); the problem, if that fails.
+
+        Never raises: called from a ``finally``, where raising would replace a failed cell's own error.
+        """
+        try:
             self.generation.engine.load_model(original)
-        job.report(result.done, total, message=f"drawing the grid ({result.done} of {total} cells)")
-        result.grids = self._write_grids(result, job.id, out)
-        job.report(
-            result.done, total, message=f"{result.done} of {total} cells" + (" (cancelled)" if result.cancelled else "")
-        )
-        return result
+            return None
+        except Exception as exc:
+            problem = (
+                f"The model loaded before the grid ({shorten(original, 80)}) could not be loaded again "
+                f"({type(exc).__name__}: {shorten(exc, 200)}); load a model before generating."
+            )
+            log.error("grid %s: %s", job.id, problem, exc_info=True)
+            job.report(job.step, job.total, message=problem)
+            return problem
 
     def _write_grids(self, result: GridResult, job_id: str, out: Path | None) -> list[Path]:
         plan = result.plan
