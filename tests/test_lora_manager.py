@@ -408,9 +408,7 @@ def test_a_trash_record_without_a_numeric_time_is_skipped(loras, tmp_path, delet
     assert manager.restore("notes")["name"] == "notes"
 
 
-def test_delete_writes_the_trash_record_before_moving_and_removes_it_when_the_move_fails(
-    loras, tmp_path, monkeypatch
-):
+def test_delete_writes_the_trash_record_before_moving_and_removes_it_when_the_move_fails(loras, tmp_path, monkeypatch):
     from lorapg.services import lora_manager
 
     real_move_all = lora_manager._move_all
@@ -485,3 +483,17 @@ def test_previews_and_samples_that_link_outside_are_not_served(loras, tmp_path):
     (loras / "style.preview.png").unlink()
     (loras / "style.preview.png").symlink_to(loras / "triggered.preview.png")
     assert manager.preview("style") == loras / "style.preview.png"
+
+
+def test_a_trash_record_that_cannot_be_written_moves_nothing(loras, tmp_path, monkeypatch):
+    import errno
+
+    from lorapg.services import lora_manager
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lora_manager, "atomic_write_text", disk_full)
+    with pytest.raises(UserError, match="name: could not write the trash record \\(No space left on device\\)"):
+        manager_for(loras, tmp_path).delete("notes")
+    assert (loras / "notes.safetensors").is_file() and list((loras / ".trash").iterdir()) == []

@@ -283,7 +283,12 @@ class LoraManager:
             # The record goes first: if the process dies part-way, the entry lists its files and
             # restore brings back those that reached the trash.
             entry.mkdir(parents=True)
-            atomic_write_text(entry / ENTRY_FILE, json.dumps(record))
+            try:
+                atomic_write_text(entry / ENTRY_FILE, json.dumps(record))
+            except OSError as exc:
+                _prune(entry)
+                message = f"name: could not write the trash record ({exc.strerror or exc}); nothing was moved."
+                raise UserError(message) from None
             try:
                 _move_all(moves, lambda path: UserError(f"name: {path.name} is in the trash already; delete again."))
             except UserError:
