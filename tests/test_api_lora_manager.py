@@ -133,3 +133,36 @@ def test_the_routes_need_the_credentials(app):
     assert requests.get(f"{app['base']}/loras/.trash", timeout=30).status_code == 401
     assert requests.delete(f"{app['base']}/loras/style", timeout=30).status_code == 401
     assert (app["loras"] / "style.safetensors").is_file()
+
+
+def test_loose_civitai_info_and_odd_trash_records_do_not_break_the_replies(app):
+    """A hand-edited .civitai.info or entry.json is coerced or skipped, never a 500."""
+    info = app["loras"] / "style_kohya.civitai.info"
+    odd = app["loras"] / ".trash" / "odd"
+    try:
+        info.write_text(json.dumps({"modelId": "123", "trainedWords": "foo"}), encoding="utf-8")
+        reply = call(app, "GET", "loras/style_kohya/info")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["civitai"]["trained_words"] == ["foo"] and reply.json()["civitai"]["model_id"] == 123
+
+        odd.mkdir(parents=True)
+        record = {"id": "odd", "name": "odd", "deleted_at": "yesterday", "files": ["../../odd.safetensors"]}
+        (odd / "entry.json").write_text(json.dumps(record), encoding="utf-8")
+        trash = call(app, "GET", "loras/.trash")
+        assert trash.status_code == 200, trash.text
+        assert "odd" not in [entry["id"] for entry in trash.json()]
+    finally:
+        info.unlink(missing_ok=True)
+        shutil.rmtree(odd, ignore_errors=True)
+
+
+def test_a_preview_linking_outside_the_folder_is_not_served(app, tmp_path):
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), "white").save(secret)
+    link = app["loras"] / "style.preview.png"
+    link.symlink_to(secret)
+    try:
+        reply = call(app, "GET", "loras/style/preview.png")
+        assert reply.status_code == 404 and "has no preview image" in reply.json()["errors"]
+    finally:
+        link.unlink()

@@ -311,3 +311,189 @@ def test_cli_refuses_to_delete_the_lora_the_app_has_selected(loras, tmp_path, ca
     code, _, err = run_cli(capsys, "lora", "rm", "other", "--lora-dir", str(loras), "--outputs", str(outputs))
     assert code == 2 and "is selected in the Generate tab" in err
     assert (loras / "other.safetensors").is_file()
+
+
+# --- review fixes: races, trash records, civitai types, epoch selection, linked previews ----------
+
+
+def test_a_name_taken_during_the_move_is_not_overwritten(loras, tmp_path, monkeypatch):
+    """Another process takes the name between the check and the move: the move refuses, under the lock."""
+    from lorapg.services import lora_manager
+
+    real_move_all = lora_manager._move_all
+    seen_locked = []
+
+    def taken_meanwhile(*args, **kwargs):
+        seen_locked.append(lora_manager._MOVES_LOCK.locked())
+        (loras / "fresh.safetensors").write_bytes(b"another LoRA")
+        return real_move_all(*args, **kwargs)
+
+    monkeypatch.setattr(lora_manager, "_move_all", taken_meanwhile)
+    with pytest.raises(UserError) as caught:
+        manager_for(loras, tmp_path).rename("notes", "fresh")
+    message = str(caught.value)
+    assert message.startswith("new_name: a LoRA (or its files) named 'fresh' exists already (fresh.safetensors)")
+    assert "\n" not in message
+    assert (loras / "fresh.safetensors").read_bytes() == b"another LoRA"
+    assert (loras / "notes.safetensors").is_file() and (loras / "notes.json").is_file()
+    assert seen_locked == [True]
+
+
+def test_rename_delete_and_restore_move_under_the_module_lock(loras, tmp_path, monkeypatch):
+    """The UI and the API build separate managers: the lock they share is the module's."""
+    from lorapg.services import lora_manager
+
+    real_move_all = lora_manager._move_all
+    seen_locked = []
+
+    def recording(*args, **kwargs):
+        seen_locked.append(lora_manager._MOVES_LOCK.locked())
+        return real_move_all(*args, **kwargs)
+
+    monkeypatch.setattr(lora_manager, "_move_all", recording)
+    manager_for(loras, tmp_path).rename("notes", "ink")
+    entry = manager_for(loras, tmp_path).delete("ink")
+    manager_for(loras, tmp_path).restore(entry["id"])
+    assert seen_locked == [True, True, True]
+    assert not lora_manager._MOVES_LOCK.locked()
+
+
+def write_trash_entry(loras, entry_id: str, record: dict, files: dict[str, bytes]) -> None:
+    entry = loras / ".trash" / entry_id
+    for rel, data in files.items():
+        (entry / rel).parent.mkdir(parents=True, exist_ok=True)
+        (entry / rel).write_bytes(data)
+    entry.mkdir(parents=True, exist_ok=True)
+    (entry / "entry.json").write_text(json.dumps({"id": entry_id, **record}), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["evil.safetensors", "../../escaped.txt"],
+        ["evil.safetensors", "sub/../../../escaped.txt"],
+        ["/abs/evil.safetensors"],
+        ["linked/evil.safetensors"],
+        ["evil.safetensors", 7],
+        "evil.safetensors",
+    ],
+)
+def test_a_trash_record_leading_outside_is_skipped_and_not_restored(loras, tmp_path, files):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "evil.safetensors").write_bytes(b"outside")
+    write_trash_entry(loras, "good", {"name": "good", "deleted_at": 1.0, "files": ["good.safetensors"]}, {})
+    write_trash_entry(
+        loras,
+        "evil",
+        {"name": "evil", "deleted_at": 2.0, "files": files},
+        {"evil.safetensors": b"x", "../escaped.txt": b"stays"},
+    )
+    (loras / ".trash" / "evil" / "linked").symlink_to(outside)
+    manager = manager_for(loras, tmp_path)
+    assert [entry["id"] for entry in manager.trash()] == ["good"]
+    with pytest.raises(UnknownLora, match="name: nothing named 'evil' in the trash"):
+        manager.restore("evil")
+    assert (loras / ".trash" / "escaped.txt").read_bytes() == b"stays"
+    assert not (tmp_path.parent / "escaped.txt").exists() and not (loras / "evil.safetensors").exists()
+    assert (outside / "evil.safetensors").read_bytes() == b"outside"
+
+
+@pytest.mark.parametrize("deleted_at", ["yesterday", None, True, float("nan"), [1]])
+def test_a_trash_record_without_a_numeric_time_is_skipped(loras, tmp_path, deleted_at):
+    manager = manager_for(loras, tmp_path)
+    entry = manager.delete("notes")
+    write_trash_entry(loras, "odd", {"name": "odd", "deleted_at": deleted_at, "files": ["odd.safetensors"]}, {})
+    assert [e["id"] for e in manager.trash()] == [entry["id"]]  # no TypeError from the sort
+    assert manager.restore("notes")["name"] == "notes"
+
+
+def test_delete_writes_the_trash_record_before_moving_and_removes_it_when_the_move_fails(loras, tmp_path, monkeypatch):
+    from lorapg.services import lora_manager
+
+    real_move_all = lora_manager._move_all
+    records = []
+
+    def check_then_fail(moves, *args, **kwargs):
+        entry = loras / ".trash"
+        records.extend(json.loads(path.read_text(encoding="utf-8")) for path in entry.glob("*/entry.json"))
+        # The last file vanishes before its turn: a real move failure, after the others moved.
+        kept = tmp_path / "kept-epoch.safetensors"
+        shutil.move(moves[-1][0], kept)
+        try:
+            return real_move_all(moves, *args, **kwargs)
+        finally:
+            shutil.move(kept, moves[-1][0])
+
+    monkeypatch.setattr(lora_manager, "_move_all", check_then_fail)
+    files = sorted(p.relative_to(loras) for p in loras.rglob("*") if p.is_file())
+    with pytest.raises(UserError, match="Could not move triggered-e0002.safetensors .*nothing was changed"):
+        manager_for(loras, tmp_path).delete("triggered")
+    assert [(r["name"], len(r["files"])) for r in records] == [("triggered", 6)]
+    assert list((loras / ".trash").iterdir()) == []  # neither the record nor an empty entry stays
+    assert sorted(p.relative_to(loras) for p in loras.rglob("*") if p.is_file()) == files
+
+
+def test_civitai_info_with_loose_types_is_coerced(loras, tmp_path):
+    loose = {"modelId": "123", "id": "v2", "trainedWords": "foo, bar", "model": {"name": 5}, "baseModel": "SD 1.5"}
+    (loras / "triggered.civitai.info").write_text(json.dumps(loose), encoding="utf-8")
+    civitai = manager_for(loras, tmp_path).info("triggered")["civitai"]
+    assert civitai == {
+        "model": None,
+        "version": None,
+        "base_model": "SD 1.5",
+        "trained_words": ["foo", "bar"],
+        "description": None,
+        "model_id": 123,
+        "version_id": None,
+        "url": "https://civitai.com/models/123",
+    }
+    # (Non-string list items are left out: the library's own sidecar reader fails on them first.)
+    odd = {"modelId": True, "trainedWords": ["ok", " "], "name": ["v"]}
+    (loras / "triggered.civitai.info").write_text(json.dumps(odd), encoding="utf-8")
+    civitai = manager_for(loras, tmp_path).info("triggered")["civitai"]
+    assert civitai["trained_words"] == ["ok"] and civitai["model_id"] is None and civitai["url"] is None
+
+
+def test_a_selected_epoch_file_keeps_its_lora_from_moving(loras, tmp_path):
+    manager = manager_for(loras, tmp_path, selection=lambda: ["style", "triggered_epochs/triggered-e0001"])
+    files = sorted(p.relative_to(loras) for p in loras.rglob("*"))
+    for action in (lambda: manager.delete("triggered"), lambda: manager.rename("triggered", "fox")):
+        with pytest.raises(UserError) as caught:
+            action()
+        assert str(caught.value).startswith(
+            "name: LoRA 'triggered_epochs/triggered-e0001', a per-epoch file of 'triggered', is selected"
+        )
+    assert sorted(p.relative_to(loras) for p in loras.rglob("*")) == files
+
+
+def test_previews_and_samples_that_link_outside_are_not_served(loras, tmp_path):
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), "white").save(secret)
+    (loras / "style.preview.png").symlink_to(secret)
+    samples = tmp_path / "models" / "training" / "other" / "samples"
+    samples.mkdir(parents=True)
+    (samples / "epoch-0001.png").symlink_to(secret)
+    manager = manager_for(loras, tmp_path)
+    assert manager.preview("style") is None and manager.preview("other") is None
+    assert manager.info("other")["samples"] == []
+    listed = by_name(manager.list())
+    assert listed["style"]["preview"] is None and listed["other"]["preview"] is None
+    # A link that stays inside the folder is still a preview.
+    (loras / "style.preview.png").unlink()
+    (loras / "style.preview.png").symlink_to(loras / "triggered.preview.png")
+    assert manager.preview("style") == loras / "style.preview.png"
+
+
+def test_a_trash_record_that_cannot_be_written_moves_nothing(loras, tmp_path, monkeypatch):
+    import errno
+
+    from lorapg.services import lora_manager
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lora_manager, "atomic_write_text", disk_full)
+    with pytest.raises(UserError, match="name: could not write the trash record \\(No space left on device\\)"):
+        manager_for(loras, tmp_path).delete("notes")
+    assert (loras / "notes.safetensors").is_file() and list((loras / ".trash").iterdir()) == []

@@ -20,11 +20,14 @@ is read afresh when next selected.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
+import math
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from lorapg.atomic_files import atomic_write_bytes
+from lorapg.atomic_files import atomic_write_bytes, atomic_write_text
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.errors import UserError, check_ref_length, shorten
 from lorapg.hashing import model_sha256
@@ -56,6 +59,12 @@ SIDECAR_SUFFIXES = (".json", ".civitai.info", ".txt", *PREVIEW_SUFFIXES)
 MAX_INFO_BYTES = 1 << 20  # a civitai .info is a few KB; a bigger one is not read into a reply
 MAX_NAME_CHARS = 200
 TEST_SCALE = 1.0
+# One rename, delete or restore at a time in this process: the UI, the API (sync routes run in a
+# thread pool) and the CLI each build their own manager, so the lock is the module's, not theirs.
+_MOVES_LOCK = threading.Lock()
+# Filesystems without hard links answer os.link with one of these; moves there fall back to a
+# check-then-replace, which the lock still serialises within this process.
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
 class UnknownLora(UserError):
@@ -186,7 +195,8 @@ class LoraManager:
     def _preview(self, info: LoraInfo) -> Path | None:
         for suffix in PREVIEW_SUFFIXES:
             candidate = _sidecar(info.path, suffix)
-            if candidate.is_file():
+            # The API serves this file: a link that leads out of the LoRA folder is not a preview.
+            if candidate.is_file() and _inside(candidate, self.folder):
                 return candidate
         samples = self._samples(info)
         return samples[-1] if samples else None
@@ -196,7 +206,8 @@ class LoraManager:
         for run_name in dict.fromkeys((info.path.stem, info.metadata.get("ss_output_name", ""))):
             if not run_name or "/" in run_name or run_name.startswith("."):
                 continue
-            samples = sorted((self.models_dir / "training" / run_name / "samples").glob("epoch-*.png"))
+            folder = self.models_dir / "training" / run_name / "samples"
+            samples = sorted(p for p in folder.glob("epoch-*.png") if p.is_file() and _inside(p, folder))
             if samples:
                 return samples
         return []
@@ -231,99 +242,142 @@ class LoraManager:
     def rename(self, name: str, new_name: str) -> dict[str, Any]:
         """Rename the file, its sidecars and its per-epoch files together."""
         self._check_writable()
-        info = self._describe(name)
-        target_name = check_name(new_name, "new_name")
-        if target_name == info.name:
-            raise UserError(f"new_name: {target_name!r} is the LoRA's name already; type another one.")
-        self._check_not_in_use(info, "rename")
-        target = self._path(target_name)
-        moves = _bundle_moves(info.path, target)
-        taken = [dst for _, dst in moves if dst.exists()]
-        if target.exists() or taken:
-            raise UserError(
-                f"new_name: a LoRA (or its files) named {target_name!r} exists already "
-                f"({(taken or [target])[0].name}); choose another name or delete that one first."
-            )
-        _move_all(moves)
-        _remove_empty_dir(_epochs_dir(info.path))
+        with _MOVES_LOCK:
+            info = self._describe(name)
+            target_name = check_name(new_name, "new_name")
+            if target_name == info.name:
+                raise UserError(f"new_name: {target_name!r} is the LoRA's name already; type another one.")
+            target = self._path(target_name)
+            moves = _bundle_moves(info.path, target)
+            self._check_not_in_use(info, moves, "rename")
+            taken = [dst for _, dst in moves if os.path.lexists(dst)]
+            if taken:
+                raise _name_taken(target_name, taken[0])
+            # Another process (the CLI) may take a name after this check: the move refuses it then.
+            _move_all(moves, lambda path: _name_taken(target_name, path))
+            _remove_empty_dir(_epochs_dir(info.path))
+            summary = self._summary(self.library.describe(target))
         log.info("renamed LoRA %s to %s", info.name, target_name)
-        return self._summary(self.library.describe(target))
+        return summary
 
     def delete(self, name: str) -> dict[str, Any]:
         """Move the LoRA and its files into the trash; returns the trash entry (restore it by id or name)."""
         self._check_writable()
-        info = self._describe(name)
-        self._check_not_in_use(info, "delete")
-        entry_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        entry = self.trash_dir / entry_id
-        moves = _bundle_moves(info.path, entry / f"{info.name}{SUFFIX}")
-        entry.mkdir(parents=True)
-        record = {
-            "id": entry_id,
-            "name": info.name,
-            "deleted_at": time.time(),
-            "files": [dst.relative_to(entry).as_posix() for _, dst in moves],
-        }
-        try:
-            _move_all(moves)
-        except UserError:
-            _prune(entry)  # nothing was moved: no empty entry is left behind
-            raise
-        (entry / ENTRY_FILE).write_text(json.dumps(record), encoding="utf-8")
-        _remove_empty_dir(_epochs_dir(info.path))
+        with _MOVES_LOCK:
+            info = self._describe(name)
+            entry_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            entry = self.trash_dir / entry_id
+            moves = _bundle_moves(info.path, entry / f"{info.name}{SUFFIX}")
+            self._check_not_in_use(info, moves, "delete")
+            if any(dst == entry / ENTRY_FILE for _, dst in moves):
+                raise UserError(
+                    f"name: LoRA {info.name!r} has a sidecar {ENTRY_FILE}, the name the trash keeps its record "
+                    "under; rename the LoRA, then delete it."
+                )
+            record = {
+                "id": entry_id,
+                "name": info.name,
+                "deleted_at": time.time(),
+                "files": [dst.relative_to(entry).as_posix() for _, dst in moves],
+            }
+            # The record goes first: if the process dies part-way, the entry lists its files and
+            # restore brings back those that reached the trash.
+            entry.mkdir(parents=True)
+            try:
+                atomic_write_text(entry / ENTRY_FILE, json.dumps(record))
+            except OSError as exc:
+                _prune(entry)
+                message = f"name: could not write the trash record ({exc.strerror or exc}); nothing was moved."
+                raise UserError(message) from None
+            try:
+                _move_all(moves, lambda path: UserError(f"name: {path.name} is in the trash already; delete again."))
+            except UserError:
+                (entry / ENTRY_FILE).unlink(missing_ok=True)
+                _prune(entry)  # nothing was moved: no entry is left behind
+                raise
+            _remove_empty_dir(_epochs_dir(info.path))
         log.info("moved LoRA %s to the trash (%s)", info.name, entry_id)
         return record
 
     def trash(self) -> list[dict[str, Any]]:
-        """What can be restored, newest first."""
+        """What can be restored, newest first; an entry whose record does not check out is skipped."""
         if not self.trash_dir.is_dir():
             return []
         entries = []
         for entry in self.trash_dir.iterdir():
             try:
-                record = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
-                check_name(record["name"], "name")
-            except (OSError, ValueError, KeyError, TypeError, UserError):
-                log.warning("ignoring unreadable trash entry %s", entry)
-                continue
-            entries.append({**record, "id": entry.name})
-        return sorted(entries, key=lambda r: r.get("deleted_at", 0), reverse=True)
+                entries.append(self._trash_record(entry))
+            except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+                log.warning("ignoring trash entry %s: %s", entry, exc)
+        return sorted(entries, key=lambda r: r["deleted_at"], reverse=True)
+
+    def _trash_record(self, entry: Path) -> dict[str, Any]:
+        """``entry.json`` checked field by field: restore moves files where it says, so it must not
+        lead out of the entry or the LoRA folder, and the listing sorts by ``deleted_at``."""
+        if entry.is_symlink() or not entry.is_dir():
+            raise ValueError("not a folder")
+        record = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
+        name = check_name(record["name"], "name")
+        deleted_at = record["deleted_at"]
+        if isinstance(deleted_at, bool) or not isinstance(deleted_at, int | float) or not math.isfinite(deleted_at):
+            raise ValueError(f"deleted_at {shorten(repr(deleted_at))} is not a Unix time")
+        files = record["files"]
+        if not isinstance(files, list):
+            raise ValueError("files is not a list")
+        for rel in files:
+            _check_trashed_file(rel, entry, self.folder)
+        return {"id": entry.name, "name": name, "deleted_at": float(deleted_at), "files": list(files)}
 
     def restore(self, name_or_id: str) -> dict[str, Any]:
         """Move a trashed LoRA back: by trash id, or by name (its latest deletion)."""
         self._check_writable()
         key = check_name(name_or_id, "name")
-        record = next((r for r in self.trash() if key in (r["id"], r["name"])), None)
-        if record is None:
-            raise UnknownLora(f"name: nothing named {shorten(key)!r} in the trash; `lora trash` lists what is there.")
-        entry = self.trash_dir / record["id"]
-        moves = [(entry / rel, self.folder / rel) for rel in record["files"] if (entry / rel).exists()]
-        taken = [dst for _, dst in moves if dst.exists()]
-        if taken:
-            raise UserError(
-                f"name: a LoRA named {record['name']!r} exists again ({taken[0].name}); rename or delete it, "
-                "then restore."
-            )
-        _move_all(moves)
-        (entry / ENTRY_FILE).unlink(missing_ok=True)
-        _prune(entry)
+        with _MOVES_LOCK:
+            record = next((r for r in self.trash() if key in (r["id"], r["name"])), None)
+            if record is None:
+                raise UnknownLora(
+                    f"name: nothing named {shorten(key)!r} in the trash; `lora trash` lists what is there."
+                )
+            entry = self.trash_dir / record["id"]
+            moves = [
+                (entry / rel, self.folder / rel)
+                for rel in record["files"]
+                if os.path.lexists(entry / rel) and not (entry / rel).is_dir()
+            ]
+            taken = [dst for _, dst in moves if os.path.lexists(dst)]
+            if taken:
+                raise _restore_taken(record["name"], taken[0])
+            _move_all(moves, lambda path: _restore_taken(record["name"], path))
+            (entry / ENTRY_FILE).unlink(missing_ok=True)
+            _prune(entry)
+            summary = self._summary(self._describe(record["name"]))
         log.info("restored LoRA %s from the trash (%s)", record["name"], record["id"])
-        return self._summary(self._describe(record["name"]))
+        return summary
 
     def _check_writable(self) -> None:
         if self.read_only:
             raise UserError("This app's LoRAs are shared by every visitor; only its owner can rename or delete them.")
 
-    def _check_not_in_use(self, info: LoraInfo, action: str) -> None:
-        if info.name in self.selection():
+    def _check_not_in_use(self, info: LoraInfo, moves: list[tuple[Path, Path]], action: str) -> None:
+        """Every file the move takes counts: a selected per-epoch file would vanish as well."""
+        moved = [source for source, _ in moves]
+        names = {p.relative_to(self.folder).as_posix().removesuffix(SUFFIX) for p in moved if p.name.endswith(SUFFIX)}
+        selected = [n for n in (s.removesuffix(SUFFIX) for s in self.selection()) if n in names]
+        if info.name in selected:
             raise UserError(
                 f"name: LoRA {info.name!r} is selected in the Generate tab; remove it from the selection, "
                 f"then {action} it."
             )
+        if selected:
+            raise UserError(
+                f"name: LoRA {selected[0]!r}, a per-epoch file of {info.name!r}, is selected in the Generate tab; "
+                f"remove it from the selection, then {action} {info.name!r}."
+            )
+        resolved = {p.resolve() for p in moved}
         for run in self.training.runs() if self.training is not None else []:
             writes = self.training.lora_dir(run.config).resolve() / f"{run.config.name}{SUFFIX}"
             owned = {writes, *(_epochs_dir(writes).glob(f"*{SUFFIX}"))}
-            if not run.job.finished and info.path.resolve() in owned:
+            if not run.job.finished and resolved & owned:
                 raise UserError(
                     f"name: training run {run.job.id} ({run.job.status}) writes LoRA {info.name!r}; "
                     f"wait for it to end or cancel it, then {action} it."
@@ -364,6 +418,11 @@ def build_lora_manager(runtime: Services) -> LoraManager:
     )
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` with every link followed still lies in ``folder`` (itself resolved as the user set it up)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def _sidecar(path: Path, suffix: str) -> Path:
     return path.with_name(path.name.removesuffix(SUFFIX) + suffix)
 
@@ -395,17 +454,73 @@ def _bundle_moves(path: Path, target: Path) -> list[tuple[Path, Path]]:
     return moves
 
 
-def _move_all(moves: list[tuple[Path, Path]]) -> None:
-    """Move every file, or (after a failure) none: those already moved go back."""
+def _name_taken(target_name: str, path: Path) -> UserError:
+    return UserError(
+        f"new_name: a LoRA (or its files) named {target_name!r} exists already ({path.name}); "
+        "choose another name or delete that one first."
+    )
+
+
+def _restore_taken(name: str, path: Path) -> UserError:
+    return UserError(f"name: a LoRA named {name!r} exists again ({path.name}); rename or delete it, then restore.")
+
+
+def _check_trashed_file(rel: object, entry: Path, folder: Path) -> None:
+    """A path from ``entry.json``: relative, '/'-separated, no '.' or '..' parts, not into the trash,
+    and inside both the entry and the LoRA folder once links are followed; else ``ValueError``."""
+    if not isinstance(rel, str) or "\\" in rel or any(ord(c) < 32 for c in rel):
+        raise ValueError(f"file {shorten(repr(rel))} is not a relative path")
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts) or parts[0] == TRASH:
+        raise ValueError(f"file {shorten(rel)!r} is absolute or has an empty, '.' or '..' part")
+    for root in (entry, folder):
+        if not (root / rel).resolve().is_relative_to(root.resolve()):
+            raise ValueError(f"file {shorten(rel)!r} leads outside {root}")
+
+
+class _DestinationTaken(Exception):
+    """A move found its destination taken (by another process since the caller looked)."""
+
+
+def _move_no_clobber(source: Path, destination: Path) -> None:
+    """Move one file, failing with ``_DestinationTaken`` rather than replacing an existing one.
+
+    ``os.replace`` overwrites silently; a hard link fails when the name exists, atomically, so
+    link-then-unlink is a rename that cannot clobber. Without hard links (some network or FAT
+    filesystems) it checks, then renames: the lock keeps that safe within this process.
+    """
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except FileExistsError:
+        raise _DestinationTaken(destination) from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(destination):
+            raise _DestinationTaken(destination) from None
+        os.replace(source, destination)
+        return
+    try:
+        os.unlink(source)
+    except OSError:
+        os.unlink(destination)  # the file stays where it was
+        raise
+
+
+def _move_all(moves: list[tuple[Path, Path]], taken: Callable[[Path], UserError]) -> None:
+    """Move every file, or (after a failure) none: those already moved go back. A destination that
+    exists never gets overwritten: ``taken(destination)`` is raised instead."""
     done: list[tuple[Path, Path]] = []
     try:
         for source, destination in moves:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, destination)  # same folder tree, same filesystem: an atomic rename
+            _move_no_clobber(source, destination)  # same folder tree, same filesystem
             done.append((source, destination))
-    except OSError as exc:
-        for source, destination in reversed(done):
-            os.replace(destination, source)
+    except (OSError, _DestinationTaken) as exc:
+        for moved_from, moved_to in reversed(done):
+            os.replace(moved_to, moved_from)
+        if isinstance(exc, _DestinationTaken):
+            raise taken(destination) from None
         raise UserError(f"Could not move {source.name} ({exc.strerror or exc}); nothing was changed.") from None
 
 
@@ -434,14 +549,41 @@ def _civitai_info(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict):
         return None
+    # Hand-edited or other tools' files differ in types ("123", "a, b"): coerce to what the API promises.
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    model_id = _as_int(data.get("modelId"))
     return {
-        "model": model.get("name"),
-        "version": data.get("name"),
-        "base_model": data.get("baseModel"),
-        "trained_words": data.get("trainedWords") or [],
-        "description": data.get("description"),
-        "model_id": data.get("modelId"),
-        "version_id": data.get("id"),
-        "url": f"https://civitai.com/models/{data['modelId']}" if data.get("modelId") else None,
+        "model": _as_str(model.get("name")),
+        "version": _as_str(data.get("name")),
+        "base_model": _as_str(data.get("baseModel")),
+        "trained_words": _as_words(data.get("trainedWords")),
+        "description": _as_str(data.get("description")),
+        "model_id": model_id,
+        "version_id": _as_int(data.get("id")),
+        "url": f"https://civitai.com/models/{model_id}" if model_id is not None else None,
     }
+
+
+def _as_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _as_int(value: object) -> int | None:
+    """An id as civitai writes it (42) or as a string ("42"); anything else is no id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    digits = value.strip() if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit() and len(digits) <= 20:  # int() refuses huge strings
+        return int(digits)
+    return None
+
+
+def _as_words(value: object) -> list[str]:
+    """Trigger words: a list of strings, or one comma-separated string (as the library reads it)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        return []
+    return [word.strip() for word in value if isinstance(word, str) and word.strip()]
