@@ -46,6 +46,22 @@ def test_modelspec_trigger_phrase_and_txt_sidecar(tmp_path, tiny_models):
     assert infos["plain"].trigger_words == ("ribbon style",)
 
 
+@pytest.mark.parametrize(
+    ("words", "expected"), [(["ok", 3], ("ok", "3")), (7, ()), ({"a": 1}, ()), ("one, two", ("one", "two"))]
+)
+def test_hand_written_civitai_sidecars_with_loose_types_still_list(tmp_path, words, expected):
+    """A .civitai.info whose trainedWords holds numbers (or is no list at all) once failed the scan."""
+    import json
+
+    import torch
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)}
+    save_file(tensors, str(tmp_path / "loose.safetensors"))
+    (tmp_path / "loose.civitai.info").write_text(json.dumps({"trainedWords": words}))
+    infos, problems = LoraLibrary(tmp_path).scan()
+    assert problems == [] and infos[0].trigger_words == expected
+
+
 def test_a_checkpoint_that_is_not_a_lora_is_reported(tmp_path):
     import torch
 

@@ -219,7 +219,10 @@ def _read_sidecar(path: Path) -> dict:
             words = data.get("trigger_words") or data.get("trainedWords") or data.get("activation text") or []
             if isinstance(words, str):
                 words = words.split(",")
-            result.setdefault("trigger_words", [w.strip() for w in words if str(w).strip()])
+            if not isinstance(words, list):
+                words = []  # a number or an object where a list belongs: a sidecar written by hand
+            # Items may be numbers in hand-written files: every word is text from here on.
+            result.setdefault("trigger_words", [str(w).strip() for w in words if str(w).strip()])
             if isinstance(data.get("description"), str):
                 result.setdefault("description", data["description"])
     text_file = path.with_suffix(".txt")
