@@ -498,7 +498,7 @@ def _move_no_clobber(source: Path, destination: Path) -> None:
             raise
         if os.path.lexists(destination):
             raise _DestinationTaken(destination) from None
-        os.replace(source, destination)
+        os.replace(source, destination)  # move-only
         return
     try:
         os.unlink(source)
@@ -518,7 +518,7 @@ def _move_all(moves: list[tuple[Path, Path]], taken: Callable[[Path], UserError]
             done.append((source, destination))
     except (OSError, _DestinationTaken) as exc:
         for moved_from, moved_to in reversed(done):
-            os.replace(moved_to, moved_from)
+            os.replace(moved_to, moved_from)  # move-only
         if isinstance(exc, _DestinationTaken):
             raise taken(destination) from None
         raise UserError(f"Could not move {source.name} ({exc.strerror or exc}); nothing was changed.") from None
