@@ -107,7 +107,7 @@ def test_deleting_the_selected_lora_is_refused(app):
     try:
         reply = call(app, "DELETE", "loras/style_kohya")
         assert reply.status_code == 400
-        assert reply.json()["errors"].startswith("name: LoRA 'style_kohya' is selected in the Generate tab")
+        assert reply.json()["errors"].startswith("name: LoRA 'style_kohya' is in the current LoRA selection")
         assert (app["loras"] / "style_kohya.safetensors").is_file()
     finally:
         state.unlink()

@@ -44,6 +44,12 @@ def test_generate_tab_in_a_real_browser(tiny_models, tmp_path):
         scale.wait_for(timeout=10_000)  # one scale slider per selected LoRA
         scale.fill("0.6")
         scale.press("Enter")
+        # The scale reaches the hidden "name:scale" box through two server round trips (slider -> state ->
+        # spec); Generate sends that box's value, so wait for it rather than race it on a busy machine.
+        page.wait_for_function(
+            "() => (document.querySelector('#lora-spec textarea')?.value || '').includes('style:0.6')",
+            timeout=30_000,
+        )
         page.get_by_label("Seed (-1 = random)").fill("1234")
         steps = page.get_by_label("number input for Steps")
         steps.fill("4")

@@ -183,7 +183,7 @@ def test_a_lora_in_the_generate_selection_is_not_deleted_or_renamed(loras, tmp_p
     state.update(loras=[("style", 0.8)])
     manager = manager_for(loras, tmp_path, selection=lambda: state.load().lora_names)
     for action in (lambda: manager.delete("style"), lambda: manager.rename("style", "fresh")):
-        with pytest.raises(UserError, match="name: LoRA 'style' is selected in the Generate tab"):
+        with pytest.raises(UserError, match="name: LoRA 'style' is in the current LoRA selection"):
             action()
     assert (loras / "style.safetensors").is_file()
     state.update(loras=[])
@@ -309,7 +309,7 @@ def test_cli_refuses_to_delete_the_lora_the_app_has_selected(loras, tmp_path, ca
     outputs = tmp_path / "out"
     WorkingState(outputs / "working_state.json").update(loras=[("other", 1.0)])
     code, _, err = run_cli(capsys, "lora", "rm", "other", "--lora-dir", str(loras), "--outputs", str(outputs))
-    assert code == 2 and "is selected in the Generate tab" in err
+    assert code == 2 and "is in the current LoRA selection" in err
     assert (loras / "other.safetensors").is_file()
 
 
@@ -462,7 +462,8 @@ def test_a_selected_epoch_file_keeps_its_lora_from_moving(loras, tmp_path):
         with pytest.raises(UserError) as caught:
             action()
         assert str(caught.value).startswith(
-            "name: LoRA 'triggered_epochs/triggered-e0001', a per-epoch file of 'triggered', is selected"
+            "name: LoRA 'triggered_epochs/triggered-e0001', a per-epoch file of 'triggered', "
+            "is in the current LoRA selection"
         )
     assert sorted(p.relative_to(loras) for p in loras.rglob("*")) == files
 

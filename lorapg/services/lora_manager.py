@@ -365,12 +365,12 @@ class LoraManager:
         selected = [n for n in (s.removesuffix(SUFFIX) for s in self.selection()) if n in names]
         if info.name in selected:
             raise UserError(
-                f"name: LoRA {info.name!r} is selected in the Generate tab; remove it from the selection, "
+                f"name: LoRA {info.name!r} is in the current LoRA selection; remove it from the selection, "
                 f"then {action} it."
             )
         if selected:
             raise UserError(
-                f"name: LoRA {selected[0]!r}, a per-epoch file of {info.name!r}, is selected in the Generate tab; "
+                f"name: LoRA {selected[0]!r}, a per-epoch file of {info.name!r}, is in the current LoRA selection; "
                 f"remove it from the selection, then {action} {info.name!r}."
             )
         resolved = {p.resolve() for p in moved}

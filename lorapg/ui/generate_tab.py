@@ -205,7 +205,8 @@ def build_generate_tab(
                 )
                 refresh_button = gr.Button("Refresh LoRAs", scale=1, size="sm")
             scales = gr.State({})
-            loras_text = gr.Textbox(label="LoRAs (name:scale, …)", visible=False, elem_id="lora-spec")
+            # "hidden": not shown, but in the page, so a browser test can see when a scale has arrived.
+            loras_text = gr.Textbox(label="LoRAs (name:scale, …)", visible="hidden", elem_id="lora-spec")
 
             @gr.render(inputs=[lora_select, scales], triggers=[lora_select.change])
             def render_scale_sliders(selected, current):
