@@ -118,6 +118,31 @@ def _text_to_float(text: str, expected: str) -> float:
         raise CoercionError(expected) from None
 
 
+def checked_number(label: str, value: object) -> float:
+    """A finite number, or a UserError naming ``label`` (request fields: img2img, hires fix)."""
+    try:
+        number = to_float(value)
+    except CoercionError:
+        raise UserError(f"{label} must be a number, got {shown(value)}.") from None
+    if not math.isfinite(number):
+        raise UserError(f"{label} must be a number, got {shown(value)}.")
+    return number
+
+
+def checked_whole(label: str, value: object) -> int:
+    try:
+        return to_int(value)
+    except CoercionError:
+        raise UserError(f"{label} must be a whole number, got {shown(value)}.") from None
+
+
+def checked_flag(label: str, value: object) -> bool:
+    try:
+        return to_bool(value)
+    except CoercionError:
+        raise UserError(f"{label} must be true or false, got {shown(value)}.") from None
+
+
 def coerce_field(kind: str, value: object) -> Any:
     """``value`` as a dataclass field annotated ``kind`` (annotations are strings here).
 

@@ -8,10 +8,9 @@ hr_second_pass_steps, hr_upscaler, denoising_strength), not its code.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
-from lorapg.coercion import CoercionError, shown, to_float, to_int
+from lorapg.coercion import checked_number, checked_whole, shown
 from lorapg.errors import UserError
 from lorapg.limits import DENOISING_STRENGTH, HIRES_SCALE, HIRES_STEPS, HIRES_STRENGTH_DEFAULT, SIZE, SIZE_MULTIPLE
 
@@ -51,17 +50,20 @@ def check_hires(options: HiresOptions, width: int, height: int, max_pixels: int 
     ``width`` x ``height``: the first pass's (checked) size; ``max_pixels``: Settings.max_image_pixels
     (0 = no limit). Idempotent: checked options pass again.
     """
-    scale = _number("Hires upscale", options.scale)
+    scale = checked_number("Hires upscale", options.scale)
     if scale not in HIRES_SCALE:
         raise UserError(f"Hires upscale must be {HIRES_SCALE.describe()}, got {scale:g}.")
-    resize_x, resize_y = _whole("Hires resize width", options.resize_x), _whole("Hires resize height", options.resize_y)
+    resize_x, resize_y = (
+        checked_whole("Hires resize width", options.resize_x),
+        checked_whole("Hires resize height", options.resize_y),
+    )
     for label, value in (("Hires resize width", resize_x), ("Hires resize height", resize_y)):
         if value != 0 and value not in SIZE:
             raise UserError(f"{label} must be 0 (from the upscale factor) or {SIZE.describe()} pixels, got {value}.")
-    steps = _whole("Hires steps", options.steps)
+    steps = checked_whole("Hires steps", options.steps)
     if steps not in HIRES_STEPS:
         raise UserError(f"Hires steps must be {HIRES_STEPS.describe()} (0 = as many as the first pass), got {steps}.")
-    strength = _number("Hires denoising strength", options.strength)
+    strength = checked_number("Hires denoising strength", options.strength)
     if strength not in DENOISING_STRENGTH:
         raise UserError(f"Hires denoising strength must be {DENOISING_STRENGTH.describe()}, got {strength:g}.")
     checked = replace(
@@ -112,20 +114,3 @@ def _check_target(width: int, height: int, max_pixels: int) -> None:
             f"Hires fix would make {width}×{height} ({width * height / 1e6:.1f} megapixels), over the limit of "
             f"{max_pixels / 1e6:g} megapixels (setting max_image_pixels); lower Hires upscale or the base size."
         )
-
-
-def _number(label: str, value: object) -> float:
-    try:
-        number = to_float(value)
-    except CoercionError:
-        raise UserError(f"{label} must be a number, got {shown(value)}.") from None
-    if not math.isfinite(number):
-        raise UserError(f"{label} must be a number, got {shown(value)}.")
-    return number
-
-
-def _whole(label: str, value: object) -> int:
-    try:
-        return to_int(value)
-    except CoercionError:
-        raise UserError(f"{label} must be a whole number, got {shown(value)}.") from None

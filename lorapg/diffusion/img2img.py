@@ -9,7 +9,6 @@ by A1111's resize mode, the mask blurred, or the mask's box for "only masked") a
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from lorapg.coercion import CoercionError, shown, to_bool, to_float, to_int
+from lorapg.coercion import checked_flag, checked_number, checked_whole, shown
 from lorapg.diffusion import inpaint_mask
 from lorapg.diffusion.resize_modes import LATENT_RESIZE, RESIZE_AND_FILL, check_resize_mode, resize_image
 from lorapg.errors import UserError
@@ -63,16 +62,16 @@ def check_options(options: Img2ImgOptions, max_pixels: int = 0) -> Img2ImgOption
                 f"Mask is {mask.width}×{mask.height} but the init image is {image.width}×{image.height}; "
                 "send a mask of the init image's size (white = repaint)."
             )
-    strength = _number("Denoising strength", options.strength)
+    strength = checked_number("Denoising strength", options.strength)
     if strength not in DENOISING_STRENGTH:
         raise UserError(f"Denoising strength must be {DENOISING_STRENGTH.describe()}, got {strength:g}.")
-    blur = _whole("Mask blur", options.mask_blur)
+    blur = checked_whole("Mask blur", options.mask_blur)
     if blur not in MASK_BLUR:
         raise UserError(f"Mask blur must be {MASK_BLUR.describe()} pixels, got {blur}.")
-    padding = _whole("Only masked padding", options.only_masked_padding)
+    padding = checked_whole("Only masked padding", options.only_masked_padding)
     if padding not in INPAINT_PADDING:
         raise UserError(f"Only masked padding must be {INPAINT_PADDING.describe()} pixels, got {padding}.")
-    fill = _whole("Masked content (inpainting_fill)", options.inpainting_fill)
+    fill = checked_whole("Masked content (inpainting_fill)", options.inpainting_fill)
     if fill not in (FILL, ORIGINAL):
         named = ", ".join(f"{n} {INPAINTING_FILLS[n]}" for n in (FILL, ORIGINAL))
         raise UserError(f"Masked content (inpainting_fill) must be {named} here, got {shown(options.inpainting_fill)}.")
@@ -86,9 +85,9 @@ def check_options(options: Img2ImgOptions, max_pixels: int = 0) -> Img2ImgOption
         strength=strength,
         resize_mode=resize_mode,
         mask_blur=blur,
-        mask_invert=_flag("Invert mask (inpainting_mask_invert)", options.mask_invert),
+        mask_invert=checked_flag("Invert mask (inpainting_mask_invert)", options.mask_invert),
         inpainting_fill=fill,
-        only_masked=_flag("Only masked (inpaint_full_res)", options.only_masked),
+        only_masked=checked_flag("Only masked (inpaint_full_res)", options.only_masked),
         only_masked_padding=padding,
     )
 
@@ -126,30 +125,6 @@ def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
             f"{label} is {width}×{height} ({width * height / 1e6:.1f} megapixels), over the limit of "
             f"{max_pixels / 1e6:g} megapixels (setting max_image_pixels); scale it down."
         )
-
-
-def _number(label: str, value: object) -> float:
-    try:
-        number = to_float(value)
-    except CoercionError:
-        raise UserError(f"{label} must be a number, got {shown(value)}.") from None
-    if not math.isfinite(number):
-        raise UserError(f"{label} must be a number, got {shown(value)}.")
-    return number
-
-
-def _flag(label: str, value: object) -> bool:
-    try:
-        return to_bool(value)
-    except CoercionError:
-        raise UserError(f"{label} must be true or false, got {shown(value)}.") from None
-
-
-def _whole(label: str, value: object) -> int:
-    try:
-        return to_int(value)
-    except CoercionError:
-        raise UserError(f"{label} must be a whole number, got {shown(value)}.") from None
 
 
 def effective_steps(steps: int, strength: float) -> int:
