@@ -1,8 +1,14 @@
-"""``python -m lorapg train [CONFIG] [flags]``: the Train tab's config file, run headless with a tqdm bar."""
+"""``python -m lorapg train [CONFIG] [flags]``: the Train tab's config file, run headless with a tqdm bar.
+
+Under ``accelerate launch --num_processes N`` every process runs this; the main one alone shows
+progress, prints the result and notifies the webhook (see ``lorapg.training.distributed``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -116,9 +122,15 @@ def warn_near_duplicates(config, settings) -> None:
 
 def run_train(args: argparse.Namespace, settings) -> int:
     from lorapg.services.build import build_services
+    from lorapg.training import distributed
     from lorapg.training.config import load_config
 
+    distributed.check_launch()
     config = load_config(args.train_config, train_overrides(args))
+    if not distributed.is_main_process():
+        # One run, N processes: the others' logs and webhook calls would repeat the main process's.
+        logging.getLogger().setLevel(logging.ERROR)
+        settings = dataclasses.replace(settings, notify_webhook="")
     services = build_services(settings, record_results=False)
     try:
         return _train(args, config, services.training)
@@ -132,8 +144,12 @@ def run_train(args: argparse.Namespace, settings) -> int:
 def _train(args: argparse.Namespace, config, service) -> int:
     from tqdm import tqdm
 
+    from lorapg.training import distributed
+
     bar = None
-    warn_near_duplicates(config, service.settings)
+    main = distributed.is_main_process()
+    if main:
+        warn_near_duplicates(config, service.settings)
 
     def on_progress(progress) -> None:
         nonlocal bar
@@ -152,7 +168,8 @@ def _train(args: argparse.Namespace, config, service) -> int:
             bar.write(progress.message, file=sys.stderr)
 
     run = service.submit(config, on_progress)
-    print(f"config: {run.config_path}", file=sys.stderr)
+    if main:
+        print(f"config: {run.config_path}", file=sys.stderr)
     try:
         run.job.wait()
     except KeyboardInterrupt:
@@ -167,6 +184,8 @@ def _train(args: argparse.Namespace, config, service) -> int:
 
         raise UserError(run.job.error)
     result = run.job.result
+    if not main:
+        return 130 if result.cancelled else 0
     if result.cancelled:
         checkpoint = result.checkpoint or "none"
         print(

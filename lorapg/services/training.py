@@ -29,6 +29,7 @@ from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ERROR, Job, JobQueue
 from lorapg.notifications import WebhookNotifier, training_finished
 from lorapg.residency import out_of_memory_as_user_error
+from lorapg.training import distributed
 from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
@@ -320,7 +321,9 @@ class TrainingService:
 
         device = pick_device(self.settings.device)
         work_dir, lora_dir = self.work_dir(config), self.lora_dir(config)
-        if config.overwrite:
+        # Under accelerate launch every process runs this; the main one alone removes the old files
+        # (the others reach the checkpoints only after it, past DDP's start-up broadcast).
+        if config.overwrite and distributed.is_main_process():
             remove_run_outputs(lora_dir, config.name, work_dir)
         trainer = Trainer(
             config,

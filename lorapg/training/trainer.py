@@ -14,8 +14,10 @@ One ``Trainer.run()`` is one training run, in these steps (the numbered comments
 
 What the steps share travels in one ``_RunState``.
 
-Randomness the result depends on (batch order, noise, timesteps) comes from seeded sources whose
-state is checkpointed, so a resumed run reaches the uninterrupted run's weights.
+Randomness the result depends on (batch order, noise, timesteps) is a function of the run's seed and
+the position in the run (epoch, batch, sample), so a resumed run reaches the uninterrupted run's
+weights, and N processes (``accelerate launch``, see ``distributed``) train the LoRA one process
+trains with N times the batch.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from PIL import Image, ImageOps
 from lorapg.atomic_files import atomic_write_bytes, atomic_write_text
 from lorapg.diffusion.families import SDXL
 from lorapg.errors import UserError
-from lorapg.training import checkpoints, export
+from lorapg.training import checkpoints, distributed, export
 from lorapg.training.config import TrainConfig, to_toml
 from lorapg.training.dataset import Dataset
 from lorapg.training.validation import DEFAULT_MAX_PIXELS
@@ -235,7 +237,7 @@ class _RunState:
     optimizer_name: str = ""
     lr_scheduler: Any = None
     noise_scheduler: Any = None
-    generator: torch.Generator | None = None  # noise and timesteps; checkpointed
+    global_batch_size: int = 1  # batch_size × processes: one optimizer step trains this many samples
     steps_per_epoch: int = 1
     total_steps: int = 0
     epochs: int = 0
@@ -282,7 +284,9 @@ class Trainer:
         self.allow_pickle = allow_pickle
         self.single_file_config = single_file_config
         self.max_image_pixels = max_image_pixels
-        self.on_progress = on_progress or (lambda progress: None)
+        # Several processes train one run (accelerate launch): the main one alone reports and writes.
+        self.main = distributed.is_main_process()
+        self.on_progress = (on_progress if self.main else None) or (lambda progress: None)
         self.should_cancel = should_cancel or (lambda: False)
 
     @property
@@ -294,7 +298,8 @@ class Trainer:
         return self.lora_dir / f"{self.config.name}_epochs"
 
     def _status(self, message: str) -> None:
-        log.info(message)
+        if self.main:
+            log.info(message)
         self.on_progress(TrainProgress("prepare", message=message))
 
     # --- the run, step by step ------------------------------------------------------------------
@@ -375,6 +380,8 @@ class Trainer:
         for index, item in enumerate(run.items):
             item.bucket = assign_bucket(item.size, buckets)
             run.groups.setdefault(item.bucket, []).append(index)
+        config = self.config
+        distributed.check_dataset_fits(len(run.items) * config.repeats, config.batch_size, distributed.world_size())
 
     def _read_dataset(self) -> list[TrainImage]:
         items = self._read_folder(self.config.images, "Image folder", self.config.trigger)
@@ -414,7 +421,7 @@ class Trainer:
     def _place_models(self, run: _RunState) -> None:
         from accelerate.utils import set_seed
 
-        run.accelerator, run.weight_dtype = self._accelerator()
+        run.accelerator, run.weight_dtype = self._accelerator(run)
         set_seed(self.config.seed)
         run.vae.requires_grad_(False)
         run.unet.requires_grad_(False)
@@ -426,9 +433,10 @@ class Trainer:
             if run.weight_dtype != torch.float32:  # frozen weights in half precision; LoRA weights stay fp32
                 module.to(dtype=run.weight_dtype)
 
-    def _accelerator(self):
+    def _accelerator(self, run: _RunState):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
 
         device = self.requested_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = self.config.mixed_precision
@@ -441,7 +449,11 @@ class Trainer:
             # In the app one process trains many times, on one device: start from a fresh state
             # each run (accelerate keeps it in a process-wide singleton).
             AcceleratorState._reset_state(True)
-        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+        # SDXL conditions on the first text encoder's penultimate layer: its last layer's LoRA gets no
+        # gradient, which DDP must be told to expect.
+        unused = self.config.train_text_encoder and run.family == SDXL
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=unused)
+        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu", kwargs_handlers=[ddp])
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         return accelerator, weight_dtype
 
@@ -478,9 +490,10 @@ class Trainer:
             result.append(self._encode_latents(run, [item])[0].cpu())
             cached[key] = result[-1]
             missing += 1
-        if missing:
+        if missing and self.main:  # every process encodes (same latents); one writes the cache
             atomic_write_bytes(path, save({k: v.contiguous() for k, v in cached.items()}))
-        log.info("latents: %d cached, %d encoded (%s)", len(run.items) - missing, missing, path.name)
+        if self.main:
+            log.info("latents: %d cached, %d encoded (%s)", len(run.items) - missing, missing, path.name)
         return result
 
     # --- 4. adapters and optimization -----------------------------------------------------------
@@ -550,14 +563,16 @@ class Trainer:
         text_encoders = [module for key, module in run.trained.items() if key != "unet"]
         prepared = accelerator.prepare(run.unet, *text_encoders, optimizer, lr_scheduler)
         run.unet, run.optimizer, run.lr_scheduler = prepared[0], prepared[-2], prepared[-1]
+        if text_encoders:
+            # Trained encoders run through their DDP wrappers, which average their gradients across processes.
+            run.text_encoders = list(prepared[1:-2])
         run.noise_scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
-        run.generator = torch.Generator("cpu").manual_seed(config.seed)
 
     def _plan_steps(self, run: _RunState) -> None:
-        """Steps per epoch (per process), total steps (max_steps caps them) and the epochs they span."""
+        """Steps per epoch (global batches), total steps (max_steps caps them) and the epochs they span."""
         config = self.config
-        steps_per_epoch = len(epoch_batches(run.groups, config.repeats, config.batch_size, config.seed, 0))
-        run.steps_per_epoch = max(1, steps_per_epoch // run.accelerator.num_processes)
+        run.global_batch_size = config.batch_size * run.accelerator.num_processes
+        run.steps_per_epoch = len(epoch_batches(run.groups, config.repeats, run.global_batch_size, config.seed, 0))
         run.total_steps = config.epochs * run.steps_per_epoch
         if config.max_steps:
             run.total_steps = min(run.total_steps, config.max_steps)
@@ -574,23 +589,28 @@ class Trainer:
         run.result = TrainResult(
             config.name, None, run.family, run.step, run.total_steps, False, latest, run.losses, resumed_from=run.step
         )
-        log.info(
-            "training %s: %d images, %d buckets, %d steps/epoch, %d steps, optimizer %s, precision %s, %s",
-            config.name,
-            len(run.items),
-            len(run.groups),
-            run.steps_per_epoch,
-            run.total_steps,
-            run.optimizer_name,
-            run.accelerator.mixed_precision,
-            run.device,
-        )
+        if self.main:
+            log.info(
+                "training %s: %d images, %d buckets, %d steps/epoch, %d steps, %d process(es) × batch %d, "
+                "optimizer %s, precision %s, %s",
+                config.name,
+                len(run.items),
+                len(run.groups),
+                run.steps_per_epoch,
+                run.total_steps,
+                run.accelerator.num_processes,
+                config.batch_size,
+                run.optimizer_name,
+                run.accelerator.mixed_precision,
+                run.device,
+            )
         config_path = self.work_dir / "config.toml"
-        atomic_write_text(config_path, to_toml(config))
+        if self.main:
+            atomic_write_text(config_path, to_toml(config))
         run.result.config_path = config_path
 
     def _resume(self, path: Path, run: _RunState) -> None:
-        """Load the checkpoint's LoRA weights, optimizer, schedule, generator and position into ``run``."""
+        """Load the checkpoint's LoRA weights, optimizer, schedule and position into ``run``."""
         saved = checkpoints.load_checkpoint(path)
         previous = json.loads(saved.state["config"])
         changed = [key for key in RESUME_KEYS if previous.get(key) != getattr(self.config, key)]
@@ -598,6 +618,15 @@ class Trainer:
             raise UserError(
                 f"The checkpoint in {self.work_dir} was made with different settings ({', '.join(changed)}). "
                 "Set resume = false (or --no-resume) to start over, or pick another name."
+            )
+        # batch_size is per process: another process count is another global batch, other batches and
+        # another LR schedule position, so the checkpoint's place in the run would mean something else.
+        processes = int(saved.state.get("processes", 1))
+        if processes != run.accelerator.num_processes:
+            raise UserError(
+                f"The checkpoint in {self.work_dir} was made by {processes} training process(es), this run has "
+                f"{run.accelerator.num_processes}: launch it with --num_processes {processes} to resume, or set "
+                "resume = false (--no-resume) to start over."
             )
         params = {
             f"{prefix}.{name}": p
@@ -613,7 +642,6 @@ class Trainer:
                 parameter.copy_(saved.lora[key].to(parameter.device, parameter.dtype))
         run.optimizer.load_state_dict(saved.state["optimizer"])
         run.lr_scheduler.load_state_dict(saved.state["lr_scheduler"])
-        run.generator.set_state(saved.state["generator"])
         run.losses = [(int(s), float(v)) for s, v in saved.state["losses"].tolist()]
         run.step, run.start_epoch, run.start_batch = saved.step, saved.epoch, saved.batch
 
@@ -622,7 +650,7 @@ class Trainer:
         state = {
             "optimizer": run.optimizer.state_dict(),
             "lr_scheduler": run.lr_scheduler.state_dict(),
-            "generator": run.generator.get_state(),
+            "processes": run.accelerator.num_processes,
             "losses": torch.tensor(run.losses, dtype=torch.float64) if run.losses else torch.zeros(0, 2),
             "config": json.dumps(asdict(self.config)),
         }
@@ -660,31 +688,51 @@ class Trainer:
         return True
 
     def _train_epoch(self, run: _RunState, epoch: int) -> bool:
-        """The batches of one epoch (a resumed one from its checkpointed batch); False when cancelled."""
+        """The global batches of one epoch (a resumed one from its checkpointed batch); False when cancelled."""
         config, accelerator = self.config, run.accelerator
-        batches = epoch_batches(run.groups, config.repeats, config.batch_size, config.seed, epoch)
-        batches = batches[accelerator.process_index :: accelerator.num_processes][: run.steps_per_epoch]
+        batches = epoch_batches(run.groups, config.repeats, run.global_batch_size, config.seed, epoch)
         first = run.start_batch if epoch == run.start_epoch else 0
         for batch_index in range(first, len(batches)):
             if run.step >= run.total_steps:
                 break
-            loss = self._train_step(run, batches[batch_index])
+            share = distributed.process_share(
+                batches[batch_index],
+                seed=config.seed,
+                epoch=epoch,
+                batch=batch_index,
+                batch_size=config.batch_size,
+                process=accelerator.process_index,
+            )
+            loss = self._train_step(run, share, len(batches[batch_index]))
             self._report_step(run, epoch, loss)
             # Cancel between optimizer steps: save where we are, so Resume continues from here.
-            if self.should_cancel():
+            if self._cancel_requested(run):
                 self._cancel(run, epoch, batch_index + 1, loss)
                 return False
         return True
 
-    def _train_step(self, run: _RunState, indices: list[int]) -> float:
-        """One optimizer step on one batch; returns its loss (the mean over processes)."""
+    def _cancel_requested(self, run: _RunState) -> bool:
+        """Whether any process was asked to stop: all of them stop after the same step, or DDP would hang."""
+        wanted = self.should_cancel()
+        if run.accelerator.num_processes == 1:
+            return wanted
+        flag = torch.tensor([1.0 if wanted else 0.0], device=run.device)
+        return run.accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def _train_step(self, run: _RunState, share: list[distributed.Sample], global_count: int) -> float:
+        """One optimizer step on this process's share of a global batch; returns the global batch's mean loss."""
         accelerator, optimizer = run.accelerator, run.optimizer
+        indices = [sample.item for sample in share]
         batch = [run.items[i] for i in indices]
         if run.latents_cache is not None:
             latents = torch.stack([run.latents_cache[i] for i in indices]).to(run.device)
         else:
             latents = self._encode_latents(run, batch)
-        loss = self._loss(run, latents, batch)
+        # DDP averages the processes' gradients: N × (this share's sum ÷ the global count) averages to
+        # the gradient of the global batch's mean, whatever the shares' sizes.
+        per_sample = self._loss(run, latents, batch, share)
+        weights = torch.tensor([sample.weight for sample in share], device=per_sample.device)
+        loss = (per_sample * weights).sum() * (accelerator.num_processes / global_count)
         accelerator.backward(loss)
         if accelerator.sync_gradients and self.config.max_grad_norm > 0:
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -707,6 +755,7 @@ class Trainer:
         run.result.checkpoint = (
             self._save_checkpoint(run, epoch, next_batch) if run.accelerator.is_main_process else None
         )
+        run.accelerator.wait_for_everyone()  # the checkpoint exists before any process reports the cancel
         run.result.cancelled = True
         self._finish(run)
         message = f"Cancelled at step {run.step}; checkpoint kept."
@@ -733,9 +782,11 @@ class Trainer:
 
     # --- the loss -------------------------------------------------------------------------------
 
-    def _loss(self, run: _RunState, latents: torch.Tensor, batch: list[TrainImage]) -> torch.Tensor:
-        """The batch's MSE between the UNet's prediction and its target, weighted per sample."""
-        noise, timesteps = self._noise(run, latents)
+    def _loss(
+        self, run: _RunState, latents: torch.Tensor, batch: list[TrainImage], share: list[distributed.Sample]
+    ) -> torch.Tensor:
+        """Each sample's MSE between the UNet's prediction and its target, weighted (min-SNR, prior loss)."""
+        noise, timesteps = self._noise(run, latents, share)
         noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden, extra = self._conditioning(run, batch, latents.device)
         prediction = run.unet(noisy.to(run.weight_dtype), timesteps, hidden, **extra).sample
@@ -744,19 +795,28 @@ class Trainer:
         else:
             target = noise
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return self._weigh(run, per_sample, timesteps, batch).mean()
+        return self._weigh(run, per_sample, timesteps, batch)
 
-    def _noise(self, run: _RunState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps from the run's seeded generator (drawn on the CPU: the same on every device)."""
-        generator = run.generator
-        noise = torch.randn(latents.shape, generator=generator)
-        if self.config.noise_offset:
-            # Offset noise (crosslabs): lets the model learn images darker/brighter on average.
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-            noise += self.config.noise_offset * offset
+    def _noise(
+        self, run: _RunState, latents: torch.Tensor, share: list[distributed.Sample]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's noise and timestep from its own seed (drawn on the CPU: the same on every device).
+
+        Per sample, not per batch: a sample gets the same noise whichever process trains it and
+        however many samples share its batch.
+        """
         num_timesteps = run.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
-        return noise.to(latents.device), timesteps.to(latents.device)
+        noises, timesteps = [], []
+        for sample in share:
+            generator = torch.Generator("cpu").manual_seed(sample.noise_seed)
+            noise = torch.randn(latents.shape[1:], generator=generator)
+            if self.config.noise_offset:
+                # Offset noise (crosslabs): lets the model learn images darker/brighter on average.
+                offset = torch.randn((latents.shape[1], 1, 1), generator=generator)
+                noise += self.config.noise_offset * offset
+            noises.append(noise)
+            timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        return torch.stack(noises).to(latents.device), torch.cat(timesteps).to(latents.device)
 
     def _conditioning(self, run: _RunState, batch: list[TrainImage], device) -> tuple[torch.Tensor, dict]:
         """The captions' hidden states and, for SDXL, the added conditions (pooled text, size/crop time ids)."""
@@ -875,6 +935,7 @@ class Trainer:
                 "ss_min_snr_gamma": str(config.min_snr_gamma),
                 "ss_noise_offset": str(config.noise_offset),
                 "ss_batch_size_per_device": str(config.batch_size),
+                "ss_total_batch_size": str(config.batch_size * run.accelerator.num_processes),
                 "ss_network_train_unet_only": str(not config.train_text_encoder),
                 "lorapg.preset": config.preset,
             },

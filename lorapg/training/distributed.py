@@ -1,0 +1,104 @@
+"""Data-parallel training: which process this is, how a global batch is shared, per-sample noise seeds.
+
+``accelerate launch --num_processes N -m lorapg train CONFIG`` (``--multi_gpu`` on a machine without
+CUDA, where the processes train on the CPU over gloo) starts N copies of the same run. ``batch_size``
+is per process (kohya's and A1111's convention), so a step trains one *global* batch of
+``batch_size × N`` images from one aspect bucket; process ``r`` takes slots ``[r·b, (r+1)·b)`` of it.
+
+Everything the result depends on is a function of the global batch, never of the process: the
+batches (``epoch_batches`` with the global size), each sample's noise and timestep (seeded from the
+run's seed, the epoch, the batch and the sample's slot) and the loss scale (the sum over the
+process's samples ÷ the global batch's size × N, so that DDP's average of the processes' gradients
+is the gradient of the mean over the global batch). 2 processes × batch 2 thus train the LoRA that
+1 process × batch 4 trains, up to float rounding.
+
+The rank helpers read the launchers' environment (torchrun's ``RANK``, MPI's), so code that runs
+before the accelerator exists (the CLI, the service) can tell the main process from the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from lorapg.errors import UserError
+
+# The variables accelerate itself reads (accelerate.state.PartialState): torchrun's, then MPI's.
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return default
+
+
+def world_size() -> int:
+    return max(1, _first_int(_SIZE_VARS, 1))
+
+
+def rank() -> int:
+    return _first_int(_RANK_VARS, 0)
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes but started one.
+
+    ``accelerate launch --cpu --num_processes N`` starts a single process unless MPI is configured
+    (``--mpirun_hostfile``): it sets ``MASTER_ADDR`` for the N it was asked for, yet no world size.
+    Training on regardless would silently be a one-process run with a different batch.
+    """
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if cpu and os.environ.get("MASTER_ADDR") and world_size() == 1 and not any(os.environ.get(n) for n in _SIZE_VARS):
+        raise UserError(
+            "accelerate launch --cpu started one process, not the --num_processes asked for (it starts "
+            "several CPU processes only through MPI). Run `accelerate launch --multi_gpu --num_processes N "
+            "-m lorapg train CONFIG` instead: without CUDA the processes train on the CPU (gloo)."
+        )
+
+
+def check_dataset_fits(samples_per_epoch: int, batch_size: int, processes: int) -> None:
+    """Every process needs a sample of its own in a step: refuse a dataset smaller than one global batch."""
+    if processes > 1 and samples_per_epoch < batch_size * processes:
+        raise UserError(
+            f"batch_size {batch_size} on {processes} processes trains {batch_size * processes} images a step, "
+            f"but an epoch has only {samples_per_epoch} (images × repeats). Lower batch_size, raise repeats, "
+            "add images, or start fewer processes (--num_processes)."
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a process's share: the dataset item, its weight in the loss, its noise seed."""
+
+    item: int  # index into the run's items
+    weight: float  # 1, or 0 for the padding of a process whose share of a short batch is empty
+    noise_seed: int
+
+
+def noise_seed(seed: int, epoch: int, batch: int, slot: int) -> int:
+    """A 63-bit seed for one sample's noise and timestep: the same in every process and at any process count."""
+    digest = hashlib.sha256(f"lorapg-noise:{seed}:{epoch}:{batch}:{slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def process_share(
+    global_batch: list[int], *, seed: int, epoch: int, batch: int, batch_size: int, process: int
+) -> list[Sample]:
+    """Process ``process``'s samples of one global batch.
+
+    A bucket's last batch can be short and leave a process nothing: it then trains the batch's first
+    sample at weight 0, since DDP needs every process's backward pass in every step.
+    """
+    start = process * batch_size
+    slots = range(start, min(start + batch_size, len(global_batch)))
+    share = [Sample(global_batch[slot], 1.0, noise_seed(seed, epoch, batch, slot)) for slot in slots]
+    return share or [Sample(global_batch[0], 0.0, noise_seed(seed, epoch, batch, 0))]
