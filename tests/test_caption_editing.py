@@ -209,3 +209,43 @@ def test_a_caption_job_over_http_reports_per_image_and_its_result(api):
         time.sleep(0.1)
         failing = call(api, "GET", f"caption-jobs/{failing['job_id']}").json()
     assert failing["status"] == "error" and "neither blip, florence2, wd14 nor an existing folder" in failing["error"]
+
+
+# --- the Train tab's Captions section, through gradio_client on a real local server ---------------
+
+
+def test_the_train_tabs_captions_section_captions_counts_and_edits(tmp_path):
+    import gradio as gr
+    from gradio_client import Client
+
+    from lorapg.services.training import TrainingService
+    from lorapg.ui.train_tab import build_train_tab
+
+    make_service(tmp_path / "models")
+    settings = Settings(models_dir=tmp_path / "models", outputs=tmp_path / "outputs", device="cpu")
+    jobs = JobQueue()
+    training = TrainingService(settings, jobs)
+    captions = CaptionService(settings, training.dataset_store, jobs)
+    with gr.Blocks() as demo:
+        build_train_tab(training, caption_service=captions)
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        api = Client(demo.local_url, verbose=False)
+        wd14 = str(save_tiny_wd14(tmp_path / "wd14"))
+        status, job_id, table = api.predict("foxes", wd14, "tags", 40, "zqx", False, api_name="/dataset_caption")
+        assert status == "Captioning done: 1 captioned, 3 kept." and job_id
+        assert table["data"][2] == ["c.png", "zqx, hero (character), blue theme, ^_^"]  # the one without a caption
+
+        counts = api.predict("foxes", "zqx", api_name="/dataset_tags")
+        assert counts["data"][0] == ["zqx", 3]  # d.png says "zqx on a hill": kept as written
+        status, table = api.predict("foxes", "red fox", "fox", False, api_name="/dataset_replace")
+        assert status == "Replace: 2 caption(s) changed." and table["data"][0][1] == "fox, snow, forest"
+        status, table = api.predict("foxes", "wild", "start", api_name="/dataset_add_tag")
+        assert status == "Add tag: 4 caption(s) changed." and table["data"][1][1] == "wild, fox, grass"
+        status, _ = api.predict("foxes", "wild", api_name="/dataset_remove_tag")
+        assert status == "Remove tag: 4 caption(s) changed."
+        with pytest.raises(Exception, match="Tag must be one non-empty tag without commas"):
+            api.predict("foxes", "a, b", "end", api_name="/dataset_add_tag")
+    finally:
+        demo.close()
+        jobs.close(30)
