@@ -292,3 +292,17 @@ def test_cli_lists_validates_and_captions_a_dataset(wd14, tmp_path):
 
     missing = run_cli("dataset", "caption", "nope", "--captioner", "wd14", *models, cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: No dataset named 'nope'")
+
+
+def test_build_services_gives_captioning_the_shared_queue_and_the_training_datasets(tmp_path):
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+
+    overrides = {"outputs": str(tmp_path / "out"), "models_dir": str(tmp_path / "models"), "device": "cpu"}
+    built = build_services(load_settings(None, overrides, environ={}))
+    try:
+        assert built.captions.jobs is built.jobs and built.captions.residency is built.residency
+        assert built.captions.stores(None).root == built.training.dataset_store(None).root
+        assert built.captions.stores("visitor-1").root == built.training.dataset_store("visitor-1").root
+    finally:
+        built.jobs.shutdown()

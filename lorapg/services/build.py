@@ -114,6 +114,7 @@ def build_services(
     from lorapg.devices import pick_device, pick_dtype
     from lorapg.diffusion.engine import DiffusionEngine
     from lorapg.outputs import record_in_gallery
+    from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
 
