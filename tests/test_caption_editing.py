@@ -249,3 +249,78 @@ def test_the_train_tabs_captions_section_captions_counts_and_edits(tmp_path):
     finally:
         demo.close()
         jobs.close(30)
+
+
+# --- training options for tag captions: shuffle, keep the first N, caption dropout ---------------
+
+
+def test_step_captions_shuffle_after_the_kept_tags_and_drop_out_reproducibly():
+    from lorapg.training.caption_variation import step_caption
+
+    caption = "zqx, a, b, c, d, e"
+    kwargs = dict(shuffle=True, keep_tokens=1, dropout=0.0, seed=7, index=0)
+    orders = {step_caption(caption, step=step, **kwargs) for step in range(50)}
+    assert len(orders) > 10 and all(order.startswith("zqx, ") for order in orders)
+    assert all(sorted(order.split(", ")) == sorted(caption.split(", ")) for order in orders)
+    assert step_caption(caption, step=3, **kwargs) == step_caption(caption, step=3, **kwargs)  # resumable
+    two = {step_caption(caption, step=s, **{**kwargs, "keep_tokens": 2}).split(", ")[1] for s in range(50)}
+    assert two == {"a"}
+    dropped = [
+        step_caption(caption, shuffle=False, keep_tokens=1, dropout=0.3, seed=7, step=s, index=0) for s in range(1000)
+    ]
+    assert set(dropped) == {"", caption} and 200 < dropped.count("") < 400
+    assert step_caption(caption, shuffle=False, keep_tokens=0, dropout=0.0, seed=7, step=1, index=0) == caption
+
+
+def test_the_caption_options_are_config_fields_with_ranges(tmp_path):
+    from lorapg.training.config import build_config, to_toml
+
+    config = build_config({"shuffle_tags": True, "keep_tokens": 2, "caption_dropout": 0.1})
+    assert (config.shuffle_tags, config.keep_tokens, config.caption_dropout) == (True, 2, 0.1)
+    assert "shuffle_tags = true" in to_toml(config) and "caption_dropout = 0.1" in to_toml(config)
+    with pytest.raises(UserError, match="caption_dropout"):
+        build_config({"caption_dropout": 1.5})
+
+
+def test_the_trainer_trains_on_shuffled_and_dropped_captions(tiny_models, tmp_path, monkeypatch):
+    import torch
+
+    from lorapg.training.config import build_config
+    from tests.training_data import write_images
+
+    images = tmp_path / "images"
+    for path in write_images(images, 2):
+        path.with_suffix(".txt").write_text("a, b, c, d", encoding="utf-8")
+    seen: list[str] = []
+    real = Trainer._encode_text
+
+    def spy(self, run, captions, device, *, cache):
+        seen.extend(captions)
+        return real(self, run, captions, device, cache=cache)
+
+    monkeypatch.setattr(Trainer, "_encode_text", spy)
+    values = dict(
+        name="shuffled",
+        model=str(tiny_models["sd15"]),
+        images=str(images),
+        trigger="zqx",
+        rank=4,
+        epochs=20,
+        max_steps=12,
+        sample_steps=0,
+        gradient_checkpointing=False,
+        seed=7,
+    )
+
+    def train(folder, **options):
+        seen.clear()
+        config = build_config({**values, **options})
+        Trainer(config, lora_dir=folder / "loras", work_dir=folder / "work", device=torch.device("cpu")).run()
+        return list(seen)
+
+    plain = train(tmp_path / "plain")
+    assert set(plain) == {"zqx, a, b, c, d"}
+    varied = train(tmp_path / "varied", shuffle_tags=True, caption_dropout=0.25)
+    assert len(varied) == 12 and "" in varied and len(set(varied)) > 3
+    for caption in filter(None, varied):
+        assert caption.startswith("zqx, ") and sorted(caption.split(", ")) == ["a", "b", "c", "d", "zqx"]

@@ -43,6 +43,7 @@ from lorapg.atomic_files import atomic_write_bytes, atomic_write_text
 from lorapg.diffusion.families import SDXL
 from lorapg.errors import UserError
 from lorapg.training import checkpoints, export
+from lorapg.training.caption_variation import step_caption
 from lorapg.training.config import TrainConfig, to_toml
 from lorapg.training.dataset import Dataset
 from lorapg.training.validation import DEFAULT_MAX_PIXELS
@@ -760,8 +761,23 @@ class Trainer:
 
     def _conditioning(self, run: _RunState, batch: list[TrainImage], device) -> tuple[torch.Tensor, dict]:
         """The captions' hidden states and, for SDXL, the added conditions (pooled text, size/crop time ids)."""
-        captions = [item.caption for item in batch]
-        hidden, pooled = self._encode_text(run, captions, device, cache=not self.config.train_text_encoder)
+        config = self.config
+        captions = [
+            step_caption(
+                item.caption,
+                shuffle=config.shuffle_tags,
+                keep_tokens=config.keep_tokens,
+                dropout=config.caption_dropout,
+                seed=config.seed,
+                step=run.step,
+                index=index,
+            )
+            for index, item in enumerate(batch)
+        ]
+        # Varied captions are encoded each step: caching every variant seen would grow without bound.
+        varied = config.shuffle_tags or config.caption_dropout > 0
+        cache = not config.train_text_encoder and not varied
+        hidden, pooled = self._encode_text(run, captions, device, cache=cache)
         if run.family != SDXL:
             return hidden, {}
         time_ids = torch.tensor(
