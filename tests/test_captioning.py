@@ -28,7 +28,7 @@ from lorapg.jobs import CANCELLED, DONE, JobQueue
 from lorapg.residency import ResidencyManager
 from lorapg.services.captions import CAPTIONER_RESIDENT_NAME, CaptionService, build_captioner
 from lorapg.training.dataset import Dataset, DatasetStore
-from tests.tiny_captioners import save_tiny_blip, save_tiny_wd14
+from tests.tiny_captioners import FLORENCE_WORDS, save_tiny_blip, save_tiny_florence2, save_tiny_wd14
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,6 +222,18 @@ def test_a_hub_captioner_missing_offline_says_what_to_do(tmp_path, monkeypatch):
     for choice in (BLIP, FLORENCE2, WD14):
         with pytest.raises(UserError, match="not in the local Hugging Face cache and the hub is offline"):
             resolve(choice)
+
+
+def test_tiny_florence2_loads_natively_and_captions(tmp_path):
+    folder = save_tiny_florence2(tmp_path / "florence2")
+    assert detect_kind(folder) == FLORENCE2
+    dataset = make_dataset(tmp_path)
+    service = CaptionService(Settings(), lambda owner: DatasetStore(tmp_path / "datasets"))
+    report = service.caption("foxes", str(folder), CaptionOptions(max_length=5, batch_size=3))
+    assert sorted(report.written) == ["img0.png", "img1.png", "img2.png"] and not report.skipped
+    for path in dataset.image_paths():
+        words = dataset.caption(path.name).split()
+        assert 1 <= len(words) <= 5 and set(words) <= set(FLORENCE_WORDS), words
 
 
 def test_a_florence2_folder_without_weights_fails_to_load_with_a_clear_message(tmp_path):

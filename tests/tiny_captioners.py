@@ -100,3 +100,65 @@ def save_tiny_wd14(folder: Path, side: int = WD14_SIDE) -> Path:
     lines = ["tag_id,name,category,count"] + [f"{i},{name},{cat},100" for i, (name, cat) in enumerate(WD14_TAGS)]
     (folder / "selected_tags.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+FLORENCE_WORDS = ["describe", "in", "detail", "what", "is", "shown", "the", "image.", "a", "red", "fox", "blue", "sky"]
+
+
+def save_tiny_florence2(folder: Path) -> Path:
+    """A Florence-2 in transformers' native format: a tiny DaViT + BART, a byte-level word tokenizer
+    with the ``<image>`` token, and a CLIP image processor at 64 px (2 x 2 patches + 1 = 5 image tokens)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    words = ["<s>", "<pad>", "</s>", "<unk>", "<image>"] + ["\u0120" + word for word in FLORENCE_WORDS]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = BartTokenizer(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    images = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False)
+    images.image_seq_length = 5
+    processor = Florence2Processor(image_processor=images, tokenizer=tokenizer)
+    text = dict(
+        model_type="bart",
+        vocab_size=len(words),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=2,
+    )
+    vision = dict(
+        depths=[1, 1, 1, 1],
+        embed_dim=[8, 8, 16, 16],
+        num_heads=[1, 1, 2, 2],
+        num_groups=[1, 1, 2, 2],
+        window_size=2,
+        projection_dim=16,
+        max_position_embeddings=8,
+        max_temporal_embeddings=2,
+    )
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(Florence2Config(text_config=text, vision_config=vision, image_token_id=4))
+    model.generation_config.min_new_tokens = 3  # random weights: make them say words
+    model.generation_config.suppress_tokens = [0, 1, 3, 4]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
