@@ -157,9 +157,9 @@ def datasets_router(service: CaptionService, access: ApiAccess) -> APIRouter:
 
     @router.post("/caption-jobs/{job_id}/cancel", response_model=CaptionJob, summary="Stop after the current batch")
     def cancel_caption_job(job_id: str) -> dict[str, Any]:
-        reply = job_reply(job_id)
+        job_reply(job_id)  # an unknown id is a 404 before anything is cancelled
         service.jobs.cancel(job_id)
-        return reply
+        return job_reply(job_id)
 
     @router.get("/{name}/captions", response_model=list[CaptionItem], summary="Every image and its caption")
     def captions(name: Annotated[str, Depends(known_dataset)]) -> list[dict[str, str]]:

@@ -136,7 +136,9 @@ def build_services(
     writer = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
     training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps, notifier=notifier)
     # The same datasets (per visitor where visitors are kept apart) and the same GPU queue as training.
-    captions = CaptionService(settings, training.dataset_store, jobs, residency=residency, device=str(device))
+    # On ZeroGPU the GPU exists only inside a GPU call; the captioner runs on the CPU there.
+    caption_device = "cpu" if zero_gpu_enabled() else str(device)
+    captions = CaptionService(settings, training.dataset_store, jobs, residency=residency, device=caption_device)
     return Services(
         settings,
         policy,

@@ -19,7 +19,7 @@ from lorapg.captioning.base import Captioner, CaptionOptions
 from lorapg.captioning.runner import CaptionReport, Progress, caption_dataset
 from lorapg.captioning.sources import BLIP, FLORENCE2, WD14, CaptionerSource, resolve
 from lorapg.config import Settings
-from lorapg.errors import UserError
+from lorapg.errors import UserError, shorten
 from lorapg.jobs import Job, JobQueue
 from lorapg.training.dataset import Dataset, DatasetStore
 
@@ -100,22 +100,22 @@ class CaptionService:
             raise UserError("Captioning jobs need the app's job queue; run `python -m lorapg dataset caption` instead.")
         dataset = self.dataset(name, owner)  # bad input is refused now, not inside the job
         options = options.checked()
-        resolve_later = choice  # the model is resolved (maybe downloaded) in the job, not in the request
 
         def work(job: Job) -> CaptionReport:
             def report(done: int, total: int, file: str) -> None:
                 job.report(done, total, message=f"captioned {file}")
 
-            return self.caption(dataset.name, resolve_later, options, owner, report, job.cancel_requested)
+            # The model is resolved (maybe downloaded) and loaded here, in the job, not in the request.
+            return self.caption(dataset.name, choice, options, owner, report, job.cancel_requested)
 
         return self.jobs.submit(CAPTION_JOB, work, owner=owner, total=len(dataset.image_paths()))
 
     def job(self, job_id: str, owner: str | None = None) -> Job:
         if self.jobs is None:
-            raise UserError(f"Unknown caption job {job_id!r}.")
+            raise UserError(f"Unknown caption job {shorten(job_id, 40)!r}.")
         job = self.jobs.get(job_id)
         if job.kind != CAPTION_JOB or job.owner != owner:
-            raise UserError(f"Unknown caption job {job_id!r}.")
+            raise UserError(f"Unknown caption job {shorten(job_id, 40)!r}.")
         return job
 
     def release(self) -> None:
