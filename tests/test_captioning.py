@@ -222,6 +222,17 @@ def test_a_hub_captioner_missing_offline_says_what_to_do(tmp_path, monkeypatch):
     for choice in (BLIP, FLORENCE2, WD14):
         with pytest.raises(UserError, match="not in the local Hugging Face cache and the hub is offline"):
             resolve(choice)
+    # Online mode but no hub answering: refused within the reachability check's seconds, not after
+    # minutes of retries on the GPU queue.
+    from tests.app_server import free_port
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(
+        UserError, match="Captioner SmilingWolf/wd-vit-tagger-v3 is not in the local .* cannot be reached"
+    ):
+        resolve(WD14)
 
 
 def test_tiny_florence2_loads_natively_and_captions(tmp_path):

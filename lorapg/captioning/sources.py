@@ -105,9 +105,12 @@ def download(repo: str, patterns: list[str]) -> Path:
         return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
-    if constants.HF_HUB_OFFLINE:
+    from lorapg.prompting.backends import _hub_reachable  # the prompt tools' 3 s check: one rule for both
+
+    # Checked first: the download runs on the GPU queue, and an unreachable hub would hold it for minutes.
+    if constants.HF_HUB_OFFLINE or not _hub_reachable():
         raise UserError(
-            f"Captioner {repo} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE). "
+            f"Captioner {repo} is not in the local Hugging Face cache and the hub is offline or cannot be reached. "
             "Download it while online, or give the folder of a saved captioning model."
         )
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
