@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         visitors=runtime.visitors,
         visitor_secret=secret,
         lora_manager=build_lora_manager(runtime),
+        caption_service=runtime.captions,
     )
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lorapg.lora_cli import add_lora_parser
 
     add_lora_parser(commands, add_settings_arguments)
+    from lorapg.dataset_cli import add_dataset_parser
+
+    add_dataset_parser(commands, add_settings_arguments)
     return parser
 
 
@@ -304,7 +307,7 @@ def add_gallery_parser(commands: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("gallery", "enhance", "rewrite", "lora"):
+    if args.command in ("gallery", "enhance", "rewrite", "lora", "dataset"):
         # The gallery (and the prompt tools, until an LLM loads) needs no models: skip configure_logging,
         # whose imports (torch, diffusers) take seconds.
         logging.basicConfig(
@@ -331,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             from lorapg.lora_cli import run_lora
 
             return run_lora(args, settings_from_args(args))
+        if args.command == "dataset":
+            from lorapg.dataset_cli import run_dataset
+
+            return run_dataset(args, settings_from_args(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -92,4 +92,6 @@ TRAINING: dict[str, Range] = {
     "keep_checkpoints": Range(1, 100, 1, 2),
     "sample_steps": Range(0, 150, 1, 20),
     "sample_seed": Range(SEED.minimum, SEED.maximum, 1, 1234),
+    "keep_tokens": Range(0, 100, 1, 1),
+    "caption_dropout": Range(0, 1, 0.01, 0.0),
 }

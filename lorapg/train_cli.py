@@ -30,6 +30,9 @@ FLAG_FIELDS = {
     "regularization_images": "regularization_images",
     "prior_loss_weight": "prior_loss_weight",
     "drop_near_duplicates": "drop_near_duplicates",
+    "shuffle_tags": "shuffle_tags",
+    "keep_tokens": "keep_tokens",
+    "caption_dropout": "caption_dropout",
 }
 
 
@@ -77,6 +80,22 @@ def add_train_parser(commands: argparse._SubParsersAction, add_settings_argument
         default=None,
         help="leave out images that look like an earlier one (resized or re-encoded copies); "
         "by default they are reported and kept",
+    )
+    train.add_argument(
+        "--shuffle-tags",
+        dest="shuffle_tags",
+        action="store_true",
+        default=None,
+        help="shuffle each caption's comma-separated tags every step (after the first --keep-tokens)",
+    )
+    train.add_argument(
+        "--keep-tokens", dest="keep_tokens", type=str, help="tags kept in place when shuffling (default 1: the trigger)"
+    )
+    train.add_argument(
+        "--caption-dropout",
+        dest="caption_dropout",
+        type=str,
+        help="chance (0-1) that an image trains on an empty caption at a step (default 0)",
     )
     train.add_argument(
         "--no-resume",

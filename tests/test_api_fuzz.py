@@ -65,6 +65,7 @@ GPU_ROUTES = [
     ("post", r"/api/v1/models(/.*)?", INVALID_ONLY),
     ("post", r"/api/v1/prompts(/.*)?", INVALID_ONLY),
     ("post", r"/api/v1/grids(/.*)?", INVALID_ONLY),  # a valid grid is up to 64 generations
+    ("post", r"/api/v1/datasets/[^/]+/caption", INVALID_ONLY),  # loads (or downloads) a captioning model
 ]
 # The most a fuzzed request may ask for; a field the route declares but the request leaves out is
 # set to its cap too, since the route's default is a full-size job.

@@ -77,6 +77,7 @@ def write_config(path: Path, tiny_models, images: Path, **values) -> Path:
         train_text_encoder=True,  # the encoders' DDP wrappers must average their gradients too
         min_snr_gamma=5,
         noise_offset=0.05,
+        caption_dropout=0.4,  # which captions drop must not depend on a sample's place in a process's share
         gradient_checkpointing=False,
         save_precision="fp32",
         sample_steps=1,

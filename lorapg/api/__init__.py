@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
     the server starts, so no request ever finds the UI up and the API missing."""
+    from lorapg.api.datasets import datasets_router
     from lorapg.api.gallery import gallery_router
     from lorapg.api.generations import generation_jobs, generations_router
     from lorapg.api.grids import grids_router
@@ -46,4 +47,5 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *prompts_router(runtime.prompts, access).routes,
         *training_router(training, access).routes,
         *grids_router(grids, access).routes,
+        *(datasets_router(runtime.captions, access).routes if runtime.captions is not None else []),
     ]

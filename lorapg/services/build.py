@@ -26,6 +26,7 @@ from lorapg.services.prompts import PromptService
 
 if TYPE_CHECKING:  # these import torch and diffusers: only when engines are built
     from lorapg.diffusion.engine import DiffusionEngine
+    from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
 
@@ -79,6 +80,7 @@ class Services:
     residency: ResidencyManager | None = None  # None on CPU and on ZeroGPU (nothing to share)
     service: GenerationService | None = None  # generation; None when built with engines=False
     training: TrainingService | None = None  # the Train tab's service; None when built with engines=False
+    captions: CaptionService | None = None  # auto-captioning and caption editing; None with engines=False
 
 
 def build_services(
@@ -112,6 +114,7 @@ def build_services(
     from lorapg.devices import pick_device, pick_dtype
     from lorapg.diffusion.engine import DiffusionEngine
     from lorapg.outputs import record_in_gallery
+    from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
 
@@ -132,6 +135,10 @@ def build_services(
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
     writer = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
     training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps, notifier=notifier)
+    # The same datasets (per visitor where visitors are kept apart) and the same GPU queue as training.
+    # On ZeroGPU the GPU exists only inside a GPU call; the captioner runs on the CPU there.
+    caption_device = "cpu" if zero_gpu_enabled() else str(device)
+    captions = CaptionService(settings, training.dataset_store, jobs, residency=residency, device=caption_device)
     return Services(
         settings,
         policy,
@@ -145,6 +152,7 @@ def build_services(
         residency=residency,
         service=service,
         training=training,
+        captions=captions,
     )
 
 

@@ -79,6 +79,11 @@ class TrainConfig:
     # --- data ---------------------------------------------------------------------------
     # Near duplicates (resized / re-encoded copies) are reported and trained on; true leaves them out.
     drop_near_duplicates: bool = False
+    # Tag captions, varied per step (kohya's shuffle_caption, keep_tokens, caption_dropout_rate); see
+    # lorapg/training/caption_variation.py. keep_tokens counts comma-separated tags; the trigger is the first.
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    caption_dropout: float = 0.0  # chance, per image and step, of training on an empty caption
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

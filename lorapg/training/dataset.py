@@ -22,6 +22,7 @@ from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
+from lorapg.atomic_files import atomic_write_text
 from lorapg.config import Settings
 from lorapg.errors import UserError
 from lorapg.training.validation import (
@@ -117,7 +118,7 @@ class Dataset:
         caption = " ".join((caption or "").split())
         target = path.with_suffix(".txt")
         if caption:
-            target.write_text(caption + "\n", encoding="utf-8")
+            atomic_write_text(target, caption + "\n")  # an editor or a trainer never reads half a caption
         elif target.exists():
             target.unlink()
 

@@ -45,6 +45,7 @@ from lorapg.atomic_files import atomic_write_bytes, atomic_write_text
 from lorapg.diffusion.families import SDXL
 from lorapg.errors import UserError
 from lorapg.training import checkpoints, distributed, export
+from lorapg.training.caption_variation import step_caption
 from lorapg.training.config import TrainConfig, to_toml
 from lorapg.training.dataset import Dataset
 from lorapg.training.validation import DEFAULT_MAX_PIXELS
@@ -788,7 +789,7 @@ class Trainer:
         """Each sample's MSE between the UNet's prediction and its target, weighted (min-SNR, prior loss)."""
         noise, timesteps = self._noise(run, latents, share)
         noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden, extra = self._conditioning(run, batch, latents.device)
+        hidden, extra = self._conditioning(run, batch, share, latents.device)
         prediction = run.unet(noisy.to(run.weight_dtype), timesteps, hidden, **extra).sample
         if run.noise_scheduler.config.prediction_type == "v_prediction":
             target = run.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -818,10 +819,29 @@ class Trainer:
             timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
         return torch.stack(noises).to(latents.device), torch.cat(timesteps).to(latents.device)
 
-    def _conditioning(self, run: _RunState, batch: list[TrainImage], device) -> tuple[torch.Tensor, dict]:
+    def _conditioning(
+        self, run: _RunState, batch: list[TrainImage], share: list[distributed.Sample], device
+    ) -> tuple[torch.Tensor, dict]:
         """The captions' hidden states and, for SDXL, the added conditions (pooled text, size/crop time ids)."""
-        captions = [item.caption for item in batch]
-        hidden, pooled = self._encode_text(run, captions, device, cache=not self.config.train_text_encoder)
+        config = self.config
+        # Each sample's caption variation is keyed by its noise seed (its global slot), not its place in
+        # this process's share, so shuffles and dropouts are the same whatever the process count.
+        captions = [
+            step_caption(
+                item.caption,
+                shuffle=config.shuffle_tags,
+                keep_tokens=config.keep_tokens,
+                dropout=config.caption_dropout,
+                seed=config.seed,
+                step=run.step,
+                index=sample.noise_seed,
+            )
+            for item, sample in zip(batch, share, strict=True)
+        ]
+        # Varied captions are encoded each step: caching every variant seen would grow without bound.
+        varied = config.shuffle_tags or config.caption_dropout > 0
+        cache = not config.train_text_encoder and not varied
+        hidden, pooled = self._encode_text(run, captions, device, cache=cache)
         if run.family != SDXL:
             return hidden, {}
         time_ids = torch.tensor(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lorapg.hosting.visitors import Visitors
+from lorapg.services.captions import CaptionService
 from lorapg.services.gallery import GalleryService
 from lorapg.services.generation import GenerationService
 from lorapg.services.grid import GridService
@@ -48,6 +49,7 @@ def build_ui(
     visitors: Visitors | None = None,
     visitor_secret: str | None = None,
     lora_manager: LoraManager | None = None,
+    caption_service: CaptionService | None = None,
 ) -> gr.Blocks:
     """``visitors``: keeps each visitor's gallery, drafts and datasets apart where it is private;
     ``visitor_secret`` encrypts the visitor id the browser keeps (the same secret across restarts
@@ -82,7 +84,9 @@ def build_ui(
             if training_service is not None:
                 with gr.Tab("Train", id="train"):
                     grid_action = epochs_grid_actions(grids, training_service, visitors)
-                    build_train_tab(training_service, visitors=visitors, run_actions=grid_action)
+                    build_train_tab(
+                        training_service, visitors=visitors, run_actions=grid_action, caption_service=caption_service
+                    )
             if lora_manager is not None:
                 build_loras_tab(lora_manager, generate, tabs, visitors=visitors)
         build_memory_panel(service)

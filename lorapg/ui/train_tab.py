@@ -12,8 +12,10 @@ import gradio as gr
 import pandas as pd
 
 from lorapg.hosting.visitors import Visitors
+from lorapg.services.captions import CaptionService
 from lorapg.services.training import TrainingRun, TrainingService
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
+from lorapg.ui.captions_section import build_captions_section
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
 from lorapg.ui.texts import training_run_text
 
@@ -77,10 +79,12 @@ def build_train_tab(
     service: TrainingService,
     visitors: Visitors | None = None,
     run_actions: Callable[[dict], dict] | None = None,
+    caption_service: CaptionService | None = None,
 ) -> dict[str, gr.components.Component]:
     """``visitors``: whose datasets and runs each request sees (a public app keeps visitors apart).
     ``run_actions`` builds actions on a finished run under its status (the epochs × scales grid): it
-    gets {"job_id": the run's id box} and returns its widgets, which join the returned dict."""
+    gets {"job_id": the run's id box} and returns its widgets, which join the returned dict.
+    ``caption_service``: adds the Captions section (auto-caption, tag counts, find/replace)."""
     defaults = TrainConfig()
     # Where visitors are kept apart, the shared datasets are the owner's: a visitor starts with none.
     private = visitors is not None and visitors.private
@@ -124,6 +128,9 @@ def build_train_tab(
                 elem_id="train-captions",
             )
             save_captions_button = gr.Button("Save captions", size="sm")
+            caption_widgets = (
+                build_captions_section(caption_service, dataset, captions, visitors) if caption_service else {}
+            )
             report = gr.Markdown("", elem_id="train-validation")
         with gr.Column(scale=2):
             gr.Markdown("### 2. Settings")
@@ -380,4 +387,5 @@ def build_train_tab(
         "regularization": regularization,
         **widgets,
         **actions,
+        **caption_widgets,
     }

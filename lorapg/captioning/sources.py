@@ -1,0 +1,134 @@
+"""Which captioner a user's choice means, and where its files are.
+
+A choice is a short name (``blip``, ``florence2``, ``wd14``: a hub repo downloaded once into the
+Hugging Face cache) or a local folder in one of three layouts, detected from its files:
+
+* ``model.onnx`` + ``selected_tags.csv``: a WD14-family tagger as SmilingWolf's repos lay it out;
+* ``config.json`` with ``model_type`` ``blip``: BLIP saved with ``save_pretrained``;
+* ``config.json`` with ``model_type`` ``florence2``: Florence-2 in transformers' native format.
+
+A folder whose config asks for remote code (``auto_map``, as ``microsoft/Florence-2-base`` does) is
+refused with a pointer to the native repo: this app never runs a model repo's own Python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorapg.errors import UserError, check_ref_length, shorten
+
+log = logging.getLogger(__name__)
+
+BLIP, FLORENCE2, WD14 = "blip", "florence2", "wd14"
+KINDS = (BLIP, FLORENCE2, WD14)
+HUB_IDS = {
+    BLIP: "Salesforce/blip-image-captioning-large",
+    # The transformers-native conversion; microsoft/Florence-2-base needs trust_remote_code.
+    FLORENCE2: "florence-community/Florence-2-base",
+    WD14: "SmilingWolf/wd-vit-tagger-v3",
+}
+# Only what each model needs: a tagger repo also holds other formats.
+HUB_FILES = {
+    BLIP: ["*.json", "*.safetensors", "*.txt"],
+    FLORENCE2: ["*.json", "*.safetensors", "*.txt"],
+    WD14: ["model.onnx", "selected_tags.csv", "config.json"],
+}
+WD14_FILES = ("model.onnx", "selected_tags.csv")
+
+
+@dataclass(frozen=True)
+class CaptionerSource:
+    kind: str
+    folder: Path
+    label: str
+
+
+def resolve(choice: str) -> CaptionerSource:
+    """The kind and local folder of ``choice`` (downloading a hub model on first use)."""
+    choice = check_ref_length((choice or "").strip(), "Captioner")
+    if not choice:
+        raise UserError(f"Captioner is empty; choose {', '.join(KINDS)} or a local folder.")
+    if choice.lower() in HUB_IDS:
+        kind = choice.lower()
+        repo = HUB_IDS[kind]
+        return CaptionerSource(kind, download(repo, HUB_FILES[kind]), repo)
+    folder = Path(choice).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"Captioner {shorten(choice)!r} is neither {', '.join(KINDS)} nor an existing folder; "
+            "pick one of those names or give the folder of a saved captioning model."
+        )
+    return CaptionerSource(detect_kind(folder), folder, str(folder))
+
+
+def detect_kind(folder: Path) -> str:
+    """Which layout ``folder`` has (see the module doc), or a UserError saying what is missing."""
+    if all((folder / name).is_file() for name in WD14_FILES):
+        return WD14
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"Captioner folder {folder} holds neither model.onnx + selected_tags.csv (a WD14 tagger) nor "
+            "config.json (BLIP or Florence-2 saved with save_pretrained); point to such a folder."
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"Captioner folder {folder}: config.json is not readable JSON ({exc}); save the model again."
+        ) from None
+    model_type = str(config.get("model_type", "")) if isinstance(config, dict) else ""
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise UserError(
+            f"Captioner folder {folder} needs the model repo's own code (trust_remote_code), which this app "
+            f"never runs; use the transformers-native {HUB_IDS[FLORENCE2]} (captioner florence2) instead."
+        )
+    if model_type == "blip":
+        return BLIP
+    if model_type == "florence2":
+        return FLORENCE2
+    raise UserError(
+        f"Captioner folder {folder} holds a {model_type or 'unknown'} model; only BLIP, Florence-2 and "
+        "WD14 taggers caption datasets here."
+    )
+
+
+def download(repo: str, patterns: list[str]) -> Path:
+    """The local snapshot of ``repo``: the cache's when it has one, else downloaded (clear message offline)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    from lorapg.prompting.backends import _hub_reachable  # the prompt tools' 3 s check: one rule for both
+
+    # Checked first: the download runs on the GPU queue, and an unreachable hub would hold it for minutes.
+    if constants.HF_HUB_OFFLINE or not _hub_reachable():
+        raise UserError(
+            f"Captioner {repo} is not in the local Hugging Face cache and the hub is offline or cannot be reached. "
+            "Download it while online, or give the folder of a saved captioning model."
+        )
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    log.info("downloading captioner %s", repo)
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        raise UserError(
+            f"Captioner {repo} is gated on the Hugging Face hub: accept its licence there while logged in, "
+            "then log in here with `hf auth login` (or set HF_TOKEN) and try again."
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"Captioner {repo} was not found on the Hugging Face hub; give a local folder instead."
+        ) from None
+    except (ConnectionError, OSError) as exc:
+        raise UserError(
+            f"Could not download captioner {repo}: the Hugging Face hub cannot be reached ({type(exc).__name__}). "
+            "Check your network, or give the folder of a saved captioning model."
+        ) from None

@@ -1,0 +1,131 @@
+"""BLIP and Florence-2 through transformers' own classes (never a repo's remote code).
+
+Both load lazily (``ensure_loaded``) on the device they were built for and ``release`` drops them,
+as the prompt tools' LLM does, so the residency manager can free the GPU for training.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from lorapg.captioning.base import CaptionOptions, RawCaption
+from lorapg.captioning.sources import BLIP, FLORENCE2
+from lorapg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FLORENCE_TASK = "<DETAILED_CAPTION>"  # a sentence or two; <CAPTION> is one short line
+
+
+class TransformersCaptioner:
+    """Shared lifecycle: load once under a lock, drop on ``release``, size from the weights on disk."""
+
+    kind = ""
+
+    def __init__(self, folder: Path, label: str, device: str = "cpu"):
+        self.folder = Path(folder)
+        self.label = label
+        self.device = device
+        self._model: Any = None
+        self._processor: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def ensure_loaded(self) -> None:
+        with self._lock:
+            if self._model is not None:
+                return
+            started = time.perf_counter()
+            try:
+                model, processor = self._load()
+            except (OSError, ValueError, KeyError) as exc:
+                first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+                raise UserError(
+                    f"Could not load the {self.kind} captioner from {self.label}: {first}. "
+                    "Check that the folder is a complete save_pretrained folder, or pick another captioner."
+                ) from None
+            model.to(self.device).eval()
+            self._model, self._processor = model, processor
+            log.info("loaded %s captioner %s in %.1f s", self.kind, self.label, time.perf_counter() - started)
+
+    def release(self) -> None:
+        with self._lock:
+            if self._model is None:
+                return
+            self._model = self._processor = None
+            gc.collect()
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+            log.info("released %s captioner %s", self.kind, self.label)
+
+    def estimated_bytes(self) -> int:
+        """The weights' size on disk (fp32 on CPU, as loaded), plus a quarter for activations."""
+        weights = sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))
+        return int(weights * 1.25) or 1
+
+    def caption(self, images: Sequence[Image.Image], options: CaptionOptions) -> list[RawCaption]:
+        import torch
+
+        self.ensure_loaded()
+        # Sub-word tokens per word: about 1.5 in English; a margin so the cut happens at a word.
+        max_new_tokens = max(8, options.max_length * 2)
+        with torch.inference_mode():
+            texts = self._generate(list(images), max_new_tokens)
+        return [RawCaption(sentence=" ".join(text.split())) for text in texts]
+
+    def _load(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _generate(self, images: list[Image.Image], max_new_tokens: int) -> list[str]:
+        raise NotImplementedError
+
+
+class BlipCaptioner(TransformersCaptioner):
+    kind = BLIP
+
+    def _load(self) -> tuple[Any, Any]:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        processor = BlipProcessor.from_pretrained(str(self.folder), local_files_only=True)
+        model = BlipForConditionalGeneration.from_pretrained(str(self.folder), local_files_only=True)
+        return model, processor
+
+    def _generate(self, images: list[Image.Image], max_new_tokens: int) -> list[str]:
+        inputs = self._processor(images=images, return_tensors="pt").to(self.device)
+        output = self._model.generate(**inputs, max_new_tokens=max_new_tokens)
+        return self._processor.batch_decode(output, skip_special_tokens=True)
+
+
+class Florence2Captioner(TransformersCaptioner):
+    kind = FLORENCE2
+
+    def _load(self) -> tuple[Any, Any]:
+        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(str(self.folder), local_files_only=True)
+        model = Florence2ForConditionalGeneration.from_pretrained(str(self.folder), local_files_only=True)
+        return model, processor
+
+    def _generate(self, images: list[Image.Image], max_new_tokens: int) -> list[str]:
+        inputs = self._processor(text=[FLORENCE_TASK] * len(images), images=images, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        output = self._model.generate(
+            input_ids=inputs["input_ids"],
+            pixel_values=inputs["pixel_values"].to(self._model.dtype),
+            max_new_tokens=max_new_tokens,
+            num_beams=3,
+        )
+        return self._processor.batch_decode(output, skip_special_tokens=True)

@@ -1,0 +1,173 @@
+"""CaptionService: auto-captioning and caption editing for the Train tab, the CLI and the API.
+
+Never imports gradio. The captioner is a model like the others: built on first use, kept while the
+same one is asked for, registered with the residency manager ("drop and reload", as the prompt
+tools' LLM) so training's exclusive hold on the GPU unloads it. Captioning runs as a job on the
+shared GPU queue (``start``) or in the caller's thread (``caption``, for the CLI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from lorapg.captioning import editing
+from lorapg.captioning.base import Captioner, CaptionOptions
+from lorapg.captioning.runner import CaptionReport, Progress, caption_dataset
+from lorapg.captioning.sources import BLIP, FLORENCE2, WD14, CaptionerSource, resolve
+from lorapg.config import Settings
+from lorapg.errors import UserError, shorten
+from lorapg.jobs import Job, JobQueue
+from lorapg.training.dataset import Dataset, DatasetStore
+
+log = logging.getLogger(__name__)
+
+CAPTIONER_RESIDENT_NAME = "captioner"
+CAPTION_JOB = "caption"
+
+
+def build_captioner(source: CaptionerSource, device: str) -> Captioner:
+    from lorapg.captioning.transformers_models import BlipCaptioner, Florence2Captioner
+    from lorapg.captioning.wd14 import Wd14Tagger
+
+    kinds: dict[str, Callable[..., Captioner]] = {BLIP: BlipCaptioner, FLORENCE2: Florence2Captioner, WD14: Wd14Tagger}
+    return kinds[source.kind](source.folder, source.label, device)
+
+
+class CaptionService:
+    def __init__(
+        self,
+        settings: Settings,
+        stores: Callable[[str | None], DatasetStore],
+        jobs: JobQueue | None = None,
+        *,
+        residency: Any = None,
+        device: str = "cpu",
+    ):
+        """``stores(owner)``: the datasets of a visitor (None: the shared ones), as TrainingService has them."""
+        self.settings = settings
+        self.stores = stores
+        self.jobs = jobs
+        self.residency = residency
+        self.device = device
+        self._choice: str | None = None
+        self._captioner: Captioner | None = None
+        self._lock = threading.Lock()
+
+    # --- captioning ------------------------------------------------------------------------------
+
+    def captioner(self, choice: str) -> Captioner:
+        """The captioner for ``choice``, built once (a different choice releases the previous one)."""
+        with self._lock:
+            if self._captioner is not None and self._choice == choice:
+                return self._captioner
+            if self._captioner is not None:
+                self._captioner.release()
+            captioner = build_captioner(resolve(choice), self.device)
+            if self.residency is not None:
+                self.residency.register(
+                    CAPTIONER_RESIDENT_NAME,
+                    captioner.estimated_bytes(),
+                    to_gpu=captioner.ensure_loaded,
+                    drop=captioner.release,
+                )
+            self._choice, self._captioner = choice, captioner
+            return captioner
+
+    def caption(
+        self,
+        name: str,
+        choice: str,
+        options: CaptionOptions,
+        owner: str | None = None,
+        progress: Progress | None = None,
+        should_cancel: Callable[[], bool] = lambda: False,
+    ) -> CaptionReport:
+        """Caption dataset ``name`` now, in this thread."""
+        dataset = self.dataset(name, owner)
+        options = options.checked()
+        captioner = self.captioner(choice)
+        with self._resident():
+            captioner.ensure_loaded()  # a model that cannot load fails here, before any image
+            return caption_dataset(dataset, captioner, options, progress, should_cancel)
+
+    def start(self, name: str, choice: str, options: CaptionOptions, owner: str | None = None) -> Job:
+        """Queue captioning on the GPU queue; the job reports per image and its result is the report."""
+        if self.jobs is None:
+            raise UserError("Captioning jobs need the app's job queue; run `python -m lorapg dataset caption` instead.")
+        dataset = self.dataset(name, owner)  # bad input is refused now, not inside the job
+        options = options.checked()
+
+        def work(job: Job) -> CaptionReport:
+            def report(done: int, total: int, file: str) -> None:
+                job.report(done, total, message=f"captioned {file}")
+
+            # The model is resolved (maybe downloaded) and loaded here, in the job, not in the request.
+            return self.caption(dataset.name, choice, options, owner, report, job.cancel_requested)
+
+        return self.jobs.submit(CAPTION_JOB, work, owner=owner, total=len(dataset.image_paths()))
+
+    def job(self, job_id: str, owner: str | None = None) -> Job:
+        if self.jobs is None:
+            raise UserError(f"Unknown caption job {shorten(job_id, 40)!r}.")
+        job = self.jobs.get(job_id)
+        if job.kind != CAPTION_JOB or job.owner != owner:
+            raise UserError(f"Unknown caption job {shorten(job_id, 40)!r}.")
+        return job
+
+    def release(self) -> None:
+        with self._lock:
+            if self._captioner is not None:
+                self._captioner.release()
+
+    def _resident(self):
+        if self.residency is None:
+            return contextlib.nullcontext()
+        return self.residency.use(CAPTIONER_RESIDENT_NAME)
+
+    # --- editing ---------------------------------------------------------------------------------
+
+    def dataset(self, name: str, owner: str | None = None) -> Dataset:
+        return self.stores(owner).get(name)
+
+    def names(self, owner: str | None = None) -> list[str]:
+        return self.stores(owner).names()
+
+    def captions(self, name: str, owner: str | None = None) -> list[dict[str, str]]:
+        return [row.as_dict() for row in editing.rows(self.dataset(name, owner))]
+
+    def set_caption(self, name: str, file: str, caption: str, owner: str | None = None) -> dict[str, str]:
+        dataset = self.dataset(name, owner)
+        dataset.set_caption(file, editing.checked_caption(caption, self.settings.max_prompt_chars))
+        return {"file": file, "caption": dataset.caption(file)}
+
+    def set_captions(self, name: str, captions: dict[str, str], owner: str | None = None) -> list[str]:
+        """Several captions at once (the Train tab's table): all checked before any is written; the changed."""
+        dataset = self.dataset(name, owner)
+        current = {row.file: row.caption for row in editing.rows(dataset)}
+        changed: dict[str, str] = {}
+        for file, caption in captions.items():
+            if file not in current:
+                raise UserError(f"No image {file!r} in dataset {name}; reload the table.")
+            caption = editing.checked_caption(caption, self.settings.max_prompt_chars)
+            if caption != current[file]:
+                changed[file] = caption
+        for file, caption in changed.items():
+            dataset.set_caption(file, caption)
+        return list(changed)
+
+    def tag_frequency(self, name: str, trigger: str = "", repeats: int = 1, owner: str | None = None):
+        return editing.tag_frequency(self.dataset(name, owner), trigger, repeats)
+
+    def find_replace(self, name: str, find: str, replace: str, regex: bool = False, owner: str | None = None):
+        limit = self.settings.max_prompt_chars
+        return editing.find_replace(self.dataset(name, owner), find, replace, regex=regex, max_chars=limit)
+
+    def add_tag(self, name: str, tag: str, position: str = editing.END, owner: str | None = None) -> list[str]:
+        return editing.add_tag(self.dataset(name, owner), tag, position, max_chars=self.settings.max_prompt_chars)
+
+    def remove_tag(self, name: str, tag: str, owner: str | None = None) -> list[str]:
+        return editing.remove_tag(self.dataset(name, owner), tag)
