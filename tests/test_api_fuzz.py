@@ -79,6 +79,11 @@ CAPS = {
     "num_images": 1,
     "epochs": 1,
     "max_steps": 2,
+    # Hires fix: a second pass at up to 4x the size (or hr_resize_x/y pixels) would be a full-size job.
+    "hr_scale": 1,
+    "hr_resize_x": 64,
+    "hr_resize_y": 64,
+    "hr_second_pass_steps": 2,
 }
 MODEL_SWITCHES = {"sd_model_checkpoint", "model"}
 
