@@ -4,16 +4,10 @@ path; the engine, preprocessors, PNG parameters and Reuse, the CLI and the APIs 
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image, ImageDraw
@@ -26,8 +20,13 @@ from lorapg.diffusion.img2img import Img2ImgOptions
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest, LoraRequest, validate
 from lorapg.errors import UserError
+from lorapg.gallery.a1111 import format_parameters, parse_parameters
+from lorapg.gallery.png import read_png_parameters as read_parameters
+from lorapg.gallery.records import attachment_path
+from lorapg.gallery.store import GalleryStore
+from lorapg.outputs import image_record, record_in_gallery
 from lorapg.residency import ResidencyManager
-from tests.app_server import running_app
+from lorapg.services.gallery import GalleryService
 
 SIZE = 32
 
@@ -201,3 +200,97 @@ def test_the_depth_preprocessor_says_where_its_weights_go(engine, tmp_path):
     message = str(caught.value)
     assert "Preprocessor depth needs a depth-estimation model in" in message and "annotators/depth" in message
     assert "hf download depth-anything/Depth-Anything-V2-Small-hf" in message
+
+
+# --- PNG parameters, the gallery and Reuse ---------------------------------------------------------
+
+
+def test_png_parameters_name_each_unit_and_reuse_restores_them(engine, models, tmp_path):
+    units = (unit(module="canny", weight=0.75, guidance_end=0.8), unit("edges2", image=shapes(flip=True)))
+    result = engine.generate(request(*units))
+    text = format_parameters(image_record(result, 0))
+    digest = ControlNetLibrary(models / "controlnet").resolve("edges").short_hash
+    assert len(digest) == 8
+    assert (
+        f'ControlNet 0: "Module: canny, Model: edges [{digest}], Weight: 0.75, Resize Mode: Crop and Resize, '
+        'Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 0.8"'
+    ) in text
+    assert 'ControlNet 1: "Module: none, Model: edges2 [' in text
+    parsed = parse_parameters(text)
+    assert not parsed.problems and not parsed.extra
+    assert [(use.module, use.model, use.model_hash, use.weight, use.guidance_end) for use in parsed.controlnet] == [
+        ("canny", "edges", digest, 0.75, 0.8),
+        ("none", "edges2", parsed.controlnet[1].model_hash, 1.0, 1.0),
+    ]
+
+    store = GalleryStore(tmp_path / "gallery.sqlite3", tmp_path / "images", keep=0)
+    gallery = GalleryService(store, LoraLibrary(tmp_path / "loras"))
+    (saved,) = record_in_gallery(store, result)
+    assert read_parameters(saved.path) == text
+    for index in (0, 1):
+        kept = attachment_path(saved.path, f"control{index}")
+        assert np.array_equal(pixels(Image.open(kept)), pixels(units[index].image))
+    reused = gallery.reuse_parameters(saved.id)
+    again = engine.generate(reused.to_request())
+    assert [(u.model, u.module, u.weight, u.guidance_end) for u in again.request.controlnet] == [
+        ("edges", "canny", 0.75, 0.8),
+        ("edges2", "none", 1.0, 1.0),
+    ]
+    assert distance(again.images[0], result.images[0]) < 1  # the same image, made again from the gallery
+
+    # A PNG alone carries no control image: Reuse says so and leaves the units out.
+    from_png = gallery.reuse_parameters(gallery.png_info(saved.path.read_bytes()))
+    assert from_png.to_request().controlnet == ()
+    assert "ControlNet unit 0 (edges) has no control image here; it was left out." in from_png.notes
+    # Deleting the image deletes its control images too.
+    gallery.delete(saved.id)
+    assert not attachment_path(saved.path, "control0").exists()
+
+
+def test_an_a1111_controlnet_text_is_read(tmp_path):
+    text = (
+        "a house\nSteps: 20, Seed: 1, Size: 512x512, "
+        'ControlNet 0: "Module: depth_midas, Model: control_v11f1p_sd15_depth [cfd03158], Weight: 1.2, '
+        "Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 512, Guidance Start: 0.1, "
+        'Guidance End: 0.9, Pixel Perfect: False, Control Mode: Balanced"'
+    )
+    (use,) = parse_parameters(text).controlnet
+    assert (use.module, use.model, use.model_hash, use.weight) == (
+        "depth_midas",
+        "control_v11f1p_sd15_depth",
+        "cfd03158",
+        1.2,
+    )
+    assert (use.guidance_start, use.guidance_end, use.threshold_a) == (0.1, 0.9, None)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_generate_with_two_controlnet_units(tiny_models, models, tmp_path, capsys):
+    shapes().save(tmp_path / "control.png")
+    shapes(flip=True).save(tmp_path / "other.png")
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(tiny_models["sd15"]), "--lora-dir", str(tiny_models["loras"])]
+    args += ["--models-dir", str(models), "--outputs", str(tmp_path / "outputs"), "--threads", "1"]
+    args += ["--prompt", "a fox", "--steps", "2", "--width", "32", "--height", "32", "--seed", "3", "--out", str(out)]
+    units = ["--controlnet", "edges", "--control-image", str(tmp_path / "control.png")]
+    units += ["--control-preprocessor", "canny", "--control-weight", "0.5", "--control-start", "0.1"]
+    units += ["--controlnet", "edges2", "--control-image", str(tmp_path / "other.png")]
+    assert main([*args, *units]) == 0
+    text = read_parameters(out)
+    assert 'ControlNet 0: "Module: canny, Model: edges [' in text and "Weight: 0.5," in text
+    assert "Guidance Start: 0.1, Guidance End: 1" in text and 'ControlNet 1: "Module: none, Model: edges2' in text
+    assert attachment_path(out, "control0").is_file() and attachment_path(out, "control1").is_file()
+
+    capsys.readouterr()
+    for extra, message in (
+        (["--controlnet", "nowhere", "--control-image", str(tmp_path / "control.png")], "'nowhere' is not in"),
+        ([*units[:4], "--control-weight", "5"], "ControlNet unit 0 weight must be 0–2, got 5."),
+        (["--control-image", str(tmp_path / "control.png")], "--control-image needs --controlnet MODEL"),
+        (["--controlnet", "edges"], "--controlnet edges needs a --control-image"),
+        (["--controlnet", "edges", "--control-image", str(tmp_path / "none.png")], "ControlNet unit 0 image: no file"),
+    ):
+        assert main([*args, *extra]) != 0
+        errors = [line for line in capsys.readouterr().err.split("\n") if "error:" in line]  # not tqdm's lines
+        assert len(errors) == 1 and message in errors[0], errors

@@ -39,6 +39,7 @@ class ControlRun:
     images: list[Image.Image]  # what each unit's ControlNet sees, at width x height
     units: tuple[ControlUnit, ...]
     residents: list[str]  # their names in the residency manager
+    hashes: list[str]  # each model's short hash, as the PNG parameters name it ("" if it has no weights file)
 
     def kwargs(self) -> dict:
         """The pipeline's ControlNet arguments (lists: one entry per unit)."""
@@ -74,7 +75,7 @@ def prepare_control_run(
 
     ``place(name, controlnet)``: puts a ControlNet where the pipeline runs and returns its resident name.
     """
-    controlnets, residents = [], []
+    controlnets, residents, hashes = [], [], []
     for unit in units:
         info = library.resolve(unit.model)
         library.check_family(info, model.family)
@@ -82,6 +83,7 @@ def prepare_control_run(
         check_text_width(info.name, controlnet, model.pipe.unet.config.cross_attention_dim, model.family)
         controlnets.append(controlnet)
         residents.append(place(info.name, controlnet))
+        hashes.append(info.short_hash)
     images = [control_image(unit, width, height, annotators) for unit in units]
     pipe_class = StableDiffusionXLControlNetPipeline if model.family == SDXL else StableDiffusionControlNetPipeline
     controlnet = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
@@ -89,4 +91,4 @@ def prepare_control_run(
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = model.pipe.scheduler  # the engine set the request's sampler on the base pipeline
     log.info("ControlNet run: %s", describe_units(units))
-    return ControlRun(pipe, images, units, residents)
+    return ControlRun(pipe, images, units, residents, hashes)

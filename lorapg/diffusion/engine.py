@@ -54,6 +54,7 @@ class GenerationResult:
     saved: list = field(default_factory=list)  # files written for this result (gallery, CLI)
     variation_seeds: list[int] = field(default_factory=list)  # per image; empty at variation strength 0
     control_images: list[Image.Image] = field(default_factory=list)  # what each ControlNet unit saw
+    control_hashes: list[str] = field(default_factory=list)  # each unit's model's short hash
 
 
 @dataclass
@@ -318,6 +319,7 @@ class DiffusionEngine:
                 warnings=warnings,
                 variation_seeds=variation_seeds(request),
                 control_images=control_run.images if control_run else [],
+                control_hashes=control_run.hashes if control_run else [],
             )
 
     def _control_run(self, model: LoadedModel, request: GenerationRequest) -> ControlRun:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from lorapg.config import Settings
+from lorapg.diffusion.controlnet import check_units
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
 from lorapg.diffusion.flux import FamilyDefaults, family_defaults
@@ -181,12 +182,18 @@ class GenerationService:
         request = replace(request, prompt=prompt, loras=tuple(request.loras) + tagged)
         if request.img2img is not None:  # decoded once here, within the upload's pixel limit
             request = replace(request, img2img=check_options(request.img2img, self.settings.max_image_pixels))
+        if request.controlnet:  # the units' images too
+            request = replace(request, controlnet=check_units(request.controlnet, self.settings.max_image_pixels))
         model = self.engine.model
         # The real check runs on the model; this one fails before the queue.
         native, family = (model.native_size, model.family) if model else (NATIVE_SIZE[SD1], None)
         settings = self.settings
         validate(request, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
+        for unit in request.controlnet:  # an unknown ControlNet, or one for another family: fail now too
+            info = self.engine.controlnets.resolve(unit.model)
+            if family is not None:
+                self.engine.controlnets.check_family(info, family)
         return request
 
     @staticmethod
