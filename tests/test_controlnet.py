@@ -4,11 +4,18 @@ path; the engine, preprocessors, PNG parameters and Reuse, the CLI and the APIs 
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
+import webuiapi
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image, ImageDraw
 
@@ -27,6 +34,7 @@ from lorapg.gallery.store import GalleryStore
 from lorapg.outputs import image_record, record_in_gallery
 from lorapg.residency import ResidencyManager
 from lorapg.services.gallery import GalleryService
+from tests.app_server import running_app
 
 SIZE = 32
 
@@ -294,3 +302,80 @@ def test_cli_generate_with_two_controlnet_units(tiny_models, models, tmp_path, c
         assert main([*args, *extra]) != 0
         errors = [line for line in capsys.readouterr().err.split("\n") if "error:" in line]  # not tqdm's lines
         assert len(errors) == 1 and message in errors[0], errors
+
+
+# --- the APIs over HTTP ------------------------------------------------------------------------------
+
+
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def app(tiny_models, models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnet-api")
+    shutil.copytree(tiny_models["loras"], root / "loras")
+    args = ["--api", "--model", str(tiny_models["sd15"]), "--lora-dir", str(root / "loras")]
+    with running_app(*args, "--models-dir", str(models), "--outputs", str(root / "outputs"), "--threads", "1") as url:
+        yield url
+
+
+def test_a1111_txt2img_with_controlnet_units_from_webuiapi(app, models):
+    api = webuiapi.WebUIApi(baseurl=app + "sdapi/v1", sampler="Euler a", steps=2)
+    titles = api.controlnet_model_list()
+    digest = ControlNetLibrary(models / "controlnet").resolve("edges").short_hash
+    assert titles == [f"edges [{digest}]", titles[1], titles[2]] and titles[2].startswith("xl_edges [")
+    assert api.controlnet_module_list() == ["none", "canny", "depth"]
+    body = dict(prompt="a fox", seed=5, width=32, height=32, steps=2)
+    plain = api.txt2img(**body).image
+    unit = webuiapi.ControlNetUnit(image=shapes(), module="canny", model=titles[0], weight=1.5, threshold_a=100)
+    steered = api.txt2img(**body, controlnet_units=[unit])
+    assert distance(steered.image, plain) > 1
+    text = steered.info["infotexts"][0]
+    assert f'ControlNet 0: "Module: canny, Model: edges [{digest}], Weight: 1.5, Resize Mode: Resize and Fill' in text
+
+    # The same through plain requests: a disabled unit is skipped, a bad one is refused by name.
+    url = app + "sdapi/v1/txt2img"
+    disabled = {"alwayson_scripts": {"controlnet": {"args": [{"enabled": False, "model": "edges"}]}}}
+    reply = requests.post(url, json=body | disabled, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert "ControlNet" not in json.loads(reply.json()["info"])["infotexts"][0]
+    for arg, message in (
+        ({"model": "edges", "image": b64(shapes()), "weight": 3}, "ControlNet unit 0 weight must be 0–2, got 3."),
+        ({"model": "missing", "image": b64(shapes())}, "ControlNet model 'missing' is not in"),
+        ({"model": "xl_edges", "image": b64(shapes())}, "ControlNet model xl_edges is made for SDXL"),
+        ({"model": "edges", "image": "bm90IGFuIGltYWdl"}, "ControlNet unit 0 image is not an image"),
+        ({"model": "edges", "image": b64(shapes()), "control_mode": 2}, "control_mode 2 is not available here"),
+    ):
+        scripts = {"alwayson_scripts": {"controlnet": {"args": [arg]}}}
+        refused = requests.post(url, json=body | scripts, timeout=120)
+        assert refused.status_code in (400, 422) and message in refused.text, refused.text
+
+
+def test_api_v1_generations_takes_a_controlnet_list(app):
+    body = {"prompt": "a fox", "steps": 2, "width": 32, "height": 32, "seed": 6}
+    units = [{"model": "edges", "image": b64(shapes()), "module": "canny", "guidance_end": 0.5}]
+    reply = requests.post(f"{app}api/v1/generations", json=body | {"controlnet": units}, timeout=60)
+    assert reply.status_code == 202, reply.text
+    job = wait_for(app, reply.json()["job_id"])
+    assert job["status"] == "done", job
+    image = Image.open(io.BytesIO(requests.get(app.rstrip("/") + job["images"][0], timeout=60).content))
+    assert 'ControlNet 0: "Module: canny, Model: edges [' in image.text["parameters"]
+    assert "Guidance End: 0.5" in image.text["parameters"]
+
+    bad = [{"model": "edges", "image": b64(shapes()), "weight": -1}]
+    refused = requests.post(f"{app}api/v1/generations", json=body | {"controlnet": bad}, timeout=60)
+    assert refused.status_code in (400, 422) and "ControlNet unit 0 weight must be 0–2, got -1." in refused.text
+
+
+def wait_for(app: str, job_id: str) -> dict:
+    """The job's state once it has finished (polled; the generous deadline only guards a hang)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = requests.get(f"{app}api/v1/generations/{job_id}", timeout=60).json()
+        if job["status"] in ("done", "error", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
