@@ -17,6 +17,7 @@ import requests
 import torch
 import webuiapi
 from diffusers import ControlNetModel, UNet2DConditionModel
+from gradio_client import Client, handle_file
 from PIL import Image, ImageDraw
 
 from lorapg.cli import main
@@ -379,3 +380,33 @@ def wait_for(app: str, job_id: str) -> dict:
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+# --- the Generate tab ---------------------------------------------------------------------------------
+
+# The Generate tab's fields a gradio_client call must give (it has no defaults for them).
+FORM = {"negative_prompt": "", "loras": "", "steps": 2, "cfg_scale": 7, "sampler": "Euler a", "batch_size": 1}
+
+
+def test_the_generate_tabs_controlnet_fields_and_reuse(app, tmp_path):
+    shapes().save(tmp_path / "control.png")
+    client = Client(app, verbose=False)
+    unit = {"controlnet_model": "edges", "controlnet_image": handle_file(str(tmp_path / "control.png"))}
+    unit |= {"controlnet_module": "canny", "controlnet_weight": 0.6, "controlnet_guidance_end": 0.7}
+    images, status, _, _ = client.predict(
+        prompt="a fox", seed=4, width=32, height=32, **FORM, **unit, api_name="/generate"
+    )
+    made = Path(images[0]["image"])
+    text = read_parameters(made)
+    assert "seed 4" in status and 'ControlNet 0: "Module: canny, Model: edges [' in text
+    assert "Weight: 0.6," in text and "Guidance End: 0.7" in text
+    with pytest.raises(Exception, match="ControlNet unit 0 weight must be 0–2, got 2.5."):
+        bad = unit | {"controlnet_weight": 2.5}
+        client.predict(prompt="a fox", seed=4, width=32, height=32, **FORM, **bad, api_name="/generate")
+
+    # Reuse of the gallery image fills the tab's ControlNet fields, its control image included.
+    newest = client.predict("", "", api_name="/gallery_list")[0][0]["caption"].split()[0].lstrip("#")
+    reused = client.predict(int(newest), None, api_name="/gallery_reuse")
+    model, image, module, weight, start, end = reused[-6:]
+    assert (model, module, weight, start, end) == ("edges", "canny", 0.6, 0.0, 0.7)
+    assert np.array_equal(pixels(Image.open(image)), pixels(shapes()))

@@ -184,6 +184,21 @@ class ReuseParameters:
             )
         return tuple(units)
 
+    def controlnet_form(self) -> dict:
+        """The Generate tab's ControlNet fields (its one unit: the first restorable one); "None" without."""
+        units = self.control_units()
+        if not units:
+            return {"controlnet_model": "None", "controlnet_image": None}
+        unit = units[0]
+        return {
+            "controlnet_model": unit.model,
+            "controlnet_image": str(unit.image),
+            "controlnet_module": unit.module,
+            "controlnet_weight": unit.weight,
+            "controlnet_guidance_start": unit.guidance_start,
+            "controlnet_guidance_end": unit.guidance_end,
+        }
+
     def hires_options(self):
         """The request's hires options (None: no hires fix); fields the text left out take the defaults."""
         from lorapg.diffusion.hires import HiresOptions

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from lorapg.config import Settings
-from lorapg.diffusion.controlnet import check_units
+from lorapg.diffusion.controlnet import ControlUnit, check_units
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
 from lorapg.diffusion.flux import FamilyDefaults, family_defaults
@@ -203,6 +203,26 @@ class GenerationService:
             return None
         given = {"scale": scale, "steps": steps, "strength": strength, "upscaler": upscaler}
         return HiresOptions(**{key: value for key, value in given.items() if value is not None})  # None: default
+
+    def controlnet_names(self) -> list[str]:
+        """The ControlNet models in the models folder now (re-read, so files added while the app runs appear)."""
+        return self.engine.controlnets.names()
+
+    @staticmethod
+    def controlnet_units(model, image, module="none", weight=1.0, guidance_start=0.0, guidance_end=1.0) -> tuple:
+        """One unit from a form (() when no model is picked: "None"); the request checks the values."""
+        if model in (None, "", "None"):
+            return ()
+        return (
+            ControlUnit(
+                model=model,
+                image=image,
+                module=module or "none",
+                weight=weight,
+                guidance_start=guidance_start,
+                guidance_end=guidance_end,
+            ),
+        )
 
     @staticmethod
     def img2img_options(image, **form) -> Img2ImgOptions | None:
