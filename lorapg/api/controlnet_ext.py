@@ -5,23 +5,32 @@ preprocessors ("modules") and the API version."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lorapg.api.auth import ApiAccess, basic_auth_check
 from lorapg.api.errors import A1111Route
 from lorapg.diffusion.controlnet_models import ControlNetLibrary
+from lorapg.limits import CONTROL_PREPROCESSORS
 from lorapg.services.a1111_controlnet import EXTENSION_API_VERSION, module_list
 
 
 class ModelList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model_list": ["control_v11p_sd15_canny [d14c016b]", "xl_depth [39c49e13]"]}]}
+    )
+
     model_list: list[str] = Field(description="models in MODELS_DIR/controlnet, as 'name [hash]'")
 
 
 class ModuleList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"module_list": list(CONTROL_PREPROCESSORS)}]})
+
     module_list: list[str] = Field(description="the preprocessors this app runs")
 
 
 class Version(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"version": EXTENSION_API_VERSION}]})
+
     version: int
 
 
