@@ -76,12 +76,12 @@ def models(tiny_models, tmp_path_factory) -> Path:
 
 
 def make_engine(tiny_models, models: Path, base: str = "sd15", **kwargs) -> DiffusionEngine:
+    kwargs.setdefault("annotators_dir", models / "annotators")
     engine = DiffusionEngine(
         LoraLibrary(tiny_models["loras"]),
         torch.device("cpu"),
         torch.float32,
         controlnets=ControlNetLibrary(models / "controlnet"),
-        annotators_dir=models / "annotators",
         **kwargs,
     )
     engine.load_model(str(tiny_models[base]))
@@ -201,6 +201,46 @@ def test_compile_mode_refuses_controlnet_with_one_line(tiny_models, models):
     compiled = make_engine(tiny_models, models, compile_unet=True, compile_backend="eager")
     with pytest.raises(UserError, match="ControlNet does not run with --compile yet"):
         compiled.generate(request(unit()))
+
+
+def save_tiny_depth_model(folder: Path) -> Path:
+    """A tiny Depth Anything (DINOv2 backbone) with its image processor, as ``hf download`` leaves one."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=28,
+        patch_size=14,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=16,
+        neck_hidden_sizes=[8, 8, 8, 8],
+        fusion_hidden_size=8,
+        head_hidden_size=8,
+        patch_size=14,
+    )
+    torch.manual_seed(0)
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, ensure_multiple_of=14).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_the_depth_preprocessor_reads_a_transformers_depth_model(tiny_models, models, tmp_path):
+    save_tiny_depth_model(tmp_path / "annotators" / "depth")
+    engine = make_engine(tiny_models, models, annotators_dir=tmp_path / "annotators")
+    result = engine.generate(request(unit(module="depth_midas", image=shapes(48))))  # A1111's name for it
+    depth = result.control_images[0]
+    grey = np.asarray(depth.convert("L"))
+    assert depth.size == (SIZE, SIZE) and depth.mode == "RGB" and (grey.min(), grey.max()) == (0, 255)  # normalised
+    assert result.request.controlnet[0].module == "depth"
 
 
 def test_the_depth_preprocessor_says_where_its_weights_go(engine, tmp_path):

@@ -324,7 +324,8 @@ class DiffusionEngine:
 
     def _control_run(self, model: LoadedModel, request: GenerationRequest) -> ControlRun:
         if self.compile_unet:
-            # The compiled UNet's graph takes no ControlNet residuals; each unit set would recompile it.
+            # Not built or tested yet: the ControlNet's residuals are new inputs to the compiled UNet's graph
+            # (a recompile, or a graph break, on every unit set); refused rather than run slow or wrong.
             raise UserError("ControlNet does not run with --compile yet; start the app without --compile to use it.")
         return prepare_control_run(
             model,
