@@ -450,3 +450,28 @@ def test_the_generate_tabs_controlnet_fields_and_reuse(app, tmp_path):
     model, image, module, weight, start, end = reused[-6:]
     assert (model, module, weight, start, end) == ("edges", "canny", 0.6, 0.0, 0.7)
     assert np.array_equal(pixels(Image.open(image)), pixels(shapes()))
+
+
+def test_single_files_are_listed_with_their_family_and_pickles_need_the_flag(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    tensor = torch.zeros(2)
+    # The original (A1111) layout: SDXL ControlNets carry the added-conditions embedding ("label_emb").
+    save_file({"control_model.input_blocks.0.0.weight": tensor}, str(folder / "sd15_canny.safetensors"))
+    save_file({"control_model.label_emb.0.0.weight": tensor}, str(folder / "xl_canny.safetensors"))
+    (folder / "old_depth.pth").write_bytes(b"pickled")
+    library = ControlNetLibrary(folder)
+    assert [(info.name, info.family) for info in library.scan()] == [("sd15_canny", "sd1"), ("xl_canny", "sdxl")]
+    with pytest.raises(
+        UserError, match="ControlNet model xl_canny is made for SDXL, but the loaded base model is SD 1"
+    ):
+        library.check_family(library.resolve("xl_canny"), "sd1")
+    with pytest.raises(UserError, match="old_depth is a pickled file; .* pass --allow-pickle"):
+        library.resolve("old_depth")
+    assert "old_depth" in ControlNetLibrary(folder, allow_pickle=True).names()
+    # A file diffusers cannot read as a ControlNet: one line saying what to use instead.
+    with pytest.raises(UserError) as caught:
+        library.load(library.resolve("sd15_canny"), torch.float32)
+    assert "ControlNet model sd15_canny could not be loaded" in str(caught.value) and "\n" not in str(caught.value)
