@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from lorapg.cli import main
 from lorapg.diffusion.controlnet import ControlUnit, canny, check_units
 from lorapg.diffusion.controlnet_models import ControlNetLibrary
 from lorapg.diffusion.engine import DiffusionEngine
+from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import Img2ImgOptions
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest, LoraRequest, validate
@@ -148,6 +150,24 @@ def test_two_units_run_as_one_multi_controlnet(engine):
     assert distance(muted, one) < 1
 
 
+def test_img2img_and_inpainting_with_a_controlnet(engine):
+    init = Image.new("RGB", (SIZE, SIZE), (90, 140, 200))
+    img2img = Img2ImgOptions(image=init, strength=0.8)
+    plain = engine.generate(request(img2img=img2img, steps=4)).images[0]
+    steered = engine.generate(request(unit(), img2img=img2img, steps=4)).images[0]
+    muted = engine.generate(request(unit(weight=0), img2img=img2img, steps=4)).images[0]
+    assert distance(steered, plain) > 1 and distance(muted, plain) < 1
+
+    # Inpainting: the ControlNet steers the masked half; the other half keeps the init image's pixels.
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, SIZE // 2 - 1, SIZE - 1), fill=255)
+    inpaint = Img2ImgOptions(image=init, strength=0.8, mask=mask, mask_blur=0)
+    painted = engine.generate(request(unit(), img2img=inpaint, steps=4)).images[0]
+    assert np.array_equal(pixels(painted)[:, SIZE // 2 + 2 :], pixels(init)[:, SIZE // 2 + 2 :])
+    with pytest.raises(UserError, match="ControlNet with inpainting works on the whole picture so far"):
+        engine.generate(request(unit(), img2img=replace(inpaint, only_masked=True), steps=4))
+
+
 def test_canny_preprocessor_makes_an_edge_map(engine):
     edges = canny(shapes(), 100, 200)
     grey = np.asarray(edges.convert("L"))
@@ -191,8 +211,8 @@ def test_bad_units_are_refused_by_name(engine, tmp_path):
         assert message in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(UserError, match="at most 3 units"):
         check_units([unit()] * 4)
-    with pytest.raises(UserError, match="ControlNet runs with txt2img so far"):
-        validate(request(unit(), img2img=Img2ImgOptions(image=shapes())), 64)
+    with pytest.raises(UserError, match="ControlNet runs without the hires fix so far"):
+        validate(request(unit(), hires=HiresOptions()), 64)
     with pytest.raises(UserError, match="ControlNet is built for SD 1.x and SDXL so far"):
         validate(request(unit()), 64, family="flux")
 

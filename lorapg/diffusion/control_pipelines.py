@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
 from diffusers.models import MultiControlNetModel
 from PIL import Image
 
@@ -29,6 +37,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESIDENT_PREFIX = "controlnet "  # each model's name in the residency manager's status
+TXT2IMG, IMG2IMG, INPAINT = "txt2img", "img2img", "inpaint"  # the run's kind (image_pipelines' names)
+# (family is SDXL, kind) -> diffusers' ControlNet pipeline for it
+_PIPELINES = {
+    (False, TXT2IMG): StableDiffusionControlNetPipeline,
+    (False, IMG2IMG): StableDiffusionControlNetImg2ImgPipeline,
+    (False, INPAINT): StableDiffusionControlNetInpaintPipeline,
+    (True, TXT2IMG): StableDiffusionXLControlNetPipeline,
+    (True, IMG2IMG): StableDiffusionXLControlNetImg2ImgPipeline,
+    (True, INPAINT): StableDiffusionXLControlNetInpaintPipeline,
+}
 
 
 @dataclass
@@ -41,12 +59,13 @@ class ControlRun:
     residents: list[str]  # their names in the residency manager
     hashes: list[str]  # each model's short hash, as the PNG parameters name it ("" if it has no weights file)
 
-    def kwargs(self) -> dict:
-        """The pipeline's ControlNet arguments (lists: one entry per unit)."""
+    def kwargs(self, image_key: str = "image") -> dict:
+        """The pipeline's ControlNet arguments (lists: one entry per unit). ``image_key``: where the
+        control images go ("image" for txt2img; img2img and inpainting take them as "control_image")."""
         single = len(self.units) == 1  # one ControlNetModel takes one image and a float weight
         weights = [unit.weight for unit in self.units]
         return {
-            "image": self.images[0] if single else self.images,
+            image_key: self.images[0] if single else self.images,
             "controlnet_conditioning_scale": weights[0] if single else weights,
             "control_guidance_start": [unit.guidance_start for unit in self.units],
             "control_guidance_end": [unit.guidance_end for unit in self.units],
@@ -70,6 +89,7 @@ def prepare_control_run(
     library: ControlNetLibrary,
     annotators: Path,
     place: Callable[[str, object], str],
+    kind: str = TXT2IMG,
 ) -> ControlRun:
     """Load (once) and check each unit's model, make its control image, and build the pipeline.
 
@@ -85,7 +105,7 @@ def prepare_control_run(
         residents.append(place(info.name, controlnet))
         hashes.append(info.short_hash)
     images = [control_image(unit, width, height, annotators) for unit in units]
-    pipe_class = StableDiffusionXLControlNetPipeline if model.family == SDXL else StableDiffusionControlNetPipeline
+    pipe_class = _PIPELINES[(model.family == SDXL, kind)]
     controlnet = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
     pipe = pipe_class.from_pipe(model.pipe, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)

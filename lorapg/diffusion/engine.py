@@ -17,7 +17,7 @@ from PIL import Image
 
 from lorapg.diffusion import compile_mode, flux
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
-from lorapg.diffusion.control_pipelines import RESIDENT_PREFIX, ControlRun, prepare_control_run
+from lorapg.diffusion.control_pipelines import RESIDENT_PREFIX, TXT2IMG, ControlRun, prepare_control_run
 from lorapg.diffusion.controlnet_models import ControlNetLibrary
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, is_transformer_family
 from lorapg.diffusion.image_pipelines import prepare_hires_run, prepare_image_run
@@ -211,7 +211,9 @@ class DiffusionEngine:
                 request = image_run.request  # its init image and mask decoded and checked
             # Hires fix: a second pass on the upscaled first one; progress counts both passes' steps.
             hires_run = prepare_hires_run(model, request, seeds)
-            control_run = self._control_run(model, request) if request.controlnet else None
+            control_run = self._control_run(model, request, image_run) if request.controlnet else None
+            if image_run is not None:
+                image_run.control = control_run
             self._configure_vae_tiling(model, *(hires_run.size if hires_run else (request.width, request.height)))
             total_steps = image_run.steps if image_run else hires_run.total_steps if hires_run else request.steps
             cancelled = False
@@ -322,7 +324,10 @@ class DiffusionEngine:
                 control_hashes=control_run.hashes if control_run else [],
             )
 
-    def _control_run(self, model: LoadedModel, request: GenerationRequest) -> ControlRun:
+    def _control_run(self, model: LoadedModel, request: GenerationRequest, image_run) -> ControlRun:
+        if image_run is not None and image_run.plan.box is not None:
+            # "Only masked" repaints a crop: the control image would have to be cropped the same way.
+            raise UserError("ControlNet with inpainting works on the whole picture so far; turn off 'Only masked'.")
         if self.compile_unet:
             # Not built or tested yet: the ControlNet's residuals are new inputs to the compiled UNet's graph
             # (a recompile, or a graph break, on every unit set); refused rather than run slow or wrong.
@@ -335,6 +340,7 @@ class DiffusionEngine:
             library=self.controlnets,
             annotators=self.annotators_dir,
             place=self._place_controlnet,
+            kind=image_run.kind if image_run is not None else TXT2IMG,
         )
 
     def _place_controlnet(self, name: str, controlnet: torch.nn.Module) -> str:

@@ -199,8 +199,6 @@ def _controlnet(request: GenerationRequest, family: str | None, max_pixels: int)
 
     if family is not None and is_transformer_family(family):
         raise UserError("ControlNet is built for SD 1.x and SDXL so far; remove the ControlNet units for this model.")
-    if request.img2img is not None:
-        raise UserError("ControlNet runs with txt2img so far; clear the init image or remove the ControlNet units.")
     if request.hires is not None:
         raise UserError("ControlNet runs without the hires fix so far; turn hires fix off or remove the units.")
     return check_units(request.controlnet, max_pixels)

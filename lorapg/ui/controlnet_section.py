@@ -28,7 +28,7 @@ def build_controlnet_section(model_names: list[str]) -> dict[str, gr.components.
     """The accordion's widgets, keyed by CONTROLNET_INPUTS, plus its refresh button ("controlnet_refresh")."""
     with gr.Accordion("ControlNet", open=False, elem_id="controlnet"):
         gr.Markdown(
-            "Steer the image with a control image (SD 1.x and SDXL, txt2img). Models come from "
+            "Steer the image with a control image (SD 1.x and SDXL; txt2img and img2img). Models come from "
             "`models/controlnet`; a preprocessor turns a photo into the map the model reads "
             "(canny: edges; depth needs a depth model in `models/annotators/depth`)."
         )
