@@ -9,7 +9,6 @@ its documented behaviour, not its code. No torch at import: the CLI and the API 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from lorapg.limits import (
     CONTROL_UNITS,
     CONTROL_WEIGHT,
 )
-
-log = logging.getLogger(__name__)
 
 NONE, CANNY, DEPTH = CONTROL_PREPROCESSORS
 # The extension's other names for what these preprocessors do (A1111 PNGs and API calls use them).

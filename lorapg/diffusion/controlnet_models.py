@@ -183,6 +183,3 @@ def check_text_width(name: str, model: ControlNetModel, unet_width: int | None, 
             f"ControlNet model {name} reads text features of width {width}, but the loaded {family_label(family)} "
             f"model's are {unet_width}; pick a ControlNet made for this base model."
         )
-
-
-SUPPORTED_FAMILIES = (SD1, SD2, SDXL)
