@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lorapg.controlnet_cli import add_controlnet_arguments, controlnet_from_args
 from lorapg.errors import UserError
 from lorapg.hires_cli import add_hires_arguments, hires_from_args
 from lorapg.limits import (
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-gallery", action="store_true", help="do not record the images in the gallery")
     add_img2img_arguments(gen)
     add_hires_arguments(gen)
+    add_controlnet_arguments(gen)
     add_grid_parser(commands)
     add_gallery_parser(commands)
     add_prompt_parsers(commands)
@@ -374,6 +376,7 @@ def request_from_args(args: argparse.Namespace):
         variation_strength=args.variation_strength,
         img2img=img2img_from_args(args),
         hires=hires_from_args(args),
+        controlnet=controlnet_from_args(args),
     )
 
 

@@ -70,6 +70,18 @@ HIRES_STRENGTH_DEFAULT = 0.7
 # neighbour, or the decoded image resized with Lanczos ("None"); upscaler models come later.
 HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "None")
 
+# ControlNet (A1111's sd-webui-controlnet units): how strongly each unit steers, over which part of
+# the steps (fractions: 0 = the first step, 1 = the last), and the canny edge thresholds (0-255 grey levels).
+CONTROL_WEIGHT = Range(0.0, 2.0, 0.05, 1.0)
+CONTROL_GUIDANCE_START = Range(0.0, 1.0, 0.01, 0.0)
+CONTROL_GUIDANCE_END = Range(0.0, 1.0, 0.01, 1.0)
+CONTROL_THRESHOLD = Range(1, 255, 1, 100)
+CONTROL_UNITS = 3  # A1111's default "Multi-ControlNet: ControlNet unit number"
+# The preprocessors ("modules") this app runs; ``none`` takes the control image as it is.
+CONTROL_PREPROCESSORS = ("none", "canny", "depth")
+# The control image's resize modes (the extension's "Just Resize", "Crop and Resize", "Resize and Fill").
+CONTROL_RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
+
 # --- training (TrainConfig fields) ------------------------------------------------------------
 # A training seed is a generation seed: a sample made at it can be regenerated.
 TRAINING: dict[str, Range] = {

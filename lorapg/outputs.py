@@ -7,14 +7,23 @@ from pathlib import Path
 
 from PIL import ImageOps
 
+from lorapg.atomic_files import atomic_write
 from lorapg.diffusion.engine import GenerationResult
 from lorapg.diffusion.inpaint_mask import binary_mask
 from lorapg.diffusion.model_source import SINGLE_FILE
 from lorapg.gallery.a1111 import format_parameters
 from lorapg.gallery.png import save_png_atomically
-from lorapg.gallery.records import HiresUse, ImageRecord, Img2ImgUse, LoraUse
+from lorapg.gallery.records import (
+    ControlNetUse,
+    HiresUse,
+    ImageRecord,
+    Img2ImgUse,
+    LoraUse,
+    attachment_path,
+    control_attachment,
+)
 from lorapg.hashing import lora_hash, model_hash
-from lorapg.limits import INPAINTING_FILLS
+from lorapg.limits import CONTROL_RESIZE_MODES, INPAINTING_FILLS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +52,30 @@ def image_record(result: GenerationResult, index: int, job_id: str | None = None
         variation_strength=request.variation_strength if result.variation_seeds else None,
         img2img=img2img_use(request.img2img),
         hires=hires_use(request.hires),
+        controlnet=controlnet_uses(result),
     )
+
+
+def controlnet_uses(result: GenerationResult) -> list[ControlNetUse]:
+    """What the record keeps of each ControlNet unit (checked); its image is kept beside the result."""
+    hashes = result.control_hashes or [""] * len(result.request.controlnet)
+    uses = []
+    for unit, digest in zip(result.request.controlnet, hashes, strict=True):
+        canny = unit.module == "canny"  # the only preprocessor here with thresholds
+        uses.append(
+            ControlNetUse(
+                module=unit.module,
+                model=unit.model,
+                model_hash=digest or None,
+                weight=unit.weight,
+                resize_mode=CONTROL_RESIZE_MODES[unit.resize_mode],
+                threshold_a=unit.threshold_a if canny else None,
+                threshold_b=unit.threshold_b if canny else None,
+                guidance_start=unit.guidance_start,
+                guidance_end=unit.guidance_end,
+            )
+        )
+    return uses
 
 
 def hires_use(options) -> HiresUse | None:
@@ -77,11 +109,13 @@ def img2img_use(options) -> Img2ImgUse | None:
 
 
 def attachments(result: GenerationResult) -> dict:
-    """The init image and the mask (as the user gave it, inverted if asked) to keep beside each image."""
+    """The init image and the mask (as the user gave it, inverted if asked), and each ControlNet unit's
+    image (as given: Reuse runs its preprocessor again), to keep beside each image."""
+    kept = {control_attachment(index): unit.image for index, unit in enumerate(result.request.controlnet)}
     options = result.request.img2img
     if options is None:
-        return {}
-    kept = {"init": options.image}
+        return kept
+    kept["init"] = options.image
     if options.mask is not None:
         # Saved as used: Reuse then needs no "invert" flag.
         kept["mask"] = ImageOps.invert(binary_mask(options.mask)) if options.mask_invert else options.mask
@@ -99,6 +133,9 @@ def write_result_pngs(result: GenerationResult, out: Path) -> list[Path]:
             path = out / f"{result.seeds[index]}.png"
         text = format_parameters(image_record(result, index))
         paths.append(save_png_atomically(image, path, text))
+        for number, unit in enumerate(result.request.controlnet):  # NAME.control0.png, as the gallery keeps them
+            with atomic_write(attachment_path(path, control_attachment(number))) as handle:
+                unit.image.save(handle, format="PNG")
     return paths
 
 

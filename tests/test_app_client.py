@@ -139,12 +139,19 @@ def test_generate_parameters_have_the_names_users_know(app):
         "mask_invert",
         "only_masked",
         "only_masked_padding",
-        # the hires fix, added last
+        # the hires fix, added after img2img
         "enable_hr",
         "hr_upscaler",
         "hr_scale",
         "hr_second_pass_steps",
         "hr_denoising_strength",
+        # ControlNet (one unit), added last
+        "controlnet_model",
+        "controlnet_image",
+        "controlnet_module",
+        "controlnet_weight",
+        "controlnet_guidance_start",
+        "controlnet_guidance_end",
     ]
 
 

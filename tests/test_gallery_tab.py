@@ -88,11 +88,12 @@ def test_reuse_fills_every_generate_widget(app) -> None:
     client, record, settings, _, demo = app
     values = client.predict(record.id, settings.model, api_name="/gallery_reuse")
     prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = values[
-        :-14
+        :-20
     ]
-    img2img, hires = values[-14:-5], values[-5:]
+    img2img, hires, controlnet = values[-20:-11], values[-11:-6], values[-6:]
     assert list(img2img[:2]) == [None, None]  # a txt2img image: the init image and mask are cleared
     assert hires[0] is False  # no hires fix: it is switched off (the other hires fields keep their values)
+    assert list(controlnet[:2]) == ["None", None]  # no ControlNet: no model, no control image
     assert (prompt, negative, steps, cfg, sampler, width, height, seed, batch, clip_skip, strength) == (
         "a fox",
         "blurry",

@@ -56,6 +56,13 @@ GENERATE_ORDER = (
     "hr_scale",
     "hr_second_pass_steps",
     "hr_denoising_strength",
+    # ControlNet (no model)
+    "controlnet_model",
+    "controlnet_image",
+    "controlnet_module",
+    "controlnet_weight",
+    "controlnet_guidance_start",
+    "controlnet_guidance_end",
 )
 GENERATE = {
     "negative_prompt": "",
@@ -88,6 +95,13 @@ RAW_IMG2IMG = {
     "hr_scale": 2,
     "hr_second_pass_steps": 0,
     "hr_denoising_strength": 0.7,
+    # and ControlNet's, with no model
+    "controlnet_model": "None",
+    "controlnet_image": None,
+    "controlnet_module": "none",
+    "controlnet_weight": 1,
+    "controlnet_guidance_start": 0,
+    "controlnet_guidance_end": 1,
 }
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
     the server starts, so no request ever finds the UI up and the API missing."""
+    from lorapg.api.controlnet_ext import controlnet_router
     from lorapg.api.datasets import datasets_router
     from lorapg.api.gallery import gallery_router
     from lorapg.api.generations import generation_jobs, generations_router
@@ -39,6 +40,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     training = TrainingJobs(runtime.training, max_upload_bytes=service.max_upload_bytes, grids=grids)
     return [
         *sdapi_router(service, access).routes,
+        *controlnet_router(runtime.engine.controlnets, access).routes,
         *generations_router(generation_jobs(runtime.service), access).routes,
         *gallery_router(runtime.gallery_service, access).routes,
         # Before the library's GET /api/v1/loras/{name:path}, which would take …/info and …/preview.png.

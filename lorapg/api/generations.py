@@ -26,6 +26,9 @@ from lorapg.limits import (
     BATCH_SIZE,
     CFG_SCALE,
     CLIP_SKIP,
+    CONTROL_PREPROCESSORS,
+    CONTROL_THRESHOLD,
+    CONTROL_WEIGHT,
     DENOISING_STRENGTH,
     HIRES_SCALE,
     HIRES_STRENGTH_DEFAULT,
@@ -108,6 +111,22 @@ class HiresIn(BaseModel):
     upscaler: str = Field(HIRES_UPSCALERS[0], description='"Latent", "Latent (nearest)" or "None" (Lanczos).')
 
 
+class ControlNetIn(BaseModel):
+    """One ControlNet unit (SD 1.x / SDXL txt2img): a model, an image, and how it steers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(examples=["control_v11p_sd15_canny"], description="A model GET /controlnet/model_list lists.")
+    image: str = Field(description="The control image, or the preprocessor's source: PNG or JPEG as base64.")
+    module: str = Field("none", description=f"The preprocessor: {', '.join(CONTROL_PREPROCESSORS)}.")
+    weight: float = Field(CONTROL_WEIGHT.default, description=f"{CONTROL_WEIGHT.describe()}; 0 = no effect.")
+    guidance_start: float = Field(0.0, description="Fraction of the steps where it starts steering, 0-1.")
+    guidance_end: float = Field(1.0, description="Fraction of the steps where it stops steering, 0-1.")
+    resize_mode: int | str = Field(1, description="0 Just Resize, 1 Crop and Resize, 2 Resize and Fill.")
+    threshold_a: float = Field(CONTROL_THRESHOLD.default, description="canny's low threshold, 1-255.")
+    threshold_b: float = Field(200.0, description="canny's high threshold, 1-255.")
+
+
 class GenerationCreate(GenerationFields):
     """The generate request; ``<lora:name:weight>`` tags in the prompt work as in A1111."""
 
@@ -133,10 +152,12 @@ class GenerationCreate(GenerationFields):
     batch_size: int = int(BATCH_SIZE.default)
     img2img: Img2ImgIn | None = Field(None, description="Start from an image (img2img); with a mask, inpaint.")
     hires: HiresIn | None = Field(None, description="A1111's hires fix (txt2img only).")
+    controlnet: list[ControlNetIn] = Field(default_factory=list, description="ControlNet units (txt2img).")
 
     def params(self) -> GenerationParams:
-        fields = self.model_dump(exclude={"loras"})
-        return GenerationParams(**fields, loras=tuple((lora.name, lora.scale) for lora in self.loras))
+        fields = self.model_dump(exclude={"loras", "controlnet"})
+        units = tuple(unit.model_dump() for unit in self.controlnet)
+        return GenerationParams(**fields, loras=tuple((lora.name, lora.scale) for lora in self.loras), controlnet=units)
 
 
 JOB_EXAMPLE = {

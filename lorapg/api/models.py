@@ -44,6 +44,12 @@ class Txt2ImgRequest(A1111Request):
     hr_upscaler: str | None = Field(None, description='"Latent" (default), "Latent (nearest)" or "None" (Lanczos)')
     hr_second_pass_steps: int = Field(0, description="second pass steps; 0: as many as steps")
     denoising_strength: float | None = Field(None, description="the second pass's strength 0-1; null: 0.7")
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None,
+        description='ControlNet extension units: {"controlnet": {"args": [{"model", "image" (base64), "module", '
+        '"weight", "guidance_start", "guidance_end", "resize_mode", "threshold_a", "threshold_b"}]}}; '
+        "other scripts are ignored",
+    )
 
     model_config = ConfigDict(
         extra="ignore",

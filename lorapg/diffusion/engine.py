@@ -6,7 +6,9 @@ import gc
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -15,6 +17,8 @@ from PIL import Image
 
 from lorapg.diffusion import compile_mode, flux
 from lorapg.diffusion.adapters import AdapterSet, LoraSelection, check_scale
+from lorapg.diffusion.control_pipelines import RESIDENT_PREFIX, TXT2IMG, ControlRun, prepare_control_run
+from lorapg.diffusion.controlnet_models import ControlNetLibrary
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, is_transformer_family
 from lorapg.diffusion.image_pipelines import prepare_hires_run, prepare_image_run
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
@@ -49,6 +53,8 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     saved: list = field(default_factory=list)  # files written for this result (gallery, CLI)
     variation_seeds: list[int] = field(default_factory=list)  # per image; empty at variation strength 0
+    control_images: list[Image.Image] = field(default_factory=list)  # what each ControlNet unit saw
+    control_hashes: list[str] = field(default_factory=list)  # each unit's model's short hash
 
 
 @dataclass
@@ -77,6 +83,8 @@ class DiffusionEngine:
         residency: ResidencyManager | None = None,
         compile_unet: bool = False,
         compile_backend: str = compile_mode.DEFAULT_BACKEND,
+        controlnets: ControlNetLibrary | None = None,
+        annotators_dir: Path | None = None,
     ):
         self.library = lora_library
         self.device = device
@@ -92,6 +100,9 @@ class DiffusionEngine:
         self.compile_backend = compile_backend
         self._model: LoadedModel | None = None
         self._lock = threading.RLock()
+        # ControlNet models (models/controlnet) and the preprocessors' weights (models/annotators).
+        self.controlnets = controlnets or ControlNetLibrary(Path("models/controlnet"), allow_pickle=allow_pickle)
+        self.annotators_dir = annotators_dir or Path("models/annotators")
 
     # --- model -----------------------------------------------------------------------------
 
@@ -200,6 +211,9 @@ class DiffusionEngine:
                 request = image_run.request  # its init image and mask decoded and checked
             # Hires fix: a second pass on the upscaled first one; progress counts both passes' steps.
             hires_run = prepare_hires_run(model, request, seeds)
+            control_run = self._control_run(model, request, image_run) if request.controlnet else None
+            if image_run is not None:
+                image_run.control = control_run
             self._configure_vae_tiling(model, *(hires_run.size if hires_run else (request.width, request.height)))
             total_steps = image_run.steps if image_run else hires_run.total_steps if hires_run else request.steps
             cancelled = False
@@ -240,7 +254,9 @@ class DiffusionEngine:
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
                 latents = initial_latents(pipe, request, generators)  # None: no variation, the pipeline draws
                 first_pass = dict(prompts, latents=latents) if latents is not None else prompts
-                output = pipe(
+                if control_run is not None:  # the ControlNet pipeline over the same modules
+                    first_pass = dict(first_pass, **control_run.kwargs())
+                output = (control_run.pipe if control_run is not None else pipe)(
                     **first_pass,
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
@@ -281,7 +297,8 @@ class DiffusionEngine:
             else:
                 # Pinned before LoRAs are injected: "Free GPU memory now" must not move the
                 # pipeline while peft adds layers to it.
-                with self.residency.use(RESIDENT_NAME):
+                controls = control_run.pinned(self.residency) if control_run else nullcontext()
+                with self.residency.use(RESIDENT_NAME), controls:
                     model.adapters.activate(selections)
                     output = self.residency.run_with_oom_retry(
                         run_pipeline,
@@ -303,7 +320,42 @@ class DiffusionEngine:
                 cancelled=cancelled,
                 warnings=warnings,
                 variation_seeds=variation_seeds(request),
+                control_images=control_run.images if control_run else [],
+                control_hashes=control_run.hashes if control_run else [],
             )
+
+    def _control_run(self, model: LoadedModel, request: GenerationRequest, image_run) -> ControlRun:
+        if image_run is not None and image_run.plan.box is not None:
+            # "Only masked" repaints a crop: the control image would have to be cropped the same way.
+            raise UserError("ControlNet with inpainting works on the whole picture so far; turn off 'Only masked'.")
+        if self.compile_unet:
+            # Not built or tested yet: the ControlNet's residuals are new inputs to the compiled UNet's graph
+            # (a recompile, or a graph break, on every unit set); refused rather than run slow or wrong.
+            raise UserError("ControlNet does not run with --compile yet; start the app without --compile to use it.")
+        return prepare_control_run(
+            model,
+            request.controlnet,
+            request.width,
+            request.height,
+            library=self.controlnets,
+            annotators=self.annotators_dir,
+            place=self._place_controlnet,
+            kind=image_run.kind if image_run is not None else TXT2IMG,
+        )
+
+    def _place_controlnet(self, name: str, controlnet: torch.nn.Module) -> str:
+        """Put a ControlNet where the UNet runs: registered with the residency manager like the pipeline."""
+        resident = RESIDENT_PREFIX + name
+        if self.residency is None:
+            controlnet.to(self.device)
+        elif resident not in {entry["name"] for entry in self.residency.status()}:
+            self.residency.register(
+                resident,
+                module_bytes(controlnet),
+                to_gpu=lambda: controlnet.to(self.device),
+                to_cpu=lambda: controlnet.to("cpu"),
+            )
+        return resident
 
     @staticmethod
     def _preview(model: LoadedModel, latents: torch.Tensor, request: GenerationRequest) -> Image.Image:

@@ -44,6 +44,7 @@ class ImageRun:
     seeds: list[int]
     steps: int  # the denoising steps that actually run: int(steps × strength)
     kind: str  # IMG2IMG or INPAINT
+    control: object | None = None  # a ControlRun (lorapg.diffusion.control_pipelines): its pipeline runs instead
 
     def call(self, prompts: dict, step_end: Callable) -> object:
         """Run the pipeline (``prompts``: text or embeddings, as for txt2img); returns its output."""
@@ -73,6 +74,8 @@ class ImageRun:
             )
         else:
             kwargs["image"] = self.plan.init
+        if self.control is not None:  # the ControlNet img2img / inpaint pipeline over the same modules
+            return self.control.pipe(**kwargs, **self.control.kwargs("control_image"))
         return self.pipe(**kwargs)
 
     def finish(self, images: list[Image.Image]) -> list[Image.Image]:

@@ -15,6 +15,7 @@ from lorapg.limits import BATCH_SIZE, CFG_SCALE, CLIP_SKIP, SEED, SIZE, SIZE_MUL
 from lorapg.lora_tags import find_lora_tags, strip_lora_tags
 
 if TYPE_CHECKING:
+    from lorapg.diffusion.controlnet import ControlUnit
     from lorapg.diffusion.hires import HiresOptions
     from lorapg.diffusion.img2img import Img2ImgOptions
 
@@ -54,6 +55,8 @@ class GenerationRequest:
     img2img: Img2ImgOptions | None = None
     # A1111's hires fix (lorapg.diffusion.hires checks it); None: one pass at width x height
     hires: HiresOptions | None = None
+    # ControlNet units (lorapg.diffusion.controlnet checks them); empty: no ControlNet
+    controlnet: tuple[ControlUnit, ...] = ()
 
 
 def _whole(name: str, value: object) -> int:
@@ -155,9 +158,11 @@ def validate(
         raise UserError(f"Seed {seed} + batch {batch} runs past {MAX_SEED}; pick a smaller seed.")
     variation_seed, variation_strength = _variation(request, batch)
     hires = _hires(request, family, width, height, max_image_pixels)
+    controlnet = _controlnet(request, family, max_image_pixels)
     return replace(
         request,
         hires=hires,
+        controlnet=controlnet,
         steps=steps,
         width=width,
         height=height,
@@ -183,6 +188,20 @@ def _hires(request: GenerationRequest, family: str | None, width: int, height: i
     if family is not None and is_transformer_family(family):
         raise UserError("Hires fix is built for SD 1.x and SDXL so far; turn it off for Flux and SD 3.5.")
     return check_hires(request.hires, width, height, max_pixels)
+
+
+def _controlnet(request: GenerationRequest, family: str | None, max_pixels: int) -> tuple:
+    """The checked ControlNet units (images decoded); refused where this app runs no ControlNet pipeline."""
+    if not request.controlnet:
+        return ()
+    from lorapg.diffusion.controlnet import check_units
+    from lorapg.diffusion.families import is_transformer_family
+
+    if family is not None and is_transformer_family(family):
+        raise UserError("ControlNet is built for SD 1.x and SDXL so far; remove the ControlNet units for this model.")
+    if request.hires is not None:
+        raise UserError("ControlNet runs without the hires fix so far; turn hires fix off or remove the units.")
+    return check_units(request.controlnet, max_pixels)
 
 
 def _variation(request: GenerationRequest, batch: int) -> tuple[int | None, float]:

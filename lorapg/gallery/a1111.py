@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from lorapg.lora_tags import find_lora_tags
 
 if TYPE_CHECKING:
-    from lorapg.gallery.records import HiresUse, ImageRecord, Img2ImgUse
+    from lorapg.gallery.records import ControlNetUse, HiresUse, ImageRecord, Img2ImgUse
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class ParsedParameters:
     version: str | None = None
     img2img: Img2ImgUse | None = None  # present when the text has "Denoising strength" and no Hires field
     hires: HiresUse | None = None  # present when the text has a "Hires ..." field
+    controlnet: list[ControlNetUse] = field(default_factory=list)  # "ControlNet 0", "ControlNet 1", ...
     extra: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -184,6 +185,7 @@ def format_parameters(record: ImageRecord) -> str:
     if record.clip_skip and record.clip_skip > 1:  # A1111 writes it only when a layer is skipped
         pairs.append(("Clip skip", str(record.clip_skip)))
     pairs += _mask_pairs(record.img2img)
+    pairs += [(f"ControlNet {index}", _controlnet_value(use)) for index, use in enumerate(record.controlnet)]
     hashes = [f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash]
     if hashes:
         pairs.append(("Lora hashes", ", ".join(hashes)))
@@ -226,6 +228,19 @@ def _mask_pairs(use: Img2ImgUse | None) -> list[tuple[str, str]]:
     if use.only_masked and use.only_masked_padding is not None:
         pairs.append(("Masked area padding", str(use.only_masked_padding)))
     return pairs
+
+
+def _controlnet_value(use: ControlNetUse) -> str:
+    """One unit as the extension writes it: its own ``Key: value, ...`` list (quoted by the writer)."""
+    model = f"{use.model} [{use.model_hash}]" if use.model_hash else use.model
+    pairs = [("Module", use.module), ("Model", model), ("Weight", format_number(use.weight))]
+    pairs.append(("Resize Mode", use.resize_mode))
+    if use.threshold_a is not None:
+        pairs.append(("Threshold A", format_number(use.threshold_a)))
+    if use.threshold_b is not None:
+        pairs.append(("Threshold B", format_number(use.threshold_b)))
+    pairs += [("Guidance Start", format_number(use.guidance_start)), ("Guidance End", format_number(use.guidance_end))]
+    return ", ".join(f"{key}: {value}" for key, value in pairs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +450,10 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
             result.version = value or None
         elif folded in _IMG2IMG_KEYS or folded in _HIRES_KEYS:
             img2img_pairs.append((key, value))
+        elif _CONTROLNET_KEY_RE.match(key):
+            use = _controlnet_use(key, value, problems)
+            if use is not None:
+                result.controlnet.append(use)
         else:
             result.extra[key] = value
     values = {key.casefold(): value for key, value in img2img_pairs}
@@ -500,6 +519,39 @@ def _hires_use(values: dict[str, str], problems: list[str]) -> HiresUse:
             use.resize_x, use.resize_y = int(match.group(1)), int(match.group(2))
         else:
             problems.append(f"Hires resize '{raw['hires resize']}' is not WIDTHxHEIGHT; it was left empty.")
+    return use
+
+
+_CONTROLNET_KEY_RE = re.compile(r"^ControlNet(?: Unit)? \d+$", re.IGNORECASE)
+_CONTROLNET_HASHED_RE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
+
+
+def _controlnet_use(key: str, value: str, problems: list[str]) -> ControlNetUse | None:
+    """One ``ControlNet N`` unit read from its inner ``Key: value, ...`` list; None without a model."""
+    from lorapg.gallery.records import ControlNetUse
+
+    inner = {name.casefold(): text for name, text in tokenize_parameters_line(value)[0]}
+    model = (inner.get("model") or "").strip()
+    if not model or model.casefold() == "none":
+        problems.append(f"{key} names no model; it was skipped.")
+        return None
+    hashed = _CONTROLNET_HASHED_RE.match(model)
+    use = ControlNetUse(
+        module=(inner.get("module") or "none").strip(),
+        model=hashed.group(1) if hashed else model,
+        model_hash=hashed.group(2).lower() if hashed else None,
+        resize_mode=(inner.get("resize mode") or "Crop and Resize").strip(),
+    )
+    for field_name, label, default in (
+        ("weight", "Weight", 1.0),
+        ("guidance_start", "Guidance Start", 0.0),
+        ("guidance_end", "Guidance End", 1.0),
+        ("threshold_a", "Threshold A", None),
+        ("threshold_b", "Threshold B", None),
+    ):
+        raw = inner.get(label.casefold())
+        number = _parse_float(f"{key} {label}", raw, problems) if raw is not None else None
+        setattr(use, field_name, default if number is None else number)
     return use
 
 

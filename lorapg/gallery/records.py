@@ -100,8 +100,33 @@ class HiresUse:
     steps: int = 0  # "Hires steps"; 0 (not written) = the first pass's steps
 
 
-# The init image and mask of an img2img result are kept beside it, as NAME.init.png and NAME.mask.png.
-ATTACHMENTS = ("init", "mask")
+@dataclass
+class ControlNetUse:
+    """One ControlNet unit of a result (A1111's ``ControlNet 0: "Module: canny, Model: NAME [hash], ..."``).
+
+    The unit's image itself is a file beside the result (``control_attachment``).
+    """
+
+    module: str
+    model: str  # the model's name, without its hash
+    model_hash: str | None = None  # the first 8 hex digits of its weights file's SHA-256
+    weight: float = 1.0
+    resize_mode: str = "Crop and Resize"
+    threshold_a: float | None = None  # canny's thresholds; None for preprocessors without them
+    threshold_b: float | None = None
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+
+MAX_CONTROL_UNITS = 3  # lorapg.limits.CONTROL_UNITS (records import nothing from the engine side)
+
+# The init image and mask of an img2img result are kept beside it, as NAME.init.png and NAME.mask.png,
+# and each ControlNet unit's image as NAME.control0.png, NAME.control1.png, ...
+ATTACHMENTS = ("init", "mask", *(f"control{index}" for index in range(MAX_CONTROL_UNITS)))
+
+
+def control_attachment(index: int) -> str:
+    return f"control{index}"
 
 
 def attachment_path(image_path: Path, kind: str) -> Path:
@@ -139,6 +164,7 @@ class ImageRecord:
     version: str = field(default_factory=default_version)
     img2img: Img2ImgUse | None = None  # None: txt2img
     hires: HiresUse | None = None  # None: no hires fix
+    controlnet: list[ControlNetUse] = field(default_factory=list)  # empty: no ControlNet
 
 
 def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
@@ -166,4 +192,5 @@ def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
         version=parsed.version or default_version(),
         img2img=parsed.img2img,
         hires=parsed.hires,
+        controlnet=list(parsed.controlnet),
     )

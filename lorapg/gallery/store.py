@@ -154,6 +154,13 @@ def _img2img_of(text: str | None) -> Img2ImgUse | None:
     return parse_parameters(text).img2img
 
 
+def _controlnet_of(text: str | None) -> list:
+    """The ControlNet units read back from the row's A1111 text (no columns of their own)."""
+    if not text or "ControlNet" not in text:
+        return []
+    return parse_parameters(text).controlnet
+
+
 class GalleryStore:
     """Images on disk under ``images_dir`` plus their SQLite rows in ``db_path``.
 
@@ -360,6 +367,7 @@ class GalleryStore:
             version=row["version"] or "",
             img2img=_img2img_of(row["parameters"]),
             hires=_hires_of(row["parameters"]),
+            controlnet=_controlnet_of(row["parameters"]),
         )
 
     # ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from lorapg.hashing import MODEL_HASH_LENGTH, model_sha256
 from lorapg.jobs import RUNNING, Job
 from lorapg.limits import BATCH_SIZE, CLIP_SKIP, HIRES_STRENGTH_DEFAULT, HIRES_UPSCALERS, SEED
 from lorapg.outputs import image_record, record_in_gallery
+from lorapg.services.a1111_controlnet import units_from_scripts
 from lorapg.services.gallery import GalleryService
 from lorapg.services.generation import GenerationService
 
@@ -85,6 +86,7 @@ class Txt2ImgParams:
     hr_upscaler: Any = None  # None or "": "Latent", as A1111's default
     hr_second_pass_steps: Any = 0  # 0: the first pass's steps
     denoising_strength: Any = None  # the second pass's; None: lorapg.limits.HIRES_STRENGTH_DEFAULT
+    alwayson_scripts: Any = None  # the ControlNet extension's units (lorapg.services.a1111_controlnet)
 
 
 @dataclass(frozen=True)
@@ -367,6 +369,9 @@ class A1111Service:
             variation_strength=params.subseed_strength,
             img2img=self._img2img_options(params) if isinstance(params, Img2ImgParams) else None,
             hires=None if isinstance(params, Img2ImgParams) else hires_options(params),
+            controlnet=units_from_scripts(
+                params.alwayson_scripts, lambda value, field: decode_image_field(value, self.max_upload_bytes, field)
+            ),
         )
         return self.generation.prepare(request)  # every field checked before anything is queued
 

@@ -112,6 +112,7 @@ def build_services(
         writer = PromptService(settings, library, jobs, settings_locked=locked) if prompts else None
         return Services(settings, policy, library, jobs, gallery, gallery_service, visitors, prompts=writer)
     from lorapg.devices import pick_device, pick_dtype
+    from lorapg.diffusion.controlnet_models import ControlNetLibrary
     from lorapg.diffusion.engine import DiffusionEngine
     from lorapg.outputs import record_in_gallery
     from lorapg.services.captions import CaptionService
@@ -129,6 +130,8 @@ def build_services(
         preview_every=settings.preview_every,
         residency=residency,
         compile_unet=settings.compile_unet,
+        controlnets=ControlNetLibrary(settings.models_dir / "controlnet", allow_pickle=settings.allow_pickle),
+        annotators_dir=settings.models_dir / "annotators",
     )
     sink = (lambda result, job: record_in_gallery(gallery, result, job.id, job.owner)) if record_results else None
     service = GenerationService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)

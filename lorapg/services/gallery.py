@@ -29,7 +29,16 @@ from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.errors import UserError
 from lorapg.gallery.a1111 import ParsedParameters, parse_parameters
 from lorapg.gallery.png import read_png_parameters
-from lorapg.gallery.records import HiresUse, ImageRecord, Img2ImgUse, attachment_path, check_image_id, strip_lora_tags
+from lorapg.gallery.records import (
+    ControlNetUse,
+    HiresUse,
+    ImageRecord,
+    Img2ImgUse,
+    attachment_path,
+    check_image_id,
+    control_attachment,
+    strip_lora_tags,
+)
 from lorapg.gallery.store import GalleryStore
 from lorapg.hashing import lora_hash
 from lorapg.limits import BATCH_SIZE
@@ -122,6 +131,8 @@ class ReuseParameters:
     hires: HiresUse | None = None  # None: no hires fix
     init_image: Path | None = None  # the img2img result's init image and mask, kept beside it
     mask_image: Path | None = None
+    controlnet: list[ControlNetUse] = field(default_factory=list)  # empty: no ControlNet
+    control_images: list[Path | None] = field(default_factory=list)  # each unit's image kept beside the result
 
     def to_request(self, batch_size: int = 1) -> GenerationRequest:
         """The request that makes the image again (fields that were unknown take the defaults)."""
@@ -145,8 +156,48 @@ class ReuseParameters:
             batch_size=batch_size,
             img2img=self.img2img_options(),
             hires=self.hires_options(),
+            controlnet=self.control_units(),
             **{key: value for key, value in given.items() if value is not None},
         )
+
+    def control_units(self) -> tuple:
+        """The ControlNet units whose image is still beside the result (a PNG alone has none: see ``notes``)."""
+        from lorapg.diffusion.controlnet import ControlUnit, check_control_resize_mode
+
+        units = []
+        for index, use in enumerate(self.controlnet):
+            image = self.control_images[index] if index < len(self.control_images) else None
+            if image is None:
+                continue
+            thresholds = {"threshold_a": use.threshold_a, "threshold_b": use.threshold_b}
+            units.append(
+                ControlUnit(
+                    model=use.model,
+                    image=image,
+                    module=use.module,
+                    weight=use.weight,
+                    guidance_start=use.guidance_start,
+                    guidance_end=use.guidance_end,
+                    resize_mode=check_control_resize_mode(f"ControlNet unit {index} resize mode", use.resize_mode),
+                    **{key: value for key, value in thresholds.items() if value is not None},
+                )
+            )
+        return tuple(units)
+
+    def controlnet_form(self) -> dict:
+        """The Generate tab's ControlNet fields (its one unit: the first restorable one); "None" without."""
+        units = self.control_units()
+        if not units:
+            return {"controlnet_model": "None", "controlnet_image": None}
+        unit = units[0]
+        return {
+            "controlnet_model": unit.model,
+            "controlnet_image": str(unit.image),
+            "controlnet_module": unit.module,
+            "controlnet_weight": unit.weight,
+            "controlnet_guidance_start": unit.guidance_start,
+            "controlnet_guidance_end": unit.guidance_end,
+        }
 
     def hires_options(self):
         """The request's hires options (None: no hires fix); fields the text left out take the defaults."""
@@ -504,15 +555,22 @@ def _values_from_record(record: ImageRecord) -> dict:
         **_variation_values(record.variation_seed, record.variation_strength),
         "img2img": record.img2img,
         "hires": record.hires,
+        "controlnet": record.controlnet,
     }
 
 
 def _attachments_of(record: ImageRecord) -> dict:
-    """The init image and mask kept beside an img2img result, where they still exist."""
-    if record.img2img is None or record.path is None:
+    """The init image and mask kept beside an img2img result, and each ControlNet unit's image, where they exist."""
+    if record.path is None:
         return {}
-    found = {kind: attachment_path(record.path, kind) for kind in ("init", "mask")}
-    return {f"{kind}_image": path for kind, path in found.items() if path.is_file()}
+    found = {}
+    if record.controlnet:
+        images = [attachment_path(record.path, control_attachment(index)) for index in range(len(record.controlnet))]
+        found["control_images"] = [path if path.is_file() else None for path in images]
+    if record.img2img is None:
+        return found
+    kinds = {kind: attachment_path(record.path, kind) for kind in ("init", "mask")}
+    return found | {f"{kind}_image": path for kind, path in kinds.items() if path.is_file()}
 
 
 def _values_from_parsed(parsed: ParsedParameters) -> dict:
@@ -532,6 +590,7 @@ def _values_from_parsed(parsed: ParsedParameters) -> dict:
         **_variation_values(parsed.variation_seed, parsed.variation_strength),
         "img2img": parsed.img2img,
         "hires": parsed.hires,
+        "controlnet": parsed.controlnet,
     }
 
 
@@ -597,6 +656,7 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
         notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
     notes += _variation_within_limits(values)
     notes += _hires_within_limits(values)
+    notes += _controlnet_notes(values)
     for key, label in (("width", "Width"), ("height", "Height")):
         size = values.get(key)
         if size is not None and (not MIN_SIZE <= size <= MAX_SIZE or size % 8):
@@ -605,6 +665,32 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
                 f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); {values[key]} is used."
             )
     return values, notes
+
+
+def _controlnet_notes(values: dict) -> list[str]:
+    """Units Reuse cannot restore as written: without their image (a PNG alone), or with values out of range."""
+    from lorapg.limits import CONTROL_GUIDANCE_END, CONTROL_GUIDANCE_START, CONTROL_RESIZE_MODES, CONTROL_WEIGHT
+
+    uses, images = values.get("controlnet") or [], values.get("control_images") or []
+    notes = []
+    kept = []
+    for index, use in enumerate(uses):
+        if index >= len(images) or images[index] is None:
+            notes.append(f"ControlNet unit {index} ({use.model}) has no control image here; it was left out.")
+        modes = {name.casefold(): name for name in CONTROL_RESIZE_MODES.values()}
+        fixed = replace(
+            use,
+            weight=CONTROL_WEIGHT.clamp(use.weight),
+            guidance_start=CONTROL_GUIDANCE_START.clamp(use.guidance_start),
+            guidance_end=CONTROL_GUIDANCE_END.clamp(use.guidance_end),
+            resize_mode=modes.get(use.resize_mode.casefold(), CONTROL_RESIZE_MODES[1]),
+        )
+        if fixed != use:
+            notes.append(f"ControlNet unit {index}: a value was outside this app's ranges; the nearest is used.")
+        kept.append(fixed)
+    if uses:
+        values["controlnet"] = kept
+    return notes
 
 
 def _hires_within_limits(values: dict) -> list[str]:

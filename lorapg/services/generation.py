@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from lorapg.config import Settings
+from lorapg.diffusion.controlnet import ControlUnit, check_units
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
 from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
 from lorapg.diffusion.flux import FamilyDefaults, family_defaults
@@ -181,12 +182,18 @@ class GenerationService:
         request = replace(request, prompt=prompt, loras=tuple(request.loras) + tagged)
         if request.img2img is not None:  # decoded once here, within the upload's pixel limit
             request = replace(request, img2img=check_options(request.img2img, self.settings.max_image_pixels))
+        if request.controlnet:  # the units' images too
+            request = replace(request, controlnet=check_units(request.controlnet, self.settings.max_image_pixels))
         model = self.engine.model
         # The real check runs on the model; this one fails before the queue.
         native, family = (model.native_size, model.family) if model else (NATIVE_SIZE[SD1], None)
         settings = self.settings
         validate(request, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
+        for unit in request.controlnet:  # an unknown ControlNet, or one for another family: fail now too
+            info = self.engine.controlnets.resolve(unit.model)
+            if family is not None:
+                self.engine.controlnets.check_family(info, family)
         return request
 
     @staticmethod
@@ -196,6 +203,26 @@ class GenerationService:
             return None
         given = {"scale": scale, "steps": steps, "strength": strength, "upscaler": upscaler}
         return HiresOptions(**{key: value for key, value in given.items() if value is not None})  # None: default
+
+    def controlnet_names(self) -> list[str]:
+        """The ControlNet models in the models folder now (re-read, so files added while the app runs appear)."""
+        return self.engine.controlnets.names()
+
+    @staticmethod
+    def controlnet_units(model, image, module="none", weight=1.0, guidance_start=0.0, guidance_end=1.0) -> tuple:
+        """One unit from a form (() when no model is picked: "None"); the request checks the values."""
+        if model in (None, "", "None"):
+            return ()
+        return (
+            ControlUnit(
+                model=model,
+                image=image,
+                module=module or "none",
+                weight=weight,
+                guidance_start=guidance_start,
+                guidance_end=guidance_end,
+            ),
+        )
 
     @staticmethod
     def img2img_options(image, **form) -> Img2ImgOptions | None:

@@ -69,6 +69,8 @@ class GenerationParams:
     # (lorapg.services.img2img_inputs.options_from_form); None: txt2img
     img2img: dict | None = None
     hires: dict | None = None  # A1111's hires fix by lorapg.api.generations.HiresIn's names; None: off
+    # ControlNet units by lorapg.api.generations.ControlNetIn's names (image as base64); empty: none
+    controlnet: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class GenerationJobs:
             variation_strength=params.variation_strength,
             img2img=self._img2img(params.img2img),
             hires=_hires(params.hires),
+            controlnet=_controlnet(params.controlnet),
         )
 
     def _img2img(self, fields: dict | None):
@@ -261,6 +264,19 @@ def terminal_event(state: JobState) -> tuple[str, dict]:
     if state.status == CANCELLED:
         return CANCELLED, {"message": state.message, "images": state.images, "seeds": state.seeds}
     raise ValueError(f"job {state.job_id} is not finished ({state.status})")
+
+
+def _controlnet(units) -> tuple:
+    """The request's ControlNet units from the API's ``controlnet`` list (the request checks the values)."""
+    from lorapg.diffusion.controlnet import ControlUnit
+
+    made = []
+    for index, fields in enumerate(units or ()):
+        fields = dict(fields)
+        # No size check here: the API's body limit bounds the upload, max_image_pixels the decoded image.
+        image = decode_image_field(fields.pop("image"), None, f"controlnet[{index}].image")
+        made.append(ControlUnit(image=image, **fields))
+    return tuple(made)
 
 
 def _hires(fields: dict | None) -> HiresOptions | None:

@@ -18,6 +18,7 @@ from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import DONE
 from lorapg.services.gallery import GalleryService, ReuseParameters
 from lorapg.ui.common import follow, job_status_text, user_errors, visitor
+from lorapg.ui.controlnet_section import CONTROLNET_INPUTS
 from lorapg.ui.hires_section import HIRES_INPUTS
 from lorapg.ui.texts import image_details_text, png_info_text
 
@@ -328,8 +329,9 @@ def _wire_reuse(
     pending_loras = gr.State([])
     img2img = {key: generate[key] for key in IMG2IMG_TARGETS if key in generate}
     hires = {key: generate[key] for key in HIRES_INPUTS if key in generate}
-    # img2img's and then the hires fix's widgets come last: the positions before them stay what they were.
-    outputs = [*targets, tabs, pending_loras, w["notes"], *img2img.values(), *hires.values()]
+    controlnet = {key: generate[key] for key in CONTROLNET_INPUTS if key in generate}
+    # img2img's, the hires fix's and ControlNet's widgets come last: the positions before them stay what they were.
+    outputs = [*targets, tabs, pending_loras, w["notes"], *img2img.values(), *hires.values(), *controlnet.values()]
     model = generate.get("model")
     model_input = {"current_model": model} if model is not None else {}  # keyed by the handlers' parameter name
 
@@ -358,6 +360,8 @@ def _wire_reuse(
         if img2img:
             updates.update(_img2img_updates(img2img, params))
         updates.update({hires[key]: value for key, value in params.hires_form().items() if key in hires})
+        form = params.controlnet_form()
+        updates.update({controlnet[key]: value for key, value in form.items() if key in controlnet})
         return updates
 
     @user_errors

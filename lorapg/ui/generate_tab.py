@@ -30,6 +30,7 @@ from lorapg.limits import (
 )
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
+from lorapg.ui.controlnet_section import CONTROLNET_INPUTS, NO_MODEL, build_controlnet_section
 from lorapg.ui.hires_section import HIRES_INPUTS, build_hires_section
 from lorapg.ui.texts import loading_text, model_status_text
 
@@ -255,6 +256,7 @@ def build_generate_tab(
             variation_seed, variation_strength = _variation_widgets()
             img2img = build_img2img_section()
             hires = build_hires_section()
+            controlnet = build_controlnet_section(service.controlnet_names())
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -329,6 +331,12 @@ def build_generate_tab(
         hr_scale=None,
         hr_second_pass_steps=0,
         hr_denoising_strength=None,
+        controlnet_model=None,
+        controlnet_image=None,
+        controlnet_module="none",
+        controlnet_weight=1.0,
+        controlnet_guidance_start=0.0,
+        controlnet_guidance_end=1.0,
         progress=gr.Progress(),
     ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
@@ -361,6 +369,14 @@ def build_generate_tab(
             variation_strength=variation_strength,
             img2img=options,
             hires=service.hires_options(enable_hr, hr_upscaler, hr_scale, hr_second_pass_steps, hr_denoising_strength),
+            controlnet=service.controlnet_units(
+                controlnet_model,
+                controlnet_image,
+                controlnet_module,
+                controlnet_weight,
+                controlnet_guidance_start,
+                controlnet_guidance_end,
+            ),
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
         for current in follow(job, service.jobs, progress):
@@ -392,7 +408,8 @@ def build_generate_tab(
         "variation_seed": variation_seed,
         "variation_strength": variation_strength,
         **{name: img2img[name] for name in IMG2IMG_INPUTS},  # img2img, added after clip skip and variation
-        **{name: hires[name] for name in HIRES_INPUTS},  # the hires fix, added last
+        **{name: hires[name] for name in HIRES_INPUTS},  # the hires fix, added after img2img
+        **{name: controlnet[name] for name in CONTROLNET_INPUTS},  # ControlNet, added last
     }
     generate_button.click(
         generate,
@@ -411,6 +428,11 @@ def build_generate_tab(
         return f"Cancelling job `{job.id}`…"
 
     cancel_button.click(cancel, job_id, job_status, api_name="cancel")
+    controlnet["controlnet_refresh"].click(
+        lambda: gr.update(choices=[NO_MODEL, *service.controlnet_names()]),
+        outputs=controlnet["controlnet_model"],
+        api_visibility="private",
+    )
     reuse_seed.click(lambda used: used, seed_used, seed, api_visibility="private")
 
     def poll_model_status(shown):
@@ -459,5 +481,6 @@ def build_generate_tab(
         "model_status": model_status,
         **{f"img2img_{name}": widget for name, widget in img2img.items()},
         **hires,
+        **{name: controlnet[name] for name in CONTROLNET_INPUTS},
         **extra,
     }
