@@ -1,0 +1,70 @@
+"""Crops of a dataset over HTTP: ``GET /api/v1/datasets/{name}/crops`` (bucket + box per image),
+``PUT|DELETE /api/v1/datasets/{name}/images/{file}/focus`` and ``GET …/images/{file}/crop.png``.
+
+Routes parse, call one ``DatasetCropService`` method and reply; a refusal (a focus outside 0..1, an
+image the dataset does not have, a name with folders in it) is a 400 naming the field.
+"""
+
+# No ``from __future__ import annotations``: FastAPI must see the Annotated query/body types evaluated.
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Response
+from pydantic import BaseModel, Field
+
+from lorapg.api.auth import ApiAccess
+from lorapg.api.routing import api_router
+from lorapg.services.dataset_crops import CropOptions, DatasetCropService
+
+PREFIX = "/api/v1/datasets"
+
+
+class FocusPoint(BaseModel):
+    # Unchecked here on purpose: the service's check names the coordinate in a 400 the UI shares.
+    x: float = Field(description="0 = left edge, 1 = right edge", examples=[0.5])
+    y: float = Field(description="0 = top edge, 1 = bottom edge", examples=[0.3])
+
+
+def _options(resolution: int, bucketing: bool, face_crop: bool) -> CropOptions:
+    return CropOptions(resolution=resolution, bucketing=bucketing, face_crop=face_crop)
+
+
+def dataset_crops_router(crops: DatasetCropService, access: ApiAccess) -> APIRouter:
+    router = api_router(PREFIX, "Datasets: crops (api/v1)", access)
+    Resolution = Annotated[int, Query(description="Training resolution; 0: the model's native size")]
+    Bucketing = Annotated[bool, Query(description="Aspect-ratio buckets (false: square crops)")]
+    FaceCrop = Annotated[bool, Query(description="Centre crops without a focus point on the largest face")]
+
+    @router.get("/{name}/crops")
+    def list_crops(
+        name: str, resolution: Resolution = 0, bucketing: Bucketing = True, face_crop: FaceCrop = False
+    ) -> list[dict[str, Any]]:
+        """Every image training would use: its size, bucket and the box kept (original pixels: left, top,
+        right, bottom), and what placed the box (center, focus or face)."""
+        return [c.as_dict() for c in crops.crops(name, _options(resolution, bucketing, face_crop))]
+
+    @router.put("/{name}/images/{file}/focus")
+    def put_focus(name: str, file: str, point: Annotated[FocusPoint, Body()]) -> dict[str, Any]:
+        """Set the point the image's crop centres on; the reply is the image's new crop."""
+        crops.set_focus(name, file, point.x, point.y)
+        return crops.crop(name, file).as_dict()
+
+    @router.delete("/{name}/images/{file}/focus")
+    def delete_focus(name: str, file: str) -> dict[str, Any]:
+        """Back to the centred crop."""
+        crops.clear_focus(name, file)
+        return crops.crop(name, file).as_dict()
+
+    @router.get(
+        "/{name}/images/{file}/crop.png",
+        response_class=Response,
+        responses={200: {"description": "The preview", "content": {"image/png": {"example": "(PNG bytes)"}}}},
+    )
+    def crop_png(
+        name: str, file: str, resolution: Resolution = 0, bucketing: Bucketing = True, face_crop: FaceCrop = False
+    ) -> Response:
+        """A thumbnail with the kept box outlined and the cut-away part dimmed."""
+        png = crops.preview_png(name, file, _options(resolution, bucketing, face_crop))
+        return Response(png, media_type="image/png")
+
+    return router
