@@ -82,7 +82,9 @@ class DatasetCropService:
         file = check_name(file, "Image name")
         path = dataset.folder / file
         if path not in dataset.image_paths():
-            raise UserError(f"Image name {shorten(file)!r}: no such image in dataset {dataset.name}; pick one it lists.")
+            raise UserError(
+                f"Image name {shorten(file)!r}: no such image in dataset {dataset.name}; pick one it lists."
+            )
         return path
 
     def resolution(self, options: CropOptions) -> int:

@@ -55,6 +55,7 @@ from lorapg.training.cropping import (
     buckets_for,
     choose_focus,
     crop_to_plan,
+    make_buckets,  # noqa: F401 (moved to cropping; still importable from here)
     open_rgb,
     plan_crop,
 )
