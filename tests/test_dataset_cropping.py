@@ -195,6 +195,38 @@ def test_face_aware_crop_keeps_the_face_and_the_trainer_uses_the_same_box(servic
     assert crops.crop("set", "person.png", face_options).plan.source == "focus"
 
 
+# --- apply: cropped copies into a new dataset ------------------------------------------------------
+
+
+def test_apply_writes_cropped_copies_into_a_new_dataset_and_keeps_the_originals(services, tmp_path):
+    training, crops = services
+    add(training, tmp_path, {"wide.png": smooth_image(5, (800, 400)), "tall.jpg": smooth_image(6, (400, 700))})
+    folder = training.dataset_folder("set")
+    (folder / "wide.txt").write_text("a wide picture", encoding="utf-8")
+    crops.set_focus("set", "wide.png", 0.3, 0.5)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    options = CropOptions(resolution=256)
+
+    written = crops.apply("set", "set_cropped", options)
+    assert sorted(written) == ["tall.png", "wide.png"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the originals are untouched
+    copy = training.dataset_folder("set_cropped")
+    assert sorted(p.name for p in copy.iterdir()) == ["tall.png", "wide.png", "wide.txt"]
+    assert (copy / "wide.txt").read_text(encoding="utf-8").strip() == "a wide picture"
+    for source, target in (("wide.png", "wide.png"), ("tall.jpg", "tall.png")):
+        with Image.open(copy / target) as image:
+            assert image.size == crops.crop("set", source, options).plan.bucket
+            assert np.array_equal(np.asarray(image), np.asarray(crops.cropped("set", source, options)))
+    # Training on the copy keeps every pixel: each image already has its bucket's size.
+    assert all(c.plan.box == (0, 0, *c.plan.size) for c in crops.crops("set_cropped", options))
+
+    with pytest.raises(UserError, match=r"Dataset name 'set_cropped' is taken"):
+        crops.apply("set", "set_cropped", options)
+    with pytest.raises(UserError, match=r"Dataset name '../x' may not contain"):
+        crops.apply("set", "../x", options)
+    assert sorted(training.dataset_names()) == ["set", "set_cropped"]
+
+
 # --- duplicates: colour counts -----------------------------------------------------------------------
 
 
@@ -334,5 +366,9 @@ def test_api_lists_crops_sets_focus_and_refuses_bad_input(services, tmp_path):
         png = requests.get(f"{api}/set/images/wide.png/crop.png", auth=auth, timeout=30)
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert png.content.startswith(b"\x89PNG")
+        applied = requests.post(f"{api}/set/crops/apply", json={"new_name": "copy"}, auth=auth, timeout=60)
+        assert applied.status_code == 201 and sorted(applied.json()["files"]) == ["tall.png", "wide.png"]
+        again = requests.post(f"{api}/set/crops/apply", json={"new_name": "copy"}, auth=auth, timeout=60)
+        assert again.status_code == 400 and "Dataset name 'copy' is taken" in again.text
         cleared = requests.delete(f"{api}/set/images/wide.png/focus", auth=auth, timeout=30)
         assert cleared.status_code == 200 and cleared.json()["source"] == "center"

@@ -1,5 +1,6 @@
 """Crops of a dataset over HTTP: ``GET /api/v1/datasets/{name}/crops`` (bucket + box per image),
-``PUT|DELETE /api/v1/datasets/{name}/images/{file}/focus`` and ``GET …/images/{file}/crop.png``.
+``PUT|DELETE /api/v1/datasets/{name}/images/{file}/focus``, ``GET …/images/{file}/crop.png`` and
+``POST /api/v1/datasets/{name}/crops/apply`` (cropped copies into a new dataset; originals untouched).
 
 Routes parse, call one ``DatasetCropService`` method and reply; a refusal (a focus outside 0..1, an
 image the dataset does not have, a name with folders in it) is a 400 naming the field.
@@ -23,6 +24,13 @@ class FocusPoint(BaseModel):
     # Unchecked here on purpose: the service's check names the coordinate in a 400 the UI shares.
     x: float = Field(description="0 = left edge, 1 = right edge", examples=[0.5])
     y: float = Field(description="0 = top edge, 1 = bottom edge", examples=[0.3])
+
+
+class ApplyCrops(BaseModel):
+    new_name: str = Field(description="The new dataset the cropped copies go into", examples=["foxes_cropped"])
+    resolution: int = Field(0, description="Training resolution; 0: the model's native size")
+    bucketing: bool = True
+    face_crop: bool = False
 
 
 def _options(resolution: int, bucketing: bool, face_crop: bool) -> CropOptions:
@@ -66,5 +74,12 @@ def dataset_crops_router(crops: DatasetCropService, access: ApiAccess) -> APIRou
         """A thumbnail with the kept box outlined and the cut-away part dimmed."""
         png = crops.preview_png(name, file, _options(resolution, bucketing, face_crop))
         return Response(png, media_type="image/png")
+
+    @router.post("/{name}/crops/apply", status_code=201)
+    def apply(name: str, body: Annotated[ApplyCrops, Body()]) -> dict[str, Any]:
+        """Write every trainable image, cropped and resized to its bucket, with its caption, into a new
+        dataset; the original dataset is left as it is."""
+        files = crops.apply(name, body.new_name, _options(body.resolution, body.bucketing, body.face_crop))
+        return {"dataset": body.new_name, "files": files}
 
     return router

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
+from lorapg.atomic_files import current_umask
 from lorapg.errors import UserError, shorten
 from lorapg.training.config import TrainConfig, check
 from lorapg.training.cropping import (
@@ -146,10 +150,50 @@ class DatasetCropService:
         _, image, plan = self._image_and_plan(name, file, options, owner)
         return draw_preview(image, plan)
 
+    def apply(
+        self, name: str, new_name: str, options: CropOptions | None = None, owner: str | None = None
+    ) -> list[str]:
+        """Write every trainable image, cropped and resized to its bucket, with its caption, into a new
+        dataset ``new_name`` (the originals are never touched); the files written. All or nothing: the
+        copies are made in a hidden staging folder and moved in as a whole."""
+        options = options or CropOptions()
+        store = self.training.dataset_store(owner)
+        source = store.get(name)
+        target = store.get(new_name, must_exist=False)
+        if target.folder.exists():
+            raise UserError(f"Dataset name {target.name!r} is taken; choose a new name for the cropped copy.")
+        points = FocusPoints(source.folder).load()
+        store.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".crop-", dir=store.root))  # hidden: never listed as a dataset
+        try:
+            written = []
+            for item in source.validate().trainable():
+                image = open_rgb(source.folder / item.file)
+                cropped = crop_to_plan(image, self._plan(image, points.get(item.file), options))
+                file = _png_name(item.file, written)
+                cropped.save(staging / file, format="PNG")
+                caption = source.caption(item.file)
+                if caption:
+                    (staging / file).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+                written.append(file)
+            os.chmod(staging, 0o777 & ~current_umask(store.root))  # mkdtemp's 0700 is not a dataset's mode
+            os.replace(staging, target.folder)  # the new dataset appears whole
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return written
+
     def preview_png(self, name: str, file: str, options: CropOptions | None = None, owner: str | None = None) -> bytes:
         out = io.BytesIO()
         self.preview(name, file, options, owner).save(out, format="PNG")
         return out.getvalue()
+
+
+def _png_name(file: str, taken: list[str]) -> str:
+    """The copy's name: PNG (lossless: a JPEG would lose more when re-encoded), unique (a.jpg and a.png)."""
+    name = Path(file).with_suffix(".png").name
+    if name in taken:
+        name = f"{Path(file).stem}-{Path(file).suffix.lstrip('.').lower()}.png"
+    return name
 
 
 def draw_preview(image: Image.Image, plan: CropPlan) -> Image.Image:

@@ -30,6 +30,8 @@ class CropsSection:
     clear: gr.Button
     note: gr.Markdown
     selected: gr.State
+    new_name: gr.Textbox
+    apply: gr.Button
 
     def connect(self, resolution: gr.Number) -> None:
         """Wire the events; ``resolution``: the training field the preview follows."""
@@ -93,6 +95,14 @@ class CropsSection:
 
         self.clear.click(clear, focus_inputs, [self.image, self.gallery, self.note], api_visibility="private")
 
+        @user_errors
+        def apply(name, new_name, resolution_value, face, request: gr.Request):
+            written = service.apply(name, new_name, options(resolution_value, face), visitor(visitors, request))
+            return f"Wrote {len(written)} cropped image(s) into dataset {new_name}; {name} is unchanged."
+
+        apply_inputs = [self.dataset, self.new_name, resolution, self.face_crop]
+        self.apply.click(apply, apply_inputs, self.note, api_visibility="private")
+
 
 def _label(plan, file: str) -> str:
     return f"{file} — {plan.bucket[0]}×{plan.bucket[1]} ({plan.source})"
@@ -111,7 +121,21 @@ def build_crops_section(training: TrainingService, dataset: gr.Dropdown, visitor
             label="Click where this image's crop should centre", interactive=False, elem_id="train-crop-focus"
         )
         clear = gr.Button("Clear focus", size="sm")
+        with gr.Row():
+            new_name = gr.Textbox(label="New dataset for cropped copies (optional; originals are kept)", scale=3)
+            apply = gr.Button("Write cropped copies", size="sm", scale=1)
         note = gr.Markdown("")
     return CropsSection(
-        DatasetCropService(training), visitors, dataset, face_crop, show, gallery, image, clear, note, gr.State("")
+        DatasetCropService(training),
+        visitors,
+        dataset,
+        face_crop,
+        show,
+        gallery,
+        image,
+        clear,
+        note,
+        gr.State(""),
+        new_name,
+        apply,
     )
