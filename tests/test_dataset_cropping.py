@@ -224,6 +224,8 @@ def test_apply_writes_cropped_copies_into_a_new_dataset_and_keeps_the_originals(
         crops.apply("set", "set_cropped", options)
     with pytest.raises(UserError, match=r"Dataset name '../x' may not contain"):
         crops.apply("set", "../x", options)
+    with pytest.raises(UserError, match=r"Dataset name holds characters a file name cannot"):
+        crops.apply("set", "x\ud800", options)
     assert sorted(training.dataset_names()) == ["set", "set_cropped"]
 
 

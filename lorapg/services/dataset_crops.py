@@ -159,7 +159,7 @@ class DatasetCropService:
         options = options or CropOptions()
         store = self.training.dataset_store(owner)
         source = store.get(name)
-        target = store.get(new_name, must_exist=False)
+        target = store.get(_encodable(new_name), must_exist=False)
         if target.folder.exists():
             raise UserError(f"Dataset name {target.name!r} is taken; choose a new name for the cropped copy.")
         points = FocusPoints(source.folder).load()
@@ -186,6 +186,15 @@ class DatasetCropService:
         out = io.BytesIO()
         self.preview(name, file, options, owner).save(out, format="PNG")
         return out.getvalue()
+
+
+def _encodable(name: str) -> str:
+    """A JSON body can carry lone surrogates, which no file system name can hold (a 500 otherwise)."""
+    try:
+        (name or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("Dataset name holds characters a file name cannot; use letters, digits, - and _.") from None
+    return name
 
 
 def _png_name(file: str, taken: list[str]) -> str:
