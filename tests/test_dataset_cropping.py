@@ -149,6 +149,23 @@ def test_focus_point_moves_the_box_and_the_trainer_crops_what_the_preview_shows(
     assert crops.crop("set", "wide.png", SQUARE_256).plan == centred
 
 
+def test_a_photo_turned_by_exif_gets_the_same_bucket_and_pixels_in_preview_and_training(services, tmp_path):
+    training, crops = services
+    stored = smooth_image(7, (600, 400))  # stored landscape, shown portrait (orientation 6: turn 90° clockwise)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    source = tmp_path / "phone.jpg"
+    stored.save(source, format="JPEG", quality=95, exif=exif.tobytes())
+    training.dataset_add("set", [source])
+    options = CropOptions(resolution=256)
+    plan = crops.crop("set", "phone.jpg", options).plan
+    assert plan.size == (400, 600) and plan.bucket[0] < plan.bucket[1]
+    (item,) = trainer_items(training.dataset_folder("set"), resolution=256)
+    assert item.bucket == plan.bucket and item.crop == plan.crop
+    preview_pixels = as_tensor(crops.cropped("set", "phone.jpg", options))
+    assert np.allclose(load_pixels(item).numpy(), preview_pixels, atol=1e-6)
+
+
 def test_focus_sidecar_is_hidden_from_validation_and_survives_a_broken_file(services, tmp_path):
     training, crops = services
     add(training, tmp_path, {"a.png": smooth_image(1, (600, 300))})

@@ -131,6 +131,17 @@ def open_rgb(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
+def oriented_size(path: Path, size: Size) -> Size:
+    """``size`` (from the file's header) as the image is shown: EXIF orientations 5-8 turn it a quarter,
+    so a phone's portrait photo stored landscape gets a portrait bucket. Reads the header only."""
+    try:
+        with Image.open(path) as image:
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # 0x0112: the EXIF Orientation tag
+    except (OSError, SyntaxError, ValueError):
+        return size
+    return (size[1], size[0]) if turned else size
+
+
 def crop_to_plan(image: Image.Image, plan: CropPlan) -> Image.Image:
     """The pixels that train: resized (Lanczos) to cover the bucket, then the plan's box."""
     resized = image.resize(plan.resized, Image.Resampling.LANCZOS)

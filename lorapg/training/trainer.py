@@ -57,6 +57,7 @@ from lorapg.training.cropping import (
     crop_to_plan,
     make_buckets,  # noqa: F401 (moved to cropping; still importable from here)
     open_rgb,
+    oriented_size,
     plan_crop,
 )
 from lorapg.training.dataset import Dataset
@@ -408,7 +409,9 @@ class Trainer:
             caption = dataset.caption(c.file)
             if trigger is not None:
                 caption = build_caption(trigger, caption)
-            item = TrainImage(dataset.folder / c.file, c.sha256, caption, (c.width, c.height), loss_weight=loss_weight)
+            path = dataset.folder / c.file
+            size = oriented_size(path, (c.width, c.height))  # as the preview and load_pixels see it
+            item = TrainImage(path, c.sha256, caption, size, loss_weight=loss_weight)
             self._place_focus(item, focus_points.get(c.file))
             items.append(item)
         return items
