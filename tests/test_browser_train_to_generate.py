@@ -31,6 +31,7 @@ FAST_FIELDS = {
     "noise_offset": 0,
     "lr_scheduler": "constant",
     "seed": 3,
+    "face_crop": False,
 }
 
 

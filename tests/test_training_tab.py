@@ -61,6 +61,7 @@ def test_upload_validate_train_and_status(client):
         "noise_offset": 0,
         "lr_scheduler": "constant",
         "seed": 3,
+        "face_crop": False,
     }
     plain = write_images(tmp_path / "plain", 2)
     api.predict("plain", [handle_file(str(p)) for p in plain], api_name="/dataset_add")

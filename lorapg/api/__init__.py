@@ -19,6 +19,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes for Gradio's app (``launch(app_kwargs={"routes": ...})``): registered before
     the server starts, so no request ever finds the UI up and the API missing."""
     from lorapg.api.controlnet_ext import controlnet_router
+    from lorapg.api.dataset_crops import dataset_crops_router
     from lorapg.api.datasets import datasets_router
     from lorapg.api.gallery import gallery_router
     from lorapg.api.generations import generation_jobs, generations_router
@@ -29,6 +30,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     from lorapg.api.sdapi import sdapi_router
     from lorapg.api.training import training_router
     from lorapg.services.a1111 import A1111Service
+    from lorapg.services.dataset_crops import DatasetCropService
     from lorapg.services.grid import GridService
     from lorapg.services.lora_manager import build_lora_manager
     from lorapg.services.training_jobs import TrainingJobs
@@ -50,4 +52,5 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *training_router(training, access).routes,
         *grids_router(grids, access).routes,
         *(datasets_router(runtime.captions, access).routes if runtime.captions is not None else []),
+        *dataset_crops_router(DatasetCropService(runtime.training), access).routes,
     ]

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from lorapg.atomic_files import atomic_write_bytes, atomic_write_text
 from lorapg.diffusion.families import SDXL
@@ -47,6 +47,20 @@ from lorapg.errors import UserError
 from lorapg.training import checkpoints, distributed, export
 from lorapg.training.caption_variation import step_caption
 from lorapg.training.config import TrainConfig, to_toml
+from lorapg.training.cropping import (
+    Detector,
+    Focus,
+    FocusPoints,
+    assign_bucket,
+    bucket_step,
+    buckets_for,
+    choose_focus,
+    crop_to_plan,
+    make_buckets,  # noqa: F401 (moved to cropping; still importable from here)
+    open_rgb,
+    oriented_size,
+    plan_crop,
+)
 from lorapg.training.dataset import Dataset
 from lorapg.training.validation import DEFAULT_MAX_PIXELS
 
@@ -138,6 +152,9 @@ class TrainImage:
     bucket: tuple[int, int] = (0, 0)  # (width, height) trained at
     crop: tuple[int, int] = (0, 0)  # (top, left) of the crop, in resized pixels (SDXL time ids)
     loss_weight: float = 1.0  # regularization images weigh prior_loss_weight
+    # What the crop centres on (lorapg.training.cropping): a focus point set by hand or a face; None: the middle.
+    focus: Focus | None = None
+    focus_source: str = "center"
 
 
 def build_caption(trigger: str, caption: str) -> str:
@@ -155,36 +172,15 @@ def build_caption(trigger: str, caption: str) -> str:
     return f"{trigger}, {caption}"
 
 
-def make_buckets(resolution: int, step: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
-    """kohya-style buckets: sides in multiples of ``step``, area at most resolution², ratio ≤ max_aspect."""
-    area = resolution * resolution
-    buckets = {(resolution, resolution)}
-    width = step
-    while width <= resolution * 2:
-        height = (area // width) // step * step
-        if height >= step and max(width, height) / min(width, height) <= max_aspect:
-            buckets.add((width, height))
-        width += step
-    return sorted(buckets)
-
-
-def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    ratio = math.log(size[0] / size[1])
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
-
-
 def load_pixels(item: TrainImage) -> torch.Tensor:
-    """Resize to cover the bucket, center-crop; ``[-1, 1]`` CHW float32. Records the crop offset."""
-    with Image.open(item.path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        width, height = item.bucket
-        scale = max(width / image.width, height / image.height)
-        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(resized, Image.Resampling.LANCZOS)
-        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-        item.crop = (top, left)
-        image = image.crop((left, top, left + width, top + height))
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    """Resize to cover the bucket, crop the box the crop preview shows (lorapg.training.cropping);
+    ``[-1, 1]`` CHW float32. Records the crop offset."""
+    image = open_rgb(item.path)
+    plan = plan_crop(image.size, item.bucket, item.focus, item.focus_source)
+    item.crop = plan.crop
+    width, height = item.bucket
+    image = crop_to_plan(image, plan)
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -277,8 +273,11 @@ class Trainer:
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         on_progress: Callable[[TrainProgress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        face_detector: Detector | None = None,
     ):
+        """``face_detector``: finds faces for ``face_crop`` (default: OpenCV's Haar cascade)."""
         self.config = config
+        self.face_detector = face_detector
         self.lora_dir = Path(lora_dir)
         self.work_dir = Path(work_dir)
         self.requested_device = device
@@ -368,18 +367,16 @@ class Trainer:
         resolution = self.config.resolution or native
         # Sides must divide by the VAE factor × the UNet's downsamplings; real models: kohya's 64 px.
         multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        return resolution, (max(multiple, 64) if resolution >= 256 else multiple)
+        return resolution, bucket_step(resolution, multiple)
 
     # --- 2. data --------------------------------------------------------------------------------
 
     def _read_data(self, run: _RunState) -> None:
         run.items = self._read_dataset()
-        if self.config.bucketing:
-            buckets = make_buckets(run.resolution, run.step_px)
-        else:
-            buckets = [(run.resolution, run.resolution)]
+        buckets = buckets_for(run.resolution, run.step_px, self.config.bucketing)
         for index, item in enumerate(run.items):
             item.bucket = assign_bucket(item.size, buckets)
+            load_pixels_crop_only(item)  # the crop box is known before any pixel is read
             run.groups.setdefault(item.bucket, []).append(index)
         config = self.config
         distributed.check_dataset_fits(len(run.items) * config.repeats, config.batch_size, distributed.world_size())
@@ -408,14 +405,24 @@ class Trainer:
             action = "left out" if drop else "kept"
             log.warning("near duplicate %s: %s", action, check.near_duplicate_note)
         items = []
+        focus_points = FocusPoints(dataset.folder).load()
         for c in report.trainable(drop_near_duplicates=drop):
             caption = dataset.caption(c.file)
             if trigger is not None:
                 caption = build_caption(trigger, caption)
-            items.append(
-                TrainImage(dataset.folder / c.file, c.sha256, caption, (c.width, c.height), loss_weight=loss_weight)
-            )
+            path = dataset.folder / c.file
+            size = oriented_size(path, (c.width, c.height))  # as the preview and load_pixels see it
+            item = TrainImage(path, c.sha256, caption, size, loss_weight=loss_weight)
+            self._place_focus(item, focus_points.get(c.file))
+            items.append(item)
         return items
+
+    def _place_focus(self, item: TrainImage, manual: Focus | None) -> None:
+        """The crop's focus, as the crop preview chooses it (decoding the image only to look for a face)."""
+        if manual is not None:
+            item.focus, item.focus_source = manual, "focus"
+        elif self.config.face_crop:
+            item.focus, item.focus_source = choose_focus(open_rgb(item.path), None, True, self.face_detector)
 
     # --- 3. devices and latents -----------------------------------------------------------------
 
@@ -482,7 +489,7 @@ class Trainer:
         result: list[torch.Tensor] = []
         missing = 0
         for n, item in enumerate(run.items):
-            key = f"{item.sha256[:32]}_{item.bucket[0]}x{item.bucket[1]}"
+            key = _latent_key(item)
             if key in cached:
                 load_pixels_crop_only(item)
                 result.append(cached[key])
@@ -1032,10 +1039,17 @@ def _read_latent_cache(path: Path) -> dict[str, torch.Tensor]:
 
 def load_pixels_crop_only(item: TrainImage) -> None:
     """Set ``item.crop`` (needed for SDXL time ids) without decoding: the cache holds the latents."""
-    width, height = item.bucket
-    scale = max(width / item.size[0], height / item.size[1])
-    resized = (max(width, round(item.size[0] * scale)), max(height, round(item.size[1] * scale)))
-    item.crop = ((resized[1] - height) // 2, (resized[0] - width) // 2)
+    item.crop = plan_crop(item.size, item.bucket, item.focus).crop
+
+
+def _latent_key(item: TrainImage) -> str:
+    """The cache key of an item's latents: a moved crop box is other pixels. Centred crops keep the
+    key they always had, so existing caches stay valid."""
+    key = f"{item.sha256[:32]}_{item.bucket[0]}x{item.bucket[1]}"
+    if item.focus is None:
+        return key
+    top, left = plan_crop(item.size, item.bucket, item.focus).crop
+    return f"{key}_{left}_{top}"
 
 
 def make_optimizer(choice: str, param_groups: list[dict], device: torch.device):

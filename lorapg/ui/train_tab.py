@@ -17,6 +17,7 @@ from lorapg.services.training import TrainingRun, TrainingService
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
 from lorapg.ui.captions_section import build_captions_section
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
+from lorapg.ui.crops_section import build_crops_section
 from lorapg.ui.texts import training_run_text
 
 # Editable fields: TrainConfig field -> (widget factory, label).
@@ -35,6 +36,7 @@ FIELDS = (
     "noise_offset",
     "lr_scheduler",
     "seed",
+    "face_crop",  # its checkbox lives in the crop preview (lorapg/ui/crops_section.py)
 )
 
 
@@ -132,6 +134,7 @@ def build_train_tab(
                 build_captions_section(caption_service, dataset, captions, visitors) if caption_service else {}
             )
             report = gr.Markdown("", elem_id="train-validation")
+            crops = build_crops_section(service, dataset, visitors)
         with gr.Column(scale=2):
             gr.Markdown("### 2. Settings")
             name = gr.Textbox(label="LoRA name", elem_id="train-name")
@@ -174,6 +177,9 @@ def build_train_tab(
             samples = gr.Gallery(label="Samples (one per epoch)", columns=4, height=200, elem_id="train-samples")
             with gr.Accordion("Config file (runs headless: python -m lorapg train FILE)", open=False):
                 config_text = gr.Code(language=None, label="config.toml", interactive=False)
+
+    widgets["face_crop"] = crops.face_crop
+    crops.connect(widgets["resolution"])  # the preview follows the run's resolution
 
     # --- dataset events ------------------------------------------------------------------------
     @user_errors
