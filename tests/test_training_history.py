@@ -3,12 +3,14 @@ copies a run's config, the duration estimate comes from measured runs, and two r
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from PIL import Image
 
@@ -20,8 +22,9 @@ from lorapg.jobs import DONE, JobQueue
 from lorapg.services.training import TrainingService
 from lorapg.training.estimate import estimate_duration
 from lorapg.training.run_store import RunRecord, RunStore, history_dir, thin_losses
+from tests.app_server import running_app
 from tests.test_cli import ROOT
-from tests.training_data import write_images
+from tests.training_data import smooth_image, write_images
 
 # Two steps (two images, batch 1) in one epoch, with one sample image at its end.
 FAST = dict(
@@ -198,3 +201,105 @@ def test_the_estimate_scales_with_batch_size_and_ignores_other_models():
     assert estimate_duration(100, "sd15", 512, 2, runs).seconds == pytest.approx(100 * 4.0 + 5.0)
     assert estimate_duration(100, "sdxl", 1024, 1, runs).seconds is None
     assert estimate_duration(100, "sd15", 1024, 1, runs).seconds == pytest.approx(100 * 8.0 + 5.0)
+
+
+# --- the REST API, on a real app over HTTP -------------------------------------------------------------
+
+AUTH = ("u", "p")
+API_FAST = {"rank": "4", "batch_size": "1", "sample_steps": "1", "max_steps": "2", "resolution": "64"}
+
+
+def png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    smooth_image(seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wait_for_end(api: str, job_id: str) -> str:
+    """The run's final event, read from its Server-Sent Events stream to the end."""
+    last = None
+    with requests.get(f"{api}/{job_id}/events", auth=AUTH, stream=True, timeout=300) as reply:
+        assert reply.status_code == 200, reply.text
+        for line in reply.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                last = line.split(":", 1)[1].strip()
+    return last
+
+
+def test_history_queue_and_compare_over_http(tiny_models, tmp_path):
+    with running_app(
+        "--api",
+        "--api-auth",
+        "u:p",
+        "--model",
+        str(tiny_models["sd15"]),
+        "--lora-dir",
+        str(tmp_path / "loras"),
+        "--models-dir",
+        str(tmp_path / "models"),
+        "--outputs",
+        str(tmp_path / "outputs"),
+        "--threads",
+        "1",
+    ) as url:
+        api = url + "api/v1/training"
+        files = [("images", (f"img{seed}.png", png_bytes(seed), "image/png")) for seed in range(2)]
+        fields = {"name": "webfox", "trigger_word": "zqx_webfox", "preset": "concept", **API_FAST}
+        reply = requests.post(api, data=fields, files=files, auth=AUTH, timeout=120)
+        assert reply.status_code == 202, reply.text
+        first = reply.json()
+        assert first["measured_estimate_seconds"] is None and "unknown until the first run" in first["estimate"]
+        assert wait_for_end(api, first["job_id"]) == "complete"
+
+        runs = requests.get(f"{api}/runs", auth=AUTH, timeout=30).json()
+        assert [(run["id"], run["status"]) for run in runs] == [(first["job_id"], "done")]
+        run = runs[0]
+        assert run["config"]["trigger"] == "zqx_webfox" and run["duration_seconds"] > 0
+        assert run["final_loss"] is not None and run["lora_path"].endswith("webfox.safetensors")
+        sample = requests.get(url + run["sample_urls"][0].lstrip("/"), auth=AUTH, timeout=30)
+        assert sample.status_code == 200 and sample.content.startswith(b"\x89PNG")
+
+        # Train again with a change, by JSON: a free name, the same settings, an estimate measured here.
+        again = requests.post(
+            f"{api}/runs", json={"again_from": first["job_id"], "settings": {"unet_lr": 2e-4}}, auth=AUTH, timeout=60
+        )
+        assert again.status_code == 202, again.text
+        second = again.json()
+        assert second["measured_estimate_seconds"] is not None and second["measured_estimate_seconds"] > 0
+        assert wait_for_end(api, second["job_id"]) == "complete"
+        detail = requests.get(f"{api}/runs/{second['job_id']}", auth=AUTH, timeout=30).json()
+        assert detail["name"] == "webfox-2" and detail["config"]["unet_lr"] == pytest.approx(2e-4)
+        assert len(detail["losses"]) == 2 and detail["config"]["max_steps"] == 2
+
+        compared = requests.get(
+            f"{api}/compare", params={"ids": f"{first['job_id']},{second['job_id']}"}, auth=AUTH, timeout=30
+        )
+        assert compared.status_code == 200, compared.text
+        curves = compared.json()["runs"]
+        assert [curve["name"] for curve in curves] == ["webfox", "webfox-2"]
+        assert all(len(curve["losses"]) == 2 and curve["samples"] for curve in curves)
+
+        # Queue by JSON on the dataset the upload made.
+        queued = requests.post(
+            f"{api}/runs",
+            json={"name": "webwolf", "trigger_word": "zqx_wolf", "dataset": first["dataset"], "settings": API_FAST},
+            auth=AUTH,
+            timeout=60,
+        )
+        assert queued.status_code == 202, queued.text
+        assert wait_for_end(api, queued.json()["job_id"]) == "complete"
+        done = requests.get(f"{api}/runs", params={"status": "done"}, auth=AUTH, timeout=30).json()
+        assert [run["name"] for run in done] == ["webfox", "webfox-2", "webwolf"]
+
+        removed = requests.delete(f"{api}/runs/{second['job_id']}", auth=AUTH, timeout=30)
+        assert removed.status_code == 200 and removed.json()["name"] == "webfox-2"
+        assert requests.get(f"{api}/runs/{second['job_id']}", auth=AUTH, timeout=30).status_code == 404
+        assert requests.delete(f"{api}/runs/nosuchrun", auth=AUTH, timeout=30).status_code == 404
+        bad = requests.get(f"{api}/runs", params={"status": "bogus"}, auth=AUTH, timeout=30)
+        assert bad.status_code == 400 and "status" in bad.json()["errors"]
+        one = requests.get(f"{api}/compare", params={"ids": first["job_id"]}, auth=AUTH, timeout=30)
+        assert one.status_code == 400 and "at least two runs" in one.json()["errors"]
+        unknown = requests.post(f"{api}/runs", json={"again_from": "nosuchrun"}, auth=AUTH, timeout=30)
+        assert unknown.status_code == 400 and "again_from" in unknown.json()["errors"]
+        # The existing list still answers, and still comes before the history's routes' namesakes.
+        assert requests.get(api, auth=AUTH, timeout=30).status_code == 200
