@@ -126,3 +126,78 @@ def test_a_running_run_is_not_removed_and_a_failed_one_records_its_error(trainin
     assert running.job.wait(120) and running.job.status == DONE
     training.remove(running.job.id)  # a finished run leaves the history on request
     assert [record.name for record in training.history_runs()] == ["gone"]
+
+
+# --- the Train tab's Runs section, through gradio_client on a real local server ------------------------
+
+FORM = {
+    "rank": 4,
+    "alpha": 4,
+    "unet_lr": 1e-3,
+    "text_encoder_lr": 0,
+    "train_text_encoder": False,
+    "epochs": 1,
+    "repeats": 1,
+    "resolution": 64,
+    "batch_size": 2,
+    "max_steps": 1,
+    "min_snr_gamma": 0,
+    "noise_offset": 0,
+    "lr_scheduler": "constant",
+    "seed": 3,
+}
+
+
+@pytest.fixture()
+def tab(training, tmp_path):
+    import gradio as gr
+    from gradio_client import Client
+
+    from lorapg.ui.train_tab import build_train_tab
+
+    with gr.Blocks() as demo:
+        build_train_tab(training)
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, allowed_paths=[str(tmp_path)])
+    try:
+        yield Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def queue_from_tab(api, name: str, **changes):
+    from lorapg.ui.train_tab import FIELDS
+
+    fields = {**FORM, **changes}
+    values = ["foxes", name, f"zqx_{name}", "concept", False, *[fields[key] for key in FIELDS], None, "all"]
+    return api.predict(*values, api_name="/train_queue")
+
+
+def test_the_runs_section_queues_removes_trains_again_and_compares(training, tab):
+    api = tab
+    release = block_queue(training)
+    note, estimate, table = queue_from_tab(api, "ui_a")
+    assert "Queued **ui_a**" in note and "unknown until the first run" in estimate
+    _, _, table = queue_from_tab(api, "ui_b")
+    assert [(row[1], row[2]) for row in table["data"]] == [("ui_a", "queued"), ("ui_b", "queued")]
+    ids = {row[1]: row[0] for row in table["data"]}
+    note, table, picked = api.predict(ids["ui_b"], "all", api_name="/train_remove")
+    assert "Removed ui_b" in note and [row[1] for row in table["data"]] == ["ui_a"] and picked == ""
+    release.set()
+    assert training.run(ids["ui_a"]).job.wait(300)
+    table = api.predict("done", api_name="/train_runs")
+    assert [(row[1], row[2]) for row in table["data"]] == [("ui_a", "done")]
+
+    # Train again: the form gets the run's settings under a free name.
+    again = api.predict(ids["ui_a"], api_name="/train_again")
+    assert "ui_a-2" in again and "zqx_ui_a" in again and "foxes" in again
+    _, estimate, table = queue_from_tab(api, "ui_a-2", unet_lr=2e-3)
+    assert "Estimated duration: about" in estimate and "measured on this machine" in estimate
+    second = next(row[0] for row in table["data"] if row[1] == "ui_a-2")
+    assert training.run(second).job.wait(300)
+
+    plot, samples = api.predict(f"{ids['ui_a']}, {second}", api_name="/train_compare")
+    # Overlaid curves: one line per run (the plot's colour column), the loss of each step.
+    assert {row[2] for row in plot["data"]} == {f"ui_a ({ids['ui_a']})", f"ui_a-2 ({second})"}
+    # Side by side: the epoch's samples of both runs, one column per run.
+    assert samples["columns"] == 2
+    assert [cell["caption"] for cell in samples["value"]] == ["ui_a · epoch 1", "ui_a-2 · epoch 1"]

@@ -166,6 +166,14 @@ class TrainingService:
     def dataset_folder(self, name: str, owner: str | None = None) -> Path:
         return self.dataset_store(owner).get(name).folder
 
+    def dataset_name_of(self, config: TrainConfig, owner: str | None = None) -> str | None:
+        """The name of the dataset ``config`` trains on, when it is one of ``owner``'s (not a folder elsewhere)."""
+        if not config.images:
+            return None
+        folder = Path(config.images)
+        store = self.dataset_store(owner)
+        return folder.name if folder.parent.resolve() == store.root.resolve() and folder.is_dir() else None
+
     # --- configs -------------------------------------------------------------------------------
 
     def preset_names(self) -> list[str]:
@@ -396,7 +404,9 @@ class TrainingService:
         record = self.history_run(run_id, owner)
         values = {key: value for key, value in record.config.items() if key in FIELDS}
         config = build_config({**values, "preset": ""})  # every field is there: the preset adds nothing
-        return dataclasses.replace(config, name=self._free_name(config), overwrite=False)
+        # The preset's name stays, as a label of where the settings came from.
+        preset = str(values.get("preset", ""))
+        return dataclasses.replace(config, name=self._free_name(config), overwrite=False, preset=preset)
 
     def estimate(self, config: TrainConfig) -> DurationEstimate:
         """The run's expected duration on this machine, from the speed its finished runs measured."""

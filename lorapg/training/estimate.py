@@ -24,9 +24,10 @@ class DurationEstimate:
     basis: str  # where the number comes from, for the user
 
     def text(self) -> str:
+        steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
         if self.seconds is None:
-            return f"Estimated duration: unknown until the first run ({self.steps} steps; {self.basis})."
-        return f"Estimated duration: about {format_duration(self.seconds)} ({self.steps} steps; {self.basis})."
+            return f"Estimated duration: unknown until the first run ({steps}; {self.basis})."
+        return f"Estimated duration: about {format_duration(self.seconds)} ({steps}; {self.basis})."
 
 
 def format_duration(seconds: float) -> str:
