@@ -182,8 +182,30 @@ class ComparedRun(BaseModel):
     samples: list[ComparedSample]
 
 
+_COMPARED = (("3f9c2a1b7d4e", "zqx_fox", 0.131), ("8e1d0c5b2a97", "zqx_fox-2", 0.118))
+
+
 class RunComparison(BaseModel):
-    runs: list[ComparedRun]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "runs": [
+                        {
+                            "id": run_id,
+                            "name": name,
+                            "status": "done",
+                            "losses": [{"step": 1, "loss": 0.152}, {"step": 2, "loss": loss}],
+                            "samples": [{"label": "epoch 1", "url": f"/api/v1/training/runs/{run_id}/samples/1.png"}],
+                        }
+                        for run_id, name, loss in _COMPARED
+                    ]
+                }
+            ]
+        }
+    )
+
+    runs: list[ComparedRun] = Field(description="In the order the ids were given")
 
 
 class TrainingPresetItem(BaseModel):
