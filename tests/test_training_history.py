@@ -172,6 +172,12 @@ def test_a_live_process_keeps_its_unfinished_runs(tmp_path):
     first.close()  # its process ends
     assert second.mark_interrupted() == ["run1"]
     assert second.get("run1").status == "failed"
+    # A process that ended leaves no lock file behind once another has looked (no litter per app start).
+    third = RunStore(db)
+    third._process._handle.close()  # as a process that was killed: its lock released, its file left
+    assert len(list((tmp_path / "locks").glob("*.lock"))) == 2
+    second.mark_interrupted()
+    assert [path.stem for path in (tmp_path / "locks").glob("*.lock")] == [second._process.token]
 
 
 def test_a_long_loss_curve_is_thinned_and_keeps_its_last_point():
@@ -299,6 +305,9 @@ def test_history_queue_and_compare_over_http(tiny_models, tmp_path):
         assert bad.status_code == 400 and "status" in bad.json()["errors"]
         one = requests.get(f"{api}/compare", params={"ids": first["job_id"]}, auth=AUTH, timeout=30)
         assert one.status_code == 400 and "at least two runs" in one.json()["errors"]
+        outside = {"name": "x", "trigger_word": "x", "dataset": first["dataset"], "settings": {"work_dir": "/tmp/x"}}
+        refused = requests.post(f"{api}/runs", json=outside, auth=AUTH, timeout=30)
+        assert refused.status_code == 400 and "settings: work_dir cannot be set" in refused.json()["errors"]
         unknown = requests.post(f"{api}/runs", json={"again_from": "nosuchrun"}, auth=AUTH, timeout=30)
         assert unknown.status_code == 400 and "again_from" in unknown.json()["errors"]
         # The existing list still answers, and still comes before the history's routes' namesakes.

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
 _UPLOAD_SUFFIXES = IMAGE_SUFFIXES | {".txt", ".zip"}
 _ACCEPTED = "PNG, JPEG or WebP images, .txt captions, or one .zip of them"
+# Settings a JSON request may not set: the request's own fields name these, and folders and model paths
+# on the server are the app's business (a client names a dataset, not a path).
+_NOT_SETTINGS = ("name", "trigger", "preset", "images", "regularization_images", "out", "work_dir", "model")
 # Names the upload dataset gets: the run's name (cut so the whole stays a valid name) + a content hash.
 _NAME_PART, _HASH_PART = 100, 10
 
@@ -196,6 +199,12 @@ class TrainingJobs:
     def queue_run(self, request: RunQueueRequest) -> dict[str, Any]:
         """Queue a run by JSON (``POST /training/runs``): on a dataset, or again from a run with changes."""
         settings = dict(request.settings or {})
+        refused = [key for key in settings if key in _NOT_SETTINGS]
+        if refused:
+            raise UserError(
+                f"settings: {shorten(refused[0], 40)} cannot be set here; use the request's name, trigger_word, "
+                "dataset and preset fields (folders and the base model are the app's)."
+            )
         if request.again_from:
             try:
                 base = dataclasses.asdict(self.training.config_of(request.again_from))

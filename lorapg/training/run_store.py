@@ -12,8 +12,10 @@ as failed ("interrupted"), and leaves alone those of a process that still runs: 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -134,8 +136,12 @@ class _ProcessLock:
         self.folder = folder
         self.token = uuid.uuid4().hex
         folder.mkdir(parents=True, exist_ok=True)
-        self._handle = open(folder / f"{self.token}.lock", "a+b")  # noqa: SIM115 (held open on purpose)
+        # Locked under a temporary name, then renamed: a ``*.lock`` file is never seen unlocked while
+        # its process lives, so ``sweep`` cannot take a starting process's file for litter.
+        temp = folder / f".{self.token}.tmp"
+        self._handle = open(temp, "a+b")  # noqa: SIM115 (held open on purpose)
         _try_lock(self._handle)
+        os.replace(temp, folder / f"{self.token}.lock")
 
     def alive(self, token: str) -> bool:
         """Whether the process that holds ``token`` still runs (it holds its lock file)."""
@@ -149,6 +155,13 @@ class _ProcessLock:
                 return True
         path.unlink(missing_ok=True)  # its process is gone: the file is litter now
         return False
+
+    def sweep(self) -> None:
+        """Remove the lock files of processes that have ended (each run of the app or CLI leaves one)."""
+        for path in self.folder.glob("*.lock"):
+            if path.stem != self.token:
+                with contextlib.suppress(OSError):
+                    self.alive(path.stem)
 
     def close(self) -> None:
         self._handle.close()
@@ -313,6 +326,7 @@ class RunStore:
                 )
         for row in gone:
             logger.warning("training run %s was interrupted (the app stopped); marked failed", row["id"])
+        self._process.sweep()
         return [row["id"] for row in gone]
 
     # --- reads -------------------------------------------------------------------------------
