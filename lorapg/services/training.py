@@ -120,11 +120,25 @@ class TrainingService:
         self._lock = threading.Lock()
         # Held from queueing a job to recording it, so the history's order is the GPU queue's.
         self._submit_lock = threading.Lock()
-        self.history = history or RunStore(history_dir(settings.models_dir) / "runs.sqlite3")
-        self.history.mark_interrupted()
+        self._history = history
+        self._history_path = history_dir(settings.models_dir) / "runs.sqlite3"
+        self._history_lock = threading.Lock()
+        self._history_checked = False
+        if history is not None or self._history_path.exists():
+            self.history  # noqa: B018  (opened now: runs an earlier process left unfinished become failed)
         self._training = GpuTask(
             self._train_on_device, self._training_seconds, relay=gpu_relay, decorator=gpu_decorator
         )
+
+    @property
+    def history(self) -> RunStore:
+        """The run store, opened on first use: an app that never trains writes nothing for it."""
+        with self._history_lock:
+            if not self._history_checked:
+                self._history = self._history or RunStore(self._history_path)
+                self._history.mark_interrupted()
+                self._history_checked = True
+            return self._history
 
     # --- datasets ------------------------------------------------------------------------------
     # ``owner``: the visitor whose datasets these are (None: the shared ``models/datasets``).
