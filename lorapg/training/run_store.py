@@ -138,10 +138,10 @@ class _ProcessLock:
         folder.mkdir(parents=True, exist_ok=True)
         # Locked under a temporary name, then renamed: a ``*.lock`` file is never seen unlocked while
         # its process lives, so ``sweep`` cannot take a starting process's file for litter.
-        temp = folder / f".{self.token}.tmp"
+        temp = folder / f".{self.token}.locking"
         self._handle = open(temp, "a+b")  # noqa: SIM115 (held open on purpose)
         _try_lock(self._handle)
-        os.replace(temp, folder / f"{self.token}.lock")
+        os.replace(temp, folder / f"{self.token}.lock")  # move-only: an empty file, renamed while locked
 
     def alive(self, token: str) -> bool:
         """Whether the process that holds ``token`` still runs (it holds its lock file)."""
