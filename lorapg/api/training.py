@@ -1,5 +1,6 @@
 """LoRA training over HTTP, ``/api/v1/training``: start (multipart upload or a dataset), list, watch
-(Server-Sent Events), cancel, sample images, presets.
+(Server-Sent Events), cancel, sample images, presets; the run history and queue under ``/runs``
+(list, one run, queue by JSON, remove a queued run) and ``/compare``.
 
 Routes parse, call one ``TrainingJobs`` method (lorapg/services/training_jobs.py) and shape the
 reply; errors are shaped by ``lorapg.api.errors``. Unknown run ids are 404s, resolved by the
@@ -11,7 +12,8 @@ reply; errors are shaped by ``lorapg.api.errors``. Unknown run ids are 404s, res
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, File, Form, HTTPException, Path, Response, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, HTTPException, Path, Query, Response, UploadFile
+from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from lorapg.api import training_models as tm
@@ -19,7 +21,8 @@ from lorapg.api.auth import ApiAccess
 from lorapg.api.grids import EpochGridCreate, GridAccepted, grid_job_url
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.limits import TRAINING
-from lorapg.services.training_jobs import TrainingJobs, TrainingStart, UnknownRun, Upload
+from lorapg.services.training_jobs import RunQueueRequest, TrainingJobs, TrainingStart, UnknownRun, Upload
+from lorapg.training.run_store import STATUSES
 
 PREFIX = "/api/v1/training"
 # The multipart form as a whole, for /docs (FastAPI documents each form field, not the request).
@@ -54,6 +57,57 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
         with unknown_as_404(UnknownRun):
             jobs.run(job_id)
         return job_id
+
+    def known_history_run(run_id: Annotated[str, Path(examples=["3f9c2a1b7d4e"])]) -> str:
+        with unknown_as_404(UnknownRun):
+            return jobs.history_id(run_id)
+
+    # The history's routes come before "/{job_id}", which would otherwise take "runs" for a job id.
+    @router.get("/runs", response_model=list[tm.RunHistoryItem])
+    def history(
+        status: Annotated[str | None, Query(description=f"Only runs in this status: {', '.join(STATUSES)}")] = None,
+    ) -> list[dict[str, Any]]:
+        """Every run of the history (this app's and earlier ones'), in queue order, with its settings."""
+        return jobs.history(status)
+
+    @router.post("/runs", status_code=202, response_model=tm.TrainingStarted)
+    def queue_run(body: tm.RunQueueBody) -> dict[str, Any]:
+        """Queue a run on an existing dataset, or train again from a run (``again_from``) with changed
+        ``settings``; it starts when the runs queued before it have ended."""
+        return jobs.queue_run(RunQueueRequest(**body.model_dump()))
+
+    @router.get("/runs/{run_id}", response_model=tm.RunHistoryDetail)
+    def history_run(run_id: Annotated[str, Depends(known_history_run)]) -> dict[str, Any]:
+        """One run of the history, with its loss curve."""
+        return jobs.history_detail(run_id)
+
+    @router.delete("/runs/{run_id}", response_model=tm.RunHistoryItem)
+    def remove_run(run_id: Annotated[str, Depends(known_history_run)]) -> dict[str, Any]:
+        """Take a queued run out of the queue (it never starts), or a finished one out of the history.
+        A running run is refused: cancel it first."""
+        return jobs.remove(run_id)
+
+    @router.get(
+        "/runs/{run_id}/samples/{n}.png",
+        response_class=FileResponse,
+        responses={200: {"description": "The sample image", "content": {"image/png": {"example": "(PNG bytes)"}}}},
+    )
+    def history_sample(
+        run_id: Annotated[str, Depends(known_history_run)], n: Annotated[int, Path(ge=1, examples=[1])]
+    ) -> FileResponse:
+        """Kept sample ``n`` of a run (1: the first epoch's)."""
+        path = jobs.history_sample(run_id, n)
+        if path is None:
+            raise HTTPException(404, f"Training run {run_id} has no sample {n}.")
+        return FileResponse(path, media_type="image/png")
+
+    @router.get("/compare", response_model=tm.RunComparison)
+    def compare(
+        ids: Annotated[list[str], Query(description="Two or more run ids: ids=a,b or ids=a&ids=b")],
+    ) -> dict[str, Any]:
+        """The loss curves and per-epoch samples of two or more runs, side by side."""
+        with unknown_as_404(UnknownRun):
+            return jobs.compare(ids)
 
     @router.get("/presets", response_model=list[tm.TrainingPresetItem])
     def presets() -> list[dict[str, str]]:

@@ -5,12 +5,18 @@ generation; before it starts, the inference pipeline leaves the GPU, and it come
 On a ZeroGPU Space the run itself happens inside one ``spaces.GPU`` call (``GpuTask``), its progress
 relayed back; ``max_steps`` bounds it there (and on a free CPU Space). With private visitors
 (``owner`` given) each visitor has their own datasets and sees only their own runs.
+
+Queue and history: every run is queued on the one GPU queue in the order it was submitted (one
+runs at a time; the next starts when the previous ends) and recorded in a ``RunStore`` from queued
+to its end, so the history (settings, duration, loss curve, samples, LoRA files) outlives the
+process, and finished runs measure this machine's speed for the duration estimate of the next.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -21,18 +27,21 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lorapg.atomic_files import atomic_write
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import planned_training_steps, training_seconds
 from lorapg.hosting.visitors import visitor_key
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import ERROR, Job, JobQueue
+from lorapg.jobs import ERROR, QUEUED, Job, JobQueue
 from lorapg.notifications import WebhookNotifier, training_finished
 from lorapg.residency import out_of_memory_as_user_error
 from lorapg.training import distributed
-from lorapg.training.config import TrainConfig, build_config, check, validate_name, write_config
+from lorapg.training.config import FIELDS, TrainConfig, build_config, check, validate_name, write_config
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
+from lorapg.training.estimate import DurationEstimate, estimate_duration
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
+from lorapg.training.run_store import CANCELLED, DONE, FAILED, RUNNING, RunOutcome, RunRecord, RunStore, history_dir
 from lorapg.training.trainer import Trainer, TrainProgress, TrainResult, remove_run_outputs
 from lorapg.training.validation import ValidationReport
 
@@ -55,6 +64,17 @@ class TrainingRun:
     @property
     def result(self) -> TrainResult | None:
         return self.job.result if isinstance(self.job.result, TrainResult) else None
+
+
+@dataclass(frozen=True)
+class RunCurves:
+    """One run in a comparison: its loss curve and its per-epoch samples (label, PNG path)."""
+
+    id: str
+    name: str
+    status: str
+    losses: list[tuple[int, float]]
+    samples: list[tuple[str, str]]
 
 
 def finished_payload(run: TrainingRun) -> dict[str, Any]:
@@ -85,9 +105,11 @@ class TrainingService:
         gpu_relay: bool | None = None,
         gpu_decorator: Callable | None = None,
         notifier: WebhookNotifier | None = None,
+        history: RunStore | None = None,
     ):
         """``max_steps``: the longest run this app allows (None: no limit). ``gpu_relay`` /
-        ``gpu_decorator``: see ``GpuTask``. ``notifier``: told when each run ends (``--notify-webhook``)."""
+        ``gpu_decorator``: see ``GpuTask``. ``notifier``: told when each run ends (``--notify-webhook``).
+        ``history``: the run store (default: ``models/training_runs/runs.sqlite3``)."""
         self.settings = settings
         self.jobs = jobs
         self.engine = engine  # the DiffusionEngine whose pipeline leaves the GPU while training
@@ -97,9 +119,27 @@ class TrainingService:
         self.notifier = notifier
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
+        # Held from queueing a job to recording it, so the history's order is the GPU queue's.
+        self._submit_lock = threading.Lock()
+        self._history = history
+        self._history_path = history_dir(settings.models_dir) / "runs.sqlite3"
+        self._history_lock = threading.Lock()
+        self._history_checked = False
+        if history is not None or self._history_path.exists():
+            self.history  # noqa: B018  (opened now: runs an earlier process left unfinished become failed)
         self._training = GpuTask(
             self._train_on_device, self._training_seconds, relay=gpu_relay, decorator=gpu_decorator
         )
+
+    @property
+    def history(self) -> RunStore:
+        """The run store, opened on first use: an app that never trains writes nothing for it."""
+        with self._history_lock:
+            if not self._history_checked:
+                self._history = self._history or RunStore(self._history_path)
+                self._history.mark_interrupted()
+                self._history_checked = True
+            return self._history
 
     # --- datasets ------------------------------------------------------------------------------
     # ``owner``: the visitor whose datasets these are (None: the shared ``models/datasets``).
@@ -140,6 +180,14 @@ class TrainingService:
 
     def dataset_folder(self, name: str, owner: str | None = None) -> Path:
         return self.dataset_store(owner).get(name).folder
+
+    def dataset_name_of(self, config: TrainConfig, owner: str | None = None) -> str | None:
+        """The name of the dataset ``config`` trains on, when it is one of ``owner``'s (not a folder elsewhere)."""
+        if not config.images:
+            return None
+        folder = Path(config.images)
+        store = self.dataset_store(owner)
+        return folder.name if folder.parent.resolve() == store.root.resolve() and folder.is_dir() else None
 
     # --- configs -------------------------------------------------------------------------------
 
@@ -230,10 +278,13 @@ class TrainingService:
         # run must not overwrite the config of the run whose checkpoint is there.
         config_path = self.work_dir(config) / "config.toml"
         holder: dict[str, TrainingRun] = {}
+        recorded = threading.Event()  # the run is in ``_runs`` and the history before its work begins
 
         def work(job: Job) -> TrainResult:
+            recorded.wait()
             run = holder["run"]
             run.started_at = time.time()
+            self._record_start(run)
 
             def progress(update: TrainProgress) -> None:
                 run.progress = update
@@ -245,15 +296,30 @@ class TrainingService:
                 if on_progress is not None:
                     on_progress(update)
 
+            result = None
             try:
-                return self._training.run(config, report=progress, should_cancel=job.cancel_requested)
-            finally:
+                result = self._training.run(config, report=progress, should_cancel=job.cancel_requested)
+                return result
+            except Exception as exc:
+                # Recorded here, before the queue marks the job finished: whoever waits on the job
+                # then finds the history final. The message is the one the queue shows.
                 run.finished_at = time.time()
+                self._record_end(run, None, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                if run.finished_at is None:
+                    run.finished_at = time.time()
+                    self._record_end(run, result, None)
 
-        job = self.jobs.submit("train", work, owner=owner)
-        run = holder["run"] = TrainingRun(job, config, config_path)
-        with self._lock:
-            self._runs[job.id] = run
+        with self._submit_lock:
+            job = self.jobs.submit("train", work, owner=owner)
+            run = holder["run"] = TrainingRun(job, config, config_path)
+            with self._lock:
+                self._runs[job.id] = run
+            try:
+                self.history.add(self._queued_record(run))
+            finally:
+                recorded.set()
         if self.notifier is not None:
             # Every run comes through here (Train tab, CLI, API), and waiting on the job sees every
             # ending, a run cancelled while still queued included; the wait is on the notifier's thread.
@@ -280,9 +346,29 @@ class TrainingService:
         return run
 
     def cancel(self, job_id: str, owner: str | None = None) -> TrainingRun:
+        """Stop a running run after its current step, or a queued one before it starts."""
         run = self.run(job_id, owner)
         self.jobs.cancel(job_id)
+        if run.job.status == QUEUED:
+            # It never reaches its work (the queue finishes it as cancelled): the history says so now.
+            # Should the worker start it meanwhile, the work's own record of its end comes last.
+            self.history.finish(job_id, RunOutcome(CANCELLED, error="cancelled before it started"))
         return run
+
+    def remove(self, run_id: str, owner: str | None = None) -> RunRecord:
+        """Take a run out of the queue (it never starts) or out of the history; not a running one."""
+        record = self.history_run(run_id, owner)
+        if record.status == RUNNING:
+            raise UserError(
+                f"Run {record.name!r} ({record.id}) is running; cancel it first, then remove it from the history."
+            )
+        with self._lock:
+            live = self._runs.pop(record.id, None)
+        if live is not None and not live.job.finished:
+            self.jobs.cancel(record.id)
+        self.history.remove(record.id)
+        shutil.rmtree(self._samples_dir(record.id), ignore_errors=True)
+        return record
 
     def runs(self, owner: str | None = None) -> list[TrainingRun]:
         """Every run this process started (``owner``'s alone when given), oldest first."""
@@ -292,6 +378,138 @@ class TrainingService:
     def latest_run(self, owner: str | None = None) -> TrainingRun | None:
         runs = self.runs(owner)
         return runs[-1] if runs else None
+
+    # --- history, queue, comparison -------------------------------------------------------------
+
+    def history_runs(self, status: str | None = None, owner: str | None = None) -> list[RunRecord]:
+        """Every recorded run (this process's and earlier ones'), in queue order; ``status`` filters."""
+        return self.history.runs(status, owner)
+
+    def queue(self, owner: str | None = None) -> list[RunRecord]:
+        """The running run and the queued ones, in the order they run."""
+        return [record for record in self.history.runs(owner=owner) if not record.finished]
+
+    def history_run(self, run_id: str, owner: str | None = None) -> RunRecord:
+        record = self.history.get(str(run_id).strip())
+        if record is None or (owner is not None and record.owner != owner):
+            raise UserError(
+                f"Run id {shorten(run_id, 40)!r} is not in the training history; pick one from the runs table."
+            )
+        return record
+
+    def live_losses(self, record: RunRecord) -> list[tuple[int, float]]:
+        """The loss curve so far: the in-memory one while the run is under way, else the stored one."""
+        with self._lock:
+            run = self._runs.get(record.id)
+        return list(run.losses) if run is not None and not record.finished else record.losses
+
+    def compare(self, run_ids: list[str], owner: str | None = None) -> list[RunCurves]:
+        """Loss curves and per-epoch samples of two or more runs, in the order asked."""
+        ids = list(dict.fromkeys(str(run_id).strip() for run_id in run_ids if str(run_id).strip()))
+        if len(ids) < 2:
+            raise UserError("Compare: choose at least two runs (their ids, from the runs table).")
+        records = [self.history_run(run_id, owner) for run_id in ids]
+        return [
+            RunCurves(record.id, record.name, record.status, self.live_losses(record), record.samples)
+            for record in records
+        ]
+
+    def config_of(self, run_id: str, owner: str | None = None) -> TrainConfig:
+        """A run's config to train again with changes: the same settings under a name that is free."""
+        record = self.history_run(run_id, owner)
+        values = {key: value for key, value in record.config.items() if key in FIELDS}
+        config = build_config({**values, "preset": ""})  # every field is there: the preset adds nothing
+        # The preset's name stays, as a label of where the settings came from.
+        preset = str(values.get("preset", ""))
+        return dataclasses.replace(config, name=self._free_name(config), overwrite=False, preset=preset)
+
+    def estimate(self, config: TrainConfig) -> DurationEstimate:
+        """The run's expected duration on this machine, from the speed its finished runs measured."""
+        if not config.images or not Path(config.images).expanduser().is_dir():
+            raise UserError("Estimate: choose a dataset (the images to train on) first.")
+        images = len(Dataset(Path(config.images).expanduser(), self.settings.max_image_pixels).image_paths())
+        max_steps = config.max_steps or self.max_steps or 0
+        steps = planned_training_steps(images, config.repeats, config.epochs, config.batch_size, max_steps)
+        model = self._model_of(config)
+        return estimate_duration(
+            steps, model, self._resolution(config, model), config.batch_size, self.history.measured()
+        )
+
+    def _free_name(self, config: TrainConfig) -> str:
+        """``config.name`` with the first ``-N`` suffix that no LoRA and no unfinished run has."""
+        base = config.name.rsplit("-", 1)[0] if config.name.rsplit("-", 1)[-1].isdigit() else config.name
+        busy = {record.name for record in self.history.runs() if not record.finished}
+        for number in range(2, 1000):
+            name = f"{base}-{number}"
+            if name not in busy and not (self.lora_dir(config) / f"{name}.safetensors").exists():
+                return name
+        return config.name
+
+    def _model_of(self, config: TrainConfig) -> str:
+        engine_model = self.engine.model.source.ref if self.engine and self.engine.model else ""
+        return config.model or engine_model or self.settings.model
+
+    def _resolution(self, config: TrainConfig, model: str) -> int | None:
+        """The trained size: the config's, or the base model's native one when the engine knows it."""
+        if config.resolution:
+            return config.resolution
+        loaded = self.engine.model if self.engine is not None else None
+        return loaded.native_size if loaded is not None and loaded.source.ref == model else None
+
+    def _samples_dir(self, run_id: str) -> Path:
+        return self.history.db_path.parent / "samples" / run_id
+
+    def _queued_record(self, run: TrainingRun) -> RunRecord:
+        config = run.config
+        return RunRecord(
+            id=run.job.id,
+            name=config.name,
+            owner=run.job.owner,
+            status=run.job.status if run.job.status != ERROR else FAILED,
+            config=dataclasses.asdict(config),
+            created_at=run.job.created_at,
+            model=config.model,
+            resolution=self._resolution(config, config.model),
+            batch_size=config.batch_size,
+        )
+
+    def _record_start(self, run: TrainingRun) -> None:
+        try:
+            self.history.start(run.job.id, run.started_at)
+        except Exception:  # the history must never stop a run
+            log.exception("training %s: could not record its start", run.config.name)
+
+    def _record_end(self, run: TrainingRun, result: TrainResult | None, error: str | None) -> None:
+        """Write the run's outcome and keep its samples (the work folder's are replaced by a rerun)."""
+        try:
+            status = FAILED if error is not None else CANCELLED if result is None or result.cancelled else DONE
+            session = result.steps - result.resumed_from if result is not None else 0
+            rate = result.steps_per_s if result is not None else 0.0
+            outcome = RunOutcome(
+                status=status,
+                steps=result.steps if result is not None else (run.progress.step if run.progress else 0),
+                total_steps=result.total_steps if result is not None else 0,
+                losses=list(run.losses) or (result.losses if result is not None else []),
+                lora_path=str(result.lora_path) if result is not None and result.lora_path else None,
+                epoch_loras=[str(path) for path in result.epoch_loras] if result is not None else [],
+                samples=self._keep_samples(run),
+                error=error,
+                seconds_per_step=1.0 / rate if rate > 0 else None,
+                session_steps=max(session, 0),
+            )
+            self.history.finish(run.job.id, outcome, run.finished_at)
+        except Exception:  # the history must never turn a finished run into a failed one
+            log.exception("training %s: could not record its end", run.config.name)
+
+    def _keep_samples(self, run: TrainingRun) -> list[tuple[str, str]]:
+        folder = self._samples_dir(run.job.id)
+        kept = []
+        for number, (label, image) in enumerate(list(run.samples), start=1):
+            path = folder / f"{number:03d}-{label.replace(' ', '-')}.png"
+            with atomic_write(path) as handle:
+                image.save(handle, format="PNG")
+            kept.append((label, str(path)))
+        return kept
 
     # --- on the GPU ----------------------------------------------------------------------------
 

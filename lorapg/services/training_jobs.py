@@ -16,6 +16,7 @@ Never imports gradio or fastapi.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import logging
@@ -34,6 +35,7 @@ from lorapg.jobs import CANCELLED, DONE, ERROR
 from lorapg.services.training import TrainingRun, TrainingService
 from lorapg.training.config import validate_name
 from lorapg.training.dataset import check_name
+from lorapg.training.run_store import RunRecord
 from lorapg.training.validation import IMAGE_SUFFIXES, header_size
 
 if TYPE_CHECKING:
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
 _UPLOAD_SUFFIXES = IMAGE_SUFFIXES | {".txt", ".zip"}
 _ACCEPTED = "PNG, JPEG or WebP images, .txt captions, or one .zip of them"
+# Settings a JSON request may not set: the request's own fields name these, and folders and model paths
+# on the server are the app's business (a client names a dataset, not a path).
+_NOT_SETTINGS = ("name", "trigger", "preset", "images", "regularization_images", "out", "work_dir", "model")
 # Names the upload dataset gets: the run's name (cut so the whole stays a valid name) + a content hash.
 _NAME_PART, _HASH_PART = 100, 10
 
@@ -59,6 +64,18 @@ class Upload:
 
     filename: str
     file: IO[bytes]
+
+
+@dataclass(frozen=True)
+class RunQueueRequest:
+    """A run queued by JSON: on a dataset, or "train again" from ``again_from`` with ``settings`` changed."""
+
+    name: str = ""
+    trigger_word: str = ""
+    dataset: str = ""
+    preset: str = ""
+    settings: dict[str, Any] | None = None  # TrainConfig fields
+    again_from: str = ""  # a run id from the history
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class TrainingJobs:
         max_upload_bytes: int | None = None,
         sample_url: str = "/api/v1/training/{job_id}/samples/{n}.png",
         grids: GridService | None = None,
+        history_sample_url: str = "/api/v1/training/runs/{run_id}/samples/{n}.png",
     ):
         """``max_upload_bytes``: all files of one request together (None: no limit). ``sample_url``:
         the template of a sample image's URL, filled with the job id and the sample's number.
@@ -87,6 +105,7 @@ class TrainingJobs:
         self.training = training
         self.max_upload_bytes = max_upload_bytes
         self.sample_url = sample_url
+        self.history_sample_url = history_sample_url
         self.grids = grids
 
     # --- presets -------------------------------------------------------------------------------
@@ -123,11 +142,17 @@ class TrainingJobs:
             if created:  # a refused run leaves no dataset behind that nobody asked for
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+        return self._started(run, folder.name)
+
+    def _started(self, run: TrainingRun, dataset: str) -> dict[str, Any]:
+        measured = self.training.estimate(run.config)
         return {
             "job_id": run.job.id,
             "status": run.job.status,
             "estimated_duration_seconds": round(self.training.estimated_seconds(run.config), 1),
-            "dataset": folder.name,
+            "dataset": dataset,
+            "measured_estimate_seconds": None if measured.seconds is None else round(measured.seconds, 1),
+            "estimate": measured.text(),
         }
 
     def _dataset_from_uploads(self, name: str, uploads: list[Upload]) -> tuple[Path, bool]:
@@ -168,6 +193,127 @@ class TrainingJobs:
             paths.append(target)
         digest = hashlib.sha256("\n".join(f"{n}:{h}" for n, h in sorted(hashes.items())).encode()).hexdigest()
         return paths, digest
+
+    # --- the queue and the history ----------------------------------------------------------------
+
+    def queue_run(self, request: RunQueueRequest) -> dict[str, Any]:
+        """Queue a run by JSON (``POST /training/runs``): on a dataset, or again from a run with changes."""
+        settings = dict(request.settings or {})
+        refused = [key for key in settings if key in _NOT_SETTINGS]
+        if refused:
+            raise UserError(
+                f"settings: {shorten(refused[0], 40)} cannot be set here; use the request's name, trigger_word, "
+                "dataset and preset fields (folders and the base model are the app's)."
+            )
+        if request.again_from:
+            try:
+                base = dataclasses.asdict(self.training.config_of(request.again_from))
+            except UserError as exc:
+                raise UserError(f"again_from: {exc}") from None
+            values = {**base, "preset": "", **settings}  # every field is set: the preset would add nothing
+            if request.name:
+                values["name"] = request.name
+            if request.trigger_word:
+                values["trigger"] = request.trigger_word
+            if request.dataset:
+                values["images"] = str(self.training.dataset_folder(request.dataset))
+        else:
+            if not request.dataset:
+                raise UserError("dataset: give an existing dataset's name (or again_from: a run id to train again).")
+            validate_name(request.name)
+            values = {
+                **settings,
+                "name": request.name,
+                "trigger": request.trigger_word,
+                "preset": request.preset,
+                "images": str(self.training.dataset_folder(request.dataset)),
+            }
+        run = self.training.submit(self.training.config_for(values), owner=None)
+        return self._started(run, Path(run.config.images).name)
+
+    def history(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded run, oldest first (``status``: only those)."""
+        return [self.history_item(record) for record in self.training.history_runs(status)]
+
+    def history_detail(self, run_id: str) -> dict[str, Any]:
+        record = self.training.history_run(self.history_id(run_id))
+        return {**self.history_item(record), "losses": self._loss_points(self.training.live_losses(record))}
+
+    def remove(self, run_id: str) -> dict[str, Any]:
+        """Take a queued run out of the queue, or a finished one out of the history."""
+        return self.history_item(self.training.remove(self.history_id(run_id)))
+
+    def compare(self, run_ids: list[str]) -> dict[str, Any]:
+        ids = [part.strip() for value in run_ids for part in value.split(",") if part.strip()]
+        for run_id in ids:
+            self.history_id(run_id)
+        curves = self.training.compare(ids)
+        return {
+            "runs": [
+                {
+                    "id": curve.id,
+                    "name": curve.name,
+                    "status": curve.status,
+                    "losses": self._loss_points(curve.losses),
+                    "samples": [
+                        {"label": label, "url": self.history_sample_url.format(run_id=curve.id, n=n)}
+                        for n, (label, _) in enumerate(curve.samples, start=1)
+                    ],
+                }
+                for curve in curves
+            ]
+        }
+
+    def history_sample(self, run_id: str, n: int) -> Path | None:
+        """Kept sample ``n`` (1 = the first epoch's) of a recorded run; None when there is none."""
+        samples = self.training.history_run(self.history_id(run_id)).samples
+        if not 1 <= n <= len(samples):
+            return None
+        path = Path(samples[n - 1][1])
+        return path if path.is_file() else None
+
+    def history_item(self, record: RunRecord) -> dict[str, Any]:
+        live = self._live(record)
+        return {
+            "id": record.id,
+            "name": record.name,
+            "status": record.status,
+            "dataset": Path(str(record.config.get("images", ""))).name,
+            "created_at": record.created_at,
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "duration_seconds": None if record.duration_s is None else round(record.duration_s, 3),
+            "step": live.progress.step if live is not None and live.progress else record.steps,
+            "total_steps": live.progress.total_steps if live is not None and live.progress else record.total_steps,
+            "final_loss": record.final_loss,
+            "lora_path": record.lora_path,
+            "epoch_loras": record.epoch_loras,
+            "sample_urls": [
+                self.history_sample_url.format(run_id=record.id, n=n) for n in range(1, len(record.samples) + 1)
+            ],
+            "error": record.error,
+            "config": record.config,
+        }
+
+    def _live(self, record: RunRecord) -> TrainingRun | None:
+        """The in-memory run while it is under way in this process (its progress is not stored)."""
+        if record.finished:
+            return None
+        try:
+            return self.training.run(record.id)
+        except UserError:
+            return None
+
+    def history_id(self, run_id: str) -> str:
+        """The id of a run in the history; ``UnknownRun`` (a 404) otherwise."""
+        try:
+            return self.training.history_run(run_id).id
+        except UserError:
+            raise UnknownRun(f"No training run {shorten(run_id, 40)!r} in the history.") from None
+
+    @staticmethod
+    def _loss_points(losses: list[tuple[int, float]]) -> list[dict[str, float]]:
+        return [{"step": step, "loss": loss} for step, loss in losses]
 
     # --- watching runs ---------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The Train tab: dataset (upload, grid, captions, validation) → preset and fields → run with live progress.
+"""The Train tab: dataset (upload, grid, captions, validation) → preset and fields → run with live progress;
+the Runs section: the history and queue, queue a run, remove or cancel one, train again, compare runs.
 
 Handlers only turn widget values into service calls; the config the fields produce is the same
 TOML file ``python -m lorapg train`` runs.
@@ -6,15 +7,20 @@ TOML file ``python -m lorapg train`` runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from PIL import Image
 
 from lorapg.hosting.visitors import Visitors
 from lorapg.services.captions import CaptionService
-from lorapg.services.training import TrainingRun, TrainingService
+from lorapg.services.training import RunCurves, TrainingRun, TrainingService
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
+from lorapg.training.estimate import format_duration
+from lorapg.training.run_store import STATUSES, RunRecord
 from lorapg.ui.captions_section import build_captions_section
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
 from lorapg.ui.crops_section import build_crops_section
@@ -68,6 +74,54 @@ def _loss_frame(run: TrainingRun | None) -> pd.DataFrame:
 
 def _samples(run: TrainingRun | None) -> list:
     return [(image, label) for label, image in (run.samples if run else [])]
+
+
+RUN_COLUMNS = ["id", "name", "status", "dataset", "queued", "duration", "steps", "final loss", "LoRA", "error"]
+
+
+def _runs_frame(records: list[RunRecord]) -> pd.DataFrame:
+    """The runs table: one row per run, queue order, as people read it."""
+    rows = [
+        (
+            record.id,
+            record.name,
+            record.status,
+            Path(str(record.config.get("images", ""))).name,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)),
+            format_duration(record.duration_s) if record.duration_s is not None else "",
+            f"{record.steps}/{record.total_steps}" if record.total_steps else "",
+            f"{record.final_loss:.4f}" if record.final_loss is not None else "",
+            Path(record.lora_path).name if record.lora_path else "",
+            record.error or "",
+        )
+        for record in records
+    ]
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def _compare_frame(curves: list[RunCurves]) -> pd.DataFrame:
+    """Every run's loss points in one frame; the ``run`` column colours the overlaid curves."""
+    rows = [(step, loss, f"{curve.name} ({curve.id})") for curve in curves for step, loss in curve.losses]
+    return pd.DataFrame(rows, columns=["step", "loss", "run"])
+
+
+def _compare_samples(curves: list[RunCurves]) -> list[tuple[Image.Image, str]]:
+    """Samples epoch by epoch, one column per run: the grid reads across for the same epoch.
+
+    Images, not paths: the kept samples live under the models folder, which Gradio does not serve."""
+    epochs = max((len(curve.samples) for curve in curves), default=0)
+    cells = []
+    for i in range(epochs):
+        for curve in curves:
+            if i < len(curve.samples) and Path(curve.samples[i][1]).is_file():
+                label, path = curve.samples[i]
+                with Image.open(path) as image:
+                    cells.append((image.copy(), f"{curve.name} · {label}"))
+    return cells
+
+
+def _run_ids(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").replace(" ", ",").split(",") if part.strip()]
 
 
 def _dataset_view(service: TrainingService, name: str, owner: str | None = None):
@@ -169,7 +223,11 @@ def build_train_tab(
                 overwrite = gr.Checkbox(False, label="Overwrite a LoRA of the same name")
             with gr.Row():
                 start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
+                queue_button = gr.Button("Add to queue", elem_id="train-queue")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+            with gr.Row():
+                estimate = gr.Markdown("", elem_id="train-estimate")
+                estimate_button = gr.Button("Estimate duration", size="sm", scale=0)
             status = gr.Markdown("", elem_id="train-status")
             job_id = gr.Textbox(visible=False)
             actions = run_actions({"job_id": job_id}) if run_actions is not None else {}
@@ -177,6 +235,33 @@ def build_train_tab(
             samples = gr.Gallery(label="Samples (one per epoch)", columns=4, height=200, elem_id="train-samples")
             with gr.Accordion("Config file (runs headless: python -m lorapg train FILE)", open=False):
                 config_text = gr.Code(language=None, label="config.toml", interactive=False)
+    with gr.Accordion("3. Runs: history, queue, compare", open=False, elem_id="train-runs-section"):
+        with gr.Row():
+            runs_filter = gr.Dropdown(["all", *STATUSES], value="all", label="Show", scale=1)
+            runs_refresh = gr.Button("Refresh runs", size="sm", scale=0)
+        runs_table = gr.Dataframe(
+            _runs_frame([]),
+            headers=RUN_COLUMNS,
+            interactive=False,
+            label="Runs, in queue order (select rows to pick their ids)",
+            elem_id="train-runs",
+        )
+        with gr.Row():
+            run_ids = gr.Textbox(label="Run ids (comma-separated)", elem_id="train-run-ids", scale=3)
+            remove_run_button = gr.Button("Remove (queued or finished)", size="sm", variant="stop", scale=1)
+            cancel_run_button = gr.Button("Cancel run", size="sm", variant="stop", scale=1)
+            again_button = gr.Button("Train again with changes", size="sm", scale=1, elem_id="train-again")
+            compare_button = gr.Button("Compare", size="sm", scale=1, elem_id="train-compare")
+        runs_note = gr.Markdown("", elem_id="train-runs-note")
+        compare_plot = gr.LinePlot(
+            _compare_frame([]), x="step", y="loss", color="run", title="Loss, runs overlaid", height=260
+        )
+        compare_samples = gr.Gallery(
+            label="Samples: one column per run, one row per epoch",
+            columns=2,
+            height=260,
+            elem_id="train-compare-samples",
+        )
 
     widgets["face_crop"] = crops.face_crop
     crops.connect(widgets["resolution"])  # the preview follows the run's resolution
@@ -278,7 +363,9 @@ def build_train_tab(
             **{widgets[key]: getattr(config, key) for key in FIELDS},
         }
 
-    preset.change(apply_preset, preset, {preset_note, *widgets.values()}, api_visibility="private")
+    # ``input``, not ``change``: "Train again" sets the preset and the fields together, and a change
+    # event would then overwrite the copied fields with the preset's.
+    preset.input(apply_preset, preset, {preset_note, *widgets.values()}, api_visibility="private")
 
     def refresh_regularization(request: gr.Request):
         return gr.update(choices=service.dataset_names(visitor(visitors, request)))
@@ -383,6 +470,141 @@ def build_train_tab(
 
     cancel_button.click(cancel, job_id, status, api_name="train_cancel")
 
+    # --- queue, history, comparison --------------------------------------------------------------
+    def form_config(request, *form_values, field_values: dict):
+        """The config the form describes, and whose it is (the start handler's inputs, in its order)."""
+        owner = visitor(visitors, request)
+        return service.config_for(config_values(owner, *form_values, field_values)), owner
+
+    def runs_view(status_filter, owner):
+        return _runs_frame(service.history_runs(None if status_filter in (None, "", "all") else status_filter, owner))
+
+    @user_errors
+    def queue_run(
+        request: gr.Request,
+        dataset_name,
+        lora_name,
+        trigger_word,
+        preset_name,
+        overwrite_flag,
+        regularization_name=None,
+        status_filter="all",
+        **field_values,
+    ):
+        """Queue a run and return at once; it starts when the runs queued before it have ended."""
+        form = (dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, regularization_name)
+        config, owner = form_config(request, *form, field_values=field_values)
+        run = service.submit(config, owner=owner)
+        ahead = service.jobs.position(run.job)
+        note = f"Queued **{run.config.name}** (run `{run.job.id}`), {ahead} job(s) ahead of it."
+        return note, service.estimate(run.config).text(), runs_view(status_filter, owner)
+
+    queue_button.click(
+        queue_run,
+        inputs_kwargs={**start_inputs, "status_filter": runs_filter},
+        outputs=[runs_note, estimate, runs_table],
+        api_name="train_queue",
+    )
+
+    @user_errors
+    def estimate_run(
+        request: gr.Request,
+        dataset_name,
+        lora_name,
+        trigger_word,
+        preset_name,
+        overwrite_flag,
+        regularization_name=None,
+        **field_values,
+    ):
+        form = (dataset_name, lora_name, trigger_word, preset_name, overwrite_flag, regularization_name)
+        config, _ = form_config(request, *form, field_values=field_values)
+        return service.estimate(config).text()
+
+    estimate_button.click(estimate_run, inputs_kwargs=start_inputs, outputs=estimate, api_name="train_estimate")
+
+    def estimate_on_start(request: gr.Request, **form_values):
+        """The estimate beside a starting run; a form the start refuses shows the start's error alone."""
+        try:
+            return estimate_run(request, **form_values)
+        except gr.Error:
+            return ""
+
+    start_button.click(
+        estimate_on_start, inputs_kwargs=start_inputs, outputs=estimate, queue=False, api_visibility="private"
+    )
+
+    @user_errors
+    def list_runs(status_filter, request: gr.Request):
+        return runs_view(status_filter, visitor(visitors, request))
+
+    runs_refresh.click(list_runs, runs_filter, runs_table, api_name="train_runs")
+    runs_filter.change(list_runs, runs_filter, runs_table, api_visibility="private")
+
+    def pick_run(current, table, event: gr.SelectData):
+        row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+        picked = str(table.iloc[row]["id"]) if hasattr(table, "iloc") else ""
+        ids = _run_ids(current)
+        return ", ".join(ids if not picked or picked in ids else [*ids, picked])
+
+    runs_table.select(pick_run, [run_ids, runs_table], run_ids, api_visibility="private")
+
+    @user_errors
+    def remove_runs(ids_text, status_filter, request: gr.Request):
+        owner = visitor(visitors, request)
+        ids = _run_ids(ids_text)
+        if not ids:
+            raise gr.Error("Run ids: pick a run in the table (or type its id) first.")
+        removed = [service.remove(run_id, owner).name for run_id in ids]
+        return f"Removed {', '.join(removed)}.", runs_view(status_filter, owner), ""
+
+    remove_run_button.click(
+        remove_runs, [run_ids, runs_filter], [runs_note, runs_table, run_ids], api_name="train_remove"
+    )
+
+    @user_errors
+    def cancel_runs(ids_text, status_filter, request: gr.Request):
+        owner = visitor(visitors, request)
+        ids = _run_ids(ids_text)
+        if not ids:
+            raise gr.Error("Run ids: pick a run in the table (or type its id) first.")
+        cancelled = [service.cancel(run_id, owner).config.name for run_id in ids]
+        return f"Cancelling {', '.join(cancelled)}.", runs_view(status_filter, owner)
+
+    cancel_run_button.click(cancel_runs, [run_ids, runs_filter], [runs_note, runs_table], api_name="train_cancel_run")
+
+    @user_errors
+    def train_again(ids_text, request: gr.Request):
+        owner = visitor(visitors, request)
+        ids = _run_ids(ids_text)
+        if not ids:
+            raise gr.Error("Run ids: pick the run to train again in the table first.")
+        config = service.config_of(ids[0], owner)
+        return {
+            dataset: service.dataset_name_of(config, owner),
+            name: config.name,
+            trigger: config.trigger,
+            preset: config.preset or None,
+            overwrite: False,
+            **{widgets[key]: getattr(config, key) for key in FIELDS},
+            runs_note: f"The settings of run `{ids[0]}` are in the form as **{config.name}**: change them, "
+            "then Start training or Add to queue.",
+        }
+
+    again_button.click(
+        train_again,
+        [run_ids],
+        {dataset, name, trigger, preset, overwrite, *widgets.values(), runs_note},
+        api_name="train_again",
+    )
+
+    @user_errors
+    def compare(ids_text, request: gr.Request):
+        curves = service.compare(_run_ids(ids_text), visitor(visitors, request))
+        return _compare_frame(curves), gr.update(value=_compare_samples(curves), columns=len(curves))
+
+    compare_button.click(compare, run_ids, [compare_plot, compare_samples], api_name="train_compare")
+
     return {
         "dataset": dataset,
         "name": name,
@@ -391,6 +613,9 @@ def build_train_tab(
         "status": status,
         "job_id": job_id,
         "regularization": regularization,
+        "runs_table": runs_table,
+        "run_ids": run_ids,
+        "estimate": estimate,
         **widgets,
         **actions,
         **caption_widgets,
