@@ -21,18 +21,31 @@ import pytest
 from lorapg.cli import main
 from lorapg.errors import UserError
 from lorapg.jobs import ERROR, JobQueue
+from tests.forked_runs import HEAVY_MODULES, forked_runs
 from tests.training_data import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = 5 if os.environ.get("LORAPG_SLOW_TESTS") == "1" else 2  # each run is a fresh interpreter (~5-10 s)
+# Each case runs RUNS processes: one fresh interpreter as a user starts it, then RUNS - 1 forked from one
+# interpreter that imported torch and diffusers once (tests/forked_runs.py), so repeating a race costs
+# seconds per run instead of a fresh interpreter's ~10 s of imports.
+RUNS = 5 if os.environ.get("LORAPG_SLOW_TESTS") == "1" else 2
 
 
 def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
 
 
-def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+def _runs(
+    args: list[str], *, cwd: Path, module: str | None = None, code: str | None = None, env=None, preload=None
+) -> list[subprocess.CompletedProcess]:
+    """``python -m module *args`` (or ``python -c code *args``) RUNS times: once fresh, then forked."""
+    env = env or _env()
+    program = ["-m", module] if module else ["-c", code]
+    fresh = subprocess.run(
+        [sys.executable, *program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    extra = {} if preload is None else {"preload": preload}
+    return [fresh, *forked_runs(RUNS - 1, list(args), cwd=cwd, env=env, module=module, code=code, **extra)]
 
 
 def _assert_clean_error(done: subprocess.CompletedProcess, message: str) -> None:
@@ -131,16 +144,11 @@ EXIT_WHILE_A_JOB_RUNS = textwrap.dedent("""
 
 @pytest.mark.parametrize("script", [EXIT_AFTER_FAILED_JOB, EXIT_WHILE_A_JOB_RUNS], ids=["failed-job", "running-job"])
 def test_a_process_exiting_after_a_job_does_not_abort(script, tmp_path):
-    for _ in range(RUNS):
-        done = _python("-c", script, cwd=tmp_path)
+    for done in _runs([], cwd=tmp_path, code=script, preload=("torch", "lorapg.jobs")):
         _assert_clean_error(done, "error:")
 
 
 # --- the CLI's error paths, each run as a user runs it ---------------------------------------------
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return _python("-m", "lorapg", *args, cwd=cwd)
 
 
 @pytest.fixture()
@@ -171,8 +179,8 @@ def test_generate_with_a_model_that_fails_to_load(tiny_models, broken_model, tmp
         "--out",
         str(tmp_path / "x.png"),
     ]
-    for _ in range(RUNS):
-        _assert_clean_error(_cli(*args, cwd=tmp_path), "RuntimeError")
+    for done in _runs(args, cwd=tmp_path, module="lorapg"):
+        _assert_clean_error(done, "RuntimeError")
 
 
 def test_generate_with_a_loaded_lora_and_a_refused_one(tiny_models, tmp_path):
@@ -195,8 +203,8 @@ def test_generate_with_a_loaded_lora_and_a_refused_one(tiny_models, tmp_path):
         "--out",
         str(tmp_path / "x.png"),
     ]
-    for _ in range(RUNS):
-        _assert_clean_error(_cli(*args, cwd=tmp_path), "made for SDXL")
+    for done in _runs(args, cwd=tmp_path, module="lorapg"):
+        _assert_clean_error(done, "made for SDXL")
 
 
 def test_train_resuming_a_checkpoint_made_with_other_images(tiny_models, tmp_path):
@@ -224,17 +232,8 @@ def test_train_resuming_a_checkpoint_made_with_other_images(tiny_models, tmp_pat
     ]
     # The checkpoint is made in-process (fast); the failing resumes run as a user runs them.
     assert main(["train", str(config), *common, "--images", str(tmp_path / "first"), "--out", str(tmp_path / "a")]) == 0
-    for _ in range(RUNS):
-        done = _cli(
-            "train",
-            str(config),
-            *common,
-            "--images",
-            str(tmp_path / "second"),
-            "--out",
-            str(tmp_path / "b"),
-            cwd=tmp_path,
-        )
+    resume = ["train", str(config), *common, "--images", str(tmp_path / "second"), "--out", str(tmp_path / "b")]
+    for done in _runs(resume, cwd=tmp_path, module="lorapg", preload=(*HEAVY_MODULES, "lorapg.train_cli")):
         _assert_clean_error(done, "made with different settings (images)")
 
 
@@ -305,15 +304,8 @@ def test_enhance_whose_llm_misses_its_deadline_exits_with_the_rules_answer(tiny_
         str(tmp_path / "loras"),
     ]
     env = dict(_env(), LORAPG_LLM_TIMEOUT="0.2")
-    for _ in range(RUNS):
-        done = subprocess.run(
-            [sys.executable, "-c", ENHANCE_WITH_A_SLOW_MODEL, *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    preload = (*HEAVY_MODULES, "lorapg.prompting.backends")
+    for done in _runs(args, cwd=tmp_path, code=ENHANCE_WITH_A_SLOW_MODEL, env=env, preload=preload):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "terminate called" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert done.stdout.startswith("red fox, snowy forest, highly detailed"), done.stdout

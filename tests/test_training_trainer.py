@@ -200,6 +200,19 @@ def test_cached_latents_give_the_same_training_as_encoding_each_step(tiny_models
     assert np.allclose([v for _, v in cached.losses], [v for _, v in uncached.losses], atol=1e-5)
 
 
+def test_sample_images_do_not_change_what_is_trained(tiny_models, images, tmp_path):
+    """Samples draw from their own generator and put the modules back in training mode, so a run without
+    them trains the same LoRA (tests/test_demo_model.py turns the demo preset's samples off on this)."""
+    config = make_config(tiny_models["sd15"], images, epochs=2, batch_size=2, train_text_encoder=True)
+    without = train(tmp_path / "a", config)
+    sampled = train(tmp_path / "b", build_config({**config.__dict__, "sample_steps": 2}))
+    assert len(sampled.samples) == 2 and not without.samples  # one after each epoch: one before epoch 2's steps
+    expected, got = load_file(str(without.lora_path)), load_file(str(sampled.lora_path))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
 def test_sdxl_smoke(tiny_models, images, tmp_path):
     config = make_config(tiny_models["sdxl"], images, max_steps=2, train_text_encoder=True, sample_steps=1)
     result = train(tmp_path, config)
