@@ -1,7 +1,10 @@
 """Background jobs on one GPU queue: id, status, progress, preview, cancel.
 
-One worker thread runs jobs in submission order, so several browser tabs, API clients and the
-CLI share the GPU without racing; everything else (gallery, presets) never waits on it.
+One worker thread runs jobs one at a time, so several browser tabs, API clients and the CLI share the
+GPU without racing; everything else (gallery, presets) never waits on it. Jobs run in submission
+order, except that *background* jobs (queued training runs: minutes to hours each) wait while any
+interactive job (a generation, a prompt) is waiting: a user who queued three runs for the night can
+still generate after the current run, instead of after all three.
 Cancellation is a flag the work checks between steps. Work runs in the context (``contextvars``) of
 the call that submitted it, so a ZeroGPU function called from the worker still sees the visitor's
 request (ZeroGPU charges each visitor's own quota from it).
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -40,6 +42,7 @@ class Job:
     result: Any = None
     error: str | None = None
     created_at: float = field(default_factory=time.time)
+    background: bool = False  # runs only when no interactive job waits (see JobQueue)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -71,25 +74,38 @@ class Job:
 
 
 class JobQueue:
-    """A FIFO of jobs executed by a single worker thread."""
+    """Jobs executed one at a time by a single worker thread: interactive ones in submission order,
+    then background ones in submission order."""
 
     def __init__(self, keep_finished: int = 20):
-        self._queue: queue.Queue[tuple[Job, Callable[[Job], Any], contextvars.Context] | None] = queue.Queue()
+        self._pending: list[tuple[Job, Callable[[Job], Any], contextvars.Context]] = []
+        self._closing = False  # set by shutdown/close: the worker exits once nothing is pending
         self._jobs: dict[str, Job] = {}
         self._order: list[str] = []
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._keep_finished = keep_finished
         self._worker = threading.Thread(target=self._run, name="gpu-queue", daemon=True)
         self._worker.start()
 
-    def submit(self, kind: str, work: Callable[[Job], Any], owner: str | None = None, total: int = 0) -> Job:
-        """``total``: the job's step count when known up front (watchers see "0 of N" while it waits)."""
-        job = Job(kind=kind, owner=owner, total=total)
-        with self._lock:
+    def submit(
+        self,
+        kind: str,
+        work: Callable[[Job], Any],
+        owner: str | None = None,
+        total: int = 0,
+        *,
+        background: bool = False,
+    ) -> Job:
+        """``total``: the job's step count when known up front (watchers see "0 of N" while it waits).
+        ``background``: long work that lets interactive jobs submitted later go first."""
+        job = Job(kind=kind, owner=owner, total=total, background=background)
+        with self._wake:
             self._jobs[job.id] = job
             self._order.append(job.id)
             self._forget_old()
-        self._queue.put((job, work, contextvars.copy_context()))
+            self._pending.append((job, work, contextvars.copy_context()))
+            self._wake.notify()
         return job
 
     def get(self, job_id: str) -> Job:
@@ -100,12 +116,16 @@ class JobQueue:
         return job
 
     def position(self, job: Job) -> int:
-        """How many jobs run before this one (0 when it is running or finished)."""
+        """How many jobs run before this one as the queue stands now (0 when it is running or finished);
+        interactive jobs submitted later still go ahead of a background one."""
         if job.status != QUEUED:
             return 0
         with self._lock:
-            ahead = [self._jobs[i] for i in self._order[: self._order.index(job.id)] if i in self._jobs]
-        return sum(1 for other in ahead if not other.finished)
+            waiting = [item[0] for item in self._pending]
+            running = sum(1 for i in self._order if self._jobs[i].status == RUNNING)
+        if job not in waiting:  # taken by the worker a moment ago
+            return running
+        return running + _in_run_order(waiting).index(job)
 
     def running(self) -> Job | None:
         """The job the worker is executing now, if any."""
@@ -127,7 +147,9 @@ class JobQueue:
 
     def shutdown(self) -> None:
         """Let the worker exit after the jobs already queued (does not wait: see ``close``)."""
-        self._queue.put(None)
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
 
     def close(self, timeout: float | None = None) -> bool:
         """Cancel every unfinished job and wait until the worker thread has exited; True if it has.
@@ -138,17 +160,32 @@ class JobQueue:
         next cancellation check; queued ones are finished as cancelled without running.
         """
         self.cancel_all()
-        self._queue.put(None)
+        self.shutdown()
         self._worker.join(timeout)
         return not self._worker.is_alive()
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._take()
             if item is None:
                 return
             self._execute(*item)
             del item  # the work's closure goes now, not when the next job arrives
+
+    def _take(self) -> tuple[Job, Callable[[Job], Any], contextvars.Context] | None:
+        """The next job to run (the first interactive one waiting, else the first background one); None
+        once the queue is closing and nothing is pending."""
+        with self._wake:
+            while not self._pending and not self._closing:
+                self._wake.wait()
+            if not self._pending:
+                return None
+            job = _in_run_order([item[0] for item in self._pending])[0]
+            index = next(i for i, item in enumerate(self._pending) if item[0] is job)
+            item = self._pending.pop(index)
+            # Marked here, under the lock: position() never sees a job that is neither pending nor running.
+            job.status = RUNNING if not job.cancel_requested() else job.status
+            return item
 
     def _execute(self, job: Job, work: Callable[[Job], Any], context: contextvars.Context) -> None:
         if job.cancel_requested():
@@ -181,8 +218,13 @@ class JobQueue:
         job.status = status
         job._finished.set()
 
-    def _forget_old(self) -> None:
+    def _forget_old(self) -> None:  # called with the lock held
         finished = [i for i in self._order if self._jobs[i].finished]
         for job_id in finished[: max(0, len(finished) - self._keep_finished)]:
             self._order.remove(job_id)
             del self._jobs[job_id]
+
+
+def _in_run_order(waiting: list[Job]) -> list[Job]:
+    """Waiting jobs in the order the worker takes them: interactive ones first, each group in submission order."""
+    return [job for job in waiting if not job.background] + [job for job in waiting if job.background]

@@ -143,6 +143,37 @@ def test_queued_status_says_when_training_holds_the_gpu():
     assert waiting.wait(30) and waiting.result == "image"
 
 
+def test_interactive_jobs_go_ahead_of_queued_background_runs():
+    """Three training runs queued for the night must not make a generation wait for all three: it runs
+    after the job running now, and the runs keep their own order."""
+    queue = JobQueue()
+    release, started = threading.Event(), threading.Event()
+    order = []
+
+    def work(name, wait=False):
+        def run(job):
+            if wait:
+                started.set()
+                release.wait(60)
+            order.append(name)
+            return name
+
+        return run
+
+    running = queue.submit("train", work("run 1", wait=True), background=True)
+    assert started.wait(30)
+    run2 = queue.submit("train", work("run 2"), background=True)
+    run3 = queue.submit("train", work("run 3"), background=True)
+    generation = queue.submit("generate", work("generation"))
+    prompt = queue.submit("prompt", work("prompt"))
+    assert [queue.position(job) for job in (generation, prompt, run2, run3)] == [1, 2, 3, 4]
+    release.set()
+    for job in (running, run2, run3, generation, prompt):
+        assert job.wait(30) and job.status == DONE
+    assert order == ["run 1", "generation", "prompt", "run 2", "run 3"]
+    assert queue.close(30)
+
+
 def test_a_result_that_finished_despite_a_late_cancel_is_done():
     class Finished:
         cancelled = False

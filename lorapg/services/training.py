@@ -312,7 +312,9 @@ class TrainingService:
                     self._record_end(run, result, None)
 
         with self._submit_lock:
-            job = self.jobs.submit("train", work, owner=owner)
+            # Background: a generation asked for while runs are queued goes after the running run, not
+            # after every queued one.
+            job = self.jobs.submit("train", work, owner=owner, background=True)
             run = holder["run"] = TrainingRun(job, config, config_path)
             with self._lock:
                 self._runs[job.id] = run
