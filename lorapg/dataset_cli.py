@@ -44,7 +44,8 @@ def caption_service(settings, device: str = "cpu"):
     from lorapg.training.dataset import DatasetLimits, DatasetStore
 
     store = DatasetStore(Path(settings.models_dir) / "datasets", DatasetLimits.from_settings(settings))
-    return CaptionService(settings, lambda owner: store, device=device)
+    # The CLI is run by the owner: a captioner may be any folder on this machine.
+    return CaptionService(settings, lambda owner: store, device=device, allow_any_path=True)
 
 
 def run_dataset(args: argparse.Namespace, settings) -> int:

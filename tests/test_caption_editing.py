@@ -47,7 +47,8 @@ def make_service(root: Path, jobs: JobQueue | None = None, max_prompt_chars: int
         if caption:
             (folder / file).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
     store = DatasetStore(root / "datasets")
-    return CaptionService(Settings(max_prompt_chars=max_prompt_chars), lambda owner: store, jobs)
+    settings = Settings(models_dir=root, max_prompt_chars=max_prompt_chars)  # captioners in root/captioners
+    return CaptionService(settings, lambda owner: store, jobs)
 
 
 def test_rows_and_setting_one_caption_through_an_atomic_write(tmp_path, monkeypatch):
@@ -123,6 +124,18 @@ def test_find_replace_and_tags_everywhere(tmp_path):
         service.add_tag("foxes", "a, b")
 
 
+def test_a_replacement_the_pattern_cannot_fill_and_an_overlong_find_are_refused_before_any_change(tmp_path):
+    service = make_service(tmp_path)
+    before = service.captions("foxes")
+    for replace in ("\\1", "\\g<name>", "x\\"):  # no group 1, no group "name", a dangling backslash
+        with pytest.raises(UserError, match=r"^Replace .* is not a valid replacement for this pattern"):
+            service.find_replace("foxes", "fox", replace, regex=True)
+    with pytest.raises(UserError, match="^Find is 201 characters; at most 200 are allowed"):
+        service.find_replace("foxes", "a" * 201, "b", regex=True)
+    assert service.captions("foxes") == before
+    assert service.find_replace("foxes", "(red) fox", "\\1 wolf", regex=True) == ["a.png", "b.png"]
+
+
 # --- over HTTP -----------------------------------------------------------------------------------
 
 
@@ -185,14 +198,16 @@ def test_the_api_lists_edits_counts_and_captions_datasets(api):
     assert unknown.status_code == 404 and unknown.json()["errors"].startswith("name: No dataset named 'nope'")
     no_file = call(api, "PUT", "foxes/captions/zz.png", {"caption": "x"})
     assert no_file.status_code == 404 and no_file.json()["errors"].startswith("file: no image 'zz.png'")
+    bad_replace = call(api, "POST", "foxes/captions/replace", {"find": "a", "replace": "\\1", "regex": True})
+    assert bad_replace.status_code == 400 and bad_replace.json()["errors"].startswith("replace: Replace '\\\\1'")
     bad = call(api, "POST", "foxes/caption", {"captioner": "wd14", "style": "poem"})
     assert bad.status_code == 400 and bad.json()["errors"].startswith("options: Caption style 'poem'")
     assert call(api, "GET", "caption-jobs/nope").status_code == 404
 
 
 def test_a_caption_job_over_http_reports_per_image_and_its_result(api):
-    wd14 = save_tiny_wd14(api["root"] / "wd14")
-    started = call(api, "POST", "foxes/caption", {"captioner": str(wd14), "style": "tags", "overwrite": True})
+    save_tiny_wd14(api["root"] / "captioners" / "tiny-wd14")  # the API takes a folder NAME there
+    started = call(api, "POST", "foxes/caption", {"captioner": "tiny-wd14", "style": "tags", "overwrite": True})
     assert started.status_code == 202, started.text
     job = started.json()
     assert job["total"] == 4 and job["status"] in ("queued", "running", "done")
@@ -204,11 +219,26 @@ def test_a_caption_job_over_http_reports_per_image_and_its_result(api):
     assert job["result"]["summary"] == "4 captioned, 0 kept"
     assert call(api, "GET", "foxes/captions").json()[0]["caption"].startswith("hero (character), ")
 
-    failing = call(api, "POST", "foxes/caption", {"captioner": str(api["root"] / "missing")}).json()
+    broken = api["root"] / "captioners" / "broken"
+    broken.mkdir()
+    failing = call(api, "POST", "foxes/caption", {"captioner": "broken"}).json()  # fails inside the job
     while failing["status"] in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.1)
         failing = call(api, "GET", f"caption-jobs/{failing['job_id']}").json()
-    assert failing["status"] == "error" and "neither blip, florence2, wd14 nor an existing folder" in failing["error"]
+    assert failing["status"] == "error" and "holds neither model.onnx" in failing["error"]
+
+
+def test_the_api_takes_only_known_captioners_and_folder_names_never_a_server_path(api):
+    """A visitor must not load, nor learn the existence of, any folder on the server."""
+    save_tiny_wd14(api["root"] / "captioners" / "tiny-wd14")
+    existing = save_tiny_wd14(api["root"] / "elsewhere")  # a real model outside models/captioners
+    for choice in (str(existing), str(api["root"] / "missing"), "../elsewhere", "tiny-wd14/..", "~/x", "C:x"):
+        refused = call(api, "POST", "foxes/caption", {"captioner": choice})
+        assert refused.status_code == 400, (choice, refused.text)
+        message = refused.json()["errors"]
+        assert message.startswith("captioner: Captioner ")
+        assert "blip, florence2, wd14, tiny-wd14; choose one of those" in message, message
+    assert call(api, "GET", "foxes/captions").json()[2]["caption"] == ""  # nothing was captioned
 
 
 # --- the Train tab's Captions section, through gradio_client on a real local server ---------------
@@ -231,7 +261,8 @@ def test_the_train_tabs_captions_section_captions_counts_and_edits(tmp_path):
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     try:
         api = Client(demo.local_url, verbose=False)
-        wd14 = str(save_tiny_wd14(tmp_path / "wd14"))
+        save_tiny_wd14(tmp_path / "models" / "captioners" / "tiny-wd14")
+        wd14 = "tiny-wd14"  # the UI takes a folder NAME in models/captioners
         status, job_id, table = api.predict("foxes", wd14, "tags", 40, "zqx", False, api_name="/dataset_caption")
         assert status == "Captioning done: 1 captioned, 3 kept." and job_id
         assert table["data"][2] == ["c.png", "zqx, hero (character), blue theme, ^_^"]  # the one without a caption

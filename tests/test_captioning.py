@@ -98,6 +98,33 @@ def test_existing_captions_are_kept_unless_overwrite(wd14, tmp_path):
     assert dataset.caption("img1.png") == "hero (character), blue theme, ^_^"
 
 
+class TypesWhileCaptioning(Wd14Tagger):
+    """The real tagger; while it runs, the user types a caption for img1.png (the test's own event)."""
+
+    def caption(self, images, options):
+        self.folder_typed.joinpath("img1.txt").write_text("typed by hand\n", encoding="utf-8")
+        return super().caption(images, options)
+
+
+def test_a_caption_typed_while_captioning_runs_is_kept_when_overwrite_is_off(wd14, tmp_path):
+    dataset = make_dataset(tmp_path)
+    captioner = TypesWhileCaptioning(wd14, "tiny")
+    captioner.folder_typed = dataset.folder
+    report = caption_dataset(dataset, captioner, CaptionOptions(style="tags", batch_size=3))
+    assert dataset.caption("img1.png") == "typed by hand"
+    assert sorted(report.written) == ["img0.png", "img2.png"] and report.kept == ["img1.png"]
+
+
+def test_images_sharing_a_caption_file_caption_only_the_first_and_say_why_the_other_is_skipped(wd14, tmp_path):
+    dataset = make_dataset(tmp_path, ("red", "blue"))
+    Image.new("RGB", (20, 20), "blue").save(dataset.folder / "img0.jpg")  # img0.jpg and img0.png: img0.txt
+    for overwrite in (False, True):
+        report = caption_dataset(dataset, tagger(wd14), CaptionOptions(style="tags", overwrite=overwrite))
+        assert report.skipped == {"img0.png": "shares its caption file img0.txt with img0.jpg; rename it to caption it"}
+        assert dataset.caption("img0.png") == "hero (character), blue theme, ^_^"  # img0.jpg's (blue), not red's
+    assert sorted(report.written) == ["img0.jpg", "img1.png"]
+
+
 def test_an_unreadable_image_is_skipped_with_its_reason_and_the_rest_captioned(wd14, tmp_path):
     dataset = make_dataset(tmp_path)
     (dataset.folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -153,7 +180,7 @@ def test_tiny_blip_loads_through_the_product_path_and_captions_sentences(blip, t
     assert detect_kind(blip) == BLIP
     dataset = make_dataset(tmp_path)
     store = DatasetStore(tmp_path / "datasets")
-    service = CaptionService(Settings(), lambda owner: store)
+    service = CaptionService(Settings(), lambda owner: store, allow_any_path=True)
     report = service.caption("foxes", str(blip), CaptionOptions(trigger="zqx", max_length=4, batch_size=2))
     assert sorted(report.written) == ["img0.png", "img1.png", "img2.png"] and not report.skipped
     for path in dataset.image_paths():
@@ -168,7 +195,7 @@ def test_the_captioner_is_resident_and_leaves_when_training_takes_the_gpu(wd14, 
     make_dataset(tmp_path)
     store = DatasetStore(tmp_path / "datasets")
     residency = ResidencyManager(budget_bytes=1 << 30)
-    service = CaptionService(Settings(), lambda owner: store, residency=residency)
+    service = CaptionService(Settings(), lambda owner: store, residency=residency, allow_any_path=True)
     service.caption("foxes", str(wd14), CaptionOptions(style="tags"))
     captioner = service.captioner(str(wd14))
     assert captioner.loaded
@@ -184,7 +211,7 @@ def test_a_caption_job_reports_progress_and_can_be_cancelled(wd14, tmp_path):
     store = DatasetStore(tmp_path / "datasets")
     jobs = JobQueue()
     try:
-        service = CaptionService(Settings(), lambda owner: store, jobs)
+        service = CaptionService(Settings(), lambda owner: store, jobs, allow_any_path=True)
         job = service.start("foxes", str(wd14), CaptionOptions(style="tags"))
         assert job.wait(120) and job.status == DONE, job.error
         assert (job.step, job.total) == (3, 3) and job.result.summary() == "3 captioned, 0 kept"
@@ -239,7 +266,7 @@ def test_tiny_florence2_loads_natively_and_captions(tmp_path):
     folder = save_tiny_florence2(tmp_path / "florence2")
     assert detect_kind(folder) == FLORENCE2
     dataset = make_dataset(tmp_path)
-    service = CaptionService(Settings(), lambda owner: DatasetStore(tmp_path / "datasets"))
+    service = CaptionService(Settings(), lambda owner: DatasetStore(tmp_path / "datasets"), allow_any_path=True)
     report = service.caption("foxes", str(folder), CaptionOptions(max_length=5, batch_size=3))
     assert sorted(report.written) == ["img0.png", "img1.png", "img2.png"] and not report.skipped
     for path in dataset.image_paths():
@@ -251,9 +278,57 @@ def test_a_florence2_folder_without_weights_fails_to_load_with_a_clear_message(t
     folder = tmp_path / "florence"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "florence2"}))
-    captioner = build_captioner(resolve(str(folder)), "cpu")
+    with pytest.raises(UserError, match=r"florence2 captioner in .*florence has no .safetensors weights"):
+        build_captioner(resolve(str(folder)), "cpu").ensure_loaded()
+    captioner = build_captioner(resolve(str(folder)), "cpu", allow_pickle=True)  # may look for .bin: none
     with pytest.raises(UserError, match=r"Could not load the florence2 captioner from .*florence: .*pick another"):
         captioner.ensure_loaded()
+
+
+def test_pickled_captioner_weights_load_only_with_allow_pickle(blip, tmp_path):
+    """A .bin is a pickle that can run code when loaded: refused unless the owner passed --allow-pickle."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = shutil.copytree(blip, tmp_path / "blip-bin")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    make_dataset(tmp_path)
+    store = DatasetStore(tmp_path / "datasets")
+    service = CaptionService(Settings(), lambda owner: store, allow_any_path=True)
+    with pytest.raises(UserError, match=r"no .safetensors weights; pickled weights .* pass --allow-pickle if you"):
+        service.caption("foxes", str(pickled), CaptionOptions(max_length=4))
+    assert not list((tmp_path / "datasets" / "foxes").glob("*.txt"))
+    trusting = CaptionService(Settings(allow_pickle=True), lambda owner: store, allow_any_path=True)
+    report = trusting.caption("foxes", str(pickled), CaptionOptions(max_length=4))
+    assert sorted(report.written) == ["img0.png", "img1.png", "img2.png"]
+
+
+def test_the_app_takes_a_captioner_folder_only_by_its_name_in_models_captioners(wd14, tmp_path):
+    """UI and API: blip / florence2 / wd14 or a folder NAME in <models_dir>/captioners; the CLI any path."""
+    import shutil
+
+    make_dataset(tmp_path)
+    store = DatasetStore(tmp_path / "datasets")
+    models = tmp_path / "models"
+    shutil.copytree(wd14, models / "captioners" / "my-tagger")
+    jobs = JobQueue()
+    try:
+        service = CaptionService(Settings(models_dir=models), lambda owner: store, jobs)
+        assert service.captioner_choices() == ["blip", "florence2", "wd14", "my-tagger"]
+        listing = "is not one of blip, florence2, wd14, my-tagger; choose one of those"
+        for choice in (str(wd14), str(tmp_path / "missing"), "../models/captioners/my-tagger", "my-tagger/.", "~"):
+            with pytest.raises(UserError, match=listing):
+                service.caption("foxes", choice, CaptionOptions(style="tags"))
+            with pytest.raises(UserError, match=listing):  # refused in the request, before any job
+                service.start("foxes", choice, CaptionOptions(style="tags"))
+        assert not list((tmp_path / "datasets" / "foxes").glob("*.txt"))
+        report = service.caption("foxes", "my-tagger", CaptionOptions(style="tags"))
+        assert sorted(report.written) == ["img0.png", "img1.png", "img2.png"]
+    finally:
+        jobs.close(30)
 
 
 def test_caption_styles_and_lengths_are_the_same_for_every_model():

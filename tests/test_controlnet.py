@@ -495,3 +495,16 @@ def test_single_files_are_listed_with_their_family_and_pickles_need_the_flag(tmp
     with pytest.raises(UserError) as caught:
         library.load(library.resolve("sd15_canny"), torch.float32)
     assert "ControlNet model sd15_canny could not be loaded" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["../outside", "../../outside", "sub/../../outside", "..\\outside"])
+def test_a_model_name_with_a_path_says_nothing_about_files_outside_the_folder(tmp_path, name):
+    """``root/../outside.pth`` exists: the answer must be the plain "not in the folder", as for a missing name."""
+    folder = tmp_path / "models" / "controlnet"
+    folder.mkdir(parents=True)
+    (folder.parent / "outside.pth").write_bytes(b"pickled")
+    (tmp_path / "outside.pth").write_bytes(b"pickled")
+    library = ControlNetLibrary(folder)
+    with pytest.raises(UserError) as caught:
+        library.resolve(name)
+    assert "is not in" in str(caught.value) and "pickled" not in str(caught.value)

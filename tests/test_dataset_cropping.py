@@ -391,3 +391,91 @@ def test_api_lists_crops_sets_focus_and_refuses_bad_input(services, tmp_path):
         assert again.status_code == 400 and "Dataset name 'copy' is taken" in again.text
         cleared = requests.delete(f"{api}/set/images/wide.png/focus", auth=auth, timeout=30)
         assert cleared.status_code == 200 and cleared.json()["source"] == "center"
+
+
+# --- review fixes: untrainable images, the form's bucketing, concurrent focus writes -----------------
+
+
+def test_a_broken_or_oversized_image_in_the_dataset_is_refused_by_name_and_no_focus_is_written(tmp_path):
+    jobs = JobQueue()
+    try:
+        training = TrainingService(Settings(models_dir=tmp_path / "models", max_image_pixels=300 * 300), jobs)
+        crops = DatasetCropService(training)
+        add(training, tmp_path, {"good.png": smooth_image(1)})
+        folder = training.dataset_folder("set")
+        # Files training skips but that stay in the folder (copied in by hand, or the limit lowered since).
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        smooth_image(2, (400, 400)).save(folder / "huge.png")
+        auth = ("u", "p")
+        with serving(crops) as api:
+            refusals = (("broken.png", "is not a readable image"), ("huge.png", "has 160000 pixels, more than 90000"))
+            for file, reason in refusals:
+                with pytest.raises(UserError, match=rf"^Image '{file}' in dataset set {reason}"):
+                    crops.set_focus("set", file, 0.5, 0.5)
+                png = requests.get(f"{api}/set/images/{file}/crop.png", auth=auth, timeout=30)
+                assert png.status_code == 400 and f"Image '{file}' in dataset set {reason}" in png.text, png.text
+                put = requests.put(f"{api}/set/images/{file}/focus", json={"x": 0.2, "y": 0.5}, auth=auth, timeout=30)
+                assert put.status_code == 400 and f"Image '{file}'" in put.text, put.text
+            assert not (folder / FOCUS_FILE).exists()  # nothing written for either
+            assert [c.file for c in crops.crops("set")] == ["good.png"]
+    finally:
+        jobs.shutdown()
+
+
+def test_the_train_tabs_crop_preview_follows_the_presets_bucketing(services, tmp_path):
+    """The form has no bucketing field: a run from it takes its preset's (demo-concept: square crops)."""
+    import gradio as gr
+
+    from lorapg.ui.train_tab import build_train_tab
+
+    training, _ = services
+    add(training, tmp_path, {"wide.png": smooth_image(5, (800, 400))})
+    assert not training.config_for({"preset": "demo-concept"}).bucketing
+    assert training.config_for({"preset": "style"}).bucketing
+    with gr.Blocks() as demo:
+        build_train_tab(training)
+    (show,) = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "show"]
+    assert "Preset" in [getattr(block, "label", None) for block in show.inputs]  # the form's preset is wired in
+    labels = {}
+    for preset in ("demo-concept", "style"):
+        items, _ = show.fn("set", 256, preset, False, None)
+        labels[preset] = items[0][1]
+    trained = {p: TrainConfig(**{**vars(training.config_for({"preset": p})), "resolution": 256}) for p in labels}
+    assert labels["demo-concept"].startswith("wide.png — 256×256") and not trained["demo-concept"].bucketing
+    assert not labels["style"].startswith("wide.png — 256×256") and trained["style"].bucketing
+
+
+def test_concurrent_focus_writes_keep_both_points(services, tmp_path, monkeypatch):
+    """Two requests set two images' points at once: neither save may drop the other's point."""
+    from lorapg.training import cropping
+
+    training, crops = services
+    add(training, tmp_path, {"a.png": smooth_image(1), "b.png": smooth_image(2)})
+    a_loaded, b_done = threading.Event(), threading.Event()
+    real_load = cropping.FocusPoints.load
+
+    def load(self):
+        points = real_load(self)
+        if threading.current_thread().name == "a":
+            a_loaded.set()
+            # Without the folder lock b loads the same old file now and saves first (b_done); with it,
+            # b waits for this save, and this wait only bounds a's pause: the outcome is the same.
+            b_done.wait(2)
+        return points
+
+    monkeypatch.setattr(cropping.FocusPoints, "load", load)
+    first = threading.Thread(target=crops.set_focus, args=("set", "a.png", 0.1, 0.5), name="a")
+    first.start()
+    assert a_loaded.wait(30)
+
+    def second():
+        crops.set_focus("set", "b.png", 0.9, 0.5)
+        b_done.set()
+
+    other = threading.Thread(target=second, name="b")
+    other.start()
+    first.join(30)
+    other.join(30)
+    monkeypatch.undo()
+    points = cropping.FocusPoints(training.dataset_folder("set")).load()
+    assert set(points) == {"a.png", "b.png"}

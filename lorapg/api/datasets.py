@@ -95,7 +95,7 @@ class TagCount(BaseModel):
 class CaptionStart(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [CAPTION_EXAMPLE]})
 
-    captioner: str = Field(description="blip, florence2, wd14 or a local model folder")
+    captioner: str = Field(description="blip, florence2, wd14 or the name of a model folder in models/captioners")
     style: str = Field(SENTENCE, description="sentence or tags")
     trigger: str = Field("", description="Put first in every caption")
     max_length: int = Field(DEFAULT_MAX_LENGTH, ge=1, le=MAX_LENGTH_LIMIT, description="Most words or tags")
@@ -185,7 +185,11 @@ def datasets_router(service: CaptionService, access: ApiAccess) -> APIRouter:
 
     @router.post("/{name}/captions/replace", response_model=Changed, summary="Find and replace in every caption")
     def replace(name: Annotated[str, Depends(known_dataset)], body: ReplaceBody) -> dict[str, Any]:
-        return {"changed": _field("find", lambda: service.find_replace(name, body.find, body.replace, body.regex))}
+        try:
+            changed = service.find_replace(name, body.find, body.replace, body.regex)
+        except UserError as exc:  # a bad replacement template names "replace"; everything else "find"
+            raise UserError(f"{'replace' if str(exc).startswith('Replace ') else 'find'}: {exc}") from None
+        return {"changed": changed}
 
     @router.post("/{name}/tags/add", response_model=Changed, summary="Add a tag to every caption lacking it")
     def add_tag(name: Annotated[str, Depends(known_dataset)], body: TagBody) -> dict[str, Any]:
@@ -202,6 +206,7 @@ def datasets_router(service: CaptionService, access: ApiAccess) -> APIRouter:
         """Queue captioning; follow it at ``/api/v1/datasets/caption-jobs/{job_id}``. The model loads
         (or downloads) inside the job: a captioner that cannot load ends the job with its error."""
         options = CaptionOptions(body.style, body.trigger, body.max_length, body.overwrite, body.batch_size)
+        _field("captioner", lambda: service.check_captioner(body.captioner))
         job = _field("options", lambda: service.start(name, body.captioner, options))
         return job_reply(job.id)
 

@@ -16,6 +16,8 @@ from lorapg.errors import UserError, shorten
 from lorapg.training.dataset import Dataset
 
 START, END = "start", "end"
+# Longer patterns are not a caption edit; the cap also bounds what one regex can cost (see compiled_find).
+MAX_FIND_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,39 @@ def find_replace(dataset: Dataset, find: str, replace: str, *, regex: bool = Fal
     """Replace ``find`` in every caption (plain text, or a Python regex); the files changed."""
     if not find:
         raise UserError("Find is empty; type the text to replace.")
+    if len(find) > MAX_FIND_CHARS:
+        raise UserError(f"Find is {len(find)} characters; at most {MAX_FIND_CHARS} are allowed. Shorten it.")
     if regex:
-        try:
-            pattern = re.compile(find)
-        except re.error as exc:
-            raise UserError(f"Find {shorten(find, 40)!r} is not a valid regular expression ({exc}); fix it.") from None
+        pattern = compiled_find(find)
+        check_replacement(pattern, replace)
         edit = lambda caption: pattern.sub(replace, caption)  # noqa: E731
     else:
         edit = lambda caption: caption.replace(find, replace)  # noqa: E731
     return _rewrite(dataset, edit, max_chars)
+
+
+def compiled_find(find: str) -> re.Pattern[str]:
+    # Python's re has no timeout: a catastrophic-backtracking pattern (``(a+)+$``) can still spin on
+    # a long caption. The length cap and short captions make that unlikely; nothing here can rule it
+    # out without running the pattern in another process.
+    try:
+        return re.compile(find)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise UserError(f"Find {shorten(find, 40)!r} is not a valid regular expression ({exc}); fix it.") from None
+
+
+def check_replacement(pattern: re.Pattern[str], replace: str) -> None:
+    """Refuse a replacement template ``pattern`` cannot fill (``\\1`` with no group): before any file changes.
+
+    re compiles the template on every ``sub``, even over an empty string, so this finds every such error.
+    """
+    try:
+        pattern.sub(replace, "")
+    except (re.error, IndexError) as exc:
+        raise UserError(
+            f"Replace {shorten(replace, 40)!r} is not a valid replacement for this pattern ({exc}); "
+            "refer only to groups the find pattern has (\\1, \\g<name>), or write \\\\ for a backslash."
+        ) from None
 
 
 def add_tag(dataset: Dataset, tag: str, position: str = END, *, max_chars: int = 0) -> list[str]:

@@ -59,12 +59,7 @@ def caption_dataset(
 ) -> CaptionReport:
     options = options.checked()
     report = CaptionReport()
-    todo: list[Path] = []
-    for path in dataset.image_paths():
-        if not options.overwrite and dataset.caption(path.name):
-            report.kept.append(path.name)
-        else:
-            todo.append(path)
+    todo = _to_caption(dataset, options, report)
     done = 0
     for start in range(0, len(todo), options.batch_size):
         if should_cancel():
@@ -73,8 +68,7 @@ def caption_dataset(
         batch = todo[start : start + options.batch_size]
         for path, result in zip(batch, _caption_batch(batch, captioner, options, dataset.max_pixels), strict=True):
             if isinstance(result, str):
-                atomic_write_text(path.with_suffix(".txt"), result + "\n")
-                report.written[path.name] = result
+                _write(dataset, path, result, options, report)
             else:
                 report.skipped[path.name] = result.reason
                 log.info("captioning skipped %s: %s", path.name, result.reason)
@@ -82,6 +76,39 @@ def caption_dataset(
             if progress is not None:
                 progress(done, len(todo), path.name)
     return report
+
+
+def _to_caption(dataset: Dataset, options: CaptionOptions, report: CaptionReport) -> list[Path]:
+    """The images to caption; the kept and the skipped go into ``report``.
+
+    ``a.png`` and ``a.jpg`` share ``a.txt``: only the first of a stem (sorted) is captioned, else the
+    second caption would silently replace the first.
+    """
+    todo: list[Path] = []
+    owners: dict[Path, str] = {}  # caption file -> the image that owns it
+    for path in dataset.image_paths():  # sorted
+        caption_file = path.with_suffix(".txt")
+        if caption_file in owners:
+            report.skipped[path.name] = (
+                f"shares its caption file {caption_file.name} with {owners[caption_file]}; rename it to caption it"
+            )
+            continue
+        owners[caption_file] = path.name
+        if not options.overwrite and dataset.caption(path.name):
+            report.kept.append(path.name)
+        else:
+            todo.append(path)
+    return todo
+
+
+def _write(dataset: Dataset, path: Path, caption: str, options: CaptionOptions, report: CaptionReport) -> None:
+    # Checked again right before writing: captioning takes minutes, and a caption the user typed
+    # meanwhile must stay when overwrite is off (only the instant between check and write remains).
+    if not options.overwrite and dataset.caption(path.name):
+        report.kept.append(path.name)
+        return
+    atomic_write_text(path.with_suffix(".txt"), caption + "\n")
+    report.written[path.name] = caption
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ HUB_FILES = {
     WD14: ["model.onnx", "selected_tags.csv", "config.json"],
 }
 WD14_FILES = ("model.onnx", "selected_tags.csv")
+# What a folder NAME may not hold: path separators, a drive colon, shell wildcards, control characters.
+_UNSAFE_NAME = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
 
 
 @dataclass(frozen=True)
@@ -46,22 +49,60 @@ class CaptionerSource:
     label: str
 
 
-def resolve(choice: str) -> CaptionerSource:
-    """The kind and local folder of ``choice`` (downloading a hub model on first use)."""
+def resolve(choice: str, captioners_dir: Path | None = None) -> CaptionerSource:
+    """The kind and local folder of ``choice`` (downloading a hub model on first use).
+
+    ``captioners_dir``: where the app (UI, API) looks for a captioner folder by its NAME; no other
+    folder is accepted. None lets ``choice`` be any folder on this machine: the CLI's owner only.
+    """
+    located = locate(choice, captioners_dir)
+    if isinstance(located, str):
+        repo = HUB_IDS[located]
+        return CaptionerSource(located, download(repo, HUB_FILES[located]), repo)
+    return CaptionerSource(detect_kind(located), located, str(located))
+
+
+def locate(choice: str, captioners_dir: Path | None = None) -> str | Path:
+    """A hub kind (``blip`` …) or the folder ``choice`` names, checked without loading or downloading."""
     choice = check_ref_length((choice or "").strip(), "Captioner")
     if not choice:
         raise UserError(f"Captioner is empty; choose {', '.join(KINDS)} or a local folder.")
     if choice.lower() in HUB_IDS:
-        kind = choice.lower()
-        repo = HUB_IDS[kind]
-        return CaptionerSource(kind, download(repo, HUB_FILES[kind]), repo)
+        return choice.lower()
+    if captioners_dir is not None:
+        return _named_folder(choice, captioners_dir)
     folder = Path(choice).expanduser()
     if not folder.is_dir():
         raise UserError(
             f"Captioner {shorten(choice)!r} is neither {', '.join(KINDS)} nor an existing folder; "
             "pick one of those names or give the folder of a saved captioning model."
         )
-    return CaptionerSource(detect_kind(folder), folder, str(folder))
+    return folder
+
+
+def folder_names(captioners_dir: Path) -> list[str]:
+    """The captioner folders the app offers: sub-folders of ``captioners_dir`` (none when it is missing)."""
+    try:
+        return sorted(p.name for p in Path(captioners_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _named_folder(choice: str, captioners_dir: Path) -> Path:
+    """``captioners_dir/choice`` when ``choice`` is one folder NAME there; a path is refused before any
+    file-system look-up, so the answer says nothing about what exists elsewhere on the server."""
+    choices = ", ".join([*KINDS, *folder_names(captioners_dir)])
+    refusal = (
+        f"Captioner {shorten(choice)!r} is not one of {choices}; choose one of those "
+        f"(a saved model is a folder NAME in {captioners_dir})."
+    )
+    if _UNSAFE_NAME.search(choice) or choice.startswith(".") or ".." in choice:
+        raise UserError(refusal)
+    folder = Path(captioners_dir) / choice
+    # A symlink the owner put in the folder may point elsewhere: the owner chose it, so it is kept.
+    if not folder.is_dir():
+        raise UserError(refusal)
+    return folder
 
 
 def detect_kind(folder: Path) -> str:

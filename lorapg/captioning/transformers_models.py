@@ -30,10 +30,12 @@ class TransformersCaptioner:
 
     kind = ""
 
-    def __init__(self, folder: Path, label: str, device: str = "cpu"):
+    def __init__(self, folder: Path, label: str, device: str = "cpu", *, allow_pickle: bool = False):
         self.folder = Path(folder)
         self.label = label
         self.device = device
+        # .bin weights are pickles that can run code when loaded: only with --allow-pickle.
+        self.allow_pickle = allow_pickle
         self._model: Any = None
         self._processor: Any = None
         self._lock = threading.Lock()
@@ -47,6 +49,7 @@ class TransformersCaptioner:
             if self._model is not None:
                 return
             started = time.perf_counter()
+            self._check_weights()
             try:
                 model, processor = self._load()
             except (OSError, ValueError, KeyError) as exc:
@@ -58,6 +61,19 @@ class TransformersCaptioner:
             model.to(self.device).eval()
             self._model, self._processor = model, processor
             log.info("loaded %s captioner %s in %.1f s", self.kind, self.label, time.perf_counter() - started)
+
+    def _check_weights(self) -> None:
+        """Refuse a folder whose only weights are pickles, before transformers opens anything."""
+        if self.allow_pickle or any(self.folder.glob("*.safetensors")):
+            return
+        raise UserError(
+            f"The {self.kind} captioner in {self.label} has no .safetensors weights; pickled weights (.bin) can run "
+            "arbitrary code. Save the model with safetensors, or pass --allow-pickle if you trust its source."
+        )
+
+    def _weights_options(self) -> dict[str, Any]:
+        """from_pretrained's options: safetensors only unless pickles are allowed."""
+        return {"local_files_only": True} if self.allow_pickle else {"local_files_only": True, "use_safetensors": True}
 
     def release(self) -> None:
         with self._lock:
@@ -100,7 +116,7 @@ class BlipCaptioner(TransformersCaptioner):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         processor = BlipProcessor.from_pretrained(str(self.folder), local_files_only=True)
-        model = BlipForConditionalGeneration.from_pretrained(str(self.folder), local_files_only=True)
+        model = BlipForConditionalGeneration.from_pretrained(str(self.folder), **self._weights_options())
         return model, processor
 
     def _generate(self, images: list[Image.Image], max_new_tokens: int) -> list[str]:
@@ -116,7 +132,7 @@ class Florence2Captioner(TransformersCaptioner):
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
         processor = AutoProcessor.from_pretrained(str(self.folder), local_files_only=True)
-        model = Florence2ForConditionalGeneration.from_pretrained(str(self.folder), local_files_only=True)
+        model = Florence2ForConditionalGeneration.from_pretrained(str(self.folder), **self._weights_options())
         return model, processor
 
     def _generate(self, images: list[Image.Image], max_new_tokens: int) -> list[str]:

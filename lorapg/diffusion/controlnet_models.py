@@ -86,8 +86,7 @@ class ControlNetLibrary:
         for info in models:
             if info.name == name:
                 return info
-        pickled = self.root / name
-        if any(pickled.with_suffix(suffix).is_file() for suffix in PICKLE_SUFFIXES) and not self.allow_pickle:
+        if _is_plain_name(name) and self._pickled(name):
             raise UserError(
                 f"ControlNet model {shorten(name, 60)} is a pickled file; loading one can run arbitrary code. "
                 "Convert it to .safetensors, or pass --allow-pickle if you trust its source."
@@ -97,6 +96,10 @@ class ControlNetLibrary:
             f"ControlNet model {shorten(name, 60)!r} is not in {self.root} (available: {available}); put a diffusers "
             "folder (config.json + diffusion_pytorch_model.safetensors) or a .safetensors file there."
         )
+
+    def _pickled(self, name: str) -> bool:
+        """A pickled file called ``name`` in the folder, refused without --allow-pickle."""
+        return not self.allow_pickle and any((self.root / f"{name}{suffix}").is_file() for suffix in PICKLE_SUFFIXES)
 
     def check_family(self, info: ControlNetInfo, family: str) -> None:
         """Refuse a model made for another family, naming both."""
@@ -183,3 +186,9 @@ def check_text_width(name: str, model: ControlNetModel, unet_width: int | None, 
             f"ControlNet model {name} reads text features of width {width}, but the loaded {family_label(family)} "
             f"model's are {unet_width}; pick a ControlNet made for this base model."
         )
+
+
+def _is_plain_name(name: str) -> bool:
+    """One file name: probing ``root/name`` for anything else (``../../x``) would tell a visitor whether
+    a file exists outside the folder. Such a name gets the same "not in the folder" answer as any other."""
+    return bool(name) and name not in {".", ".."} and not any(ch in name for ch in '/\\:\x00') and ".." not in name

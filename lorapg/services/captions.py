@@ -12,12 +12,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lorapg.captioning import editing
 from lorapg.captioning.base import Captioner, CaptionOptions
 from lorapg.captioning.runner import CaptionReport, Progress, caption_dataset
-from lorapg.captioning.sources import BLIP, FLORENCE2, WD14, CaptionerSource, resolve
+from lorapg.captioning.sources import BLIP, FLORENCE2, KINDS, WD14, CaptionerSource, folder_names, locate, resolve
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
 from lorapg.jobs import Job, JobQueue
@@ -29,12 +30,15 @@ CAPTIONER_RESIDENT_NAME = "captioner"
 CAPTION_JOB = "caption"
 
 
-def build_captioner(source: CaptionerSource, device: str) -> Captioner:
+def build_captioner(source: CaptionerSource, device: str, allow_pickle: bool = False) -> Captioner:
+    """``allow_pickle``: a transformers folder may load .bin (pickled) weights (--allow-pickle)."""
     from lorapg.captioning.transformers_models import BlipCaptioner, Florence2Captioner
     from lorapg.captioning.wd14 import Wd14Tagger
 
-    kinds: dict[str, Callable[..., Captioner]] = {BLIP: BlipCaptioner, FLORENCE2: Florence2Captioner, WD14: Wd14Tagger}
-    return kinds[source.kind](source.folder, source.label, device)
+    if source.kind == WD14:  # ONNX: no pickles
+        return Wd14Tagger(source.folder, source.label, device)
+    kinds: dict[str, Callable[..., Captioner]] = {BLIP: BlipCaptioner, FLORENCE2: Florence2Captioner}
+    return kinds[source.kind](source.folder, source.label, device, allow_pickle=allow_pickle)
 
 
 class CaptionService:
@@ -46,18 +50,39 @@ class CaptionService:
         *,
         residency: Any = None,
         device: str = "cpu",
+        allow_any_path: bool = False,
     ):
-        """``stores(owner)``: the datasets of a visitor (None: the shared ones), as TrainingService has them."""
+        """``stores(owner)``: the datasets of a visitor (None: the shared ones), as TrainingService has them.
+
+        ``allow_any_path``: a captioner may be any folder on this machine (the CLI, run by the owner);
+        otherwise (UI, API) only blip / florence2 / wd14 or a folder name in ``<models_dir>/captioners``.
+        """
         self.settings = settings
         self.stores = stores
         self.jobs = jobs
         self.residency = residency
         self.device = device
+        self.allow_any_path = allow_any_path
         self._choice: str | None = None
         self._captioner: Captioner | None = None
         self._lock = threading.Lock()
 
     # --- captioning ------------------------------------------------------------------------------
+
+    @property
+    def captioners_dir(self) -> Path:
+        return Path(self.settings.models_dir) / "captioners"
+
+    def captioner_choices(self) -> list[str]:
+        """What the UI offers: the hub captioners, then the saved ones in ``captioners_dir``."""
+        return [*KINDS, *folder_names(self.captioners_dir)]
+
+    def check_captioner(self, choice: str) -> None:
+        """Refuse a captioner this caller may not use, without loading or downloading it."""
+        locate(choice, self._allowed_dir())
+
+    def _allowed_dir(self) -> Path | None:
+        return None if self.allow_any_path else self.captioners_dir
 
     def captioner(self, choice: str) -> Captioner:
         """The captioner for ``choice``, built once (a different choice releases the previous one)."""
@@ -66,7 +91,8 @@ class CaptionService:
                 return self._captioner
             if self._captioner is not None:
                 self._captioner.release()
-            captioner = build_captioner(resolve(choice), self.device)
+            source = resolve(choice, self._allowed_dir())
+            captioner = build_captioner(source, self.device, self.settings.allow_pickle)
             if self.residency is not None:
                 self.residency.register(
                     CAPTIONER_RESIDENT_NAME,
@@ -100,6 +126,7 @@ class CaptionService:
             raise UserError("Captioning jobs need the app's job queue; run `python -m lorapg dataset caption` instead.")
         dataset = self.dataset(name, owner)  # bad input is refused now, not inside the job
         options = options.checked()
+        self.check_captioner(choice)
 
         def work(job: Job) -> CaptionReport:
             def report(done: int, total: int, file: str) -> None:

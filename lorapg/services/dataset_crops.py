@@ -91,6 +91,28 @@ class DatasetCropService:
             )
         return path
 
+    def _open_image(self, dataset: Dataset, path: Path) -> Image.Image:
+        """The image, or a UserError naming it: a broken or oversized file can sit in a dataset (training
+        skips it), and a route must refuse it before writing anything, not fail with a 500."""
+        what = f"Image {shorten(path.name)!r} in dataset {dataset.name}"
+        try:
+            with Image.open(path) as header:  # the header only: the pixel limit before any decoding
+                pixels = header.width * header.height
+            if 0 < dataset.max_pixels < pixels:
+                raise UserError(
+                    f"{what} has {pixels} pixels, more than {dataset.max_pixels} (max_image_pixels); "
+                    "training skips it: resize or remove it."
+                )
+            return open_rgb(path)
+        except Image.DecompressionBombError:
+            raise UserError(
+                f"{what} has too many pixels to read safely; training skips it: resize or remove it."
+            ) from None
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise UserError(
+                f"{what} is not a readable image ({type(exc).__name__}); training skips it: replace or remove it."
+            ) from None
+
     def resolution(self, options: CropOptions) -> int:
         check(dataclasses.replace(TrainConfig(), resolution=options.resolution))  # the trainer's range
         if options.resolution:
@@ -121,7 +143,7 @@ class DatasetCropService:
     ) -> tuple[str, Image.Image, CropPlan]:
         dataset = self._dataset(name, owner)
         path = self._image_path(dataset, file)
-        image = open_rgb(path)
+        image = self._open_image(dataset, path)
         focus = FocusPoints(dataset.folder).load().get(path.name)
         return path.name, image, self._plan(image, focus, options or CropOptions())
 
@@ -133,7 +155,9 @@ class DatasetCropService:
         """Store the point (0..1 of width and height) the image's crop centres on."""
         focus = check_focus(x, y)
         dataset = self._dataset(name, owner)
-        FocusPoints(dataset.folder).set(self._image_path(dataset, file).name, focus)
+        path = self._image_path(dataset, file)
+        self._open_image(dataset, path)  # refused before the sidecar is written
+        FocusPoints(dataset.folder).set(path.name, focus)
         return focus
 
     def clear_focus(self, name: str, file: str, owner: str | None = None) -> None:

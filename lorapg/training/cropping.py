@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,12 +191,26 @@ class FocusPoints:
 
     def set(self, file: str, focus: Focus | None) -> None:
         """Set (or, with None, clear) one image's focus point."""
-        points = self.load()
-        if focus is None:
-            points.pop(file, None)
-        else:
-            points[file] = focus
-        self._save(points)
+        # Load-modify-save under the folder's lock: two clicks at once (two requests) would otherwise
+        # both load the old file and the second save would drop the first point.
+        with _folder_lock(self.path.parent):
+            points = self.load()
+            if focus is None:
+                points.pop(file, None)
+            else:
+                points[file] = focus
+            self._save(points)
+
+
+_folder_locks: dict[str, threading.Lock] = {}
+_folder_locks_guard = threading.Lock()
+
+
+def _folder_lock(folder: Path) -> threading.Lock:
+    """One lock per dataset folder (by its real path), for this process: the app is single-process."""
+    key = os.path.realpath(folder)
+    with _folder_locks_guard:
+        return _folder_locks.setdefault(key, threading.Lock())
 
 
 # --- faces --------------------------------------------------------------------------------------

@@ -47,10 +47,11 @@ def build_captions_section(
     with gr.Accordion("Captions: auto-caption and edit in bulk", open=False, elem_id="captions-section"):
         with gr.Row():
             captioner = gr.Dropdown(
-                list(KINDS),
+                service.captioner_choices(),
                 value=KINDS[0],
-                allow_custom_value=True,  # or the folder of a saved model
-                label="Captioner (or a local model folder)",
+                # A folder saved after the app started; the service accepts only names in models/captioners.
+                allow_custom_value=True,
+                label="Captioner (or a model folder's name in models/captioners)",
                 elem_id="captions-captioner",
                 scale=2,
             )

@@ -264,7 +264,7 @@ def build_train_tab(
         )
 
     widgets["face_crop"] = crops.face_crop
-    crops.connect(widgets["resolution"])  # the preview follows the run's resolution
+    crops.connect(widgets["resolution"], preset)  # the preview follows the run's resolution and bucketing
 
     # --- dataset events ------------------------------------------------------------------------
     @user_errors
