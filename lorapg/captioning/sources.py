@@ -1,7 +1,8 @@
 """Which captioner a user's choice means, and where its files are.
 
 A choice is a short name (``blip``, ``florence2``, ``wd14``: a hub repo downloaded once into the
-Hugging Face cache) or a local folder in one of three layouts, detected from its files:
+Hugging Face cache) or a local folder in one of three layouts, detected from its files (the app's UI
+and API take such a folder only by its name in ``<models_dir>/captioners``; the CLI any path):
 
 * ``model.onnx`` + ``selected_tags.csv``: a WD14-family tagger as SmilingWolf's repos lay it out;
 * ``config.json`` with ``model_type`` ``blip``: BLIP saved with ``save_pretrained``;
