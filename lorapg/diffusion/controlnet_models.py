@@ -191,4 +191,4 @@ def check_text_width(name: str, model: ControlNetModel, unet_width: int | None, 
 def _is_plain_name(name: str) -> bool:
     """One file name: probing ``root/name`` for anything else (``../../x``) would tell a visitor whether
     a file exists outside the folder. Such a name gets the same "not in the folder" answer as any other."""
-    return bool(name) and name not in {".", ".."} and not any(ch in name for ch in '/\\:\x00') and ".." not in name
+    return bool(name) and name not in {".", ".."} and not any(ch in name for ch in "/\\:\x00") and ".." not in name
