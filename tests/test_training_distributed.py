@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from lorapg.errors import UserError
 from lorapg.training import distributed
 from lorapg.training.checkpoints import list_checkpoints
+from lorapg.training.run_store import RunStore, history_dir
 from tests.training_data import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +149,21 @@ def test_one_set_of_outputs_checkpoints_and_samples(runs):
     assert [p.name for p in list_checkpoints(tmp / "work")] == ["step-0000003", "step-0000006"]
     assert sorted(p.name for p in (tmp / "work" / "samples").iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
     assert not list((tmp / "work").rglob("*.partial"))
+
+
+def test_a_run_of_two_processes_is_one_run_in_the_history(runs):
+    tmp, _, _, _ = runs
+    # Three runs (one of 1 process, two of 2): the main process alone records each, once, with its LoRA.
+    history = RunStore(history_dir(tmp / "models") / "runs.sqlite3")
+    try:
+        recorded = history.runs()
+    finally:
+        history.close()
+    assert [(run.status, run.lora_path and Path(run.lora_path).parent.name) for run in recorded] == [
+        ("done", "one"),
+        ("done", "a"),
+        ("done", "b"),
+    ]
 
 
 def test_a_checkpoint_resumes_only_with_its_process_count(runs, tiny_models, images):

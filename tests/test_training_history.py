@@ -22,6 +22,7 @@ from lorapg.jobs import DONE, JobQueue
 from lorapg.services.training import TrainingService
 from lorapg.training.estimate import estimate_duration
 from lorapg.training.run_store import RunRecord, RunStore, history_dir, thin_losses
+from lorapg.training.trainer import Trainer
 from tests.app_server import running_app
 from tests.test_cli import ROOT
 from tests.training_data import smooth_image, write_images
@@ -120,6 +121,37 @@ def test_the_estimate_is_unknown_before_the_first_run_and_measured_after(setup):
     assert scaled.seconds is not None and "rough" in scaled.basis
     with pytest.raises(UserError, match="choose a dataset"):
         service.estimate(service.config_for({"name": "x", "trigger": "x"}))
+
+
+def test_the_estimate_counts_steps_as_the_trainer_plans_them(setup, tiny_models, tmp_path):
+    _, service = setup
+    service.engine.load_model(str(tiny_models["sd15"]))  # the bucket geometry is the loaded model's
+    # 10 images and 10 regularization ones in two buckets: 11 square and 9 landscape, batch 4 ->
+    # 3 + 3 batches an epoch (each bucket's last one short), not ceil(10 / 4) = 3 of the images alone.
+    write_images(tmp_path / "many", 10, sizes=[(288, 288)] * 6 + [(400, 288)] * 4)
+    (tmp_path / "many" / "broken.png").write_bytes(b"not an image")  # left out by the trainer
+    write_images(tmp_path / "regularization", 10, start=20, sizes=[(288, 288)] * 5 + [(400, 288)] * 5)
+    values = {"preset": "concept", "name": "planned", "trigger": "zqx_planned", **FAST, "batch_size": 4, "epochs": 2}
+    values.update(images=str(tmp_path / "many"), regularization_images=str(tmp_path / "regularization"))
+    planned = service.prepare(service.config_for(values))
+    estimate = service.estimate(planned)
+
+    totals = []
+
+    def first_step(update):
+        if update.phase == "train":
+            totals.append(update.total_steps)
+
+    trainer = Trainer(
+        planned,
+        lora_dir=tmp_path / "loras",
+        work_dir=tmp_path / "work",
+        on_progress=first_step,
+        should_cancel=lambda: bool(totals),  # one step is enough to know its plan
+    )
+    result = trainer.run()
+    assert result.cancelled and totals[0] == result.total_steps == 12
+    assert estimate.steps == result.total_steps
 
 
 def test_compare_returns_both_curves_and_samples(setup):

@@ -4,6 +4,7 @@ run can be cancelled or removed before it starts; the history says so at every p
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.errors import UserError
 from lorapg.jobs import CANCELLED, DONE, JobQueue
 from lorapg.services.training import TrainingService
+from lorapg.training.run_store import RunRecord, RunStore
 from tests.training_data import write_images
 
 # One step, no sample image: the queue is what is tested here, not the trainer.
@@ -145,6 +147,7 @@ FORM = {
     "noise_offset": 0,
     "lr_scheduler": "constant",
     "seed": 3,
+    "face_crop": False,
 }
 
 
@@ -201,3 +204,73 @@ def test_the_runs_section_queues_removes_trains_again_and_compares(training, tab
     # Side by side: the epoch's samples of both runs, one column per run.
     assert samples["columns"] == 2
     assert [cell["caption"] for cell in samples["value"]] == ["ui_a · epoch 1", "ui_a-2 · epoch 1"]
+
+
+# --- races when queueing and removing runs ------------------------------------------------------------
+
+
+def test_a_run_of_another_process_is_not_removed_while_it_is_unfinished(training, tiny_models, tmp_path):
+    # Another process on the same folders (a CLI run): its own queue and its own hold on the history.
+    other = TrainingService(training.settings, JobQueue(), training.engine)
+    try:
+        release = block_queue(other)
+        theirs = other.submit(config(training, "theirs"))
+        assert training.history_run(theirs.job.id).status == "queued"
+        with pytest.raises(UserError, match="queued in another process .*cancel it there"):
+            training.remove(theirs.job.id)
+        assert training.history_run(theirs.job.id).status == "queued"
+        release.set()
+        assert theirs.job.wait(300) and theirs.job.status == DONE
+        training.remove(theirs.job.id)  # finished: it may leave the history now
+    finally:
+        other.jobs.close(60)
+    # A row left queued by a process that is gone is marked failed, then removed.
+    gone = RunStore(training.history.db_path)
+    gone.add(RunRecord(id="gone1", name="gone", owner=None, status="queued", config={}, created_at=time.time()))
+    gone.close()
+    assert training.remove("gone1").id == "gone1"
+    assert [record.id for record in training.history_runs()] == []
+
+
+def test_a_run_that_starts_while_it_is_removed_stays_in_the_history(training, monkeypatch):
+    entered, hold = threading.Event(), threading.Event()
+    record_start = training._record_start
+
+    def held_start(run):
+        # The worker took the job; the history still says queued until this returns.
+        entered.set()
+        assert hold.wait(120)
+        record_start(run)
+
+    monkeypatch.setattr(training, "_record_start", held_start)
+    release = block_queue(training)
+    run = training.submit(config(training, "racing"))  # recorded as queued: the queue is busy
+    release.set()
+    assert entered.wait(60)
+    assert training.history_run(run.job.id).status == "queued"
+    with pytest.raises(UserError, match="is running; cancel it first"):
+        training.remove(run.job.id)
+    hold.set()
+    assert run.job.wait(300) and run.job.status == CANCELLED  # the remove's cancel stopped it
+    assert training.history_run(run.job.id).status == "cancelled"
+
+
+def test_a_run_the_history_cannot_record_is_cancelled_not_trained(training, monkeypatch):
+    submitted = []
+    submit = training.jobs.submit
+
+    def spy(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    def full_disk(record):
+        raise OSError("database or disk is full")
+
+    monkeypatch.setattr(training.jobs, "submit", spy)
+    monkeypatch.setattr(training.history, "add", full_disk)
+    with pytest.raises(OSError, match="disk is full"):
+        training.submit(config(training, "unrecorded"))
+    [job] = submitted
+    assert job.wait(300) and job.status == CANCELLED
+    assert not (training.lora_dir(config(training, "unrecorded")) / "unrecorded.safetensors").exists()
+    assert training.runs() == []

@@ -34,15 +34,26 @@ from lorapg.hosting.gpu_estimates import planned_training_steps, training_second
 from lorapg.hosting.visitors import visitor_key
 from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ERROR, QUEUED, Job, JobQueue
+from lorapg.jobs import RUNNING as JOB_RUNNING
 from lorapg.notifications import WebhookNotifier, training_finished
 from lorapg.residency import out_of_memory_as_user_error
 from lorapg.training import distributed
 from lorapg.training.config import FIELDS, TrainConfig, build_config, check, validate_name, write_config
+from lorapg.training.cropping import bucket_step, buckets_for
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
 from lorapg.training.estimate import DurationEstimate, estimate_duration
 from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
 from lorapg.training.run_store import CANCELLED, DONE, FAILED, RUNNING, RunOutcome, RunRecord, RunStore, history_dir
-from lorapg.training.trainer import Trainer, TrainProgress, TrainResult, remove_run_outputs
+from lorapg.training.trainer import (
+    Trainer,
+    TrainProgress,
+    TrainResult,
+    bucket_groups,
+    planned_sizes,
+    planned_steps,
+    remove_run_outputs,
+    training_geometry,
+)
 from lorapg.training.validation import ValidationReport
 
 log = logging.getLogger(__name__)
@@ -93,6 +104,10 @@ def finished_payload(run: TrainingRun) -> dict[str, Any]:
     )
 
 
+def _running(record: RunRecord) -> UserError:
+    return UserError(f"Run {record.name!r} ({record.id}) is running; cancel it first, then remove it from the history.")
+
+
 class TrainingService:
     def __init__(
         self,
@@ -125,7 +140,10 @@ class TrainingService:
         self._history_path = history_dir(settings.models_dir) / "runs.sqlite3"
         self._history_lock = threading.Lock()
         self._history_checked = False
-        if history is not None or self._history_path.exists():
+        # Under accelerate launch every process runs the same run: the main one alone records it,
+        # or the history would hold one run per process (and count its measured speed as many times).
+        self._records_history = distributed.is_main_process()
+        if self._records_history and (history is not None or self._history_path.exists()):
             self.history  # noqa: B018  (opened now: runs an earlier process left unfinished become failed)
         self._training = GpuTask(
             self._train_on_device, self._training_seconds, relay=gpu_relay, decorator=gpu_decorator
@@ -282,7 +300,9 @@ class TrainingService:
 
         def work(job: Job) -> TrainResult:
             recorded.wait()
-            run = holder["run"]
+            run = holder.get("run")
+            if run is None:  # its submit failed (see below): cancelled, it must not train (nor overwrite)
+                return None
             run.started_at = time.time()
             self._record_start(run)
 
@@ -319,7 +339,15 @@ class TrainingService:
             with self._lock:
                 self._runs[job.id] = run
             try:
-                self.history.add(self._queued_record(run))
+                if self._records_history:
+                    self.history.add(self._queued_record(run))
+            except BaseException:
+                # Not recorded: the run must not go on to train while its caller is told it failed.
+                self.jobs.cancel(job.id)
+                holder.pop("run")
+                with self._lock:
+                    self._runs.pop(job.id, None)
+                raise
             finally:
                 recorded.set()
         if self.notifier is not None:
@@ -351,7 +379,7 @@ class TrainingService:
         """Stop a running run after its current step, or a queued one before it starts."""
         run = self.run(job_id, owner)
         self.jobs.cancel(job_id)
-        if run.job.status == QUEUED:
+        if run.job.status == QUEUED and self._records_history:
             # It never reaches its work (the queue finishes it as cancelled): the history says so now.
             # Should the worker start it meanwhile, the work's own record of its end comes last.
             self.history.finish(job_id, RunOutcome(CANCELLED, error="cancelled before it started"))
@@ -360,17 +388,35 @@ class TrainingService:
     def remove(self, run_id: str, owner: str | None = None) -> RunRecord:
         """Take a run out of the queue (it never starts) or out of the history; not a running one."""
         record = self.history_run(run_id, owner)
-        if record.status == RUNNING:
-            raise UserError(
-                f"Run {record.name!r} ({record.id}) is running; cancel it first, then remove it from the history."
-            )
         with self._lock:
-            live = self._runs.pop(record.id, None)
+            live = self._runs.get(record.id)
+        if not record.finished and live is None:
+            record = self._finished_elsewhere(record)
+        if record.status == RUNNING:
+            raise _running(record)
         if live is not None and not live.job.finished:
             self.jobs.cancel(record.id)
+            # The worker may have taken the job between the check above and the cancel: then it runs
+            # (and stops at its first step). Its work records its end; the row must stay for that.
+            if live.job.status == JOB_RUNNING:
+                raise _running(record)
+        with self._lock:
+            self._runs.pop(record.id, None)
         self.history.remove(record.id)
         shutil.rmtree(self._samples_dir(record.id), ignore_errors=True)
         return record
+
+    def _finished_elsewhere(self, record: RunRecord) -> RunRecord:
+        """An unfinished row this process did not queue: another process's (a CLI run sharing the
+        folder) that still lives is refused; one whose process is gone is marked failed first."""
+        self.history.mark_interrupted()
+        current = self.history.get(record.id) or record
+        if not current.finished:
+            raise UserError(
+                f"Run {current.name!r} ({current.id}) is {current.status} in another process (a CLI run "
+                "using this folder); cancel it there, then remove it from the history."
+            )
+        return current
 
     def runs(self, owner: str | None = None) -> list[TrainingRun]:
         """Every run this process started (``owner``'s alone when given), oldest first."""
@@ -429,13 +475,38 @@ class TrainingService:
         """The run's expected duration on this machine, from the speed its finished runs measured."""
         if not config.images or not Path(config.images).expanduser().is_dir():
             raise UserError("Estimate: choose a dataset (the images to train on) first.")
-        images = len(Dataset(Path(config.images).expanduser(), self.settings.max_image_pixels).image_paths())
-        max_steps = config.max_steps or self.max_steps or 0
-        steps = planned_training_steps(images, config.repeats, config.epochs, config.batch_size, max_steps)
         model = self._model_of(config)
+        steps = self._planned_steps(config, model)
         return estimate_duration(
             steps, model, self._resolution(config, model), config.batch_size, self.history.measured()
         )
+
+    def _planned_steps(self, config: TrainConfig, model: str) -> int:
+        """The run's steps, counted as the trainer counts them: its images and regularization images
+        that train, per bucket, each bucket's last batch rounded up. The app trains in one process, so
+        a step's (global) batch is ``batch_size``."""
+        images = Path(config.images).expanduser()
+        regularization = Path(config.regularization_images).expanduser() if config.regularization_images else None
+        if regularization is not None and not regularization.is_dir():
+            raise UserError(f"Estimate: regularization folder {config.regularization_images} does not exist.")
+        sized = dataclasses.replace(
+            config, images=str(images), regularization_images=str(regularization) if regularization else ""
+        )
+        sizes = planned_sizes(sized, self.settings.max_image_pixels)
+        resolution, step_px = self._bucket_geometry(config, model)
+        groups = bucket_groups(sizes, buckets_for(resolution, step_px, config.bucketing))
+        max_steps = config.max_steps or self.max_steps or 0
+        return planned_steps(groups, config.repeats, config.batch_size, config.epochs, max_steps)[1]
+
+    def _bucket_geometry(self, config: TrainConfig, model: str) -> tuple[int, int]:
+        """(training side, bucket multiple): the loaded model's when it is the one trained; else the
+        config's side (SD 1.x's 512 px when unset) in kohya's 64 px multiples."""
+        loaded = self.engine.model if self.engine is not None else None
+        pipe = loaded.pipe if loaded is not None and loaded.source.ref == model else None
+        if pipe is not None and hasattr(pipe, "unet") and hasattr(pipe, "vae"):
+            return training_geometry(pipe, config.resolution)
+        resolution = config.resolution or 512
+        return resolution, bucket_step(resolution)
 
     def _free_name(self, config: TrainConfig) -> str:
         """``config.name`` with the first ``-N`` suffix that no LoRA and no unfinished run has."""
@@ -476,6 +547,8 @@ class TrainingService:
         )
 
     def _record_start(self, run: TrainingRun) -> None:
+        if not self._records_history:
+            return
         try:
             self.history.start(run.job.id, run.started_at)
         except Exception:  # the history must never stop a run
@@ -483,6 +556,8 @@ class TrainingService:
 
     def _record_end(self, run: TrainingRun, result: TrainResult | None, error: str | None) -> None:
         """Write the run's outcome and keep its samples (the work folder's are replaced by a rerun)."""
+        if not self._records_history:
+            return
         try:
             status = FAILED if error is not None else CANCELLED if result is None or result.cancelled else DONE
             session = result.steps - result.resumed_from if result is not None else 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 
 from lorapg.errors import UserError
@@ -47,6 +48,18 @@ def rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def let_collectives_settle(processes: int) -> None:
+    """Pause, without the GIL, before a run's models (and so its process group) may be freed.
+
+    gloo's worker threads free a finished collective's tensors just after its waiter returns, and
+    that takes the GIL; the process group's destructor, run when DDP's reducer is freed, joins those
+    threads while holding the GIL. Freed right after the last collective, the process hangs for good
+    (seen in the second process of a 2-process CPU run that had nothing left to do after training).
+    """
+    if processes > 1:
+        time.sleep(0.5)
 
 
 def check_launch() -> None:

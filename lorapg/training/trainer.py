@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from lorapg.training.cropping import (
     Detector,
     Focus,
     FocusPoints,
+    Size,
     assign_bucket,
     bucket_step,
     buckets_for,
@@ -62,7 +63,7 @@ from lorapg.training.cropping import (
     plan_crop,
 )
 from lorapg.training.dataset import Dataset
-from lorapg.training.validation import DEFAULT_MAX_PIXELS
+from lorapg.training.validation import DEFAULT_MAX_PIXELS, ImageCheck, ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,61 @@ def epoch_batches(
     return batches
 
 
+# --- the plan: which images train, in which buckets, for how many steps -----------------------------
+# Module functions, so the duration estimate counts a run's steps exactly as the trainer will.
+
+
+def trained_checks(
+    dataset: Dataset, report: ValidationReport, drop_near_duplicates: bool
+) -> list[tuple[ImageCheck, Size]]:
+    """The images of ``report`` a run trains (invalid ones, and near duplicates when asked, left
+    out), each with the size it trains as (EXIF orientation applied, as the crop preview sees it)."""
+    return [
+        (check, oriented_size(dataset.folder / check.file, (check.width, check.height)))
+        for check in report.trainable(drop_near_duplicates=drop_near_duplicates)
+    ]
+
+
+def planned_sizes(config: TrainConfig, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> list[Size]:
+    """The sizes of the images a run of ``config`` trains, in the trainer's order: its images, then
+    its regularization images. Refuses (``UserError``) a folder with nothing to train on."""
+    folders = [config.images] + ([config.regularization_images] if config.regularization_images else [])
+    sizes: list[Size] = []
+    for folder in folders:
+        dataset = Dataset(Path(folder), max_image_pixels)
+        report = dataset.require_trainable()
+        sizes += [size for _, size in trained_checks(dataset, report, config.drop_near_duplicates)]
+    return sizes
+
+
+def training_geometry(pipe, resolution: int = 0) -> tuple[int, int]:
+    """The training side (the model's native size unless ``resolution``) and the multiple bucket sides use."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    native = int(pipe.unet.config.sample_size * vae_scale)
+    resolution = resolution or native
+    # Sides must divide by the VAE factor × the UNet's downsamplings; real models: kohya's 64 px.
+    multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return resolution, bucket_step(resolution, multiple)
+
+
+def bucket_groups(sizes: Sequence[Size], buckets: list[Size]) -> dict[Size, list[int]]:
+    """Bucket -> the indices of the images (of ``sizes``) that train in it."""
+    groups: dict[Size, list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(assign_bucket(size, buckets), []).append(index)
+    return groups
+
+
+def planned_steps(
+    groups: dict[Size, list[int]], repeats: int, global_batch_size: int, epochs: int, max_steps: int
+) -> tuple[int, int]:
+    """(steps per epoch, total steps): every bucket's last batch may be short, so each rounds up."""
+    # The count does not depend on the shuffle: any seed and epoch give it.
+    steps_per_epoch = len(epoch_batches(groups, repeats, global_batch_size, 0, 0))
+    total = epochs * steps_per_epoch
+    return steps_per_epoch, min(total, max_steps) if max_steps else total
+
+
 # --- the trainer ----------------------------------------------------------------------------------
 
 
@@ -328,11 +384,11 @@ class Trainer:
         self._resume_or_start(run)
 
         # 6. The loop, until the last step or a cancel.
-        if not self._train(run):
-            return run.result
-
-        # 7. Export the LoRA.
-        self._export_final(run)
+        if self._train(run):
+            # 7. Export the LoRA.
+            self._export_final(run)
+        # The models go when this returns: gloo must be done with the last collective by then.
+        distributed.let_collectives_settle(run.accelerator.num_processes)
         return run.result
 
     # --- 1. the model ---------------------------------------------------------------------------
@@ -361,23 +417,19 @@ class Trainer:
         )
 
     def _training_resolution(self, pipe) -> tuple[int, int]:
-        """The training side (the model's native size unless set) and the multiple bucket sides use."""
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        native = int(pipe.unet.config.sample_size * vae_scale)
-        resolution = self.config.resolution or native
-        # Sides must divide by the VAE factor × the UNet's downsamplings; real models: kohya's 64 px.
-        multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        return resolution, bucket_step(resolution, multiple)
+        return training_geometry(pipe, self.config.resolution)
 
     # --- 2. data --------------------------------------------------------------------------------
 
     def _read_data(self, run: _RunState) -> None:
         run.items = self._read_dataset()
         buckets = buckets_for(run.resolution, run.step_px, self.config.bucketing)
-        for index, item in enumerate(run.items):
-            item.bucket = assign_bucket(item.size, buckets)
+        run.groups = bucket_groups([item.size for item in run.items], buckets)
+        for bucket, indices in run.groups.items():
+            for index in indices:
+                run.items[index].bucket = bucket
+        for item in run.items:
             load_pixels_crop_only(item)  # the crop box is known before any pixel is read
-            run.groups.setdefault(item.bucket, []).append(index)
         config = self.config
         distributed.check_dataset_fits(len(run.items) * config.repeats, config.batch_size, distributed.world_size())
 
@@ -406,12 +458,11 @@ class Trainer:
             log.warning("near duplicate %s: %s", action, check.near_duplicate_note)
         items = []
         focus_points = FocusPoints(dataset.folder).load()
-        for c in report.trainable(drop_near_duplicates=drop):
+        for c, size in trained_checks(dataset, report, drop):
             caption = dataset.caption(c.file)
             if trigger is not None:
                 caption = build_caption(trigger, caption)
             path = dataset.folder / c.file
-            size = oriented_size(path, (c.width, c.height))  # as the preview and load_pixels see it
             item = TrainImage(path, c.sha256, caption, size, loss_weight=loss_weight)
             self._place_focus(item, focus_points.get(c.file))
             items.append(item)
@@ -580,10 +631,9 @@ class Trainer:
         """Steps per epoch (global batches), total steps (max_steps caps them) and the epochs they span."""
         config = self.config
         run.global_batch_size = config.batch_size * run.accelerator.num_processes
-        run.steps_per_epoch = len(epoch_batches(run.groups, config.repeats, run.global_batch_size, config.seed, 0))
-        run.total_steps = config.epochs * run.steps_per_epoch
-        if config.max_steps:
-            run.total_steps = min(run.total_steps, config.max_steps)
+        run.steps_per_epoch, run.total_steps = planned_steps(
+            run.groups, config.repeats, run.global_batch_size, config.epochs, config.max_steps
+        )
         run.epochs = math.ceil(run.total_steps / run.steps_per_epoch)
 
     # --- 5. resume ------------------------------------------------------------------------------
