@@ -55,7 +55,7 @@ def record_runs(jobs: JobQueue, ran: list[str], hold: dict[str, threading.Event]
     for its event before working (so a second queue or thread would show as overlapping runs)."""
     submit = jobs.submit
 
-    def recording(kind, work, owner=None):
+    def recording(kind, work, owner=None, **options):
         def run(job):
             ran.append(f"{kind} start")
             try:
@@ -65,7 +65,7 @@ def record_runs(jobs: JobQueue, ran: list[str], hold: dict[str, threading.Event]
             finally:
                 ran.append(f"{kind} end")
 
-        return submit(kind, run, owner=owner)
+        return submit(kind, run, owner=owner, **options)
 
     jobs.submit = recording
 
