@@ -201,7 +201,7 @@ class DatasetCropService:
                     (staging / file).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
                 written.append(file)
             os.chmod(staging, 0o777 & ~current_umask(store.root))  # mkdtemp's 0700 is not a dataset's mode
-            os.replace(staging, target.folder)  # the new dataset appears whole
+            os.replace(staging, target.folder)  # move-only: the new dataset appears whole
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return written
