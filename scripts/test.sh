@@ -8,5 +8,9 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 export LORAPG_SLOW_TESTS="${LORAPG_SLOW_TESTS:-1}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .  # one formatter configuration (pyproject.toml), followed everywhere
+# One pytest worker per core, at most 4 (pytest-xdist; each worker builds its own tiny models, and a
+# test starts app servers and browsers of its own). A module's tests stay on one worker (loadfile):
+# module fixtures such as a running app are built once. LORAPG_TEST_WORKERS=0 runs in this process.
+workers="${LORAPG_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}"
 # The slowest tests are listed at the end, so a run that grows shows where the time went.
-exec .venv/bin/python -m pytest -q --durations=25 "$@"
+exec .venv/bin/python -m pytest -q --durations=25 -n "$workers" --dist loadfile "$@"
