@@ -6,7 +6,9 @@ through ``CaptionService.caption`` (the CLI's path: runner, image reading, atomi
 with batch_size 1 and with each batched size. Prints per captioner and batch size the images/s and
 the ratio batched ÷ single (above 1: batching is faster), and how many captions the batched run
 wrote exactly as the single run did (greedy decoding; a float difference between batch shapes may
-rarely flip a word, so this is reported, not asserted).
+rarely flip a word, so this is reported, not asserted). A "model only" line times the captioner's
+own calls on the decoded images: the ceiling batching can reach, since each caption's durable write
+(``atomic_write``: the file and its folder fsynced) costs the same at any batch size.
 
 The timed runs interleave (single, batched, single, …) and the ratio is the median of the per-pair
 ratios, so a neighbour's load on this shared machine hits both sides of a pair alike.
@@ -80,8 +82,17 @@ def paired_speedup(single, batched, repeats: int) -> tuple[float, float, float]:
     return ratio, statistics.median(singles), statistics.median(batches)
 
 
+def model_only(captioner, images: list[Image.Image], style: str, batch_size: int) -> None:
+    """The captioner's own calls over the decoded images: no file reading, no caption writes."""
+    options = CaptionOptions(style=style, max_length=8, batch_size=batch_size)
+    for start in range(0, len(images), batch_size):
+        captioner.caption(images[start : start + batch_size], options)
+
+
 def bench_captioner(service: CaptionService, label: str, folder: Path, style: str, args) -> None:
     single_captions = caption_all(service, folder, label, style, 1)
+    captioner = service.captioner(str(folder))  # the one the runs above loaded and keep
+    images = [Image.open(path).convert("RGB") for path in service.dataset(DATASET).image_paths()]
     for size in args.batch:
         batched_captions = caption_all(service, folder, label, style, size)
         same = sum(single_captions[name] == batched_captions.get(name) for name in single_captions)
@@ -93,6 +104,15 @@ def bench_captioner(service: CaptionService, label: str, folder: Path, style: st
         print(
             f"{label:5s} batch {size:2d}: {args.images / batched_s:7.1f} img/s vs batch 1 {args.images / single_s:7.1f}"
             f" img/s = {ratio:.2f}x   ({same}/{len(single_captions)} captions as batch 1)"
+        )
+        ratio, single_s, batched_s = paired_speedup(
+            lambda: model_only(captioner, images, style, 1),
+            lambda size=size: model_only(captioner, images, style, size),
+            args.repeats,
+        )
+        print(
+            f"      model only: {args.images / batched_s:7.1f} img/s vs batch 1 {args.images / single_s:7.1f}"
+            f" img/s = {ratio:.2f}x"
         )
 
 
