@@ -159,6 +159,30 @@ def test_bad_fields_are_4xx_naming_the_field(app):
     assert requests.get(app["api"], timeout=30).status_code == 401
 
 
+def test_tag_caption_options_are_taken_and_bad_ones_refused_naming_them(app):
+    tags = {"shuffle_tags": "true", "keep_tokens": "2", "caption_dropout": "0.1"}
+    fields = {"name": "tagfox", "trigger_word": "zqx_tag", "max_steps": "1", **FAST, **tags}
+    reply = start(app, fields, image_files(2, first_seed=20))
+    assert reply.status_code == 202, reply.text
+    started = reply.json()
+    assert [name for name, _ in events(app, started["job_id"])][-1] == "complete"
+    config = requests.get(f"{app['api']}/runs/{started['job_id']}", auth=AUTH, timeout=30).json()["config"]
+    assert config["shuffle_tags"] is True and config["keep_tokens"] == 2
+    assert config["caption_dropout"] == pytest.approx(0.1)
+    # Out of range on the upload form: 422 naming the field, before anything is stored.
+    for key, value in (("keep_tokens", "-1"), ("caption_dropout", "1.5")):
+        bad = {"name": "badtags", "trigger_word": "zqx", **FAST, key: value}
+        assert_refused(start(app, bad, image_files(1)), 422, key)
+    # Queued by JSON, the settings go through the config check: 400 naming the field.
+    body = {"name": "badtags", "trigger_word": "zqx", "dataset": started["dataset"]}
+    for settings, words in (
+        ({"caption_dropout": 1.5}, ("caption_dropout", "between 0 and 1")),
+        ({"shuffle_tags": "maybe"}, ("shuffle_tags",)),
+    ):
+        refused = requests.post(f"{app['api']}/runs", json={**body, "settings": settings}, auth=AUTH, timeout=30)
+        assert_refused(refused, 400, *words)
+
+
 def test_cancel_gives_a_cancelled_event_and_posting_again_resumes(app):
     fields = {"name": "longfox", "trigger_word": "zqx_long", "epochs": "1000", **FAST}
     reply = start(app, fields, image_files(2, first_seed=5))

@@ -148,6 +148,9 @@ FORM = {
     "lr_scheduler": "constant",
     "seed": 3,
     "face_crop": False,
+    "shuffle_tags": False,
+    "keep_tokens": 1,
+    "caption_dropout": 0,
 }
 
 

@@ -62,6 +62,9 @@ def test_upload_validate_train_and_status(client):
         "lr_scheduler": "constant",
         "seed": 3,
         "face_crop": False,
+        "shuffle_tags": True,  # tag captions vary per step; the config file records it
+        "keep_tokens": 2,
+        "caption_dropout": 0.1,
     }
     plain = write_images(tmp_path / "plain", 2)
     api.predict("plain", [handle_file(str(p)) for p in plain], api_name="/dataset_add")
@@ -77,6 +80,10 @@ def test_upload_validate_train_and_status(client):
     # The regularization dataset (prior preservation) is passed as its folder, like the images.
     assert config.regularization_images == str(service.dataset_folder("plain").resolve())
     assert "min_snr_gamma = 5.0" in toml
+    # The tag caption options: in the run's config.toml (what the headless command would run).
+    saved = load_config(service.run(job_id).config_path)
+    assert saved.shuffle_tags is True and saved.keep_tokens == 2 and saved.caption_dropout == pytest.approx(0.1)
+    assert "shuffle_tags = true" in service.run(job_id).config_path.read_text()
     again, _, _ = api.predict(job_id, api_name="/train_status")
     assert again == status
     assert api.predict(job_id, api_name="/train_cancel").startswith("Cancelling")
@@ -109,6 +116,24 @@ def test_missing_trigger_is_an_error_message(client):
     api.predict("one", [handle_file(str(paths[0]))], api_name="/dataset_add")
     with pytest.raises(Exception, match="trigger word is required"):
         api.predict("one", "x", "", "style", False, *[None] * len(FIELDS), None, api_name="/train_start")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("caption_dropout", 1.5), ("keep_tokens", -1)], ids=["dropout", "keep_tokens"]
+)
+def test_bad_tag_caption_options_are_refused_naming_the_field(client, field, value):
+    api, _, tmp_path = client
+    paths = write_images(tmp_path / "up", 1)
+    api.predict("tags", [handle_file(str(paths[0]))], api_name="/dataset_add")
+    with pytest.raises(Exception, match=f"'{field}' is {value:g}; it must be between"):
+        api.predict(
+            dataset_name="tags",
+            lora_name="x",
+            trigger_word="zqx",
+            preset_name="style",
+            **{field: value},
+            api_name="/train_start",
+        )
 
 
 def test_near_duplicates_are_listed_and_removed(client):

@@ -133,6 +133,15 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
         sample_steps: Annotated[
             int | None, _bounded("sample_steps", 20, "Steps of each epoch's sample; 0: none")
         ] = None,
+        shuffle_tags: Annotated[
+            bool | None, Form(examples=[False], description="Shuffle each caption's comma-separated tags every step")
+        ] = None,
+        keep_tokens: Annotated[
+            int | None, _bounded("keep_tokens", 1, "Tags kept in place when shuffling (1: the trigger)")
+        ] = None,
+        caption_dropout: Annotated[
+            float | None, _bounded("caption_dropout", 0.1, "Chance per image and step of an empty caption")
+        ] = None,
         overwrite: Annotated[bool, Form(examples=[False], description="Replace a LoRA of the same name")] = False,
         resume: Annotated[
             bool, Form(examples=[True], description="Continue from this name's checkpoint (false: start over)")
@@ -147,6 +156,9 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
             "resolution": resolution,
             "batch_size": batch_size,
             "sample_steps": sample_steps,
+            "shuffle_tags": shuffle_tags,
+            "keep_tokens": keep_tokens,
+            "caption_dropout": caption_dropout,
             "overwrite": overwrite,
             "resume": resume,
         }

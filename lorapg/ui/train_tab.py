@@ -43,6 +43,11 @@ FIELDS = (
     "lr_scheduler",
     "seed",
     "face_crop",  # its checkbox lives in the crop preview (lorapg/ui/crops_section.py)
+    # Tag captions (kohya's shuffle_caption, keep_tokens, caption_dropout_rate); applied per step by
+    # lorapg/training/caption_variation.py.
+    "shuffle_tags",
+    "keep_tokens",
+    "caption_dropout",
 )
 
 
@@ -219,6 +224,16 @@ def build_train_tab(
                     "noise_offset": gr.Number(defaults.noise_offset, label="Noise offset"),
                     "lr_scheduler": gr.Dropdown(list(LR_SCHEDULERS), value=defaults.lr_scheduler, label="LR schedule"),
                     "seed": gr.Number(defaults.seed, precision=0, label="Seed"),
+                    # Out-of-range values are refused by the config check, naming the field.
+                    "shuffle_tags": gr.Checkbox(
+                        defaults.shuffle_tags, label="Shuffle tags (comma-separated captions, every step)"
+                    ),
+                    "keep_tokens": gr.Number(
+                        defaults.keep_tokens, precision=0, label="Keep first N tags (not shuffled; 1 = the trigger)"
+                    ),
+                    "caption_dropout": gr.Number(
+                        defaults.caption_dropout, label="Caption dropout (chance of an empty caption, 0–1)"
+                    ),
                 }
                 overwrite = gr.Checkbox(False, label="Overwrite a LoRA of the same name")
             with gr.Row():
