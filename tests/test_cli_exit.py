@@ -229,6 +229,8 @@ def test_train_resuming_a_checkpoint_made_with_other_images(tiny_models, tmp_pat
         "1",
         "--device",
         "cpu",
+        "--models-dir",  # the run history goes there: never into the checkout's models/
+        str(tmp_path / "models"),
     ]
     # The checkpoint is made in-process (fast); the failing resumes run as a user runs them.
     assert main(["train", str(config), *common, "--images", str(tmp_path / "first"), "--out", str(tmp_path / "a")]) == 0

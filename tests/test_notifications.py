@@ -388,6 +388,7 @@ def test_cli_train_flag_posts_before_the_command_returns(tiny_models, tmp_path, 
     args = ["train", "--model", str(tiny_models["sd15"]), "--images", str(images), "--trigger", "zqx"]
     args += ["--name", "cli_lora", "--epochs", "1", "--rank", "4", "--out", str(tmp_path / "loras")]
     args += ["--device", "cpu", "--threads", "1", "--notify-webhook", receiver.url]
+    args += ["--models-dir", str(tmp_path / "models")]  # the run history goes there, not into the checkout
     run_config = tmp_path / "run.toml"
     run_config.write_text(
         f'sample_steps = 0\ngradient_checkpointing = false\nbatch_size = 3\nwork_dir = "{tmp_path / "work"}"\n'

@@ -170,6 +170,8 @@ def test_cli_train_in_process_then_bad_input(tiny_models, tmp_path, capsys):
         "1",
         "--device",
         "cpu",
+        "--models-dir",  # the run history goes there: never into the checkout's models/
+        str(tmp_path / "models"),
     ]
     config = tmp_path / "run.toml"
     config.write_text(
