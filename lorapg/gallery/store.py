@@ -42,6 +42,7 @@ from lorapg.gallery.records import (
     is_attachment,
     record_from_parsed,
 )
+from lorapg.sqlite_schema import immediate_transaction, prepare_database
 
 logger = logging.getLogger(__name__)
 
@@ -213,43 +214,17 @@ class GalleryStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction. IMMEDIATE takes the write lock up front: a deferred
-        transaction that upgrades later can fail with SQLITE_BUSY without waiting."""
-        with self._write_lock, closing(self._open()) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._write_lock, closing(self._open()) as conn, immediate_transaction(conn):
+            yield conn
 
     def _initialise(self) -> None:
-        try:
-            with closing(self._open()) as conn:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                logger.warning("gallery database %s is in %s mode, not WAL", self.db_path, mode)
-            with self._write() as conn:
-                self._migrate(conn)
-        except sqlite3.DatabaseError as exc:
-            raise UserError(
-                f"The gallery database '{self.db_path}' cannot be opened ({exc}). Move it aside "
-                "and restart: the gallery is rebuilt from the PNG files."
-            ) from exc
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise UserError(
-                f"The gallery database '{self.db_path}' was made by a newer LoRA Playground "
-                f"(schema {version}, this one knows {SCHEMA_VERSION}); update the app."
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[target]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {target}")
-            logger.info("gallery database %s migrated to schema %d", self.db_path, target)
+        prepare_database(
+            self._open,
+            self.db_path,
+            what="gallery database",
+            migrations=_MIGRATIONS,
+            recovery="the gallery is rebuilt from the PNG files.",
+        )
 
     # ----------------------------------------------------------------------------------------
     # Paths
