@@ -76,6 +76,25 @@ def test_many_captions_are_all_checked_before_any_is_written(tmp_path):
     assert service.set_captions("foxes", {"a.png": "short", "b.png": CAPTIONS["b.png"]}) == ["a.png"]
 
 
+def test_the_caption_table_has_a_thumbnail_of_each_image_and_none_of_a_file_outside(tmp_path):
+    import base64
+    import io
+
+    service = make_service(tmp_path)
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(outside)
+    (tmp_path / "datasets" / "foxes" / "e.png").symlink_to(outside)  # a link out of the dataset folder
+    rows = service.table("foxes")
+    assert [row["file"] for row in rows] == [*CAPTIONS, "e.png"]
+    assert [row["caption"] for row in rows[:4]] == list(CAPTIONS.values())
+    for row in rows[:4]:
+        prefix = "data:image/webp;base64,"
+        assert row["thumbnail"].startswith(prefix)
+        with Image.open(io.BytesIO(base64.b64decode(row["thumbnail"][len(prefix) :]))) as thumb:
+            assert max(thumb.size) <= 96
+    assert rows[4]["thumbnail"] == ""  # never read: its real file is outside the dataset
+
+
 def test_tag_counts_are_the_ss_tag_frequency_a_training_run_records(tmp_path):
     service = make_service(tmp_path)
     folder = tmp_path / "datasets" / "foxes"
@@ -265,18 +284,35 @@ def test_the_train_tabs_captions_section_captions_counts_and_edits(tmp_path):
         wd14 = "tiny-wd14"  # the UI takes a folder NAME in models/captioners
         status, job_id, table = api.predict("foxes", wd14, "tags", 40, "zqx", False, api_name="/dataset_caption")
         assert status == "Captioning done: 1 captioned, 3 kept." and job_id
-        assert table["data"][2] == ["c.png", "zqx, hero (character), blue theme, ^_^"]  # the one without a caption
+        assert table["headers"] == ["thumbnail", "file", "caption"]
+        assert table["data"][2][1:] == ["c.png", "zqx, hero (character), blue theme, ^_^"]  # it had no caption
+        assert table["data"][2][0].startswith('<img src="data:image/webp;base64,')
 
         counts = api.predict("foxes", "zqx", api_name="/dataset_tags")
         assert counts["data"][0] == ["zqx", 3]  # d.png says "zqx on a hill": kept as written
         status, table = api.predict("foxes", "red fox", "fox", False, api_name="/dataset_replace")
-        assert status == "Replace: 2 caption(s) changed." and table["data"][0][1] == "fox, snow, forest"
+        assert status == "Replace: 2 caption(s) changed." and table["data"][0][2] == "fox, snow, forest"
         status, table = api.predict("foxes", "wild", "start", api_name="/dataset_add_tag")
-        assert status == "Add tag: 4 caption(s) changed." and table["data"][1][1] == "wild, fox, grass"
+        assert status == "Add tag: 4 caption(s) changed." and table["data"][1][2] == "wild, fox, grass"
         status, _ = api.predict("foxes", "wild", api_name="/dataset_remove_tag")
         assert status == "Remove tag: 4 caption(s) changed."
         with pytest.raises(Exception, match="Tag must be one non-empty tag without commas"):
             api.predict("foxes", "a, b", "end", api_name="/dataset_add_tag")
+
+        # The table edited inline is saved through CaptionService: the table as shown (thumbnail, file,
+        # caption) and the older two-column one a script may still send.
+        shown = {"headers": table["headers"], "data": [row[:2] + ["fox, edited"] for row in table["data"][:1]]}
+        api.predict("foxes", shown, api_name="/dataset_captions")
+        assert captions.captions("foxes")[0]["caption"] == "fox, edited"
+        api.predict(
+            "foxes", {"headers": ["file", "caption"], "data": [["b.png", "fox, two"]]}, api_name="/dataset_captions"
+        )
+        assert captions.captions("foxes")[1]["caption"] == "fox, two"
+        with pytest.raises(Exception, match=r"Caption is 9000 characters; at most 8000 are allowed"):
+            api.predict(
+                "foxes", {"headers": ["file", "caption"], "data": [["b.png", "x" * 9000]]}, api_name="/dataset_captions"
+            )
+        assert captions.captions("foxes")[1]["caption"] == "fox, two"  # the same checks as the API's
     finally:
         demo.close()
         jobs.close(30)

@@ -4,20 +4,36 @@ Tags are a caption's comma-separated parts, as kohya counts them for ``ss_tag_fr
 here come from the export's own ``tag_frequency`` over the captions the trainer would train on
 (trigger word first, as ``build_caption`` puts it), so they are the numbers a trained LoRA records.
 Every caption file is replaced with ``atomic_write``.
+
+The Train tab's caption table shows each image's thumbnail as a ``data:`` URL made here from the
+dataset's own files: nothing is served from disk by path, so a table cell can never name a file
+outside the dataset folder.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import json
+import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
 
 from lorapg.errors import UserError, shorten
-from lorapg.training.dataset import Dataset
+from lorapg.training.dataset import Dataset, DatasetImage
+
+log = logging.getLogger(__name__)
 
 START, END = "start", "end"
 # Longer patterns are not a caption edit; the cap also bounds what one regex can cost (see compiled_find).
 MAX_FIND_CHARS = 200
+# Long side of a caption-table thumbnail: enough to tell images apart, ~2-4 kB each as WebP, so a
+# 200-image dataset's table stays well under a megabyte on every refresh and save.
+THUMB_SIDE = 96
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,45 @@ class CaptionRow:
 
 def rows(dataset: Dataset) -> list[CaptionRow]:
     return [CaptionRow(image.file, image.caption) for image in dataset.images()]
+
+
+def table_rows(dataset: Dataset) -> list[dict[str, str]]:
+    """The caption table: per image its thumbnail (a data: URL, "" when unreadable), file and caption."""
+    return [table_row(dataset, image) for image in dataset.images()]
+
+
+def table_row(dataset: Dataset, image: DatasetImage) -> dict[str, str]:
+    return {"thumbnail": thumbnail_url(dataset, image.path), "file": image.file, "caption": image.caption}
+
+
+def thumbnail_url(dataset: Dataset, path: Path, side: int = THUMB_SIDE) -> str:
+    """A small WebP of ``path`` as a data: URL; "" for a file outside the dataset folder (a symlink
+    pointing elsewhere), an unreadable image or one over the dataset's pixel limit."""
+    folder = dataset.folder.resolve()
+    real = Path(path).resolve()
+    if real.parent != folder or not real.is_file():
+        return ""
+    stat = real.stat()
+    # Keyed on size and mtime: an edited or replaced image gets a new thumbnail.
+    return _cached_thumbnail(str(real), stat.st_size, stat.st_mtime_ns, side, dataset.max_pixels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_thumbnail(path: str, size: int, mtime_ns: int, side: int, max_pixels: int) -> str:
+    try:
+        with Image.open(path) as image:
+            # The header first: a decompression bomb is never decoded (the dataset's max_image_pixels).
+            if 0 < max_pixels < image.width * image.height:
+                return ""
+            image.draft("RGB", (side * 2, side * 2))  # JPEG: decode at a reduced scale (much faster)
+            thumb = ImageOps.exif_transpose(image).convert("RGB")
+        thumb.thumbnail((side, side))
+        out = io.BytesIO()
+        thumb.save(out, format="WEBP", quality=75)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        log.info("no thumbnail for %s (%s)", path, type(exc).__name__)
+        return ""
+    return "data:image/webp;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
 def split_tags(caption: str) -> list[str]:

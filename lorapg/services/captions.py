@@ -166,6 +166,10 @@ class CaptionService:
     def captions(self, name: str, owner: str | None = None) -> list[dict[str, str]]:
         return [row.as_dict() for row in editing.rows(self.dataset(name, owner))]
 
+    def table(self, name: str, owner: str | None = None) -> list[dict[str, str]]:
+        """The Train tab's caption table: thumbnail (a data: URL of the dataset's own image), file, caption."""
+        return editing.table_rows(self.dataset(name, owner))
+
     def set_caption(self, name: str, file: str, caption: str, owner: str | None = None) -> dict[str, str]:
         dataset = self.dataset(name, owner)
         dataset.set_caption(file, editing.checked_caption(caption, self.settings.max_prompt_chars))

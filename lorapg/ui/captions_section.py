@@ -1,10 +1,13 @@
 """The Train tab's "Captions" section: auto-caption the dataset, count tags, find/replace, add or
-remove a tag everywhere. The captions table it refreshes is the tab's own (edited inline there).
+remove a tag everywhere. The captions table it refreshes is the tab's own (edited inline there):
+one row per image with its thumbnail, file name and caption (``caption_table`` builds it).
 
 Handlers only turn widget values into ``CaptionService`` calls and the results into widget values.
 """
 
 from __future__ import annotations
+
+import html
 
 import gradio as gr
 import pandas as pd
@@ -17,10 +20,59 @@ from lorapg.jobs import Job
 from lorapg.services.captions import CaptionService
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
 
+# The table's columns; only the caption is editable (TABLE_STATIC: thumbnail and file stay as they are).
+TABLE_COLUMNS = ["thumbnail", "file", "caption"]
+# "html", not "image": gradio 6.31's table shows an "image" cell as its URL text (no image component is
+# passed to the cell); an <img> in an html cell renders, and its src is always our own data: URL.
+TABLE_TYPES = ["html", "str", "str"]
+TABLE_STATIC = [0, 1]
+
+
+def caption_frame(rows: list[dict[str, str]]) -> pd.DataFrame:
+    """Rows from ``CaptionService.table`` as the table shows them."""
+    cells = [[_thumbnail_cell(row["thumbnail"], row["file"]), row["file"], row["caption"]] for row in rows]
+    return pd.DataFrame(cells, columns=TABLE_COLUMNS)
+
+
+def _thumbnail_cell(url: str, file: str) -> str:
+    """An <img> of the thumbnail: the URL is a data: URL the service made, the file name is escaped
+    (a dataset may hold any name a zip carried)."""
+    if not url.startswith("data:image/"):
+        return "(no preview)"
+    return f'<img src="{html.escape(url)}" alt="{html.escape(file)}" class="caption-thumb" style="max-width:96px">'
+
+
+def caption_table(**kwargs) -> gr.Dataframe:
+    """The caption table: a thumbnail per row (a data: URL, never a path on the server), the file name,
+    and the caption, edited in place."""
+    return gr.Dataframe(
+        headers=TABLE_COLUMNS,
+        datatype=TABLE_TYPES,  # type: ignore[arg-type]
+        static_columns=TABLE_STATIC,
+        column_widths=["110px", "22%", "auto"],
+        interactive=True,
+        wrap=True,
+        **kwargs,
+    )
+
+
+def edited_captions(table) -> dict[str, str]:
+    """file -> caption from the table as edited. By column name, so a client that still sends the older
+    two-column table (file, caption) saves the same way."""
+    if table is None:
+        return {}
+    if isinstance(table, pd.DataFrame):
+        if "file" not in table.columns or "caption" not in table.columns:
+            raise gr.Error("Captions table: it needs its file and caption columns; reload the dataset.")
+        pairs = zip(table["file"].tolist(), table["caption"].tolist(), strict=True)
+    else:  # a list of rows: the last two cells are file and caption in either layout
+        pairs = ((row[-2], row[-1]) for row in table if row and len(row) >= 2)
+    # A cleared cell can come back as None or NaN: both mean "no caption".
+    return {str(file): caption if isinstance(caption, str) else "" for file, caption in pairs if file}
+
 
 def _table(service: CaptionService, name: str, owner: str | None) -> pd.DataFrame:
-    rows = service.captions(name, owner)
-    return pd.DataFrame([(row["file"], row["caption"]) for row in rows], columns=["file", "caption"])
+    return caption_frame(service.table(name, owner))
 
 
 def _job_text(job: Job) -> str:

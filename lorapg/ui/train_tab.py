@@ -15,13 +15,14 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from lorapg.captioning import editing
 from lorapg.hosting.visitors import Visitors
 from lorapg.services.captions import CaptionService
 from lorapg.services.training import RunCurves, TrainingRun, TrainingService
 from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
 from lorapg.training.estimate import format_duration
 from lorapg.training.run_store import STATUSES, RunRecord
-from lorapg.ui.captions_section import build_captions_section
+from lorapg.ui.captions_section import build_captions_section, caption_frame, caption_table, edited_captions
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
 from lorapg.ui.crops_section import build_crops_section
 from lorapg.ui.texts import training_run_text
@@ -130,10 +131,11 @@ def _run_ids(text: str | None) -> list[str]:
 
 
 def _dataset_view(service: TrainingService, name: str, owner: str | None = None):
-    images = service.dataset_images(name, owner)
+    dataset = service.dataset_store(owner).get(name)
+    images = dataset.images()
     grid = [(str(image.path), image.file) for image in images]
-    table = pd.DataFrame([(image.file, image.caption) for image in images], columns=["file", "caption"])
-    return grid, table, service.dataset_validate(name, owner).summary()
+    table = caption_frame([editing.table_row(dataset, image) for image in images])
+    return grid, table, dataset.validate().summary()
 
 
 def build_train_tab(
@@ -181,12 +183,8 @@ def build_train_tab(
                 remove_near_button = gr.Button(
                     "Remove near duplicates", size="sm", variant="stop", elem_id="train-remove-near"
                 )
-            captions = gr.Dataframe(
-                headers=["file", "caption"],
-                datatype=["str", "str"],
-                interactive=True,
-                label="Captions (edit, then Save captions)",
-                elem_id="train-captions",
+            captions = caption_table(
+                label="Captions (click a caption to edit it, then Save captions)", elem_id="train-captions"
             )
             save_captions_button = gr.Button("Save captions", size="sm")
             caption_widgets = (
@@ -356,10 +354,11 @@ def build_train_tab(
     @user_errors
     def save_captions(dataset_name, table, request: gr.Request):
         owner = visitor(visitors, request)
-        rows = table.values.tolist() if hasattr(table, "values") else (table or [])
-        service.dataset_set_captions(
-            dataset_name, {str(row[0]): str(row[1] or "") for row in rows if row and row[0]}, owner
-        )
+        edited = edited_captions(table)
+        if caption_service is not None:  # every caption checked (length) before any is written
+            caption_service.set_captions(dataset_name, edited, owner)
+        else:
+            service.dataset_set_captions(dataset_name, edited, owner)
         return _dataset_view(service, dataset_name, owner)
 
     save_captions_button.click(

@@ -1,0 +1,86 @@
+"""Train tab's caption table in a real browser: one row per image with its thumbnail (a data: URL, never a
+path on the server), the file name and the caption; a caption edited in its cell is saved to the
+image's caption file by "Save captions"."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.app_server import running_app
+from tests.browser import browser_page
+from tests.conftest import ARTIFACTS
+from tests.training_data import smooth_image
+
+pytestmark = pytest.mark.browser
+WAIT_MS = 60_000
+
+
+def _wait_for_file_text(path, expected: str, timeout_s: float = 60.0) -> str:
+    """The caption file once it holds ``expected`` (the save runs after the click returns)."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+        if text == expected:
+            break
+        time.sleep(0.2)
+    return text
+
+
+def test_caption_table_shows_thumbnails_and_saves_an_inline_edit(tiny_models, tmp_path):
+    models = tmp_path / "models"
+    folder = models / "datasets" / "foxes"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(["a", "b", "c"]):
+        smooth_image(i, (320, 240)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"fox {name}\n", encoding="utf-8")
+    with (
+        running_app(
+            "--model",
+            str(tiny_models["sd15"]),
+            "--lora-dir",
+            str(tmp_path / "loras"),
+            "--models-dir",
+            str(models),
+            "--outputs",
+            str(tmp_path / "outputs"),
+            "--threads",
+            "1",
+            "--no-preload",
+        ) as url,
+        browser_page() as page,
+    ):
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-dataset input").click()
+        page.get_by_role("option", name="foxes").click()
+        page.get_by_role("button", name="Open", exact=True).click()
+        table = page.locator("#train-captions")
+        table.get_by_text("fox c", exact=True).wait_for(timeout=WAIT_MS)
+
+        assert table.locator("[role=row].virtual-row").count() == 3
+        for i, name in enumerate(["a", "b", "c"]):
+            thumbnail = table.locator(f"[data-testid=cell-{i}-0] img")
+            thumbnail.wait_for(timeout=WAIT_MS)
+            assert thumbnail.get_attribute("src").startswith("data:image/webp;base64,")
+            assert thumbnail.evaluate("img => img.complete && img.naturalWidth > 0")  # it decodes
+            assert table.locator(f"[data-testid=cell-{i}-1]").inner_text().strip() == f"{name}.png"
+
+        # Edit b.png's caption in its cell, then save.
+        cell = table.locator("[data-testid=cell-1-2]")
+        cell.dblclick()
+        editor = table.locator("textarea")
+        editor.wait_for(timeout=WAIT_MS)
+        editor.fill("red fox, snow")
+        editor.press("Enter")
+        page.get_by_role("button", name="Save captions").click()
+        assert _wait_for_file_text(folder / "b.txt", "red fox, snow") == "red fox, snow"
+        assert (folder / "a.txt").read_text(encoding="utf-8").strip() == "fox a"  # untouched
+        cell.get_by_text("red fox, snow", exact=True).wait_for(timeout=WAIT_MS)  # the reloaded table shows it
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "train_captions.png"), full_page=True)
+        toasts = page.locator("[data-testid='toast-body']")  # no handler failed on the way
+        assert toasts.count() == 0, toasts.all_inner_texts()
