@@ -26,7 +26,7 @@ def add_dataset_parser(commands: argparse._SubParsersAction, add_settings: Calla
     for action in (validate, caption):
         action.add_argument("name", help="dataset name as `dataset list` shows it")
     caption.add_argument(
-        "--captioner", required=True, help="blip, florence2, wd14 (downloaded once) or the folder of a saved model"
+        "--captioner", required=True, help="blip, blip2, florence2, wd14 (downloaded once) or a saved model folder"
     )
     caption.add_argument("--style", choices=STYLES, default=SENTENCE, help="a sentence or comma-separated tags")
     caption.add_argument("--trigger", default="", help="trigger word put first in every caption")

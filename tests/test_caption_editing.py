@@ -256,7 +256,7 @@ def test_the_api_takes_only_known_captioners_and_folder_names_never_a_server_pat
         assert refused.status_code == 400, (choice, refused.text)
         message = refused.json()["errors"]
         assert message.startswith("captioner: Captioner ")
-        assert "blip, florence2, wd14, tiny-wd14; choose one of those" in message, message
+        assert "blip, blip2, florence2, wd14, tiny-wd14; choose one of those" in message, message
     assert call(api, "GET", "foxes/captions").json()[2]["caption"] == ""  # nothing was captioned
 
 

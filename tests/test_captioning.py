@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 import lorapg.atomic_files
+from lorapg.captioning import memory
 from lorapg.captioning.base import CaptionOptions, RawCaption, format_caption, sentence_to_tags
 from lorapg.captioning.runner import caption_dataset
-from lorapg.captioning.sources import BLIP, FLORENCE2, WD14, detect_kind, resolve
+from lorapg.captioning.sources import BLIP, BLIP2, FLORENCE2, WD14, detect_kind, resolve
 from lorapg.captioning.wd14 import Wd14Tagger, to_input
 from lorapg.config import Settings
 from lorapg.errors import UserError
@@ -28,7 +29,14 @@ from lorapg.jobs import CANCELLED, DONE, JobQueue
 from lorapg.residency import ResidencyManager
 from lorapg.services.captions import CAPTIONER_RESIDENT_NAME, CaptionService, build_captioner
 from lorapg.training.dataset import Dataset, DatasetStore
-from tests.tiny_captioners import FLORENCE_WORDS, save_tiny_blip, save_tiny_florence2, save_tiny_wd14
+from tests.tiny_captioners import (
+    BLIP2_WORDS,
+    FLORENCE_WORDS,
+    save_tiny_blip,
+    save_tiny_blip2,
+    save_tiny_florence2,
+    save_tiny_wd14,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,6 +199,46 @@ def test_tiny_blip_loads_through_the_product_path_and_captions_sentences(blip, t
     assert {path.with_suffix(".txt") for path in dataset.image_paths()} <= set(replaced)
 
 
+def test_tiny_blip2_is_recognised_by_its_layout_and_captions_where_memory_allows(tmp_path, replaced):
+    folder = save_tiny_blip2(tmp_path / "blip2")
+    assert detect_kind(folder) == BLIP2
+    dataset = make_dataset(tmp_path)
+    store = DatasetStore(tmp_path / "datasets")
+    service = CaptionService(Settings(), lambda owner: store, allow_any_path=True)
+    captioner = service.captioner(str(folder))
+    params = memory.safetensors_params(folder)
+    assert params > 0 and captioner.estimated_bytes() == int(params * 4 * memory.ACTIVATION_MARGIN)  # fp32 on CPU
+    report = service.caption("foxes", str(folder), CaptionOptions(trigger="zqx", max_length=4, batch_size=2))
+    assert sorted(report.written) == ["img0.png", "img1.png", "img2.png"] and not report.skipped
+    for path in dataset.image_paths():
+        caption = dataset.caption(path.name)
+        words = caption.removeprefix("zqx, ").split()
+        assert caption.startswith("zqx, ") and 1 <= len(words) <= 4 and set(words) <= set(BLIP2_WORDS), caption
+    assert {path.with_suffix(".txt") for path in dataset.image_paths()} <= set(replaced)
+
+
+def test_blip2_is_refused_before_loading_when_it_does_not_fit_in_free_memory(tmp_path, monkeypatch):
+    folder = save_tiny_blip2(tmp_path / "blip2")
+    dataset = make_dataset(tmp_path)
+    store = DatasetStore(tmp_path / "datasets")
+    service = CaptionService(Settings(), lambda owner: store, allow_any_path=True)
+    needed = service.captioner(str(folder)).estimated_bytes()
+    # The free-RAM figure the product reads, one byte short of the estimate: refused, nothing loaded.
+    monkeypatch.setattr(memory, "_available_ram", lambda: needed - 1)
+    with pytest.raises(UserError) as refused:
+        service.caption("foxes", str(folder), CaptionOptions())
+    message = str(refused.value)
+    assert message.startswith(f"Captioner blip2 ({folder}) needs about ") and "\n" not in message
+    assert "B parameters in float32" in message and "is free RAM on cpu" in message, message
+    assert not service.captioner(str(folder)).loaded
+    assert not any(path.with_suffix(".txt").exists() for path in dataset.image_paths())
+    # The hub BLIP-2 is refused before its download (offline here: the download would fail differently).
+    with pytest.raises(UserError, match=r"Captioner blip2 \(Salesforce/blip2-opt-2.7b\) needs about 17.30 GB"):
+        service.caption("foxes", BLIP2, CaptionOptions())
+    monkeypatch.setattr(memory, "_available_ram", lambda: needed)  # exactly enough: captioned
+    assert len(service.caption("foxes", str(folder), CaptionOptions()).written) == 3
+
+
 def test_the_captioner_is_resident_and_leaves_when_training_takes_the_gpu(wd14, tmp_path):
     make_dataset(tmp_path)
     store = DatasetStore(tmp_path / "datasets")
@@ -229,7 +277,7 @@ def test_bad_options_and_captioners_are_refused_with_a_clear_message(tmp_path, m
         CaptionOptions(style="poem").checked()
     with pytest.raises(UserError, match="Max length must be between 1 and 200"):
         CaptionOptions(max_length=0).checked()
-    with pytest.raises(UserError, match="neither blip, florence2, wd14 nor an existing folder"):
+    with pytest.raises(UserError, match="neither blip, blip2, florence2, wd14 nor an existing folder"):
         resolve(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds neither model.onnx"):
@@ -317,8 +365,8 @@ def test_the_app_takes_a_captioner_folder_only_by_its_name_in_models_captioners(
     jobs = JobQueue()
     try:
         service = CaptionService(Settings(models_dir=models), lambda owner: store, jobs)
-        assert service.captioner_choices() == ["blip", "florence2", "wd14", "my-tagger"]
-        listing = "is not one of blip, florence2, wd14, my-tagger; choose one of those"
+        assert service.captioner_choices() == ["blip", "blip2", "florence2", "wd14", "my-tagger"]
+        listing = "is not one of blip, blip2, florence2, wd14, my-tagger; choose one of those"
         for choice in (str(wd14), str(tmp_path / "missing"), "../models/captioners/my-tagger", "my-tagger/.", "~"):
             with pytest.raises(UserError, match=listing):
                 service.caption("foxes", choice, CaptionOptions(style="tags"))

@@ -1,7 +1,8 @@
 """Tiny captioning models built in code (no downloads), saved as users' folders are laid out.
 
 ``save_tiny_blip``: a BLIP from a tiny ``BlipConfig`` and a word-level tokenizer built with the
-``tokenizers`` library, saved with ``save_pretrained``. ``save_tiny_wd14``: an ONNX graph built with
+``tokenizers`` library, saved with ``save_pretrained``; ``save_tiny_blip2`` the same for BLIP-2 (a tiny
+ViT, Q-Former and OPT with two query tokens). ``save_tiny_wd14``: an ONNX graph built with
 ``onnx.helper`` that scores five tags from the mean colour (BGR input, as the real taggers take)
 plus a ``selected_tags.csv``: red images get ``red_theme``, blue ones ``blue_theme``; every image
 gets the character tag ``hero_(character)``, the kaomoji ``^_^`` and the rating tag ``general``.
@@ -62,6 +63,69 @@ def save_tiny_blip(folder: Path) -> Path:
     # Random weights may end a caption at once or say only special tokens: make them say words.
     model.generation_config.min_new_tokens = 3
     model.generation_config.suppress_tokens = [0, 1, 2, 4]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+BLIP2_WORDS = ["a", "photo", "of", "red", "cat", "blue", "dog", "on", "grass"]
+
+
+def save_tiny_blip2(folder: Path) -> Path:
+    """A BLIP-2 with an OPT language model, as ``Salesforce/blip2-opt-2.7b`` is laid out (config
+    ``model_type`` ``blip-2``, a Blip2Processor with ``num_query_tokens`` and the ``<image>`` token)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, PreTrainedTokenizerFast
+    from transformers.models.blip import BlipImageProcessorPil
+
+    words = ["</s>", "<pad>", "<unk>", "<image>"] + ["\u0120" + word for word in BLIP2_WORDS]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="</s>",  # OPT's BOS is its EOS, as in facebook/opt-*
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer, num_query_tokens=2
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    qformer = dict(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        encoder_hidden_size=16,
+        max_position_embeddings=32,
+    )
+    text = dict(
+        model_type="opt",
+        vocab_size=len(words),
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=512,  # room for query tokens + BOS + max_new_tokens (2 per word, 200 words)
+        word_embed_proj_dim=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    config = Blip2Config(
+        vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=2, image_token_index=3
+    )
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config)
+    model.generation_config.min_new_tokens = 3  # random weights: make them say words
+    model.generation_config.suppress_tokens = [0, 1, 2, 3]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

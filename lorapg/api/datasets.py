@@ -95,7 +95,7 @@ class TagCount(BaseModel):
 class CaptionStart(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [CAPTION_EXAMPLE]})
 
-    captioner: str = Field(description="blip, florence2, wd14 or the name of a model folder in models/captioners")
+    captioner: str = Field(description="blip, blip2, florence2, wd14 or a model folder name in models/captioners")
     style: str = Field(SENTENCE, description="sentence or tags")
     trigger: str = Field("", description="Put first in every caption")
     max_length: int = Field(DEFAULT_MAX_LENGTH, ge=1, le=MAX_LENGTH_LIMIT, description="Most words or tags")

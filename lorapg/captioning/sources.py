@@ -1,11 +1,13 @@
 """Which captioner a user's choice means, and where its files are.
 
-A choice is a short name (``blip``, ``florence2``, ``wd14``: a hub repo downloaded once into the
-Hugging Face cache) or a local folder in one of three layouts, detected from its files (the app's UI
+A choice is a short name (``blip``, ``blip2``, ``florence2``, ``wd14``: a hub repo downloaded once into
+the Hugging Face cache) or a local folder in one of four layouts, detected from its files (the app's UI
 and API take such a folder only by its name in ``<models_dir>/captioners``; the CLI any path):
 
 * ``model.onnx`` + ``selected_tags.csv``: a WD14-family tagger as SmilingWolf's repos lay it out;
 * ``config.json`` with ``model_type`` ``blip``: BLIP saved with ``save_pretrained``;
+* ``config.json`` with ``model_type`` ``blip-2``: BLIP-2 saved with ``save_pretrained`` (loaded only
+  where its memory estimate fits: see ``lorapg.captioning.memory``);
 * ``config.json`` with ``model_type`` ``florence2``: Florence-2 in transformers' native format.
 
 A folder whose config asks for remote code (``auto_map``, as ``microsoft/Florence-2-base`` does) is
@@ -24,10 +26,11 @@ from lorapg.errors import UserError, check_ref_length, shorten
 
 log = logging.getLogger(__name__)
 
-BLIP, FLORENCE2, WD14 = "blip", "florence2", "wd14"
-KINDS = (BLIP, FLORENCE2, WD14)
+BLIP, BLIP2, FLORENCE2, WD14 = "blip", "blip2", "florence2", "wd14"
+KINDS = (BLIP, BLIP2, FLORENCE2, WD14)
 HUB_IDS = {
     BLIP: "Salesforce/blip-image-captioning-large",
+    BLIP2: "Salesforce/blip2-opt-2.7b",
     # The transformers-native conversion; microsoft/Florence-2-base needs trust_remote_code.
     FLORENCE2: "florence-community/Florence-2-base",
     WD14: "SmilingWolf/wd-vit-tagger-v3",
@@ -35,6 +38,7 @@ HUB_IDS = {
 # Only what each model needs: a tagger repo also holds other formats.
 HUB_FILES = {
     BLIP: ["*.json", "*.safetensors", "*.txt"],
+    BLIP2: ["*.json", "*.safetensors", "*.txt"],
     FLORENCE2: ["*.json", "*.safetensors", "*.txt"],
     WD14: ["model.onnx", "selected_tags.csv", "config.json"],
 }
@@ -114,7 +118,7 @@ def detect_kind(folder: Path) -> str:
     if not config_file.is_file():
         raise UserError(
             f"Captioner folder {folder} holds neither model.onnx + selected_tags.csv (a WD14 tagger) nor "
-            "config.json (BLIP or Florence-2 saved with save_pretrained); point to such a folder."
+            "config.json (BLIP, BLIP-2 or Florence-2 saved with save_pretrained); point to such a folder."
         )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -130,11 +134,13 @@ def detect_kind(folder: Path) -> str:
         )
     if model_type == "blip":
         return BLIP
+    if model_type == "blip-2":
+        return BLIP2
     if model_type == "florence2":
         return FLORENCE2
     raise UserError(
-        f"Captioner folder {folder} holds a {model_type or 'unknown'} model; only BLIP, Florence-2 and "
-        "WD14 taggers caption datasets here."
+        f"Captioner folder {folder} holds a {model_type or 'unknown'} model; only BLIP, BLIP-2, Florence-2 "
+        "and WD14 taggers caption datasets here."
     )
 
 

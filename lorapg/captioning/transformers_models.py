@@ -1,4 +1,4 @@
-"""BLIP and Florence-2 through transformers' own classes (never a repo's remote code).
+"""BLIP, BLIP-2 and Florence-2 through transformers' own classes (never a repo's remote code).
 
 Both load lazily (``ensure_loaded``) on the device they were built for and ``release`` drops them,
 as the prompt tools' LLM does, so the residency manager can free the GPU for training.
@@ -6,6 +6,7 @@ as the prompt tools' LLM does, so the residency manager can free the GPU for tra
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import threading
@@ -16,8 +17,9 @@ from typing import Any
 
 from PIL import Image
 
+from lorapg.captioning import memory
 from lorapg.captioning.base import CaptionOptions, RawCaption
-from lorapg.captioning.sources import BLIP, FLORENCE2
+from lorapg.captioning.sources import BLIP, BLIP2, FLORENCE2
 from lorapg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class TransformersCaptioner:
                 return
             started = time.perf_counter()
             self._check_weights()
+            self._check_memory()
             try:
                 model, processor = self._load()
             except (OSError, ValueError, KeyError) as exc:
@@ -70,6 +73,9 @@ class TransformersCaptioner:
             f"The {self.kind} captioner in {self.label} has no .safetensors weights; pickled weights (.bin) can run "
             "arbitrary code. Save the model with safetensors, or pass --allow-pickle if you trust its source."
         )
+
+    def _check_memory(self) -> None:
+        """Refuse, before loading, a model that does not fit (BLIP-2); the small ones always do."""
 
     def _weights_options(self) -> dict[str, Any]:
         """from_pretrained's options: safetensors only unless pickles are allowed."""
@@ -143,5 +149,50 @@ class Florence2Captioner(TransformersCaptioner):
             pixel_values=inputs["pixel_values"].to(self._model.dtype),
             max_new_tokens=max_new_tokens,
             num_beams=3,
+        )
+        return self._processor.batch_decode(output, skip_special_tokens=True)
+
+
+class Blip2Captioner(TransformersCaptioner):
+    """BLIP-2 (OPT language model): fp16 on a GPU, fp32 on CPU; loaded only where the estimate fits."""
+
+    kind = BLIP2
+
+    @property
+    def _element_bytes(self) -> int:
+        return 2 if self.device.startswith("cuda") else 4
+
+    def _params(self) -> int:
+        params = memory.safetensors_params(self.folder)
+        if params:
+            return params
+        # Pickled weights only (--allow-pickle): no header to read; their size at 4 bytes a parameter.
+        return sum(p.stat().st_size for p in self.folder.glob("*.bin")) // 4
+
+    def estimated_bytes(self) -> int:
+        return int(self._params() * self._element_bytes * memory.ACTIVATION_MARGIN) or 1
+
+    def _check_memory(self) -> None:
+        # Called under the residency manager on a GPU: models it evicted for this one are gone by now.
+        memory.check_fits(f"{BLIP2} ({self.label})", self._params(), self._element_bytes, self.device)
+
+    def _load(self) -> tuple[Any, Any]:
+        import torch
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        dtype = torch.float16 if self._element_bytes == 2 else torch.float32
+        processor = Blip2Processor.from_pretrained(str(self.folder), local_files_only=True)
+        model = Blip2ForConditionalGeneration.from_pretrained(str(self.folder), dtype=dtype, **self._weights_options())
+        return model, processor
+
+    def _generate(self, images: list[Image.Image], max_new_tokens: int) -> list[str]:
+        # No prompt: the model starts from its query tokens and BOS, the plain "describe the image" mode.
+        inputs = self._processor(images=images, return_tensors="pt").to(self.device)
+        # BLIP-2's generate hands over to its language model, whose own default generation config would
+        # silently replace the folder's generation_config.json: pass the folder's, with our length.
+        config = copy.deepcopy(self._model.generation_config)
+        config.max_new_tokens = max_new_tokens
+        output = self._model.generate(
+            pixel_values=inputs["pixel_values"].to(self._model.dtype), generation_config=config
         )
         return self._processor.batch_decode(output, skip_special_tokens=True)

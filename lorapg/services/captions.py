@@ -15,10 +15,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorapg.captioning import editing
+from lorapg.captioning import editing, memory
 from lorapg.captioning.base import Captioner, CaptionOptions
 from lorapg.captioning.runner import CaptionReport, Progress, caption_dataset
-from lorapg.captioning.sources import BLIP, FLORENCE2, KINDS, WD14, CaptionerSource, folder_names, locate, resolve
+from lorapg.captioning.sources import (
+    BLIP,
+    BLIP2,
+    FLORENCE2,
+    HUB_IDS,
+    KINDS,
+    WD14,
+    CaptionerSource,
+    folder_names,
+    locate,
+    resolve,
+)
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
 from lorapg.jobs import Job, JobQueue
@@ -28,16 +39,22 @@ log = logging.getLogger(__name__)
 
 CAPTIONER_RESIDENT_NAME = "captioner"
 CAPTION_JOB = "caption"
+# Salesforce/blip2-opt-2.7b's parameters: checked against free RAM before its ~15 GB are downloaded.
+HUB_BLIP2_PARAMS = 3_870_000_000
 
 
 def build_captioner(source: CaptionerSource, device: str, allow_pickle: bool = False) -> Captioner:
     """``allow_pickle``: a transformers folder may load .bin (pickled) weights (--allow-pickle)."""
-    from lorapg.captioning.transformers_models import BlipCaptioner, Florence2Captioner
+    from lorapg.captioning.transformers_models import Blip2Captioner, BlipCaptioner, Florence2Captioner
     from lorapg.captioning.wd14 import Wd14Tagger
 
     if source.kind == WD14:  # ONNX: no pickles
         return Wd14Tagger(source.folder, source.label, device)
-    kinds: dict[str, Callable[..., Captioner]] = {BLIP: BlipCaptioner, FLORENCE2: Florence2Captioner}
+    kinds: dict[str, Callable[..., Captioner]] = {
+        BLIP: BlipCaptioner,
+        BLIP2: Blip2Captioner,
+        FLORENCE2: Florence2Captioner,
+    }
     return kinds[source.kind](source.folder, source.label, device, allow_pickle=allow_pickle)
 
 
@@ -55,7 +72,7 @@ class CaptionService:
         """``stores(owner)``: the datasets of a visitor (None: the shared ones), as TrainingService has them.
 
         ``allow_any_path``: a captioner may be any folder on this machine (the CLI, run by the owner);
-        otherwise (UI, API) only blip / florence2 / wd14 or a folder name in ``<models_dir>/captioners``.
+        otherwise (UI, API) only blip / blip2 / florence2 / wd14 or a folder name in ``<models_dir>/captioners``.
         """
         self.settings = settings
         self.stores = stores
@@ -91,6 +108,7 @@ class CaptionService:
                 return self._captioner
             if self._captioner is not None:
                 self._captioner.release()
+            self._check_download(choice)
             source = resolve(choice, self._allowed_dir())
             captioner = build_captioner(source, self.device, self.settings.allow_pickle)
             if self.residency is not None:
@@ -102,6 +120,12 @@ class CaptionService:
                 )
             self._choice, self._captioner = choice, captioner
             return captioner
+
+    def _check_download(self, choice: str) -> None:
+        """The hub BLIP-2 on CPU: refused before a download it could not load (RAM is what it is there;
+        on a GPU the residency manager may still free VRAM, so the check waits for the load)."""
+        if self.device == "cpu" and locate(choice, self._allowed_dir()) == BLIP2:
+            memory.check_fits(f"{BLIP2} ({HUB_IDS[BLIP2]})", HUB_BLIP2_PARAMS, 4, self.device)
 
     def caption(
         self,
