@@ -254,6 +254,29 @@ def test_the_captioner_is_resident_and_leaves_when_training_takes_the_gpu(wd14, 
     assert captioner.loaded  # and loaded again on next use
 
 
+def test_without_a_residency_manager_the_captioner_leaves_ram_when_its_caption_run_ends(wd14, tmp_path):
+    make_dataset(tmp_path)
+    store = DatasetStore(tmp_path / "datasets")
+    jobs = JobQueue()
+    try:  # as the app builds it on a CPU-only machine: a job queue, no residency manager
+        service = CaptionService(Settings(), lambda owner: store, jobs, residency=None, allow_any_path=True)
+        captioner = service.captioner(str(wd14))
+        loaded_while_captioning: list[bool] = []
+        service.caption(
+            "foxes",
+            str(wd14),
+            CaptionOptions(style="tags"),
+            progress=lambda *_: loaded_while_captioning.append(captioner.loaded),
+        )
+        assert loaded_while_captioning == [True, True, True]
+        assert not captioner.loaded  # released when the run ended
+        job = service.start("foxes", str(wd14), CaptionOptions(style="tags", overwrite=True))
+        assert job.wait(120) and job.status == DONE, job.error
+        assert len(job.result.written) == 3 and service.captioner(str(wd14)) is captioner and not captioner.loaded
+    finally:
+        jobs.close(30)
+
+
 def test_a_caption_job_reports_progress_and_can_be_cancelled(wd14, tmp_path):
     make_dataset(tmp_path)
     store = DatasetStore(tmp_path / "datasets")

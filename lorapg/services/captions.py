@@ -2,7 +2,8 @@
 
 Never imports gradio. The captioner is a model like the others: built on first use, kept while the
 same one is asked for, registered with the residency manager ("drop and reload", as the prompt
-tools' LLM) so training's exclusive hold on the GPU unloads it. Captioning runs as a job on the
+tools' LLM) so training's exclusive hold on the GPU unloads it; with no residency manager (CPU-only)
+it is released when the caption run ends (see ``_held_for_this_run``). Captioning runs as a job on the
 shared GPU queue (``start``) or in the caller's thread (``caption``, for the CLI).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ class CaptionService:
         self._choice: str | None = None
         self._captioner: Captioner | None = None
         self._lock = threading.Lock()
+        self._runs = 0  # caption runs in progress: without residency the captioner leaves after the last
 
     # --- captioning ------------------------------------------------------------------------------
 
@@ -140,7 +142,7 @@ class CaptionService:
         dataset = self.dataset(name, owner)
         options = options.checked()
         captioner = self.captioner(choice)
-        with self._resident():
+        with self._resident(captioner):
             captioner.ensure_loaded()  # a model that cannot load fails here, before any image
             return caption_dataset(dataset, captioner, options, progress, should_cancel)
 
@@ -174,10 +176,28 @@ class CaptionService:
             if self._captioner is not None:
                 self._captioner.release()
 
-    def _resident(self):
+    def _resident(self, captioner: Captioner):
         if self.residency is None:
-            return contextlib.nullcontext()
+            return self._held_for_this_run(captioner)
         return self.residency.use(CAPTIONER_RESIDENT_NAME)
+
+    @contextlib.contextmanager
+    def _held_for_this_run(self, captioner: Captioner) -> Iterator[None]:
+        """Without a residency manager (CPU-only, ZeroGPU) nothing would ever evict the captioner: it
+        leaves RAM when the last caption run ends. Chosen over "when training starts or after an idle
+        time": on CPU its weights (BLIP ~1.8 GB, BLIP-2 ~16 GB in fp32) would sit next to the pipeline
+        and the trainer for nothing, while captioning is a step people run once per dataset and a reload
+        from the page cache costs seconds next to the minutes a CPU run takes."""
+        with self._lock:
+            self._runs += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._runs -= 1
+                # Another run may still be captioning with it (a job next to a direct ``caption`` call).
+                if self._runs == 0:
+                    captioner.release()
 
     # --- editing ---------------------------------------------------------------------------------
 
