@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
+import json
+import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +24,14 @@ from lorapg.jobs import JobQueue
 from lorapg.services.dataset_crops import CropOptions, DatasetCropService
 from lorapg.services.training import TrainingService
 from lorapg.training.config import TrainConfig
-from lorapg.training.cropping import FOCUS_FILE, assign_bucket, bucket_step, haar_faces, make_buckets
+from lorapg.training.cropping import (
+    FOCUS_FILE,
+    FocusPoints,
+    assign_bucket,
+    bucket_step,
+    haar_faces,
+    make_buckets,
+)
 from lorapg.training.dataset import Dataset
 from lorapg.training.trainer import Trainer, _latent_key, load_pixels
 from tests.training_data import smooth_image
@@ -176,6 +186,53 @@ def test_focus_sidecar_is_hidden_from_validation_and_survives_a_broken_file(serv
     assert [c.file for c in report.checks] == ["a.png"] and not report.invalid
     (folder / FOCUS_FILE).write_text("{not json", encoding="utf-8")
     assert crops.crop("set", "a.png").plan.source == "center"  # ignored (with a warning), not a crash
+
+
+def test_a_removed_images_focus_point_is_not_inherited_by_a_new_image_of_the_same_name(services, tmp_path):
+    training, crops = services
+    add(training, tmp_path, {"a.png": smooth_image(1, (600, 300)), "b.png": smooth_image(2, (600, 300))})
+    folder = training.dataset_folder("set")
+    crops.set_focus("set", "a.png", 0.9, 0.5)
+    crops.set_focus("set", "b.png", 0.1, 0.5)
+
+    # Removed by the app: its entry leaves the sidecar at once.
+    training.dataset_remove("set", "a.png")
+    stored = json.loads((folder / FOCUS_FILE).read_text(encoding="utf-8"))
+    assert set(stored["focus"]) == set(stored["images"]) == {"b.png"}
+    add(training, tmp_path, {"a.png": smooth_image(3, (600, 300))})
+    assert crops.crop("set", "a.png", SQUARE_256).plan.source == "center"
+
+    # Deleted and replaced behind the app's back: the stored stamp no longer matches, the point is ignored
+    # (by the trainer too, which reads the same sidecar) and dropped at the next write.
+    (folder / "b.png").unlink()
+    smooth_image(4, (600, 300)).save(folder / "b.png")
+    assert crops.crop("set", "b.png", SQUARE_256).plan.source == "center"
+    assert "b.png" not in FocusPoints(folder).load()
+    crops.set_focus("set", "a.png", 0.2, 0.5)
+    assert set(json.loads((folder / FOCUS_FILE).read_text(encoding="utf-8"))["focus"]) == {"a.png"}
+
+
+def test_focus_points_survive_a_copied_folder_and_an_older_sidecar_is_trusted_for_older_images(services, tmp_path):
+    training, crops = services
+    add(training, tmp_path, {"a.png": smooth_image(1, (600, 300))})
+    folder = training.dataset_folder("set")
+    crops.set_focus("set", "a.png", 0.9, 0.5)
+    # A copy without its times (cp without -p): other mtimes, the same bytes.
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copy)
+    os.utime(copy / "a.png", ns=(1, 1))
+    assert FocusPoints(copy).load() == {"a.png": (0.9, 0.5)}
+
+    # A sidecar written before stamps existed: trusted for an image no newer than it, not for a newer one.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    smooth_image(1, (600, 300)).save(legacy / "old.png")
+    smooth_image(2, (600, 300)).save(legacy / "new.png")
+    (legacy / FOCUS_FILE).write_text(json.dumps({"focus": {"old.png": [0.9, 0.5], "new.png": [0.1, 0.5]}}))
+    sidecar_time = (legacy / FOCUS_FILE).stat().st_mtime_ns
+    os.utime(legacy / "old.png", ns=(sidecar_time - 10**9, sidecar_time - 10**9))
+    os.utime(legacy / "new.png", ns=(sidecar_time + 10**9, sidecar_time + 10**9))
+    assert FocusPoints(legacy).load() == {"old.png": (0.9, 0.5)}
 
 
 # --- faces ------------------------------------------------------------------------------------------
@@ -452,7 +509,7 @@ def test_concurrent_focus_writes_keep_both_points(services, tmp_path, monkeypatc
     training, crops = services
     add(training, tmp_path, {"a.png": smooth_image(1), "b.png": smooth_image(2)})
     a_loaded, b_done = threading.Event(), threading.Event()
-    real_load = cropping.FocusPoints.load
+    real_load = cropping.FocusPoints._current  # the read of set()'s load-modify-save
 
     def load(self):
         points = real_load(self)
@@ -463,7 +520,7 @@ def test_concurrent_focus_writes_keep_both_points(services, tmp_path, monkeypatc
             b_done.wait(2)
         return points
 
-    monkeypatch.setattr(cropping.FocusPoints, "load", load)
+    monkeypatch.setattr(cropping.FocusPoints, "_current", load)
     first = threading.Thread(target=crops.set_focus, args=("set", "a.png", 0.1, 0.5), name="a")
     first.start()
     assert a_loaded.wait(30)

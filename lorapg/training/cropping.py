@@ -6,13 +6,21 @@ user sees is the box that trains. By default the box is centred (kohya's behavio
 face OpenCV's bundled Haar cascade finds (no download). A focus point set by hand wins over a face.
 
 Focus points live in one hidden sidecar per dataset, ``.lorapg-focus.json`` (``{"focus": {"img.png":
-[x, y]}}``, x and y in 0..1 of the image's width and height): one file rather than one per image so the
-dataset folder stays the plain images + ``.txt`` layout other tools read, and hidden so that dataset
-validation and kohya ignore it. It is written with ``atomic_write`` (a crash never leaves half a file).
+[x, y]}, "images": {"img.png": {"bytes": …, "mtime_ns": …, "sha256": …}}}``, x and y in 0..1 of the
+image's width and height): one file rather than one per image so the dataset folder stays the plain
+images + ``.txt`` layout other tools read, and hidden so that dataset validation and kohya ignore it.
+It is written with ``atomic_write`` (a crash never leaves half a file).
+
+A point belongs to the image it was set on, not to its name: ``images`` records that image's size,
+mtime and SHA-256. A point whose image is gone, or whose file is now another image of the same name,
+is ignored, and dropped at the next write (``Dataset.remove`` drops it at once). The check costs one
+``stat`` per point; the hash is read only when the mtime differs (a copied folder keeps its points).
+A sidecar from before ``images`` existed is trusted for images no newer than the sidecar itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -168,38 +176,118 @@ def check_focus(x: object, y: object) -> Focus:
     return point[0], point[1]
 
 
+Stamp = dict[str, int | str]  # what identifies the image a point was set on: bytes, mtime_ns, sha256
+
+
 class FocusPoints:
     """The focus sidecar of one dataset folder."""
 
     def __init__(self, folder: Path):
-        self.path = Path(folder) / FOCUS_FILE
+        self.folder = Path(folder)
+        self.path = self.folder / FOCUS_FILE
 
     def load(self) -> dict[str, Focus]:
-        if not self.path.is_file():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return {str(file): check_focus(*point) for file, point in data.get("focus", {}).items()}
-        except (ValueError, TypeError, AttributeError, UserError) as exc:
-            # A hand-edited, broken sidecar must not stop training: centred crops, and say so.
-            log.warning("ignoring unreadable focus file %s (%s)", self.path, exc)
-            return {}
-
-    def _save(self, points: dict[str, Focus]) -> None:
-        body = {"focus": {file: [round(x, 4), round(y, 4)] for file, (x, y) in sorted(points.items())}}
-        atomic_write_text(self.path, json.dumps(body, indent=1) + "\n")
+        """Each image's point, for the images they were set on (stale points are left out)."""
+        return {file: point for file, (point, _stamp) in self._current().items()}
 
     def set(self, file: str, focus: Focus | None) -> None:
-        """Set (or, with None, clear) one image's focus point."""
+        """Set (or, with None, clear) one image's focus point; stale points are dropped on the way."""
         # Load-modify-save under the folder's lock: two clicks at once (two requests) would otherwise
         # both load the old file and the second save would drop the first point.
-        with _folder_lock(self.path.parent):
-            points = self.load()
+        with _folder_lock(self.folder):
+            points = self._current()
             if focus is None:
                 points.pop(file, None)
             else:
-                points[file] = focus
+                points[file] = (focus, _stamp(self.folder / file))
             self._save(points)
+
+    def forget(self, file: str) -> None:
+        """Drop ``file``'s point (the app removed the image); no write when there is nothing to drop."""
+        if not self.path.is_file():
+            return
+        with _folder_lock(self.folder):
+            if file in self._read()[0]:
+                points = self._current()
+                points.pop(file, None)
+                self._save(points)
+
+    def _read(self) -> tuple[dict[str, Focus], dict[str, Stamp], int]:
+        """(points, stamps, the sidecar's mtime_ns) as stored; empty when missing or unreadable."""
+        if not self.path.is_file():
+            return {}, {}, 0
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            points = {str(file): check_focus(*point) for file, point in data.get("focus", {}).items()}
+            stamps = data.get("images", {})
+            if not isinstance(stamps, dict):
+                raise ValueError("'images' is not an object")
+            return points, stamps, self.path.stat().st_mtime_ns
+        except (OSError, ValueError, TypeError, AttributeError, UserError) as exc:
+            # A hand-edited, broken sidecar must not stop training: centred crops, and say so.
+            log.warning("ignoring unreadable focus file %s (%s)", self.path, exc)
+            return {}, {}, 0
+
+    def _current(self) -> dict[str, tuple[Focus, Stamp]]:
+        points, stamps, sidecar_mtime = self._read()
+        current = {}
+        for file, point in points.items():
+            stamp = self._still_valid(file, stamps.get(file), sidecar_mtime)
+            if stamp is None:
+                log.info("ignoring the focus point of %s: the image it was set on is gone or replaced", file)
+            else:
+                current[file] = (point, stamp)
+        return current
+
+    def _still_valid(self, file: str, stamp: object, sidecar_mtime: int) -> Stamp | None:
+        """The stamp to keep for ``file``'s point, or None when the point is stale."""
+        if Path(file).name != file or file.startswith("."):
+            return None  # a hand-edited entry naming something outside the folder
+        path = self.folder / file
+        try:
+            stat = path.stat()
+        except OSError:
+            return None  # the image is gone
+        if not isinstance(stamp, dict):  # a sidecar from before stamps: no image newer than it
+            return _readable_stamp(path) if stat.st_mtime_ns <= sidecar_mtime else None
+        if stamp.get("bytes") != stat.st_size:
+            return None
+        if stamp.get("mtime_ns") == stat.st_mtime_ns:
+            return stamp
+        # Same size, other mtime: a copied folder, or another image of the same size. The content decides.
+        fresh = _readable_stamp(path)
+        return fresh if fresh is not None and fresh["sha256"] == stamp.get("sha256") else None
+
+    def _save(self, points: dict[str, tuple[Focus, Stamp]]) -> None:
+        ordered = sorted(points.items())
+        body = {
+            "focus": {file: [round(x, 4), round(y, 4)] for file, ((x, y), _stamp) in ordered},
+            "images": {file: stamp for file, (_point, stamp) in ordered},
+        }
+        atomic_write_text(self.path, json.dumps(body, indent=1) + "\n")
+
+
+def _readable_stamp(path: Path) -> Stamp | None:
+    """``_stamp``, or None for a file that cannot be read: its point is then treated as stale."""
+    try:
+        return _stamp(path)
+    except UserError:
+        return None
+
+
+def _stamp(path: Path) -> Stamp:
+    """What identifies the image at ``path`` now."""
+    digest = hashlib.sha256()
+    try:
+        stat = path.stat()
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise UserError(
+            f"Image name {shorten(path.name)!r}: cannot read it ({type(exc).__name__}); pick another."
+        ) from None
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
 
 
 _folder_locks: dict[str, threading.Lock] = {}

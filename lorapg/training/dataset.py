@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from lorapg.atomic_files import atomic_write_text
 from lorapg.config import Settings
 from lorapg.errors import UserError
+from lorapg.training.cropping import FocusPoints
 from lorapg.training.validation import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -126,6 +127,8 @@ class Dataset:
         path = self._member(file)
         path.unlink()
         path.with_suffix(".txt").unlink(missing_ok=True)
+        # Its crop focus point goes too: a later image of the same name starts centred.
+        FocusPoints(self.folder).forget(path.name)
 
     def validate(self) -> ValidationReport:
         return validate_images(self.files(), self.max_pixels)
