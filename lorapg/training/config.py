@@ -4,7 +4,8 @@ The Train tab only produces this file and ``python -m lorapg train CONFIG`` runs
 ai-toolkit pattern). Loading is strict: an unknown or misspelled key is an error that names it,
 and every number is range-checked, so a typo never silently falls back to a default.
 
-Precedence: defaults < the preset named by ``preset`` < the file < flags.
+Precedence: defaults < the preset named by ``preset`` (the base model family's version of it, when
+the family has one and is known before loading) < the file < flags.
 """
 
 from __future__ import annotations
@@ -157,9 +158,11 @@ def build_config(values: dict[str, Any], *, presets_dir: Path | None = None, whe
     preset_name = coerced.get("preset", "")
     merged: dict[str, Any] = {}
     if preset_name:
-        from lorapg.training.presets import load_preset
+        from lorapg.training.presets import guess_family, load_preset
 
-        merged.update(load_preset(preset_name, presets_dir).values)
+        # Flux.1 / SD 3.5 have their own character/style/concept values (presets/training/<family>/).
+        family = guess_family(str(coerced.get("model", "")))
+        merged.update(load_preset(preset_name, presets_dir, family).values)
     merged.update(coerced)
     return check(dataclasses.replace(TrainConfig(), **merged))
 

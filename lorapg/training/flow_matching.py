@@ -83,12 +83,12 @@ class FlowTraining:
     def _check_config(self, config) -> None:
         """Refuse settings that do not exist for a transformer; SD-only loss settings are ignored, said once."""
         if config.train_text_encoder:
+            # The family's presets (presets/training/<family>/) leave it off.
             raise UserError(
-                f"Train text encoder is not available for {self.label} yet: turn it off "
-                f"(or use the {self.family}-character / -style / -concept presets)."
+                f"Train text encoder (train_text_encoder) is not available for {self.label} yet: turn it off."
             )
         if config.train_conv:
-            raise UserError(f"Train conv applies to SD UNets only; turn it off for {self.label} (it has no ResNets).")
+            raise UserError(f"Train conv (train_conv) applies to SD UNets only: turn it off for {self.label}.")
         for key in ("min_snr_gamma", "noise_offset"):
             if getattr(config, key):
                 log.warning("%s applies to SD's noise schedule; ignored for %s (flow matching)", key, self.label)
