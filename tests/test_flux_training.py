@@ -239,3 +239,21 @@ def test_family_presets_apply_when_the_base_model_is_flux_or_sd3(bases):
             assert preset.description.startswith({"flux": "Flux.1", "sd3": "SD 3.5"}[family])
             lines = (PRESETS_DIR / family / f"{name}.toml").read_text(encoding="utf-8").splitlines()
             assert all("#" in line for line in lines if "=" in line and not line.startswith("description"))
+
+
+def test_the_train_tab_s_presets_follow_the_app_s_flux_model(bases, tmp_path):
+    """The Train tab fills its fields from ``config_for({"preset": …})``: with a Flux.1 model as the app's
+    model (no model named in the form) they are the Flux.1 preset's, and its description says so."""
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+
+    overrides = {"model": str(bases["flux"]), "models_dir": str(tmp_path / "models"), "device": "cpu", "threads": 1}
+    settings = load_settings(None, {**overrides, "lora_dir": str(tmp_path / "loras"), "outputs": str(tmp_path)})
+    services = build_services(settings, prompts=False)
+    try:
+        config = services.training.config_for({"preset": "character"})
+        assert config.train_text_encoder is False and config.weighting_scheme == "logit_normal"
+        assert config.model == ""  # still "the app's model": only the preset's values followed it
+        assert services.training.preset_description("character").startswith("Flux.1")
+    finally:
+        services.jobs.shutdown()

@@ -152,8 +152,13 @@ def read_toml_file(path: Path, what: str = "Training config") -> dict[str, Any]:
     return data
 
 
-def build_config(values: dict[str, Any], *, presets_dir: Path | None = None, where: str = "") -> TrainConfig:
-    """Defaults, then the named preset, then ``values`` (flags already merged in), checked."""
+def build_config(
+    values: dict[str, Any], *, presets_dir: Path | None = None, where: str = "", preset_model: str = ""
+) -> TrainConfig:
+    """Defaults, then the named preset, then ``values`` (flags already merged in), checked.
+
+    ``preset_model``: the base model the run will train when ``values`` names none (the app's model),
+    so that its family's version of the preset is used."""
     coerced = {key: coerce(key, value, where) for key, value in values.items() if value is not None}
     preset_name = coerced.get("preset", "")
     merged: dict[str, Any] = {}
@@ -161,7 +166,7 @@ def build_config(values: dict[str, Any], *, presets_dir: Path | None = None, whe
         from lorapg.training.presets import guess_family, load_preset
 
         # Flux.1 / SD 3.5 have their own character/style/concept values (presets/training/<family>/).
-        family = guess_family(str(coerced.get("model", "")))
+        family = guess_family(str(coerced.get("model") or preset_model))
         merged.update(load_preset(preset_name, presets_dir, family).values)
     merged.update(coerced)
     return check(dataclasses.replace(TrainConfig(), **merged))

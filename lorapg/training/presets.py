@@ -85,7 +85,10 @@ def guess_family(model: str) -> str | None:
     if index is None and "/" in model and not path.exists():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model, "model_index.json")
+        try:
+            cached = try_to_load_from_cache(model, "model_index.json")
+        except ValueError:  # not a hub id either (HFValidationError): the trainer will say so
+            return None
         index = Path(cached) if isinstance(cached, str) else None
     if index is None or not index.is_file():
         return None
