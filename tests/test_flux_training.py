@@ -9,6 +9,7 @@ apply when the base model is one of them.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -167,6 +168,13 @@ def test_a_run_stopped_after_epoch_1_resumes_to_the_uninterrupted_weights(bases,
         bases, tmp_path, callbacks={"on_progress": on_progress, "should_cancel": lambda: len(steps) >= 3}
     ).run()
     assert first.cancelled and first.steps == 3 and first.lora_path is None
+    # As a checkpoint written before the flow-matching settings existed: they resume as their defaults.
+    state_path = first.checkpoint / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    saved = json.loads(state["config"])
+    for key in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale"):
+        del saved[key]
+    torch.save({**state, "config": json.dumps(saved)}, state_path)
     resumed = _train(bases, tmp_path).run()
     assert resumed.resumed_from == 3 and resumed.steps == 6
     expected, got = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))

@@ -709,7 +709,9 @@ class Trainer:
         """Load the checkpoint's LoRA weights, optimizer, schedule and position into ``run``."""
         saved = checkpoints.load_checkpoint(path)
         previous = json.loads(saved.state["config"])
-        changed = [key for key in RESUME_KEYS if previous.get(key) != getattr(self.config, key)]
+        # A checkpoint from before a setting existed was made with that setting's default.
+        defaults = asdict(TrainConfig())
+        changed = [key for key in RESUME_KEYS if previous.get(key, defaults[key]) != getattr(self.config, key)]
         if changed:
             raise UserError(
                 f"The checkpoint in {self.work_dir} was made with different settings ({', '.join(changed)}). "
