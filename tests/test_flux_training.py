@@ -265,3 +265,22 @@ def test_the_train_tab_s_presets_follow_the_app_s_flux_model(bases, tmp_path):
         assert services.training.preset_description("character").startswith("Flux.1")
     finally:
         services.jobs.shutdown()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_aspect_ratio_buckets_train(bases, tmp_path, family):
+    """Landscape and portrait buckets: Flux packs non-square latents (its image ids are rows × columns)."""
+    images = tmp_path / "images"
+    write_images(images, 3, sizes=[(288, 288), (400, 288), (288, 400)])
+    config = build_config(
+        {
+            "model": str(bases[family]),
+            "images": str(images),
+            "name": "zqx_ar",
+            "trigger": "zqx",
+            **RUN,
+            "sample_steps": 0,
+        }
+    )
+    result = Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work", device=torch.device("cpu")).run()
+    assert result.steps == 6 and all(math.isfinite(loss) for _, loss in result.losses)
