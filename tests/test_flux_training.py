@@ -79,6 +79,8 @@ def test_cli_writes_a_diffusers_transformer_lora_with_metadata(cli_run):
     assert metadata["modelspec.architecture"] == ARCHITECTURES[family]
     assert metadata["modelspec.trigger_phrase"] == "zqx"
     assert metadata["ss_base_model_version"] == {"flux": "flux1", "sd3": "sd3"}[family]
+    assert metadata["ss_timestep_sampling"] == "logit_normal"
+    assert metadata.get("ss_guidance_scale") == {"flux": "1.0", "sd3": None}[family]
     # alpha ÷ rank is baked into lora_B: the file loads at the trained strength where alpha = rank is assumed.
     assert metadata["ss_network_alpha"] == "4" and metadata["lorapg.trained_alpha"] == "2.0"
     root = cli_run["root"]

@@ -284,11 +284,24 @@ class FlowTraining:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def architecture(self) -> dict[str, str]:
-        """The modelspec architecture and kohya base model version, as sd-scripts' sai_model_spec names them."""
+    def metadata(self) -> dict[str, str]:
+        """What the LoRA's metadata says about the family and the flow-matching run: the modelspec
+        architecture and kohya base model version as sd-scripts' sai_model_spec names them, and the
+        timestep sampling under kohya's flow-matching names. The SD-only loss settings were not applied."""
+        config = self.config
+        metadata = {
+            "ss_timestep_sampling": config.weighting_scheme,
+            "ss_logit_mean": str(config.logit_mean),
+            "ss_logit_std": str(config.logit_std),
+            "ss_mode_scale": str(config.mode_scale),
+            "ss_min_snr_gamma": "0",
+            "ss_noise_offset": "0",
+        }
         if self.family == FLUX:
             variant = "flux-1-dev" if is_guidance_distilled(self.pipe) else "flux-1-schnell"
-            return {"modelspec.architecture": f"{variant}/lora", "ss_base_model_version": "flux1"}
+            if self.guidance:
+                metadata["ss_guidance_scale"] = str(config.guidance_scale)
+            return metadata | {"modelspec.architecture": f"{variant}/lora", "ss_base_model_version": "flux1"}
         medium = bool(self.transformer_config.get("dual_attention_layers", ()))
         variant = "stable-diffusion-v3.5-medium" if medium else "stable-diffusion-v3.5-large"
-        return {"modelspec.architecture": f"{variant}/lora", "ss_base_model_version": "sd3"}
+        return metadata | {"modelspec.architecture": f"{variant}/lora", "ss_base_model_version": "sd3"}

@@ -948,7 +948,7 @@ class Trainer:
         config = self.config
         # Each sample's caption variation is keyed by its noise seed (its global slot), not its place in
         # this process's share, so shuffles and dropouts are the same whatever the process count.
-        captions = [
+        return [
             step_caption(
                 item.caption,
                 shuffle=config.shuffle_tags,
@@ -960,7 +960,6 @@ class Trainer:
             )
             for item, sample in zip(batch, share, strict=True)
         ]
-        return captions
 
     def _weigh(
         self, run: _RunState, per_sample: torch.Tensor, timesteps: torch.Tensor, batch: list[TrainImage]
@@ -1075,7 +1074,7 @@ class Trainer:
         )
         path = self.epochs_dir / f"{config.name}-e{epochs_done:04d}.safetensors" if per_epoch else self.lora_path
         if run.flow is not None:
-            metadata.update(run.flow.architecture())
+            metadata.update(run.flow.metadata())
             return export.export_transformer_lora(
                 state,
                 path,
