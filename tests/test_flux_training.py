@@ -286,3 +286,15 @@ def test_aspect_ratio_buckets_train(bases, tmp_path, family):
     )
     result = Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work", device=torch.device("cpu")).run()
     assert result.steps == 6 and all(math.isfinite(loss) for _, loss in result.losses)
+
+
+@pytest.mark.parametrize(
+    "variation",
+    [{"caption_dropout": 0.5}, {"shuffle_tags": True, "caption_dropout": 0.3}],
+    ids=["dropout-cached", "shuffled-encoded-each-step"],
+)
+def test_caption_variation_trains(bases, tmp_path, variation):
+    """Dropout alone adds the empty caption to the cache (the encoders still leave the device); shuffled
+    tags cannot be listed in advance, so the encoders stay and encode each step."""
+    result = _train(bases, tmp_path, max_steps=3, **variation).run()
+    assert result.steps == 3 and all(math.isfinite(loss) for _, loss in result.losses)
