@@ -42,7 +42,7 @@ from lorapg.training.config import FIELDS, TrainConfig, build_config, check, val
 from lorapg.training.cropping import bucket_step, buckets_for
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
 from lorapg.training.estimate import DurationEstimate, estimate_duration
-from lorapg.training.presets import PRESETS_DIR, load_preset, preset_names
+from lorapg.training.presets import PRESETS_DIR, guess_family, load_preset, preset_names
 from lorapg.training.run_store import CANCELLED, DONE, FAILED, RUNNING, RunOutcome, RunRecord, RunStore, history_dir
 from lorapg.training.trainer import (
     Trainer,
@@ -213,11 +213,12 @@ class TrainingService:
         return preset_names(self.presets_dir)
 
     def preset_description(self, name: str) -> str:
-        return load_preset(name, self.presets_dir).description
+        # The version of the preset for the app model's family (Flux.1 and SD 3.5 have their own).
+        return load_preset(name, self.presets_dir, guess_family(self._model_of(TrainConfig()))).description
 
     def config_for(self, values: dict[str, Any]) -> TrainConfig:
         """A checked config from the UI's field values (defaults < preset < values)."""
-        return build_config(values, presets_dir=self.presets_dir)
+        return build_config(values, presets_dir=self.presets_dir, preset_model=self._model_of(TrainConfig()))
 
     def work_dir(self, config: TrainConfig) -> Path:
         return Path(config.work_dir) if config.work_dir else Path(self.settings.models_dir) / "training" / config.name

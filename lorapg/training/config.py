@@ -4,7 +4,8 @@ The Train tab only produces this file and ``python -m lorapg train CONFIG`` runs
 ai-toolkit pattern). Loading is strict: an unknown or misspelled key is an error that names it,
 and every number is range-checked, so a typo never silently falls back to a default.
 
-Precedence: defaults < the preset named by ``preset`` < the file < flags.
+Precedence: defaults < the preset named by ``preset`` (the base model family's version of it, when
+the family has one and is known before loading) < the file < flags.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "bf16", "fp32")
+# Flux.1 / SD 3.5 timestep sampling (diffusers' --weighting_scheme; "uniform" is its "none").
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
+# Flow-matching numbers: name -> (low, high); not in lorapg.limits (no UI control reads them yet).
+FLOW_RANGES = {
+    "logit_mean": (-5.0, 5.0),
+    "logit_std": (0.01, 10.0),
+    "mode_scale": (0.0, 2.0),
+    "guidance_scale": (0.0, 30.0),
+}
 
 
 @dataclass
@@ -87,6 +97,15 @@ class TrainConfig:
     # Centre each crop on the largest face OpenCV's bundled Haar cascade finds (character datasets); a focus
     # point set by hand (the crop preview) still wins. Off by default: detection costs time on every image.
     face_crop: bool = False
+    # --- flow matching (Flux.1, SD 3.5; lorapg.training.flow_matching) -----------------------------
+    # How training timesteps are drawn: diffusers' compute_density_for_timestep_sampling. logit_normal
+    # (SD 3 paper, diffusers' SD 3 script default) with logit_mean/logit_std; mode with mode_scale.
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # diffusers' default
+    # Flux dev's distilled guidance input while training (diffusers' README and ai-toolkit use 1).
+    guidance_scale: float = 1.0
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -97,6 +116,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "mixed_precision": MIXED_PRECISION,
     "save_precision": SAVE_PRECISION,
+    "weighting_scheme": WEIGHTING_SCHEMES,
 }
 
 
@@ -111,7 +131,7 @@ def coerce(key: str, value: Any, where: str = "") -> Any:
 
 def check(config: TrainConfig) -> TrainConfig:
     """Range and choice checks; the first problem is raised as a UserError naming the field."""
-    for key, (low, high) in RANGES.items():
+    for key, (low, high) in (RANGES | FLOW_RANGES).items():
         value = getattr(config, key)
         if not low <= value <= high:
             raise UserError(f"Training setting {key!r} is {value:g}; it must be between {low:g} and {high:g}.")
@@ -132,15 +152,22 @@ def read_toml_file(path: Path, what: str = "Training config") -> dict[str, Any]:
     return data
 
 
-def build_config(values: dict[str, Any], *, presets_dir: Path | None = None, where: str = "") -> TrainConfig:
-    """Defaults, then the named preset, then ``values`` (flags already merged in), checked."""
+def build_config(
+    values: dict[str, Any], *, presets_dir: Path | None = None, where: str = "", preset_model: str = ""
+) -> TrainConfig:
+    """Defaults, then the named preset, then ``values`` (flags already merged in), checked.
+
+    ``preset_model``: the base model the run will train when ``values`` names none (the app's model),
+    so that its family's version of the preset is used."""
     coerced = {key: coerce(key, value, where) for key, value in values.items() if value is not None}
     preset_name = coerced.get("preset", "")
     merged: dict[str, Any] = {}
     if preset_name:
-        from lorapg.training.presets import load_preset
+        from lorapg.training.presets import guess_family, load_preset
 
-        merged.update(load_preset(preset_name, presets_dir).values)
+        # Flux.1 / SD 3.5 have their own character/style/concept values (presets/training/<family>/).
+        family = guess_family(str(coerced.get("model") or preset_model))
+        merged.update(load_preset(preset_name, presets_dir, family).values)
     merged.update(coerced)
     return check(dataclasses.replace(TrainConfig(), **merged))
 

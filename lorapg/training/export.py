@@ -117,3 +117,29 @@ def export_kohya(
     kohya = {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in kohya.items()}
     # A hidden .tmp name (never *.safetensors), so the LoRA library never lists a half-written file.
     return atomic_write_bytes(path, safetensors_bytes(kohya, metadata=metadata))
+
+
+def export_transformer_lora(
+    state: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    rank: int,
+    alpha: float,
+    metadata: dict[str, str],
+    save_precision: str = "fp16",
+) -> Path:
+    """A Flux.1 / SD 3.5 LoRA in diffusers' peft layout (``transformer.<module>.lora_A.weight``), atomically.
+
+    It is what ``FluxPipeline`` / ``StableDiffusion3Pipeline.load_lora_weights`` read (diffusers ignores
+    kohya-named SD 3 keys), and what ComfyUI, Forge and ai-toolkit load for these families. The layout
+    has no ``.alpha`` tensors and loaders then take alpha = rank, so the alpha ÷ rank scale is baked
+    into ``lora_B``: every loader applies the LoRA at the strength it trained with.
+    """
+    scale = alpha / rank
+    dtype = SAVE_DTYPES[save_precision]
+    tensors = {
+        key: ((tensor * scale) if ".lora_B." in key else tensor).to(dtype).contiguous() for key, tensor in state.items()
+    }
+    # The file's own alpha is its rank now; the alpha trained with is kept for the record.
+    metadata = {**metadata, "ss_network_alpha": str(rank), "lorapg.trained_alpha": str(alpha)}
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))

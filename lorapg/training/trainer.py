@@ -1,4 +1,7 @@
-"""The LoRA trainer: diffusers + peft on SD 1.x / 2.x and SDXL, run by ``accelerate``.
+"""The LoRA trainer: diffusers + peft on SD 1.x / 2.x, SDXL, Flux.1 and SD 3.5, run by ``accelerate``.
+
+Flux.1 and SD 3.5 train their transformer with a flow-matching loss; what differs for them lives in
+``lorapg.training.flow_matching`` (``_RunState.flow``), the rest of the run is shared.
 
 One ``Trainer.run()`` is one training run, in these steps (the numbered comments in ``run``):
 
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lorapg.atomic_files import atomic_write_bytes, atomic_write_text
-from lorapg.diffusion.families import SDXL
+from lorapg.diffusion.families import SDXL, is_transformer_family
 from lorapg.errors import UserError
 from lorapg.training import checkpoints, distributed, export
 from lorapg.training.caption_variation import step_caption
@@ -63,6 +66,7 @@ from lorapg.training.cropping import (
     plan_crop,
 )
 from lorapg.training.dataset import Dataset
+from lorapg.training.flow_matching import FlowTraining
 from lorapg.training.validation import DEFAULT_MAX_PIXELS, ImageCheck, ValidationReport
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,11 @@ RESUME_KEYS = (
     "resolution",
     "bucketing",
     "seed",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "guidance_scale",
 )
 
 
@@ -264,8 +273,9 @@ def planned_steps(
 class _RunState:
     """What one run carries from step to step; ``Trainer.run``'s steps fill it in, in order.
 
-    ``unet`` is the UNet the loop calls (the accelerator-prepared one from step 4 on); ``trained``
-    maps checkpoint/export prefixes to the modules that carry LoRA weights, as built.
+    ``unet`` is the denoiser the loop calls, a UNet or (Flux.1, SD 3.5) a transformer (the
+    accelerator-prepared one from step 4 on); ``trained`` maps checkpoint/export prefixes to the
+    modules that carry LoRA weights, as built.
     """
 
     # 1. The model.
@@ -277,6 +287,7 @@ class _RunState:
     tokenizers: list[Any]
     resolution: int
     step_px: int  # bucket sides are multiples of it
+    flow: FlowTraining | None = None  # Flux.1 / SD 3.5: the flow-matching parts; None for SD's UNets
     # 2. The data.
     items: list[TrainImage] = field(default_factory=list)
     groups: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # bucket -> indices into items
@@ -375,6 +386,8 @@ class Trainer:
         self._place_models(run)
         if self.config.cache_latents:
             run.latents_cache = self._cache_latents(run)
+        if run.flow is not None:
+            self._cache_flow_text(run)
 
         # 4. Add the LoRA adapters; optimizer, LR schedule, noise schedule.
         self._add_adapters(run)
@@ -403,6 +416,12 @@ class Trainer:
         pipe, family = load_pipeline(
             source, torch.device("cpu"), torch.float32, single_file_config=self.single_file_config
         )
+        if is_transformer_family(family):
+            flow = FlowTraining(pipe, family, self.config)
+            resolution, step_px = flow.geometry(self.config.resolution)
+            return _RunState(
+                started_at, pipe, family, pipe.transformer, flow.text_encoders(), [], resolution, step_px, flow
+            )
         sdxl = family == SDXL
         resolution, step_px = self._training_resolution(pipe)
         return _RunState(
@@ -555,6 +574,18 @@ class Trainer:
             log.info("latents: %d cached, %d encoded (%s)", len(run.items) - missing, missing, path.name)
         return result
 
+    def _cache_flow_text(self, run: _RunState) -> None:
+        """Flux.1 / SD 3.5: every caption's embeddings before the loop, then the text encoders leave the
+        device. Shuffled tags make captions no cache can list: the encoders then stay and encode each step."""
+        config = self.config
+        self._status("Encoding the captions (T5 and CLIP)…")
+        captions = [item.caption for item in run.items] + ([""] if config.caption_dropout > 0 else [])
+        run.flow.cache_text(captions, run.device)
+        if config.sample_steps:
+            run.flow.cache_sample_prompt(self._sample_prompt(), run.device)
+        if not config.shuffle_tags:
+            run.flow.release_text_encoders()
+
     # --- 4. adapters and optimization -----------------------------------------------------------
 
     def _add_adapters(self, run: _RunState) -> None:
@@ -563,7 +594,10 @@ class Trainer:
 
         config = self.config
         torch.manual_seed(config.seed)  # the adapters' initial weights
-        unet_targets = UNET_TARGETS + (CONV_TARGETS if config.train_conv else [])
+        if run.flow is not None:
+            unet_targets = run.flow.targets
+        else:
+            unet_targets = UNET_TARGETS + (CONV_TARGETS if config.train_conv else [])
         run.unet.add_adapter(
             LoraConfig(
                 r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=unet_targets
@@ -579,7 +613,8 @@ class Trainer:
                         target_modules=TEXT_TARGETS,
                     )
                 )
-        run.trained = {"unet": run.unet}
+        # diffusers' names: Flux / SD 3 LoRAs are keyed transformer.…, SD ones unet.… (kohya on export).
+        run.trained = {("transformer" if run.flow is not None else "unet"): run.unet}
         if config.train_text_encoder:
             run.trained["text_encoder"] = run.text_encoders[0]
             if run.family == SDXL:
@@ -619,13 +654,16 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=run.total_steps * accelerator.num_processes,
         )
-        text_encoders = [module for key, module in run.trained.items() if key != "unet"]
+        text_encoders = [module for module in run.trained.values() if module is not run.unet]
         prepared = accelerator.prepare(run.unet, *text_encoders, optimizer, lr_scheduler)
         run.unet, run.optimizer, run.lr_scheduler = prepared[0], prepared[-2], prepared[-1]
         if text_encoders:
             # Trained encoders run through their DDP wrappers, which average their gradients across processes.
             run.text_encoders = list(prepared[1:-2])
-        run.noise_scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
+        if run.flow is not None:
+            run.noise_scheduler = run.flow.scheduler()
+        else:
+            run.noise_scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
 
     def _plan_steps(self, run: _RunState) -> None:
         """Steps per epoch (global batches), total steps (max_steps caps them) and the epochs they span."""
@@ -671,7 +709,9 @@ class Trainer:
         """Load the checkpoint's LoRA weights, optimizer, schedule and position into ``run``."""
         saved = checkpoints.load_checkpoint(path)
         previous = json.loads(saved.state["config"])
-        changed = [key for key in RESUME_KEYS if previous.get(key) != getattr(self.config, key)]
+        # A checkpoint from before a setting existed was made with that setting's default.
+        defaults = asdict(TrainConfig())
+        changed = [key for key in RESUME_KEYS if previous.get(key, defaults[key]) != getattr(self.config, key)]
         if changed:
             raise UserError(
                 f"The checkpoint in {self.work_dir} was made with different settings ({', '.join(changed)}). "
@@ -844,6 +884,11 @@ class Trainer:
         self, run: _RunState, latents: torch.Tensor, batch: list[TrainImage], share: list[distributed.Sample]
     ) -> torch.Tensor:
         """Each sample's MSE between the UNet's prediction and its target, weighted (min-SNR, prior loss)."""
+        if run.flow is not None:
+            per_sample = run.flow.loss(
+                run, latents, self._step_captions(run, batch, share), [s.noise_seed for s in share]
+            )
+            return self._prior_weight(per_sample, batch)
         noise, timesteps = self._noise(run, latents, share)
         noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden, extra = self._conditioning(run, batch, share, latents.device)
@@ -881,20 +926,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict]:
         """The captions' hidden states and, for SDXL, the added conditions (pooled text, size/crop time ids)."""
         config = self.config
-        # Each sample's caption variation is keyed by its noise seed (its global slot), not its place in
-        # this process's share, so shuffles and dropouts are the same whatever the process count.
-        captions = [
-            step_caption(
-                item.caption,
-                shuffle=config.shuffle_tags,
-                keep_tokens=config.keep_tokens,
-                dropout=config.caption_dropout,
-                seed=config.seed,
-                step=run.step,
-                index=sample.noise_seed,
-            )
-            for item, sample in zip(batch, share, strict=True)
-        ]
+        captions = self._step_captions(run, batch, share)
         # Varied captions are encoded each step: caching every variant seen would grow without bound.
         varied = config.shuffle_tags or config.caption_dropout > 0
         cache = not config.train_text_encoder and not varied
@@ -911,6 +943,24 @@ class Trainer:
         )
         return hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
+    def _step_captions(self, run: _RunState, batch: list[TrainImage], share: list[distributed.Sample]) -> list[str]:
+        """The batch's captions at this step, after tag shuffling and caption dropout."""
+        config = self.config
+        # Each sample's caption variation is keyed by its noise seed (its global slot), not its place in
+        # this process's share, so shuffles and dropouts are the same whatever the process count.
+        return [
+            step_caption(
+                item.caption,
+                shuffle=config.shuffle_tags,
+                keep_tokens=config.keep_tokens,
+                dropout=config.caption_dropout,
+                seed=config.seed,
+                step=run.step,
+                index=sample.noise_seed,
+            )
+            for item, sample in zip(batch, share, strict=True)
+        ]
+
     def _weigh(
         self, run: _RunState, per_sample: torch.Tensor, timesteps: torch.Tensor, batch: list[TrainImage]
     ) -> torch.Tensor:
@@ -925,6 +975,11 @@ class Trainer:
             v_prediction = run.noise_scheduler.config.prediction_type == "v_prediction"
             weight = weight / (snr + 1) if v_prediction else weight / snr
             per_sample = per_sample * weight
+        return self._prior_weight(per_sample, batch)
+
+    @staticmethod
+    def _prior_weight(per_sample: torch.Tensor, batch: list[TrainImage]) -> torch.Tensor:
+        """Regularization images' losses weigh prior_loss_weight."""
         if any(item.loss_weight != 1.0 for item in batch):
             per_sample = per_sample * torch.tensor([item.loss_weight for item in batch], device=per_sample.device)
         return per_sample
@@ -1018,6 +1073,16 @@ class Trainer:
             },
         )
         path = self.epochs_dir / f"{config.name}-e{epochs_done:04d}.safetensors" if per_epoch else self.lora_path
+        if run.flow is not None:
+            metadata.update(run.flow.metadata())
+            return export.export_transformer_lora(
+                state,
+                path,
+                rank=config.rank,
+                alpha=config.alpha,
+                metadata=metadata,
+                save_precision=config.save_precision,
+            )
         return export.export_kohya(
             state,
             path,
@@ -1028,10 +1093,14 @@ class Trainer:
             unet_config=run.accelerator.unwrap_model(run.trained["unet"]).config,
         )
 
+    def _sample_prompt(self) -> str:
+        config = self.config
+        return config.sample_prompt.replace("{trigger}", config.trigger) or config.trigger
+
     @torch.no_grad()
     def _sample(self, run: _RunState, epoch: int) -> Path:
         config, pipe = self.config, run.pipe
-        prompt = config.sample_prompt.replace("{trigger}", config.trigger) or config.trigger
+        prompt = self._sample_prompt()
         self.on_progress(
             TrainProgress(
                 "sample",
@@ -1042,8 +1111,10 @@ class Trainer:
                 message=f"Epoch {epoch}: drawing a sample image…",
             )
         )
-        pipe.unet = run.accelerator.unwrap_model(run.unet)
-        pipe.unet.eval()
+        denoiser = run.accelerator.unwrap_model(run.unet)
+        denoiser.eval()
+        if run.flow is None:
+            pipe.unet = denoiser
         pipe.set_progress_bar_config(disable=True)
         if run.weight_dtype != torch.float32:
             autocast = torch.autocast(run.device.type, dtype=run.weight_dtype)
@@ -1051,13 +1122,17 @@ class Trainer:
             autocast = contextlib.nullcontext()
         with autocast:
             generator = torch.Generator("cpu").manual_seed(config.sample_seed)
-            image = pipe(
-                prompt=prompt,
-                num_inference_steps=config.sample_steps,
-                width=run.resolution,
-                height=run.resolution,
-                generator=generator,
-            ).images[0]
+            if run.flow is not None:
+                size = run.resolution
+                image = run.flow.draw_sample(denoiser, prompt, config.sample_steps, size, generator, run.device)
+            else:
+                image = pipe(
+                    prompt=prompt,
+                    num_inference_steps=config.sample_steps,
+                    width=run.resolution,
+                    height=run.resolution,
+                    generator=generator,
+                ).images[0]
         path = self.work_dir / "samples" / f"epoch-{epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
