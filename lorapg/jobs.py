@@ -99,6 +99,7 @@ class JobQueue:
             threading.Thread(target=self._run, args=(index,), name=_thread_name(index), daemon=True)
             for index in range(len(self.devices))
         ]
+        self._worker = self._workers[0]  # the one worker of a single-device app (tests look at it)
         for thread in self._workers:
             thread.start()
 
