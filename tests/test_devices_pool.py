@@ -17,6 +17,7 @@ from lorapg.config import Settings
 from lorapg.diffusion.request import GenerationRequest
 from lorapg.errors import UserError
 from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, ERROR, JobQueue
+from lorapg.services.a1111 import A1111Service
 from lorapg.services.build import build_services
 from lorapg.services.generation_jobs import GenerationJobs, Urls
 from lorapg.ui.common import job_status_text
@@ -236,6 +237,8 @@ def test_the_api_and_the_ui_show_the_device_a_job_runs_on(pool):
         job = api.job(state.job_id)
         assert api.state(job).device == "cpu" and job.worker == 0
         assert job_status_text(job, pool.jobs).endswith(f"(job `{job.id}` on cpu).")
+        a1111 = A1111Service(pool.settings, pool.service, pool.gallery_service)
+        assert a1111.progress()["state"]["device"] == "cpu"
     finally:
         release.set()
     wait_done(job)
