@@ -309,3 +309,13 @@ def test_training_holds_its_worker_while_the_other_keeps_generating(pool):
     assert (job.status, job.worker) == (DONE, 1), job.error
     wait_done(run.job)
     assert run.job.status == DONE, run.job.error
+
+
+def test_the_ui_lets_one_generate_handler_run_per_worker(pool):
+    """Gradio's "gpu" concurrency group would otherwise let one visitor's generation in at a time,
+    leaving the second device idle; the job queue still orders them."""
+    from lorapg.ui.app_ui import build_ui
+
+    demo = build_ui(pool.service, pool.gallery_service, training_service=pool.training)
+    limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
+    assert limits["generate"] == limits["load_model"] == 2 and set(limits.values()) == {2}

@@ -56,6 +56,12 @@ def visitor(visitors: Visitors | None, request: gr.Request | None) -> str | None
     return visitors.owner(request.session_hash, getattr(request, "username", None))
 
 
+def gpu_slots(queue: JobQueue) -> int:
+    """The "gpu" concurrency group's limit: one handler per worker (``--devices``), so two visitors'
+    generations can run on two devices; the job queue still decides the order and the worker."""
+    return queue.worker_count
+
+
 def job_status_text(job: Job, queue: JobQueue) -> str:
     if job.status == QUEUED:
         ahead = queue.position(job)
