@@ -27,12 +27,12 @@ WAIT = 120  # seconds: a safety net against a hang, never what a test measures
 
 
 def settings_for(tiny_models, tmp_path, **values) -> Settings:
+    values = {"device": "cpu", **values}
     return Settings(
         model=str(tiny_models["sd15"]),
         lora_dir=tiny_models["loras"],
         models_dir=tmp_path / "models",
         outputs=tmp_path / "outputs",
-        device="cpu",
         load_model_at_start=False,
         **values,
     )
@@ -127,6 +127,16 @@ def test_without_devices_the_app_has_one_worker_as_before(tiny_models, tmp_path)
         assert built.jobs.close(WAIT)
 
 
+def test_one_listed_device_is_the_one_training_uses(tiny_models, tmp_path):
+    """``--devices cuda:1`` alone: training goes there too, not to ``device``'s default GPU."""
+    built = build_services(settings_for(tiny_models, tmp_path, devices="cpu", device="cuda"), record_results=False)
+    try:
+        assert (len(built.workers), built.training.device, built.training.worker) == (1, "cpu", 0)
+        assert str(built.engine.device) == "cpu"
+    finally:
+        assert built.jobs.close(WAIT)
+
+
 # --- the queue: order and dispatch ------------------------------------------------------------
 
 
@@ -169,9 +179,10 @@ def test_jobs_start_in_queue_order_across_workers_interactive_first():
 
 def test_a_job_meant_for_a_busy_worker_does_not_hold_up_the_other():
     queue = JobQueue(devices=["cpu", "cpu"])
-    go = threading.Event()
+    go, holding = threading.Event(), threading.Event()
     try:
-        busy = queue.submit("hold", lambda job: go.wait(WAIT), worker=0)
+        busy = queue.submit("hold", lambda job: holding.set() or go.wait(WAIT), worker=0)
+        assert holding.wait(WAIT)
         pinned = queue.submit("prompt", lambda job: "pinned", worker=0)  # waits for worker 0
         anywhere = queue.submit("generate", lambda job: "ran", worker=ANY_WORKER)
         wait_done(anywhere)

@@ -104,6 +104,9 @@ def build_services(
         # any worker thread existed, so results match across runs.
         set_cpu_threads(settings.threads)
         devices, train_worker = worker_devices(settings)  # a device that does not exist: refused here
+        if settings.devices is not None:
+            # `devices` overrides `device`: whatever reads `device` (the prompt LLM, training) gets the first.
+            settings.device = str(devices[0])
     library = LoraLibrary(settings.lora_dir)
     # One worker thread per device, all on this one queue (lorapg/jobs.py).
     jobs = JobQueue(devices=[str(device) for device in devices] if devices else None)
@@ -134,7 +137,8 @@ def build_services(
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
     writer = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
     # Training holds its device's worker (the first by default); the other workers keep generating.
-    trainer_device = {"device": str(devices[train_worker]), "worker": train_worker} if len(pool) > 1 else {}
+    given = settings.devices is not None  # else training picks `device` itself, as before
+    trainer_device = {"device": str(devices[train_worker]), "worker": train_worker} if given else {}
     training = TrainingService(
         settings, jobs, pool.engine(train_worker), max_steps=policy.train_max_steps, notifier=notifier, **trainer_device
     )
