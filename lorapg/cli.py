@@ -42,6 +42,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "--models-dir", dest="models_dir", help="folder for datasets, training runs and cached LLMs (default models)"
     )
     parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--devices",
+        help="one generation worker per device, all behind one queue, e.g. cuda:0,cuda:1 (overrides --device)",
+    )
+    parser.add_argument(
+        "--train-device",
+        dest="train_device",
+        help="with --devices: the device training runs on (default the first); the others keep generating",
+    )
     parser.add_argument("--dtype", help="auto, float16, bfloat16 or float32")
     parser.add_argument("--threads", type=int, help="torch CPU threads (0 = torch default)")
     parser.add_argument(
@@ -97,6 +106,8 @@ SETTING_FLAGS = (
     "outputs",
     "gallery_keep",
     "device",
+    "devices",
+    "train_device",
     "dtype",
     "threads",
     "allow_pickle",

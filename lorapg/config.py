@@ -81,6 +81,11 @@ class Settings:
     compile_unet: bool = False
     # Added last (issue 19): JSON POST here when a training run ends (lorapg/notifications.py); "" = none.
     notify_webhook: str = ""
+    # Added last (issue 20): one generation worker per device ("cuda:0,cuda:1"; "cpu,cpu" in tests), all
+    # behind the one job queue; None = one worker on `device`, as before. Training runs on train_device
+    # (one of them; None = the first) and holds only that worker.
+    devices: str | None = None
+    train_device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -51,3 +51,66 @@ def set_cpu_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
         log.info("torch CPU threads: %d", threads)
+
+
+def parse_devices(setting: str | None, fallback: str = "auto") -> list[torch.device]:
+    """The devices of ``--devices`` (one generation worker each), e.g. ``cuda:0,cuda:1`` or ``cpu,cpu``.
+
+    ``None`` (not given): one device, ``fallback`` (the ``device`` setting), exactly as before. A GPU
+    may be named once (two workers on one GPU would each budget its whole free memory); ``cpu`` may
+    repeat, which is how tests run several workers on one machine.
+    """
+    if setting is None:
+        return [pick_device(fallback)]
+    names = [name.strip() for name in str(setting).split(",")]
+    if not any(names):
+        raise UserError("Setting devices is empty; give a comma-separated list such as cuda:0,cuda:1 or cpu,cpu.")
+    devices = [_one_device(name) for name in names]
+    for device in devices:
+        if device.type != "cpu" and devices.count(device) > 1:
+            raise UserError(f"Setting devices names {device} twice; a GPU takes one worker, so list each once.")
+    return devices
+
+
+def _one_device(name: str, field: str = "devices") -> torch.device:
+    hint = "use a comma-separated list such as cuda:0,cuda:1 or cpu,cpu" if field == "devices" else "use cpu or cuda:N"
+    if not name:
+        raise UserError(f"Setting devices has an empty entry (two commas, or one at an end); {hint}.")
+    if name == "auto":
+        return pick_device("auto")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"Setting {field}: {name[:40]!r} is not a device; {hint}.") from None
+    if device.type == "cuda":
+        return _existing_cuda(device, field, hint)
+    if device.type != "cpu":
+        raise UserError(f"Setting {field}: {name[:40]!r} is not a cpu or cuda device; {hint}.")
+    return device
+
+
+def _existing_cuda(device: torch.device, field: str, hint: str) -> torch.device:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = 0 if device.index is None else device.index  # "cuda" means the current GPU, cuda:0
+    if index >= count:
+        seen = f"this machine has {count} CUDA GPU(s)" + (f": cuda:0 to cuda:{count - 1}" if count else "")
+        raise UserError(f"Setting {field}: {device} does not exist ({seen}); {hint}.")
+    return torch.device("cuda", index)
+
+
+def training_worker(setting: str | None, devices: list[torch.device]) -> int:
+    """Which worker's device training runs on (``train_device``; default the first): one of ``devices``,
+    so that training holds that worker while the others keep generating."""
+    if setting is None or not str(setting).strip():
+        return 0
+    names = ", ".join(str(device) for device in devices)
+    if "," in str(setting):
+        raise UserError(
+            f"Setting train_device takes one device, not {str(setting)[:60]!r}; for several processes use "
+            "accelerate launch -m lorapg train."
+        )
+    wanted = _one_device(str(setting).strip(), "train_device")
+    for index, device in enumerate(devices):
+        if device == wanted:
+            return index
+    raise UserError(f"Setting train_device: {wanted} is not one of the devices ({names}); name one of them.")

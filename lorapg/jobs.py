@@ -5,6 +5,10 @@ GPU without racing; everything else (gallery, presets) never waits on it. Jobs r
 order, except that *background* jobs (queued training runs: minutes to hours each) wait while any
 interactive job (a generation, a prompt) is waiting: a user who queued three runs for the night can
 still generate after the current run, instead of after all three.
+With several devices (``--devices``) there is one worker thread per device, all taking from this
+one queue in the same order: a job may run on any worker (``ANY_WORKER``: generations) or on one
+(every other job: worker 0, the first device, and training on its own device's worker); it records
+the device it ran on. The default is one worker, exactly as before.
 Cancellation is a flag the work checks between steps. Work runs in the context (``contextvars``) of
 the call that submitted it, so a ZeroGPU function called from the worker still sees the visitor's
 request (ZeroGPU charges each visitor's own quota from it).
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, ERROR, CANCELLED = "queued", "running", "done", "error", "cancelled"
 FINISHED = {DONE, ERROR, CANCELLED}
+ANY_WORKER = None  # ``submit(worker=ANY_WORKER)``: the first free worker runs it
 
 
 @dataclass
@@ -43,6 +48,8 @@ class Job:
     error: str | None = None
     created_at: float = field(default_factory=time.time)
     background: bool = False  # runs only when no interactive job waits (see JobQueue)
+    worker: int | None = 0  # the worker that may run it (ANY_WORKER: any); once started, the one running it
+    device: str | None = None  # the device of the worker that runs it, once started (None: not known)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -74,19 +81,31 @@ class Job:
 
 
 class JobQueue:
-    """Jobs executed one at a time by a single worker thread: interactive ones in submission order,
-    then background ones in submission order."""
+    """Jobs executed one at a time per worker thread (one worker unless ``devices`` names several):
+    interactive ones in submission order, then background ones in submission order."""
 
-    def __init__(self, keep_finished: int = 20):
+    def __init__(self, keep_finished: int = 20, devices: list[str | None] | None = None):
+        """``devices``: one worker per entry, labelled with it (shown as the device a job runs on)."""
         self._pending: list[tuple[Job, Callable[[Job], Any], contextvars.Context]] = []
-        self._closing = False  # set by shutdown/close: the worker exits once nothing is pending
+        self._closing = False  # set by shutdown/close: each worker exits once nothing it may run is pending
         self._jobs: dict[str, Job] = {}
         self._order: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._keep_finished = keep_finished
-        self._worker = threading.Thread(target=self._run, name="gpu-queue", daemon=True)
-        self._worker.start()
+        self.devices: list[str | None] = list(devices) if devices else [None]
+        self._retired: set[int] = set()  # workers that take no ANY_WORKER job (see ``retire``)
+        self._workers = [
+            threading.Thread(target=self._run, args=(index,), name=_thread_name(index), daemon=True)
+            for index in range(len(self.devices))
+        ]
+        self._worker = self._workers[0]  # the one worker of a single-device app (tests look at it)
+        for thread in self._workers:
+            thread.start()
+
+    @property
+    def worker_count(self) -> int:
+        return len(self.devices)
 
     def submit(
         self,
@@ -96,16 +115,21 @@ class JobQueue:
         total: int = 0,
         *,
         background: bool = False,
+        worker: int | None = 0,
     ) -> Job:
         """``total``: the job's step count when known up front (watchers see "0 of N" while it waits).
-        ``background``: long work that lets interactive jobs submitted later go first."""
-        job = Job(kind=kind, owner=owner, total=total, background=background)
+        ``background``: long work that lets interactive jobs submitted later go first.
+        ``worker``: the worker that runs it (its device's models are the ones it uses); ``ANY_WORKER``:
+        the first free one."""
+        if worker is not None and not 0 <= worker < len(self.devices):
+            raise ValueError(f"no worker {worker}; this queue has {len(self.devices)}")
+        job = Job(kind=kind, owner=owner, total=total, background=background, worker=worker)
         with self._wake:
             self._jobs[job.id] = job
             self._order.append(job.id)
             self._forget_old()
             self._pending.append((job, work, contextvars.copy_context()))
-            self._wake.notify()
+            self._wake.notify_all()  # workers wait for different jobs: each looks whether this one is its
         return job
 
     def get(self, job_id: str) -> Job:
@@ -128,10 +152,35 @@ class JobQueue:
         return running + _in_run_order(waiting).index(job)
 
     def running(self) -> Job | None:
-        """The job the worker is executing now, if any."""
+        """The job a worker is executing now, if any (the earliest submitted where several run)."""
+        return next(iter(self.running_jobs()), None)
+
+    def running_jobs(self) -> list[Job]:
+        """Every job a worker is executing now, in submission order."""
         with self._lock:
             jobs = [self._jobs[i] for i in self._order if i in self._jobs]
-        return next((job for job in jobs if job.status == RUNNING), None)
+        return [job for job in jobs if job.status == RUNNING]
+
+    def retire(self, worker: int) -> None:
+        """Take a worker out of the rotation (its device could not load the model): it takes no
+        ANY_WORKER job until ``restore``; jobs meant for it alone still run there. The first worker is
+        never retired: with one left, the queue serves as a single-device app does."""
+        if worker:
+            with self._wake:
+                self._retired.add(worker)
+                self._wake.notify_all()
+            device = self.devices[worker]
+            log.warning("worker %d (%s) left the rotation; the other device(s) keep serving", worker, device)
+
+    def restore(self) -> None:
+        """Every worker back in the rotation (a new model was chosen: each device tries it)."""
+        with self._wake:
+            self._retired.clear()
+            self._wake.notify_all()
+
+    def retired(self) -> list[int]:
+        with self._lock:
+            return sorted(self._retired)
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -149,7 +198,7 @@ class JobQueue:
         """Let the worker exit after the jobs already queued (does not wait: see ``close``)."""
         with self._wake:
             self._closing = True
-            self._wake.notify()
+            self._wake.notify_all()  # every worker exits
 
     def close(self, timeout: float | None = None) -> bool:
         """Cancel every unfinished job and wait until the worker thread has exited; True if it has.
@@ -161,31 +210,40 @@ class JobQueue:
         """
         self.cancel_all()
         self.shutdown()
-        self._worker.join(timeout)
-        return not self._worker.is_alive()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._workers:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._workers)
 
-    def _run(self) -> None:
+    def _run(self, worker: int) -> None:
         while True:
-            item = self._take()
+            item = self._take(worker)
             if item is None:
                 return
             self._execute(*item)
             del item  # the work's closure goes now, not when the next job arrives
 
-    def _take(self) -> tuple[Job, Callable[[Job], Any], contextvars.Context] | None:
-        """The next job to run (the first interactive one waiting, else the first background one); None
-        once the queue is closing and nothing is pending."""
+    def _take(self, worker: int) -> tuple[Job, Callable[[Job], Any], contextvars.Context] | None:
+        """The next job this worker may run (the first interactive one waiting, else the first
+        background one); None once the queue is closing and nothing it may run is pending."""
         with self._wake:
-            while not self._pending and not self._closing:
+            while (job := self._next_for(worker)) is None and not self._closing:
                 self._wake.wait()
-            if not self._pending:
+            if job is None:
                 return None
-            job = _in_run_order([item[0] for item in self._pending])[0]
             index = next(i for i, item in enumerate(self._pending) if item[0] is job)
             item = self._pending.pop(index)
+            job.worker, job.device = worker, self.devices[worker]
             # Marked here, under the lock: position() never sees a job that is neither pending nor running.
             job.status = RUNNING if not job.cancel_requested() else job.status
             return item
+
+    def _next_for(self, worker: int) -> Job | None:  # called with the lock held
+        """Jobs meant for another worker are passed over: they wait for theirs, this one need not."""
+        for job in _in_run_order([item[0] for item in self._pending]):
+            if job.worker == worker or (job.worker is ANY_WORKER and worker not in self._retired):
+                return job
+        return None
 
     def _execute(self, job: Job, work: Callable[[Job], Any], context: contextvars.Context) -> None:
         if job.cancel_requested():
@@ -223,6 +281,10 @@ class JobQueue:
         for job_id in finished[: max(0, len(finished) - self._keep_finished)]:
             self._order.remove(job_id)
             del self._jobs[job_id]
+
+
+def _thread_name(worker: int) -> str:
+    return "gpu-queue" if worker == 0 else f"gpu-queue-{worker}"
 
 
 def _in_run_order(waiting: list[Job]) -> list[Job]:

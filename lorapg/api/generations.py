@@ -172,6 +172,7 @@ JOB_EXAMPLE = {
     "image_ids": [7],
     "preview_url": f"{PREFIX}/3f2a9c1b7d4e/preview.png",
     "error": None,
+    "device": "cuda:0",
 }
 
 
@@ -194,6 +195,9 @@ class GenerationJob(BaseModel):
     variation_seeds: list[int] = Field(
         default_factory=list, description="Each image's variation seed; empty at variation strength 0."
     )
+    device: str | None = Field(
+        None, description="The device of the worker that runs it (--devices: one worker each); null while queued."
+    )
 
 
 class GenerationAccepted(BaseModel):
@@ -209,7 +213,7 @@ class GenerationAccepted(BaseModel):
 SSE_DOC = {
     200: {
         "description": (
-            "Server-Sent Events: `progress` {status, position, step, total, message, preview_url} on each "
+            "Server-Sent Events: `progress` {status, position, step, total, message, preview_url, device} on each "
             "change (the current state first), then one of `complete` {images, image_ids, seeds}, "
             "`error` {message} or `cancelled` {message}."
         ),

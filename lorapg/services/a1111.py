@@ -450,7 +450,7 @@ class A1111Service:
 
     def progress(self, skip_current_image: bool = False) -> dict[str, Any]:
         """A1111's global progress: 0 and job_count 0 when idle (clients poll for exactly that)."""
-        job = self.generation.jobs.running()
+        job = self._running_generation() or self.generation.jobs.running()
         with self._lock:
             active = self._active_calls
             batch = self._batches.get(job.id) if job is not None else None
@@ -475,6 +475,7 @@ class A1111Service:
                 "job_no": job_no,
                 "sampling_step": step,
                 "sampling_steps": total,
+                "device": job.device if generating else None,  # not A1111's: which worker (--devices) runs it
             },
             "current_image": current,
             "textinfo": job.message if job else None,
@@ -499,11 +500,15 @@ class A1111Service:
 
     def _cancel_running(self) -> Job | None:
         """Cancel the running generation (the UI's or the API's, as A1111 has one queue); return it."""
-        job = self.generation.jobs.running()
-        if job is None or job.kind != "generate":
+        job = self._running_generation()
+        if job is None:
             return None
         self.generation.cancel(job.id)
         return job
+
+    def _running_generation(self) -> Job | None:
+        """The earliest running generation (with several devices, other jobs may run beside it)."""
+        return next((job for job in self.generation.jobs.running_jobs() if job.kind == "generate"), None)
 
     # --- models and options --------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from lorapg.notifications import webhook_from_settings
 from lorapg.residency import GB, POLICIES, ResidencyManager, format_bytes, parse_size
 from lorapg.services.gallery import GalleryService
 from lorapg.services.prompts import PromptService
+from lorapg.services.workers import Worker, WorkerPool
 
 if TYPE_CHECKING:  # these import torch and diffusers: only when engines are built
     from lorapg.diffusion.engine import DiffusionEngine
@@ -81,6 +82,7 @@ class Services:
     service: GenerationService | None = None  # generation; None when built with engines=False
     training: TrainingService | None = None  # the Train tab's service; None when built with engines=False
     captions: CaptionService | None = None  # auto-captioning and caption editing; None with engines=False
+    workers: WorkerPool | None = None  # one engine per device (--devices), ``engine`` first; None with engines=False
 
 
 def build_services(
@@ -94,14 +96,20 @@ def build_services(
     policy = space_policy(settings)
     # Checked first: a bad --notify-webhook is refused at start-up, before minutes of model loading.
     notifier = webhook_from_settings(settings) if engines else None
+    devices, train_worker = None, 0
     if engines:
         from lorapg.devices import set_cpu_threads
 
-        # Before the job queue's thread starts: torch's CPU thread count is set as it was before
+        # Before the job queue's threads start: torch's CPU thread count is set as it was before
         # any worker thread existed, so results match across runs.
         set_cpu_threads(settings.threads)
+        devices, train_worker = worker_devices(settings)  # a device that does not exist: refused here
+        if settings.devices is not None:
+            # `devices` overrides `device`: whatever reads `device` (the prompt LLM, training) gets the first.
+            settings.device = str(devices[0])
     library = LoraLibrary(settings.lora_dir)
-    jobs = JobQueue()
+    # One worker thread per device, all on this one queue (lorapg/jobs.py).
+    jobs = JobQueue(devices=[str(device) for device in devices] if devices else None)
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     gallery_service = GalleryService(
         gallery, library, shared=policy.shared_gallery, max_query_chars=settings.max_prompt_chars
@@ -111,33 +119,29 @@ def build_services(
     if not engines:
         writer = PromptService(settings, library, jobs, settings_locked=locked) if prompts else None
         return Services(settings, policy, library, jobs, gallery, gallery_service, visitors, prompts=writer)
-    from lorapg.devices import pick_device, pick_dtype
-    from lorapg.diffusion.controlnet_models import ControlNetLibrary
-    from lorapg.diffusion.engine import DiffusionEngine
     from lorapg.outputs import record_in_gallery
     from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
 
-    device = pick_device(settings.device)
-    residency = build_residency(settings, device)
-    engine = DiffusionEngine(
-        library,
-        device,
-        pick_dtype(device, settings.dtype),
-        allow_pickle=settings.allow_pickle,
-        single_file_config=settings.single_file_config,
-        preview_every=settings.preview_every,
-        residency=residency,
-        compile_unet=settings.compile_unet,
-        controlnets=ControlNetLibrary(settings.models_dir / "controlnet", allow_pickle=settings.allow_pickle),
-        annotators_dir=settings.models_dir / "annotators",
-    )
+    # Each device its own engine (pipeline, LoRA state) under its own residency budget.
+    pool = WorkerPool([Worker(i, str(d), build_engine(settings, library, d)) for i, d in enumerate(devices)])
+    engine, device = pool.primary.engine, devices[0]
+    residency = engine.residency
+    if len(pool) > 1:
+        logging.getLogger(__name__).info("generation workers: %s", ", ".join(pool.devices))
     sink = (lambda result, job: record_in_gallery(gallery, result, job.id, job.owner)) if record_results else None
-    service = GenerationService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)
+    service = GenerationService(
+        settings, engine, library, jobs, result_sink=sink, offered_models_only=locked, workers=pool
+    )
     # Shares the job queue so an in-process LLM never computes on the GPU next to diffusion.
     writer = PromptService(settings, library, jobs, engine=engine, settings_locked=locked)
-    training = TrainingService(settings, jobs, engine, max_steps=policy.train_max_steps, notifier=notifier)
+    # Training holds its device's worker (the first by default); the other workers keep generating.
+    given = settings.devices is not None  # else training picks `device` itself, as before
+    trainer_device = {"device": str(devices[train_worker]), "worker": train_worker} if given else {}
+    training = TrainingService(
+        settings, jobs, pool.engine(train_worker), max_steps=policy.train_max_steps, notifier=notifier, **trainer_device
+    )
     # The same datasets (per visitor where visitors are kept apart) and the same GPU queue as training.
     # On ZeroGPU the GPU exists only inside a GPU call; the captioner runs on the CPU there.
     caption_device = "cpu" if zero_gpu_enabled() else str(device)
@@ -156,6 +160,38 @@ def build_services(
         service=service,
         training=training,
         captions=captions,
+        workers=pool,
+    )
+
+
+def worker_devices(settings: Settings) -> tuple[list, int]:
+    """The generation workers' devices (``devices``, else the one ``device``) and the index of the one
+    training runs on (``train_device``); a device that does not exist is refused, naming the setting."""
+    from lorapg.devices import parse_devices, training_worker
+
+    devices = parse_devices(settings.devices, settings.device)
+    if len(devices) > 1 and zero_gpu_enabled():
+        raise UserError("Setting devices lists several devices, but ZeroGPU lends one GPU per call; remove it.")
+    return devices, training_worker(settings.train_device, devices)
+
+
+def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionEngine:
+    """One device's diffusion engine, with that device's residency manager (None on CPU)."""
+    from lorapg.devices import pick_dtype
+    from lorapg.diffusion.controlnet_models import ControlNetLibrary
+    from lorapg.diffusion.engine import DiffusionEngine
+
+    return DiffusionEngine(
+        library,
+        device,
+        pick_dtype(device, settings.dtype),
+        allow_pickle=settings.allow_pickle,
+        single_file_config=settings.single_file_config,
+        preview_every=settings.preview_every,
+        residency=build_residency(settings, device),
+        compile_unet=settings.compile_unet,
+        controlnets=ControlNetLibrary(settings.models_dir / "controlnet", allow_pickle=settings.allow_pickle),
+        annotators_dir=settings.models_dir / "annotators",
     )
 
 

@@ -4,6 +4,8 @@ Every method either returns plain data or raises ``UserError`` with a message a 
 GPU work (loading a model, generating) goes through the job queue, so callers get a job id to
 watch, and concurrent callers run in order. On a ZeroGPU Space the generation itself runs inside a
 ``spaces.GPU`` call (``GpuTask``); the model is loaded here first, so every GPU process starts with it.
+With several devices (``--devices``; lorapg/services/workers.py) a generation runs on whichever worker
+is free, with that worker's engine; every worker follows the model the user chose last.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import DONE, Job, JobQueue
+from lorapg.jobs import ANY_WORKER, DONE, Job, JobQueue
 from lorapg.services.img2img_inputs import options_from_form
+from lorapg.services.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,17 @@ class GenerationService:
         offered_models_only: bool = False,
         gpu_relay: bool | None = None,
         gpu_decorator: Callable | None = None,
+        workers: WorkerPool | None = None,
     ):
         """``offered_models_only``: load only the models ``model_choices`` lists (a public Space:
         visitors must not make the app download any hub repo or probe the server's files).
-        ``gpu_relay`` / ``gpu_decorator``: see ``GpuTask`` (tests force the ZeroGPU path with them)."""
+        ``gpu_relay`` / ``gpu_decorator``: see ``GpuTask`` (tests force the ZeroGPU path with them).
+        ``workers``: one engine per device, ``engine`` first (default: ``engine`` alone)."""
         self.settings = settings
-        self.engine = engine
+        self.engine = engine  # the primary worker's: model loads, status and checks use it
+        self.workers = workers or WorkerPool.single(engine)
+        # The model the user chose last (a load submitted): the one every worker generates with.
+        self._chosen_ref: str | None = None
         self.library = library
         self.jobs = jobs
         self.result_sink = result_sink
@@ -99,10 +107,17 @@ class GenerationService:
         ref = self.check_model_ref(ref)
 
         def work(job: Job) -> ModelStatus:
-            self.engine.load_model(ref, on_status=lambda message: job.report(0, 0, message=message))
+            try:
+                self.engine.load_model(ref, on_status=lambda message: job.report(0, 0, message=message))
+            except BaseException:
+                if self._chosen_ref == ref:  # generations submitted later follow the model still loaded
+                    self._chosen_ref = None
+                raise
+            self.jobs.restore()  # a new model: a device that failed to load the last one tries this one
             job.report(1, 1, message=f"Loaded {ref}")
             return self.model_status()
 
+        self._chosen_ref = ref  # generations submitted from now on use it, on whichever worker they run
         self._loading_job = self.jobs.submit("load-model", work)
         return self._loading_job
 
@@ -238,10 +253,23 @@ class GenerationService:
                 "No base model is loaded yet; load one first (a hub id, a diffusers folder or a .safetensors file)."
             )
 
-        def work(job: Job) -> GenerationResult:
-            return self.run_in_job(request, job, record=record)
+        if len(self.workers) == 1:
 
-        return self.jobs.submit("generate", work, owner=owner)
+            def work(job: Job) -> GenerationResult:
+                return self.run_in_job(request, job, record=record)
+
+            return self.jobs.submit("generate", work, owner=owner)
+        # Several workers: the model is fixed now, so the image is the same whichever worker runs it.
+        ref = self.chosen_model()
+
+        def work_anywhere(job: Job) -> GenerationResult:
+            return self.run_in_job(request, job, model_ref=ref, record=record)
+
+        return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER)
+
+    def chosen_model(self) -> str:
+        """The model generations submitted now use: the one loaded last by the user, else the configured one."""
+        return self._chosen_ref or self.settings.model
 
     def run_in_job(
         self,
@@ -257,7 +285,10 @@ class GenerationService:
         cells one after another. ``request``: from ``prepare``; ``model_ref``: a checked model
         (``check_model_ref``) to use instead of the loaded one; ``report`` / ``should_cancel``
         default to the job's own."""
-        report = report or job.report
+        report, should_cancel = report or job.report, should_cancel or job.cancel_requested
+        engine = self.workers.engine(job.worker)
+        if engine is not self.engine:
+            return self._run_on_worker(engine, request, job, model_ref, report, should_cancel, record)
         if model_ref is not None or self.engine.model is None:
             ref = model_ref or self.settings.model
             if self.engine.model is None:
@@ -268,8 +299,30 @@ class GenerationService:
             self.engine.model.source.ref,
             request,
             report=report,
-            should_cancel=should_cancel or job.cancel_requested,
+            should_cancel=should_cancel,
         )
+        if record and self.result_sink is not None and not result.cancelled:
+            result.saved = self.result_sink(result, job)
+        return result
+
+    def _run_on_worker(self, engine, request, job, model_ref, report, should_cancel, record) -> GenerationResult:
+        """``run_in_job`` on a worker other than the primary one: its own engine, loaded with the chosen model.
+        (Not through ``GpuTask``: several devices and ZeroGPU's one GPU per call never go together.)"""
+        ref = model_ref or self.chosen_model()
+        if engine.model is None or engine.model.source.ref != ref:
+            report(0, 0, None, f"Loading {ref} on {engine.device}…")
+            try:
+                engine.load_model(ref, on_status=lambda message: report(0, 0, None, message))
+            except Exception as exc:
+                # This device is out of the rotation until another model is loaded; the others serve on.
+                self.jobs.retire(job.worker)
+                log.warning("device %s could not load %s", engine.device, ref, exc_info=True)
+                reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                raise UserError(
+                    f"Device {engine.device} could not load the model {shorten(ref)}: {shorten(reason, 200)}. "
+                    "This job failed; submit it again and another device runs it."
+                ) from None
+        result = engine.generate(request, on_step=report, should_cancel=should_cancel)
         if record and self.result_sink is not None and not result.cancelled:
             result.saved = self.result_sink(result, job)
         return result

@@ -89,6 +89,7 @@ class JobState:
     preview_url: str | None = None  # the latest preview, while one exists
     error: str | None = None
     variation_seeds: list[int] = field(default_factory=list)  # each image's; empty at variation strength 0
+    device: str | None = None  # the device of the worker running (or that ran) it; None while queued
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class GenerationJobs:
             preview_url=self.urls.preview(job.id) if job.preview is not None else None,
             error=job.error,
             variation_seeds=variations,
+            device=job.device,
         )
 
     def cancel(self, job: Job) -> JobState:
@@ -252,6 +254,7 @@ def progress_data(state: JobState) -> dict:
         "total": state.total,
         "message": state.message,
         "preview_url": state.preview_url,
+        "device": state.device,
     }
 
 

@@ -121,13 +121,18 @@ class TrainingService:
         gpu_decorator: Callable | None = None,
         notifier: WebhookNotifier | None = None,
         history: RunStore | None = None,
+        device: str | None = None,
+        worker: int = 0,
     ):
         """``max_steps``: the longest run this app allows (None: no limit). ``gpu_relay`` /
         ``gpu_decorator``: see ``GpuTask``. ``notifier``: told when each run ends (``--notify-webhook``).
-        ``history``: the run store (default: ``models/training_runs/runs.sqlite3``)."""
+        ``history``: the run store (default: ``models/training_runs/runs.sqlite3``).
+        ``device`` / ``worker``: with several devices (``--devices``), the one training runs on and the
+        job queue's worker for it, which training holds while the others generate (default: ``device``, 0)."""
         self.settings = settings
         self.jobs = jobs
         self.engine = engine  # the DiffusionEngine whose pipeline leaves the GPU while training
+        self.device, self.worker = device, worker
         self.presets_dir = presets_dir or PRESETS_DIR
         self.datasets = DatasetStore(Path(settings.models_dir) / "datasets", DatasetLimits.from_settings(settings))
         self.max_steps = max_steps
@@ -335,7 +340,7 @@ class TrainingService:
         with self._submit_lock:
             # Background: a generation asked for while runs are queued goes after the running run, not
             # after every queued one.
-            job = self.jobs.submit("train", work, owner=owner, background=True)
+            job = self.jobs.submit("train", work, owner=owner, background=True, worker=self.worker)
             run = holder["run"] = TrainingRun(job, config, config_path)
             with self._lock:
                 self._runs[job.id] = run
@@ -615,7 +620,7 @@ class TrainingService:
     def _train(self, config: TrainConfig, on_progress, should_cancel) -> TrainResult:
         from lorapg.devices import pick_device
 
-        device = pick_device(self.settings.device)
+        device = pick_device(self.device or self.settings.device)
         work_dir, lora_dir = self.work_dir(config), self.lora_dir(config)
         # Under accelerate launch every process runs this; the main one alone removes the old files
         # (the others reach the checkpoints only after it, past DDP's start-up broadcast).

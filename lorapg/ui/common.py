@@ -56,18 +56,28 @@ def visitor(visitors: Visitors | None, request: gr.Request | None) -> str | None
     return visitors.owner(request.session_hash, getattr(request, "username", None))
 
 
+def gpu_slots(queue: JobQueue) -> int:
+    """The "gpu" concurrency group's limit: one handler per worker (``--devices``), so two visitors'
+    generations can run on two devices; the job queue still decides the order and the worker."""
+    return queue.worker_count
+
+
 def job_status_text(job: Job, queue: JobQueue) -> str:
     if job.status == QUEUED:
         ahead = queue.position(job)
         running = queue.running()
         # Training holds the GPU for minutes: say so, or the wait looks like a hang.
-        why = " LoRA training in progress; this job starts when it ends." if running and running.kind == "train" else ""
+        # (With several devices the others keep generating while one trains: no such wait to explain.)
+        training = running is not None and running.kind == "train" and queue.worker_count == 1
+        why = " LoRA training in progress; this job starts when it ends." if training else ""
         return f"⏳ Queued (job `{job.id}`): {ahead} job(s) ahead.{why}"
+    # With several devices (--devices) the user sees which one runs the job; with one, nothing changes.
+    where = f" on {job.device}" if job.device and queue.worker_count > 1 else ""
     if job.status == RUNNING and job.total:
-        return f"▶️ Step {job.step} of {job.total} (job `{job.id}`)."
+        return f"▶️ Step {job.step} of {job.total} (job `{job.id}`{where})."
     if job.status == RUNNING:
-        return f"▶️ {job.message or 'Running'} (job `{job.id}`)."
-    return f"{job.status.capitalize()} (job `{job.id}`)."
+        return f"▶️ {job.message or 'Running'} (job `{job.id}`{where})."
+    return f"{job.status.capitalize()} (job `{job.id}`{where})."
 
 
 def follow(job: Job, queue: JobQueue, progress: gr.Progress | None = None) -> Iterator[Job]:

@@ -17,7 +17,7 @@ from lorapg.gallery.records import ImageRecord
 from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import DONE
 from lorapg.services.gallery import GalleryService, ReuseParameters
-from lorapg.ui.common import follow, job_status_text, user_errors, visitor
+from lorapg.ui.common import follow, gpu_slots, job_status_text, user_errors, visitor
 from lorapg.ui.controlnet_section import CONTROLNET_INPUTS
 from lorapg.ui.hires_section import HIRES_INPUTS
 from lorapg.ui.texts import image_details_text, png_info_text
@@ -313,7 +313,7 @@ def _wire_vary(
         outputs=[*listing, w["notes"]],
         api_name="gallery_vary",
         concurrency_id="gpu",
-        concurrency_limit=1,
+        concurrency_limit=gpu_slots(generation.jobs),
     )
 
 

@@ -29,7 +29,7 @@ from lorapg.limits import (
     Range,
 )
 from lorapg.services.generation import GenerationService, LoraListing
-from lorapg.ui.common import checked_text, follow, job_status_text, raw_number, user_errors, visitor
+from lorapg.ui.common import checked_text, follow, gpu_slots, job_status_text, raw_number, user_errors, visitor
 from lorapg.ui.controlnet_section import CONTROLNET_INPUTS, NO_MODEL, build_controlnet_section
 from lorapg.ui.hires_section import HIRES_INPUTS, build_hires_section
 from lorapg.ui.texts import loading_text, model_status_text
@@ -298,7 +298,7 @@ def build_generate_tab(
         [model_status, width, height],
         api_name="load_model",
         concurrency_id="gpu",
-        concurrency_limit=1,
+        concurrency_limit=gpu_slots(service.jobs),
     )
 
     @user_errors
@@ -417,7 +417,7 @@ def build_generate_tab(
         outputs=[images, job_status, seed_used, job_id],
         api_name="generate",
         concurrency_id="gpu",
-        concurrency_limit=1,
+        concurrency_limit=gpu_slots(service.jobs),
     )
 
     @user_errors

@@ -1,0 +1,49 @@
+"""The generation workers behind the one job queue: one per device (``--devices cuda:0,cuda:1``).
+
+Each worker is a device with its own ``DiffusionEngine`` (pipeline and LoRA state) under its own
+residency budget; the job queue (lorapg/jobs.py) runs one thread per worker, all taking jobs from the
+same queue, and tells each job which worker runs it. Worker 0 (the first device) is the primary one:
+the model the user loads, the prompt tools, captioning and grids run there, so a single-device app is
+exactly a pool of one. Built by ``build_services``; never imports gradio or torch itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Worker:
+    index: int  # the job queue's worker number (Job.worker)
+    device: str  # "cuda:1", "cpu": what the UI and the API show for a job it runs
+    engine: Any  # its DiffusionEngine (Any: this module must not import torch)
+
+
+class WorkerPool:
+    """The workers in queue order; worker 0 is the primary one (``GenerationService.engine``)."""
+
+    def __init__(self, workers: list[Worker]):
+        if not workers:
+            raise ValueError("a worker pool needs at least one worker")
+        self.workers = list(workers)
+
+    @classmethod
+    def single(cls, engine: Any) -> WorkerPool:
+        """One worker on the engine's device: the app as it was before ``--devices``."""
+        return cls([Worker(0, str(getattr(engine, "device", "")), engine)])
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    @property
+    def primary(self) -> Worker:
+        return self.workers[0]
+
+    @property
+    def devices(self) -> list[str]:
+        return [worker.device for worker in self.workers]
+
+    def engine(self, index: int | None) -> Any:
+        """The engine of worker ``index`` (None, a job not started yet: the primary one)."""
+        return self.workers[index or 0].engine
