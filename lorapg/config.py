@@ -81,6 +81,9 @@ class Settings:
     compile_unet: bool = False
     # Added last (issue 19): JSON POST here when a training run ends (lorapg/notifications.py); "" = none.
     notify_webhook: str = ""
+    # Added last (issue 18): input pixels per tile side when an upscaler model runs (lorapg/diffusion/upscalers.py);
+    # smaller tiles need less memory. 0 = the whole image in one piece.
+    upscale_tile: int = 256
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

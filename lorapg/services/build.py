@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # these import torch and diffusers: only when engines are bui
     from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
+    from lorapg.services.upscale import UpscaleService
 
 
 def configure_logging(verbose: bool = False, *, tracebacks: bool = True) -> None:
@@ -81,6 +82,7 @@ class Services:
     service: GenerationService | None = None  # generation; None when built with engines=False
     training: TrainingService | None = None  # the Train tab's service; None when built with engines=False
     captions: CaptionService | None = None  # auto-captioning and caption editing; None with engines=False
+    upscale: UpscaleService | None = None  # upscaler models (A1111's Extras); None with engines=False
 
 
 def build_services(
@@ -114,13 +116,22 @@ def build_services(
     from lorapg.devices import pick_device, pick_dtype
     from lorapg.diffusion.controlnet_models import ControlNetLibrary
     from lorapg.diffusion.engine import DiffusionEngine
+    from lorapg.diffusion.upscalers import UpscalerLibrary
     from lorapg.outputs import record_in_gallery
     from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
+    from lorapg.services.upscale import UpscaleService
 
     device = pick_device(settings.device)
     residency = build_residency(settings, device)
+    upscalers = UpscalerLibrary(
+        settings.models_dir / "upscalers",
+        allow_pickle=settings.allow_pickle,
+        device=str(device),
+        residency=residency,
+        tile=settings.upscale_tile,
+    )
     engine = DiffusionEngine(
         library,
         device,
@@ -132,6 +143,7 @@ def build_services(
         compile_unet=settings.compile_unet,
         controlnets=ControlNetLibrary(settings.models_dir / "controlnet", allow_pickle=settings.allow_pickle),
         annotators_dir=settings.models_dir / "annotators",
+        upscalers=upscalers,
     )
     sink = (lambda result, job: record_in_gallery(gallery, result, job.id, job.owner)) if record_results else None
     service = GenerationService(settings, engine, library, jobs, result_sink=sink, offered_models_only=locked)
@@ -156,6 +168,7 @@ def build_services(
         service=service,
         training=training,
         captions=captions,
+        upscale=UpscaleService(settings, upscalers, jobs, gallery),
     )
 
 
