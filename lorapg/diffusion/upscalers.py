@@ -144,8 +144,9 @@ class UpscalerLibrary:
         if isinstance(found, str):
             return image.resize(size, resample=RESIZERS[found])
         descriptor = self.load(found)
-        for _ in range(MAX_PASSES):
-            if image.width >= size[0] and image.height >= size[1]:
+        # A 1× model (a restoration model) runs once; it would not grow the image by running again.
+        for _ in range(MAX_PASSES if descriptor.scale > 1 else 1):
+            if descriptor.scale > 1 and image.width >= size[0] and image.height >= size[1]:
                 break
             image = self._run(found, descriptor, image, should_cancel)
         if image.size != size:
