@@ -31,22 +31,13 @@ def add_upscale_parser(commands: argparse._SubParsersAction, add_settings: Calla
 
 def run_upscale(args: argparse.Namespace, settings) -> int:
     """Upscale ``--image`` into ``--out``; prints the path and the size."""
-    from lorapg.devices import pick_device
-    from lorapg.diffusion.upscalers import UpscalerLibrary
-    from lorapg.jobs import JobQueue
-    from lorapg.services.upscale import UpscaleService, write_result
+    from lorapg.services.build import build_upscale_service
+    from lorapg.services.upscale import write_result
 
     if args.upscale_tile is not None:
         settings.upscale_tile = args.upscale_tile
-    library = UpscalerLibrary(
-        settings.models_dir / "upscalers",
-        allow_pickle=settings.allow_pickle,
-        device=str(pick_device(settings.device)),
-        tile=settings.upscale_tile,
-    )
-    jobs = JobQueue()
+    service, jobs = build_upscale_service(settings)
     try:
-        service = UpscaleService(settings, library, jobs)
         result = service.upscale(args.image, args.upscaler, args.scale, fields=("--image", "--upscaler", "--scale"))
     finally:
         jobs.close()  # the job worker must end before the interpreter does (see JobQueue.close)

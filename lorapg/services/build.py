@@ -172,6 +172,24 @@ def build_services(
     )
 
 
+def build_upscale_service(settings: Settings) -> tuple[UpscaleService, JobQueue]:
+    """The ``upscale`` command's service and its job queue alone: no diffusion engine, gallery or prompt
+    tools, so the command starts quickly. The caller closes the queue."""
+    from lorapg.devices import pick_device, set_cpu_threads
+    from lorapg.diffusion.upscalers import UpscalerLibrary
+    from lorapg.services.upscale import UpscaleService
+
+    set_cpu_threads(settings.threads)
+    library = UpscalerLibrary(
+        settings.models_dir / "upscalers",
+        allow_pickle=settings.allow_pickle,
+        device=str(pick_device(settings.device)),
+        tile=settings.upscale_tile,
+    )
+    jobs = JobQueue()
+    return UpscaleService(settings, library, jobs), jobs
+
+
 # Activations, the VAE decode and CUDA's own context need room beyond the weights.
 ACTIVATION_RESERVE = 2 * GB
 
