@@ -30,6 +30,7 @@ from lorapg.errors import UserError
 from lorapg.gallery.png import read_png_parameters
 from lorapg.gallery.store import GalleryStore
 from lorapg.jobs import JobQueue
+from lorapg.residency import GB, ResidencyManager
 from lorapg.services.upscale import UpscaleService
 from tests.app_server import running_app
 
@@ -100,6 +101,14 @@ def test_tiled_output_matches_the_untiled_one_within_a_tolerance(library):
     assert float((tiled - whole).abs().max()) < 0.02
     assert float((tiled - whole).abs().mean()) < 0.002
     assert tile_starts(56, 24, 8) == [0, 16, 32]  # every pixel covered, the last tile flush with the end
+
+
+def test_a_loaded_upscaler_is_registered_with_the_residency_manager(folder):
+    residency = ResidencyManager(GB)  # the moves are the model's own .to(): "cpu" here, CUDA on a GPU
+    library = UpscalerLibrary(folder / "upscalers", residency=residency, tile=0)
+    assert library.upscale(noise(8, 8), TINY, (32, 32)).size == (32, 32)
+    assert [entry["name"] for entry in residency.status()] == [f"upscaler: {TINY}"]
+    assert residency.used_bytes > 0  # placed "on the device" while it ran, kept there (policy auto)
 
 
 def test_a_pickle_is_refused_without_the_flag_and_loads_with_it(tmp_path):
