@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         visitor_secret=secret,
         lora_manager=build_lora_manager(runtime),
         caption_service=runtime.captions,
+        upscale_service=runtime.upscale,
     )
     if generated_password:
         # Printed, not logged: the user needs to read it once, log files should not keep it.

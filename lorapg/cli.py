@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lorapg.dataset_cli import add_dataset_parser
 
     add_dataset_parser(commands, add_settings_arguments)
+    from lorapg.upscale_cli import add_upscale_parser
+
+    add_upscale_parser(commands, add_settings_arguments)
     return parser
 
 
@@ -351,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             from lorapg.dataset_cli import run_dataset
 
             return run_dataset(args, settings_from_args(args))
+        if args.command == "upscale":
+            from lorapg.upscale_cli import run_upscale
+
+            return run_upscale(args, settings_from_args(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -86,6 +86,9 @@ class Settings:
     # (one of them; None = the first) and holds only that worker.
     devices: str | None = None
     train_device: str | None = None
+    # Added last (issue 18): input pixels per tile side when an upscaler model runs (lorapg/diffusion/upscalers.py);
+    # smaller tiles need less memory. 0 = the whole image in one piece.
+    upscale_tile: int = 256
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -66,9 +66,10 @@ INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent noth
 HIRES_SCALE = Range(1.0, 4.0, 0.05, 2.0)
 HIRES_STEPS = Range(0, STEPS.maximum, 1, 0)
 HIRES_STRENGTH_DEFAULT = 0.7
-# The upscalers a hires pass can use: latents resized bilinearly (A1111's default) or by nearest
-# neighbour, or the decoded image resized with Lanczos ("None"); upscaler models come later.
-HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "None")
+# The built-in upscalers a hires pass can use: latents resized bilinearly (A1111's default) or by
+# nearest neighbour, or the decoded image resized with Lanczos ("None", "Lanczos") or by nearest
+# neighbour ("Nearest"). Upscaler models (models/upscalers, lorapg.diffusion.upscalers) come after these.
+HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "None", "Lanczos", "Nearest")
 
 # ControlNet (A1111's sd-webui-controlnet units): how strongly each unit steers, over which part of
 # the steps (fractions: 0 = the first step, 1 = the last), and the canny edge thresholds (0-255 grey levels).
@@ -107,3 +108,6 @@ TRAINING: dict[str, Range] = {
     "keep_tokens": Range(0, 100, 1, 1),
     "caption_dropout": Range(0, 1, 0.01, 0.0),
 }
+
+# --- upscaling (A1111's Extras: "Resize" / upscaling_resize) ------------------------------------
+UPSCALE_BY = Range(1.0, 8.0, 0.05, 4.0)

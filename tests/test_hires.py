@@ -136,7 +136,8 @@ def test_loras_apply_in_the_second_pass(engine):
         (HiresOptions(strength=1.5), {}, "Hires denoising strength must be 0–1, got 1.5."),
         (HiresOptions(steps=-1), {}, "Hires steps must be 0–50"),
         (HiresOptions(scale="two"), {}, "Hires upscale must be a number, got 'two'."),
-        (HiresOptions(upscaler="R-ESRGAN 4x+"), {}, 'pick one of "Latent", "Latent (nearest)", "None"'),
+        # Any other name is an upscaler model's, looked up in the folder later (tests/test_upscalers.py).
+        (HiresOptions(upscaler="../4x.pth"), {}, 'pick one of "Latent", "Latent (nearest)", "None"'),
         (HiresOptions(scale=4), {"width": 1024}, "Hires fix would make 4096×128, over the 2048 px limit"),
         (HiresOptions(), {"img2img": Img2ImgOptions(Image.new("RGB", (32, 32)))}, "Hires fix applies to txt2img only"),
     ],
@@ -242,7 +243,8 @@ def test_a1111_txt2img_with_enable_hr_and_the_upscaler_lists(app):
 
     modes = requests.get(f"{app}/latent-upscale-modes", timeout=30).json()
     assert [mode["name"] for mode in modes] == ["Latent", "Latent (nearest)"]
-    assert [item["name"] for item in requests.get(f"{app}/upscalers", timeout=30).json()] == ["None"]
+    names = [item["name"] for item in requests.get(f"{app}/upscalers", timeout=30).json()]
+    assert names == ["None", "Lanczos", "Nearest"]  # no models in this app's models/upscalers
 
 
 def test_the_generate_tabs_hires_fields_and_reuse(app, tmp_path):

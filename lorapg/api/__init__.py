@@ -29,6 +29,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     from lorapg.api.prompts import prompts_router
     from lorapg.api.sdapi import sdapi_router
     from lorapg.api.training import training_router
+    from lorapg.api.upscale import upscale_router
     from lorapg.services.a1111 import A1111Service
     from lorapg.services.dataset_crops import DatasetCropService
     from lorapg.services.grid import GridService
@@ -42,6 +43,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     training = TrainingJobs(runtime.training, max_upload_bytes=service.max_upload_bytes, grids=grids)
     return [
         *sdapi_router(service, access).routes,
+        *upscale_router(runtime.upscale, access, service.max_upload_bytes).routes,
         *controlnet_router(runtime.engine.controlnets, access).routes,
         *generations_router(generation_jobs(runtime.service), access).routes,
         *gallery_router(runtime.gallery_service, access).routes,

@@ -108,7 +108,7 @@ class HiresIn(BaseModel):
     resize_y: int = Field(0, description="A target height instead of the scale (0: from the scale or the aspect).")
     steps: int = Field(0, description="Second pass steps; 0 = as many as the first pass.")
     denoising_strength: float = Field(HIRES_STRENGTH_DEFAULT, description="The second pass's strength, 0-1.")
-    upscaler: str = Field(HIRES_UPSCALERS[0], description='"Latent", "Latent (nearest)" or "None" (Lanczos).')
+    upscaler: str = Field(HIRES_UPSCALERS[0], description='"Latent", "Latent (nearest)" or one of /sdapi/v1/upscalers.')
 
 
 class ControlNetIn(BaseModel):

@@ -41,7 +41,7 @@ class Txt2ImgRequest(A1111Request):
     hr_scale: float = Field(2.0, description="upscale factor 1-4 (Size stays the first pass's)")
     hr_resize_x: int = Field(0, description="target width instead of hr_scale; 0: from the scale or the aspect")
     hr_resize_y: int = Field(0, description="target height instead of hr_scale; 0: from the scale or the aspect")
-    hr_upscaler: str | None = Field(None, description='"Latent" (default), "Latent (nearest)" or "None" (Lanczos)')
+    hr_upscaler: str | None = Field(None, description='"Latent" (default), "Latent (nearest)" or one of /upscalers')
     hr_second_pass_steps: int = Field(0, description="second pass steps; 0: as many as steps")
     denoising_strength: float | None = Field(None, description="the second pass's strength 0-1; null: 0.7")
     alwayson_scripts: dict[str, Any] | None = Field(

@@ -16,7 +16,6 @@ from lorapg.api import models as m
 from lorapg.api.auth import ApiAccess, basic_auth_check
 from lorapg.api.errors import A1111Route
 from lorapg.diffusion.hires import LATENT_MODES
-from lorapg.limits import HIRES_UPSCALERS
 from lorapg.services.a1111 import SCHEDULES, A1111Service, Img2ImgParams, Txt2ImgParams, a1111_sampler_names
 
 PREFIX = "/sdapi/v1"
@@ -107,10 +106,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
     def schedulers() -> list[m.SchedulerItem]:
         return [m.SchedulerItem(name=name, label=label) for name, label in SCHEDULES.items()]
 
-    @router.get("/upscalers", response_model=list[m.UpscalerItem])
-    def upscalers() -> list[m.UpscalerItem]:
-        # "None": a plain (Lanczos) resize, the image upscaler hr_upscaler takes; upscaler models come later.
-        return [m.UpscalerItem(name=name) for name in HIRES_UPSCALERS if name not in LATENT_MODES]
+    # GET /upscalers and POST /extra-single-image: lorapg.api.upscale.
 
     @router.get("/latent-upscale-modes", response_model=list[m.LatentUpscalerModeItem])
     def latent_upscale_modes() -> list[m.LatentUpscalerModeItem]:

@@ -29,6 +29,7 @@ from lorapg.diffusion.prompt_encoding import chunked_prompt_embeddings
 from lorapg.diffusion.prompt_syntax import needs_chunked_encoding
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import scheduler_for
+from lorapg.diffusion.upscalers import UpscalerLibrary
 from lorapg.diffusion.variation_noise import image_seeds, initial_latents, variation_seeds
 from lorapg.errors import UserError
 from lorapg.residency import LOWVRAM, ResidencyManager
@@ -85,6 +86,7 @@ class DiffusionEngine:
         compile_backend: str = compile_mode.DEFAULT_BACKEND,
         controlnets: ControlNetLibrary | None = None,
         annotators_dir: Path | None = None,
+        upscalers: UpscalerLibrary | None = None,
     ):
         self.library = lora_library
         self.device = device
@@ -103,6 +105,8 @@ class DiffusionEngine:
         # ControlNet models (models/controlnet) and the preprocessors' weights (models/annotators).
         self.controlnets = controlnets or ControlNetLibrary(Path("models/controlnet"), allow_pickle=allow_pickle)
         self.annotators_dir = annotators_dir or Path("models/annotators")
+        # Upscaler models (models/upscalers) the hires fix may use besides its built-in upscalers.
+        self.upscalers = upscalers
 
     # --- model -----------------------------------------------------------------------------
 
@@ -210,7 +214,7 @@ class DiffusionEngine:
             if image_run is not None:
                 request = image_run.request  # its init image and mask decoded and checked
             # Hires fix: a second pass on the upscaled first one; progress counts both passes' steps.
-            hires_run = prepare_hires_run(model, request, seeds)
+            hires_run = prepare_hires_run(model, request, seeds, self.upscalers)
             control_run = self._control_run(model, request, image_run) if request.controlnet else None
             if image_run is not None:
                 image_run.control = control_run
@@ -342,6 +346,13 @@ class DiffusionEngine:
             place=self._place_controlnet,
             kind=image_run.kind if image_run is not None else TXT2IMG,
         )
+
+    def check_hires_upscaler(self, name: str) -> None:
+        """Refuse a hires upscaler that is neither built in nor a model in the upscalers folder (checked
+        name: ``hires.check_upscaler``'s); the generation service asks before queueing."""
+        from lorapg.diffusion import hires
+
+        hires.check_upscaler_model(name, self.upscalers)
 
     def _place_controlnet(self, name: str, controlnet: torch.nn.Module) -> str:
         """Put a ControlNet where the UNet runs: registered with the residency manager like the pipeline."""

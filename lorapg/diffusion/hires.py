@@ -12,12 +12,21 @@ from dataclasses import dataclass, replace
 
 from lorapg.coercion import checked_number, checked_whole, shown
 from lorapg.errors import UserError
-from lorapg.limits import DENOISING_STRENGTH, HIRES_SCALE, HIRES_STEPS, HIRES_STRENGTH_DEFAULT, SIZE, SIZE_MULTIPLE
+from lorapg.limits import (
+    DENOISING_STRENGTH,
+    HIRES_SCALE,
+    HIRES_STEPS,
+    HIRES_STRENGTH_DEFAULT,
+    HIRES_UPSCALERS,
+    SIZE,
+    SIZE_MULTIPLE,
+)
 
 LATENT, LATENT_NEAREST, LANCZOS_RESIZE = "Latent", "Latent (nearest)", "None"
 # How each latent upscaler resizes the latents (torch.nn.functional.interpolate's mode).
 LATENT_MODES = {LATENT: "bilinear", LATENT_NEAREST: "nearest"}
-UPSCALERS = (LATENT, LATENT_NEAREST, LANCZOS_RESIZE)
+UPSCALERS = HIRES_UPSCALERS  # the built-in ones; any other name is an upscaler model's (models/upscalers)
+MAX_MODEL_NAME = 200  # characters: no upscaler file's name is longer, and a message repeats it
 
 
 @dataclass(frozen=True)
@@ -33,15 +42,35 @@ class HiresOptions:
 
 
 def check_upscaler(value: object) -> str:
-    """``value`` as one of UPSCALERS (case-insensitive), or a UserError listing them."""
+    """``value`` as one of UPSCALERS (case-insensitive) or as an upscaler model's name, or a UserError.
+
+    Whether a model of that name is in the upscalers folder is checked where the folder is known
+    (``DiffusionEngine.check_hires_upscaler``, before the queue and again when the pass runs)."""
     text = value.strip() if isinstance(value, str) else ""
     for name in UPSCALERS:
         if text.casefold() == name.casefold():
             return name
-    available = ", ".join(f'"{name}"' for name in UPSCALERS)
-    raise UserError(
-        f"Hires upscaler {shown(value)} is not available; pick one of {available} (upscaler models come later)."
-    )
+    if text and len(text) <= MAX_MODEL_NAME and not any(mark in text for mark in "/\\\0"):
+        return text
+    raise not_available(value)
+
+
+def not_available(value: object, models: list[str] | tuple[str, ...] = ()) -> UserError:
+    """The refusal of an upscaler name, listing the built-in upscalers and the ``models`` there are."""
+    available = ", ".join(f'"{name}"' for name in (*UPSCALERS, *models))
+    where = "" if models else " or an upscaler model's name (models/upscalers)"
+    return UserError(f"Hires upscaler {shown(value)} is not available; pick one of {available}{where}.")
+
+
+def check_upscaler_model(value: object, upscalers: object | None) -> None:
+    """Refuse an upscaler name that is neither built in (any case) nor a model file in ``upscalers``
+    (a ``lorapg.diffusion.upscalers.UpscalerLibrary``; None: no models)."""
+    name = check_upscaler(value)
+    if name in UPSCALERS:
+        return
+    models = [item.name for item in upscalers.files()] if upscalers is not None else []
+    if not any(name.casefold() == model.casefold() for model in models):
+        raise not_available(name, models)
 
 
 def check_hires(options: HiresOptions, width: int, height: int, max_pixels: int = 0) -> HiresOptions:

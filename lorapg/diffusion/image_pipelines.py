@@ -27,6 +27,7 @@ from lorapg.errors import UserError
 if TYPE_CHECKING:
     from lorapg.diffusion.engine import LoadedModel
     from lorapg.diffusion.request import GenerationRequest
+    from lorapg.diffusion.upscalers import UpscalerLibrary
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class HiresRun:
     width: int  # the upscaled (result) size
     height: int
     second_steps: int  # the denoising steps the second pass actually runs: int(steps × strength)
+    # The upscaler library (lorapg.diffusion.upscalers) for an image upscaler: a resizer or a model.
+    upscalers: UpscalerLibrary | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -170,23 +173,31 @@ class HiresRun:
 
     def _upscale(self, first: object) -> object:
         if not self.latent:
-            return [image.resize((self.width, self.height), resample=Image.Resampling.LANCZOS) for image in first]
+            name = self.request.hires.upscaler
+            if name == hires.LANCZOS_RESIZE or self.upscalers is None:  # "None": A1111's plain Lanczos resize
+                return [image.resize(self.size, resample=Image.Resampling.LANCZOS) for image in first]
+            return [self.upscalers.upscale(image, name, self.size, "Hires upscaler") for image in first]
         factor = self.model.pipe.vae_scale_factor
         size = (self.height // factor, self.width // factor)
         mode = hires.LATENT_MODES[self.request.hires.upscaler]
         return torch.nn.functional.interpolate(first, size=size, mode=mode)
 
 
-def prepare_hires_run(model: LoadedModel, request: GenerationRequest, seeds: list[int]) -> HiresRun | None:
-    """The hires run for ``request`` (validated) if it asks for one; None otherwise."""
+def prepare_hires_run(
+    model: LoadedModel, request: GenerationRequest, seeds: list[int], upscalers: UpscalerLibrary | None = None
+) -> HiresRun | None:
+    """The hires run for ``request`` (validated) if it asks for one; None otherwise. ``upscalers``:
+    where an upscaler model's name is looked up (None: only the built-in upscalers)."""
     options = request.hires
     if options is None:
         return None
+    hires.check_upscaler_model(options.upscaler, upscalers)  # a model's name: in the folder, or refused
     if model.pipe.unet.config.in_channels == INPAINTING_UNET_CHANNELS:
         raise UserError("Hires fix needs a regular checkpoint; this one is an inpainting model. Turn hires fix off.")
     width, height = hires.target_size(options, request.width, request.height)
     nominal = hires.second_pass_steps(options, request.steps)
-    return HiresRun(model, request, seeds, width, height, img2img.effective_steps(nominal, options.strength))
+    steps = img2img.effective_steps(nominal, options.strength)
+    return HiresRun(model, request, seeds, width, height, steps, upscalers)
 
 
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:

@@ -189,6 +189,7 @@ def format_parameters(record: ImageRecord) -> str:
     hashes = [f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash]
     if hashes:
         pairs.append(("Lora hashes", ", ".join(hashes)))
+    pairs += record.postprocess  # an upscaled result's "Postprocess ..." fields
     if record.version:
         pairs.append(("Version", record.version))
 

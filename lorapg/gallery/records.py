@@ -165,6 +165,8 @@ class ImageRecord:
     img2img: Img2ImgUse | None = None  # None: txt2img
     hires: HiresUse | None = None  # None: no hires fix
     controlnet: list[ControlNetUse] = field(default_factory=list)  # empty: no ControlNet
+    # A1111's Extras: ("Postprocess upscale by", "4"), ("Postprocess upscaler", NAME); written as given.
+    postprocess: list[tuple[str, str]] = field(default_factory=list)
 
 
 def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # these import torch and diffusers: only when engines are bui
     from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
+    from lorapg.services.upscale import UpscaleService
 
 
 def configure_logging(verbose: bool = False, *, tracebacks: bool = True) -> None:
@@ -83,6 +84,7 @@ class Services:
     training: TrainingService | None = None  # the Train tab's service; None when built with engines=False
     captions: CaptionService | None = None  # auto-captioning and caption editing; None with engines=False
     workers: WorkerPool | None = None  # one engine per device (--devices), ``engine`` first; None with engines=False
+    upscale: UpscaleService | None = None  # upscaler models (A1111's Extras); None with engines=False
 
 
 def build_services(
@@ -123,6 +125,7 @@ def build_services(
     from lorapg.services.captions import CaptionService
     from lorapg.services.generation import GenerationService
     from lorapg.services.training import TrainingService
+    from lorapg.services.upscale import UpscaleService
 
     # Each device its own engine (pipeline, LoRA state) under its own residency budget.
     pool = WorkerPool([Worker(i, str(d), build_engine(settings, library, d)) for i, d in enumerate(devices)])
@@ -161,6 +164,7 @@ def build_services(
         training=training,
         captions=captions,
         workers=pool,
+        upscale=UpscaleService(settings, engine.upscalers, jobs, gallery),
     )
 
 
@@ -180,7 +184,17 @@ def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionE
     from lorapg.devices import pick_dtype
     from lorapg.diffusion.controlnet_models import ControlNetLibrary
     from lorapg.diffusion.engine import DiffusionEngine
+    from lorapg.diffusion.upscalers import UpscalerLibrary
 
+    residency = build_residency(settings, device)
+    # Upscaler models for the hires fix and the Upscale tab, on this engine's device and memory budget.
+    upscalers = UpscalerLibrary(
+        settings.models_dir / "upscalers",
+        allow_pickle=settings.allow_pickle,
+        device=str(device),
+        residency=residency,
+        tile=settings.upscale_tile,
+    )
     return DiffusionEngine(
         library,
         device,
@@ -188,11 +202,30 @@ def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionE
         allow_pickle=settings.allow_pickle,
         single_file_config=settings.single_file_config,
         preview_every=settings.preview_every,
-        residency=build_residency(settings, device),
+        residency=residency,
         compile_unet=settings.compile_unet,
         controlnets=ControlNetLibrary(settings.models_dir / "controlnet", allow_pickle=settings.allow_pickle),
         annotators_dir=settings.models_dir / "annotators",
+        upscalers=upscalers,
     )
+
+
+def build_upscale_service(settings: Settings) -> tuple[UpscaleService, JobQueue]:
+    """The ``upscale`` command's service and its job queue alone: no diffusion engine, gallery or prompt
+    tools, so the command starts quickly. The caller closes the queue."""
+    from lorapg.devices import pick_device, set_cpu_threads
+    from lorapg.diffusion.upscalers import UpscalerLibrary
+    from lorapg.services.upscale import UpscaleService
+
+    set_cpu_threads(settings.threads)
+    library = UpscalerLibrary(
+        settings.models_dir / "upscalers",
+        allow_pickle=settings.allow_pickle,
+        device=str(pick_device(settings.device)),
+        tile=settings.upscale_tile,
+    )
+    jobs = JobQueue()
+    return UpscaleService(settings, library, jobs), jobs
 
 
 # Activations, the VAE decode and CUDA's own context need room beyond the weights.

@@ -205,6 +205,8 @@ class GenerationService:
         settings = self.settings
         validate(request, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
+        if request.hires is not None:  # an upscaler model that is not in the folder: fail now too
+            self.engine.check_hires_upscaler(request.hires.upscaler)
         for unit in request.controlnet:  # an unknown ControlNet, or one for another family: fail now too
             info = self.engine.controlnets.resolve(unit.model)
             if family is not None:

@@ -12,14 +12,17 @@ from lorapg.services.grid import GridService
 from lorapg.services.lora_manager import LoraManager
 from lorapg.services.prompts import PromptService
 from lorapg.services.training import TrainingService
+from lorapg.services.upscale import UpscaleService
 from lorapg.ui.common import visitor
 from lorapg.ui.gallery_tab import REUSE_TARGETS, build_gallery_tab
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
 from lorapg.ui.grid_tab import build_grid_tab, epochs_grid_actions
+from lorapg.ui.hires_section import hires_upscaler_choices
 from lorapg.ui.loras_tab import build_loras_tab
 from lorapg.ui.memory_panel import build_memory_panel
 from lorapg.ui.prompt_tools import build_prompt_tools
 from lorapg.ui.train_tab import build_train_tab
+from lorapg.ui.upscale_tab import build_upscale_tab
 from lorapg.working_state import VisitorWorkingStates, WorkingState, WorkingValues
 
 TITLE = "LoRA Playground"
@@ -50,6 +53,7 @@ def build_ui(
     visitor_secret: str | None = None,
     lora_manager: LoraManager | None = None,
     caption_service: CaptionService | None = None,
+    upscale_service: UpscaleService | None = None,
 ) -> gr.Blocks:
     """``visitors``: keeps each visitor's gallery, drafts and datasets apart where it is private;
     ``visitor_secret`` encrypts the visitor id the browser keeps (the same secret across restarts
@@ -69,6 +73,13 @@ def build_ui(
                 generate["lora_select"],
                 api_visibility="private",
             )
+            # The hires fix's upscaler models too: a file copied into models/upscalers is offered at once.
+            generate_tab.select(
+                lambda: gr.update(choices=hires_upscaler_choices(service)),
+                None,
+                generate["hr_upscaler"],
+                api_visibility="private",
+            )
             grids = GridService(service.settings, service)
             with gr.Tab("X/Y/Z plot", id="grid") as grid_tab:
                 build_grid_tab(grids, generate, grid_tab, visitors=visitors)
@@ -81,6 +92,8 @@ def build_ui(
                     visitors=visitors,
                     generation=service,
                 )
+            if upscale_service is not None:
+                build_upscale_tab(upscale_service, visitors=visitors)
             if training_service is not None:
                 with gr.Tab("Train", id="train"):
                     grid_action = epochs_grid_actions(grids, training_service, visitors)

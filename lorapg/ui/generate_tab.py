@@ -31,7 +31,7 @@ from lorapg.limits import (
 from lorapg.services.generation import GenerationService, LoraListing
 from lorapg.ui.common import checked_text, follow, gpu_slots, job_status_text, raw_number, user_errors, visitor
 from lorapg.ui.controlnet_section import CONTROLNET_INPUTS, NO_MODEL, build_controlnet_section
-from lorapg.ui.hires_section import HIRES_INPUTS, build_hires_section
+from lorapg.ui.hires_section import HIRES_INPUTS, build_hires_section, hires_upscaler_choices
 from lorapg.ui.texts import loading_text, model_status_text
 
 DEFAULT_LORA_SCALE = LORA_SCALE.default
@@ -255,7 +255,7 @@ def build_generate_tab(
                     )
             variation_seed, variation_strength = _variation_widgets()
             img2img = build_img2img_section()
-            hires = build_hires_section()
+            hires = build_hires_section(hires_upscaler_choices(service))
             controlnet = build_controlnet_section(service.controlnet_names())
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")

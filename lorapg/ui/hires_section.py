@@ -16,16 +16,23 @@ def _ranged(limits) -> dict:
     return {"minimum": limits.minimum, "maximum": limits.maximum, "step": limits.step}
 
 
-def build_hires_section() -> dict[str, gr.components.Component]:
-    """The accordion's widgets, keyed by HIRES_INPUTS."""
+def hires_upscaler_choices(service) -> list[str]:
+    """The built-in upscalers, then the upscaler models in the folder now (``service``: generation's)."""
+    upscalers = getattr(service.engine, "upscalers", None)
+    models = [item.name for item in upscalers.files()] if upscalers is not None else []
+    return [*HIRES_UPSCALERS, *models]
+
+
+def build_hires_section(choices: list[str] | None = None) -> dict[str, gr.components.Component]:
+    """The accordion's widgets, keyed by HIRES_INPUTS; ``choices``: the upscalers (default: the built-in ones)."""
     with gr.Accordion("Hires fix", open=False, elem_id="hires"):
         gr.Markdown(
             "Generate at the size above, upscale, then refine with a second pass (txt2img only). "
-            '"Latent" upscales the latents; "None" resizes the image (Lanczos).'
+            '"Latent" upscales the latents; "None" resizes the image (Lanczos); models come from `models/upscalers/`.'
         )
         with gr.Row():
             enabled = gr.Checkbox(False, label="Hires fix", elem_id="hires-enable")
-            upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value=HIRES_UPSCALERS[0], label="Upscaler")
+            upscaler = gr.Dropdown(choices or list(HIRES_UPSCALERS), value=HIRES_UPSCALERS[0], label="Upscaler")
         with gr.Row():
             scale = raw_number(gr.Slider(**_ranged(HIRES_SCALE), value=HIRES_SCALE.default, label="Upscale by"))
             steps = raw_number(

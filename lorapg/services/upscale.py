@@ -1,0 +1,160 @@
+"""Upscaling (A1111's Extras tab): an image, an upscaler and a scale in; the bigger image out.
+
+Used by the UI's Upscale tab, ``python -m lorapg upscale`` and ``/sdapi/v1/extra-single-image``. The
+work runs on the job queue, so an upscaler never computes on the GPU next to a generation. A result
+saved to the gallery keeps the source's parameters (when it had any) and adds A1111's
+"Postprocess upscale by" and "Postprocess upscaler". Never imports gradio, torch or spandrel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image
+
+from lorapg.coercion import checked_number
+from lorapg.config import Settings
+from lorapg.diffusion.img2img import load_image
+from lorapg.diffusion.upscalers import NONE, UpscalerFile, UpscalerLibrary, check_size, scale_text
+from lorapg.errors import UserError
+from lorapg.gallery.a1111 import format_parameters, parse_parameters
+from lorapg.gallery.png import read_png_parameters, save_png_atomically
+from lorapg.gallery.records import ImageRecord, check_image_id, record_from_parsed
+from lorapg.gallery.store import GalleryStore
+from lorapg.jobs import JobQueue
+from lorapg.limits import UPSCALE_BY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpscalerInfo:
+    """One upscaler as A1111's ``/sdapi/v1/upscalers`` lists it."""
+
+    name: str
+    model_name: str | None = None  # the file's name for a model
+    model_path: str | None = None
+    scale: float | None = None  # a model's factor as its file name states it; None: any (resizers)
+
+
+@dataclass
+class UpscaleResult:
+    image: Image.Image
+    upscaler: str  # as spelled here
+    scale: float
+    source_parameters: str | None = None  # the source PNG's A1111 text, if it had one
+    record: ImageRecord | None = None  # the gallery's, once saved
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # "Postprocess ..." as A1111 writes them
+
+    @property
+    def info(self) -> str:
+        """A1111's ``html_info``: ``Postprocess upscale by: 4, Postprocess upscaler: NAME``."""
+        return ", ".join(f"{key}: {value}" for key, value in self.pairs)
+
+
+class UpscaleService:
+    def __init__(
+        self, settings: Settings, library: UpscalerLibrary, jobs: JobQueue, gallery: GalleryStore | None = None
+    ):
+        """``gallery`` None: results are only returned (the CLI writes its own file)."""
+        self.settings = settings
+        self.library = library
+        self.jobs = jobs
+        self.gallery = gallery
+
+    def upscalers(self) -> list[UpscalerInfo]:
+        """The built-in resizers, then the models in the folder now (re-read each call)."""
+        built_in = [UpscalerInfo(name) for name in self.library.names() if name not in self._model_names()]
+        models = [
+            UpscalerInfo(item.name, model_name=item.path.name, model_path=str(item.path), scale=item.named_scale)
+            for item in self.library.files()
+        ]
+        return built_in + models
+
+    def _model_names(self) -> set[str]:
+        return {item.name for item in self.library.files()}
+
+    def upscale(
+        self,
+        image: object,
+        upscaler: object,
+        scale: object = None,
+        *,
+        fields: tuple[str, str, str] = ("Image", "Upscaler", "Scale"),
+        owner: str | None = None,
+    ) -> UpscaleResult:
+        """``image`` (a PIL image, a path or PNG/JPEG bytes) upscaled; ``scale`` None: the model's own
+        factor (2 for the built-in resizers). ``fields``: how the caller names the image, upscaler and
+        scale fields, so a refusal names the one the user filled in (the API's ``upscaler_1``)."""
+        image_field, upscaler_field, scale_field = fields
+        picture = load_image(image_field, image, self.settings.max_image_pixels)
+        parameters = _parameters_of(image)
+        found = self.library.find(upscaler, upscaler_field)  # unknown: refused before the queue
+        factor = None if scale is None else checked_number(scale_field, scale)
+        if factor is not None and factor not in UPSCALE_BY:
+            raise UserError(f"{scale_field} must be {UPSCALE_BY.describe()}, got {factor:g}.")
+        name = found.name if isinstance(found, UpscalerFile) else found
+
+        def work(job) -> UpscaleResult:
+            wanted = factor if factor is not None else self._default_scale(name)
+            model_scale = self.library.model_scale(name)
+            size = check_size(*picture.size, wanted, model_scale, self.settings.max_image_pixels, scale_field)
+            result = self.library.upscale(picture, name, size, upscaler_field, job.cancel_requested)
+            pairs = (
+                [] if name == NONE else [("Postprocess upscale by", scale_text(wanted)), ("Postprocess upscaler", name)]
+            )
+            return UpscaleResult(result, name, wanted, parameters, pairs=pairs)
+
+        job = self.jobs.submit("upscale", work, owner=owner)
+        job.wait()
+        if job.error:
+            raise UserError(job.error)
+        if job.result is None:
+            raise UserError("Upscaling was cancelled.")
+        return job.result
+
+    def _default_scale(self, name: str) -> float:
+        model_scale = self.library.model_scale(name)
+        return float(model_scale if model_scale > 1 else 2)
+
+    def save(self, result: UpscaleResult, owner: str | None = None) -> UpscaleResult:
+        """Add the result to the gallery: the source's parameters (if any) and the postprocess pairs."""
+        if self.gallery is None:
+            raise UserError("The gallery is not open here; write the result to a file instead.")
+        stored = self.gallery.add(result_record(result), result.image, owner=owner)
+        log.info("upscaled image saved to the gallery as #%s", stored.id)
+        return replace(result, record=stored)
+
+    def upscale_gallery_image(
+        self, image_id: object, upscaler: object, scale: object = None, owner: str | None = None
+    ) -> UpscaleResult:
+        """Upscale one of the gallery's images (one the visitor may see) and save the result beside it."""
+        if self.gallery is None:
+            raise UserError("The gallery is not open here; upscale a file instead.")
+        path = self.gallery.get(check_image_id(image_id), owner=owner).path
+        return self.save(self.upscale(Path(path), upscaler, scale, owner=owner), owner=owner)
+
+
+def result_record(result: UpscaleResult) -> ImageRecord:
+    """The record an upscaled image is saved with: the source's parameters, then "Postprocess ..."."""
+    record = ImageRecord(prompt="")  # no parameters: its Size is the upscaled image's
+    if result.source_parameters:  # its Size stays the one it was generated at: Reuse makes that again
+        record = record_from_parsed(parse_parameters(result.source_parameters))
+    return replace(record, postprocess=list(result.pairs))
+
+
+def write_result(result: UpscaleResult, out: Path) -> Path:
+    """The upscaled image as a PNG at ``out`` with its A1111 parameters (the CLI's output)."""
+    return save_png_atomically(result.image, Path(out), format_parameters(result_record(result)))
+
+
+def _parameters_of(image: object) -> str | None:
+    """The A1111 text of a PNG given as a path or bytes (None for PIL images, JPEGs and bare PNGs)."""
+    if isinstance(image, Image.Image):
+        return image.info.get("parameters") if isinstance(image.info.get("parameters"), str) else None
+    try:
+        return read_png_parameters(image)
+    except UserError:  # a JPEG, or a PNG without a parameters chunk: nothing to keep
+        return None
