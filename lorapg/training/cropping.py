@@ -14,8 +14,10 @@ It is written with ``atomic_write`` (a crash never leaves half a file).
 A point belongs to the image it was set on, not to its name: ``images`` records that image's size,
 mtime and SHA-256. A point whose image is gone, or whose file is now another image of the same name,
 is ignored, and dropped at the next write (``Dataset.remove`` drops it at once). The check costs one
-``stat`` per point; the hash is read only when the mtime differs (a copied folder keeps its points).
-A sidecar from before ``images`` existed is trusted for images no newer than the sidecar itself.
+``stat`` per point; the hash is read only when the mtime differs (a copied folder keeps its points),
+and the confirmed new mtime is saved so it is read once. A sidecar from before ``images`` existed is
+trusted for every image it names that exists (copies and checkouts make any image look newer than
+it), and its entries are stamped at the next write.
 """
 
 from __future__ import annotations
