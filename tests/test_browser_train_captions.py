@@ -68,6 +68,9 @@ def test_caption_table_shows_thumbnails_and_saves_an_inline_edit(tiny_models, tm
             assert thumbnail.evaluate("img => img.complete && img.naturalWidth > 0")  # it decodes
             assert table.locator(f"[data-testid=cell-{i}-1]").inner_text().strip() == f"{name}.png"
 
+        # a.png's caption changes elsewhere after the table loaded (another tab, the API, a script): the
+        # save below writes only the cell edited here, never the table's stale row for a.png.
+        (folder / "a.txt").write_text("fox a, changed elsewhere\n", encoding="utf-8")
         # Edit b.png's caption in its cell, then save.
         cell = table.locator("[data-testid=cell-1-2]")
         cell.dblclick()
@@ -77,7 +80,7 @@ def test_caption_table_shows_thumbnails_and_saves_an_inline_edit(tiny_models, tm
         editor.press("Enter")
         page.get_by_role("button", name="Save captions").click()
         assert _wait_for_file_text(folder / "b.txt", "red fox, snow") == "red fox, snow"
-        assert (folder / "a.txt").read_text(encoding="utf-8").strip() == "fox a"  # untouched
+        assert (folder / "a.txt").read_text(encoding="utf-8").strip() == "fox a, changed elsewhere"  # untouched
         cell.get_by_text("red fox, snow", exact=True).wait_for(timeout=WAIT_MS)  # the reloaded table shows it
 
         ARTIFACTS.mkdir(exist_ok=True)

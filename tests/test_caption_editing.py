@@ -76,6 +76,24 @@ def test_many_captions_are_all_checked_before_any_is_written(tmp_path):
     assert service.set_captions("foxes", {"a.png": "short", "b.png": CAPTIONS["b.png"]}) == ["a.png"]
 
 
+def test_saving_a_table_writes_only_the_cells_edited_and_never_reverts_a_later_edit(tmp_path):
+    service = make_service(tmp_path)
+    shown = service.view("foxes").captions  # what the table showed when it was loaded
+    assert shown == CAPTIONS
+    # Meanwhile another edit (find/replace, another tab, the API) changes a.png and b.png on disk.
+    service.find_replace("foxes", "red fox", "fox")
+    edited = {**shown, "b.png": "red fox, meadow", "c.png": "a  fox"}  # a.png untouched in the table
+    saved = service.save_captions("foxes", edited, shown)
+    assert saved.changed == ["c.png"] and saved.stale == ["b.png"]
+    captions = {row["file"]: row["caption"] for row in service.captions("foxes")}
+    assert captions["a.png"] == "fox, snow, forest"  # not written back from the stale table
+    assert captions["b.png"] == "fox, grass"  # both edited it: the later one on disk stays, the user is told
+    assert captions["c.png"] == "a fox"
+    assert saved.note().startswith("Saved 1 caption(s). Not saved: b.png: changed since the table was loaded")
+    # Without ``expected`` (an API client sending captions): compared with the disk, as before.
+    assert service.set_captions("foxes", {"a.png": "fox, snow, forest", "b.png": "fox"}) == ["b.png"]
+
+
 def test_the_caption_table_has_a_thumbnail_of_each_image_and_none_of_a_file_outside(tmp_path):
     import base64
     import io
@@ -313,6 +331,24 @@ def test_the_train_tabs_captions_section_captions_counts_and_edits(tmp_path):
                 "foxes", {"headers": ["file", "caption"], "data": [["b.png", "x" * 9000]]}, api_name="/dataset_captions"
             )
         assert captions.captions("foxes")[1]["caption"] == "fox, two"  # the same checks as the API's
+
+        # The table this session loaded, then an edit elsewhere (the API): a save in the tab writes only
+        # the cells edited in it and never reverts the other edit with the table's stale row.
+        _, table = api.predict("foxes", "fox", "start", api_name="/dataset_add_tag")
+        captions.set_caption("foxes", "b.png", "b changed elsewhere")
+        captions.set_caption("foxes", "c.png", "c changed elsewhere")
+        rows = [row[1:] for row in table["data"]]
+        rows[2][1] = "c edited in the tab"  # edited here and elsewhere since this table loaded: not saved
+        rows[3][1] = "zqx, edited in the tab"
+        _, _, report = api.predict(
+            "foxes", {"headers": ["file", "caption"], "data": rows}, api_name="/dataset_captions"
+        )
+        assert [row["caption"] for row in captions.captions("foxes")][1:] == [
+            "b changed elsewhere",  # the table's stale row was not written back
+            "c changed elsewhere",
+            "zqx, edited in the tab",
+        ]
+        assert report.startswith("Saved 1 caption(s). Not saved: c.png: changed since the table was loaded"), report
     finally:
         demo.close()
         jobs.close(30)

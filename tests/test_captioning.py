@@ -206,7 +206,7 @@ def test_tiny_blip2_is_recognised_by_its_layout_and_captions_where_memory_allows
     store = DatasetStore(tmp_path / "datasets")
     service = CaptionService(Settings(), lambda owner: store, allow_any_path=True)
     captioner = service.captioner(str(folder))
-    params = memory.safetensors_params(folder)
+    params = memory.weights_params(folder)
     assert params > 0 and captioner.estimated_bytes() == int(params * 4 * memory.ACTIVATION_MARGIN)  # fp32 on CPU
     report = service.caption("foxes", str(folder), CaptionOptions(trigger="zqx", max_length=4, batch_size=2))
     assert sorted(report.written) == ["img0.png", "img1.png", "img2.png"] and not report.skipped
@@ -215,6 +215,45 @@ def test_tiny_blip2_is_recognised_by_its_layout_and_captions_where_memory_allows
         words = caption.removeprefix("zqx, ").split()
         assert caption.startswith("zqx, ") and 1 <= len(words) <= 4 and set(words) <= set(BLIP2_WORDS), caption
     assert {path.with_suffix(".txt") for path in dataset.image_paths()} <= set(replaced)
+
+
+def test_blip2_estimate_counts_the_weights_the_loader_reads_in_their_stored_dtype(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lorapg.captioning.transformers_models import Blip2Captioner
+
+    folder = save_tiny_blip2(tmp_path / "blip2")
+    params = memory.safetensors_file_params(folder / "model.safetensors")
+    estimate = Blip2Captioner(folder, "tiny").estimated_bytes()
+    assert estimate == int(params * 4 * memory.ACTIVATION_MARGIN)
+    # A stray safetensors file next to the weights (an adapter, a backup) is not read by the loader.
+    shutil.copy(folder / "model.safetensors", folder / "backup.safetensors")
+    assert Blip2Captioner(folder, "tiny").estimated_bytes() == estimate
+
+    # Sharded safetensors: the files the index maps, counted once each.
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+    weight_map = {name: "model-00001-of-00001.safetensors" for name in ("a", "b")}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert Blip2Captioner(sharded, "tiny").estimated_bytes() == estimate
+
+    # fp16 pickles only (--allow-pickle): their parameters, not half of them.
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    (pickled / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    state = {name: tensor.half() for name, tensor in load_file(folder / "model.safetensors").items()}
+    torch.save(state, pickled / "pytorch_model.bin")
+    counted = Blip2Captioner(pickled, "tiny", allow_pickle=True)._params()
+    assert params <= counted < params * 2  # never fewer; more only by the pickle format's own overhead
+    # With an index, its metadata.total_size (the tensors' bytes) is the measure.
+    index = {"metadata": {"total_size": params * 2}, "weight_map": {"a": "pytorch_model.bin"}}
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert Blip2Captioner(pickled, "tiny", allow_pickle=True)._params() == params
 
 
 def test_blip2_is_refused_before_loading_when_it_does_not_fit_in_free_memory(tmp_path, monkeypatch):

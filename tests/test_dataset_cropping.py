@@ -223,16 +223,49 @@ def test_focus_points_survive_a_copied_folder_and_an_older_sidecar_is_trusted_fo
     os.utime(copy / "a.png", ns=(1, 1))
     assert FocusPoints(copy).load() == {"a.png": (0.9, 0.5)}
 
-    # A sidecar written before stamps existed: trusted for an image no newer than it, not for a newer one.
+    # A sidecar written before stamps existed: trusted for every image it names that exists, however new
+    # its mtime (cp -r, rsync without -t, a git checkout), and stamped at the next write.
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     smooth_image(1, (600, 300)).save(legacy / "old.png")
     smooth_image(2, (600, 300)).save(legacy / "new.png")
-    (legacy / FOCUS_FILE).write_text(json.dumps({"focus": {"old.png": [0.9, 0.5], "new.png": [0.1, 0.5]}}))
+    points = {"old.png": [0.9, 0.5], "new.png": [0.1, 0.5], "gone.png": [0.5, 0.5]}
+    (legacy / FOCUS_FILE).write_text(json.dumps({"focus": points}))
     sidecar_time = (legacy / FOCUS_FILE).stat().st_mtime_ns
     os.utime(legacy / "old.png", ns=(sidecar_time - 10**9, sidecar_time - 10**9))
     os.utime(legacy / "new.png", ns=(sidecar_time + 10**9, sidecar_time + 10**9))
-    assert FocusPoints(legacy).load() == {"old.png": (0.9, 0.5)}
+    assert FocusPoints(legacy).load() == {"old.png": (0.9, 0.5), "new.png": (0.1, 0.5)}
+    FocusPoints(legacy).set("old.png", (0.8, 0.5))
+    stored = json.loads((legacy / FOCUS_FILE).read_text(encoding="utf-8"))
+    assert stored["focus"] == {"old.png": [0.8, 0.5], "new.png": [0.1, 0.5]}
+    assert stored["images"]["new.png"]["mtime_ns"] == sidecar_time + 10**9  # stamped: checked from now on
+
+
+def test_loading_focus_points_hashes_a_copied_image_once_and_never_an_unchanged_one(tmp_path, monkeypatch):
+    from lorapg.training import cropping
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    smooth_image(1, (600, 300)).save(folder / "a.png")
+    smooth_image(2, (600, 300)).save(folder / "b.png")
+    FocusPoints(folder).set("a.png", (0.9, 0.5))
+    FocusPoints(folder).set("b.png", (0.1, 0.5))
+    hashed: list[str] = []
+    real_stamp = cropping._stamp
+    monkeypatch.setattr(cropping, "_stamp", lambda path: hashed.append(path.name) or real_stamp(path))
+
+    assert FocusPoints(folder).load() == {"a.png": (0.9, 0.5), "b.png": (0.1, 0.5)}
+    assert hashed == []  # unchanged images: stat only
+    # Same bytes, another mtime (a copy): hashed once to confirm, then the new mtime is remembered.
+    os.utime(folder / "a.png", ns=(10**9, 10**9))
+    for _ in range(3):
+        assert FocusPoints(folder).load() == {"a.png": (0.9, 0.5), "b.png": (0.1, 0.5)}
+    assert hashed == ["a.png"]
+    # An unstamped (old) sidecar is not hashed on load either: its entries are stamped at the next write.
+    (folder / FOCUS_FILE).write_text(json.dumps({"focus": {"a.png": [0.9, 0.5], "b.png": [0.1, 0.5]}}))
+    hashed.clear()
+    assert FocusPoints(folder).load() == {"a.png": (0.9, 0.5), "b.png": (0.1, 0.5)}
+    assert hashed == []
 
 
 # --- faces ------------------------------------------------------------------------------------------

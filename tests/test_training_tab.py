@@ -147,3 +147,19 @@ def test_near_duplicates_are_listed_and_removed(client):
     grid, _, report = api.predict("near", api_name="/dataset_remove_near_duplicates")
     assert len(grid) == 2 and "Removed 1 near duplicate(s): img00_copy.jpg." in report
     assert [image.file for image in service.dataset_images("near")] == ["img00.png", "img01.png"]
+
+
+def test_the_caption_table_saves_through_the_caption_service_without_the_captions_section(client):
+    # One save path: the tab built without a CaptionService checks and writes captions as the full one.
+    api, service, tmp_path = client
+    paths = write_images(tmp_path / "up", 2)
+    _, table, _, _, _ = api.predict("caps", [handle_file(str(p)) for p in paths], api_name="/dataset_add")
+    rows = [row[1:] for row in table["data"]]
+    with pytest.raises(Exception, match=r"Caption is 9000 characters; at most 8000 are allowed"):
+        api.predict(
+            "caps", {"headers": ["file", "caption"], "data": [[rows[0][0], "x" * 9000]]}, api_name="/dataset_captions"
+        )
+    rows[0][1] = "  a   fox\nin the rain "
+    _, table, report = api.predict("caps", {"headers": ["file", "caption"], "data": rows}, api_name="/dataset_captions")
+    assert report.startswith("Saved 1 caption(s).") and table["data"][0][2] == "a fox in the rain"
+    assert [image.caption for image in service.dataset_images("caps")][0] == "a fox in the rain"

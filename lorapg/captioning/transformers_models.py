@@ -163,11 +163,8 @@ class Blip2Captioner(TransformersCaptioner):
         return 2 if self.device.startswith("cuda") else 4
 
     def _params(self) -> int:
-        params = memory.safetensors_params(self.folder)
-        if params:
-            return params
-        # Pickled weights only (--allow-pickle): no header to read; their size at 4 bytes a parameter.
-        return sum(p.stat().st_size for p in self.folder.glob("*.bin")) // 4
+        """The parameters of the weights from_pretrained will read, not every weight file in the folder."""
+        return memory.weights_params(self.folder)
 
     def estimated_bytes(self) -> int:
         return int(self._params() * self._element_bytes * memory.ACTIVATION_MARGIN) or 1

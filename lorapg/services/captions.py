@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,42 @@ def build_captioner(source: CaptionerSource, device: str, allow_pickle: bool = F
         FLORENCE2: Florence2Captioner,
     }
     return kinds[source.kind](source.folder, source.label, device, allow_pickle=allow_pickle)
+
+
+@dataclass(frozen=True)
+class DatasetView:
+    """The Train tab's view of a dataset: (image path, file) per image, caption table rows, validation."""
+
+    images: list[tuple[str, str]]
+    table: list[dict[str, str]]
+    summary: str
+
+    @property
+    def captions(self) -> dict[str, str]:
+        """file -> caption as the table shows them: what a later save compares the edited table with."""
+        return {row["file"]: row["caption"] for row in self.table}
+
+
+@dataclass(frozen=True)
+class SavedCaptions:
+    changed: list[str]
+    stale: list[str]  # edited in the table, but changed on disk since it was loaded: not saved
+
+    def note(self) -> str:
+        """One line for the UI: what was saved and what was not, and what to do about it."""
+        saved = f"Saved {len(self.changed)} caption(s)."
+        if not self.stale:
+            return saved
+        files = ", ".join(shorten(file, 60) for file in self.stale[:10]) + (" …" if len(self.stale) > 10 else "")
+        return (
+            f"{saved} Not saved: {files}: changed since the table was loaded (another edit); "
+            "they now show the saved caption, edit them again."
+        )
+
+
+def _spaced(caption: str) -> str:
+    """A caption with its whitespace as ``checked_caption`` writes it: a table cell and a file compare equal."""
+    return " ".join(str(caption or "").split())
 
 
 class CaptionService:
@@ -219,20 +256,50 @@ class CaptionService:
         dataset.set_caption(file, editing.checked_caption(caption, self.settings.max_prompt_chars))
         return {"file": file, "caption": dataset.caption(file)}
 
+    def view(self, name: str, owner: str | None = None) -> DatasetView:
+        """What the Train tab shows of a dataset: its images, the caption table and the validation summary."""
+        dataset = self.dataset(name, owner)
+        images = dataset.images()
+        return DatasetView(
+            images=[(str(image.path), image.file) for image in images],
+            table=[editing.table_row(dataset, image) for image in images],
+            summary=dataset.validate().summary(),
+        )
+
     def set_captions(self, name: str, captions: dict[str, str], owner: str | None = None) -> list[str]:
-        """Several captions at once (the Train tab's table): all checked before any is written; the changed."""
+        """Several captions at once (the API): all checked before any is written; the changed."""
+        return self.save_captions(name, captions, None, owner).changed
+
+    def save_captions(
+        self, name: str, captions: dict[str, str], expected: dict[str, str] | None, owner: str | None = None
+    ) -> SavedCaptions:
+        """Save an edited caption table. ``expected``: the captions the table showed when it was loaded.
+
+        Only the cells the user changed (caption != expected) are written, so a save never writes back a
+        stale row over an edit made since (find/replace, another tab, the API). A changed cell whose file
+        changed since too is skipped and reported: the two edits conflict and the user decides. A file
+        ``expected`` lacks (an API client with no loaded table) is compared with the caption on disk."""
         dataset = self.dataset(name, owner)
         current = {row.file: row.caption for row in editing.rows(dataset)}
+        expected = expected or {}
         changed: dict[str, str] = {}
+        stale: list[str] = []
         for file, caption in captions.items():
             if file not in current:
-                raise UserError(f"No image {file!r} in dataset {name}; reload the table.")
+                raise UserError(f"No image {shorten(file, 60)!r} in dataset {name}; reload the table.")
             caption = editing.checked_caption(caption, self.settings.max_prompt_chars)
-            if caption != current[file]:
+            before, now = _spaced(expected.get(file, current[file])), _spaced(current[file])
+            if caption in (before, now):
+                continue  # not edited in the table (whatever is on disk now stays), or already saved
+            if now != before:
+                stale.append(file)
+            else:
                 changed[file] = caption
         for file, caption in changed.items():
             dataset.set_caption(file, caption)
-        return list(changed)
+        if stale:
+            log.info("caption save in %s skipped %d row(s) changed since the table was loaded", name, len(stale))
+        return SavedCaptions(list(changed), stale)
 
     def tag_frequency(self, name: str, trigger: str = "", repeats: int = 1, owner: str | None = None):
         return editing.tag_frequency(self.dataset(name, owner), trigger, repeats)

@@ -14,8 +14,10 @@ It is written with ``atomic_write`` (a crash never leaves half a file).
 A point belongs to the image it was set on, not to its name: ``images`` records that image's size,
 mtime and SHA-256. A point whose image is gone, or whose file is now another image of the same name,
 is ignored, and dropped at the next write (``Dataset.remove`` drops it at once). The check costs one
-``stat`` per point; the hash is read only when the mtime differs (a copied folder keeps its points).
-A sidecar from before ``images`` existed is trusted for images no newer than the sidecar itself.
+``stat`` per point; the hash is read only when the mtime differs (a copied folder keeps its points),
+and the confirmed new mtime is saved so it is read once. A sidecar from before ``images`` existed is
+trusted for every image it names that exists (copies and checkouts make any image look newer than
+it), and its entries are stamped at the next write.
 """
 
 from __future__ import annotations
@@ -187,15 +189,23 @@ class FocusPoints:
         self.path = self.folder / FOCUS_FILE
 
     def load(self) -> dict[str, Focus]:
-        """Each image's point, for the images they were set on (stale points are left out)."""
-        return {file: point for file, (point, _stamp) in self._current().items()}
+        """Each image's point, for the images they were set on (stale points are left out).
+
+        Stat-only for an unchanged image. An image whose size matches but whose mtime does not (a copied
+        folder) is hashed once: when the hash confirms it, its new mtime is saved so no later load (each
+        crop preview, each training start) hashes it again."""
+        with _folder_lock(self.folder):
+            points, refreshed = self._current()
+            if refreshed:
+                self._save_quietly(points)
+        return {file: point for file, (point, _stamp) in points.items()}
 
     def set(self, file: str, focus: Focus | None) -> None:
         """Set (or, with None, clear) one image's focus point; stale points are dropped on the way."""
         # Load-modify-save under the folder's lock: two clicks at once (two requests) would otherwise
         # both load the old file and the second save would drop the first point.
         with _folder_lock(self.folder):
-            points = self._current()
+            points, _refreshed = self._current()
             if focus is None:
                 points.pop(file, None)
             else:
@@ -208,63 +218,86 @@ class FocusPoints:
             return
         with _folder_lock(self.folder):
             if file in self._read()[0]:
-                points = self._current()
+                points, _refreshed = self._current()
                 points.pop(file, None)
                 self._save(points)
 
-    def _read(self) -> tuple[dict[str, Focus], dict[str, Stamp], int]:
-        """(points, stamps, the sidecar's mtime_ns) as stored; empty when missing or unreadable."""
+    def _read(self) -> tuple[dict[str, Focus], dict[str, Stamp]]:
+        """(points, stamps) as stored; empty when missing or unreadable."""
         if not self.path.is_file():
-            return {}, {}, 0
+            return {}, {}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             points = {str(file): check_focus(*point) for file, point in data.get("focus", {}).items()}
             stamps = data.get("images", {})
             if not isinstance(stamps, dict):
                 raise ValueError("'images' is not an object")
-            return points, stamps, self.path.stat().st_mtime_ns
+            return points, stamps
         except (OSError, ValueError, TypeError, AttributeError, UserError) as exc:
             # A hand-edited, broken sidecar must not stop training: centred crops, and say so.
             log.warning("ignoring unreadable focus file %s (%s)", self.path, exc)
-            return {}, {}, 0
+            return {}, {}
 
-    def _current(self) -> dict[str, tuple[Focus, Stamp]]:
-        points, stamps, sidecar_mtime = self._read()
-        current = {}
+    def _current(self) -> tuple[dict[str, tuple[Focus, Stamp | None]], bool]:
+        """The points still valid with their stamps (None: an entry from before stamps, stamped at the
+        next write), and whether a hash refreshed a stamp (worth saving)."""
+        points, stamps = self._read()
+        current: dict[str, tuple[Focus, Stamp | None]] = {}
+        refreshed = False
         for file, point in points.items():
-            stamp = self._still_valid(file, stamps.get(file), sidecar_mtime)
-            if stamp is None:
+            stored = stamps.get(file)
+            valid, stamp = self._still_valid(file, stored)
+            if not valid:
                 log.info("ignoring the focus point of %s: the image it was set on is gone or replaced", file)
-            else:
-                current[file] = (point, stamp)
-        return current
+                continue
+            current[file] = (point, stamp)
+            refreshed = refreshed or (stamp is not None and stamp is not stored)
+        return current, refreshed
 
-    def _still_valid(self, file: str, stamp: object, sidecar_mtime: int) -> Stamp | None:
-        """The stamp to keep for ``file``'s point, or None when the point is stale."""
+    def _still_valid(self, file: str, stamp: object) -> tuple[bool, Stamp | None]:
+        """(is ``file``'s point still valid, the stamp to keep for it)."""
         if Path(file).name != file or file.startswith("."):
-            return None  # a hand-edited entry naming something outside the folder
-        path = self.folder / file
+            return False, None  # a hand-edited entry naming something outside the folder
         try:
-            stat = path.stat()
+            stat = (self.folder / file).stat()
         except OSError:
-            return None  # the image is gone
-        if not isinstance(stamp, dict):  # a sidecar from before stamps: no image newer than it
-            return _readable_stamp(path) if stat.st_mtime_ns <= sidecar_mtime else None
+            return False, None  # the image is gone
+        if not isinstance(stamp, dict):
+            # A sidecar from before stamps: nothing to compare with. Its mtime proves nothing either
+            # (cp -r, rsync without -t or a git checkout make every image newer), so the point is
+            # trusted while its image exists and stamped at the next write.
+            return True, None
         if stamp.get("bytes") != stat.st_size:
-            return None
+            return False, None
         if stamp.get("mtime_ns") == stat.st_mtime_ns:
-            return stamp
+            return True, stamp
         # Same size, other mtime: a copied folder, or another image of the same size. The content decides.
-        fresh = _readable_stamp(path)
-        return fresh if fresh is not None and fresh["sha256"] == stamp.get("sha256") else None
+        fresh = _readable_stamp(self.folder / file)
+        if fresh is not None and fresh["sha256"] == stamp.get("sha256"):
+            return True, fresh
+        return False, None
 
-    def _save(self, points: dict[str, tuple[Focus, Stamp]]) -> None:
-        ordered = sorted(points.items())
+    def _save(self, points: dict[str, tuple[Focus, Stamp | None]]) -> None:
+        """Write the sidecar; entries from before stamps are stamped (hashed) now, unreadable ones dropped."""
+        stamped: dict[str, tuple[Focus, Stamp]] = {}
+        for file, (point, stamp) in points.items():
+            stamp = stamp if stamp is not None else _readable_stamp(self.folder / file)
+            if stamp is not None:
+                stamped[file] = (point, stamp)
+        ordered = sorted(stamped.items())
         body = {
             "focus": {file: [round(x, 4), round(y, 4)] for file, ((x, y), _stamp) in ordered},
             "images": {file: stamp for file, (_point, stamp) in ordered},
         }
         atomic_write_text(self.path, json.dumps(body, indent=1) + "\n")
+
+    def _save_quietly(self, points: dict[str, tuple[Focus, Stamp | None]]) -> None:
+        """``_save`` from a read: a folder that cannot be written (read-only copy) only costs the next
+        load the same hash."""
+        try:
+            self._save(points)
+        except OSError as exc:
+            log.info("could not save refreshed focus stamps in %s (%s)", self.path, exc)
 
 
 def _readable_stamp(path: Path) -> Stamp | None:

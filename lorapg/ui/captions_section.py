@@ -71,8 +71,10 @@ def edited_captions(table) -> dict[str, str]:
     return {str(file): caption if isinstance(caption, str) else "" for file, caption in pairs if file}
 
 
-def _table(service: CaptionService, name: str, owner: str | None) -> pd.DataFrame:
-    return caption_frame(service.table(name, owner))
+def _table(service: CaptionService, name: str, owner: str | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The refreshed table and the captions it shows (the tab's gr.State that Save compares with)."""
+    rows = service.table(name, owner)
+    return caption_frame(rows), {row["file"]: row["caption"] for row in rows}
 
 
 def _job_text(job: Job) -> str:
@@ -94,8 +96,13 @@ def _changed_text(what: str, changed: list[str]) -> str:
 
 
 def build_captions_section(
-    service: CaptionService, dataset: gr.Dropdown, table: gr.Dataframe, visitors: Visitors | None = None
+    service: CaptionService,
+    dataset: gr.Dropdown,
+    table: gr.Dataframe,
+    shown: gr.State,
+    visitors: Visitors | None = None,
 ) -> dict[str, gr.components.Component]:
+    """``shown``: the tab's file -> caption State of what the table shows; refreshed with the table."""
     with gr.Accordion("Captions: auto-caption and edit in bulk", open=False, elem_id="captions-section"):
         with gr.Row():
             captioner = gr.Dropdown(
@@ -141,13 +148,13 @@ def build_captions_section(
         )
         job = service.start(name, choice, options, owner)
         while not job.wait(POLL_SECONDS * 4):
-            yield _job_text(job), job.id, gr.update()
-        yield _job_text(job), job.id, _table(service, name, owner)
+            yield _job_text(job), job.id, gr.skip(), gr.skip()
+        yield _job_text(job), job.id, *_table(service, name, owner)
 
     caption_button.click(
         run,
         [dataset, captioner, style, max_length, caption_trigger, overwrite],
-        [status, job_id, table],
+        [status, job_id, table, shown],
         api_name="dataset_caption",
         concurrency_id="caption",
         concurrency_limit=1,
@@ -167,27 +174,27 @@ def build_captions_section(
     def replace_all(name, find_text, replace_text, regex_flag, request: gr.Request):
         owner = visitor(visitors, request)
         changed = service.find_replace(name, find_text or "", replace_text or "", bool(regex_flag), owner)
-        return _changed_text("Replace", changed), _table(service, name, owner)
+        return _changed_text("Replace", changed), *_table(service, name, owner)
 
-    replace_button.click(replace_all, [dataset, find, replace, regex], [status, table], api_name="dataset_replace")
+    replace_button.click(
+        replace_all, [dataset, find, replace, regex], [status, table, shown], api_name="dataset_replace"
+    )
 
     @user_errors
     def add(name, tag_text, where, request: gr.Request):
         owner = visitor(visitors, request)
-        return _changed_text("Add tag", service.add_tag(name, tag_text or "", where, owner)), _table(
-            service, name, owner
-        )
+        changed = service.add_tag(name, tag_text or "", where, owner)
+        return _changed_text("Add tag", changed), *_table(service, name, owner)
 
-    add_button.click(add, [dataset, tag, position], [status, table], api_name="dataset_add_tag")
+    add_button.click(add, [dataset, tag, position], [status, table, shown], api_name="dataset_add_tag")
 
     @user_errors
     def remove(name, tag_text, request: gr.Request):
         owner = visitor(visitors, request)
-        return _changed_text("Remove tag", service.remove_tag(name, tag_text or "", owner)), _table(
-            service, name, owner
-        )
+        changed = service.remove_tag(name, tag_text or "", owner)
+        return _changed_text("Remove tag", changed), *_table(service, name, owner)
 
-    remove_button.click(remove, [dataset, tag], [status, table], api_name="dataset_remove_tag")
+    remove_button.click(remove, [dataset, tag], [status, table, shown], api_name="dataset_remove_tag")
 
     @user_errors
     def count(name, trigger_word, request: gr.Request):

@@ -15,7 +15,6 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from lorapg.captioning import editing
 from lorapg.hosting.visitors import Visitors
 from lorapg.services.captions import CaptionService
 from lorapg.services.training import RunCurves, TrainingRun, TrainingService
@@ -130,12 +129,11 @@ def _run_ids(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").replace(" ", ",").split(",") if part.strip()]
 
 
-def _dataset_view(service: TrainingService, name: str, owner: str | None = None):
-    dataset = service.dataset_store(owner).get(name)
-    images = dataset.images()
-    grid = [(str(image.path), image.file) for image in images]
-    table = caption_frame([editing.table_row(dataset, image) for image in images])
-    return grid, table, dataset.validate().summary()
+def _dataset_view(captions: CaptionService, name: str, owner: str | None = None):
+    """(grid, caption table, validation summary, the captions the table shows): the last is kept in a
+    gr.State so Save writes only the cells the user changed."""
+    view = captions.view(name, owner)
+    return view.images, caption_frame(view.table), view.summary, view.captions
 
 
 def build_train_tab(
@@ -147,8 +145,11 @@ def build_train_tab(
     """``visitors``: whose datasets and runs each request sees (a public app keeps visitors apart).
     ``run_actions`` builds actions on a finished run under its status (the epochs × scales grid): it
     gets {"job_id": the run's id box} and returns its widgets, which join the returned dict.
-    ``caption_service``: adds the Captions section (auto-caption, tag counts, find/replace)."""
+    ``caption_service``: adds the Captions section (auto-caption, tag counts, find/replace); without one
+    the caption table is still shown and saved through a CaptionService (no captioning jobs)."""
     defaults = TrainConfig()
+    # One save path for the caption table, with or without the Captions section.
+    captions_service = caption_service or CaptionService(service.settings, service.dataset_store)
     # Where visitors are kept apart, the shared datasets are the owner's: a visitor starts with none.
     private = visitors is not None and visitors.private
     presets = service.preset_names()
@@ -186,9 +187,13 @@ def build_train_tab(
             captions = caption_table(
                 label="Captions (click a caption to edit it, then Save captions)", elem_id="train-captions"
             )
+            # file -> caption as the table showed them when loaded: Save writes only what the user changed.
+            loaded_captions = gr.State({})
             save_captions_button = gr.Button("Save captions", size="sm")
             caption_widgets = (
-                build_captions_section(caption_service, dataset, captions, visitors) if caption_service else {}
+                build_captions_section(caption_service, dataset, captions, loaded_captions, visitors)
+                if caption_service
+                else {}
             )
             report = gr.Markdown("", elem_id="train-validation")
             crops = build_crops_section(service, dataset, visitors)
@@ -284,7 +289,7 @@ def build_train_tab(
     def add_files(dataset_name, files, request: gr.Request):
         owner = visitor(visitors, request)
         _, notes = service.dataset_add(dataset_name, [getattr(f, "name", f) for f in files or []], owner)
-        grid_items, table, summary = _dataset_view(service, dataset_name, owner)
+        grid_items, table, summary, shown = _dataset_view(captions_service, dataset_name, owner)
         note = "".join(f"\n- {n}" for n in notes)
         return (
             grid_items,
@@ -292,20 +297,21 @@ def build_train_tab(
             summary + note,
             gr.update(choices=service.dataset_names(owner), value=dataset_name),
             None,
+            shown,
         )
 
     add_button.click(
         add_files,
         inputs_kwargs={"dataset_name": dataset, "files": uploads},
-        outputs=[grid, captions, report, dataset, uploads],
+        outputs=[grid, captions, report, dataset, uploads, loaded_captions],
         api_name="dataset_add",
     )
 
     @user_errors
     def open_dataset(dataset_name, request: gr.Request):
-        return _dataset_view(service, dataset_name, visitor(visitors, request))
+        return _dataset_view(captions_service, dataset_name, visitor(visitors, request))
 
-    load_button.click(open_dataset, dataset, [grid, captions, report], api_visibility="private")
+    load_button.click(open_dataset, dataset, [grid, captions, report, loaded_captions], api_visibility="private")
 
     @user_errors
     def validate(dataset_name, request: gr.Request):
@@ -326,12 +332,12 @@ def build_train_tab(
             raise gr.Error("Select an image in the grid first.")
         owner = visitor(visitors, request)
         service.dataset_remove(dataset_name, file, owner)
-        return (*_dataset_view(service, dataset_name, owner), None)
+        return (*_dataset_view(captions_service, dataset_name, owner), None)
 
     remove_button.click(
         remove,
         inputs_kwargs={"dataset_name": dataset, "file": selected},
-        outputs=[grid, captions, report, selected],
+        outputs=[grid, captions, report, loaded_captions, selected],
         api_name="dataset_remove",
     )
 
@@ -339,32 +345,34 @@ def build_train_tab(
     def remove_near_duplicates(dataset_name, request: gr.Request):
         owner = visitor(visitors, request)
         removed = service.dataset_remove_near_duplicates(dataset_name, owner)
-        grid_items, table, summary = _dataset_view(service, dataset_name, owner)
+        grid_items, table, summary, shown = _dataset_view(captions_service, dataset_name, owner)
         note = (
             f"\nRemoved {len(removed)} near duplicate(s): {', '.join(removed)}."
             if removed
             else "\nNo near duplicates to remove."
         )
-        return grid_items, table, summary + note
+        return grid_items, table, summary + note, shown
 
     remove_near_button.click(
-        remove_near_duplicates, dataset, [grid, captions, report], api_name="dataset_remove_near_duplicates"
+        remove_near_duplicates,
+        dataset,
+        [grid, captions, report, loaded_captions],
+        api_name="dataset_remove_near_duplicates",
     )
 
     @user_errors
-    def save_captions(dataset_name, table, request: gr.Request):
+    def save_captions(dataset_name, table, shown, request: gr.Request):
         owner = visitor(visitors, request)
-        edited = edited_captions(table)
-        if caption_service is not None:  # every caption checked (length) before any is written
-            caption_service.set_captions(dataset_name, edited, owner)
-        else:
-            service.dataset_set_captions(dataset_name, edited, owner)
-        return _dataset_view(service, dataset_name, owner)
+        # Every caption checked (length) before any is written; only the cells changed since the
+        # table was loaded are written, so an edit made meanwhile elsewhere is not reverted.
+        saved = captions_service.save_captions(dataset_name, edited_captions(table), shown, owner)
+        grid_items, frame, summary, now_shown = _dataset_view(captions_service, dataset_name, owner)
+        return grid_items, frame, f"{saved.note()}\n\n{summary}", now_shown
 
     save_captions_button.click(
         save_captions,
-        inputs_kwargs={"dataset_name": dataset, "table": captions},
-        outputs=[grid, captions, report],
+        inputs_kwargs={"dataset_name": dataset, "table": captions, "shown": loaded_captions},
+        outputs=[grid, captions, report, loaded_captions],
         api_name="dataset_captions",
     )
 
