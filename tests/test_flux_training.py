@@ -422,3 +422,17 @@ def test_the_estimate_plans_flux_steps_as_the_trainer_does(bases, flux_services,
     # 5 buckets (square, 2 landscape, 2 portrait) of 2, 1, 1, 1, 1 images; SD's 512 px buckets make 3.
     assert result.total_steps == 5
     assert loaded.steps == result.total_steps and not_loaded.steps == result.total_steps
+
+
+def test_train_cli_with_a_preset_and_the_app_s_flux_model_trains(bases, tmp_path, monkeypatch):
+    """``python -m lorapg train cfg.toml``: preset = character, no model in the file, the app's model
+    (LORAPG_MODEL) is Flux.1: the Flux.1 preset applies, so the run trains instead of being refused
+    for SD's train_text_encoder = true."""
+    monkeypatch.setenv("LORAPG_MODEL", str(bases["flux"]))
+    values = {"preset": "character", "name": "zqx_app", "trigger": "zqx", "images": str(bases["images"])}
+    values.update(rank=4, alpha=2.0, epochs=1, max_steps=1, sample_steps=0, work_dir=str(tmp_path / "work"))
+    config = tmp_path / "run.toml"
+    config.write_text(_toml(values), encoding="utf-8")
+    args = ["train", str(config), "--out", str(tmp_path / "loras"), "--threads", "1", "--device", "cpu"]
+    assert main(args + ["--models-dir", str(tmp_path / "models")]) == 0
+    assert (tmp_path / "loras" / "zqx_app.safetensors").is_file()
