@@ -145,7 +145,8 @@ def run_train(args: argparse.Namespace, settings) -> int:
     from lorapg.training.config import load_config
 
     distributed.check_launch()
-    config = load_config(args.train_config, train_overrides(args))
+    # The app's model trains when the file names none: its family (Flux.1, SD 3.5) picks the preset's version.
+    config = load_config(args.train_config, train_overrides(args), preset_model=settings.model)
     if not distributed.is_main_process():
         # One run, N processes: the others' logs and webhook calls would repeat the main process's.
         logging.getLogger().setLevel(logging.ERROR)

@@ -298,3 +298,141 @@ def test_caption_variation_trains(bases, tmp_path, variation):
     tags cannot be listed in advance, so the encoders stay and encode each step."""
     result = _train(bases, tmp_path, max_steps=3, **variation).run()
     assert result.steps == 3 and all(math.isfinite(loss) for _, loss in result.losses)
+
+
+# --- review fixes (issue 17 item 5): load dtype, placement, presets, pre-load checks, estimate -------
+
+
+class _Loaded(Exception):
+    """Raised by the load spy: the test needs the load's arguments, not the run."""
+
+
+def test_a_bf16_run_loads_flux_in_bf16(bases, tmp_path, monkeypatch):
+    """FLUX.1-dev in fp32 is ~67 GB of RAM: a bf16 run loads its training copy in bf16 (SD loads fp32)."""
+    import lorapg.diffusion.pipeline_loader as pipeline_loader
+
+    requested: list[torch.dtype] = []
+
+    def spy(source, device, dtype, **kwargs):
+        requested.append(dtype)
+        raise _Loaded
+
+    monkeypatch.setattr(pipeline_loader, "load_pipeline", spy)
+    config = build_config({"model": str(bases["flux"]), "images": str(bases["images"]), "mixed_precision": "bf16"})
+    # The requested CUDA device only decides the precision: the load stops before anything is placed.
+    trainer = Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work", device=torch.device("cuda"))
+    with pytest.raises(_Loaded):
+        trainer.run()
+    assert requested == [torch.bfloat16]
+
+
+def test_frozen_weights_reach_the_device_already_in_the_weight_dtype(bases, tmp_path, monkeypatch):
+    """One ``.to(device, dtype=…)`` per frozen module: an fp32 copy never lands on the GPU first. The
+    weight dtype is forced to bf16 on the CPU (the CPU path itself trains in fp32)."""
+    trainer = _train(bases, tmp_path)
+    run = trainer._load_models(0.0)
+    real_accelerator = trainer._accelerator
+    monkeypatch.setattr(trainer, "_accelerator", lambda run: (real_accelerator(run)[0], torch.bfloat16))
+    moves: list[tuple[str, tuple, dict]] = []
+    modules = {"transformer": run.unet, **{f"text_encoder_{i}": e for i, e in enumerate(run.text_encoders)}}
+    for name, module in modules.items():
+        real_to = module.to
+
+        def to(*args, _name=name, _real=real_to, **kwargs):
+            moves.append((_name, args, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "to", to)
+    trainer._place_models(run)
+    assert {name for name, _, _ in moves} == set(modules)
+    for name, args, kwargs in moves:
+        assert kwargs.get("dtype") == torch.bfloat16 and args, f"{name} moved without its dtype: {args} {kwargs}"
+    assert all(p.dtype == torch.bfloat16 for m in modules.values() for p in m.parameters())
+    assert all(p.dtype == torch.float32 for p in run.vae.parameters())  # the VAE encodes in fp32
+
+
+@pytest.mark.parametrize("model", ["x" * 300, "~nosuchuser_lorapg/x", "x" * 5000, "a/" + "x" * 300])
+def test_guess_family_of_an_unusable_model_is_unknown_not_a_traceback(model):
+    assert guess_family(model) is None
+    # The preset still applies (its SD version); the model itself is refused later, naming the field.
+    assert build_config({"preset": "character", "model": model}).rank > 0
+
+
+def test_a_cli_config_s_preset_follows_the_app_s_flux_model(bases, tmp_path):
+    """``train cfg.toml`` with preset = character and no model: the app's model (Flux.1) trains, so the
+    Flux.1 version of the preset applies (no text-encoder training)."""
+    from lorapg.training.config import load_config
+
+    path = tmp_path / "cfg.toml"
+    path.write_text('preset = "character"\n', encoding="utf-8")
+    config = load_config(path, preset_model=str(bases["flux"]))
+    assert config.model == "" and config.train_text_encoder is False and config.min_snr_gamma == 0.0
+
+
+@pytest.fixture()
+def flux_services(bases, tmp_path):
+    """The app's services with the tiny Flux.1 model as the app's model (not loaded)."""
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+
+    overrides = {"model": str(bases["flux"]), "models_dir": str(tmp_path / "models"), "device": "cpu", "threads": 1}
+    settings = load_settings(None, {**overrides, "lora_dir": str(tmp_path / "loras"), "outputs": str(tmp_path)})
+    services = build_services(settings, prompts=False)
+    try:
+        yield services
+    finally:
+        services.jobs.shutdown()
+
+
+@pytest.mark.parametrize(("setting", "model"), [("train_text_encoder", "named"), ("train_conv", "the app's")])
+def test_settings_flux_cannot_train_are_refused_before_loading(bases, flux_services, setting, model):
+    values = {"name": "zqx_refused", "trigger": "zqx", "images": str(bases["images"]), setting: True}
+    if model == "named":
+        values["model"] = str(bases["flux"])
+    with pytest.raises(UserError, match=setting):
+        flux_services.training.prepare(build_config(values))
+
+
+def test_the_estimate_plans_flux_steps_as_the_trainer_does(bases, flux_services, tmp_path):
+    """Mixed aspect ratios, batch 2: the buckets are Flux's (native size, its multiple), not SD's 512 px."""
+    images = tmp_path / "mixed"
+    write_images(images, 6, sizes=[(288, 288), (330, 288), (400, 288), (288, 330), (288, 400), (300, 288)])
+    service = flux_services.training
+    values = {**RUN, "sample_steps": 0, "name": "zqx_est", "trigger": "zqx", "images": str(images)}
+    config = service.prepare(build_config({**values, "batch_size": 2, "epochs": 1}))
+    not_loaded = service.estimate(config)  # the family from model_index.json: Flux's 1024 px
+    service.engine.load_model(str(bases["flux"]))  # the loaded model's own geometry
+    loaded = service.estimate(config)
+
+    totals: list[int] = []
+
+    def first_step(update):
+        if update.phase == "train":
+            totals.append(update.total_steps)
+
+    trainer = Trainer(
+        config,
+        lora_dir=tmp_path / "loras",
+        work_dir=tmp_path / "work",
+        device=torch.device("cpu"),
+        on_progress=first_step,
+        should_cancel=lambda: bool(totals),  # one step is enough to know its plan
+    )
+    result = trainer.run()
+    # 5 buckets (square, 2 landscape, 2 portrait) of 2, 1, 1, 1, 1 images; SD's 512 px buckets make 3.
+    assert result.total_steps == 5
+    assert loaded.steps == result.total_steps and not_loaded.steps == result.total_steps
+
+
+def test_train_cli_with_a_preset_and_the_app_s_flux_model_trains(bases, tmp_path, monkeypatch):
+    """``python -m lorapg train cfg.toml``: preset = character, no model in the file, the app's model
+    (LORAPG_MODEL) is Flux.1: the Flux.1 preset applies, so the run trains instead of being refused
+    for SD's train_text_encoder = true."""
+    monkeypatch.setenv("LORAPG_MODEL", str(bases["flux"]))
+    values = {"preset": "character", "name": "zqx_app", "trigger": "zqx", "images": str(bases["images"])}
+    values.update(rank=4, alpha=2.0, epochs=1, max_steps=1, sample_steps=0, work_dir=str(tmp_path / "work"))
+    config = tmp_path / "run.toml"
+    config.write_text(_toml(values), encoding="utf-8")
+    args = ["train", str(config), "--out", str(tmp_path / "loras"), "--threads", "1", "--device", "cpu"]
+    assert main(args + ["--models-dir", str(tmp_path / "models")]) == 0
+    assert (tmp_path / "loras" / "zqx_app.safetensors").is_file()

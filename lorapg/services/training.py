@@ -29,6 +29,7 @@ from PIL import Image
 
 from lorapg.atomic_files import atomic_write
 from lorapg.config import Settings
+from lorapg.diffusion.families import NATIVE_SIZE, is_transformer_family
 from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import planned_training_steps, training_seconds
 from lorapg.hosting.visitors import visitor_key
@@ -42,6 +43,7 @@ from lorapg.training.config import FIELDS, TrainConfig, build_config, check, val
 from lorapg.training.cropping import bucket_step, buckets_for
 from lorapg.training.dataset import Dataset, DatasetImage, DatasetLimits, DatasetStore
 from lorapg.training.estimate import DurationEstimate, estimate_duration
+from lorapg.training.flow_matching import family_geometry, pipeline_geometry, refuse_unusable_settings
 from lorapg.training.presets import PRESETS_DIR, guess_family, load_preset, preset_names
 from lorapg.training.run_store import CANCELLED, DONE, FAILED, RUNNING, RunOutcome, RunRecord, RunStore, history_dir
 from lorapg.training.trainer import (
@@ -242,6 +244,7 @@ class TrainingService:
             or (self.engine.model.source.ref if self.engine and self.engine.model else "")
             or self.settings.model
         )
+        self._check_for_family(config, model)
         if not config.images:
             raise UserError("No images: upload some to a dataset, or pass --images DIR.")
         images = Path(config.images).expanduser()
@@ -269,6 +272,14 @@ class TrainingService:
                 f"A training run named {config.name!r} is already queued or running (job {busy[0].job.id})."
             )
         return config
+
+    @staticmethod
+    def _check_for_family(config: TrainConfig, model: str) -> None:
+        """Settings Flux.1 / SD 3.5 cannot train, refused before the download and load when the family
+        is known now (a folder, a single file, a hub model already downloaded); the trainer checks again."""
+        family = guess_family(model)
+        if is_transformer_family(family):
+            refuse_unusable_settings(config, family)
 
     def _within_step_limit(self, config: TrainConfig) -> TrainConfig:
         """Bound the run by ``max_steps``: "all epochs" becomes the limit, more than it is refused."""
@@ -505,12 +516,19 @@ class TrainingService:
         return planned_steps(groups, config.repeats, config.batch_size, config.epochs, max_steps)[1]
 
     def _bucket_geometry(self, config: TrainConfig, model: str) -> tuple[int, int]:
-        """(training side, bucket multiple): the loaded model's when it is the one trained; else the
-        config's side (SD 1.x's 512 px when unset) in kohya's 64 px multiples."""
+        """(training side, bucket multiple): the loaded model's when it is the one trained (as the
+        trainer computes it for its family); else, for a Flux.1 / SD 3.5 model known without loading,
+        its native 1024 px in 16 px multiples; else the config's side (SD 1.x's 512 px when unset) in
+        kohya's 64 px multiples."""
         loaded = self.engine.model if self.engine is not None else None
         pipe = loaded.pipe if loaded is not None and loaded.source.ref == model else None
+        if pipe is not None and is_transformer_family(loaded.family):
+            return pipeline_geometry(pipe, loaded.family, config.resolution)
         if pipe is not None and hasattr(pipe, "unet") and hasattr(pipe, "vae"):
             return training_geometry(pipe, config.resolution)
+        family = guess_family(model)
+        if is_transformer_family(family):
+            return family_geometry(family, config.resolution, NATIVE_SIZE[family])
         resolution = config.resolution or 512
         return resolution, bucket_step(resolution)
 
@@ -533,7 +551,10 @@ class TrainingService:
         if config.resolution:
             return config.resolution
         loaded = self.engine.model if self.engine is not None else None
-        return loaded.native_size if loaded is not None and loaded.source.ref == model else None
+        if loaded is not None and loaded.source.ref == model:
+            return loaded.native_size
+        family = guess_family(model)  # Flux.1 / SD 3.5 train at their native 1024 px, not SD's 512
+        return NATIVE_SIZE[family] if is_transformer_family(family) else None
 
     def _samples_dir(self, run_id: str) -> Path:
         return self.history.db_path.parent / "samples" / run_id

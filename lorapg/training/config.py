@@ -173,15 +173,22 @@ def build_config(
 
 
 def load_config(
-    path: Path | None, overrides: dict[str, Any] | None = None, *, presets_dir: Path | None = None
+    path: Path | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    presets_dir: Path | None = None,
+    preset_model: str = "",
 ) -> TrainConfig:
+    """A config file (``path``, optional) with ``overrides`` (flags) on top; ``preset_model``: the model
+    trained when neither names one (the app's), whose family chooses the preset's version."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(read_toml_file(Path(path)))
         for key in values:
             coerce(key, values[key], f" in {path}")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_config(values, presets_dir=presets_dir, where=f" in {path}" if path else "")
+    where = f" in {path}" if path else ""
+    return build_config(values, presets_dir=presets_dir, where=where, preset_model=preset_model)
 
 
 def validate_name(name: str) -> str:

@@ -6,7 +6,10 @@ Modelled on diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` and
 - rectified-flow loss: ``u`` drawn by ``compute_density_for_timestep_sampling`` (logit-normal, mode or
   uniform), the timestep and sigma at ``u`` of the FlowMatchEulerDiscreteScheduler's schedule (its
   config's shift already applied to its sigmas), ``noisy = (1 - σ)·x + σ·ε``, target ``ε - x``, each
-  element weighted by ``compute_loss_weighting_for_sd3``;
+  element weighted by ``compute_loss_weighting_for_sd3``. The velocity target ``ε - x`` is what
+  diffusers' Flux script, kohya sd-scripts and ai-toolkit train (for SD 3.5 too). diffusers' SD 3 script
+  differs by default (``--precondition_outputs 1``): it compares ``noisy - σ·v`` with ``x``, which is
+  this loss times σ², so it weights the noisier timesteps more; that variant is not offered here;
 - Flux: latents packed 2×2 into tokens, latent image ids, timestep ÷ 1000, and for dev (a
   guidance-distilled model) the guidance input;
 - the text embeddings of every caption (and of the sample prompt) computed once before the loop, so
@@ -62,6 +65,40 @@ SD3_TARGETS = [
 ]
 # TrainConfig.weighting_scheme -> diffusers' name (its "none" is a uniform u with weight 1).
 DIFFUSERS_SCHEME = {"uniform": "none"}
+# Real Flux.1 / SD 3.5: an 8x VAE and 2x2 patches (Flux packs 2x2 latents into a token) -> sides of 16 px.
+REAL_MULTIPLE = 16
+
+
+def refuse_unusable_settings(config, family: str) -> None:
+    """UserError for a setting that does not exist for ``family``'s transformer; checked before loading
+    (TrainingService.prepare, when the family is known then) and again once the model is loaded."""
+    label = family_label(family)
+    if config.train_text_encoder:
+        # The family's presets (presets/training/<family>/) leave it off.
+        raise UserError(f"Train text encoder (train_text_encoder) is not available for {label} yet: turn it off.")
+    if config.train_conv:
+        raise UserError(f"Train conv (train_conv) applies to SD UNets only: turn it off for {label}.")
+
+
+def family_geometry(family: str, resolution: int, native: int, multiple: int = REAL_MULTIPLE) -> tuple[int, int]:
+    """(training side, bucket multiple) for ``family``: ``resolution`` or the ``native`` size; sides
+    divide by ``multiple`` (the VAE factor × the transformer's patch; the real models' 16 px by default,
+    for an estimate made before the model is loaded)."""
+    side = resolution or native
+    if side % multiple:
+        nearest = max(multiple, round(side / multiple) * multiple)
+        raise UserError(
+            f"Resolution {side} is not usable for {family_label(family)}: "
+            f"it must be a multiple of {multiple} (try {nearest})."
+        )
+    return side, bucket_step(side, multiple)
+
+
+def pipeline_geometry(pipe, family: str, resolution: int) -> tuple[int, int]:
+    """``family_geometry`` of a loaded Flux.1 / SD 3.5 pipeline: its own VAE factor, patch and native size."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    patch = 2 if family == FLUX else int(pipe.transformer.config.get("patch_size", 1))
+    return family_geometry(family, resolution, native_size(pipe, family), vae_scale * patch)
 
 
 class FlowTraining:
@@ -82,13 +119,7 @@ class FlowTraining:
 
     def _check_config(self, config) -> None:
         """Refuse settings that do not exist for a transformer; SD-only loss settings are ignored, said once."""
-        if config.train_text_encoder:
-            # The family's presets (presets/training/<family>/) leave it off.
-            raise UserError(
-                f"Train text encoder (train_text_encoder) is not available for {self.label} yet: turn it off."
-            )
-        if config.train_conv:
-            raise UserError(f"Train conv (train_conv) applies to SD UNets only: turn it off for {self.label}.")
+        refuse_unusable_settings(config, self.family)
         for key in ("min_snr_gamma", "noise_offset"):
             if getattr(config, key):
                 log.warning("%s applies to SD's noise schedule; ignored for %s (flow matching)", key, self.label)
@@ -100,16 +131,7 @@ class FlowTraining:
     def geometry(self, resolution: int) -> tuple[int, int]:
         """(training side, bucket multiple): sides divide by the VAE factor × the transformer's patch
         (Flux packs 2×2 latents into one token: 16 px for the real model)."""
-        patch = 2 if self.family == FLUX else int(self.transformer_config.get("patch_size", 1))
-        multiple = self.vae_scale * patch
-        side = resolution or native_size(self.pipe, self.family)
-        if side % multiple:
-            nearest = max(multiple, round(side / multiple) * multiple)
-            raise UserError(
-                f"Resolution {side} is not usable for {self.label}: "
-                f"it must be a multiple of {multiple} (try {nearest})."
-            )
-        return side, bucket_step(side, multiple)
+        return pipeline_geometry(self.pipe, self.family, resolution)
 
     def text_encoders(self) -> list[Any]:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -203,7 +225,9 @@ class FlowTraining:
         return noise, scheduler.timesteps[index], scheduler.sigmas[index]
 
     def loss(self, run, latents: torch.Tensor, captions: list[str], seeds: list[int]) -> torch.Tensor:
-        """Each sample's weighted MSE between the transformer's velocity and ``ε - x``."""
+        """Each sample's weighted MSE between the transformer's velocity and ``ε - x`` (the velocity
+        target of diffusers' Flux script, kohya and ai-toolkit; not the SD 3 script's default
+        preconditioned x₀ target, which is this loss × σ²: see the module's docstring)."""
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         device, dtype = latents.device, run.weight_dtype

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapg.diffusion.families import FLUX, SD3
-from lorapg.errors import UserError
+from lorapg.errors import MAX_REF_CHARS, UserError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets" / "training"
 _NOT_IN_PRESETS = {
@@ -71,8 +71,17 @@ def guess_family(model: str) -> str | None:
     """The family of base model ``model`` when it can be told without loading it: a diffusers folder's
     (or an already-downloaded hub model's) ``model_index.json``, a single file's tensor names. None
     when unknown (the app's model, a hub id not downloaded yet): the presets' SD values apply."""
-    if not model:
+    if not model or len(model) > MAX_REF_CHARS:
+        return None  # too long for a path or hub id: resolve_model_source says so, naming the field
+    try:
+        return _guess_family(model)
+    except (OSError, RuntimeError, ValueError):
+        # "File name too long", "~nosuchuser" (RuntimeError), a bad hub id: the trainer's own checks
+        # (resolve_model_source) name the problem; a guess must not turn it into a traceback.
         return None
+
+
+def _guess_family(model: str) -> str | None:
     path = Path(model).expanduser()
     index: Path | None = path / "model_index.json" if path.is_dir() else None
     if path.is_file():

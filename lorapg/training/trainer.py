@@ -238,6 +238,10 @@ def planned_sizes(config: TrainConfig, max_image_pixels: int = DEFAULT_MAX_PIXEL
     return sizes
 
 
+# accelerate's mixed precision -> the dtype of the frozen weights ("no": fp32).
+_WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def training_geometry(pipe, resolution: int = 0) -> tuple[int, int]:
     """The training side (the model's native size unless ``resolution``) and the multiple bucket sides use."""
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -411,11 +415,10 @@ class Trainer:
         from lorapg.diffusion.pipeline_loader import load_pipeline
 
         source = resolve_model_source(self.config.model, allow_pickle=self.allow_pickle)
-        self._status(f"Loading a training copy of {source.display_name} (fp32)…")
+        dtype = self._load_dtype(source)
+        self._status(f"Loading a training copy of {source.display_name} ({str(dtype).removeprefix('torch.')})…")
         # Its own copy on the CPU: the inference pipeline's (half-precision) modules are never trained.
-        pipe, family = load_pipeline(
-            source, torch.device("cpu"), torch.float32, single_file_config=self.single_file_config
-        )
+        pipe, family = load_pipeline(source, torch.device("cpu"), dtype, single_file_config=self.single_file_config)
         if is_transformer_family(family):
             flow = FlowTraining(pipe, family, self.config)
             resolution, step_px = flow.geometry(self.config.resolution)
@@ -434,6 +437,23 @@ class Trainer:
             resolution=resolution,
             step_px=step_px,
         )
+
+    def _load_dtype(self, source) -> torch.dtype:
+        """fp32 for SD (the UNet path keeps fp32 until placement; its VAE stays fp32); Flux.1 / SD 3.5 in
+        the run's weight dtype, as their frozen weights train: FLUX.1-dev in fp32 is ~67 GB of RAM.
+        On the CPU that dtype is fp32 anyway (no mixed precision there, see ``_precision``)."""
+        from lorapg.diffusion.model_source import HUB
+        from lorapg.diffusion.pipeline_loader import download_from_hub
+        from lorapg.training.presets import guess_family
+
+        weight_dtype = _WEIGHT_DTYPES.get(self._precision()[1], torch.float32)
+        if weight_dtype == torch.float32:
+            return weight_dtype
+        family = source.family or guess_family(source.ref)
+        if family is None and source.kind == HUB:
+            # Download first (load_pipeline then finds it in the cache) so its model_index.json names the family.
+            family = guess_family(download_from_hub(source.ref, torch.device("cpu")))
+        return weight_dtype if is_transformer_family(family) else torch.float32
 
     def _training_resolution(self, pipe) -> tuple[int, int]:
         return training_geometry(pipe, self.config.resolution)
@@ -505,24 +525,18 @@ class Trainer:
         run.unet.requires_grad_(False)
         for encoder in run.text_encoders:
             encoder.requires_grad_(False)
-        run.vae.to(run.device)  # stays fp32: SDXL's VAE overflows in fp16
+        run.vae.to(run.device, torch.float32)  # fp32 (also when Flux/SD3 load in half): SDXL's VAE overflows in fp16
         for module in (run.unet, *run.text_encoders):
-            module.to(run.device)
-            if run.weight_dtype != torch.float32:  # frozen weights in half precision; LoRA weights stay fp32
-                module.to(dtype=run.weight_dtype)
+            # Frozen weights in half precision (LoRA weights stay fp32), cast in the same move: an fp32
+            # copy never reaches the device (FLUX.1's transformer alone is ~48 GB in fp32).
+            module.to(run.device, dtype=run.weight_dtype)
 
     def _accelerator(self, run: _RunState):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
-        device = self.requested_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        precision = self.config.mixed_precision
-        if precision == "auto":
-            cuda_precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
-            precision = cuda_precision if device.type == "cuda" else "no"
-        if device.type != "cuda" and precision != "no":
-            raise UserError(f'Mixed precision {precision} needs a CUDA GPU; use mixed_precision = "no" on the CPU.')
+        device, precision = self._precision()
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # In the app one process trains many times, on one device: start from a fresh state
             # each run (accelerate keeps it in a process-wide singleton).
@@ -532,8 +546,18 @@ class Trainer:
         unused = self.config.train_text_encoder and run.family == SDXL
         ddp = DistributedDataParallelKwargs(find_unused_parameters=unused)
         accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu", kwargs_handlers=[ddp])
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-        return accelerator, weight_dtype
+        return accelerator, _WEIGHT_DTYPES.get(precision, torch.float32)
+
+    def _precision(self) -> tuple[torch.device, str]:
+        """(training device, accelerate's mixed precision): "auto" resolved, half precision refused on the CPU."""
+        device = self.requested_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = self.config.mixed_precision
+        if precision == "auto":
+            cuda_precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
+            precision = cuda_precision if device.type == "cuda" else "no"
+        if device.type != "cuda" and precision != "no":
+            raise UserError(f'Mixed precision {precision} needs a CUDA GPU; use mixed_precision = "no" on the CPU.')
+        return device, precision
 
     def _cache_file(self, run: _RunState) -> Path:
         vae_key = hashlib.sha256(
