@@ -198,11 +198,6 @@ class TrainingService:
         """Remove the images validation reports as near duplicates; the names removed."""
         return self.dataset_store(owner).get(name).remove_near_duplicates()
 
-    def dataset_set_captions(self, name: str, captions: dict[str, str], owner: str | None = None) -> None:
-        dataset = self.dataset_store(owner).get(name)
-        for file, caption in captions.items():
-            dataset.set_caption(file, caption)
-
     def dataset_folder(self, name: str, owner: str | None = None) -> Path:
         return self.dataset_store(owner).get(name).folder
 
