@@ -194,4 +194,9 @@ def api_routes_for(runtime, access) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:  # SystemExit, and Ctrl+C that arrived before Gradio's launch() returned
+        from lorapg.process_exit import skip_the_final_collection
+
+        skip_the_final_collection()

@@ -12,5 +12,7 @@ export LORAPG_SLOW_TESTS="${LORAPG_SLOW_TESTS:-1}"
 # test starts app servers and browsers of its own). A module's tests stay on one worker (loadfile):
 # module fixtures such as a running app are built once. LORAPG_TEST_WORKERS=0 runs in this process.
 workers="${LORAPG_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}"
+# Modules go out in collection order, the longest first (tests/conftest.py, LONGEST_MODULES), not
+# xdist's most-tests-first: a long module started last would keep one worker busy alone at the end.
 # The slowest tests are listed at the end, so a run that grows shows where the time went.
-exec .venv/bin/python -m pytest -q --durations=25 -n "$workers" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q --durations=25 -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

@@ -26,8 +26,32 @@ from tests.tiny_models import (  # noqa: E402
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots a human may want to look at
 
 
+# The modules that take longest (measured with --durations), longest first. scripts/test.sh hands
+# modules to its xdist workers in collection order (--dist loadfile --no-loadscope-reorder): started
+# first, they run beside the many short modules instead of being the last thing a worker still does.
+LONGEST_MODULES = (
+    "test_demo_model.py",
+    "test_cli_exit.py",
+    "test_api_fuzz.py",
+    "test_training_distributed.py",
+    "test_browser_spaces.py",
+    "test_prompting_backends.py",
+    "test_prompt_service.py",
+    "test_app_shutdown.py",
+    "test_training_export.py",
+    "test_cli.py",
+)
+
+
+def _longest_first(items) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_MODULES)}
+    # sort is stable: within a module, and among the other modules, the collection order stays.
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
+    """Longest modules first; tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
+    _longest_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")

@@ -26,6 +26,7 @@ from lorapg.errors import UserError
 from lorapg.training import distributed
 from lorapg.training.checkpoints import list_checkpoints
 from lorapg.training.run_store import RunStore, history_dir
+from tests import gloo_probe
 from tests.training_data import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,9 +54,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(tmp: Path, config: Path, *flags: str, processes: int = 1, launch: tuple[str, ...] = ()):
+def train(tmp: Path, config: Path, *flags: str, processes: int = 1, launch: tuple[str, ...] = (), module="lorapg"):
     """``python -m lorapg train CONFIG`` in one process, or under ``accelerate launch`` in ``processes``."""
-    command = [sys.executable, "-m", "lorapg", "train", str(config), *flags]
+    command = [sys.executable, "-m", module, "train", str(config), *flags]
     if processes > 1 or launch:
         launch = launch or ("--multi_gpu", "--num_processes", str(processes))
         port = ("--main_process_port", str(_free_port()))
@@ -111,11 +112,11 @@ def runs(tiny_models, images, tmp_path_factory):
     single = train(tmp, one)
     work = str(tmp / "work")
     first = write_config(tmp / "a.toml", tiny_models, images, epochs=1, batch_size=2, out=str(tmp / "a"), work_dir=work)
-    half = train(tmp, first, processes=2)
+    half = train(tmp, first, processes=2, module="tests.gloo_probe")
     second = write_config(
         tmp / "b.toml", tiny_models, images, epochs=2, batch_size=2, out=str(tmp / "b"), work_dir=work
     )
-    resumed = train(tmp, second, processes=2)
+    resumed = train(tmp, second, processes=2, module="tests.gloo_probe")
     return tmp, single, half, resumed
 
 
@@ -164,6 +165,16 @@ def test_a_run_of_two_processes_is_one_run_in_the_history(runs):
         ("done", "a"),
         ("done", "b"),
     ]
+
+
+def test_each_process_ends_its_process_group_before_its_models_go(runs):
+    # The group ends in end_process_group (after a barrier, with the DDP reducers released), not when a
+    # reducer happens to be freed: its gloo threads are joined by then, in both processes of both runs.
+    for proc in runs[2:]:
+        # A progress bar may end its line without a newline: the probe's line is what follows the prefix.
+        prefix = gloo_probe.PREFIX
+        probes = [line[line.index(prefix) :] for line in proc.stderr.splitlines() if prefix in line]
+        assert probes == [f"{prefix} []"] * 2, proc.stderr[-3000:]
 
 
 def test_a_checkpoint_resumes_only_with_its_process_count(runs, tiny_models, images):

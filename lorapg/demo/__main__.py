@@ -296,4 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lorapg.process_exit import skip_the_final_collection
+
+    try:
+        sys.exit(main())
+    finally:  # done: exit without collecting the whole heap (seconds after a model was loaded)
+        skip_the_final_collection()

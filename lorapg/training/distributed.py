@@ -18,9 +18,10 @@ before the accelerator exists (the CLI, the service) can tell the main process f
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lorapg.errors import UserError
@@ -50,16 +51,27 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def let_collectives_settle(processes: int) -> None:
-    """Pause, without the GIL, before a run's models (and so its process group) may be freed.
+def end_process_group(accelerator, release_models: Callable[[], None]) -> None:
+    """End a run's process group in the one order that cannot hang at exit.
 
     gloo's worker threads free a finished collective's tensors just after its waiter returns, and
-    that takes the GIL; the process group's destructor, run when DDP's reducer is freed, joins those
-    threads while holding the GIL. Freed right after the last collective, the process hangs for good
-    (seen in the second process of a 2-process CPU run that had nothing left to do after training).
+    freeing a tensor Python also holds takes the GIL; the process group's destructor joins those
+    threads while holding the GIL. When DDP's reducer, which holds the group, was freed right after
+    the last collective, the destructor ran then and the two waited for each other for good (gdb:
+    the second process of a 2-process CPU run, which had nothing left to do after training).
+
+    So, with several processes: 1. a barrier: every process is past every collective of the run, and
+    its wait lets go of the GIL, so a worker still freeing an earlier collective's tensors finishes;
+    2. ``release_models`` drops the DDP wrappers while the group is still registered, so freeing a
+    reducer cannot be the group's last reference; 3. ``end_training`` destroys the group: the last
+    reference goes in this known place, with the workers idle, and the join returns at once.
     """
-    if processes > 1:
-        time.sleep(0.5)
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        release_models()
+        accelerator.free_memory()  # the accelerator's own references to the wrappers
+        gc.collect()  # DDP wrappers sit in reference cycles: free their reducers now, not at some later collection
+    accelerator.end_training()  # destroys the process group, where there is one
 
 
 def check_launch() -> None:

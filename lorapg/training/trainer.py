@@ -404,8 +404,8 @@ class Trainer:
         if self._train(run):
             # 7. Export the LoRA.
             self._export_final(run)
-        # The models go when this returns: gloo must be done with the last collective by then.
-        distributed.let_collectives_settle(run.accelerator.num_processes)
+        # Before the models go: several processes share a gloo process group that must end first.
+        distributed.end_process_group(run.accelerator, lambda: self._release_wrappers(run))
         return run.result
 
     # --- 1. the model ---------------------------------------------------------------------------
@@ -897,6 +897,12 @@ class Trainer:
                 module.train()
         accelerator.wait_for_everyone()
 
+    @staticmethod
+    def _release_wrappers(run: _RunState) -> None:
+        """Drop the run's references to the accelerator-prepared (DDP-wrapped) modules and optimizer."""
+        run.unet = run.optimizer = run.lr_scheduler = None
+        run.text_encoders = []
+
     def _finish(self, run: _RunState) -> None:
         run.result.steps = run.step
         run.result.losses = list(run.losses)
@@ -1063,7 +1069,6 @@ class Trainer:
                 message=f"Saved {result.lora_path}",
             )
         )
-        run.accelerator.end_training()
 
     def _export(self, run: _RunState, epochs_done: int, *, per_epoch: bool) -> Path:
         config = self.config
