@@ -17,6 +17,7 @@ import torch
 from gradio_client import Client
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import save_file
 
 from lorapg.cli import main
 from lorapg.diffusion.engine import DiffusionEngine
@@ -329,3 +330,33 @@ def test_reuse_of_an_a1111_hires_png_with_an_upscaler_model_falls_back_to_latent
     assert reuse.hires_options() == HiresOptions(scale=2.0, steps=50, strength=0.45, upscaler="Latent")
     assert any("'R-ESRGAN 4x+' is not available here; Latent is used instead" in note for note in reuse.notes)
     assert any("outside this app's ranges" in note for note in reuse.notes)
+
+
+def test_reuse_keeps_a_hires_upscaler_model_that_is_in_the_upscalers_folder(tmp_path):
+    """The gallery service build_services makes sees models/upscalers: a PNG naming a model that is
+    there keeps it (spelled as the file is); one naming a missing model still falls back to Latent."""
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+    from tests.test_upscalers import tiny_esrgan_state
+
+    settings = load_settings(
+        overrides={
+            "models_dir": str(tmp_path / "models"),
+            "outputs": str(tmp_path / "out"),
+            "lora_dir": str(tmp_path / "loras"),
+        },
+        environ={},
+    )
+    (tmp_path / "models" / "upscalers").mkdir(parents=True)
+    save_file(tiny_esrgan_state(), tmp_path / "models" / "upscalers" / "4x-Tiny.safetensors")
+    gallery = build_services(settings, engines=False, prompts=False).gallery_service
+    base = "a castle\nSteps: 20, Seed: 9, Size: 64x64, Denoising strength: 0.45, Hires upscale: 2, "
+
+    reuse = gallery.reuse_parameters(gallery.png_info(png_with(base + "Hires upscaler: 4x-tiny")))
+    assert reuse.hires_options() == HiresOptions(scale=2.0, steps=0, strength=0.45, upscaler="4x-Tiny")
+    assert reuse.hires_form()["hr_upscaler"] == "4x-Tiny"
+    assert not any("Hires upscaler" in note for note in reuse.notes), reuse.notes
+
+    missing = gallery.reuse_parameters(gallery.png_info(png_with(base + "Hires upscaler: 4x-UltraSharp")))
+    assert missing.hires_options().upscaler == "Latent"
+    assert any("'4x-UltraSharp' is not available here; Latent is used instead" in n for n in missing.notes)

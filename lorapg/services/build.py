@@ -114,7 +114,11 @@ def build_services(
     jobs = JobQueue(devices=[str(device) for device in devices] if devices else None)
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     gallery_service = GalleryService(
-        gallery, library, shared=policy.shared_gallery, max_query_chars=settings.max_prompt_chars
+        gallery,
+        library,
+        shared=policy.shared_gallery,
+        max_query_chars=settings.max_prompt_chars,
+        upscaler_models=upscaler_model_names(settings),
     )
     visitors = Visitors(private=policy.private_visitors)
     locked = policy.settings_locked
@@ -166,6 +170,15 @@ def build_services(
         workers=pool,
         upscale=UpscaleService(settings, engine.upscalers, jobs, gallery),
     )
+
+
+def upscaler_model_names(settings: Settings):
+    """The names of the upscaler models in the folder the engines read (re-read on each call), so
+    Reuse keeps a hires upscaler a PNG names when that model is here. Listing loads nothing."""
+    from lorapg.diffusion.upscalers import UpscalerLibrary
+
+    folder = UpscalerLibrary(settings.models_dir / "upscalers")
+    return lambda: [item.name for item in folder.files()]
 
 
 def worker_devices(settings: Settings) -> tuple[list, int]:

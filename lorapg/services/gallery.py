@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -275,10 +276,14 @@ class GalleryService:
         *,
         shared: bool = False,
         max_query_chars: int = Settings.max_prompt_chars,
+        upscaler_models: Callable[[], list[str]] | None = None,
     ):
+        """``upscaler_models``: the names of the upscaler model files now in models/upscalers, so Reuse
+        keeps a "Hires upscaler" that names one (None: no models; such a name falls back to Latent)."""
         self.store = store
         self.library = library
         self.shared = shared
+        self.upscaler_models = upscaler_models
         # A search is prompt words, so the prompt's limit (Settings.max_prompt_chars) applies.
         self.max_query_chars = max_query_chars
 
@@ -473,7 +478,8 @@ class GalleryService:
         loras, scale_notes = _scales_within_limits(loras)
         lora_notes += scale_notes
         sampler, sampler_note = map_sampler(values.pop("sampler"))
-        values, limit_notes = _within_limits(values)
+        models = self.upscaler_models() if self.upscaler_models is not None else []
+        values, limit_notes = _within_limits(values, models)
         notes += lora_notes + sampler_note + limit_notes
         notes += _model_note(values.get("model_name"), current_model)
         return ReuseParameters(
@@ -636,8 +642,9 @@ def map_sampler(name: str | None) -> tuple[str | None, list[str]]:
     return DEFAULT_SAMPLER, [f"Sampler {name!r} is not available here; {DEFAULT_SAMPLER} is used instead."]
 
 
-def _within_limits(values: dict) -> tuple[dict, list[str]]:
-    """Clamp what the Generate tab cannot take (e.g. 150 steps from another tool), with a note."""
+def _within_limits(values: dict, upscaler_models: Sequence[str] = ()) -> tuple[dict, list[str]]:
+    """Clamp what the Generate tab cannot take (e.g. 150 steps from another tool), with a note.
+    ``upscaler_models``: the upscaler model names a hires fix may name here."""
     from lorapg.diffusion.request import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, MIN_STEPS
     from lorapg.limits import CFG_SCALE
 
@@ -655,7 +662,7 @@ def _within_limits(values: dict) -> tuple[dict, list[str]]:
         values["seed"] = None
         notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
     notes += _variation_within_limits(values)
-    notes += _hires_within_limits(values)
+    notes += _hires_within_limits(values, upscaler_models)
     notes += _controlnet_notes(values)
     for key, label in (("width", "Width"), ("height", "Height")):
         size = values.get(key)
@@ -693,8 +700,9 @@ def _controlnet_notes(values: dict) -> list[str]:
     return notes
 
 
-def _hires_within_limits(values: dict) -> list[str]:
-    """A hires fix another tool wrote that this app cannot run as written: the nearest it can, with a note."""
+def _hires_within_limits(values: dict, upscaler_models: Sequence[str] = ()) -> list[str]:
+    """A hires fix another tool wrote that this app cannot run as written: the nearest it can, with a note.
+    An upscaler named by a model file in ``upscaler_models`` is kept, spelled as the file is."""
     from lorapg.diffusion.hires import LATENT, UPSCALERS
     from lorapg.limits import DENOISING_STRENGTH, HIRES_SCALE, HIRES_STEPS
 
@@ -702,7 +710,8 @@ def _hires_within_limits(values: dict) -> list[str]:
     if use is None:
         return []
     notes = []
-    known = {name.casefold(): name for name in UPSCALERS}
+    # Built-in names win over a model file of the same name, as the upscaler library decides.
+    known = {name.casefold(): name for name in (*upscaler_models, *UPSCALERS)}
     if use.upscaler.casefold() not in known:
         notes.append(f"Hires upscaler {use.upscaler!r} is not available here; Latent is used instead.")
     upscaler = known.get(use.upscaler.casefold(), LATENT)

@@ -14,7 +14,7 @@ from lorapg.services.prompts import PromptService
 from lorapg.services.training import TrainingService
 from lorapg.services.upscale import UpscaleService
 from lorapg.ui.common import visitor
-from lorapg.ui.gallery_tab import REUSE_TARGETS, build_gallery_tab
+from lorapg.ui.gallery_tab import REUSE_TARGETS, build_gallery_tab, wire_send_to_upscale
 from lorapg.ui.generate_tab import DEFAULT_LORA_SCALE, build_generate_tab, lora_choices
 from lorapg.ui.grid_tab import build_grid_tab, epochs_grid_actions
 from lorapg.ui.hires_section import hires_upscaler_choices
@@ -84,7 +84,7 @@ def build_ui(
             with gr.Tab("X/Y/Z plot", id="grid") as grid_tab:
                 build_grid_tab(grids, generate, grid_tab, visitors=visitors)
             if gallery_service is not None:
-                build_gallery_tab(
+                gallery = build_gallery_tab(
                     gallery_service,
                     generate,
                     tabs,
@@ -93,7 +93,9 @@ def build_ui(
                     generation=service,
                 )
             if upscale_service is not None:
-                build_upscale_tab(upscale_service, visitors=visitors)
+                upscale = build_upscale_tab(upscale_service, visitors=visitors)
+                if gallery_service is not None:  # the Gallery tab's "Upscale" sends the selected image
+                    wire_send_to_upscale(gallery_service, gallery, upscale, tabs, visitors)
             if training_service is not None:
                 with gr.Tab("Train", id="train"):
                     grid_action = epochs_grid_actions(grids, training_service, visitors)

@@ -168,6 +168,8 @@ def _gallery_widgets(gallery_service: GalleryService, can_vary: bool = False) ->
                 reuse = gr.Button("♻️ Reuse", variant="primary", elem_id="gallery-reuse")
                 vary = gr.Button("🎲 Vary", visible=can_vary, elem_id="gallery-vary")
                 send_img2img = gr.Button("🖼️ Send to img2img", elem_id="gallery-send-img2img")
+                # Shown by wire_send_to_upscale where the app has an Upscale tab.
+                send_upscale = gr.Button("⬆️ Upscale", visible=False, elem_id="gallery-send-upscale")
                 star = gr.Button(star_label(False), elem_id="gallery-star")
                 delete = gr.Button("🗑️ Delete", variant="stop", elem_id="gallery-delete")
                 download = gr.DownloadButton("⬇️ Download PNG", value=None, elem_id="gallery-download")
@@ -188,6 +190,7 @@ def _gallery_widgets(gallery_service: GalleryService, can_vary: bool = False) ->
         "reuse": reuse,
         "vary": vary,
         "send_img2img": send_img2img,
+        "send_upscale": send_upscale,
         "star": star,
         "delete": delete,
         "download": download,
@@ -409,3 +412,28 @@ def _wire_reuse(
     w["png_send"].click(
         send_png, inputs_kwargs={"path": w["png_file"], **model_input}, outputs=outputs, api_name="png_info_send"
     ).then(select_loras, pending_loras, generate["lora_select"], api_visibility="private")
+
+
+def wire_send_to_upscale(
+    service: GalleryService, w: dict, upscale: dict, tabs: gr.Tabs, visitors: Visitors | None = None
+) -> None:
+    """The Gallery tab's "Upscale": the selected image into the Upscale tab (``upscale``: the dict
+    build_upscale_tab returns), by its id, so the result is saved with the image's parameters."""
+
+    @user_errors
+    def send_to_upscale(image_id, request: gr.Request):
+        owner = visitor(visitors, request)
+        record = service.get(image_id, owner)  # one this visitor may see, else a UserError
+        return {
+            upscale["image"]: str(service.image_path(record.id, owner)),
+            upscale["gallery_id"]: str(record.id),
+            tabs: gr.Tabs(selected="upscale"),
+        }
+
+    w["send_upscale"].visible = True
+    w["send_upscale"].click(
+        send_to_upscale,
+        inputs_kwargs={"image_id": w["selected_id"]},
+        outputs=[upscale["image"], upscale["gallery_id"], tabs],
+        api_name="gallery_send_to_upscale",
+    )

@@ -36,6 +36,7 @@ def build_upscale_tab(service: UpscaleService, visitors: Visitors | None = None)
                         step=UPSCALE_BY.step,
                         value=UPSCALE_BY.default,
                         label="Upscale by",
+                        elem_id="upscale-scale",
                     )
                 )
                 button = gr.Button("Upscale", variant="primary", elem_id="upscale-run")
@@ -54,6 +55,8 @@ def build_upscale_tab(service: UpscaleService, visitors: Visitors | None = None)
             raise_missing()
         return done.image, f"#{done.record.id}: {done.info}"
 
+    # An upload replaces a gallery image sent here (run() takes the id first).
+    source.upload(lambda: "", None, gallery_id, api_visibility="private")
     button.click(run, [source, gallery_id, upscaler, scale], [result, info], api_name="upscale")
     tab.select(lambda: gr.update(choices=upscaler_choices(service)), None, upscaler, api_visibility="private")
     return {"tab": tab, "image": source, "gallery_id": gallery_id, "upscaler": upscaler, "result": result}
