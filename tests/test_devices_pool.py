@@ -330,3 +330,47 @@ def test_the_ui_lets_one_generate_handler_run_per_worker(pool):
     demo = build_ui(pool.service, pool.gallery_service, training_service=pool.training)
     limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
     assert limits["generate"] == limits["load_model"] == 2 and set(limits.values()) == {2}
+
+
+# --- the chosen model after a load that fails or is cancelled (review item 2) -------------------
+
+
+def test_a_failed_load_leaves_every_worker_on_the_model_still_loaded(pool, tiny_models):
+    """Not on the configured default: each worker would load that over the model in use."""
+    pool.settings.model = "configured/default-model"  # what the user did not choose
+    primary = pool.workers.primary.engine
+    loaded = primary.model.source.ref
+    original = primary.load_model
+
+    def out_of_memory(ref, on_status=None):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    primary.load_model = out_of_memory
+    failed = pool.service.submit_load_model(str(tiny_models["sdxl"]))
+    wait_done(failed)
+    primary.load_model = original
+    assert failed.status == ERROR and pool.service.chosen_model() == loaded
+    # A generation on the other worker loads the model in use there, not the configured default.
+    go = threading.Event()
+    hold = pool.jobs.submit("hold", lambda job: go.wait(WAIT), worker=0)
+    job = pool.service.submit_generation(request())
+    wait_done(job)
+    go.set()
+    wait_done(hold)
+    assert (job.status, job.worker) == (DONE, 1), job.error
+    assert pool.workers.workers[1].engine.model.source.ref == loaded
+
+
+def test_a_load_cancelled_while_queued_leaves_the_choice_as_it_was(pool, tiny_models):
+    pool.settings.model = "configured/default-model"
+    loaded = pool.workers.primary.engine.model.source.ref
+    go, holding = threading.Event(), threading.Event()
+    hold = pool.jobs.submit("hold", lambda job: holding.set() or go.wait(WAIT), worker=0)
+    assert holding.wait(WAIT)
+    queued = pool.service.submit_load_model(str(tiny_models["sdxl"]))
+    assert pool.service.chosen_model() == str(tiny_models["sdxl"])  # chosen from the moment it is queued
+    pool.service.cancel(queued.id)
+    go.set()
+    wait_done(hold)
+    wait_done(queued)
+    assert queued.status == CANCELLED and pool.service.chosen_model() == loaded
