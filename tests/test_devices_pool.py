@@ -290,7 +290,12 @@ def test_a_worker_whose_model_fails_to_load_leaves_the_rotation_and_the_other_se
     assert pool.jobs.retired() == []
 
 
-def test_training_holds_its_worker_while_the_other_keeps_generating(pool):
+def test_training_holds_its_worker_while_the_other_keeps_generating(pool, monkeypatch):
+    import lorapg.devices
+
+    entered = []  # the devices whose context the run entered (cuda:N: that GPU current; see device_context)
+    context = lorapg.devices.device_context
+    monkeypatch.setattr(lorapg.devices, "device_context", lambda device: entered.append(device) or context(device))
     training = pool.training
     source = pool.settings.models_dir / "upload"
     write_images(source, 2)
@@ -320,6 +325,7 @@ def test_training_holds_its_worker_while_the_other_keeps_generating(pool):
     assert (job.status, job.worker) == (DONE, 1), job.error
     wait_done(run.job)
     assert run.job.status == DONE, run.job.error
+    assert [str(device) for device in entered] == ["cpu"]
 
 
 def test_the_ui_lets_one_generate_handler_run_per_worker(pool):
@@ -374,3 +380,95 @@ def test_a_load_cancelled_while_queued_leaves_the_choice_as_it_was(pool, tiny_mo
     wait_done(hold)
     wait_done(queued)
     assert queued.status == CANCELLED and pool.service.chosen_model() == loaded
+
+
+def test_training_on_a_later_worker_defaults_to_the_chosen_model_not_its_last_one(tiny_models, tmp_path, monkeypatch):
+    """``--train-device`` naming the second device (here: the choice made as build_services makes it):
+    that worker's engine still holds the model it generated with before the user loaded another."""
+    import lorapg.devices
+
+    monkeypatch.setattr(lorapg.devices, "training_worker", lambda setting, devices: 1)
+    built = build_services(settings_for(tiny_models, tmp_path, devices="cpu,cpu"), record_results=False)
+    try:
+        built.service.load_model(str(tiny_models["sd15"]))
+        built.workers.workers[1].engine.load_model(str(tiny_models["sdxl"]))  # generated with it earlier
+        training = built.training
+        assert training.worker == 1 and training.engine is built.workers.workers[1].engine
+        source = tmp_path / "upload"
+        write_images(source, 2)
+        training.dataset_add("foxes", sorted(source.iterdir()))
+        values = {"preset": "concept", "name": "chosen", "trigger": "zqx", "max_steps": 1}
+        config = training.config_for({**values, "images": str(training.dataset_folder("foxes"))})
+        assert training.prepare(config).model == str(tiny_models["sd15"])
+    finally:
+        assert built.jobs.close(WAIT)
+
+
+@pytest.mark.parametrize(("name", "index"), [("cuda:1", 1), ("cuda:0", 0), ("cpu", None), ("cuda", None)])
+def test_training_on_cuda_n_makes_that_gpu_the_current_one_of_its_thread(name, index):
+    """Accelerate's device is plain "cuda", the thread's current GPU: training on cuda:1 enters this
+    context, or it would run on cuda:0. (Checked here at the unit level; no multi-GPU run in the tests.)"""
+    import contextlib
+
+    import torch
+
+    from lorapg.devices import device_context
+
+    context = device_context(torch.device(name))
+    if index is None:
+        assert isinstance(context, contextlib.nullcontext)
+    else:
+        assert isinstance(context, torch.cuda.device) and context.idx == index
+
+
+# --- device names: one type, and "auto" / "cuda" as the GPU they mean (review items 5 and 9) ------
+
+
+@pytest.fixture()
+def two_gpus(monkeypatch):
+    """What PyTorch reports on a machine with two GPUs, cuda:0 current (the names are only parsed here)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_plain_cuda_is_the_current_gpu_by_index():
+    import torch
+
+    from lorapg.devices import cuda_with_index
+
+    assert cuda_with_index(torch.device("cuda"), 2, 1, "devices", "hint") == torch.device("cuda", 1)
+    assert cuda_with_index(torch.device("cuda", 0), 2, 1, "devices", "hint") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"Setting devices: cuda:2 does not exist \(this machine has 2"):
+        cuda_with_index(torch.device("cuda", 2), 2, 0, "devices", "hint")
+
+
+@pytest.mark.parametrize("devices", ["auto,cuda:0", "cuda,cuda:0", "cuda:0,auto"])
+def test_auto_or_cuda_and_cuda_0_are_one_gpu_named_twice(two_gpus, devices):
+    from lorapg.devices import parse_devices
+
+    with pytest.raises(UserError, match="Setting devices names cuda:0 twice"):
+        parse_devices(devices)
+
+
+def test_train_device_cuda_0_is_found_among_auto_devices(two_gpus):
+    import torch
+
+    from lorapg.devices import parse_devices, training_worker
+
+    for fallback in ("auto", "cuda"):
+        devices = parse_devices(None, fallback)
+        assert devices == [torch.device("cuda", 0)] and training_worker("cuda:0", devices) == 0
+    assert parse_devices("cuda,cuda:1") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert training_worker("auto", parse_devices("cuda:0,cuda:1")) == 0
+
+
+@pytest.mark.parametrize("devices", ["cpu,cuda:0", "cuda:1,cpu"])
+def test_devices_of_two_types_are_refused_in_one_line(two_gpus, devices):
+    from lorapg.devices import parse_devices
+
+    with pytest.raises(UserError, match=r"Setting devices mixes device types \(cpu, cuda\)") as refused:
+        parse_devices(devices)
+    assert "\n" not in str(refused.value)

@@ -139,8 +139,15 @@ def build_services(
     # Training holds its device's worker (the first by default); the other workers keep generating.
     given = settings.devices is not None  # else training picks `device` itself, as before
     trainer_device = {"device": str(devices[train_worker]), "worker": train_worker} if given else {}
+    # That worker's engine is only what training frees; its base model is the one the user chose.
     training = TrainingService(
-        settings, jobs, pool.engine(train_worker), max_steps=policy.train_max_steps, notifier=notifier, **trainer_device
+        settings,
+        jobs,
+        pool.engine(train_worker),
+        max_steps=policy.train_max_steps,
+        notifier=notifier,
+        models=service,
+        **trainer_device,
     )
     # The same datasets (per visitor where visitors are kept apart) and the same GPU queue as training.
     # On ZeroGPU the GPU exists only inside a GPU call; the captioner runs on the CPU there.
