@@ -257,6 +257,31 @@ def test_the_api_and_the_ui_show_the_device_a_job_runs_on(pool):
     assert api.state(job).device == "cpu" and api.state(job).status == DONE
 
 
+def test_the_a1111_progress_route_names_the_device(pool):
+    """Through the real route (its response model), not only the service's dict."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lorapg.api.auth import ApiAccess
+    from lorapg.api.sdapi import sdapi_router
+
+    a1111 = A1111Service(pool.settings, pool.service, pool.gallery_service)
+    server = FastAPI()
+    server.include_router(sdapi_router(a1111, ApiAccess(True)))
+    started, release = hold_steps(pool.workers.primary.engine)
+    hold = pool.jobs.submit("hold", lambda job: release.wait(WAIT), worker=1)  # the generation runs on worker 0
+    try:
+        job = pool.service.submit_generation(request())
+        assert started.wait(WAIT)
+        with TestClient(server) as client:
+            state = client.get("/sdapi/v1/progress").json()["state"]
+        assert state["device"] == "cpu" and state["job"] == "generate"
+    finally:
+        release.set()
+    wait_done(job)
+    wait_done(hold)
+
+
 def api_params():
     from lorapg.services.generation_jobs import GenerationParams
 
