@@ -257,6 +257,22 @@ def test_the_api_and_the_ui_show_the_device_a_job_runs_on(pool):
     assert api.state(job).device == "cpu" and api.state(job).status == DONE
 
 
+@pytest.mark.parametrize("call", ["interrupt", "skip"])
+def test_a1111_interrupt_and_skip_stop_the_generation_on_every_worker(pool, call):
+    """A1111's interrupt is global: with two devices, both running generations stop."""
+    holds = [hold_steps(worker.engine) for worker in pool.workers.workers]
+    jobs = [pool.service.submit_generation(request(steps=3)) for _ in range(2)]
+    for started, _release in holds:  # one generation held at its first step on each worker
+        assert started.wait(WAIT)
+    getattr(A1111Service(pool.settings, pool.service, pool.gallery_service), call)()
+    for _started, release in holds:
+        release.set()
+    for job in jobs:
+        wait_done(job)
+    assert sorted(job.worker for job in jobs) == [0, 1]
+    assert [job.status for job in jobs] == [CANCELLED, CANCELLED]
+
+
 def test_the_a1111_progress_route_names_the_device(pool):
     """Through the real route (its response model), not only the service's dict."""
     from fastapi import FastAPI
