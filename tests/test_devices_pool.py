@@ -99,6 +99,15 @@ def test_the_app_refuses_a_bad_devices_flag_in_one_line(tmp_path, capsys):
     assert error.startswith("error: Setting devices: 'cpux' is not a device") and "\n" not in error
 
 
+def test_compile_with_several_devices_is_refused_in_one_line(tiny_models, tmp_path):
+    """torch.compile is not thread-safe: two workers compiling their first generation at once."""
+    with pytest.raises(UserError, match=r"Settings compile_unet \(--compile\) and devices") as refused:
+        build_services(settings_for(tiny_models, tmp_path, devices="cpu,cpu", compile_unet=True))
+    assert "\n" not in str(refused.value)
+    built = build_services(settings_for(tiny_models, tmp_path, devices="cpu", compile_unet=True))  # one: fine
+    assert built.jobs.close(WAIT)
+
+
 def test_devices_and_train_device_come_from_flags_and_the_environment(tiny_models, tmp_path):
     from lorapg.cli import settings_from_args
     from lorapg.config import load_settings

@@ -179,6 +179,11 @@ def worker_devices(settings: Settings) -> tuple[list, int]:
     devices = parse_devices(settings.devices, settings.device)
     if len(devices) > 1 and zero_gpu_enabled():
         raise UserError("Setting devices lists several devices, but ZeroGPU lends one GPU per call; remove it.")
+    if len(devices) > 1 and settings.compile_unet:  # each worker's first generation would compile at once
+        raise UserError(
+            "Settings compile_unet (--compile) and devices (several) do not go together: torch.compile is not "
+            "thread-safe; drop --compile or list one device."
+        )
     return devices, training_worker(settings.train_device, devices)
 
 
