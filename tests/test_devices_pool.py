@@ -385,7 +385,11 @@ def test_the_ui_lets_one_generate_handler_run_per_worker(pool):
 
     demo = build_ui(pool.service, pool.gallery_service, training_service=pool.training)
     limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
-    assert limits["generate"] == limits["load_model"] == 2 and set(limits.values()) == {2}
+    assert limits["generate"] == limits["gallery_vary"] == 2 and set(limits.values()) == {2}
+    # Events whose jobs run on worker 0 alone wait in a group of their own: two of them (a load and a
+    # grid) never hold both "gpu" slots while generations could run on worker 1.
+    primary = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu-primary"}
+    assert primary == {"load_model": 1, "grid": 1, "train_epochs_grid": 1}
 
 
 # --- the chosen model after a load that fails or is cancelled (review item 2) -------------------

@@ -62,6 +62,13 @@ def gpu_slots(queue: JobQueue) -> int:
     return queue.worker_count
 
 
+def primary_worker_group(queue: JobQueue) -> dict:
+    """Gradio concurrency for events whose jobs run on the first worker alone (a model load, grids):
+    with several devices their own group of one, so that handlers waiting for that worker never hold
+    the "gpu" slots the generations on the other devices need; with one device the "gpu" group as before."""
+    return {"concurrency_id": "gpu" if queue.worker_count == 1 else "gpu-primary", "concurrency_limit": 1}
+
+
 def job_status_text(job: Job, queue: JobQueue) -> str:
     if job.status == QUEUED:
         ahead = queue.position(job)
