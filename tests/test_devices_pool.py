@@ -526,3 +526,35 @@ def test_devices_of_two_types_are_refused_in_one_line(two_gpus, devices):
     with pytest.raises(UserError, match=r"Setting devices mixes device types \(cpu, cuda\)") as refused:
         parse_devices(devices)
     assert "\n" not in str(refused.value)
+
+
+def test_a_retired_worker_tries_again_once_another_model_is_chosen(pool, tiny_models):
+    """Not only after that model has loaded on worker 0: here worker 0 is busy, and the next
+    generation (with the newly chosen model) runs on the worker that failed the previous one."""
+    second = pool.workers.workers[1].engine
+    original, refused = second.load_model, str(tiny_models["sd15"])
+
+    def refuses_sd15(ref, on_status=None):
+        if ref == refused:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(ref, on_status=on_status)
+
+    second.load_model = refuses_sd15
+    go = threading.Event()
+    try:
+        hold = pool.jobs.submit("hold", lambda job: go.wait(WAIT), worker=0)  # worker 0 busy throughout
+        failed = pool.service.submit_generation(request())
+        wait_done(failed)
+        assert (failed.status, failed.worker, pool.jobs.retired()) == (ERROR, 1, [1])
+        waiting = pool.jobs.submit("prompt", lambda job: None, worker=0)  # the status of a job that waits
+        assert job_status_text(waiting, pool.jobs).endswith(
+            "Out of the rotation, as it could not load the model: cpu (it tries again when another model is chosen)."
+        )
+        pool.service.submit_load_model(str(tiny_models["sdxl"]))  # waits behind the hold on worker 0
+        job = pool.service.submit_generation(request())
+        wait_done(job)
+        assert (job.status, job.worker) == (DONE, 1), job.error
+        assert second.model.source.ref == str(tiny_models["sdxl"]) and pool.jobs.retired() == []
+    finally:
+        go.set()
+    wait_done(hold)

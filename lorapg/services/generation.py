@@ -91,6 +91,7 @@ class GenerationService:
         self.offered_models_only = offered_models_only
         self._loading_job: Job | None = None
         self._ref_before_load: str | None = None  # the choice a failed or cancelled load falls back to
+        self._retired_on: set[str] = set()  # the models retired workers could not load (see _rejoin)
         self._generation = GpuTask(
             self._generate_on_device, self._generation_seconds, relay=gpu_relay, decorator=gpu_decorator
         )
@@ -270,11 +271,19 @@ class GenerationService:
             return self.jobs.submit("generate", work, owner=owner)
         # Several workers: the model is fixed now, so the image is the same whichever worker runs it.
         ref = self.chosen_model()
+        self._rejoin(ref)
 
         def work_anywhere(job: Job) -> GenerationResult:
             return self.run_in_job(request, job, model_ref=ref, record=record)
 
         return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER)
+
+    def _rejoin(self, ref: str) -> None:
+        """Retired workers try again once the chosen model is another than the one they failed on
+        (not only after a load on the first worker has succeeded)."""
+        if self._retired_on and ref not in self._retired_on and self.jobs.retired():
+            self._retired_on.clear()
+            self.jobs.restore()
 
     def chosen_model(self) -> str:
         """The model generations submitted now use: the one the user chose last (a load that failed or
@@ -330,6 +339,7 @@ class GenerationService:
             except Exception as exc:
                 # This device is out of the rotation until another model is loaded; the others serve on.
                 self.jobs.retire(job.worker)
+                self._retired_on.add(ref)
                 log.warning("device %s could not load %s", engine.device, ref, exc_info=True)
                 reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
                 raise UserError(
