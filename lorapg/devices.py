@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -46,6 +47,15 @@ def pick_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def device_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context that makes ``cuda:N`` this thread's current GPU, for code that places work on plain
+    ``"cuda"`` (accelerate's device, the trainer's): without it that is cuda:0 whatever was asked.
+    Elsewhere (CPU, or a GPU without an index, which is the current one already) nothing changes."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
 def set_cpu_threads(threads: int) -> None:
     """Tiny models on a busy 2-core machine run far faster on one thread: the count is a setting."""
     if threads > 0:
@@ -61,14 +71,21 @@ def parse_devices(setting: str | None, fallback: str = "auto") -> list[torch.dev
     repeat, which is how tests run several workers on one machine.
     """
     if setting is None:
-        return [pick_device(fallback)]
+        device = pick_device(fallback)
+        return [_existing_cuda(device, "device", "use cpu or cuda:N") if device.type == "cuda" else device]
     names = [name.strip() for name in str(setting).split(",")]
     if not any(names):
         raise UserError("Setting devices is empty; give a comma-separated list such as cuda:0,cuda:1 or cpu,cpu.")
-    devices = [_one_device(name) for name in names]
+    devices = [_one_device(name) for name in names]  # "auto" and "cuda" as cuda:N: compared by index below
     for device in devices:
         if device.type != "cpu" and devices.count(device) > 1:
             raise UserError(f"Setting devices names {device} twice; a GPU takes one worker, so list each once.")
+    types = sorted({device.type for device in devices})
+    if len(types) > 1:  # each type has its own dtype (fp16 / fp32): the same request would give other images
+        raise UserError(
+            f"Setting devices mixes device types ({', '.join(types)}); a job's image would depend on the worker "
+            "that ran it, so list devices of one type, such as cuda:0,cuda:1."
+        )
     return devices
 
 
@@ -77,7 +94,8 @@ def _one_device(name: str, field: str = "devices") -> torch.device:
     if not name:
         raise UserError(f"Setting devices has an empty entry (two commas, or one at an end); {hint}.")
     if name == "auto":
-        return pick_device("auto")
+        device = pick_device("auto")
+        return _existing_cuda(device, field, hint) if device.type == "cuda" else device
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -91,7 +109,14 @@ def _one_device(name: str, field: str = "devices") -> torch.device:
 
 def _existing_cuda(device: torch.device, field: str, hint: str) -> torch.device:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = 0 if device.index is None else device.index  # "cuda" means the current GPU, cuda:0
+    return cuda_with_index(device, count, torch.cuda.current_device() if count else 0, field, hint)
+
+
+def cuda_with_index(device: torch.device, count: int, current: int, field: str, hint: str) -> torch.device:
+    """``device`` as ``cuda:N``, refused unless one of the ``count`` GPUs. Plain ``cuda`` (and ``auto`` on
+    a GPU machine) is the ``current`` GPU; torch.device("cuda") != torch.device("cuda", 0), so without
+    the index the same GPU could be listed twice, or not be found among the devices."""
+    index = current if device.index is None else device.index
     if index >= count:
         seen = f"this machine has {count} CUDA GPU(s)" + (f": cuda:0 to cuda:{count - 1}" if count else "")
         raise UserError(f"Setting {field}: {device} does not exist ({seen}); {hint}.")

@@ -99,6 +99,15 @@ def test_the_app_refuses_a_bad_devices_flag_in_one_line(tmp_path, capsys):
     assert error.startswith("error: Setting devices: 'cpux' is not a device") and "\n" not in error
 
 
+def test_compile_with_several_devices_is_refused_in_one_line(tiny_models, tmp_path):
+    """torch.compile is not thread-safe: two workers compiling their first generation at once."""
+    with pytest.raises(UserError, match=r"Settings compile_unet \(--compile\) and devices") as refused:
+        build_services(settings_for(tiny_models, tmp_path, devices="cpu,cpu", compile_unet=True))
+    assert "\n" not in str(refused.value)
+    built = build_services(settings_for(tiny_models, tmp_path, devices="cpu", compile_unet=True))  # one: fine
+    assert built.jobs.close(WAIT)
+
+
 def test_devices_and_train_device_come_from_flags_and_the_environment(tiny_models, tmp_path):
     from lorapg.cli import settings_from_args
     from lorapg.config import load_settings
@@ -257,6 +266,47 @@ def test_the_api_and_the_ui_show_the_device_a_job_runs_on(pool):
     assert api.state(job).device == "cpu" and api.state(job).status == DONE
 
 
+@pytest.mark.parametrize("call", ["interrupt", "skip"])
+def test_a1111_interrupt_and_skip_stop_the_generation_on_every_worker(pool, call):
+    """A1111's interrupt is global: with two devices, both running generations stop."""
+    holds = [hold_steps(worker.engine) for worker in pool.workers.workers]
+    jobs = [pool.service.submit_generation(request(steps=3)) for _ in range(2)]
+    for started, _release in holds:  # one generation held at its first step on each worker
+        assert started.wait(WAIT)
+    getattr(A1111Service(pool.settings, pool.service, pool.gallery_service), call)()
+    for _started, release in holds:
+        release.set()
+    for job in jobs:
+        wait_done(job)
+    assert sorted(job.worker for job in jobs) == [0, 1]
+    assert [job.status for job in jobs] == [CANCELLED, CANCELLED]
+
+
+def test_the_a1111_progress_route_names_the_device(pool):
+    """Through the real route (its response model), not only the service's dict."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lorapg.api.auth import ApiAccess
+    from lorapg.api.sdapi import sdapi_router
+
+    a1111 = A1111Service(pool.settings, pool.service, pool.gallery_service)
+    server = FastAPI()
+    server.include_router(sdapi_router(a1111, ApiAccess(True)))
+    started, release = hold_steps(pool.workers.primary.engine)
+    hold = pool.jobs.submit("hold", lambda job: release.wait(WAIT), worker=1)  # the generation runs on worker 0
+    try:
+        job = pool.service.submit_generation(request())
+        assert started.wait(WAIT)
+        with TestClient(server) as client:
+            state = client.get("/sdapi/v1/progress").json()["state"]
+        assert state["device"] == "cpu" and state["job"] == "generate"
+    finally:
+        release.set()
+    wait_done(job)
+    wait_done(hold)
+
+
 def api_params():
     from lorapg.services.generation_jobs import GenerationParams
 
@@ -290,7 +340,12 @@ def test_a_worker_whose_model_fails_to_load_leaves_the_rotation_and_the_other_se
     assert pool.jobs.retired() == []
 
 
-def test_training_holds_its_worker_while_the_other_keeps_generating(pool):
+def test_training_holds_its_worker_while_the_other_keeps_generating(pool, monkeypatch):
+    import lorapg.devices
+
+    entered = []  # the devices whose context the run entered (cuda:N: that GPU current; see device_context)
+    context = lorapg.devices.device_context
+    monkeypatch.setattr(lorapg.devices, "device_context", lambda device: entered.append(device) or context(device))
     training = pool.training
     source = pool.settings.models_dir / "upload"
     write_images(source, 2)
@@ -320,6 +375,7 @@ def test_training_holds_its_worker_while_the_other_keeps_generating(pool):
     assert (job.status, job.worker) == (DONE, 1), job.error
     wait_done(run.job)
     assert run.job.status == DONE, run.job.error
+    assert [str(device) for device in entered] == ["cpu"]
 
 
 def test_the_ui_lets_one_generate_handler_run_per_worker(pool):
@@ -329,4 +385,176 @@ def test_the_ui_lets_one_generate_handler_run_per_worker(pool):
 
     demo = build_ui(pool.service, pool.gallery_service, training_service=pool.training)
     limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
-    assert limits["generate"] == limits["load_model"] == 2 and set(limits.values()) == {2}
+    assert limits["generate"] == limits["gallery_vary"] == 2 and set(limits.values()) == {2}
+    # Events whose jobs run on worker 0 alone wait in a group of their own: two of them (a load and a
+    # grid) never hold both "gpu" slots while generations could run on worker 1.
+    primary = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu-primary"}
+    assert primary == {"load_model": 1, "grid": 1, "train_epochs_grid": 1}
+
+
+# --- the chosen model after a load that fails or is cancelled (review item 2) -------------------
+
+
+def test_a_failed_load_leaves_every_worker_on_the_model_still_loaded(pool, tiny_models):
+    """Not on the configured default: each worker would load that over the model in use."""
+    pool.settings.model = "configured/default-model"  # what the user did not choose
+    primary = pool.workers.primary.engine
+    loaded = primary.model.source.ref
+    original = primary.load_model
+
+    def out_of_memory(ref, on_status=None):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    primary.load_model = out_of_memory
+    failed = pool.service.submit_load_model(str(tiny_models["sdxl"]))
+    wait_done(failed)
+    primary.load_model = original
+    assert failed.status == ERROR and pool.service.chosen_model() == loaded
+    # A generation on the other worker loads the model in use there, not the configured default.
+    go = threading.Event()
+    hold = pool.jobs.submit("hold", lambda job: go.wait(WAIT), worker=0)
+    job = pool.service.submit_generation(request())
+    wait_done(job)
+    go.set()
+    wait_done(hold)
+    assert (job.status, job.worker) == (DONE, 1), job.error
+    assert pool.workers.workers[1].engine.model.source.ref == loaded
+
+
+def test_a_load_cancelled_while_queued_leaves_the_choice_as_it_was(pool, tiny_models):
+    pool.settings.model = "configured/default-model"
+    loaded = pool.workers.primary.engine.model.source.ref
+    go, holding = threading.Event(), threading.Event()
+    hold = pool.jobs.submit("hold", lambda job: holding.set() or go.wait(WAIT), worker=0)
+    assert holding.wait(WAIT)
+    queued = pool.service.submit_load_model(str(tiny_models["sdxl"]))
+    assert pool.service.chosen_model() == str(tiny_models["sdxl"])  # chosen from the moment it is queued
+    pool.service.cancel(queued.id)
+    go.set()
+    wait_done(hold)
+    wait_done(queued)
+    assert queued.status == CANCELLED and pool.service.chosen_model() == loaded
+
+
+def test_training_on_a_later_worker_defaults_to_the_chosen_model_not_its_last_one(tiny_models, tmp_path, monkeypatch):
+    """``--train-device`` naming the second device (here: the choice made as build_services makes it):
+    that worker's engine still holds the model it generated with before the user loaded another."""
+    import lorapg.devices
+
+    monkeypatch.setattr(lorapg.devices, "training_worker", lambda setting, devices: 1)
+    built = build_services(settings_for(tiny_models, tmp_path, devices="cpu,cpu"), record_results=False)
+    try:
+        built.service.load_model(str(tiny_models["sd15"]))
+        built.workers.workers[1].engine.load_model(str(tiny_models["sdxl"]))  # generated with it earlier
+        training = built.training
+        assert training.worker == 1 and training.engine is built.workers.workers[1].engine
+        source = tmp_path / "upload"
+        write_images(source, 2)
+        training.dataset_add("foxes", sorted(source.iterdir()))
+        values = {"preset": "concept", "name": "chosen", "trigger": "zqx", "max_steps": 1}
+        config = training.config_for({**values, "images": str(training.dataset_folder("foxes"))})
+        assert training.prepare(config).model == str(tiny_models["sd15"])
+    finally:
+        assert built.jobs.close(WAIT)
+
+
+@pytest.mark.parametrize(("name", "index"), [("cuda:1", 1), ("cuda:0", 0), ("cpu", None), ("cuda", None)])
+def test_training_on_cuda_n_makes_that_gpu_the_current_one_of_its_thread(name, index):
+    """Accelerate's device is plain "cuda", the thread's current GPU: training on cuda:1 enters this
+    context, or it would run on cuda:0. (Checked here at the unit level; no multi-GPU run in the tests.)"""
+    import contextlib
+
+    import torch
+
+    from lorapg.devices import device_context
+
+    context = device_context(torch.device(name))
+    if index is None:
+        assert isinstance(context, contextlib.nullcontext)
+    else:
+        assert isinstance(context, torch.cuda.device) and context.idx == index
+
+
+# --- device names: one type, and "auto" / "cuda" as the GPU they mean (review items 5 and 9) ------
+
+
+@pytest.fixture()
+def two_gpus(monkeypatch):
+    """What PyTorch reports on a machine with two GPUs, cuda:0 current (the names are only parsed here)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_plain_cuda_is_the_current_gpu_by_index():
+    import torch
+
+    from lorapg.devices import cuda_with_index
+
+    assert cuda_with_index(torch.device("cuda"), 2, 1, "devices", "hint") == torch.device("cuda", 1)
+    assert cuda_with_index(torch.device("cuda", 0), 2, 1, "devices", "hint") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"Setting devices: cuda:2 does not exist \(this machine has 2"):
+        cuda_with_index(torch.device("cuda", 2), 2, 0, "devices", "hint")
+
+
+@pytest.mark.parametrize("devices", ["auto,cuda:0", "cuda,cuda:0", "cuda:0,auto"])
+def test_auto_or_cuda_and_cuda_0_are_one_gpu_named_twice(two_gpus, devices):
+    from lorapg.devices import parse_devices
+
+    with pytest.raises(UserError, match="Setting devices names cuda:0 twice"):
+        parse_devices(devices)
+
+
+def test_train_device_cuda_0_is_found_among_auto_devices(two_gpus):
+    import torch
+
+    from lorapg.devices import parse_devices, training_worker
+
+    for fallback in ("auto", "cuda"):
+        devices = parse_devices(None, fallback)
+        assert devices == [torch.device("cuda", 0)] and training_worker("cuda:0", devices) == 0
+    assert parse_devices("cuda,cuda:1") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert training_worker("auto", parse_devices("cuda:0,cuda:1")) == 0
+
+
+@pytest.mark.parametrize("devices", ["cpu,cuda:0", "cuda:1,cpu"])
+def test_devices_of_two_types_are_refused_in_one_line(two_gpus, devices):
+    from lorapg.devices import parse_devices
+
+    with pytest.raises(UserError, match=r"Setting devices mixes device types \(cpu, cuda\)") as refused:
+        parse_devices(devices)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_retired_worker_tries_again_once_another_model_is_chosen(pool, tiny_models):
+    """Not only after that model has loaded on worker 0: here worker 0 is busy, and the next
+    generation (with the newly chosen model) runs on the worker that failed the previous one."""
+    second = pool.workers.workers[1].engine
+    original, refused = second.load_model, str(tiny_models["sd15"])
+
+    def refuses_sd15(ref, on_status=None):
+        if ref == refused:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(ref, on_status=on_status)
+
+    second.load_model = refuses_sd15
+    go = threading.Event()
+    try:
+        hold = pool.jobs.submit("hold", lambda job: go.wait(WAIT), worker=0)  # worker 0 busy throughout
+        failed = pool.service.submit_generation(request())
+        wait_done(failed)
+        assert (failed.status, failed.worker, pool.jobs.retired()) == (ERROR, 1, [1])
+        waiting = pool.jobs.submit("prompt", lambda job: None, worker=0)  # the status of a job that waits
+        assert job_status_text(waiting, pool.jobs).endswith(
+            "Out of the rotation, as it could not load the model: cpu (it tries again when another model is chosen)."
+        )
+        pool.service.submit_load_model(str(tiny_models["sdxl"]))  # waits behind the hold on worker 0
+        job = pool.service.submit_generation(request())
+        wait_done(job)
+        assert (job.status, job.worker) == (DONE, 1), job.error
+        assert second.model.source.ref == str(tiny_models["sdxl"]) and pool.jobs.retired() == []
+    finally:
+        go.set()
+    wait_done(hold)

@@ -141,6 +141,7 @@ class ProgressState(BaseModel):
     job_no: int
     sampling_step: int
     sampling_steps: int
+    device: str | None = None  # not A1111's: the device (--devices) running the generation; None when idle
 
 
 class ProgressResponse(BaseModel):

@@ -482,29 +482,28 @@ class A1111Service:
         }
 
     def interrupt(self) -> None:
-        """Stop the running generation after its current step, and the rest of its txt2img call."""
+        """Stop the running generations after their current step, and the rest of their txt2img calls."""
         with self._lock:
             self._interrupted = True
-        job = self._cancel_running()
-        if job is not None:
+        for job in self._cancel_running():
             with self._lock:
                 self._interrupted_jobs[job.id] = True
                 while len(self._interrupted_jobs) > MAX_REMEMBERED_INTERRUPTS:
                     self._interrupted_jobs.popitem(last=False)
 
     def skip(self) -> None:
-        """Stop the running batch; a txt2img call with more batches (n_iter) goes on with the next."""
+        """Stop the running batches; a txt2img call with more batches (n_iter) goes on with the next."""
         with self._lock:
             self._skipped = True
         self._cancel_running()
 
-    def _cancel_running(self) -> Job | None:
-        """Cancel the running generation (the UI's or the API's, as A1111 has one queue); return it."""
-        job = self._running_generation()
-        if job is None:
-            return None
-        self.generation.cancel(job.id)
-        return job
+    def _cancel_running(self) -> list[Job]:
+        """Cancel every running generation (the UI's or the API's; A1111's interrupt is global, and with
+        several devices several run at once); return them."""
+        jobs = [job for job in self.generation.jobs.running_jobs() if job.kind == "generate"]
+        for job in jobs:
+            self.generation.cancel(job.id)
+        return jobs
 
     def _running_generation(self) -> Job | None:
         """The earliest running generation (with several devices, other jobs may run beside it)."""

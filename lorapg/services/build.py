@@ -146,8 +146,15 @@ def build_services(
     # Training holds its device's worker (the first by default); the other workers keep generating.
     given = settings.devices is not None  # else training picks `device` itself, as before
     trainer_device = {"device": str(devices[train_worker]), "worker": train_worker} if given else {}
+    # That worker's engine is only what training frees; its base model is the one the user chose.
     training = TrainingService(
-        settings, jobs, pool.engine(train_worker), max_steps=policy.train_max_steps, notifier=notifier, **trainer_device
+        settings,
+        jobs,
+        pool.engine(train_worker),
+        max_steps=policy.train_max_steps,
+        notifier=notifier,
+        models=service,
+        **trainer_device,
     )
     # The same datasets (per visitor where visitors are kept apart) and the same GPU queue as training.
     # On ZeroGPU the GPU exists only inside a GPU call; the captioner runs on the CPU there.
@@ -189,6 +196,11 @@ def worker_devices(settings: Settings) -> tuple[list, int]:
     devices = parse_devices(settings.devices, settings.device)
     if len(devices) > 1 and zero_gpu_enabled():
         raise UserError("Setting devices lists several devices, but ZeroGPU lends one GPU per call; remove it.")
+    if len(devices) > 1 and settings.compile_unet:  # each worker's first generation would compile at once
+        raise UserError(
+            "Settings compile_unet (--compile) and devices (several) do not go together: torch.compile is not "
+            "thread-safe; drop --compile or list one device."
+        )
     return devices, training_worker(settings.train_device, devices)
 
 

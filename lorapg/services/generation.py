@@ -29,7 +29,7 @@ from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import ANY_WORKER, DONE, Job, JobQueue
+from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue
 from lorapg.services.img2img_inputs import options_from_form
 from lorapg.services.workers import WorkerPool
 
@@ -90,6 +90,8 @@ class GenerationService:
         self.result_sink = result_sink
         self.offered_models_only = offered_models_only
         self._loading_job: Job | None = None
+        self._ref_before_load: str | None = None  # the choice a failed or cancelled load falls back to
+        self._retired_on: set[str] = set()  # the models retired workers could not load (see _rejoin)
         self._generation = GpuTask(
             self._generate_on_device, self._generation_seconds, relay=gpu_relay, decorator=gpu_decorator
         )
@@ -110,16 +112,24 @@ class GenerationService:
             try:
                 self.engine.load_model(ref, on_status=lambda message: job.report(0, 0, message=message))
             except BaseException:
-                if self._chosen_ref == ref:  # generations submitted later follow the model still loaded
-                    self._chosen_ref = None
+                self._drop_choice(job)
                 raise
             self.jobs.restore()  # a new model: a device that failed to load the last one tries this one
             job.report(1, 1, message=f"Loaded {ref}")
             return self.model_status()
 
+        self._ref_before_load = self.chosen_model()
         self._chosen_ref = ref  # generations submitted from now on use it, on whichever worker they run
         self._loading_job = self.jobs.submit("load-model", work)
         return self._loading_job
+
+    def _drop_choice(self, job: Job) -> None:
+        """A load that failed or was cancelled: later generations go back to the model still in use
+        (the primary worker's, else the one chosen before), never to the configured default, which
+        every worker would otherwise load over the model it holds."""
+        if self._loading_job is job:  # a newer load is the user's choice now; it stays
+            loaded = self.engine.model
+            self._chosen_ref = loaded.source.ref if loaded is not None else self._ref_before_load
 
     def check_model_ref(self, ref: str | None) -> str:
         """``ref`` (default: the configured model) if this app may load it; bad paths fail here, before queueing."""
@@ -263,15 +273,28 @@ class GenerationService:
             return self.jobs.submit("generate", work, owner=owner)
         # Several workers: the model is fixed now, so the image is the same whichever worker runs it.
         ref = self.chosen_model()
+        self._rejoin(ref)
 
         def work_anywhere(job: Job) -> GenerationResult:
             return self.run_in_job(request, job, model_ref=ref, record=record)
 
         return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER)
 
+    def _rejoin(self, ref: str) -> None:
+        """Retired workers try again once the chosen model is another than the one they failed on
+        (not only after a load on the first worker has succeeded)."""
+        if self._retired_on and ref not in self._retired_on and self.jobs.retired():
+            self._retired_on.clear()
+            self.jobs.restore()
+
     def chosen_model(self) -> str:
-        """The model generations submitted now use: the one loaded last by the user, else the configured one."""
-        return self._chosen_ref or self.settings.model
+        """The model generations submitted now use: the one the user chose last (a load that failed or
+        was cancelled does not count), else the primary worker's loaded one, else the configured one."""
+        job = self._loading_job
+        if job is not None and job.status == CANCELLED:  # cancelled while queued: its work never ran
+            self._drop_choice(job)
+        loaded = self.engine.model
+        return self._chosen_ref or (loaded.source.ref if loaded is not None else None) or self.settings.model
 
     def run_in_job(
         self,
@@ -318,6 +341,7 @@ class GenerationService:
             except Exception as exc:
                 # This device is out of the rotation until another model is loaded; the others serve on.
                 self.jobs.retire(job.worker)
+                self._retired_on.add(ref)
                 log.warning("device %s could not load %s", engine.device, ref, exc_info=True)
                 reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
                 raise UserError(

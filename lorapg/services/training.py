@@ -125,16 +125,20 @@ class TrainingService:
         history: RunStore | None = None,
         device: str | None = None,
         worker: int = 0,
+        models: Any = None,
     ):
         """``max_steps``: the longest run this app allows (None: no limit). ``gpu_relay`` /
         ``gpu_decorator``: see ``GpuTask``. ``notifier``: told when each run ends (``--notify-webhook``).
         ``history``: the run store (default: ``models/training_runs/runs.sqlite3``).
         ``device`` / ``worker``: with several devices (``--devices``), the one training runs on and the
-        job queue's worker for it, which training holds while the others generate (default: ``device``, 0)."""
+        job queue's worker for it, which training holds while the others generate (default: ``device``, 0).
+        ``models``: the GenerationService, whose chosen model and primary engine give the base model's
+        defaults (``engine``, another worker's, may hold whatever it generated last; default: ``engine``)."""
         self.settings = settings
         self.jobs = jobs
         self.engine = engine  # the DiffusionEngine whose pipeline leaves the GPU while training
         self.device, self.worker = device, worker
+        self.models = models
         self.presets_dir = presets_dir or PRESETS_DIR
         self.datasets = DatasetStore(Path(settings.models_dir) / "datasets", DatasetLimits.from_settings(settings))
         self.max_steps = max_steps
@@ -234,11 +238,7 @@ class TrainingService:
         validate_name(config.name)
         if not config.trigger.strip():
             raise UserError("A trigger word is required: a rare word (e.g. “zqx_fox”) that will call up the LoRA.")
-        model = (
-            config.model
-            or (self.engine.model.source.ref if self.engine and self.engine.model else "")
-            or self.settings.model
-        )
+        model = self._model_of(config)
         self._check_for_family(config, model)
         if not config.images:
             raise UserError("No images: upload some to a dataset, or pass --images DIR.")
@@ -515,7 +515,7 @@ class TrainingService:
         trainer computes it for its family); else, for a Flux.1 / SD 3.5 model known without loading,
         its native 1024 px in 16 px multiples; else the config's side (SD 1.x's 512 px when unset) in
         kohya's 64 px multiples."""
-        loaded = self.engine.model if self.engine is not None else None
+        loaded = self._loaded()
         pipe = loaded.pipe if loaded is not None and loaded.source.ref == model else None
         if pipe is not None and is_transformer_family(loaded.family):
             return pipeline_geometry(pipe, loaded.family, config.resolution)
@@ -538,14 +538,23 @@ class TrainingService:
         return config.name
 
     def _model_of(self, config: TrainConfig) -> str:
+        if config.model:
+            return config.model
+        if self.models is not None:  # the model the user chose, not the training worker's last one
+            return self.models.chosen_model()
         engine_model = self.engine.model.source.ref if self.engine and self.engine.model else ""
-        return config.model or engine_model or self.settings.model
+        return engine_model or self.settings.model
+
+    def _loaded(self) -> Any:
+        """The loaded model whose geometry the defaults read: the primary engine's (see ``models``)."""
+        engine = self.models.engine if self.models is not None else self.engine
+        return engine.model if engine is not None else None
 
     def _resolution(self, config: TrainConfig, model: str) -> int | None:
         """The trained size: the config's, or the base model's native one when the engine knows it."""
         if config.resolution:
             return config.resolution
-        loaded = self.engine.model if self.engine is not None else None
+        loaded = self._loaded()
         if loaded is not None and loaded.source.ref == model:
             return loaded.native_size
         family = guess_family(model)  # Flux.1 / SD 3.5 train at their native 1024 px, not SD's 512
@@ -623,7 +632,7 @@ class TrainingService:
         return self._training_seconds(config)
 
     def _training_seconds(self, config: TrainConfig) -> float:
-        model = self.engine.model if self.engine is not None else None
+        model = self._loaded()
         native = model.native_size if model is not None and model.source.ref == config.model else 1024
         images = len(Dataset(Path(config.images)).images()) if config.images else 1
         steps = planned_training_steps(images, config.repeats, config.epochs, config.batch_size, config.max_steps)
@@ -634,7 +643,7 @@ class TrainingService:
     # --- the job's work ------------------------------------------------------------------------
 
     def _train(self, config: TrainConfig, on_progress, should_cancel) -> TrainResult:
-        from lorapg.devices import pick_device
+        from lorapg.devices import device_context, pick_device
 
         device = pick_device(self.device or self.settings.device)
         work_dir, lora_dir = self.work_dir(config), self.lora_dir(config)
@@ -655,10 +664,12 @@ class TrainingService:
         )
         residency = self.engine.residency if self.engine is not None else None
         if residency is None:  # CPU: no GPU memory is shared, nothing to clear
-            return trainer.run()
+            with device_context(device):
+                return trainer.run()
         # Every model leaves the GPU and nothing else is placed there until training ends; the
         # models come back on their next use.
         with (
+            device_context(device),  # accelerate trains on plain "cuda": this thread's current GPU
             residency.exclusive("LoRA training", 0),
             out_of_memory_as_user_error(
                 "while training, with every other model off the GPU",

@@ -62,6 +62,13 @@ def gpu_slots(queue: JobQueue) -> int:
     return queue.worker_count
 
 
+def primary_worker_group(queue: JobQueue) -> dict:
+    """Gradio concurrency for events whose jobs run on the first worker alone (a model load, grids):
+    with several devices their own group of one, so that handlers waiting for that worker never hold
+    the "gpu" slots the generations on the other devices need; with one device the "gpu" group as before."""
+    return {"concurrency_id": "gpu" if queue.worker_count == 1 else "gpu-primary", "concurrency_limit": 1}
+
+
 def job_status_text(job: Job, queue: JobQueue) -> str:
     if job.status == QUEUED:
         ahead = queue.position(job)
@@ -70,7 +77,7 @@ def job_status_text(job: Job, queue: JobQueue) -> str:
         # (With several devices the others keep generating while one trains: no such wait to explain.)
         training = running is not None and running.kind == "train" and queue.worker_count == 1
         why = " LoRA training in progress; this job starts when it ends." if training else ""
-        return f"⏳ Queued (job `{job.id}`): {ahead} job(s) ahead.{why}"
+        return f"⏳ Queued (job `{job.id}`): {ahead} job(s) ahead.{why}{retired_note(queue)}"
     # With several devices (--devices) the user sees which one runs the job; with one, nothing changes.
     where = f" on {job.device}" if job.device and queue.worker_count > 1 else ""
     if job.status == RUNNING and job.total:
@@ -78,6 +85,17 @@ def job_status_text(job: Job, queue: JobQueue) -> str:
     if job.status == RUNNING:
         return f"▶️ {job.message or 'Running'} (job `{job.id}`{where})."
     return f"{job.status.capitalize()} (job `{job.id}`{where})."
+
+
+def retired_note(queue: JobQueue) -> str:
+    """A device out of the rotation (it could not load the model) makes the wait longer: say which."""
+    devices = [str(queue.devices[index]) for index in queue.retired()]
+    if not devices:
+        return ""
+    return (
+        f" Out of the rotation, as it could not load the model: {', '.join(devices)} "
+        "(it tries again when another model is chosen)."
+    )
 
 
 def follow(job: Job, queue: JobQueue, progress: gr.Progress | None = None) -> Iterator[Job]:

@@ -29,7 +29,16 @@ from lorapg.limits import (
     Range,
 )
 from lorapg.services.generation import GenerationService, LoraListing
-from lorapg.ui.common import checked_text, follow, gpu_slots, job_status_text, raw_number, user_errors, visitor
+from lorapg.ui.common import (
+    checked_text,
+    follow,
+    gpu_slots,
+    job_status_text,
+    primary_worker_group,
+    raw_number,
+    user_errors,
+    visitor,
+)
 from lorapg.ui.controlnet_section import CONTROLNET_INPUTS, NO_MODEL, build_controlnet_section
 from lorapg.ui.hires_section import HIRES_INPUTS, build_hires_section, hires_upscaler_choices
 from lorapg.ui.texts import loading_text, model_status_text
@@ -297,8 +306,7 @@ def build_generate_tab(
         model_box,
         [model_status, width, height],
         api_name="load_model",
-        concurrency_id="gpu",
-        concurrency_limit=gpu_slots(service.jobs),
+        **primary_worker_group(service.jobs),  # loads on the first worker only
     )
 
     @user_errors

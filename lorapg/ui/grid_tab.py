@@ -20,7 +20,7 @@ from lorapg.hosting.visitors import Visitors
 from lorapg.jobs import CANCELLED, QUEUED, Job
 from lorapg.services.grid import DEFAULT_EPOCH_SCALES, GridCheck, GridResult, GridService
 from lorapg.services.training import TrainingService
-from lorapg.ui.common import follow, gpu_slots, job_status_text, user_errors, visitor
+from lorapg.ui.common import follow, job_status_text, primary_worker_group, user_errors, visitor
 from lorapg.ui.generate_tab import lora_spec
 
 AXES = ("x", "y", "z")
@@ -213,8 +213,7 @@ def build_grid_tab(
         inputs_kwargs={**base_inputs, **axes, "confirmed": confirm, "cells": shown_cells},
         outputs=[status, images, job_id],
         api_name="grid",
-        concurrency_id="gpu",
-        concurrency_limit=gpu_slots(grids.generation.jobs),
+        **primary_worker_group(grids.generation.jobs),  # a grid's cells run on the first worker
     )
 
     @user_errors
@@ -279,8 +278,7 @@ def epochs_grid_actions(
             [train["job_id"], scales],
             [status, images],
             api_name="train_epochs_grid",
-            concurrency_id="gpu",
-            concurrency_limit=gpu_slots(grids.generation.jobs),
+            **primary_worker_group(grids.generation.jobs),
         )
         return {"grid_scales": scales, "grid_status": status, "grid_images": images}
 
