@@ -197,6 +197,38 @@ def test_a_dataset_smaller_than_one_global_batch_is_refused_by_name(tiny_models,
     assert not (tmp_path / "s").exists()
 
 
+def test_a_failed_export_on_the_main_process_ends_both_processes(tiny_models, images, tmp_path):
+    # The main process alone writes the LoRA: an output "folder" that is a file fails its export after the
+    # last training step. The other process must not wait for it at the end-of-run barrier until gloo's
+    # timeout (~30 min). torchrun would kill it once the main one failed, so the two processes are started
+    # here with torchrun's variables but no launcher (as on two hosts): each must end by itself.
+    (tmp_path / "blocked").write_text("not a folder", encoding="utf-8")
+    out = str(tmp_path / "blocked")
+    config = write_config(tmp_path / "x.toml", tiny_models, images, epochs=1, batch_size=2, out=out)
+    base = _env(tmp_path / "models") | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    command = [sys.executable, "-m", "lorapg", "train", str(config)]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=base | {"RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        errors = [proc.communicate(timeout=300)[1] for proc in procs]  # TimeoutExpired is the failure
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[0].returncode != 0 and "blocked" in errors[0], errors[0][-3000:]
+    assert procs[1].returncode == 2, errors[1][-3000:]
+    assert "Another training process of this run failed (its error is above); this one stopped too." in errors[1]
+    assert (tmp_path / "blocked").read_text(encoding="utf-8") == "not a folder"
+
+
 def test_accelerate_cpu_flag_that_starts_one_process_is_refused(tiny_models, images, tmp_path):
     config = write_config(tmp_path / "t.toml", tiny_models, images, epochs=1, out=str(tmp_path / "t"))
     proc = train(tmp_path, config, launch=("--cpu", "--num_processes", "2"))

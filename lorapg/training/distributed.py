@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from lorapg.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # The variables accelerate itself reads (accelerate.state.PartialState): torchrun's, then MPI's.
 _RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
@@ -51,7 +54,7 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def end_process_group(accelerator, release_models: Callable[[], None]) -> None:
+def end_process_group(accelerator, release_models: Callable[[], None], *, succeeded: bool = True) -> None:
     """End a run's process group in the one order that cannot hang at exit.
 
     gloo's worker threads free a finished collective's tensors just after its waiter returns, and
@@ -65,13 +68,50 @@ def end_process_group(accelerator, release_models: Callable[[], None]) -> None:
     2. ``release_models`` drops the DDP wrappers while the group is still registered, so freeing a
     reducer cannot be the group's last reference; 3. ``end_training`` destroys the group: the last
     reference goes in this known place, with the workers idle, and the join returns at once.
+
+    Before the barrier the processes agree on success (an all-reduced flag, as the cancel flag is):
+    a process that failed after the run's last collective (the main one alone exports: disk full)
+    says so with ``succeeded=False`` instead of leaving the others in the barrier until gloo's
+    timeout (~30 min); they then end too and raise. A process that failed mid-run calls
+    ``end_after_error`` instead, since the others may be waiting in another collective.
     """
+    others_failed = False
     if accelerator.num_processes > 1:
+        others_failed = not _all_succeeded(accelerator, succeeded) and succeeded
         accelerator.wait_for_everyone()
         release_models()
         accelerator.free_memory()  # the accelerator's own references to the wrappers
         gc.collect()  # DDP wrappers sit in reference cycles: free their reducers now, not at some later collection
     accelerator.end_training()  # destroys the process group, where there is one
+    if others_failed:
+        raise UserError("Another training process of this run failed (its error is above); this one stopped too.")
+
+
+def end_after_error(accelerator, release_models: Callable[[], None], *, after_last_collective: bool) -> None:
+    """End the process group of a process whose run raised; never raises (the caller re-raises the error).
+
+    After the run's last collective the others are heading for ``end_process_group``: agree with them
+    on the failure there. Mid-run they may be waiting in another collective: skip the barrier and
+    destroy the group, which closes its connections, so they fail at once instead of at gloo's timeout.
+    """
+    try:
+        if after_last_collective:
+            end_process_group(accelerator, release_models, succeeded=False)
+            return
+        release_models()
+        if accelerator.num_processes > 1:
+            accelerator.free_memory()
+            gc.collect()
+        accelerator.end_training()
+    except Exception:  # noqa: BLE001 - the original error matters more than a failed cleanup
+        log.warning("Could not end the training process group after an error", exc_info=True)
+
+
+def _all_succeeded(accelerator, succeeded: bool) -> bool:
+    import torch
+
+    flag = torch.tensor([0.0 if succeeded else 1.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
 
 
 def check_launch() -> None:

@@ -400,12 +400,23 @@ class Trainer:
         # 5. Resume from the last checkpoint when there is one; record the run's config.
         self._resume_or_start(run)
 
-        # 6. The loop, until the last step or a cancel.
-        if self._train(run):
-            # 7. Export the LoRA.
-            self._export_final(run)
         # Before the models go: several processes share a gloo process group that must end first.
-        distributed.end_process_group(run.accelerator, lambda: self._release_wrappers(run))
+        def release() -> None:
+            self._release_wrappers(run)
+
+        trained = False  # past the run's last collective: a failure can still be agreed on with the others
+        try:
+            # 6. The loop, until the last step or a cancel.
+            completed = self._train(run)
+            trained = True
+            if completed:
+                # 7. Export the LoRA.
+                self._export_final(run)
+        except BaseException:
+            # Tell the other processes (or close the group on them), so that none waits in a barrier for good.
+            distributed.end_after_error(run.accelerator, release, after_last_collective=trained)
+            raise
+        distributed.end_process_group(run.accelerator, release)
         return run.result
 
     # --- 1. the model ---------------------------------------------------------------------------
