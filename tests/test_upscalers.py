@@ -130,6 +130,20 @@ def test_a_file_that_is_no_upscaler_and_an_unknown_name_are_refused_in_one_line(
         library.find("R-ESRGAN 4x+", "upscaler_1")
 
 
+def test_a_read_error_with_an_empty_message_is_named_by_its_type(tmp_path, monkeypatch):
+    # Some of spandrel's architecture checks are bare asserts: an error whose message is empty. A real
+    # file cannot be made to trip one reliably, so the loader raises one here.
+    import spandrel
+
+    def fail(self, state):
+        raise AssertionError()
+
+    monkeypatch.setattr(spandrel.ModelLoader, "load_from_state_dict", fail)
+    save_file(tiny_esrgan_state(), tmp_path / "broken.safetensors")
+    with pytest.raises(UserError, match=r"'broken' \(broken\.safetensors\) could not be read: AssertionError; replace"):
+        UpscalerLibrary(tmp_path, tile=0).upscale(noise(8, 8), "broken", (32, 32))
+
+
 # --- the service: limits and the gallery ------------------------------------------------------------
 
 
@@ -191,6 +205,21 @@ def test_the_hires_fix_upscales_with_an_upscaler_model(tiny_models, folder):
     engine.check_hires_upscaler(TINY.upper())  # a file's name, any case
     with pytest.raises(UserError, match=f"Hires upscaler 'SwinIR 4x' is not available; pick one of .*\"{TINY}\""):
         engine.check_hires_upscaler("SwinIR 4x")
+
+
+def test_the_hires_fix_refuses_an_upscaler_models_pass_over_max_image_pixels(tiny_models, folder):
+    # 32² × 1.25 is 40² (1 600 pixels), within the limit; the 4× model makes 128² (16 384) on the way.
+    library = UpscalerLibrary(folder / "upscalers", tile=0)
+    engine = DiffusionEngine(
+        LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32, upscalers=library, max_image_pixels=10**4
+    )
+    engine.load_model(str(tiny_models["sd15"]))
+    options = HiresOptions(scale=1.25, steps=2, strength=0.5, upscaler=TINY)
+    request = GenerationRequest(prompt="a fox", steps=2, seed=3, width=32, height=32, hires=options)
+    expected = r"Hires upscaler '4x-tiny': upscaling 32×32 makes 128×128 \(0\.0 megapixels\), over the limit"
+    with pytest.raises(UserError, match=expected) as caught:
+        engine.generate(request)
+    assert "\n" not in str(caught.value) and "max_image_pixels" in str(caught.value)
 
 
 # --- the A1111 API and the UI over HTTP ------------------------------------------------------------------

@@ -87,6 +87,7 @@ class DiffusionEngine:
         controlnets: ControlNetLibrary | None = None,
         annotators_dir: Path | None = None,
         upscalers: UpscalerLibrary | None = None,
+        max_image_pixels: int = 0,
     ):
         self.library = lora_library
         self.device = device
@@ -107,6 +108,7 @@ class DiffusionEngine:
         self.annotators_dir = annotators_dir or Path("models/annotators")
         # Upscaler models (models/upscalers) the hires fix may use besides its built-in upscalers.
         self.upscalers = upscalers
+        self.max_image_pixels = max_image_pixels  # Settings.max_image_pixels, for a hires upscaler model's passes
 
     # --- model -----------------------------------------------------------------------------
 
@@ -214,7 +216,7 @@ class DiffusionEngine:
             if image_run is not None:
                 request = image_run.request  # its init image and mask decoded and checked
             # Hires fix: a second pass on the upscaled first one; progress counts both passes' steps.
-            hires_run = prepare_hires_run(model, request, seeds, self.upscalers)
+            hires_run = prepare_hires_run(model, request, seeds, self.upscalers, self.max_image_pixels)
             control_run = self._control_run(model, request, image_run) if request.controlnet else None
             if image_run is not None:
                 image_run.control = control_run

@@ -22,6 +22,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Dif
 from PIL import Image
 
 from lorapg.diffusion import hires, img2img
+from lorapg.diffusion.upscalers import check_size
 from lorapg.errors import UserError
 
 if TYPE_CHECKING:
@@ -184,10 +185,15 @@ class HiresRun:
 
 
 def prepare_hires_run(
-    model: LoadedModel, request: GenerationRequest, seeds: list[int], upscalers: UpscalerLibrary | None = None
+    model: LoadedModel,
+    request: GenerationRequest,
+    seeds: list[int],
+    upscalers: UpscalerLibrary | None = None,
+    max_pixels: int = 0,
 ) -> HiresRun | None:
     """The hires run for ``request`` (validated) if it asks for one; None otherwise. ``upscalers``:
-    where an upscaler model's name is looked up (None: only the built-in upscalers)."""
+    where an upscaler model's name is looked up (None: only the built-in upscalers); ``max_pixels``:
+    Settings.max_image_pixels (0 = no limit), which an upscaler model's passes must stay within too."""
     options = request.hires
     if options is None:
         return None
@@ -195,9 +201,22 @@ def prepare_hires_run(
     if model.pipe.unet.config.in_channels == INPAINTING_UNET_CHANNELS:
         raise UserError("Hires fix needs a regular checkpoint; this one is an inpainting model. Turn hires fix off.")
     width, height = hires.target_size(options, request.width, request.height)
+    if upscalers is not None and options.upscaler not in hires.UPSCALERS:
+        _check_model_passes(upscalers, options.upscaler, request, (width, height), max_pixels)
     nominal = hires.second_pass_steps(options, request.steps)
     steps = img2img.effective_steps(nominal, options.strength)
     return HiresRun(model, request, seeds, width, height, steps, upscalers)
+
+
+def _check_model_passes(
+    upscalers: UpscalerLibrary, name: str, request: GenerationRequest, size: tuple[int, int], max_pixels: int
+) -> None:
+    """Refuse a hires upscale whose model passes overshoot ``max_pixels`` on the way to ``size`` (the checked
+    result): a 4× model makes a 4× image before it is resized down, e.g. 8192² for hr_scale 1.05 of 2048²."""
+    # The passes run until both sides are reached: the larger of the two ratios decides how many.
+    scale = max(size[0] / request.width, size[1] / request.height)
+    field = f"Hires upscaler {name!r}"
+    check_size(request.width, request.height, scale, upscalers.model_scale(name), max_pixels, field)
 
 
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:

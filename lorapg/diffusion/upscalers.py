@@ -224,8 +224,9 @@ def _read_model(item: UpscalerFile, allow_pickle: bool):
             "(ESRGAN, Real-ESRGAN, SwinIR, …); remove it from the upscalers folder."
         ) from None
     except Exception as exc:  # a damaged file, or a pickle spandrel's restricted unpickler refuses
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # a bare assert's message is empty
         raise UserError(
-            f"Upscaler {item.name!r} ({item.path.name}) could not be read: {shorten(str(exc).splitlines()[0])}; "
+            f"Upscaler {item.name!r} ({item.path.name}) could not be read: {shorten(first_line)}; "
             "replace the file."
         ) from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.input_channels != 3:

@@ -232,6 +232,7 @@ def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionE
         controlnets=ControlNetLibrary(settings.models_dir / "controlnet", allow_pickle=settings.allow_pickle),
         annotators_dir=settings.models_dir / "annotators",
         upscalers=upscalers,
+        max_image_pixels=settings.max_image_pixels,
     )
 
 
