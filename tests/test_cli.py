@@ -66,6 +66,10 @@ def test_generate_writes_pngs_prints_seed_and_records_gallery(base_args, tmp_pat
     assert "Seed: 77" in text and "Sampler: Euler a" in text and "Size: 64x64" in text
     assert "Seed: 78" in Image.open(second).text["parameters"]
     assert len(list((tmp_path / "outputs" / "images").rglob("*.png"))) == 2
+    # The gallery's WAL was merged into its database on the way out (the exit freezes the heap, so
+    # nothing is collected then): no -wal file is left beside it.
+    assert (tmp_path / "outputs" / "gallery.sqlite3").is_file()
+    assert not (tmp_path / "outputs" / "gallery.sqlite3-wal").exists()
 
     again = run_cli(
         "generate",

@@ -20,6 +20,7 @@ import logging
 import sqlite3
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import replace
@@ -186,6 +187,17 @@ class GalleryStore:
         # (wal_autocheckpoint); what a commit guarantees is unchanged.
         self._wal_keeper = sqlite3.connect(self.db_path, check_same_thread=False)
         self._wal_keeper.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        # Closed when the store goes, or at exit if it is still there. Not left to the connection's own
+        # end: a sqlite3 connection sits in reference cycles, and the entry points freeze the heap on the
+        # way out (lorapg.process_exit), so it would never be collected: the WAL would stay unmerged
+        # beside the database (gallery.sqlite3-wal, -shm).
+        self._close_keeper = weakref.finalize(self, self._wal_keeper.close)
+
+    def close(self) -> None:
+        """Close the WAL keeper, so the WAL is checkpointed into the database and deleted (idempotent).
+
+        The store still works afterwards: each read and write opens its own connection."""
+        self._close_keeper()
 
     # ----------------------------------------------------------------------------------------
     # Connections and transactions
