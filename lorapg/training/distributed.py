@@ -71,8 +71,9 @@ def end_process_group(accelerator, release_models: Callable[[], None], *, succee
 
     Before the barrier the processes agree on success (an all-reduced flag, as the cancel flag is):
     a process that failed after the run's last collective (the main one alone exports: disk full)
-    says so with ``succeeded=False`` instead of leaving the others in the barrier until gloo's
-    timeout (~30 min); they then end too and raise. A process that failed mid-run calls
+    says so with ``succeeded=False`` instead of leaving the others in the barrier (until its exit
+    fails them with gloo's "Connection closed by peer", or gloo's ~30 min timeout if it lingers);
+    they then end in order too and raise a clear error. A process that failed mid-run calls
     ``end_after_error`` instead, since the others may be waiting in another collective.
     """
     others_failed = False
