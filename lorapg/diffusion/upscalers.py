@@ -226,8 +226,7 @@ def _read_model(item: UpscalerFile, allow_pickle: bool):
     except Exception as exc:  # a damaged file, or a pickle spandrel's restricted unpickler refuses
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # a bare assert's message is empty
         raise UserError(
-            f"Upscaler {item.name!r} ({item.path.name}) could not be read: {shorten(first_line)}; "
-            "replace the file."
+            f"Upscaler {item.name!r} ({item.path.name}) could not be read: {shorten(first_line)}; replace the file."
         ) from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.input_channels != 3:
         raise UserError(
