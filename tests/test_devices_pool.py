@@ -7,6 +7,7 @@ with barriers and events the tests control (a job waits until the other has star
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import numpy as np
@@ -28,9 +29,13 @@ WAIT = 120  # seconds: a safety net against a hang, never what a test measures
 
 def settings_for(tiny_models, tmp_path, **values) -> Settings:
     values = {"device": "cpu", **values}
+    # A copy of the session's LoRA folder: a run trained here must not appear in other modules' scans.
+    loras = tmp_path / "loras"
+    if not loras.exists():
+        shutil.copytree(tiny_models["loras"], loras)
     return Settings(
         model=str(tiny_models["sd15"]),
-        lora_dir=tiny_models["loras"],
+        lora_dir=loras,
         models_dir=tmp_path / "models",
         outputs=tmp_path / "outputs",
         load_model_at_start=False,

@@ -73,6 +73,6 @@ def test_an_app_reachable_from_other_machines_does_not_reveal_which_paths_exist(
         for ref in (str(tmp_path / "secret"), str(tmp_path / "nothing"), "/etc"):
             with pytest.raises(Exception, match="outside this app's models folder") as caught:
                 client.predict(ref, api_name="/load_model")
-            answers.add(str(caught.value).replace(ref, "REF"))
+            answers.add(str(caught.value).replace(shorten(ref), "REF"))  # long temp paths are cut in the message
         assert len(answers) == 1
         assert "SD 1" in client.predict(api_name="/load_model")[0]  # the owner's configured model still loads

@@ -172,7 +172,7 @@ def test_load_model_from_other_machines_does_not_reveal_which_paths_exist(tmp_pa
             for ref in (str(tmp_path / "secret"), str(tmp_path / "nothing")):
                 with pytest.raises(UserError, match="outside this app's models folder") as caught:
                     runtime.service.load_model(ref)
-                answers.add(str(caught.value).replace(ref, "REF"))
+                answers.add(str(caught.value).replace(shorten(ref), "REF"))  # long temp paths are cut in the message
             assert len(answers) == 1
         finally:
             runtime.jobs.shutdown()
