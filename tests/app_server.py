@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests import process_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,10 +23,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0, log_path: Path | None = None):
+def running_app(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    log_path: Path | None = None,
+    fresh: bool = False,
+):
     """Yield the base URL of an app process started with ``args``; stop it afterwards.
 
-    The process's output goes to ``log_path`` (a temp file by default), for tests that read it.
+    The process's output goes to ``log_path`` (a temp file by default), for tests that read it. The process
+    is forked from this worker's process factory (tests/process_factory.py: the same app, without a fresh
+    interpreter's imports) unless ``env`` or ``fresh`` asks for a fresh interpreter.
     """
     port = free_port()
     if "--models-dir" not in args:  # datasets, training runs and LLM caches never land in the repo
@@ -39,14 +48,10 @@ def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 
         GRADIO_ANALYTICS_ENABLED="False",
         **(env or {}),
     )
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    log_path.write_text("")
+    process = process_factory.start(
+        [str(ROOT / "app.py"), "--port", str(port), *args], cwd=ROOT, env=full_env, stdout=log_path, fresh=fresh
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         yield wait_until_serving(process, url, log_path, timeout)
@@ -58,7 +63,7 @@ def running_app(*args: str, env: dict[str, str] | None = None, timeout: float = 
             process.kill()
 
 
-def wait_until_serving(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 120.0) -> str:
+def wait_until_serving(process, url: str, log_path: Path, timeout: float = 120.0) -> str:
     """Wait until the app at ``url`` answers; raise with its log if it exits or never answers."""
     deadline = time.monotonic() + timeout
     while True:

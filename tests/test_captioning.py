@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from lorapg.jobs import CANCELLED, DONE, JobQueue
 from lorapg.residency import ResidencyManager
 from lorapg.services.captions import CAPTIONER_RESIDENT_NAME, CaptionService, build_captioner
 from lorapg.training.dataset import Dataset, DatasetStore
+from tests import process_factory
 from tests.tiny_captioners import (
     BLIP2_WORDS,
     FLORENCE_WORDS,
@@ -456,10 +456,7 @@ def test_caption_styles_and_lengths_are_the_same_for_every_model():
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "lorapg", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return process_factory.run(["-m", "lorapg", *args], cwd=cwd, env=process_factory.test_env())
 
 
 def test_cli_lists_validates_and_captions_a_dataset(wd14, tmp_path):

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from lorapg.cli import main
+from tests import process_factory
 from tests.reproducibility import assert_batch_item_matches_alone, assert_visibly_different
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "lorapg", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return process_factory.run(["-m", "lorapg", *args], cwd=cwd, env=process_factory.test_env())
 
 
 @pytest.fixture()

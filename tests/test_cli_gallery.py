@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from lorapg.gallery import GalleryStore, ImageRecord, LoraUse, read_png_parameters
+from tests import process_factory
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LORAPG_")}
-    return subprocess.run(
-        [sys.executable, "-m", "lorapg", "gallery", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = {key: value for key, value in process_factory.test_env().items() if not key.startswith("LORAPG_")}
+    return process_factory.run(["-m", "lorapg", "gallery", *args], cwd=REPO, env=env, timeout=60)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from lorapg.config import DEFAULT_MODEL, DEMO_MODEL, Settings, load_settings
 from lorapg.demo.judge import judge_image
 from lorapg.demo.shapes import SHAPES, Scene, all_scenes, held_out_scenes
 from lorapg.ui.texts import model_status_text
+from tests import process_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +137,7 @@ ONE_IMAGE = 1 / 40
 
 
 def _run(arguments: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run([sys.executable, *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    done = process_factory.run(arguments, cwd=cwd, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -213,7 +214,7 @@ def test_concept_loras_trained_by_the_app_teach_their_concept_without_breaking_t
     from lorapg.demo.evaluate import blend_effect, load_engine
 
     folders = write_concept_datasets(tmp_path / "datasets")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = process_factory.test_env()
     # Both concepts at once, one process (one core) each: training and measuring each take minutes.
     with ThreadPoolExecutor(max_workers=len(CONCEPTS)) as pool:
         futures = {
