@@ -144,6 +144,19 @@ class ResidencyManager:
             self._models[name] = model
             return model
 
+    def unregister(self, name: str) -> bool:
+        """Forget ``name`` (its file is gone or replaced): moved off the GPU first, so its memory is
+        not left there uncounted. False when it is pinned (in use): the caller tries again later."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                return True
+            if model.pins:
+                return False
+            self._evict(model)
+            del self._models[name]
+            return True
+
     def resize(self, name: str, size_bytes: int) -> None:
         """Correct a model's footprint once it is known (an estimate is registered before loading)."""
         with self._lock:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -25,25 +27,28 @@ from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest
-from lorapg.diffusion.upscalers import UpscalerLibrary, _to_tensor, tile_starts, tiled_upscale
+from lorapg.diffusion.upscalers import UpscaleCancelled, UpscalerLibrary, _to_tensor, tile_starts, tiled_upscale
 from lorapg.errors import UserError
 from lorapg.gallery.png import read_png_parameters
+from lorapg.gallery.records import ImageRecord
 from lorapg.gallery.store import GalleryStore
 from lorapg.jobs import JobQueue
-from lorapg.residency import GB, ResidencyManager
+from lorapg.residency import GB, GPU, ResidencyManager
+from lorapg.services.gallery import GalleryService
+from lorapg.services.generation import GenerationService
 from lorapg.services.upscale import UpscaleService
 from tests.app_server import running_app
 
 TINY = "4x-tiny"
 
 
-def tiny_esrgan_state() -> dict[str, torch.Tensor]:
+def tiny_esrgan_state(filters: int = 4) -> dict[str, torch.Tensor]:
     """An ESRGAN (RRDBNet, the original "model.N" layout) with 4 features and one block: a 4× upscaler
-    of a few kilobytes, random but fixed weights."""
+    of a few kilobytes, random but fixed weights (``filters``: another size of file)."""
     from spandrel.architectures.ESRGAN import ESRGAN
 
     torch.manual_seed(0)
-    net = ESRGAN(num_filters=4, num_blocks=1, scale=4)
+    net = ESRGAN(num_filters=filters, num_blocks=1, scale=4)
     return {key: value.contiguous() for key, value in net.state_dict().items()}
 
 
@@ -144,6 +149,74 @@ def test_a_read_error_with_an_empty_message_is_named_by_its_type(tmp_path, monke
         UpscalerLibrary(tmp_path, tile=0).upscale(noise(8, 8), "broken", (32, 32))
 
 
+def resident(residency: ResidencyManager, name: str):
+    """The residency manager's entry for ``name`` (``use`` hands it out; released at once)."""
+    with residency.use(name) as entry:
+        return entry
+
+
+def test_a_model_whose_registration_fails_is_not_kept_and_registers_on_the_next_load(folder):
+    residency = ResidencyManager(GB)
+    name = f"upscaler: {TINY}"
+    residency.register(name, 1, to_gpu=lambda: None)  # another entry of that name, pinned below
+    library = UpscalerLibrary(folder / "upscalers", residency=residency, tile=0)
+    with residency.use(name), pytest.raises(UserError, match="is in use"):
+        library.load(library.find(TINY))
+    descriptor = library.load(library.find(TINY))
+    # Registered this time: the entry is the model's own (its bytes), not the one that was in the way.
+    size = sum(p.numel() * p.element_size() for p in descriptor.model.parameters())
+    assert resident(residency, name).size_bytes == size > 1
+
+
+def test_a_replaced_or_changed_file_is_read_again_and_the_old_model_leaves_the_device(tmp_path):
+    torch.save(tiny_esrgan_state(), tmp_path / "4x-swap.pth")
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, allow_pickle=True, residency=residency, tile=0)
+    library.upscale(noise(8, 8), "4x-swap", (32, 32))
+    first, old = library.load(library.find("4x-swap")), resident(residency, "upscaler: 4x-swap")
+    assert old.location == GPU
+    save_file(tiny_esrgan_state(filters=8), tmp_path / "4x-swap.safetensors")  # wins over the pickle
+    second = library.load(library.find("4x-swap"))
+    assert second is not first and old.location != GPU  # moved off, not left there uncounted
+    assert [entry["name"] for entry in residency.status()] == ["upscaler: 4x-swap"]
+    # The same file name and modification time, another size: another file, read again.
+    path = tmp_path / "4x-swap.safetensors"
+    before = path.stat()
+    save_file(tiny_esrgan_state(filters=4), path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    third = library.load(library.find("4x-swap"))
+    assert third is not second and third.model.state_dict()["model.0.weight"].shape[0] == 4
+
+
+def test_a_deleted_file_leaves_the_residency_manager_at_the_next_listing(tmp_path):
+    save_file(tiny_esrgan_state(), tmp_path / "4x-gone.safetensors")
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, residency=residency, tile=0)
+    library.upscale(noise(8, 8), "4x-gone", (32, 32))
+    old = resident(residency, "upscaler: 4x-gone")
+    (tmp_path / "4x-gone.safetensors").unlink()
+    assert library.names() == ["None", "Lanczos", "Nearest"]
+    assert residency.status() == [] and residency.used_bytes == 0 and old.location != GPU
+
+
+def test_a_cancel_stops_the_tiled_loop_between_tiles(library):
+    descriptor = library.load(library.find(TINY))
+    cancel = threading.Event()
+    tiles = []
+
+    def run(piece: torch.Tensor) -> torch.Tensor:
+        tiles.append(piece.shape)
+        cancel.set()  # asked for while the first tile runs
+        return descriptor(piece)
+
+    with pytest.raises(UpscaleCancelled, match="Upscaling was cancelled."):
+        tiled_upscale(run, _to_tensor(noise(56, 40)), 4, 24, 8, cancel.is_set)
+    assert len(tiles) == 1  # the tiles after it never ran
+    with pytest.raises(UpscaleCancelled):  # in one piece: asked before it
+        tiled_upscale(run, _to_tensor(noise(8, 8)), 4, 0, 0, cancel.is_set)
+    assert len(tiles) == 1
+
+
 # --- the service: limits and the gallery ------------------------------------------------------------
 
 
@@ -152,7 +225,8 @@ def service(folder, tmp_path):
     jobs = JobQueue()
     store = GalleryStore(tmp_path / "gallery.sqlite3", tmp_path / "images", keep=0)
     settings = Settings(models_dir=folder, outputs=tmp_path, max_image_pixels=20_000)
-    yield UpscaleService(settings, UpscalerLibrary(folder / "upscalers", tile=16), jobs, store)
+    gallery = GalleryService(store, LoraLibrary(tmp_path / "loras"))
+    yield UpscaleService(settings, UpscalerLibrary(folder / "upscalers", tile=16), jobs, gallery)
     jobs.close()
 
 
@@ -175,6 +249,48 @@ def test_an_image_too_large_after_scaling_and_a_bad_scale_are_refused(service):
         service.upscale(noise(8, 8), TINY, 9)
     with pytest.raises(UserError, match=r"Image is 200×101 .*max_image_pixels"):
         service.upscale(noise(200, 101), TINY, 1)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_gallery_image_another_visitor_made_is_upscaled_where_the_gallery_shows_it(folder, tmp_path, shared):
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+
+    values = {"outputs": str(tmp_path / "out"), "models_dir": str(folder), "device": "cpu", "visitors": "private"}
+    built = build_services(load_settings(None, values | {"shared_gallery": shared}, environ={}))
+    try:
+        theirs = built.gallery.add(ImageRecord(prompt="theirs", seed=9), noise(12, 8), owner="alice")
+        if not shared:  # each visitor sees their own images: bob is not shown alice's
+            with pytest.raises(UserError, match=f"No image with id {theirs.id}"):
+                built.upscale.upscale_gallery_image(theirs.id, "Lanczos", 2, owner="bob")
+            return
+        # A shared gallery shows bob every image: what the Gallery shows him, he may upscale.
+        assert built.gallery_service.get(theirs.id, owner="bob").id == theirs.id
+        done = built.upscale.upscale_gallery_image(theirs.id, "Lanczos", 2, owner="bob")
+        assert done.image.size == (24, 16) and built.gallery.get(done.record.id, owner="bob").prompt == "theirs"
+    finally:
+        built.jobs.shutdown()
+
+
+def test_scale_to_makes_smaller_sizes_crops_or_keeps_the_aspect_and_none_leaves_the_image(service):
+    image = noise(40, 20)
+    smaller = service.upscale_by_mode(image, TINY, 1, scale=2, width=16, height=6, crop=True)
+    assert smaller.image.size == (16, 6)  # ×0.4 covers it (16×8), then the centre cut out
+    assert smaller.info == "Postprocess upscale to: 16x6, Postprocess crop to: 16x6, Postprocess upscaler: 4x-tiny"
+    kept = service.upscale_by_mode(image, "Lanczos", 1, scale=2, width=60, height=60, crop=False)
+    assert kept.image.size == (120, 60)  # covers 60×60 with the aspect ratio kept: A1111 never stretches
+    for name in ("none", "NONE"):  # makes no pixels: no size over the limit, no black padding
+        unchanged = service.upscale_by_mode(image, name, 1, scale=2, width=5000, height=5000, crop=True)
+        assert (unchanged.upscaler, unchanged.info) == ("None", "")
+        assert np.array_equal(np.asarray(unchanged.image), np.asarray(image))
+    with pytest.raises(UserError, match="upscaling_resize_w must be a whole number of pixels, 1 or more, got 0."):
+        service.upscale_by_mode(image, TINY, 1, scale=2, width=0, height=8, crop=True)
+    with pytest.raises(UserError, match=r"upscaling_resize_w × upscaling_resize_h: upscaling 40×20 makes 400×200"):
+        service.upscale_by_mode(image, "Lanczos", 1, scale=2, width=400, height=8, crop=True)
+    with pytest.raises(UserError, match=r"upscaling_resize must be 1–8, got 0.5"):  # "Scale by": A1111's 1-8
+        service.upscale_by_mode(image, "Lanczos", 0, scale=0.5, width=1, height=1, crop=True)
+    with pytest.raises(UserError, match="resize_mode must be 0 .* got 2"):
+        service.upscale_by_mode(image, "Lanczos", 2, scale=2, width=1, height=1, crop=True)
 
 
 # --- the CLI -----------------------------------------------------------------------------------------
@@ -222,6 +338,42 @@ def test_the_hires_fix_refuses_an_upscaler_models_pass_over_max_image_pixels(tin
     assert "\n" not in str(caught.value) and "max_image_pixels" in str(caught.value)
 
 
+def test_a_cancel_at_the_hires_upscalers_first_tile_ends_the_job_cancelled_without_an_image(tiny_models, folder):
+    library = UpscalerLibrary(folder / "upscalers", tile=8)  # the 32² first pass in many tiles
+    engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32, upscalers=library)
+    engine.load_model(str(tiny_models["sd15"]))
+    options = HiresOptions(scale=2, steps=2, strength=0.5, upscaler=TINY)
+    request = GenerationRequest(prompt="a fox", steps=2, seed=3, width=32, height=32, hires=options)
+    asked = []
+
+    def should_cancel() -> bool:  # asked after each first-pass step, then before each tile
+        asked.append(True)
+        return len(asked) > request.steps
+
+    jobs = JobQueue()
+    try:
+        job = jobs.submit("generate", lambda job: engine.generate(request, should_cancel=should_cancel))
+        job.wait()
+    finally:
+        jobs.close()
+    assert (job.status, job.error, job.result.images) == ("cancelled", None, [])
+    assert len(asked) == request.steps + 1  # stopped at the first tile: no tile, no second pass ran
+
+
+def test_the_generation_service_lists_the_hires_upscalers_the_ui_offers(tiny_models, folder, tmp_path):
+    from lorapg.limits import HIRES_UPSCALERS
+    from lorapg.ui.hires_section import hires_upscaler_choices
+
+    loras = LoraLibrary(tiny_models["loras"])
+    engine = DiffusionEngine(loras, torch.device("cpu"), torch.float32, upscalers=UpscalerLibrary(folder / "upscalers"))
+    jobs = JobQueue()
+    try:
+        service = GenerationService(Settings(models_dir=folder, outputs=tmp_path), engine, loras, jobs)
+        assert service.hires_upscalers() == hires_upscaler_choices(service) == [*HIRES_UPSCALERS, TINY]
+    finally:
+        jobs.close()
+
+
 # --- the A1111 API and the UI over HTTP ------------------------------------------------------------------
 
 
@@ -260,6 +412,24 @@ def test_extra_single_image_refuses_an_unknown_upscaler_by_field(app):
     )
     assert sized.status_code == 200, sized.text
     assert Image.open(io.BytesIO(base64.b64decode(sized.json()["image"]))).size == (30, 20)
+
+
+def test_extra_single_image_scales_to_a_smaller_size_and_none_in_any_case_leaves_the_image(app):
+    source = noise(20, 16)
+    body = {"image": base64.b64encode(png_with(source, "x")).decode(), "upscaler_1": "Lanczos", "resize_mode": 1}
+    url = f"{app}sdapi/v1/extra-single-image"
+    smaller = requests.post(url, json=body | {"upscaling_resize_w": 10, "upscaling_resize_h": 6}, timeout=60)
+    assert smaller.status_code == 200, smaller.text
+    assert Image.open(io.BytesIO(base64.b64decode(smaller.json()["image"]))).size == (10, 6)
+    assert smaller.json()["html_info"].startswith("Postprocess upscale to: 10x6")
+    none = requests.post(
+        url, json=body | {"upscaler_1": "none", "upscaling_resize_w": 30, "upscaling_resize_h": 20}, timeout=60
+    )
+    assert none.status_code == 200, none.text
+    returned = Image.open(io.BytesIO(base64.b64decode(none.json()["image"]))).convert("RGB")
+    assert np.array_equal(np.asarray(returned), np.asarray(source)) and none.json()["html_info"] == ""
+    zero = requests.post(url, json=body | {"upscaling_resize_w": 0}, timeout=60)
+    assert zero.status_code in (400, 422) and "upscaling_resize_w must be a whole number of pixels" in zero.text
 
 
 def test_txt2img_hires_fix_with_the_upscaler_model(app):

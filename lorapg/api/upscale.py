@@ -1,8 +1,8 @@
 """A1111's Extras over HTTP: ``GET /sdapi/v1/upscalers`` and ``POST /sdapi/v1/extra-single-image``.
 
 Field names and shapes follow AUTOMATIC1111's API (``ExtrasSingleImageRequest``); the image comes back
-as raw base64 PNG and ``html_info`` holds the "Postprocess …" text, as A1111 answers. The work is
-``lorapg.services.upscale``'s.
+as raw base64 PNG and ``html_info`` holds the "Postprocess …" text, as A1111 answers. The work and
+the rules (resize modes, crop, "None") are ``lorapg.services.upscale``'s.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import base64
 import io
 
 from fastapi import APIRouter, Depends
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorapg.api import models as m
@@ -22,9 +21,7 @@ from lorapg.coercion import checked_number
 from lorapg.diffusion.upscalers import NONE
 from lorapg.errors import UserError
 from lorapg.services.a1111 import decode_image_field
-from lorapg.services.upscale import UpscaleService
-
-RESIZE_BY, RESIZE_TO = 0, 1  # A1111's resize_mode: by a factor, or to a width and height
+from lorapg.services.upscale import RESIZE_BY, UpscaleService
 
 
 class ExtrasSingleImageRequest(BaseModel):
@@ -40,7 +37,9 @@ class ExtrasSingleImageRequest(BaseModel):
     )
 
     image: str = Field("", description="the image, base64 (raw or a data: URL)")
-    resize_mode: int = Field(RESIZE_BY, description="0: upscaling_resize is a factor; 1: to upscaling_resize_w × _h")
+    resize_mode: int = Field(
+        RESIZE_BY, description="0: upscaling_resize is a factor; 1: to upscaling_resize_w × _h (smaller too)"
+    )
     show_extras_results: bool = True
     gfpgan_visibility: float = Field(0, description="face restoration: not available here, send 0")
     codeformer_visibility: float = Field(0, description="face restoration: not available here, send 0")
@@ -48,7 +47,9 @@ class ExtrasSingleImageRequest(BaseModel):
     upscaling_resize: float = Field(2, description="upscale factor, 1-8")
     upscaling_resize_w: int = Field(512, description="with resize_mode 1: the width")
     upscaling_resize_h: int = Field(512, description="with resize_mode 1: the height")
-    upscaling_crop: bool = Field(True, description="with resize_mode 1: crop to the size instead of stretching")
+    upscaling_crop: bool = Field(
+        True, description="with resize_mode 1: crop the centre to exactly the size; false: the aspect ratio kept"
+    )
     upscaler_1: str = Field(NONE, description='an upscaler\'s name (GET /sdapi/v1/upscalers); "None": unchanged')
     upscaler_2: str = Field(NONE, description='"None": a second upscaler to blend in is not available here')
     extras_upscaler_2_visibility: float = 0
@@ -86,17 +87,17 @@ def upscale_router(service: UpscaleService, access: ApiAccess, max_upload_bytes:
     def extra_single_image(body: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
         _refuse_what_is_not_here(body)
         data = decode_image_field(body.image, max_upload_bytes, "image")
-        scale = body.upscaling_resize
-        if body.resize_mode == RESIZE_TO:
-            scale = _scale_to(data, body, service.settings.max_image_pixels)
-        elif body.resize_mode != RESIZE_BY:
-            raise UserError(f"resize_mode must be 0 (by upscaling_resize) or 1 (to a size), got {body.resize_mode}.")
-        result = service.upscale(data, body.upscaler_1, scale, fields=("image", "upscaler_1", "upscaling_resize"))
-        image = result.image
-        if body.resize_mode == RESIZE_TO and body.upscaler_1 != NONE:
-            image = _fit(image, body.upscaling_resize_w, body.upscaling_resize_h, body.upscaling_crop)
+        result = service.upscale_by_mode(
+            data,
+            body.upscaler_1,
+            body.resize_mode,
+            scale=body.upscaling_resize,
+            width=body.upscaling_resize_w,
+            height=body.upscaling_resize_h,
+            crop=body.upscaling_crop,
+        )
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        result.image.save(buffer, format="PNG")
         return ExtrasSingleImageResponse(html_info=result.info, image=base64.b64encode(buffer.getvalue()).decode())
 
     return router
@@ -107,26 +108,5 @@ def _refuse_what_is_not_here(body: ExtrasSingleImageRequest) -> None:
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if checked_number(name, getattr(body, name)) != 0:
             raise UserError(f"{name}: face restoration is not available here; send 0.")
-    if body.upscaler_2.strip() not in ("", NONE) and body.extras_upscaler_2_visibility > 0:
+    if body.upscaler_2.strip().casefold() not in ("", NONE.casefold()) and body.extras_upscaler_2_visibility > 0:
         raise UserError('upscaler_2: blending a second upscaler is not available here; send "None".')
-
-
-def _scale_to(data: bytes, body: ExtrasSingleImageRequest, max_pixels: int) -> float:
-    """resize_mode 1: the factor that covers upscaling_resize_w × _h (A1111's "Scale to")."""
-    from lorapg.diffusion.img2img import load_image
-
-    width, height = load_image("image", data, max_pixels).size
-    for name in ("upscaling_resize_w", "upscaling_resize_h"):
-        if getattr(body, name) < 1:
-            raise UserError(f"{name} must be 1 pixel or more, got {getattr(body, name)}.")
-    return max(body.upscaling_resize_w / width, body.upscaling_resize_h / height)
-
-
-def _fit(image: Image.Image, width: int, height: int, crop: bool) -> Image.Image:
-    """The exact size asked for: the centre cut out (crop) or the image stretched to it."""
-    if image.size == (width, height):
-        return image
-    if not crop:
-        return image.resize((width, height), resample=Image.Resampling.LANCZOS)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))

@@ -29,7 +29,7 @@ from lorapg.diffusion.prompt_encoding import chunked_prompt_embeddings
 from lorapg.diffusion.prompt_syntax import needs_chunked_encoding
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import scheduler_for
-from lorapg.diffusion.upscalers import UpscalerLibrary
+from lorapg.diffusion.upscalers import UpscaleCancelled, UpscalerLibrary
 from lorapg.diffusion.variation_noise import image_seeds, initial_latents, variation_seeds
 from lorapg.errors import UserError
 from lorapg.residency import LOWVRAM, ResidencyManager
@@ -277,11 +277,15 @@ class DiffusionEngine:
                 return run_hires_pass(output.images, prompts) if hires_run else output
 
             def run_hires_pass(first, prompts: dict):
-                nonlocal steps_before
+                nonlocal steps_before, cancelled
                 if cancelled:  # stopped in the first pass: its images, at the base size
                     return SimpleNamespace(images=hires_run.decoded(first))
                 steps_before = request.steps
-                return hires_run.second_pass(first, prompts, step_end)
+                try:
+                    return hires_run.second_pass(first, prompts, step_end, should_cancel)
+                except UpscaleCancelled:  # between an upscaler model's tiles: no image of either size
+                    cancelled = True
+                    return SimpleNamespace(images=[])
 
             def run_transformer_pipeline():
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # as for SD: one per image

@@ -147,9 +147,13 @@ class HiresRun:
         """The first pass's images as they are (a cancelled run stops there, as A1111's does)."""
         return decode_latents(self.model.pipe, first) if self.latent else list(first)
 
-    def second_pass(self, first: object, prompts: dict, step_end: Callable) -> object:
-        """Upscale the first pass's output and refine it; returns a pipeline-like output."""
-        upscaled = self._upscale(first)
+    def second_pass(
+        self, first: object, prompts: dict, step_end: Callable, should_cancel: Callable[[], bool] | None = None
+    ) -> object:
+        """Upscale the first pass's output and refine it; returns a pipeline-like output.
+        ``should_cancel``: asked between an upscaler model's tiles (lorapg.diffusion.upscalers raises
+        UpscaleCancelled there), so a long upscale does not hold a cancelled job."""
+        upscaled = self._upscale(first, should_cancel)
         if self.second_steps == 0:
             # Too little strength for one step: the upscaled first pass is the answer (diffusers would refuse).
             images = decode_latents(self.model.pipe, upscaled) if self.latent else upscaled
@@ -172,12 +176,12 @@ class HiresRun:
             output_type="pil",
         )
 
-    def _upscale(self, first: object) -> object:
+    def _upscale(self, first: object, should_cancel: Callable[[], bool] | None = None) -> object:
         if not self.latent:
             name = self.request.hires.upscaler
             if name == hires.LANCZOS_RESIZE or self.upscalers is None:  # "None": A1111's plain Lanczos resize
                 return [image.resize(self.size, resample=Image.Resampling.LANCZOS) for image in first]
-            return [self.upscalers.upscale(image, name, self.size, "Hires upscaler") for image in first]
+            return [self.upscalers.upscale(image, name, self.size, "Hires upscaler", should_cancel) for image in first]
         factor = self.model.pipe.vae_scale_factor
         size = (self.height // factor, self.width // factor)
         mode = hires.LATENT_MODES[self.request.hires.upscaler]

@@ -47,6 +47,18 @@ RESIDENT_PREFIX = "upscaler: "  # its name in the residency manager's status
 _NAME_SCALE = re.compile(r"(?:^|[^a-z0-9])(?:x(\d)|(\d)x)(?:[^a-z0-9]|plus|$)", re.IGNORECASE)
 
 
+class UpscaleCancelled(UserError):
+    """A cancel seen between tiles (or passes): the upscale stopped, there is no image."""
+
+    def __init__(self) -> None:
+        super().__init__("Upscaling was cancelled.")
+
+
+def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise UpscaleCancelled()
+
+
 @dataclass(frozen=True)
 class UpscalerFile:
     name: str  # the file name without its suffix: what A1111 shows and the API takes
@@ -61,6 +73,21 @@ class UpscalerFile:
         """The factor the file name states ("4x-UltraSharp": 4), for listings that load nothing."""
         match = _NAME_SCALE.search(self.name)
         return int(match.group(1) or match.group(2)) if match else None
+
+
+@dataclass
+class _Loaded:
+    """A model in memory and the file it was read from, as it was then."""
+
+    path: Path
+    stamp: tuple[int, int]  # the file's (size, mtime_ns) when read: another value means another file
+    resident_name: str  # its name in the residency manager ("" without one)
+    descriptor: object
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 class UpscalerLibrary:
@@ -80,7 +107,7 @@ class UpscalerLibrary:
         self.device = device
         self.residency = residency
         self.tile = tile
-        self._loaded: dict[Path, tuple[float, object]] = {}  # path -> (mtime, spandrel descriptor)
+        self._loaded: dict[str, _Loaded] = {}  # by the upscaler's name, casefolded
         self._lock = threading.Lock()
 
     # --- listing -----------------------------------------------------------------------------
@@ -100,7 +127,16 @@ class UpscalerLibrary:
                 continue
             if known is None or (known.pickled and suffix == SAFE_SUFFIX):
                 found[path.stem.casefold()] = UpscalerFile(path.stem, path)
+        self._forget_gone(found)
         return sorted(found.values(), key=lambda item: item.name.casefold())
+
+    def _forget_gone(self, found: dict[str, UpscalerFile]) -> None:
+        """Models whose file was deleted or replaced by another (a .pth by a .safetensors) leave memory
+        and the residency manager now, not when (if ever) their name is used again."""
+        with self._lock:
+            for key, loaded in list(self._loaded.items()):
+                if key not in found or found[key].path != loaded.path:
+                    self._forget(key)  # one in use stays until a later listing
 
     def names(self) -> list[str]:
         """Every upscaler's name: the built-in ones first, then the models."""
@@ -135,7 +171,8 @@ class UpscalerLibrary:
 
         A model runs until the image is at least that large (at most MAX_PASSES times), then a
         Lanczos resize gives the exact size, as A1111 does. ``size`` must be checked by the caller
-        (``check_size``); "None" returns the image unchanged.
+        (``check_size``); "None" returns the image unchanged. ``should_cancel`` is asked before each
+        tile of a model's passes: True raises UpscaleCancelled there.
         """
         found = self.find(name, field)
         image = image.convert("RGB")
@@ -159,28 +196,48 @@ class UpscalerLibrary:
         return 1 if isinstance(found, str) else int(self.load(found).scale)
 
     def load(self, item: UpscalerFile):
-        """The spandrel descriptor of ``item``, loaded once (again when the file changed)."""
+        """The spandrel descriptor of ``item``, loaded once (again when the file changed: another
+        file of that name, or another size or modification time)."""
         with self._lock:
-            mtime = item.path.stat().st_mtime
-            cached = self._loaded.get(item.path)
-            if cached is not None and cached[0] == mtime:
-                return cached[1]
+            key = item.name.casefold()
+            stamp = _stamp(item.path)
+            cached = self._loaded.get(key)
+            if cached is not None and (cached.path, cached.stamp) == (item.path, stamp):
+                return cached.descriptor
+            if cached is not None and not self._forget(key):
+                raise UserError(
+                    f"Upscaler {item.name!r} changed on disk while in use; try again when the current job ends."
+                )
             descriptor = _read_model(item, self.allow_pickle)
-            self._loaded[item.path] = (mtime, descriptor)
-            self._register(item, descriptor)
+            # Cached only once registered: a failed registration must not leave a model in use
+            # that the residency manager does not count.
+            resident_name = self._register(item, descriptor)
+            self._loaded[key] = _Loaded(item.path, stamp, resident_name, descriptor)
             return descriptor
 
-    def _register(self, item: UpscalerFile, descriptor) -> None:
+    def _forget(self, key: str) -> bool:
+        """Drop a loaded model (called with the lock held); False when it is in use (it stays)."""
+        loaded = self._loaded[key]
+        if self.residency is not None and not self.residency.unregister(loaded.resident_name):
+            return False
+        del self._loaded[key]
+        log.info("unloaded upscaler %s (%s changed or is gone)", loaded.path.stem, loaded.path.name)
+        return True
+
+    def _register(self, item: UpscalerFile, descriptor) -> str:
+        """The model placed or registered; returns its residency name ("" without a manager)."""
         if self.residency is None:
             descriptor.to(self.device)  # CPU, or a device nothing else shares
-            return
+            return ""
         size = sum(p.numel() * p.element_size() for p in descriptor.model.parameters())
+        name = RESIDENT_PREFIX + item.name
         self.residency.register(
-            RESIDENT_PREFIX + item.name,
+            name,
             size,
             to_gpu=lambda: descriptor.to(self.device),
             to_cpu=lambda: descriptor.to("cpu"),
         )
+        return name
 
     def _run(self, item: UpscalerFile, descriptor, image: Image.Image, should_cancel) -> Image.Image:
         import torch
@@ -305,13 +362,13 @@ def tiled_upscale(
     tile = tile if tile > 0 else max(height, width)
     overlap = min(overlap, tile // 2)
     if height <= tile and width <= tile:
+        _check_cancel(should_cancel)
         return run(image).float().cpu()
     out = torch.zeros(1, channels, height * scale, width * scale)
     total = torch.zeros(1, 1, height * scale, width * scale)
     for top in tile_starts(height, tile, overlap):
         for left in tile_starts(width, tile, overlap):
-            if should_cancel is not None and should_cancel():
-                raise UserError("Upscaling was cancelled.")
+            _check_cancel(should_cancel)  # between tiles: a long upscale stops within one tile's time
             bottom, right = min(top + tile, height), min(left + tile, width)
             piece = run(image[:, :, top:bottom, left:right]).float().cpu()
             rows = _ramp(piece.shape[2], overlap * scale, top > 0, bottom < height)

@@ -175,7 +175,8 @@ def build_services(
         training=training,
         captions=captions,
         workers=pool,
-        upscale=UpscaleService(settings, engine.upscalers, jobs, gallery),
+        # Through the GalleryService: a gallery image may be upscaled by whoever the Gallery shows it to.
+        upscale=UpscaleService(settings, engine.upscalers, jobs, gallery_service),
     )
 
 

@@ -30,6 +30,7 @@ from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue
+from lorapg.limits import HIRES_UPSCALERS
 from lorapg.services.img2img_inputs import options_from_form
 from lorapg.services.workers import WorkerPool
 
@@ -230,6 +231,13 @@ class GenerationService:
             return None
         given = {"scale": scale, "steps": steps, "strength": strength, "upscaler": upscaler}
         return HiresOptions(**{key: value for key, value in given.items() if value is not None})  # None: default
+
+    def hires_upscalers(self) -> list[str]:
+        """The hires fix's upscalers: the built-in ones (latent and resizers), then the upscaler models
+        in the folder now (re-read, so a file added while the app runs appears)."""
+        upscalers = self.engine.upscalers
+        models = [item.name for item in upscalers.files()] if upscalers is not None else []
+        return [*HIRES_UPSCALERS, *models]
 
     def controlnet_names(self) -> list[str]:
         """The ControlNet models in the models folder now (re-read, so files added while the app runs appear)."""

@@ -18,9 +18,7 @@ def _ranged(limits) -> dict:
 
 def hires_upscaler_choices(service) -> list[str]:
     """The built-in upscalers, then the upscaler models in the folder now (``service``: generation's)."""
-    upscalers = getattr(service.engine, "upscalers", None)
-    models = [item.name for item in upscalers.files()] if upscalers is not None else []
-    return [*HIRES_UPSCALERS, *models]
+    return service.hires_upscalers()
 
 
 def build_hires_section(choices: list[str] | None = None) -> dict[str, gr.components.Component]:
