@@ -143,3 +143,17 @@ def test_quantize_in_the_training_config_and_the_train_flag(tmp_path):
     args = build_parser().parse_args(["train", "--images", str(tmp_path), "--quantize", "nf4"])
     assert train_overrides(args)["quantize"] == "nf4"
     assert build_config({}).quantize == "none"
+
+
+def test_an_sd_base_with_quantize_is_refused_naming_it(tmp_path):
+    from tests.tiny_models import build_sd15_pipeline
+
+    build_sd15_pipeline(tmp_path / "sd15")
+    write_images(tmp_path / "images", 1)
+    config = build_config(
+        {"model": str(tmp_path / "sd15"), "images": str(tmp_path / "images"), "name": "x", "quantize": "nf4"}
+    )
+    trainer = Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work", device=torch.device("cpu"))
+    with pytest.raises(UserError, match=r"Setting quantize .* applies to Flux.1 and SD 3.5 models only.*to none"):
+        trainer.run()
+    assert not (tmp_path / "loras").exists() or not any((tmp_path / "loras").iterdir())
