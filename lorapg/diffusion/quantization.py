@@ -79,7 +79,7 @@ def check_plan(plan: QuantizePlan, family: str | None) -> None:
     if not is_transformer_family(family):
         raise UserError(
             f"Setting quantize ({plan.describe()}) applies to Flux.1 and SD 3.5 models only; this model is "
-            f"{family_label(family)}. Set quantize to none for it (an SD 1.x/SDXL UNet fits a 8 GB GPU in fp16)."
+            f"{family_label(family)}. Set quantize to none for it (an SD 1.x/SDXL UNet fits an 8 GB GPU in fp16)."
         )
     check_machine(plan)
 
