@@ -92,6 +92,18 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the UNet (slow first image, faster after); changing LoRAs does not recompile",
     )
     parser.add_argument(
+        "--quantize",
+        choices=("none", "fp8", "nf4"),
+        help="Flux.1 / SD 3.5: store the transformer and T5 encoder as fp8 or 4-bit NF4 (bitsandbytes) to fit a "
+        "12-24 GB GPU (default none)",
+    )
+    parser.add_argument(
+        "--quantize-components",
+        dest="quantize_components",
+        metavar="COMPONENT=MODE,...",
+        help="per-component override of --quantize, e.g. transformer=nf4,t5=fp8",
+    )
+    parser.add_argument(
         "--notify-webhook",
         dest="notify_webhook",
         metavar="URL",
@@ -118,6 +130,8 @@ SETTING_FLAGS = (
     "api_auth",
     "compile_unet",
     "notify_webhook",
+    "quantize",
+    "quantize_components",
 )
 LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
 

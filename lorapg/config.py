@@ -89,6 +89,10 @@ class Settings:
     # Added last (issue 18): input pixels per tile side when an upscaler model runs (lorapg/diffusion/upscalers.py);
     # smaller tiles need less memory. 0 = the whole image in one piece.
     upscale_tile: int = 256
+    # Added last (issue 17): how Flux.1 / SD 3.5's transformer and T5 encoder are stored: none | fp8 | nf4
+    # (lorapg/diffusion/quantization.py); quantize_components overrides per component ("transformer=nf4,t5=fp8").
+    quantize: str = "none"
+    quantize_components: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

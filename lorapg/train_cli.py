@@ -110,6 +110,8 @@ def train_overrides(args: argparse.Namespace) -> dict:
     overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
     if args.model:
         overrides["model"] = args.model
+    if args.quantize:  # the shared --quantize flag: here, how the frozen base is stored while training
+        overrides["quantize"] = args.quantize
     if args.out:
         out = Path(args.out)
         if out.suffix.lower() == ".safetensors":

@@ -27,6 +27,7 @@ from lorapg.diffusion.pipeline_loader import load_pipeline
 from lorapg.diffusion.preview import latents_to_preview
 from lorapg.diffusion.prompt_encoding import chunked_prompt_embeddings
 from lorapg.diffusion.prompt_syntax import needs_chunked_encoding
+from lorapg.diffusion.quantization import QuantizePlan, is_quantized
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import scheduler_for
 from lorapg.diffusion.upscalers import UpscaleCancelled, UpscalerLibrary
@@ -88,6 +89,7 @@ class DiffusionEngine:
         annotators_dir: Path | None = None,
         upscalers: UpscalerLibrary | None = None,
         max_image_pixels: int = 0,
+        quantize: QuantizePlan | None = None,
     ):
         self.library = lora_library
         self.device = device
@@ -109,6 +111,7 @@ class DiffusionEngine:
         # Upscaler models (models/upscalers) the hires fix may use besides its built-in upscalers.
         self.upscalers = upscalers
         self.max_image_pixels = max_image_pixels  # Settings.max_image_pixels, for a hires upscaler model's passes
+        self.quantize = quantize or QuantizePlan()  # --quantize: Flux.1 / SD 3.5 transformer and T5 storage
 
     # --- model -----------------------------------------------------------------------------
 
@@ -130,6 +133,7 @@ class DiffusionEngine:
                 single_file_config=self.single_file_config,
                 on_status=on_status,
                 keep_on_cpu=self.residency is not None,
+                quantize=self.quantize,
             )
             if self.residency is not None:
                 self._register_with_residency(pipe)
@@ -140,6 +144,10 @@ class DiffusionEngine:
             elif self.compile_unet:
                 log.warning("--compile applies to SD 1.x / SDXL UNets; %s runs uncompiled", family)
             adapters = AdapterSet(pipe, family, patch_everything=compiled)
+            if is_quantized(getattr(pipe, "transformer", None)):
+                # Merging a LoRA into 4-bit or float8 weights re-rounds them, and unfusing could not give
+                # the base back bit for bit: on a quantized base, LoRAs run unfused (two small matmuls a layer).
+                adapters.fuser.enabled = False
             native = native_size(pipe, family)
             previous, self._model = (
                 self._model,

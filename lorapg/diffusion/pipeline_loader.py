@@ -23,6 +23,7 @@ from diffusers import (
 
 from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL, family_label, is_transformer_family
 from lorapg.diffusion.model_source import FOLDER, HUB, ModelSource
+from lorapg.diffusion.quantization import QuantizePlan, check_machine, check_plan, quantize_pipeline
 from lorapg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,19 @@ def load_pipeline(
     single_file_config: str | None = None,
     on_status: Callable[[str], None] | None = None,
     keep_on_cpu: bool = False,
+    quantize: QuantizePlan | None = None,
 ) -> tuple[DiffusionPipeline, str]:
     """Load, move to ``device`` and configure attention; returns the pipeline and its family.
 
     ``keep_on_cpu``: leave the weights in CPU RAM; the residency manager moves them when used.
+    ``quantize``: how Flux.1 / SD 3.5's transformer and T5 encoder are stored (``--quantize``).
     """
     status = on_status or (lambda message: None)
+    plan = quantize or QuantizePlan()
+    # What the machine or a single file's family rules out is refused before gigabytes are read.
+    check_machine(plan)
+    if source.family is not None:
+        check_plan(plan, source.family)
     if source.kind == HUB:
         status(f"Downloading {source.ref} from the Hugging Face hub (progress in the console)…")
         folder = download_from_hub(source.ref, device)
@@ -56,6 +64,9 @@ def load_pipeline(
         pipe = _from_single_file(source, dtype, single_file_config)
     family = pipeline_family(pipe)
     pipe.set_progress_bar_config(disable=True)
+    if plan.active:
+        status(f"Quantizing {source.display_name} ({plan.describe()})…")
+        quantize_pipeline(pipe, family, plan, device, dtype, keep_on_cpu=keep_on_cpu)
     if not keep_on_cpu:
         pipe.to(device)
     _configure_attention(pipe, device)

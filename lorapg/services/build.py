@@ -210,6 +210,7 @@ def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionE
     from lorapg.devices import pick_dtype
     from lorapg.diffusion.controlnet_models import ControlNetLibrary
     from lorapg.diffusion.engine import DiffusionEngine
+    from lorapg.diffusion.quantization import parse_plan
     from lorapg.diffusion.upscalers import UpscalerLibrary
 
     residency = build_residency(settings, device)
@@ -234,6 +235,7 @@ def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionE
         annotators_dir=settings.models_dir / "annotators",
         upscalers=upscalers,
         max_image_pixels=settings.max_image_pixels,
+        quantize=parse_plan(settings.quantize, settings.quantize_components),
     )
 
 

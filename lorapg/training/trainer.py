@@ -429,7 +429,13 @@ class Trainer:
         dtype = self._load_dtype(source)
         self._status(f"Loading a training copy of {source.display_name} ({str(dtype).removeprefix('torch.')})…")
         # Its own copy on the CPU: the inference pipeline's (half-precision) modules are never trained.
-        pipe, family = load_pipeline(source, torch.device("cpu"), dtype, single_file_config=self.single_file_config)
+        pipe, family = load_pipeline(
+            source,
+            torch.device("cpu"),
+            dtype,
+            single_file_config=self.single_file_config,
+            quantize=self._quantize_plan(),
+        )
         if is_transformer_family(family):
             flow = FlowTraining(pipe, family, self.config)
             resolution, step_px = flow.geometry(self.config.resolution)
@@ -448,6 +454,13 @@ class Trainer:
             resolution=resolution,
             step_px=step_px,
         )
+
+    def _quantize_plan(self):
+        """``quantize = "nf4"``: the frozen transformer and T5 in NF4 (quantized on the CPU while loading,
+        where the training copy loads; moved to the device as they are). The LoRA added later trains in fp32."""
+        from lorapg.diffusion.quantization import parse_plan
+
+        return parse_plan(self.config.quantize)
 
     def _load_dtype(self, source) -> torch.dtype:
         """fp32 for SD (the UNet path keeps fp32 until placement; its VAE stays fp32); Flux.1 / SD 3.5 in
@@ -539,7 +552,8 @@ class Trainer:
         run.vae.to(run.device, torch.float32)  # fp32 (also when Flux/SD3 load in half): SDXL's VAE overflows in fp16
         for module in (run.unet, *run.text_encoders):
             # Frozen weights in half precision (LoRA weights stay fp32), cast in the same move: an fp32
-            # copy never reaches the device (FLUX.1's transformer alone is ~48 GB in fp32).
+            # copy never reaches the device (FLUX.1's transformer alone is ~48 GB in fp32). NF4 weights
+            # (quantize = "nf4") move and keep their packed bytes: bitsandbytes ignores the dtype for them.
             module.to(run.device, dtype=run.weight_dtype)
 
     def _accelerator(self, run: _RunState):
