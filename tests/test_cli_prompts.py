@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lorapg.cli import main
+from tests import process_factory
 from tests.test_prompting_streaming import closed_port, sse_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +110,9 @@ def test_openai_backend_via_flags_and_its_fallback(base, capsys) -> None:
 
 
 def test_as_a_subprocess(base) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), LORAPG_LLM_BACKEND="rules")
-    done = subprocess.run(
-        [sys.executable, "-m", "lorapg", "rewrite", "--preset", "cinematic", "--prompt", "a red fox", *base],
-        capture_output=True,
-        text=True,
-        env=env,
+    done = process_factory.run(
+        ["-m", "lorapg", "rewrite", "--preset", "cinematic", "--prompt", "a red fox", *base],
+        env=process_factory.test_env(LORAPG_LLM_BACKEND="rules"),
         cwd=ROOT,
         timeout=60,
     )

@@ -6,11 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import queue
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +24,7 @@ from lorapg.jobs import CANCELLED, DONE, ERROR, JobQueue
 from lorapg.notifications import WebhookNotifier, check_webhook_url, url_host
 from lorapg.services.build import build_services
 from lorapg.services.training import TrainingService
+from tests import process_factory
 from tests.app_server import ROOT
 from tests.training_data import write_images
 
@@ -358,10 +356,9 @@ def test_a_bad_url_stops_start_up_before_any_model_loads(tmp_path):
 
 
 def test_the_app_refuses_a_bad_url_at_start_up(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    env["LORAPG_NOTIFY_WEBHOOK"] = f"gopher://{SECRET}@example.com/x"
-    args = [sys.executable, str(ROOT / "app.py"), "--outputs", str(tmp_path), "--models-dir", str(tmp_path)]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT)
+    env = process_factory.test_env(LORAPG_NOTIFY_WEBHOOK=f"gopher://{SECRET}@example.com/x")
+    args = [str(ROOT / "app.py"), "--outputs", str(tmp_path), "--models-dir", str(tmp_path)]
+    done = process_factory.run(args, cwd=ROOT, env=env, timeout=WAIT)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "notify_webhook" in errors[0] and "gopher://" in errors[0], done.stderr
