@@ -338,7 +338,7 @@ def test_the_hires_fix_refuses_an_upscaler_models_pass_over_max_image_pixels(tin
     assert "\n" not in str(caught.value) and "max_image_pixels" in str(caught.value)
 
 
-def test_a_cancel_at_the_hires_upscalers_first_tile_ends_the_job_cancelled_without_an_image(tiny_models, folder):
+def test_a_cancel_at_the_hires_upscalers_first_tile_ends_the_job_cancelled_with_the_first_pass(tiny_models, folder):
     library = UpscalerLibrary(folder / "upscalers", tile=8)  # the 32² first pass in many tiles
     engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32, upscalers=library)
     engine.load_model(str(tiny_models["sd15"]))
@@ -356,7 +356,9 @@ def test_a_cancel_at_the_hires_upscalers_first_tile_ends_the_job_cancelled_witho
         job.wait()
     finally:
         jobs.close()
-    assert (job.status, job.error, job.result.images) == ("cancelled", None, [])
+    assert (job.status, job.error, job.result.cancelled) == ("cancelled", None, True)
+    # The first pass's image at the base size, as a cancel one step earlier (in the first pass) keeps it.
+    assert [image.size for image in job.result.images] == [(32, 32)]
     assert len(asked) == request.steps + 1  # stopped at the first tile: no tile, no second pass ran
 
 
