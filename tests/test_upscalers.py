@@ -27,7 +27,14 @@ from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest
-from lorapg.diffusion.upscalers import UpscaleCancelled, UpscalerLibrary, _to_tensor, tile_starts, tiled_upscale
+from lorapg.diffusion.upscalers import (
+    UpscaleCancelled,
+    UpscalerLibrary,
+    _to_tensor,
+    check_size,
+    tile_starts,
+    tiled_upscale,
+)
 from lorapg.errors import UserError
 from lorapg.gallery.png import read_png_parameters
 from lorapg.gallery.records import ImageRecord
@@ -69,6 +76,10 @@ def library(folder):
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     values = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(values, "RGB")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def png_with(image: Image.Image, parameters: str) -> bytes:
@@ -217,6 +228,149 @@ def test_a_cancel_stops_the_tiled_loop_between_tiles(library):
     assert len(tiles) == 1
 
 
+def test_scale_1_with_a_model_runs_it_once_and_its_4x_intermediate_must_fit(library, monkeypatch):
+    # A1111's Upscaler.upscale: at scale 1 the model runs once and the result is resized back down.
+    passes = []
+    run = library._run
+    monkeypatch.setattr(library, "_run", lambda *args: passes.append(args[2].size) or run(*args))
+    image = noise(20, 12)
+    once = library.upscale(image, TINY, (20, 12))
+    assert passes == [(20, 12)] and once.size == (20, 12)
+    # The model's work (4×, then Lanczos down), not the image passed through untouched.
+    model_then_down = library.upscale(image, TINY, (80, 48)).resize((20, 12), Image.Resampling.LANCZOS)
+    assert float(np.abs(pixels(once) - pixels(model_then_down)).mean()) < 1
+    assert float(np.abs(pixels(once) - pixels(image)).mean()) > 5
+    assert check_size(20, 12, 1, 4, 80 * 48, "Scale") == (20, 12)  # the 80×48 intermediate fits exactly
+    with pytest.raises(UserError, match=r"Scale: upscaling 20×12 makes 80×48 .*max_image_pixels"):
+        check_size(20, 12, 1, 4, 80 * 48 - 1, "Scale")
+
+
+def test_a_file_deleted_after_find_is_not_available_naming_the_field(tmp_path, monkeypatch):
+    import lorapg.diffusion.upscalers as upscalers
+
+    save_file(tiny_esrgan_state(), tmp_path / "4x-brief.safetensors")
+    library = UpscalerLibrary(tmp_path, tile=0)
+    item = library.find("4x-brief", "upscaler_1")
+    (tmp_path / "4x-brief.safetensors").unlink()
+    expected = r"upscaler_1 '4x-brief' is not available: its file 4x-brief\.safetensors is gone from .*; pick another"
+    with pytest.raises(UserError, match=expected) as caught:
+        library.load(item, "upscaler_1")
+    assert "\n" not in str(caught.value)
+    # Deleted after its size and time were read, while spandrel opens it: the same refusal.
+    monkeypatch.setattr(upscalers, "_stamp", lambda path: (1, 1))
+    with pytest.raises(UserError, match=expected):
+        library.load(item, "upscaler_1")
+
+
+def test_a_listing_read_before_a_job_loaded_a_model_does_not_forget_it(tmp_path, monkeypatch):
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, residency=residency, tile=0)
+    scanned, loaded = threading.Event(), threading.Event()
+    views, errors = [], []
+    scan = library._scan
+
+    def lister_pauses_after_its_first_read():
+        found = scan()
+        if threading.current_thread() is lister and not views:
+            views.append(found)
+            scanned.set()
+            loaded.wait(timeout=60)  # a fail-safe only: the test sets it
+        return found
+
+    def list_names():
+        try:
+            library.names()
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    monkeypatch.setattr(library, "_scan", lister_pauses_after_its_first_read)
+    lister = threading.Thread(target=list_names)
+    lister.start()
+    assert scanned.wait(timeout=60)
+    save_file(tiny_esrgan_state(), tmp_path / "4x-new.safetensors")  # added after the listing read the folder
+    descriptor = library.load(library.find("4x-new"))
+    loaded.set()
+    lister.join()
+    assert views == [{}] and errors == []  # the listing's view had no such file
+    assert [entry["name"] for entry in residency.status()] == ["upscaler: 4x-new"]  # not forgotten
+    assert library.load(library.find("4x-new")) is descriptor  # nor read again
+
+
+def test_a_file_deleted_between_two_passes_does_not_fail_the_second(tmp_path, monkeypatch):
+    path = tmp_path / "4x-passes.safetensors"
+    save_file(tiny_esrgan_state(), path)
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, residency=residency, tile=0)
+    passes = []
+    run = library._run
+
+    def run_then_delete_and_list(*args):
+        image = run(*args)
+        passes.append(image.size)
+        if len(passes) == 1:  # between the first pass and the second
+            path.unlink()
+            assert library.names() == ["None", "Lanczos", "Nearest"]
+        return image
+
+    monkeypatch.setattr(library, "_run", run_then_delete_and_list)
+    result = library.upscale(noise(6, 4), "4x-passes", (48, 32))  # 8×: two 4× passes, then Lanczos down
+    assert passes == [(24, 16), (96, 64)] and result.size == (48, 32)
+    assert residency.status() != []  # kept in use until the upscale ended...
+    library.names()
+    assert residency.status() == []  # ...then the next listing lets it go
+
+
+def test_a_model_is_read_outside_the_lock_and_two_loads_at_once_register_one(tmp_path, monkeypatch):
+    import lorapg.diffusion.upscalers as upscalers
+
+    save_file(tiny_esrgan_state(), tmp_path / "4x-both.safetensors")
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, residency=residency, tile=0)
+    read = upscalers._read_model
+    lock_free = []
+
+    def read_noting_the_lock(item, allow_pickle):
+        free = library._lock.acquire(blocking=False)  # a listing now would not wait for this read
+        if free:
+            library._lock.release()
+        lock_free.append(free)
+        return read(item, allow_pickle)
+
+    monkeypatch.setattr(upscalers, "_read_model", read_noting_the_lock)
+    library.load(library.find("4x-both"))
+    assert lock_free == [True]
+    library.names()  # nothing forgotten: the file is there
+    (tmp_path / "4x-both.safetensors").unlink()
+    library.names()  # forgotten: the next loads read the new file again
+    save_file(tiny_esrgan_state(filters=8), tmp_path / "4x-both.safetensors")
+
+    both_reading = threading.Barrier(2, timeout=60)  # the timeout is a fail-safe: the reads meet at once
+
+    def read_when_both_are_reading(item, allow_pickle):
+        both_reading.wait()  # broken (the test fails) if one read waited for the other
+        return read(item, allow_pickle)
+
+    monkeypatch.setattr(upscalers, "_read_model", read_when_both_are_reading)
+    item = library.find("4x-both")
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(library.load(item))
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for loader in loaders:
+        loader.start()
+    for loader in loaders:
+        loader.join()
+    assert errors == [] and len(results) == 2 and results[0] is results[1]  # the first registered is used
+    assert [entry["name"] for entry in residency.status()] == ["upscaler: 4x-both"]
+    size = sum(p.numel() * p.element_size() for p in results[0].model.parameters())
+    assert resident(residency, "upscaler: 4x-both").size_bytes == size
+
+
 # --- the service: limits and the gallery ------------------------------------------------------------
 
 
@@ -291,6 +445,11 @@ def test_scale_to_makes_smaller_sizes_crops_or_keeps_the_aspect_and_none_leaves_
         service.upscale_by_mode(image, "Lanczos", 0, scale=0.5, width=1, height=1, crop=True)
     with pytest.raises(UserError, match="resize_mode must be 0 .* got 2"):
         service.upscale_by_mode(image, "Lanczos", 2, scale=2, width=1, height=1, crop=True)
+
+
+def test_a_model_at_scale_1_must_fit_its_4x_pass(service):
+    with pytest.raises(UserError, match=r"Scale: upscaling 100×60 makes 400×240 .*max_image_pixels"):
+        service.upscale(noise(100, 60), TINY, 1)  # 6 000 pixels in and out; 96 000 on the way
 
 
 # --- the CLI -----------------------------------------------------------------------------------------
