@@ -447,6 +447,31 @@ def test_scale_to_makes_smaller_sizes_crops_or_keeps_the_aspect_and_none_leaves_
         service.upscale_by_mode(image, "Lanczos", 2, scale=2, width=1, height=1, crop=True)
 
 
+def test_extras_this_app_lacks_are_refused_by_field_in_the_service(service):
+    def upscale(**extras):
+        return service.upscale_by_mode(noise(8, 8), "Lanczos", 0, scale=2, width=1, height=1, crop=True, extras=extras)
+
+    for value in (float("nan"), "NaN", float("inf")):
+        with pytest.raises(UserError, match="extras_upscaler_2_visibility must be a number, got"):
+            upscale(upscaler_2=TINY, extras_upscaler_2_visibility=value)
+    for value in (1.5, -0.1):
+        with pytest.raises(UserError, match="extras_upscaler_2_visibility must be 0–1, got"):
+            upscale(extras_upscaler_2_visibility=value)
+    with pytest.raises(UserError, match='upscaler_2: blending a second upscaler is not available here; send "None".'):
+        upscale(upscaler_2=TINY.upper(), extras_upscaler_2_visibility=0.5)  # a model's name, any case
+    with pytest.raises(UserError, match="upscaler_2 'SwinIR' is not available; pick one of"):
+        upscale(upscaler_2="SwinIR", extras_upscaler_2_visibility=0.5)
+    with pytest.raises(UserError, match="codeformer_visibility: face restoration is not available here; send 0."):
+        upscale(codeformer_visibility=0.2)
+    # Nothing blended in ("None" in any case, a blank name, or visibility 0), as A1111 then skips it.
+    blended = [
+        {"upscaler_2": "NONE", "extras_upscaler_2_visibility": 1},
+        {"upscaler_2": " ", "extras_upscaler_2_visibility": 1},
+    ]
+    for extras in [*blended, {"upscaler_2": TINY}]:
+        assert upscale(**extras, gfpgan_visibility=0).image.size == (16, 16)
+
+
 def test_a_model_at_scale_1_must_fit_its_4x_pass(service):
     with pytest.raises(UserError, match=r"Scale: upscaling 100×60 makes 400×240 .*max_image_pixels"):
         service.upscale(noise(100, 60), TINY, 1)  # 6 000 pixels in and out; 96 000 on the way
@@ -591,6 +616,14 @@ def test_extra_single_image_scales_to_a_smaller_size_and_none_in_any_case_leaves
     assert np.array_equal(np.asarray(returned), np.asarray(source)) and none.json()["html_info"] == ""
     zero = requests.post(url, json=body | {"upscaling_resize_w": 0}, timeout=60)
     assert zero.status_code in (400, 422) and "upscaling_resize_w must be a whole number of pixels" in zero.text
+
+
+def test_extra_single_image_refuses_a_visibility_that_is_not_a_number_from_0_to_1(app):
+    body = {"image": base64.b64encode(png_with(noise(8, 8), "x")).decode(), "upscaler_1": "Lanczos"}
+    url = f"{app}sdapi/v1/extra-single-image"
+    for value, expected in (("NaN", "must be a number, got nan"), (1.5, "must be 0–1, got 1.5")):
+        reply = requests.post(url, json=body | {"upscaler_2": TINY, "extras_upscaler_2_visibility": value}, timeout=60)
+        assert reply.status_code in (400, 422) and f"extras_upscaler_2_visibility {expected}" in reply.text
 
 
 def test_txt2img_hires_fix_with_the_upscaler_model(app):
