@@ -111,3 +111,5 @@ TRAINING: dict[str, Range] = {
 
 # --- upscaling (A1111's Extras: "Resize" / upscaling_resize) ------------------------------------
 UPSCALE_BY = Range(1.0, 8.0, 0.05, 4.0)
+# A1111's extras_upscaler_2_visibility: how much of a second upscaler is blended in (refused above 0 here).
+UPSCALER_2_VISIBILITY = Range(0.0, 1.0, 0.001, 0.0)

@@ -27,7 +27,14 @@ from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.request import GenerationRequest
-from lorapg.diffusion.upscalers import UpscaleCancelled, UpscalerLibrary, _to_tensor, tile_starts, tiled_upscale
+from lorapg.diffusion.upscalers import (
+    UpscaleCancelled,
+    UpscalerLibrary,
+    _to_tensor,
+    check_size,
+    tile_starts,
+    tiled_upscale,
+)
 from lorapg.errors import UserError
 from lorapg.gallery.png import read_png_parameters
 from lorapg.gallery.records import ImageRecord
@@ -69,6 +76,10 @@ def library(folder):
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     values = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(values, "RGB")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def png_with(image: Image.Image, parameters: str) -> bytes:
@@ -217,6 +228,149 @@ def test_a_cancel_stops_the_tiled_loop_between_tiles(library):
     assert len(tiles) == 1
 
 
+def test_scale_1_with_a_model_runs_it_once_and_its_4x_intermediate_must_fit(library, monkeypatch):
+    # A1111's Upscaler.upscale: at scale 1 the model runs once and the result is resized back down.
+    passes = []
+    run = library._run
+    monkeypatch.setattr(library, "_run", lambda *args: passes.append(args[2].size) or run(*args))
+    image = noise(20, 12)
+    once = library.upscale(image, TINY, (20, 12))
+    assert passes == [(20, 12)] and once.size == (20, 12)
+    # The model's work (4×, then Lanczos down), not the image passed through untouched.
+    model_then_down = library.upscale(image, TINY, (80, 48)).resize((20, 12), Image.Resampling.LANCZOS)
+    assert float(np.abs(pixels(once) - pixels(model_then_down)).mean()) < 1
+    assert float(np.abs(pixels(once) - pixels(image)).mean()) > 5
+    assert check_size(20, 12, 1, 4, 80 * 48, "Scale") == (20, 12)  # the 80×48 intermediate fits exactly
+    with pytest.raises(UserError, match=r"Scale: upscaling 20×12 makes 80×48 .*max_image_pixels"):
+        check_size(20, 12, 1, 4, 80 * 48 - 1, "Scale")
+
+
+def test_a_file_deleted_after_find_is_not_available_naming_the_field(tmp_path, monkeypatch):
+    import lorapg.diffusion.upscalers as upscalers
+
+    save_file(tiny_esrgan_state(), tmp_path / "4x-brief.safetensors")
+    library = UpscalerLibrary(tmp_path, tile=0)
+    item = library.find("4x-brief", "upscaler_1")
+    (tmp_path / "4x-brief.safetensors").unlink()
+    expected = r"upscaler_1 '4x-brief' is not available: its file 4x-brief\.safetensors is gone from .*; pick another"
+    with pytest.raises(UserError, match=expected) as caught:
+        library.load(item, "upscaler_1")
+    assert "\n" not in str(caught.value)
+    # Deleted after its size and time were read, while spandrel opens it: the same refusal.
+    monkeypatch.setattr(upscalers, "_stamp", lambda path: (1, 1))
+    with pytest.raises(UserError, match=expected):
+        library.load(item, "upscaler_1")
+
+
+def test_a_listing_read_before_a_job_loaded_a_model_does_not_forget_it(tmp_path, monkeypatch):
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, residency=residency, tile=0)
+    scanned, loaded = threading.Event(), threading.Event()
+    views, errors = [], []
+    scan = library._scan
+
+    def lister_pauses_after_its_first_read():
+        found = scan()
+        if threading.current_thread() is lister and not views:
+            views.append(found)
+            scanned.set()
+            loaded.wait(timeout=60)  # a fail-safe only: the test sets it
+        return found
+
+    def list_names():
+        try:
+            library.names()
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    monkeypatch.setattr(library, "_scan", lister_pauses_after_its_first_read)
+    lister = threading.Thread(target=list_names)
+    lister.start()
+    assert scanned.wait(timeout=60)
+    save_file(tiny_esrgan_state(), tmp_path / "4x-new.safetensors")  # added after the listing read the folder
+    descriptor = library.load(library.find("4x-new"))
+    loaded.set()
+    lister.join()
+    assert views == [{}] and errors == []  # the listing's view had no such file
+    assert [entry["name"] for entry in residency.status()] == ["upscaler: 4x-new"]  # not forgotten
+    assert library.load(library.find("4x-new")) is descriptor  # nor read again
+
+
+def test_a_file_deleted_between_two_passes_does_not_fail_the_second(tmp_path, monkeypatch):
+    path = tmp_path / "4x-passes.safetensors"
+    save_file(tiny_esrgan_state(), path)
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, residency=residency, tile=0)
+    passes = []
+    run = library._run
+
+    def run_then_delete_and_list(*args):
+        image = run(*args)
+        passes.append(image.size)
+        if len(passes) == 1:  # between the first pass and the second
+            path.unlink()
+            assert library.names() == ["None", "Lanczos", "Nearest"]
+        return image
+
+    monkeypatch.setattr(library, "_run", run_then_delete_and_list)
+    result = library.upscale(noise(6, 4), "4x-passes", (48, 32))  # 8×: two 4× passes, then Lanczos down
+    assert passes == [(24, 16), (96, 64)] and result.size == (48, 32)
+    assert residency.status() != []  # kept in use until the upscale ended...
+    library.names()
+    assert residency.status() == []  # ...then the next listing lets it go
+
+
+def test_a_model_is_read_outside_the_lock_and_two_loads_at_once_register_one(tmp_path, monkeypatch):
+    import lorapg.diffusion.upscalers as upscalers
+
+    save_file(tiny_esrgan_state(), tmp_path / "4x-both.safetensors")
+    residency = ResidencyManager(GB)
+    library = UpscalerLibrary(tmp_path, residency=residency, tile=0)
+    read = upscalers._read_model
+    lock_free = []
+
+    def read_noting_the_lock(item, allow_pickle):
+        free = library._lock.acquire(blocking=False)  # a listing now would not wait for this read
+        if free:
+            library._lock.release()
+        lock_free.append(free)
+        return read(item, allow_pickle)
+
+    monkeypatch.setattr(upscalers, "_read_model", read_noting_the_lock)
+    library.load(library.find("4x-both"))
+    assert lock_free == [True]
+    library.names()  # nothing forgotten: the file is there
+    (tmp_path / "4x-both.safetensors").unlink()
+    library.names()  # forgotten: the next loads read the new file again
+    save_file(tiny_esrgan_state(filters=8), tmp_path / "4x-both.safetensors")
+
+    both_reading = threading.Barrier(2, timeout=60)  # the timeout is a fail-safe: the reads meet at once
+
+    def read_when_both_are_reading(item, allow_pickle):
+        both_reading.wait()  # broken (the test fails) if one read waited for the other
+        return read(item, allow_pickle)
+
+    monkeypatch.setattr(upscalers, "_read_model", read_when_both_are_reading)
+    item = library.find("4x-both")
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(library.load(item))
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for loader in loaders:
+        loader.start()
+    for loader in loaders:
+        loader.join()
+    assert errors == [] and len(results) == 2 and results[0] is results[1]  # the first registered is used
+    assert [entry["name"] for entry in residency.status()] == ["upscaler: 4x-both"]
+    size = sum(p.numel() * p.element_size() for p in results[0].model.parameters())
+    assert resident(residency, "upscaler: 4x-both").size_bytes == size
+
+
 # --- the service: limits and the gallery ------------------------------------------------------------
 
 
@@ -293,6 +447,36 @@ def test_scale_to_makes_smaller_sizes_crops_or_keeps_the_aspect_and_none_leaves_
         service.upscale_by_mode(image, "Lanczos", 2, scale=2, width=1, height=1, crop=True)
 
 
+def test_extras_this_app_lacks_are_refused_by_field_in_the_service(service):
+    def upscale(**extras):
+        return service.upscale_by_mode(noise(8, 8), "Lanczos", 0, scale=2, width=1, height=1, crop=True, extras=extras)
+
+    for value in (float("nan"), "NaN", float("inf")):
+        with pytest.raises(UserError, match="extras_upscaler_2_visibility must be a number, got"):
+            upscale(upscaler_2=TINY, extras_upscaler_2_visibility=value)
+    for value in (1.5, -0.1):
+        with pytest.raises(UserError, match="extras_upscaler_2_visibility must be 0–1, got"):
+            upscale(extras_upscaler_2_visibility=value)
+    with pytest.raises(UserError, match='upscaler_2: blending a second upscaler is not available here; send "None".'):
+        upscale(upscaler_2=TINY.upper(), extras_upscaler_2_visibility=0.5)  # a model's name, any case
+    with pytest.raises(UserError, match="upscaler_2 'SwinIR' is not available; pick one of"):
+        upscale(upscaler_2="SwinIR", extras_upscaler_2_visibility=0.5)
+    with pytest.raises(UserError, match="codeformer_visibility: face restoration is not available here; send 0."):
+        upscale(codeformer_visibility=0.2)
+    # Nothing blended in ("None" in any case, a blank name, or visibility 0), as A1111 then skips it.
+    blended = [
+        {"upscaler_2": "NONE", "extras_upscaler_2_visibility": 1},
+        {"upscaler_2": " ", "extras_upscaler_2_visibility": 1},
+    ]
+    for extras in [*blended, {"upscaler_2": TINY}]:
+        assert upscale(**extras, gfpgan_visibility=0).image.size == (16, 16)
+
+
+def test_a_model_at_scale_1_must_fit_its_4x_pass(service):
+    with pytest.raises(UserError, match=r"Scale: upscaling 100×60 makes 400×240 .*max_image_pixels"):
+        service.upscale(noise(100, 60), TINY, 1)  # 6 000 pixels in and out; 96 000 on the way
+
+
 # --- the CLI -----------------------------------------------------------------------------------------
 
 
@@ -338,7 +522,7 @@ def test_the_hires_fix_refuses_an_upscaler_models_pass_over_max_image_pixels(tin
     assert "\n" not in str(caught.value) and "max_image_pixels" in str(caught.value)
 
 
-def test_a_cancel_at_the_hires_upscalers_first_tile_ends_the_job_cancelled_without_an_image(tiny_models, folder):
+def test_a_cancel_at_the_hires_upscalers_first_tile_ends_the_job_cancelled_with_the_first_pass(tiny_models, folder):
     library = UpscalerLibrary(folder / "upscalers", tile=8)  # the 32² first pass in many tiles
     engine = DiffusionEngine(LoraLibrary(tiny_models["loras"]), torch.device("cpu"), torch.float32, upscalers=library)
     engine.load_model(str(tiny_models["sd15"]))
@@ -356,7 +540,9 @@ def test_a_cancel_at_the_hires_upscalers_first_tile_ends_the_job_cancelled_witho
         job.wait()
     finally:
         jobs.close()
-    assert (job.status, job.error, job.result.images) == ("cancelled", None, [])
+    assert (job.status, job.error, job.result.cancelled) == ("cancelled", None, True)
+    # The first pass's image at the base size, as a cancel one step earlier (in the first pass) keeps it.
+    assert [image.size for image in job.result.images] == [(32, 32)]
     assert len(asked) == request.steps + 1  # stopped at the first tile: no tile, no second pass ran
 
 
@@ -430,6 +616,14 @@ def test_extra_single_image_scales_to_a_smaller_size_and_none_in_any_case_leaves
     assert np.array_equal(np.asarray(returned), np.asarray(source)) and none.json()["html_info"] == ""
     zero = requests.post(url, json=body | {"upscaling_resize_w": 0}, timeout=60)
     assert zero.status_code in (400, 422) and "upscaling_resize_w must be a whole number of pixels" in zero.text
+
+
+def test_extra_single_image_refuses_a_visibility_that_is_not_a_number_from_0_to_1(app):
+    body = {"image": base64.b64encode(png_with(noise(8, 8), "x")).decode(), "upscaler_1": "Lanczos"}
+    url = f"{app}sdapi/v1/extra-single-image"
+    for value, expected in (("NaN", "must be a number, got nan"), (1.5, "must be 0–1, got 1.5")):
+        reply = requests.post(url, json=body | {"upscaler_2": TINY, "extras_upscaler_2_visibility": value}, timeout=60)
+        assert reply.status_code in (400, 422) and f"extras_upscaler_2_visibility {expected}" in reply.text
 
 
 def test_txt2img_hires_fix_with_the_upscaler_model(app):

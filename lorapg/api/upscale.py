@@ -17,11 +17,12 @@ from lorapg.api import models as m
 from lorapg.api.auth import ApiAccess, basic_auth_check
 from lorapg.api.errors import A1111Route
 from lorapg.api.sdapi import ERRORS, PREFIX
-from lorapg.coercion import checked_number
 from lorapg.diffusion.upscalers import NONE
-from lorapg.errors import UserError
 from lorapg.services.a1111 import decode_image_field
 from lorapg.services.upscale import RESIZE_BY, UpscaleService
+
+# A1111's Extras fields for features this app does not have: the service refuses them when used.
+EXTRAS_REFUSED = ("gfpgan_visibility", "codeformer_visibility", "upscaler_2", "extras_upscaler_2_visibility")
 
 
 class ExtrasSingleImageRequest(BaseModel):
@@ -52,7 +53,7 @@ class ExtrasSingleImageRequest(BaseModel):
     )
     upscaler_1: str = Field(NONE, description='an upscaler\'s name (GET /sdapi/v1/upscalers); "None": unchanged')
     upscaler_2: str = Field(NONE, description='"None": a second upscaler to blend in is not available here')
-    extras_upscaler_2_visibility: float = 0
+    extras_upscaler_2_visibility: float = Field(0, description="0-1; above 0 with an upscaler_2: refused")
     upscale_first: bool = False
 
 
@@ -85,7 +86,6 @@ def upscale_router(service: UpscaleService, access: ApiAccess, max_upload_bytes:
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     def extra_single_image(body: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
-        _refuse_what_is_not_here(body)
         data = decode_image_field(body.image, max_upload_bytes, "image")
         result = service.upscale_by_mode(
             data,
@@ -95,18 +95,10 @@ def upscale_router(service: UpscaleService, access: ApiAccess, max_upload_bytes:
             width=body.upscaling_resize_w,
             height=body.upscaling_resize_h,
             crop=body.upscaling_crop,
+            extras={name: getattr(body, name) for name in EXTRAS_REFUSED},
         )
         buffer = io.BytesIO()
         result.image.save(buffer, format="PNG")
         return ExtrasSingleImageResponse(html_info=result.info, image=base64.b64encode(buffer.getvalue()).decode())
 
     return router
-
-
-def _refuse_what_is_not_here(body: ExtrasSingleImageRequest) -> None:
-    """A1111 features this app does not have: refused by field, rather than silently skipped."""
-    for name in ("gfpgan_visibility", "codeformer_visibility"):
-        if checked_number(name, getattr(body, name)) != 0:
-            raise UserError(f"{name}: face restoration is not available here; send 0.")
-    if body.upscaler_2.strip().casefold() not in ("", NONE.casefold()) and body.extras_upscaler_2_visibility > 0:
-        raise UserError('upscaler_2: blending a second upscaler is not available here; send "None".')

@@ -291,9 +291,11 @@ class DiffusionEngine:
                 steps_before = request.steps
                 try:
                     return hires_run.second_pass(first, prompts, step_end, should_cancel)
-                except UpscaleCancelled:  # between an upscaler model's tiles: no image of either size
+                except UpscaleCancelled:
+                    # Between an upscaler model's tiles: the first pass's images, as a cancel in the
+                    # first pass keeps them (and A1111's interrupt during the upscale returns images).
                     cancelled = True
-                    return SimpleNamespace(images=[])
+                    return SimpleNamespace(images=hires_run.decoded(first))
 
             def run_transformer_pipeline():
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # as for SD: one per image

@@ -16,7 +16,8 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,6 +84,7 @@ class _Loaded:
     stamp: tuple[int, int]  # the file's (size, mtime_ns) when read: another value means another file
     resident_name: str  # its name in the residency manager ("" without one)
     descriptor: object
+    users: int = 0  # upscales running on it now: it is not forgotten under them
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -115,8 +117,14 @@ class UpscalerLibrary:
     def files(self) -> list[UpscalerFile]:
         """The model files now in the folder (re-read each call); a .safetensors wins over a pickle of
         the same name. A name that is also a built-in one is left out (the built-in is meant)."""
+        found = self._scan()
+        self._forget_gone(found)
+        return sorted(found.values(), key=lambda item: item.name.casefold())
+
+    def _scan(self) -> dict[str, UpscalerFile]:
+        """The folder's model files by casefolded name (read without the lock: it may be stale at once)."""
         if not self.folder.is_dir():
-            return []
+            return {}
         found: dict[str, UpscalerFile] = {}
         for path in sorted(self.folder.iterdir()):
             suffix = path.suffix.lower()
@@ -127,16 +135,20 @@ class UpscalerLibrary:
                 continue
             if known is None or (known.pickled and suffix == SAFE_SUFFIX):
                 found[path.stem.casefold()] = UpscalerFile(path.stem, path)
-        self._forget_gone(found)
-        return sorted(found.values(), key=lambda item: item.name.casefold())
+        return found
 
     def _forget_gone(self, found: dict[str, UpscalerFile]) -> None:
         """Models whose file was deleted or replaced by another (a .pth by a .safetensors) leave memory
         and the residency manager now, not when (if ever) their name is used again."""
         with self._lock:
+            if not any(_gone(key, loaded, found) for key, loaded in self._loaded.items()):
+                return
+            # ``found`` was read before the lock was taken: a job may have loaded a file since that
+            # the stale view lacks. The folder is read again here, so only what is gone NOW goes.
+            now = self._scan()
             for key, loaded in list(self._loaded.items()):
-                if key not in found or found[key].path != loaded.path:
-                    self._forget(key)  # one in use stays until a later listing
+                if _gone(key, loaded, now) and not loaded.users:
+                    self._forget(key)  # one in use (here or in the residency manager) stays until a later listing
 
     def names(self) -> list[str]:
         """Every upscaler's name: the built-in ones first, then the models."""
@@ -169,8 +181,9 @@ class UpscalerLibrary:
     ) -> Image.Image:
         """``image`` upscaled by upscaler ``name`` to exactly ``size`` (width, height).
 
-        A model runs until the image is at least that large (at most MAX_PASSES times), then a
-        Lanczos resize gives the exact size, as A1111 does. ``size`` must be checked by the caller
+        A model runs until the image is at least that large (at most MAX_PASSES times; once when
+        ``size`` is the image's own), then a Lanczos resize gives the exact size, as A1111 does
+        (``model_passes``). ``size`` must be checked by the caller
         (``check_size``); "None" returns the image unchanged. ``should_cancel`` is asked before each
         tile of a model's passes: True raises UpscaleCancelled there.
         """
@@ -180,12 +193,11 @@ class UpscalerLibrary:
             return image
         if isinstance(found, str):
             return image.resize(size, resample=RESIZERS[found])
-        descriptor = self.load(found)
-        # A 1× model (a restoration model) runs once; it would not grow the image by running again.
-        for _ in range(MAX_PASSES if descriptor.scale > 1 else 1):
-            if descriptor.scale > 1 and image.width >= size[0] and image.height >= size[1]:
-                break
-            image = self._run(found, descriptor, image, should_cancel)
+        with self._in_use(found, field) as descriptor:
+            # Pinned once around every pass: a listing between two passes must not forget the model
+            # (its file deleted or replaced meanwhile) under the next one.
+            for _ in range(model_passes(*image.size, size, int(descriptor.scale))):
+                image = self._run(found, descriptor, image, should_cancel)
         if image.size != size:
             image = image.resize(size, resample=Image.Resampling.LANCZOS)
         return image
@@ -195,25 +207,80 @@ class UpscalerLibrary:
         found = self.find(name)
         return 1 if isinstance(found, str) else int(self.load(found).scale)
 
-    def load(self, item: UpscalerFile):
+    def load(self, item: UpscalerFile, field: str = "Upscaler"):
         """The spandrel descriptor of ``item``, loaded once (again when the file changed: another
-        file of that name, or another size or modification time)."""
+        file of that name, or another size or modification time). ``field`` names the upscaler in
+        the refusal when the file is gone."""
+        loaded = self._acquire(item, field, pin=False)
+        return loaded.descriptor
+
+    @contextmanager
+    def _in_use(self, item: UpscalerFile, field: str) -> Iterator[object]:
+        """``item``'s descriptor, kept loaded (and, with a residency manager, on the device) until
+        the block ends: neither a listing nor another file of that name removes it meanwhile."""
+        loaded = self._acquire(item, field, pin=True)
+        try:
+            placed = self.residency.use(loaded.resident_name) if self.residency is not None else nullcontext()
+            with placed:
+                yield loaded.descriptor
+        finally:
+            with self._lock:
+                loaded.users -= 1
+
+    def _acquire(self, item: UpscalerFile, field: str, pin: bool) -> _Loaded:
+        """The loaded model of ``item`` (read now if need be), its ``users`` counted up when ``pin``.
+
+        The file is read outside the lock (a model takes seconds to read), so listings do not wait
+        for it; of two threads that read the same file at once, the first to register wins and the
+        other's copy is dropped, so one model is registered."""
+        key = item.name.casefold()
+        stamp = self._stamp_or_refuse(item, field)
         with self._lock:
-            key = item.name.casefold()
-            stamp = _stamp(item.path)
-            cached = self._loaded.get(key)
-            if cached is not None and (cached.path, cached.stamp) == (item.path, stamp):
-                return cached.descriptor
-            if cached is not None and not self._forget(key):
-                raise UserError(
-                    f"Upscaler {item.name!r} changed on disk while in use; try again when the current job ends."
-                )
+            ready = self._current(key, item, stamp, pin)
+        if ready is not None:
+            return ready
+        try:
             descriptor = _read_model(item, self.allow_pickle)
+        except FileNotFoundError:  # deleted after the stamp was taken
+            raise self._gone_error(item, field) from None
+        if self.residency is None:
+            descriptor.to(self.device)  # CPU, or a device nothing else shares; outside the lock too
+        with self._lock:
+            ready = self._current(key, item, stamp, pin)
+            if ready is not None:  # another thread read and registered it meanwhile: theirs is used
+                return ready
             # Cached only once registered: a failed registration must not leave a model in use
             # that the residency manager does not count.
             resident_name = self._register(item, descriptor)
-            self._loaded[key] = _Loaded(item.path, stamp, resident_name, descriptor)
-            return descriptor
+            loaded = _Loaded(item.path, stamp, resident_name, descriptor, users=1 if pin else 0)
+            self._loaded[key] = loaded
+            return loaded
+
+    def _current(self, key: str, item: UpscalerFile, stamp: tuple[int, int], pin: bool) -> _Loaded | None:
+        """The cached model when it was read from this file as it is (counted up when ``pin``); None
+        when it must be read, an older one forgotten first. Called with the lock held."""
+        cached = self._loaded.get(key)
+        if cached is not None and (cached.path, cached.stamp) == (item.path, stamp):
+            if pin:
+                cached.users += 1
+            return cached
+        if cached is not None and (cached.users or not self._forget(key)):
+            raise UserError(
+                f"Upscaler {item.name!r} changed on disk while in use; try again when the current job ends."
+            )
+        return None
+
+    def _stamp_or_refuse(self, item: UpscalerFile, field: str) -> tuple[int, int]:
+        try:
+            return _stamp(item.path)
+        except OSError:  # deleted (or made unreadable) since find() listed it
+            raise self._gone_error(item, field) from None
+
+    def _gone_error(self, item: UpscalerFile, field: str) -> UserError:
+        return UserError(
+            f"{field} {shown(item.name)} is not available: its file {item.path.name} is gone from {self.folder}; "
+            "pick another upscaler or put the file back."
+        )
 
     def _forget(self, key: str) -> bool:
         """Drop a loaded model (called with the lock held); False when it is in use (it stays)."""
@@ -225,9 +292,8 @@ class UpscalerLibrary:
         return True
 
     def _register(self, item: UpscalerFile, descriptor) -> str:
-        """The model placed or registered; returns its residency name ("" without a manager)."""
+        """The model registered; returns its residency name ("" without a manager: placed already)."""
         if self.residency is None:
-            descriptor.to(self.device)  # CPU, or a device nothing else shares
             return ""
         size = sum(p.numel() * p.element_size() for p in descriptor.model.parameters())
         name = RESIDENT_PREFIX + item.name
@@ -248,15 +314,20 @@ class UpscalerLibrary:
             output = tiled_upscale(descriptor, tensor, descriptor.scale, tile, TILE_OVERLAP, should_cancel)
             return _to_image(output)
 
+        # One pass; the caller (upscale) holds the model in use around all of them.
         with torch.inference_mode():
             if self.residency is None:
                 return run()
-            with self.residency.use(RESIDENT_PREFIX + item.name):
-                return self.residency.run_with_oom_retry(
-                    run,
-                    keep=RESIDENT_PREFIX + item.name,
-                    advice="Lower the tile size (setting upscale_tile) or upscale a smaller image.",
-                )
+            return self.residency.run_with_oom_retry(
+                run,
+                keep=RESIDENT_PREFIX + item.name,
+                advice="Lower the tile size (setting upscale_tile) or upscale a smaller image.",
+            )
+
+
+def _gone(key: str, loaded: _Loaded, found: dict[str, UpscalerFile]) -> bool:
+    """Whether the file a model was read from is no longer the one its name means in ``found``."""
+    return key not in found or found[key].path != loaded.path
 
 
 def _read_model(item: UpscalerFile, allow_pickle: bool):
@@ -275,6 +346,8 @@ def _read_model(item: UpscalerFile, allow_pickle: bool):
         else:
             state = spandrel.canonicalize_state_dict(load_file(str(item.path), device="cpu"))
         descriptor = spandrel.ModelLoader("cpu").load_from_state_dict(state)
+    except FileNotFoundError:
+        raise  # deleted while being opened: the caller says the upscaler is not available
     except spandrel.UnsupportedModelError:
         raise UserError(
             f"Upscaler {item.name!r} ({item.path.name}) is not a model architecture spandrel knows "
@@ -294,17 +367,30 @@ def _read_model(item: UpscalerFile, allow_pickle: bool):
     return descriptor.eval()
 
 
+def model_passes(width: int, height: int, size: tuple[int, int], model_scale: int) -> int:
+    """How many times a model_scale× model runs to make ``size`` from a width × height image.
+
+    As A1111's ``Upscaler.upscale``: until the image covers the size (at most MAX_PASSES times), but
+    once at scale 1 (the result the image's own size: the model's work, resized back down with
+    Lanczos), and none when the result is smaller (Lanczos alone). A 1× model (a restoration model)
+    runs once: it would not grow the image by running again."""
+    if model_scale <= 1 or size == (width, height):
+        return 1
+    passes, factor = 0, 1
+    while passes < MAX_PASSES and (width * factor < size[0] or height * factor < size[1]):
+        passes, factor = passes + 1, factor * model_scale
+    return passes
+
+
 def check_size(width: int, height: int, scale: float, model_scale: int, max_pixels: int, field: str) -> tuple[int, int]:
     """The result's size for ``scale`` (rounded, at least 1 px), or a UserError when it, or the largest
     image a model pass makes on the way, is over ``max_pixels`` (Settings.max_image_pixels; 0 = no limit)."""
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     largest = size
-    factor = 1
-    # A model pass makes model_scale× images until the size is reached (the last one may overshoot).
-    for _ in range(MAX_PASSES if model_scale > 1 else 0):
-        if width * factor >= size[0] and height * factor >= size[1]:
-            break
-        factor *= model_scale
+    # Each model pass makes a model_scale× image (the last one may overshoot, and a pass at scale 1
+    # makes one too before the Lanczos resize back down).
+    for done in range(1, model_passes(width, height, size, model_scale) + 1):
+        factor = model_scale**done
         largest = max(largest, (width * factor, height * factor), key=lambda pair: pair[0] * pair[1])
     pixels = largest[0] * largest[1]
     if max_pixels > 0 and pixels > max_pixels:

@@ -36,7 +36,7 @@ from lorapg.gallery.a1111 import format_parameters, parse_parameters
 from lorapg.gallery.png import read_png_parameters, save_png_atomically
 from lorapg.gallery.records import ImageRecord, check_image_id, record_from_parsed
 from lorapg.jobs import JobQueue
-from lorapg.limits import UPSCALE_BY
+from lorapg.limits import UPSCALE_BY, UPSCALER_2_VISIBILITY
 from lorapg.services.gallery import GalleryService
 
 log = logging.getLogger(__name__)
@@ -163,15 +163,40 @@ class UpscaleService:
         height: object,
         crop: bool,
         owner: str | None = None,
+        extras: dict[str, object] | None = None,
     ) -> UpscaleResult:
         """A1111's Extras with its API's fields: ``resize_mode`` 0 upscales by ``scale``
-        (upscaling_resize), 1 to ``width`` × ``height`` (upscaling_resize_w / _h)."""
+        (upscaling_resize), 1 to ``width`` × ``height`` (upscaling_resize_w / _h). ``extras``: A1111's
+        other Extras fields by their API names (face restoration, upscaler_2), refused when they ask
+        for what this app does not have (see ``refuse_missing_extras``)."""
+        self.refuse_missing_extras(**(extras or {}))
         if resize_mode == RESIZE_BY:
             return self.upscale(image, upscaler, scale, fields=("image", "upscaler_1", "upscaling_resize"), owner=owner)
         if resize_mode == RESIZE_TO:
             fields = ("image", "upscaler_1", "upscaling_resize_w", "upscaling_resize_h")
             return self.upscale_to(image, upscaler, width, height, crop, fields=fields, owner=owner)
         raise UserError(f"resize_mode must be 0 (by upscaling_resize) or 1 (to a size), got {shown(resize_mode)}.")
+
+    def refuse_missing_extras(
+        self,
+        gfpgan_visibility: object = 0,
+        codeformer_visibility: object = 0,
+        upscaler_2: object = NONE,
+        extras_upscaler_2_visibility: object = 0,
+    ) -> None:
+        """A1111 Extras features this app does not have: refused by field, rather than silently skipped.
+        A second upscaler counts only when it is blended in (visibility above 0), as in A1111."""
+        for name, value in (("gfpgan_visibility", gfpgan_visibility), ("codeformer_visibility", codeformer_visibility)):
+            if checked_number(name, value) != 0:
+                raise UserError(f"{name}: face restoration is not available here; send 0.")
+        visibility = checked_number("extras_upscaler_2_visibility", extras_upscaler_2_visibility)
+        if visibility not in UPSCALER_2_VISIBILITY:
+            raise UserError(
+                f"extras_upscaler_2_visibility must be {UPSCALER_2_VISIBILITY.describe()}, got {shown(visibility)}."
+            )
+        blank = upscaler_2 is None or (isinstance(upscaler_2, str) and not upscaler_2.strip())  # A1111: "None"
+        if visibility > 0 and not blank and self._name(upscaler_2, "upscaler_2") != NONE:
+            raise UserError('upscaler_2: blending a second upscaler is not available here; send "None".')
 
     def _name(self, upscaler: object, field: str) -> str:
         """The upscaler's name as spelled here (any case: "none" is "None")."""
