@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -200,6 +200,32 @@ class ReuseParameters:
             "controlnet_guidance_end": unit.guidance_end,
         }
 
+    def controlnet_form_notes(self) -> list[str]:
+        """What the Generate tab's one-unit ControlNet form cannot hold of the restorable units (it makes
+        them with the default resize mode and canny thresholds); the API's Reuse keeps all of it."""
+        from lorapg.diffusion.controlnet import ControlUnit
+
+        units = self.control_units()
+        if not units:
+            return []
+        notes = []
+        if len(units) > 1:
+            notes.append(
+                f"ControlNet: this image used {len(units)} units; the Generate tab holds the first only, "
+                "make it through the API (/sdapi/v1/txt2img) to use them all."
+            )
+        unit, default = units[0], ControlUnit(model=units[0].model)
+        if (unit.resize_mode, unit.threshold_a, unit.threshold_b) != (
+            default.resize_mode,
+            default.threshold_a,
+            default.threshold_b,
+        ):
+            notes.append(
+                "ControlNet unit 0: its resize mode or canny thresholds are not in the Generate tab, which uses "
+                "the defaults; make it through the API to keep them."
+            )
+        return notes
+
     def hires_options(self):
         """The request's hires options (None: no hires fix); fields the text left out take the defaults."""
         from lorapg.diffusion.hires import HiresOptions
@@ -232,24 +258,41 @@ class ReuseParameters:
             "hr_denoising_strength": options.strength,
         }
 
+    def img2img_form(self) -> dict:
+        """The Generate tab's img2img fields (``Img2ImgOptions``' names); empty for txt2img.
+
+        Without its init image (a PNG alone holds none) the settings still come back, the images as
+        None: the next Generate is txt2img until one is put in (``notes`` says so), then it is made as
+        written."""
+        if self.img2img is None:
+            return {}
+        options = self.img2img_options()
+        if options is None:
+            options = _img2img_options(self.img2img, None, None, masked=self.img2img.mask_blur is not None)
+        return {item.name: getattr(options, item.name) for item in fields(options)}
+
     def img2img_options(self):
         """The request's img2img options (None without an init image: txt2img)."""
-        from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
-
-        use = self.img2img
-        if use is None or self.init_image is None:
+        if self.img2img is None or self.init_image is None:
             return None
-        options = Img2ImgOptions(image=self.init_image, strength=use.denoising_strength, resize_mode=use.resize_mode)
-        if self.mask_image is None or use.mask_blur is None:
-            return options
-        return replace(
-            options,
-            mask=self.mask_image,
-            mask_blur=use.mask_blur,
-            inpainting_fill=FILL if use.masked_content == "fill" else ORIGINAL,
-            only_masked=use.only_masked,
-            only_masked_padding=use.only_masked_padding if use.only_masked_padding is not None else 32,
-        )
+        return _img2img_options(self.img2img, self.init_image, self.mask_image, masked=self.mask_image is not None)
+
+
+def _img2img_options(use: Img2ImgUse, image: Path | None, mask: Path | None, *, masked: bool):
+    """The options ``use`` describes; ``masked``: with its inpainting fields (a mask was written and is here)."""
+    from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
+
+    options = Img2ImgOptions(image=image, strength=use.denoising_strength, resize_mode=use.resize_mode)
+    if not masked or use.mask_blur is None:
+        return options
+    return replace(
+        options,
+        mask=mask,
+        mask_blur=use.mask_blur,
+        inpainting_fill=FILL if use.masked_content == "fill" else ORIGINAL,
+        only_masked=use.only_masked,
+        only_masked_padding=options.only_masked_padding if use.only_masked_padding is None else use.only_masked_padding,
+    )
 
 
 @dataclass(frozen=True)
@@ -661,6 +704,7 @@ def _within_limits(values: dict, upscaler_models: Sequence[str] = ()) -> tuple[d
     if seed is not None and seed > MAX_SEED:
         values["seed"] = None
         notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
+    notes += _img2img_notes(values)
     notes += _variation_within_limits(values)
     notes += _hires_within_limits(values, upscaler_models)
     notes += _controlnet_notes(values)
@@ -672,6 +716,24 @@ def _within_limits(values: dict, upscaler_models: Sequence[str] = ()) -> tuple[d
                 f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); {values[key]} is used."
             )
     return values, notes
+
+
+def _img2img_notes(values: dict) -> list[str]:
+    """An img2img / inpainting result whose init image or mask is not here (a PNG alone holds neither):
+    its settings come back, and the note says what to put in to make it again."""
+    use = values.get("img2img")
+    if use is None:
+        return []
+    if values.get("init_image") is None:
+        return [
+            "Init image: this image was made with img2img from an init image that is not here; "
+            "its settings are set, put the init image into img2img to make it again."
+        ]
+    if use.mask_blur is not None and values.get("mask_image") is None:
+        return [
+            "Mask: this image was inpainted with a mask that is not here; paint or upload the mask to make it again."
+        ]
+    return []
 
 
 def _controlnet_notes(values: dict) -> list[str]:
