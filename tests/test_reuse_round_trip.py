@@ -197,7 +197,18 @@ def test_controlnet_units_with_their_images_come_back(runtime):
     # The PNG alone: every other setting, and a note per unit for its missing image.
     assert differences(base(), by_png.to_request()) == []
     assert len([note for note in by_png.notes if "no control image here" in note]) == 2
-    # The Generate tab's form holds one unit with the default resize mode and thresholds: it says so.
-    assert by_id.controlnet_form()["controlnet_model"] == "edges"
-    assert len(by_id.controlnet_form_notes()) == 2
+    # The Generate tab's form holds one unit, all of it; Reuse says that the second one is left out there.
+    form = {key.removeprefix("controlnet_"): value for key, value in by_id.controlnet_form().items()}
+    from_form = runtime.service.controlnet_units(
+        form.pop("model"), Path(form.pop("image")), resize_mode=form.pop("resize_mode"), **form
+    )
+    assert differences(made.controlnet[:1], checked_units(from_form)) == []
+    assert len(by_id.controlnet_form_notes()) == 1 and "2 units" in by_id.controlnet_form_notes()[0]
     assert by_png.controlnet_form_notes() == []  # nothing restorable, nothing to say beyond the notes above
+
+
+def checked_units(units) -> tuple:
+    """The units as the request checks them (the resize mode's name as its number, images decoded)."""
+    from lorapg.diffusion.controlnet import check_units
+
+    return check_units(units)

@@ -187,6 +187,8 @@ class ReuseParameters:
 
     def controlnet_form(self) -> dict:
         """The Generate tab's ControlNet fields (its one unit: the first restorable one); "None" without."""
+        from lorapg.limits import CONTROL_RESIZE_MODES
+
         units = self.control_units()
         if not units:
             return {"controlnet_model": "None", "controlnet_image": None}
@@ -198,33 +200,21 @@ class ReuseParameters:
             "controlnet_weight": unit.weight,
             "controlnet_guidance_start": unit.guidance_start,
             "controlnet_guidance_end": unit.guidance_end,
+            "controlnet_resize_mode": CONTROL_RESIZE_MODES[unit.resize_mode],
+            "controlnet_threshold_a": unit.threshold_a,
+            "controlnet_threshold_b": unit.threshold_b,
         }
 
     def controlnet_form_notes(self) -> list[str]:
-        """What the Generate tab's one-unit ControlNet form cannot hold of the restorable units (it makes
-        them with the default resize mode and canny thresholds); the API's Reuse keeps all of it."""
-        from lorapg.diffusion.controlnet import ControlUnit
-
+        """What the Generate tab's one-unit ControlNet form cannot hold of the restorable units (the
+        API's Reuse, ``to_request``, keeps them all)."""
         units = self.control_units()
-        if not units:
+        if len(units) < 2:
             return []
-        notes = []
-        if len(units) > 1:
-            notes.append(
-                f"ControlNet: this image used {len(units)} units; the Generate tab holds the first only, "
-                "make it through the API (/sdapi/v1/txt2img) to use them all."
-            )
-        unit, default = units[0], ControlUnit(model=units[0].model)
-        if (unit.resize_mode, unit.threshold_a, unit.threshold_b) != (
-            default.resize_mode,
-            default.threshold_a,
-            default.threshold_b,
-        ):
-            notes.append(
-                "ControlNet unit 0: its resize mode or canny thresholds are not in the Generate tab, which uses "
-                "the defaults; make it through the API to keep them."
-            )
-        return notes
+        return [
+            f"ControlNet: this image used {len(units)} units; the Generate tab holds the first only, "
+            "make it through the API (/sdapi/v1/txt2img) to use them all."
+        ]
 
     def hires_options(self):
         """The request's hires options (None: no hires fix); fields the text left out take the defaults."""
