@@ -17,9 +17,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from lorapg.diffusion.controlnet import ControlUnit
-from lorapg.diffusion.hires import HiresOptions
+from lorapg.diffusion.hires import HiresOptions, target_size
 from lorapg.diffusion.img2img import FILL, Img2ImgOptions
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.ui.hires_section import HIRES_INPUTS
 from tests.test_controlnet import save_tiny_controlnet
 
 SIZE = 64
@@ -168,6 +169,21 @@ def test_hires_fix_settings_come_back(runtime, hires):
     made, by_id, by_png = made_and_reused(runtime, base(hires=hires))
     assert differences(made, by_id.to_request()) == []
     assert differences(made, by_png.to_request()) == []  # all of it is in the text
+    # The Generate tab's form, as its generate handler reads it back (a target size as its factor).
+    form = by_id.hires_form()
+    from_form = runtime.service.hires_options(*(form[key] for key in HIRES_INPUTS))
+    assert target_size(from_form, SIZE, SIZE) == target_size(made.hires, SIZE, SIZE)
+    assert differences(replace(made.hires, scale=0.0, resize_x=0, resize_y=0), replace(from_form, scale=0.0)) == []
+    assert by_id.form_notes() == []
+
+
+def test_a_hires_target_the_tabs_factor_cannot_give_is_noted(runtime):
+    made, by_id, _ = made_and_reused(runtime, base(hires=HiresOptions(resize_x=96, resize_y=80, steps=1)))
+    assert differences(made, by_id.to_request()) == []
+    assert by_id.form_notes() == [
+        "Hires fix: this image was upscaled to 96×80; the Generate tab's factor gives 96×96, "
+        "make it through the API (hr_resize_x, hr_resize_y) for the same size."
+    ]
 
 
 def test_variation_settings_come_back(runtime):
@@ -203,8 +219,8 @@ def test_controlnet_units_with_their_images_come_back(runtime):
         form.pop("model"), Path(form.pop("image")), resize_mode=form.pop("resize_mode"), **form
     )
     assert differences(made.controlnet[:1], checked_units(from_form)) == []
-    assert len(by_id.controlnet_form_notes()) == 1 and "2 units" in by_id.controlnet_form_notes()[0]
-    assert by_png.controlnet_form_notes() == []  # nothing restorable, nothing to say beyond the notes above
+    assert len(by_id.form_notes()) == 1 and "2 units" in by_id.form_notes()[0]
+    assert by_png.form_notes() == []  # nothing restorable, nothing to say beyond the notes above
 
 
 def checked_units(units) -> tuple:

@@ -205,15 +205,32 @@ class ReuseParameters:
             "controlnet_threshold_b": unit.threshold_b,
         }
 
-    def controlnet_form_notes(self) -> list[str]:
-        """What the Generate tab's one-unit ControlNet form cannot hold of the restorable units (the
-        API's Reuse, ``to_request``, keeps them all)."""
+    def form_notes(self) -> list[str]:
+        """What the Generate tab's form cannot hold of these settings (``to_request``, the API's, keeps
+        it all): a ControlNet unit after the first (the form has one), a hires target size that its
+        factor does not give."""
+        notes = []
         units = self.control_units()
-        if len(units) < 2:
+        if len(units) > 1:
+            notes.append(
+                f"ControlNet: this image used {len(units)} units; the Generate tab holds the first only, "
+                "make it through the API (/sdapi/v1/txt2img) to use them all."
+            )
+        return notes + self._hires_size_notes()
+
+    def _hires_size_notes(self) -> list[str]:
+        from lorapg.diffusion.hires import HiresOptions, target_size
+
+        options = self.hires_options()
+        if options is None or not (options.resize_x or options.resize_y) or not (self.width and self.height):
+            return []
+        made = target_size(options, self.width, self.height)
+        by_factor = target_size(HiresOptions(scale=self.hires_form()["hr_scale"]), self.width, self.height)
+        if made == by_factor:
             return []
         return [
-            f"ControlNet: this image used {len(units)} units; the Generate tab holds the first only, "
-            "make it through the API (/sdapi/v1/txt2img) to use them all."
+            f"Hires fix: this image was upscaled to {made[0]}×{made[1]}; the Generate tab's factor gives "
+            f"{by_factor[0]}×{by_factor[1]}, make it through the API (hr_resize_x, hr_resize_y) for the same size."
         ]
 
     def hires_options(self):

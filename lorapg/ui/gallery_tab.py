@@ -342,7 +342,7 @@ def _wire_reuse(
 
     def fill_generate(params: ReuseParameters) -> dict:
         """Widget updates for the Generate tab; unknown parameters leave their widget alone."""
-        notes = [*params.notes, *params.controlnet_form_notes()]  # the latter: what the form cannot hold
+        notes = [*params.notes, *params.form_notes()]  # the latter: what this tab's form cannot hold
         for note in notes:
             gr.Warning(note)
         names = [name for name, _ in params.loras]
