@@ -228,3 +228,46 @@ def checked_units(units) -> tuple:
     from lorapg.diffusion.controlnet import check_units
 
     return check_units(units)
+
+
+# --- the API: GET /api/v1/gallery/{id}/reuse, then POST /api/v1/generations --------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {
+            "img2img": Img2ImgOptions(picture(6), strength=0.7, resize_mode=1, mask=box_mask(), mask_blur=1),
+            "controlnet": (ControlUnit("edges", picture(7), module="canny", weight=0.5, threshold_a=60),),
+        },
+        {
+            "hires": HiresOptions(resize_x=96, resize_y=80, steps=1, strength=0.4, upscaler="None"),
+            "variation_seed": 8,
+            "variation_strength": 0.2,
+        },
+    ],
+    ids=["inpainting-controlnet", "hires-variation"],
+)
+def test_the_apis_reuse_body_makes_the_same_image(runtime, overrides):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lorapg.api.auth import ApiAccess
+    from lorapg.api.gallery_reuse import gallery_reuse_router
+    from lorapg.api.generations import GenerationCreate, generation_jobs
+
+    made = runtime.service.generate(base(**overrides))
+    app = FastAPI()
+    app.include_router(gallery_reuse_router(runtime.gallery_service, ApiAccess(enabled=True)))
+    reply = TestClient(app).get(f"/api/v1/gallery/{made.saved[0].id}/reuse")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["notes"] == []
+    # What POST /api/v1/generations does with the body.
+    state = generation_jobs(runtime.service).submit(GenerationCreate.model_validate(reply.json()["request"]).params())
+    job = runtime.service.jobs.get(state.job_id)
+    while not job.wait(1):
+        pass
+    assert differences(made.request, job.result.request) == []
+    assert np.array_equal(as_pixels(job.result.images[0]), as_pixels(made.images[0]))  # the same code path
+    missing = TestClient(app).get("/api/v1/gallery/99999/reuse")
+    assert missing.status_code == 404 and "No image with id 99999" in missing.text
