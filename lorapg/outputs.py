@@ -126,6 +126,7 @@ def write_result_pngs(result: GenerationResult, out: Path) -> list[Path]:
     """Write each image to ``out`` (a .png file; a batch adds -1, -2, …) or into folder ``out``."""
     out = Path(out)
     paths = []
+    kept = attachments(result)
     for index, image in enumerate(result.images):
         if out.suffix.lower() == ".png":
             path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{index + 1}.png")
@@ -133,9 +134,10 @@ def write_result_pngs(result: GenerationResult, out: Path) -> list[Path]:
             path = out / f"{result.seeds[index]}.png"
         text = format_parameters(image_record(result, index))
         paths.append(save_png_atomically(image, path, text))
-        for number, unit in enumerate(result.request.controlnet):  # NAME.control0.png, as the gallery keeps them
-            with atomic_write(attachment_path(path, control_attachment(number))) as handle:
-                unit.image.save(handle, format="PNG")
+        # NAME.init.png, NAME.mask.png, NAME.control0.png, ... as the gallery keeps them: the result's inputs.
+        for kind, attached in kept.items():
+            with atomic_write(attachment_path(path, kind)) as handle:
+                attached.save(handle, format="PNG")
     return paths
 
 

@@ -121,7 +121,7 @@ def test_api_v1_generations_take_a_variation_and_reuse_and_vary_restore_it(app):
     client = Client(app + "/", verbose=False)
     image_id = state["image_ids"][1]
     reused = client.predict(image_id, None, api_name="/gallery_reuse")
-    *_, seed, batch, _clip_skip, variation_seed, variation_strength, _notes = reused[:-20]  # img2img 9, hires 5, CN 6
+    *_, seed, batch, _clip_skip, variation_seed, variation_strength, _notes = reused[:-23]  # img2img 9, hires 5, CN 9
     assert (seed, variation_seed, variation_strength) == (21, first + 1, 0.25)
     # ...and Vary makes a batch of variations of the image, which lands first in the gallery.
     *_, count, notes = client.predict(image_id, "", "", None, api_name="/gallery_vary")

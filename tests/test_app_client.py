@@ -152,6 +152,9 @@ def test_generate_parameters_have_the_names_users_know(app):
         "controlnet_weight",
         "controlnet_guidance_start",
         "controlnet_guidance_end",
+        "controlnet_resize_mode",  # added after the unit's first fields, so Reuse restores all of it
+        "controlnet_threshold_a",
+        "controlnet_threshold_b",
     ]
 
 

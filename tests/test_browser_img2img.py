@@ -50,6 +50,22 @@ def test_inpainting_from_the_generate_tab(tiny_models, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "img2img_section.png"), full_page=True)
 
+        # Reuse on a fresh page (the init image is not kept across loads): the init image, the mask and
+        # the settings come back from the gallery.
+        page.goto(url)
+        page.get_by_text("SD 1.x, native 64px").wait_for(timeout=60_000)
+        page.wait_for_timeout(2500)
+        page.get_by_role("tab", name="Gallery").click()
+        page.locator("#gallery img").first.wait_for(timeout=30_000)
+        page.locator("#gallery img").first.click()
+        page.locator("#gallery-reuse").click()
+        page.get_by_text("img2img / inpainting").click()
+        expect = pytest.importorskip("playwright.sync_api").expect
+        expect(page.get_by_label("number input for Denoising strength")).to_have_value("1", timeout=30_000)
+        page.locator("#mask-upload img").wait_for(timeout=30_000)
+        page.locator("#init-image").get_by_text("Upload an image").wait_for(state="hidden", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "img2img_reused.png"), full_page=True)
+
     results = [p for p in (tmp_path / "outputs").rglob("*.png") if not p.name.endswith((".init.png", ".mask.png"))]
     assert len(results) == 1
     result = Image.open(results[0])

@@ -453,13 +453,15 @@ def test_the_generate_tabs_controlnet_fields_and_reuse(app, tmp_path):
     client = Client(app, verbose=False)
     unit = {"controlnet_model": "edges", "controlnet_image": handle_file(str(tmp_path / "control.png"))}
     unit |= {"controlnet_module": "canny", "controlnet_weight": 0.6, "controlnet_guidance_end": 0.7}
+    unit |= {"controlnet_resize_mode": "Just Resize", "controlnet_threshold_a": 50, "controlnet_threshold_b": 150}
     images, status, _, _ = client.predict(
         prompt="a fox", seed=4, width=32, height=32, **FORM, **unit, api_name="/generate"
     )
     made = Path(images[0]["image"])
     text = read_parameters(made)
     assert "seed 4" in status and 'ControlNet 0: "Module: canny, Model: edges [' in text
-    assert "Weight: 0.6," in text and "Guidance End: 0.7" in text
+    assert "Weight: 0.6, Resize Mode: Just Resize, Threshold A: 50, Threshold B: 150," in text
+    assert "Guidance End: 0.7" in text
     with pytest.raises(Exception, match="ControlNet unit 0 weight must be 0–2, got 2.5."):
         bad = unit | {"controlnet_weight": 2.5}
         client.predict(prompt="a fox", seed=4, width=32, height=32, **FORM, **bad, api_name="/generate")
@@ -467,8 +469,9 @@ def test_the_generate_tabs_controlnet_fields_and_reuse(app, tmp_path):
     # Reuse of the gallery image fills the tab's ControlNet fields, its control image included.
     newest = client.predict("", "", api_name="/gallery_list")[0][0]["caption"].split()[0].lstrip("#")
     reused = client.predict(int(newest), None, api_name="/gallery_reuse")
-    model, image, module, weight, start, end = reused[-6:]
+    model, image, module, weight, start, end, resize_mode, low, high = reused[-9:]
     assert (model, module, weight, start, end) == ("edges", "canny", 0.6, 0.0, 0.7)
+    assert (resize_mode, low, high) == ("Just Resize", 50, 150)
     assert np.array_equal(pixels(Image.open(image)), pixels(shapes()))
 
 

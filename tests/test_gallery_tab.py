@@ -88,9 +88,9 @@ def test_reuse_fills_every_generate_widget(app) -> None:
     client, record, settings, _, demo = app
     values = client.predict(record.id, settings.model, api_name="/gallery_reuse")
     prompt, negative, loras, steps, cfg, sampler, width, height, seed, batch, clip_skip, _, strength, notes = values[
-        :-20
+        :-23
     ]
-    img2img, hires, controlnet = values[-20:-11], values[-11:-6], values[-6:]
+    img2img, hires, controlnet = values[-23:-14], values[-14:-9], values[-9:]
     assert list(img2img[:2]) == [None, None]  # a txt2img image: the init image and mask are cleared
     assert hires[0] is False  # no hires fix: it is switched off (the other hires fields keep their values)
     assert list(controlnet[:2]) == ["None", None]  # no ControlNet: no model, no control image

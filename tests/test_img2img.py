@@ -291,6 +291,9 @@ def test_cli_inpaints_end_to_end_and_keeps_the_unmasked_pixels(tiny_models, tmp_
     assert result.size == init.size
     assert np.abs(pixels(result) - pixels(init))[keep].max() <= 1
     assert np.abs(pixels(result) - pixels(init))[~keep].mean() > 10
+    # The init image and mask are kept beside the result, as the gallery keeps them (and the control images).
+    assert np.array_equal(pixels(Image.open(tmp_path / "result.init.png")), pixels(init))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "result.mask.png")), np.asarray(mask))
 
 
 @pytest.mark.parametrize(

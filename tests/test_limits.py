@@ -63,6 +63,9 @@ GENERATE_ORDER = (
     "controlnet_weight",
     "controlnet_guidance_start",
     "controlnet_guidance_end",
+    "controlnet_resize_mode",
+    "controlnet_threshold_a",
+    "controlnet_threshold_b",
 )
 GENERATE = {
     "negative_prompt": "",
@@ -102,6 +105,9 @@ RAW_IMG2IMG = {
     "controlnet_weight": 1,
     "controlnet_guidance_start": 0,
     "controlnet_guidance_end": 1,
+    "controlnet_resize_mode": "Crop and Resize",
+    "controlnet_threshold_a": 100,
+    "controlnet_threshold_b": 200,
 }
 
 

@@ -22,6 +22,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
     from lorapg.api.dataset_crops import dataset_crops_router
     from lorapg.api.datasets import datasets_router
     from lorapg.api.gallery import gallery_router
+    from lorapg.api.gallery_reuse import gallery_reuse_router
     from lorapg.api.generations import generation_jobs, generations_router
     from lorapg.api.grids import grids_router
     from lorapg.api.library import library_router
@@ -47,6 +48,7 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *controlnet_router(runtime.engine.controlnets, access).routes,
         *generations_router(generation_jobs(runtime.service), access).routes,
         *gallery_router(runtime.gallery_service, access).routes,
+        *gallery_reuse_router(runtime.gallery_service, access).routes,
         # Before the library's GET /api/v1/loras/{name:path}, which would take …/info and …/preview.png.
         *lora_manager_router(build_lora_manager(runtime), access).routes,
         *library_router(runtime, access).routes,

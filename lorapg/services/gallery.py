@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -187,6 +187,8 @@ class ReuseParameters:
 
     def controlnet_form(self) -> dict:
         """The Generate tab's ControlNet fields (its one unit: the first restorable one); "None" without."""
+        from lorapg.limits import CONTROL_RESIZE_MODES
+
         units = self.control_units()
         if not units:
             return {"controlnet_model": "None", "controlnet_image": None}
@@ -198,7 +200,38 @@ class ReuseParameters:
             "controlnet_weight": unit.weight,
             "controlnet_guidance_start": unit.guidance_start,
             "controlnet_guidance_end": unit.guidance_end,
+            "controlnet_resize_mode": CONTROL_RESIZE_MODES[unit.resize_mode],
+            "controlnet_threshold_a": unit.threshold_a,
+            "controlnet_threshold_b": unit.threshold_b,
         }
+
+    def form_notes(self) -> list[str]:
+        """What the Generate tab's form cannot hold of these settings (``to_request``, the API's, keeps
+        it all): a ControlNet unit after the first (the form has one), a hires target size that its
+        factor does not give."""
+        notes = []
+        units = self.control_units()
+        if len(units) > 1:
+            notes.append(
+                f"ControlNet: this image used {len(units)} units; the Generate tab holds the first only, "
+                "make it through the API (/sdapi/v1/txt2img) to use them all."
+            )
+        return notes + self._hires_size_notes()
+
+    def _hires_size_notes(self) -> list[str]:
+        from lorapg.diffusion.hires import HiresOptions, target_size
+
+        options = self.hires_options()
+        if options is None or not (options.resize_x or options.resize_y) or not (self.width and self.height):
+            return []
+        made = target_size(options, self.width, self.height)
+        by_factor = target_size(HiresOptions(scale=self.hires_form()["hr_scale"]), self.width, self.height)
+        if made == by_factor:
+            return []
+        return [
+            f"Hires fix: this image was upscaled to {made[0]}×{made[1]}; the Generate tab's factor gives "
+            f"{by_factor[0]}×{by_factor[1]}, make it through the API (hr_resize_x, hr_resize_y) for the same size."
+        ]
 
     def hires_options(self):
         """The request's hires options (None: no hires fix); fields the text left out take the defaults."""
@@ -232,24 +265,41 @@ class ReuseParameters:
             "hr_denoising_strength": options.strength,
         }
 
+    def img2img_form(self) -> dict:
+        """The Generate tab's img2img fields (``Img2ImgOptions``' names); empty for txt2img.
+
+        Without its init image (a PNG alone holds none) the settings still come back, the images as
+        None: the next Generate is txt2img until one is put in (``notes`` says so), then it is made as
+        written."""
+        if self.img2img is None:
+            return {}
+        options = self.img2img_options()
+        if options is None:
+            options = _img2img_options(self.img2img, None, None, masked=self.img2img.mask_blur is not None)
+        return {item.name: getattr(options, item.name) for item in fields(options)}
+
     def img2img_options(self):
         """The request's img2img options (None without an init image: txt2img)."""
-        from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
-
-        use = self.img2img
-        if use is None or self.init_image is None:
+        if self.img2img is None or self.init_image is None:
             return None
-        options = Img2ImgOptions(image=self.init_image, strength=use.denoising_strength, resize_mode=use.resize_mode)
-        if self.mask_image is None or use.mask_blur is None:
-            return options
-        return replace(
-            options,
-            mask=self.mask_image,
-            mask_blur=use.mask_blur,
-            inpainting_fill=FILL if use.masked_content == "fill" else ORIGINAL,
-            only_masked=use.only_masked,
-            only_masked_padding=use.only_masked_padding if use.only_masked_padding is not None else 32,
-        )
+        return _img2img_options(self.img2img, self.init_image, self.mask_image, masked=self.mask_image is not None)
+
+
+def _img2img_options(use: Img2ImgUse, image: Path | None, mask: Path | None, *, masked: bool):
+    """The options ``use`` describes; ``masked``: with its inpainting fields (a mask was written and is here)."""
+    from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
+
+    options = Img2ImgOptions(image=image, strength=use.denoising_strength, resize_mode=use.resize_mode)
+    if not masked or use.mask_blur is None:
+        return options
+    return replace(
+        options,
+        mask=mask,
+        mask_blur=use.mask_blur,
+        inpainting_fill=FILL if use.masked_content == "fill" else ORIGINAL,
+        only_masked=use.only_masked,
+        only_masked_padding=options.only_masked_padding if use.only_masked_padding is None else use.only_masked_padding,
+    )
 
 
 @dataclass(frozen=True)
@@ -661,6 +711,7 @@ def _within_limits(values: dict, upscaler_models: Sequence[str] = ()) -> tuple[d
     if seed is not None and seed > MAX_SEED:
         values["seed"] = None
         notes.append(f"Seed {seed} is larger than {MAX_SEED}; the seed was left as it is.")
+    notes += _img2img_notes(values)
     notes += _variation_within_limits(values)
     notes += _hires_within_limits(values, upscaler_models)
     notes += _controlnet_notes(values)
@@ -672,6 +723,24 @@ def _within_limits(values: dict, upscaler_models: Sequence[str] = ()) -> tuple[d
                 f"{label} {size} is not usable here (multiple of 8, {MIN_SIZE}–{MAX_SIZE}); {values[key]} is used."
             )
     return values, notes
+
+
+def _img2img_notes(values: dict) -> list[str]:
+    """An img2img / inpainting result whose init image or mask is not here (a PNG alone holds neither):
+    its settings come back, and the note says what to put in to make it again."""
+    use = values.get("img2img")
+    if use is None:
+        return []
+    if values.get("init_image") is None:
+        return [
+            "Init image: this image was made with img2img from an init image that is not here; "
+            "its settings are set, put the init image into img2img to make it again."
+        ]
+    if use.mask_blur is not None and values.get("mask_image") is None:
+        return [
+            "Mask: this image was inpainted with a mask that is not here; paint or upload the mask to make it again."
+        ]
+    return []
 
 
 def _controlnet_notes(values: dict) -> list[str]:

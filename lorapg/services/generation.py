@@ -244,10 +244,24 @@ class GenerationService:
         return self.engine.controlnets.names()
 
     @staticmethod
-    def controlnet_units(model, image, module="none", weight=1.0, guidance_start=0.0, guidance_end=1.0) -> tuple:
-        """One unit from a form (() when no model is picked: "None"); the request checks the values."""
+    def controlnet_units(
+        model,
+        image,
+        module="none",
+        weight=1.0,
+        guidance_start=0.0,
+        guidance_end=1.0,
+        *,
+        resize_mode=None,
+        threshold_a=None,
+        threshold_b=None,
+    ) -> tuple:
+        """One unit from a form (() when no model is picked: "None"); the request checks the values.
+        The resize mode and canny thresholds: None keeps ControlUnit's defaults (the extension's)."""
         if model in (None, "", "None"):
             return ()
+        more = {"resize_mode": resize_mode, "threshold_a": threshold_a, "threshold_b": threshold_b}
+        given = {key: value for key, value in more.items() if value is not None}
         return (
             ControlUnit(
                 model=model,
@@ -256,6 +270,7 @@ class GenerationService:
                 weight=weight,
                 guidance_start=guidance_start,
                 guidance_end=guidance_end,
+                **given,
             ),
         )
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lorapg.limits import CONTROL_GUIDANCE_END, CONTROL_GUIDANCE_START, CONTROL_PREPROCESSORS, CONTROL_WEIGHT
+from lorapg.limits import (
+    CONTROL_GUIDANCE_END,
+    CONTROL_GUIDANCE_START,
+    CONTROL_PREPROCESSORS,
+    CONTROL_RESIZE_MODES,
+    CONTROL_THRESHOLD,
+    CONTROL_WEIGHT,
+)
 from lorapg.ui.common import raw_number
 
 # The generate handler's ControlNet parameters, in the API's positional order (after the hires fix's).
@@ -16,6 +23,10 @@ CONTROLNET_INPUTS = (
     "controlnet_weight",
     "controlnet_guidance_start",
     "controlnet_guidance_end",
+    # added after the first release, so positional callers keep working: what Reuse restores too
+    "controlnet_resize_mode",
+    "controlnet_threshold_a",
+    "controlnet_threshold_b",
 )
 NO_MODEL = "None"  # the dropdown's "no ControlNet" entry, as the extension shows it
 
@@ -53,5 +64,14 @@ def build_controlnet_section(model_names: list[str]) -> dict[str, gr.components.
             end = raw_number(
                 gr.Slider(**_ranged(CONTROL_GUIDANCE_END), value=1.0, label="Ending control step (fraction)")
             )
-    widgets = (model, image, module, weight, start, end)
+        with gr.Row():
+            # The extension's names and defaults (Crop and Resize; canny 100 / 200).
+            resize_mode = gr.Dropdown(
+                list(CONTROL_RESIZE_MODES.values()), value=CONTROL_RESIZE_MODES[1], label="Resize mode"
+            )
+            low = raw_number(
+                gr.Slider(**_ranged(CONTROL_THRESHOLD), value=CONTROL_THRESHOLD.default, label="Canny low threshold")
+            )
+            high = raw_number(gr.Slider(**_ranged(CONTROL_THRESHOLD), value=200, label="Canny high threshold"))
+    widgets = (model, image, module, weight, start, end, resize_mode, low, high)
     return {**dict(zip(CONTROLNET_INPUTS, widgets, strict=True)), "controlnet_refresh": refresh}

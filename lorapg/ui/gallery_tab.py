@@ -116,21 +116,23 @@ def build_gallery_tab(
 
 
 def _img2img_updates(img2img: dict, params: ReuseParameters) -> dict:
-    """Reuse of an img2img result restores its init image, mask and settings; of any other image,
-    clears the init image so the next Generate is txt2img again."""
-    options = params.img2img_options()
-    if options is None:
+    """Reuse of an img2img result restores its init image, mask and settings (the settings alone when
+    the images are not here: a note says so); of any other image, clears the init image so the next
+    Generate is txt2img again."""
+    form = params.img2img_form()
+    if not form:
         return {img2img["img2img_init_image"]: None, img2img["img2img_mask"]: None}
+    images = {key: str(form[key]) if form[key] is not None else None for key in ("image", "mask")}
     return {
-        img2img["img2img_init_image"]: str(options.image),
-        img2img["img2img_mask"]: str(options.mask) if options.mask is not None else None,
-        img2img["img2img_denoising_strength"]: options.strength,
-        img2img["img2img_resize_mode"]: options.resize_mode,
-        img2img["img2img_mask_blur"]: options.mask_blur,
-        img2img["img2img_masked_content"]: "fill" if options.inpainting_fill == 0 else "original",
-        img2img["img2img_mask_invert"]: options.mask_invert,
-        img2img["img2img_only_masked"]: options.only_masked,
-        img2img["img2img_only_masked_padding"]: options.only_masked_padding,
+        img2img["img2img_init_image"]: images["image"],
+        img2img["img2img_mask"]: images["mask"],
+        img2img["img2img_denoising_strength"]: form["strength"],
+        img2img["img2img_resize_mode"]: form["resize_mode"],
+        img2img["img2img_mask_blur"]: form["mask_blur"],
+        img2img["img2img_masked_content"]: "fill" if form["inpainting_fill"] == 0 else "original",
+        img2img["img2img_mask_invert"]: form["mask_invert"],
+        img2img["img2img_only_masked"]: form["only_masked"],
+        img2img["img2img_only_masked_padding"]: form["only_masked_padding"],
     }
 
 
@@ -340,7 +342,8 @@ def _wire_reuse(
 
     def fill_generate(params: ReuseParameters) -> dict:
         """Widget updates for the Generate tab; unknown parameters leave their widget alone."""
-        for note in params.notes:
+        notes = [*params.notes, *params.form_notes()]  # the latter: what this tab's form cannot hold
+        for note in notes:
             gr.Warning(note)
         names = [name for name, _ in params.loras]
         choices = lora_choices() if lora_choices is not None else None
@@ -354,7 +357,7 @@ def _wire_reuse(
             generate["batch"]: 1,  # the seed names one image: a batch would make others as well
             tabs: gr.Tabs(selected="generate"),
             pending_loras: names,
-            w["notes"]: "\n\n".join(f"⚠️ {note}" for note in params.notes),
+            w["notes"]: "\n\n".join(f"⚠️ {note}" for note in notes),
         }
         for field_name, key in _PARAMETER_WIDGETS.items():
             value = getattr(params, field_name)

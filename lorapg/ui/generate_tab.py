@@ -345,6 +345,9 @@ def build_generate_tab(
         controlnet_weight=1.0,
         controlnet_guidance_start=0.0,
         controlnet_guidance_end=1.0,
+        controlnet_resize_mode="Crop and Resize",
+        controlnet_threshold_a=100,
+        controlnet_threshold_b=200,
         progress=gr.Progress(),
     ):
         """Parameter names are the API's (``client.predict(prompt=…, cfg_scale=…)``): keep them stable."""
@@ -384,6 +387,9 @@ def build_generate_tab(
                 controlnet_weight,
                 controlnet_guidance_start,
                 controlnet_guidance_end,
+                resize_mode=controlnet_resize_mode,
+                threshold_a=controlnet_threshold_a,
+                threshold_b=controlnet_threshold_b,
             ),
         )
         job = service.submit_generation(request, owner=visitor(visitors, http))
