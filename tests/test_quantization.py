@@ -225,13 +225,38 @@ def test_sd3_in_fp8_and_mixed_components(files, reference):
 # --- what cannot be done -------------------------------------------------------------------------------
 
 
-def test_sd15_with_quantize_is_refused_and_the_engine_keeps_working(files):
-    engine = make_engine(files, QuantizePlan())
-    engine.quantize = parse_plan(NF4)
-    with pytest.raises(UserError, match=r"Setting quantize .* applies to Flux.1 and SD 3.5 models only.*SD 1\.x"):
-        engine.load_model(str(files["sd15"]))
-    assert engine.model.family == "flux"  # the model loaded before still generates
-    pixels(engine)
+def test_the_app_wide_setting_skips_sd15_and_still_quantizes_flux(files, caplog):
+    """--quantize is app-wide: an SD 1.x model loads unquantized (logged once) instead of being refused."""
+    import bitsandbytes as bnb
+
+    from lorapg.diffusion import pipeline_loader
+
+    pipeline_loader._note_app_wide_skip.cache_clear()  # "once" is per process; count from here
+    engine = DiffusionEngine(LoraLibrary(files["loras"]), torch.device("cpu"), torch.float32, quantize=parse_plan(NF4))
+    notes = []
+    with caplog.at_level("INFO", logger="lorapg.diffusion.pipeline_loader"):
+        engine.load_model(str(files["sd15"]), on_status=notes.append)
+        assert engine.model.family == "sd1"
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in engine.model.pipe.unet.modules())
+        pixels(engine)
+        engine.load_model(str(files["flux"]))  # the same setting still quantizes Flux
+        assert isinstance(engine.model.pipe.transformer.transformer_blocks[0].attn.to_q, bnb.nn.Linear4bit)
+        engine.load_model(str(files["sd15"]), on_status=notes.append)
+    skipped = [r for r in caplog.records if "applies to Flux.1 and SD 3.5 models only" in r.getMessage()]
+    assert len(skipped) == 1
+    assert sum("SD 1.x loads unquantized" in note for note in notes) == 2  # the status says it on each load
+
+
+def test_out_of_memory_while_quantizing_is_reported_as_such(files, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setitem(quantization._CONVERTERS, NF4, out_of_memory)
+    engine = DiffusionEngine(LoraLibrary(files["loras"]), torch.device("cpu"), torch.float32, quantize=parse_plan(NF4))
+    with pytest.raises(UserError, match=r"^Out of GPU memory while storing the transformer as nf4\. Close") as caught:
+        engine.load_model(str(files["flux"]))
+    assert "other mode" not in str(caught.value)
+    assert engine.model is None
 
 
 def test_missing_bitsandbytes_says_what_to_install(files, monkeypatch):

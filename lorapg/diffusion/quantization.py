@@ -21,6 +21,7 @@ import torch
 
 from lorapg.diffusion.families import family_label, is_transformer_family
 from lorapg.errors import UserError, shorten
+from lorapg.residency import out_of_memory_as_user_error
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,14 @@ def quantize_pipeline(
     compute_dtype: torch.dtype,
     *,
     keep_on_cpu: bool = False,
+    training: bool = False,
 ) -> None:
     """Convert the pipeline's transformer and T5 encoder in place as ``plan`` says.
 
     NF4 weights are quantized on ``device`` (fast on a GPU), one layer at a time, and stay there, or
     go back to CPU RAM with ``keep_on_cpu`` (the residency manager moves them when used);
     bitsandbytes moves quantized weights between devices, never between dtypes.
+    ``training``: a training run asked (it offers no fp8, so errors do not suggest "the other mode").
     """
     home = torch.device("cpu") if keep_on_cpu else device
     check_plan(plan, family)
@@ -138,14 +141,25 @@ def quantize_pipeline(
         module = component(pipe, name)
         if mode == NONE or module is None:
             continue
-        try:
-            _CONVERTERS[mode](module, device, compute_dtype, home)
-        except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
-            raise UserError(
-                f"Setting quantize: {mode} could not be applied to the {name} here ({shorten(exc, 160)}). "
-                "Set quantize to none, or try the other mode."
-            ) from None
+        _convert(module, name, mode, device, compute_dtype, home, training)
         log.info("%s stored as %s (compute in %s)", name, mode, str(compute_dtype).removeprefix("torch."))
+
+
+def _convert(module, name: str, mode: str, device, compute_dtype, home, training: bool) -> None:
+    """One component converted; its failures as UserErrors that say what to change."""
+    again = "start the run again" if training else "load the model again"
+    empty_cache = torch.cuda.empty_cache if device.type == "cuda" else None
+    try:
+        # Out of memory is not the mode's fault: the app's one OOM message, before the generic one below.
+        with out_of_memory_as_user_error(
+            f"while storing the {name} as {mode}", f"Close other programs that use the GPU and {again}.", empty_cache
+        ):
+            _CONVERTERS[mode](module, device, compute_dtype, home)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+        advice = "Set the run's quantize to none." if training else "Set quantize to none, or try the other mode."
+        raise UserError(
+            f"Setting quantize: {mode} could not be applied to the {name} here ({shorten(exc, 160)}). {advice}"
+        ) from None
 
 
 def component(pipe, name: str) -> torch.nn.Module | None:
@@ -181,7 +195,10 @@ def to_nf4(module: torch.nn.Module, device: torch.device, compute_dtype: torch.d
         quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
         if linear.bias is not None:
             quantized.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-        # Params4bit quantizes when it is first moved to a device.
+        # Params4bit quantizes when it is first moved to a device. Moving it between devices later is safe
+        # only before it has run: bitsandbytes 0.50 repacks a Linear4bit's weights into a CPU-only layout
+        # after an eval-mode forward on an AVX512-BF16 CPU, and a later .to("cuda") keeps that layout
+        # (garbage output). No NF4 module may run on the CPU before it moves to a GPU.
         _set_submodule(module, name, quantized.to(device).to(home))
     return len(targets)
 
@@ -232,4 +249,3 @@ def is_quantized(module: torch.nn.Module | None) -> bool:
         type(child).__name__ == "Linear4bit" or any(p.dtype == FP8_STORAGE for p in child.parameters(recurse=False))
         for child in module.modules()
     )
-
