@@ -275,3 +275,49 @@ def test_fp8_without_float8_support_says_what_to_use(files, monkeypatch):
     engine = DiffusionEngine(LoraLibrary(files["loras"]), torch.device("cpu"), torch.float32, quantize=parse_plan(FP8))
     with pytest.raises(UserError, match=r"Setting quantize=fp8 needs float8 tensors.*use quantize=nf4 or none"):
         engine.load_model(str(files["flux"]))
+
+
+# --- the documented memory ------------------------------------------------------------------------------
+
+# Billions of parameters (counted in diffusers/transformers, as the README lists them): the transformer,
+# its modulation Linears (fp8 keeps them in bf16: diffusers' "norm" skip pattern), CLIP + VAE.
+TRANSFORMERS = {"Flux.1 dev": (11.90, 3.25, 0.12 + 0.08), "SD 3.5 Large": (8.06, 2.69, 0.81 + 0.08)}
+TRANSFORMERS["SD 3.5 Medium"] = (2.24, 0.77, 0.81 + 0.08)
+T5_TOTAL, T5_KEPT = 4.76, 1.01 + 0.13  # "wo" and the token embedding stay bf16 in both modes
+BYTES = {"bf16": 2.0, "fp8": 1.0, "nf4": 0.53}
+
+
+def estimate_gb(model: str, mode: str) -> float:
+    total, modulation, rest = TRANSFORMERS[model]
+    kept_in_transformer = modulation if mode == "fp8" else 0.0  # NF4 replaces every Linear
+    transformer = (total - kept_in_transformer) * BYTES[mode] + kept_in_transformer * 2
+    t5 = (T5_TOTAL - T5_KEPT) * BYTES[mode] + T5_KEPT * 2 if mode != "bf16" else T5_TOTAL * 2
+    return transformer + t5 + rest * 2
+
+
+def test_the_readme_memory_estimates_count_what_stays_in_bf16():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = {
+        cells[0]: cells[1:4]
+        for line in readme.splitlines()
+        if (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    checked = 0
+    for model in TRANSFORMERS:
+        for cell, mode in zip(rows[model], ("bf16", "fp8", "nf4"), strict=True):
+            if not cell.endswith(" E"):
+                continue  # a published figure, cited as it is
+            assert abs(float(cell.removeprefix("~").removesuffix(" E")) - estimate_gb(model, mode)) < 0.2, (model, mode)
+            checked += 1
+    assert checked == 7
+    import argparse
+
+    from lorapg.cli import add_settings_arguments
+
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    assert "12-24 GB" not in help_text
+    assert "~21 GB in fp8" in help_text
