@@ -110,8 +110,8 @@ def train_overrides(args: argparse.Namespace) -> dict:
     overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
     if args.model:
         overrides["model"] = args.model
-    if args.quantize:  # the shared --quantize flag: here, how the frozen base is stored while training
-        overrides["quantize"] = args.quantize
+    if args.quantize or args.quantize_components:  # the shared flags: how the frozen base is stored while training
+        overrides["quantize"] = training_quantize(args.quantize, args.quantize_components)
     if args.out:
         out = Path(args.out)
         if out.suffix.lower() == ".safetensors":
@@ -123,6 +123,22 @@ def train_overrides(args: argparse.Namespace) -> dict:
         if getattr(args, folder):
             overrides[folder] = str(Path(getattr(args, folder)).expanduser())
     return overrides
+
+
+def training_quantize(quantize: str | None, components: str | None) -> str:
+    """The transformer's mode from --quantize and --quantize-components; training stores T5 alike,
+    so a different mode named for T5 is refused rather than silently ignored."""
+    from lorapg.diffusion.quantization import parse_plan
+    from lorapg.errors import UserError, shorten
+
+    plan = parse_plan(quantize, components)
+    named = {item.partition("=")[0].strip().lower() for item in (components or "").split(",")}
+    if "t5" in named and plan.t5 != plan.transformer:
+        raise UserError(
+            f"Setting quantize_components: {shorten(components, 60)!r} gives T5 another mode than the "
+            "transformer, but training stores both alike; name one mode (e.g. transformer=nf4)."
+        )
+    return plan.transformer
 
 
 def warn_near_duplicates(config, settings) -> None:

@@ -142,7 +142,13 @@ def test_quantize_in_the_training_config_and_the_train_flag(tmp_path):
 
     args = build_parser().parse_args(["train", "--images", str(tmp_path), "--quantize", "nf4"])
     assert train_overrides(args)["quantize"] == "nf4"
-    assert build_config({}).quantize == "none"
+    assert build_config({}).quantize == ""  # the app's setting
+    # --quantize-components: the transformer's mode is the run's (training stores T5 alike).
+    args = build_parser().parse_args(["train", "--images", str(tmp_path), "--quantize-components", "transformer=nf4"])
+    assert train_overrides(args)["quantize"] == "nf4"
+    args = build_parser().parse_args(["train", "--quantize-components", "transformer=nf4,t5=fp8"])
+    with pytest.raises(UserError, match=r"Setting quantize_components: .* training stores both alike"):
+        train_overrides(args)
 
 
 def test_an_sd_base_with_quantize_is_refused_naming_it(tmp_path):
@@ -157,3 +163,89 @@ def test_an_sd_base_with_quantize_is_refused_naming_it(tmp_path):
     with pytest.raises(UserError, match=r"Setting quantize .* applies to Flux.1 and SD 3.5 models only.*to none"):
         trainer.run()
     assert not (tmp_path / "loras").exists() or not any((tmp_path / "loras").iterdir())
+
+
+def _spy_on_the_training_base(monkeypatch) -> dict:
+    seen = {}
+    original = trainer_module.FlowTraining
+
+    def spy(pipe, family, cfg):
+        seen["pipe"] = pipe
+        return original(pipe, family, cfg)
+
+    monkeypatch.setattr(trainer_module, "FlowTraining", spy)
+    return seen
+
+
+@pytest.mark.parametrize("setting", ["nf4", "fp8"])
+def test_the_app_s_quantize_is_the_default_of_a_run_started_from_the_app(tmp_path, monkeypatch, caplog, setting):
+    """Settings.quantize nf4: a Flux run whose config leaves quantize empty trains on an NF4 base;
+    fp8 (not offered for training): it trains unquantized and says so."""
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+
+    build_flux_pipeline(tmp_path / "flux")
+    write_images(tmp_path / "images", 1)
+    overrides = {"model": str(tmp_path / "flux"), "models_dir": str(tmp_path / "models"), "device": "cpu"}
+    settings = load_settings(
+        None,
+        {**overrides, "threads": 1, "lora_dir": str(tmp_path / "loras"), "outputs": str(tmp_path), "quantize": setting},
+    )
+    seen = _spy_on_the_training_base(monkeypatch)
+    services = build_services(settings, prompts=False)
+    try:
+        config = build_config(
+            {
+                "images": str(tmp_path / "images"),
+                "name": "zqx_app",
+                "trigger": "zqx",
+                "sample_steps": 0,
+                **RUN,
+                "max_steps": 1,
+            }
+        )
+        with caplog.at_level("INFO", logger="lorapg.training.trainer"):
+            run = services.training.submit(config)
+            run.job.wait()
+        assert run.job.error is None and run.job.result.steps == 1
+    finally:
+        services.jobs.shutdown()
+    to_q = seen["pipe"].transformer.transformer_blocks[0].attn.to_q.get_base_layer()
+    assert (type(to_q).__name__ == "Linear4bit") == (setting == "nf4")
+    note = "the app's quantize=fp8 does not apply to training"
+    assert any(note in record.getMessage() for record in caplog.records) == (setting == "fp8")
+
+
+def test_an_sd_run_skips_the_app_wide_setting(tmp_path):
+    """The app's quantize applies to Flux.1 / SD 3.5: an SD 1.x run that leaves quantize empty trains."""
+    from tests.tiny_models import build_sd15_pipeline
+
+    build_sd15_pipeline(tmp_path / "sd15")
+    write_images(tmp_path / "images", 1)
+    values = {"model": str(tmp_path / "sd15"), "images": str(tmp_path / "images"), "name": "x", "max_steps": 1}
+    trainer = Trainer(
+        build_config({**values, "sample_steps": 0}),
+        lora_dir=tmp_path / "loras",
+        work_dir=tmp_path / "work",
+        device=torch.device("cpu"),
+        default_quantize="nf4",
+    )
+    assert trainer.run().steps == 1
+
+
+def test_a_failed_conversion_in_a_run_names_the_run_s_setting(tmp_path, monkeypatch):
+    from lorapg.diffusion import quantization
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this layer")
+
+    monkeypatch.setitem(quantization._CONVERTERS, "nf4", broken)
+    build_flux_pipeline(tmp_path / "flux")
+    write_images(tmp_path / "images", 1)
+    config = build_config(
+        {"model": str(tmp_path / "flux"), "images": str(tmp_path / "images"), "name": "x", "quantize": "nf4"}
+    )
+    trainer = Trainer(config, lora_dir=tmp_path / "loras", work_dir=tmp_path / "work", device=torch.device("cpu"))
+    with pytest.raises(UserError, match=r"no kernel for this layer.*Set the run's quantize to none\.$") as caught:
+        trainer.run()
+    assert "other mode" not in str(caught.value)

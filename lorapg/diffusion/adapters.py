@@ -27,7 +27,6 @@ from lorapg.diffusion.families import family_label
 from lorapg.diffusion.lora_fusing import LoraFuser
 from lorapg.diffusion.lora_library import KOHYA, LoraInfo
 from lorapg.diffusion.lycoris import REFUSED_KINDS, FormatError
-from lorapg.diffusion.quantization import lift_float8_adapters
 from lorapg.diffusion.weight_patches import WeightPatches
 from lorapg.errors import UserError
 from lorapg.limits import LORA_SCALE
@@ -174,7 +173,6 @@ class AdapterSet:
         if not any(name in names for names in self.pipe.get_list_adapters().values()):
             self._discard(name)  # else a retry finds the name taken ("adapter name already in use")
             raise UserError(f"LoRA {info.name}: none of its layers match the loaded {family_label(self.family)} model.")
-        lift_float8_adapters(self.pipe)  # --quantize fp8: adapters compute in the compute dtype
         self._loaded[name] = stamp
         self.files_read += 1
         log.info("loaded LoRA %s as adapter %s", info.name, name)

@@ -134,6 +134,7 @@ class DiffusionEngine:
                 on_status=on_status,
                 keep_on_cpu=self.residency is not None,
                 quantize=self.quantize,
+                app_wide_quantize=True,  # the app's --quantize: SD 1.x/SDXL models skip it
             )
             if self.residency is not None:
                 self._register_with_residency(pipe)
@@ -176,6 +177,9 @@ class DiffusionEngine:
             largest = max(module_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
             self.residency.register(RESIDENT_NAME, largest, to_gpu=lambda: None, to_cpu=lambda: None)
             return
+        # --quantize nf4 modules move too: safe because they only ever run on the GPU. bitsandbytes 0.50
+        # repacks a Linear4bit into a CPU-only layout after an eval-mode CPU forward (AVX512-BF16), and a
+        # later .to("cuda") keeps that layout (garbage): never run one on the CPU and then move it here.
         self.residency.register(
             RESIDENT_NAME, pipeline_bytes(pipe), to_gpu=lambda: pipe.to(self.device), to_cpu=lambda: pipe.to("cpu")
         )

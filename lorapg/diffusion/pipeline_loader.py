@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -40,16 +41,23 @@ def load_pipeline(
     on_status: Callable[[str], None] | None = None,
     keep_on_cpu: bool = False,
     quantize: QuantizePlan | None = None,
+    app_wide_quantize: bool = False,
+    training: bool = False,
 ) -> tuple[DiffusionPipeline, str]:
     """Load, move to ``device`` and configure attention; returns the pipeline and its family.
 
     ``keep_on_cpu``: leave the weights in CPU RAM; the residency manager moves them when used.
     ``quantize``: how Flux.1 / SD 3.5's transformer and T5 encoder are stored (``--quantize``).
+    ``app_wide_quantize``: ``quantize`` is the app's setting rather than a request for this load, so an
+    SD 1.x/2.x/SDXL model (which it does not apply to) loads unquantized instead of being refused.
+    ``training``: a training run loads (its errors name the run's setting).
     """
     status = on_status or (lambda message: None)
-    plan = quantize or QuantizePlan()
-    # What the machine or a single file's family rules out is refused before gigabytes are read.
-    check_machine(plan)
+    plan = _plan_for(quantize or QuantizePlan(), source.family, app_wide_quantize, status)
+    # What the machine or a single file's family rules out is refused before gigabytes are read
+    # (an app-wide plan only once the family is known: it may not apply to this model at all).
+    if source.family is not None or not app_wide_quantize:
+        check_machine(plan)
     if source.family is not None:
         check_plan(plan, source.family)
     if source.kind == HUB:
@@ -64,13 +72,33 @@ def load_pipeline(
         pipe = _from_single_file(source, dtype, single_file_config)
     family = pipeline_family(pipe)
     pipe.set_progress_bar_config(disable=True)
+    plan = _plan_for(plan, family, app_wide_quantize, status)
     if plan.active:
         status(f"Quantizing {source.display_name} ({plan.describe()})…")
-        quantize_pipeline(pipe, family, plan, device, dtype, keep_on_cpu=keep_on_cpu)
+        quantize_pipeline(pipe, family, plan, device, dtype, keep_on_cpu=keep_on_cpu, training=training)
     if not keep_on_cpu:
         pipe.to(device)
     _configure_attention(pipe, device)
     return pipe, family
+
+
+def _plan_for(plan: QuantizePlan, family: str | None, app_wide: bool, status: Callable[[str], None]) -> QuantizePlan:
+    """``plan``, or no quantization where an app-wide plan meets a UNet model (SD 1.x/2.x/SDXL).
+
+    An app-wide ``--quantize`` must not lock every UNet model out until a restart; a plan asked for this
+    very load (a training run's ``quantize``) is refused for them by ``check_plan`` instead.
+    """
+    if not (app_wide and plan.active and family is not None) or is_transformer_family(family):
+        return plan
+    _note_app_wide_skip(plan.describe())
+    status(f"quantize applies to Flux.1 and SD 3.5 only; {family_label(family)} loads unquantized.")
+    return QuantizePlan()
+
+
+@functools.cache
+def _note_app_wide_skip(described: str) -> None:
+    """Logged once per setting: every SD model loaded would otherwise repeat it."""
+    log.info("quantize (%s) applies to Flux.1 and SD 3.5 models only; SD 1.x/2.x/SDXL load unquantized", described)
 
 
 def pipeline_family(pipe: DiffusionPipeline) -> str:

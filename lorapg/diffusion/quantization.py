@@ -21,6 +21,7 @@ import torch
 
 from lorapg.diffusion.families import family_label, is_transformer_family
 from lorapg.errors import UserError, shorten
+from lorapg.residency import out_of_memory_as_user_error
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,14 @@ def quantize_pipeline(
     compute_dtype: torch.dtype,
     *,
     keep_on_cpu: bool = False,
+    training: bool = False,
 ) -> None:
     """Convert the pipeline's transformer and T5 encoder in place as ``plan`` says.
 
     NF4 weights are quantized on ``device`` (fast on a GPU), one layer at a time, and stay there, or
     go back to CPU RAM with ``keep_on_cpu`` (the residency manager moves them when used);
     bitsandbytes moves quantized weights between devices, never between dtypes.
+    ``training``: a training run asked (it offers no fp8, so errors do not suggest "the other mode").
     """
     home = torch.device("cpu") if keep_on_cpu else device
     check_plan(plan, family)
@@ -138,14 +141,25 @@ def quantize_pipeline(
         module = component(pipe, name)
         if mode == NONE or module is None:
             continue
-        try:
-            _CONVERTERS[mode](module, device, compute_dtype, home)
-        except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
-            raise UserError(
-                f"Setting quantize: {mode} could not be applied to the {name} here ({shorten(exc, 160)}). "
-                "Set quantize to none, or try the other mode."
-            ) from None
+        _convert(module, name, mode, device, compute_dtype, home, training)
         log.info("%s stored as %s (compute in %s)", name, mode, str(compute_dtype).removeprefix("torch."))
+
+
+def _convert(module, name: str, mode: str, device, compute_dtype, home, training: bool) -> None:
+    """One component converted; its failures as UserErrors that say what to change."""
+    again = "start the run again" if training else "load the model again"
+    empty_cache = torch.cuda.empty_cache if device.type == "cuda" else None
+    try:
+        # Out of memory is not the mode's fault: the app's one OOM message, before the generic one below.
+        with out_of_memory_as_user_error(
+            f"while storing the {name} as {mode}", f"Close other programs that use the GPU and {again}.", empty_cache
+        ):
+            _CONVERTERS[mode](module, device, compute_dtype, home)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+        advice = "Set the run's quantize to none." if training else "Set quantize to none, or try the other mode."
+        raise UserError(
+            f"Setting quantize: {mode} could not be applied to the {name} here ({shorten(exc, 160)}). {advice}"
+        ) from None
 
 
 def component(pipe, name: str) -> torch.nn.Module | None:
@@ -181,13 +195,26 @@ def to_nf4(module: torch.nn.Module, device: torch.device, compute_dtype: torch.d
         quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
         if linear.bias is not None:
             quantized.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-        # Params4bit quantizes when it is first moved to a device.
+        # Params4bit quantizes when it is first moved to a device. Moving it between devices later is safe
+        # only before it has run: bitsandbytes 0.50 repacks a Linear4bit's weights into a CPU-only layout
+        # after an eval-mode forward on an AVX512-BF16 CPU, and a later .to("cuda") keeps that layout
+        # (garbage output). No NF4 module may run on the CPU before it moves to a GPU.
         _set_submodule(module, name, quantized.to(device).to(home))
     return len(targets)
 
 
 def to_fp8(module: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype, home: torch.device) -> None:
     """float8 storage, each layer cast to ``compute_dtype`` only while it runs."""
+    _cast_layers_to_fp8(module, compute_dtype)
+    # peft creates a LoRA adapter in its base layer's weight dtype unless the layer names a
+    # ``compute_dtype`` (as bitsandbytes' layers do): without it every LoRA loaded later would be stored,
+    # and so rounded, in float8 (a LoRA with std 0.003 loses a fifth of its entries to exact zeros).
+    for layer in module.modules():
+        if any(p.dtype == FP8_STORAGE for p in layer.parameters(recurse=False)):
+            layer.compute_dtype = compute_dtype
+
+
+def _cast_layers_to_fp8(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     if hasattr(module, "enable_layerwise_casting"):  # a diffusers model: its own skip list
         module.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype)
         return
@@ -222,24 +249,3 @@ def is_quantized(module: torch.nn.Module | None) -> bool:
         type(child).__name__ == "Linear4bit" or any(p.dtype == FP8_STORAGE for p in child.parameters(recurse=False))
         for child in module.modules()
     )
-
-
-def lift_float8_adapters(pipe) -> int:
-    """Cast LoRA weights peft made in a float8 layer's storage dtype to the compute dtype.
-
-    peft gives a new adapter its base layer's weight dtype; on an fp8-stored layer that is float8,
-    in which CPU and most GPUs cannot multiply. The VAE (never quantized) holds the compute dtype.
-    Returns how many tensors were cast.
-    """
-    if FP8_STORAGE is None:
-        return 0
-    compute_dtype = pipe.vae.dtype
-    lifted = 0
-    for module in (getattr(pipe, "transformer", None), component(pipe, "t5")):
-        if module is None:
-            continue
-        for name, param in module.named_parameters():
-            if param.dtype == FP8_STORAGE and "lora_" in name:
-                param.data = param.data.to(compute_dtype)
-                lifted += 1
-    return lifted

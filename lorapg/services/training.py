@@ -661,6 +661,7 @@ class TrainingService:
             max_image_pixels=self.settings.max_image_pixels,
             on_progress=on_progress,
             should_cancel=should_cancel,
+            default_quantize=default_training_quantize(self.settings),
         )
         residency = self.engine.residency if self.engine is not None else None
         if residency is None:  # CPU: no GPU memory is shared, nothing to clear
@@ -678,3 +679,11 @@ class TrainingService:
             ),
         ):
             return trainer.run()
+
+
+def default_training_quantize(settings) -> str:
+    """The app's quantize for the transformer (--quantize, then --quantize-components): what a run whose
+    config leaves ``quantize`` empty stores its frozen base as (the trainer stores T5 alike)."""
+    from lorapg.diffusion.quantization import parse_plan
+
+    return parse_plan(settings.quantize, settings.quantize_components).transformer

@@ -108,7 +108,8 @@ class TrainConfig:
     guidance_scale: float = 1.0
     # Added last (issue 17): the frozen Flux.1 / SD 3.5 base (transformer and T5) in 4-bit NF4 through
     # bitsandbytes, the LoRA on top in fp32 (QLoRA): FLUX.1-dev's transformer takes ~6.7 GB instead of ~24.
-    quantize: str = "none"
+    # "" = the app's quantize setting (nf4 applies to Flux.1 / SD 3.5 runs; fp8 trains unquantized).
+    quantize: str = ""
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -122,7 +123,7 @@ CHOICES = {
     "weighting_scheme": WEIGHTING_SCHEMES,
     # fp8 storage (generation's --quantize fp8) is not offered for training: NF4 saves more and is what
     # QLoRA, diffusers' Flux QLoRA example and ai-toolkit train on.
-    "quantize": ("none", "nf4"),
+    "quantize": ("", "none", "nf4"),  # "": the app's setting
 }
 
 
@@ -143,7 +144,8 @@ def check(config: TrainConfig) -> TrainConfig:
             raise UserError(f"Training setting {key!r} is {value:g}; it must be between {low:g} and {high:g}.")
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
-            raise UserError(f"Training setting {key!r} is {getattr(config, key)!r}; use one of {', '.join(allowed)}.")
+            choices = ", ".join(choice for choice in allowed if choice)  # "" (the default) is not typed
+            raise UserError(f"Training setting {key!r} is {getattr(config, key)!r}; use one of {choices}.")
     if config.resolution and (config.resolution < 64 or config.resolution % 8):
         raise UserError(f"Resolution {config.resolution} must be 0 (native) or a multiple of 8 of at least 64.")
     return config

@@ -345,9 +345,12 @@ class Trainer:
         on_progress: Callable[[TrainProgress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         face_detector: Detector | None = None,
+        default_quantize: str = "none",
     ):
-        """``face_detector``: finds faces for ``face_crop`` (default: OpenCV's Haar cascade)."""
+        """``face_detector``: finds faces for ``face_crop`` (default: OpenCV's Haar cascade).
+        ``default_quantize``: the app's quantize setting, for a run whose config leaves ``quantize`` empty."""
         self.config = config
+        self.default_quantize = default_quantize
         self.face_detector = face_detector
         self.lora_dir = Path(lora_dir)
         self.work_dir = Path(work_dir)
@@ -428,13 +431,16 @@ class Trainer:
         source = resolve_model_source(self.config.model, allow_pickle=self.allow_pickle)
         dtype = self._load_dtype(source)
         self._status(f"Loading a training copy of {source.display_name} ({str(dtype).removeprefix('torch.')})…")
+        plan, app_wide = self._quantize_plan()
         # Its own copy on the CPU: the inference pipeline's (half-precision) modules are never trained.
         pipe, family = load_pipeline(
             source,
             torch.device("cpu"),
             dtype,
             single_file_config=self.single_file_config,
-            quantize=self._quantize_plan(),
+            quantize=plan,
+            app_wide_quantize=app_wide,
+            training=True,
         )
         if is_transformer_family(family):
             flow = FlowTraining(pipe, family, self.config)
@@ -457,10 +463,19 @@ class Trainer:
 
     def _quantize_plan(self):
         """``quantize = "nf4"``: the frozen transformer and T5 in NF4 (quantized on the CPU while loading,
-        where the training copy loads; moved to the device as they are). The LoRA added later trains in fp32."""
-        from lorapg.diffusion.quantization import parse_plan
+        where the training copy loads; moved to the device as they are). The LoRA added later trains in fp32.
 
-        return parse_plan(self.config.quantize)
+        Returns the plan and whether it is the app's setting (an empty ``quantize``), which SD 1.x/SDXL
+        runs skip; the run's own ``quantize`` is a request, refused for them.
+        """
+        from lorapg.diffusion.quantization import FP8, NONE, parse_plan
+
+        if self.config.quantize:
+            return parse_plan(self.config.quantize), False
+        if self.default_quantize == FP8:  # training offers none and nf4 only
+            log.info("the app's quantize=fp8 does not apply to training; this run's base stays unquantized")
+            return parse_plan(NONE), True
+        return parse_plan(self.default_quantize), True
 
     def _load_dtype(self, source) -> torch.dtype:
         """fp32 for SD (the UNet path keeps fp32 until placement; its VAE stays fp32); Flux.1 / SD 3.5 in
@@ -554,6 +569,8 @@ class Trainer:
             # Frozen weights in half precision (LoRA weights stay fp32), cast in the same move: an fp32
             # copy never reaches the device (FLUX.1's transformer alone is ~48 GB in fp32). NF4 weights
             # (quantize = "nf4") move and keep their packed bytes: bitsandbytes ignores the dtype for them.
+            # They must not have run on the CPU before this move: bitsandbytes 0.50 repacks a Linear4bit
+            # into a CPU-only layout after an eval-mode CPU forward (AVX512-BF16), which .to("cuda") keeps.
             module.to(run.device, dtype=run.weight_dtype)
 
     def _accelerator(self, run: _RunState):
