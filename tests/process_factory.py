@@ -1,11 +1,12 @@
 """Start the app and the CLI as real processes without paying a fresh interpreter's imports each time.
 
 A fresh ``python app.py`` spends ~10 s (on a loaded 2-core machine up to ~15 s) importing torch, diffusers,
-transformers and gradio before it does anything a test looks at; the suite starts dozens of them. Here one
-"factory" interpreter per pytest worker imports those libraries once, as app.py does, and then forks a child
-per request. Each child is a whole process: it gets the request's working folder, environment, arguments
-and output files, runs ``app.py`` (or ``python -m MODULE``) as ``__main__`` and ends through the
-interpreter's own shutdown, so serving, signals and exit behave as in a process a user starts.
+transformers and gradio before it does anything a test looks at; the suite starts dozens of them. Here a
+"factory" interpreter per pytest worker and entry point (app.py; the CLI, without gradio) imports those
+libraries once, as the entry point does, and then forks a child per request. Each child is a whole
+process: it gets the request's working folder, environment, arguments and output files, runs ``app.py``
+(or ``python -m MODULE``) as ``__main__`` and ends through the interpreter's own shutdown, so serving,
+signals and exit behave as in a process a user starts.
 
 What a fork cannot reproduce is an environment read at import time (huggingface_hub's HF_* constants,
 gradio's GRADIO_* settings, thread counts): a request whose environment differs from the factory's in
@@ -29,23 +30,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What app.py and ``python -m lorapg`` import before they do anything; the factory imports them in
-# app.py's order (ZeroGPU's hook, then the quiet-imports switch, then the libraries).
-PRELOAD = (
+# What each entry point imports before it does anything, in its own order (ZeroGPU's hook, then the
+# quiet-imports switch, then the libraries). The CLI never imports gradio (tests/test_services_layer.py),
+# so its children come from a factory without it: an exit-time race must meet the modules a user's has.
+CLI_PRELOAD = (
     "lorapg.hosting.zerogpu",
     "lorapg.quiet",
     "torch",
     "diffusers",
     "transformers",
     "peft",
-    "gradio",
     "lorapg.cli",
     "lorapg.services.build",
     "lorapg.diffusion.engine",
     "lorapg.outputs",
-    "lorapg.api",
-    "lorapg.ui.app_ui",
 )
+APP_PRELOAD = (*CLI_PRELOAD, "gradio", "lorapg.api", "lorapg.ui.app_ui")
 
 # Environment variables the factory's children may differ in: the app's own settings, read when the app
 # builds its Settings, never at import time.
@@ -124,16 +124,16 @@ else:
 
 
 class _Factory:
-    """The factory interpreter of this pytest worker, started on first use."""
+    """A factory interpreter of this pytest worker (one per entry point), started on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...]) -> None:
         folder = Path(tempfile.mkdtemp(prefix="lorapg-factory-"))
         self.address = str(folder / "socket")
         self.env = _base_env()
         self.log = folder / "factory.log"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", FACTORY, self.address, json.dumps(PRELOAD)],
+                [sys.executable, "-c", FACTORY, self.address, json.dumps(preload)],
                 cwd=ROOT,
                 env=self.env,
                 stdout=subprocess.PIPE,
@@ -161,7 +161,7 @@ class _Factory:
         shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
-_factory: _Factory | None = None
+_factories: dict[str, _Factory] = {}  # "app" / "cli" -> its factory
 
 
 def _base_env() -> dict[str, str]:
@@ -181,7 +181,7 @@ def test_env(**settings: str) -> dict[str, str]:
 
 def _forkable(env: dict[str, str]) -> bool:
     """Whether ``env`` differs from the factory's only where children may differ (see the docstring)."""
-    base = _factory.env if _factory else _base_env()
+    base = _base_env()
     changed = {key for key in env.keys() | base.keys() if env.get(key) != base.get(key)}
     return all(key.startswith(RUNTIME_ENV_PREFIXES) for key in changed)
 
@@ -189,13 +189,14 @@ def _forkable(env: dict[str, str]) -> bool:
 class ForkedProcess:
     """The part of ``subprocess.Popen`` tests use, for a child of the factory."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, factory: _Factory) -> None:
         self.pid = pid
+        self.factory = factory
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = _factory.ask({"op": "status", "pid": self.pid})["returncode"]
+            self.returncode = self.factory.ask({"op": "status", "pid": self.pid})["returncode"]
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -228,19 +229,20 @@ def start(
 ) -> subprocess.Popen | ForkedProcess:
     """``python *args`` (``app.py …`` or ``-m MODULE …``) with its output in ``stdout`` (and ``stderr``, or
     the same file); a factory child where the environment allows, a fresh interpreter otherwise."""
-    global _factory
     stderr = stderr or stdout
     if fresh or not _forkable(env):
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=out, stderr=err)
-    if _factory is None or _factory.process.poll() is not None:
-        _factory = _Factory()
-    if args[0] == "-m":
+    kind = "cli" if args[0] == "-m" else "app"
+    factory = _factories.get(kind)
+    if factory is None or factory.process.poll() is not None:
+        factory = _factories[kind] = _Factory(CLI_PRELOAD if kind == "cli" else APP_PRELOAD)
+    if kind == "cli":
         request = {"module": args[1], "argv": list(args[2:])}
     else:
         request = {"module": None, "path": str(Path(cwd, args[0])), "argv": list(args[1:])}
     request.update(op="spawn", cwd=str(cwd), env=env, stdout=str(stdout), stderr=str(stderr))
-    return ForkedProcess(_factory.ask(request)["pid"])
+    return ForkedProcess(factory.ask(request)["pid"], factory)
 
 
 def run(
