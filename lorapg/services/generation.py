@@ -29,7 +29,7 @@ from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue
+from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue, WorkerLost
 from lorapg.limits import HIRES_UPSCALERS
 from lorapg.services.img2img_inputs import options_from_form
 from lorapg.services.workers import WorkerPool
@@ -286,7 +286,8 @@ class GenerationService:
         def work_anywhere(job: Job) -> GenerationResult:
             return self.run_in_job(request, job, model_ref=ref, record=record)
 
-        return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER)
+        prefer = self.workers.holding(ref)  # where the model is resident already: no load before it runs
+        return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER, prefer=prefer)
 
     def _rejoin(self, ref: str) -> None:
         """Retired workers try again once the chosen model is another than the one they failed on
@@ -346,6 +347,8 @@ class GenerationService:
             report(0, 0, None, f"Loading {ref} on {engine.device}…")
             try:
                 engine.load_model(ref, on_status=lambda message: report(0, 0, None, message))
+            except WorkerLost:
+                raise  # the queue runs the job on another worker
             except Exception as exc:
                 # This device is out of the rotation until another model is loaded; the others serve on.
                 self.jobs.retire(job.worker)
@@ -356,10 +359,20 @@ class GenerationService:
                     f"Device {engine.device} could not load the model {shorten(ref)}: {shorten(reason, 200)}. "
                     "This job failed; submit it again and another device runs it."
                 ) from None
-        result = engine.generate(request, on_step=report, should_cancel=should_cancel)
+        if getattr(engine, "remote", False):  # another machine (lorapg/services/ray_workers.py)
+            result = engine.generate(
+                request, on_step=report, should_cancel=should_cancel, model_ref=ref, family=self._family_of(ref)
+            )
+        else:
+            result = engine.generate(request, on_step=report, should_cancel=should_cancel)
         if record and self.result_sink is not None and not result.cancelled:
             result.saved = self.result_sink(result, job)
         return result
+
+    def _family_of(self, ref: str) -> str | None:
+        """The family ``prepare`` checked requests for when ``ref`` is the primary worker's model; else None."""
+        model = self.engine.model
+        return model.family if model is not None and model.source.ref == ref else None
 
     def _generate_on_device(
         self,
