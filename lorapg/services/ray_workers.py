@@ -271,12 +271,12 @@ def remote_engines(address: str, wait_s: float = 0.0) -> list[RemoteEngine]:
     engines = []
     for name in names:
         actor = ray.get_actor(name)
-        engine = RemoteEngine(ray, actor, {"label": name.removeprefix(ACTOR_PREFIX)})
-        try:
-            engine.refresh()  # waits until the worker has built its engine and loaded its model
+        try:  # waits until the worker has built its engine and loaded its model
+            info = RemoteEngine(ray, actor, {"label": name.removeprefix(ACTOR_PREFIX)}).refresh()
         except WorkerLost:
             log.warning("worker %s is listed but not running; left out", name)
             continue
+        engine = RemoteEngine(ray, actor, info)
         log.info("remote worker %s: model %s (%s)", engine.device, engine.info["model"], engine.info["family"])
         engines.append(engine)
     return engines
