@@ -155,6 +155,16 @@ def test_a_generation_runs_on_a_remote_worker_like_a_local_one(app):
     local = app.engine.generate(request())
     diff = np.abs(pixels(job.result.images[0]) - pixels(local.images[0])).max()
     assert diff <= 1, f"remote and local images differ by {diff} levels"
+    listed = {status.device: status for status in app.service.worker_status()}
+    assert listed[job.device].model == str(app.settings.model) and listed[job.device].state == "idle"
+
+
+def test_a_worker_whose_model_is_another_family_says_so(app):
+    remote = next(worker.engine for worker in app.workers.workers if worker.device.startswith("ray:"))
+    ref = str(app.settings.model)
+    with pytest.raises(UserError, match="as a sd1 model, but the request was checked for sdxl"):
+        remote.generate(request(), model_ref=ref, family="sdxl")
+    assert remote.generate(request(), model_ref=ref, family="sd1").images  # the worker serves on
 
 
 def test_a_worker_killed_mid_job_hands_the_job_to_another(app, cluster):
@@ -171,6 +181,7 @@ def test_a_worker_killed_mid_job_hands_the_job_to_another(app, cluster):
     assert job.status == DONE, job.error
     assert job.retries == 1 and job.device != first
     assert [app.workers.devices[index] for index in app.jobs.lost()] == [first]
+    assert {status.device: status.state for status in app.service.worker_status()}[first] == "lost"
     # Run once: one image in the gallery for the job.
     assert len([record for record in app.gallery.list() if record.job_id == job.id]) == 1
     # The queue keeps serving with the workers it has.

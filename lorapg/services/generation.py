@@ -58,6 +58,17 @@ class MemoryStatus:
 
 
 @dataclass(frozen=True)
+class WorkerStatus:
+    """One generation worker as the app lists it: a local device or a remote one (``ray:NAME/DEVICE``)."""
+
+    index: int
+    device: str
+    model: str | None  # the model resident there (a remote worker: as it last reported)
+    state: str  # "idle", "running", "out of rotation" (could not load the chosen model) or "lost" (gone)
+    job: str | None  # the id of the job it runs now
+
+
+@dataclass(frozen=True)
 class LoraListing:
     loras: list[LoraInfo]
     problems: list[str]
@@ -183,6 +194,19 @@ class GenerationService:
         if model is None:
             return family_defaults(None)
         return family_defaults(model.family, model.pipe, model.native_size)
+
+    def worker_status(self) -> list[WorkerStatus]:
+        """Every generation worker, its model and its load (what it runs now), in queue order."""
+        running = {job.worker: job.id for job in self.jobs.running_jobs()}
+        retired, lost = set(self.jobs.retired()), set(self.jobs.lost())
+        listing = []
+        for worker in self.workers.workers:
+            model = worker.engine.model
+            state = "lost" if worker.index in lost else "out of rotation" if worker.index in retired else None
+            state = state or ("running" if worker.index in running else "idle")
+            ref = model.source.ref if model is not None else None
+            listing.append(WorkerStatus(worker.index, worker.device, ref, state, running.get(worker.index)))
+        return listing
 
     # --- GPU memory ----------------------------------------------------------------------------
 
