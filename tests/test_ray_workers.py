@@ -27,7 +27,7 @@ pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[defaul
 from lorapg.config import Settings  # noqa: E402
 from lorapg.diffusion.request import GenerationRequest  # noqa: E402
 from lorapg.errors import UserError  # noqa: E402
-from lorapg.jobs import DONE  # noqa: E402
+from lorapg.jobs import CANCELLED, DONE  # noqa: E402
 from lorapg.services.build import build_services  # noqa: E402
 from lorapg.worker_cli import READY  # noqa: E402
 
@@ -173,6 +173,7 @@ def test_a_worker_killed_mid_job_hands_the_job_to_another(app, cluster):
     job = app.service.submit_generation(request(seed=5))
     wait_for(lambda: list(hold.glob("held-*")), "a worker holding the job")
     (held,) = hold.glob("held-*")
+    held.unlink()
     first = job.device
     assert first.startswith("ray:")
     (hold / "hold").unlink()  # the retry is not held
@@ -188,6 +189,22 @@ def test_a_worker_killed_mid_job_hands_the_job_to_another(app, cluster):
     again = app.service.submit_generation(request(seed=6))
     assert again.wait(WAIT) and again.status == DONE, again.error
     assert again.device != first
+
+
+def test_cancel_reaches_the_remote_worker(app, cluster):
+    hold = cluster["hold"]
+    (hold / "hold").write_text("")
+    job = app.service.submit_generation(request(seed=8))
+    wait_for(lambda: list(hold.glob("held-*")), "a worker holding the job")
+    remote = app.workers.engine(job.worker)
+    app.service.cancel(job.id)
+    wait_for(lambda: remote._get(remote._actor.cancelling.remote()), "the cancel reaching the worker")
+    for held in hold.glob("held-*"):
+        held.unlink()
+    (hold / "hold").unlink()  # released: the worker stops at the step it holds
+    assert job.wait(WAIT)
+    assert job.status == CANCELLED and job.result.cancelled
+    assert not [record for record in app.gallery.list() if record.job_id == job.id]  # nothing saved
 
 
 def test_without_ray_the_flag_says_to_install_it(monkeypatch):

@@ -145,7 +145,13 @@ class GenerationActor:
 
     def cancel(self, key: str) -> None:
         with self._lock:
-            self._cancelled.add(key)
+            if key in self._progress:  # a generation that already ended has nothing to stop
+                self._cancelled.add(key)
+
+    def cancelling(self) -> list[str]:
+        """The running generations asked to stop (they stop at their next step)."""
+        with self._lock:
+            return sorted(self._cancelled)
 
 
 def start_actors(ray, settings: Settings, devices: list[str], name: str) -> list:
