@@ -37,6 +37,9 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from lorapg.services.ray_workers import connect, start_actors
 
     ray = connect(args.connect, flag="worker --connect")
+    # The actors run in Ray's own processes, whose working folder is not this one: absolute folders.
+    settings.lora_dir, settings.models_dir = settings.lora_dir.resolve(), settings.models_dir.resolve()
+    settings.outputs = settings.outputs.resolve()
     devices = [str(device) for device in parse_devices(settings.devices, settings.device)]
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     stop = threading.Event()
