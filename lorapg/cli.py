@@ -51,6 +51,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         dest="train_device",
         help="with --devices: the device training runs on (default the first); the others keep generating",
     )
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="Ray cluster (e.g. 10.0.0.5:6379) whose lorapg workers join this app's queue (needs ray installed)",
+    )
     parser.add_argument("--dtype", help="auto, float16, bfloat16 or float32")
     parser.add_argument("--threads", type=int, help="torch CPU threads (0 = torch default)")
     parser.add_argument(
@@ -132,6 +137,7 @@ SETTING_FLAGS = (
     "notify_webhook",
     "quantize",
     "quantize_components",
+    "ray",
 )
 LLM_SETTING_FLAGS = ("llm_backend", "llm_model", "llm_url", "llm_api_key")
 
@@ -187,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lorapg.upscale_cli import add_upscale_parser
 
     add_upscale_parser(commands, add_settings_arguments)
+    from lorapg.worker_cli import add_worker_parser
+
+    add_worker_parser(commands, add_settings_arguments)
     return parser
 
 
@@ -372,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             from lorapg.upscale_cli import run_upscale
 
             return run_upscale(args, settings_from_args(args))
+        if args.command == "worker":
+            from lorapg.worker_cli import run_worker
+
+            return run_worker(args, settings_from_args(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

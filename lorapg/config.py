@@ -93,6 +93,9 @@ class Settings:
     # (lorapg/diffusion/quantization.py); quantize_components overrides per component ("transformer=nf4,t5=fp8").
     quantize: str = "none"
     quantize_components: str = ""
+    # Issue 20: the Ray cluster whose lorapg workers (``python -m lorapg worker --connect``) join this app's
+    # job queue as generation workers beside its own device(s); None = no remote workers, no Ray import.
+    ray: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

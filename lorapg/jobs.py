@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, ERROR, CANCELLED = "queued", "running", "done", "error", "cancelled"
 FINISHED = {DONE, ERROR, CANCELLED}
 ANY_WORKER = None  # ``submit(worker=ANY_WORKER)``: the first free worker runs it
+RETRIES_ELSEWHERE = 1  # times a job whose worker was lost mid-job runs again on another worker
+
+
+class WorkerLost(Exception):
+    """Raised by work whose worker died under it (a remote worker's process or connection is gone):
+    the queue takes that worker out of the rotation for good and runs the job once more elsewhere."""
 
 
 @dataclass
@@ -50,6 +56,10 @@ class Job:
     background: bool = False  # runs only when no interactive job waits (see JobQueue)
     worker: int | None = 0  # the worker that may run it (ANY_WORKER: any); once started, the one running it
     device: str | None = None  # the device of the worker that runs it, once started (None: not known)
+    # Workers that hold what it needs (its model resident): a free one of them is asked first.
+    prefer: frozenset[int] = frozenset()
+    retries: int = 0  # times it went back to the queue because its worker was lost (``WorkerLost``)
+    _anywhere: bool = field(default=False, repr=False)  # submitted as ANY_WORKER (may move to another worker)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -95,6 +105,8 @@ class JobQueue:
         self._keep_finished = keep_finished
         self.devices: list[str | None] = list(devices) if devices else [None]
         self._retired: set[int] = set()  # workers that take no ANY_WORKER job (see ``retire``)
+        self._lost: set[int] = set()  # workers gone for good (``WorkerLost``): ``restore`` keeps them out
+        self._busy: set[int] = set()  # workers running a job now (a preferred one that is free gets it)
         self._workers = [
             threading.Thread(target=self._run, args=(index,), name=_thread_name(index), daemon=True)
             for index in range(len(self.devices))
@@ -116,14 +128,17 @@ class JobQueue:
         *,
         background: bool = False,
         worker: int | None = 0,
+        prefer: frozenset[int] = frozenset(),
     ) -> Job:
         """``total``: the job's step count when known up front (watchers see "0 of N" while it waits).
         ``background``: long work that lets interactive jobs submitted later go first.
         ``worker``: the worker that runs it (its device's models are the ones it uses); ``ANY_WORKER``:
-        the first free one."""
+        the first free one. ``prefer`` (with ANY_WORKER): workers that run it first when one of them
+        is free (its model is resident there); the others take it only while all of those are busy."""
         if worker is not None and not 0 <= worker < len(self.devices):
             raise ValueError(f"no worker {worker}; this queue has {len(self.devices)}")
         job = Job(kind=kind, owner=owner, total=total, background=background, worker=worker)
+        job.prefer, job._anywhere = frozenset(prefer), worker is ANY_WORKER
         with self._wake:
             self._jobs[job.id] = job
             self._order.append(job.id)
@@ -182,6 +197,11 @@ class JobQueue:
         with self._lock:
             return sorted(self._retired)
 
+    def lost(self) -> list[int]:
+        """Workers gone for good (their process or connection died): they take no ANY_WORKER job."""
+        with self._lock:
+            return sorted(self._lost)
+
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         job._cancel.set()
@@ -220,8 +240,11 @@ class JobQueue:
             item = self._take(worker)
             if item is None:
                 return
-            self._execute(*item)
+            self._execute(*item, worker)
             del item  # the work's closure goes now, not when the next job arrives
+            with self._wake:
+                self._busy.discard(worker)
+                self._wake.notify_all()  # a job left for this (preferred) worker may be waiting on it
 
     def _take(self, worker: int) -> tuple[Job, Callable[[Job], Any], contextvars.Context] | None:
         """The next job this worker may run (the first interactive one waiting, else the first
@@ -234,6 +257,8 @@ class JobQueue:
             index = next(i for i, item in enumerate(self._pending) if item[0] is job)
             item = self._pending.pop(index)
             job.worker, job.device = worker, self.devices[worker]
+            self._busy.add(worker)
+            self._wake.notify_all()  # workers that left this job to a preferred one look again
             # Marked here, under the lock: position() never sees a job that is neither pending nor running.
             job.status = RUNNING if not job.cancel_requested() else job.status
             return item
@@ -241,11 +266,19 @@ class JobQueue:
     def _next_for(self, worker: int) -> Job | None:  # called with the lock held
         """Jobs meant for another worker are passed over: they wait for theirs, this one need not."""
         for job in _in_run_order([item[0] for item in self._pending]):
-            if job.worker == worker or (job.worker is ANY_WORKER and worker not in self._retired):
+            if job.worker == worker:
+                return job
+            in_rotation = job.worker is ANY_WORKER and worker not in self._retired | self._lost
+            if in_rotation and (worker in job.prefer or not self._preferred_free(job)):
                 return job
         return None
 
-    def _execute(self, job: Job, work: Callable[[Job], Any], context: contextvars.Context) -> None:
+    def _preferred_free(self, job: Job) -> bool:  # called with the lock held
+        """Whether a worker ``job`` prefers is free to take it now."""
+        out = self._busy | self._retired | self._lost
+        return any(index not in out for index in job.prefer if 0 <= index < len(self.devices))
+
+    def _execute(self, job: Job, work: Callable[[Job], Any], context: contextvars.Context, worker: int = 0) -> None:
         if job.cancel_requested():
             self._finish(job, CANCELLED, message="cancelled before it started")
             return
@@ -253,6 +286,10 @@ class JobQueue:
         error = None
         try:
             job.result = context.run(work, job)
+        except WorkerLost as exc:
+            error = self._worker_lost(job, work, context, worker, exc)
+            if error is None:  # back in the queue: another worker runs it
+                return
         except UserError as exc:
             error = str(exc)
         except Exception as exc:  # the worker must survive any job; the error is shown, the app serves on
@@ -269,6 +306,27 @@ class JobQueue:
         # finished and saved its images) decides; otherwise the cancel flag does.
         cancelled = getattr(job.result, "cancelled", None)
         self._finish(job, CANCELLED if (job.cancel_requested() if cancelled is None else cancelled) else DONE)
+
+    def _worker_lost(
+        self, job: Job, work: Callable[[Job], Any], context: contextvars.Context, worker: int, exc: WorkerLost
+    ) -> str | None:
+        """Worker ``worker`` died under ``job``: it leaves the rotation for good, and the job goes back to
+        the front of the queue for another worker (once; a job meant for that worker alone fails).
+        Returns the job's error when it is not run again. Its lost run returned nothing, so nothing of
+        it was saved: the job runs (and saves) once."""
+        with self._wake:
+            if worker:  # the first worker is the app's own: never lost
+                self._lost.add(worker)
+            log.warning("worker %d (%s) was lost during job %s: %s", worker, self.devices[worker], job.id, exc)
+            can_retry = job._anywhere and job.retries < RETRIES_ELSEWHERE and not self._closing
+            if not can_retry or job.cancel_requested():
+                return f"{exc} The job was not run again; submit it again."
+            job.retries += 1
+            job.worker, job.device, job.status = ANY_WORKER, None, QUEUED
+            job.report(0, job.total, message=f"worker {self.devices[worker]} was lost; retrying on another worker")
+            self._pending.insert(0, (job, work, context))  # first in line: it was running already
+            self._wake.notify_all()
+        return None
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, message: str = "") -> None:
         job.error = error

@@ -110,8 +110,11 @@ def build_services(
             # `devices` overrides `device`: whatever reads `device` (the prompt LLM, training) gets the first.
             settings.device = str(devices[0])
     library = LoraLibrary(settings.lora_dir)
+    # Workers on other machines (--ray): found now, each a worker thread on the queue after the local ones.
+    remote = remote_workers(settings) if engines else []
     # One worker thread per device, all on this one queue (lorapg/jobs.py).
-    jobs = JobQueue(devices=[str(device) for device in devices] if devices else None)
+    labels = [str(device) for device in devices] + [engine.device for engine in remote] if devices else None
+    jobs = JobQueue(devices=labels)
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     gallery_service = GalleryService(
         gallery,
@@ -133,6 +136,7 @@ def build_services(
 
     # Each device its own engine (pipeline, LoRA state) under its own residency budget.
     pool = WorkerPool([Worker(i, str(d), build_engine(settings, library, d)) for i, d in enumerate(devices)])
+    pool.workers += [Worker(len(devices) + i, engine.device, engine) for i, engine in enumerate(remote)]
     engine, device = pool.primary.engine, devices[0]
     residency = engine.residency
     if len(pool) > 1:
@@ -178,6 +182,15 @@ def build_services(
         # Through the GalleryService: a gallery image may be upscaled by whoever the Gallery shows it to.
         upscale=UpscaleService(settings, engine.upscalers, jobs, gallery_service),
     )
+
+
+def remote_workers(settings: Settings) -> list:
+    """The lorapg workers on the Ray cluster ``settings.ray`` (none without it; Ray is imported only then)."""
+    if not settings.ray:
+        return []
+    from lorapg.services.ray_workers import remote_engines
+
+    return remote_engines(settings.ray)
 
 
 def upscaler_model_names(settings: Settings):

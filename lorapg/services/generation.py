@@ -29,7 +29,7 @@ from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue
+from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue, WorkerLost
 from lorapg.limits import HIRES_UPSCALERS
 from lorapg.services.img2img_inputs import options_from_form
 from lorapg.services.workers import WorkerPool
@@ -55,6 +55,17 @@ class MemoryStatus:
     device: str  # "cpu", "cuda", "mps"
     report: str | None  # the residency manager's report; None where no GPU memory is managed
     freed: list[str] | None = None  # models just moved off the GPU (after free_gpu_memory); None: not asked
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One generation worker as the app lists it: a local device or a remote one (``ray:NAME/DEVICE``)."""
+
+    index: int
+    device: str
+    model: str | None  # the model resident there (a remote worker: as it last reported)
+    state: str  # "idle", "running", "out of rotation" (could not load the chosen model) or "lost" (gone)
+    job: str | None  # the id of the job it runs now
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,19 @@ class GenerationService:
             return family_defaults(None)
         return family_defaults(model.family, model.pipe, model.native_size)
 
+    def worker_status(self) -> list[WorkerStatus]:
+        """Every generation worker, its model and its load (what it runs now), in queue order."""
+        running = {job.worker: job.id for job in self.jobs.running_jobs()}
+        retired, lost = set(self.jobs.retired()), set(self.jobs.lost())
+        listing = []
+        for worker in self.workers.workers:
+            model = worker.engine.model
+            state = "lost" if worker.index in lost else "out of rotation" if worker.index in retired else None
+            state = state or ("running" if worker.index in running else "idle")
+            ref = model.source.ref if model is not None else None
+            listing.append(WorkerStatus(worker.index, worker.device, ref, state, running.get(worker.index)))
+        return listing
+
     # --- GPU memory ----------------------------------------------------------------------------
 
     def memory_status(self) -> MemoryStatus:
@@ -301,7 +325,8 @@ class GenerationService:
         def work_anywhere(job: Job) -> GenerationResult:
             return self.run_in_job(request, job, model_ref=ref, record=record)
 
-        return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER)
+        prefer = self.workers.holding(ref)  # where the model is resident already: no load before it runs
+        return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER, prefer=prefer)
 
     def _rejoin(self, ref: str) -> None:
         """Retired workers try again once the chosen model is another than the one they failed on
@@ -361,6 +386,8 @@ class GenerationService:
             report(0, 0, None, f"Loading {ref} on {engine.device}…")
             try:
                 engine.load_model(ref, on_status=lambda message: report(0, 0, None, message))
+            except WorkerLost:
+                raise  # the queue runs the job on another worker
             except Exception as exc:
                 # This device is out of the rotation until another model is loaded; the others serve on.
                 self.jobs.retire(job.worker)
@@ -371,10 +398,20 @@ class GenerationService:
                     f"Device {engine.device} could not load the model {shorten(ref)}: {shorten(reason, 200)}. "
                     "This job failed; submit it again and another device runs it."
                 ) from None
-        result = engine.generate(request, on_step=report, should_cancel=should_cancel)
+        if getattr(engine, "remote", False):  # another machine (lorapg/services/ray_workers.py)
+            result = engine.generate(
+                request, on_step=report, should_cancel=should_cancel, model_ref=ref, family=self._family_of(ref)
+            )
+        else:
+            result = engine.generate(request, on_step=report, should_cancel=should_cancel)
         if record and self.result_sink is not None and not result.cancelled:
             result.saved = self.result_sink(result, job)
         return result
+
+    def _family_of(self, ref: str) -> str | None:
+        """The family ``prepare`` checked requests for when ``ref`` is the primary worker's model; else None."""
+        model = self.engine.model
+        return model.family if model is not None and model.source.ref == ref else None
 
     def _generate_on_device(
         self,

@@ -44,6 +44,14 @@ class WorkerPool:
     def devices(self) -> list[str]:
         return [worker.device for worker in self.workers]
 
+    def holding(self, ref: str) -> frozenset[int]:
+        """The workers whose engine has model ``ref`` loaded (a job for it runs there without a load)."""
+        return frozenset(
+            worker.index
+            for worker in self.workers
+            if (model := worker.engine.model) is not None and model.source.ref == ref
+        )
+
     def engine(self, index: int | None) -> Any:
         """The engine of worker ``index`` (None, a job not started yet: the primary one)."""
         return self.workers[index or 0].engine

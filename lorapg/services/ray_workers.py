@@ -1,0 +1,288 @@
+"""Generation workers on other machines, through Ray (issue 20, "past one machine").
+
+``python -m lorapg worker --connect ADDRESS`` (lorapg/worker_cli.py) joins a Ray cluster and starts
+one named Ray actor per device, ``GenerationActor``: it holds its own ``DiffusionEngine``, built by
+``build_engine`` exactly as the app builds its own. The app (``--ray ADDRESS``) connects as a driver,
+finds those actors by name and puts one ``RemoteEngine`` per actor into its worker pool, behind the
+one job queue: a job runs there as on a local device, and its images come back and are saved into the
+app's gallery as local ones are. A worker whose process dies mid-job raises ``WorkerLost``; the queue
+runs that job once more on another worker (lorapg/jobs.py).
+
+Ray is optional: it is imported only here, and only when ``--ray`` or ``worker`` is used. Never
+imports gradio; torch only inside the actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lorapg.config import Settings
+from lorapg.errors import UserError, shorten
+from lorapg.jobs import WorkerLost
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "lorapg"  # every worker actor and the app's driver live in this Ray namespace
+ACTOR_PREFIX = "lorapg-worker:"  # a worker actor's name: ACTOR_PREFIX + worker name + ":" + device index
+ACTOR_CONCURRENCY = 4  # a generation, and progress / cancel calls beside it
+POLL_SECONDS = 0.1  # how often the app asks a remote worker for its progress while a job runs
+
+
+def require_ray(flag: str = "--ray"):
+    """The ``ray`` module; a clear message where it is not installed."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            f"install ray to use {flag}: pip install 'ray[default]>=2.40' (on the app and on every worker)."
+        ) from None
+    return ray
+
+
+def connect(address: str, flag: str = "--ray"):
+    """Join the Ray cluster at ``address`` as a driver (idempotent); a cluster that is not there is
+    reported naming the flag."""
+    ray = require_ray(flag)
+    if ray.is_initialized():
+        return ray
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"{flag} {shorten(address)}: no Ray cluster answered ({shorten(str(exc), 160)}); "
+            "start one with `ray start --head` and give its address."
+        ) from None
+    return ray
+
+
+# --- the worker side ----------------------------------------------------------------------------
+
+
+class GenerationActor:
+    """One device's generation worker inside a Ray actor (threaded: ``ACTOR_CONCURRENCY`` calls at once,
+    so ``progress`` and ``cancel`` answer while ``generate`` runs; the engine's lock keeps generations
+    one at a time)."""
+
+    def __init__(self, settings: Settings, device: str, name: str):
+        import torch
+
+        from lorapg.devices import set_cpu_threads
+        from lorapg.diffusion.lora_library import LoraLibrary
+        from lorapg.services.build import build_engine, configure_logging
+
+        configure_logging(tracebacks=False)
+        set_cpu_threads(settings.threads)
+        self.name, self.label = name, f"{name}/{device}"
+        # Ray hands a GPU actor its own GPU (CUDA_VISIBLE_DEVICES): inside, it is always the first one.
+        local = torch.device("cuda" if device.startswith("cuda") else device)
+        self.library = LoraLibrary(settings.lora_dir)
+        self.engine = build_engine(settings, self.library, local)
+        if settings.model:
+            self.engine.load_model(settings.model)
+        self._progress: dict[str, tuple] = {}  # job key -> (step, total, preview, message)
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._jobs_done = 0
+
+    def info(self) -> dict:
+        """What the app lists and routes by: device, loaded model and family, LoRAs, load."""
+        model = self.engine.model
+        infos, _problems = self.library.scan()
+        with self._lock:
+            running = len(self._progress)
+        return {
+            "name": self.name,
+            "label": self.label,
+            "pid": os.getpid(),
+            "model": model.source.ref if model else None,
+            "family": model.family if model else None,
+            "native_size": model.native_size if model else None,
+            "loras": [info.name for info in infos],
+            "running": running,
+            "done": self._jobs_done,
+        }
+
+    def load(self, ref: str) -> dict:
+        self.engine.load_model(ref)
+        return self.info()
+
+    def generate(self, key: str, request: Any, model_ref: str, family: str | None) -> Any:
+        """Generate ``request`` with ``model_ref`` (loaded first when another one is resident); ``family``:
+        the family the app checked the request for (None: not known there)."""
+        with self._lock:
+            self._progress[key] = (0, 0, None, "")
+        try:
+            model = self.engine.load_model(model_ref)
+            if family is not None and model.family != family:
+                raise UserError(
+                    f"Worker {self.label} has {shorten(model_ref)} as a {model.family} model, but the request was "
+                    f"checked for {family}; give every machine the same model files."
+                )
+            result = self.engine.generate(
+                request, on_step=lambda *step: self._step(key, *step), should_cancel=lambda: key in self._cancelled
+            )
+            self._jobs_done += 1
+            return result
+        finally:
+            with self._lock:
+                self._progress.pop(key, None)
+                self._cancelled.discard(key)
+
+    def _step(self, key: str, step: int, total: int, preview: Any = None, message: str = "") -> None:
+        with self._lock:
+            self._progress[key] = (step, total, preview, message)
+
+    def progress(self, key: str) -> tuple | None:
+        """(step, total, preview, message) of the generation ``key``; None when it is not running."""
+        with self._lock:
+            return self._progress.get(key)
+
+    def cancel(self, key: str) -> None:
+        with self._lock:
+            if key in self._progress:  # a generation that already ended has nothing to stop
+                self._cancelled.add(key)
+
+    def cancelling(self) -> list[str]:
+        """The running generations asked to stop (they stop at their next step)."""
+        with self._lock:
+            return sorted(self._cancelled)
+
+
+def start_actors(ray, settings: Settings, devices: list[str], name: str) -> list:
+    """One named ``GenerationActor`` per device, pinned to this machine (its devices and its files)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor_class = ray.remote(GenerationActor)
+    actors = []
+    for index, device in enumerate(devices):
+        actor_name = f"{ACTOR_PREFIX}{name}:{index}"
+        gpus = 1 if device.startswith("cuda") else 0
+        try:
+            actor = actor_class.options(
+                name=actor_name,
+                max_concurrency=ACTOR_CONCURRENCY,
+                num_cpus=1,
+                num_gpus=gpus,
+                scheduling_strategy=here,
+            ).remote(settings, device, name)
+        except ValueError:
+            raise UserError(
+                f"--name {shorten(name)}: a worker of that name is connected already; pick another."
+            ) from None
+        actors.append(actor)
+    return actors
+
+
+# --- the app side -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    ref: str
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """What the job path reads of a loaded model (``engine.model``), as the worker last reported it."""
+
+    source: _Source
+    family: str | None
+    native_size: int | None
+
+
+class RemoteEngine:
+    """A remote worker as the job path sees an engine: ``model``, ``device``, ``load_model`` and
+    ``generate`` (with progress and cancel). A worker whose actor died raises ``WorkerLost``."""
+
+    remote = True  # GenerationService passes the model and its family with each generation
+
+    def __init__(self, ray, actor, info: dict):
+        self._ray, self._actor = ray, actor
+        self.info = info
+        self.device = f"ray:{info['label']}"  # what the UI and the API show for a job it runs
+
+    @property
+    def model(self) -> RemoteModel | None:
+        ref = self.info.get("model")
+        if ref is None:
+            return None
+        return RemoteModel(_Source(ref), self.info.get("family"), self.info.get("native_size"))
+
+    def load_model(self, ref: str, on_status=None) -> RemoteModel | None:
+        if on_status is not None:
+            on_status(f"Loading {ref} on {self.device}…")
+        self.info = self._get(self._actor.load.remote(ref))
+        return self.model
+
+    def refresh(self) -> dict:
+        self.info = self._get(self._actor.info.remote())
+        return self.info
+
+    def generate(self, request, on_step=None, should_cancel=None, *, model_ref: str | None = None, family=None):
+        """Run ``request`` on the worker (with ``model_ref``, default the one it holds); progress goes to
+        ``on_step`` and a cancel reaches the worker at its next step."""
+        ref = model_ref or (self.model.source.ref if self.model else None)
+        if ref is None:
+            raise UserError(f"Worker {self.device} has no model loaded; load one first.")
+        key = uuid.uuid4().hex
+        pending = self._actor.generate.remote(key, request, ref, family)
+        cancel_sent, last = False, None
+        while not self._ray.wait([pending], timeout=POLL_SECONDS)[0]:
+            if should_cancel is not None and should_cancel() and not cancel_sent:
+                self._actor.cancel.remote(key)
+                cancel_sent = True
+            if on_step is not None:
+                step = self._get(self._actor.progress.remote(key))
+                if step is not None and step[:2] != last and step[1]:
+                    last = step[:2]
+                    on_step(step[0], step[1], step[2])
+        result = self._get(pending)
+        self.info = {**self.info, "model": ref, "family": result.family}
+        return result
+
+    def _get(self, ref):
+        """``ray.get``, with the worker's own errors as they were raised there and a dead worker as ``WorkerLost``."""
+        from ray import exceptions
+
+        try:
+            return self._ray.get(ref)
+        except exceptions.RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the process is gone
+            raise WorkerLost(f"Worker {self.device} stopped ({type(exc).__name__}).") from None
+        except exceptions.RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, UserError):
+                raise UserError(str(cause)) from None
+            raise RuntimeError(f"worker {self.device}: {type(cause).__name__}: {cause}") from None
+
+
+def remote_engines(address: str, wait_s: float = 0.0) -> list[RemoteEngine]:
+    """Connect to the cluster at ``address`` and return one ``RemoteEngine`` per worker actor there,
+    in name order; none found is refused (the app would run without the workers it was told of)."""
+    ray = connect(address)
+    deadline = time.monotonic() + wait_s
+    while not (names := sorted(n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX))):
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"--ray {shorten(address)}: no lorapg worker is connected to that cluster; start one with "
+                "`python -m lorapg worker --connect ADDRESS`."
+            )
+        time.sleep(0.5)
+    engines = []
+    for name in names:
+        actor = ray.get_actor(name)
+        try:  # waits until the worker has built its engine and loaded its model
+            info = RemoteEngine(ray, actor, {"label": name.removeprefix(ACTOR_PREFIX)}).refresh()
+        except WorkerLost:
+            log.warning("worker %s is listed but not running; left out", name)
+            continue
+        engine = RemoteEngine(ray, actor, info)
+        log.info("remote worker %s: model %s (%s)", engine.device, engine.info["model"], engine.info["family"])
+        engines.append(engine)
+    return engines

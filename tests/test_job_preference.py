@@ -1,0 +1,106 @@
+"""The job queue's routing for remote workers (issue 20 item 3), without Ray: a job goes first to a
+free worker that holds its model (``prefer``), and a job whose worker is lost mid-job
+(``WorkerLost``) runs once more on another worker, never twice to the end.
+Concurrency is set up with events the tests control, never timing."""
+
+from __future__ import annotations
+
+import threading
+
+from lorapg.jobs import ANY_WORKER, DONE, ERROR, JobQueue, WorkerLost
+
+WAIT = 30  # seconds: a safety net against a hang, never what a test measures
+
+
+def test_a_free_worker_that_holds_the_model_is_asked_first():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu", "ray:wb/cpu"])
+    try:
+        ran = []
+        for _ in range(20):  # any one worker's thread may wake first: 20 in a row prove the rule
+            job = jobs.submit("generate", lambda job: ran.append(job.worker), worker=ANY_WORKER, prefer={2})
+            assert job.wait(WAIT) and job.status == DONE
+        assert ran == [2] * 20
+    finally:
+        assert jobs.close(WAIT)
+
+
+def test_while_the_preferred_worker_is_busy_another_takes_the_job():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu"])
+    started, release = threading.Event(), threading.Event()
+
+    def busy(job):
+        started.set()
+        assert release.wait(WAIT)
+
+    try:
+        holder = jobs.submit("generate", busy, worker=1)
+        assert started.wait(WAIT)
+        job = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER, prefer={1})
+        assert job.wait(WAIT) and job.status == DONE and job.result == 0
+        release.set()
+        assert holder.wait(WAIT)
+    finally:
+        release.set()
+        assert jobs.close(WAIT)
+
+
+def test_a_job_whose_worker_is_lost_runs_once_more_elsewhere():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu"])
+    runs = []
+
+    def work(job):
+        runs.append(job.worker)
+        if job.worker == 1:
+            raise WorkerLost("Worker ray:wa/cpu stopped (ActorDiedError).")
+        return "image"
+
+    try:
+        job = jobs.submit("generate", work, worker=ANY_WORKER, prefer={1})
+        assert job.wait(WAIT)
+        assert job.status == DONE and job.result == "image"
+        assert runs == [1, 0] and job.retries == 1 and job.device == "cpu"
+        assert jobs.lost() == [1]
+        # A lost worker stays out of the rotation, even after a new model is chosen (restore).
+        jobs.restore()
+        again = jobs.submit("generate", work, worker=ANY_WORKER, prefer={1})
+        assert again.wait(WAIT) and again.status == DONE and again.worker == 0
+    finally:
+        assert jobs.close(WAIT)
+
+
+def test_a_job_lost_twice_fails_with_a_clear_message():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu", "ray:wb/cpu"])
+
+    def work(job):
+        if job.worker:
+            raise WorkerLost(f"Worker {job.device} stopped (ActorDiedError).")
+        return "never here"
+
+    try:
+        # Only the remote workers hold the model; the first worker is kept busy so it cannot run it.
+        started, release = threading.Event(), threading.Event()
+        holder = jobs.submit("generate", lambda job: (started.set(), release.wait(WAIT)), worker=0)
+        assert started.wait(WAIT)
+        job = jobs.submit("generate", work, worker=ANY_WORKER, prefer={1, 2})
+        assert job.wait(WAIT)
+        assert job.status == ERROR and job.retries == 1
+        assert "stopped" in job.error and "submit it again" in job.error
+        assert jobs.lost() == [1, 2]
+        release.set()
+        assert holder.wait(WAIT)
+    finally:
+        assert jobs.close(WAIT)
+
+
+def test_a_job_for_one_worker_is_not_moved_when_that_worker_is_lost():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu"])
+
+    def work(job):
+        raise WorkerLost("Worker ray:wa/cpu stopped (ActorDiedError).")
+
+    try:
+        job = jobs.submit("generate", work, worker=1)
+        assert job.wait(WAIT)
+        assert job.status == ERROR and job.retries == 0 and "not run again" in job.error
+    finally:
+        assert jobs.close(WAIT)
