@@ -12,6 +12,7 @@ import torch
 
 from lorapg.diffusion.engine import COMPONENT_PREFIX, RESIDENT_NAME, DiffusionEngine, module_bytes
 from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.diffusion.quantization import NF4, parse_plan
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.residency import CPU, GPU, LOWVRAM, ResidencyManager
 from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline, save_peft_transformer_lora
@@ -185,3 +186,49 @@ def test_loading_another_model_unregisters_the_previous_components(folders, tiny
     assert {m.name for m in manager._models.values()} == {
         COMPONENT_PREFIX + a for a in (*ENCODERS["sd3"], "transformer", "vae")
     }
+
+
+# --- quantized components, and the real device ------------------------------------------------------
+
+
+def quantized_engine(folders, family: str, manager, device: str = "cpu", dtype=torch.float32) -> DiffusionEngine:
+    engine = DiffusionEngine(
+        LoraLibrary(folders["loras"]),
+        torch.device(device),
+        dtype,
+        residency=manager,
+        quantize=parse_plan(NF4),
+    )
+    engine.load_model(str(folders[family]))
+    return engine
+
+
+def test_nf4_components_apart_give_the_nf4_image(folders):
+    reference = pixels(quantized_engine(folders, "flux", None), "flux")
+    manager = ResidencyManager(budget_bytes=10**9)
+    engine = quantized_engine(folders, "flux", manager)
+    manager.budget_bytes = tight_budget(engine, "flux")
+    assert np.abs(pixels(engine, "flux") - reference).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_on_cuda_nf4_components_move_and_come_back_with_the_same_image(folders, family):
+    """The real moves: NF4 T5 and transformer run only on the GPU (bitsandbytes' CPU repacking trap), leave
+    for another model and come back, and the image stays the one of a pipeline kept whole on the GPU."""
+    reference = pixels(quantized_engine(folders, family, None, "cuda", torch.bfloat16), family)
+    manager = ResidencyManager(budget_bytes=10**9, empty_cache=torch.cuda.empty_cache)
+    engine = quantized_engine(folders, family, manager, "cuda", torch.bfloat16)
+    manager.budget_bytes = tight_budget(engine, family)
+    devices: list[str] = []
+    for module in engine.model.pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.register_forward_pre_hook(lambda m, *args: devices.append(next(m.parameters()).device.type))
+    first = pixels(engine, family)
+    manager.register("prompt LLM", manager.budget_bytes, to_gpu=lambda: None, to_cpu=lambda: None)
+    with manager.use("prompt LLM"):
+        assert next(engine.model.pipe.transformer.parameters()).device.type == "cpu"
+    again = pixels(engine, family)
+    assert devices and set(devices) == {"cuda"}
+    assert np.abs(first - reference).max() <= 1
+    assert np.abs(again - first).max() <= 1
