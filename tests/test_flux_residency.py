@@ -106,7 +106,7 @@ def test_t5_leaves_for_the_transformer_and_the_image_is_unchanged(folders, famil
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_another_model_claims_the_gpu_between_jobs_and_the_components_come_back(folders, family):
+def test_the_llm_and_the_trainer_claim_the_gpu_between_jobs_and_the_components_come_back(folders, family):
     manager = ResidencyManager(budget_bytes=10**9)
     engine = load(folders, family, manager)
     manager.budget_bytes = tight_budget(engine, family)
@@ -120,6 +120,9 @@ def test_another_model_claims_the_gpu_between_jobs_and_the_components_come_back(
     )
     with manager.use("prompt LLM"):  # the LLM needs the whole budget: every component leaves
         assert [m.name for m in manager._models.values() if m.location == GPU] == ["prompt LLM"]
+    pixels(engine, family)
+    with manager.exclusive("LoRA training", manager.budget_bytes):  # the trainer holds the whole GPU
+        assert all(m.location != GPU for m in manager._models.values())
     mark = len(manager.history)
     ran = watch(engine, manager)
 
