@@ -124,6 +124,8 @@ class ResidencyManager:
         self._exclusive: str | None = None  # the work holding the whole GPU (training), if any
         self._empty_cache = empty_cache or (lambda: None)
         self.bytes_moved_to_gpu = 0
+        # Every move in order, (name, where it went): tests and the status panel read the order from here.
+        self.history: list[tuple[str, str]] = []
 
     # --- registration ------------------------------------------------------------------------
 
@@ -182,6 +184,23 @@ class ResidencyManager:
                 model.pins -= 1
                 if self.policy == LOWVRAM and model.pins == 0:
                     self._evict(model)
+                self._free.notify_all()
+
+    @contextmanager
+    def hold(self, *names: str) -> Iterator[None]:
+        """Pin ``names`` wherever they are, without placing them: nothing moves them while their modules
+        change (peft injecting LoRA layers into a pipeline's components, some of them off the GPU)."""
+        with self._lock:
+            self._free.wait_for(lambda: self._exclusive is None)
+            models = [self._require(name) for name in names]
+            for model in models:
+                model.pins += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for model in models:
+                    model.pins -= 1
                 self._free.notify_all()
 
     @contextmanager
@@ -296,6 +315,7 @@ class ResidencyManager:
             model.to_gpu()
         model.location = GPU
         model.moves.append(GPU)
+        self.history.append((model.name, GPU))
         self.bytes_moved_to_gpu += model.size_bytes
 
     def _make_room(self, needed: int, exclude: str) -> None:
@@ -328,4 +348,5 @@ class ResidencyManager:
                 model.drop()
             model.location = UNLOADED
         model.moves.append(model.location)
+        self.history.append((model.name, model.location))
         log.info("moved %s off the GPU (%s)", model.name, model.location)

@@ -6,7 +6,7 @@ import gc
 import logging
 import threading
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +27,7 @@ from lorapg.diffusion.pipeline_loader import load_pipeline
 from lorapg.diffusion.preview import latents_to_preview
 from lorapg.diffusion.prompt_encoding import chunked_prompt_embeddings
 from lorapg.diffusion.prompt_syntax import needs_chunked_encoding
-from lorapg.diffusion.quantization import QuantizePlan, is_quantized
+from lorapg.diffusion.quantization import QuantizePlan, component, is_quantized
 from lorapg.diffusion.request import GenerationRequest, validate
 from lorapg.diffusion.samplers import scheduler_for
 from lorapg.diffusion.upscalers import UpscaleCancelled, UpscalerLibrary
@@ -38,6 +38,8 @@ from lorapg.residency import LOWVRAM, ResidencyManager
 log = logging.getLogger(__name__)
 
 RESIDENT_NAME = "diffusion pipeline"  # its name in the residency manager's status
+# Flux.1 / SD 3.5 register each component apart: "diffusion pipeline: transformer", "…: text_encoder_2".
+COMPONENT_PREFIX = RESIDENT_NAME + ": "
 
 # on_step(step, total, preview_or_None); should_cancel() -> True to stop after the current step.
 StepCallback = Callable[[int, int, Image.Image | None], None]
@@ -104,6 +106,9 @@ class DiffusionEngine:
         self.compile_unet = compile_unet
         self.compile_backend = compile_backend
         self._model: LoadedModel | None = None
+        # The pipeline's names in the residency manager: component attribute -> name for Flux.1 / SD 3.5
+        # (registered apart); {"": RESIDENT_NAME} for a pipeline registered whole.
+        self._residents: dict[str, str] = {}
         self._lock = threading.RLock()
         # ControlNet models (models/controlnet) and the preprocessors' weights (models/annotators).
         self.controlnets = controlnets or ControlNetLibrary(Path("models/controlnet"), allow_pickle=allow_pickle)
@@ -137,7 +142,7 @@ class DiffusionEngine:
                 app_wide_quantize=True,  # the app's --quantize: SD 1.x/SDXL models skip it
             )
             if self.residency is not None:
-                self._register_with_residency(pipe)
+                self._register_with_residency(pipe, family)
             # --compile covers the SD UNet; Flux / SD 3.5 transformers run as loaded (not built yet).
             compiled = self.compile_unet and not is_transformer_family(family)
             if compiled:
@@ -169,7 +174,10 @@ class DiffusionEngine:
         self.residency.free_all()
         gc.collect()
 
-    def _register_with_residency(self, pipe: DiffusionPipeline) -> None:
+    def _register_with_residency(self, pipe: DiffusionPipeline, family: str) -> None:
+        for name in self._residents.values():  # the previous model's entries (moved off the GPU already)
+            self.residency.unregister(name)
+        self._residents = {"": RESIDENT_NAME}
         if self.residency.policy == LOWVRAM and self.device.type == "cuda":
             # diffusers' model CPU offload keeps one component (the largest: the UNet) on the GPU
             # at a time and moves it in and out itself; the manager only reserves that much.
@@ -180,9 +188,33 @@ class DiffusionEngine:
         # --quantize nf4 modules move too: safe because they only ever run on the GPU. bitsandbytes 0.50
         # repacks a Linear4bit into a CPU-only layout after an eval-mode CPU forward (AVX512-BF16), and a
         # later .to("cuda") keeps that layout (garbage): never run one on the CPU and then move it here.
+        if is_transformer_family(family):
+            self._register_components(pipe)
+            return
         self.residency.register(
             RESIDENT_NAME, pipeline_bytes(pipe), to_gpu=lambda: pipe.to(self.device), to_cpu=lambda: pipe.to("cpu")
         )
+
+    def _register_components(self, pipe: DiffusionPipeline) -> None:
+        """Flux.1 / SD 3.5: each module (transformer, T5, CLIP encoders, VAE) registered with its own size.
+
+        The text encoders are needed only while the prompt is encoded; registered apart, they are the
+        least recently used entries once the transformer runs, so the manager moves them (T5 first, the
+        largest) off the GPU when the transformer and VAE need the room. Moves use ``.to`` as the whole
+        pipeline's did: each module only ever runs while placed on the device (see ``_register_with_residency``).
+        """
+        self._residents = {}
+        for attribute, module in pipe.components.items():
+            if not isinstance(module, torch.nn.Module):
+                continue
+            name = COMPONENT_PREFIX + attribute
+            self.residency.register(
+                name,
+                module_bytes(module),
+                to_gpu=lambda module=module: module.to(self.device),
+                to_cpu=lambda module=module: module.to("cpu"),
+            )
+            self._residents[attribute] = name
 
     def require_model(self) -> LoadedModel:
         if self._model is None:
@@ -301,14 +333,15 @@ class DiffusionEngine:
                     cancelled = True
                     return SimpleNamespace(images=hires_run.decoded(first))
 
-            def run_transformer_pipeline():
+            def run_transformer_pipeline(encoded: dict | None = None):
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # as for SD: one per image
                 return pipe(
-                    **flux.pipeline_kwargs(pipe, request),
+                    **(encoded or flux.pipeline_kwargs(pipe, request)),
                     num_inference_steps=request.steps,
                     width=request.width,
                     height=request.height,
-                    num_images_per_prompt=request.batch_size,
+                    # Encoded prompts come repeated for the batch already (flux.encode_prompts).
+                    num_images_per_prompt=1 if encoded else request.batch_size,
                     generator=generators,
                     callback_on_step_end=step_end,
                     callback_on_step_end_tensor_inputs=["latents"],
@@ -318,6 +351,8 @@ class DiffusionEngine:
             if self.residency is None:
                 model.adapters.activate(selections)
                 output = run_pipeline()
+            elif RESIDENT_NAME not in self._residents.values():  # Flux.1 / SD 3.5, component by component
+                output = self._generate_by_component(model, selections, request, run_transformer_pipeline)
             else:
                 # Pinned before LoRAs are injected: "Free GPU memory now" must not move the
                 # pipeline while peft adds layers to it.
@@ -346,6 +381,42 @@ class DiffusionEngine:
                 variation_seeds=variation_seeds(request),
                 control_images=control_run.images if control_run else [],
                 control_hashes=control_run.hashes if control_run else [],
+            )
+
+    def _generate_by_component(
+        self, model: LoadedModel, selections: list[LoraSelection], request: GenerationRequest, run: Callable
+    ):
+        """Encode the prompt with the text encoders on the GPU, then denoise and decode with the transformer
+        and VAE there: the encoders are unpinned before the transformer is placed, so it can take their room."""
+        pipe, names = model.pipe, self._residents
+        # Held where they are (not placed) while peft adds or switches LoRA layers, some of which
+        # may be in the CLIP encoder; "Free GPU memory now" must not move a module meanwhile.
+        with self.residency.hold(*names.values()):
+            model.adapters.activate(selections)
+        t5 = component(pipe, "t5")
+        # T5 is used first, so it is the least recently used (and the first to leave) once the transformer runs.
+        encoders = sorted(
+            (attribute for attribute in names if attribute.startswith("text_encoder")),
+            key=lambda attribute: getattr(pipe, attribute) is not t5,
+        )
+        with ExitStack() as placed:
+            for attribute in encoders:
+                placed.enter_context(self.residency.use(names[attribute]))
+            encoded = self.residency.run_with_oom_retry(
+                lambda: flux.encode_prompts(pipe, request, self.device),
+                advice="Use --quantize nf4 for the T5 encoder, or start with --policy lowvram.",
+            )
+        denoisers = sorted(  # the transformer first, then the VAE (which also decodes the previews)
+            (name for attribute, name in names.items() if not attribute.startswith("text_encoder")),
+            key=lambda name: name != names.get("transformer"),
+        )
+        with ExitStack() as placed:
+            for name in denoisers:
+                placed.enter_context(self.residency.use(name))
+            return self.residency.run_with_oom_retry(
+                lambda: run(encoded),
+                keep=names.get("transformer"),
+                advice="Lower the image size or the batch size, or start with --policy lowvram.",
             )
 
     def _control_run(self, model: LoadedModel, request: GenerationRequest, image_run) -> ControlRun:

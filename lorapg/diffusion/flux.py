@@ -137,6 +137,36 @@ def pipeline_kwargs(pipe: DiffusionPipeline, request) -> dict:
     return kwargs
 
 
+def encode_prompts(pipe: DiffusionPipeline, request, device: torch.device) -> dict:
+    """The text encoders' outputs as ``pipe(...)`` keyword arguments, replacing ``pipeline_kwargs``' prompts.
+
+    Encoded apart from the denoising call so the text encoders (T5 above all) need to be on the GPU only
+    for this step (the engine's per-component residency). The same calls the pipeline makes itself with
+    ``prompt=``, so the image does not change; the embeddings come repeated for the batch already, so the
+    pipeline is then called with ``num_images_per_prompt=1``.
+    """
+    kwargs = pipeline_kwargs(pipe, request)
+    prompt, length, batch = kwargs.pop("prompt"), kwargs.pop("max_sequence_length"), request.batch_size
+    with torch.no_grad():
+        if hasattr(pipe, "tokenizer_3"):  # SD 3.x: the negative prompt only under real CFG, as the pipeline does
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompt,
+                prompt_2=None,
+                prompt_3=None,
+                negative_prompt=kwargs.pop("negative_prompt"),
+                do_classifier_free_guidance=request.guidance_scale > 1,
+                device=device,
+                num_images_per_prompt=batch,
+                max_sequence_length=length,
+            )
+            kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=batch, max_sequence_length=length
+            )
+    return dict(kwargs, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+
+
 def latents_to_preview(latents: torch.Tensor, pipe: DiffusionPipeline, width: int, height: int) -> Image.Image:
     """The first image of a latent batch, decoded by the VAE.
 
@@ -160,6 +190,7 @@ __all__ = [
     "FLUX_SCHNELL",
     "FamilyDefaults",
     "adapt_request",
+    "encode_prompts",
     "family_defaults",
     "is_transformer_family",
     "latents_to_preview",
