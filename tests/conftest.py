@@ -34,6 +34,7 @@ LONGEST_MODULES = (
     "test_cli_exit.py",
     "test_api_fuzz.py",
     "test_training_distributed.py",
+    "test_ray_workers.py",
     "test_browser_spaces.py",
     "test_prompting_backends.py",
     "test_prompt_service.py",
