@@ -117,24 +117,22 @@ def run_rounds(apps: list[App], args) -> None:
             timed_batch(app, 1000 * (round_index + 1), args)
 
 
+HEADER = ("workers", "jobs/s (median)", "jobs/s per worker", "vs 1 worker (rounds)", "CPU s per job", "cores busy")
+
+
 def table(apps: list[App], args) -> str:
     base = apps[0]
-    rows = [
-        "| workers | jobs/s (median) | jobs/s per worker | vs 1 worker | CPU s per job | cores busy | jobs per worker"
-        " |",
-        "|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    rows = ["| " + " | ".join((*HEADER, "jobs per worker")) + " |", "|---:" * len(HEADER) + "|---|"]
     for app in apps:
         rate = args.jobs / statistics.median(app.seconds)
-        scaling = statistics.median(b / s for s, b in zip(app.seconds, base.seconds, strict=True))
+        ratios = [b / s for s, b in zip(app.seconds, base.seconds, strict=True)]  # per round: the noise
+        scaling = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
         cpu_per_job = statistics.median(app.cpu_seconds) / args.jobs
         # The process's CPU seconds per wall second: how many cores its workers kept busy.
         busy = statistics.median(c / s for c, s in zip(app.cpu_seconds, app.seconds, strict=True))
         spread = " / ".join(str(app.ran_on.get(i, 0)) for i in range(app.workers))
-        rows.append(
-            f"| {app.workers} | {rate:.2f} | {rate / app.workers:.2f} | {scaling:.2f}x | {cpu_per_job:.3f} "
-            f"| {busy:.2f} | {spread} |"
-        )
+        cells = (app.workers, f"{rate:.2f}", f"{rate / app.workers:.2f}", scaling, f"{cpu_per_job:.3f}", f"{busy:.2f}")
+        rows.append("| " + " | ".join(map(str, (*cells, spread))) + " |")
     return "\n".join(rows)
 
 
