@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,12 @@ from lorapg.diffusion.quantization import QuantizePlan, check_machine, check_pla
 from lorapg.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# diffusers builds a model's modules under accelerate's init_empty_weights, which swaps
+# nn.Module.register_parameter for the whole process: another pipeline built meanwhile on another thread
+# (a second worker's first job, a training run) gets meta tensors and fails ("Cannot copy out of meta
+# tensor"). So pipelines are built one at a time; downloads, quantization and moves to a device are not held.
+_BUILDING = threading.Lock()
 
 _SINGLE_FILE_CLASS = {SD1: StableDiffusionPipeline, SD2: StableDiffusionPipeline, SDXL: StableDiffusionXLPipeline}
 
@@ -63,13 +70,16 @@ def load_pipeline(
     if source.kind == HUB:
         status(f"Downloading {source.ref} from the Hugging Face hub (progress in the console)…")
         folder = download_from_hub(source.ref, device)
-        pipe = _from_folder(folder, dtype)
+        with _BUILDING:
+            pipe = _from_folder(folder, dtype)
     elif source.kind == FOLDER:
         status(f"Loading {source.display_name}…")
-        pipe = _from_folder(str(source.path), dtype, allow_pickle=source.allow_pickle)
+        with _BUILDING:
+            pipe = _from_folder(str(source.path), dtype, allow_pickle=source.allow_pickle)
     else:
         status(f"Loading single-file checkpoint {source.display_name}…")
-        pipe = _from_single_file(source, dtype, single_file_config)
+        with _BUILDING:
+            pipe = _from_single_file(source, dtype, single_file_config)
     family = pipeline_family(pipe)
     pipe.set_progress_bar_config(disable=True)
     plan = _plan_for(plan, family, app_wide_quantize, status)
