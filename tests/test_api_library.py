@@ -154,6 +154,12 @@ def test_an_unknown_job_is_404(app):
 # --- memory ----------------------------------------------------------------------------------
 
 
+def test_workers_lists_the_one_local_worker_with_its_model(app):
+    listed = get(app, "workers").json()["workers"]
+    assert len(listed) == 1
+    assert listed[0]["index"] == 0 and listed[0]["device"] == "cpu" and listed[0]["state"] in {"idle", "running"}
+
+
 def test_memory_status_and_free_on_cpu(app):
     status = get(app, "memory").json()
     assert status == {"device": "cpu", "residency": None, "report": None, "freed": None}

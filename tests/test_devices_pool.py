@@ -563,3 +563,26 @@ def test_a_retired_worker_tries_again_once_another_model_is_chosen(pool, tiny_mo
     finally:
         go.set()
     wait_done(hold)
+
+
+def test_the_api_and_the_memory_panel_list_the_workers_with_their_model_and_load(pool):
+    from lorapg.services.library import LibraryService
+    from lorapg.ui.texts import workers_text
+
+    started, release = hold_steps(pool.workers.primary.engine)
+    try:
+        job = pool.service.submit_generation(request())
+        assert started.wait(WAIT)
+        listed = LibraryService(pool.service).workers()["workers"]
+        text = workers_text(pool.service.worker_status())
+    finally:
+        release.set()
+    wait_done(job)
+    model = str(pool.settings.model)
+    assert [(w["index"], w["device"], w["state"], w["job"]) for w in listed] == [
+        (0, "cpu", "running", job.id),
+        (1, "cpu", "idle", None),
+    ]
+    assert listed[0]["model"] == model  # the model the primary worker holds; the other loads on its first job
+    assert f"- cpu: running (job {job.id}); {model}" in text and "- cpu: idle;" in text
+    assert workers_text(pool.service.worker_status()[:1]) == ""  # one worker: nothing to list

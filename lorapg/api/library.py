@@ -184,6 +184,18 @@ class MemoryState(BaseModel):
     freed: list[str] | None = Field(description="Models just moved off the GPU (POST /memory/free); else null.")
 
 
+class WorkerState(BaseModel):
+    index: int = Field(description="The job queue's worker number; jobs report the device, not this.")
+    device: str = Field(description="cpu, cuda:N, or ray:NAME:N/DEVICE for a worker on another machine.")
+    model: str | None = Field(description="The model resident there (a remote worker: as it last reported).")
+    state: str = Field(description="idle, running, out of rotation (could not load the chosen model) or lost.")
+    job: str | None = Field(description="The id of the job it runs now (GET /api/v1/jobs/{id}).")
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerState]
+
+
 def library_router(runtime: Services, access: ApiAccess) -> APIRouter:
     service = LibraryService(runtime.service)
     router = api_router(PREFIX, "LoRAs, models, jobs, memory", access)
@@ -226,6 +238,10 @@ def library_router(runtime: Services, access: ApiAccess) -> APIRouter:
         if found is None:
             raise HTTPException(404, f"No job {shorten(job_id, 40)!r}; ids come from the routes that queue work.")
         return found
+
+    @router.get("/workers", response_model=WorkerList, summary="Generation workers, their models and load")
+    def workers() -> dict[str, Any]:
+        return service.workers()
 
     @router.get("/memory", response_model=MemoryState, summary="GPU memory: device and residency")
     def memory() -> dict[str, Any]:

@@ -7,6 +7,7 @@ an unknown name or id, which the API answers with 404). Never imports gradio or 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,12 @@ class LibraryService:
         except UserError:
             return None
         return job_view(job, self.jobs)
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def workers(self) -> dict[str, Any]:
+        """Every generation worker (local devices, then Ray workers) with its model and load."""
+        return {"workers": [asdict(worker) for worker in self.generation.worker_status()]}
 
     # --- GPU memory ----------------------------------------------------------------------------
 

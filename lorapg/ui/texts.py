@@ -16,7 +16,7 @@ from lorapg.jobs import DONE, ERROR, FINISHED, QUEUED, Job
 from lorapg.services.gallery import BY_HASH, NO_PARAMETERS, ImageDetails, LoraMatch, PngInfo
 
 if TYPE_CHECKING:  # these import torch; the phrasing needs only their fields
-    from lorapg.services.generation import MemoryStatus, ModelStatus
+    from lorapg.services.generation import MemoryStatus, ModelStatus, WorkerStatus
     from lorapg.services.prompts import BackendInfo
     from lorapg.services.training import TrainingRun
 
@@ -53,6 +53,18 @@ def memory_text(status: MemoryStatus) -> str:
         return status.report
     moved = f"Moved off the GPU: {', '.join(status.freed)}." if status.freed else "Nothing to move: models in use stay."
     return f"{moved}\n\n{status.report}"
+
+
+def workers_text(workers: list[WorkerStatus]) -> str:
+    """The generation workers as a list, for an app with more than one (one worker says nothing new)."""
+    if len(workers) < 2:
+        return ""
+    lines = []
+    for worker in workers:
+        model = worker.model or "no model loaded"
+        running = f" (job {worker.job})" if worker.job else ""
+        lines.append(f"- {worker.device}: {worker.state}{running}; {model}")
+    return "**Workers**\n\n" + "\n".join(lines)
 
 
 # --- Gallery and PNG Info tabs ----------------------------------------------------------------------
