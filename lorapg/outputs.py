@@ -123,22 +123,38 @@ def attachments(result: GenerationResult) -> dict:
 
 
 def write_result_pngs(result: GenerationResult, out: Path) -> list[Path]:
-    """Write each image to ``out`` (a .png file; a batch adds -1, -2, …) or into folder ``out``."""
+    """Write each image to ``out`` (a .png file; a batch adds -1, -2, …) or into folder ``out``
+    (SEED.png; SEED-VARIATION_SEED.png where the batch's images share a seed, as variations do).
+
+    The inputs the batch shares (init image, mask, control images) are written once, beside the
+    batch's name: OUT.init.png, OUT.mask.png, OUT.control0.png, … (in a folder, OUT is the first
+    image's name), as the gallery keeps them beside an image."""
     out = Path(out)
-    paths = []
-    kept = attachments(result)
-    for index, image in enumerate(result.images):
-        if out.suffix.lower() == ".png":
-            path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{index + 1}.png")
-        else:
-            path = out / f"{result.seeds[index]}.png"
-        text = format_parameters(image_record(result, index))
-        paths.append(save_png_atomically(image, path, text))
-        # NAME.init.png, NAME.mask.png, NAME.control0.png, ... as the gallery keeps them: the result's inputs.
-        for kind, attached in kept.items():
-            with atomic_write(attachment_path(path, kind)) as handle:
+    paths = [
+        save_png_atomically(image, path, format_parameters(image_record(result, index)))
+        for index, (image, path) in enumerate(zip(result.images, _result_paths(result, out), strict=True))
+    ]
+    if paths:
+        batch_name = out if out.suffix.lower() == ".png" else paths[0]
+        for kind, attached in attachments(result).items():
+            with atomic_write(attachment_path(batch_name, kind)) as handle:
                 attached.save(handle, format="PNG")
     return paths
+
+
+def _result_paths(result: GenerationResult, out: Path) -> list[Path]:
+    """One distinct file per image: a batch of variations keeps one seed, so its variation seeds (or,
+    failing those, the image's place in the batch) tell its files apart."""
+    count = len(result.images)
+    if out.suffix.lower() == ".png":
+        return [out] if count == 1 else [out.with_name(f"{out.stem}-{index + 1}.png") for index in range(count)]
+    seeds = [str(seed) for seed in result.seeds[:count]]
+    if len(set(seeds)) == count:
+        return [out / f"{seed}.png" for seed in seeds]
+    variations = result.variation_seeds or []
+    if len(variations) == count and len(set(zip(seeds, variations, strict=True))) == count:
+        return [out / f"{seed}-{variation}.png" for seed, variation in zip(seeds, variations, strict=True)]
+    return [out / f"{seed}-{index + 1}.png" for index, seed in enumerate(seeds)]
 
 
 def record_in_gallery(

@@ -296,6 +296,26 @@ def test_cli_inpaints_end_to_end_and_keeps_the_unmasked_pixels(tiny_models, tmp_
     assert np.array_equal(np.asarray(Image.open(tmp_path / "result.mask.png")), np.asarray(mask))
 
 
+def test_out_folder_keeps_every_image_of_a_batch_and_the_shared_inputs_once(engine, tmp_path):
+    from lorapg.outputs import write_result_pngs
+
+    # A batch of variations: every image has the one seed, so SEED.png alone would name them all.
+    request = GenerationRequest(prompt="a red fox", steps=2, seed=7, batch_size=4, variation_strength=0.3)
+    varied = engine.generate(request)
+    assert set(varied.seeds) == {7}
+    paths = write_result_pngs(varied, tmp_path / "varied")
+    assert len(set(paths)) == 4
+    for path, image in zip(paths, varied.images, strict=True):
+        assert np.array_equal(pixels(Image.open(path)), pixels(image))
+    # An inpainting batch: its init image and mask are the batch's, written once beside its name.
+    made = run(engine, Img2ImgOptions(gradient(seed=3), strength=0.5, mask=box_mask()), steps=2, batch_size=2)
+    out = tmp_path / "inpainted"
+    paths = write_result_pngs(made, out)
+    shared = [f"{paths[0].stem}.init.png", f"{paths[0].stem}.mask.png"]
+    assert sorted(path.name for path in out.iterdir()) == sorted([path.name for path in paths] + shared)
+    assert np.array_equal(pixels(Image.open(out / shared[0])), pixels(gradient(seed=3)))
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -9,6 +9,7 @@ there the comparison is over every field its text holds, and the missing images 
 
 from __future__ import annotations
 
+import io
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
@@ -271,3 +272,130 @@ def test_the_apis_reuse_body_makes_the_same_image(runtime, overrides):
     assert np.array_equal(as_pixels(job.result.images[0]), as_pixels(made.images[0]))  # the same code path
     missing = TestClient(app).get("/api/v1/gallery/99999/reuse")
     assert missing.status_code == 404 and "No image with id 99999" in missing.text
+
+
+# --- the API's Reuse: built by GalleryService.reuse_body, bounded, model named, images that went --------
+
+
+def inpainted_with_control(runtime):
+    """A gallery record made with an init image, a mask and a ControlNet unit's image, all kept beside
+    it, and the checked request that made it."""
+    options = Img2ImgOptions(picture(8), strength=0.6, mask=box_mask(), mask_blur=2, inpainting_fill=FILL)
+    unit = ControlUnit("edges", picture(9), module="canny", weight=0.5, threshold_a=60)
+    result = runtime.service.generate(base(img2img=options, controlnet=(unit,)))
+    (record,) = result.saved
+    return record, result.request
+
+
+def kept(record, kind: str) -> Path:
+    return record.path.with_name(f"{record.path.stem}.{kind}.png")
+
+
+def reuse_client(runtime, **options):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lorapg.api.auth import ApiAccess
+    from lorapg.api.gallery_reuse import gallery_reuse_router
+
+    app = FastAPI()
+    app.include_router(gallery_reuse_router(runtime.gallery_service, ApiAccess(enabled=True), **options))
+    return TestClient(app)
+
+
+def test_the_service_reads_the_kept_images_into_the_reuse_body(runtime):
+    record, made = inpainted_with_control(runtime)
+    body = runtime.gallery_service.reuse_body(record.id)
+    # The files' bytes themselves, never a path the route would have to read.
+    assert body.request.img2img.image == kept(record, "init").read_bytes()
+    assert body.request.img2img.mask == kept(record, "mask").read_bytes()
+    assert [unit.image for unit in body.request.controlnet] == [kept(record, "control0").read_bytes()]
+    assert (body.model_name, body.notes) == (record.model_name, [])
+    assert differences(made, opened(body.request)) == []
+
+
+def opened(request: GenerationRequest) -> GenerationRequest:
+    """``request`` with its image bytes decoded, for ``differences`` to compare by pixels."""
+    img2img = request.img2img
+    if img2img is not None:
+        mask = None if img2img.mask is None else Image.open(io.BytesIO(img2img.mask))
+        img2img = replace(img2img, image=Image.open(io.BytesIO(img2img.image)), mask=mask)
+    units = tuple(replace(unit, image=Image.open(io.BytesIO(unit.image))) for unit in request.controlnet)
+    return replace(request, img2img=img2img, controlnet=units)
+
+
+def test_a_reuse_body_over_the_upload_limit_is_refused_naming_its_images(runtime):
+    record, _ = inpainted_with_control(runtime)
+    sent = sum(kept(record, kind).stat().st_size for kind in ("init", "mask", "control0"))
+    # The images fit as bytes but not base64'd (4 characters per 3 bytes), as a POST of the body must.
+    reply = reuse_client(runtime, max_upload_bytes=sent + 1).get(f"/api/v1/gallery/{record.id}/reuse")
+    assert reply.status_code == 413, reply.text
+    message = reply.json()["detail"]
+    for words in ("init image", "mask", "ControlNet unit 0 image", "max_upload_mb", f"image {record.id}"):
+        assert words in message, message
+    roomy = reuse_client(runtime, max_upload_bytes=2 * sent).get(f"/api/v1/gallery/{record.id}/reuse")
+    assert roomy.status_code == 200, roomy.text
+
+
+def test_the_reuse_reply_names_the_model_and_notes_another_loaded_one(runtime):
+    (record,) = runtime.service.generate(base()).saved
+    same = reuse_client(runtime, current_model=runtime.service.chosen_model).get(f"/api/v1/gallery/{record.id}/reuse")
+    assert same.status_code == 200, same.text
+    assert same.json()["model"] == record.model_name and record.model_name
+    assert same.json()["notes"] == []
+    other = reuse_client(runtime, current_model=lambda: "/models/another-model.safetensors")
+    notes = other.get(f"/api/v1/gallery/{record.id}/reuse").json()["notes"]
+    assert [note for note in notes if f"made with model {record.model_name!r}" in note], notes
+
+
+def test_inpainting_settings_stay_in_the_form_when_one_image_is_gone(runtime):
+    options = Img2ImgOptions(picture(10), strength=0.5, mask=box_mask(), mask_blur=3, only_masked=True)
+    made = runtime.service.generate(base(img2img=options))
+    (record,) = made.saved
+    kept(record, "mask").unlink()
+    reused = runtime.gallery_service.reuse_parameters(record.id)
+    form = reused.img2img_form()
+    # The form keeps every inpainting setting and the init image; the mask alone is to be put back.
+    assert (form["image"], form["mask"]) == (kept(record, "init"), None)
+    from_form = Img2ImgOptions(**form | {"image": None})
+    assert differences(replace(made.request.img2img, image=None, mask=None), from_form) == []
+    assert reused.to_request().img2img.mask is None  # the request, though, is plain img2img (as the note says)
+    # The other way round: the init image gone, the mask stays in the form.
+    (other,) = runtime.service.generate(base(img2img=Img2ImgOptions(picture(11), mask=box_mask(), mask_blur=3))).saved
+    kept(other, "init").unlink()
+    form = runtime.gallery_service.reuse_parameters(other.id).img2img_form()
+    assert (form["image"], form["mask"], form["mask_blur"]) == (None, kept(other, "mask"), 3)
+
+
+def test_an_img2img_image_without_its_init_image_is_a_409_not_a_txt2img_body(runtime):
+    (record,) = runtime.service.generate(base(img2img=Img2ImgOptions(picture(12), strength=0.5))).saved
+    kept(record, "init").unlink()
+    reply = reuse_client(runtime).get(f"/api/v1/gallery/{record.id}/reuse")
+    assert reply.status_code == 409, reply.text
+    assert f"the init image of image {record.id} is not kept" in reply.json()["detail"].lower()
+
+
+@pytest.mark.parametrize("kind", ["mask", "control0", "init"])
+def test_a_file_that_goes_while_reuse_reads_it_is_left_out_not_a_500(runtime, monkeypatch, kind):
+    record, _ = inpainted_with_control(runtime)
+    gallery = runtime.gallery_service
+    found = gallery.reuse_parameters
+
+    def found_then_gone(*args, **kwargs):
+        params = found(*args, **kwargs)  # the file is found here (is_file) ...
+        kept(record, kind).unlink()  # ... and deleted before its bytes are read
+        return params
+
+    monkeypatch.setattr(gallery, "reuse_parameters", found_then_gone)
+    reply = reuse_client(runtime).get(f"/api/v1/gallery/{record.id}/reuse")
+    if kind == "init":
+        assert reply.status_code == 409, reply.text
+        return
+    assert reply.status_code == 200, reply.text
+    body, notes = reply.json()["request"], reply.json()["notes"]
+    if kind == "mask":
+        assert body["img2img"]["init_image"] and body["img2img"]["mask"] is None
+        assert [note for note in notes if note.startswith("Mask:")], notes
+    else:
+        assert body["controlnet"] == [] and body["img2img"]["mask"]
+        assert [note for note in notes if "ControlNet unit 0 (edges) has no control image" in note], notes

@@ -48,7 +48,12 @@ def api_routes(runtime: Services, access: ApiAccess) -> list[BaseRoute]:
         *controlnet_router(runtime.engine.controlnets, access).routes,
         *generations_router(generation_jobs(runtime.service), access).routes,
         *gallery_router(runtime.gallery_service, access).routes,
-        *gallery_reuse_router(runtime.gallery_service, access).routes,
+        *gallery_reuse_router(
+            runtime.gallery_service,
+            access,
+            current_model=runtime.service.chosen_model,
+            max_upload_bytes=service.max_upload_bytes,
+        ).routes,
         # Before the library's GET /api/v1/loras/{name:path}, which would take …/info and …/preview.png.
         *lora_manager_router(build_lora_manager(runtime), access).routes,
         *library_router(runtime, access).routes,

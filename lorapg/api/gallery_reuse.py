@@ -2,24 +2,27 @@
 
 The reply's ``request`` is a ``POST /api/v1/generations`` body with every setting the image was made
 with (img2img with its init image and mask, the hires fix, the variation, ControlNet units with their
-images, as base64 PNGs); ``notes`` says what could not be carried over, as the UI's Reuse does.
-Its own module: it needs the generations body, whose module imports the gallery's.
+images, as base64 PNGs); ``model`` names the model it was made with; ``notes`` says what could not be
+carried over, as the UI's Reuse does. ``GalleryService.reuse_body`` decides all of it and reads the
+files; this module only turns its answer into the generations body. Its own module: it needs the
+generations body, whose module imports the gallery's.
 """
 
 from __future__ import annotations
 
 import base64
-from pathlib import Path
+from collections.abc import Callable
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorapg.api.auth import ApiAccess
 from lorapg.api.gallery import PREFIX, ImageId
 from lorapg.api.generations import ControlNetIn, GenerationCreate, HiresIn, Img2ImgIn, LoraIn
+from lorapg.api.models import ErrorResponse
 from lorapg.api.routing import api_router, unknown_as_404
 from lorapg.limits import INPAINTING_FILLS
-from lorapg.services.gallery import GalleryService, ImageNotFound, ReuseParameters
+from lorapg.services.gallery import GalleryService, ImageNotFound, InitImageNotKept, ReuseBody, ReuseTooLarge
 
 REUSE_EXAMPLE = {
     "request": {
@@ -35,6 +38,7 @@ REUSE_EXAMPLE = {
         "batch_size": 1,
         "img2img": {"init_image": "(base64 PNG)", "mask": "(base64 PNG)", "denoising_strength": 0.6},
     },
+    "model": "sd15",
     "notes": ["LoRA other is not in your LoRA folder; it was left out."],
 }
 
@@ -45,17 +49,28 @@ class GalleryReuse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [REUSE_EXAMPLE]})
 
     request: GenerationCreate = Field(description="POST it to /api/v1/generations to make the image again.")
+    model: str | None = Field(
+        default=None,
+        description="The model the image was made with (generations use the loaded one: load it first "
+        "with POST /api/v1/models/load for the same image); null where not recorded.",
+    )
     notes: list[str] = Field(default_factory=list, description="What could not be carried over, and why.")
 
 
-def png_base64(path: Path | None) -> str | None:
-    """A file kept beside a gallery image (a PNG already) as base64; None stays None."""
-    return None if path is None else base64.b64encode(Path(path).read_bytes()).decode("ascii")
+# The route's own errors, beside the ones every /api/v1 route documents.
+REUSE_ERRORS = {
+    409: {"model": ErrorResponse, "description": "An img2img image whose init image is not kept."},
+    413: {"model": ErrorResponse, "description": "The body with its images would be over the upload limit."},
+}
 
 
-def generate_body(params: ReuseParameters) -> GenerationCreate:
-    """The generate body that makes ``params``' image again (one image: the seed names one)."""
-    request = params.to_request()
+def png_base64(data: bytes | None) -> str | None:
+    """A kept image's bytes (a PNG already) as base64; None stays None."""
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def generate_body(request) -> GenerationCreate:
+    """The generate body of ``ReuseBody.request`` (one image: the seed names one)."""
     return GenerationCreate(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -74,6 +89,10 @@ def generate_body(params: ReuseParameters) -> GenerationCreate:
         hires=_hires_in(request.hires),
         controlnet=[_controlnet_in(unit) for unit in request.controlnet],
     )
+
+
+def reuse_reply(body: ReuseBody) -> GalleryReuse:
+    return GalleryReuse(request=generate_body(body.request), model=body.model_name, notes=body.notes)
 
 
 def _img2img_in(options) -> Img2ImgIn | None:
@@ -119,13 +138,27 @@ def _controlnet_in(unit) -> ControlNetIn:
     )
 
 
-def gallery_reuse_router(gallery: GalleryService, access: ApiAccess) -> APIRouter:
+def gallery_reuse_router(
+    gallery: GalleryService,
+    access: ApiAccess,
+    *,
+    current_model: Callable[[], str | None] | None = None,
+    max_upload_bytes: int | None = None,
+) -> APIRouter:
+    """``current_model``: the model a generation submitted now uses (Reuse notes a different one);
+    ``max_upload_bytes``: the upload limit a reply must fit to be sent back (None: none)."""
     router = api_router(PREFIX, "Gallery", access)
 
-    @router.get("/{image_id}/reuse", response_model=GalleryReuse)
+    @router.get("/{image_id}/reuse", response_model=GalleryReuse, responses=REUSE_ERRORS)
     def reuse(image_id: ImageId) -> GalleryReuse:
-        with unknown_as_404(ImageNotFound):
-            params = gallery.reuse_parameters(image_id, owner=None)
-        return GalleryReuse(request=generate_body(params), notes=params.notes)
+        model = current_model() if current_model is not None else None
+        try:
+            with unknown_as_404(ImageNotFound):
+                body = gallery.reuse_body(image_id, current_model=model, max_bytes=max_upload_bytes)
+        except InitImageNotKept as exc:
+            raise HTTPException(409, str(exc)) from None
+        except ReuseTooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
+        return reuse_reply(body)
 
     return router

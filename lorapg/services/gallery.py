@@ -268,14 +268,15 @@ class ReuseParameters:
     def img2img_form(self) -> dict:
         """The Generate tab's img2img fields (``Img2ImgOptions``' names); empty for txt2img.
 
-        Without its init image (a PNG alone holds none) the settings still come back, the images as
-        None: the next Generate is txt2img until one is put in (``notes`` says so), then it is made as
-        written."""
+        Every setting comes back, inpainting's too, and each image that is still here: without its
+        init image (a PNG alone holds none) or its mask, that field is None and ``notes`` says what to
+        put in; the other image and the settings stay, so the form makes it as written once it is."""
         if self.img2img is None:
             return {}
-        options = self.img2img_options()
-        if options is None:
-            options = _img2img_options(self.img2img, None, None, masked=self.img2img.mask_blur is not None)
+        # Masked by what was written (A1111 writes "Mask blur" only for inpainting), not by which files
+        # are left: a lost mask must not turn the form's inpainting settings into plain img2img.
+        masked = self.img2img.mask_blur is not None
+        options = _img2img_options(self.img2img, self.init_image, self.mask_image, masked=masked)
         return {item.name: getattr(options, item.name) for item in fields(options)}
 
     def img2img_options(self):
@@ -286,7 +287,8 @@ class ReuseParameters:
 
 
 def _img2img_options(use: Img2ImgUse, image: Path | None, mask: Path | None, *, masked: bool):
-    """The options ``use`` describes; ``masked``: with its inpainting fields (a mask was written and is here)."""
+    """The options ``use`` describes; ``masked``: with its inpainting fields (the request: a mask was written
+    and is here; the form: a mask was written)."""
     from lorapg.diffusion.img2img import FILL, ORIGINAL, Img2ImgOptions
 
     options = Img2ImgOptions(image=image, strength=use.denoising_strength, resize_mode=use.resize_mode)
@@ -300,6 +302,16 @@ def _img2img_options(use: Img2ImgUse, image: Path | None, mask: Path | None, *, 
         only_masked=use.only_masked,
         only_masked_padding=options.only_masked_padding if use.only_masked_padding is None else use.only_masked_padding,
     )
+
+
+@dataclass(frozen=True)
+class ReuseBody:
+    """A gallery image's settings as the request that makes it again, its kept images as bytes (the
+    API sends them whole), the model it was made with, and what Reuse had to note."""
+
+    request: GenerationRequest  # image fields hold bytes (never paths): nothing is read after this
+    model_name: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -540,6 +552,26 @@ class GalleryService:
             **values,
         )
 
+    def reuse_body(
+        self,
+        image_id: int | str,
+        current_model: str | None = None,
+        owner: str | None = None,
+        *,
+        max_bytes: int | None = None,
+    ) -> ReuseBody:
+        """What the API's Reuse replies: the request that makes gallery image ``image_id`` again, its
+        kept images read. ``max_bytes``: what one upload may be (None: no limit); a body whose images
+        base64'd are larger could not be sent back, so it is refused (``ReuseTooLarge``) unread.
+        Without its init image the request would make an unrelated txt2img image: ``InitImageNotKept``."""
+        params = self.reuse_parameters(image_id, current_model=current_model, owner=owner)
+        _check_init_image(image_id, params)
+        files = _kept_files(params)
+        _check_reply_size(image_id, files, max_bytes)
+        data, params = _read_kept(params, files)
+        _check_init_image(image_id, params)  # it may have gone while it was read
+        return ReuseBody(_with_image_bytes(params.to_request(), data), params.model_name, list(params.notes))
+
     def variations_request(
         self,
         image_id: int | str,
@@ -569,6 +601,96 @@ class GalleryService:
 
 class ImageNotFound(UserError):
     """No such image (or not this visitor's): the REST API answers 404 for it, others a UserError."""
+
+
+class InitImageNotKept(UserError):
+    """An img2img result whose init image is gone: the REST API answers 409 (its body would be txt2img)."""
+
+
+class ReuseTooLarge(UserError):
+    """A Reuse body over the upload limit: the REST API answers 413."""
+
+
+# Base64 sends 4 characters for every 3 bytes.
+BASE64_GROWTH = 4 / 3
+
+
+def _check_init_image(image_id: int | str, params: ReuseParameters) -> None:
+    if params.img2img is not None and params.init_image is None:
+        raise InitImageNotKept(
+            f"The init image of image {image_id} is not kept (deleted, or the image came from elsewhere); "
+            "its img2img settings cannot make it again without one: send POST /api/v1/generations with "
+            "your own img2img.init_image."
+        )
+
+
+def _kept_files(params: ReuseParameters) -> dict[str, Path]:
+    """The files the request sends, each by the name a message gives it (the units it keeps only)."""
+    files: dict[str, Path] = {}
+    if params.img2img is not None and params.init_image is not None:
+        files["init image"] = params.init_image
+        if params.mask_image is not None and params.img2img.mask_blur is not None:
+            files["mask"] = params.mask_image
+    for index, path in enumerate(params.control_images):
+        if path is not None and index < len(params.controlnet):
+            files[f"ControlNet unit {index} image"] = path
+    return files
+
+
+def _check_reply_size(image_id: int | str, files: dict[str, Path], max_bytes: int | None) -> None:
+    """Refuse, before anything is read, a body whose images base64'd are over ``max_bytes``."""
+    if not max_bytes:
+        return
+    sizes = {}
+    for label, path in files.items():
+        try:
+            sizes[label] = path.stat().st_size
+        except OSError:
+            sizes[label] = 0  # gone already: _read_kept notes it
+    if sum(sizes.values()) * BASE64_GROWTH <= max_bytes:
+        return
+    listed = ", ".join(f"{label} {size / 2**20:.1f} MB" for label, size in sizes.items() if size)
+    raise ReuseTooLarge(
+        f"The reuse body of image {image_id} would be over the upload limit of {max_bytes // 2**20} MB "
+        f"(setting max_upload_mb) with its images base64'd ({listed}), so it could not be sent back; "
+        "reuse it in the UI's gallery, or raise max_upload_mb."
+    )
+
+
+def _read_kept(params: ReuseParameters, files: dict[str, Path]) -> tuple[dict[Path, bytes], ReuseParameters]:
+    """Each file's bytes; one that went since it was found (deleted, pruned) is left out as a missing
+    one is, with the same note, instead of failing the whole reply."""
+    data: dict[Path, bytes] = {}
+    for label, path in files.items():
+        try:
+            data[path] = path.read_bytes()
+        except OSError as exc:
+            log.info("Reuse: %s %s could not be read (%s); left out", label, path, exc)
+            params = _without_file(params, path)
+    return data, params
+
+
+def _without_file(params: ReuseParameters, path: Path) -> ReuseParameters:
+    """``params`` as if ``path`` had never been kept, with the note that says so."""
+    if path == params.init_image:
+        return replace(params, init_image=None)  # the caller refuses an img2img body without it
+    if path == params.mask_image:
+        note = "Mask: this image was inpainted with a mask that is not here; paint or upload the mask to make it again."
+        return replace(params, mask_image=None, notes=[*params.notes, note])
+    index = params.control_images.index(path)
+    images = [None if kept == path else kept for kept in params.control_images]
+    note = f"ControlNet unit {index} ({params.controlnet[index].model}) has no control image here; it was left out."
+    return replace(params, control_images=images, notes=[*params.notes, note])
+
+
+def _with_image_bytes(request: GenerationRequest, data: dict[Path, bytes]) -> GenerationRequest:
+    """``request`` with each kept file's path replaced by the bytes read from it."""
+    img2img = request.img2img
+    if img2img is not None:
+        mask = None if img2img.mask is None else data[Path(img2img.mask)]
+        img2img = replace(img2img, image=data[Path(img2img.image)], mask=mask)
+    units = tuple(replace(unit, image=data[Path(unit.image)]) for unit in request.controlnet)
+    return replace(request, img2img=img2img, controlnet=units)
 
 
 def _file_of(record: ImageRecord) -> Path:
