@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from tests.app_server import running_app
-from tests.browser import browser_page
 from tests.conftest import ARTIFACTS
+from tests.train_tab_browser import train_tab_page
 from tests.training_data import smooth_image
 
 pytestmark = pytest.mark.browser
@@ -36,26 +35,7 @@ def test_caption_table_shows_thumbnails_and_saves_an_inline_edit(tiny_models, tm
     for i, name in enumerate(["a", "b", "c"]):
         smooth_image(i, (320, 240)).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text(f"fox {name}\n", encoding="utf-8")
-    with (
-        running_app(
-            "--model",
-            str(tiny_models["sd15"]),
-            "--lora-dir",
-            str(tmp_path / "loras"),
-            "--models-dir",
-            str(models),
-            "--outputs",
-            str(tmp_path / "outputs"),
-            "--threads",
-            "1",
-            "--no-preload",
-        ) as url,
-        browser_page() as page,
-    ):
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
-        page.locator("#train-dataset input").click()
-        page.get_by_role("option", name="foxes").click()
+    with train_tab_page(tiny_models["sd15"], tmp_path, "foxes") as page:
         page.get_by_role("button", name="Open", exact=True).click()
         table = page.locator("#train-captions")
         table.get_by_text("fox c", exact=True).wait_for(timeout=WAIT_MS)

@@ -8,9 +8,8 @@ import json
 import pytest
 
 from lorapg.training.cropping import FOCUS_FILE
-from tests.app_server import running_app
-from tests.browser import browser_page
 from tests.conftest import ARTIFACTS
+from tests.train_tab_browser import train_tab_page
 from tests.training_data import smooth_image
 
 pytestmark = pytest.mark.browser
@@ -23,26 +22,7 @@ def test_click_on_a_crop_preview_sets_the_focus_point(tiny_models, tmp_path):
     folder.mkdir(parents=True)
     smooth_image(5, (800, 400)).save(folder / "wide.png")
     smooth_image(6, (400, 400)).save(folder / "square.png")
-    with (
-        running_app(
-            "--model",
-            str(tiny_models["sd15"]),
-            "--lora-dir",
-            str(tmp_path / "loras"),
-            "--models-dir",
-            str(models),
-            "--outputs",
-            str(tmp_path / "outputs"),
-            "--threads",
-            "1",
-            "--no-preload",
-        ) as url,
-        browser_page() as page,
-    ):
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
-        page.locator("#train-dataset input").click()
-        page.get_by_role("option", name="wide").click()
+    with train_tab_page(tiny_models["sd15"], tmp_path, "wide") as page:
         page.get_by_text("Crops (the bucket and box each image trains at)").click()
         page.locator("#train-show-crops").click()
         thumbnails = page.locator("#train-crops button img")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from lorapg.ui.train_tab import ASK_NOTIFICATION_JS, NOTIFY_JS
-from tests.app_server import running_app
-from tests.browser import browser_page
 from tests.conftest import ARTIFACTS
 from tests.test_notifications import WAIT, Receiver
+from tests.train_tab_browser import fill, set_number, train_tab_page
 from tests.training_data import write_images
 
 pytestmark = pytest.mark.browser
@@ -37,35 +36,18 @@ def test_a_run_started_in_the_tab_ends_with_a_browser_notification(tiny_models, 
     write_images(models / "datasets" / "foxes", 3)  # listed in the tab's dataset menu when the app starts
     receiver = Receiver()
     try:
-        with (
-            running_app(
-                "--model",
-                str(tiny_models["sd15"]),
-                "--lora-dir",
-                str(tmp_path / "loras"),
-                "--models-dir",
-                str(models),
-                "--outputs",
-                str(tmp_path / "outputs"),
-                "--threads",
-                "1",
-                "--no-preload",
-                "--notify-webhook",
-                receiver.url,
-            ) as url,
-            browser_page() as page,
-        ):
-            page.add_init_script(RECORD_NOTIFICATIONS)
-            page.goto(url)
-            page.get_by_role("tab", name="Train").click()
-            page.locator("#train-dataset input").click()
-            page.get_by_role("option", name="foxes").click()
-            page.locator("#train-name input, #train-name textarea").first.fill("fox")
-            page.locator("#train-trigger input, #train-trigger textarea").first.fill("zqx_fox")
+        with train_tab_page(
+            tiny_models["sd15"],
+            tmp_path,
+            "foxes",
+            "--notify-webhook",
+            receiver.url,
+            init_script=RECORD_NOTIFICATIONS,
+        ) as page:
+            fill(page, "train-name", "fox")
+            fill(page, "train-trigger", "zqx_fox")
             page.get_by_text("Fields (from the preset; edit any)").click()
-            steps = page.get_by_label("Max steps (0 = all epochs)")
-            steps.fill("2")
-            steps.press("Enter")
+            set_number(page, "Max steps (0 = all epochs)", "2")
             page.locator("#train-start").click()
             page.wait_for_function("window.__notes.length > 0", timeout=WAIT * 1000)
             notes = page.evaluate("window.__notes")

@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-from tests.app_server import running_app
-from tests.browser import browser_page
 from tests.conftest import ARTIFACTS
+from tests.train_tab_browser import fill, set_number, train_tab_page
 from tests.training_data import write_images
 
 pytestmark = pytest.mark.browser
@@ -18,40 +17,15 @@ WAIT_MS = 300_000
 CELLS = '#train-runs [role="gridcell"]'
 
 
-def fill(page, elem_id: str, value: str) -> None:
-    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(value)
-
-
 def test_queue_two_runs_compare_them_and_train_again(tiny_models, tmp_path):
     models = tmp_path / "models"
     write_images(models / "datasets" / "foxes", 2)
-    with (
-        running_app(
-            "--model",
-            str(tiny_models["sd15"]),
-            "--lora-dir",
-            str(tmp_path / "loras"),
-            "--models-dir",
-            str(models),
-            "--outputs",
-            str(tmp_path / "outputs"),
-            "--threads",
-            "1",
-            "--no-preload",
-        ) as url,
-        browser_page() as page,
-    ):
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
-        page.locator("#train-dataset input").click()
-        page.get_by_role("option", name="foxes").click()
+    with train_tab_page(tiny_models["sd15"], tmp_path, "foxes") as page:
         fill(page, "train-name", "fox")
         fill(page, "train-trigger", "zqx_fox")
         page.get_by_text("Fields (from the preset; edit any)").click()
-        for label, value in (("Max steps (0 = all epochs)", "1"), ("Resolution (0 = native)", "64")):
-            field = page.get_by_label(label)
-            field.fill(value)
-            field.press("Enter")
+        set_number(page, "Max steps (0 = all epochs)", "1")
+        set_number(page, "Resolution (0 = native)", "64")
         page.get_by_role("button", name="Estimate duration").click()
         estimate = page.locator("#train-estimate")
         estimate.get_by_text("unknown until the first run").wait_for(timeout=WAIT_MS)

@@ -24,10 +24,8 @@ WD14_TAGS = [  # (name, category): 9 rating, 0 general, 4 character
 
 
 def save_tiny_blip(folder: Path) -> Path:
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-    from transformers.models.blip import BlipImageProcessorPil
 
     vocab = {word: i for i, word in enumerate(WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -40,32 +38,17 @@ def save_tiny_blip(folder: Path) -> Path:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
-    processor = BlipProcessor(
-        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer
-    )
-    text = dict(
+    processor = BlipProcessor(image_processor=_blip_images(), tokenizer=tokenizer)
+    text = _tiny_layers(
         vocab_size=len(WORDS),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
         max_position_embeddings=64,
         bos_token_id=2,
         sep_token_id=3,
         pad_token_id=0,
         eos_token_id=3,
     )
-    vision = dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
-    # Random weights may end a caption at once or say only special tokens: make them say words.
-    model.generation_config.min_new_tokens = 3
-    model.generation_config.suppress_tokens = [0, 1, 2, 4]
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    config = BlipConfig(text_config=text, vision_config=_blip_vision(), projection_dim=16)
+    return _save_random(folder, BlipForConditionalGeneration, config, processor, suppress_tokens=[0, 1, 2, 4])
 
 
 BLIP2_WORDS = ["a", "photo", "of", "red", "cat", "blue", "dog", "on", "grass"]
@@ -74,38 +57,19 @@ BLIP2_WORDS = ["a", "photo", "of", "red", "cat", "blue", "dog", "on", "grass"]
 def save_tiny_blip2(folder: Path) -> Path:
     """A BLIP-2 with an OPT language model, as ``Salesforce/blip2-opt-2.7b`` is laid out (config
     ``model_type`` ``blip-2``, a Blip2Processor with ``num_query_tokens`` and the ``<image>`` token)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, PreTrainedTokenizerFast
-    from transformers.models.blip import BlipImageProcessorPil
 
     words = ["</s>", "<pad>", "<unk>", "<image>"] + ["\u0120" + word for word in BLIP2_WORDS]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=_byte_level_backend(words),
         bos_token="</s>",  # OPT's BOS is its EOS, as in facebook/opt-*
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    processor = Blip2Processor(
-        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer, num_query_tokens=2
-    )
-    vision = dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    qformer = dict(
-        vocab_size=len(words),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        encoder_hidden_size=16,
-        max_position_embeddings=32,
-    )
+    processor = Blip2Processor(image_processor=_blip_images(), tokenizer=tokenizer, num_query_tokens=2)
+    qformer = _tiny_layers(vocab_size=len(words), encoder_hidden_size=16, max_position_embeddings=32)
     text = dict(
         model_type="opt",
         vocab_size=len(words),
@@ -120,12 +84,46 @@ def save_tiny_blip2(folder: Path) -> Path:
         pad_token_id=1,
     )
     config = Blip2Config(
-        vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=2, image_token_index=3
+        vision_config=_blip_vision(), qformer_config=qformer, text_config=text, num_query_tokens=2, image_token_index=3
     )
+    return _save_random(folder, Blip2ForConditionalGeneration, config, processor, suppress_tokens=[0, 1, 2, 3])
+
+
+def _tiny_layers(**fields) -> dict:
+    """A BERT-like config's sizes, the smallest that runs: one layer, two heads, 16 wide; plus ``fields``."""
+    return dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, **fields)
+
+
+def _blip_vision() -> dict:
+    """The ViT of BLIP and BLIP-2: 32 px images in 8 px patches (16 image tokens)."""
+    return _tiny_layers(image_size=32, patch_size=8)
+
+
+def _blip_images():
+    from transformers.models.blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": 32, "width": 32})
+
+
+def _byte_level_backend(words: list[str]):
+    """A word-level vocabulary behind GPT-2's byte-level pre-tokenizer, as OPT's and BART's tokenizers are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _save_random(folder: Path, model_class, config, processor, suppress_tokens: list[int]) -> Path:
+    """Build the model with seed 0's random weights and save it with its processor in ``folder``."""
+    import torch
+
     torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(config)
-    model.generation_config.min_new_tokens = 3  # random weights: make them say words
-    model.generation_config.suppress_tokens = [0, 1, 2, 3]
+    model = model_class(config)
+    # Random weights may end a caption at once or say only special tokens: make them say words.
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.suppress_tokens = suppress_tokens
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -172,17 +170,12 @@ FLORENCE_WORDS = ["describe", "in", "detail", "what", "is", "shown", "the", "ima
 def save_tiny_florence2(folder: Path) -> Path:
     """A Florence-2 in transformers' native format: a tiny DaViT + BART, a byte-level word tokenizer
     with the ``<image>`` token, and a CLIP image processor at 64 px (2 x 2 patches + 1 = 5 image tokens)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
     from transformers.models.clip import CLIPImageProcessorPil
 
     words = ["<s>", "<pad>", "</s>", "<unk>", "<image>"] + ["\u0120" + word for word in FLORENCE_WORDS]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    backend.decoder = decoders.ByteLevel()
     tokenizer = BartTokenizer(
-        tokenizer_object=backend,
+        tokenizer_object=_byte_level_backend(words),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
@@ -219,10 +212,5 @@ def save_tiny_florence2(folder: Path) -> Path:
         max_position_embeddings=8,
         max_temporal_embeddings=2,
     )
-    torch.manual_seed(0)
-    model = Florence2ForConditionalGeneration(Florence2Config(text_config=text, vision_config=vision, image_token_id=4))
-    model.generation_config.min_new_tokens = 3  # random weights: make them say words
-    model.generation_config.suppress_tokens = [0, 1, 3, 4]
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    config = Florence2Config(text_config=text, vision_config=vision, image_token_id=4)
+    return _save_random(folder, Florence2ForConditionalGeneration, config, processor, suppress_tokens=[0, 1, 3, 4])

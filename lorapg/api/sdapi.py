@@ -22,14 +22,22 @@ PREFIX = "/sdapi/v1"
 ERRORS = {400: {"model": m.ErrorResponse}, 401: {"model": m.ErrorResponse}, 422: {"model": m.ErrorResponse}}
 
 
-def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
-    router = APIRouter(
+def a1111_router(access: ApiAccess) -> APIRouter:
+    """A ``/sdapi/v1`` router: its routes ask for the API's credentials and answer errors in A1111's shape.
+
+    Every module serving part of ``/sdapi/v1`` builds its router here, so /docs lists them as one group.
+    """
+    return APIRouter(
         prefix=PREFIX,
         tags=["A1111 (sdapi/v1)"],
         route_class=A1111Route,
         responses=ERRORS,
         dependencies=[Depends(basic_auth_check(access.users))],
     )
+
+
+def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
+    router = a1111_router(access)
 
     @router.post("/txt2img", response_model=m.Txt2ImgResponse)
     def txt2img(body: m.Txt2ImgRequest) -> m.Txt2ImgResponse:

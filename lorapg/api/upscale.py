@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import io
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorapg.api import models as m
-from lorapg.api.auth import ApiAccess, basic_auth_check
-from lorapg.api.errors import A1111Route
-from lorapg.api.sdapi import ERRORS, PREFIX
+from lorapg.api.auth import ApiAccess
+from lorapg.api.sdapi import a1111_router
 from lorapg.diffusion.upscalers import NONE
 from lorapg.services.a1111 import decode_image_field
 from lorapg.services.upscale import RESIZE_BY, UpscaleService
@@ -71,13 +70,7 @@ class ExtrasSingleImageResponse(BaseModel):
 
 
 def upscale_router(service: UpscaleService, access: ApiAccess, max_upload_bytes: int | None) -> APIRouter:
-    router = APIRouter(
-        prefix=PREFIX,
-        tags=["A1111 (sdapi/v1)"],
-        route_class=A1111Route,
-        responses=ERRORS,
-        dependencies=[Depends(basic_auth_check(access.users))],
-    )
+    router = a1111_router(access)
 
     @router.get("/upscalers", response_model=list[m.UpscalerItem])
     def upscalers() -> list[m.UpscalerItem]:

@@ -113,10 +113,8 @@ def export_kohya(
     """
     # SD 2.x uses SD 1.x's kohya prefixes (lora_unet_, lora_te_); only SDXL numbers its encoders.
     kohya = peft_to_kohya(state, alpha, SDXL if family == SDXL else SD1, unet_config)
-    dtype = SAVE_DTYPES[save_precision]
-    kohya = {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in kohya.items()}
-    # A hidden .tmp name (never *.safetensors), so the LoRA library never lists a half-written file.
-    return atomic_write_bytes(path, safetensors_bytes(kohya, metadata=metadata))
+    # The per-module .alpha scalars keep fp32: in fp16 an alpha such as 0.3 would round.
+    return _write_lora(kohya, path, metadata, save_precision, keep_suffixes=(".alpha",))
 
 
 def export_transformer_lora(
@@ -136,10 +134,21 @@ def export_transformer_lora(
     into ``lora_B``: every loader applies the LoRA at the strength it trained with.
     """
     scale = alpha / rank
-    dtype = SAVE_DTYPES[save_precision]
-    tensors = {
-        key: ((tensor * scale) if ".lora_B." in key else tensor).to(dtype).contiguous() for key, tensor in state.items()
-    }
+    tensors = {key: (tensor * scale) if ".lora_B." in key else tensor for key, tensor in state.items()}
     # The file's own alpha is its rank now; the alpha trained with is kept for the record.
     metadata = {**metadata, "ss_network_alpha": str(rank), "lorapg.trained_alpha": str(alpha)}
-    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    return _write_lora(tensors, path, metadata, save_precision)
+
+
+def _write_lora(
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    metadata: dict[str, str],
+    save_precision: str,
+    keep_suffixes: tuple[str, ...] = (),
+) -> Path:
+    """Cast the tensors (but those whose key ends with one of ``keep_suffixes``) and write them atomically."""
+    dtype = SAVE_DTYPES[save_precision]
+    cast = {key: (t if key.endswith(keep_suffixes) else t.to(dtype)).contiguous() for key, t in tensors.items()}
+    # A hidden .tmp name (never *.safetensors), so the LoRA library never lists a half-written file.
+    return atomic_write_bytes(path, safetensors_bytes(cast, metadata=metadata))
