@@ -11,19 +11,10 @@ from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.gallery import read_png_parameters
 from lorapg.services.gallery import GalleryService
 from lorapg.working_state import WorkingState, WorkingValues
+from tests.browser import CHROMIUM_ARGS
 from tests.tiny_models import tiny_runtime
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def wait_for(condition, seconds: float = 60.0) -> None:  # a deadline for a wait, generous under load
