@@ -193,6 +193,19 @@ class WorkerState(BaseModel):
 
 
 class WorkerList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "workers": [
+                        {"index": 0, "device": "cuda:0", "model": "models/sdxl", "state": "running", "job": "a1b2"},
+                        {"index": 1, "device": "ray:gpu-box:0/cuda", "model": None, "state": "idle", "job": None},
+                    ]
+                }
+            ]
+        }
+    )
+
     workers: list[WorkerState]
 
 
