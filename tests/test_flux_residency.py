@@ -93,7 +93,7 @@ def test_t5_leaves_for_the_transformer_and_the_image_is_unchanged(folders, famil
 
     assert np.abs(image - reference).max() <= 1
     assert ran and all(location == GPU for _, location in ran), ran  # every module ran while placed
-    history = manager.history
+    history = list(manager.history)
     t5, transformer = COMPONENT_PREFIX + T5[family], COMPONENT_PREFIX + "transformer"
     assert history[0] == (t5, GPU)  # encoders first, T5 the first of them
     placed_encoders = {name for name, where in history[: len(ENCODERS[family])] if where == GPU}
@@ -130,7 +130,7 @@ def test_the_llm_and_the_trainer_claim_the_gpu_between_jobs_and_the_components_c
 
     assert np.abs(again - first).max() <= 1
     assert llm_moves == [GPU, CPU]
-    back = [name for name, where in manager.history[mark:] if where == GPU]
+    back = [name for name, where in list(manager.history)[mark:] if where == GPU]
     assert set(back) == {COMPONENT_PREFIX + a for a in (*ENCODERS[family], "transformer", "vae")}
     assert back.index(COMPONENT_PREFIX + T5[family]) < back.index(COMPONENT_PREFIX + "transformer")
     assert all(location == GPU for _, location in ran), ran
@@ -140,7 +140,7 @@ def test_lowvram_releases_the_text_encoders_as_soon_as_the_prompt_is_encoded(fol
     manager = ResidencyManager(budget_bytes=10**9, policy=LOWVRAM)
     engine = load(folders, "flux", manager)  # on a CPU "device" lowvram is the manager's, no diffusers offload
     pixels(engine, "flux")
-    history = manager.history
+    history = list(manager.history)
     last_encoder_out = max(history.index((COMPONENT_PREFIX + a, CPU)) for a in ENCODERS["flux"])
     assert last_encoder_out < history.index((COMPONENT_PREFIX + "transformer", GPU))
 
