@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ AUTO, LOWVRAM, ALL_GPU = "auto", "lowvram", "all-gpu"
 POLICIES = (AUTO, LOWVRAM, ALL_GPU)
 GPU, CPU, UNLOADED = "gpu", "cpu", "unloaded"
 GB = 1024**3
+HISTORY_LENGTH = 1000  # moves kept in ResidencyManager.history
 
 
 @dataclass
@@ -44,7 +46,8 @@ class ResidentModel:
     location: str = CPU
     pins: int = 0
     last_used: int = 0
-    moves: list[str] = field(default_factory=list)  # history, for the status panel and tests
+    # This model's latest moves, for the status panel and tests (bounded like the manager's history).
+    moves: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
 
 
 def format_bytes(size: int) -> str:
@@ -124,8 +127,9 @@ class ResidencyManager:
         self._exclusive: str | None = None  # the work holding the whole GPU (training), if any
         self._empty_cache = empty_cache or (lambda: None)
         self.bytes_moved_to_gpu = 0
-        # Every move in order, (name, where it went): tests and the status panel read the order from here.
-        self.history: list[tuple[str, str]] = []
+        # The latest moves in order, (name, where it went): tests and the status panel read the order from
+        # here. Bounded, so a server that runs for weeks does not keep every move it ever made.
+        self.history: deque[tuple[str, str]] = deque(maxlen=HISTORY_LENGTH)
 
     # --- registration ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lorapg.diffusion import engine as engine_module
 from lorapg.diffusion.engine import COMPONENT_PREFIX, RESIDENT_NAME, DiffusionEngine, module_bytes
 from lorapg.diffusion.lora_library import LoraLibrary
 from lorapg.diffusion.quantization import NF4, parse_plan
@@ -93,7 +94,7 @@ def test_t5_leaves_for_the_transformer_and_the_image_is_unchanged(folders, famil
 
     assert np.abs(image - reference).max() <= 1
     assert ran and all(location == GPU for _, location in ran), ran  # every module ran while placed
-    history = manager.history
+    history = list(manager.history)
     t5, transformer = COMPONENT_PREFIX + T5[family], COMPONENT_PREFIX + "transformer"
     assert history[0] == (t5, GPU)  # encoders first, T5 the first of them
     placed_encoders = {name for name, where in history[: len(ENCODERS[family])] if where == GPU}
@@ -130,7 +131,7 @@ def test_the_llm_and_the_trainer_claim_the_gpu_between_jobs_and_the_components_c
 
     assert np.abs(again - first).max() <= 1
     assert llm_moves == [GPU, CPU]
-    back = [name for name, where in manager.history[mark:] if where == GPU]
+    back = [name for name, where in list(manager.history)[mark:] if where == GPU]
     assert set(back) == {COMPONENT_PREFIX + a for a in (*ENCODERS[family], "transformer", "vae")}
     assert back.index(COMPONENT_PREFIX + T5[family]) < back.index(COMPONENT_PREFIX + "transformer")
     assert all(location == GPU for _, location in ran), ran
@@ -140,22 +141,78 @@ def test_lowvram_releases_the_text_encoders_as_soon_as_the_prompt_is_encoded(fol
     manager = ResidencyManager(budget_bytes=10**9, policy=LOWVRAM)
     engine = load(folders, "flux", manager)  # on a CPU "device" lowvram is the manager's, no diffusers offload
     pixels(engine, "flux")
-    history = manager.history
+    history = list(manager.history)
     last_encoder_out = max(history.index((COMPONENT_PREFIX + a, CPU)) for a in ENCODERS["flux"])
     assert last_encoder_out < history.index((COMPONENT_PREFIX + "transformer", GPU))
 
 
 def test_loras_apply_the_same_with_components_apart(folders):
-    """LoRA layers are injected while components sit off the "device" (held, not placed): same image."""
+    """LoRAs are fused with the transformer and CLIP placed together, the rest off the "device": same image."""
     loras = (("flux_style", 0.8),)
     reference = pixels(load(folders, "flux", None), "flux", loras)
     manager = ResidencyManager(budget_bytes=10**9)
     engine = load(folders, "flux", manager)
-    manager.budget_bytes = tight_budget(engine, "flux")
+    pipe = engine.model.pipe
+    # The fuse needs the transformer and CLIP on the device together (the tiny CLIP is larger than its VAE).
+    manager.budget_bytes = max(
+        tight_budget(engine, "flux"), module_bytes(pipe.transformer) + module_bytes(pipe.text_encoder)
+    )
     pixels(engine, "flux")  # leaves the transformer placed and the encoders off
     with_lora = pixels(engine, "flux", loras)
     assert np.abs(with_lora - reference).max() <= 1
     assert np.abs(with_lora - pixels(engine, "flux")).max() > 1  # the LoRA changes the image
+
+
+def test_loras_are_fused_with_the_transformer_and_clip_placed_and_t5_left_where_it_is(folders):
+    """The deltas are computed on the device that runs them (on a GPU, in its dtype), never wherever the
+    transformer happened to be: the same request gives the same bytes whether it started evicted or not."""
+    loras = (("flux_style", 0.8),)
+    manager = ResidencyManager(budget_bytes=10**9)
+    engine = load(folders, "flux", manager)
+    transformer, clip, t5 = (COMPONENT_PREFIX + a for a in ("transformer", "text_encoder", T5["flux"]))
+    during: list[dict] = []  # where each component was, and the moves so far, while the LoRA was fused
+    activate = engine.model.adapters.activate
+
+    def recording(selections):
+        activate(selections)
+        if selections:
+            locations = {name: model.location for name, model in manager._models.items()}
+            during.append({"at": locations, "moves": list(manager.history)})
+
+    engine.model.adapters.activate = recording
+    assert manager._models[transformer].location == CPU  # freshly loaded: the transformer starts evicted
+    from_evicted = pixels(engine, "flux", loras)
+    pixels(engine, "flux")  # no LoRA: unfused, and the transformer stays placed
+    assert manager._models[transformer].location == GPU
+    from_resident = pixels(engine, "flux", loras)
+
+    assert len(during) == 2
+    for record in during:
+        assert record["at"][transformer] == GPU and record["at"][clip] == GPU
+    first = during[0]
+    assert first["moves"] == [(transformer, GPU), (clip, GPU)]  # placed for the fuse; T5 not moved for it
+    assert first["at"][t5] == CPU
+    assert np.abs(from_evicted - from_resident).max() <= 1
+
+
+def test_a_load_that_fails_leaves_the_current_model_registered(folders, monkeypatch):
+    manager = ResidencyManager(budget_bytes=10**9)
+    engine = load(folders, "flux", manager)
+    current, registered = engine.model, set(manager._models)
+    reference = pixels(engine, "flux")
+
+    def fails(pipe, family):
+        raise RuntimeError("native size unreadable")
+
+    monkeypatch.setattr(engine_module, "native_size", fails)  # a step after the new pipeline is built
+    with pytest.raises(RuntimeError, match="native size"):
+        engine.load_model(str(folders["sd3"]))
+
+    assert engine.model is current
+    assert set(manager._models) == registered  # Flux's components, not the failed SD 3.5 pipeline's
+    ran = watch(engine, manager)
+    assert np.abs(pixels(engine, "flux") - reference).max() <= 1
+    assert ran and all(location == GPU for _, location in ran), ran  # each module ran while placed
 
 
 def test_hold_pins_without_placing():

@@ -8,7 +8,18 @@ import time
 import pytest
 
 from lorapg.errors import UserError
-from lorapg.residency import ALL_GPU, CPU, GB, GPU, LOWVRAM, UNLOADED, OutOfMemory, ResidencyManager, parse_size
+from lorapg.residency import (
+    ALL_GPU,
+    CPU,
+    GB,
+    GPU,
+    HISTORY_LENGTH,
+    LOWVRAM,
+    UNLOADED,
+    OutOfMemory,
+    ResidencyManager,
+    parse_size,
+)
 
 
 class FakeDevice:
@@ -180,3 +191,15 @@ def test_budget_sizes(text, expected):
 def test_bad_budget_sizes(bad):
     with pytest.raises(UserError, match="VRAM budget"):
         parse_size(bad)
+
+
+def test_the_history_keeps_only_the_latest_moves():
+    manager, device = setup(budget_gb=1)
+    device.register(manager, "a", 0.6)
+    device.register(manager, "b", 0.6)
+    for _ in range(HISTORY_LENGTH):  # each use moves one in and the other out: two entries a turn
+        for name in ("a", "b"):
+            with manager.use(name):
+                pass
+    assert len(manager.history) == HISTORY_LENGTH
+    assert list(manager.history)[-2:] == [("a", CPU), ("b", GPU)]

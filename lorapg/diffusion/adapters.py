@@ -91,6 +91,11 @@ class AdapterSet:
             self.patches.remove()
             raise
 
+    def computes_deltas(self, selections: list[LoraSelection]) -> bool:
+        """True when ``activate(selections)`` would compute LoRA deltas into weights (fuse or patch): that
+        arithmetic rounds differently on each device, so the caller runs it where the weights run."""
+        return bool(selections) and not self.fuser.holds(selection_key(selections))
+
     def _as_patch(self, info: LoraInfo) -> bool:
         return info.weight_patches or self.patch_everything
 

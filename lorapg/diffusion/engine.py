@@ -141,8 +141,10 @@ class DiffusionEngine:
                 quantize=self.quantize,
                 app_wide_quantize=True,  # the app's --quantize: SD 1.x/SDXL models skip it
             )
-            if self.residency is not None:
-                self._register_with_residency(pipe, family)
+            if self._uses_model_offload():
+                # diffusers' model CPU offload keeps one component (the largest: the UNet) on the GPU
+                # at a time and moves it in and out itself; the manager only reserves that much.
+                pipe.enable_model_cpu_offload(device=self.device)
             # --compile covers the SD UNet; Flux / SD 3.5 transformers run as loaded (not built yet).
             compiled = self.compile_unet and not is_transformer_family(family)
             if compiled:
@@ -155,6 +157,10 @@ class DiffusionEngine:
                 # the base back bit for bit: on a quantized base, LoRAs run unfused (two small matmuls a layer).
                 adapters.fuser.enabled = False
             native = native_size(pipe, family)
+            if self.residency is not None:
+                # Last, after every step that may fail: a failed load leaves the manager with the
+                # current model's entries, the ones its next generation uses.
+                self._register_with_residency(pipe, family)
             previous, self._model = (
                 self._model,
                 LoadedModel(source, pipe, family, adapters, dict(pipe.scheduler.config), native),
@@ -174,14 +180,14 @@ class DiffusionEngine:
         self.residency.free_all()
         gc.collect()
 
+    def _uses_model_offload(self) -> bool:
+        return self.residency is not None and self.residency.policy == LOWVRAM and self.device.type == "cuda"
+
     def _register_with_residency(self, pipe: DiffusionPipeline, family: str) -> None:
         for name in self._residents.values():  # the previous model's entries (moved off the GPU already)
             self.residency.unregister(name)
         self._residents = {"": RESIDENT_NAME}
-        if self.residency.policy == LOWVRAM and self.device.type == "cuda":
-            # diffusers' model CPU offload keeps one component (the largest: the UNet) on the GPU
-            # at a time and moves it in and out itself; the manager only reserves that much.
-            pipe.enable_model_cpu_offload(device=self.device)
+        if self._uses_model_offload():  # load_model enabled diffusers' offload on this pipeline
             largest = max(module_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
             self.residency.register(RESIDENT_NAME, largest, to_gpu=lambda: None, to_cpu=lambda: None)
             return
@@ -389,10 +395,7 @@ class DiffusionEngine:
         """Encode the prompt with the text encoders on the GPU, then denoise and decode with the transformer
         and VAE there: the encoders are unpinned before the transformer is placed, so it can take their room."""
         pipe, names = model.pipe, self._residents
-        # Held where they are (not placed) while peft adds or switches LoRA layers, some of which
-        # may be in the CLIP encoder; "Free GPU memory now" must not move a module meanwhile.
-        with self.residency.hold(*names.values()):
-            model.adapters.activate(selections)
+        self._activate_by_component(model, selections)
         t5 = component(pipe, "t5")
         # T5 is used first, so it is the least recently used (and the first to leave) once the transformer runs.
         encoders = sorted(
@@ -418,6 +421,31 @@ class DiffusionEngine:
                 keep=names.get("transformer"),
                 advice="Lower the image size or the batch size, or start with --policy lowvram.",
             )
+
+    def _activate_by_component(self, model: LoadedModel, selections: list[LoraSelection]) -> None:
+        """Fuse or patch the LoRAs with the modules they change (the transformer, the CLIP encoders) placed:
+        the deltas are then computed and rounded on the device that runs them (in the GPU's dtype there,
+        in fp32 then rounded on the CPU), so the same request gives the same bytes wherever the transformer
+        was before. T5 and the VAE, which no LoRA changes here, are only held where they are, so the
+        encoding that follows still starts with T5 and "Free GPU memory now" moves nothing meanwhile."""
+        pipe, names = model.pipe, self._residents
+        if not model.adapters.computes_deltas(selections):
+            # Nothing to add to the weights (no LoRA, or this selection is fused already): placing the
+            # transformer now would only push T5 out of the way of the encoding.
+            with self.residency.hold(*names.values()):
+                model.adapters.activate(selections)
+            return
+        t5 = component(pipe, "t5")
+        clip = {attribute for attribute in names if attribute.startswith("text_encoder")} - {
+            attribute for attribute in names if getattr(pipe, attribute, None) is t5
+        }
+        changed = {name for attribute, name in names.items() if attribute == "transformer" or attribute in clip}
+        with ExitStack() as placed:
+            for name in sorted(changed, key=lambda name: name != names.get("transformer")):  # the largest first
+                placed.enter_context(self.residency.use(name))
+            # Held after the placing, so the placing may still move them out of the way.
+            placed.enter_context(self.residency.hold(*(name for name in names.values() if name not in changed)))
+            model.adapters.activate(selections)
 
     def _control_run(self, model: LoadedModel, request: GenerationRequest, image_run) -> ControlRun:
         if image_run is not None and image_run.plan.box is not None:
