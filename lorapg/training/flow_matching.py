@@ -104,6 +104,10 @@ def pipeline_geometry(pipe, family: str, resolution: int) -> tuple[int, int]:
 class FlowTraining:
     """The family-specific parts of one Flux.1 / SD 3.5 training run."""
 
+    # Benchmark switch (bench/bench_flux.py), not a setting: encode every batch's captions through
+    # ``_encode`` instead of reading the cache, to measure what the cache saves. The encoders then stay.
+    encode_every_step = False
+
     def __init__(self, pipe, family: str, config):
         self.pipe, self.family, self.config = pipe, family, config
         self.label = family_label(family)
@@ -185,6 +189,8 @@ class FlowTraining:
         FLUX.1 that frees T5-XXL's ~9.5 GB (bf16). Nothing encodes text after this point: the loop and
         the sample images read the cache.
         """
+        if self.encode_every_step:
+            return
         for encoder in self.text_encoders():
             encoder.to("cpu")
         self.encoders_released = True
@@ -193,7 +199,7 @@ class FlowTraining:
 
     def embeddings(self, captions: list[str], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's (hidden, pooled): from the cache, or encoded now when captions vary per step."""
-        missing = [c for c in captions if c not in self.text_cache]
+        missing = [c for c in captions if c not in self.text_cache or self.encode_every_step]
         if missing and self.encoders_released:
             raise RuntimeError(f"caption not encoded before the text encoders left the device: {missing[0]!r}")
         if missing:  # shuffled tags / caption dropout: the encoders stay on the device for these
