@@ -80,6 +80,24 @@ def refuse_unusable_settings(config, family: str) -> None:
         raise UserError(f"Train conv (train_conv) applies to SD UNets only: turn it off for {label}.")
 
 
+FLOW_FIELDS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
+
+
+def warn_unused_flow_settings(config, family: str) -> list[str]:
+    """Log (once per run) the flow-matching settings an SD 1.x/SDXL run ignores: its UNet trains on the
+    DDPM noise schedule, as FlowTraining ignores SD's min_snr_gamma/noise_offset. Returns their names."""
+    defaults = type(config)()
+    unused = [key for key in FLOW_FIELDS if getattr(config, key) != getattr(defaults, key)]
+    for key in unused:
+        log.warning(
+            "%s (--%s) applies to Flux.1 / SD 3.5 (flow matching); ignored for %s",
+            key,
+            key.replace("_", "-"),
+            family_label(family),
+        )
+    return unused
+
+
 def family_geometry(family: str, resolution: int, native: int, multiple: int = REAL_MULTIPLE) -> tuple[int, int]:
     """(training side, bucket multiple) for ``family``: ``resolution`` or the ``native`` size; sides
     divide by ``multiple`` (the VAE factor × the transformer's patch; the real models' 16 px by default,
