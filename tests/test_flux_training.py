@@ -487,3 +487,21 @@ def test_an_sd_run_ignores_the_flow_flags_with_a_log_line(tmp_path, caplog):
     ignored = [r.getMessage() for r in caplog.records if "ignored for SD" in r.getMessage()]
     assert len(ignored) == 2 and "--guidance-scale" in ignored[1] and "--logit-std" in ignored[0]
     assert (tmp_path / "loras" / "flags.safetensors").is_file()
+
+
+def test_the_benchmark_s_re_encoding_switch_encodes_each_batch_to_the_cached_embeddings(bases, monkeypatch):
+    """bench_flux compares cached embeddings with ``encode_every_step``: both must feed the same inputs."""
+    pipe = FluxPipeline.from_pretrained(str(bases["flux"]))
+    flow = FlowTraining(pipe, FLUX, build_config({"model": str(bases["flux"])}))
+    captions = ["zqx, a fox", "zqx, a cat"]
+    flow.cache_text(captions, torch.device("cpu"))
+    cached = flow.embeddings(captions, torch.device("cpu"), torch.float32)
+    calls: list[list[str]] = []
+    encode = flow._encode
+    monkeypatch.setattr(flow, "_encode", lambda batch, device: calls.append(batch) or encode(batch, device))
+    monkeypatch.setattr(FlowTraining, "encode_every_step", True)
+    flow.release_text_encoders()  # kept: the loop encodes with them
+    encoded = flow.embeddings(captions, torch.device("cpu"), torch.float32)
+    assert calls == [captions] and not flow.encoders_released
+    for ours, theirs in zip(encoded, cached, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
