@@ -33,7 +33,15 @@ FLAG_FIELDS = {
     "shuffle_tags": "shuffle_tags",
     "keep_tokens": "keep_tokens",
     "caption_dropout": "caption_dropout",
+    # Flux.1 / SD 3.5 flow matching (ignored, with a log line, for SD 1.x/SDXL: see flow_matching).
+    "weighting_scheme": "weighting_scheme",
+    "logit_mean": "logit_mean",
+    "logit_std": "logit_std",
+    "mode_scale": "mode_scale",
+    "guidance_scale": "guidance_scale",
 }
+# diffusers' scripts call the uniform timestep sampling "none"; TrainConfig calls it "uniform".
+SCHEME_ALIASES = {"none": "uniform"}
 
 
 def add_train_parser(commands: argparse._SubParsersAction, add_settings_arguments) -> None:
@@ -97,6 +105,7 @@ def add_train_parser(commands: argparse._SubParsersAction, add_settings_argument
         type=str,
         help="chance (0-1) that an image trains on an empty caption at a step (default 0)",
     )
+    add_flow_arguments(train)
     train.add_argument(
         "--no-resume",
         dest="resume",
@@ -106,8 +115,32 @@ def add_train_parser(commands: argparse._SubParsersAction, add_settings_argument
     )
 
 
+def add_flow_arguments(train: argparse.ArgumentParser) -> None:
+    """Flux.1 / SD 3.5 timestep sampling and guidance, as diffusers' train_dreambooth_lora_flux/_sd3 name them."""
+    from lorapg.training.config import WEIGHTING_SCHEMES
+
+    flow = train.add_argument_group("Flux.1 / SD 3.5 (flow matching; ignored for SD 1.x/SDXL)")
+    flow.add_argument(
+        "--weighting-scheme",
+        dest="weighting_scheme",
+        choices=[*WEIGHTING_SCHEMES, *SCHEME_ALIASES],
+        help="how training timesteps are drawn (default logit_normal; none = uniform)",
+    )
+    flow.add_argument("--logit-mean", dest="logit_mean", type=str, help="logit_normal: mean (default 0.0)")
+    flow.add_argument("--logit-std", dest="logit_std", type=str, help="logit_normal: standard deviation (default 1.0)")
+    flow.add_argument("--mode-scale", dest="mode_scale", type=str, help="mode: scale (default 1.29)")
+    flow.add_argument(
+        "--guidance-scale",
+        dest="guidance_scale",
+        type=str,
+        help="Flux dev: the distilled guidance input while training (default 1.0)",
+    )
+
+
 def train_overrides(args: argparse.Namespace) -> dict:
     overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    if "weighting_scheme" in overrides:
+        overrides["weighting_scheme"] = SCHEME_ALIASES.get(overrides["weighting_scheme"], overrides["weighting_scheme"])
     if args.model:
         overrides["model"] = args.model
     if args.quantize or args.quantize_components:  # the shared flags: how the frozen base is stored while training

@@ -436,3 +436,72 @@ def test_train_cli_with_a_preset_and_the_app_s_flux_model_trains(bases, tmp_path
     args = ["train", str(config), "--out", str(tmp_path / "loras"), "--threads", "1", "--device", "cpu"]
     assert main(args + ["--models-dir", str(tmp_path / "models")]) == 0
     assert (tmp_path / "loras" / "zqx_app.safetensors").is_file()
+
+
+# --- the flow-matching CLI flags (issue 17 item 5) ------------------------------------------------
+
+FLOW_FLAGS = ["--weighting-scheme", "mode", "--mode-scale", "0.5", "--logit-mean", "0.3", "--logit-std", "2"]
+
+
+def _train_args(model, images, out, *extra) -> list[str]:
+    args = ["train", "--model", str(model), "--images", str(images), "--trigger", "zqx", "--name", "flags"]
+    args += ["--out", str(out / "loras"), "--max-steps", "1", "--threads", "1", "--device", "cpu"]
+    return args + ["--models-dir", str(out / "models"), *extra]
+
+
+def test_flow_matching_flags_reach_the_flux_run_and_its_metadata(bases, tmp_path):
+    args = _train_args(bases["flux"], bases["images"], tmp_path, *FLOW_FLAGS, "--guidance-scale", "2.5")
+    assert main(args) == 0
+    with safe_open(str(tmp_path / "loras" / "flags.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_timestep_sampling"] == "mode"
+    assert (metadata["ss_mode_scale"], metadata["ss_logit_mean"], metadata["ss_logit_std"]) == ("0.5", "0.3", "2.0")
+    assert metadata["ss_guidance_scale"] == "2.5"
+
+
+def test_weighting_scheme_none_is_diffusers_name_for_uniform_and_bad_values_name_the_flag(bases):
+    from lorapg.cli import build_parser
+    from lorapg.train_cli import train_overrides
+    from lorapg.training.config import load_config
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--weighting-scheme", "none", "--guidance-scale", "4"])
+    config = load_config(None, train_overrides(args), preset_model=str(bases["flux"]))
+    assert (config.weighting_scheme, config.guidance_scale) == ("uniform", 4.0)
+    for flag, value, field in (("--logit-std", "abc", "logit_std"), ("--mode-scale", "9", "mode_scale")):
+        args = parser.parse_args(["train", flag, value])
+        with pytest.raises(UserError, match=field):
+            load_config(None, train_overrides(args), preset_model=str(bases["flux"]))
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        parser.parse_args(["train", "--weighting-scheme", "gaussian"])
+
+
+def test_an_sd_run_ignores_the_flow_flags_with_a_log_line(tmp_path, caplog):
+    from tests.tiny_models import build_sd15_pipeline
+
+    build_sd15_pipeline(tmp_path / "sd")
+    write_images(tmp_path / "images", 2)
+    args = _train_args(tmp_path / "sd", tmp_path / "images", tmp_path, "--guidance-scale", "2.5", "--logit-std", "2")
+    with caplog.at_level("WARNING", logger="lorapg.training.flow_matching"):
+        assert main(args) == 0
+    ignored = [r.getMessage() for r in caplog.records if "ignored for SD" in r.getMessage()]
+    assert len(ignored) == 2 and "--guidance-scale" in ignored[1] and "--logit-std" in ignored[0]
+    assert (tmp_path / "loras" / "flags.safetensors").is_file()
+
+
+def test_the_benchmark_s_re_encoding_switch_encodes_each_batch_to_the_cached_embeddings(bases, monkeypatch):
+    """bench_flux compares cached embeddings with ``encode_every_step``: both must feed the same inputs."""
+    pipe = FluxPipeline.from_pretrained(str(bases["flux"]))
+    flow = FlowTraining(pipe, FLUX, build_config({"model": str(bases["flux"])}))
+    captions = ["zqx, a fox", "zqx, a cat"]
+    flow.cache_text(captions, torch.device("cpu"))
+    cached = flow.embeddings(captions, torch.device("cpu"), torch.float32)
+    calls: list[list[str]] = []
+    encode = flow._encode
+    monkeypatch.setattr(flow, "_encode", lambda batch, device: calls.append(batch) or encode(batch, device))
+    monkeypatch.setattr(FlowTraining, "encode_every_step", True)
+    flow.release_text_encoders()  # kept: the loop encodes with them
+    encoded = flow.embeddings(captions, torch.device("cpu"), torch.float32)
+    assert calls == [captions] and not flow.encoders_released
+    for ours, theirs in zip(encoded, cached, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)

@@ -80,6 +80,24 @@ def refuse_unusable_settings(config, family: str) -> None:
         raise UserError(f"Train conv (train_conv) applies to SD UNets only: turn it off for {label}.")
 
 
+FLOW_FIELDS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
+
+
+def warn_unused_flow_settings(config, family: str) -> list[str]:
+    """Log (once per run) the flow-matching settings an SD 1.x/SDXL run ignores: its UNet trains on the
+    DDPM noise schedule, as FlowTraining ignores SD's min_snr_gamma/noise_offset. Returns their names."""
+    defaults = type(config)()
+    unused = [key for key in FLOW_FIELDS if getattr(config, key) != getattr(defaults, key)]
+    for key in unused:
+        log.warning(
+            "%s (--%s) applies to Flux.1 / SD 3.5 (flow matching); ignored for %s",
+            key,
+            key.replace("_", "-"),
+            family_label(family),
+        )
+    return unused
+
+
 def family_geometry(family: str, resolution: int, native: int, multiple: int = REAL_MULTIPLE) -> tuple[int, int]:
     """(training side, bucket multiple) for ``family``: ``resolution`` or the ``native`` size; sides
     divide by ``multiple`` (the VAE factor × the transformer's patch; the real models' 16 px by default,
@@ -103,6 +121,10 @@ def pipeline_geometry(pipe, family: str, resolution: int) -> tuple[int, int]:
 
 class FlowTraining:
     """The family-specific parts of one Flux.1 / SD 3.5 training run."""
+
+    # Benchmark switch (bench/bench_flux.py), not a setting: encode every batch's captions through
+    # ``_encode`` instead of reading the cache, to measure what the cache saves. The encoders then stay.
+    encode_every_step = False
 
     def __init__(self, pipe, family: str, config):
         self.pipe, self.family, self.config = pipe, family, config
@@ -185,6 +207,8 @@ class FlowTraining:
         FLUX.1 that frees T5-XXL's ~9.5 GB (bf16). Nothing encodes text after this point: the loop and
         the sample images read the cache.
         """
+        if self.encode_every_step:
+            return
         for encoder in self.text_encoders():
             encoder.to("cpu")
         self.encoders_released = True
@@ -193,7 +217,7 @@ class FlowTraining:
 
     def embeddings(self, captions: list[str], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's (hidden, pooled): from the cache, or encoded now when captions vary per step."""
-        missing = [c for c in captions if c not in self.text_cache]
+        missing = [c for c in captions if c not in self.text_cache or self.encode_every_step]
         if missing and self.encoders_released:
             raise RuntimeError(f"caption not encoded before the text encoders left the device: {missing[0]!r}")
         if missing:  # shuffled tags / caption dropout: the encoders stay on the device for these

@@ -66,7 +66,7 @@ from lorapg.training.cropping import (
     plan_crop,
 )
 from lorapg.training.dataset import Dataset
-from lorapg.training.flow_matching import FlowTraining
+from lorapg.training.flow_matching import FlowTraining, warn_unused_flow_settings
 from lorapg.training.validation import DEFAULT_MAX_PIXELS, ImageCheck, ValidationReport
 
 log = logging.getLogger(__name__)
@@ -448,6 +448,7 @@ class Trainer:
             return _RunState(
                 started_at, pipe, family, pipe.transformer, flow.text_encoders(), [], resolution, step_px, flow
             )
+        warn_unused_flow_settings(self.config, family)
         sdxl = family == SDXL
         resolution, step_px = self._training_resolution(pipe)
         return _RunState(
