@@ -290,6 +290,9 @@ class JobQueue:
             error = self._worker_lost(job, work, context, worker, exc)
             if error is None:  # back in the queue: another worker runs it
                 return
+            if job.cancel_requested():  # the user stopped it: nothing to submit again, whatever the worker did
+                self._finish(job, CANCELLED, message=f"cancelled; {exc}")
+                return
         except UserError as exc:
             error = str(exc)
         except Exception as exc:  # the worker must survive any job; the error is shown, the app serves on
