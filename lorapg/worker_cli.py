@@ -62,14 +62,19 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 def _started(ray, actors: list, devices: list[str]) -> list[dict]:
     """Each actor's ``info`` once it has built its engine and loaded its model; one that failed to is
     reported with its device (a model path missing on this machine, a device that does not exist)."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import GetTimeoutError, RayError
 
     from lorapg.errors import UserError, shorten
+    from lorapg.services.ray_workers import READY_TIMEOUT_S
 
     infos = []
     for actor, device in zip(actors, devices, strict=True):
         try:
-            infos.append(ray.get(actor.info.remote()))
-        except RayActorError as exc:
+            infos.append(ray.get(actor.info.remote(), timeout=READY_TIMEOUT_S))
+        except GetTimeoutError:  # a hung start must not leave the command waiting forever
+            raise UserError(
+                f"The worker on {device} did not start within {READY_TIMEOUT_S:.0f} s; check its device and --model."
+            ) from None
+        except RayError as exc:
             raise UserError(f"The worker on {device} did not start: {shorten(str(exc), 300)}") from None
     return infos
