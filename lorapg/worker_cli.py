@@ -26,7 +26,9 @@ def add_worker_parser(commands: argparse._SubParsersAction, add_settings: Callab
         "--connect",
         required=True,
         metavar="ADDRESS",
-        help="the Ray cluster's address (this machine joined it with `ray start --address ADDRESS`), or auto",
+        help="the Ray cluster's address, whose head runs on the app's machine (this machine joined it with "
+        "`ray start --address ADDRESS --node-ip-address PRIVATE_IP`), or auto; private networks only: "
+        "Ray's ports have no authentication (see README)",
     )
     worker.add_argument("--name", help="this worker's name in the app's list (default: host name and process id)")
     add_settings(worker)  # --devices (one actor each), --model (loaded at start), --lora-dir, ...
