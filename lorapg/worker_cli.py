@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from lorapg.config import Settings
 
@@ -42,6 +43,8 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     # The actors run in Ray's own processes, whose working folder is not this one: absolute folders.
     settings.lora_dir, settings.models_dir = settings.lora_dir.resolve(), settings.models_dir.resolve()
     settings.outputs = settings.outputs.resolve()
+    settings.model = absolute_if_path(settings.model)
+    settings.single_file_config = absolute_if_path(settings.single_file_config)
     devices = [str(device) for device in parse_devices(settings.devices, settings.device)]
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     stop = threading.Event()
@@ -59,6 +62,14 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             ray.kill(actor)
         ray.shutdown()
     return 0
+
+
+def absolute_if_path(ref: str | None) -> str | None:
+    """``ref`` made absolute when it names an existing file or folder here (the actors' working folder is
+    Ray's, where a relative path finds nothing); a hub id, or None, as it is."""
+    if ref and Path(ref).exists():
+        return str(Path(ref).resolve())
+    return ref
 
 
 def _started(ray, actors: list, devices: list[str]) -> list[dict]:

@@ -146,3 +146,13 @@ def test_a_cancel_that_arrives_before_its_generation_still_stops_it(tiny_models,
     result = actor.generate("job-1", request, str(tiny_models["sd15"]), None)
     assert result.cancelled
     assert actor.cancelling() == []  # cleared with the generation
+
+
+def test_a_relative_model_path_reaches_the_actors_absolute(tmp_path, monkeypatch):
+    from lorapg.worker_cli import absolute_if_path
+
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_if_path("models/mine") == str(tmp_path / "models" / "mine")
+    assert absolute_if_path("org/some-model") == "org/some-model"  # a hub id: no such folder here
+    assert absolute_if_path(None) is None
