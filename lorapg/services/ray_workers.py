@@ -24,7 +24,7 @@ from typing import Any
 
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
-from lorapg.jobs import WorkerLost
+from lorapg.jobs import WorkerLost, WorkerUnfit
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class GenerationActor:
         try:
             model = self.engine.load_model(model_ref)
             if family is not None and model.family != family:
-                raise UserError(
+                raise WorkerUnfit(
                     f"Worker {self.label} has {shorten(model_ref)} as a {model.family} model, but the request was "
                     f"checked for {family}; give every machine the same model files."
                 )
@@ -242,6 +242,17 @@ class RemoteEngine:
             raise UserError(f"Worker {self.device} has no model loaded; load one first.")
         key = uuid.uuid4().hex
         pending = self._actor.generate.remote(key, request, ref, family)
+        try:
+            result = self._follow(pending, key, on_step, should_cancel)
+        except UserError:
+            # The worker may have loaded another model before refusing: the app routes by what it holds.
+            self._refresh_quietly()
+            raise
+        self.info = {**self.info, "model": ref, "family": result.family}
+        return result
+
+    def _follow(self, pending, key: str, on_step, should_cancel):
+        """The result of the generation ``pending``, relaying progress and a cancel while it runs."""
         cancel_sent, last, missed = False, None, 0
         while not self._wait(pending):
             if should_cancel is not None and should_cancel() and not cancel_sent:
@@ -256,9 +267,13 @@ class RemoteEngine:
             if on_step is not None and step is not None and step[:2] != last and step[1]:
                 last = step[:2]
                 on_step(step[0], step[1], step[2])
-        result = self._get(pending)
-        self.info = {**self.info, "model": ref, "family": result.family}
-        return result
+        return self._get(pending)
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # the job's own error is what the user needs; a stale view is the lesser harm
+            log.warning("worker %s: could not refresh its state", self.device, exc_info=True)
 
     def _wait(self, pending) -> bool:
         """Whether ``pending`` has finished (after at most ``POLL_SECONDS``); a Ray failure loses the worker."""
@@ -289,8 +304,8 @@ class RemoteEngine:
             raise  # the caller decides (a missed progress poll is not yet a lost worker)
         except exceptions.RayTaskError as exc:  # raised by the worker's own code
             cause = exc.cause
-            if isinstance(cause, UserError):
-                raise UserError(str(cause)) from None
+            if isinstance(cause, UserError):  # WorkerUnfit stays itself: the queue retires the worker
+                raise (WorkerUnfit if isinstance(cause, WorkerUnfit) else UserError)(str(cause)) from None
             raise RuntimeError(f"worker {self.device}: {type(cause).__name__}: {cause}") from None
         except exceptions.RayError as exc:
             # ActorDiedError; ActorUnavailableError (documented as temporary: the call "may or may not
