@@ -156,3 +156,17 @@ def test_a_relative_model_path_reaches_the_actors_absolute(tmp_path, monkeypatch
     assert absolute_if_path("models/mine") == str(tmp_path / "models" / "mine")
     assert absolute_if_path("org/some-model") == "org/some-model"  # a hub id: no such folder here
     assert absolute_if_path(None) is None
+
+
+def test_any_failure_to_reach_the_cluster_names_the_flag(monkeypatch):
+    import ray
+
+    from lorapg.errors import UserError
+
+    def unreachable(**_options):
+        raise exceptions.RaySystemError("failed to connect to the GCS")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    with pytest.raises(UserError, match=r"--ray 10\.0\.0\.9:6379: no Ray cluster answered"):
+        ray_workers.connect("10.0.0.9:6379")
