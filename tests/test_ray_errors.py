@@ -170,3 +170,30 @@ def test_any_failure_to_reach_the_cluster_names_the_flag(monkeypatch):
     monkeypatch.setattr(ray, "init", unreachable)
     with pytest.raises(UserError, match=r"--ray 10\.0\.0\.9:6379: no Ray cluster answered"):
         ray_workers.connect("10.0.0.9:6379")
+
+
+def test_the_worker_hashes_its_loras_so_the_app_needs_no_path_to_them(tiny_models, tmp_path):
+    import shutil
+
+    from lorapg.diffusion.request import LoraRequest
+    from lorapg.hashing import lora_hash
+    from lorapg.outputs import image_record
+
+    loras = tmp_path / "worker-loras"
+    shutil.copytree(tiny_models["loras"], loras)
+    expected = lora_hash(loras / "style.safetensors")
+    settings = Settings(
+        model=str(tiny_models["sd15"]),
+        lora_dir=loras,
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "outputs",
+        device="cpu",
+    )
+    actor = GenerationActor(settings, "cpu", "wa")
+    request = GenerationRequest(
+        prompt="a red fox", steps=2, width=64, height=64, seed=1, loras=(LoraRequest("style", 0.8),)
+    )
+    result = actor.generate("job-2", request, str(tiny_models["sd15"]), None)
+    shutil.rmtree(loras)  # the app's machine: no such folder
+    record = image_record(result, 0)
+    assert [(use.name, use.file_hash) for use in record.loras] == [("style", expected)]

@@ -121,6 +121,8 @@ class GenerationActor:
     def generate(self, key: str, request: Any, model_ref: str, family: str | None) -> Any:
         """Generate ``request`` with ``model_ref`` (loaded first when another one is resident); ``family``:
         the family the app checked the request for (None: not known there)."""
+        from lorapg.outputs import file_hashes
+
         with self._lock:
             self._progress[key] = (0, 0, None, "")
         try:
@@ -133,6 +135,8 @@ class GenerationActor:
             result = self.engine.generate(
                 request, on_step=lambda *step: self._step(key, *step), should_cancel=lambda: key in self._cancelled
             )
+            # Hashed here, where the files are: the app saves the images with these (lorapg/outputs.py).
+            result.file_hashes = file_hashes(result)
             self._jobs_done += 1
             return result
         finally:
