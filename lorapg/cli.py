@@ -54,7 +54,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="Ray cluster (e.g. 10.0.0.5:6379) whose lorapg workers join this app's queue (needs ray installed)",
+        help="Ray cluster whose lorapg workers join this app's queue (needs ray installed): run its head on THIS "
+        "machine (`ray start --head --node-ip-address PRIVATE_IP`; the app exits ~60 s after losing the head) "
+        "and keep it on a private network: Ray's ports have no authentication (see README)",
     )
     parser.add_argument("--dtype", help="auto, float16, bfloat16 or float32")
     parser.add_argument("--threads", type=int, help="torch CPU threads (0 = torch default)")

@@ -35,6 +35,12 @@ ANY_WORKER = None  # ``submit(worker=ANY_WORKER)``: the first free worker runs i
 RETRIES_ELSEWHERE = 1  # times a job whose worker was lost mid-job runs again on another worker
 
 
+class WorkerUnfit(UserError):
+    """Raised by work whose worker cannot run it with the model it was given (a remote worker that has
+    the model's ref as another family): that worker leaves the rotation until another model is chosen,
+    as a device that could not load the model does (GenerationService), so it stops failing its share."""
+
+
 class WorkerLost(Exception):
     """Raised by work whose worker died under it (a remote worker's process or connection is gone):
     the queue takes that worker out of the rotation for good and runs the job once more elsewhere."""
@@ -289,6 +295,9 @@ class JobQueue:
         except WorkerLost as exc:
             error = self._worker_lost(job, work, context, worker, exc)
             if error is None:  # back in the queue: another worker runs it
+                return
+            if job.cancel_requested():  # the user stopped it: nothing to submit again, whatever the worker did
+                self._finish(job, CANCELLED, message=f"cancelled; {exc}")
                 return
         except UserError as exc:
             error = str(exc)

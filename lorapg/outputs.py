@@ -28,14 +28,27 @@ from lorapg.limits import CONTROL_RESIZE_MODES, INPAINTING_FILLS
 log = logging.getLogger(__name__)
 
 
+def file_hashes(result: GenerationResult) -> dict:
+    """The LoRA hashes (in ``result.loras`` order) and the single-file model hash of ``result``, read from
+    the files where they were used. A remote worker sends them with its result (``result.file_hashes``):
+    the app's paths to those files may differ, or be missing, and the images are made already."""
+    source = result.model
+    return {
+        "loras": [lora_hash(s.info.path) for s in result.loras],
+        # A1111's model hash is of the checkpoint file; a diffusers folder has no single file.
+        "model": model_hash(source.path) if source.kind == SINGLE_FILE and source.path else None,
+    }
+
+
 def image_record(result: GenerationResult, index: int, job_id: str | None = None) -> ImageRecord:
     """Everything needed to make image ``index`` of ``result`` again, as a gallery record."""
     request = result.request
     source = result.model
+    hashes = getattr(result, "file_hashes", None) or file_hashes(result)
     return ImageRecord(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        loras=[LoraUse(s.info.name, s.scale, lora_hash(s.info.path)) for s in result.loras],
+        loras=[LoraUse(s.info.name, s.scale, digest) for s, digest in zip(result.loras, hashes["loras"], strict=True)],
         seed=result.seeds[index],
         steps=request.steps,
         guidance_scale=request.guidance_scale,
@@ -43,8 +56,7 @@ def image_record(result: GenerationResult, index: int, job_id: str | None = None
         width=request.width,
         height=request.height,
         model_name=source.display_name,
-        # A1111's model hash is of the checkpoint file; a diffusers folder has no single file.
-        model_hash=model_hash(source.path) if source.kind == SINGLE_FILE and source.path else None,
+        model_hash=hashes["model"],
         job_id=job_id,
         clip_skip=request.clip_skip if request.clip_skip > 1 else None,
         # Empty at strength 0: the image is the seed's own, and A1111 writes no variation then.

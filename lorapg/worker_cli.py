@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from lorapg.config import Settings
 
@@ -26,7 +27,9 @@ def add_worker_parser(commands: argparse._SubParsersAction, add_settings: Callab
         "--connect",
         required=True,
         metavar="ADDRESS",
-        help="the Ray cluster's address (this machine joined it with `ray start --address ADDRESS`), or auto",
+        help="the Ray cluster's address, whose head runs on the app's machine (this machine joined it with "
+        "`ray start --address ADDRESS --node-ip-address PRIVATE_IP`), or auto; private networks only: "
+        "Ray's ports have no authentication (see README)",
     )
     worker.add_argument("--name", help="this worker's name in the app's list (default: host name and process id)")
     add_settings(worker)  # --devices (one actor each), --model (loaded at start), --lora-dir, ...
@@ -40,6 +43,8 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     # The actors run in Ray's own processes, whose working folder is not this one: absolute folders.
     settings.lora_dir, settings.models_dir = settings.lora_dir.resolve(), settings.models_dir.resolve()
     settings.outputs = settings.outputs.resolve()
+    settings.model = absolute_if_path(settings.model)
+    settings.single_file_config = absolute_if_path(settings.single_file_config)
     devices = [str(device) for device in parse_devices(settings.devices, settings.device)]
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     stop = threading.Event()
@@ -59,17 +64,30 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def absolute_if_path(ref: str | None) -> str | None:
+    """``ref`` made absolute when it names an existing file or folder here (the actors' working folder is
+    Ray's, where a relative path finds nothing); a hub id, or None, as it is."""
+    if ref and Path(ref).exists():
+        return str(Path(ref).resolve())
+    return ref
+
+
 def _started(ray, actors: list, devices: list[str]) -> list[dict]:
     """Each actor's ``info`` once it has built its engine and loaded its model; one that failed to is
     reported with its device (a model path missing on this machine, a device that does not exist)."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import GetTimeoutError, RayError
 
     from lorapg.errors import UserError, shorten
+    from lorapg.services.ray_workers import READY_TIMEOUT_S
 
     infos = []
     for actor, device in zip(actors, devices, strict=True):
         try:
-            infos.append(ray.get(actor.info.remote()))
-        except RayActorError as exc:
+            infos.append(ray.get(actor.info.remote(), timeout=READY_TIMEOUT_S))
+        except GetTimeoutError:  # a hung start must not leave the command waiting forever
+            raise UserError(
+                f"The worker on {device} did not start within {READY_TIMEOUT_S:.0f} s; check its device and --model."
+            ) from None
+        except RayError as exc:
             raise UserError(f"The worker on {device} did not start: {shorten(str(exc), 300)}") from None
     return infos

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 
-from lorapg.jobs import ANY_WORKER, DONE, ERROR, JobQueue, WorkerLost
+from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, ERROR, JobQueue, WorkerLost
 
 WAIT = 30  # seconds: a safety net against a hang, never what a test measures
 
@@ -102,5 +102,26 @@ def test_a_job_for_one_worker_is_not_moved_when_that_worker_is_lost():
         job = jobs.submit("generate", work, worker=1)
         assert job.wait(WAIT)
         assert job.status == ERROR and job.retries == 0 and "not run again" in job.error
+    finally:
+        assert jobs.close(WAIT)
+
+
+def test_a_cancelled_job_whose_worker_is_then_lost_ends_cancelled():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu"])
+    started, lose = threading.Event(), threading.Event()
+
+    def work(job):
+        started.set()
+        assert lose.wait(WAIT)
+        raise WorkerLost("Worker ray:wa/cpu stopped (ActorDiedError).")
+
+    try:
+        job = jobs.submit("generate", work, worker=ANY_WORKER, prefer={1})
+        assert started.wait(WAIT)
+        jobs.cancel(job.id)
+        lose.set()
+        assert job.wait(WAIT)
+        assert job.status == CANCELLED and job.error is None and job.retries == 0
+        assert jobs.lost() == [1]
     finally:
         assert jobs.close(WAIT)

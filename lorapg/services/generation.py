@@ -29,7 +29,7 @@ from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
-from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue, WorkerLost
+from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue, WorkerLost, WorkerUnfit
 from lorapg.limits import HIRES_UPSCALERS
 from lorapg.services.img2img_inputs import options_from_form
 from lorapg.services.workers import WorkerPool
@@ -399,9 +399,15 @@ class GenerationService:
                     "This job failed; submit it again and another device runs it."
                 ) from None
         if getattr(engine, "remote", False):  # another machine (lorapg/services/ray_workers.py)
-            result = engine.generate(
-                request, on_step=report, should_cancel=should_cancel, model_ref=ref, family=self._family_of(ref)
-            )
+            try:
+                result = engine.generate(
+                    request, on_step=report, should_cancel=should_cancel, model_ref=ref, family=self._family_of(ref)
+                )
+            except WorkerUnfit:  # out of the rotation for this model, as a device that could not load it
+                self.jobs.retire(job.worker)
+                self._retired_on.add(ref)
+                log.warning("worker %s cannot run %s; retired until another model is chosen", engine.device, ref)
+                raise
         else:
             result = engine.generate(request, on_step=report, should_cancel=should_cancel)
         if record and self.result_sink is not None and not result.cancelled:

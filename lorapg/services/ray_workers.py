@@ -24,7 +24,7 @@ from typing import Any
 
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
-from lorapg.jobs import WorkerLost
+from lorapg.jobs import WorkerLost, WorkerUnfit
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,12 @@ NAMESPACE = "lorapg"  # every worker actor and the app's driver live in this Ray
 ACTOR_PREFIX = "lorapg-worker:"  # a worker actor's name: ACTOR_PREFIX + worker name + ":" + device index
 ACTOR_CONCURRENCY = 4  # a generation, and progress / cancel calls beside it
 POLL_SECONDS = 0.1  # how often the app asks a remote worker for its progress while a job runs
+# Without a timeout a hung worker (or a network that drops packets) blocks its job and queue thread forever.
+INFO_TIMEOUT_S = 60.0  # an ``info`` / ``cancel`` answer (they never wait for a generation)
+PROGRESS_TIMEOUT_S = 5.0  # one progress poll during a generation
+MISSED_POLLS = 6  # consecutive unanswered progress polls after which the worker counts as hung (~30 s)
+LOAD_TIMEOUT_S = 1800.0  # a model load on the worker (a large checkpoint over a slow disk or the hub)
+READY_TIMEOUT_S = 300.0  # at app start: a worker that has not built its engine by then is left out
 
 
 def require_ray(flag: str = "--ray"):
@@ -53,7 +59,7 @@ def connect(address: str, flag: str = "--ray"):
         return ray
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError, RaySystemError, a timeout, ...
         raise UserError(
             f"{flag} {shorten(address)}: no Ray cluster answered ({shorten(str(exc), 160)}); "
             "start one with `ray start --head` and give its address."
@@ -115,18 +121,22 @@ class GenerationActor:
     def generate(self, key: str, request: Any, model_ref: str, family: str | None) -> Any:
         """Generate ``request`` with ``model_ref`` (loaded first when another one is resident); ``family``:
         the family the app checked the request for (None: not known there)."""
+        from lorapg.outputs import file_hashes
+
         with self._lock:
             self._progress[key] = (0, 0, None, "")
         try:
             model = self.engine.load_model(model_ref)
             if family is not None and model.family != family:
-                raise UserError(
+                raise WorkerUnfit(
                     f"Worker {self.label} has {shorten(model_ref)} as a {model.family} model, but the request was "
                     f"checked for {family}; give every machine the same model files."
                 )
             result = self.engine.generate(
                 request, on_step=lambda *step: self._step(key, *step), should_cancel=lambda: key in self._cancelled
             )
+            # Hashed here, where the files are: the app saves the images with these (lorapg/outputs.py).
+            result.file_hashes = file_hashes(result)
             self._jobs_done += 1
             return result
         finally:
@@ -144,9 +154,12 @@ class GenerationActor:
             return self._progress.get(key)
 
     def cancel(self, key: str) -> None:
+        # Recorded even when ``key`` is not running yet: the cancel may overtake its ``generate`` call
+        # (both are calls on this threaded actor, in no set order), which then stops at its first step.
+        # ``generate``'s finally clears it; a cancel after the end leaves one key behind (the app sends
+        # none once it has the result, so only in that race).
         with self._lock:
-            if key in self._progress:  # a generation that already ended has nothing to stop
-                self._cancelled.add(key)
+            self._cancelled.add(key)
 
     def cancelling(self) -> list[str]:
         """The running generations asked to stop (they stop at their next step)."""
@@ -218,11 +231,11 @@ class RemoteEngine:
     def load_model(self, ref: str, on_status=None) -> RemoteModel | None:
         if on_status is not None:
             on_status(f"Loading {ref} on {self.device}…")
-        self.info = self._get(self._actor.load.remote(ref))
+        self.info = self._get(self._actor.load.remote(ref), timeout=LOAD_TIMEOUT_S)
         return self.model
 
-    def refresh(self) -> dict:
-        self.info = self._get(self._actor.info.remote())
+    def refresh(self, timeout: float = INFO_TIMEOUT_S) -> dict:
+        self.info = self._get(self._actor.info.remote(), timeout=timeout)
         return self.info
 
     def generate(self, request, on_step=None, should_cancel=None, *, model_ref: str | None = None, family=None):
@@ -233,36 +246,89 @@ class RemoteEngine:
             raise UserError(f"Worker {self.device} has no model loaded; load one first.")
         key = uuid.uuid4().hex
         pending = self._actor.generate.remote(key, request, ref, family)
-        cancel_sent, last = False, None
-        while not self._ray.wait([pending], timeout=POLL_SECONDS)[0]:
-            if should_cancel is not None and should_cancel() and not cancel_sent:
-                self._actor.cancel.remote(key)
-                cancel_sent = True
-            if on_step is not None:
-                step = self._get(self._actor.progress.remote(key))
-                if step is not None and step[:2] != last and step[1]:
-                    last = step[:2]
-                    on_step(step[0], step[1], step[2])
-        result = self._get(pending)
+        try:
+            result = self._follow(pending, key, on_step, should_cancel)
+        except UserError:
+            # The worker may have loaded another model before refusing: the app routes by what it holds.
+            self._refresh_quietly()
+            raise
         self.info = {**self.info, "model": ref, "family": result.family}
         return result
 
-    def _get(self, ref):
-        """``ray.get``, with the worker's own errors as they were raised there and a dead worker as ``WorkerLost``."""
+    def _follow(self, pending, key: str, on_step, should_cancel):
+        """The result of the generation ``pending``, relaying progress and a cancel while it runs."""
+        cancel_sent, last, missed = False, None, 0
+        while not self._wait(pending):
+            if should_cancel is not None and should_cancel() and not cancel_sent:
+                self._actor.cancel.remote(key)
+                cancel_sent = True
+            # Polled even without ``on_step``: an actor that stops answering is hung, and the job must
+            # not wait for it forever.
+            step, answered = self._poll(key)
+            missed = 0 if answered else missed + 1
+            if missed >= MISSED_POLLS:
+                self._lose(f"did not answer {missed} progress polls in a row")
+            if on_step is not None and step is not None and step[:2] != last and step[1]:
+                last = step[:2]
+                on_step(step[0], step[1], step[2])
+        return self._get(pending)
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # the job's own error is what the user needs; a stale view is the lesser harm
+            log.warning("worker %s: could not refresh its state", self.device, exc_info=True)
+
+    def _wait(self, pending) -> bool:
+        """Whether ``pending`` has finished (after at most ``POLL_SECONDS``); a Ray failure loses the worker."""
         from ray import exceptions
 
         try:
-            return self._ray.get(ref)
-        except exceptions.RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the process is gone
-            raise WorkerLost(f"Worker {self.device} stopped ({type(exc).__name__}).") from None
-        except exceptions.RayTaskError as exc:
+            return bool(self._ray.wait([pending], timeout=POLL_SECONDS)[0])
+        except exceptions.RayError as exc:
+            self._lose(type(exc).__name__)
+
+    def _poll(self, key: str) -> tuple[tuple | None, bool]:
+        """(the worker's progress for ``key``, whether it answered within ``PROGRESS_TIMEOUT_S``)."""
+        from ray import exceptions
+
+        try:
+            return self._get(self._actor.progress.remote(key), timeout=PROGRESS_TIMEOUT_S), True
+        except exceptions.GetTimeoutError:
+            return None, False
+
+    def _get(self, ref, timeout: float | None = None):
+        """``ray.get``: the worker's own errors as they were raised there, a worker Ray cannot reach as
+        ``WorkerLost``; a call that does not answer within ``timeout`` raises ``GetTimeoutError``."""
+        from ray import exceptions
+
+        try:
+            return self._ray.get(ref, timeout=timeout)
+        except exceptions.GetTimeoutError:
+            raise  # the caller decides (a missed progress poll is not yet a lost worker)
+        except exceptions.RayTaskError as exc:  # raised by the worker's own code
             cause = exc.cause
-            if isinstance(cause, UserError):
-                raise UserError(str(cause)) from None
+            if isinstance(cause, UserError):  # WorkerUnfit stays itself: the queue retires the worker
+                raise (WorkerUnfit if isinstance(cause, WorkerUnfit) else UserError)(str(cause)) from None
             raise RuntimeError(f"worker {self.device}: {type(cause).__name__}: {cause}") from None
+        except exceptions.RayError as exc:
+            # ActorDiedError; ActorUnavailableError (documented as temporary: the call "may or may not
+            # have been executed", so the actor may still be generating); ObjectLostError,
+            # OwnerDiedError, RaySystemError, ...
+            self._lose(type(exc).__name__)
+
+    def _lose(self, why: str):
+        """Kill the actor, then raise ``WorkerLost``. The kill comes first so the job can never run
+        twice: the queue re-runs it elsewhere, and an actor that was only unreachable (or hung) must
+        not finish the first run too."""
+        try:
+            self._ray.kill(self._actor, no_restart=True)
+        except Exception:  # already dead, or the cluster is gone: nothing left to stop
+            log.debug("ray.kill of worker %s failed", self.device, exc_info=True)
+        raise WorkerLost(f"Worker {self.device} stopped ({why}).")
 
 
-def remote_engines(address: str, wait_s: float = 0.0) -> list[RemoteEngine]:
+def remote_engines(address: str, wait_s: float = 0.0, ready_s: float = READY_TIMEOUT_S) -> list[RemoteEngine]:
     """Connect to the cluster at ``address`` and return one ``RemoteEngine`` per worker actor there,
     in name order; none found is refused (the app would run without the workers it was told of)."""
     ray = connect(address)
@@ -278,9 +344,12 @@ def remote_engines(address: str, wait_s: float = 0.0) -> list[RemoteEngine]:
     for name in names:
         actor = ray.get_actor(name)
         try:  # waits until the worker has built its engine and loaded its model
-            info = RemoteEngine(ray, actor, {"label": name.removeprefix(ACTOR_PREFIX)}).refresh()
+            info = RemoteEngine(ray, actor, {"label": name.removeprefix(ACTOR_PREFIX)}).refresh(ready_s)
         except WorkerLost:
             log.warning("worker %s is listed but not running; left out", name)
+            continue
+        except ray.exceptions.GetTimeoutError:  # the app still starts, with the workers that are ready
+            log.warning("worker %s was not ready within %.0f s; left out (it joins at the next start)", name, ready_s)
             continue
         engine = RemoteEngine(ray, actor, info)
         log.info("remote worker %s: model %s (%s)", engine.device, engine.info["model"], engine.info["family"])
