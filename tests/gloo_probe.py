@@ -28,7 +28,10 @@ def gloo_threads() -> list[str]:
 def _probing(end_training):
     def wrapper(self):
         end_training(self)
-        print(PREFIX, gloo_threads(), file=sys.stderr, flush=True)
+        # One write of one short line: both processes share stderr, and a pipe keeps a write of under
+        # PIPE_BUF bytes whole, so the two probes' lines never interleave (print may write in pieces).
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"\n{PREFIX} {gloo_threads()}\n".encode())
 
     return wrapper
 

@@ -182,7 +182,7 @@ def test_a_hires_target_the_tabs_factor_cannot_give_is_noted(runtime):
     made, by_id, _ = made_and_reused(runtime, base(hires=HiresOptions(resize_x=96, resize_y=80, steps=1)))
     assert differences(made, by_id.to_request()) == []
     assert by_id.form_notes() == [
-        "Hires fix: this image was upscaled to 96×80; the Generate tab's factor gives 96×96, "
+        "Hires fix: this image was upscaled to 96×80; the Generate form's factor gives 96×96, "
         "make it through the API (hr_resize_x, hr_resize_y) for the same size."
     ]
 

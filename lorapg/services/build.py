@@ -218,6 +218,12 @@ def worker_devices(settings: Settings) -> tuple[list, int]:
     return devices, training_worker(settings.train_device, devices)
 
 
+def build_worker_engine(settings: Settings, device) -> DiffusionEngine:
+    """The engine of a worker on another machine (``python -m lorapg worker``): its own LoRA folder's
+    library and one device, built as the app builds each of its own engines."""
+    return build_engine(settings, LoraLibrary(settings.lora_dir), device)
+
+
 def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionEngine:
     """One device's diffusion engine, with that device's residency manager (None on CPU)."""
     from lorapg.devices import pick_dtype

@@ -213,7 +213,7 @@ class ReuseParameters:
         units = self.control_units()
         if len(units) > 1:
             notes.append(
-                f"ControlNet: this image used {len(units)} units; the Generate tab holds the first only, "
+                f"ControlNet: this image used {len(units)} units; the Generate form holds the first only, "
                 "make it through the API (/sdapi/v1/txt2img) to use them all."
             )
         return notes + self._hires_size_notes()
@@ -229,7 +229,7 @@ class ReuseParameters:
         if made == by_factor:
             return []
         return [
-            f"Hires fix: this image was upscaled to {made[0]}×{made[1]}; the Generate tab's factor gives "
+            f"Hires fix: this image was upscaled to {made[0]}×{made[1]}; the Generate form's factor gives "
             f"{by_factor[0]}×{by_factor[1]}, make it through the API (hr_resize_x, hr_resize_y) for the same size."
         ]
 

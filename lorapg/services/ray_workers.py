@@ -79,16 +79,15 @@ class GenerationActor:
         import torch
 
         from lorapg.devices import set_cpu_threads
-        from lorapg.diffusion.lora_library import LoraLibrary
-        from lorapg.services.build import build_engine, configure_logging
+        from lorapg.services.build import build_worker_engine, configure_logging
 
         configure_logging(tracebacks=False)
         set_cpu_threads(settings.threads)
         self.name, self.label = name, f"{name}/{device}"
         # Ray hands a GPU actor its own GPU (CUDA_VISIBLE_DEVICES): inside, it is always the first one.
         local = torch.device("cuda" if device.startswith("cuda") else device)
-        self.library = LoraLibrary(settings.lora_dir)
-        self.engine = build_engine(settings, self.library, local)
+        self.engine = build_worker_engine(settings, local)
+        self.library = self.engine.library
         if settings.model:
             self.engine.load_model(settings.model)
         self._progress: dict[str, tuple] = {}  # job key -> (step, total, preview, message)
@@ -277,7 +276,7 @@ class RemoteEngine:
         try:
             self.refresh()
         except Exception:  # the job's own error is what the user needs; a stale view is the lesser harm
-            log.warning("worker %s: could not refresh its state", self.device, exc_info=True)
+            log.warning("worker %s: could not update its state", self.device, exc_info=True)
 
     def _wait(self, pending) -> bool:
         """Whether ``pending`` has finished (after at most ``POLL_SECONDS``); a Ray failure loses the worker."""
