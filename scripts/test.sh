@@ -11,7 +11,10 @@ export LORAPG_SLOW_TESTS="${LORAPG_SLOW_TESTS:-1}"
 # One pytest worker per core, at most 4 (pytest-xdist; each worker builds its own tiny models, and a
 # test starts app servers and browsers of its own). A module's tests stay on one worker (loadfile):
 # module fixtures such as a running app are built once. LORAPG_TEST_WORKERS=0 runs in this process.
-workers="${LORAPG_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}"
+# GNU nproc honours OMP_NUM_THREADS (set to 1 above for torch): count the cores without it, or the
+# suite runs on one worker whatever the machine has.
+cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+workers="${LORAPG_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
 # Modules go out in collection order, the longest first (tests/conftest.py, LONGEST_MODULES), not
 # xdist's most-tests-first: a long module started last would keep one worker busy alone at the end.
 # The slowest tests are listed at the end, so a run that grows shows where the time went.
