@@ -28,23 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.forked_runs import HEAVY_MODULES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # What each entry point imports before it does anything, in its own order (ZeroGPU's hook, then the
 # quiet-imports switch, then the libraries). The CLI never imports gradio (tests/test_services_layer.py),
 # so its children come from a factory without it: an exit-time race must meet the modules a user's has.
-CLI_PRELOAD = (
-    "lorapg.hosting.zerogpu",
-    "lorapg.quiet",
-    "torch",
-    "diffusers",
-    "transformers",
-    "peft",
-    "lorapg.cli",
-    "lorapg.services.build",
-    "lorapg.diffusion.engine",
-    "lorapg.outputs",
-)
+CLI_PRELOAD = ("lorapg.hosting.zerogpu", "lorapg.quiet", *HEAVY_MODULES)
 APP_PRELOAD = (*CLI_PRELOAD, "gradio", "lorapg.api", "lorapg.ui.app_ui")
 
 # Environment variables the factory's children may differ in: the app's own settings, read when the app
