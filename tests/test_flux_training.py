@@ -219,8 +219,9 @@ def test_sigmas_come_from_the_scheduler_with_its_shift(bases):
 
 
 def test_settings_the_family_cannot_use_are_refused_with_the_field_named(bases, tmp_path):
-    with pytest.raises(UserError, match="train_text_encoder"):
-        _train(bases, tmp_path, train_text_encoder=True).run()
+    # train_text_encoder trains (tests/test_flux_text_encoder_training.py); SD's LoCon has no transformer form.
+    with pytest.raises(UserError, match="train_conv"):
+        _train(bases, tmp_path, train_conv=True).run()
     # Real Flux.1: an 8x VAE and 2x2 packing make sides multiples of 16.
     pipe = FluxPipeline.from_pretrained(str(bases["flux"]))
     pipe.vae.register_to_config(block_out_channels=(128, 256, 512, 512))
@@ -384,7 +385,7 @@ def flux_services(bases, tmp_path):
         services.jobs.shutdown()
 
 
-@pytest.mark.parametrize(("setting", "model"), [("train_text_encoder", "named"), ("train_conv", "the app's")])
+@pytest.mark.parametrize(("setting", "model"), [("train_conv", "named"), ("train_conv", "the app's")])
 def test_settings_flux_cannot_train_are_refused_before_loading(bases, flux_services, setting, model):
     values = {"name": "zqx_refused", "trigger": "zqx", "images": str(bases["images"]), setting: True}
     if model == "named":
@@ -426,8 +427,7 @@ def test_the_estimate_plans_flux_steps_as_the_trainer_does(bases, flux_services,
 
 def test_train_cli_with_a_preset_and_the_app_s_flux_model_trains(bases, tmp_path, monkeypatch):
     """``python -m lorapg train cfg.toml``: preset = character, no model in the file, the app's model
-    (LORAPG_MODEL) is Flux.1: the Flux.1 preset applies, so the run trains instead of being refused
-    for SD's train_text_encoder = true."""
+    (LORAPG_MODEL) is Flux.1: the Flux.1 preset applies (its values, not SD's train_text_encoder = true)."""
     monkeypatch.setenv("LORAPG_MODEL", str(bases["flux"]))
     values = {"preset": "character", "name": "zqx_app", "trigger": "zqx", "images": str(bases["images"])}
     values.update(rank=4, alpha=2.0, epochs=1, max_steps=1, sample_steps=0, work_dir=str(tmp_path / "work"))

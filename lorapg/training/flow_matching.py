@@ -13,7 +13,12 @@ Modelled on diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` and
 - Flux: latents packed 2×2 into tokens, latent image ids, timestep ÷ 1000, and for dev (a
   guidance-distilled model) the guidance input;
 - the text embeddings of every caption (and of the sample prompt) computed once before the loop, so
-  the T5 and CLIP encoders leave the training device (``release_text_encoders``).
+  the T5 and CLIP encoders leave the training device (``release_text_encoders``);
+- optionally (``train_text_encoder``, the scripts' ``--train_text_encoder``) a LoRA on the CLIP encoders'
+  attention projections: Flux.1's CLIP-L (``text_encoder``), SD 3.5's two (``text_encoder``,
+  ``text_encoder_2``); T5 is never trained. The CLIP part of every batch's embeddings (Flux: the pooled
+  embedding; SD 3: the first tokens of the hidden states and the pooled embedding) is then computed per
+  step with gradients, while T5's part is still read from the cache, so T5 still leaves the device.
 
 The trainer (``lorapg.training.trainer``) keeps the shared machinery: data, buckets, latent cache,
 accelerator, optimizer, checkpoints, resume, cancel, per-epoch files. It calls a ``FlowTraining`` where
@@ -69,13 +74,15 @@ DIFFUSERS_SCHEME = {"uniform": "none"}
 REAL_MULTIPLE = 16
 
 
+# The CLIP encoders a text-encoder LoRA trains, by pipeline attribute (also the exported keys' prefix):
+# diffusers' Flux script trains CLIP-L only (T5 is too large), its SD 3 script both CLIP encoders.
+TRAINED_TEXT_ENCODERS = {FLUX: ("text_encoder",), SD3: ("text_encoder", "text_encoder_2")}
+
+
 def refuse_unusable_settings(config, family: str) -> None:
     """UserError for a setting that does not exist for ``family``'s transformer; checked before loading
     (TrainingService.prepare, when the family is known then) and again once the model is loaded."""
     label = family_label(family)
-    if config.train_text_encoder:
-        # The family's presets (presets/training/<family>/) leave it off.
-        raise UserError(f"Train text encoder (train_text_encoder) is not available for {label} yet: turn it off.")
     if config.train_conv:
         raise UserError(f"Train conv (train_conv) applies to SD UNets only: turn it off for {label}.")
 
@@ -135,6 +142,9 @@ class FlowTraining:
         self.guidance = family == FLUX and bool(self.transformer_config.get("guidance_embeds", False))
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> (hidden, pooled)
         self.encoders_released = False
+        # train_text_encoder: pipeline attribute -> the trained CLIP encoder as the loop calls it (set by
+        # ``use_trained_text_encoders`` once the LoRA is added and the accelerator has prepared it).
+        self.trained_encoders: dict[str, Any] = {}
         self._check_config(config)
 
     # --- what the family can train ----------------------------------------------------------------
@@ -158,6 +168,15 @@ class FlowTraining:
     def text_encoders(self) -> list[Any]:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
         return [getattr(self.pipe, name) for name in names if getattr(self.pipe, name, None) is not None]
+
+    def trainable_text_encoders(self) -> dict[str, Any]:
+        """The CLIP encoders ``train_text_encoder`` adds a LoRA to, by pipeline attribute."""
+        return {name: getattr(self.pipe, name) for name in TRAINED_TEXT_ENCODERS[self.family]}
+
+    def use_trained_text_encoders(self, encoders: dict[str, Any]) -> None:
+        """From now on the CLIP part of every batch's (and sample's) embeddings comes from ``encoders``
+        (the accelerator-prepared ones: under DDP their wrappers average the gradients)."""
+        self.trained_encoders = dict(encoders)
 
     def scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -209,14 +228,24 @@ class FlowTraining:
         """
         if self.encode_every_step:
             return
+        # Encoders being trained stay: the loop runs them every step (T5, never trained, still leaves).
+        kept = self.trainable_text_encoders().values() if self.config.train_text_encoder else ()
         for encoder in self.text_encoders():
-            encoder.to("cpu")
+            if not any(encoder is k for k in kept):
+                encoder.to("cpu")
         self.encoders_released = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def embeddings(self, captions: list[str], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's (hidden, pooled): from the cache, or encoded now when captions vary per step."""
+        """The batch's (hidden, pooled): from the cache, or encoded now when captions vary per step; with
+        trained CLIP encoders, their part recomputed (with gradients when grad mode is on)."""
+        hidden, pooled = self._frozen_embeddings(captions, device, dtype)
+        if self.trained_encoders:
+            hidden, pooled = self._with_trained_clip(captions, hidden, pooled, device, dtype)
+        return hidden, pooled
+
+    def _frozen_embeddings(self, captions: list[str], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [c for c in captions if c not in self.text_cache or self.encode_every_step]
         if missing and self.encoders_released:
             raise RuntimeError(f"caption not encoded before the text encoders left the device: {missing[0]!r}")
@@ -226,6 +255,27 @@ class FlowTraining:
         hidden = torch.stack([self.text_cache[c][0] for c in captions]).to(device, dtype)
         pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(device, dtype)
         return hidden, pooled
+
+    def _with_trained_clip(self, captions, hidden, pooled, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, pooled) with the trained CLIP encoders' part replaced, computed as the pipeline's
+        ``_get_clip_prompt_embeds`` does: Flux.1 reads only CLIP's pooled output (its hidden states are
+        T5's); SD 3 reads both encoders' penultimate layer (concatenated, zero-padded to T5's width, the
+        first tokens of the sequence) and their projected pooled outputs, concatenated."""
+        tokenizers = {"text_encoder": self.pipe.tokenizer, "text_encoder_2": getattr(self.pipe, "tokenizer_2", None)}
+        if self.family == FLUX:
+            ids = _clip_ids(tokenizers["text_encoder"], captions, device)
+            output = self.trained_encoders["text_encoder"](ids, output_hidden_states=False)
+            return hidden, output.pooler_output.to(dtype)
+        layers, pools = [], []
+        for name in TRAINED_TEXT_ENCODERS[SD3]:
+            ids = _clip_ids(tokenizers[name], captions, device)
+            output = self.trained_encoders[name](ids, output_hidden_states=True)
+            pools.append(output[0])  # CLIPTextModelWithProjection's text_embeds
+            layers.append(output.hidden_states[-2])  # SD 3 (no clip skip) reads the penultimate layer
+        clip = torch.cat(layers, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, hidden.shape[-1] - clip.shape[-1]))
+        hidden = torch.cat([clip.to(dtype), hidden[:, clip.shape[1] :]], dim=-2)
+        return hidden, torch.cat(pools, dim=-1).to(dtype)
 
     # --- the loss -------------------------------------------------------------------------------
 
@@ -353,3 +403,10 @@ class FlowTraining:
         medium = bool(self.transformer_config.get("dual_attention_layers", ()))
         variant = "stable-diffusion-v3.5-medium" if medium else "stable-diffusion-v3.5-large"
         return metadata | {"modelspec.architecture": f"{variant}/lora", "ss_base_model_version": "sd3"}
+
+
+def _clip_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
+    """Token ids as the pipelines' ``_get_clip_prompt_embeds`` make them (padded to the tokenizer's length)."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)

@@ -670,22 +670,18 @@ class Trainer:
                 r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=unet_targets
             )
         )
-        if config.train_text_encoder:
-            for encoder in run.text_encoders:
-                encoder.add_adapter(
-                    LoraConfig(
-                        r=config.rank,
-                        lora_alpha=config.alpha,
-                        init_lora_weights="gaussian",
-                        target_modules=TEXT_TARGETS,
-                    )
+        text_encoders = self._text_encoders_to_train(run)
+        for encoder in text_encoders.values():
+            encoder.add_adapter(
+                LoraConfig(
+                    r=config.rank,
+                    lora_alpha=config.alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=TEXT_TARGETS,
                 )
+            )
         # diffusers' names: Flux / SD 3 LoRAs are keyed transformer.…, SD ones unet.… (kohya on export).
-        run.trained = {("transformer" if run.flow is not None else "unet"): run.unet}
-        if config.train_text_encoder:
-            run.trained["text_encoder"] = run.text_encoders[0]
-            if run.family == SDXL:
-                run.trained["text_encoder_2"] = run.text_encoders[1]
+        run.trained = {("transformer" if run.flow is not None else "unet"): run.unet, **text_encoders}
         for module in run.trained.values():
             for parameter in module.parameters():
                 if parameter.requires_grad:
@@ -693,15 +689,22 @@ class Trainer:
         if config.gradient_checkpointing:
             self._enable_gradient_checkpointing(run)
 
+    def _text_encoders_to_train(self, run: _RunState) -> dict[str, Any]:
+        """Export prefix -> text encoder that gets a LoRA: none unless train_text_encoder; SD's encoder(s)
+        (SDXL's two); Flux.1's CLIP-L, SD 3.5's two CLIP encoders (never T5)."""
+        if not self.config.train_text_encoder:
+            return {}
+        if run.flow is not None:
+            return run.flow.trainable_text_encoders()
+        names = ("text_encoder", "text_encoder_2")[: len(run.text_encoders)]
+        return dict(zip(names, run.text_encoders, strict=True))
+
     def _enable_gradient_checkpointing(self, run: _RunState) -> None:
         run.unet.enable_gradient_checkpointing()
-        if self.config.train_text_encoder:
-            for encoder in run.text_encoders:
-                # transformers 5 renamed it; the old name warns.
-                enable = (
-                    getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
-                )
-                enable()
+        for encoder in (module for module in run.trained.values() if module is not run.unet):
+            # transformers 5 renamed it; the old name warns.
+            enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+            enable()
 
     def _prepare_optimization(self, run: _RunState) -> None:
         """The optimizer, the step counts, the LR schedule; the accelerator wraps them with the trained modules."""
@@ -710,8 +713,9 @@ class Trainer:
 
         config, accelerator = self.config, run.accelerator
         param_groups = [{"params": [p for p in run.unet.parameters() if p.requires_grad], "lr": config.unet_lr}]
-        if config.train_text_encoder:
-            te_params = [p for e in run.text_encoders for p in e.parameters() if p.requires_grad]
+        text_encoders = {name: module for name, module in run.trained.items() if module is not run.unet}
+        if text_encoders:  # their own group: text_encoder_lr
+            te_params = [p for e in text_encoders.values() for p in e.parameters() if p.requires_grad]
             param_groups.append({"params": te_params, "lr": config.text_encoder_lr})
         optimizer, run.optimizer_name = make_optimizer(config.optimizer, param_groups, run.device)
         self._plan_steps(run)
@@ -721,12 +725,13 @@ class Trainer:
             num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=run.total_steps * accelerator.num_processes,
         )
-        text_encoders = [module for module in run.trained.values() if module is not run.unet]
-        prepared = accelerator.prepare(run.unet, *text_encoders, optimizer, lr_scheduler)
+        prepared = accelerator.prepare(run.unet, *text_encoders.values(), optimizer, lr_scheduler)
         run.unet, run.optimizer, run.lr_scheduler = prepared[0], prepared[-2], prepared[-1]
         if text_encoders:
             # Trained encoders run through their DDP wrappers, which average their gradients across processes.
             run.text_encoders = list(prepared[1:-2])
+            if run.flow is not None:
+                run.flow.use_trained_text_encoders(dict(zip(text_encoders, run.text_encoders, strict=True)))
         if run.flow is not None:
             run.noise_scheduler = run.flow.scheduler()
         else:
@@ -1184,7 +1189,8 @@ class Trainer:
             )
         )
         denoiser = run.accelerator.unwrap_model(run.unet)
-        denoiser.eval()
+        for module in run.trained.values():  # trained text encoders too: Flux/SD 3 samples run them
+            module.eval()
         if run.flow is None:
             pipe.unet = denoiser
         pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,307 @@
+"""The optional CLIP text-encoder LoRA for Flux.1 and SD 3.5 (issue 17 item 5), on tiny pipelines, on the CPU.
+
+With ``train_text_encoder`` a Flux.1 run also trains a LoRA on CLIP-L's attention projections, an SD 3.5
+run on both CLIP encoders' (T5 is never trained): the loss on the training images goes down, the text
+encoders' LoRA weights move, the file carries ``text_encoder.`` (and ``text_encoder_2.``) keys beside the
+``transformer.`` ones, plain diffusers and the app's Generate path apply that part (the text encoder's
+output and the image change), sample images use the trained encoder, and a resumed run restores it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lorapg.diffusion.engine import DiffusionEngine
+from lorapg.diffusion.families import FLUX, SD3
+from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.training.config import build_config
+from lorapg.training.flow_matching import FlowTraining
+from lorapg.training.trainer import Trainer, build_caption
+from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline
+from tests.training_data import write_images
+
+FAMILIES = {"flux": FLUX, "sd3": SD3}
+PIPELINES = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
+TEXT_PREFIXES = {"flux": ("text_encoder.",), "sd3": ("text_encoder.", "text_encoder_2.")}
+# A tiny model moves visibly in 6 steps at these rates; one sample step per epoch exercises the samples.
+RUN = dict(
+    rank=4,
+    alpha=2.0,
+    unet_lr=3e-2,
+    text_encoder_lr=3e-2,
+    train_text_encoder=True,
+    epochs=2,
+    save_precision="fp32",
+    gradient_checkpointing=True,
+    sample_steps=1,
+    seed=5,
+)
+PROMPT = "zqx, a picture"
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("te_bases")
+    build_flux_pipeline(root / "flux")
+    build_sd3_pipeline(root / "sd3")
+    write_images(root / "images", 3)
+    return {"flux": root / "flux", "sd3": root / "sd3", "images": root / "images"}
+
+
+def _trainer(bases, root: Path, family: str, **callbacks) -> Trainer:
+    values = {
+        **RUN,
+        "name": f"te_{family}",
+        "trigger": "zqx",
+        "model": str(bases[family]),
+        "images": str(bases["images"]),
+    }
+    config = build_config(values)
+    return Trainer(config, lora_dir=root / "loras", work_dir=root / "work", device=torch.device("cpu"), **callbacks)
+
+
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def te_run(request, bases, tmp_path_factory) -> dict:
+    """One uninterrupted run per family; what each sample's prompt embeddings were, beside the cached ones."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"te_{family}")
+    samples: list[dict] = []
+    real_draw = FlowTraining.draw_sample
+
+    def spy(self, transformer, prompt, steps, size, generator, device):
+        hidden, pooled = self.embeddings([prompt], device, torch.float32)
+        cached_hidden, cached_pooled = self.text_cache[prompt]
+        samples.append(
+            {
+                "grad": torch.is_grad_enabled(),
+                "trained": sorted(self.trained_encoders),
+                "pooled_moved": float((pooled[0] - cached_pooled).abs().max()),
+                "hidden_moved": float((hidden[0] - cached_hidden).abs().max()),
+            }
+        )
+        return real_draw(self, transformer, prompt, steps, size, generator, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FlowTraining, "draw_sample", spy)
+        result = _trainer(bases, root, family).run()
+    return {"family": family, "result": result, "root": root, "samples": samples}
+
+
+# --- the CLIP part is what the pipeline computes --------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_per_step_clip_part_equals_the_pipeline_s_own_encoding(bases, family):
+    """Untrained, the recomputed CLIP part (hidden tokens and pooled) is the cached encode_prompt output:
+    the trained encoder replaces exactly the part the pipeline takes from it."""
+    pipe = PIPELINES[family].from_pretrained(str(bases[family]))
+    flow = FlowTraining(pipe, FAMILIES[family], build_config({"train_text_encoder": True}))
+    captions = ["zqx, a fox", "zqx, a much longer caption about a cat"]
+    cpu = torch.device("cpu")
+    flow.cache_text(captions, cpu)
+    cached = flow.embeddings(captions, cpu, torch.float32)
+    assert set(flow.trainable_text_encoders()) == set(prefix.rstrip(".") for prefix in TEXT_PREFIXES[family])
+    flow.use_trained_text_encoders(flow.trainable_text_encoders())
+    calls: list[int] = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    recomputed = flow.embeddings(captions, cpu, torch.float32)
+    hook.remove()
+    assert calls  # the encoder ran: the CLIP part did not come from the cache
+    for ours, theirs in zip(recomputed, cached, strict=True):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_t5_leaves_the_device_and_the_trained_clip_stays(bases):
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(bases["sd3"]))
+    flow = FlowTraining(pipe, SD3, build_config({"train_text_encoder": True}))
+    moved: list[str] = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name)
+        real_to = encoder.to
+        encoder.to = lambda *args, _name=name, _to=real_to, **kwargs: moved.append(_name) or _to(*args, **kwargs)
+    flow.release_text_encoders()
+    assert moved == ["text_encoder_3"] and flow.encoders_released
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def _image_latents(pipe, images: Path, side: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """The training images' latents (square, ``side`` px) and their training captions."""
+    pixels, captions = [], []
+    for path in sorted(images.glob("*.png")):
+        image = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+        pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+        captions.append(build_caption("zqx", path.with_suffix(".txt").read_text(encoding="utf-8")))
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.stack(pixels)).latent_dist.mean
+    config = pipe.vae.config
+    return (latents - (config.shift_factor or 0.0)) * config.scaling_factor, captions
+
+
+@torch.no_grad()
+def _mean_flow_loss(pipe, family: str, images: Path, draws: int = 12) -> float:
+    """The flow-matching loss on the training images over fixed draws (the same for every pipeline)."""
+    flow = FlowTraining(pipe, FAMILIES[family], build_config({}))
+    run = SimpleNamespace(noise_scheduler=flow.scheduler(), weight_dtype=torch.float32, unet=pipe.transformer)
+    latents, captions = _image_latents(pipe, images)
+    losses = [
+        flow.loss(run, latents, captions, [1000 * draw + i for i in range(len(captions))]) for draw in range(draws)
+    ]
+    return float(torch.stack(losses).mean())
+
+
+def test_the_run_trains_and_the_text_encoder_lora_moved(te_run, bases):
+    result, family = te_run["result"], te_run["family"]
+    assert result.steps == 6 and all(math.isfinite(loss) for _, loss in result.losses)
+    weights = load_file(str(result.lora_path))
+    for prefix in TEXT_PREFIXES[family]:
+        ups = [t for key, t in weights.items() if key.startswith(prefix) and ".lora_B." in key]
+        # peft's gaussian init starts every lora_B at zero: nonzero ones were trained. 4 projections × 2 layers.
+        assert len(ups) == 8 and all(t.abs().max() > 0 for t in ups), prefix
+        downs = [key for key in weights if key.startswith(prefix) and ".lora_A." in key]
+        assert all(
+            any(f".self_attn.{proj}." in key for proj in ("q_proj", "k_proj", "v_proj", "out_proj")) for key in downs
+        )
+    assert not any(key.startswith("text_encoder_3.") for key in weights)  # T5 is never trained
+    # The loss on the training images, over fixed draws, is lower with the trained LoRA than without,
+    # and with its text-encoder part alone too (the gradient reached the CLIP encoders through the loss).
+    pipe = PIPELINES[family].from_pretrained(str(bases[family]))
+    base = _mean_flow_loss(pipe, family, bases["images"])
+    pipe.load_lora_weights(str(_text_only_file(te_run)), adapter_name="text_only")
+    text_only = _mean_flow_loss(pipe, family, bases["images"])
+    pipe.load_lora_weights(str(result.lora_path), adapter_name="trained")
+    pipe.set_adapters(["trained"], [1.0])
+    assert _mean_flow_loss(pipe, family, bases["images"]) < text_only < base
+
+
+def test_the_samples_use_the_trained_text_encoder(te_run):
+    samples, family = te_run["samples"], te_run["family"]
+    assert len(samples) == 2  # one per epoch
+    for sample in samples:
+        assert not sample["grad"]
+        assert sample["trained"] == sorted(prefix.rstrip(".") for prefix in TEXT_PREFIXES[family])
+        assert sample["pooled_moved"] > 1e-4
+        # Flux's hidden states are T5's (cached, unchanged); SD 3's start with the CLIP tokens.
+        assert (sample["hidden_moved"] > 1e-4) == (family == "sd3")
+
+
+def test_the_file_keeps_its_metadata_and_says_the_text_encoder_trained(te_run):
+    with safe_open(str(te_run["result"].lora_path), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    prefixes = ("transformer.", *TEXT_PREFIXES[te_run["family"]])
+    assert all(key.startswith(prefixes) for key in keys)
+    assert all(any(key.startswith(p) for key in keys) for p in prefixes)
+    architecture = {"flux": "flux-1-dev/lora", "sd3": "stable-diffusion-v3.5-large/lora"}[te_run["family"]]
+    assert metadata["modelspec.architecture"] == architecture and metadata["modelspec.trigger_phrase"] == "zqx"
+    # kohya's fields for it: sd-scripts writes ss_text_encoder_lr and ss_network_train_unet_only.
+    assert metadata["ss_network_train_unet_only"] == "False" and metadata["ss_text_encoder_lr"] == "0.03"
+
+
+def _text_only_file(te_run) -> Path:
+    """The trained file's text-encoder part alone (its metadata kept): what it does is the encoder's doing."""
+    source = te_run["result"].lora_path
+    with safe_open(str(source), "pt") as handle:
+        metadata = handle.metadata()
+        names = [key for key in handle.keys() if not key.startswith("transformer.")]  # noqa: SIM118 (no __iter__)
+        tensors = {key: handle.get_tensor(key) for key in names}
+    path = te_run["root"] / "text_only" / f"{source.stem}_te.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _diffusers_image(pipe) -> np.ndarray:
+    generator = torch.Generator("cpu").manual_seed(3)
+    return pipe(
+        PROMPT,
+        num_inference_steps=2,
+        width=32,
+        height=32,
+        generator=generator,
+        max_sequence_length=64,
+        output_type="np",
+    ).images[0]
+
+
+def _encoded(pipe, family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, pooled) of PROMPT as the pipeline encodes it."""
+    with torch.no_grad():
+        if family == "flux":
+            hidden, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=64)
+        else:
+            hidden, _, pooled, _ = pipe.encode_prompt(
+                PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False, max_sequence_length=64
+            )
+    return hidden, pooled
+
+
+def test_plain_diffusers_applies_the_text_encoder_part(te_run, bases):
+    family = te_run["family"]
+    pipe = PIPELINES[family].from_pretrained(str(bases[family]))
+    pipe.set_progress_bar_config(disable=True)
+    base_image, (base_hidden, base_pooled) = _diffusers_image(pipe), _encoded(pipe, family)
+    pipe.load_lora_weights(str(_text_only_file(te_run)), adapter_name="text_only")
+    assert "text_only" in pipe.get_list_adapters().get("text_encoder", [])
+    hidden, pooled = _encoded(pipe, family)
+    assert (pooled - base_pooled).abs().max() > 1e-3
+    if family == "sd3":
+        assert "text_only" in pipe.get_list_adapters().get("text_encoder_2", [])
+        assert (hidden - base_hidden).abs().max() > 1e-3
+    assert np.abs(_diffusers_image(pipe) - base_image).max() > 0.01
+    # The whole file (transformer and text encoders) loads beside it and changes the image too.
+    pipe.load_lora_weights(str(te_run["result"].lora_path), adapter_name="trained")
+    pipe.set_adapters(["trained"], [1.0])
+    assert np.abs(_diffusers_image(pipe) - base_image).max() > 0.02
+
+
+def test_the_app_generates_with_the_text_encoder_part(te_run, bases):
+    family = te_run["family"]
+    path = _text_only_file(te_run)
+    library = LoraLibrary(path.parent)
+    assert library.resolve(path.stem).family == FAMILIES[family]
+    engine = DiffusionEngine(library, torch.device("cpu"), torch.float32)
+    engine.load_model(str(bases[family]))
+
+    def pixels(scale: float | None) -> np.ndarray:
+        loras = () if scale is None else (LoraRequest(path.stem, scale),)
+        request = GenerationRequest(PROMPT, steps=2, seed=3, width=32, height=32, sampler="Euler", loras=loras)
+        return np.asarray(engine.generate(request).images[0], dtype=np.int16)
+
+    base = pixels(None)
+    assert np.abs(pixels(1.0) - base).max() > 5
+    assert np.abs(pixels(0.0) - base).max() <= 1
+
+
+def test_a_resumed_run_restores_the_text_encoder_lora(te_run, bases, tmp_path):
+    family, straight = te_run["family"], te_run["result"]
+    steps: list[int] = []
+
+    def on_progress(progress):
+        if progress.phase == "train":
+            steps.append(progress.step)
+
+    # Epoch 1 is 3 steps: stopped after its last one, the checkpoint holds the text encoders' LoRA too.
+    first = _trainer(bases, tmp_path, family, on_progress=on_progress, should_cancel=lambda: len(steps) >= 3).run()
+    assert first.cancelled and first.steps == 3
+    saved = load_file(str(next(first.checkpoint.glob("*.safetensors"))))
+    for prefix in TEXT_PREFIXES[family]:
+        assert any(key.startswith(prefix) and "lora_B" in key for key in saved), prefix
+    resumed = _trainer(bases, tmp_path, family).run()
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    expected, got = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
