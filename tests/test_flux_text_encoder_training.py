@@ -305,3 +305,39 @@ def test_a_resumed_run_restores_the_text_encoder_lora(te_run, bases, tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+# --- the Train tab / REST form (TrainingService) and the CLI pass it for Flux.1 and SD 3.5 --------
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_training_service_accepts_it_for_the_app_s_model(bases, tmp_path, family):
+    """The Train tab and the REST API build their config with ``config_for`` and queue it through
+    ``prepare``: with a Flux.1 / SD 3.5 app model the checkbox's value survives (no refusal), and the
+    family preset's text_encoder_lr is a usable rate."""
+    from lorapg.config import load_settings
+    from lorapg.services.build import build_services
+
+    overrides = {"model": str(bases[family]), "models_dir": str(tmp_path / "models"), "device": "cpu", "threads": 1}
+    settings = load_settings(None, {**overrides, "lora_dir": str(tmp_path / "loras"), "outputs": str(tmp_path)})
+    services = build_services(settings, prompts=False)
+    try:
+        values = {"preset": "character", "train_text_encoder": True, "name": "te_tab", "trigger": "zqx"}
+        config = services.training.config_for({**values, "images": str(bases["images"])})
+        prepared = services.training.prepare(config)
+        assert prepared.train_text_encoder is True and prepared.text_encoder_lr == 5e-6
+    finally:
+        services.jobs.shutdown()
+
+
+def test_the_cli_trains_it_from_a_config_file(bases, tmp_path):
+    from lorapg.cli import main
+
+    config = tmp_path / "run.toml"
+    config.write_text("train_text_encoder = true\nrank = 4\nmax_steps = 1\nsample_steps = 0\n", encoding="utf-8")
+    args = ["train", str(config), "--model", str(bases["sd3"]), "--images", str(bases["images"]), "--trigger", "zqx"]
+    args += ["--name", "te_cli", "--out", str(tmp_path / "loras"), "--threads", "1", "--device", "cpu"]
+    assert main(args + ["--models-dir", str(tmp_path / "models")]) == 0
+    with safe_open(str(tmp_path / "loras" / "te_cli.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert {key.split(".")[0] for key in keys} == {"transformer", "text_encoder", "text_encoder_2"}
