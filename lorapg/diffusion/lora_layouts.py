@@ -1,7 +1,8 @@
 """What ``load_lora_weights`` reads for one LoRA file: the file itself, or its tensors renamed first.
 
-diffusers reads most layouts itself. SD 3 LoRAs in Stability's module names (kohya sd-scripts, ComfyUI:
-``sd3_kohya``) it loads with no effect: they are renamed here. Only the file's header is read to decide.
+diffusers reads most layouts itself. Two it does not, and they are renamed here: SD 3 LoRAs in Stability's
+module names (kohya sd-scripts, ComfyUI: ``sd3_kohya``) and the Flux spellings its converter fails on for
+some models (``flux_kohya``). Only the file's header is read to decide.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from diffusers import DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lorapg.diffusion import sd3_kohya
-from lorapg.diffusion.families import SD3
+from lorapg.diffusion import flux_kohya, sd3_kohya
+from lorapg.diffusion.families import FLUX, SD3
 from lorapg.errors import shorten
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ def readable_lora(pipe: DiffusionPipeline, family: str, path: Path, name: str) -
         keys = list(handle.keys())  # noqa: SIM118 (a safetensors handle is not iterable)
     if family == SD3 and sd3_kohya.has_stability_names(keys):
         return _sd3_from_stability_names(pipe, load_file(str(path)), name)
+    if family == FLUX and flux_kohya.needs_conversion(keys):
+        return flux_kohya.convert(load_file(str(path)), pipe.transformer)
     return str(path)
 
 
