@@ -2,9 +2,9 @@
 loaded from a diffusers folder and from a transformer-only file, generating through the engine and the
 service, with LoRAs in the diffusers/peft (ai-toolkit) layout.
 
-The kohya Flux layout is not exercised here: diffusers' kohya Flux converter hard-codes FLUX.1's sizes
-when it splits ``single_blocks_N_linear1`` and fails on a tiny model (DESIGN.md §7); only its family
-detection (tensor names) is tested.
+The kohya, XLabs and ComfyUI Flux layouts are loaded in test_flux_lora_layouts.py (diffusers' kohya Flux
+converter hard-codes FLUX.1's sizes for ``single_blocks_N_linear1``: lorapg.diffusion.flux_kohya splits it);
+here only their family detection (tensor names) is tested.
 """
 
 from __future__ import annotations

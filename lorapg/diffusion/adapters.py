@@ -25,6 +25,7 @@ from diffusers import DiffusionPipeline
 from lorapg.diffusion.compile_mode import LayoutError, diffusers_lora_as_kohya
 from lorapg.diffusion.families import family_label
 from lorapg.diffusion.lora_fusing import LoraFuser
+from lorapg.diffusion.lora_layouts import readable_lora
 from lorapg.diffusion.lora_library import KOHYA, LoraInfo
 from lorapg.diffusion.lycoris import REFUSED_KINDS, FormatError
 from lorapg.diffusion.weight_patches import WeightPatches
@@ -168,7 +169,9 @@ class AdapterSet:
         self._check_family(info)
         _check_present(info)
         try:
-            self.pipe.load_lora_weights(str(info.path), adapter_name=name)
+            # SD 3 kohya/ComfyUI names and some Flux spellings are renamed first (lora_layouts).
+            source = readable_lora(self.pipe, self.family, info.path, info.name)
+            self.pipe.load_lora_weights(source, adapter_name=name)
         except Exception as exc:  # shape mismatches and unknown key layouts surface as many types
             self._discard(name)
             raise UserError(

@@ -150,7 +150,9 @@ def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ..
     if "v1" in base:
         return SD1
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in shapes):
-        return SDXL
+        # A second CLIP encoder beside a transformer is SD 3's (Flux's second encoder is T5, which takes no
+        # LoRA in diffusers); beside a UNet it is SDXL's.
+        return SD3 if any(k.startswith("transformer.") for k in shapes) else SDXL
     for key, shape in shapes.items():
         # The down projection of a cross-attention key reads the text encoder's hidden states
         # (as do a LoHa's w*_b factors and a full diff's columns).
