@@ -437,8 +437,8 @@ class WorkerDiscovery:
         """One round; returns the indexes of the workers that joined."""
         answers = self._ask_all(worker_actor_names(self._ray))  # name -> (actor, info or None)
         workers = self._remote_workers()
-        known = {engine.actor_id for _index, engine in workers}
-        current = {engine.actor_id: engine for index, engine in workers if index not in self._lost()}
+        known, lost = {engine.actor_id for _index, engine in workers}, set(self._lost())
+        current = {engine.actor_id: engine for index, engine in workers if index not in lost}
         joined = []
         for name, (actor, info) in answers.items():
             if info is None or self._stop.is_set():
