@@ -148,7 +148,7 @@ def shut_down(runtime) -> None:
     the process ("terminate called without an active exception", exit status 134). The running job
     stops at its next step; queued jobs end as cancelled without running.
     """
-    stopped = runtime.jobs.close(timeout=60)
+    stopped = runtime.close(timeout=60)  # worker discovery (--ray), then the GPU queue
     if runtime.prompts is not None:
         runtime.prompts.close(timeout=60)
     if runtime.training is not None:  # the webhook of a run that ended just now

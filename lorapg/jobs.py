@@ -64,6 +64,9 @@ class Job:
     device: str | None = None  # the device of the worker that runs it, once started (None: not known)
     # Workers that hold what it needs (its model resident): a free one of them is asked first.
     prefer: frozenset[int] = frozenset()
+    # Workers able to run it (they have every LoRA it names); None: all. The others take it only while
+    # none of these is in the rotation (then it runs anyway, and its error says what is missing where).
+    able: frozenset[int] | None = None
     retries: int = 0  # times it went back to the queue because its worker was lost (``WorkerLost``)
     _anywhere: bool = field(default=False, repr=False)  # submitted as ANY_WORKER (may move to another worker)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -135,16 +138,20 @@ class JobQueue:
         background: bool = False,
         worker: int | None = 0,
         prefer: frozenset[int] = frozenset(),
+        able: frozenset[int] | None = None,
     ) -> Job:
         """``total``: the job's step count when known up front (watchers see "0 of N" while it waits).
         ``background``: long work that lets interactive jobs submitted later go first.
         ``worker``: the worker that runs it (its device's models are the ones it uses); ``ANY_WORKER``:
         the first free one. ``prefer`` (with ANY_WORKER): workers that run it first when one of them
-        is free (its model is resident there); the others take it only while all of those are busy."""
+        is free (its model is resident there); the others take it only while all of those are busy.
+        ``able`` (with ANY_WORKER): the workers that can run it at all (None: every one); the others
+        take it only while none of these is in the rotation."""
         if worker is not None and not 0 <= worker < len(self.devices):
             raise ValueError(f"no worker {worker}; this queue has {len(self.devices)}")
         job = Job(kind=kind, owner=owner, total=total, background=background, worker=worker)
         job.prefer, job._anywhere = frozenset(prefer), worker is ANY_WORKER
+        job.able = None if able is None else frozenset(able)
         with self._wake:
             self._jobs[job.id] = job
             self._order.append(job.id)
@@ -181,6 +188,30 @@ class JobQueue:
         with self._lock:
             jobs = [self._jobs[i] for i in self._order if i in self._jobs]
         return [job for job in jobs if job.status == RUNNING]
+
+    def add_worker(self, device: str | None) -> int:
+        """A worker that joins while the queue runs (a remote worker connected after the app started):
+        its own thread, which takes queued jobs at once. Returns its index (``Job.worker``)."""
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the job queue is closing; no worker joins it now")
+            index = len(self.devices)
+            self.devices.append(device)
+            thread = threading.Thread(target=self._run, args=(index,), name=_thread_name(index), daemon=True)
+            self._workers.append(thread)
+            # Started under the lock: its first look at the queue waits until the worker is fully listed.
+            thread.start()
+        log.info("worker %d (%s) joined the queue", index, device)
+        return index
+
+    def lose(self, worker: int) -> None:
+        """Worker ``worker`` is gone for good, found outside a job (its process stopped or was replaced
+        by a new one under the same name): it takes no ANY_WORKER job any more. Never the first one."""
+        if worker:
+            with self._wake:
+                self._lost.add(worker)
+                self._wake.notify_all()  # jobs that waited for it look at the other workers again
+            log.warning("worker %d (%s) is gone; the other worker(s) keep serving", worker, self.devices[worker])
 
     def retire(self, worker: int) -> None:
         """Take a worker out of the rotation (its device could not load the model): it takes no
@@ -275,9 +306,19 @@ class JobQueue:
             if job.worker == worker:
                 return job
             in_rotation = job.worker is ANY_WORKER and worker not in self._retired | self._lost
-            if in_rotation and (worker in job.prefer or not self._preferred_free(job)):
+            if not (in_rotation and self._may_take(job, worker)):
+                continue
+            if worker in job.prefer or not self._preferred_free(job):
                 return job
         return None
+
+    def _may_take(self, job: Job, worker: int) -> bool:  # called with the lock held
+        """Whether ``worker`` may run ``job``: it is able to, or no worker that is able is in the rotation
+        (a job nobody can run still runs once, and says why it failed, instead of waiting forever)."""
+        if job.able is None or worker in job.able:
+            return True
+        out = self._retired | self._lost
+        return not any(index not in out for index in job.able if 0 <= index < len(self.devices))
 
     def _preferred_free(self, job: Job) -> bool:  # called with the lock held
         """Whether a worker ``job`` prefers is free to take it now."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import threading
 
-from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, ERROR, JobQueue, WorkerLost
+import pytest
+
+from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, ERROR, QUEUED, JobQueue, WorkerLost
 
 WAIT = 30  # seconds: a safety net against a hang, never what a test measures
 
@@ -124,4 +126,71 @@ def test_a_cancelled_job_whose_worker_is_then_lost_ends_cancelled():
         assert job.status == CANCELLED and job.error is None and job.retries == 0
         assert jobs.lost() == [1]
     finally:
+        assert jobs.close(WAIT)
+
+
+def held(jobs: JobQueue, worker: int) -> tuple[threading.Event, object]:
+    """Worker ``worker`` kept busy until the returned event is set (a job meant for it alone)."""
+    started, release = threading.Event(), threading.Event()
+    holder = jobs.submit("hold", lambda job: (started.set(), release.wait(WAIT)), worker=worker)
+    assert started.wait(WAIT)
+    return release, holder
+
+
+def test_a_worker_added_while_the_queue_runs_takes_a_queued_job_at_once():
+    jobs = JobQueue(devices=["cpu"])
+    release, holder = held(jobs, 0)
+    try:
+        job = jobs.submit("generate", lambda job: job.device, worker=ANY_WORKER)
+        assert job.status == QUEUED  # the only worker is busy
+        assert jobs.add_worker("ray:wc/cpu") == 1
+        assert job.wait(WAIT) and job.status == DONE
+        assert job.worker == 1 and job.result == "ray:wc/cpu"
+        assert jobs.worker_count == 2 and jobs.devices == ["cpu", "ray:wc/cpu"]
+        # It takes jobs meant for it alone too.
+        mine = jobs.submit("generate", lambda job: job.worker, worker=1)
+        assert mine.wait(WAIT) and mine.result == 1
+    finally:
+        release.set()
+        assert holder.wait(WAIT)
+        assert jobs.close(WAIT)
+
+
+def test_no_worker_joins_a_closing_queue():
+    jobs = JobQueue(devices=["cpu"])
+    assert jobs.close(WAIT)
+    with pytest.raises(RuntimeError, match="closing"):
+        jobs.add_worker("ray:wc/cpu")
+
+
+def test_a_worker_that_cannot_run_a_job_leaves_it_to_one_that_can():
+    jobs = JobQueue(devices=["cpu", "ray:wc/cpu"])
+    release, holder = held(jobs, 0)  # the worker able to run it is busy
+    try:
+        job = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER, able={0})
+        # Taken after it by the free worker, which passed over the job it cannot run (order is kept).
+        other = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER)
+        assert other.wait(WAIT) and other.result == 1
+        assert job.status == QUEUED
+        release.set()
+        assert job.wait(WAIT) and job.status == DONE and job.result == 0
+    finally:
+        release.set()
+        assert holder.wait(WAIT)
+        assert jobs.close(WAIT)
+
+
+def test_a_job_no_worker_in_the_rotation_can_run_still_runs_and_fails_there():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu", "ray:wb/cpu"])
+    release, holder = held(jobs, 1)  # the one worker able to run it, soon gone
+    try:
+        job = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER, able={1})
+        jobs.lose(1)  # found gone outside a job: the job no longer waits for it
+        assert job.wait(WAIT) and job.status == DONE and job.result in (0, 2)
+        assert jobs.lost() == [1]
+        jobs.lose(0)  # the app's own worker is never lost
+        assert jobs.lost() == [1]
+    finally:
+        release.set()
+        assert holder.wait(WAIT)
         assert jobs.close(WAIT)

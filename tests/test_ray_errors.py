@@ -7,6 +7,7 @@ demand on one machine); the actor is the real ``GenerationActor``, called in thi
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -197,3 +198,32 @@ def test_the_worker_hashes_its_loras_so_the_app_needs_no_path_to_them(tiny_model
     shutil.rmtree(loras)  # the app's machine: no such folder
     record = image_record(result, 0)
     assert [(use.name, use.file_hash) for use in record.loras] == [("style", expected)]
+
+
+def test_a_worker_without_a_lora_names_it_and_itself_and_serves_on(tiny_models, tmp_path):
+    from lorapg.diffusion.request import LoraRequest
+    from lorapg.errors import UserError
+    from lorapg.jobs import WorkerUnfit
+
+    empty = tmp_path / "worker-loras"
+    empty.mkdir()
+    settings = Settings(
+        model=str(tiny_models["sd15"]),
+        lora_dir=empty,
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "outputs",
+        device="cpu",
+    )
+    actor = GenerationActor(settings, "cpu", "gpu-box-1")
+    info = actor.info()
+    assert info["loras"] == [] and info["lora_dir"] == str(empty)  # what the app routes by
+    plain = GenerationRequest(prompt="a red fox", steps=2, width=64, height=64, seed=1)
+    both = (LoraRequest("style", 0.8), LoraRequest("other", 0.5))
+    with pytest.raises(UserError) as raised:
+        actor.generate("job-3", replace(plain, loras=both[:1]), str(tiny_models["sd15"]), None)
+    assert not isinstance(raised.value, WorkerUnfit)  # the worker is not retired for it
+    assert str(raised.value).startswith("loras: LoRA 'style' is not in the LoRA folder of worker 'gpu-box-1'")
+    with pytest.raises(UserError, match="loras: LoRAs 'style', 'other' are not in the LoRA folder"):
+        actor.generate("job-4", replace(plain, loras=both), str(tiny_models["sd15"]), None)
+    assert actor.generate("job-5", plain, str(tiny_models["sd15"]), None).images  # it serves on
+    assert actor.progress("job-3") is None  # nothing left behind

@@ -16,7 +16,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,9 @@ import pytest
 pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[default]>=2.40'): Ray workers untested")
 
 from lorapg.config import Settings  # noqa: E402
-from lorapg.diffusion.request import GenerationRequest  # noqa: E402
+from lorapg.diffusion.request import GenerationRequest, LoraRequest  # noqa: E402
 from lorapg.errors import UserError  # noqa: E402
-from lorapg.jobs import CANCELLED, DONE, WorkerUnfit  # noqa: E402
+from lorapg.jobs import CANCELLED, DONE, ERROR, QUEUED, WorkerUnfit  # noqa: E402
 from lorapg.services.build import build_services  # noqa: E402
 from lorapg.worker_cli import READY  # noqa: E402
 
@@ -35,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 HOOK = Path(__file__).resolve().parent / "ray_hold"
 WAIT = 240  # seconds: a safety net against a hang, never what a test measures
 WORKERS = ("wa", "wb")
+LATE = "wc"  # a worker started while the app runs, with its own empty LoRA folder
+LATE_DEVICE = f"ray:{LATE}/cpu"
 
 
 def free_port() -> int:
@@ -79,16 +83,12 @@ def cluster(tiny_models):
     workers = {}
     try:
         wait_for(lambda: port_open(port), "the Ray head listening")
+        running = {"address": address, "hold": hold, "loras": loras, "root": root, "workers": workers, "env": env}
         for name in WORKERS:
-            log = root / f"{name}.log"
-            cmd = [sys.executable, "-m", "lorapg", "worker", "--connect", address, "--name", name]
-            cmd += ["--device", "cpu", "--model", str(tiny_models["sd15"]), "--lora-dir", str(loras)]
-            cmd += ["--models-dir", str(root / "models"), "--outputs", str(root / f"out-{name}")]
-            workers[name] = start(cmd, log, cwd=REPO, env=env)
+            start_worker(running, tiny_models, name, loras)
         for name in WORKERS:
-            log = root / f"{name}.log"
-            wait_for(lambda log=log, name=name: ready(log, workers[name]), f"worker {name} ready")
-        yield {"address": address, "hold": hold, "loras": loras, "root": root, "workers": workers}
+            wait_ready(running, name)
+        yield running
     finally:
         import ray
 
@@ -100,6 +100,21 @@ def cluster(tiny_models):
         head.send_signal(signal.SIGTERM)  # --block: the head stops its own processes
         head.wait(60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def start_worker(cluster: dict, tiny_models, name: str, loras: Path) -> None:
+    """``python -m lorapg worker`` as users start it, on the tiny SD 1.5, with its own LoRA folder; the
+    module's teardown stops it (``cluster["workers"]``)."""
+    root = cluster["root"]
+    cmd = [sys.executable, "-m", "lorapg", "worker", "--connect", cluster["address"], "--name", name]
+    cmd += ["--device", "cpu", "--model", str(tiny_models["sd15"]), "--lora-dir", str(loras)]
+    cmd += ["--models-dir", str(root / "models"), "--outputs", str(root / f"out-{name}")]
+    cluster["workers"][name] = start(cmd, root / f"{name}.log", cwd=REPO, env=cluster["env"])
+
+
+def wait_ready(cluster: dict, name: str) -> None:
+    log, process = cluster["root"] / f"{name}.log", cluster["workers"][name]
+    wait_for(lambda: ready(log, process), f"worker {name} ready")
 
 
 def start(cmd: list[str], log: Path, **options) -> subprocess.Popen:
@@ -128,7 +143,8 @@ def app(cluster, tiny_models, tmp_path):
     )
     built = build_services(settings)
     yield built
-    assert built.jobs.close(WAIT)
+    assert built.close(WAIT)  # worker discovery too
+    assert not built.discovery._thread.is_alive()
 
 
 def request(seed: int = 11) -> GenerationRequest:
@@ -206,6 +222,111 @@ def test_cancel_reaches_the_remote_worker(app, cluster):
     assert job.wait(WAIT)
     assert job.status == CANCELLED and job.result.cancelled
     assert not [record for record in app.gallery.list() if record.job_id == job.id]  # nothing saved
+
+
+def start_late_worker(cluster, tiny_models) -> None:
+    """The worker ``LATE`` (again, when a test stopped it), with an empty LoRA folder of its own."""
+    folder = cluster["root"] / f"{LATE}-loras"
+    folder.mkdir(exist_ok=True)
+    start_worker(cluster, tiny_models, LATE, folder)
+    wait_ready(cluster, LATE)
+
+
+def late_workers(app) -> list:
+    """The app's entries for the ``LATE`` worker, one per time it joined (each process a new worker)."""
+    return [status for status in app.service.worker_status() if status.device == LATE_DEVICE]
+
+
+def hold_workers(app) -> list:
+    """Every worker the app has now, kept busy by a queue job meant for it alone until its event is set."""
+    holds = []
+    for index in range(len(app.workers)):
+        started, release = threading.Event(), threading.Event()
+        app.jobs.submit("hold", lambda job, s=started, r=release: (s.set(), r.wait(WAIT)), worker=index)
+        assert started.wait(WAIT)
+        holds.append(release)
+    return holds
+
+
+def test_a_worker_started_after_the_app_joins_the_queue_and_again_after_a_restart(app, cluster, tiny_models):
+    assert not late_workers(app)  # not running when the app started
+    holds = hold_workers(app)
+    try:
+        # Queued while every worker the app has is busy: the worker that joins takes it at once.
+        job = app.service.submit_generation(request(seed=21))
+        start_late_worker(cluster, tiny_models)
+        assert job.wait(WAIT)
+        assert job.status == DONE, job.error
+        assert job.device == LATE_DEVICE
+    finally:
+        for release in holds:
+            release.set()
+    # Listed as the API and the memory panel list workers, and saved into the app's gallery.
+    (listed,) = late_workers(app)
+    assert listed.model == str(app.settings.model) and listed.state == "idle"
+    assert len([record for record in app.gallery.list() if record.job_id == job.id]) == 1
+    # Its process restarted under the same name: the old entry is lost, the new process a new worker.
+    process = cluster["workers"][LATE]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(WAIT) == 0
+    wait_for(lambda: [status.state for status in late_workers(app)] == ["lost"], "the stopped worker listed as lost")
+    start_late_worker(cluster, tiny_models)
+    wait_for(lambda: len(late_workers(app)) == 2, "the restarted worker listed")
+    old, new = late_workers(app)
+    assert (old.state, new.state) == ("lost", "idle") and new.index > old.index
+    holds = hold_workers(app)
+    holds.pop(new.index).set()  # every worker busy but the new one
+    try:
+        again = app.service.submit_generation(request(seed=22))
+        assert again.wait(WAIT) and again.status == DONE, again.error
+        assert again.worker == new.index
+    finally:
+        for release in holds:
+            release.set()
+
+
+def run_on(app, index: int, req: GenerationRequest):
+    """A generation as the service runs it, in a job meant for worker ``index`` alone."""
+    prepared, ref = app.service.prepare(req), str(app.settings.model)
+    return app.jobs.submit("generate", lambda job: app.service.run_in_job(prepared, job, model_ref=ref), worker=index)
+
+
+def test_a_lora_runs_on_a_worker_that_has_it_and_one_that_lacks_it_says_so(app, cluster, tiny_models):
+    if cluster["workers"].get(LATE) is None or cluster["workers"][LATE].poll() is not None:
+        start_late_worker(cluster, tiny_models)  # this test run alone
+    wait_for(lambda: "idle" in [status.state for status in late_workers(app)], "the late worker listed")
+    late = next(status.index for status in late_workers(app) if status.state == "idle")
+    engine = app.workers.engine(late)
+    assert engine.loras == [] and engine.info["lora_dir"].endswith(f"{LATE}-loras")
+    with_lora = replace(request(seed=31), loras=(LoraRequest("style", 1.0),))
+    # Every worker but the one lacking the LoRA is busy: it passes over the job (it takes the one after).
+    holds = hold_workers(app)
+    holds.pop(late).set()
+    try:
+        job = app.service.submit_generation(with_lora)
+        plain = app.service.submit_generation(request(seed=32))
+        assert plain.wait(WAIT) and plain.status == DONE and plain.worker == late, plain.error
+        assert job.status == QUEUED
+    finally:
+        for release in holds:
+            release.set()
+    assert job.wait(WAIT) and job.status == DONE, job.error
+    assert job.worker != late and job.device != LATE_DEVICE
+    (record,) = [record for record in app.gallery.list() if record.job_id == job.id]
+    assert [use.name for use in record.loras] == ["style"]  # the LoRA was applied where it ran
+    # Run on the lacking worker alone: the error names the field, the file and the worker.
+    failed = run_on(app, late, with_lora)
+    assert failed.wait(WAIT) and failed.status == ERROR
+    assert f"loras: LoRA 'style' is not in the LoRA folder of worker '{LATE}'" in failed.error
+    # The worker is neither retired nor lost: it keeps serving.
+    assert late not in app.jobs.retired() + app.jobs.lost()
+    served = run_on(app, late, request(seed=33))
+    assert served.wait(WAIT) and served.status == DONE, served.error
+    # The file copied there: the app sees it (the look-out asks the worker again) and the LoRA runs there.
+    shutil.copy(cluster["loras"] / "style.safetensors", Path(engine.info["lora_dir"]) / "style.safetensors")
+    wait_for(lambda: "style" in engine.loras, "the copied LoRA reported")
+    copied = run_on(app, late, with_lora)
+    assert copied.wait(WAIT) and copied.status == DONE, copied.error
 
 
 def test_without_ray_the_flag_says_to_install_it(monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorapg.config import Settings
 from lorapg.diffusion.lora_library import LoraLibrary
@@ -85,6 +85,15 @@ class Services:
     captions: CaptionService | None = None  # auto-captioning and caption editing; None with engines=False
     workers: WorkerPool | None = None  # one engine per device (--devices), ``engine`` first; None with engines=False
     upscale: UpscaleService | None = None  # upscaler models (A1111's Extras); None with engines=False
+    # With --ray: the thread that adds workers joining the cluster while the app runs (WorkerDiscovery).
+    discovery: Any = None
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the background threads: worker discovery, then the job queue (``JobQueue.close``: its
+        jobs are cancelled); True once the queue's threads have exited."""
+        if self.discovery is not None:
+            self.discovery.stop(timeout)
+        return self.jobs.close(timeout)
 
 
 def build_services(
@@ -173,6 +182,7 @@ def build_services(
         gallery_service,
         visitors,
         prompts=writer,
+        discovery=worker_discovery(settings, service),
         engine=engine,
         residency=residency,
         service=service,
@@ -191,6 +201,16 @@ def remote_workers(settings: Settings) -> list:
     from lorapg.services.ray_workers import remote_engines
 
     return remote_engines(settings.ray)
+
+
+def worker_discovery(settings: Settings, service: GenerationService):
+    """With ``--ray``: the started thread that adds workers joining the cluster while the app runs (and
+    lists the ones that leave as lost); None without it."""
+    if not settings.ray:
+        return None
+    from lorapg.services.ray_workers import WorkerDiscovery, connect
+
+    return WorkerDiscovery(connect(settings.ray), service).start()
 
 
 def upscaler_model_names(settings: Settings):

@@ -11,6 +11,7 @@ is free, with that worker's engine; every worker follows the model the user chos
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -32,7 +33,7 @@ from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue, WorkerLost, WorkerUnfit
 from lorapg.limits import HIRES_UPSCALERS
 from lorapg.services.img2img_inputs import options_from_form
-from lorapg.services.workers import WorkerPool
+from lorapg.services.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class GenerationService:
         self._loading_job: Job | None = None
         self._ref_before_load: str | None = None  # the choice a failed or cancelled load falls back to
         self._retired_on: set[str] = set()  # the models retired workers could not load (see _rejoin)
+        self._joining = threading.Lock()  # workers join one at a time: pool and queue number them alike
         self._generation = GpuTask(
             self._generate_on_device, self._generation_seconds, relay=gpu_relay, decorator=gpu_decorator
         )
@@ -200,13 +202,33 @@ class GenerationService:
         running = {job.worker: job.id for job in self.jobs.running_jobs()}
         retired, lost = set(self.jobs.retired()), set(self.jobs.lost())
         listing = []
-        for worker in self.workers.workers:
+        for worker in list(self.workers.workers):  # a copy: a worker may join meanwhile
             model = worker.engine.model
             state = "lost" if worker.index in lost else "out of rotation" if worker.index in retired else None
             state = state or ("running" if worker.index in running else "idle")
             ref = model.source.ref if model is not None else None
             listing.append(WorkerStatus(worker.index, worker.device, ref, state, running.get(worker.index)))
         return listing
+
+    def add_worker(self, engine) -> int:
+        """A worker that joined while the app runs (a remote one: lorapg/services/ray_workers.py); its
+        index. In the pool first, so the queue never hands a job to a worker the pool lacks; on the queue
+        it takes queued jobs at once."""
+        with self._joining:
+            index = len(self.workers)
+            self.workers.add(Worker(index, engine.device, engine))
+            try:
+                queued = self.jobs.add_worker(engine.device)
+            except RuntimeError:  # the queue is closing (the app shuts down): the pool stays as the queue is
+                self.workers.workers.pop()
+                raise
+        if queued != index:  # only this method adds workers: the two lists grow together
+            raise RuntimeError(f"worker {engine.device} is {index} in the pool but {queued} on the queue")
+        return index
+
+    def lose_worker(self, index: int) -> None:
+        """Worker ``index`` is gone (found outside a job): listed as lost, it takes no job any more."""
+        self.jobs.lose(index)
 
     # --- GPU memory ----------------------------------------------------------------------------
 
@@ -325,8 +347,19 @@ class GenerationService:
         def work_anywhere(job: Job) -> GenerationResult:
             return self.run_in_job(request, job, model_ref=ref, record=record)
 
+        # Workers whose LoRA folder lacks a LoRA it names run it only when no other one can (then its
+        # error names the worker and the file).
+        able = self._able_for(request)
         prefer = self.workers.holding(ref)  # where the model is resident already: no load before it runs
-        return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER, prefer=prefer)
+        prefer = prefer if able is None else prefer & able
+        return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER, prefer=prefer, able=able)
+
+    def _able_for(self, request: GenerationRequest) -> frozenset[int] | None:
+        """The workers that have every LoRA ``request`` names (from ``prepare``); None: it names none."""
+        if not request.loras:
+            return None
+        names = {self.library.resolve(lora.name).name for lora in request.loras}  # prepare found each
+        return self.workers.having(names)
 
     def _rejoin(self, ref: str) -> None:
         """Retired workers try again once the chosen model is another than the one they failed on

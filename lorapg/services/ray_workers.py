@@ -6,7 +6,10 @@ one named Ray actor per device, ``GenerationActor``: it holds its own ``Diffusio
 finds those actors by name and puts one ``RemoteEngine`` per actor into its worker pool, behind the
 one job queue: a job runs there as on a local device, and its images come back and are saved into the
 app's gallery as local ones are. A worker whose process dies mid-job raises ``WorkerLost``; the queue
-runs that job once more on another worker (lorapg/jobs.py).
+runs that job once more on another worker (lorapg/jobs.py). While the app runs, ``WorkerDiscovery``
+adds workers that join the cluster later (a restarted one too) and lists the ones that left as lost.
+Each worker reports the LoRAs in its own LoRA folder: a job naming a LoRA goes to a worker that has
+it, and one that lacks it refuses the job naming the file and the worker (and keeps serving).
 
 Ray is optional: it is imported only here, and only when ``--ray`` or ``worker`` is used. Never
 imports gradio; torch only inside the actor.
@@ -38,6 +41,8 @@ PROGRESS_TIMEOUT_S = 5.0  # one progress poll during a generation
 MISSED_POLLS = 6  # consecutive unanswered progress polls after which the worker counts as hung (~30 s)
 LOAD_TIMEOUT_S = 1800.0  # a model load on the worker (a large checkpoint over a slow disk or the hub)
 READY_TIMEOUT_S = 300.0  # at app start: a worker that has not built its engine by then is left out
+DISCOVERY_SECONDS = 5.0  # how often the app looks for workers that joined (or left) while it runs
+JOIN_TIMEOUT_S = 10.0  # one look's wait for a worker's info; one still starting is asked again next time
 
 
 def require_ray(flag: str = "--ray"):
@@ -94,9 +99,15 @@ class GenerationActor:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._jobs_done = 0
+        import ray
+
+        # Tells this actor from one started later under the same name (its worker process restarted).
+        # None outside Ray (asking there would start a local cluster).
+        self.actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
 
     def info(self) -> dict:
-        """What the app lists and routes by: device, loaded model and family, LoRAs, load."""
+        """What the app lists and routes by: device, loaded model and family, LoRAs (the names in this
+        machine's LoRA folder), load."""
         model = self.engine.model
         infos, _problems = self.library.scan()
         with self._lock:
@@ -104,7 +115,9 @@ class GenerationActor:
         return {
             "name": self.name,
             "label": self.label,
+            "actor_id": self.actor_id,
             "pid": os.getpid(),
+            "lora_dir": str(self.library.folder),
             "model": model.source.ref if model else None,
             "family": model.family if model else None,
             "native_size": model.native_size if model else None,
@@ -122,6 +135,7 @@ class GenerationActor:
         the family the app checked the request for (None: not known there)."""
         from lorapg.outputs import file_hashes
 
+        self._check_loras(request)  # before a model load: a missing file fails at once
         with self._lock:
             self._progress[key] = (0, 0, None, "")
         try:
@@ -142,6 +156,22 @@ class GenerationActor:
             with self._lock:
                 self._progress.pop(key, None)
                 self._cancelled.discard(key)
+
+    def _check_loras(self, request: Any) -> None:
+        """Every LoRA ``request`` names is in this machine's LoRA folder; else a ``UserError`` (never
+        ``WorkerUnfit``: this worker serves other jobs on) naming the field, the files and this worker."""
+        missing = []
+        for lora in request.loras:
+            try:
+                self.library.resolve(lora.name)
+            except UserError:
+                missing.append(repr(shorten(lora.name)))
+        if missing:
+            what = f"LoRA {missing[0]} is" if len(missing) == 1 else f"LoRAs {', '.join(missing)} are"
+            raise UserError(
+                f"loras: {what} not in the LoRA folder of worker {self.name!r} ({self.library.folder}); copy "
+                "it there (the same file as in the app's folder) or leave it out of this generation."
+            )
 
     def _step(self, key: str, step: int, total: int, preview: Any = None, message: str = "") -> None:
         with self._lock:
@@ -215,10 +245,20 @@ class RemoteEngine:
 
     remote = True  # GenerationService passes the model and its family with each generation
 
-    def __init__(self, ray, actor, info: dict):
+    def __init__(self, ray, actor, info: dict, actor_name: str | None = None):
         self._ray, self._actor = ray, actor
         self.info = info
+        self.actor_name = actor_name  # its Ray actor's name (WorkerDiscovery looks it up by that)
         self.device = f"ray:{info['label']}"  # what the UI and the API show for a job it runs
+
+    @property
+    def actor_id(self) -> str | None:
+        return self.info.get("actor_id")
+
+    @property
+    def loras(self) -> list[str]:
+        """The LoRA names in the worker's LoRA folder, as it last reported them."""
+        return list(self.info.get("loras") or [])
 
     @property
     def model(self) -> RemoteModel | None:
@@ -327,12 +367,18 @@ class RemoteEngine:
         raise WorkerLost(f"Worker {self.device} stopped ({why}).")
 
 
+def worker_actor_names(ray) -> list[str]:
+    """The names of the lorapg worker actors alive on the cluster now, in name order (Ray releases a
+    name when its actor dies)."""
+    return sorted(name for name in ray.util.list_named_actors() if name.startswith(ACTOR_PREFIX))
+
+
 def remote_engines(address: str, wait_s: float = 0.0, ready_s: float = READY_TIMEOUT_S) -> list[RemoteEngine]:
     """Connect to the cluster at ``address`` and return one ``RemoteEngine`` per worker actor there,
     in name order; none found is refused (the app would run without the workers it was told of)."""
     ray = connect(address)
     deadline = time.monotonic() + wait_s
-    while not (names := sorted(n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX))):
+    while not (names := worker_actor_names(ray)):
         if time.monotonic() >= deadline:
             raise UserError(
                 f"--ray {shorten(address)}: no lorapg worker is connected to that cluster; start one with "
@@ -348,9 +394,111 @@ def remote_engines(address: str, wait_s: float = 0.0, ready_s: float = READY_TIM
             log.warning("worker %s is listed but not running; left out", name)
             continue
         except ray.exceptions.GetTimeoutError:  # the app still starts, with the workers that are ready
-            log.warning("worker %s was not ready within %.0f s; left out (it joins at the next start)", name, ready_s)
+            log.warning("worker %s was not ready within %.0f s; left out until it is (WorkerDiscovery)", name, ready_s)
             continue
-        engine = RemoteEngine(ray, actor, info)
+        engine = RemoteEngine(ray, actor, info, actor_name=name)
         log.info("remote worker %s: model %s (%s)", engine.device, engine.info["model"], engine.info["family"])
         engines.append(engine)
     return engines
+
+
+class WorkerDiscovery:
+    """The app's look-out for workers while it runs (``--ray``): a daemon thread that lists the worker
+    actors on the cluster every ``interval`` seconds, through the lookup ``remote_engines`` uses at
+    start. An actor the app does not have joins the queue (``GenerationService.add_worker``); one it has
+    reports its state again (a LoRA copied there since is seen); one whose name is gone, or names a new
+    actor (its worker process restarted), is listed as lost, and that new actor joins as a new worker."""
+
+    def __init__(self, ray, generation, interval: float = DISCOVERY_SECONDS):
+        """``generation``: the GenerationService whose pool and queue the workers join."""
+        self._ray, self._generation, self.interval = ray, generation, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ray-worker-discovery", daemon=True)
+
+    def start(self) -> WorkerDiscovery:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop looking (the app shuts down); True once the thread has ended."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.look()
+            except Exception:  # a cluster hiccup must not end the look-out: the next round tries again
+                log.warning("looking for Ray workers failed; trying again in %.0f s", self.interval, exc_info=True)
+
+    def look(self) -> list[int]:
+        """One round; returns the indexes of the workers that joined."""
+        answers = self._ask_all(worker_actor_names(self._ray))  # name -> (actor, info or None)
+        workers = self._remote_workers()
+        known, lost = {engine.actor_id for _index, engine in workers}, set(self._lost())
+        current = {engine.actor_id: engine for index, engine in workers if index not in lost}
+        joined = []
+        for name, (actor, info) in answers.items():
+            if info is None or self._stop.is_set():
+                continue
+            if info["actor_id"] in current:
+                current[info["actor_id"]].info = info  # its model and LoRAs as they are now
+            elif info["actor_id"] not in known:  # a lost actor still answering is not let back in
+                joined.append(self._join(RemoteEngine(self._ray, actor, info, actor_name=name)))
+        self._drop_gone(workers, answers)
+        return joined
+
+    def _ask_all(self, names: list[str]) -> dict[str, tuple[Any, dict | None]]:
+        """Each listed actor and its ``info`` (asked of all at once); None where it did not answer in
+        ``JOIN_TIMEOUT_S`` (still building its engine: asked again next round) or is dying."""
+        ray, pending = self._ray, {}
+        for name in names:
+            try:
+                actor = ray.get_actor(name)
+            except ValueError:  # gone since the listing
+                continue
+            pending[name] = (actor, actor.info.remote())
+        answers = {}
+        for name, (actor, ref) in pending.items():
+            try:
+                answers[name] = (actor, ray.get(ref, timeout=JOIN_TIMEOUT_S))
+            except ray.exceptions.RayError:  # GetTimeoutError too
+                log.debug("worker %s did not answer this round", name, exc_info=True)
+                answers[name] = (actor, None)
+        return answers
+
+    def _join(self, engine: RemoteEngine) -> int:
+        index = self._generation.add_worker(engine)
+        again = any(other.actor_name == engine.actor_name for i, other in self._remote_workers() if i != index)
+        log.info(
+            "remote worker %s joined%s: model %s (%s), %d LoRA(s)",
+            engine.device,
+            " again (a new process under its name)" if again else "",
+            engine.info.get("model"),
+            engine.info.get("family"),
+            len(engine.loras),
+        )
+        return index
+
+    def _drop_gone(self, workers: list[tuple[int, RemoteEngine]], answers: dict) -> None:
+        """Workers whose actor name is no longer listed, or now names another actor, are lost."""
+        lost = set(self._lost())
+        for index, engine in workers:
+            if index in lost or engine.actor_name is None:
+                continue
+            answer = answers.get(engine.actor_name)
+            replaced = answer is not None and answer[1] is not None and answer[1]["actor_id"] != engine.actor_id
+            if answer is None or replaced:
+                why = "a new process took its name" if replaced else "its actor is no longer listed"
+                log.warning("remote worker %s is gone (%s)", engine.device, why)
+                self._generation.lose_worker(index)
+
+    def _remote_workers(self) -> list[tuple[int, RemoteEngine]]:
+        return [
+            (w.index, w.engine) for w in list(self._generation.workers.workers) if isinstance(w.engine, RemoteEngine)
+        ]
+
+    def _lost(self) -> list[int]:
+        return self._generation.jobs.lost()

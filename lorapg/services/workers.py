@@ -52,6 +52,21 @@ class WorkerPool:
             if (model := worker.engine.model) is not None and model.source.ref == ref
         )
 
+    def having(self, loras: set[str]) -> frozenset[int]:
+        """The workers whose LoRA folder has every LoRA in ``loras`` (library names): the local ones read
+        the app's own folder; a remote one has the LoRAs it last reported (``engine.loras``)."""
+        return frozenset(
+            worker.index
+            for worker in list(self.workers)
+            if not getattr(worker.engine, "remote", False) or loras <= set(worker.engine.loras)
+        )
+
+    def add(self, worker: Worker) -> None:
+        """A worker that joined while the app runs; its index is the next one (the queue's numbering)."""
+        if worker.index != len(self.workers):
+            raise ValueError(f"worker {worker.index} joins a pool of {len(self.workers)}")
+        self.workers.append(worker)
+
     def engine(self, index: int | None) -> Any:
         """The engine of worker ``index`` (None, a job not started yet: the primary one)."""
         return self.workers[index or 0].engine
