@@ -22,10 +22,13 @@ from diffusers import FluxPipeline
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
+from lorapg.diffusion import flux_kohya
 from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.families import FLUX
 from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.diffusion.lora_parts import UnsupportedPart
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
+from lorapg.errors import UserError
 from tests.tiny_flux import build_flux_pipeline
 
 RANK = 4
@@ -173,3 +176,96 @@ def test_each_layout_gives_the_peft_file_s_image(flux, layout, reference):
     assert np.abs(pixels(engine, [(layout, 1.0)]) - expected).max() <= 2
     assert np.array_equal(pixels(engine, [(layout, 0.0)]), base)
     assert np.array_equal(pixels(engine), base)
+
+
+# --- FLUX.1's own widths, without FLUX.1's weights ------------------------------------------------------------
+
+FLUX1_HIDDEN, FLUX1_MLP = 3072, 12288
+# BFL module -> (input width, output width) at FLUX.1's sizes (hidden 3072, MLP 12288, 6 or 3 modulations).
+FLUX1_MODULES = {
+    "double_blocks_0_img_attn_qkv": (FLUX1_HIDDEN, 3 * FLUX1_HIDDEN),
+    "double_blocks_0_img_attn_proj": (FLUX1_HIDDEN, FLUX1_HIDDEN),
+    "double_blocks_0_img_mlp_0": (FLUX1_HIDDEN, FLUX1_MLP),
+    "double_blocks_0_img_mlp_2": (FLUX1_MLP, FLUX1_HIDDEN),
+    "double_blocks_0_img_mod_lin": (FLUX1_HIDDEN, 6 * FLUX1_HIDDEN),
+    "double_blocks_0_txt_attn_qkv": (FLUX1_HIDDEN, 3 * FLUX1_HIDDEN),
+    "double_blocks_0_txt_mlp_2": (FLUX1_MLP, FLUX1_HIDDEN),
+    "single_blocks_0_linear1": (FLUX1_HIDDEN, 3 * FLUX1_HIDDEN + FLUX1_MLP),
+    "single_blocks_0_linear2": (FLUX1_HIDDEN + FLUX1_MLP, FLUX1_HIDDEN),
+    "single_blocks_0_modulation_lin": (FLUX1_HIDDEN, 3 * FLUX1_HIDDEN),
+    "single_blocks_1_linear1": (FLUX1_HIDDEN, 3 * FLUX1_HIDDEN + FLUX1_MLP),
+}
+
+
+def flux1_sized_transformer():
+    """FLUX.1 dev's transformer with two single blocks and one double block, on the meta device: no memory."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        )  # fmt: skip
+
+
+def products(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """module -> up @ down (the ΔW a LoRA adds at scale 1) for a diffusers-layout state dict."""
+    return {
+        key.removesuffix(".lora_A.weight"): state[key.replace("lora_A", "lora_B")].float() @ tensor.float()
+        for key, tensor in state.items()
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def test_at_flux1_widths_the_split_gives_diffusers_own_conversion():
+    """diffusers' converter knows FLUX.1's sizes: on a file at those sizes both give the same ΔW per module."""
+    generator = torch.Generator().manual_seed(11)
+    state = {}
+    for module, (inputs, outputs) in FLUX1_MODULES.items():
+        state[f"lora_unet_{module}.lora_down.weight"] = torch.randn(2, inputs, generator=generator)
+        state[f"lora_unet_{module}.lora_up.weight"] = torch.randn(outputs, 2, generator=generator) * 0.1
+        state[f"lora_unet_{module}.alpha"] = torch.tensor(1.0)  # alpha / rank = 1/2
+    transformer = flux1_sized_transformer()
+    assert transformer.single_transformer_blocks[0].proj_mlp.out_features == FLUX1_MLP
+    ours = products(flux_kohya.convert(state, transformer))
+    theirs = products(dict(FluxPipeline.lora_state_dict(dict(state))))
+    assert set(ours) == set(theirs)
+    assert "transformer.single_transformer_blocks.1.proj_mlp" in ours  # linear1's MLP rows
+    for module, delta in theirs.items():
+        # The same matrices scaled in another order (diffusers splits alpha / rank between down and up).
+        torch.testing.assert_close(ours[module], delta, rtol=1e-5, atol=1e-6, msg=module)
+
+
+def test_a_part_a_flux_renaming_cannot_carry_is_named_not_dropped(flux):
+    kohya_file = dict(flux["files"]["kohya"])
+    for extra, tensor in (
+        ("lora_unet_single_blocks_0_linear1.dora_scale", torch.ones(1, 32)),
+        ("lora_unet_double_blocks_0_img_attn_proj.lora_mid.weight", torch.ones(RANK, RANK, 1, 1)),
+        ("diffusion_model.single_blocks.0.linear2.lora_B.bias", torch.ones(32)),
+    ):
+        with pytest.raises(UnsupportedPart, match=re.escape(extra)):
+            flux_kohya.convert(dict(kohya_file, **{extra: tensor}), flux["engine"].model.pipe.transformer)
+    # Through the app: a ComfyUI DoRA (peft's magnitude vector beside lora_A/lora_B) says which key it cannot apply.
+    comfy = dict(flux["files"]["comfy"])
+    comfy["diffusion_model.double_blocks.0.img_attn.proj.lora_magnitude_vector"] = torch.ones(32)
+    save_file(comfy, str(flux["loras"] / "comfy_dora.safetensors"))
+    with pytest.raises(UserError, match=r"^LoRA comfy_dora: its key diffusion_model\.double_blocks\.0\.img_attn"):
+        pixels(flux["engine"], [("comfy_dora", 1.0)])
+
+
+@pytest.mark.parametrize(
+    ("name", "parts", "label"),
+    [
+        ("flux_lokr", {"lokr_w1": (4, 4), "lokr_w2": (8, 8)}, "LoKr"),
+        ("flux_loha", {f"hada_w{i}_{ab}": (32, 2) if ab == "a" else (2, 32) for i in (1, 2) for ab in "ab"}, "LoHa"),
+        ("flux_dora", {"lora_down.weight": (RANK, 32), "lora_up.weight": (32, RANK), "dora_scale": (1, 32)}, "DoRA"),
+    ],
+)
+def test_a_kohya_lycoris_file_is_refused_by_format(flux, name, parts, label):
+    """LyCORIS/DoRA files take the weight-patch path, which knows only UNet names: a message, not a crash."""
+    module = "lora_unet_double_blocks_0_img_attn_proj"
+    tensors = {f"{module}.{key}": torch.ones(shape) for key, shape in parts.items()}
+    save_file(tensors, str(flux["loras"] / f"{name}.safetensors"))
+    assert LoraLibrary(flux["loras"]).resolve(name).format == label
+    with pytest.raises(UserError, match=rf"^LoRA {name} is a {label} file; LyCORIS .* not supported for Flux\.1"):
+        pixels(flux["engine"], [(name, 1.0)])

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from safetensors.torch import save_file
 
-from lorapg.diffusion.families import SD1, SDXL
+from lorapg.diffusion.families import SD1, SD3, SDXL
 from lorapg.diffusion.lora_library import DIFFUSERS, KOHYA, LoraLibrary
 from lorapg.errors import UserError
 
@@ -106,3 +106,30 @@ def test_scan_reports_a_symlink_leading_outside_instead_of_failing(tiny_models, 
     infos, problems = LoraLibrary(folder).scan()
     assert [info.name for info in infos] == ["inside"]
     assert len(problems) == 1 and "links outside the LoRA folder" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("architecture", "version"),
+    [
+        ("stable-diffusion-3-5-large/lora", "5-large"),
+        ("stable-diffusion-3-5-medium/lora", "5-medium"),
+        ("stable-diffusion-3-medium/lora", "medium"),
+        ("", "5-large"),  # an older sd-scripts without modelspec
+        ("stable-diffusion-3-5-large/lora", ""),
+    ],
+)
+def test_sd_scripts_sd3_metadata_names_sd3_for_a_text_encoder_only_file(tmp_path, architecture, version):
+    """sd-scripts (library/sd3_utils.py, sai_model_spec.py) names SD 3.x so; two CLIP encoders alone look like SDXL."""
+    import torch
+
+    metadata = {key: value for key, value in (("modelspec.architecture", architecture),
+                                               ("ss_base_model_version", version)) if value}  # fmt: skip
+    tensors = {
+        f"{prefix}text_model_encoder_layers_0_self_attn_q_proj.{part}": torch.zeros(shape)
+        for prefix in ("lora_te1_", "lora_te2_")
+        for part, shape in (("lora_down.weight", (4, 32)), ("lora_up.weight", (32, 4)), ("alpha", ()))
+    }
+    save_file(tensors, str(tmp_path / "te_only.safetensors"), metadata=metadata)
+    assert LoraLibrary(tmp_path).resolve("te_only").family == SD3
+    save_file(tensors, str(tmp_path / "no_metadata.safetensors"))
+    assert LoraLibrary(tmp_path).resolve("no_metadata").family == SDXL  # what the names alone say

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from lorapg.diffusion import lora_layouts, sd3_kohya
+from lorapg.diffusion.adapters import LoraSelection
 from lorapg.diffusion.engine import DiffusionEngine
 from lorapg.diffusion.families import SD3
 from lorapg.diffusion.lora_library import LoraLibrary
+from lorapg.diffusion.lora_parts import UnsupportedPart
 from lorapg.diffusion.request import GenerationRequest, LoraRequest
 from lorapg.errors import UserError
 from tests.tiny_flux import build_sd3_pipeline, save_peft_transformer_lora
@@ -61,6 +66,10 @@ _GLOBAL_NAMES = {
     "norm_out.linear": "final_layer.adaLN_modulation.1",
 }
 _QKV_ORDER = {"q": 0, "k": 1, "v": 2}
+COMFY_TEXT_ENCODERS = {
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+}
 
 
 def stability_module(module: str, num_layers: int) -> tuple[str, int | None, bool]:
@@ -105,6 +114,9 @@ def as_kohya(state: dict[str, torch.Tensor], num_layers: int, *, comfy: bool = F
         if component == "transformer":
             name, position, swapped = stability_module(module, num_layers)
             stem = f"diffusion_model.{name}" if comfy else "lora_unet_" + name.replace(".", "_")
+        elif comfy:  # ComfyUI's CLIP module paths, dotted, under its own encoder names
+            position, swapped = None, False
+            stem = COMFY_TEXT_ENCODERS[component] + module
         else:
             position, swapped = None, False
             stem = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component] + module.replace(".", "_")
@@ -144,21 +156,27 @@ def sd3(tmp_path_factory) -> dict:
     transformer_only = {key: tensor for key, tensor in state.items() if key.startswith("transformer.")}
     save_file(transformer_only, str(loras / "peft_transformer.safetensors"))
     save_file(as_kohya(transformer_only, 2, comfy=True), str(loras / "comfy.safetensors"))
+    save_file(as_kohya(state, 2, comfy=True), str(loras / "comfy_with_clip.safetensors"))
+    # An fp16 file (as most shared LoRAs are) on the fp32 tiny model.
+    save_file({k: v.half() for k, v in as_kohya(state, 2).items()}, str(loras / "kohya_fp16.safetensors"))
     save_peft_transformer_lora(loras / "second.safetensors", pipe, seed=4, strength=0.3)
     engine = DiffusionEngine(LoraLibrary(loras), torch.device("cpu"), torch.float32)
     engine.load_model(str(root / "sd3"))
     return {"engine": engine, "loras": loras, "state": state}
 
 
-def pixels(engine: DiffusionEngine, loras=()) -> np.ndarray:
-    request = GenerationRequest(
+def request(loras=()) -> GenerationRequest:
+    return GenerationRequest(
         prompt="a red fox",
         loras=tuple(LoraRequest(name, scale) for name, scale in loras),
         steps=3,
         seed=7,
         sampler="Euler",
     )
-    return np.asarray(engine.generate(request).images[0], dtype=np.int16)
+
+
+def pixels(engine: DiffusionEngine, loras=()) -> np.ndarray:
+    return np.asarray(engine.generate(request(loras)).images[0], dtype=np.int16)
 
 
 def test_the_inverse_mapping_covers_every_module_of_the_tiny_model(sd3):
@@ -207,8 +225,6 @@ def test_scale_zero_is_the_base_and_stacking_works(sd3):
 
 
 def test_a_module_the_converter_does_not_know_is_named_in_a_warning(sd3, caplog):
-    from safetensors.torch import load_file
-
     state = load_file(str(sd3["loras"] / "kohya.safetensors"))
     state["lora_unet_joint_blocks_7_x_block_attn_qkv.lora_down.weight"] = torch.zeros(RANK, 32)
     state["lora_unet_joint_blocks_7_x_block_attn_qkv.lora_up.weight"] = torch.zeros(96, RANK)
@@ -216,11 +232,17 @@ def test_a_module_the_converter_does_not_know_is_named_in_a_warning(sd3, caplog)
     state["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.zeros(32, RANK)
     save_file(state, str(sd3["loras"] / "extra.safetensors"))
     with caplog.at_level(logging.WARNING, logger="lorapg.diffusion.lora_layouts"):
-        with_extra = pixels(sd3["engine"], [("extra", 1.0)])
+        result = sd3["engine"].generate(request([("extra", 1.0)]))
     text = " ".join(record.getMessage() for record in caplog.records)
     assert "lora_unet_joint_blocks_7_x_block_attn_qkv" in text
     assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q" in text
+    with_extra = np.asarray(result.images[0], dtype=np.int16)
     assert np.abs(with_extra - pixels(sd3["engine"], [("kohya", 1.0)])).max() <= 2  # the known parts still apply
+    # The UI and the API show the generation's warnings: the user learns the LoRA applied only in part.
+    (warning,) = [w for w in result.warnings if w.startswith("LoRA extra:")]
+    assert "2 modules left out" in warning and "lora_unet_joint_blocks_7_x_block_attn_qkv" in warning
+    assert not any("left out" in w for w in sd3["engine"].generate(request([("kohya", 1.0)])).warnings)
+    assert not any("left out" in w for w in sd3["engine"].generate(request([("extra", 0.0)])).warnings)
 
 
 def test_a_kohya_file_for_another_sd3_size_is_refused(sd3, tmp_path):
@@ -232,3 +254,81 @@ def test_a_kohya_file_for_another_sd3_size_is_refused(sd3, tmp_path):
     save_file(state, str(sd3["loras"] / "wide.safetensors"))
     with pytest.raises(UserError, match="does not fit the loaded SD 3.5 model"):
         pixels(sd3["engine"], [("wide", 1.0)])
+
+
+def test_comfy_text_encoder_keys_are_loaded_like_kohya_s(sd3):
+    """ComfyUI spells the CLIP encoders ``text_encoders.clip_l.transformer.…``/``clip_g``: applied, not left out."""
+    engine = sd3["engine"]
+    result = engine.generate(request([("comfy_with_clip", 1.0)]))
+    assert not any("left out" in w for w in result.warnings)
+    loaded = engine.model.adapters.pipe.get_list_adapters()
+    name = next(n for n in loaded["transformer"] if n.startswith("lora_comfy_with_clip_"))
+    assert name in loaded["text_encoder"] and name in loaded["text_encoder_2"]
+    image = np.asarray(result.images[0], dtype=np.int16)
+    assert np.abs(image - pixels(engine, [("peft", 1.0)])).max() <= 2
+
+
+def test_an_fp16_kohya_file_converts_in_fp16_and_gives_the_fp32_file_s_image(sd3):
+    state = load_file(str(sd3["loras"] / "kohya_fp16.safetensors"))
+    pipe = sd3["engine"].model.pipe
+    encoders = {c: lora_layouts._linear_modules(getattr(pipe, c)) for c in ("text_encoder", "text_encoder_2")}
+    converted = sd3_kohya.convert(state, pipe.transformer.config, encoders)
+    assert not converted.ignored and {t.dtype for t in converted.state.values()} == {torch.float16}
+    # fp16 weights round the product a little: a tolerance against the fp32 file's image.
+    assert np.abs(pixels(sd3["engine"], [("kohya_fp16", 1.0)]) - pixels(sd3["engine"], [("kohya", 1.0)])).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "tensor", "what"),
+    [
+        ("diffusion_model.joint_blocks.0.x_block.attn.proj.lora_magnitude_vector", torch.ones(32), "DoRA"),
+        ("diffusion_model.joint_blocks.0.x_block.attn.proj.lora_B.bias", torch.ones(32), "bias"),
+        ("diffusion_model.joint_blocks.0.x_block.attn.proj.lora_mid.weight", torch.ones(RANK, RANK, 1, 1), "Tucker"),
+        ("lora_unet_joint_blocks_0_x_block_attn_proj.dora_scale", torch.ones(1, 32), "DoRA"),
+    ],
+)
+def test_a_part_the_renaming_cannot_carry_is_named_not_dropped(sd3, extra, tensor, what):
+    """Down/up converted without the magnitude, bias or core beside them would be another LoRA: refused."""
+    state = dict(as_kohya({k: v for k, v in sd3["state"].items() if k.startswith("transformer.")}, 2, comfy=True))
+    state[extra] = tensor
+    with pytest.raises(UnsupportedPart, match=re.escape(extra)) as caught:
+        sd3_kohya.convert(state, sd3["engine"].model.pipe.transformer.config, {})
+    assert what in str(caught.value)
+    if extra.startswith("diffusion_model."):  # through the app: the message names the file and the key
+        save_file(state, str(sd3["loras"] / "with_extra.safetensors"))
+        with pytest.raises(UserError, match=rf"^LoRA with_extra: its key {re.escape(extra)} is .*{what}"):
+            pixels(sd3["engine"], [("with_extra", 1.0)])
+
+
+@pytest.mark.parametrize(
+    ("name", "keys", "label"),
+    [
+        ("sd3_loha", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa"),
+        ("sd3_lokr", ("lokr_w1", "lokr_w2"), "LoKr"),
+        ("sd3_dora", ("lora_down.weight", "lora_up.weight", "dora_scale"), "DoRA"),
+    ],
+)
+def test_a_kohya_lycoris_file_is_refused_by_format(sd3, name, keys, label):
+    """LyCORIS/DoRA files take the weight-patch path, which knows only UNet names: a message, not a crash."""
+    shapes = {
+        "hada_w1_a": (32, 2), "hada_w1_b": (2, 32), "hada_w2_a": (32, 2), "hada_w2_b": (2, 32),
+        "lokr_w1": (4, 4), "lokr_w2": (8, 8), "lora_down.weight": (RANK, 32), "lora_up.weight": (32, RANK),
+        "dora_scale": (1, 32),
+    }  # fmt: skip
+    module = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    save_file({f"{module}.{key}": torch.ones(shapes[key]) for key in keys}, str(sd3["loras"] / f"{name}.safetensors"))
+    assert LoraLibrary(sd3["loras"]).resolve(name).format == label
+    with pytest.raises(UserError, match=rf"^LoRA {name} is a {label} file; LyCORIS .* not supported for SD 3\.5"):
+        pixels(sd3["engine"], [(name, 1.0)])
+    assert np.array_equal(pixels(sd3["engine"]), pixels(sd3["engine"], [("kohya", 0.0)]))  # the app goes on
+
+
+def test_a_file_cut_short_after_listing_is_reported_as_unreadable(sd3):
+    """Read once listed, cut short before loading (a copy still running): "could not be read", not "another model"."""
+    path = sd3["loras"] / "cut.safetensors"
+    shutil.copy(sd3["loras"] / "kohya.safetensors", path)
+    info = LoraLibrary(sd3["loras"]).resolve("cut")
+    os.truncate(path, path.stat().st_size // 2)
+    adapters = sd3["engine"].model.adapters
+    with pytest.raises(UserError, match=r"^LoRA file cut could not be read \("):
+        adapters.activate([LoraSelection(info, 1.0)])

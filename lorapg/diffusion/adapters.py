@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from diffusers import DiffusionPipeline
 
 from lorapg.diffusion.compile_mode import LayoutError, diffusers_lora_as_kohya
-from lorapg.diffusion.families import family_label
+from lorapg.diffusion.families import family_label, is_transformer_family
 from lorapg.diffusion.lora_fusing import LoraFuser
-from lorapg.diffusion.lora_layouts import readable_lora
+from lorapg.diffusion.lora_layouts import left_out_warning, readable_lora
 from lorapg.diffusion.lora_library import KOHYA, LoraInfo
+from lorapg.diffusion.lora_parts import UnsupportedPart
 from lorapg.diffusion.lycoris import REFUSED_KINDS, FormatError
 from lorapg.diffusion.weight_patches import WeightPatches
 from lorapg.errors import UserError
@@ -61,6 +62,7 @@ class AdapterSet:
         self.family = family
         self.patch_everything = patch_everything  # compile mode: no file ever becomes a peft adapter
         self._loaded: dict[str, tuple[float, int]] = {}  # adapter name -> (mtime, size) when read
+        self._left_out: dict[str, str] = {}  # adapter name -> the warning naming the modules it lacks
         self.files_read = 0  # how many LoRA files were read into this pipeline (tests check this)
         self._disabled = False  # True after disable_lora(): no LoRA was selected last time
         self.fuser = LoraFuser(pipe)  # the active selection lives in the weights: no per-step cost
@@ -92,6 +94,10 @@ class AdapterSet:
             self.patches.remove()
             raise
 
+    def warnings(self, selections: list[LoraSelection]) -> list[str]:
+        """One line per selected LoRA (at a scale other than 0) that loaded with modules left out."""
+        return [self._left_out[n] for s in selections if s.scale and (n := adapter_name(s.info)) in self._left_out]
+
     def computes_deltas(self, selections: list[LoraSelection]) -> bool:
         """True when ``activate(selections)`` would compute LoRA deltas into weights (fuse or patch): that
         arithmetic rounds differently on each device, so the caller runs it where the weights run."""
@@ -121,6 +127,12 @@ class AdapterSet:
                 "Use a LoRA, LoCon, LoHa, LoKr, DoRA, IA3 or diff version of it."
             )
         self._check_family(info)
+        if is_transformer_family(self.family):
+            # Weight patches find layers by the UNet's kohya names; Flux/SD 3.5 transformers have none.
+            raise UserError(
+                f"LoRA {info.name} is a {info.format} file; LyCORIS and DoRA formats are not supported for "
+                f"{family_label(self.family)} yet: use a plain LoRA version of it."
+            )
         _check_present(info)
         try:
             self.patches.load(name, info.name, str(info.path), stamp, state=self._renamed_state(info))
@@ -166,12 +178,19 @@ class AdapterSet:
         if name in self._loaded:
             self.pipe.delete_adapters(name)
             del self._loaded[name]
+        self._left_out.pop(name, None)
         self._check_family(info)
         _check_present(info)
         try:
             # SD 3 kohya/ComfyUI names and some Flux spellings are renamed first (lora_layouts).
-            source = readable_lora(self.pipe, self.family, info.path, info.name)
-            self.pipe.load_lora_weights(source, adapter_name=name)
+            readable = readable_lora(self.pipe, self.family, info.path, info.name)
+            self.pipe.load_lora_weights(readable.source, adapter_name=name)
+        except UserError:  # the file could not be read
+            self._discard(name)
+            raise
+        except UnsupportedPart as exc:  # a DoRA magnitude, bias… the renaming cannot carry
+            self._discard(name)
+            raise UserError(f"LoRA {info.name}: {exc}.") from None
         except Exception as exc:  # shape mismatches and unknown key layouts surface as many types
             self._discard(name)
             raise UserError(
@@ -182,6 +201,8 @@ class AdapterSet:
             self._discard(name)  # else a retry finds the name taken ("adapter name already in use")
             raise UserError(f"LoRA {info.name}: none of its layers match the loaded {family_label(self.family)} model.")
         self._loaded[name] = stamp
+        if readable.left_out:
+            self._left_out[name] = left_out_warning(info.name, readable.left_out)
         self.files_read += 1
         log.info("loaded LoRA %s as adapter %s", info.name, name)
 

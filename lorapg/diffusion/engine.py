@@ -370,6 +370,7 @@ class DiffusionEngine:
                         keep=RESIDENT_NAME,
                         advice="Lower the image size or the batch size, or start with --policy lowvram.",
                     )
+            warnings += model.adapters.warnings(selections)  # modules of a LoRA the model has no place for
             if cancelled:
                 log.info("generation cancelled after step %d of %d", steps_done, total_steps)
             # A cancelled run still decodes its current latents (diffusers skips the remaining steps,

@@ -17,18 +17,24 @@ from collections.abc import Mapping
 
 import torch
 
+from lorapg.diffusion.lora_parts import plain_part, unsupported
+
 _LINEAR1 = re.compile(r"^(?:lora_unet_single_blocks_|diffusion_model\.single_blocks\.)(\d+)[._]linear1\.(.+)$")
 _COMFY_PEFT = re.compile(r"^(diffusion_model\..+)\.lora_([AB])\.weight$")
+# kohya's and ComfyUI's module names (XLabs' ``double_blocks.…down.weight`` has its own parts).
+_RENAMED_PREFIXES = ("lora_unet_", "lora_te", "diffusion_model.", "text_encoders.")
 
 
 def needs_conversion(keys) -> bool:
-    return any(_LINEAR1.match(key) or _COMFY_PEFT.match(key) for key in keys)
+    """Also for a key that is no plain LoRA part: ``convert`` names it instead of loading the file half-right."""
+    return any(_LINEAR1.match(key) or _COMFY_PEFT.match(key) or _unsupported(key) for key in keys)
 
 
 def convert(state: Mapping[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The file's tensors in diffusers' peft layout (``transformer.…lora_A.weight``), ready for load_lora_weights."""
     from diffusers import FluxPipeline  # heavy import: only when a Flux LoRA needs it
 
+    _check_plain_parts(state)
     renamed = {_kohya_spelling(key): tensor for key, tensor in state.items()}
     linear1: dict[int, dict[str, torch.Tensor]] = {}
     rest = {}
@@ -42,6 +48,18 @@ def convert(state: Mapping[str, torch.Tensor], transformer: torch.nn.Module) -> 
     for block, parts in sorted(linear1.items()):
         out.update(_split_linear1(block, parts, transformer))
     return out
+
+
+def _check_plain_parts(state: Mapping[str, torch.Tensor]) -> None:
+    """UnsupportedPart for a DoRA magnitude, Tucker core, bias or LyCORIS factor: neither the linear1 split
+    nor diffusers' converter would apply it, and the module's down/up alone are another LoRA."""
+    for key in state:
+        if _unsupported(key):
+            raise unsupported(key, "Flux.1")
+
+
+def _unsupported(key: str) -> bool:
+    return key.startswith(_RENAMED_PREFIXES) and plain_part(key) is None
 
 
 def _kohya_spelling(key: str) -> str:

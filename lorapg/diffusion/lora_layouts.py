@@ -8,32 +8,63 @@ some models (``flux_kohya``). Only the file's header is read to decide.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lorapg.diffusion import flux_kohya, sd3_kohya
 from lorapg.diffusion.families import FLUX, SD3
-from lorapg.errors import shorten
+from lorapg.errors import UserError, shorten
 
 log = logging.getLogger(__name__)
 
+_NAMED_IN_WARNING = 3  # left-out modules named in the generation's warning (the log names them all)
 
-def readable_lora(pipe: DiffusionPipeline, family: str, path: Path, name: str) -> str | dict[str, torch.Tensor]:
-    """The path when diffusers reads the file as it is, else the renamed tensors (diffusers accepts both)."""
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())  # noqa: SIM118 (a safetensors handle is not iterable)
+
+@dataclass(frozen=True)
+class ReadableLora:
+    source: str | dict[str, torch.Tensor]  # what load_lora_weights reads: the path, or the renamed tensors
+    left_out: tuple[str, ...] = ()  # the file's modules no module of the loaded model takes
+
+
+def readable_lora(pipe: DiffusionPipeline, family: str, path: Path, name: str) -> ReadableLora:
+    """The path when diffusers reads the file as it is, else the renamed tensors (diffusers accepts both).
+
+    UserError when the file cannot be read (cut short, replaced, not safetensors): that is no question of
+    which model it fits. UnsupportedPart (a ValueError) when it holds parts a renaming cannot carry.
+    """
+    keys = _read(path, name, lambda handle: list(handle.keys()))  # noqa: SIM118 (a handle is not iterable)
     if family == SD3 and sd3_kohya.has_stability_names(keys):
-        return _sd3_from_stability_names(pipe, load_file(str(path)), name)
+        return _sd3_from_stability_names(pipe, _read(path, name), name)
     if family == FLUX and flux_kohya.needs_conversion(keys):
-        return flux_kohya.convert(load_file(str(path)), pipe.transformer)
-    return str(path)
+        return ReadableLora(flux_kohya.convert(_read(path, name), pipe.transformer))
+    return ReadableLora(str(path))
 
 
-def _sd3_from_stability_names(pipe: DiffusionPipeline, state: dict, name: str) -> dict[str, torch.Tensor]:
+def left_out_warning(name: str, left_out: tuple[str, ...]) -> str:
+    """The line the UI and the API show with each image made with this LoRA."""
+    shown = ", ".join(left_out[:_NAMED_IN_WARNING]) + (", …" if len(left_out) > _NAMED_IN_WARNING else "")
+    return f"LoRA {name}: {len(left_out)} modules left out, which the loaded model does not have ({shown})."
+
+
+def _read(path: Path, name: str, header=None):
+    """The file's tensors (or ``header(handle)``), with a read error said as such."""
+    try:
+        if header is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            return header(handle)
+    except (SafetensorError, OSError) as exc:
+        lines = str(exc).strip().splitlines()
+        reason = shorten(lines[0], 200) if lines else type(exc).__name__
+        raise UserError(f"LoRA file {name} could not be read ({reason}).") from None
+
+
+def _sd3_from_stability_names(pipe: DiffusionPipeline, state: dict, name: str) -> ReadableLora:
     encoders = {
         component: _linear_modules(getattr(pipe, component, None)) for component in sd3_kohya.TEXT_ENCODERS.values()
     }
@@ -46,7 +77,7 @@ def _sd3_from_stability_names(pipe: DiffusionPipeline, state: dict, name: str) -
             len(converted.ignored),
             shorten(", ".join(converted.ignored), 600),
         )
-    return converted.state
+    return ReadableLora(converted.state, tuple(converted.ignored))
 
 
 def _linear_modules(model: torch.nn.Module | None) -> list[str]:

@@ -141,7 +141,7 @@ def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ..
     base = base.lower()
     if "flux" in base or any(_is_flux_lora_key(k) for k in shapes):
         return FLUX
-    if "sd3" in base or "-v3" in base or any(_is_sd3_lora_key(k) for k in shapes):
+    if _says_sd3(metadata) or any(_is_sd3_lora_key(k) for k in shapes):
         return SD3
     if "xl" in base:
         return SDXL
@@ -160,6 +160,24 @@ def detect_lora_family(metadata: dict[str, str], shapes: dict[str, tuple[int, ..
         if "attn2" in key and "to_k" in key and reads_input and len(shape) == 2:
             return _CROSS_ATTENTION_DIM.get(shape[1])
     return None
+
+
+# sd-scripts' ss_base_model_version for SD 3.x (library/sd3_utils.py analyze_state_dict_state: the words it
+# appends to modelspec.architecture's "stable-diffusion-3-").
+_SD_SCRIPTS_SD3_VERSIONS = {"5-large", "5-medium", "medium"}
+
+
+def _says_sd3(metadata: dict[str, str]) -> bool:
+    """Our exporter writes ``stable-diffusion-v3-…``; sd-scripts ``stable-diffusion-3-5-large/lora``, ``sd3`` tools."""
+    architecture = metadata.get("modelspec.architecture", "").lower()
+    version = metadata.get("ss_base_model_version", "").strip().lower()
+    return (
+        "sd3" in architecture
+        or "-v3" in architecture
+        or architecture.startswith("stable-diffusion-3")
+        or "sd3" in version
+        or version in _SD_SCRIPTS_SD3_VERSIONS
+    )
 
 
 _LYCORIS_READS_INPUT = (".hada_w1_b", ".hada_w2_b", ".diff")

@@ -17,13 +17,17 @@ from typing import Any
 
 import torch
 
+from lorapg.diffusion.lora_parts import plain_part, unsupported
+
 KOHYA_UNET, COMFY_UNET = "lora_unet_", "diffusion_model."
 # kohya's text encoder prefixes for SD 3 -> diffusers' component; lora_te3_ (T5) has no diffusers loader.
 TEXT_ENCODERS = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-STABILITY_PREFIXES = (KOHYA_UNET, COMFY_UNET, "lora_te1_", "lora_te2_", "lora_te3_")
-_DOWN = ("lora_down.weight", "lora_A.weight")
-_UP = ("lora_up.weight", "lora_B.weight")
-_ALPHA = ("alpha",)
+# ComfyUI's spelling of the same encoders: its module path, dotted (``text_encoders.t5xxl.`` is left out too).
+COMFY_TEXT_ENCODERS = {
+    "text_encoders.clip_l.transformer.": "text_encoder",
+    "text_encoders.clip_g.transformer.": "text_encoder_2",
+}
+STABILITY_PREFIXES = (KOHYA_UNET, COMFY_UNET, "lora_te1_", "lora_te2_", "lora_te3_", "text_encoders.")
 PLAIN, SPLIT_QKV, SWAP_HALVES = "plain", "split_qkv", "swap_halves"
 
 
@@ -85,15 +89,16 @@ def _block_targets(i: int, *, last: bool, dual: bool) -> dict[str, Target]:
     return targets
 
 
-def text_encoder_targets(prefix: str, modules: list[str]) -> dict[str, str]:
-    """kohya module name (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``) -> module path in the encoder.
+def text_encoder_targets(prefix: str, modules: list[str], *, dotted: bool = False) -> dict[str, str]:
+    """kohya module name (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``) -> module path in the encoder;
+    ``dotted``: ComfyUI's name (``text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj``).
 
-    transformers 5 may or may not keep CLIP's ``text_model`` level; kohya names always spell it.
+    transformers 5 may or may not keep CLIP's ``text_model`` level; kohya and ComfyUI names always spell it.
     """
     table = {}
     for path in modules:
         spelled = path if path.startswith("text_model.") else f"text_model.{path}"
-        table[prefix + spelled.replace(".", "_")] = path
+        table[prefix + (spelled if dotted else spelled.replace(".", "_"))] = path
     return table
 
 
@@ -102,8 +107,10 @@ def convert(
 ) -> Converted:
     """Rename a Stability-named SD 3 LoRA. ``text_encoders``: diffusers component -> its Linear module paths."""
     by_name = _transformer_names(config)
-    for kohya_prefix, component in TEXT_ENCODERS.items():
-        for name, path in text_encoder_targets(kohya_prefix, text_encoders.get(component, [])).items():
+    spellings = [(prefix, component, False) for prefix, component in TEXT_ENCODERS.items()]
+    spellings += [(prefix, component, True) for prefix, component in COMFY_TEXT_ENCODERS.items()]
+    for prefix, component, dotted in spellings:
+        for name, path in text_encoder_targets(prefix, text_encoders.get(component, []), dotted=dotted).items():
             by_name[name] = (component, Target((path,)))
     out: dict[str, torch.Tensor] = {}
     ignored = []
@@ -127,16 +134,18 @@ def _transformer_names(config: Mapping[str, Any]) -> dict[str, tuple[str, Target
 
 
 def _group(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """module name -> {"down", "up", "alpha"}; a key with another suffix becomes a module named by the whole key."""
+    """module name -> {"down", "up", "alpha"}.
+
+    Any other key (``dora_scale``, ``lora_mid``, ``lora_B.bias``, ``hada_…``) raises UnsupportedPart: converting
+    the module's down/up without it would apply another LoRA than the file holds.
+    """
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        for part, suffixes in (("down", _DOWN), ("up", _UP), ("alpha", _ALPHA)):
-            suffix = next((s for s in suffixes if key.endswith("." + s)), None)
-            if suffix is not None:
-                modules.setdefault(key[: -len(suffix) - 1], {})[part] = tensor
-                break
-        else:
-            modules.setdefault(key, {})  # dora_scale, lora_mid, hada_…: named in the warning, never half-applied
+        found = plain_part(key)
+        if found is None:
+            raise unsupported(key, "SD 3.5")
+        module, part = found
+        modules.setdefault(module, {})[part] = tensor
     return modules
 
 
