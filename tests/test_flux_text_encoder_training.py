@@ -79,18 +79,18 @@ def te_run(request, bases, tmp_path_factory) -> dict:
     samples: list[dict] = []
     real_draw = FlowTraining.draw_sample
 
-    def spy(self, transformer, prompt, steps, size, generator, device):
-        hidden, pooled = self.embeddings([prompt], device, torch.float32)
+    def spy(self, transformer, prompt, steps, size, generator, device, encoders=None):
+        hidden, pooled = self.embeddings([prompt], device, torch.float32, encoders)
         cached_hidden, cached_pooled = self.text_cache[prompt]
         samples.append(
             {
                 "grad": torch.is_grad_enabled(),
-                "trained": sorted(self.trained_encoders),
+                "trained": sorted(self.trained_encoders if encoders is None else encoders),
                 "pooled_moved": float((pooled[0] - cached_pooled).abs().max()),
                 "hidden_moved": float((hidden[0] - cached_hidden).abs().max()),
             }
         )
-        return real_draw(self, transformer, prompt, steps, size, generator, device)
+        return real_draw(self, transformer, prompt, steps, size, generator, device, encoders)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FlowTraining, "draw_sample", spy)
@@ -106,6 +106,10 @@ def test_the_per_step_clip_part_equals_the_pipeline_s_own_encoding(bases, family
     """Untrained, the recomputed CLIP part (hidden tokens and pooled) is the cached encode_prompt output:
     the trained encoder replaces exactly the part the pipeline takes from it."""
     pipe = PIPELINES[family].from_pretrained(str(bases[family]))
+    if family == "sd3":
+        # The pipeline pads both CLIP tokenizers to its tokenizer_max_length (the first one's), not each
+        # to its own model_max_length: the recomputed part must too.
+        pipe.tokenizer_2.model_max_length = pipe.tokenizer_max_length // 2
     flow = FlowTraining(pipe, FAMILIES[family], build_config({"train_text_encoder": True}))
     captions = ["zqx, a fox", "zqx, a much longer caption about a cat"]
     cpu = torch.device("cpu")
@@ -119,6 +123,33 @@ def test_the_per_step_clip_part_equals_the_pipeline_s_own_encoding(bases, family
     hook.remove()
     assert calls  # the encoder ran: the CLIP part did not come from the cache
     for ours, theirs in zip(recomputed, cached, strict=True):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_caption_the_cache_lacks_runs_each_clip_encoder_once(bases, family):
+    """Shuffled tags miss the cache: with trained CLIP encoders only T5 encodes the frozen part (the
+    CLIP encoders run once, for their trained part), and the result is still the pipeline's encoding."""
+    pipe = PIPELINES[family].from_pretrained(str(bases[family]))
+    flow = FlowTraining(pipe, FAMILIES[family], build_config({"train_text_encoder": True, "shuffle_tags": True}))
+    captions = ["zqx, a fox, red", "zqx, red, a fox"]
+    cpu = torch.device("cpu")
+    expected = flow.embeddings(captions, cpu, torch.float32)  # no trained encoders yet: encode_prompt
+    flow.use_trained_text_encoders(flow.trainable_text_encoders())
+    names = [*flow.trainable_text_encoders(), "text_encoder_2" if family == "flux" else "text_encoder_3"]
+    calls = dict.fromkeys(names, 0)
+    hooks = [
+        getattr(pipe, name).register_forward_hook(lambda *args, _name=name: calls.__setitem__(_name, calls[_name] + 1))
+        for name in names
+    ]
+    try:
+        got = flow.embeddings(captions, cpu, torch.float32)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == dict.fromkeys(names, 1)  # each CLIP encoder once (with its LoRA), T5 once
+    for ours, theirs in zip(got, expected, strict=True):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
@@ -341,3 +372,32 @@ def test_the_cli_trains_it_from_a_config_file(bases, tmp_path):
     with safe_open(str(tmp_path / "loras" / "te_cli.safetensors"), "pt") as handle:
         keys = list(handle.keys())
     assert {key.split(".")[0] for key in keys} == {"transformer", "text_encoder", "text_encoder_2"}
+
+
+# --- two processes (accelerate launch, gloo) ------------------------------------------------------
+
+
+def test_two_processes_train_it_with_samples_and_end_their_group(bases, tmp_path):
+    """``accelerate launch --num_processes 2`` with sample images: the main process alone draws them while
+    the other waits in a barrier, so they must not run the encoders through their DDP wrappers (whose
+    forward broadcasts buffers to every process: a collective the waiting one never joins). At the end no
+    reference to a wrapper may outlive the group (``end_process_group``): no gloo thread is left."""
+    from tests import gloo_probe
+    from tests.test_training_distributed import train, write_config
+
+    images = tmp_path / "images"
+    write_images(images, 4)  # batch 1 × 2 processes: 2 steps an epoch; the tiny model trains at 32 px
+    values = dict(RUN, name="te_ddp", trigger="zqx", model=str(bases["flux"]), batch_size=1)
+    values.update(min_snr_gamma=0, noise_offset=0.0, caption_dropout=0.0, cache_latents=True)
+    values.update(out=str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
+    config = write_config(tmp_path / "ddp.toml", None, images, **values)
+    proc = train(tmp_path, config, processes=2, module="tests.gloo_probe", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [line.split("\t")[1] for line in proc.stdout.splitlines() if line.strip()] == ["steps=4"]
+    with safe_open(str(tmp_path / "out" / "te_ddp.safetensors"), "pt") as handle:
+        assert {key.split(".")[0] for key in handle.keys()} == {"transformer", "text_encoder"}  # noqa: SIM118
+    samples = sorted(path.name for path in (tmp_path / "work" / "samples").iterdir())
+    assert samples == ["epoch-0001.png", "epoch-0002.png"]  # one per epoch, by the main process
+    prefix = gloo_probe.PREFIX
+    probes = [line[line.index(prefix) :] for line in proc.stderr.splitlines() if prefix in line]
+    assert probes == [f"{prefix} []"] * 2, proc.stderr[-3000:]
