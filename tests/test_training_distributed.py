@@ -54,22 +54,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(tmp: Path, config: Path, *flags: str, processes: int = 1, launch: tuple[str, ...] = (), module="lorapg"):
-    """``python -m lorapg train CONFIG`` in one process, or under ``accelerate launch`` in ``processes``."""
+def train(
+    tmp: Path,
+    config: Path,
+    *flags: str,
+    processes: int = 1,
+    launch: tuple[str, ...] = (),
+    module="lorapg",
+    timeout: int = 600,
+):
+    """``python -m lorapg train CONFIG`` in one process, or under ``accelerate launch`` in ``processes``;
+    TimeoutExpired after ``timeout`` seconds (a hang)."""
     command = [sys.executable, "-m", module, "train", str(config), *flags]
     if processes > 1 or launch:
         launch = launch or ("--multi_gpu", "--num_processes", str(processes))
         port = ("--main_process_port", str(_free_port()))
         command = [sys.executable, "-m", "accelerate.commands.launch", *launch, *port, "-m", *command[2:]]
     return subprocess.run(
-        command, cwd=tmp, env=_env(tmp / "models"), capture_output=True, text=True, timeout=600, check=False
+        command, cwd=tmp, env=_env(tmp / "models"), capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
 def write_config(path: Path, tiny_models, images: Path, **values) -> Path:
+    """A run's TOML: the tiny SD 1.x model unless ``values`` names a ``model`` (then ``tiny_models`` may be None)."""
     settings = dict(
         name="zqx_ddp",
-        model=str(tiny_models["sd15"]),
+        model=str(values.get("model") or tiny_models["sd15"]),
         images=str(images),
         trigger="zqx",
         rank=4,

@@ -237,45 +237,69 @@ class FlowTraining:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def embeddings(self, captions: list[str], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def embeddings(
+        self, captions: list[str], device, dtype, encoders: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's (hidden, pooled): from the cache, or encoded now when captions vary per step; with
-        trained CLIP encoders, their part recomputed (with gradients when grad mode is on)."""
-        hidden, pooled = self._frozen_embeddings(captions, device, dtype)
-        if self.trained_encoders:
-            hidden, pooled = self._with_trained_clip(captions, hidden, pooled, device, dtype)
-        return hidden, pooled
+        trained CLIP encoders (``encoders``, by default the loop's), their part computed now (with
+        gradients when grad mode is on) and only T5's part read or encoded."""
+        encoders = self.trained_encoders if encoders is None else encoders
+        if not encoders:
+            return self._frozen_embeddings(captions, device, dtype)
+        return self._with_trained_clip(captions, self._t5_part(captions, device, dtype), encoders, device)
 
-    def _frozen_embeddings(self, captions: list[str], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _missing(self, captions: list[str]) -> list[str]:
+        """The captions to encode now (not cached: shuffled tags, caption dropout; all when benchmarking)."""
         missing = [c for c in captions if c not in self.text_cache or self.encode_every_step]
         if missing and self.encoders_released:
             raise RuntimeError(f"caption not encoded before the text encoders left the device: {missing[0]!r}")
-        if missing:  # shuffled tags / caption dropout: the encoders stay on the device for these
+        return missing
+
+    def _frozen_embeddings(self, captions: list[str], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._missing(captions):  # shuffled tags / caption dropout: the encoders stay on the device for these
             hidden, pooled = self._encode(captions, device)
             return hidden.to(dtype), pooled.to(dtype)
         hidden = torch.stack([self.text_cache[c][0] for c in captions]).to(device, dtype)
         pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(device, dtype)
         return hidden, pooled
 
-    def _with_trained_clip(self, captions, hidden, pooled, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, pooled) with the trained CLIP encoders' part replaced, computed as the pipeline's
-        ``_get_clip_prompt_embeds`` does: Flux.1 reads only CLIP's pooled output (its hidden states are
-        T5's); SD 3 reads both encoders' penultimate layer (concatenated, zero-padded to T5's width, the
-        first tokens of the sequence) and their projected pooled outputs, concatenated."""
+    def _t5_part(self, captions: list[str], device, dtype) -> torch.Tensor:
+        """T5's part of the batch's hidden states: Flux.1's whole sequence, SD 3's tokens after the CLIP
+        ones. Cached, or encoded by T5 alone on a miss: the trained CLIP encoders compute the rest anyway."""
+        if self._missing(captions):
+            return self._encode_t5(captions, device).to(dtype)
+        clip_tokens = 0 if self.family == FLUX else self.pipe.tokenizer_max_length
+        return torch.stack([self.text_cache[c][0][clip_tokens:] for c in captions]).to(device, dtype)
+
+    @torch.no_grad()
+    def _encode_t5(self, captions: list[str], device) -> torch.Tensor:
+        # The helper both pipelines' encode_prompt calls for T5 (SD 3's gives zeros without a T5 encoder).
+        length = self._max_sequence_length()
+        return self.pipe._get_t5_prompt_embeds(
+            prompt=captions, num_images_per_prompt=1, max_sequence_length=length, device=device
+        )
+
+    def _with_trained_clip(self, captions, t5: torch.Tensor, encoders, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, pooled) from T5's part and ``encoders``' output, computed as the pipeline's
+        ``encode_prompt`` does: Flux.1 reads only CLIP's pooled output (its hidden states are T5's);
+        SD 3 reads both encoders' penultimate layer (concatenated, zero-padded to T5's width, the first
+        tokens of the sequence) and their projected pooled outputs, concatenated."""
+        # Both CLIP tokenizers pad to the pipeline's tokenizer_max_length (the first one's), as it encodes.
+        length = self.pipe.tokenizer_max_length
         tokenizers = {"text_encoder": self.pipe.tokenizer, "text_encoder_2": getattr(self.pipe, "tokenizer_2", None)}
         if self.family == FLUX:
-            ids = _clip_ids(tokenizers["text_encoder"], captions, device)
-            output = self.trained_encoders["text_encoder"](ids, output_hidden_states=False)
-            return hidden, output.pooler_output.to(dtype)
+            ids = _clip_ids(tokenizers["text_encoder"], captions, length, device)
+            output = encoders["text_encoder"](ids, output_hidden_states=False)
+            return t5, output.pooler_output.to(t5.dtype)
         layers, pools = [], []
         for name in TRAINED_TEXT_ENCODERS[SD3]:
-            ids = _clip_ids(tokenizers[name], captions, device)
-            output = self.trained_encoders[name](ids, output_hidden_states=True)
+            ids = _clip_ids(tokenizers[name], captions, length, device)
+            output = encoders[name](ids, output_hidden_states=True)
             pools.append(output[0])  # CLIPTextModelWithProjection's text_embeds
             layers.append(output.hidden_states[-2])  # SD 3 (no clip skip) reads the penultimate layer
         clip = torch.cat(layers, dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, hidden.shape[-1] - clip.shape[-1]))
-        hidden = torch.cat([clip.to(dtype), hidden[:, clip.shape[1] :]], dim=-2)
-        return hidden, torch.cat(pools, dim=-1).to(dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip.to(t5.dtype), t5], dim=-2), torch.cat(pools, dim=-1).to(t5.dtype)
 
     # --- the loss -------------------------------------------------------------------------------
 
@@ -354,13 +378,16 @@ class FlowTraining:
         # SD 3 samples with classifier-free guidance: the empty prompt is its negative.
         self.cache_text([prompt] + ([""] if self.family == SD3 else []), device)
 
-    def draw_sample(self, transformer, prompt: str, steps: int, size: int, generator, device):
-        """One sample image through a pipeline without text encoders (they may be off the device)."""
+    def draw_sample(self, transformer, prompt: str, steps: int, size: int, generator, device, encoders=None):
+        """One sample image through a pipeline without text encoders (they may be off the device).
+
+        ``encoders``: the trained CLIP encoders to run, unwrapped: the main process draws samples alone,
+        and a DDP wrapper's forward could start a collective the other processes never join."""
         pipe = self._sampling_pipeline(transformer)
-        hidden, pooled = self.embeddings([prompt], device, transformer.dtype)
+        hidden, pooled = self.embeddings([prompt], device, transformer.dtype, encoders)
         kwargs = {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
         if self.family == SD3:
-            negative, negative_pooled = self.embeddings([""], device, transformer.dtype)
+            negative, negative_pooled = self.embeddings([""], device, transformer.dtype, encoders)
             kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
         defaults = family_defaults(self.family, self.pipe)
         return pipe(
@@ -405,8 +432,8 @@ class FlowTraining:
         return metadata | {"modelspec.architecture": f"{variant}/lora", "ss_base_model_version": "sd3"}
 
 
-def _clip_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
-    """Token ids as the pipelines' ``_get_clip_prompt_embeds`` make them (padded to the tokenizer's length)."""
+def _clip_ids(tokenizer, captions: list[str], length: int, device) -> torch.Tensor:
+    """Token ids as the pipelines' ``_get_clip_prompt_embeds`` make them (padded to ``length``)."""
     return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     ).input_ids.to(device)

@@ -950,6 +950,8 @@ class Trainer:
         """Drop the run's references to the accelerator-prepared (DDP-wrapped) modules and optimizer."""
         run.unet = run.optimizer = run.lr_scheduler = None
         run.text_encoders = []
+        if run.flow is not None:  # it holds the trained CLIP encoders' wrappers (and their reducers) too
+            run.flow.use_trained_text_encoders({})
 
     def _finish(self, run: _RunState) -> None:
         run.result.steps = run.step
@@ -1202,7 +1204,12 @@ class Trainer:
             generator = torch.Generator("cpu").manual_seed(config.sample_seed)
             if run.flow is not None:
                 size = run.resolution
-                image = run.flow.draw_sample(denoiser, prompt, config.sample_steps, size, generator, run.device)
+                # The encoders unwrapped, as the transformer is: this process draws alone while the others
+                # wait in a barrier, and a DDP wrapper's forward broadcasts its buffers to all of them.
+                encoders = {name: run.accelerator.unwrap_model(e) for name, e in run.flow.trained_encoders.items()}
+                image = run.flow.draw_sample(
+                    denoiser, prompt, config.sample_steps, size, generator, run.device, encoders=encoders
+                )
             else:
                 image = pipe(
                     prompt=prompt,
