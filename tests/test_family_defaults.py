@@ -8,6 +8,7 @@ flow-matching one, so no "sampler does not apply" warning.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from lorapg.diffusion.families import FLUX
 from lorapg.diffusion.flux import FLUX_DEV, FLUX_SCHNELL, SD35_LARGE
 from lorapg.diffusion.request import GenerationRequest
 from lorapg.diffusion.samplers import DEFAULT_FLOW_SAMPLER, SAMPLERS
+from lorapg.gallery.a1111 import format_parameters, parse_parameters
+from lorapg.gallery.records import record_from_parsed
 from lorapg.services.a1111 import a1111_sampler_names
 from lorapg.services.build import build_services
 from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline
@@ -125,7 +128,8 @@ def test_cli_explicit_steps_and_cfg_win(models, tmp_path, capsys):
     out = tmp_path / "fox.png"
     assert main([*cli_args(models, "dev", out), "--steps", "2", "--cfg", "2.5"]) == 0
     parameters = Image.open(out).text["parameters"]
-    assert "Steps: 2," in parameters
+    assert "Steps: 2," in parameters and "CFG scale: 1," in parameters  # Flux dev, as Forge writes it
+    assert "Distilled CFG Scale: 2.5" in parameters
 
 
 # --- /api/v1 and /sdapi/v1 ---------------------------------------------------------------------------------
@@ -185,3 +189,49 @@ def test_sdapi_samplers_are_the_loaded_family_s(runtime, models, client):
 def test_sdapi_samplers_without_a_model_are_the_sd_ones():
     assert a1111_sampler_names(None) == list(dict.fromkeys(s.a1111_sampler for s in SAMPLERS.values()))
     assert "DPM++ 2M" in a1111_sampler_names(None) and "DPM++ 2M" not in a1111_sampler_names(FLUX)
+
+
+# --- Flux dev's distilled guidance in the PNG parameters, as Forge writes it ---------------------------------
+
+# How A1111-compatible readers split the last line into fields (A1111's infotext_utils pattern).
+A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_fields(parameters: str) -> dict[str, str]:
+    return {key: value for key, value in A1111_FIELD.findall(parameters.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize(
+    ("model", "cfg", "distilled"), [("dev", "1", "2.5"), ("schnell", None, None), ("sd3", "2.5", None)]
+)
+def test_guidance_is_written_as_forge_does_and_read_back(runtime, models, model, cfg, distilled):
+    service, gallery = runtime.service, runtime.gallery_service
+    service.load_model(str(models[model]))
+    result = service.generate(GenerationRequest("a red fox", seed=4, steps=2, guidance_scale=2.5, sampler=None))
+    record = result.saved[0]
+    parameters = Image.open(gallery.image_path(record.id)).text["parameters"]
+    fields = a1111_fields(parameters)
+    assert (fields.get("CFG scale"), fields.get("Distilled CFG Scale")) == (cfg, distilled)
+    assert (fields["Steps"], fields["Seed"], fields["Size"]) == ("2", "4", "32x32")
+    parsed = parse_parameters(parameters)
+    assert not parsed.problems and not parsed.extra
+    restored = 2.5 if cfg else None  # schnell: no guidance written, Reuse keeps the form's
+    assert gallery.reuse_parameters(record.id).guidance_scale == restored
+    assert (
+        gallery.reuse_parameters(gallery.png_info(gallery.image_path(record.id).read_bytes())).guidance_scale
+        == restored
+    )
+    # Written again from the stored record (the gallery's text), the same fields come back.
+    assert format_parameters(gallery.get(record.id)) == parameters
+
+
+def test_a_forge_flux_dev_text_restores_its_distilled_guidance(runtime):
+    forge = (
+        "a red fox\nSteps: 20, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, "
+        "Seed: 1, Size: 896x1152, Model: flux1-dev-bnb-nf4-v2, Version: f2.0.1v1.10.1-previous-313"
+    )
+    parsed = parse_parameters(forge)
+    assert parsed.guidance_scale == pytest.approx(1) and parsed.distilled_guidance == pytest.approx(3.5)
+    record = record_from_parsed(parsed)
+    assert record.guidance_scale == pytest.approx(3.5) and record.distilled_guidance
+    assert "CFG scale: 1, " in format_parameters(record) and "Distilled CFG Scale: 3.5" in format_parameters(record)
