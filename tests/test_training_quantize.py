@@ -103,4 +103,5 @@ def test_train_tab_takes_quantize_last_and_refuses_fp8(tab):
     note, _, _ = api.predict(**form, status_filter="all", quantize="none", max_steps=1, api_name="/train_queue")
     run_id = re.search(r"run `(\w+)`", note).group(1)
     service.cancel(run_id)
+    service.jobs.get(run_id).wait()  # ended before the server and the queue close
     assert service.config_of(run_id).quantize == "none"
