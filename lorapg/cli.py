@@ -214,11 +214,20 @@ def add_request_arguments(gen: argparse.ArgumentParser) -> None:
         help="a LoRA from the LoRA folder (by name, or a path inside it) and its scale "
         f"({LORA_SCALE.describe()}, default {LORA_SCALE.default:g}); repeatable",
     )
-    gen.add_argument("--steps", default=f"{STEPS.default:g}", help=f"{STEPS.describe()} (default %(default)s)")
+    # Left out: the model family's defaults (GenerationService.with_defaults), e.g. Flux dev 28 steps at
+    # guidance 3.5, schnell 4 steps without CFG; SD this app's.
     gen.add_argument(
-        "--cfg", default=f"{CFG_SCALE.default:g}", help=f"CFG scale, {CFG_SCALE.describe()} (default %(default)s)"
+        "--steps", default=None, help=f"{STEPS.describe()} (default: the model family's; SD {STEPS.default:g})"
     )
-    gen.add_argument("--sampler", default=None)
+    gen.add_argument(
+        "--cfg",
+        default=None,
+        help=f"CFG scale, {CFG_SCALE.describe()}; Flux dev: its distilled guidance "
+        f"(default: the model family's; SD {CFG_SCALE.default:g})",
+    )
+    gen.add_argument(
+        "--sampler", default=None, help="default: the model family's (SD: DPM++ 2M Karras; Flux, SD 3.5: Euler)"
+    )
     gen.add_argument("--seed", default=str(RANDOM_SEED), help=f"{SEED.describe()}, or {RANDOM_SEED} for random")
     for side in ("width", "height"):
         gen.add_argument(
@@ -404,7 +413,6 @@ def main(argv: list[str] | None = None) -> int:
 def request_from_args(args: argparse.Namespace):
     """The GenerationRequest the options of ``add_request_arguments`` (and ``--batch``) describe."""
     from lorapg.diffusion.request import GenerationRequest, parse_lora_list
-    from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 
     loras = tuple(lora for spec in args.lora for lora in parse_lora_list(spec))
     return GenerationRequest(
@@ -413,7 +421,7 @@ def request_from_args(args: argparse.Namespace):
         loras=loras,
         steps=args.steps,
         guidance_scale=args.cfg,
-        sampler=args.sampler or DEFAULT_SAMPLER,
+        sampler=args.sampler or None,  # None (and steps, cfg): the family's, filled in by the service
         width=args.width,
         height=args.height,
         seed=args.seed,

@@ -9,6 +9,7 @@ from PIL import ImageOps
 
 from lorapg.atomic_files import atomic_write
 from lorapg.diffusion.engine import GenerationResult
+from lorapg.diffusion.families import FLUX
 from lorapg.diffusion.inpaint_mask import binary_mask
 from lorapg.diffusion.model_source import SINGLE_FILE
 from lorapg.gallery.a1111 import format_parameters
@@ -40,6 +41,17 @@ def file_hashes(result: GenerationResult) -> dict:
     }
 
 
+def guidance_fields(result: GenerationResult) -> dict:
+    """The record's guidance as Forge writes it: Flux dev's is distilled guidance ("CFG scale: 1",
+    "Distilled CFG Scale: 3.5"); schnell (guidance 0 here, see flux.adapt_request) has none to write."""
+    guidance = result.request.guidance_scale
+    if getattr(result, "family", None) != FLUX:
+        return {"guidance_scale": guidance}
+    if not guidance:
+        return {"guidance_scale": None}
+    return {"guidance_scale": guidance, "distilled_guidance": True}
+
+
 def image_record(result: GenerationResult, index: int, job_id: str | None = None) -> ImageRecord:
     """Everything needed to make image ``index`` of ``result`` again, as a gallery record."""
     request = result.request
@@ -51,7 +63,7 @@ def image_record(result: GenerationResult, index: int, job_id: str | None = None
         loras=[LoraUse(s.info.name, s.scale, digest) for s, digest in zip(result.loras, hashes["loras"], strict=True)],
         seed=result.seeds[index],
         steps=request.steps,
-        guidance_scale=request.guidance_scale,
+        **guidance_fields(result),
         sampler=request.sampler,
         width=request.width,
         height=request.height,

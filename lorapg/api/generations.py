@@ -63,9 +63,20 @@ class GenerationFields(BaseModel):
     prompt: str
     negative_prompt: str = ""
     loras: list[LoraIn] = Field(default_factory=list)
-    steps: int = int(STEPS.default)
-    cfg_scale: float = float(CFG_SCALE.default)
-    sampler: str = DEFAULT_SAMPLER
+    # Left out (or null): the loaded model family's defaults, as the Generate tab starts from.
+    steps: int | None = Field(
+        None, examples=[int(STEPS.default)], description="Omitted: the family's (Flux dev 28, schnell 4, SD 30)."
+    )
+    cfg_scale: float | None = Field(
+        None,
+        examples=[float(CFG_SCALE.default)],
+        description="Omitted: the family's (Flux dev: distilled guidance 3.5; schnell: 0, no CFG; SD 7).",
+    )
+    sampler: str | None = Field(
+        None,
+        examples=[DEFAULT_SAMPLER],
+        description="Omitted: the family's (SD: DPM++ 2M Karras; Flux, SD 3.5: Euler).",
+    )
     width: int | None = Field(None, description="Pixels; omitted: the model's native size.")
     height: int | None = None
     seed: int | None = Field(-1, description="-1 or null: a random seed (reported in seeds).")

@@ -16,7 +16,7 @@ from lorapg.api import models as m
 from lorapg.api.auth import ApiAccess, basic_auth_check
 from lorapg.api.errors import A1111Route
 from lorapg.diffusion.hires import LATENT_MODES
-from lorapg.services.a1111 import SCHEDULES, A1111Service, Img2ImgParams, Txt2ImgParams, a1111_sampler_names
+from lorapg.services.a1111 import SCHEDULES, A1111Service, Img2ImgParams, Txt2ImgParams
 
 PREFIX = "/sdapi/v1"
 ERRORS = {400: {"model": m.ErrorResponse}, 401: {"model": m.ErrorResponse}, 422: {"model": m.ErrorResponse}}
@@ -47,6 +47,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
             sd_model_checkpoint=overrides.get("sd_model_checkpoint"),
             clip_skip=overrides.get("CLIP_stop_at_last_layers"),
             sd_vae=overrides.get("sd_vae"),
+            given=frozenset(body.model_fields_set),  # fields left out get the model family's defaults
         )
         result = service.txt2img(params)
         return m.Txt2ImgResponse(
@@ -64,6 +65,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
             sd_model_checkpoint=overrides.get("sd_model_checkpoint"),
             clip_skip=overrides.get("CLIP_stop_at_last_layers"),
             sd_vae=overrides.get("sd_vae"),
+            given=frozenset(body.model_fields_set),
         )
         result = service.img2img(params)
         # A1111 leaves the (large) images out of the echo unless asked.
@@ -108,7 +110,8 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
 
     @router.get("/samplers", response_model=list[m.SamplerItem])
     def samplers() -> list[m.SamplerItem]:
-        return [m.SamplerItem(name=name, aliases=[], options={}) for name in a1111_sampler_names()]
+        # The loaded model family's (Flux, SD 3.5: flow-matching ones); no model loaded: the SD ones.
+        return [m.SamplerItem(name=name, aliases=[], options={}) for name in service.sampler_names()]
 
     @router.get("/schedulers", response_model=list[m.SchedulerItem])
     def schedulers() -> list[m.SchedulerItem]:

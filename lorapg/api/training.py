@@ -142,6 +142,14 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
         caption_dropout: Annotated[
             float | None, _bounded("caption_dropout", 0.1, "Chance per image and step of an empty caption")
         ] = None,
+        quantize: Annotated[
+            str | None,
+            Form(
+                examples=["nf4"],
+                description="Flux.1 / SD 3.5: the frozen base in NF4 (nf4) or not (none); empty: the app's setting. "
+                "fp8 is for generation only.",
+            ),
+        ] = None,
         overwrite: Annotated[bool, Form(examples=[False], description="Replace a LoRA of the same name")] = False,
         resume: Annotated[
             bool, Form(examples=[True], description="Continue from this name's checkpoint (false: start over)")
@@ -159,6 +167,7 @@ def training_router(jobs: TrainingJobs, access: ApiAccess) -> APIRouter:
             "shuffle_tags": shuffle_tags,
             "keep_tokens": keep_tokens,
             "caption_dropout": caption_dropout,
+            "quantize": quantize,  # checked by the service (TrainConfig's choices): fp8 is refused naming it
             "overwrite": overwrite,
             "resume": resume,
         }

@@ -39,9 +39,10 @@ class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
     loras: tuple[LoraRequest, ...] = ()
-    steps: int = DEFAULT_STEPS
-    guidance_scale: float = CFG_SCALE.default
-    sampler: str = DEFAULT_SAMPLER
+    # None: left out by the caller; GenerationService.with_defaults sets the model family's value.
+    steps: int | None = DEFAULT_STEPS
+    guidance_scale: float | None = CFG_SCALE.default
+    sampler: str | None = DEFAULT_SAMPLER
     width: int | None = None  # None: the model's native size
     height: int | None = None
     seed: int | None = None  # None or -1: pick one at random (the one used is reported)

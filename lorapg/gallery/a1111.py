@@ -33,6 +33,9 @@ NEGATIVE_PREFIX = "Negative prompt:"
 # >= 1.8 writes them as a separate "Schedule type". We store the folded name users know.
 _FOLDED_SCHEDULES = ("Karras", "Exponential")
 
+# Forge's name for Flux dev's distilled guidance (modules/processing.py's extra generation parameters).
+DISTILLED_CFG = "Distilled CFG Scale"
+
 # txt2img's hires fix (lorapg.gallery.records.HiresUse): with one of these, "Denoising strength" is its own.
 _HIRES_KEYS = ("hires upscale", "hires resize", "hires steps", "hires upscaler")
 
@@ -43,6 +46,7 @@ _KNOWN_KEYS = {
     "sampler",
     "schedule type",
     "cfg scale",
+    "distilled cfg scale",  # Forge, Flux dev: the distilled guidance (with "CFG scale: 1")
     "seed",
     "size",
     "model hash",
@@ -92,6 +96,7 @@ class ParsedParameters:
     sampler: str | None = None
     schedule_type: str | None = None  # as written, for display
     guidance_scale: float | None = None
+    distilled_guidance: float | None = None  # Forge's "Distilled CFG Scale" (Flux dev)
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -166,7 +171,8 @@ def format_parameters(record: ImageRecord) -> str:
         if schedule:
             pairs.append(("Schedule type", schedule))
     if record.guidance_scale is not None:
-        pairs.append(("CFG scale", format_number(record.guidance_scale)))
+        # Forge writes Flux dev's distilled guidance apart, with CFG 1 (no classifier-free guidance).
+        pairs.append(("CFG scale", "1" if record.distilled_guidance else format_number(record.guidance_scale)))
     if record.seed is not None:
         pairs.append(("Seed", str(record.seed)))
     if record.width and record.height:
@@ -184,6 +190,8 @@ def format_parameters(record: ImageRecord) -> str:
     pairs += _hires_pairs(record.hires)
     if record.clip_skip and record.clip_skip > 1:  # A1111 writes it only when a layer is skipped
         pairs.append(("Clip skip", str(record.clip_skip)))
+    if record.distilled_guidance and record.guidance_scale is not None:  # Forge: among its extra parameters
+        pairs.append((DISTILLED_CFG, format_number(record.guidance_scale)))
     pairs += _mask_pairs(record.img2img)
     pairs += [(f"ControlNet {index}", _controlnet_value(use)) for index, use in enumerate(record.controlnet)]
     hashes = [f"{_tag_name(lora.name)}: {lora.file_hash}" for lora in used if lora.file_hash]
@@ -420,6 +428,8 @@ def _apply_pairs(pairs: list[tuple[str, str]], result: ParsedParameters) -> None
             schedule = value or None
         elif folded == "cfg scale":
             result.guidance_scale = _parse_float("CFG scale", value, problems)
+        elif folded == "distilled cfg scale":
+            result.distilled_guidance = _parse_float(DISTILLED_CFG, value, problems)
         elif folded == "seed":
             result.seed = _parse_int("Seed", value, problems, 0, MAX_SEED)
         elif folded == "size":

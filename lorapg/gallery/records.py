@@ -7,7 +7,7 @@ without touching storage.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,6 +153,9 @@ class ImageRecord:
     model_name: str | None = None
     model_hash: str | None = None
     job_id: str | None = None
+    # True: guidance_scale is Flux dev's distilled guidance, written as Forge does ("CFG scale: 1",
+    # "Distilled CFG Scale: 3.5"); read back from the text (no column of its own).
+    distilled_guidance: bool = False
     clip_skip: int | None = None  # A1111's "Clip skip"; None or 1: the last layer (not written)
     # A1111's "Variation seed" / "Variation seed strength"; None: no variation (not written).
     variation_seed: int | None = None
@@ -169,6 +172,13 @@ class ImageRecord:
     postprocess: list[tuple[str, str]] = field(default_factory=list)
 
 
+def distilled_fields(parsed: ParsedParameters) -> dict:
+    """A Forge Flux dev text's "Distilled CFG Scale" is the guidance (its "CFG scale: 1" is not)."""
+    if parsed.distilled_guidance is None:
+        return {}
+    return {"guidance_scale": parsed.distilled_guidance, "distilled_guidance": True}
+
+
 def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
     """Turn parsed A1111 text into a record (used to import PNGs made elsewhere or orphaned)."""
     loras = [LoraUse(name=name, scale=scale, file_hash=parsed.lora_hashes.get(name)) for name, scale in parsed.loras]
@@ -176,7 +186,7 @@ def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
     if model_hash is not None and len(model_hash) > 10:
         # A full SHA-256 (Fooocus writes those) starts with the 10 characters A1111 uses.
         model_hash = model_hash[:10]
-    return ImageRecord(
+    record = ImageRecord(
         prompt=strip_lora_tags(parsed.prompt),
         negative_prompt=parsed.negative_prompt,
         loras=loras,
@@ -196,3 +206,4 @@ def record_from_parsed(parsed: ParsedParameters) -> ImageRecord:
         hires=parsed.hires,
         controlnet=list(parsed.controlnet),
     )
+    return replace(record, **distilled_fields(parsed))

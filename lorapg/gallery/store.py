@@ -40,6 +40,7 @@ from lorapg.gallery.records import (
     LoraUse,
     attachment_path,
     check_image_id,
+    distilled_fields,
     is_attachment,
     record_from_parsed,
 )
@@ -98,7 +99,7 @@ _NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 
 
 # Parameters that have no column of their own: the row's A1111 text (the PNG's) keeps them.
-_TEXT_ONLY_KEYS = ("Clip skip:", "Variation seed:")
+_TEXT_ONLY_KEYS = ("Clip skip:", "Variation seed:", "Distilled CFG Scale:")
 
 
 def _with_text_only_fields(record: ImageRecord, text: str) -> ImageRecord:
@@ -112,6 +113,7 @@ def _with_text_only_fields(record: ImageRecord, text: str) -> ImageRecord:
         clip_skip=parsed.clip_skip,
         variation_seed=parsed.variation_seed,
         variation_strength=parsed.variation_strength,
+        **distilled_fields(parsed),
     )
 
 

@@ -28,10 +28,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from lorapg.coercion import CoercionError, shown, to_bool, to_int
 from lorapg.config import Settings
+from lorapg.diffusion.families import is_transformer_family
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import Img2ImgOptions, load_image
 from lorapg.diffusion.request import GenerationRequest, parse_seed
-from lorapg.diffusion.samplers import SAMPLERS, any_sampler
+from lorapg.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, any_sampler, samplers_for
 from lorapg.errors import UserError, shorten
 from lorapg.gallery.a1111 import format_parameters
 from lorapg.hashing import MODEL_HASH_LENGTH, model_sha256
@@ -87,6 +88,9 @@ class Txt2ImgParams:
     hr_second_pass_steps: Any = 0  # 0: the first pass's steps
     denoising_strength: Any = None  # the second pass's; None: lorapg.limits.HIRES_STRENGTH_DEFAULT
     alwayson_scripts: Any = None  # the ControlNet extension's units (lorapg.services.a1111_controlnet)
+    # The fields the client's JSON sent (None: all of them). Those of FAMILY_FIELDS it left out get the
+    # loaded model family's defaults for Flux and SD 3.5, A1111's values above for SD.
+    given: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,17 +126,49 @@ class ModelEntry:
     ref: str  # what GenerationService loads
 
 
-def a1111_sampler_names() -> list[str]:
-    """Sampler names as A1111 1.10 lists them: without the schedule ("DPM++ 2M", not "... Karras")."""
-    return list(dict.fromkeys(sampler.a1111_sampler for sampler in SAMPLERS.values()))
+# The fields whose defaults depend on the model family (GenerationService.with_defaults).
+FAMILY_FIELDS = ("steps", "cfg_scale", "width", "height")
+SAMPLER_FIELDS = frozenset({"sampler_name", "sampler_index"})
 
 
-def resolve_sampler(name: str | None, scheduler: str | None) -> str:
+def left_out(params: Txt2ImgParams) -> set[str]:
+    """The family-dependent fields the client did not send ("sampler": neither sampler field)."""
+    if params.given is None:
+        return set()
+    missing = {name for name in FAMILY_FIELDS if name not in params.given}
+    return missing | ({"sampler"} if not SAMPLER_FIELDS & params.given else set())
+
+
+def a1111_sampler_names(family: str | None = None) -> list[str]:
+    """Sampler names as A1111 1.10 lists them: without the schedule ("DPM++ 2M", not "... Karras").
+
+    ``family``: the loaded model's; its own samplers (Flux, SD 3.5: the flow-matching ones, as
+    Forge lists them); None (no model loaded): the Stable Diffusion ones."""
+    return list(dict.fromkeys(sampler.a1111_sampler for sampler in samplers_for(family).values()))
+
+
+def flow_sampler(name: str | None, scheduler: str | None) -> str | None:
+    """The flow-matching sampler (Flux, SD 3.5) for Forge's sampler name + scheduler, e.g. ("Euler",
+    "beta") -> "Euler Beta"; None when none matches (the SD names then apply, swapped with a warning)."""
+    name, schedule = (name or "").strip().lower(), (scheduler or AUTOMATIC).strip().lower()
+    for key, sampler in FLOW_SAMPLERS.items():
+        named = name in (key.lower(), sampler.a1111_sampler.lower())
+        if named and (schedule == AUTOMATIC or schedule == sampler.a1111_schedule.lower()):
+            return key
+    return None
+
+
+def resolve_sampler(name: str | None, scheduler: str | None, family: str | None = None) -> str:
     """This app's sampler for A1111's sampler name + scheduler, e.g. ("DPM++ 2M", "karras").
 
     A1111 >= 1.8 also accepts the old combined names ("DPM++ 2M Karras") and then ignores
-    ``scheduler`` "automatic"; so does this.
+    ``scheduler`` "automatic"; so does this. ``family`` Flux or SD 3.5: Forge's flow-matching names
+    and schedules ("Euler" + "simple" / "beta") first.
     """
+    if is_transformer_family(family):
+        flow = flow_sampler(name, scheduler)
+        if flow is not None:
+            return flow
     name = (name or "Euler a").strip()
     schedule = (scheduler or AUTOMATIC).strip().lower()
     if schedule not in SCHEDULES:
@@ -343,8 +379,27 @@ class A1111Service:
             interrupted = bool(job_ids) and self._interrupted_jobs.pop(job_ids[0], False)
         return result, bool(interrupted and result.cancelled)
 
+    def _family_defaults_for(self, params: Txt2ImgParams) -> set[str]:
+        """The left-out fields to fill with the family's defaults: all of them for Flux and SD 3.5,
+        none for SD, where A1111's own API defaults (20 steps, CFG 7, 512 px, Euler) stay."""
+        missing = left_out(params)
+        if not missing:
+            return set()
+        status = self.generation.model_status()
+        if not status.loaded and self.generation.chosen_model():
+            # A1111 always has a model loaded, and its family decides the defaults: load it now.
+            self.generation.load_model(self.generation.chosen_model())
+            status = self.generation.model_status()
+        return missing if is_transformer_family(status.family) else set()
+
     def _first_request(self, params: Txt2ImgParams) -> GenerationRequest:
-        sampler = resolve_sampler(params.sampler_name or params.sampler_index, params.scheduler)
+        defaulted = self._family_defaults_for(params)  # None below: GenerationService.with_defaults fills it
+        family = self.generation.model_status().family
+        sampler = resolve_sampler(params.sampler_name or params.sampler_index, params.scheduler, family)
+
+        def given(name: str, value: Any) -> Any:
+            return None if name in defaulted else value
+
         # A1111 picks one random seed for the whole call; the images then use consecutive seeds.
         seed = parse_seed(params.seed)
         if seed is None:
@@ -357,11 +412,11 @@ class A1111Service:
         request = GenerationRequest(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
-            steps=params.steps,
-            guidance_scale=params.cfg_scale,
-            sampler=sampler,
-            width=params.width,
-            height=params.height,
+            steps=given("steps", params.steps),
+            guidance_scale=given("cfg_scale", params.cfg_scale),
+            sampler=given("sampler", sampler),
+            width=given("width", params.width),
+            height=given("height", params.height),
             seed=seed,
             batch_size=params.batch_size,
             clip_skip=self._clip_skip if params.clip_skip is None else check_clip_skip(params.clip_skip),
@@ -404,6 +459,8 @@ class A1111Service:
             subseeds += [result.request.variation_seed + i for i in range(len(result.images) or len(result.seeds))]
         first = results[0]
         request = first.request
+        # The family's own sampler by that name (Flux's "Euler" is Forge's Euler + Simple).
+        sampler = samplers_for(getattr(first, "family", None)).get(request.sampler) or any_sampler(request.sampler)
         model = self.generation.model_status()
         entry = self._entry_for_ref(model.ref) if model.ref else None
         info = {
@@ -418,8 +475,8 @@ class A1111Service:
             "subseed_strength": request.variation_strength,
             "width": request.width,
             "height": request.height,
-            "sampler_name": any_sampler(request.sampler).a1111_sampler,
-            "scheduler": any_sampler(request.sampler).a1111_schedule,
+            "sampler_name": sampler.a1111_sampler,
+            "scheduler": sampler.a1111_schedule,
             "cfg_scale": request.guidance_scale,
             "steps": request.steps,
             "batch_size": request.batch_size,
@@ -581,6 +638,10 @@ class A1111Service:
             self._clip_skip = clip_skip
 
     # --- listings ------------------------------------------------------------------------------
+
+    def sampler_names(self) -> list[str]:
+        """GET /samplers: the loaded model family's samplers by A1111's names (none loaded: SD's)."""
+        return a1111_sampler_names(self.generation.model_status().family)
 
     def loras(self) -> list[dict[str, Any]]:
         return [

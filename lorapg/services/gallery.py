@@ -757,7 +757,8 @@ def _values_from_parsed(parsed: ParsedParameters) -> dict:
         "prompt": strip_lora_tags(parsed.prompt),
         "negative_prompt": parsed.negative_prompt,
         "steps": parsed.steps,
-        "guidance_scale": parsed.guidance_scale,
+        # Forge's Flux dev text: "Distilled CFG Scale" is the guidance, its "CFG scale: 1" is not.
+        "guidance_scale": parsed.guidance_scale if parsed.distilled_guidance is None else parsed.distilled_guidance,
         "sampler": parsed.sampler,
         "width": parsed.width,
         "height": parsed.height,

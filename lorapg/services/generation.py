@@ -31,7 +31,7 @@ from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
 from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, Job, JobQueue, WorkerLost, WorkerUnfit
-from lorapg.limits import HIRES_UPSCALERS
+from lorapg.limits import HIRES_UPSCALERS, STEPS
 from lorapg.services.img2img_inputs import options_from_form
 from lorapg.services.workers import Worker, WorkerPool
 
@@ -73,6 +73,24 @@ class WorkerStatus:
 class LoraListing:
     loras: list[LoraInfo]
     problems: list[str]
+
+
+def _defaults_of(model) -> FamilyDefaults:
+    """The recommended settings for a loaded model (None: SD's, this app's defaults)."""
+    if model is None:
+        return family_defaults(None)
+    return family_defaults(model.family, getattr(model, "pipe", None), model.native_size or 0)
+
+
+def fill_defaults(request: GenerationRequest, defaults: FamilyDefaults) -> GenerationRequest:
+    """``request`` with steps, CFG scale and sampler left out (None) taken from ``defaults``.
+
+    A flow-matching family's default sampler is its own, so a caller who chose none gets no
+    "sampler does not apply" warning; schnell's guidance 0 means no CFG, so no "ignored" warning.
+    """
+    wanted = {"steps": defaults.steps, "guidance_scale": defaults.guidance_scale, "sampler": defaults.sampler}
+    changes = {name: value for name, value in wanted.items() if getattr(request, name) is None}
+    return replace(request, **changes) if changes else request
 
 
 class GenerationService:
@@ -192,10 +210,24 @@ class GenerationService:
 
     def generation_defaults(self) -> FamilyDefaults:
         """Steps, guidance, sampler and size the loaded model's authors recommend (SD: this app's defaults)."""
-        model = self.engine.model
-        if model is None:
-            return family_defaults(None)
-        return family_defaults(model.family, model.pipe, model.native_size)
+        return _defaults_of(self.engine.model)
+
+    def with_defaults(self, request: GenerationRequest, engine=None) -> GenerationRequest:
+        """``request`` with the fields its caller left out (None) set to the family's defaults.
+
+        The one place the CLI, ``/api/v1`` and ``/sdapi/v1`` get per-family defaults: ``engine``'s
+        model decides (default: the primary worker's; none loaded: SD's). An explicit value always
+        wins; width and height left out stay None, which the engine reads as the model's native size
+        (the family's default size, as the Generate tab shows it).
+        """
+        model = (engine or self.engine).model
+        if model is not None and getattr(model, "pipe", None) is None:
+            # A remote worker's model has no pipeline here: the primary one's, when it is the same
+            # model, tells Flux dev from schnell.
+            primary = self.engine.model
+            if primary is not None and primary.source.ref == model.source.ref:
+                model = primary
+        return fill_defaults(request, _defaults_of(model))
 
     def worker_status(self) -> list[WorkerStatus]:
         """Every generation worker, its model and its load (what it runs now), in queue order."""
@@ -257,10 +289,12 @@ class GenerationService:
         if request.controlnet:  # the units' images too
             request = replace(request, controlnet=check_units(request.controlnet, self.settings.max_image_pixels))
         model = self.engine.model
-        # The real check runs on the model; this one fails before the queue.
+        # The real check runs on the model; this one fails before the queue. Fields left out (None)
+        # stay so: the job fills them from the model it runs (not loaded yet for the CLI's first call).
         native, family = (model.native_size, model.family) if model else (NATIVE_SIZE[SD1], None)
         settings = self.settings
-        validate(request, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
+        checked = self.with_defaults(request)
+        validate(checked, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
         self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
         if request.hires is not None:  # an upscaler model that is not in the folder: fail now too
             self.engine.check_hires_upscaler(request.hires.upscaler)
@@ -403,7 +437,7 @@ class GenerationService:
             self.engine.load_model(ref, on_status=lambda message: report(0, 0, None, message))
         result = self._generation.run(
             self.engine.model.source.ref,
-            request,
+            self.with_defaults(request),
             report=report,
             should_cancel=should_cancel,
         )
@@ -431,6 +465,7 @@ class GenerationService:
                     f"Device {engine.device} could not load the model {shorten(ref)}: {shorten(reason, 200)}. "
                     "This job failed; submit it again and another device runs it."
                 ) from None
+        request = self.with_defaults(request, engine)
         if getattr(engine, "remote", False):  # another machine (lorapg/services/ray_workers.py)
             try:
                 result = engine.generate(
@@ -473,7 +508,7 @@ class GenerationService:
         size = loaded.native_size if loaded is not None else NATIVE_SIZE[SDXL]
         # Called with the request as the user gave it (validated, not normalised): numbers may be floats.
         return generation_seconds(
-            int(float(request.steps)),
+            int(float(request.steps if request.steps is not None else STEPS.default)),
             int(float(request.width or size)),
             int(float(request.height or size)),
             int(float(request.batch_size)),

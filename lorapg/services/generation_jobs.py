@@ -19,17 +19,14 @@ from lorapg.coercion import parse_seed
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import load_image
 from lorapg.diffusion.request import MAX_BATCH, MAX_SEED, GenerationRequest, LoraRequest
-from lorapg.diffusion.samplers import DEFAULT_SAMPLER
 from lorapg.diffusion.variation_noise import image_seeds, variation_seeds
 from lorapg.errors import UserError, shorten
 from lorapg.jobs import CANCELLED, DONE, ERROR, FINISHED, Job
 from lorapg.limits import (
     BATCH_SIZE,
-    CFG_SCALE,
     CLIP_SKIP,
     DENOISING_STRENGTH,
     HIRES_STRENGTH_DEFAULT,
-    STEPS,
     VARIATION_STRENGTH,
 )
 from lorapg.services.a1111 import decode_image_field
@@ -55,9 +52,10 @@ class GenerationParams:
     prompt: str
     negative_prompt: str = ""
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale); <lora:name:w> tags in the prompt add more
-    steps: int = int(STEPS.default)
-    cfg_scale: float = float(CFG_SCALE.default)
-    sampler: str | None = None  # None: the default sampler
+    # None: the model family's default (GenerationService.with_defaults)
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = None
     width: int | None = None  # None: the model's native size
     height: int | None = None
     seed: int | None = None  # None or -1: random (picked at submit, so the seeds are known at once)
@@ -128,7 +126,7 @@ class GenerationJobs:
             loras=tuple(LoraRequest(name, scale) for name, scale in params.loras),
             steps=params.steps,
             guidance_scale=params.cfg_scale,
-            sampler=params.sampler or DEFAULT_SAMPLER,
+            sampler=params.sampler or None,
             width=params.width,
             height=params.height,
             seed=seed,

@@ -15,16 +15,20 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from lorapg.diffusion.families import is_transformer_family
 from lorapg.hosting.visitors import Visitors
 from lorapg.services.captions import CaptionService
 from lorapg.services.training import RunCurves, TrainingRun, TrainingService
-from lorapg.training.config import LR_SCHEDULERS, TrainConfig, to_toml
+from lorapg.training.config import CHOICES, LR_SCHEDULERS, TrainConfig, to_toml
 from lorapg.training.estimate import format_duration
 from lorapg.training.run_store import STATUSES, RunRecord
 from lorapg.ui.captions_section import build_captions_section, caption_frame, caption_table, edited_captions
 from lorapg.ui.common import POLL_SECONDS, user_errors, visitor
 from lorapg.ui.crops_section import build_crops_section
 from lorapg.ui.texts import training_run_text
+
+# TrainConfig.quantize's choices as (label, value): "" is the app's --quantize setting.
+QUANTIZE_CHOICES = [("the app's setting" if value == "" else value, value) for value in CHOICES["quantize"]]
 
 # Editable fields: TrainConfig field -> (widget factory, label).
 FIELDS = (
@@ -238,6 +242,18 @@ def build_train_tab(
                         defaults.caption_dropout, label="Caption dropout (chance of an empty caption, 0–1)"
                     ),
                 }
+                # Flux.1 / SD 3.5 only (TrainConfig.quantize): the frozen base in NF4 (QLoRA); fp8 is for
+                # generation only. "" = the app's --quantize setting.
+                quantize = gr.Dropdown(
+                    QUANTIZE_CHOICES,
+                    value=defaults.quantize,
+                    label="Quantize the frozen base (Flux.1 / SD 3.5)",
+                    visible=is_transformer_family(service.model_family()),
+                    # Checked by the config (TrainConfig's choices), whose message names the field and
+                    # says fp8 is not for training; Gradio's own check would name neither.
+                    allow_custom_value=True,
+                    elem_id="train-quantize",
+                )
                 overwrite = gr.Checkbox(False, label="Overwrite a LoRA of the same name")
             with gr.Row():
                 start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -383,11 +399,13 @@ def build_train_tab(
         return {
             preset_note: service.preset_description(preset_name),
             **{widgets[key]: getattr(config, key) for key in FIELDS},
+            # The model may have changed since the tab was built: shown for Flux.1 / SD 3.5 only.
+            quantize: gr.update(visible=is_transformer_family(service.model_family())),
         }
 
     # ``input``, not ``change``: "Train again" sets the preset and the fields together, and a change
     # event would then overwrite the copied fields with the preset's.
-    preset.input(apply_preset, preset, {preset_note, *widgets.values()}, api_visibility="private")
+    preset.input(apply_preset, preset, {preset_note, quantize, *widgets.values()}, api_visibility="private")
 
     def refresh_regularization(request: gr.Request):
         return gr.update(choices=service.dataset_names(visitor(visitors, request)))
@@ -404,7 +422,7 @@ def build_train_tab(
         regularization_name,
         field_values: dict,
     ) -> dict:
-        fields = {key: field_values.get(key) for key in FIELDS}
+        fields = {key: field_values.get(key) for key in (*FIELDS, "quantize")}
         fields = {key: value for key, value in fields.items() if value is not None and value != ""}
         images = str(service.dataset_folder(dataset_name, owner)) if dataset_name else ""
         prior = str(service.dataset_folder(regularization_name, owner)) if regularization_name else ""
@@ -460,10 +478,12 @@ def build_train_tab(
         **{key: widgets[key] for key in FIELDS},
         "regularization_name": regularization,
     }
+    # Inputs added later go last, after every event's own extra inputs, so positional API callers keep working.
+    added_inputs = {"quantize": quantize}
     start_button.click(None, js=ASK_NOTIFICATION_JS, queue=False, api_visibility="private")
     started = start_button.click(
         start,
-        inputs_kwargs=start_inputs,
+        inputs_kwargs={**start_inputs, **added_inputs},
         outputs=[status, loss_plot, samples, job_id, config_text],
         api_name="train_start",
         concurrency_id="train",
@@ -523,7 +543,7 @@ def build_train_tab(
 
     queue_button.click(
         queue_run,
-        inputs_kwargs={**start_inputs, "status_filter": runs_filter},
+        inputs_kwargs={**start_inputs, "status_filter": runs_filter, **added_inputs},
         outputs=[runs_note, estimate, runs_table],
         api_name="train_queue",
     )
@@ -543,7 +563,9 @@ def build_train_tab(
         config, _ = form_config(request, *form, field_values=field_values)
         return service.estimate(config).text()
 
-    estimate_button.click(estimate_run, inputs_kwargs=start_inputs, outputs=estimate, api_name="train_estimate")
+    estimate_button.click(
+        estimate_run, inputs_kwargs={**start_inputs, **added_inputs}, outputs=estimate, api_name="train_estimate"
+    )
 
     def estimate_on_start(request: gr.Request, **form_values):
         """The estimate beside a starting run; a form the start refuses shows the start's error alone."""
@@ -553,7 +575,11 @@ def build_train_tab(
             return ""
 
     start_button.click(
-        estimate_on_start, inputs_kwargs=start_inputs, outputs=estimate, queue=False, api_visibility="private"
+        estimate_on_start,
+        inputs_kwargs={**start_inputs, **added_inputs},
+        outputs=estimate,
+        queue=False,
+        api_visibility="private",
     )
 
     @user_errors
@@ -638,6 +664,7 @@ def build_train_tab(
         "runs_table": runs_table,
         "run_ids": run_ids,
         "estimate": estimate,
+        "quantize": quantize,
         **widgets,
         **actions,
         **caption_widgets,
