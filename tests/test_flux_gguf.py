@@ -147,6 +147,16 @@ def test_quantize_setting_skips_a_gguf_transformer_with_a_note(files):
     assert type(weight).__name__ == "GGUFParameter"  # not cast to float8 on top
 
 
+def test_training_on_a_gguf_base_is_refused_naming_the_model(files):
+    from lorapg.diffusion.pipeline_loader import load_pipeline
+
+    source = resolve_model_source(str(files["root"] / "flux-Q8_0.gguf"))
+    # What the trainer calls (lorapg.training.trainer._load_models) before a step runs.
+    with pytest.raises(UserError, match="Setting model: flux-Q8_0.gguf is a GGUF-quantized transformer") as caught:
+        load_pipeline(source, torch.device("cpu"), torch.float32, single_file_config=str(files["flux"]), training=True)
+    assert "\n" not in str(caught.value)
+
+
 def test_sd3_gguf_loads_with_the_same_call(files):
     folder = make_engine(files)
     folder.load_model(str(files["sd3"]))

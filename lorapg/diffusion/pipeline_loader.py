@@ -69,6 +69,13 @@ def load_pipeline(
     ``training``: a training run loads (its errors name the run's setting).
     """
     status = on_status or (lambda message: None)
+    if training and is_gguf(source):
+        # diffusers' GGUF layers are inference-only (its quantizer says is_trainable = False): the run would
+        # fail later on a dtype cast with diffusers' own words.
+        raise UserError(
+            f"Setting model: {source.path.name} is a GGUF-quantized transformer, which can generate but not "
+            "be trained on; train on the model's .safetensors file or diffusers folder (quantize=nf4 to save memory)."
+        )
     plan = _without_gguf_transformer(quantize or QuantizePlan(), source, status)
     plan = _plan_for(plan, source.family, app_wide_quantize, status)
     # What the machine or a single file's family rules out is refused before gigabytes are read
