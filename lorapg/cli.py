@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the app and every CLI command; they override the TOML file."""
     parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--model", help="Hugging Face id, diffusers folder or .safetensors checkpoint")
+    parser.add_argument(
+        "--model", help="Hugging Face id, diffusers folder, .safetensors checkpoint or .gguf Flux.1/SD 3.5 transformer"
+    )
     parser.add_argument("--lora-dir", dest="lora_dir", help="folder of LoRA .safetensors files")
     parser.add_argument("--outputs", help="folder for images and the gallery database")
     parser.add_argument(

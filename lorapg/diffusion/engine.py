@@ -153,7 +153,7 @@ class DiffusionEngine:
                 log.warning("--compile applies to SD 1.x / SDXL UNets; %s runs uncompiled", family)
             adapters = AdapterSet(pipe, family, patch_everything=compiled)
             if is_quantized(getattr(pipe, "transformer", None)):
-                # Merging a LoRA into 4-bit or float8 weights re-rounds them, and unfusing could not give
+                # Merging a LoRA into 4-bit, GGUF or float8 weights re-rounds them, and unfusing could not give
                 # the base back bit for bit: on a quantized base, LoRAs run unfused (two small matmuls a layer).
                 adapters.fuser.enabled = False
             native = native_size(pipe, family)

@@ -20,6 +20,9 @@ from lorapg.errors import UserError, check_ref_length, shorten
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+# A GGUF-quantized transformer (city96's FLUX.1-dev-gguf and the like): a header of names and shapes,
+# then raw blocks of quantized numbers; nothing in it is executed when read.
+GGUF_SUFFIX = ".gguf"
 FOLDER, SINGLE_FILE, HUB = "folder", "single_file", "hub"
 
 
@@ -107,17 +110,28 @@ def _single_file(ref: str, path: Path, allow_pickle: bool) -> ModelSource:
                 "Convert it to .safetensors, or pass --allow-pickle if you trust its source."
             )
         return ModelSource(ref, SINGLE_FILE, path, None)
+    if suffix == GGUF_SUFFIX:
+        return ModelSource(ref, SINGLE_FILE, path, detect_gguf_family(path))
     if suffix != ".safetensors":
         raise UserError(
-            f"{shorten(path.name)}: unsupported model file type {shorten(suffix, 20)!r}; use a .safetensors checkpoint."
+            f"{shorten(path.name)}: unsupported model file type {shorten(suffix, 20)!r}; use a .safetensors "
+            "checkpoint (or a .gguf Flux.1 / SD 3.5 transformer)."
         )
     return ModelSource(ref, SINGLE_FILE, path, detect_checkpoint_family(path))
+
+
+def is_gguf(source: ModelSource) -> bool:
+    """Whether ``source`` is a GGUF-quantized transformer file (loaded with diffusers' GGUF quantizer)."""
+    return source.kind == SINGLE_FILE and source.path is not None and source.path.suffix.lower() == GGUF_SUFFIX
+
+
+_MODEL_FILE_SUFFIXES = PICKLE_SUFFIXES | {".safetensors", GGUF_SUFFIX}
 
 
 def _looks_like_path(ref: str) -> bool:
     # A hub id is "owner/name" exactly; anything with more parts, a drive, a dot-prefix or a file
     # suffix was meant as a local path.
-    if ref.startswith((".", "/", "~")) or "\\" in ref or Path(ref).suffix.lower() in PICKLE_SUFFIXES | {".safetensors"}:
+    if ref.startswith((".", "/", "~")) or "\\" in ref or Path(ref).suffix.lower() in _MODEL_FILE_SUFFIXES:
         return True
     return ref.count("/") != 1
 
@@ -161,4 +175,63 @@ def detect_checkpoint_family(path: Path) -> str:
         f"{path.name} does not look like a Stable Diffusion or Flux checkpoint (no UNet, transformer or text "
         "encoder tensors). "
         "Is it a LoRA? Put LoRAs in the LoRA folder instead."
+    )
+
+
+def gguf_module():
+    """The ``gguf`` package, or a UserError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(
+            "Setting model: a .gguf transformer needs the gguf package, which is not installed; "
+            "run `pip install 'gguf>=0.10'` and load the model again."
+        ) from None
+    return gguf
+
+
+def gguf_tensor_names(path: Path) -> tuple[list[str], str]:
+    """The tensor names of a GGUF file and its ``general.architecture`` ("" when absent).
+
+    GGUFReader maps the file and parses its header only (names, shapes, types); the data stays unread.
+    """
+    reader_class = gguf_module().GGUFReader
+    try:
+        reader = reader_class(str(path))
+    except Exception as exc:  # a bad magic number is a ValueError; a truncated header anything numpy raises
+        raise UserError(
+            f"Setting model: {shorten(path.name)} is not a readable GGUF file ({shorten(exc, 160)}); "
+            "download it again or pick another file."
+        ) from None
+    return [tensor.name for tensor in reader.tensors], _gguf_architecture(reader)
+
+
+def _gguf_architecture(reader) -> str:
+    field = reader.fields.get("general.architecture")
+    try:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None else ""
+    except (IndexError, TypeError, ValueError):
+        return ""
+
+
+# city96's converter also makes GGUFs of SD 1.x/SDXL UNets; diffusers loads GGUF only for transformers.
+_GGUF_UNET_MARKERS = ("input_blocks.", "down_blocks.", "model.diffusion_model.input_blocks.")
+
+
+def detect_gguf_family(path: Path) -> str:
+    """Flux.1 or SD 3.5 from a GGUF transformer's tensor names; a UserError saying what any other GGUF is."""
+    names, architecture = gguf_tensor_names(path)
+    if any(is_flux_transformer_key(name) for name in names):
+        return FLUX
+    if any(is_sd3_transformer_key(name) for name in names):
+        return SD3
+    if any(name.startswith(_GGUF_UNET_MARKERS) for name in names):
+        what = "a Stable Diffusion UNet"
+    elif any(name.startswith(("blk.", "token_embd.", "output.")) for name in names):
+        what = f"a language model ({shorten(architecture, 40)})" if architecture else "a language model"
+    else:
+        what = f"a {shorten(architecture, 40)} model" if architecture else "tensors of no known model"
+    raise UserError(
+        f"Setting model: {shorten(path.name)} is a GGUF file holding {what}, not a Flux.1 or SD 3.5 transformer. "
+        "Pick a Flux.1 / SD 3.5 transformer .gguf (e.g. from city96/FLUX.1-dev-gguf) or a .safetensors checkpoint."
     )

@@ -1,8 +1,9 @@
-"""Loading a pipeline (SD 1.x, SD 2.x, SDXL, Flux.1) from a resolved model source."""
+"""Loading a pipeline (SD 1.x, SD 2.x, SDXL, SD 3.5, Flux.1) from a resolved model source."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -24,8 +25,16 @@ from diffusers import (
 )
 
 from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL, family_label, is_transformer_family
-from lorapg.diffusion.model_source import FOLDER, HUB, ModelSource
-from lorapg.diffusion.quantization import QuantizePlan, check_machine, check_plan, quantize_pipeline
+from lorapg.diffusion.model_source import (
+    FOLDER,
+    GGUF_SUFFIX,
+    HUB,
+    ModelSource,
+    gguf_module,
+    gguf_tensor_names,
+    is_gguf,
+)
+from lorapg.diffusion.quantization import NONE, QuantizePlan, check_machine, check_plan, quantize_pipeline
 from lorapg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,7 +69,15 @@ def load_pipeline(
     ``training``: a training run loads (its errors name the run's setting).
     """
     status = on_status or (lambda message: None)
-    plan = _plan_for(quantize or QuantizePlan(), source.family, app_wide_quantize, status)
+    if training and is_gguf(source):
+        # diffusers' GGUF layers are inference-only (its quantizer says is_trainable = False): the run would
+        # fail later on a dtype cast with diffusers' own words.
+        raise UserError(
+            f"Setting model: {source.path.name} is a GGUF-quantized transformer, which can generate but not "
+            "be trained on; train on the model's .safetensors file or diffusers folder (quantize=nf4 to save memory)."
+        )
+    plan = _without_gguf_transformer(quantize or QuantizePlan(), source, status)
+    plan = _plan_for(plan, source.family, app_wide_quantize, status)
     # What the machine or a single file's family rules out is refused before gigabytes are read
     # (an app-wide plan only once the family is known: it may not apply to this model at all).
     if source.family is not None or not app_wide_quantize:
@@ -103,6 +120,22 @@ def _plan_for(plan: QuantizePlan, family: str | None, app_wide: bool, status: Ca
     _note_app_wide_skip(plan.describe())
     status(f"quantize applies to Flux.1 and SD 3.5 only; {family_label(family)} loads unquantized.")
     return QuantizePlan()
+
+
+def _without_gguf_transformer(plan: QuantizePlan, source: ModelSource, status: Callable[[str], None]) -> QuantizePlan:
+    """``plan`` without its transformer part when the transformer is a GGUF file: already quantized
+    (Q8_0, Q4_K_S, …), it cannot be stored as NF4/fp8 on top. The T5 encoder (from --model-config) still is."""
+    if not is_gguf(source) or plan.transformer == NONE:
+        return plan
+    _note_gguf_skip(plan.transformer)
+    status(f"quantize={plan.transformer} skipped for the transformer: {source.path.name} is already GGUF-quantized.")
+    return dataclasses.replace(plan, transformer=NONE)
+
+
+@functools.cache
+def _note_gguf_skip(mode: str) -> None:
+    """Logged once per setting, as the SD families' note is."""
+    log.info("quantize (%s) skipped for GGUF transformers: they are already quantized", mode)
 
 
 @functools.cache
@@ -224,6 +257,9 @@ def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str 
     """
     name, label = source.path.name, family_label(source.family)
     transformer_class, pipeline_class = _TRANSFORMER_CLASSES[source.family]
+    # A GGUF file's weights stay quantized in memory (diffusers' GGUFLinear) and are dequantized to the
+    # app's dtype one layer at a time as it runs; diffusers has a torch fallback, so this runs on CPU too.
+    quantized = {"quantization_config": _gguf_config(dtype)} if is_gguf(source) else {}
     if config:
         repo = config
     elif source.family == FLUX:
@@ -242,7 +278,7 @@ def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str 
     with context:
         try:
             transformer = transformer_class.from_single_file(
-                str(source.path), config=repo, subfolder="transformer", dtype=dtype
+                str(source.path), config=repo, subfolder="transformer", dtype=dtype, **quantized
             )
             return pipeline_class.from_pretrained(repo, transformer=transformer, dtype=dtype)
         except (ValueError, KeyError, RuntimeError) as exc:  # shapes or names that do not fit the config
@@ -252,12 +288,23 @@ def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str 
             ) from None
 
 
-def _has_guidance_input(path) -> bool:
+def _gguf_config(dtype: torch.dtype):
+    gguf_module()  # a UserError saying `pip install gguf` before diffusers' ImportError
+    from diffusers import GGUFQuantizationConfig
+
+    return GGUFQuantizationConfig(compute_dtype=dtype)
+
+
+def _has_guidance_input(path: Path) -> bool:
     """Flux dev (guidance-distilled) has a guidance embedder; schnell has none."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return any("guidance_in." in key or "guidance_embedder." in key for key in handle.keys())  # noqa: SIM118
+    if path.suffix.lower() == GGUF_SUFFIX:
+        keys = gguf_tensor_names(path)[0]
+    else:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    return any("guidance_in." in key or "guidance_embedder." in key for key in keys)
 
 
 def _hub_offline() -> bool:

@@ -241,11 +241,15 @@ def _set_submodule(root: torch.nn.Module, dotted: str, module: torch.nn.Module) 
     setattr(parent, child_name, module)
 
 
+# bitsandbytes' NF4 layer, and diffusers' layer for a GGUF file's quantized weights (Q8_0, Q4_K, …).
+QUANTIZED_LAYERS = ("Linear4bit", "GGUFLinear")
+
+
 def is_quantized(module: torch.nn.Module | None) -> bool:
-    """Whether ``module`` holds NF4 layers or float8-stored weights (what LoRA fusing must not touch)."""
+    """Whether ``module`` holds NF4 or GGUF layers or float8-stored weights (what LoRA fusing must not touch)."""
     if module is None:
         return False
     return any(
-        type(child).__name__ == "Linear4bit" or any(p.dtype == FP8_STORAGE for p in child.parameters(recurse=False))
+        type(child).__name__ in QUANTIZED_LAYERS or any(p.dtype == FP8_STORAGE for p in child.parameters(recurse=False))
         for child in module.modules()
     )
