@@ -186,7 +186,7 @@ def build_generate_tab(
     status = service.model_status()
     with gr.Row():
         model_box = gr.Dropdown(
-            label="Base model (Hugging Face id, diffusers folder or .safetensors file)",
+            label="Base model (Hugging Face id, diffusers folder, .safetensors or Flux/SD 3.5 .gguf file)",
             choices=service.model_choices(),
             value=status.ref or service.settings.model,
             allow_custom_value=True,
