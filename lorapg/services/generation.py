@@ -261,7 +261,13 @@ class GenerationService:
         native, family = (model.native_size, model.family) if model else (NATIVE_SIZE[SD1], None)
         settings = self.settings
         validate(request, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
-        self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
+        # Unknown / outside-folder / bad scale: fail now, not in the queue.
+        selections = self.engine.resolve_loras(request)
+        # Each LoRA by its library name (relative to the LoRA folder): a path typed here means nothing on a
+        # remote worker, which resolves the name in its own folder, and routing compares library names.
+        pairs = zip(request.loras, selections, strict=True)
+        named = tuple(replace(lora, name=chosen.info.name) for lora, chosen in pairs)
+        request = replace(request, loras=named)
         if request.hires is not None:  # an upscaler model that is not in the folder: fail now too
             self.engine.check_hires_upscaler(request.hires.upscaler)
         for unit in request.controlnet:  # an unknown ControlNet, or one for another family: fail now too
@@ -358,7 +364,7 @@ class GenerationService:
         """The workers that have every LoRA ``request`` names (from ``prepare``); None: it names none."""
         if not request.loras:
             return None
-        names = {self.library.resolve(lora.name).name for lora in request.loras}  # prepare found each
+        names = {lora.name for lora in request.loras}  # library names (``prepare``)
         return self.workers.having(names)
 
     def _rejoin(self, ref: str) -> None:

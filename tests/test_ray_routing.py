@@ -1,0 +1,148 @@
+"""Remote workers joining while the app runs, and LoRA-aware routing (issue 20 item 3, review fixes).
+
+Fast: no cluster. The app's real services (one CPU worker, no model loaded) get ``RemoteEngine``s over
+a scripted stand-in for the ``ray`` module that raises Ray's real exception classes; discovery runs
+one round at a time (``WorkerDiscovery.look``), called by the test. Concurrency is set up with events
+the tests control, never timing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[default]>=2.40'): Ray workers untested")
+
+from ray import exceptions  # noqa: E402
+
+from lorapg.config import Settings  # noqa: E402
+from lorapg.diffusion.request import GenerationRequest, LoraRequest  # noqa: E402
+from lorapg.jobs import DONE  # noqa: E402
+from lorapg.services.build import build_services  # noqa: E402
+from lorapg.services.ray_workers import RemoteEngine  # noqa: E402
+
+WAIT = 60  # seconds: a safety net against a hang, never what a test measures
+
+
+class _Method:
+    def __init__(self, actor, name):
+        self.actor, self.name = actor, name
+
+    def remote(self, *args, **kwargs):
+        self.actor.calls.append((self.name, args, kwargs))
+        return (self.name, args, self.actor)
+
+
+class ScriptedActor:
+    """An actor handle: each ``.method.remote(...)`` returns a token that ``ScriptedRay`` answers."""
+
+    def __init__(self, info: dict | None = None):
+        self.calls = []
+        self.info_answer = info
+
+    def __getattr__(self, name):
+        return _Method(self, name)
+
+
+class ScriptedRay:
+    """``get``/``wait``/``kill`` as ``ray`` has them: a generation is finished at once and its result
+    is ``result``; an ``info`` call answers the actor's ``info_answer`` (an exception is raised)."""
+
+    exceptions = exceptions
+
+    def __init__(self, result=None):
+        self.result = result
+
+    def get(self, token, timeout=None):
+        name, _args, actor = token
+        answer = {"generate": self.result, "info": actor.info_answer}.get(name)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return list(refs), []
+
+    def kill(self, actor, no_restart=True):
+        pass
+
+
+def remote_info(name: str, loras=(), model=None, actor_id=None) -> dict:
+    return {
+        "name": name,
+        "label": f"{name}:0/cpu",
+        "actor_id": actor_id or f"actor-{name}",
+        "model": model,
+        "family": "sd1" if model else None,
+        "native_size": 512 if model else None,
+        "loras": list(loras),
+        "running": 0,
+        "done": 0,
+    }
+
+
+@pytest.fixture()
+def app(tiny_models, tmp_path):
+    """The services of an app with one CPU worker (no model loaded); remote workers are added by the tests."""
+    loras = tmp_path / "loras"
+    shutil.copytree(tiny_models["loras"], loras)
+    settings = Settings(
+        model=str(tiny_models["sd15"]),
+        lora_dir=loras,
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "outputs",
+        device="cpu",
+        load_model_at_start=False,
+    )
+    built = build_services(settings, record_results=False)
+    yield built
+    assert built.close(WAIT)
+
+
+def hold(app, worker: int) -> threading.Event:
+    """Worker ``worker`` kept busy (a job meant for it alone) until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
+    app.jobs.submit("hold", lambda job: (started.set(), release.wait(WAIT)), worker=worker)
+    assert started.wait(WAIT)
+    return release
+
+
+def add_remote(app, name: str, **info) -> tuple[RemoteEngine, ScriptedActor]:
+    actor = ScriptedActor()
+    result = SimpleNamespace(cancelled=False, family="sd1")
+    engine = RemoteEngine(ScriptedRay(result), actor, remote_info(name, **info), actor_name=f"lorapg-worker:{name}:0")
+    app.service.add_worker(engine)
+    return engine, actor
+
+
+def sent_loras(actor: ScriptedActor) -> list[str]:
+    (request,) = [args[1] for name, args, _kwargs in actor.calls if name == "generate"]
+    return [lora.name for lora in request.loras]
+
+
+# --- 1. a LoRA typed as a path reaches the worker as its library name ---------------------------
+
+
+@pytest.mark.parametrize("typed", ["absolute", "relative"])
+def test_a_lora_typed_as_a_path_reaches_the_remote_worker_as_its_library_name(app, typed, monkeypatch):
+    folder = app.settings.lora_dir
+    if typed == "absolute":
+        tag = str(folder / "style.safetensors")
+    else:  # relative to the working directory, as `models/loras/style` is typed
+        monkeypatch.chdir(folder.parent)
+        tag = f"{folder.name}/style"
+    assert app.service.prepare(GenerationRequest(prompt=f"a fox <lora:{tag}:0.5>")).loras == (
+        LoraRequest("style", 0.5),
+    )
+    _engine, actor = add_remote(app, "wa", loras=["style"], model=str(app.settings.model))
+    release = hold(app, 0)  # the app's own worker is busy: the one that has `style` runs it
+    try:
+        job = app.service.submit_generation(GenerationRequest(prompt=f"a fox <lora:{tag}:0.5>", width=64, height=64))
+        assert job.wait(WAIT) and job.status == DONE, job.error
+        assert job.worker == 1
+    finally:
+        release.set()
+    assert sent_loras(actor) == ["style"]  # the worker resolves it in its own folder
