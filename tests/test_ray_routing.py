@@ -8,8 +8,11 @@ the tests control, never timing.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
+import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +24,7 @@ from ray import exceptions  # noqa: E402
 from lorapg.config import Settings  # noqa: E402
 from lorapg.diffusion.request import GenerationRequest, LoraRequest  # noqa: E402
 from lorapg.jobs import DONE  # noqa: E402
+from lorapg.services import ray_workers  # noqa: E402
 from lorapg.services.build import build_services  # noqa: E402
 from lorapg.services.ray_workers import RemoteEngine  # noqa: E402
 
@@ -146,3 +150,107 @@ def test_a_lora_typed_as_a_path_reaches_the_remote_worker_as_its_library_name(ap
     finally:
         release.set()
     assert sent_loras(actor) == ["style"]  # the worker resolves it in its own folder
+
+
+# --- 2, 6, 7. worker discovery: odd answers, slow workers, newer model state ---------------------
+
+PREFIX = ray_workers.ACTOR_PREFIX
+SILENT = object()  # an info call that has not answered (yet)
+
+
+class Cluster(ScriptedRay):
+    """The cluster's named actors (``actors``: name -> ScriptedActor); an info call answers once its
+    actor's ``info_answer`` is not ``SILENT``."""
+
+    def __init__(self, actors: dict):
+        super().__init__(SimpleNamespace(cancelled=False, family="sd1"))
+        self.actors = actors
+        self.util = SimpleNamespace(list_named_actors=lambda: list(self.actors))
+        self.info_timeouts = []  # the timeout of every ray.get of an info call
+
+    def get_actor(self, name):
+        if name not in self.actors:
+            raise ValueError(f"Failed to look up actor with name {name!r}")
+        return self.actors[name]
+
+    def answered(self, ref) -> bool:
+        return ref[0] != "info" or ref[2].info_answer is not SILENT
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return [ref for ref in refs if self.answered(ref)], [ref for ref in refs if not self.answered(ref)]
+
+    def get(self, token, timeout=None):
+        if token[0] == "info":
+            self.info_timeouts.append(timeout)
+            if not self.answered(token):
+                raise exceptions.GetTimeoutError("no answer yet")
+        return super().get(token, timeout)
+
+
+def devices(app) -> list[str]:
+    return [worker.device for worker in app.workers.workers]
+
+
+def test_one_odd_answer_or_failed_join_does_not_keep_the_other_workers_out(app, monkeypatch, caplog):
+    odd = ScriptedActor({"label": "wa:0/cpu"})  # no actor_id: an actor of another version
+    failing, good = ScriptedActor(remote_info("wb")), ScriptedActor(remote_info("wc"))
+    cluster = Cluster({f"{PREFIX}wa:0": odd, f"{PREFIX}wb:0": failing, f"{PREFIX}wc:0": good})
+    add_worker = app.service.add_worker
+
+    def refuse_wb(engine):
+        if engine.device == "ray:wb:0/cpu":
+            raise RuntimeError("its engine is odd")
+        return add_worker(engine)
+
+    monkeypatch.setattr(app.service, "add_worker", refuse_wb)
+    discovery = ray_workers.WorkerDiscovery(cluster, app.service)
+    with caplog.at_level(logging.WARNING, logger=ray_workers.__name__):
+        assert discovery.look() == [1]
+        assert discovery.look() == []  # asked again next round: skipped again, without a second warning
+    assert devices(app) == ["cpu", "ray:wc:0/cpu"]
+    assert caplog.text.count(f"{PREFIX}wa:0 answered") == 1
+    assert caplog.text.count(f"{PREFIX}wb:0 could not join") == 1
+
+
+def test_a_worker_slow_to_answer_is_asked_once_and_joins_when_its_answer_comes(app, monkeypatch):
+    monkeypatch.setattr(ray_workers, "JOIN_TIMEOUT_S", 0.0)  # the round's one deadline: now
+    slow, fast = ScriptedActor(SILENT), ScriptedActor(remote_info("wb"))
+    cluster = Cluster({f"{PREFIX}wa:0": slow, f"{PREFIX}wb:0": fast})
+    discovery = ray_workers.WorkerDiscovery(cluster, app.service)
+    assert discovery.look() == [1]  # the fast one joins while the slow one has not answered
+    assert discovery.look() == []
+    slow.info_answer = remote_info("wa")  # its folder scanned at last
+    assert discovery.look() == [2]
+    assert devices(app) == ["cpu", "ray:wb:0/cpu", "ray:wa:0/cpu"]
+    assert [call[0] for call in slow.calls].count("info") == 1  # never asked again while it had not answered
+    assert set(cluster.info_timeouts) == {0}  # answers are read once ready: no wait on one worker after another
+
+
+def test_discovery_updates_a_workers_loras_but_not_a_model_the_app_set_since(app):
+    actor = ScriptedActor(remote_info("wa", model="old-model"))
+    discovery = ray_workers.WorkerDiscovery(Cluster({f"{PREFIX}wa:0": actor}), app.service)
+    assert discovery.look() == [1]
+    engine = app.workers.engine(1)
+    # A snapshot the worker took before the generation below finished, arriving after it.
+    actor.info_answer = remote_info("wa", model="old-model", loras=["style"])
+    engine.generate(GenerationRequest(prompt="a fox"), model_ref="new-model")
+    assert engine.model.source.ref == "new-model"
+    discovery.look()
+    assert engine.model.source.ref == "new-model" and engine.loras == ["style"]
+
+
+def test_close_gives_discovery_and_the_queue_one_deadline_together(app):
+    class SlowDiscovery:
+        def stop(self, timeout):
+            self.given = timeout
+            time.sleep(0.2)  # it used part of the time
+            return False  # and has not ended
+
+    class Queue:
+        def close(self, timeout):
+            self.given = timeout
+            return True
+
+    discovery, queue = SlowDiscovery(), Queue()
+    assert not replace(app, discovery=discovery, jobs=queue).close(5.0)  # discovery still runs: not closed
+    assert discovery.given == 5.0 and queue.given <= 4.8

@@ -42,7 +42,12 @@ MISSED_POLLS = 6  # consecutive unanswered progress polls after which the worker
 LOAD_TIMEOUT_S = 1800.0  # a model load on the worker (a large checkpoint over a slow disk or the hub)
 READY_TIMEOUT_S = 300.0  # at app start: a worker that has not built its engine by then is left out
 DISCOVERY_SECONDS = 5.0  # how often the app looks for workers that joined (or left) while it runs
-JOIN_TIMEOUT_S = 10.0  # one look's wait for a worker's info; one still starting is asked again next time
+JOIN_TIMEOUT_S = 10.0  # one look's wait for the workers' info, all at once; an unanswered call stays pending
+STOP_CHECK_S = 0.5  # while it waits for answers, how often a look sees that the app is shutting down
+# What a worker's ``info`` says that only the worker knows: discovery updates these alone. The model is
+# the app's to track (its own load / generate calls), and a snapshot taken before one of those finished
+# would otherwise put the older model back.
+LISTING_KEYS = ("loras", "lora_files", "lora_dir", "running", "done")
 
 
 def require_ray(flag: str = "--ray"):
@@ -247,6 +252,7 @@ class RemoteEngine:
 
     def __init__(self, ray, actor, info: dict, actor_name: str | None = None):
         self._ray, self._actor = ray, actor
+        self._info_lock = threading.Lock()  # the queue's thread and the discovery thread both update it
         self.info = info
         self.actor_name = actor_name  # its Ray actor's name (WorkerDiscovery looks it up by that)
         self.device = f"ray:{info['label']}"  # what the UI and the API show for a job it runs
@@ -270,12 +276,20 @@ class RemoteEngine:
     def load_model(self, ref: str, on_status=None) -> RemoteModel | None:
         if on_status is not None:
             on_status(f"Loading {ref} on {self.device}…")
-        self.info = self._get(self._actor.load.remote(ref), timeout=LOAD_TIMEOUT_S)
+        self._update(self._get(self._actor.load.remote(ref), timeout=LOAD_TIMEOUT_S))
         return self.model
 
     def refresh(self, timeout: float = INFO_TIMEOUT_S) -> dict:
-        self.info = self._get(self._actor.info.remote(), timeout=timeout)
-        return self.info
+        return self._update(self._get(self._actor.info.remote(), timeout=timeout))
+
+    def note_listing(self, info: dict) -> None:
+        """What discovery learnt (its LoRAs, its load), leaving the model as this app's calls last set it."""
+        self._update({key: info[key] for key in LISTING_KEYS if key in info})
+
+    def _update(self, values: dict) -> dict:
+        with self._info_lock:
+            self.info = {**self.info, **values}
+            return self.info
 
     def generate(self, request, on_step=None, should_cancel=None, *, model_ref: str | None = None, family=None):
         """Run ``request`` on the worker (with ``model_ref``, default the one it holds); progress goes to
@@ -291,7 +305,7 @@ class RemoteEngine:
             # The worker may have loaded another model before refusing: the app routes by what it holds.
             self._refresh_quietly()
             raise
-        self.info = {**self.info, "model": ref, "family": result.family}
+        self._update({"model": ref, "family": result.family})
         return result
 
     def _follow(self, pending, key: str, on_step, should_cancel):
@@ -406,14 +420,20 @@ class WorkerDiscovery:
     """The app's look-out for workers while it runs (``--ray``): a daemon thread that lists the worker
     actors on the cluster every ``interval`` seconds, through the lookup ``remote_engines`` uses at
     start. An actor the app does not have joins the queue (``GenerationService.add_worker``); one it has
-    reports its state again (a LoRA copied there since is seen); one whose name is gone, or names a new
-    actor (its worker process restarted), is listed as lost, and that new actor joins as a new worker."""
+    reports its LoRAs and load again (a LoRA copied there since is seen); one whose name is gone, or names
+    a new actor (its worker process restarted), is listed as lost, and that new actor joins as a new worker.
+    One actor that answers oddly, or cannot join, is skipped (warned about once): the others still join."""
 
     def __init__(self, ray, generation, interval: float = DISCOVERY_SECONDS):
         """``generation``: the GenerationService whose pool and queue the workers join."""
         self._ray, self._generation, self.interval = ray, generation, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ray-worker-discovery", daemon=True)
+        # Actor name -> (actor, its info call not answered yet): one call per actor at a time, so a slow
+        # worker (a big LoRA folder on a slow disk) is not asked again every round; its answer is read
+        # in the round it arrives.
+        self._asking: dict[str, tuple[Any, Any]] = {}
+        self._warned: set[str] = set()  # the actors already warned about (once each)
 
     def start(self) -> WorkerDiscovery:
         self._thread.start()
@@ -443,31 +463,69 @@ class WorkerDiscovery:
         for name, (actor, info) in answers.items():
             if info is None or self._stop.is_set():
                 continue
-            if info["actor_id"] in current:
-                current[info["actor_id"]].info = info  # its model and LoRAs as they are now
-            elif info["actor_id"] not in known:  # a lost actor still answering is not let back in
-                joined.append(self._join(RemoteEngine(self._ray, actor, info, actor_name=name)))
+            try:
+                if info["actor_id"] in current:
+                    current[info["actor_id"]].note_listing(info)  # its LoRAs and load as they are now
+                elif info["actor_id"] not in known:  # a lost actor still answering is not let back in
+                    joined.append(self._join(RemoteEngine(self._ray, actor, info, actor_name=name)))
+            except Exception:  # one worker that cannot join must not keep the others out
+                self._warn_once(name, actor, "could not join the queue; skipped", exc_info=True)
         self._drop_gone(workers, answers)
         return joined
 
     def _ask_all(self, names: list[str]) -> dict[str, tuple[Any, dict | None]]:
-        """Each listed actor and its ``info`` (asked of all at once); None where it did not answer in
-        ``JOIN_TIMEOUT_S`` (still building its engine: asked again next round) or is dying."""
-        ray, pending = self._ray, {}
+        """Each listed actor and its ``info``; None where it has not answered yet (still building its
+        engine or scanning its folder: its call stays pending for the next rounds), answered oddly or is
+        dying. All calls are awaited together, ``JOIN_TIMEOUT_S`` at most."""
+        listed = set(names)
+        self._asking = {name: asked for name, asked in self._asking.items() if name in listed}
         for name in names:
+            if name in self._asking:
+                continue
             try:
-                actor = ray.get_actor(name)
+                actor = self._ray.get_actor(name)
             except ValueError:  # gone since the listing
                 continue
-            pending[name] = (actor, actor.info.remote())
+            self._asking[name] = (actor, actor.info.remote())
+        ready = self._wait([ref for _actor, ref in self._asking.values()])
         answers = {}
-        for name, (actor, ref) in pending.items():
-            try:
-                answers[name] = (actor, ray.get(ref, timeout=JOIN_TIMEOUT_S))
-            except ray.exceptions.RayError:  # GetTimeoutError too
-                log.debug("worker %s did not answer this round", name, exc_info=True)
+        for name, (actor, ref) in list(self._asking.items()):
+            if ref in ready:
+                del self._asking[name]
+                answers[name] = (actor, self._answer(name, actor, ref))
+            else:
                 answers[name] = (actor, None)
         return answers
+
+    def _wait(self, refs: list) -> list:
+        """The refs of ``refs`` that are ready within ``JOIN_TIMEOUT_S`` (one deadline for all); sooner
+        when the app shuts down."""
+        deadline, ready = time.monotonic() + JOIN_TIMEOUT_S, []
+        while refs and not self._stop.is_set():
+            left = max(0.0, deadline - time.monotonic())
+            done, refs = self._ray.wait(refs, num_returns=len(refs), timeout=min(left, STOP_CHECK_S))
+            ready += done
+            if left <= 0:
+                break
+        return ready
+
+    def _answer(self, name: str, actor, ref) -> dict | None:
+        """The info of an answered call; None for an error or an answer this app cannot read."""
+        try:
+            info = self._ray.get(ref, timeout=0)  # ready: no wait
+        except self._ray.exceptions.RayError:  # the actor died or its info() raised
+            log.debug("worker %s did not answer this round", name, exc_info=True)
+            return None
+        if not _readable_info(info):
+            self._warn_once(name, actor, f"answered {shorten(repr(info), 120)}, not a worker's info; skipped")
+            return None
+        return info
+
+    def _warn_once(self, name: str, actor, what: str, *, exc_info: bool = False) -> None:
+        key = _actor_key(name, actor)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("Ray actor %s %s (a lorapg worker of another version?)", name, what, exc_info=exc_info)
 
     def _join(self, engine: RemoteEngine) -> int:
         index = self._generation.add_worker(engine)
@@ -489,7 +547,7 @@ class WorkerDiscovery:
             if index in lost or engine.actor_name is None:
                 continue
             answer = answers.get(engine.actor_name)
-            replaced = answer is not None and answer[1] is not None and answer[1]["actor_id"] != engine.actor_id
+            replaced = answer is not None and answer[1] is not None and answer[1].get("actor_id") != engine.actor_id
             if answer is None or replaced:
                 why = "a new process took its name" if replaced else "its actor is no longer listed"
                 log.warning("remote worker %s is gone (%s)", engine.device, why)
@@ -502,3 +560,21 @@ class WorkerDiscovery:
 
     def _lost(self) -> list[int]:
         return self._generation.jobs.lost()
+
+
+def _readable_info(info: Any) -> bool:
+    """Whether ``info`` is what ``GenerationActor.info`` returns (an actor of another version, or another
+    program's actor under the name prefix, may answer something else)."""
+    return (
+        isinstance(info, dict)
+        and isinstance(info.get("actor_id"), str)
+        and isinstance(info.get("label"), str)
+        and isinstance(info.get("loras") or [], list)
+        and isinstance(info.get("lora_files") or {}, dict)
+    )
+
+
+def _actor_key(name: str, actor) -> str:
+    """One actor (a restarted worker under the same name is another one)."""
+    ident = getattr(actor, "_actor_id", None)
+    return f"{name}@{ident.hex()}" if callable(getattr(ident, "hex", None)) else name
