@@ -103,8 +103,11 @@ class JobQueue:
     """Jobs executed one at a time per worker thread (one worker unless ``devices`` names several):
     interactive ones in submission order, then background ones in submission order."""
 
-    def __init__(self, keep_finished: int = 20, devices: list[str | None] | None = None):
-        """``devices``: one worker per entry, labelled with it (shown as the device a job runs on)."""
+    def __init__(self, keep_finished: int = 20, devices: list[str | None] | None = None, *, may_grow: bool = False):
+        """``devices``: one worker per entry, labelled with it (shown as the device a job runs on).
+        ``may_grow``: workers may join while it runs (``add_worker``; the app with ``--ray``), so callers
+        do not size anything by today's ``worker_count``."""
+        self.may_grow = may_grow
         self._pending: list[tuple[Job, Callable[[Job], Any], contextvars.Context]] = []
         self._closing = False  # set by shutdown/close: each worker exits once nothing it may run is pending
         self._jobs: dict[str, Job] = {}

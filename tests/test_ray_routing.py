@@ -24,7 +24,7 @@ from ray import exceptions  # noqa: E402
 from lorapg.config import Settings  # noqa: E402
 from lorapg.diffusion.request import GenerationRequest, LoraRequest  # noqa: E402
 from lorapg.jobs import DONE  # noqa: E402
-from lorapg.services import ray_workers  # noqa: E402
+from lorapg.services import build, ray_workers  # noqa: E402
 from lorapg.services.build import build_services  # noqa: E402
 from lorapg.services.ray_workers import RemoteEngine  # noqa: E402
 
@@ -254,3 +254,60 @@ def test_close_gives_discovery_and_the_queue_one_deadline_together(app):
     discovery, queue = SlowDiscovery(), Queue()
     assert not replace(app, discovery=discovery, jobs=queue).close(5.0)  # discovery still runs: not closed
     assert discovery.given == 5.0 and queue.given <= 4.8
+
+
+# --- 3. workers that join later get UI slots and the backlog ---------------------------------------
+
+
+@pytest.fixture()
+def ray_app(tiny_models, tmp_path, monkeypatch):
+    """The services of an app started with ``--ray`` while no worker was connected yet (the cluster
+    lookups stubbed out): one CPU worker; remote ones are added by the tests, as discovery adds them."""
+    monkeypatch.setattr(build, "remote_workers", lambda settings: [])
+    monkeypatch.setattr(build, "worker_discovery", lambda settings, service: None)
+    settings = Settings(
+        model=str(tiny_models["sd15"]),
+        lora_dir=tiny_models["loras"],
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "outputs",
+        device="cpu",
+        load_model_at_start=False,
+        ray="127.0.0.1:1",
+    )
+    built = build_services(settings, record_results=False)
+    yield built
+    assert built.close(WAIT)
+
+
+def test_a_backlog_queued_while_one_worker_served_moves_to_a_worker_that_joins(ray_app):
+    release = hold(ray_app, 0)
+    try:
+        job = ray_app.service.submit_generation(GenerationRequest(prompt="a fox", width=64, height=64))
+        add_remote(ray_app, "wa", model=str(ray_app.settings.model))
+        assert job.wait(WAIT) and job.status == DONE, job.error  # while the first worker is still busy
+        assert job.worker == 1
+    finally:
+        release.set()
+
+
+def test_with_ray_the_ui_does_not_cap_generations_at_the_workers_there_at_start(ray_app):
+    from lorapg.ui.app_ui import build_ui
+    from lorapg.ui.common import GROWING_GPU_SLOTS
+
+    demo = build_ui(ray_app.service, ray_app.gallery_service, training_service=ray_app.training)
+    gpu = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
+    assert gpu == {"generate": GROWING_GPU_SLOTS, "gallery_vary": GROWING_GPU_SLOTS}
+    # A load or a grid (first worker alone) waits in its own group: Gradio would give "gpu" their limit of 1.
+    primary = {fn.api_name for fn in demo.fns.values() if fn.concurrency_id == "gpu-primary"}
+    assert {"load_model", "grid"} <= primary
+
+
+def test_without_ray_one_worker_keeps_its_one_gpu_slot(app):
+    from lorapg.ui.common import gpu_slots, primary_worker_group
+
+    assert gpu_slots(app.jobs) == 1 and primary_worker_group(app.jobs)["concurrency_id"] == "gpu"
+    release = hold(app, 0)
+    job = app.service.submit_generation(GenerationRequest(prompt="a fox", width=64, height=64))
+    app.jobs.cancel(job.id)  # it never runs: only where it was meant to run matters
+    release.set()
+    assert job.worker == 0  # meant for the one worker, as before --devices

@@ -125,7 +125,7 @@ def build_services(
     remote = remote_workers(settings) if engines else []
     # One worker thread per device, all on this one queue (lorapg/jobs.py).
     labels = [str(device) for device in devices] + [engine.device for engine in remote] if devices else None
-    jobs = JobQueue(devices=labels)
+    jobs = JobQueue(devices=labels, may_grow=bool(settings.ray) and engines)
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     gallery_service = GalleryService(
         gallery,

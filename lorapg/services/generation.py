@@ -340,7 +340,9 @@ class GenerationService:
                 "No base model is loaded yet; load one first (a hub id, a diffusers folder or a .safetensors file)."
             )
 
-        if len(self.workers) == 1:
+        # One worker for good: the job runs there (as the app did before --devices). With --ray workers may
+        # join later: never pinned to the first one, or a backlog would not move to a worker that joins.
+        if len(self.workers) == 1 and not self.jobs.may_grow:
 
             def work(job: Job) -> GenerationResult:
                 return self.run_in_job(request, job, record=record)
