@@ -311,3 +311,29 @@ def test_without_ray_one_worker_keeps_its_one_gpu_slot(app):
     app.jobs.cancel(job.id)  # it never runs: only where it was meant to run matters
     release.set()
     assert job.worker == 0  # meant for the one worker, as before --devices
+
+
+# --- 4. the CLI stops worker discovery ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "grid"])
+def test_a_cli_command_with_ray_stops_worker_discovery_before_it_exits(tiny_models, tmp_path, monkeypatch, command):
+    from lorapg.cli import main
+
+    class Discovery:
+        stopped = False
+
+        def stop(self, timeout=None):
+            self.stopped = True
+            return True
+
+    discovery = Discovery()
+    monkeypatch.setattr(build, "remote_workers", lambda settings: [])
+    monkeypatch.setattr(build, "worker_discovery", lambda settings, service: discovery)
+    args = [command, "--model", str(tiny_models["sd15"]), "--lora-dir", str(tiny_models["loras"])]
+    args += ["--outputs", str(tmp_path / "outputs"), "--threads", "1", "--ray", "127.0.0.1:1", "--prompt", "x"]
+    args += ["--lora", "unknown_lora", "--out", str(tmp_path / "out")]  # refused before any model loads
+    if command == "grid":
+        args += ["--x", "steps=1,2"]
+    assert main(args) == 2
+    assert discovery.stopped
