@@ -9,6 +9,7 @@ the tests control, never timing.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -74,7 +75,8 @@ class ScriptedRay:
         pass
 
 
-def remote_info(name: str, loras=(), model=None, actor_id=None) -> dict:
+def remote_info(name: str, loras=(), model=None, actor_id=None, files=None) -> dict:
+    """What ``GenerationActor.info`` answers; ``files``: its LoRA files (name -> size and hash)."""
     return {
         "name": name,
         "label": f"{name}:0/cpu",
@@ -82,7 +84,8 @@ def remote_info(name: str, loras=(), model=None, actor_id=None) -> dict:
         "model": model,
         "family": "sd1" if model else None,
         "native_size": 512 if model else None,
-        "loras": list(loras),
+        "loras": list(files or loras),
+        "lora_files": files or {lora: {"size": None, "hash": None} for lora in loras},
         "running": 0,
         "done": 0,
     }
@@ -122,6 +125,12 @@ def add_remote(app, name: str, **info) -> tuple[RemoteEngine, ScriptedActor]:
     return engine, actor
 
 
+def app_files(app, *names: str, **hashes: str) -> dict:
+    """The app's LoRA files ``names`` as a worker with the same copies reports them (``hashes``: where hashed)."""
+    folder = app.settings.lora_dir
+    return {name: {"size": (folder / f"{name}.safetensors").stat().st_size, "hash": hashes.get(name)} for name in names}
+
+
 def sent_loras(actor: ScriptedActor) -> list[str]:
     (request,) = [args[1] for name, args, _kwargs in actor.calls if name == "generate"]
     return [lora.name for lora in request.loras]
@@ -141,7 +150,7 @@ def test_a_lora_typed_as_a_path_reaches_the_remote_worker_as_its_library_name(ap
     assert app.service.prepare(GenerationRequest(prompt=f"a fox <lora:{tag}:0.5>")).loras == (
         LoraRequest("style", 0.5),
     )
-    _engine, actor = add_remote(app, "wa", loras=["style"], model=str(app.settings.model))
+    _engine, actor = add_remote(app, "wa", files=app_files(app, "style"), model=str(app.settings.model))
     release = hold(app, 0)  # the app's own worker is busy: the one that has `style` runs it
     try:
         job = app.service.submit_generation(GenerationRequest(prompt=f"a fox <lora:{tag}:0.5>", width=64, height=64))
@@ -337,3 +346,70 @@ def test_a_cli_command_with_ray_stops_worker_discovery_before_it_exits(tiny_mode
         args += ["--x", "steps=1,2"]
     assert main(args) == 2
     assert discovery.stopped
+
+
+# --- 5. the worker lists its LoRAs cheaply ---------------------------------------------------------
+
+
+def worker_settings(folder, tmp_path) -> Settings:
+    """A worker's settings with no model to load at start (its LoRA checks come before any load)."""
+    return Settings(model="", lora_dir=folder, models_dir=tmp_path / "models", outputs=tmp_path / "out", device="cpu")
+
+
+def test_the_worker_reads_each_lora_header_once_per_file_version_and_logs_a_non_lora_once(
+    tiny_models, tmp_path, monkeypatch, caplog
+):
+    folder = tmp_path / "worker-loras"
+    shutil.copytree(tiny_models["loras"], folder)
+    actor = ray_workers.GenerationActor(worker_settings(folder, tmp_path), "cpu", "wa")
+    read, describe = [], actor.library.describe
+    monkeypatch.setattr(actor.library, "describe", lambda path: (read.append(path.name), describe(path))[1])
+    with caplog.at_level(logging.WARNING):
+        first, second = actor.info(), actor.info()  # two discovery rounds
+    assert first["loras"] == second["loras"] and "style" in first["loras"] and "broken" not in first["loras"]
+    assert first["lora_files"]["style"]["size"] == (folder / "style.safetensors").stat().st_size
+    assert sorted(read) == sorted(path.name for path in folder.rglob("*.safetensors"))  # each header once
+    assert caplog.text.count("skipping LoRA") == 1  # `broken`, once
+    os.utime(folder / "other.safetensors", ns=(1, 1))  # replaced by another version
+    read.clear()
+    assert "other" in actor.info()["loras"] and read == ["other.safetensors"]
+
+
+# --- 8. a LoRA of the same name is not enough: the same file --------------------------------------
+
+
+def test_a_worker_whose_lora_differs_in_size_or_hash_is_not_able_to_run_it(app):
+    from lorapg.hashing import lora_hash
+
+    mine = lora_hash(app.settings.lora_dir / "style.safetensors")  # hashed here once (the gallery does)
+    same = app_files(app, "style")
+    resized = {"style": {**same["style"], "size": same["style"]["size"] + 1}}
+    rehashed = app_files(app, "style", style="0" * 12)
+    hashed_alike = app_files(app, "style", style=mine)
+    for name, files in [("wa", same), ("wb", resized), ("wc", rehashed), ("wd", hashed_alike)]:
+        add_remote(app, name, files=files, model=str(app.settings.model))
+    releases = [hold(app, index) for index in range(len(app.workers))]
+    try:
+        job = app.service.submit_generation(GenerationRequest(prompt="a fox <lora:style:0.5>", width=64, height=64))
+        assert job.able == frozenset({0, 1, 4})
+    finally:
+        app.jobs.cancel(job.id)
+        for release in releases:
+            release.set()
+
+
+def test_a_worker_refuses_a_lora_that_differs_from_the_apps_and_says_so(app, tiny_models, tmp_path):
+    from lorapg.errors import UserError
+    from lorapg.hashing import lora_hash
+
+    folder = tmp_path / "worker-loras"
+    folder.mkdir()
+    shutil.copy(tiny_models["loras"] / "other.safetensors", folder / "style.safetensors")  # another file
+    actor = ray_workers.GenerationActor(worker_settings(folder, tmp_path), "cpu", "wa")
+    request = app.service.prepare(GenerationRequest(prompt="a fox <lora:style:0.5>", width=64, height=64))
+    with pytest.raises(UserError) as raised:
+        actor.generate("job-1", request, str(app.settings.model), None, app.service._lora_files(request, hashed=True))
+    assert str(raised.value).startswith("loras: LoRA 'style' differs in the LoRA folder of worker 'wa'")
+    assert "from the app's copy" in str(raised.value)
+    # Hashed there now: the app sees the difference and routes the LoRA elsewhere from now on.
+    assert actor.info()["lora_files"]["style"]["hash"] == lora_hash(folder / "style.safetensors")

@@ -27,6 +27,7 @@ from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
 from lorapg.diffusion.samplers import samplers_for
 from lorapg.errors import UserError, shorten
+from lorapg.hashing import cached_lora_hash, lora_hash
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
@@ -363,11 +364,21 @@ class GenerationService:
         return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER, prefer=prefer, able=able)
 
     def _able_for(self, request: GenerationRequest) -> frozenset[int] | None:
-        """The workers that have every LoRA ``request`` names (from ``prepare``); None: it names none."""
+        """The workers that have every LoRA ``request`` names (from ``prepare``), the same files as the
+        app's; None: it names none."""
         if not request.loras:
             return None
-        names = {lora.name for lora in request.loras}  # library names (``prepare``)
-        return self.workers.having(names)
+        return self.workers.having(self._lora_files(request, hashed=False))
+
+    def _lora_files(self, request: GenerationRequest, *, hashed: bool) -> dict[str, dict]:
+        """The app's copy of each LoRA ``request`` names (library names, from ``prepare``): its size and
+        LoRA hash (``hashed=False``: only where known already: routing never reads whole files)."""
+        files = {}
+        for lora in request.loras:
+            info = self.library.resolve(lora.name)
+            digest = lora_hash(info.path) if hashed else cached_lora_hash(info.path)
+            files[info.name] = {"size": info.size_bytes, "hash": digest}
+        return files
 
     def _rejoin(self, ref: str) -> None:
         """Retired workers try again once the chosen model is another than the one they failed on
@@ -441,8 +452,15 @@ class GenerationService:
                 ) from None
         if getattr(engine, "remote", False):  # another machine (lorapg/services/ray_workers.py)
             try:
+                # Hashed here, in the job (once per file version): the worker refuses a differing copy.
+                loras = self._lora_files(request, hashed=True)
                 result = engine.generate(
-                    request, on_step=report, should_cancel=should_cancel, model_ref=ref, family=self._family_of(ref)
+                    request,
+                    on_step=report,
+                    should_cancel=should_cancel,
+                    model_ref=ref,
+                    family=self._family_of(ref),
+                    loras=loras,
                 )
             except WorkerUnfit:  # out of the rotation for this model, as a device that could not load it
                 self.jobs.retire(job.worker)

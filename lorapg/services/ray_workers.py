@@ -23,10 +23,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
+from lorapg.hashing import cached_lora_hash
 from lorapg.jobs import WorkerLost, WorkerUnfit
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class GenerationActor:
         local = torch.device("cuda" if device.startswith("cuda") else device)
         self.engine = build_worker_engine(settings, local)
         self.library = self.engine.library
+        self._lora_index = LoraFolderIndex(self.library)
         if settings.model:
             self.engine.load_model(settings.model)
         self._progress: dict[str, tuple] = {}  # job key -> (step, total, preview, message)
@@ -112,9 +115,9 @@ class GenerationActor:
 
     def info(self) -> dict:
         """What the app lists and routes by: device, loaded model and family, LoRAs (the names in this
-        machine's LoRA folder), load."""
+        machine's LoRA folder, and each file's size and hash), load. Asked every discovery round: cheap."""
         model = self.engine.model
-        infos, _problems = self.library.scan()
+        files = self._lora_index.files()
         with self._lock:
             running = len(self._progress)
         return {
@@ -126,7 +129,8 @@ class GenerationActor:
             "model": model.source.ref if model else None,
             "family": model.family if model else None,
             "native_size": model.native_size if model else None,
-            "loras": [info.name for info in infos],
+            "loras": list(files),
+            "lora_files": files,  # name -> {"size": bytes, "hash": LoRA hash, None until hashed here}
             "running": running,
             "done": self._jobs_done,
         }
@@ -135,12 +139,13 @@ class GenerationActor:
         self.engine.load_model(ref)
         return self.info()
 
-    def generate(self, key: str, request: Any, model_ref: str, family: str | None) -> Any:
+    def generate(self, key: str, request: Any, model_ref: str, family: str | None, loras: dict | None = None) -> Any:
         """Generate ``request`` with ``model_ref`` (loaded first when another one is resident); ``family``:
-        the family the app checked the request for (None: not known there)."""
+        the family the app checked the request for (None: not known there); ``loras``: the app's copies
+        of its LoRAs (name -> {"size", "hash"}), which this machine's must match."""
         from lorapg.outputs import file_hashes
 
-        self._check_loras(request)  # before a model load: a missing file fails at once
+        self._check_loras(request, loras or {})  # before a model load: a missing file fails at once
         with self._lock:
             self._progress[key] = (0, 0, None, "")
         try:
@@ -162,20 +167,34 @@ class GenerationActor:
                 self._progress.pop(key, None)
                 self._cancelled.discard(key)
 
-    def _check_loras(self, request: Any) -> None:
-        """Every LoRA ``request`` names is in this machine's LoRA folder; else a ``UserError`` (never
-        ``WorkerUnfit``: this worker serves other jobs on) naming the field, the files and this worker."""
-        missing = []
+    def _check_loras(self, request: Any, expected: dict) -> None:
+        """Every LoRA ``request`` names is in this machine's LoRA folder, the same file as the app's
+        (``expected``: its hash); else a ``UserError`` (never ``WorkerUnfit``: this worker serves other
+        jobs on) naming the field, the files and this worker."""
+        from lorapg.hashing import lora_hash
+
+        missing, differing = [], []
         for lora in request.loras:
             try:
-                self.library.resolve(lora.name)
+                info = self.library.resolve(lora.name)
             except UserError:
                 missing.append(repr(shorten(lora.name)))
+                continue
+            wanted = (expected.get(lora.name) or {}).get("hash")
+            if wanted and lora_hash(info.path) != wanted:  # hashed once per file version (cached)
+                differing.append(repr(shorten(lora.name)))
+        where = f"the LoRA folder of worker {self.name!r} ({self.library.folder})"
         if missing:
             what = f"LoRA {missing[0]} is" if len(missing) == 1 else f"LoRAs {', '.join(missing)} are"
             raise UserError(
-                f"loras: {what} not in the LoRA folder of worker {self.name!r} ({self.library.folder}); copy "
-                "it there (the same file as in the app's folder) or leave it out of this generation."
+                f"loras: {what} not in {where}; copy it there (the same file as in the app's folder) or leave "
+                "it out of this generation."
+            )
+        if differing:
+            what = f"LoRA {differing[0]} differs" if len(differing) == 1 else f"LoRAs {', '.join(differing)} differ"
+            raise UserError(
+                f"loras: {what} in {where} from the app's copy (another file under that name: its LoRA hash "
+                "differs); copy the app's file there or leave it out of this generation."
             )
 
     def _step(self, key: str, step: int, total: int, preview: Any = None, message: str = "") -> None:
@@ -199,6 +218,52 @@ class GenerationActor:
         """The running generations asked to stop (they stop at their next step)."""
         with self._lock:
             return sorted(self._cancelled)
+
+
+class LoraFolderIndex:
+    """A worker's LoRAs as ``info`` lists them every discovery round: a walk and a stat per file; a file's
+    header is read only when its size or mtime changed, so a large folder on a slow disk is not re-read
+    every few seconds, and a file that is not a LoRA is logged once (per version of it), not every round."""
+
+    def __init__(self, library):
+        self.library = library  # its LoraLibrary (lorapg/diffusion/lora_library.py)
+        # path -> ((size, mtime_ns), library name; None: not a LoRA)
+        self._known: dict[Path, tuple[tuple[int, int], str | None]] = {}
+        self._lock = threading.Lock()  # the actor answers several calls at once
+
+    def files(self) -> dict[str, dict]:
+        """Library name -> {"size": bytes, "hash": its LoRA hash once hashed on this machine, else None}
+        (hashing reads the whole file: done when a job uses it, never for a listing)."""
+        folder = self.library.folder
+        if not folder.is_dir():
+            return {}
+        root, listing = folder.resolve(), {}
+        with self._lock:
+            known, self._known = self._known, {}
+            for path in sorted(folder.rglob("*.safetensors")):
+                if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                    continue  # hidden: the manager's trash (.trash/), other tools' caches (as LoraLibrary.scan)
+                try:
+                    stat = path.stat()
+                except OSError:  # removed since the walk, or a dangling link
+                    continue
+                version = (stat.st_size, stat.st_mtime_ns)
+                seen = known.get(path)
+                name = seen[1] if seen is not None and seen[0] == version else self._name(path, root)
+                self._known[path] = (version, name)
+                if name is not None:
+                    listing[name] = {"size": stat.st_size, "hash": cached_lora_hash(path)}
+        return listing
+
+    def _name(self, path: Path, root: Path) -> str | None:
+        """The library name of a new (or changed) file, from its header; None, logged, for a non-LoRA."""
+        try:
+            if not path.resolve().is_relative_to(root):
+                raise UserError(f"{path.name} links outside the LoRA folder {self.library.folder}; copy the file in.")
+            return self.library.describe(path).name
+        except UserError as exc:
+            log.warning("skipping LoRA: %s", exc)
+            return None
 
 
 def start_actors(ray, settings: Settings, devices: list[str], name: str) -> list:
@@ -267,6 +332,11 @@ class RemoteEngine:
         return list(self.info.get("loras") or [])
 
     @property
+    def lora_files(self) -> dict[str, dict]:
+        """Name -> {"size", "hash"} of each LoRA in the worker's folder, as it last reported them."""
+        return dict(self.info.get("lora_files") or {})
+
+    @property
     def model(self) -> RemoteModel | None:
         ref = self.info.get("model")
         if ref is None:
@@ -291,14 +361,17 @@ class RemoteEngine:
             self.info = {**self.info, **values}
             return self.info
 
-    def generate(self, request, on_step=None, should_cancel=None, *, model_ref: str | None = None, family=None):
+    def generate(
+        self, request, on_step=None, should_cancel=None, *, model_ref: str | None = None, family=None, loras=None
+    ):
         """Run ``request`` on the worker (with ``model_ref``, default the one it holds); progress goes to
-        ``on_step`` and a cancel reaches the worker at its next step."""
+        ``on_step`` and a cancel reaches the worker at its next step. ``loras``: the app's copies of the
+        LoRAs it names (name -> {"size", "hash"}); the worker refuses a file of its own that differs."""
         ref = model_ref or (self.model.source.ref if self.model else None)
         if ref is None:
             raise UserError(f"Worker {self.device} has no model loaded; load one first.")
         key = uuid.uuid4().hex
-        pending = self._actor.generate.remote(key, request, ref, family)
+        pending = self._actor.generate.remote(key, request, ref, family, loras)
         try:
             result = self._follow(pending, key, on_step, should_cancel)
         except UserError:
