@@ -413,3 +413,27 @@ def test_a_worker_refuses_a_lora_that_differs_from_the_apps_and_says_so(app, tin
     assert "from the app's copy" in str(raised.value)
     # Hashed there now: the app sees the difference and routes the LoRA elsewhere from now on.
     assert actor.info()["lora_files"]["style"]["hash"] == lora_hash(folder / "style.safetensors")
+
+
+# --- 9. a worker restarting in a loop leaves no trail ----------------------------------------------
+
+
+def test_a_restarted_worker_takes_the_slot_of_its_lost_former_self(app):
+    actor = ScriptedActor(remote_info("wa", model=str(app.settings.model)))
+    cluster = Cluster({f"{PREFIX}wa:0": actor})
+    discovery = ray_workers.WorkerDiscovery(cluster, app.service)
+    assert discovery.look() == [1]
+    for restart in range(3):
+        del cluster.actors[f"{PREFIX}wa:0"]  # its process stopped: the name is released
+        discovery.look()
+        assert app.jobs.lost() == [1]
+        app.jobs._workers[1].join(WAIT)  # its thread ends: nothing was meant for it alone
+        actor = ScriptedActor(remote_info("wa", model=str(app.settings.model), actor_id=f"restarted-{restart}"))
+        cluster.actors[f"{PREFIX}wa:0"] = actor
+        assert discovery.look() == [1]  # the same slot
+    assert [(status.device, status.state) for status in app.service.worker_status()] == [
+        ("cpu", "idle"),
+        ("ray:wa:0/cpu", "idle"),
+    ]
+    assert app.workers.engine(1).actor_id == "restarted-2"
+    assert [thread.is_alive() for thread in app.jobs._workers] == [True, True]

@@ -214,8 +214,13 @@ class GenerationService:
     def add_worker(self, engine) -> int:
         """A worker that joined while the app runs (a remote one: lorapg/services/ray_workers.py); its
         index. In the pool first, so the queue never hands a job to a worker the pool lacks; on the queue
-        it takes queued jobs at once."""
+        it takes queued jobs at once. One that joins under the name of a lost worker whose thread has
+        ended takes that worker's slot: a worker restarting in a loop leaves no trail of threads and rows."""
         with self._joining:
+            reused = self.jobs.reusable(engine.device)  # a lost worker's slot under its name (a restart)
+            if reused is not None:
+                self.workers.replace(Worker(reused, engine.device, engine))
+                return self.jobs.add_worker(engine.device, reused)
             index = len(self.workers)
             self.workers.add(Worker(index, engine.device, engine))
             try:

@@ -507,6 +507,9 @@ class WorkerDiscovery:
         # in the round it arrives.
         self._asking: dict[str, tuple[Any, Any]] = {}
         self._warned: set[str] = set()  # the actors already warned about (once each)
+        # The actors of lost workers: a new worker may take a lost one's slot (and its entry in the pool),
+        # and a lost actor that still answers must not come back in.
+        self._gone: set[str | None] = set()
 
     def start(self) -> WorkerDiscovery:
         self._thread.start()
@@ -529,8 +532,9 @@ class WorkerDiscovery:
     def look(self) -> list[int]:
         """One round; returns the indexes of the workers that joined."""
         answers = self._ask_all(worker_actor_names(self._ray))  # name -> (actor, info or None)
-        workers = self._remote_workers()
-        known, lost = {engine.actor_id for _index, engine in workers}, set(self._lost())
+        workers, lost = self._remote_workers(), set(self._lost())
+        self._gone |= {engine.actor_id for index, engine in workers if index in lost}
+        known = {engine.actor_id for _index, engine in workers} | self._gone
         current = {engine.actor_id: engine for index, engine in workers if index not in lost}
         joined = []
         for name, (actor, info) in answers.items():
@@ -543,7 +547,7 @@ class WorkerDiscovery:
                     joined.append(self._join(RemoteEngine(self._ray, actor, info, actor_name=name)))
             except Exception:  # one worker that cannot join must not keep the others out
                 self._warn_once(name, actor, "could not join the queue; skipped", exc_info=True)
-        self._drop_gone(workers, answers)
+        self._drop_gone(answers)
         return joined
 
     def _ask_all(self, names: list[str]) -> dict[str, tuple[Any, dict | None]]:
@@ -601,8 +605,9 @@ class WorkerDiscovery:
             log.warning("Ray actor %s %s (a lorapg worker of another version?)", name, what, exc_info=exc_info)
 
     def _join(self, engine: RemoteEngine) -> int:
+        # Asked first: a restarted worker may take the slot (and pool entry) of its lost former self.
+        again = any(other.actor_name == engine.actor_name for _index, other in self._remote_workers())
         index = self._generation.add_worker(engine)
-        again = any(other.actor_name == engine.actor_name for i, other in self._remote_workers() if i != index)
         log.info(
             "remote worker %s joined%s: model %s (%s), %d LoRA(s)",
             engine.device,
@@ -613,10 +618,11 @@ class WorkerDiscovery:
         )
         return index
 
-    def _drop_gone(self, workers: list[tuple[int, RemoteEngine]], answers: dict) -> None:
-        """Workers whose actor name is no longer listed, or now names another actor, are lost."""
+    def _drop_gone(self, answers: dict) -> None:
+        """Workers whose actor name is no longer listed, or now names another actor, are lost. Read
+        afresh: a worker that joined this round may have taken a lost worker's slot."""
         lost = set(self._lost())
-        for index, engine in workers:
+        for index, engine in self._remote_workers():
             if index in lost or engine.actor_name is None:
                 continue
             answer = answers.get(engine.actor_name)

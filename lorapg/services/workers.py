@@ -68,6 +68,10 @@ class WorkerPool:
             raise ValueError(f"worker {worker.index} joins a pool of {len(self.workers)}")
         self.workers.append(worker)
 
+    def replace(self, worker: Worker) -> None:
+        """A worker that joined in the slot of a lost one (``JobQueue.reusable``)."""
+        self.workers[worker.index] = worker
+
     def engine(self, index: int | None) -> Any:
         """The engine of worker ``index`` (None, a job not started yet: the primary one)."""
         return self.workers[index or 0].engine
