@@ -201,9 +201,13 @@ def devices(app) -> list[str]:
 
 
 def test_one_odd_answer_or_failed_join_does_not_keep_the_other_workers_out(app, monkeypatch, caplog):
+    class Stranger:  # another program's actor under the name prefix: no info() at all
+        pass
+
     odd = ScriptedActor({"label": "wa:0/cpu"})  # no actor_id: an actor of another version
     failing, good = ScriptedActor(remote_info("wb")), ScriptedActor(remote_info("wc"))
-    cluster = Cluster({f"{PREFIX}wa:0": odd, f"{PREFIX}wb:0": failing, f"{PREFIX}wc:0": good})
+    actors = {f"{PREFIX}wa:0": odd, f"{PREFIX}wb:0": failing, f"{PREFIX}wc:0": good}
+    cluster = Cluster({f"{PREFIX}w0:0": Stranger(), **actors})
     add_worker = app.service.add_worker
 
     def refuse_wb(engine):
@@ -219,6 +223,7 @@ def test_one_odd_answer_or_failed_join_does_not_keep_the_other_workers_out(app, 
     assert devices(app) == ["cpu", "ray:wc:0/cpu"]
     assert caplog.text.count(f"{PREFIX}wa:0 answered") == 1
     assert caplog.text.count(f"{PREFIX}wb:0 could not join") == 1
+    assert caplog.text.count(f"{PREFIX}w0:0 has no info()") == 1
 
 
 def test_a_worker_slow_to_answer_is_asked_once_and_joins_when_its_answer_comes(app, monkeypatch):

@@ -563,7 +563,10 @@ class WorkerDiscovery:
                 actor = self._ray.get_actor(name)
             except ValueError:  # gone since the listing
                 continue
-            self._asking[name] = (actor, actor.info.remote())
+            try:
+                self._asking[name] = (actor, actor.info.remote())
+            except Exception:  # an actor under our prefix without ``info`` (another program's): skipped
+                self._warn_once(name, actor, "has no info() to ask; skipped", exc_info=True)
         ready = self._wait([ref for _actor, ref in self._asking.values()])
         answers = {}
         for name, (actor, ref) in list(self._asking.items()):
