@@ -308,7 +308,8 @@ class JobQueue:
 
     def _take(self, worker: int) -> tuple[Job, Callable[[Job], Any], contextvars.Context] | None:
         """The next job this worker may run (the first interactive one waiting, else the first
-        background one); None once the queue is closing and nothing it may run is pending."""
+        background one); None once the queue is closing, or the worker is lost, and nothing it may run
+        is pending (a lost worker's thread ends: a worker restarting in a loop leaves none behind)."""
         with self._wake:
             while (job := self._next_for(worker)) is None and not self._closing and worker not in self._lost:
                 self._wake.wait()
