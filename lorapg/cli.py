@@ -463,8 +463,9 @@ def run_generate(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()  # before the error line, so that line is the last one on stderr
-        # The job worker must end before the interpreter does (see JobQueue.close); Ctrl-C cancels the job.
-        runtime.jobs.close()
+        # The job worker (and --ray's worker discovery) must end before the interpreter does (see
+        # JobQueue.close); Ctrl-C cancels the job.
+        runtime.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     paths = write_result_pngs(result, args.out)
@@ -498,7 +499,7 @@ def run_grid(args: argparse.Namespace) -> int:
 
         result = grids.run(request_from_args(args), args.x, args.y, args.z, out=args.out, on_progress=on_progress)
     finally:
-        runtime.jobs.close()  # the job worker must end before the interpreter does (see JobQueue.close)
+        runtime.close()  # the job worker (and --ray discovery) must end before the interpreter does
     for path in result.grids:
         print(path)
     print(f"cells: {result.done} of {len(result.cells)}" + (" (cancelled)" if result.cancelled else ""))
@@ -544,7 +545,7 @@ def run_prompt(args: argparse.Namespace) -> int:
         # Nothing may be inside torch when the interpreter ends (see JobQueue.close): first the model
         # threads a writer left at its deadline, then the job worker (whose writer then ends at once).
         service.close()
-        runtime.jobs.close()
+        runtime.close()
     print(result.text)
     info = service.backend_info()
     print(f"backend: {info.label}" + (f" ({info.why})" if info.why else ""), file=sys.stderr)

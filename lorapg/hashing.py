@@ -118,3 +118,16 @@ def clear_cache() -> None:
     """Forget cached hashes (tests; or after files were rewritten with preserved mtimes)."""
     with _cache_lock:
         _cache.clear()
+
+
+def cached_lora_hash(path: str | os.PathLike[str]) -> str | None:
+    """``lora_hash`` of ``path`` if this process has hashed this version of the file already, else None:
+    never reads the file, so it may be asked for every file of a folder (a Ray worker's LoRA listing)."""
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return None
+    with _cache_lock:
+        cached = _cache.get(("lora", str(resolved)))
+    return cached[2] if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns) else None

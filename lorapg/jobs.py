@@ -103,8 +103,11 @@ class JobQueue:
     """Jobs executed one at a time per worker thread (one worker unless ``devices`` names several):
     interactive ones in submission order, then background ones in submission order."""
 
-    def __init__(self, keep_finished: int = 20, devices: list[str | None] | None = None):
-        """``devices``: one worker per entry, labelled with it (shown as the device a job runs on)."""
+    def __init__(self, keep_finished: int = 20, devices: list[str | None] | None = None, *, may_grow: bool = False):
+        """``devices``: one worker per entry, labelled with it (shown as the device a job runs on).
+        ``may_grow``: workers may join while it runs (``add_worker``; the app with ``--ray``), so callers
+        do not size anything by today's ``worker_count``."""
+        self.may_grow = may_grow
         self._pending: list[tuple[Job, Callable[[Job], Any], contextvars.Context]] = []
         self._closing = False  # set by shutdown/close: each worker exits once nothing it may run is pending
         self._jobs: dict[str, Job] = {}
@@ -115,6 +118,7 @@ class JobQueue:
         self.devices: list[str | None] = list(devices) if devices else [None]
         self._retired: set[int] = set()  # workers that take no ANY_WORKER job (see ``retire``)
         self._lost: set[int] = set()  # workers gone for good (``WorkerLost``): ``restore`` keeps them out
+        self._ended: set[int] = set()  # lost workers whose thread has ended (their slot may be reused)
         self._busy: set[int] = set()  # workers running a job now (a preferred one that is free gets it)
         self._workers = [
             threading.Thread(target=self._run, args=(index,), name=_thread_name(index), daemon=True)
@@ -149,6 +153,8 @@ class JobQueue:
         take it only while none of these is in the rotation."""
         if worker is not None and not 0 <= worker < len(self.devices):
             raise ValueError(f"no worker {worker}; this queue has {len(self.devices)}")
+        if worker in self._ended:  # its thread is gone: the job would wait forever
+            raise UserError(f"Worker {self.devices[worker]} is gone; submit the job without choosing that worker.")
         job = Job(kind=kind, owner=owner, total=total, background=background, worker=worker)
         job.prefer, job._anywhere = frozenset(prefer), worker is ANY_WORKER
         job.able = None if able is None else frozenset(able)
@@ -189,20 +195,37 @@ class JobQueue:
             jobs = [self._jobs[i] for i in self._order if i in self._jobs]
         return [job for job in jobs if job.status == RUNNING]
 
-    def add_worker(self, device: str | None) -> int:
+    def add_worker(self, device: str | None, index: int | None = None) -> int:
         """A worker that joins while the queue runs (a remote worker connected after the app started):
-        its own thread, which takes queued jobs at once. Returns its index (``Job.worker``)."""
+        its own thread, which takes queued jobs at once. Returns its index (``Job.worker``). ``index``:
+        the slot of a lost worker to reuse (``reusable``), so a worker restarting in a loop does not add
+        a slot each time; else a new one."""
         with self._wake:
             if self._closing:
                 raise RuntimeError("the job queue is closing; no worker joins it now")
-            index = len(self.devices)
-            self.devices.append(device)
+            if index is None:
+                index = len(self.devices)
+                self.devices.append(device)
+                self._workers.append(None)
+            elif index not in self._ended:
+                raise ValueError(f"worker {index} is not a lost worker whose thread has ended")
+            else:  # back in the rotation, with a new thread
+                self.devices[index] = device
+                self._lost.discard(index)
+                self._ended.discard(index)
+                self._retired.discard(index)
             thread = threading.Thread(target=self._run, args=(index,), name=_thread_name(index), daemon=True)
-            self._workers.append(thread)
+            self._workers[index] = thread
             # Started under the lock: its first look at the queue waits until the worker is fully listed.
             thread.start()
         log.info("worker %d (%s) joined the queue", index, device)
         return index
+
+    def reusable(self, device: str | None) -> int | None:
+        """The slot of a lost worker labelled ``device`` whose thread has ended (nothing meant for it
+        alone was left), for ``add_worker(device, index)``; None when there is none."""
+        with self._lock:
+            return next((index for index in sorted(self._ended) if self.devices[index] == device), None)
 
     def lose(self, worker: int) -> None:
         """Worker ``worker`` is gone for good, found outside a job (its process stopped or was replaced
@@ -285,11 +308,14 @@ class JobQueue:
 
     def _take(self, worker: int) -> tuple[Job, Callable[[Job], Any], contextvars.Context] | None:
         """The next job this worker may run (the first interactive one waiting, else the first
-        background one); None once the queue is closing and nothing it may run is pending."""
+        background one); None once the queue is closing, or the worker is lost, and nothing it may run
+        is pending (a lost worker's thread ends: a worker restarting in a loop leaves none behind)."""
         with self._wake:
-            while (job := self._next_for(worker)) is None and not self._closing:
+            while (job := self._next_for(worker)) is None and not self._closing and worker not in self._lost:
                 self._wake.wait()
             if job is None:
+                if worker in self._lost:  # nothing meant for it alone is pending: its thread ends
+                    self._ended.add(worker)
                 return None
             index = next(i for i, item in enumerate(self._pending) if item[0] is job)
             item = self._pending.pop(index)

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from lorapg.errors import UserError
 from lorapg.jobs import ANY_WORKER, CANCELLED, DONE, ERROR, QUEUED, JobQueue, WorkerLost
 
 WAIT = 30  # seconds: a safety net against a hang, never what a test measures
@@ -180,16 +181,53 @@ def test_a_worker_that_cannot_run_a_job_leaves_it_to_one_that_can():
         assert jobs.close(WAIT)
 
 
-def test_a_job_no_worker_in_the_rotation_can_run_still_runs_and_fails_there():
+def test_a_job_whose_able_remote_worker_is_lost_waits_for_the_apps_own_worker():
+    """As production routes: the app's own worker is always able (it reads the app's LoRA folder, where
+    ``prepare`` found every LoRA) and never lost, so a job never runs on a worker that lacks its LoRAs."""
     jobs = JobQueue(devices=["cpu", "ray:wa/cpu", "ray:wb/cpu"])
-    release, holder = held(jobs, 1)  # the one worker able to run it, soon gone
+    release0, holder0 = held(jobs, 0)
+    release1, holder1 = held(jobs, 1)  # the remote worker able to run it, soon gone
     try:
-        job = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER, able={1})
+        job = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER, able={0, 1})
         jobs.lose(1)  # found gone outside a job: the job no longer waits for it
-        assert job.wait(WAIT) and job.status == DONE and job.result in (0, 2)
+        # Worker 2 is free all along but lacks the LoRA: it does not take the job.
+        other = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER)
+        assert other.wait(WAIT) and other.result == 2 and job.status == QUEUED
+        release0.set()
+        assert job.wait(WAIT) and job.status == DONE and job.result == 0
         assert jobs.lost() == [1]
         jobs.lose(0)  # the app's own worker is never lost
         assert jobs.lost() == [1]
+    finally:
+        release0.set()
+        release1.set()
+        assert holder0.wait(WAIT) and holder1.wait(WAIT)
+        assert jobs.close(WAIT)
+
+
+def test_a_lost_worker_ends_its_thread_once_nothing_meant_for_it_waits_and_its_slot_is_reused():
+    jobs = JobQueue(devices=["cpu", "ray:wa/cpu"])
+    release, holder = held(jobs, 1)
+    try:
+        pinned = jobs.submit("generate", lambda job: job.worker, worker=1)  # meant for it alone, waiting
+        jobs.lose(1)
+        assert jobs.reusable("ray:wa/cpu") is None  # its thread still has work
+        release.set()
+        assert pinned.wait(WAIT) and pinned.status == DONE and pinned.result == 1  # what was meant for it ran
+        old = jobs._workers[1]
+        old.join(WAIT)
+        assert not old.is_alive()  # no thread left behind per lost worker
+        with pytest.raises(UserError, match="Worker ray:wa/cpu is gone"):
+            jobs.submit("generate", lambda job: job.worker, worker=1)
+        # The same worker back (its process restarted): the same slot, a new thread, in the rotation again.
+        assert jobs.reusable("ray:wb/cpu") is None
+        assert jobs.add_worker("ray:wa/cpu", jobs.reusable("ray:wa/cpu")) == 1
+        assert jobs.worker_count == 2 and jobs.lost() == []
+        release0, holder0 = held(jobs, 0)
+        job = jobs.submit("generate", lambda job: job.worker, worker=ANY_WORKER)
+        assert job.wait(WAIT) and job.result == 1
+        release0.set()
+        assert holder0.wait(WAIT)
     finally:
         release.set()
         assert holder.wait(WAIT)

@@ -7,6 +7,7 @@ all call it, then use only what it returns.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,10 +91,11 @@ class Services:
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop the background threads: worker discovery, then the job queue (``JobQueue.close``: its
-        jobs are cancelled); True once the queue's threads have exited."""
-        if self.discovery is not None:
-            self.discovery.stop(timeout)
-        return self.jobs.close(timeout)
+        jobs are cancelled), both within the one ``timeout``; True once every thread has exited."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stopped = self.discovery.stop(timeout) if self.discovery is not None else True
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.jobs.close(left) and stopped
 
 
 def build_services(
@@ -123,7 +125,7 @@ def build_services(
     remote = remote_workers(settings) if engines else []
     # One worker thread per device, all on this one queue (lorapg/jobs.py).
     labels = [str(device) for device in devices] + [engine.device for engine in remote] if devices else None
-    jobs = JobQueue(devices=labels)
+    jobs = JobQueue(devices=labels, may_grow=bool(settings.ray) and engines)
     gallery = GalleryStore(settings.gallery_db, settings.gallery_images, keep=settings.gallery_keep)
     gallery_service = GalleryService(
         gallery,

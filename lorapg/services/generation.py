@@ -27,6 +27,7 @@ from lorapg.diffusion.model_source import resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
 from lorapg.diffusion.samplers import samplers_for
 from lorapg.errors import UserError, shorten
+from lorapg.hashing import cached_lora_hash, lora_hash
 from lorapg.hosting.gpu_estimates import generation_seconds
 from lorapg.hosting.space_policy import local_model_roots
 from lorapg.hosting.zerogpu import GpuTask
@@ -245,8 +246,13 @@ class GenerationService:
     def add_worker(self, engine) -> int:
         """A worker that joined while the app runs (a remote one: lorapg/services/ray_workers.py); its
         index. In the pool first, so the queue never hands a job to a worker the pool lacks; on the queue
-        it takes queued jobs at once."""
+        it takes queued jobs at once. One that joins under the name of a lost worker whose thread has
+        ended takes that worker's slot: a worker restarting in a loop leaves no trail of threads and rows."""
         with self._joining:
+            reused = self.jobs.reusable(engine.device)  # a lost worker's slot under its name (a restart)
+            if reused is not None:
+                self.workers.replace(Worker(reused, engine.device, engine))
+                return self.jobs.add_worker(engine.device, reused)
             index = len(self.workers)
             self.workers.add(Worker(index, engine.device, engine))
             try:
@@ -295,7 +301,13 @@ class GenerationService:
         settings = self.settings
         checked = self.with_defaults(request)
         validate(checked, native, settings.max_prompt_chars, family=family, max_image_pixels=settings.max_image_pixels)
-        self.engine.resolve_loras(request)  # unknown / outside-folder / bad scale: fail now, not in the queue
+        # Unknown / outside-folder / bad scale: fail now, not in the queue.
+        selections = self.engine.resolve_loras(request)
+        # Each LoRA by its library name (relative to the LoRA folder): a path typed here means nothing on a
+        # remote worker, which resolves the name in its own folder, and routing compares library names.
+        pairs = zip(request.loras, selections, strict=True)
+        named = tuple(replace(lora, name=chosen.info.name) for lora, chosen in pairs)
+        request = replace(request, loras=named)
         if request.hires is not None:  # an upscaler model that is not in the folder: fail now too
             self.engine.check_hires_upscaler(request.hires.upscaler)
         for unit in request.controlnet:  # an unknown ControlNet, or one for another family: fail now too
@@ -368,7 +380,9 @@ class GenerationService:
                 "No base model is loaded yet; load one first (a hub id, a diffusers folder or a .safetensors file)."
             )
 
-        if len(self.workers) == 1:
+        # One worker for good: the job runs there (as the app did before --devices). With --ray workers may
+        # join later: never pinned to the first one, or a backlog would not move to a worker that joins.
+        if len(self.workers) == 1 and not self.jobs.may_grow:
 
             def work(job: Job) -> GenerationResult:
                 return self.run_in_job(request, job, record=record)
@@ -389,11 +403,21 @@ class GenerationService:
         return self.jobs.submit("generate", work_anywhere, owner=owner, worker=ANY_WORKER, prefer=prefer, able=able)
 
     def _able_for(self, request: GenerationRequest) -> frozenset[int] | None:
-        """The workers that have every LoRA ``request`` names (from ``prepare``); None: it names none."""
+        """The workers that have every LoRA ``request`` names (from ``prepare``), the same files as the
+        app's; None: it names none."""
         if not request.loras:
             return None
-        names = {self.library.resolve(lora.name).name for lora in request.loras}  # prepare found each
-        return self.workers.having(names)
+        return self.workers.having(self._lora_files(request, hashed=False))
+
+    def _lora_files(self, request: GenerationRequest, *, hashed: bool) -> dict[str, dict]:
+        """The app's copy of each LoRA ``request`` names (library names, from ``prepare``): its size and
+        LoRA hash (``hashed=False``: only where known already: routing never reads whole files)."""
+        files = {}
+        for lora in request.loras:
+            info = self.library.resolve(lora.name)
+            digest = lora_hash(info.path) if hashed else cached_lora_hash(info.path)
+            files[info.name] = {"size": info.size_bytes, "hash": digest}
+        return files
 
     def _rejoin(self, ref: str) -> None:
         """Retired workers try again once the chosen model is another than the one they failed on
@@ -468,8 +492,15 @@ class GenerationService:
         request = self.with_defaults(request, engine)
         if getattr(engine, "remote", False):  # another machine (lorapg/services/ray_workers.py)
             try:
+                # Hashed here, in the job (once per file version): the worker refuses a differing copy.
+                loras = self._lora_files(request, hashed=True)
                 result = engine.generate(
-                    request, on_step=report, should_cancel=should_cancel, model_ref=ref, family=self._family_of(ref)
+                    request,
+                    on_step=report,
+                    should_cancel=should_cancel,
+                    model_ref=ref,
+                    family=self._family_of(ref),
+                    loras=loras,
                 )
             except WorkerUnfit:  # out of the rotation for this model, as a device that could not load it
                 self.jobs.retire(job.worker)

@@ -23,10 +23,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lorapg.config import Settings
 from lorapg.errors import UserError, shorten
+from lorapg.hashing import cached_lora_hash
 from lorapg.jobs import WorkerLost, WorkerUnfit
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,12 @@ MISSED_POLLS = 6  # consecutive unanswered progress polls after which the worker
 LOAD_TIMEOUT_S = 1800.0  # a model load on the worker (a large checkpoint over a slow disk or the hub)
 READY_TIMEOUT_S = 300.0  # at app start: a worker that has not built its engine by then is left out
 DISCOVERY_SECONDS = 5.0  # how often the app looks for workers that joined (or left) while it runs
-JOIN_TIMEOUT_S = 10.0  # one look's wait for a worker's info; one still starting is asked again next time
+JOIN_TIMEOUT_S = 10.0  # one look's wait for the workers' info, all at once; an unanswered call stays pending
+STOP_CHECK_S = 0.5  # while it waits for answers, how often a look sees that the app is shutting down
+# What a worker's ``info`` says that only the worker knows: discovery updates these alone. The model is
+# the app's to track (its own load / generate calls), and a snapshot taken before one of those finished
+# would otherwise put the older model back.
+LISTING_KEYS = ("loras", "lora_files", "lora_dir", "running", "done")
 
 
 def require_ray(flag: str = "--ray"):
@@ -93,6 +100,7 @@ class GenerationActor:
         local = torch.device("cuda" if device.startswith("cuda") else device)
         self.engine = build_worker_engine(settings, local)
         self.library = self.engine.library
+        self._lora_index = LoraFolderIndex(self.library)
         if settings.model:
             self.engine.load_model(settings.model)
         self._progress: dict[str, tuple] = {}  # job key -> (step, total, preview, message)
@@ -107,9 +115,9 @@ class GenerationActor:
 
     def info(self) -> dict:
         """What the app lists and routes by: device, loaded model and family, LoRAs (the names in this
-        machine's LoRA folder), load."""
+        machine's LoRA folder, and each file's size and hash), load. Asked every discovery round: cheap."""
         model = self.engine.model
-        infos, _problems = self.library.scan()
+        files = self._lora_index.files()
         with self._lock:
             running = len(self._progress)
         return {
@@ -121,7 +129,8 @@ class GenerationActor:
             "model": model.source.ref if model else None,
             "family": model.family if model else None,
             "native_size": model.native_size if model else None,
-            "loras": [info.name for info in infos],
+            "loras": list(files),
+            "lora_files": files,  # name -> {"size": bytes, "hash": LoRA hash, None until hashed here}
             "running": running,
             "done": self._jobs_done,
         }
@@ -130,12 +139,13 @@ class GenerationActor:
         self.engine.load_model(ref)
         return self.info()
 
-    def generate(self, key: str, request: Any, model_ref: str, family: str | None) -> Any:
+    def generate(self, key: str, request: Any, model_ref: str, family: str | None, loras: dict | None = None) -> Any:
         """Generate ``request`` with ``model_ref`` (loaded first when another one is resident); ``family``:
-        the family the app checked the request for (None: not known there)."""
+        the family the app checked the request for (None: not known there); ``loras``: the app's copies
+        of its LoRAs (name -> {"size", "hash"}), which this machine's must match."""
         from lorapg.outputs import file_hashes
 
-        self._check_loras(request)  # before a model load: a missing file fails at once
+        self._check_loras(request, loras or {})  # before a model load: a missing file fails at once
         with self._lock:
             self._progress[key] = (0, 0, None, "")
         try:
@@ -157,20 +167,34 @@ class GenerationActor:
                 self._progress.pop(key, None)
                 self._cancelled.discard(key)
 
-    def _check_loras(self, request: Any) -> None:
-        """Every LoRA ``request`` names is in this machine's LoRA folder; else a ``UserError`` (never
-        ``WorkerUnfit``: this worker serves other jobs on) naming the field, the files and this worker."""
-        missing = []
+    def _check_loras(self, request: Any, expected: dict) -> None:
+        """Every LoRA ``request`` names is in this machine's LoRA folder, the same file as the app's
+        (``expected``: its hash); else a ``UserError`` (never ``WorkerUnfit``: this worker serves other
+        jobs on) naming the field, the files and this worker."""
+        from lorapg.hashing import lora_hash
+
+        missing, differing = [], []
         for lora in request.loras:
             try:
-                self.library.resolve(lora.name)
+                info = self.library.resolve(lora.name)
             except UserError:
                 missing.append(repr(shorten(lora.name)))
+                continue
+            wanted = (expected.get(lora.name) or {}).get("hash")
+            if wanted and lora_hash(info.path) != wanted:  # hashed once per file version (cached)
+                differing.append(repr(shorten(lora.name)))
+        where = f"the LoRA folder of worker {self.name!r} ({self.library.folder})"
         if missing:
             what = f"LoRA {missing[0]} is" if len(missing) == 1 else f"LoRAs {', '.join(missing)} are"
             raise UserError(
-                f"loras: {what} not in the LoRA folder of worker {self.name!r} ({self.library.folder}); copy "
-                "it there (the same file as in the app's folder) or leave it out of this generation."
+                f"loras: {what} not in {where}; copy it there (the same file as in the app's folder) or leave "
+                "it out of this generation."
+            )
+        if differing:
+            what = f"LoRA {differing[0]} differs" if len(differing) == 1 else f"LoRAs {', '.join(differing)} differ"
+            raise UserError(
+                f"loras: {what} in {where} from the app's copy (another file under that name: its LoRA hash "
+                "differs); copy the app's file there or leave it out of this generation."
             )
 
     def _step(self, key: str, step: int, total: int, preview: Any = None, message: str = "") -> None:
@@ -194,6 +218,52 @@ class GenerationActor:
         """The running generations asked to stop (they stop at their next step)."""
         with self._lock:
             return sorted(self._cancelled)
+
+
+class LoraFolderIndex:
+    """A worker's LoRAs as ``info`` lists them every discovery round: a walk and a stat per file; a file's
+    header is read only when its size or mtime changed, so a large folder on a slow disk is not re-read
+    every few seconds, and a file that is not a LoRA is logged once (per version of it), not every round."""
+
+    def __init__(self, library):
+        self.library = library  # its LoraLibrary (lorapg/diffusion/lora_library.py)
+        # path -> ((size, mtime_ns), library name; None: not a LoRA)
+        self._known: dict[Path, tuple[tuple[int, int], str | None]] = {}
+        self._lock = threading.Lock()  # the actor answers several calls at once
+
+    def files(self) -> dict[str, dict]:
+        """Library name -> {"size": bytes, "hash": its LoRA hash once hashed on this machine, else None}
+        (hashing reads the whole file: done when a job uses it, never for a listing)."""
+        folder = self.library.folder
+        if not folder.is_dir():
+            return {}
+        root, listing = folder.resolve(), {}
+        with self._lock:
+            known, self._known = self._known, {}
+            for path in sorted(folder.rglob("*.safetensors")):
+                if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                    continue  # hidden: the manager's trash (.trash/), other tools' caches (as LoraLibrary.scan)
+                try:
+                    stat = path.stat()
+                except OSError:  # removed since the walk, or a dangling link
+                    continue
+                version = (stat.st_size, stat.st_mtime_ns)
+                seen = known.get(path)
+                name = seen[1] if seen is not None and seen[0] == version else self._name(path, root)
+                self._known[path] = (version, name)
+                if name is not None:
+                    listing[name] = {"size": stat.st_size, "hash": cached_lora_hash(path)}
+        return listing
+
+    def _name(self, path: Path, root: Path) -> str | None:
+        """The library name of a new (or changed) file, from its header; None, logged, for a non-LoRA."""
+        try:
+            if not path.resolve().is_relative_to(root):
+                raise UserError(f"{path.name} links outside the LoRA folder {self.library.folder}; copy the file in.")
+            return self.library.describe(path).name
+        except UserError as exc:
+            log.warning("skipping LoRA: %s", exc)
+            return None
 
 
 def start_actors(ray, settings: Settings, devices: list[str], name: str) -> list:
@@ -247,6 +317,7 @@ class RemoteEngine:
 
     def __init__(self, ray, actor, info: dict, actor_name: str | None = None):
         self._ray, self._actor = ray, actor
+        self._info_lock = threading.Lock()  # the queue's thread and the discovery thread both update it
         self.info = info
         self.actor_name = actor_name  # its Ray actor's name (WorkerDiscovery looks it up by that)
         self.device = f"ray:{info['label']}"  # what the UI and the API show for a job it runs
@@ -261,6 +332,11 @@ class RemoteEngine:
         return list(self.info.get("loras") or [])
 
     @property
+    def lora_files(self) -> dict[str, dict]:
+        """Name -> {"size", "hash"} of each LoRA in the worker's folder, as it last reported them."""
+        return dict(self.info.get("lora_files") or {})
+
+    @property
     def model(self) -> RemoteModel | None:
         ref = self.info.get("model")
         if ref is None:
@@ -270,28 +346,39 @@ class RemoteEngine:
     def load_model(self, ref: str, on_status=None) -> RemoteModel | None:
         if on_status is not None:
             on_status(f"Loading {ref} on {self.device}…")
-        self.info = self._get(self._actor.load.remote(ref), timeout=LOAD_TIMEOUT_S)
+        self._update(self._get(self._actor.load.remote(ref), timeout=LOAD_TIMEOUT_S))
         return self.model
 
     def refresh(self, timeout: float = INFO_TIMEOUT_S) -> dict:
-        self.info = self._get(self._actor.info.remote(), timeout=timeout)
-        return self.info
+        return self._update(self._get(self._actor.info.remote(), timeout=timeout))
 
-    def generate(self, request, on_step=None, should_cancel=None, *, model_ref: str | None = None, family=None):
+    def note_listing(self, info: dict) -> None:
+        """What discovery learnt (its LoRAs, its load), leaving the model as this app's calls last set it."""
+        self._update({key: info[key] for key in LISTING_KEYS if key in info})
+
+    def _update(self, values: dict) -> dict:
+        with self._info_lock:
+            self.info = {**self.info, **values}
+            return self.info
+
+    def generate(
+        self, request, on_step=None, should_cancel=None, *, model_ref: str | None = None, family=None, loras=None
+    ):
         """Run ``request`` on the worker (with ``model_ref``, default the one it holds); progress goes to
-        ``on_step`` and a cancel reaches the worker at its next step."""
+        ``on_step`` and a cancel reaches the worker at its next step. ``loras``: the app's copies of the
+        LoRAs it names (name -> {"size", "hash"}); the worker refuses a file of its own that differs."""
         ref = model_ref or (self.model.source.ref if self.model else None)
         if ref is None:
             raise UserError(f"Worker {self.device} has no model loaded; load one first.")
         key = uuid.uuid4().hex
-        pending = self._actor.generate.remote(key, request, ref, family)
+        pending = self._actor.generate.remote(key, request, ref, family, loras)
         try:
             result = self._follow(pending, key, on_step, should_cancel)
         except UserError:
             # The worker may have loaded another model before refusing: the app routes by what it holds.
             self._refresh_quietly()
             raise
-        self.info = {**self.info, "model": ref, "family": result.family}
+        self._update({"model": ref, "family": result.family})
         return result
 
     def _follow(self, pending, key: str, on_step, should_cancel):
@@ -406,14 +493,23 @@ class WorkerDiscovery:
     """The app's look-out for workers while it runs (``--ray``): a daemon thread that lists the worker
     actors on the cluster every ``interval`` seconds, through the lookup ``remote_engines`` uses at
     start. An actor the app does not have joins the queue (``GenerationService.add_worker``); one it has
-    reports its state again (a LoRA copied there since is seen); one whose name is gone, or names a new
-    actor (its worker process restarted), is listed as lost, and that new actor joins as a new worker."""
+    reports its LoRAs and load again (a LoRA copied there since is seen); one whose name is gone, or names
+    a new actor (its worker process restarted), is listed as lost, and that new actor joins as a new worker.
+    One actor that answers oddly, or cannot join, is skipped (warned about once): the others still join."""
 
     def __init__(self, ray, generation, interval: float = DISCOVERY_SECONDS):
         """``generation``: the GenerationService whose pool and queue the workers join."""
         self._ray, self._generation, self.interval = ray, generation, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ray-worker-discovery", daemon=True)
+        # Actor name -> (actor, its info call not answered yet): one call per actor at a time, so a slow
+        # worker (a big LoRA folder on a slow disk) is not asked again every round; its answer is read
+        # in the round it arrives.
+        self._asking: dict[str, tuple[Any, Any]] = {}
+        self._warned: set[str] = set()  # the actors already warned about (once each)
+        # The actors of lost workers: a new worker may take a lost one's slot (and its entry in the pool),
+        # and a lost actor that still answers must not come back in.
+        self._gone: set[str | None] = set()
 
     def start(self) -> WorkerDiscovery:
         self._thread.start()
@@ -436,42 +532,85 @@ class WorkerDiscovery:
     def look(self) -> list[int]:
         """One round; returns the indexes of the workers that joined."""
         answers = self._ask_all(worker_actor_names(self._ray))  # name -> (actor, info or None)
-        workers = self._remote_workers()
-        known, lost = {engine.actor_id for _index, engine in workers}, set(self._lost())
+        workers, lost = self._remote_workers(), set(self._lost())
+        self._gone |= {engine.actor_id for index, engine in workers if index in lost}
+        known = {engine.actor_id for _index, engine in workers} | self._gone
         current = {engine.actor_id: engine for index, engine in workers if index not in lost}
         joined = []
         for name, (actor, info) in answers.items():
             if info is None or self._stop.is_set():
                 continue
-            if info["actor_id"] in current:
-                current[info["actor_id"]].info = info  # its model and LoRAs as they are now
-            elif info["actor_id"] not in known:  # a lost actor still answering is not let back in
-                joined.append(self._join(RemoteEngine(self._ray, actor, info, actor_name=name)))
-        self._drop_gone(workers, answers)
+            try:
+                if info["actor_id"] in current:
+                    current[info["actor_id"]].note_listing(info)  # its LoRAs and load as they are now
+                elif info["actor_id"] not in known:  # a lost actor still answering is not let back in
+                    joined.append(self._join(RemoteEngine(self._ray, actor, info, actor_name=name)))
+            except Exception:  # one worker that cannot join must not keep the others out
+                self._warn_once(name, actor, "could not join the queue; skipped", exc_info=True)
+        self._drop_gone(answers)
         return joined
 
     def _ask_all(self, names: list[str]) -> dict[str, tuple[Any, dict | None]]:
-        """Each listed actor and its ``info`` (asked of all at once); None where it did not answer in
-        ``JOIN_TIMEOUT_S`` (still building its engine: asked again next round) or is dying."""
-        ray, pending = self._ray, {}
+        """Each listed actor and its ``info``; None where it has not answered yet (still building its
+        engine or scanning its folder: its call stays pending for the next rounds), answered oddly or is
+        dying. All calls are awaited together, ``JOIN_TIMEOUT_S`` at most."""
+        listed = set(names)
+        self._asking = {name: asked for name, asked in self._asking.items() if name in listed}
         for name in names:
+            if name in self._asking:
+                continue
             try:
-                actor = ray.get_actor(name)
+                actor = self._ray.get_actor(name)
             except ValueError:  # gone since the listing
                 continue
-            pending[name] = (actor, actor.info.remote())
-        answers = {}
-        for name, (actor, ref) in pending.items():
             try:
-                answers[name] = (actor, ray.get(ref, timeout=JOIN_TIMEOUT_S))
-            except ray.exceptions.RayError:  # GetTimeoutError too
-                log.debug("worker %s did not answer this round", name, exc_info=True)
+                self._asking[name] = (actor, actor.info.remote())
+            except Exception:  # an actor under our prefix without ``info`` (another program's): skipped
+                self._warn_once(name, actor, "has no info() to ask; skipped", exc_info=True)
+        ready = self._wait([ref for _actor, ref in self._asking.values()])
+        answers = {}
+        for name, (actor, ref) in list(self._asking.items()):
+            if ref in ready:
+                del self._asking[name]
+                answers[name] = (actor, self._answer(name, actor, ref))
+            else:
                 answers[name] = (actor, None)
         return answers
 
+    def _wait(self, refs: list) -> list:
+        """The refs of ``refs`` that are ready within ``JOIN_TIMEOUT_S`` (one deadline for all); sooner
+        when the app shuts down."""
+        deadline, ready = time.monotonic() + JOIN_TIMEOUT_S, []
+        while refs and not self._stop.is_set():
+            left = max(0.0, deadline - time.monotonic())
+            done, refs = self._ray.wait(refs, num_returns=len(refs), timeout=min(left, STOP_CHECK_S))
+            ready += done
+            if left <= 0:
+                break
+        return ready
+
+    def _answer(self, name: str, actor, ref) -> dict | None:
+        """The info of an answered call; None for an error or an answer this app cannot read."""
+        try:
+            info = self._ray.get(ref, timeout=0)  # ready: no wait
+        except self._ray.exceptions.RayError:  # the actor died or its info() raised
+            log.debug("worker %s did not answer this round", name, exc_info=True)
+            return None
+        if not _readable_info(info):
+            self._warn_once(name, actor, f"answered {shorten(repr(info), 120)}, not a worker's info; skipped")
+            return None
+        return info
+
+    def _warn_once(self, name: str, actor, what: str, *, exc_info: bool = False) -> None:
+        key = _actor_key(name, actor)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("Ray actor %s %s (a lorapg worker of another version?)", name, what, exc_info=exc_info)
+
     def _join(self, engine: RemoteEngine) -> int:
+        # Asked first: a restarted worker may take the slot (and pool entry) of its lost former self.
+        again = any(other.actor_name == engine.actor_name for _index, other in self._remote_workers())
         index = self._generation.add_worker(engine)
-        again = any(other.actor_name == engine.actor_name for i, other in self._remote_workers() if i != index)
         log.info(
             "remote worker %s joined%s: model %s (%s), %d LoRA(s)",
             engine.device,
@@ -482,14 +621,15 @@ class WorkerDiscovery:
         )
         return index
 
-    def _drop_gone(self, workers: list[tuple[int, RemoteEngine]], answers: dict) -> None:
-        """Workers whose actor name is no longer listed, or now names another actor, are lost."""
+    def _drop_gone(self, answers: dict) -> None:
+        """Workers whose actor name is no longer listed, or now names another actor, are lost. Read
+        afresh: a worker that joined this round may have taken a lost worker's slot."""
         lost = set(self._lost())
-        for index, engine in workers:
+        for index, engine in self._remote_workers():
             if index in lost or engine.actor_name is None:
                 continue
             answer = answers.get(engine.actor_name)
-            replaced = answer is not None and answer[1] is not None and answer[1]["actor_id"] != engine.actor_id
+            replaced = answer is not None and answer[1] is not None and answer[1].get("actor_id") != engine.actor_id
             if answer is None or replaced:
                 why = "a new process took its name" if replaced else "its actor is no longer listed"
                 log.warning("remote worker %s is gone (%s)", engine.device, why)
@@ -502,3 +642,21 @@ class WorkerDiscovery:
 
     def _lost(self) -> list[int]:
         return self._generation.jobs.lost()
+
+
+def _readable_info(info: Any) -> bool:
+    """Whether ``info`` is what ``GenerationActor.info`` returns (an actor of another version, or another
+    program's actor under the name prefix, may answer something else)."""
+    return (
+        isinstance(info, dict)
+        and isinstance(info.get("actor_id"), str)
+        and isinstance(info.get("label"), str)
+        and isinstance(info.get("loras") or [], list)
+        and isinstance(info.get("lora_files") or {}, dict)
+    )
+
+
+def _actor_key(name: str, actor) -> str:
+    """One actor (a restarted worker under the same name is another one)."""
+    ident = getattr(actor, "_actor_id", None)
+    return f"{name}@{ident.hex()}" if callable(getattr(ident, "hex", None)) else name

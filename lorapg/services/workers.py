@@ -52,13 +52,14 @@ class WorkerPool:
             if (model := worker.engine.model) is not None and model.source.ref == ref
         )
 
-    def having(self, loras: set[str]) -> frozenset[int]:
-        """The workers whose LoRA folder has every LoRA in ``loras`` (library names): the local ones read
-        the app's own folder; a remote one has the LoRAs it last reported (``engine.loras``)."""
+    def having(self, loras: dict[str, dict]) -> frozenset[int]:
+        """The workers whose LoRA folder has every LoRA in ``loras`` (library name -> the app's file:
+        {"size": bytes, "hash": its LoRA hash or None where not hashed yet}), the same file: the local
+        ones read the app's own folder; a remote one has the LoRAs it last reported (``engine.lora_files``)."""
         return frozenset(
             worker.index
             for worker in list(self.workers)
-            if not getattr(worker.engine, "remote", False) or loras <= set(worker.engine.loras)
+            if not getattr(worker.engine, "remote", False) or _same_files(loras, worker.engine.lora_files)
         )
 
     def add(self, worker: Worker) -> None:
@@ -67,6 +68,25 @@ class WorkerPool:
             raise ValueError(f"worker {worker.index} joins a pool of {len(self.workers)}")
         self.workers.append(worker)
 
+    def replace(self, worker: Worker) -> None:
+        """A worker that joined in the slot of a lost one (``JobQueue.reusable``)."""
+        self.workers[worker.index] = worker
+
     def engine(self, index: int | None) -> Any:
         """The engine of worker ``index`` (None, a job not started yet: the primary one)."""
         return self.workers[index or 0].engine
+
+
+def _same_files(wanted: dict[str, dict], theirs: dict[str, dict]) -> bool:
+    """Whether ``theirs`` holds each file of ``wanted``: the same LoRA hash where both sides know it (a
+    header edit keeps it), else the same size (a LoRA retrained at another rank differs)."""
+    for name, mine in wanted.items():
+        other = theirs.get(name)
+        if other is None:
+            return False
+        if mine.get("hash") and other.get("hash"):
+            if mine["hash"] != other["hash"]:
+                return False
+        elif mine.get("size") is None or mine.get("size") != other.get("size"):
+            return False
+    return True

@@ -56,9 +56,17 @@ def visitor(visitors: Visitors | None, request: gr.Request | None) -> str | None
     return visitors.owner(request.session_hash, getattr(request, "username", None))
 
 
+# The "gpu" group's limit where workers may join while the app runs (--ray): the UI is built once, so a
+# limit of today's worker count would keep every worker that joins later idle. The job queue still runs
+# one job per worker at a time; this only bounds the Gradio handlers waiting on it.
+GROWING_GPU_SLOTS = 16
+
+
 def gpu_slots(queue: JobQueue) -> int:
     """The "gpu" concurrency group's limit: one handler per worker (``--devices``), so two visitors'
     generations can run on two devices; the job queue still decides the order and the worker."""
+    if queue.may_grow:
+        return max(queue.worker_count, GROWING_GPU_SLOTS)
     return queue.worker_count
 
 
@@ -66,7 +74,8 @@ def primary_worker_group(queue: JobQueue) -> dict:
     """Gradio concurrency for events whose jobs run on the first worker alone (a model load, grids):
     with several devices their own group of one, so that handlers waiting for that worker never hold
     the "gpu" slots the generations on the other devices need; with one device the "gpu" group as before."""
-    return {"concurrency_id": "gpu" if queue.worker_count == 1 else "gpu-primary", "concurrency_limit": 1}
+    alone = queue.worker_count == 1 and not queue.may_grow  # Gradio gives a shared group its lowest limit
+    return {"concurrency_id": "gpu" if alone else "gpu-primary", "concurrency_limit": 1}
 
 
 def job_status_text(job: Job, queue: JobQueue) -> str:
