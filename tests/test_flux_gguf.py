@@ -227,3 +227,67 @@ def test_cli_generates_from_a_gguf_with_model_config(files, tmp_path):
     assert code == 0
     image = Image.open(out)
     assert image.size == (32, 32) and "<lora:flux_style:0.8>" in image.text["parameters"]
+
+
+def crafted_gguf(path, key: bytes, value_type: int, payload: bytes, tensor_count: int = 0):
+    """A GGUF v3 header with one metadata entry and nothing after it: what a crafted upload looks like."""
+    import struct
+
+    header = b"GGUF" + struct.pack("<IQQ", 3, tensor_count, 1) + struct.pack("<Q", len(key)) + key
+    path.write_bytes(header + struct.pack("<I", value_type) + payload)
+    return path
+
+
+# A child process with a memory cap runs the check: a regression (gguf's GGUFReader looping once per claimed
+# array element, ~80 MB/s) then fails this test within the timeout instead of hanging or swapping the suite.
+_CHECK_IN_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from lorapg.diffusion.model_source import resolve_model_source
+from lorapg.errors import UserError
+try:
+    resolve_model_source(sys.argv[1])
+except UserError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_a_gguf_whose_array_runs_past_the_end_is_refused_at_once(tmp_path):
+    import struct
+    import subprocess
+
+    uint8, array = 0, 9
+    # 49 bytes: one uint8 array claiming 2**40 items.
+    path = crafted_gguf(tmp_path / "crafted.gguf", b"x", array, struct.pack("<IQ", uint8, 1 << 40))
+    assert path.stat().st_size == 49
+    done = subprocess.run(
+        [sys.executable, "-c", _CHECK_IN_CHILD, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("REFUSED Setting model: crafted.gguf is not a readable GGUF file")
+    assert done.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "value_type, payload, tensors, says",
+    [
+        (8, b"\xff" * 8, 0, "bytes where"),  # a string 2**64-1 bytes long
+        (9, (8).to_bytes(4, "little") + (1 << 30).to_bytes(8, "little"), 0, "over 1048576 items"),  # 2**30 strings
+        (9, (9).to_bytes(4, "little") + (3).to_bytes(8, "little"), 0, "3 array items"),  # arrays not there
+        (4, (32).to_bytes(4, "little"), 1 << 40, "2**40"),  # 2**40 tensors
+    ],
+)
+def test_gguf_header_counts_beyond_the_file_are_refused(tmp_path, value_type, payload, tensors, says):
+    path = crafted_gguf(tmp_path / "bad.gguf", b"k", value_type, payload, tensor_count=tensors)
+    says = says.replace("2**40", str(1 << 40))
+    with pytest.raises(UserError, match="Setting model: bad.gguf is not a readable GGUF file") as caught:
+        resolve_model_source(str(path))
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_truncated_gguf_download_is_refused_before_loading(files, tmp_path):
+    whole = (files["root"] / "flux-Q8_0.gguf").read_bytes()
+    path = tmp_path / "flux-Q8_0.gguf"
+    path.write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(UserError, match=r"not a readable GGUF file \(tensor .* past the end \(truncated download"):
+        resolve_model_source(str(path))
