@@ -291,3 +291,20 @@ def test_a_truncated_gguf_download_is_refused_before_loading(files, tmp_path):
     path.write_bytes(whole[: len(whole) - 100])
     with pytest.raises(UserError, match=r"not a readable GGUF file \(tensor .* past the end \(truncated download"):
         resolve_model_source(str(path))
+
+
+@pytest.mark.parametrize("quant", ["IQ2_XS", "TQ1_0"])
+def test_a_quantization_diffusers_cannot_dequantize_is_refused_naming_it(tmp_path, quant):
+    kind = gguf.GGMLQuantizationType[quant]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    writer = gguf.GGUFWriter(str(tmp_path / f"flux1-dev-{quant}.gguf"), arch="flux")
+    writer.add_tensor("double_blocks.0.img_attn.qkv.weight", np.zeros((4, block_bytes), np.uint8), raw_dtype=kind)
+    writer.add_tensor("single_blocks.0.linear1.weight", np.ones((4, block), np.float16))  # F16: loadable
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    with pytest.raises(UserError, match=f"model: flux1-dev-{quant}.gguf holds tensors quantized as {quant},") as caught:
+        resolve_model_source(str(tmp_path / f"flux1-dev-{quant}.gguf"))
+    message = str(caught.value)
+    assert "Q8_0" in message and "Q4_K" in message and "F16" in message and "--model-config" not in message
+    assert "\n" not in message
