@@ -308,3 +308,14 @@ def test_a_quantization_diffusers_cannot_dequantize_is_refused_naming_it(tmp_pat
     message = str(caught.value)
     assert "Q8_0" in message and "Q4_K" in message and "F16" in message and "--model-config" not in message
     assert "\n" not in message
+
+
+def test_an_upper_case_gguf_suffix_loads_as_the_lower_case_one(files, tmp_path, gguf_engine):
+    # diffusers chooses its GGUF reader by a case-sensitive suffix; .GGUF went to torch.load and an OSError.
+    path = tmp_path / "FLUX-Q8_0.GGUF"
+    path.write_bytes((files["root"] / "flux-Q8_0.gguf").read_bytes())
+    engine = make_engine(files, str(files["flux"]))
+    engine.load_model(str(path))
+    weight = engine.model.pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ == "GGUFParameter" and weight.quant_type == Q8_0
+    assert np.array_equal(pixels(engine), pixels(gguf_engine))  # the same file, the same computation

@@ -277,8 +277,9 @@ def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str 
     context = contextlib.nullcontext() if local else hub_errors(repo)
     with context:
         try:
+            weights = _gguf_state_dict(source) if is_gguf(source) else str(source.path)
             transformer = transformer_class.from_single_file(
-                str(source.path), config=repo, subfolder="transformer", dtype=dtype, **quantized
+                weights, config=repo, subfolder="transformer", dtype=dtype, **quantized
             )
             return pipeline_class.from_pretrained(repo, transformer=transformer, dtype=dtype)
         except (ValueError, KeyError, RuntimeError) as exc:  # shapes or names that do not fit the config
@@ -286,6 +287,21 @@ def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str 
                 f"Could not load {name} with the parts of {repo} ({str(exc).splitlines()[0][:200]}). "
                 f"Pass --model-config with the diffusers folder of the {label} model this file was made from."
             ) from None
+
+
+def _gguf_state_dict(source: ModelSource) -> dict:
+    """The GGUF file's tensors from diffusers' own GGUF reader, handed over as a state dict: diffusers picks
+    its reader by the file name's suffix case-sensitively, so ``X.GGUF`` would go to torch.load (reading the
+    whole file, then failing with an OSError)."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    try:
+        return load_gguf_checkpoint(str(source.path))
+    except (OSError, ValueError) as exc:  # unreadable or changed since its header was checked
+        raise UserError(
+            f"Setting model: could not read {source.path.name} ({str(exc).splitlines()[0][:200]}); "
+            "download it again or pick another file."
+        ) from None
 
 
 def _gguf_config(dtype: torch.dtype):
