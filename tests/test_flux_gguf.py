@@ -319,3 +319,40 @@ def test_an_upper_case_gguf_suffix_loads_as_the_lower_case_one(files, tmp_path, 
     weight = engine.model.pipe.transformer.transformer_blocks[0].attn.to_q.weight
     assert type(weight).__name__ == "GGUFParameter" and weight.quant_type == Q8_0
     assert np.array_equal(pixels(engine), pixels(gguf_engine))  # the same file, the same computation
+
+
+def test_gguf_transformers_in_the_models_folder_are_offered_and_hashed(files, tmp_path):
+    import hashlib
+    import shutil
+
+    from lorapg.config import load_settings
+    from lorapg.services.a1111 import A1111Service
+    from lorapg.services.build import build_services
+
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "llm").mkdir()
+    top, nested = models / "flux-Q8_0.gguf", models / "checkpoints" / "FLUX1-DEV-Q8_0.GGUF"
+    for path in (top, nested):
+        shutil.copyfile(files["root"] / "flux-Q8_0.gguf", path)
+    llm = write_gguf(models / "llm" / "smollm2.gguf", {"token_embd.weight": torch.ones(8, 32)}, arch="llama")
+    settings = load_settings(
+        None,
+        {"model": "org/model", "models_dir": str(models), "lora_dir": str(models / "loras"), "outputs": str(tmp_path)},
+        environ={},
+    )
+    runtime = build_services(settings)
+    try:
+        service = runtime.service
+        choices = service.model_choices()
+        assert str(top) in choices and str(nested) in choices and str(llm) not in choices
+        service.offered_models_only = True  # a public Space: only what the list offers loads
+        assert service.check_model_ref(str(nested)) == str(nested)
+        with pytest.raises(UserError, match="offers only the models in its list"):
+            service.check_model_ref(str(llm))
+        entries = {entry.ref: entry for entry in A1111Service(settings, service, runtime.gallery_service).sd_models()}
+        sha256 = hashlib.sha256(top.read_bytes()).hexdigest()
+        assert entries[str(top)].sha256 == sha256 and entries[str(top)].title == f"flux-Q8_0.gguf [{sha256[:10]}]"
+        assert entries[str(top)].model_name == "flux-Q8_0"
+    finally:
+        runtime.close(30)

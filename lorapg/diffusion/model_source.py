@@ -129,6 +129,19 @@ def is_gguf(source: ModelSource) -> bool:
 _MODEL_FILE_SUFFIXES = PICKLE_SUFFIXES | {".safetensors", GGUF_SUFFIX}
 
 
+def model_files(folder: Path) -> list[Path]:
+    """The single-file base models directly in ``folder``: .safetensors checkpoints and .gguf transformers
+    (any case: FLUX1-DEV-Q8_0.GGUF loads too). Not recursive: the language models' GGUFs (models/llm) and
+    the LoRAs' folder are below the folders searched."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if (path.suffix == ".safetensors" or path.suffix.lower() == GGUF_SUFFIX) and path.is_file()
+    )
+
+
 def _looks_like_path(ref: str) -> bool:
     # A hub id is "owner/name" exactly; anything with more parts, a drive, a dot-prefix or a file
     # suffix was meant as a local path.
