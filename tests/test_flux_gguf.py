@@ -356,3 +356,26 @@ def test_gguf_transformers_in_the_models_folder_are_offered_and_hashed(files, tm
         assert entries[str(top)].model_name == "flux-Q8_0"
     finally:
         runtime.close(30)
+
+
+@pytest.mark.parametrize("field", ["model", "empty"])
+def test_training_on_a_gguf_is_refused_before_queueing(files, tmp_path, field):
+    from lorapg.config import Settings
+    from lorapg.jobs import JobQueue
+    from lorapg.services.training import TrainingService
+    from tests.training_data import write_images
+
+    model = str(files["root"] / "flux-Q8_0.gguf")
+    settings = Settings(model=model, lora_dir=tmp_path / "loras", models_dir=tmp_path / "models", device="cpu")
+    jobs = JobQueue()
+    try:
+        training = TrainingService(settings, jobs, make_engine(files, str(files["flux"])))
+        write_images(tmp_path / "images", 2)
+        values = {"name": "fox", "trigger": "zqx", "images": str(tmp_path / "images")}
+        values |= {"model": model} if field == "model" else {}
+        named = "model" if field == "model" else r"model \(the loaded model when empty\)"
+        with pytest.raises(UserError, match=f"^Setting {named}: flux-Q8_0.gguf is a GGUF-quantized transformer"):
+            training.submit(training.config_for(values))
+        assert training.latest_run() is None
+    finally:
+        jobs.shutdown()

@@ -126,6 +126,17 @@ def is_gguf(source: ModelSource) -> bool:
     return source.kind == SINGLE_FILE and source.path is not None and source.path.suffix.lower() == GGUF_SUFFIX
 
 
+def refuse_gguf_training(ref: str, field: str = "model") -> None:
+    """A UserError naming ``field`` when ``ref`` is a GGUF transformer: diffusers' GGUF layers are
+    inference-only (its quantizer says is_trainable = False), so a run on one would fail at its first step."""
+    if Path(ref).suffix.lower() != GGUF_SUFFIX:
+        return
+    raise UserError(
+        f"Setting {field}: {shorten(Path(ref).name)} is a GGUF-quantized transformer, which can generate but not "
+        "be trained on; train on the model's .safetensors file or diffusers folder (quantize=nf4 to save memory)."
+    )
+
+
 _MODEL_FILE_SUFFIXES = PICKLE_SUFFIXES | {".safetensors", GGUF_SUFFIX}
 
 

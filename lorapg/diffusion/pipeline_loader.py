@@ -33,6 +33,7 @@ from lorapg.diffusion.model_source import (
     gguf_module,
     gguf_tensor_names,
     is_gguf,
+    refuse_gguf_training,
 )
 from lorapg.diffusion.quantization import NONE, QuantizePlan, check_machine, check_plan, quantize_pipeline
 from lorapg.errors import UserError
@@ -70,12 +71,7 @@ def load_pipeline(
     """
     status = on_status or (lambda message: None)
     if training and is_gguf(source):
-        # diffusers' GGUF layers are inference-only (its quantizer says is_trainable = False): the run would
-        # fail later on a dtype cast with diffusers' own words.
-        raise UserError(
-            f"Setting model: {source.path.name} is a GGUF-quantized transformer, which can generate but not "
-            "be trained on; train on the model's .safetensors file or diffusers folder (quantize=nf4 to save memory)."
-        )
+        refuse_gguf_training(str(source.path))  # the run would fail later on a dtype cast, in diffusers' words
     plan = _without_gguf_transformer(quantize or QuantizePlan(), source, status)
     plan = _plan_for(plan, source.family, app_wide_quantize, status)
     # What the machine or a single file's family rules out is refused before gigabytes are read
