@@ -379,3 +379,31 @@ def test_training_on_a_gguf_is_refused_before_queueing(files, tmp_path, field):
         assert training.latest_run() is None
     finally:
         jobs.shutdown()
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_dtype_auto_takes_bf16_for_flux_and_sd3_on_gpus_that_have_it(monkeypatch, bf16):
+    from lorapg.config import Settings
+    from lorapg.devices import pick_dtype
+    from lorapg.diffusion.families import SD1, SD2, SDXL
+    from lorapg.services.build import _transformer_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    cuda, half = torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16
+    assert [pick_dtype(cuda, "auto", family) for family in (FLUX, SD3)] == [half, half]
+    assert {pick_dtype(cuda, "auto", family) for family in (SD1, SD2, SDXL, None)} == {torch.float16}
+    assert pick_dtype(cuda, "float16", FLUX) == torch.float16  # what the user asks for stays
+    assert pick_dtype(torch.device("cpu"), "auto", FLUX) == torch.float32
+    assert _transformer_dtype(Settings(), cuda) == half  # what the app's engines are built with
+
+
+def test_the_transformer_dtype_applies_to_flux_folders_and_gguf_files_only(files, tiny_models):
+    engine = make_engine(files, str(files["flux"]), transformer_dtype=torch.bfloat16)
+    engine.load_model(str(files["root"] / "flux-Q8_0.gguf"))  # the GGUF's compute dtype and its F16 tensors
+    transformer = engine.model.pipe.transformer
+    assert transformer.x_embedder.weight.dtype == torch.bfloat16
+    assert transformer.transformer_blocks[0].attn.to_q.compute_dtype == torch.bfloat16
+    engine.load_model(str(files["sd3"]))
+    assert engine.model.pipe.transformer.dtype == torch.bfloat16 and engine.model.pipe.vae.dtype == torch.bfloat16
+    engine.load_model(str(tiny_models["sd15"]))
+    assert engine.model.pipe.unet.dtype == torch.float32  # SD keeps the engine's dtype

@@ -60,6 +60,7 @@ def load_pipeline(
     quantize: QuantizePlan | None = None,
     app_wide_quantize: bool = False,
     training: bool = False,
+    transformer_dtype: torch.dtype | None = None,
 ) -> tuple[DiffusionPipeline, str]:
     """Load, move to ``device`` and configure attention; returns the pipeline and its family.
 
@@ -68,6 +69,8 @@ def load_pipeline(
     ``app_wide_quantize``: ``quantize`` is the app's setting rather than a request for this load, so an
     SD 1.x/2.x/SDXL model (which it does not apply to) loads unquantized instead of being refused.
     ``training``: a training run loads (its errors name the run's setting).
+    ``transformer_dtype``: the dtype of Flux.1 / SD 3.5 models when it differs from ``dtype`` (``--dtype auto``
+    on a GPU with bf16: see devices.pick_dtype); the family is read from the file or model_index.json first.
     """
     status = on_status or (lambda message: None)
     if training and is_gguf(source):
@@ -83,14 +86,17 @@ def load_pipeline(
     if source.kind == HUB:
         status(f"Downloading {source.ref} from the Hugging Face hub (progress in the console)…")
         folder = download_from_hub(source.ref, device)
+        dtype = _dtype_for(folder_family(folder), dtype, transformer_dtype)
         with _BUILDING:
             pipe = _from_folder(folder, dtype)
     elif source.kind == FOLDER:
         status(f"Loading {source.display_name}…")
+        dtype = _dtype_for(folder_family(str(source.path)), dtype, transformer_dtype)
         with _BUILDING:
             pipe = _from_folder(str(source.path), dtype, allow_pickle=source.allow_pickle)
     else:
         status(f"Loading single-file checkpoint {source.display_name}…")
+        dtype = _dtype_for(source.family, dtype, transformer_dtype)
         with _BUILDING:
             pipe = _from_single_file(source, dtype, single_file_config)
     family = pipeline_family(pipe)
@@ -103,6 +109,21 @@ def load_pipeline(
         pipe.to(device)
     _configure_attention(pipe, device)
     return pipe, family
+
+
+def _dtype_for(family: str | None, dtype: torch.dtype, transformer_dtype: torch.dtype | None) -> torch.dtype:
+    return transformer_dtype if transformer_dtype is not None and is_transformer_family(family) else dtype
+
+
+def folder_family(folder: str) -> str | None:
+    """Flux.1 or SD 3.5 from a diffusers folder's model_index.json (its pipeline class); None otherwise."""
+    try:
+        class_name = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading reports an unreadable folder itself
+    if not isinstance(class_name, str):
+        return None
+    return FLUX if class_name.startswith("Flux") else SD3 if class_name.startswith("StableDiffusion3") else None
 
 
 def _plan_for(plan: QuantizePlan, family: str | None, app_wide: bool, status: Callable[[str], None]) -> QuantizePlan:
