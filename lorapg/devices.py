@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from lorapg.diffusion.families import is_transformer_family
 from lorapg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ def pick_device(setting: str = "auto") -> torch.device:
     return device
 
 
-def pick_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
-    """fp16 on CUDA (bf16 where the GPU supports it and the user asks), float32 on CPU.
+def pick_dtype(device: torch.device, setting: str = "auto", family: str | None = None) -> torch.dtype:
+    """fp16 on CUDA for SD 1.x/2.x/SDXL, bf16 for Flux.1 / SD 3.5 (``family``) where the GPU supports it;
+    float32 on CPU; an explicit ``setting`` as asked.
 
+    Flux.1 and SD 3.5 are published in bf16 and their authors run them in it (their T5 text encoder is known
+    to overflow fp16's range), so ``auto`` gives them fp16 only on GPUs without bf16 (before Ampere).
     CPU half precision is slow and, for the VAE, numerically unsafe; so ``auto`` never picks it.
     """
     if setting != "auto":
@@ -44,7 +48,11 @@ def pick_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
             return _DTYPES[setting]
         except KeyError:
             raise UserError(f"Unknown dtype {setting!r}; use auto, float16, bfloat16 or float32.") from None
-    return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    if is_transformer_family(family) and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def device_context(device: torch.device) -> contextlib.AbstractContextManager:

@@ -227,3 +227,183 @@ def test_cli_generates_from_a_gguf_with_model_config(files, tmp_path):
     assert code == 0
     image = Image.open(out)
     assert image.size == (32, 32) and "<lora:flux_style:0.8>" in image.text["parameters"]
+
+
+def crafted_gguf(path, key: bytes, value_type: int, payload: bytes, tensor_count: int = 0):
+    """A GGUF v3 header with one metadata entry and nothing after it: what a crafted upload looks like."""
+    import struct
+
+    header = b"GGUF" + struct.pack("<IQQ", 3, tensor_count, 1) + struct.pack("<Q", len(key)) + key
+    path.write_bytes(header + struct.pack("<I", value_type) + payload)
+    return path
+
+
+# A child process with a memory cap runs the check: a regression (gguf's GGUFReader looping once per claimed
+# array element, ~80 MB/s) then fails this test within the timeout instead of hanging or swapping the suite.
+_CHECK_IN_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from lorapg.diffusion.model_source import resolve_model_source
+from lorapg.errors import UserError
+try:
+    resolve_model_source(sys.argv[1])
+except UserError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_a_gguf_whose_array_runs_past_the_end_is_refused_at_once(tmp_path):
+    import struct
+    import subprocess
+
+    uint8, array = 0, 9
+    # 49 bytes: one uint8 array claiming 2**40 items.
+    path = crafted_gguf(tmp_path / "crafted.gguf", b"x", array, struct.pack("<IQ", uint8, 1 << 40))
+    assert path.stat().st_size == 49
+    done = subprocess.run(
+        [sys.executable, "-c", _CHECK_IN_CHILD, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("REFUSED Setting model: crafted.gguf is not a readable GGUF file")
+    assert done.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "value_type, payload, tensors, says",
+    [
+        (8, b"\xff" * 8, 0, "bytes where"),  # a string 2**64-1 bytes long
+        (9, (8).to_bytes(4, "little") + (1 << 30).to_bytes(8, "little"), 0, "over 1048576 items"),  # 2**30 strings
+        (9, (9).to_bytes(4, "little") + (3).to_bytes(8, "little"), 0, "3 array items"),  # arrays not there
+        (4, (32).to_bytes(4, "little"), 1 << 40, "2**40"),  # 2**40 tensors
+    ],
+)
+def test_gguf_header_counts_beyond_the_file_are_refused(tmp_path, value_type, payload, tensors, says):
+    path = crafted_gguf(tmp_path / "bad.gguf", b"k", value_type, payload, tensor_count=tensors)
+    says = says.replace("2**40", str(1 << 40))
+    with pytest.raises(UserError, match="Setting model: bad.gguf is not a readable GGUF file") as caught:
+        resolve_model_source(str(path))
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_truncated_gguf_download_is_refused_before_loading(files, tmp_path):
+    whole = (files["root"] / "flux-Q8_0.gguf").read_bytes()
+    path = tmp_path / "flux-Q8_0.gguf"
+    path.write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(UserError, match=r"not a readable GGUF file \(tensor .* past the end \(truncated download"):
+        resolve_model_source(str(path))
+
+
+@pytest.mark.parametrize("quant", ["IQ2_XS", "TQ1_0"])
+def test_a_quantization_diffusers_cannot_dequantize_is_refused_naming_it(tmp_path, quant):
+    kind = gguf.GGMLQuantizationType[quant]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    writer = gguf.GGUFWriter(str(tmp_path / f"flux1-dev-{quant}.gguf"), arch="flux")
+    writer.add_tensor("double_blocks.0.img_attn.qkv.weight", np.zeros((4, block_bytes), np.uint8), raw_dtype=kind)
+    writer.add_tensor("single_blocks.0.linear1.weight", np.ones((4, block), np.float16))  # F16: loadable
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    with pytest.raises(UserError, match=f"model: flux1-dev-{quant}.gguf holds tensors quantized as {quant},") as caught:
+        resolve_model_source(str(tmp_path / f"flux1-dev-{quant}.gguf"))
+    message = str(caught.value)
+    assert "Q8_0" in message and "Q4_K" in message and "F16" in message and "--model-config" not in message
+    assert "\n" not in message
+
+
+def test_an_upper_case_gguf_suffix_loads_as_the_lower_case_one(files, tmp_path, gguf_engine):
+    # diffusers chooses its GGUF reader by a case-sensitive suffix; .GGUF went to torch.load and an OSError.
+    path = tmp_path / "FLUX-Q8_0.GGUF"
+    path.write_bytes((files["root"] / "flux-Q8_0.gguf").read_bytes())
+    engine = make_engine(files, str(files["flux"]))
+    engine.load_model(str(path))
+    weight = engine.model.pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ == "GGUFParameter" and weight.quant_type == Q8_0
+    assert np.array_equal(pixels(engine), pixels(gguf_engine))  # the same file, the same computation
+
+
+def test_gguf_transformers_in_the_models_folder_are_offered_and_hashed(files, tmp_path):
+    import hashlib
+    import shutil
+
+    from lorapg.config import load_settings
+    from lorapg.services.a1111 import A1111Service
+    from lorapg.services.build import build_services
+
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "llm").mkdir()
+    top, nested = models / "flux-Q8_0.gguf", models / "checkpoints" / "FLUX1-DEV-Q8_0.GGUF"
+    for path in (top, nested):
+        shutil.copyfile(files["root"] / "flux-Q8_0.gguf", path)
+    llm = write_gguf(models / "llm" / "smollm2.gguf", {"token_embd.weight": torch.ones(8, 32)}, arch="llama")
+    settings = load_settings(
+        None,
+        {"model": "org/model", "models_dir": str(models), "lora_dir": str(models / "loras"), "outputs": str(tmp_path)},
+        environ={},
+    )
+    runtime = build_services(settings)
+    try:
+        service = runtime.service
+        choices = service.model_choices()
+        assert str(top) in choices and str(nested) in choices and str(llm) not in choices
+        service.offered_models_only = True  # a public Space: only what the list offers loads
+        assert service.check_model_ref(str(nested)) == str(nested)
+        with pytest.raises(UserError, match="offers only the models in its list"):
+            service.check_model_ref(str(llm))
+        entries = {entry.ref: entry for entry in A1111Service(settings, service, runtime.gallery_service).sd_models()}
+        sha256 = hashlib.sha256(top.read_bytes()).hexdigest()
+        assert entries[str(top)].sha256 == sha256 and entries[str(top)].title == f"flux-Q8_0.gguf [{sha256[:10]}]"
+        assert entries[str(top)].model_name == "flux-Q8_0"
+    finally:
+        runtime.close(30)
+
+
+@pytest.mark.parametrize("field", ["model", "empty"])
+def test_training_on_a_gguf_is_refused_before_queueing(files, tmp_path, field):
+    from lorapg.config import Settings
+    from lorapg.jobs import JobQueue
+    from lorapg.services.training import TrainingService
+    from tests.training_data import write_images
+
+    model = str(files["root"] / "flux-Q8_0.gguf")
+    settings = Settings(model=model, lora_dir=tmp_path / "loras", models_dir=tmp_path / "models", device="cpu")
+    jobs = JobQueue()
+    try:
+        training = TrainingService(settings, jobs, make_engine(files, str(files["flux"])))
+        write_images(tmp_path / "images", 2)
+        values = {"name": "fox", "trigger": "zqx", "images": str(tmp_path / "images")}
+        values |= {"model": model} if field == "model" else {}
+        named = "model" if field == "model" else r"model \(the loaded model when empty\)"
+        with pytest.raises(UserError, match=f"^Setting {named}: flux-Q8_0.gguf is a GGUF-quantized transformer"):
+            training.submit(training.config_for(values))
+        assert training.latest_run() is None
+    finally:
+        jobs.shutdown()
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_dtype_auto_takes_bf16_for_flux_and_sd3_on_gpus_that_have_it(monkeypatch, bf16):
+    from lorapg.config import Settings
+    from lorapg.devices import pick_dtype
+    from lorapg.diffusion.families import SD1, SD2, SDXL
+    from lorapg.services.build import _transformer_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    cuda, half = torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16
+    assert [pick_dtype(cuda, "auto", family) for family in (FLUX, SD3)] == [half, half]
+    assert {pick_dtype(cuda, "auto", family) for family in (SD1, SD2, SDXL, None)} == {torch.float16}
+    assert pick_dtype(cuda, "float16", FLUX) == torch.float16  # what the user asks for stays
+    assert pick_dtype(torch.device("cpu"), "auto", FLUX) == torch.float32
+    assert _transformer_dtype(Settings(), cuda) == half  # what the app's engines are built with
+
+
+def test_the_transformer_dtype_applies_to_flux_folders_and_gguf_files_only(files, tiny_models):
+    engine = make_engine(files, str(files["flux"]), transformer_dtype=torch.bfloat16)
+    engine.load_model(str(files["root"] / "flux-Q8_0.gguf"))  # the GGUF's compute dtype and its F16 tensors
+    transformer = engine.model.pipe.transformer
+    assert transformer.x_embedder.weight.dtype == torch.bfloat16
+    assert transformer.transformer_blocks[0].attn.to_q.compute_dtype == torch.bfloat16
+    engine.load_model(str(files["sd3"]))
+    assert engine.model.pipe.transformer.dtype == torch.bfloat16 and engine.model.pipe.vae.dtype == torch.bfloat16
+    engine.load_model(str(tiny_models["sd15"]))
+    assert engine.model.pipe.unet.dtype == torch.float32  # SD keeps the engine's dtype

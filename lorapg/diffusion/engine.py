@@ -92,10 +92,13 @@ class DiffusionEngine:
         upscalers: UpscalerLibrary | None = None,
         max_image_pixels: int = 0,
         quantize: QuantizePlan | None = None,
+        transformer_dtype: torch.dtype | None = None,
     ):
         self.library = lora_library
         self.device = device
         self.dtype = dtype
+        # Flux.1 / SD 3.5's dtype when it differs (--dtype auto: bf16 on GPUs that have it; devices.pick_dtype).
+        self.transformer_dtype = transformer_dtype
         self.allow_pickle = allow_pickle
         self.single_file_config = single_file_config
         self.preview_every = preview_every
@@ -140,6 +143,7 @@ class DiffusionEngine:
                 keep_on_cpu=self.residency is not None,
                 quantize=self.quantize,
                 app_wide_quantize=True,  # the app's --quantize: SD 1.x/SDXL models skip it
+                transformer_dtype=self.transformer_dtype,
             )
             if self._uses_model_offload():
                 # diffusers' model CPU offload keeps one component (the largest: the UNet) on the GPU

@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from lorapg.diffusion.families import FLUX, SD1, SD2, SD3, SDXL
+from lorapg.diffusion.gguf_header import GgufHeader, GgufHeaderError, check_tensor_extents, read_gguf_header
 from lorapg.errors import UserError, check_ref_length, shorten
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,31 @@ def is_gguf(source: ModelSource) -> bool:
     return source.kind == SINGLE_FILE and source.path is not None and source.path.suffix.lower() == GGUF_SUFFIX
 
 
+def refuse_gguf_training(ref: str, field: str = "model") -> None:
+    """A UserError naming ``field`` when ``ref`` is a GGUF transformer: diffusers' GGUF layers are
+    inference-only (its quantizer says is_trainable = False), so a run on one would fail at its first step."""
+    if Path(ref).suffix.lower() != GGUF_SUFFIX:
+        return
+    raise UserError(
+        f"Setting {field}: {shorten(Path(ref).name)} is a GGUF-quantized transformer, which can generate but not "
+        "be trained on; train on the model's .safetensors file or diffusers folder (quantize=nf4 to save memory)."
+    )
+
+
 _MODEL_FILE_SUFFIXES = PICKLE_SUFFIXES | {".safetensors", GGUF_SUFFIX}
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The single-file base models directly in ``folder``: .safetensors checkpoints and .gguf transformers
+    (any case: FLUX1-DEV-Q8_0.GGUF loads too). Not recursive: the language models' GGUFs (models/llm) and
+    the LoRAs' folder are below the folders searched."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if (path.suffix == ".safetensors" or path.suffix.lower() == GGUF_SUFFIX) and path.is_file()
+    )
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -190,28 +215,28 @@ def gguf_module():
     return gguf
 
 
-def gguf_tensor_names(path: Path) -> tuple[list[str], str]:
-    """The tensor names of a GGUF file and its ``general.architecture`` ("" when absent).
+def read_gguf(path: Path) -> GgufHeader:
+    """The checked header of GGUF file ``path``, or a UserError naming model.
 
-    GGUFReader maps the file and parses its header only (names, shapes, types); the data stays unread.
+    Read with a bounded parser, never gguf's GGUFReader: that one trusts the header's counts, and a corrupt
+    or crafted file (an array "longer" than the file) keeps it looping and allocating forever.
     """
-    reader_class = gguf_module().GGUFReader
+    quant_sizes = gguf_module().GGML_QUANT_SIZES
     try:
-        reader = reader_class(str(path))
-    except Exception as exc:  # a bad magic number is a ValueError; a truncated header anything numpy raises
+        header = read_gguf_header(path)
+        check_tensor_extents(header, quant_sizes)
+    except (OSError, GgufHeaderError) as exc:
         raise UserError(
             f"Setting model: {shorten(path.name)} is not a readable GGUF file ({shorten(exc, 160)}); "
             "download it again or pick another file."
         ) from None
-    return [tensor.name for tensor in reader.tensors], _gguf_architecture(reader)
+    return header
 
 
-def _gguf_architecture(reader) -> str:
-    field = reader.fields.get("general.architecture")
-    try:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None else ""
-    except (IndexError, TypeError, ValueError):
-        return ""
+def gguf_tensor_names(path: Path) -> tuple[list[str], str]:
+    """The tensor names of a GGUF file and its ``general.architecture`` ("" when absent)."""
+    header = read_gguf(path)
+    return header.names, header.architecture
 
 
 # city96's converter also makes GGUFs of SD 1.x/SDXL UNets; diffusers loads GGUF only for transformers.
@@ -220,11 +245,12 @@ _GGUF_UNET_MARKERS = ("input_blocks.", "down_blocks.", "model.diffusion_model.in
 
 def detect_gguf_family(path: Path) -> str:
     """Flux.1 or SD 3.5 from a GGUF transformer's tensor names; a UserError saying what any other GGUF is."""
-    names, architecture = gguf_tensor_names(path)
-    if any(is_flux_transformer_key(name) for name in names):
-        return FLUX
-    if any(is_sd3_transformer_key(name) for name in names):
-        return SD3
+    header = read_gguf(path)
+    names, architecture = header.names, header.architecture
+    for family, is_family_key in ((FLUX, is_flux_transformer_key), (SD3, is_sd3_transformer_key)):
+        if any(is_family_key(name) for name in names):
+            _check_loadable_gguf(path, header)
+            return family
     if any(name.startswith(_GGUF_UNET_MARKERS) for name in names):
         what = "a Stable Diffusion UNet"
     elif any(name.startswith(("blk.", "token_embd.", "output.")) for name in names):
@@ -235,3 +261,42 @@ def detect_gguf_family(path: Path) -> str:
         f"Setting model: {shorten(path.name)} is a GGUF file holding {what}, not a Flux.1 or SD 3.5 transformer. "
         "Pick a Flux.1 / SD 3.5 transformer .gguf (e.g. from city96/FLUX.1-dev-gguf) or a .safetensors checkpoint."
     )
+
+
+# A transformer's header holds a few metadata values; diffusers' GGUFReader builds a numpy view per array
+# item, so a "transformer" with a vocabulary-sized array is refused before it gets there.
+MAX_TRANSFORMER_ARRAY_ITEMS = 65_536
+
+
+def _check_loadable_gguf(path: Path, header: GgufHeader) -> None:
+    """Refuse what diffusers would fail on only after reading gigabytes: quantization types it cannot
+    dequantize (IQ2_XS, IQ3_S, TQ1_0, …), and metadata far larger than a transformer's."""
+    if header.array_items > MAX_TRANSFORMER_ARRAY_ITEMS:
+        raise UserError(
+            f"Setting model: {shorten(path.name)} has {header.array_items} metadata array items, far more than a "
+            "Flux.1 / SD 3.5 transformer holds (corrupt or crafted); download it again or pick another file."
+        )
+    supported = supported_gguf_types()
+    unsupported = sorted({tensor.type for tensor in header.tensors} - set(supported))
+    if unsupported:
+        names = ", ".join(gguf_type_name(kind) for kind in unsupported)
+        raise UserError(
+            f"Setting model: {shorten(path.name)} holds tensors quantized as {shorten(names, 80)}, which diffusers "
+            f"cannot dequantize; pick a file quantized as one of {', '.join(map(gguf_type_name, supported))}."
+        )
+
+
+def supported_gguf_types() -> list[int]:
+    """GGML types diffusers loads: F32 and F16 as plain tensors, the rest through its dequantizers."""
+    gguf = gguf_module()
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    plain = [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16]
+    return [int(kind) for kind in dict.fromkeys(plain + list(SUPPORTED_GGUF_QUANT_TYPES))]
+
+
+def gguf_type_name(kind: int) -> str:
+    try:
+        return gguf_module().GGMLQuantizationType(kind).name
+    except ValueError:
+        return f"type {kind}"

@@ -33,6 +33,7 @@ from lorapg.diffusion.model_source import (
     gguf_module,
     gguf_tensor_names,
     is_gguf,
+    refuse_gguf_training,
 )
 from lorapg.diffusion.quantization import NONE, QuantizePlan, check_machine, check_plan, quantize_pipeline
 from lorapg.errors import UserError
@@ -59,6 +60,7 @@ def load_pipeline(
     quantize: QuantizePlan | None = None,
     app_wide_quantize: bool = False,
     training: bool = False,
+    transformer_dtype: torch.dtype | None = None,
 ) -> tuple[DiffusionPipeline, str]:
     """Load, move to ``device`` and configure attention; returns the pipeline and its family.
 
@@ -67,15 +69,12 @@ def load_pipeline(
     ``app_wide_quantize``: ``quantize`` is the app's setting rather than a request for this load, so an
     SD 1.x/2.x/SDXL model (which it does not apply to) loads unquantized instead of being refused.
     ``training``: a training run loads (its errors name the run's setting).
+    ``transformer_dtype``: the dtype of Flux.1 / SD 3.5 models when it differs from ``dtype`` (``--dtype auto``
+    on a GPU with bf16: see devices.pick_dtype); the family is read from the file or model_index.json first.
     """
     status = on_status or (lambda message: None)
     if training and is_gguf(source):
-        # diffusers' GGUF layers are inference-only (its quantizer says is_trainable = False): the run would
-        # fail later on a dtype cast with diffusers' own words.
-        raise UserError(
-            f"Setting model: {source.path.name} is a GGUF-quantized transformer, which can generate but not "
-            "be trained on; train on the model's .safetensors file or diffusers folder (quantize=nf4 to save memory)."
-        )
+        refuse_gguf_training(str(source.path))  # the run would fail later on a dtype cast, in diffusers' words
     plan = _without_gguf_transformer(quantize or QuantizePlan(), source, status)
     plan = _plan_for(plan, source.family, app_wide_quantize, status)
     # What the machine or a single file's family rules out is refused before gigabytes are read
@@ -87,14 +86,17 @@ def load_pipeline(
     if source.kind == HUB:
         status(f"Downloading {source.ref} from the Hugging Face hub (progress in the console)…")
         folder = download_from_hub(source.ref, device)
+        dtype = _dtype_for(folder_family(folder), dtype, transformer_dtype)
         with _BUILDING:
             pipe = _from_folder(folder, dtype)
     elif source.kind == FOLDER:
         status(f"Loading {source.display_name}…")
+        dtype = _dtype_for(folder_family(str(source.path)), dtype, transformer_dtype)
         with _BUILDING:
             pipe = _from_folder(str(source.path), dtype, allow_pickle=source.allow_pickle)
     else:
         status(f"Loading single-file checkpoint {source.display_name}…")
+        dtype = _dtype_for(source.family, dtype, transformer_dtype)
         with _BUILDING:
             pipe = _from_single_file(source, dtype, single_file_config)
     family = pipeline_family(pipe)
@@ -107,6 +109,21 @@ def load_pipeline(
         pipe.to(device)
     _configure_attention(pipe, device)
     return pipe, family
+
+
+def _dtype_for(family: str | None, dtype: torch.dtype, transformer_dtype: torch.dtype | None) -> torch.dtype:
+    return transformer_dtype if transformer_dtype is not None and is_transformer_family(family) else dtype
+
+
+def folder_family(folder: str) -> str | None:
+    """Flux.1 or SD 3.5 from a diffusers folder's model_index.json (its pipeline class); None otherwise."""
+    try:
+        class_name = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading reports an unreadable folder itself
+    if not isinstance(class_name, str):
+        return None
+    return FLUX if class_name.startswith("Flux") else SD3 if class_name.startswith("StableDiffusion3") else None
 
 
 def _plan_for(plan: QuantizePlan, family: str | None, app_wide: bool, status: Callable[[str], None]) -> QuantizePlan:
@@ -277,8 +294,9 @@ def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str 
     context = contextlib.nullcontext() if local else hub_errors(repo)
     with context:
         try:
+            weights = _gguf_state_dict(source) if is_gguf(source) else str(source.path)
             transformer = transformer_class.from_single_file(
-                str(source.path), config=repo, subfolder="transformer", dtype=dtype, **quantized
+                weights, config=repo, subfolder="transformer", dtype=dtype, **quantized
             )
             return pipeline_class.from_pretrained(repo, transformer=transformer, dtype=dtype)
         except (ValueError, KeyError, RuntimeError) as exc:  # shapes or names that do not fit the config
@@ -286,6 +304,21 @@ def _from_transformer_file(source: ModelSource, dtype: torch.dtype, config: str 
                 f"Could not load {name} with the parts of {repo} ({str(exc).splitlines()[0][:200]}). "
                 f"Pass --model-config with the diffusers folder of the {label} model this file was made from."
             ) from None
+
+
+def _gguf_state_dict(source: ModelSource) -> dict:
+    """The GGUF file's tensors from diffusers' own GGUF reader, handed over as a state dict: diffusers picks
+    its reader by the file name's suffix case-sensitively, so ``X.GGUF`` would go to torch.load (reading the
+    whole file, then failing with an OSError)."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    try:
+        return load_gguf_checkpoint(str(source.path))
+    except (OSError, ValueError) as exc:  # unreadable or changed since its header was checked
+        raise UserError(
+            f"Setting model: could not read {source.path.name} ({str(exc).splitlines()[0][:200]}); "
+            "download it again or pick another file."
+        ) from None
 
 
 def _gguf_config(dtype: torch.dtype):

@@ -573,7 +573,7 @@ class A1111Service:
 
     def _entry_for_ref(self, ref: str) -> ModelEntry:
         path = Path(ref)
-        is_file = path.suffix.lower() in {".safetensors", ".ckpt"} and path.is_file()
+        is_file = path.suffix.lower() in {".safetensors", ".ckpt", ".gguf"} and path.is_file()  # hashed as A1111 does
         name = path.name if path.exists() else ref
         short = full = None
         if is_file:

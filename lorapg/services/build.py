@@ -277,7 +277,21 @@ def build_engine(settings: Settings, library: LoraLibrary, device) -> DiffusionE
         upscalers=upscalers,
         max_image_pixels=settings.max_image_pixels,
         quantize=parse_plan(settings.quantize, settings.quantize_components),
+        transformer_dtype=_transformer_dtype(settings, device),
     )
+
+
+def _transformer_dtype(settings: Settings, device):
+    """Flux.1 / SD 3.5's dtype: under ``--dtype auto`` bf16 on a GPU that has it (devices.pick_dtype).
+    ZeroGPU lends only bf16-capable GPUs (A100, H200) and allows no CUDA query outside a GPU call: bf16."""
+    import torch
+
+    from lorapg.devices import pick_dtype
+    from lorapg.diffusion.families import FLUX
+
+    if zero_gpu_enabled() and settings.dtype == "auto" and device.type == "cuda":
+        return torch.bfloat16
+    return pick_dtype(device, settings.dtype, FLUX)
 
 
 def build_upscale_service(settings: Settings) -> tuple[UpscaleService, JobQueue]:

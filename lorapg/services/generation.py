@@ -23,7 +23,7 @@ from lorapg.diffusion.flux import FamilyDefaults, family_defaults
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import Img2ImgOptions, check_options
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
-from lorapg.diffusion.model_source import resolve_model_source
+from lorapg.diffusion.model_source import model_files, resolve_model_source
 from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
 from lorapg.diffusion.samplers import samplers_for
 from lorapg.errors import UserError, shorten
@@ -185,7 +185,8 @@ class GenerationService:
 
     def model_choices(self) -> list[str]:
         """The configured model, the loaded one, and local models found under the models folder:
-        diffusers folders (model_index.json) and single .safetensors checkpoints (LoRAs excluded)."""
+        diffusers folders (model_index.json), single .safetensors checkpoints (LoRAs excluded) and .gguf
+        Flux.1 / SD 3.5 transformers; the language models' GGUFs (models/llm) are not among them."""
         choices = [self.settings.model]
         if self.engine.model is not None:
             choices.append(self.engine.model.source.ref)
@@ -194,7 +195,7 @@ class GenerationService:
         if root.is_dir():
             for index in sorted(root.glob("*/model_index.json")) + sorted(root.glob("*/*/model_index.json")):
                 choices.append(str(index.parent))
-            for checkpoint in sorted(root.glob("*.safetensors")) + sorted(root.glob("checkpoints/*.safetensors")):
+            for checkpoint in model_files(root) + model_files(root / "checkpoints"):
                 if not checkpoint.resolve().is_relative_to(loras):
                     choices.append(str(checkpoint))
         return list(dict.fromkeys(c for c in choices if c))

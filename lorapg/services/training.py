@@ -30,6 +30,7 @@ from PIL import Image
 from lorapg.atomic_files import atomic_write
 from lorapg.config import Settings
 from lorapg.diffusion.families import NATIVE_SIZE, is_transformer_family
+from lorapg.diffusion.model_source import refuse_gguf_training
 from lorapg.errors import UserError, shorten
 from lorapg.hosting.gpu_estimates import planned_training_steps, training_seconds
 from lorapg.hosting.visitors import visitor_key
@@ -244,6 +245,8 @@ class TrainingService:
         if not config.trigger.strip():
             raise UserError("A trigger word is required: a rare word (e.g. “zqx_fox”) that will call up the LoRA.")
         model = self._model_of(config)
+        # Refused here, not after queueing behind other runs: a GGUF base can generate but not be trained.
+        refuse_gguf_training(model, "model" if config.model else "model (the loaded model when empty)")
         self._check_for_family(config, model)
         if not config.images:
             raise UserError("No images: upload some to a dataset, or pass --images DIR.")
