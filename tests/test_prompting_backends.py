@@ -168,6 +168,19 @@ def test_missing_gguf_file_is_a_user_error(tmp_path: Path) -> None:
         TransformersBackend(tmp_path / "model.Q4_K_M.gguf").ensure_loaded()
 
 
+def test_a_crafted_gguf_is_refused_before_transformers_reads_it(tmp_path: Path) -> None:
+    import struct
+
+    # GGUF v3, no tensors, one metadata entry: a uint8 array claiming 2**40 items in a 49-byte file.
+    # gguf's own reader (used by transformers) loops over the claimed items forever; _resolve is the step
+    # before it, so the test fails (rather than hangs) when the check is missing.
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"x"
+    path = tmp_path / "crafted.Q4_K_M.gguf"
+    path.write_bytes(header + struct.pack("<I", 9) + struct.pack("<IQ", 0, 1 << 40))
+    with pytest.raises(UserError, match=r"^llm_model: crafted.Q4_K_M.gguf is not a readable GGUF file"):
+        TransformersBackend(path)._resolve()
+
+
 def test_unreachable_hub_is_a_quick_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     backend = TransformersBackend("lorapg-test/no-such-model-anywhere")

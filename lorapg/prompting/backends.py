@@ -156,6 +156,7 @@ class TransformersBackend:
         if ref.suffix.lower() == ".gguf":
             if not ref.is_file():
                 raise UserError(f"LLM file not found: {ref}")
+            _check_gguf_header(ref)
             return str(ref.parent), ref.name
         if ref.is_dir():
             if not (ref / "config.json").is_file():
@@ -345,6 +346,21 @@ def _nf4_config() -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
+
+
+def _check_gguf_header(path: Path) -> None:
+    """Refuse a malformed .gguf before transformers reads it.
+
+    transformers parses the file with gguf's GGUFReader, which loops once per array element a header
+    claims, even past the end of the file: a crafted 49-byte file kept it busy (and growing) forever.
+    The bounded parser checks every count against the bytes the file holds first.
+    """
+    from lorapg.diffusion.gguf_header import GgufHeaderError, read_gguf_header
+
+    try:
+        read_gguf_header(path)
+    except (OSError, GgufHeaderError) as exc:
+        raise UserError(f"llm_model: {path.name} is not a readable GGUF file ({exc}); download it again.") from exc
 
 
 def _gguf_dequantize_kwargs() -> dict[str, Any]:
