@@ -26,11 +26,18 @@ from lorapg.diffusion.request import GenerationRequest
 from lorapg.diffusion.samplers import DEFAULT_FLOW_SAMPLER, SAMPLERS
 from lorapg.gallery.a1111 import format_parameters, parse_parameters
 from lorapg.gallery.records import record_from_parsed
+from lorapg.jobs import Job
 from lorapg.services.a1111 import a1111_sampler_names
 from lorapg.services.build import build_services
-from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline
+from lorapg.services.grid import GridService
+from lorapg.services.lora_manager import build_lora_manager
+from lorapg.services.training import TrainingRun
+from lorapg.training.config import TrainConfig
+from lorapg.training.trainer import TrainResult
+from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline, save_peft_transformer_lora
 
 LEFT_OUT = {"steps": None, "guidance_scale": None, "sampler": None}
+LEFT_OUT_CFG = {"guidance_scale": None, "sampler": None}
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +242,60 @@ def test_a_forge_flux_dev_text_restores_its_distilled_guidance(runtime):
     record = record_from_parsed(parsed)
     assert record.guidance_scale == pytest.approx(3.5) and record.distilled_guidance
     assert "CFG scale: 1, " in format_parameters(record) and "Distilled CFG Scale: 3.5" in format_parameters(record)
+
+
+# --- internal callers leave out what they do not choose (issue 17 review, item 1) -------------------------
+
+
+def flux_lora(runtime, name: str) -> str:
+    """A Flux LoRA file in the LoRA folder (diffusers/peft layout), its library name."""
+    pipe = runtime.engine.model.pipe
+    save_peft_transformer_lora(runtime.settings.lora_dir / f"{name}.safetensors", pipe, strength=0.01)
+    return name
+
+
+def used_flux_dev_s(used: GenerationRequest) -> None:
+    # Not GenerationRequest's SD values (CFG 7, DPM++ 2M Karras, which Flux would swap with a warning).
+    assert used.sampler == DEFAULT_FLOW_SAMPLER
+    assert used.guidance_scale == pytest.approx(FLUX_DEV.guidance_scale)
+
+
+def test_lora_manager_test_runs_at_the_family_s_defaults(runtime, models):
+    runtime.service.load_model(str(models["dev"]))
+    manager = build_lora_manager(runtime)
+    job = manager.test(flux_lora(runtime, "fox_test"), steps=1, seed=1)
+    used = finished_request(runtime, job.id)
+    assert used.steps == 1  # the one it chose
+    used_flux_dev_s(used)
+
+
+def test_epochs_grid_of_a_flux_run_uses_the_family_s_guidance_and_sampler(runtime, models, tmp_path):
+    runtime.service.load_model(str(models["dev"]))
+    final, epoch = flux_lora(runtime, "fox_run"), flux_lora(runtime, "fox_run-e0001")
+    loras = runtime.settings.lora_dir
+    config = TrainConfig(name=final, trigger="zq", sample_steps=1)
+    run = TrainingRun(Job("train"), config, tmp_path / "config.toml")
+    run.job.status = "done"
+    run.job.result = TrainResult(final, loras / f"{final}.safetensors", FLUX, 1, 1, False, None)
+    run.job.result.epoch_loras = [loras / f"{epoch}.safetensors"]
+    job = GridService(runtime.settings, runtime.service).submit_epochs(run, [1.0])
+    job.wait()
+    assert job.error is None, job.error
+    for cell in job.result.cells:
+        assert cell.request.steps == 1  # the run's sample steps
+        used_flux_dev_s(cell.request)
+        assert cell.warnings == []
+
+
+def test_reusing_a_record_without_cfg_takes_the_loaded_family_s(runtime, models):
+    service, gallery = runtime.service, runtime.gallery_service
+    service.load_model(str(models["schnell"]))
+    record = service.generate(GenerationRequest("a red fox", seed=4, steps=1, **LEFT_OUT_CFG)).saved[0]
+    assert gallery.get(record.id).guidance_scale is None  # schnell: no CFG written
+    service.load_model(str(models["dev"]))
+    request = gallery.reuse_body(record.id).request  # Reuse by id (the API's)
+    used = finished_request(runtime, service.submit_generation(request).id)
+    assert used.steps == 1  # the record's
+    assert used.guidance_scale == pytest.approx(FLUX_DEV.guidance_scale)
+    # Vary (an SD model then) leaves it out too, rather than sending GenerationRequest's CFG 7.
+    assert gallery.variations_request(record.id, count=1).request.guidance_scale is None
