@@ -22,13 +22,14 @@ from lorapg.cli import main
 from lorapg.config import load_settings
 from lorapg.diffusion.families import FLUX
 from lorapg.diffusion.flux import FLUX_DEV, FLUX_SCHNELL, SD35_LARGE
-from lorapg.diffusion.request import GenerationRequest
+from lorapg.diffusion.request import A1111_DEFAULTS, GenerationRequest
 from lorapg.diffusion.samplers import DEFAULT_FLOW_SAMPLER, SAMPLERS
 from lorapg.gallery.a1111 import format_parameters, parse_parameters
 from lorapg.gallery.records import record_from_parsed
 from lorapg.jobs import Job
 from lorapg.services.a1111 import a1111_sampler_names
 from lorapg.services.build import build_services
+from lorapg.services.generation import defaults_for_request
 from lorapg.services.grid import GridService
 from lorapg.services.lora_manager import build_lora_manager
 from lorapg.services.training import TrainingRun
@@ -299,3 +300,49 @@ def test_reusing_a_record_without_cfg_takes_the_loaded_family_s(runtime, models)
     assert used.guidance_scale == pytest.approx(FLUX_DEV.guidance_scale)
     # Vary (an SD model then) leaves it out too, rather than sending GenerationRequest's CFG 7.
     assert gallery.variations_request(record.id, count=1).request.guidance_scale is None
+
+
+# --- /sdapi/v1 with no model loaded yet: decided when the job runs (issue 17 review, items 2 and 6) ------------
+
+
+@pytest.fixture
+def unloaded(models):
+    """The app before its first generation: the configured model (Flux schnell) not loaded yet."""
+    services = build_services(settings_for(models, "schnell"), prompts=False)
+    assert services.engine.model is None
+    yield services, TestClient(FastAPI(routes=api_routes(services, ApiAccess(enabled=True))))
+    services.jobs.shutdown()
+
+
+def test_sdapi_refuses_a_bad_partial_body_without_loading_a_model(unloaded):
+    services, client = unloaded
+    reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a red fox", "cfg_scale": 1000})
+    assert reply.status_code == 400, reply.text
+    assert "1000" in reply.text
+    assert services.engine.model is None  # refused before any load (a real Flux loads for minutes)
+
+
+def test_sdapi_partial_body_before_a_load_gets_the_family_s_and_echoes_them(unloaded):
+    services, client = unloaded
+    reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a red fox", "seed": 2, "steps": 1})
+    assert reply.status_code == 200, reply.text
+    info, echoed = json.loads(reply.json()["info"]), reply.json()["parameters"]
+    # schnell's, decided once the job had loaded it: not A1111's CFG 7 at 512 px.
+    assert (info["steps"], info["width"], info["sampler_name"], info["scheduler"]) == (1, 32, "Euler", "Simple")
+    assert info["cfg_scale"] == pytest.approx(FLUX_SCHNELL.guidance_scale)
+    # The echo shows what ran for the fields left out (not A1111's placeholders), the rest as sent.
+    assert (echoed["steps"], echoed["width"], echoed["height"], echoed["sampler_name"]) == (1, 32, 32, "Euler")
+    assert echoed["cfg_scale"] == pytest.approx(FLUX_SCHNELL.guidance_scale) and echoed["seed"] == 2
+
+
+def test_a1111_defaults_on_sd_are_chosen_when_the_job_runs(runtime):
+    """The marker an /sdapi/v1 request carries: A1111's API values on SD, the family's on Flux."""
+    request = GenerationRequest("a red fox", extra={A1111_DEFAULTS: True}, **LEFT_OUT)
+    on_sd = defaults_for_request(request, None)  # no model: SD
+    assert (on_sd.steps, on_sd.sampler, on_sd.width, on_sd.height) == (20, "Euler", 512, 512)
+    assert on_sd.guidance_scale == pytest.approx(7)
+    runtime.service.load_model(str(runtime.settings.model))  # Flux dev
+    on_flux = runtime.service.with_defaults(request)
+    assert (on_flux.steps, on_flux.width) == (FLUX_DEV.steps, None)  # None: the model's native size
+    plain = defaults_for_request(GenerationRequest("a red fox", **LEFT_OUT), None)  # not from /sdapi/v1
+    assert (plain.steps, plain.sampler, plain.width) == (30, "DPM++ 2M Karras", None)
