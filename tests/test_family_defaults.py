@@ -29,12 +29,14 @@ from lorapg.gallery.records import record_from_parsed
 from lorapg.jobs import Job
 from lorapg.services.a1111 import a1111_sampler_names
 from lorapg.services.build import build_services
+from lorapg.services.gallery import ImageDetails, PngInfo
 from lorapg.services.generation import defaults_for_request
 from lorapg.services.grid import GridService
 from lorapg.services.lora_manager import build_lora_manager
 from lorapg.services.training import TrainingRun
 from lorapg.training.config import TrainConfig
 from lorapg.training.trainer import TrainResult
+from lorapg.ui.texts import image_details_text, png_info_text
 from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline, save_peft_transformer_lora
 
 LEFT_OUT = {"steps": None, "guidance_scale": None, "sampler": None}
@@ -346,3 +348,19 @@ def test_a1111_defaults_on_sd_are_chosen_when_the_job_runs(runtime):
     assert (on_flux.steps, on_flux.width) == (FLUX_DEV.steps, None)  # None: the model's native size
     plain = defaults_for_request(GenerationRequest("a red fox", **LEFT_OUT), None)  # not from /sdapi/v1
     assert (plain.steps, plain.sampler, plain.width) == (30, "DPM++ 2M Karras", None)
+
+
+# --- the PNG Info and Gallery texts show Flux dev's guidance (issue 17 review, item 4) ---------------------------
+
+FORGE_DEV = (
+    "a red fox\nSteps: 20, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, "
+    "Seed: 1, Size: 896x1152, Model: flux1-dev-bnb-nf4-v2"
+)
+
+
+def test_png_info_and_gallery_details_show_the_distilled_guidance():
+    parsed = parse_parameters(FORGE_DEV)
+    text = png_info_text(PngInfo(FORGE_DEV, parsed))
+    assert "**CFG scale:** 1" in text and "**Distilled CFG Scale:** 3.5" in text
+    details = image_details_text(ImageDetails(record_from_parsed(parsed), FORGE_DEV))
+    assert "**Distilled CFG Scale:** 3.5" in details and "CFG scale" not in details  # the guidance that ran
