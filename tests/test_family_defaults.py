@@ -364,3 +364,16 @@ def test_png_info_and_gallery_details_show_the_distilled_guidance():
     assert "**CFG scale:** 1" in text and "**Distilled CFG Scale:** 3.5" in text
     details = image_details_text(ImageDetails(record_from_parsed(parsed), FORGE_DEV))
     assert "**Distilled CFG Scale:** 3.5" in details and "CFG scale" not in details  # the guidance that ran
+
+
+def test_flux_dev_at_guidance_0_is_still_written_as_distilled_guidance(runtime, models):
+    """Told apart from schnell by the model, not by the value (issue 17 review, item 5)."""
+    service, gallery = runtime.service, runtime.gallery_service
+    service.load_model(str(models["dev"]))
+    result = service.generate(GenerationRequest("a red fox", seed=4, steps=1, guidance_scale=0, sampler=None))
+    assert result.guidance_distilled
+    record = result.saved[0]
+    fields = a1111_fields(Image.open(gallery.image_path(record.id)).text["parameters"])
+    assert (fields.get("CFG scale"), fields.get("Distilled CFG Scale")) == ("1", "0")
+    assert gallery.get(record.id).distilled_guidance
+    assert gallery.reuse_parameters(record.id).guidance_scale == 0  # Reuse gives 0, not the family's 3.5

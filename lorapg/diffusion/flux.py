@@ -83,6 +83,11 @@ def is_guidance_distilled(pipe: DiffusionPipeline | None) -> bool:
     return transformer is None or bool(getattr(transformer.config, "guidance_embeds", True))
 
 
+def takes_distilled_guidance(family: str | None, pipe: DiffusionPipeline | None) -> bool:
+    """Flux dev: its guidance is distilled guidance (written as Forge does), at any value, 0 included."""
+    return family == FLUX and is_guidance_distilled(pipe)
+
+
 def native_size(pipe: DiffusionPipeline, family: str) -> int:
     """The VAE's sample size (1024 for FLUX.1's VAE; a tiny test model says its own)."""
     return int(getattr(pipe.vae.config, "sample_size", 0) or NATIVE_SIZE[family])
