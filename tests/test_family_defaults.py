@@ -377,3 +377,14 @@ def test_flux_dev_at_guidance_0_is_still_written_as_distilled_guidance(runtime, 
     assert (fields.get("CFG scale"), fields.get("Distilled CFG Scale")) == ("1", "0")
     assert gallery.get(record.id).distilled_guidance
     assert gallery.reuse_parameters(record.id).guidance_scale == 0  # Reuse gives 0, not the family's 3.5
+
+
+def test_a_remote_worker_s_model_decides_its_defaults(runtime, models):
+    """A Ray worker's model has no pipeline on the app's side: its info says schnell (issue 17 review, item 7)."""
+    from lorapg.services.ray_workers import GenerationActor, RemoteEngine
+
+    runtime.service.load_model(str(models["dev"]))  # the primary worker has another model
+    actor = GenerationActor(settings_for(models, "schnell"), "cpu", "wa")
+    remote = RemoteEngine(None, None, actor.info())  # the info the app keeps of the worker
+    used = runtime.service.with_defaults(GenerationRequest("a red fox", **LEFT_OUT), remote)
+    assert used.steps == FLUX_SCHNELL.steps and used.guidance_scale == pytest.approx(0)  # not dev's 28 at 3.5

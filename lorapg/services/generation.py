@@ -79,6 +79,9 @@ def _defaults_of(model) -> FamilyDefaults:
     """The recommended settings for a loaded model (None: SD's, this app's defaults)."""
     if model is None:
         return family_defaults(None)
+    reported = getattr(model, "defaults", None)  # a remote worker's, for the model it has loaded
+    if reported and reported.get("ref") == model.source.ref:
+        return FamilyDefaults(**{key: value for key, value in reported.items() if key != "ref"})
     return family_defaults(model.family, getattr(model, "pipe", None), model.native_size or 0)
 
 
