@@ -43,11 +43,12 @@ def file_hashes(result: GenerationResult) -> dict:
 
 def guidance_fields(result: GenerationResult) -> dict:
     """The record's guidance as Forge writes it: Flux dev's is distilled guidance ("CFG scale: 1",
-    "Distilled CFG Scale: 3.5"); schnell (guidance 0 here, see flux.adapt_request) has none to write."""
+    "Distilled CFG Scale: 3.5"); schnell (guidance 0 here, see flux.adapt_request) has none to write.
+    Told apart by the model (``guidance_distilled``), not the value: Flux dev at 0 is not schnell."""
     guidance = result.request.guidance_scale
     if getattr(result, "family", None) != FLUX:
         return {"guidance_scale": guidance}
-    if not guidance:
+    if not getattr(result, "guidance_distilled", False):
         return {"guidance_scale": None}
     return {"guidance_scale": guidance, "distilled_guidance": True}
 

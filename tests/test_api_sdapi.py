@@ -95,6 +95,23 @@ def test_same_seed_gives_the_same_pixels_and_info_is_a_json_string(app, api):
     assert "Seed: 11" in Image.open(io.BytesIO(base64.b64decode(raw))).text["parameters"]
 
 
+def test_a_partial_body_on_sd_gets_a1111_s_defaults_in_the_png_info_and_echo(app):
+    # Raw JSON, as a script sends it, leaving fields out (webuiapi would send its own values). Two calls
+    # keep it quick on a CPU: 20 steps at a small size, then A1111's 512 px at one step.
+    reply = post(app, "txt2img", {"prompt": "a red star", "seed": 21, "width": 64, "height": 64})
+    assert reply.status_code == 200, reply.text
+    info, echoed = json.loads(reply.json()["info"]), reply.json()["parameters"]
+    assert (info["steps"], info["sampler_name"]) == (20, "Euler") and info["cfg_scale"] == pytest.approx(7)
+    png = Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0])))
+    assert "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 21, Size: 64x64" in png.text["parameters"]
+    assert (echoed["steps"], echoed["sampler_name"], echoed["cfg_scale"], echoed["width"]) == (20, "Euler", 7, 64)
+    reply = post(app, "txt2img", {"prompt": "a red star", "seed": 21, "steps": 1})
+    assert reply.status_code == 200, reply.text
+    info, echoed = json.loads(reply.json()["info"]), reply.json()["parameters"]
+    assert (info["width"], info["height"], echoed["width"], echoed["height"]) == (512, 512, 512, 512)
+    assert Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0]))).size == (512, 512)
+
+
 def test_random_seed_batches_and_iterations_use_consecutive_seeds(api):
     result = api.txt2img(prompt="a hill", seed=-1, batch_size=2, n_iter=2, **SMALL)
     seeds = result.info["all_seeds"]

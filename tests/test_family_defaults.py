@@ -22,15 +22,25 @@ from lorapg.cli import main
 from lorapg.config import load_settings
 from lorapg.diffusion.families import FLUX
 from lorapg.diffusion.flux import FLUX_DEV, FLUX_SCHNELL, SD35_LARGE
-from lorapg.diffusion.request import GenerationRequest
+from lorapg.diffusion.request import A1111_DEFAULTS, GenerationRequest
 from lorapg.diffusion.samplers import DEFAULT_FLOW_SAMPLER, SAMPLERS
 from lorapg.gallery.a1111 import format_parameters, parse_parameters
 from lorapg.gallery.records import record_from_parsed
+from lorapg.jobs import Job
 from lorapg.services.a1111 import a1111_sampler_names
 from lorapg.services.build import build_services
-from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline
+from lorapg.services.gallery import ImageDetails, PngInfo
+from lorapg.services.generation import defaults_for_request
+from lorapg.services.grid import GridService
+from lorapg.services.lora_manager import build_lora_manager
+from lorapg.services.training import TrainingRun
+from lorapg.training.config import TrainConfig
+from lorapg.training.trainer import TrainResult
+from lorapg.ui.texts import image_details_text, png_info_text
+from tests.tiny_flux import build_flux_pipeline, build_sd3_pipeline, save_peft_transformer_lora
 
 LEFT_OUT = {"steps": None, "guidance_scale": None, "sampler": None}
+LEFT_OUT_CFG = {"guidance_scale": None, "sampler": None}
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +245,146 @@ def test_a_forge_flux_dev_text_restores_its_distilled_guidance(runtime):
     record = record_from_parsed(parsed)
     assert record.guidance_scale == pytest.approx(3.5) and record.distilled_guidance
     assert "CFG scale: 1, " in format_parameters(record) and "Distilled CFG Scale: 3.5" in format_parameters(record)
+
+
+# --- internal callers leave out what they do not choose (issue 17 review, item 1) -------------------------
+
+
+def flux_lora(runtime, name: str) -> str:
+    """A Flux LoRA file in the LoRA folder (diffusers/peft layout), its library name."""
+    pipe = runtime.engine.model.pipe
+    save_peft_transformer_lora(runtime.settings.lora_dir / f"{name}.safetensors", pipe, strength=0.01)
+    return name
+
+
+def used_flux_dev_s(used: GenerationRequest) -> None:
+    # Not GenerationRequest's SD values (CFG 7, DPM++ 2M Karras, which Flux would swap with a warning).
+    assert used.sampler == DEFAULT_FLOW_SAMPLER
+    assert used.guidance_scale == pytest.approx(FLUX_DEV.guidance_scale)
+
+
+def test_lora_manager_test_runs_at_the_family_s_defaults(runtime, models):
+    runtime.service.load_model(str(models["dev"]))
+    manager = build_lora_manager(runtime)
+    job = manager.test(flux_lora(runtime, "fox_test"), steps=1, seed=1)
+    used = finished_request(runtime, job.id)
+    assert used.steps == 1  # the one it chose
+    used_flux_dev_s(used)
+
+
+def test_epochs_grid_of_a_flux_run_uses_the_family_s_guidance_and_sampler(runtime, models, tmp_path):
+    runtime.service.load_model(str(models["dev"]))
+    final, epoch = flux_lora(runtime, "fox_run"), flux_lora(runtime, "fox_run-e0001")
+    loras = runtime.settings.lora_dir
+    config = TrainConfig(name=final, trigger="zq", sample_steps=1)
+    run = TrainingRun(Job("train"), config, tmp_path / "config.toml")
+    run.job.status = "done"
+    run.job.result = TrainResult(final, loras / f"{final}.safetensors", FLUX, 1, 1, False, None)
+    run.job.result.epoch_loras = [loras / f"{epoch}.safetensors"]
+    job = GridService(runtime.settings, runtime.service).submit_epochs(run, [1.0])
+    job.wait()
+    assert job.error is None, job.error
+    for cell in job.result.cells:
+        assert cell.request.steps == 1  # the run's sample steps
+        used_flux_dev_s(cell.request)
+        assert cell.warnings == []
+
+
+def test_reusing_a_record_without_cfg_takes_the_loaded_family_s(runtime, models):
+    service, gallery = runtime.service, runtime.gallery_service
+    service.load_model(str(models["schnell"]))
+    record = service.generate(GenerationRequest("a red fox", seed=4, steps=1, **LEFT_OUT_CFG)).saved[0]
+    assert gallery.get(record.id).guidance_scale is None  # schnell: no CFG written
+    service.load_model(str(models["dev"]))
+    request = gallery.reuse_body(record.id).request  # Reuse by id (the API's)
+    used = finished_request(runtime, service.submit_generation(request).id)
+    assert used.steps == 1  # the record's
+    assert used.guidance_scale == pytest.approx(FLUX_DEV.guidance_scale)
+    # Vary (an SD model then) leaves it out too, rather than sending GenerationRequest's CFG 7.
+    assert gallery.variations_request(record.id, count=1).request.guidance_scale is None
+
+
+# --- /sdapi/v1 with no model loaded yet: decided when the job runs (issue 17 review, items 2 and 6) ------------
+
+
+@pytest.fixture
+def unloaded(models):
+    """The app before its first generation: the configured model (Flux schnell) not loaded yet."""
+    services = build_services(settings_for(models, "schnell"), prompts=False)
+    assert services.engine.model is None
+    yield services, TestClient(FastAPI(routes=api_routes(services, ApiAccess(enabled=True))))
+    services.jobs.shutdown()
+
+
+def test_sdapi_refuses_a_bad_partial_body_without_loading_a_model(unloaded):
+    services, client = unloaded
+    reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a red fox", "cfg_scale": 1000})
+    assert reply.status_code == 400, reply.text
+    assert "1000" in reply.text
+    assert services.engine.model is None  # refused before any load (a real Flux loads for minutes)
+
+
+def test_sdapi_partial_body_before_a_load_gets_the_family_s_and_echoes_them(unloaded):
+    services, client = unloaded
+    reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a red fox", "seed": 2, "steps": 1})
+    assert reply.status_code == 200, reply.text
+    info, echoed = json.loads(reply.json()["info"]), reply.json()["parameters"]
+    # schnell's, decided once the job had loaded it: not A1111's CFG 7 at 512 px.
+    assert (info["steps"], info["width"], info["sampler_name"], info["scheduler"]) == (1, 32, "Euler", "Simple")
+    assert info["cfg_scale"] == pytest.approx(FLUX_SCHNELL.guidance_scale)
+    # The echo shows what ran for the fields left out (not A1111's placeholders), the rest as sent.
+    assert (echoed["steps"], echoed["width"], echoed["height"], echoed["sampler_name"]) == (1, 32, 32, "Euler")
+    assert echoed["cfg_scale"] == pytest.approx(FLUX_SCHNELL.guidance_scale) and echoed["seed"] == 2
+
+
+def test_a1111_defaults_on_sd_are_chosen_when_the_job_runs(runtime):
+    """The marker an /sdapi/v1 request carries: A1111's API values on SD, the family's on Flux."""
+    request = GenerationRequest("a red fox", extra={A1111_DEFAULTS: True}, **LEFT_OUT)
+    on_sd = defaults_for_request(request, None)  # no model: SD
+    assert (on_sd.steps, on_sd.sampler, on_sd.width, on_sd.height) == (20, "Euler", 512, 512)
+    assert on_sd.guidance_scale == pytest.approx(7)
+    runtime.service.load_model(str(runtime.settings.model))  # Flux dev
+    on_flux = runtime.service.with_defaults(request)
+    assert (on_flux.steps, on_flux.width) == (FLUX_DEV.steps, None)  # None: the model's native size
+    plain = defaults_for_request(GenerationRequest("a red fox", **LEFT_OUT), None)  # not from /sdapi/v1
+    assert (plain.steps, plain.sampler, plain.width) == (30, "DPM++ 2M Karras", None)
+
+
+# --- the PNG Info and Gallery texts show Flux dev's guidance (issue 17 review, item 4) ---------------------------
+
+FORGE_DEV = (
+    "a red fox\nSteps: 20, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, "
+    "Seed: 1, Size: 896x1152, Model: flux1-dev-bnb-nf4-v2"
+)
+
+
+def test_png_info_and_gallery_details_show_the_distilled_guidance():
+    parsed = parse_parameters(FORGE_DEV)
+    text = png_info_text(PngInfo(FORGE_DEV, parsed))
+    assert "**CFG scale:** 1" in text and "**Distilled CFG Scale:** 3.5" in text
+    details = image_details_text(ImageDetails(record_from_parsed(parsed), FORGE_DEV))
+    assert "**Distilled CFG Scale:** 3.5" in details and "CFG scale" not in details  # the guidance that ran
+
+
+def test_flux_dev_at_guidance_0_is_still_written_as_distilled_guidance(runtime, models):
+    """Told apart from schnell by the model, not by the value (issue 17 review, item 5)."""
+    service, gallery = runtime.service, runtime.gallery_service
+    service.load_model(str(models["dev"]))
+    result = service.generate(GenerationRequest("a red fox", seed=4, steps=1, guidance_scale=0, sampler=None))
+    assert result.guidance_distilled
+    record = result.saved[0]
+    fields = a1111_fields(Image.open(gallery.image_path(record.id)).text["parameters"])
+    assert (fields.get("CFG scale"), fields.get("Distilled CFG Scale")) == ("1", "0")
+    assert gallery.get(record.id).distilled_guidance
+    assert gallery.reuse_parameters(record.id).guidance_scale == 0  # Reuse gives 0, not the family's 3.5
+
+
+def test_a_remote_worker_s_model_decides_its_defaults(runtime, models):
+    """A Ray worker's model has no pipeline on the app's side: its info says schnell (issue 17 review, item 7)."""
+    from lorapg.services.ray_workers import GenerationActor, RemoteEngine
+
+    runtime.service.load_model(str(models["dev"]))  # the primary worker has another model
+    actor = GenerationActor(settings_for(models, "schnell"), "cpu", "wa")
+    remote = RemoteEngine(None, None, actor.info())  # the info the app keeps of the worker
+    used = runtime.service.with_defaults(GenerationRequest("a red fox", **LEFT_OUT), remote)
+    assert used.steps == FLUX_SCHNELL.steps and used.guidance_scale == pytest.approx(0)  # not dev's 28 at 3.5

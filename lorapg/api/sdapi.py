@@ -16,7 +16,7 @@ from lorapg.api import models as m
 from lorapg.api.auth import ApiAccess, basic_auth_check
 from lorapg.api.errors import A1111Route
 from lorapg.diffusion.hires import LATENT_MODES
-from lorapg.services.a1111 import SCHEDULES, A1111Service, Img2ImgParams, Txt2ImgParams
+from lorapg.services.a1111 import SCHEDULES, A1111Service, Img2ImgParams, Txt2ImgParams, echoed_parameters
 
 PREFIX = "/sdapi/v1"
 ERRORS = {400: {"model": m.ErrorResponse}, 401: {"model": m.ErrorResponse}, 422: {"model": m.ErrorResponse}}
@@ -52,7 +52,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
         result = service.txt2img(params)
         return m.Txt2ImgResponse(
             images=result.images if body.send_images else None,
-            parameters=body.model_dump(),
+            parameters=echoed_parameters(body.model_dump(), params, result.info),  # left out: what ran
             info=json.dumps(result.info),
         )
 
@@ -72,7 +72,7 @@ def sdapi_router(service: A1111Service, access: ApiAccess) -> APIRouter:
         echoed = body.model_dump() if body.include_init_images else body.model_dump(exclude={"init_images", "mask"})
         return m.Txt2ImgResponse(
             images=result.images if body.send_images else None,
-            parameters=echoed,
+            parameters=echoed_parameters(echoed, params, result.info),
             info=json.dumps(result.info),
         )
 

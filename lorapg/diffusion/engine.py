@@ -59,6 +59,9 @@ class GenerationResult:
     variation_seeds: list[int] = field(default_factory=list)  # per image; empty at variation strength 0
     control_images: list[Image.Image] = field(default_factory=list)  # what each ControlNet unit saw
     control_hashes: list[str] = field(default_factory=list)  # each unit's model's short hash
+    # The model takes distilled guidance (Flux dev; schnell none): the PNG writes it as Forge does. A
+    # property of the model, not of the value: Flux dev at guidance 0 is still dev.
+    guidance_distilled: bool = False
 
 
 @dataclass
@@ -392,6 +395,7 @@ class DiffusionEngine:
                 variation_seeds=variation_seeds(request),
                 control_images=control_run.images if control_run else [],
                 control_hashes=control_run.hashes if control_run else [],
+                guidance_distilled=flux.takes_distilled_guidance(model.family, model.pipe),
             )
 
     def _generate_by_component(

@@ -53,6 +53,9 @@ FLUX_SCHNELL = FamilyDefaults(1024, 4, 0.0, DEFAULT_FLOW_SAMPLER, False, "schnel
 # cannot be told apart from the weights: it starts from Large's values (set 4 steps, CFG 0 for it).
 SD35_LARGE = FamilyDefaults(1024, 28, 3.5, DEFAULT_FLOW_SAMPLER, True, "Large Turbo: 4 steps, CFG 0")
 SD35_MEDIUM = FamilyDefaults(1024, 40, 4.5, DEFAULT_FLOW_SAMPLER, True)
+# A1111 1.10's API defaults (modules/api/models.py: steps 20, cfg_scale 7, 512x512, sampler_index
+# "Euler"), whatever SD model is loaded: /sdapi/v1 clients that leave a field out get these on SD.
+A1111_SD = FamilyDefaults(512, 20, 7.0, "Euler", True, "A1111's API defaults")
 
 
 def family_defaults(family: str | None, pipe: DiffusionPipeline | None = None, size: int = 0) -> FamilyDefaults:
@@ -78,6 +81,11 @@ def is_guidance_distilled(pipe: DiffusionPipeline | None) -> bool:
     """Flux dev has a guidance embedding; schnell does not (its ``guidance_embeds`` is False)."""
     transformer = getattr(pipe, "transformer", None)
     return transformer is None or bool(getattr(transformer.config, "guidance_embeds", True))
+
+
+def takes_distilled_guidance(family: str | None, pipe: DiffusionPipeline | None) -> bool:
+    """Flux dev: its guidance is distilled guidance (written as Forge does), at any value, 0 included."""
+    return family == FLUX and is_guidance_distilled(pipe)
 
 
 def native_size(pipe: DiffusionPipeline, family: str) -> int:

@@ -28,6 +28,11 @@ MAX_GUIDANCE = float(CFG_SCALE.maximum)
 # parse_seed and shown live in lorapg.coercion (one seed parser for the app); callers may import them from here.
 
 
+# GenerationRequest.extra key: its fields left out (None) take A1111's API defaults (flux.A1111_SD,
+# size included) if the model it runs on is SD, the family's if Flux or SD 3.5 (/sdapi/v1 sets it).
+A1111_DEFAULTS = "a1111_defaults"
+
+
 @dataclass(frozen=True)
 class LoraRequest:
     name: str  # library name, or a path to a file inside the LoRA folder

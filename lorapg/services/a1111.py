@@ -31,7 +31,7 @@ from lorapg.config import Settings
 from lorapg.diffusion.families import is_transformer_family
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import Img2ImgOptions, load_image
-from lorapg.diffusion.request import GenerationRequest, parse_seed
+from lorapg.diffusion.request import A1111_DEFAULTS, GenerationRequest, parse_seed
 from lorapg.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, any_sampler, samplers_for
 from lorapg.errors import UserError, shorten
 from lorapg.gallery.a1111 import format_parameters
@@ -137,6 +137,18 @@ def left_out(params: Txt2ImgParams) -> set[str]:
         return set()
     missing = {name for name in FAMILY_FIELDS if name not in params.given}
     return missing | ({"sampler"} if not SAMPLER_FIELDS & params.given else set())
+
+
+def echoed_parameters(sent: dict[str, Any], params: Txt2ImgParams, info: dict[str, Any]) -> dict[str, Any]:
+    """The reply's ``parameters`` (A1111 echoes the request) with the fields the client left out set
+    to what ran (``info``), not to A1111's placeholders: Flux got 28 steps, not the body's 20."""
+    missing = left_out(params)
+    ran = {name: info[name] for name in FAMILY_FIELDS if name in missing}
+    if "sampler" in missing:
+        ran |= {"sampler_name": info["sampler_name"], "sampler_index": info["sampler_name"]}
+        if params.given is not None and "scheduler" not in params.given:
+            ran["scheduler"] = info["scheduler"]
+    return {**sent, **ran}
 
 
 def a1111_sampler_names(family: str | None = None) -> list[str]:
@@ -379,26 +391,16 @@ class A1111Service:
             interrupted = bool(job_ids) and self._interrupted_jobs.pop(job_ids[0], False)
         return result, bool(interrupted and result.cancelled)
 
-    def _family_defaults_for(self, params: Txt2ImgParams) -> set[str]:
-        """The left-out fields to fill with the family's defaults: all of them for Flux and SD 3.5,
-        none for SD, where A1111's own API defaults (20 steps, CFG 7, 512 px, Euler) stay."""
-        missing = left_out(params)
-        if not missing:
-            return set()
-        status = self.generation.model_status()
-        if not status.loaded and self.generation.chosen_model():
-            # A1111 always has a model loaded, and its family decides the defaults: load it now.
-            self.generation.load_model(self.generation.chosen_model())
-            status = self.generation.model_status()
-        return missing if is_transformer_family(status.family) else set()
-
     def _first_request(self, params: Txt2ImgParams) -> GenerationRequest:
-        defaulted = self._family_defaults_for(params)  # None below: GenerationService.with_defaults fills it
-        family = self.generation.model_status().family
+        # Fields the client left out stay None, marked for A1111's defaults: the job fills them once
+        # its model is loaded (GenerationService.with_defaults: A1111's on SD, the family's on Flux /
+        # SD 3.5), so nothing is loaded here and a bad body fails before any model loads.
+        missing = left_out(params)
+        family = self.generation.model_status().family  # None before a load: the SD names
         sampler = resolve_sampler(params.sampler_name or params.sampler_index, params.scheduler, family)
 
         def given(name: str, value: Any) -> Any:
-            return None if name in defaulted else value
+            return None if name in missing else value
 
         # A1111 picks one random seed for the whole call; the images then use consecutive seeds.
         seed = parse_seed(params.seed)
@@ -427,6 +429,7 @@ class A1111Service:
             controlnet=units_from_scripts(
                 params.alwayson_scripts, lambda value, field: decode_image_field(value, self.max_upload_bytes, field)
             ),
+            extra={A1111_DEFAULTS: True} if missing else {},
         )
         return self.generation.prepare(request)  # every field checked before anything is queued
 

@@ -140,9 +140,6 @@ class ReuseParameters:
         from lorapg.diffusion.request import GenerationRequest, LoraRequest
 
         given = {
-            "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "sampler": self.sampler,
             "width": self.width,
             "height": self.height,
             "seed": self.seed,
@@ -158,6 +155,11 @@ class ReuseParameters:
             img2img=self.img2img_options(),
             hires=self.hires_options(),
             controlnet=self.control_units(),
+            # Unknown (None, e.g. a Flux schnell record has no CFG): the job fills in the loaded family's
+            # defaults (GenerationService.with_defaults), not GenerationRequest's SD ones.
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            sampler=self.sampler,
             **{key: value for key, value in given.items() if value is not None},
         )
 

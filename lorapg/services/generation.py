@@ -18,13 +18,13 @@ from dataclasses import dataclass, replace
 from lorapg.config import Settings
 from lorapg.diffusion.controlnet import ControlUnit, check_units
 from lorapg.diffusion.engine import DiffusionEngine, GenerationResult
-from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL
-from lorapg.diffusion.flux import FamilyDefaults, family_defaults
+from lorapg.diffusion.families import NATIVE_SIZE, SD1, SDXL, is_transformer_family
+from lorapg.diffusion.flux import A1111_SD, FamilyDefaults, family_defaults
 from lorapg.diffusion.hires import HiresOptions
 from lorapg.diffusion.img2img import Img2ImgOptions, check_options
 from lorapg.diffusion.lora_library import LoraInfo, LoraLibrary
 from lorapg.diffusion.model_source import model_files, resolve_model_source
-from lorapg.diffusion.request import GenerationRequest, check_prompts, extract_lora_tags, validate
+from lorapg.diffusion.request import A1111_DEFAULTS, GenerationRequest, check_prompts, extract_lora_tags, validate
 from lorapg.diffusion.samplers import samplers_for
 from lorapg.errors import UserError, shorten
 from lorapg.hashing import cached_lora_hash, lora_hash
@@ -80,18 +80,34 @@ def _defaults_of(model) -> FamilyDefaults:
     """The recommended settings for a loaded model (None: SD's, this app's defaults)."""
     if model is None:
         return family_defaults(None)
+    reported = getattr(model, "defaults", None)  # a remote worker's, for the model it has loaded
+    if reported and reported.get("ref") == model.source.ref:
+        return FamilyDefaults(**{key: value for key, value in reported.items() if key != "ref"})
     return family_defaults(model.family, getattr(model, "pipe", None), model.native_size or 0)
 
 
-def fill_defaults(request: GenerationRequest, defaults: FamilyDefaults) -> GenerationRequest:
+def fill_defaults(request: GenerationRequest, defaults: FamilyDefaults, *, sized: bool = False) -> GenerationRequest:
     """``request`` with steps, CFG scale and sampler left out (None) taken from ``defaults``.
 
     A flow-matching family's default sampler is its own, so a caller who chose none gets no
     "sampler does not apply" warning; schnell's guidance 0 means no CFG, so no "ignored" warning.
+    ``sized``: width and height left out take ``defaults.size`` too (else they stay None: native).
     """
     wanted = {"steps": defaults.steps, "guidance_scale": defaults.guidance_scale, "sampler": defaults.sampler}
+    if sized:
+        wanted |= {"width": defaults.size, "height": defaults.size}
     changes = {name: value for name, value in wanted.items() if getattr(request, name) is None}
     return replace(request, **changes) if changes else request
+
+
+def defaults_for_request(request: GenerationRequest, model) -> GenerationRequest:
+    """``request`` filled for ``model`` (None: none loaded, SD). An /sdapi/v1 request (``A1111_DEFAULTS``)
+    takes A1111's API defaults on SD, 512 px included, as its clients expect; on Flux / SD 3.5, whose
+    A1111 values would be wrong (CFG 7, 512 px), the family's. Decided here, when the model is known."""
+    family = model.family if model is not None else None
+    if request.extra.get(A1111_DEFAULTS) and not is_transformer_family(family):
+        return fill_defaults(request, A1111_SD, sized=True)
+    return fill_defaults(request, _defaults_of(model))
 
 
 class GenerationService:
@@ -229,7 +245,7 @@ class GenerationService:
             primary = self.engine.model
             if primary is not None and primary.source.ref == model.source.ref:
                 model = primary
-        return fill_defaults(request, _defaults_of(model))
+        return defaults_for_request(request, model)
 
     def worker_status(self) -> list[WorkerStatus]:
         """Every generation worker, its model and its load (what it runs now), in queue order."""

@@ -404,10 +404,13 @@ class GridService:
         """
         x, y = self.epochs_axes(run, scales)
         config = run.config
-        steps = config.sample_steps or STEPS.default
         base = GenerationRequest(
             prompt=config.sample_prompt.replace("{trigger}", config.trigger) or config.trigger,
-            steps=steps,
+            # None (CFG, sampler; steps without sample images): the trained family's defaults, filled in
+            # by each cell's job (GenerationService.with_defaults); GenerationRequest's own are SD's.
+            steps=config.sample_steps or None,
+            guidance_scale=None,
+            sampler=None,
             width=config.resolution or None,
             height=config.resolution or None,
             seed=config.sample_seed,

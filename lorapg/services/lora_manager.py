@@ -391,8 +391,16 @@ class LoraManager:
 
         info = self._describe(name)
         prompt = ", ".join(info.trigger_words) or info.path.stem.replace("_", " ")
-        extra: dict[str, Any] = {} if steps is None else {"steps": steps}
-        return GenerationRequest(prompt=prompt, loras=(LoraRequest(info.name, TEST_SCALE),), seed=seed, **extra)
+        # None (steps unless given, CFG, sampler): the loaded family's defaults, filled in by the job
+        # (GenerationService.with_defaults); GenerationRequest's own are SD's.
+        return GenerationRequest(
+            prompt=prompt,
+            loras=(LoraRequest(info.name, TEST_SCALE),),
+            seed=seed,
+            steps=steps,
+            guidance_scale=None,
+            sampler=None,
+        )
 
     def test(self, name: str, *, steps: int | None = None, seed: int | None = None, owner: str | None = None) -> Job:
         """Queue that request through the generation service (saved to the gallery like any image)."""

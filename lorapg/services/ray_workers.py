@@ -125,6 +125,8 @@ class GenerationActor:
             "label": self.label,
             "actor_id": self.actor_id,
             "pid": os.getpid(),
+            # Flux dev or schnell, SD 3.5 Large or Medium: the app has no pipeline here to tell them apart.
+            "defaults": _reported_defaults(model),
             "lora_dir": str(self.library.folder),
             "model": model.source.ref if model else None,
             "family": model.family if model else None,
@@ -292,6 +294,17 @@ def start_actors(ray, settings: Settings, devices: list[str], name: str) -> list
     return actors
 
 
+def _reported_defaults(model) -> dict | None:
+    """The loaded model's recommended settings (GenerationService.with_defaults), with its ref."""
+    if model is None:
+        return None
+    from dataclasses import asdict
+
+    from lorapg.diffusion.flux import family_defaults
+
+    return {"ref": model.source.ref, **asdict(family_defaults(model.family, model.pipe, model.native_size))}
+
+
 # --- the app side -------------------------------------------------------------------------------
 
 
@@ -307,6 +320,7 @@ class RemoteModel:
     source: _Source
     family: str | None
     native_size: int | None
+    defaults: dict | None = None  # the worker's _reported_defaults (None: an older worker's info)
 
 
 class RemoteEngine:
@@ -341,7 +355,8 @@ class RemoteEngine:
         ref = self.info.get("model")
         if ref is None:
             return None
-        return RemoteModel(_Source(ref), self.info.get("family"), self.info.get("native_size"))
+        info = self.info
+        return RemoteModel(_Source(ref), info.get("family"), info.get("native_size"), info.get("defaults"))
 
     def load_model(self, ref: str, on_status=None) -> RemoteModel | None:
         if on_status is not None:

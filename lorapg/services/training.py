@@ -223,10 +223,10 @@ class TrainingService:
         # The version of the preset for the app model's family (Flux.1 and SD 3.5 have their own).
         return load_preset(name, self.presets_dir, guess_family(self._model_of(TrainConfig()))).description
 
-    def model_family(self) -> str | None:
-        """The family of the model a run trains by default, when known without loading it (the Train
-        tab shows Flux.1 / SD 3.5 settings, such as quantize, for those)."""
-        return guess_family(self._model_of(TrainConfig()))
+    def model_family(self, config: TrainConfig | None = None) -> str | None:
+        """The family of the model ``config`` trains (None: a run's default), when known without loading
+        it (the Train tab shows Flux.1 / SD 3.5 settings, such as quantize, for those)."""
+        return guess_family(self._model_of(config or TrainConfig()))
 
     def config_for(self, values: dict[str, Any]) -> TrainConfig:
         """A checked config from the UI's field values (defaults < preset < values)."""

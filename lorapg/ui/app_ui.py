@@ -97,10 +97,15 @@ def build_ui(
                 if gallery_service is not None:  # the Gallery tab's "Upscale" sends the selected image
                     wire_send_to_upscale(gallery_service, gallery, upscale, tabs, visitors)
             if training_service is not None:
-                with gr.Tab("Train", id="train"):
+                with gr.Tab("Train", id="train") as train_tab:
                     grid_action = epochs_grid_actions(grids, training_service, visitors)
                     build_train_tab(
-                        training_service, visitors=visitors, run_actions=grid_action, caption_service=caption_service
+                        training_service,
+                        visitors=visitors,
+                        run_actions=grid_action,
+                        caption_service=caption_service,
+                        # A model loaded in the Generate tab meanwhile changes what a run trains.
+                        refresh_on=(train_tab.select, demo.load),
                     )
             if lora_manager is not None:
                 build_loras_tab(lora_manager, generate, tabs, visitors=visitors)

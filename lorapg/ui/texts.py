@@ -91,6 +91,8 @@ def png_info_text(info: PngInfo) -> str:
         ("Steps", p.steps),
         ("Sampler", p.sampler),
         ("CFG scale", p.guidance_scale),
+        # Forge's Flux dev text: "CFG scale: 1" beside it; this is the guidance that ran.
+        ("Distilled CFG Scale", p.distilled_guidance),
         ("Seed", p.seed),
         ("Variation", variation_text(p.variation_seed, p.variation_strength)),
         ("Hires fix", hires_text(p.hires)),
@@ -121,7 +123,8 @@ def image_details_text(details: ImageDetails) -> str:
         ("LoRAs", ", ".join(_lora_text(lora.name, lora.scale, lora.file_hash) for lora in r.loras)),
         ("Steps", r.steps),
         ("Sampler", r.sampler),
-        ("CFG scale", r.guidance_scale),
+        # Flux dev's guidance is distilled guidance (no classifier-free guidance), as Forge names it.
+        ("Distilled CFG Scale" if r.distilled_guidance else "CFG scale", r.guidance_scale),
         ("Seed", r.seed),
         ("Variation", variation_text(r.variation_seed, r.variation_strength)),
         ("Hires fix", hires_text(r.hires)),

@@ -8,7 +8,7 @@ TOML file ``python -m lorapg train`` runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -29,6 +29,20 @@ from lorapg.ui.texts import training_run_text
 
 # TrainConfig.quantize's choices as (label, value): "" is the app's --quantize setting.
 QUANTIZE_CHOICES = [("the app's setting" if value == "" else value, value) for value in CHOICES["quantize"]]
+
+
+def _created(component: gr.components.Component) -> int:
+    """The order Gradio gives a set of outputs (by creation)."""
+    return component._id
+
+
+def quantize_update(service: TrainingService, value: str | None = None, config: TrainConfig | None = None) -> dict:
+    """The quantize dropdown for the base a run trains now (the model may have changed since the page
+    was built): shown for Flux.1 / SD 3.5 with ``value`` (None: kept). Hidden, it is reset to "" (the
+    app's setting): a value picked for Flux would otherwise be sent, unseen, for an SD base and refused."""
+    if not is_transformer_family(service.model_family(config)):
+        return gr.update(visible=False, value="")
+    return gr.update(visible=True) if value is None else gr.update(visible=True, value=value)
 
 # Editable fields: TrainConfig field -> (widget factory, label).
 FIELDS = (
@@ -145,12 +159,15 @@ def build_train_tab(
     visitors: Visitors | None = None,
     run_actions: Callable[[dict], dict] | None = None,
     caption_service: CaptionService | None = None,
+    refresh_on: Sequence = (),
 ) -> dict[str, gr.components.Component]:
     """``visitors``: whose datasets and runs each request sees (a public app keeps visitors apart).
     ``run_actions`` builds actions on a finished run under its status (the epochs × scales grid): it
     gets {"job_id": the run's id box} and returns its widgets, which join the returned dict.
     ``caption_service``: adds the Captions section (auto-caption, tag counts, find/replace); without one
-    the caption table is still shown and saved through a CaptionService (no captioning jobs)."""
+    the caption table is still shown and saved through a CaptionService (no captioning jobs).
+    ``refresh_on``: events (the tab's select, the page's load) after which what depends on the model
+    a run trains is shown again for the model chosen now (the quantize dropdown)."""
     defaults = TrainConfig()
     # One save path for the caption table, with or without the Captions section.
     captions_service = caption_service or CaptionService(service.settings, service.dataset_store)
@@ -400,12 +417,21 @@ def build_train_tab(
             preset_note: service.preset_description(preset_name),
             **{widgets[key]: getattr(config, key) for key in FIELDS},
             # The model may have changed since the tab was built: shown for Flux.1 / SD 3.5 only.
-            quantize: gr.update(visible=is_transformer_family(service.model_family())),
+            quantize: quantize_update(service),
         }
 
     # ``input``, not ``change``: "Train again" sets the preset and the fields together, and a change
     # event would then overwrite the copied fields with the preset's.
     preset.input(apply_preset, preset, {preset_note, quantize, *widgets.values()}, api_visibility="private")
+    if refresh_on:
+        gr.on(
+            list(refresh_on),
+            lambda: quantize_update(service),
+            None,
+            quantize,
+            api_visibility="private",
+            show_progress="hidden",
+        )
 
     def refresh_regularization(request: gr.Request):
         return gr.update(choices=service.dataset_names(visitor(visitors, request)))
@@ -637,14 +663,13 @@ def build_train_tab(
             **{widgets[key]: getattr(config, key) for key in FIELDS},
             runs_note: f"The settings of run `{ids[0]}` are in the form as **{config.name}**: change them, "
             "then Start training or Add to queue.",
+            quantize: quantize_update(service, config.quantize, config),
         }
 
-    again_button.click(
-        train_again,
-        [run_ids],
-        {dataset, name, trigger, preset, overwrite, *widgets.values(), runs_note},
-        api_name="train_again",
-    )
+    # Gradio orders a set of outputs by creation (_id): that order is the API's positions, kept as it
+    # was; quantize, added later, goes last so positional callers keep working.
+    again_outputs = sorted({dataset, name, trigger, preset, overwrite, *widgets.values(), runs_note}, key=_created)
+    again_button.click(train_again, [run_ids], [*again_outputs, quantize], api_name="train_again")
 
     @user_errors
     def compare(ids_text, request: gr.Request):
