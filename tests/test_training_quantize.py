@@ -109,7 +109,6 @@ def test_train_tab_takes_quantize_last_and_refuses_fp8(tab):
     assert service.config_of(run_id).quantize == "none"
 
 
-
 # --- the dropdown follows the model a run trains (issue 17 review, item 3) ---------------------------------
 
 

@@ -44,6 +44,7 @@ def quantize_update(service: TrainingService, value: str | None = None, config: 
         return gr.update(visible=False, value="")
     return gr.update(visible=True) if value is None else gr.update(visible=True, value=value)
 
+
 # Editable fields: TrainConfig field -> (widget factory, label).
 FIELDS = (
     "rank",
