@@ -291,4 +291,7 @@ def test_cli_help_states_the_same_ranges(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for expected in (STEPS, CFG_SCALE, SIZE, BATCH_SIZE, LORA_SCALE, SEED):
         assert expected.describe() in text
-    assert f"CFG scale, {CFG_SCALE.describe()} (default {CFG_SCALE.default:g})" in text
+    # Left out, steps and CFG come from the loaded model's family; the help states SD's default beside it.
+    assert f"CFG scale, {CFG_SCALE.describe()}; Flux dev: its distilled guidance" in text
+    assert f"(default: the model family's; SD {CFG_SCALE.default:g})" in text
+    assert f"{STEPS.describe()} (default: the model family's; SD {STEPS.default:g})" in text
