@@ -27,8 +27,9 @@ from tests.training_data import write_images
 ROOT = Path(__file__).resolve().parent.parent
 # Each case runs RUNS processes: one fresh interpreter as a user starts it, then RUNS - 1 forked from one
 # interpreter that imported torch and diffusers once (tests/forked_runs.py), so repeating a race costs
-# seconds per run instead of a fresh interpreter's ~10 s of imports.
-RUNS = 5 if os.environ.get("LORAPG_SLOW_TESTS") == "1" else 2
+# seconds per run instead of a fresh interpreter's ~10 s of imports. Three runs per case in the full suite
+# (was five: this module was the second-longest, 197 worker-seconds with two xdist workers).
+RUNS = 3 if os.environ.get("LORAPG_SLOW_TESTS") == "1" else 2
 
 
 def _env() -> dict[str, str]:
