@@ -58,9 +58,12 @@ def test_inpainting_from_the_generate_tab(tiny_models, tmp_path):
         page.get_by_role("tab", name="Gallery").click()
         page.locator("#gallery img").first.wait_for(timeout=30_000)
         page.locator("#gallery img").first.click()
-        page.locator("#gallery-reuse").click()
-        page.get_by_text("img2img / inpainting").click()
         expect = pytest.importorskip("playwright.sync_api").expect
+        # Reuse acts on the selected image: wait until the server has the selection (under load the click
+        # on Reuse could otherwise reach it first, and Reuse of nothing never opens the Generate tab).
+        expect(page.locator("#gallery-selected-id input")).to_have_value(re.compile(r"^\d+$"), timeout=60_000)
+        page.locator("#gallery-reuse").click()
+        page.get_by_text("img2img / inpainting").click(timeout=60_000)
         expect(page.get_by_label("number input for Denoising strength")).to_have_value("1", timeout=30_000)
         page.locator("#mask-upload img").wait_for(timeout=30_000)
         page.locator("#init-image").get_by_text("Upload an image").wait_for(state="hidden", timeout=30_000)
